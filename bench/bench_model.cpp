@@ -1,0 +1,81 @@
+// Prefill and decode speed of a model at several context lengths (Google Benchmark).
+//   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or default)
+// Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
+// N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
+#include <benchmark/benchmark.h>
+
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "visikv/eval/data_paths.h"
+#include "visikv/kv/dense_cache.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace {
+
+using namespace visikv;
+
+constexpr int64_t kDecodeSteps = 32;
+
+struct Loaded {
+  Model model;
+  std::vector<int32_t> text;
+};
+
+Loaded& loaded() {
+  static Loaded instance = [] {
+    const char* spec = std::getenv("VISIKV_BENCH_MODEL");
+    Model model = Model::load(spec != nullptr ? spec : "default");
+    std::vector<int32_t> text = model.tokenizer().encode(read_text_file(default_test_text()), false);
+    return Loaded{std::move(model), std::move(text)};
+  }();
+  return instance;
+}
+
+DenseFormat cache_format() {
+  const char* name = std::getenv("VISIKV_BENCH_CACHE");
+  return dense_format_from_name(name != nullptr ? name : "f16");
+}
+
+void discard(int64_t, int64_t, std::span<const float>) {}
+
+void Prefill(benchmark::State& state) {
+  Loaded& l = loaded();
+  Decoder decoder(l.model);
+  const int64_t n = state.range(0);
+  auto cache = make_dense_cache(decoder.cache_shape(), cache_format(), n);
+  const std::span<const int32_t> tokens(l.text.data(), static_cast<size_t>(n));
+  for (auto _ : state) {
+    cache->clear();
+    decoder.forward(tokens, *cache, LogitRows::Last, discard);
+  }
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void Decode(benchmark::State& state) {
+  Loaded& l = loaded();
+  Decoder decoder(l.model);
+  const int64_t n = state.range(0);
+  auto cache = make_dense_cache(decoder.cache_shape(), cache_format(), n + kDecodeSteps);
+  for (auto _ : state) {
+    state.PauseTiming();
+    cache->clear();
+    decoder.forward({l.text.data(), static_cast<size_t>(n)}, *cache, LogitRows::Last, discard);
+    state.ResumeTiming();
+    for (int64_t i = 0; i < kDecodeSteps; ++i)
+      decoder.forward({l.text.data() + n + i, 1}, *cache, LogitRows::Last, discard);
+  }
+  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(kDecodeSteps),
+                                                      benchmark::Counter::kIsIterationInvariantRate);
+}
+
+BENCHMARK(Prefill)->Arg(128)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(Decode)->Arg(128)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+
+}  // namespace
+
+BENCHMARK_MAIN();

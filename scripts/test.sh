@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds and runs the whole test suite: the release build, then the same tests under
+# AddressSanitizer and UndefinedBehaviorSanitizer. Sets everything up first.
+#   scripts/test.sh            both builds
+#   scripts/test.sh --fast     the release build only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+jobs=$(nproc)
+
+scripts/build.sh build
+(cd build && ctest --output-on-failure -j "$jobs")
+
+if [ "${1:-}" != "--fast" ]; then
+  scripts/build.sh build-sanitize -DVISIKV_SANITIZE=ON -DVISIKV_BUILD_BENCH=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  (cd build-sanitize && ctest --output-on-failure -j "$jobs")
+fi
+echo "test.sh: all tests passed"

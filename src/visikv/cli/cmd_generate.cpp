@@ -1,0 +1,63 @@
+#include <iostream>
+#include <memory>
+#include <string>
+
+#include "visikv/cli/commands.h"
+#include "visikv/core/error.h"
+#include "visikv/eval/generate.h"
+#include "visikv/kv/dense_cache.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace visikv::cli {
+
+namespace {
+struct GenerateFlags {
+  std::string model, prompt, cache = "f32";
+  GenerationOptions options;
+  bool ignore_eos = false, stats = false;
+};
+}  // namespace
+
+void add_generate_command(CLI::App& app) {
+  auto flags = std::make_shared<GenerateFlags>();
+  CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt (greedy unless --temperature > 0)");
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")->required();
+  cmd->add_option("prompt", flags->prompt, "the prompt text")->required();
+  cmd->add_option("-n,--tokens", flags->options.max_new_tokens, "new tokens at most")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--temperature", flags->options.sampling.temperature, "0 = greedy")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-k", flags->options.sampling.top_k, "sample among the k most likely (0 = all)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", flags->options.sampling.top_p, "nucleus probability mass")
+      ->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--seed", flags->options.sampling.seed, "random seed for sampling");
+  cmd->add_option("--cache", flags->cache, "KV cache storage: f32, f16 or bf16");
+  cmd->add_flag("--ignore-eos", flags->ignore_eos, "keep going past the end-of-sequence token");
+  cmd->add_flag("--stats", flags->stats, "print timing to stderr");
+  cmd->callback([flags] {
+    apply_global_options();
+    const Model model = Model::load(flags->model);
+    Decoder decoder(model);
+    const std::vector<int32_t> prompt = model.tokenizer().encode(flags->prompt, true);
+    auto cache = make_dense_cache(decoder.cache_shape(), dense_format_from_name(flags->cache),
+                                  prompt.size() + flags->options.max_new_tokens);
+    flags->options.stop_at_eos = !flags->ignore_eos;
+    std::cout << flags->prompt << std::flush;
+    const Tokenizer& tokenizer = model.tokenizer();
+    const GenerationResult result =
+        generate(decoder, *cache, prompt, flags->options, [&](int32_t token) {
+          if (!tokenizer.is_special(token)) std::cout << tokenizer.token_bytes(token) << std::flush;
+        });
+    std::cout << "\n";
+    if (flags->stats) {
+      std::cerr << "prompt: " << prompt.size() << " tokens in " << result.prefill_seconds
+                << " s; generated " << result.tokens.size() << " tokens at "
+                << (result.tokens.size() > 1 ? (result.tokens.size() - 1) / result.decode_seconds : 0.0)
+                << " tokens/s" << (result.stopped_at_eos ? " (stopped at EOS)" : "") << "\n";
+    }
+  });
+}
+
+}  // namespace visikv::cli

@@ -1,0 +1,102 @@
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "visikv/cli/commands.h"
+#include "visikv/core/error.h"
+#include "visikv/eval/data_paths.h"
+#include "visikv/eval/perplexity.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace visikv::cli {
+
+namespace {
+
+struct PplFlags {
+  std::string model, file, mode = "prefill", cache = "f32", json;
+  int64_t window = 1024, tokens = 0;
+};
+
+// A one-line progress bar on stderr, redrawn at most a few times a second; silent when stderr
+// is not a terminal.
+class ProgressBar {
+ public:
+  ProgressBar() : enabled_(::isatty(STDERR_FILENO) != 0), started_(Clock::now()) {}
+  void operator()(int64_t done, int64_t total) {
+    if (!enabled_) return;
+    const auto now = Clock::now();
+    if (done < total && now - last_ < std::chrono::milliseconds(200)) return;
+    last_ = now;
+    const double seconds = std::chrono::duration<double>(now - started_).count();
+    const int width = 30, filled = static_cast<int>(width * done / std::max<int64_t>(total, 1));
+    std::fprintf(stderr, "\r[%s%s] %lld/%lld tokens, %.1f tokens/s ", std::string(filled, '#').c_str(),
+                 std::string(width - filled, '.').c_str(), static_cast<long long>(done),
+                 static_cast<long long>(total), done / std::max(seconds, 1e-9));
+    if (done >= total) std::fprintf(stderr, "\n");
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  bool enabled_;
+  Clock::time_point started_, last_{};
+};
+
+}  // namespace
+
+void add_ppl_command(CLI::App& app) {
+  auto flags = std::make_shared<PplFlags>();
+  CLI::App* cmd = app.add_subcommand("ppl", "Perplexity over non-overlapping windows of a text");
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")->required();
+  cmd->add_option("--file,-f", flags->file, "text file (default: WikiText-103 test)");
+  cmd->add_option("--mode", flags->mode, "prefill (whole windows) or decode (token by token)")
+      ->check(CLI::IsMember({"prefill", "decode"}));
+  cmd->add_option("--window,-L", flags->window, "tokens per window")->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--tokens,-n", flags->tokens, "score only the first N tokens (0 = all)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--cache", flags->cache, "KV cache storage: f32, f16 or bf16");
+  cmd->add_option("--json", flags->json, "write the result as JSON to this file");
+  cmd->callback([flags] {
+    apply_global_options();
+    const Model model = Model::load(flags->model);
+    Decoder decoder(model);
+    const std::filesystem::path text_path =
+        flags->file.empty() ? default_test_text() : std::filesystem::path(flags->file);
+    const std::string text = read_text_file(text_path);
+    const std::vector<int32_t> tokens = model.tokenizer().encode(text, false);
+    PerplexityOptions options;
+    options.mode = perplexity_mode_from_name(flags->mode);
+    options.window = flags->window;
+    options.max_tokens = flags->tokens;
+    options.cache_format = dense_format_from_name(flags->cache);
+    if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+    ProgressBar bar;
+    const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));
+    std::printf("model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s cache\n"
+                "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
+                "speed:        %.1f tokens/s (%.1f s)\n",
+                model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
+                static_cast<long long>(options.window), flags->cache.c_str(),
+                static_cast<long long>(r.tokens), static_cast<long long>(r.windows), r.nll, r.ppl,
+                r.tokens_per_s, r.seconds);
+    if (!flags->json.empty()) {
+      const nlohmann::json out = {{"model", model.source()},   {"text", text_path.string()},
+                                  {"mode", flags->mode},       {"window", options.window},
+                                  {"cache", flags->cache},     {"tokens", r.tokens},
+                                  {"windows", r.windows},      {"nll", r.nll},
+                                  {"ppl", r.ppl},              {"tokens_per_s", r.tokens_per_s},
+                                  {"seconds", r.seconds},      {"bos_per_window", options.bos.has_value()}};
+      std::ofstream file(flags->json);
+      require(file.good(), "cannot write ", flags->json);
+      file << out.dump(2) << "\n";
+    }
+  });
+}
+
+}  // namespace visikv::cli

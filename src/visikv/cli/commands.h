@@ -1,0 +1,22 @@
+// The `visikv` subcommands. Each registers its flags on the app and runs when chosen; errors
+// are thrown as visikv::Error and reported by main.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace visikv::cli {
+
+void add_info_command(CLI::App& app);
+void add_tokenize_command(CLI::App& app);
+void add_generate_command(CLI::App& app);
+void add_ppl_command(CLI::App& app);
+
+// Flags of the main program that every command honours.
+struct GlobalOptions {
+  int threads = 0;  // 0: all cores
+};
+GlobalOptions& global_options();
+// Applies the global options (thread count for OpenMP and BLAS); each command calls it first.
+void apply_global_options();
+
+}  // namespace visikv::cli

@@ -1,0 +1,21 @@
+#include <cblas.h>
+#include <omp.h>
+
+#include "visikv/cli/commands.h"
+
+namespace visikv::cli {
+
+GlobalOptions& global_options() {
+  static GlobalOptions options;
+  return options;
+}
+
+void apply_global_options() {
+  const int threads = global_options().threads;
+  if (threads > 0) {
+    omp_set_num_threads(threads);
+    openblas_set_num_threads(threads);
+  }
+}
+
+}  // namespace visikv::cli

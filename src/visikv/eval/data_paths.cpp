@@ -1,0 +1,30 @@
+#include "visikv/eval/data_paths.h"
+
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+
+#include "visikv/core/error.h"
+
+namespace visikv {
+
+std::filesystem::path data_dir() {
+  if (const char* env = std::getenv("VISIKV_DATA_DIR"); env != nullptr && *env != '\0') return env;
+  return std::filesystem::path(VISIKV_SOURCE_DIR).parent_path() / "shared" / "data";
+}
+
+std::filesystem::path default_test_text() { return data_dir() / "wikitext-103-test.txt"; }
+std::filesystem::path default_calibration_text() {
+  return data_dir() / "wikitext-2-valid-tokenized.txt";
+}
+
+std::string read_text_file(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  require(in.good(), "cannot read text file ", path,
+          std::filesystem::exists(path) ? "" : " (no such file)");
+  std::ostringstream content;
+  content << in.rdbuf();
+  return content.str();
+}
+
+}  // namespace visikv

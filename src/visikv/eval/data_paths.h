@@ -1,0 +1,16 @@
+// Where the evaluation and calibration texts are found by default: $VISIKV_DATA_DIR, else the
+// shared data folder beside the project root (../shared/data). Any user path overrides these.
+#pragma once
+
+#include <filesystem>
+#include <string>
+
+namespace visikv {
+
+std::filesystem::path data_dir();
+std::filesystem::path default_test_text();         // WikiText-103 test
+std::filesystem::path default_calibration_text();  // WikiText-2 validation
+// The whole file; throws naming the path when it cannot be read.
+std::string read_text_file(const std::filesystem::path& path);
+
+}  // namespace visikv

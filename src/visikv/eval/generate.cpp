@@ -1,0 +1,40 @@
+#include "visikv/eval/generate.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "visikv/core/error.h"
+
+namespace visikv {
+
+GenerationResult generate(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
+                          const GenerationOptions& options,
+                          const std::function<void(int32_t)>& on_token) {
+  require(!prompt.empty(), "generation needs a non-empty prompt");
+  require(options.max_new_tokens >= 0, "the number of new tokens must be >= 0");
+  const Config& config = decoder.model().config();
+  std::vector<int32_t> stops = config.eos_ids;
+  if (auto eos = decoder.model().tokenizer().eos_id()) stops.push_back(*eos);
+
+  Sampler sampler(options.sampling);
+  GenerationResult result;
+  using Clock = std::chrono::steady_clock;
+  auto started = Clock::now();
+  std::vector<float> logits = decoder.next_logits(prompt, cache);
+  result.prefill_seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  started = Clock::now();
+  for (int64_t i = 0; i < options.max_new_tokens; ++i) {
+    const int32_t token = sampler.next(logits);
+    result.tokens.push_back(token);
+    if (on_token) on_token(token);
+    if (options.stop_at_eos && std::find(stops.begin(), stops.end(), token) != stops.end()) {
+      result.stopped_at_eos = true;
+      break;
+    }
+    if (i + 1 < options.max_new_tokens) logits = decoder.next_logits({&token, 1}, cache);
+  }
+  result.decode_seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  return result;
+}
+
+}  // namespace visikv

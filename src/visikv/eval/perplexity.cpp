@@ -1,0 +1,91 @@
+#include "visikv/eval/perplexity.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <vector>
+
+#include "visikv/core/error.h"
+
+namespace visikv {
+
+PerplexityMode perplexity_mode_from_name(const std::string& name) {
+  if (name == "prefill") return PerplexityMode::Prefill;
+  if (name == "decode") return PerplexityMode::Decode;
+  fail("unknown perplexity mode '", name, "' (expected prefill or decode)");
+}
+
+std::string perplexity_mode_name(PerplexityMode mode) {
+  return mode == PerplexityMode::Prefill ? "prefill" : "decode";
+}
+
+double negative_log_likelihood(std::span<const float> logits, int32_t target) {
+  require(target >= 0 && target < static_cast<int64_t>(logits.size()), "target token ", target,
+          " outside the logits");
+  const float max = *std::max_element(logits.begin(), logits.end());
+  double sum = 0.0;
+  for (float v : logits) sum += std::exp(static_cast<double>(v) - max);
+  return std::log(sum) + max - logits[target];
+}
+
+PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text, const PerplexityOptions& o,
+                            const Progress& progress) {
+  require(o.window >= 2, "perplexity window must be at least 2 tokens, got ", o.window);
+  require(o.max_tokens >= 0, "--tokens must not be negative");
+  const int64_t text_per_window = o.bos ? o.window - 1 : o.window;
+  const int64_t scored_per_window = o.window - 1;
+
+  // How many tokens will be scored in total, for progress and the --tokens limit.
+  int64_t total = 0;
+  for (int64_t start = 0; start < static_cast<int64_t>(text.size()); start += text_per_window) {
+    const int64_t len = std::min<int64_t>(text_per_window, text.size() - start);
+    total += o.bos ? len : std::max<int64_t>(0, len - 1);
+  }
+  if (o.max_tokens > 0) total = std::min(total, o.max_tokens);
+  require(total > 0, "nothing to score: the text has ", text.size(), " tokens");
+
+  const auto started = std::chrono::steady_clock::now();
+  auto cache = make_dense_cache(decoder.cache_shape(), o.cache_format, o.window);
+  PerplexityResult result;
+  double nll_sum = 0.0;
+  std::vector<int32_t> window;
+  for (int64_t start = 0; result.tokens < total; start += text_per_window) {
+    const int64_t len = std::min<int64_t>(text_per_window, text.size() - start);
+    window.clear();
+    if (o.bos) window.push_back(*o.bos);
+    window.insert(window.end(), text.begin() + start, text.begin() + start + len);
+    // Predictions: logits of row r score window[r + 1], for r < scored.
+    const int64_t scored = std::min<int64_t>({static_cast<int64_t>(window.size()) - 1,
+                                              scored_per_window, total - result.tokens});
+    cache->clear();
+    auto score_rows = [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
+      const int64_t vocab = static_cast<int64_t>(logits.size()) / rows;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = first_row + r;
+        if (row >= scored) continue;
+        nll_sum += negative_log_likelihood(logits.subspan(r * vocab, vocab), window[row + 1]);
+        ++result.tokens;
+      }
+      if (progress) progress(result.tokens, total);
+    };
+    const std::span<const int32_t> needed(window.data(), static_cast<size_t>(scored));
+    if (o.mode == PerplexityMode::Prefill) {
+      decoder.forward(needed, *cache, LogitRows::All, score_rows);
+    } else {
+      for (int64_t t = 0; t < scored; ++t) {
+        decoder.forward(needed.subspan(t, 1), *cache, LogitRows::All,
+                        [&](int64_t, int64_t rows, std::span<const float> logits) {
+                          score_rows(t, rows, logits);
+                        });
+      }
+    }
+    ++result.windows;
+  }
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  result.nll = nll_sum / static_cast<double>(result.tokens);
+  result.ppl = std::exp(result.nll);
+  result.tokens_per_s = result.tokens / std::max(result.seconds, 1e-9);
+  return result;
+}
+
+}  // namespace visikv

@@ -1,0 +1,53 @@
+// Perplexity over non-overlapping windows of a token stream, in two modes that compute the same
+// function: prefill (each window in one forward pass) and decode (token by token through the
+// cache).
+//
+// Protocol: the text's tokens are cut into consecutive windows. A window holds `window` tokens;
+// when the model's tokenizer adds BOS, each window is BOS followed by window-1 text tokens and
+// every text token in it is scored; otherwise each window is `window` text tokens and all but
+// the first are scored. Either way a full window scores window-1 tokens. `max_tokens` stops
+// after that many scored tokens.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "visikv/kv/dense_cache.h"
+#include "visikv/model/decoder.h"
+
+namespace visikv {
+
+enum class PerplexityMode { Prefill, Decode };
+PerplexityMode perplexity_mode_from_name(const std::string& name);
+std::string perplexity_mode_name(PerplexityMode mode);
+
+struct PerplexityOptions {
+  PerplexityMode mode = PerplexityMode::Prefill;
+  int64_t window = 1024;
+  int64_t max_tokens = 0;  // 0: all
+  DenseFormat cache_format = DenseFormat::F32;
+  std::optional<int32_t> bos;  // prepended to each window when set
+};
+
+struct PerplexityResult {
+  int64_t tokens = 0;  // tokens scored
+  int64_t windows = 0;
+  double nll = 0;      // mean negative log-likelihood (nats)
+  double ppl = 0;
+  double seconds = 0;
+  double tokens_per_s = 0;  // tokens processed (scored) per second
+};
+
+// progress(scored so far, total to score)
+using Progress = std::function<void(int64_t done, int64_t total)>;
+
+PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text_tokens,
+                            const PerplexityOptions& options, const Progress& progress = {});
+
+// -log softmax(logits)[target], in double.
+double negative_log_likelihood(std::span<const float> logits, int32_t target);
+
+}  // namespace visikv

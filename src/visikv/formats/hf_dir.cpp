@@ -1,0 +1,99 @@
+#include "visikv/formats/hf_dir.h"
+
+#include <fstream>
+#include <iterator>
+#include <utility>
+
+#include "visikv/core/error.h"
+
+namespace visikv {
+
+namespace fs = std::filesystem;
+
+nlohmann::json read_json_file(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  require(in.good(), "cannot open JSON file ", path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  require(!in.bad(), "cannot read JSON file ", path);
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    fail("malformed JSON in ", path, ": ", e.what());
+  }
+}
+
+HfModelDir::HfModelDir(const fs::path& dir) : dir_(dir) {
+  require(fs::is_directory(dir_), "model directory ", dir_,
+          " does not exist or is not a directory");
+  const fs::path config_path = dir_ / "config.json";
+  require(fs::is_regular_file(config_path), "model directory ", dir_, " has no config.json");
+  config_ = read_json_file(config_path);
+  require(config_.is_object(), "config.json in ", dir_, " is not a JSON object");
+
+  const fs::path generation_path = dir_ / "generation_config.json";
+  if (fs::is_regular_file(generation_path)) generation_config_ = read_json_file(generation_path);
+  if (fs::is_regular_file(dir_ / "tokenizer.json")) tokenizer_json_ = dir_ / "tokenizer.json";
+
+  const fs::path single_path = dir_ / "model.safetensors";
+  const fs::path index_path = dir_ / "model.safetensors.index.json";
+  std::map<std::string, std::string, std::less<>> weight_map;  // tensor -> shard file name
+  std::map<std::string, size_t, std::less<>> shard_numbers;    // shard file name -> shards_ index
+  if (fs::exists(single_path)) {
+    shards_.emplace_back(single_path);
+  } else {
+    require(fs::exists(index_path), "model directory ", dir_,
+            " has neither model.safetensors nor model.safetensors.index.json");
+    const nlohmann::json index = read_json_file(index_path);
+    require(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
+            "shard index ", index_path, " has no weight_map object");
+    for (const auto& [tensor_name, shard_json] : index["weight_map"].items()) {
+      require(shard_json.is_string(), "shard index ", index_path, ": the shard of tensor '",
+              tensor_name, "' is not a string");
+      const std::string shard_name = shard_json.get<std::string>();
+      // Shards are plain file names next to the index; anything else could reach outside the
+      // model directory.
+      const fs::path shard_relative(shard_name);
+      require(!shard_name.empty() && shard_relative == shard_relative.filename() &&
+                  shard_name != "." && shard_name != "..",
+              "shard index ", index_path, ": shard name '", shard_name, "' of tensor '",
+              tensor_name, "' is not a plain file name");
+      if (!shard_numbers.contains(shard_name)) {
+        const fs::path shard_path = dir_ / shard_relative;
+        require(fs::exists(shard_path), "shard index ", index_path, " names shard '", shard_name,
+                "' (for tensor '", tensor_name, "') but that file is missing");
+        shard_numbers.emplace(shard_name, shards_.size());
+        shards_.emplace_back(shard_path);
+      }
+      weight_map.emplace(tensor_name, shard_name);
+    }
+    require(!shards_.empty(), "shard index ", index_path, " lists no tensors");
+  }
+
+  for (const SafetensorsFile& shard : shards_) {
+    for (const TensorRef& tensor : shard.tensors()) {
+      require(index_.emplace(tensor.name, tensors_.size()).second, "model directory ", dir_,
+              ": tensor '", tensor.name, "' appears in more than one shard (again in ",
+              shard.path().filename(), ")");
+      tensors_.push_back(tensor);
+    }
+  }
+  // Every tensor the index promises must be in the shard it names.
+  for (const auto& [tensor_name, shard_name] : weight_map) {
+    const SafetensorsFile& shard = shards_[shard_numbers.at(shard_name)];
+    require(shard.find(tensor_name) != nullptr, "shard index in ", dir_, " lists tensor '",
+            tensor_name, "' in shard '", shard_name, "' but the tensor is missing from it");
+  }
+}
+
+const TensorRef* HfModelDir::find(std::string_view name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+const TensorRef& HfModelDir::tensor(std::string_view name) const {
+  const TensorRef* found = find(name);
+  if (found == nullptr) fail("tensor '", name, "' not found in model directory ", dir_);
+  return *found;
+}
+
+}  // namespace visikv

@@ -1,0 +1,83 @@
+// The interface every attention path reads keys and values through.
+//
+// Per layer and per KV head a cache stores keys and values in some form (dense floats now;
+// quantized codes, side codes and sparse selectors later). Attention never asks for "the keys":
+// it asks the cache to score queries against a set of positions, to accumulate values with given
+// weights over a set of positions, and for per-block summaries that sparse selectors use. A set
+// of positions is a small description (a range or a sorted index list), never a mask.
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace visikv {
+
+// A half-open range [begin, end) or an explicit list of positions.
+class PositionSet {
+ public:
+  static PositionSet range(int64_t begin, int64_t end) { return PositionSet(begin, end, {}); }
+  static PositionSet list(std::span<const int32_t> positions) { return PositionSet(0, 0, positions); }
+
+  bool is_range() const { return indices_.empty(); }
+  int64_t size() const { return is_range() ? end_ - begin_ : static_cast<int64_t>(indices_.size()); }
+  int64_t operator[](int64_t i) const { return is_range() ? begin_ + i : indices_[i]; }
+  int64_t begin() const { return begin_; }
+  int64_t end() const { return end_; }
+  std::span<const int32_t> indices() const { return indices_; }
+
+ private:
+  PositionSet(int64_t begin, int64_t end, std::span<const int32_t> indices)
+      : begin_(begin), end_(end < begin ? begin : end), indices_(indices) {}
+  int64_t begin_, end_;
+  std::span<const int32_t> indices_;
+};
+
+// What a block of `block_size` consecutive positions looks like, for selectors: the mean key and
+// the per-channel minimum and maximum over the keys stored so far in the block.
+struct BlockSummary {
+  std::span<const float> centroid;
+  std::span<const float> min;
+  std::span<const float> max;
+  int64_t count = 0;
+};
+
+struct CacheShape {
+  int64_t layers = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+};
+
+class KVCache {
+ public:
+  virtual ~KVCache() = default;
+
+  virtual const CacheShape& shape() const = 0;
+  virtual std::string describe() const = 0;  // e.g. "dense f16"
+  // Tokens stored in `layer`.
+  virtual int64_t length(int64_t layer) const = 0;
+
+  // Appends `tokens` tokens to `layer`; keys and values are {tokens, kv_heads, head_dim}.
+  virtual void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
+                      int64_t tokens) = 0;
+
+  // scores[q * positions.size() + i] = queries[q] · key[positions[i]] (unscaled), for the
+  // `queries.size() / head_dim` queries of one KV head. Scores come from the stored form.
+  virtual void score(int64_t layer, int64_t kv_head, std::span<const float> queries,
+                     const PositionSet& positions, std::span<float> scores) const = 0;
+
+  // out[q * head_dim + c] += sum_i weights[q * positions.size() + i] * value[positions[i]][c].
+  virtual void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                          const PositionSet& positions, std::span<float> out) const = 0;
+
+  // Positions per summary block, and the summary of block `block` (positions
+  // [block * block_size, ...)); updated as tokens are appended.
+  virtual int64_t block_size() const = 0;
+  virtual BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const = 0;
+
+  // Forgets every token (keeps allocations).
+  virtual void clear() = 0;
+};
+
+}  // namespace visikv

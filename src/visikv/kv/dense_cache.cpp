@@ -1,0 +1,158 @@
+#include "visikv/kv/dense_cache.h"
+
+#include <type_traits>
+#include <vector>
+
+#include "visikv/core/error.h"
+#include "visikv/core/half.h"
+#include "visikv/core/vec.h"
+#include "visikv/kv/block_summaries.h"
+
+namespace visikv {
+
+namespace {
+
+template <DenseFormat kFormat>
+class DenseCache final : public KVCache {
+  using Element = std::conditional_t<kFormat == DenseFormat::F32, float, uint16_t>;
+  static constexpr bool kBf16 = kFormat == DenseFormat::BF16;
+
+  static Element store(float x) {
+    if constexpr (kFormat == DenseFormat::F32) return x;
+    else if constexpr (kBf16) return float_to_bf16(x);
+    else return float_to_fp16(x);
+  }
+  static float dot(const Element* row, const float* x, int64_t n) {
+    if constexpr (kFormat == DenseFormat::F32) return vec::dot(row, x, n);
+    else return vec::dot(row, kBf16, x, n);
+  }
+  static void axpy(float a, const Element* row, float* y, int64_t n) {
+    if constexpr (kFormat == DenseFormat::F32) vec::axpy(a, row, y, n);
+    else vec::axpy(a, row, kBf16, y, n);
+  }
+
+  struct Head {
+    std::vector<Element> keys, values;  // {tokens, head_dim}
+    BlockSummaries summaries;
+  };
+
+ public:
+  DenseCache(const CacheShape& shape, int64_t reserve, int64_t block_size)
+      : shape_(shape), block_size_(block_size), lengths_(shape.layers, 0) {
+    require(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0,
+            "cache shape must be positive");
+    heads_.reserve(shape.layers * shape.kv_heads);
+    for (int64_t i = 0; i < shape.layers * shape.kv_heads; ++i) {
+      Head& h = heads_.emplace_back(Head{{}, {}, BlockSummaries(shape.head_dim, block_size)});
+      h.keys.reserve(reserve * shape.head_dim);
+      h.values.reserve(reserve * shape.head_dim);
+    }
+  }
+
+  const CacheShape& shape() const override { return shape_; }
+  std::string describe() const override {
+    return kFormat == DenseFormat::F32 ? "dense f32" : kBf16 ? "dense bf16" : "dense f16";
+  }
+  int64_t length(int64_t layer) const override { return lengths_.at(layer); }
+
+  void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
+              int64_t tokens) override {
+    const int64_t d = shape_.head_dim, row = shape_.kv_heads * d;
+    require(layer >= 0 && layer < shape_.layers, "cache layer ", layer, " out of range");
+    require(static_cast<int64_t>(keys.size()) == tokens * row &&
+                static_cast<int64_t>(values.size()) == tokens * row,
+            "cache append: expected ", tokens, " x ", row, " keys and values");
+    for (int64_t h = 0; h < shape_.kv_heads; ++h) {
+      Head& head = at(layer, h);
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* k = keys.data() + t * row + h * d;
+        const float* v = values.data() + t * row + h * d;
+        for (int64_t c = 0; c < d; ++c) head.keys.push_back(store(k[c]));
+        for (int64_t c = 0; c < d; ++c) head.values.push_back(store(v[c]));
+        head.summaries.add({k, static_cast<size_t>(d)});
+      }
+    }
+    lengths_[layer] += tokens;
+  }
+
+  void score(int64_t layer, int64_t kv_head, std::span<const float> queries,
+             const PositionSet& positions, std::span<float> scores) const override {
+    const int64_t d = shape_.head_dim, n = positions.size();
+    const int64_t queries_count = static_cast<int64_t>(queries.size()) / d;
+    const Head& head = at(layer, kv_head);
+    check_positions(layer, positions);
+    for (int64_t i = 0; i < n; ++i) {
+      const Element* key = head.keys.data() + positions[i] * d;
+      for (int64_t q = 0; q < queries_count; ++q)
+        scores[q * n + i] = dot(key, queries.data() + q * d, d);
+    }
+  }
+
+  void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                  const PositionSet& positions, std::span<float> out) const override {
+    const int64_t d = shape_.head_dim, n = positions.size();
+    const int64_t queries_count = static_cast<int64_t>(out.size()) / d;
+    const Head& head = at(layer, kv_head);
+    check_positions(layer, positions);
+    for (int64_t i = 0; i < n; ++i) {
+      const Element* value = head.values.data() + positions[i] * d;
+      for (int64_t q = 0; q < queries_count; ++q)
+        axpy(weights[q * n + i], value, out.data() + q * d, d);
+    }
+  }
+
+  int64_t block_size() const override { return block_size_; }
+  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override {
+    return at(layer, kv_head).summaries.get(block);
+  }
+
+  void clear() override {
+    for (Head& h : heads_) {
+      h.keys.clear();
+      h.values.clear();
+      h.summaries.clear();
+    }
+    std::fill(lengths_.begin(), lengths_.end(), 0);
+  }
+
+ private:
+  Head& at(int64_t layer, int64_t kv_head) { return heads_[layer * shape_.kv_heads + kv_head]; }
+  const Head& at(int64_t layer, int64_t kv_head) const {
+    require(layer >= 0 && layer < shape_.layers && kv_head >= 0 && kv_head < shape_.kv_heads,
+            "cache head (", layer, ", ", kv_head, ") out of range");
+    return heads_[layer * shape_.kv_heads + kv_head];
+  }
+  void check_positions(int64_t layer, const PositionSet& positions) const {
+    if (positions.size() == 0) return;
+    const int64_t last = positions.is_range() ? positions.end() - 1 : positions[positions.size() - 1];
+    const int64_t first = positions.is_range() ? positions.begin() : positions[0];
+    require(first >= 0 && last < lengths_[layer], "positions [", first, ", ", last,
+            "] outside the ", lengths_[layer], " cached tokens of layer ", layer);
+  }
+
+  CacheShape shape_;
+  int64_t block_size_;
+  std::vector<int64_t> lengths_;
+  std::vector<Head> heads_;
+};
+
+}  // namespace
+
+DenseFormat dense_format_from_name(const std::string& name) {
+  if (name == "f32" || name == "fp32") return DenseFormat::F32;
+  if (name == "f16" || name == "fp16") return DenseFormat::F16;
+  if (name == "bf16") return DenseFormat::BF16;
+  fail("unknown dense cache format '", name, "' (expected f32, f16 or bf16)");
+}
+
+std::unique_ptr<KVCache> make_dense_cache(const CacheShape& shape, DenseFormat format,
+                                          int64_t reserve_tokens, int64_t block_size) {
+  switch (format) {
+    case DenseFormat::F32: return std::make_unique<DenseCache<DenseFormat::F32>>(shape, reserve_tokens, block_size);
+    case DenseFormat::F16: return std::make_unique<DenseCache<DenseFormat::F16>>(shape, reserve_tokens, block_size);
+    case DenseFormat::BF16: return std::make_unique<DenseCache<DenseFormat::BF16>>(shape, reserve_tokens, block_size);
+  }
+  fail("unknown dense cache format");
+}
+
+}  // namespace visikv

@@ -1,0 +1,81 @@
+// One description of a decoder-only transformer. Every supported family (GPT-2, GPT-NeoX/Pythia,
+// Llama/TinyLlama/SmolLM2, Mistral, Qwen2) is a value of this struct; the decoder reads only this,
+// never the family name.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+namespace visikv {
+
+enum class NormKind { LayerNorm, RMSNorm };
+enum class Activation { GeluTanh, GeluErf, SiLU };
+enum class PositionKind { Learned, Rotary };
+// Which coordinates RoPE rotates together: (i, i + rotary_dim/2) as in HF Llama/NeoX ("half"),
+// or (2i, 2i+1) as GGUF's llama converters leave the Q/K rows ("interleaved").
+enum class RopeLayout { Half, Interleaved };
+
+struct RopeScaling {
+  enum class Type { None, Linear, Llama3 } type = Type::None;
+  double factor = 1.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_positions = 8192;
+};
+
+struct Config {
+  std::string architecture;  // as the checkpoint names it, for display ("LlamaForCausalLM", "llama")
+  int64_t vocab_size = 0;
+  int64_t hidden = 0;
+  int64_t layers = 0;
+  int64_t heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t intermediate = 0;
+  int64_t max_positions = 0;
+
+  NormKind norm = NormKind::RMSNorm;
+  double norm_eps = 1e-5;
+  Activation activation = Activation::SiLU;
+  bool gated_mlp = true;           // act(gate(x)) * up(x), else act(up(x))
+  bool parallel_residual = false;  // x + attn(ln1 x) + mlp(ln2 x)  (GPT-NeoX)
+  bool qkv_bias = false;
+  bool out_bias = false;
+  bool mlp_bias = false;
+  bool tied_embeddings = false;
+
+  PositionKind positions = PositionKind::Rotary;
+  double rope_theta = 10000.0;
+  int64_t rotary_dim = 0;  // leading dims of each head that RoPE rotates
+  RopeLayout rope_layout = RopeLayout::Half;
+  RopeScaling rope_scaling;
+  // Per-frequency divisors from a GGUF `rope_freqs` tensor (llama3-style scaling baked in by the
+  // converter); empty when the scaling is computed from rope_scaling.
+  std::vector<float> rope_freq_factors;
+
+  int64_t sliding_window = 0;  // 0: full causal attention; W: attend to the last W positions
+  double attention_scale = 0;  // multiplies q·k; 1/sqrt(head_dim) by default
+
+  std::optional<int32_t> bos_id;
+  std::vector<int32_t> eos_ids;
+
+  int64_t q_dim() const { return heads * head_dim; }
+  int64_t kv_dim() const { return kv_heads * head_dim; }
+  int64_t group_size() const { return heads / kv_heads; }
+
+  // Throws visikv::Error when the numbers do not describe a model the decoder can run.
+  void validate() const;
+  std::string describe() const;
+};
+
+// The supported Hugging Face `model_type` values, for error messages and `visikv info`.
+const std::vector<std::string>& supported_hf_model_types();
+Config config_from_hf(const nlohmann::json& config_json, const nlohmann::json& generation_config);
+// GGUF metadata (general.architecture = llama, gpt2, gptneox, qwen2, ...).
+Config config_from_gguf(const nlohmann::json& metadata);
+
+}  // namespace visikv

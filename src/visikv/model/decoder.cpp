@@ -1,0 +1,136 @@
+#include "visikv/model/decoder.h"
+
+#include <algorithm>
+
+#include "visikv/core/error.h"
+#include "visikv/formats/dequantize.h"
+#include "visikv/model/matmul.h"
+#include "visikv/model/ops.h"
+
+namespace visikv {
+
+namespace {
+// Logits are produced this many rows at a time, so a long prefill never holds {tokens, vocab}.
+constexpr int64_t kLogitRowsPerSlice = 64;
+
+void resize(std::vector<float>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+}
+}  // namespace
+
+Decoder::Decoder(const Model& model)
+    : model_(model), config_(model.config()) {
+  if (config_.positions == PositionKind::Rotary) inverse_frequencies_ = rope_inverse_frequencies(config_);
+}
+
+CacheShape Decoder::cache_shape() const {
+  return {config_.layers, config_.kv_heads, config_.head_dim};
+}
+
+void Decoder::embed(std::span<const int32_t> tokens, int64_t first_position) {
+  const Weights& w = model_.weights();
+  const int64_t hidden = config_.hidden;
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    const int32_t id = tokens[t];
+    require(id >= 0 && id < config_.vocab_size, "token id ", id, " outside the vocabulary of ",
+            config_.vocab_size);
+    std::span<float> row(x_.data() + t * hidden, static_cast<size_t>(hidden));
+    dequantize(w.token_embedding.dtype, w.token_embedding.row(id), row);
+    if (w.position_embedding) {
+      const int64_t position = first_position + static_cast<int64_t>(t);
+      require(position < w.position_embedding->rows(), "position ", position,
+              " is past the model's ", w.position_embedding->rows(), " learned positions");
+      std::vector<float> learned(static_cast<size_t>(hidden));
+      dequantize(w.position_embedding->dtype, w.position_embedding->row(position), learned);
+      for (int64_t i = 0; i < hidden; ++i) row[i] += learned[i];
+    }
+  }
+}
+
+void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
+  const int64_t inner = config_.intermediate;
+  resize(up_, tokens * inner);
+  linear_forward(layer.up, normed_, tokens, up_);
+  std::span<float> up(up_.data(), static_cast<size_t>(tokens * inner));
+  if (config_.gated_mlp) {
+    resize(gate_, tokens * inner);
+    linear_forward(*layer.gate, normed_, tokens, gate_);
+    std::span<float> gate(gate_.data(), up.size());
+    apply_activation(config_.activation, gate);
+    for (size_t i = 0; i < up.size(); ++i) up[i] *= gate[i];
+  } else {
+    apply_activation(config_.activation, up);
+  }
+  linear_forward(layer.down, up_, tokens, projected_);
+}
+
+void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
+                      const LogitsSink& sink, AttentionObserver* observer) {
+  const Config& c = config_;
+  const Weights& w = model_.weights();
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  if (n == 0) return;
+  const int64_t first_position = cache.length(0);
+  const int64_t hidden = c.hidden;
+  resize(x_, n * hidden);
+  resize(normed_, n * hidden);
+  resize(q_, n * c.q_dim());
+  resize(k_, n * c.kv_dim());
+  resize(v_, n * c.kv_dim());
+  resize(attention_, n * c.q_dim());
+  resize(projected_, n * hidden);
+  const std::span<float> x(x_.data(), static_cast<size_t>(n * hidden));
+  const AttentionSpec spec{c.heads, c.head_dim,
+                           c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim)),
+                           c.sliding_window};
+
+  embed(tokens, first_position);
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const LayerWeights& layer = w.layers[l];
+    apply_norm(c.norm, layer.attention_norm, c.norm_eps, x, n, hidden, normed_);
+    linear_forward(layer.q, normed_, n, q_);
+    linear_forward(layer.k, normed_, n, k_);
+    linear_forward(layer.v, normed_, n, v_);
+    const std::span<float> k(k_.data(), static_cast<size_t>(n * c.kv_dim()));
+    const std::span<float> v(v_.data(), k.size());
+    if (c.positions == PositionKind::Rotary) {
+      apply_rope(c, inverse_frequencies_, q_, n, c.heads, first_position);
+      apply_rope(c, inverse_frequencies_, k, n, c.kv_heads, first_position);
+    }
+    cache.append(l, k, v, n);
+    attend_causal(cache, l, q_, n, first_position, spec, attention_, observer);
+    linear_forward(layer.o, attention_, n, projected_);
+    if (c.parallel_residual) {
+      // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.
+      std::vector<float> attention_out(projected_.begin(), projected_.begin() + n * hidden);
+      apply_norm(c.norm, layer.mlp_norm, c.norm_eps, x, n, hidden, normed_);
+      mlp(layer, n);
+      for (int64_t i = 0; i < n * hidden; ++i) x[i] += attention_out[i] + projected_[i];
+    } else {
+      for (int64_t i = 0; i < n * hidden; ++i) x[i] += projected_[i];
+      apply_norm(c.norm, layer.mlp_norm, c.norm_eps, x, n, hidden, normed_);
+      mlp(layer, n);
+      for (int64_t i = 0; i < n * hidden; ++i) x[i] += projected_[i];
+    }
+  }
+
+  const int64_t first_row = rows == LogitRows::All ? 0 : n - 1;
+  for (int64_t row = first_row; row < n; row += kLogitRowsPerSlice) {
+    const int64_t count = std::min(kLogitRowsPerSlice, n - row);
+    resize(logits_, count * c.vocab_size);
+    apply_norm(c.norm, w.final_norm, c.norm_eps, x.subspan(row * hidden), count, hidden, normed_);
+    linear_forward(w.lm_head, normed_, count, logits_);
+    sink(row, count, std::span<const float>(logits_.data(), static_cast<size_t>(count * c.vocab_size)));
+  }
+}
+
+std::vector<float> Decoder::next_logits(std::span<const int32_t> tokens, KVCache& cache,
+                                        AttentionObserver* observer) {
+  std::vector<float> logits;
+  forward(tokens, cache, LogitRows::Last, [&](int64_t, int64_t, std::span<const float> values) {
+    logits.assign(values.begin(), values.end());
+  }, observer);
+  return logits;
+}
+
+}  // namespace visikv

@@ -1,0 +1,51 @@
+// The one forward pass every supported family runs, driven by Config: embeddings, then per layer
+// norm -> QKV -> RoPE -> cache append -> attention through the cache -> output projection -> MLP
+// (sequential or parallel residual), then the final norm and the LM head.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <vector>
+
+#include "visikv/attention/attention.h"
+#include "visikv/kv/cache.h"
+#include "visikv/model/model.h"
+
+namespace visikv {
+
+// Receives logits for rows [first_row, first_row + rows) of the tokens just run, {rows, vocab}.
+using LogitsSink = std::function<void(int64_t first_row, int64_t rows, std::span<const float> logits)>;
+
+enum class LogitRows { All, Last };
+
+class Decoder {
+ public:
+  explicit Decoder(const Model& model);
+
+  CacheShape cache_shape() const;
+
+  // Runs `tokens` at positions cache.length(0) onwards, appends their keys and values to the
+  // cache, and passes the requested logits to `sink`. Several tokens at once is prefill; one at
+  // a time is decode; both compute the same function.
+  void forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
+               const LogitsSink& sink, AttentionObserver* observer = nullptr);
+
+  // Convenience: logits of the last token.
+  std::vector<float> next_logits(std::span<const int32_t> tokens, KVCache& cache,
+                                 AttentionObserver* observer = nullptr);
+
+  const Model& model() const { return model_; }
+
+ private:
+  void embed(std::span<const int32_t> tokens, int64_t first_position);
+  void mlp(const LayerWeights& layer, int64_t tokens);
+
+  const Model& model_;
+  const Config& config_;
+  std::vector<float> inverse_frequencies_;
+  // Scratch, {tokens, width}; reused between calls.
+  std::vector<float> x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_;
+};
+
+}  // namespace visikv

@@ -1,0 +1,27 @@
+// Products with weight matrices kept in their stored form (f32/f16/bf16 or GGUF blocks).
+//
+// Few tokens (decode): each output row is one dot product that unpacks the stored row block by
+// block, so the weights are read once and never widened in memory. Many tokens (prefill): the
+// weights are widened to float32 a slab of rows at a time and multiplied with BLAS sgemm.
+// Each output element is computed by one thread in a fixed order, so results do not depend on
+// the thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "visikv/formats/tensor.h"
+#include "visikv/model/weights.h"
+
+namespace visikv {
+
+// dot(stored row of `elements` values, x).
+float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t elements);
+
+// y[t, o] = sum_i x[t, i] * W[o, i] + bias[o] for t < tokens.
+// x is {tokens, in_features}, y is {tokens, out_features}, both row-major.
+void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
+                    std::span<float> y);
+
+}  // namespace visikv

@@ -1,0 +1,333 @@
+#include "visikv/model/model.h"
+
+#include <cstring>
+#include <cstdlib>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <variant>
+
+#include "visikv/core/error.h"
+#include "visikv/formats/dequantize.h"
+#include "visikv/formats/gguf.h"
+#include "visikv/formats/hf_dir.h"
+
+namespace visikv {
+
+namespace {
+
+constexpr const char* kDefaultModelFile = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) text += (i ? ", " : "") + std::to_string(shape[i]);
+  return text + "]";
+}
+
+// Finds tensors by name in whichever checkpoint is open and checks their shapes.
+class Binder {
+ public:
+  using Finder = std::function<const TensorRef*(std::string_view)>;
+  Binder(Finder finder, std::string file, Weights& weights)
+      : find_(std::move(finder)), file_(std::move(file)), weights_(weights) {}
+
+  const TensorRef* find(const std::string& name) const { return find_(name); }
+
+  const TensorRef& get(const std::string& name) const {
+    const TensorRef* tensor = find_(name);
+    require(tensor != nullptr, file_, ": required tensor '", name, "' is missing");
+    return *tensor;
+  }
+
+  TensorRef matrix(const std::string& name, int64_t rows, int64_t cols) const {
+    const TensorRef& t = get(name);
+    require(t.shape == std::vector<int64_t>{rows, cols}, file_, ": tensor '", name, "' has shape ",
+            shape_text(t.shape), ", expected ", shape_text({rows, cols}));
+    return t;
+  }
+
+  std::vector<float> vector(const std::string& name, int64_t size) const {
+    const TensorRef& t = get(name);
+    require(t.elements() == size && t.shape.size() == 1, file_, ": tensor '", name, "' has shape ",
+            shape_text(t.shape), ", expected [", size, "]");
+    return to_float(t);
+  }
+
+  std::vector<float> optional_vector(const std::string& name, int64_t size) const {
+    return find_(name) ? vector(name, size) : std::vector<float>{};
+  }
+
+  Norm norm(const std::string& prefix, int64_t size, bool with_bias) const {
+    Norm n{vector(prefix + ".weight", size), {}};
+    if (with_bias) n.bias = vector(prefix + ".bias", size);
+    return n;
+  }
+
+  Linear linear(const std::string& prefix, int64_t out, int64_t in, bool with_bias) const {
+    Linear l{matrix(prefix + ".weight", out, in), {}};
+    if (with_bias) l.bias = vector(prefix + ".bias", out);
+    return l;
+  }
+
+  // Rows [begin, begin + count) of a matrix, without copying.
+  static TensorRef rows(const TensorRef& t, int64_t begin, int64_t count, const std::string& name) {
+    const int64_t row_bytes = storage_bytes(t.dtype, t.row_size());
+    return TensorRef{name, t.dtype, {count, t.row_size()},
+                     t.data.subspan(static_cast<size_t>(begin * row_bytes),
+                                    static_cast<size_t>(count * row_bytes))};
+  }
+
+  // A new matrix made of the given rows of `t` (same dtype), stored in weights.owned.
+  TensorRef gather_rows(const TensorRef& t, const std::vector<int64_t>& row_ids,
+                        const std::string& name) const {
+    const int64_t row_bytes = storage_bytes(t.dtype, t.row_size());
+    std::vector<std::byte>& buffer = weights_.owned.emplace_back(row_ids.size() * row_bytes);
+    for (size_t i = 0; i < row_ids.size(); ++i)
+      std::memcpy(buffer.data() + i * row_bytes, t.row(row_ids[i]).data(), row_bytes);
+    return TensorRef{name, t.dtype, {static_cast<int64_t>(row_ids.size()), t.row_size()},
+                     std::span<const std::byte>(buffer)};
+  }
+
+  // The transpose of a {rows, cols} matrix as float32 (GPT-2's Conv1D stores {in, out}).
+  TensorRef transposed(const TensorRef& t, const std::string& name) const {
+    const std::vector<float> values = to_float(t);
+    const int64_t rows = t.shape.at(0), cols = t.shape.at(1);
+    std::vector<std::byte>& buffer = weights_.owned.emplace_back(values.size() * sizeof(float));
+    auto* out = reinterpret_cast<float*>(buffer.data());
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = values[r * cols + c];
+    return TensorRef{name, DType::F32, {cols, rows}, std::span<const std::byte>(buffer)};
+  }
+
+ private:
+  Finder find_;
+  std::string file_;
+  Weights& weights_;
+};
+
+// Splits a fused QKV projection whose rows are [q heads | k heads | v heads].
+void split_contiguous_qkv(const Binder& b, const TensorRef& fused, std::vector<float> bias,
+                          const Config& c, LayerWeights& layer) {
+  const int64_t q = c.q_dim(), kv = c.kv_dim();
+  require(fused.shape == std::vector<int64_t>{q + 2 * kv, c.hidden}, "fused QKV tensor '",
+          fused.name, "' has shape ", shape_text(fused.shape), ", expected ",
+          shape_text({q + 2 * kv, c.hidden}));
+  layer.q.weight = Binder::rows(fused, 0, q, fused.name + "[q]");
+  layer.k.weight = Binder::rows(fused, q, kv, fused.name + "[k]");
+  layer.v.weight = Binder::rows(fused, q + kv, kv, fused.name + "[v]");
+  if (!bias.empty()) {
+    layer.q.bias.assign(bias.begin(), bias.begin() + q);
+    layer.k.bias.assign(bias.begin() + q, bias.begin() + q + kv);
+    layer.v.bias.assign(bias.begin() + q + kv, bias.end());
+  }
+}
+
+// GPT-NeoX fuses QKV per head: rows are [head][q|k|v][head_dim].
+void split_per_head_qkv(const Binder& b, const TensorRef& fused, const std::vector<float>& bias,
+                        const Config& c, LayerWeights& layer) {
+  const int64_t d = c.head_dim;
+  require(fused.shape == std::vector<int64_t>{3 * c.hidden, c.hidden}, "fused QKV tensor '",
+          fused.name, "' has shape ", shape_text(fused.shape), ", expected ",
+          shape_text({3 * c.hidden, c.hidden}));
+  Linear* parts[3] = {&layer.q, &layer.k, &layer.v};
+  for (int part = 0; part < 3; ++part) {
+    std::vector<int64_t> ids;
+    for (int64_t h = 0; h < c.heads; ++h)
+      for (int64_t i = 0; i < d; ++i) ids.push_back((h * 3 + part) * d + i);
+    parts[part]->weight = b.gather_rows(fused, ids, fused.name + "[" + "qkv"[part] + "]");
+    if (!bias.empty())
+      for (int64_t id : ids) parts[part]->bias.push_back(bias[id]);
+  }
+}
+
+void bind_hf(const Binder& b, const std::string& model_type, Config& c, Weights& w) {
+  const bool layer_norm = c.norm == NormKind::LayerNorm;
+  if (model_type == "gpt2") {
+    const std::string p = b.find("transformer.wte.weight") ? "transformer." : "";
+    w.token_embedding = b.matrix(p + "wte.weight", c.vocab_size, c.hidden);
+    w.position_embedding = b.matrix(p + "wpe.weight", c.max_positions, c.hidden);
+    for (int64_t i = 0; i < c.layers; ++i) {
+      const std::string l = p + "h." + std::to_string(i) + ".";
+      LayerWeights& layer = w.layers.emplace_back();
+      layer.attention_norm = b.norm(l + "ln_1", c.hidden, true);
+      const TensorRef fused = b.transposed(b.matrix(l + "attn.c_attn.weight", c.hidden, 3 * c.hidden),
+                                           l + "attn.c_attn.weight");
+      split_contiguous_qkv(b, fused, b.vector(l + "attn.c_attn.bias", 3 * c.hidden), c, layer);
+      layer.o = {b.transposed(b.matrix(l + "attn.c_proj.weight", c.hidden, c.hidden), l + "attn.c_proj.weight"),
+                 b.vector(l + "attn.c_proj.bias", c.hidden)};
+      layer.mlp_norm = b.norm(l + "ln_2", c.hidden, true);
+      layer.up = {b.transposed(b.matrix(l + "mlp.c_fc.weight", c.hidden, c.intermediate), l + "mlp.c_fc.weight"),
+                  b.vector(l + "mlp.c_fc.bias", c.intermediate)};
+      layer.down = {b.transposed(b.matrix(l + "mlp.c_proj.weight", c.intermediate, c.hidden), l + "mlp.c_proj.weight"),
+                    b.vector(l + "mlp.c_proj.bias", c.hidden)};
+    }
+    w.final_norm = b.norm(p + "ln_f", c.hidden, true);
+    w.lm_head = {b.find("lm_head.weight") ? b.matrix("lm_head.weight", c.vocab_size, c.hidden)
+                                          : w.token_embedding, {}};
+    return;
+  }
+  if (model_type == "gpt_neox") {
+    w.token_embedding = b.matrix("gpt_neox.embed_in.weight", c.vocab_size, c.hidden);
+    for (int64_t i = 0; i < c.layers; ++i) {
+      const std::string l = "gpt_neox.layers." + std::to_string(i) + ".";
+      LayerWeights& layer = w.layers.emplace_back();
+      layer.attention_norm = b.norm(l + "input_layernorm", c.hidden, true);
+      split_per_head_qkv(b, b.get(l + "attention.query_key_value.weight"),
+                         c.qkv_bias ? b.vector(l + "attention.query_key_value.bias", 3 * c.hidden)
+                                    : std::vector<float>{},
+                         c, layer);
+      layer.o = b.linear(l + "attention.dense", c.hidden, c.hidden, c.out_bias);
+      layer.mlp_norm = b.norm(l + "post_attention_layernorm", c.hidden, true);
+      layer.up = b.linear(l + "mlp.dense_h_to_4h", c.intermediate, c.hidden, true);
+      layer.down = b.linear(l + "mlp.dense_4h_to_h", c.hidden, c.intermediate, true);
+    }
+    w.final_norm = b.norm("gpt_neox.final_layer_norm", c.hidden, true);
+    w.lm_head = {c.tied_embeddings && !b.find("embed_out.weight")
+                     ? w.token_embedding
+                     : b.matrix("embed_out.weight", c.vocab_size, c.hidden),
+                 {}};
+    return;
+  }
+  // Llama, Mistral, Qwen2.
+  w.token_embedding = b.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden);
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const std::string l = "model.layers." + std::to_string(i) + ".";
+    LayerWeights& layer = w.layers.emplace_back();
+    layer.attention_norm = b.norm(l + "input_layernorm", c.hidden, layer_norm);
+    layer.q = b.linear(l + "self_attn.q_proj", c.q_dim(), c.hidden, c.qkv_bias);
+    layer.k = b.linear(l + "self_attn.k_proj", c.kv_dim(), c.hidden, c.qkv_bias);
+    layer.v = b.linear(l + "self_attn.v_proj", c.kv_dim(), c.hidden, c.qkv_bias);
+    layer.o = b.linear(l + "self_attn.o_proj", c.hidden, c.q_dim(), c.out_bias);
+    layer.mlp_norm = b.norm(l + "post_attention_layernorm", c.hidden, layer_norm);
+    layer.gate = b.linear(l + "mlp.gate_proj", c.intermediate, c.hidden, c.mlp_bias);
+    layer.up = b.linear(l + "mlp.up_proj", c.intermediate, c.hidden, c.mlp_bias);
+    layer.down = b.linear(l + "mlp.down_proj", c.hidden, c.intermediate, c.mlp_bias);
+  }
+  w.final_norm = b.norm("model.norm", c.hidden, layer_norm);
+  w.lm_head = {b.find("lm_head.weight") ? b.matrix("lm_head.weight", c.vocab_size, c.hidden)
+                                        : w.token_embedding, {}};
+}
+
+void bind_gguf(const Binder& b, Config& c, Weights& w) {
+  const bool layer_norm = c.norm == NormKind::LayerNorm;
+  w.token_embedding = b.matrix("token_embd.weight", c.vocab_size, c.hidden);
+  if (c.positions == PositionKind::Learned) {
+    const TensorRef& pos = b.get("position_embd.weight");
+    require(pos.shape.size() == 2 && pos.shape[1] == c.hidden, "position_embd.weight has shape ",
+            shape_text(pos.shape));
+    c.max_positions = pos.shape[0];
+    w.position_embedding = pos;
+  }
+  if (const TensorRef* freqs = b.find("rope_freqs.weight")) {
+    require(freqs->elements() == c.rotary_dim / 2, "rope_freqs.weight has ", freqs->elements(),
+            " entries, expected ", c.rotary_dim / 2);
+    c.rope_freq_factors = to_float(*freqs);
+  }
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const std::string l = "blk." + std::to_string(i) + ".";
+    LayerWeights& layer = w.layers.emplace_back();
+    layer.attention_norm = b.norm(l + "attn_norm", c.hidden, layer_norm);
+    if (const TensorRef* fused = b.find(l + "attn_qkv.weight")) {
+      split_contiguous_qkv(b, *fused, b.optional_vector(l + "attn_qkv.bias", c.q_dim() + 2 * c.kv_dim()),
+                           c, layer);
+    } else {
+      layer.q = b.linear(l + "attn_q", c.q_dim(), c.hidden, c.qkv_bias);
+      layer.k = b.linear(l + "attn_k", c.kv_dim(), c.hidden, c.qkv_bias);
+      layer.v = b.linear(l + "attn_v", c.kv_dim(), c.hidden, c.qkv_bias);
+    }
+    layer.o = {b.matrix(l + "attn_output.weight", c.hidden, c.q_dim()),
+               b.optional_vector(l + "attn_output.bias", c.hidden)};
+    layer.mlp_norm = b.norm(l + "ffn_norm", c.hidden, layer_norm);
+    if (c.gated_mlp) layer.gate = b.linear(l + "ffn_gate", c.intermediate, c.hidden, false);
+    layer.up = {b.matrix(l + "ffn_up.weight", c.intermediate, c.hidden),
+                b.optional_vector(l + "ffn_up.bias", c.intermediate)};
+    layer.down = {b.matrix(l + "ffn_down.weight", c.hidden, c.intermediate),
+                  b.optional_vector(l + "ffn_down.bias", c.hidden)};
+  }
+  w.final_norm = b.norm("output_norm", c.hidden, layer_norm);
+  c.tied_embeddings = b.find("output.weight") == nullptr;
+  w.lm_head = {c.tied_embeddings ? w.token_embedding
+                                 : b.matrix("output.weight", c.vocab_size, c.hidden),
+               b.optional_vector("output.bias", c.vocab_size)};
+}
+
+}  // namespace
+
+struct Model::Files {
+  std::variant<std::monostate, GgufFile, HfModelDir> checkpoint;
+};
+
+Model::Model() : files_(std::make_unique<Files>()) {}
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+Model::~Model() = default;
+
+std::filesystem::path Model::default_model_path() {
+  if (const char* env = std::getenv("VISIKV_DEFAULT_MODEL"); env != nullptr && *env != '\0')
+    return env;
+  return std::filesystem::path(VISIKV_SOURCE_DIR) / "models" / kDefaultModelFile;
+}
+
+Model Model::load(const std::string& spec) {
+  namespace fs = std::filesystem;
+  Model model;
+  fs::path path = spec;
+  if (spec == "default") {
+    path = default_model_path();
+    require(fs::exists(path), "the default model is not at ", path,
+            "; run scripts/setup.sh (or set VISIKV_DEFAULT_MODEL to the GGUF file)");
+  }
+  require(fs::exists(path), "model not found: ", path,
+          " (expected a Hugging Face directory, a .gguf file, or 'default')");
+  model.source_ = path.string();
+  if (fs::is_directory(path)) {
+    HfModelDir& dir = model.files_->checkpoint.emplace<HfModelDir>(path);
+    model.format_ = "safetensors";
+    model.config_ = config_from_hf(dir.config(), dir.generation_config());
+    Binder binder([&dir](std::string_view name) { return dir.find(name); }, path.string(),
+                  model.weights_);
+    bind_hf(binder, model.config_.architecture, model.config_, model.weights_);
+    require(!dir.tokenizer_json().empty(), path, ": no tokenizer.json in the model directory");
+    model.tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_hf_json(dir.tokenizer_json()));
+  } else {
+    GgufFile& gguf = model.files_->checkpoint.emplace<GgufFile>(path);
+    model.format_ = "gguf";
+    model.config_ = config_from_gguf(gguf.metadata());
+    Binder binder([&gguf](std::string_view name) { return gguf.find(name); }, path.string(),
+                  model.weights_);
+    bind_gguf(binder, model.config_, model.weights_);
+    model.tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_gguf_metadata(gguf.metadata()));
+  }
+  model.config_.validate();
+  return model;
+}
+
+std::string Model::describe() const {
+  const Config& c = config_;
+  int64_t parameters = weights_.token_embedding.elements();
+  std::string dtypes;
+  auto note = [&](const TensorRef& t) {
+    const std::string name(dtype_name(t.dtype));
+    if (dtypes.find(name) == std::string::npos) dtypes += (dtypes.empty() ? "" : ", ") + name;
+  };
+  note(weights_.token_embedding);
+  for (const LayerWeights& l : weights_.layers) {
+    for (const Linear* lin : {&l.q, &l.k, &l.v, &l.o, &l.up, &l.down}) {
+      parameters += lin->weight.elements();
+      note(lin->weight);
+    }
+    if (l.gate) parameters += l.gate->weight.elements();
+  }
+  if (weights_.lm_head.weight.data.data() != weights_.token_embedding.data.data())
+    parameters += weights_.lm_head.weight.elements();
+  return str_cat("model:        ", source_, " (", format_, ")\n",
+                 "architecture: ", c.describe(), "\n",
+                 "parameters:   ", parameters, " (matrices stored as ", dtypes, ")\n",
+                 "context:      ", c.max_positions, " positions\n",
+                 "tied head:    ", c.tied_embeddings ? "yes" : "no", "\n",
+                 "tokenizer:    ", tokenizer_->kind(), ", ", tokenizer_->vocab_size(), " tokens",
+                 tokenizer_->bos_id() ? str_cat(", BOS ", *tokenizer_->bos_id()) : "",
+                 tokenizer_->adds_bos() ? " (added)" : "",
+                 tokenizer_->eos_id() ? str_cat(", EOS ", *tokenizer_->eos_id()) : "", "\n");
+}
+
+}  // namespace visikv

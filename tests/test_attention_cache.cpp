@@ -1,0 +1,177 @@
+// Dense caches and causal attention against a float64 reference on random inputs.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "visikv/attention/attention.h"
+#include "visikv/core/error.h"
+#include "visikv/kv/dense_cache.h"
+
+namespace visikv {
+namespace {
+
+std::vector<float> random_vector(std::mt19937& rng, size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+// out[t][h] = softmax(scale * q·k_j over visible j) · v, in double.
+std::vector<double> reference_attention(const std::vector<float>& q, const std::vector<float>& k,
+                                        const std::vector<float>& v, int64_t tokens, int64_t heads,
+                                        int64_t kv_heads, int64_t d, double scale, int64_t window) {
+  std::vector<double> out(tokens * heads * d, 0.0);
+  const int64_t group = heads / kv_heads;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t kv = h / group;
+      const int64_t first = window > 0 ? std::max<int64_t>(0, t - window + 1) : 0;
+      std::vector<double> s;
+      for (int64_t j = first; j <= t; ++j) {
+        double dot = 0;
+        for (int64_t c = 0; c < d; ++c)
+          dot += double(q[(t * heads + h) * d + c]) * k[(j * kv_heads + kv) * d + c];
+        s.push_back(dot * scale);
+      }
+      const double max = *std::max_element(s.begin(), s.end());
+      double sum = 0;
+      for (double& x : s) sum += (x = std::exp(x - max));
+      for (int64_t j = first; j <= t; ++j)
+        for (int64_t c = 0; c < d; ++c)
+          out[(t * heads + h) * d + c] += s[j - first] / sum * v[(j * kv_heads + kv) * d + c];
+    }
+  }
+  return out;
+}
+
+struct AttentionCase {
+  DenseFormat format;
+  int64_t window;
+  bool prefill;  // all tokens at once, or one at a time
+  double tolerance;
+};
+
+class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
+
+TEST_P(AttentionTest, MatchesFloat64Reference) {
+  const AttentionCase p = GetParam();
+  const int64_t tokens = 37, heads = 6, kv_heads = 2, d = 24;
+  std::mt19937 rng(1234);
+  const auto q = random_vector(rng, tokens * heads * d);
+  const auto k = random_vector(rng, tokens * kv_heads * d);
+  const auto v = random_vector(rng, tokens * kv_heads * d);
+  const double scale = 1.0 / std::sqrt(double(d));
+  auto cache = make_dense_cache({1, kv_heads, d}, p.format, 0, 8);
+  std::vector<float> out(tokens * heads * d, NAN);  // poisoned
+  const AttentionSpec spec{heads, d, scale, p.window};
+  if (p.prefill) {
+    cache->append(0, k, v, tokens);
+    attend_causal(*cache, 0, q, tokens, 0, spec, out);
+  } else {
+    for (int64_t t = 0; t < tokens; ++t) {
+      cache->append(0, std::span(k).subspan(t * kv_heads * d, kv_heads * d),
+                    std::span(v).subspan(t * kv_heads * d, kv_heads * d), 1);
+      attend_causal(*cache, 0, std::span(q).subspan(t * heads * d, heads * d), 1, t, spec,
+                    std::span(out).subspan(t * heads * d, heads * d));
+    }
+  }
+  const auto expected = reference_attention(q, k, v, tokens, heads, kv_heads, d, scale, p.window);
+  double worst = 0;
+  for (size_t i = 0; i < out.size(); ++i) worst = std::max(worst, std::abs(out[i] - expected[i]));
+  EXPECT_LT(worst, p.tolerance);
+  EXPECT_EQ(cache->length(0), tokens);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Formats, AttentionTest,
+    ::testing::Values(AttentionCase{DenseFormat::F32, 0, true, 1e-5},
+                      AttentionCase{DenseFormat::F32, 0, false, 1e-5},
+                      AttentionCase{DenseFormat::F32, 5, true, 1e-5},
+                      AttentionCase{DenseFormat::F32, 5, false, 1e-5},
+                      AttentionCase{DenseFormat::F16, 0, true, 5e-3},
+                      AttentionCase{DenseFormat::BF16, 0, false, 3e-2}));
+
+TEST(DenseCache, ScoreAndAccumulateOverIndexListsMatchRanges) {
+  const int64_t d = 16, n = 40;
+  std::mt19937 rng(7);
+  auto cache = make_dense_cache({2, 1, d}, DenseFormat::F32);
+  const auto k = random_vector(rng, n * d), v = random_vector(rng, n * d);
+  cache->append(1, k, v, n);
+  const auto q = random_vector(rng, 2 * d);
+  const std::vector<int32_t> picks = {0, 3, 17, 39};
+  std::vector<float> scores(2 * picks.size());
+  cache->score(1, 0, q, PositionSet::list(picks), scores);
+  for (size_t qi = 0; qi < 2; ++qi) {
+    for (size_t i = 0; i < picks.size(); ++i) {
+      double dot = 0;
+      for (int64_t c = 0; c < d; ++c) dot += q[qi * d + c] * k[picks[i] * d + c];
+      EXPECT_NEAR(scores[qi * picks.size() + i], dot, 1e-4);
+    }
+  }
+  std::vector<float> weights = {0.5f, 0.25f, 0.125f, 0.125f, 1, 0, 0, 0};
+  std::vector<float> out(2 * d, 0.0f);
+  cache->accumulate(1, 0, weights, PositionSet::list(picks), out);
+  for (int64_t c = 0; c < d; ++c) {
+    const double expected = 0.5 * v[0 * d + c] + 0.25 * v[3 * d + c] + 0.125 * v[17 * d + c] +
+                            0.125 * v[39 * d + c];
+    EXPECT_NEAR(out[c], expected, 1e-5);
+    EXPECT_NEAR(out[d + c], v[c], 1e-6);
+  }
+  EXPECT_EQ(cache->length(0), 0);
+  EXPECT_THROW(cache->score(0, 0, q, PositionSet::range(0, 1), scores), Error);
+  EXPECT_THROW(cache->score(1, 0, q, PositionSet::range(0, n + 1), scores), Error);
+}
+
+TEST(DenseCache, BlockSummariesTrackCentroidMinMax) {
+  const int64_t d = 8, n = 21, block = 8;
+  std::mt19937 rng(3);
+  auto cache = make_dense_cache({1, 2, d}, DenseFormat::F16, 0, block);
+  const auto k = random_vector(rng, n * 2 * d), v = random_vector(rng, n * 2 * d);
+  for (int64_t t = 0; t < n; ++t)  // appended one token at a time, as in decode
+    cache->append(0, std::span(k).subspan(t * 2 * d, 2 * d), std::span(v).subspan(t * 2 * d, 2 * d), 1);
+  for (int64_t head = 0; head < 2; ++head) {
+    for (int64_t b = 0; b < 3; ++b) {
+      const BlockSummary s = cache->summary(0, head, b);
+      const int64_t first = b * block, last = std::min(n, first + block);
+      EXPECT_EQ(s.count, last - first);
+      for (int64_t c = 0; c < d; ++c) {
+        double sum = 0;
+        float lo = INFINITY, hi = -INFINITY;
+        for (int64_t j = first; j < last; ++j) {
+          const float x = k[(j * 2 + head) * d + c];
+          sum += x;
+          lo = std::min(lo, x);
+          hi = std::max(hi, x);
+        }
+        EXPECT_NEAR(s.centroid[c], sum / (last - first), 1e-5);
+        EXPECT_EQ(s.min[c], lo);
+        EXPECT_EQ(s.max[c], hi);
+      }
+    }
+  }
+  EXPECT_THROW(cache->summary(0, 0, 3), Error);
+}
+
+TEST(DenseCache, RejectsBadShapesAndNames) {
+  EXPECT_THROW(make_dense_cache({0, 1, 8}, DenseFormat::F32), Error);
+  EXPECT_THROW(make_dense_cache({1, 1, 8}, DenseFormat::F32, 0, 0), Error);
+  EXPECT_THROW(dense_format_from_name("int3"), Error);
+  auto cache = make_dense_cache({1, 1, 8}, DenseFormat::F32);
+  std::vector<float> too_short(7);
+  EXPECT_THROW(cache->append(0, too_short, too_short, 1), Error);
+  EXPECT_THROW(cache->append(1, too_short, too_short, 0), Error);
+}
+
+TEST(Attention, VisiblePositionsFollowCausalAndWindowRules) {
+  EXPECT_EQ(visible_positions(0, 0).size(), 1);
+  EXPECT_EQ(visible_positions(9, 0).begin(), 0);
+  EXPECT_EQ(visible_positions(9, 4).begin(), 6);
+  EXPECT_EQ(visible_positions(9, 4).size(), 4);
+  EXPECT_EQ(visible_positions(2, 4).begin(), 0);
+}
+
+}  // namespace
+}  // namespace visikv
