@@ -2,11 +2,13 @@
 // scripts/make_tokenizer_fixtures.py) and llama.cpp's vocabulary test cases.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -15,6 +17,7 @@
 #include "visikv/core/error.h"
 #include "visikv/formats/gguf.h"
 #include "visikv/tokenizer/tokenizer.h"
+#include "visikv/tokenizer/utf8.h"
 
 namespace visikv {
 namespace {
@@ -273,6 +276,21 @@ TEST(TokenizerLlamaCppVocab, LlamaSpmSpecialsAndStreaming) {
   EXPECT_EQ(tok.decode(llama), " this is 🦙.cpp");
 }
 
+// GPT-NeoX's vocabulary has no tokenizer.ggml.pre: llama.cpp's "default" regexes apply.
+TEST(TokenizerLlamaCppVocab, GptNeoxDefaultPreTokenizer) {
+  const fs::path gguf = vocab_dir() / "ggml-vocab-gpt-neox.gguf";
+  ASSERT_TRUE(fs::exists(gguf)) << gguf << " not found; set VISIKV_TOKENIZER_VOCABS";
+  const Tokenizer tok = load_gguf_tokenizer(gguf);
+  EXPECT_EQ(tok.kind(), "byte-level BPE (default pre-tokenizer)");
+  EXPECT_FALSE(tok.adds_bos());
+  EXPECT_EQ(tok.encode("Hello world"), (std::vector<int32_t>{12092, 1533}));
+  EXPECT_TRUE(tok.is_special(0));  // <|endoftext|>
+  const std::string text = "Mixed: 12345, naïve 🦙 <|endoftext|>\n\n  done";
+  const std::vector<int32_t> ids = tok.encode(text);
+  EXPECT_NE(std::find(ids.begin(), ids.end(), 0), ids.end());
+  EXPECT_EQ(tok.decode(ids), text);
+}
+
 TEST(Tokenizer, ConcurrentEncodingAgrees) {
   const Tokenizer tok = Tokenizer::from_hf_json(kFixtures / "gpt2_trained" / "tokenizer.json");
   const std::string text = "The quick brown fox jumps over the lazy dog 1234 times. ";
@@ -288,6 +306,41 @@ TEST(Tokenizer, ConcurrentEncodingAgrees) {
   }
   for (auto& thread : threads) thread.join();
   for (int t = 0; t < 4; ++t) EXPECT_TRUE(ok[t]) << "thread " << t;
+}
+
+// Text that is not valid UTF-8 is still tokenized without losing a byte: byte-level BPE maps
+// every byte, SentencePiece-style BPE falls back to byte tokens. Decoding gives valid UTF-8.
+TEST(Tokenizer, ArbitraryBytesSurvive) {
+  const Tokenizer byte_level =
+      Tokenizer::from_hf_json(kFixtures / "gpt2_trained" / "tokenizer.json");
+  const Tokenizer spm =
+      Tokenizer::from_hf_json(kFixtures / "spm_legacy_trained" / "tokenizer.json");
+  std::mt19937 rng(1234);
+  for (int round = 0; round < 300; ++round) {
+    std::string bytes(rng() % 64, '\0');
+    for (char& b : bytes) {
+      // Mostly ASCII and UTF-8 lead/continuation bytes, so that sequences are often almost valid.
+      const unsigned pick = rng() % 4;
+      b = static_cast<char>(pick == 0   ? 0x20 + rng() % 0x5F
+                            : pick == 1 ? 0x80 + rng() % 0x40
+                                        : rng() % 256);
+    }
+    SCOPED_TRACE("round " + std::to_string(round));
+    const std::vector<int32_t> ids = byte_level.encode(bytes, false);
+    std::string streamed;
+    for (const int32_t id : ids) streamed += byte_level.token_bytes(id);
+    EXPECT_EQ(streamed, bytes);
+    EXPECT_EQ(byte_level.decode(ids), utf8_lossy(bytes));
+
+    if (bytes.find("\xE2\x96\x81") != std::string::npos || bytes.find("<s>") != std::string::npos ||
+        bytes.find("</s>") != std::string::npos || bytes.find("<unk>") != std::string::npos)
+      continue;
+    const std::vector<int32_t> spm_ids = spm.encode(bytes, false);
+    streamed.clear();
+    for (const int32_t id : spm_ids) streamed += spm.token_bytes(id);
+    EXPECT_EQ(streamed, bytes.empty() ? "" : " " + bytes);
+    EXPECT_TRUE(is_valid_utf8(spm.decode(spm_ids)));
+  }
 }
 
 TEST(Tokenizer, OutOfRangeIdIsAnError) {

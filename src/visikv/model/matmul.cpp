@@ -30,14 +30,16 @@ template <bool kHasMin>
 float dot_q4(const std::byte* row, const float* x, int64_t n) {
   constexpr int64_t kBlockBytes = kHasMin ? 20 : 18;
   const __m128i low_mask = _mm_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
+  // One accumulator per quarter block: four independent FMA chains instead of one.
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t b = 0; b < n / 32; ++b) {
     const std::byte* block = row + b * kBlockBytes;
     uint16_t d_bits, m_bits = 0;
     std::memcpy(&d_bits, block, 2);
     if constexpr (kHasMin) std::memcpy(&m_bits, block + 2, 2);
-    const __m256 d = _mm256_set1_ps(fp16_to_float(d_bits));
-    const __m256 m = kHasMin ? _mm256_set1_ps(fp16_to_float(m_bits)) : _mm256_set1_ps(-8.0f * fp16_to_float(d_bits));
+    const float d_value = fp16_to_float(d_bits);
+    const __m256 d = _mm256_set1_ps(d_value);
+    const __m256 m = _mm256_set1_ps(kHasMin ? fp16_to_float(m_bits) : -8.0f * d_value);
     const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + (kHasMin ? 4 : 2)));
     const __m128i lo = _mm_and_si128(q, low_mask);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(q, 4), low_mask);
@@ -46,14 +48,14 @@ float dot_q4(const std::byte* row, const float* x, int64_t n) {
     for (int p = 0; p < 4; ++p) {
       // w = d*q + m (Q4_1) or d*(q-8) = d*q - 8d (Q4_0): the stored value, exactly as dequantized.
       const __m256 w = _mm256_fmadd_ps(d, bytes_to_floats(parts[p]), m);
-      acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * p), acc);
+      acc[p] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * p), acc[p]);
     }
   }
-  return vec::horizontal_sum(acc);
+  return vec::horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 float dot_q8_0(const std::byte* row, const float* x, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t b = 0; b < n / 32; ++b) {
     const std::byte* block = row + b * 34;
     uint16_t d_bits;
@@ -63,10 +65,10 @@ float dot_q8_0(const std::byte* row, const float* x, int64_t n) {
     for (int p = 0; p < 4; ++p) {
       const __m128i q8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 2 + 8 * p));
       const __m256 w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8)));
-      acc = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * p), acc);
+      acc[p] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * p), acc[p]);
     }
   }
-  return vec::horizontal_sum(acc);
+  return vec::horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 // Other block types: widen the row into a per-thread buffer, then a float dot.

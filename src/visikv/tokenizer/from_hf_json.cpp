@@ -271,6 +271,30 @@ std::optional<std::string> config_token(const json& config, const char* key) {
   return std::nullopt;
 }
 
+// BOS/EOS names from a tokenizer_config.json next to the tokenizer.json, when there is one
+// (tokenizer.json itself does not say which tokens these are).
+struct SpecialNames {
+  std::optional<std::string> bos;
+  std::optional<std::string> eos;
+};
+
+SpecialNames read_special_names(const std::filesystem::path& tokenizer_json) {
+  SpecialNames names;
+  const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
+  if (!std::filesystem::exists(config_path)) return names;
+  std::ifstream file(config_path, std::ios::binary);
+  std::stringstream text;
+  text << file.rdbuf();
+  const json config = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
+  if (!config.is_object()) return names;
+  names.bos = config_token(config, "bos_token");
+  names.eos = config_token(config, "eos_token");
+  return names;
+}
+
+std::shared_ptr<TokenizerImpl> build(const json& root, const std::string& source,
+                                     const SpecialNames& names);
+
 }  // namespace
 
 Tokenizer Tokenizer::from_hf_json(const std::filesystem::path& tokenizer_json) {
@@ -278,26 +302,19 @@ Tokenizer Tokenizer::from_hf_json(const std::filesystem::path& tokenizer_json) {
   require(file.good(), "cannot open tokenizer.json ", tokenizer_json);
   std::stringstream contents;
   contents << file.rdbuf();
-  json parsed = json::parse(contents.str(), nullptr, /*allow_exceptions=*/false);
+  const json parsed = json::parse(contents.str(), nullptr, /*allow_exceptions=*/false);
   require(!parsed.is_discarded(), "tokenizer.json ", tokenizer_json, ": malformed JSON");
-
-  // tokenizer_config.json, when next to it, says which tokens are BOS and EOS.
-  const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
-  if (std::filesystem::exists(config_path) && parsed.is_object()) {
-    std::ifstream config_file(config_path, std::ios::binary);
-    std::stringstream config_text;
-    config_text << config_file.rdbuf();
-    const json config = json::parse(config_text.str(), nullptr, false);
-    if (config.is_object()) {
-      for (const char* key : {"bos_token", "eos_token"}) {
-        if (auto token = config_token(config, key)) parsed["visikv_" + std::string(key)] = *token;
-      }
-    }
-  }
-  return from_hf_json_value(parsed, tokenizer_json.string());
+  return Tokenizer(build(parsed, tokenizer_json.string(), read_special_names(tokenizer_json)));
 }
 
 Tokenizer Tokenizer::from_hf_json_value(const nlohmann::json& root, const std::string& source) {
+  return Tokenizer(build(root, source, SpecialNames{}));
+}
+
+namespace {
+
+std::shared_ptr<TokenizerImpl> build(const json& root, const std::string& source,
+                                     const SpecialNames& names) {
   const Parser p(source);
   try {
     if (!root.is_object()) p.error("the top level is not a JSON object");
@@ -419,29 +436,29 @@ Tokenizer Tokenizer::from_hf_json_value(const nlohmann::json& root, const std::s
 
     // BOS/EOS: from tokenizer_config.json when it was found, else from the usual token names
     // (tokenizer.json itself does not say which tokens these are).
-    const auto named = [&](const char* config_key,
-                           std::initializer_list<const char*> names) -> std::optional<int32_t> {
-      if (root.contains(config_key) && root[config_key].is_string())
-        return find_token(impl->token_to_id, root[config_key].get<std::string>());
-      for (const char* name : names)
+    const auto named = [&](const std::optional<std::string>& configured,
+                           std::initializer_list<const char*> usual) -> std::optional<int32_t> {
+      if (configured) return find_token(impl->token_to_id, *configured);
+      for (const char* name : usual)
         if (auto id = find_token(impl->token_to_id, name)) return id;
       return std::nullopt;
     };
-    impl->bos_id =
-        !impl->prefix_ids.empty()
-            ? std::optional<int32_t>(impl->prefix_ids.front())
-            : named("visikv_bos_token", {"<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"});
-    impl->eos_id = named("visikv_eos_token",
-                         {"</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>"});
+    impl->bos_id = !impl->prefix_ids.empty()
+                       ? std::optional<int32_t>(impl->prefix_ids.front())
+                       : named(names.bos, {"<s>", "<|begin_of_text|>", "<bos>", "<|startoftext|>"});
+    impl->eos_id =
+        named(names.eos, {"</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>", "<|im_end|>"});
 
     const std::string flavour = byte_level              ? "byte-level BPE"
                                 : options.byte_fallback ? "BPE with byte fallback"
                                                         : "BPE";
     impl->kind = flavour + " (tokenizer.json)";
-    return Tokenizer(std::move(impl));
+    return impl;
   } catch (const nlohmann::json::exception& e) {
     p.error("unexpected structure: ", e.what());
   }
 }
+
+}  // namespace
 
 }  // namespace visikv

@@ -36,7 +36,7 @@ void split_word(const PreToken& word, const Regex& pattern, SplitBehavior behavi
         if (!s.matched) grouped.push_back(s);
       break;
     case SplitBehavior::kIsolated:
-      grouped = segments;
+      grouped = std::move(segments);
       break;
     case SplitBehavior::kMergedWithPrevious: {
       bool previous_matched = false;
@@ -143,7 +143,7 @@ PreTokenizer::Step PreTokenizer::byte_level(bool add_prefix_space, bool use_rege
   return [add_prefix_space, use_regex](std::vector<PreToken>& words) {
     if (add_prefix_space) {
       for (PreToken& word : words)
-        if (word.text.empty() || word.text[0] != ' ') word.text.insert(0, " ");
+        if (word.text.empty() || word.text[0] != ' ') word.text = " " + word.text;
     }
     if (use_regex) split_all(words, *gpt2_regex(), SplitBehavior::kIsolated, false);
     for (PreToken& word : words) word.text = to_byte_level(word.text);
