@@ -1,5 +1,6 @@
 // Prefill and decode speed of a model at several context lengths (Google Benchmark).
-//   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or default)
+//   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or
+//   default)
 // Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
 // N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
 #include <benchmark/benchmark.h>
@@ -29,7 +30,8 @@ Loaded& loaded() {
   static Loaded instance = [] {
     const char* spec = std::getenv("VISIKV_BENCH_MODEL");
     Model model = Model::load(spec != nullptr ? spec : "default");
-    std::vector<int32_t> text = model.tokenizer().encode(read_text_file(default_test_text()), false);
+    std::vector<int32_t> text =
+        model.tokenizer().encode(read_text_file(default_test_text()), false);
     return Loaded{std::move(model), std::move(text)};
   }();
   return instance;
@@ -69,12 +71,24 @@ void Decode(benchmark::State& state) {
     for (int64_t i = 0; i < kDecodeSteps; ++i)
       decoder.forward({l.text.data() + n + i, 1}, *cache, LogitRows::Last, discard);
   }
-  state.counters["tokens_per_s"] = benchmark::Counter(static_cast<double>(kDecodeSteps),
-                                                      benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] = benchmark::Counter(
+      static_cast<double>(kDecodeSteps), benchmark::Counter::kIsIterationInvariantRate);
 }
 
-BENCHMARK(Prefill)->Arg(128)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(Decode)->Arg(128)->Arg(1024)->Arg(4096)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(Prefill)
+    ->Arg(128)
+    ->Arg(1024)
+    ->Arg(4096)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
+BENCHMARK(Decode)
+    ->Arg(128)
+    ->Arg(1024)
+    ->Arg(4096)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
 
 }  // namespace
 

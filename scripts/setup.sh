@@ -18,7 +18,7 @@ for arg in "$@"; do
 done
 
 packages=(build-essential g++ cmake ninja-build pkg-config git unzip python3 python3-pip
-          nlohmann-json3-dev libpcre2-dev libcli11-dev libopenblas-dev
+          nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
           libgtest-dev libgmock-dev libbenchmark-dev)
 missing=()
 for p in "${packages[@]}"; do

@@ -85,14 +85,13 @@ TEST_P(AttentionTest, MatchesFloat64Reference) {
   EXPECT_EQ(cache->length(0), tokens);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Formats, AttentionTest,
-    ::testing::Values(AttentionCase{DenseFormat::F32, 0, true, 1e-5},
-                      AttentionCase{DenseFormat::F32, 0, false, 1e-5},
-                      AttentionCase{DenseFormat::F32, 5, true, 1e-5},
-                      AttentionCase{DenseFormat::F32, 5, false, 1e-5},
-                      AttentionCase{DenseFormat::F16, 0, true, 5e-3},
-                      AttentionCase{DenseFormat::BF16, 0, false, 3e-2}));
+INSTANTIATE_TEST_SUITE_P(Formats, AttentionTest,
+                         ::testing::Values(AttentionCase{DenseFormat::F32, 0, true, 1e-5},
+                                           AttentionCase{DenseFormat::F32, 0, false, 1e-5},
+                                           AttentionCase{DenseFormat::F32, 5, true, 1e-5},
+                                           AttentionCase{DenseFormat::F32, 5, false, 1e-5},
+                                           AttentionCase{DenseFormat::F16, 0, true, 5e-3},
+                                           AttentionCase{DenseFormat::BF16, 0, false, 3e-2}));
 
 TEST(DenseCache, ScoreAndAccumulateOverIndexListsMatchRanges) {
   const int64_t d = 16, n = 40;
@@ -115,8 +114,8 @@ TEST(DenseCache, ScoreAndAccumulateOverIndexListsMatchRanges) {
   std::vector<float> out(2 * d, 0.0f);
   cache->accumulate(1, 0, weights, PositionSet::list(picks), out);
   for (int64_t c = 0; c < d; ++c) {
-    const double expected = 0.5 * v[0 * d + c] + 0.25 * v[3 * d + c] + 0.125 * v[17 * d + c] +
-                            0.125 * v[39 * d + c];
+    const double expected =
+        0.5 * v[0 * d + c] + 0.25 * v[3 * d + c] + 0.125 * v[17 * d + c] + 0.125 * v[39 * d + c];
     EXPECT_NEAR(out[c], expected, 1e-5);
     EXPECT_NEAR(out[d + c], v[c], 1e-6);
   }
@@ -131,7 +130,8 @@ TEST(DenseCache, BlockSummariesTrackCentroidMinMax) {
   auto cache = make_dense_cache({1, 2, d}, DenseFormat::F16, 0, block);
   const auto k = random_vector(rng, n * 2 * d), v = random_vector(rng, n * 2 * d);
   for (int64_t t = 0; t < n; ++t)  // appended one token at a time, as in decode
-    cache->append(0, std::span(k).subspan(t * 2 * d, 2 * d), std::span(v).subspan(t * 2 * d, 2 * d), 1);
+    cache->append(0, std::span(k).subspan(t * 2 * d, 2 * d), std::span(v).subspan(t * 2 * d, 2 * d),
+                  1);
   for (int64_t head = 0; head < 2; ++head) {
     for (int64_t b = 0; b < 3; ++b) {
       const BlockSummary s = cache->summary(0, head, b);

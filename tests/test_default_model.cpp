@@ -22,7 +22,8 @@
 namespace visikv {
 namespace {
 
-const std::filesystem::path kReference = std::filesystem::path(VISIKV_FIXTURES) / "models" / "smollm2_ref";
+const std::filesystem::path kReference =
+    std::filesystem::path(VISIKV_FIXTURES) / "models" / "smollm2_ref";
 
 template <typename T>
 std::vector<T> read_raw(const std::filesystem::path& path) {
@@ -66,9 +67,10 @@ std::vector<float> prefill_logits(const Model& model, std::span<const int32_t> t
   const int64_t vocab = model.config().vocab_size;
   auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F32, tokens.size());
   std::vector<float> logits(tokens.size() * vocab, NAN);
-  decoder.forward(tokens, *cache, LogitRows::All, [&](int64_t row, int64_t, std::span<const float> l) {
-    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
-  });
+  decoder.forward(tokens, *cache, LogitRows::All,
+                  [&](int64_t row, int64_t, std::span<const float> l) {
+                    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
+                  });
   return logits;
 }
 

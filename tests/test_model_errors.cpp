@@ -1,13 +1,13 @@
 // Bad model input: config.json with missing fields or an unknown architecture, tensors with the
 // wrong shape, missing files. Each must give a visikv::Error naming the problem.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
-#include <functional>
-#include <unistd.h>
 
 #include "visikv/core/error.h"
 #include "visikv/model/config.h"
@@ -20,9 +20,9 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 json llama_config() {
-  return {{"model_type", "llama"},       {"hidden_size", 64},     {"num_hidden_layers", 2},
-          {"num_attention_heads", 4},    {"num_key_value_heads", 2}, {"intermediate_size", 128},
-          {"vocab_size", 100},           {"rms_norm_eps", 1e-5}};
+  return {{"model_type", "llama"},    {"hidden_size", 64},        {"num_hidden_layers", 2},
+          {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"intermediate_size", 128},
+          {"vocab_size", 100},        {"rms_norm_eps", 1e-5}};
 }
 
 std::string error_of(const std::function<void()>& f) {
@@ -60,7 +60,8 @@ TEST(Config, MissingAndMistypedFieldsAreNamed) {
   }
   json config = llama_config();
   config["hidden_size"] = "sixty-four";
-  EXPECT_NE(error_of([&] { config_from_hf(config, json()); }).find("wrong type"), std::string::npos);
+  EXPECT_NE(error_of([&] { config_from_hf(config, json()); }).find("wrong type"),
+            std::string::npos);
 }
 
 TEST(Config, InconsistentShapesAreRejected) {
@@ -123,7 +124,8 @@ TEST_F(ModelDirTest, WrongTensorShapeIsNamed) {
 TEST_F(ModelDirTest, MissingTokenizerIsNamed) {
   copy_fixture("llama");
   fs::remove(dir_ / "tokenizer.json");
-  EXPECT_NE(error_of([&] { Model::load(dir_.string()); }).find("tokenizer.json"), std::string::npos);
+  EXPECT_NE(error_of([&] { Model::load(dir_.string()); }).find("tokenizer.json"),
+            std::string::npos);
 }
 
 }  // namespace

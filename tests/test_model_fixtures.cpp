@@ -64,9 +64,10 @@ TEST_P(HfFixture, PrefillLogitsMatchTransformers) {
   const int64_t vocab = model.config().vocab_size;
   auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F32);
   std::vector<float> logits(tokens_.size() * vocab, NAN);
-  decoder.forward(tokens_, *cache, LogitRows::All, [&](int64_t row, int64_t rows, std::span<const float> l) {
-    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
-  });
+  decoder.forward(tokens_, *cache, LogitRows::All,
+                  [&](int64_t row, int64_t rows, std::span<const float> l) {
+                    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
+                  });
   const std::vector<float> expected = read_floats(dir_ / "prefill_logits.f32");
   EXPECT_LE(max_abs_difference(logits, expected), 1e-4 * scale_) << "logit scale " << scale_;
 }
@@ -94,8 +95,8 @@ TEST_P(HfFixture, TokenizerMatchesTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Families, HfFixture,
-                         ::testing::Values("gpt2", "gpt_neox_parallel", "gpt_neox_sequential", "llama",
-                                           "llama3_scaled", "mistral", "qwen2"));
+                         ::testing::Values("gpt2", "gpt_neox_parallel", "gpt_neox_sequential",
+                                           "llama", "llama3_scaled", "mistral", "qwen2"));
 
 }  // namespace
 }  // namespace visikv

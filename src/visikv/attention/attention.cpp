@@ -11,7 +11,8 @@
 namespace visikv {
 
 PositionSet visible_positions(int64_t position, int64_t sliding_window) {
-  const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, position - sliding_window + 1) : 0;
+  const int64_t first =
+      sliding_window > 0 ? std::max<int64_t>(0, position - sliding_window + 1) : 0;
   return PositionSet::range(first, position + 1);
 }
 
@@ -33,7 +34,8 @@ void attend_causal(const KVCache& cache, int64_t layer, std::span<const float> q
                    std::span<float> out, AttentionObserver* observer) {
   const CacheShape& shape = cache.shape();
   const int64_t d = spec.head_dim, kv_heads = shape.kv_heads, group = spec.heads / kv_heads;
-  require(d == shape.head_dim && spec.heads % kv_heads == 0, "attention shape does not match the cache");
+  require(d == shape.head_dim && spec.heads % kv_heads == 0,
+          "attention shape does not match the cache");
   require(first_position + tokens <= cache.length(layer), "attention: the cache holds ",
           cache.length(layer), " tokens of layer ", layer, ", queries reach position ",
           first_position + tokens - 1);
@@ -50,7 +52,8 @@ void attend_causal(const KVCache& cache, int64_t layer, std::span<const float> q
         const PositionSet visible = visible_positions(position, spec.sliding_window);
         const int64_t n = visible.size();
         // The group of query heads that share this KV head, read together.
-        const std::span<const float> group_queries = queries.subspan(t * row + kv * group * d, group * d);
+        const std::span<const float> group_queries =
+            queries.subspan(t * row + kv * group * d, group * d);
         scores.resize(static_cast<size_t>(group * n));
         cache.score(layer, kv, group_queries, visible, scores);
         for (int64_t g = 0; g < group; ++g) {
@@ -65,7 +68,8 @@ void attend_causal(const KVCache& cache, int64_t layer, std::span<const float> q
                                visible, logits, s});
           }
         }
-        cache.accumulate(layer, kv, scores, visible, out.subspan(t * row + kv * group * d, group * d));
+        cache.accumulate(layer, kv, scores, visible,
+                         out.subspan(t * row + kv * group * d, group * d));
       }
     }
   }

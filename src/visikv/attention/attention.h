@@ -11,7 +11,7 @@
 namespace visikv {
 
 struct AttentionSpec {
-  int64_t heads = 0;           // query heads
+  int64_t heads = 0;  // query heads
   int64_t head_dim = 0;
   double scale = 0;            // multiplies q·k
   int64_t sliding_window = 0;  // 0: every earlier position; W: the last W positions

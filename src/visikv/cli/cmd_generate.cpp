@@ -21,14 +21,17 @@ struct GenerateFlags {
 
 void add_generate_command(CLI::App& app) {
   auto flags = std::make_shared<GenerateFlags>();
-  CLI::App* cmd = app.add_subcommand("generate", "Continue a prompt (greedy unless --temperature > 0)");
-  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")->required();
+  CLI::App* cmd =
+      app.add_subcommand("generate", "Continue a prompt (greedy unless --temperature > 0)");
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
+      ->required();
   cmd->add_option("prompt", flags->prompt, "the prompt text")->required();
   cmd->add_option("-n,--tokens", flags->options.max_new_tokens, "new tokens at most")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--temperature", flags->options.sampling.temperature, "0 = greedy")
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--top-k", flags->options.sampling.top_k, "sample among the k most likely (0 = all)")
+  cmd->add_option("--top-k", flags->options.sampling.top_k,
+                  "sample among the k most likely (0 = all)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--top-p", flags->options.sampling.top_p, "nucleus probability mass")
       ->check(CLI::Range(0.0, 1.0));
@@ -54,7 +57,8 @@ void add_generate_command(CLI::App& app) {
     if (flags->stats) {
       std::cerr << "prompt: " << prompt.size() << " tokens in " << result.prefill_seconds
                 << " s; generated " << result.tokens.size() << " tokens at "
-                << (result.tokens.size() > 1 ? (result.tokens.size() - 1) / result.decode_seconds : 0.0)
+                << (result.tokens.size() > 1 ? (result.tokens.size() - 1) / result.decode_seconds
+                                             : 0.0)
                 << " tokens/s" << (result.stopped_at_eos ? " (stopped at EOS)" : "") << "\n";
     }
   });

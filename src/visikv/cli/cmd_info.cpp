@@ -9,7 +9,8 @@ namespace visikv::cli {
 
 void add_info_command(CLI::App& app) {
   auto model = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("info", "Describe a model: architecture, shapes, dtypes, tokenizer");
+  CLI::App* cmd =
+      app.add_subcommand("info", "Describe a model: architecture, shapes, dtypes, tokenizer");
   cmd->add_option("model", *model, "Hugging Face directory, .gguf file, or 'default'")->required();
   cmd->callback([model] {
     apply_global_options();

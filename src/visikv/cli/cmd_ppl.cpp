@@ -36,9 +36,10 @@ class ProgressBar {
     last_ = now;
     const double seconds = std::chrono::duration<double>(now - started_).count();
     const int width = 30, filled = static_cast<int>(width * done / std::max<int64_t>(total, 1));
-    std::fprintf(stderr, "\r[%s%s] %lld/%lld tokens, %.1f tokens/s ", std::string(filled, '#').c_str(),
-                 std::string(width - filled, '.').c_str(), static_cast<long long>(done),
-                 static_cast<long long>(total), done / std::max(seconds, 1e-9));
+    std::fprintf(stderr, "\r[%s%s] %lld/%lld tokens, %.1f tokens/s ",
+                 std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
+                 static_cast<long long>(done), static_cast<long long>(total),
+                 done / std::max(seconds, 1e-9));
     if (done >= total) std::fprintf(stderr, "\n");
   }
 
@@ -53,7 +54,8 @@ class ProgressBar {
 void add_ppl_command(CLI::App& app) {
   auto flags = std::make_shared<PplFlags>();
   CLI::App* cmd = app.add_subcommand("ppl", "Perplexity over non-overlapping windows of a text");
-  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")->required();
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
+      ->required();
   cmd->add_option("--file,-f", flags->file, "text file (default: WikiText-103 test)");
   cmd->add_option("--mode", flags->mode, "prefill (whole windows) or decode (token by token)")
       ->check(CLI::IsMember({"prefill", "decode"}));
@@ -78,20 +80,27 @@ void add_ppl_command(CLI::App& app) {
     if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
     ProgressBar bar;
     const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));
-    std::printf("model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s cache\n"
-                "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
-                "speed:        %.1f tokens/s (%.1f s)\n",
-                model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
-                static_cast<long long>(options.window), flags->cache.c_str(),
-                static_cast<long long>(r.tokens), static_cast<long long>(r.windows), r.nll, r.ppl,
-                r.tokens_per_s, r.seconds);
+    std::printf(
+        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s cache\n"
+        "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
+        "speed:        %.1f tokens/s (%.1f s)\n",
+        model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
+        static_cast<long long>(options.window), flags->cache.c_str(),
+        static_cast<long long>(r.tokens), static_cast<long long>(r.windows), r.nll, r.ppl,
+        r.tokens_per_s, r.seconds);
     if (!flags->json.empty()) {
-      const nlohmann::json out = {{"model", model.source()},   {"text", text_path.string()},
-                                  {"mode", flags->mode},       {"window", options.window},
-                                  {"cache", flags->cache},     {"tokens", r.tokens},
-                                  {"windows", r.windows},      {"nll", r.nll},
-                                  {"ppl", r.ppl},              {"tokens_per_s", r.tokens_per_s},
-                                  {"seconds", r.seconds},      {"bos_per_window", options.bos.has_value()}};
+      const nlohmann::json out = {{"model", model.source()},
+                                  {"text", text_path.string()},
+                                  {"mode", flags->mode},
+                                  {"window", options.window},
+                                  {"cache", flags->cache},
+                                  {"tokens", r.tokens},
+                                  {"windows", r.windows},
+                                  {"nll", r.nll},
+                                  {"ppl", r.ppl},
+                                  {"tokens_per_s", r.tokens_per_s},
+                                  {"seconds", r.seconds},
+                                  {"bos_per_window", options.bos.has_value()}};
       std::ofstream file(flags->json);
       require(file.good(), "cannot write ", flags->json);
       file << out.dump(2) << "\n";

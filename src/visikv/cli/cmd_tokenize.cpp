@@ -19,7 +19,8 @@ struct TokenizeFlags {
 void add_tokenize_command(CLI::App& app) {
   auto flags = std::make_shared<TokenizeFlags>();
   CLI::App* cmd = app.add_subcommand("tokenize", "Print the token ids of a text");
-  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")->required();
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
+      ->required();
   auto* text = cmd->add_option("text", flags->text, "the text to tokenize");
   cmd->add_option("--file,-f", flags->file, "read the text from a file")->excludes(text);
   cmd->add_flag("--no-special", flags->no_special, "do not add BOS or other special tokens");

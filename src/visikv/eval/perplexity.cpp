@@ -28,8 +28,8 @@ double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   return std::log(sum) + max - logits[target];
 }
 
-PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text, const PerplexityOptions& o,
-                            const Progress& progress) {
+PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
+                            const PerplexityOptions& o, const Progress& progress) {
   require(o.window >= 2, "perplexity window must be at least 2 tokens, got ", o.window);
   require(o.max_tokens >= 0, "--tokens must not be negative");
   const int64_t text_per_window = o.bos ? o.window - 1 : o.window;
@@ -55,8 +55,8 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text, con
     if (o.bos) window.push_back(*o.bos);
     window.insert(window.end(), text.begin() + start, text.begin() + start + len);
     // Predictions: logits of row r score window[r + 1], for r < scored.
-    const int64_t scored = std::min<int64_t>({static_cast<int64_t>(window.size()) - 1,
-                                              scored_per_window, total - result.tokens});
+    const int64_t scored = std::min<int64_t>(
+        {static_cast<int64_t>(window.size()) - 1, scored_per_window, total - result.tokens});
     cache->clear();
     auto score_rows = [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
       const int64_t vocab = static_cast<int64_t>(logits.size()) / rows;
@@ -81,7 +81,8 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text, con
     }
     ++result.windows;
   }
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  result.seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   result.nll = nll_sum / static_cast<double>(result.tokens);
   result.ppl = std::exp(result.nll);
   result.tokens_per_s = result.tokens / std::max(result.seconds, 1e-9);

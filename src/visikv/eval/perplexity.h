@@ -35,7 +35,7 @@ struct PerplexityOptions {
 struct PerplexityResult {
   int64_t tokens = 0;  // tokens scored
   int64_t windows = 0;
-  double nll = 0;      // mean negative log-likelihood (nats)
+  double nll = 0;  // mean negative log-likelihood (nats)
   double ppl = 0;
   double seconds = 0;
   double tokens_per_s = 0;  // tokens processed (scored) per second

@@ -18,10 +18,14 @@ namespace visikv {
 class PositionSet {
  public:
   static PositionSet range(int64_t begin, int64_t end) { return PositionSet(begin, end, {}); }
-  static PositionSet list(std::span<const int32_t> positions) { return PositionSet(0, 0, positions); }
+  static PositionSet list(std::span<const int32_t> positions) {
+    return PositionSet(0, 0, positions);
+  }
 
   bool is_range() const { return indices_.empty(); }
-  int64_t size() const { return is_range() ? end_ - begin_ : static_cast<int64_t>(indices_.size()); }
+  int64_t size() const {
+    return is_range() ? end_ - begin_ : static_cast<int64_t>(indices_.size());
+  }
   int64_t operator[](int64_t i) const { return is_range() ? begin_ + i : indices_[i]; }
   int64_t begin() const { return begin_; }
   int64_t end() const { return end_; }

@@ -18,17 +18,24 @@ class DenseCache final : public KVCache {
   static constexpr bool kBf16 = kFormat == DenseFormat::BF16;
 
   static Element store(float x) {
-    if constexpr (kFormat == DenseFormat::F32) return x;
-    else if constexpr (kBf16) return float_to_bf16(x);
-    else return float_to_fp16(x);
+    if constexpr (kFormat == DenseFormat::F32)
+      return x;
+    else if constexpr (kBf16)
+      return float_to_bf16(x);
+    else
+      return float_to_fp16(x);
   }
   static float dot(const Element* row, const float* x, int64_t n) {
-    if constexpr (kFormat == DenseFormat::F32) return vec::dot(row, x, n);
-    else return vec::dot(row, kBf16, x, n);
+    if constexpr (kFormat == DenseFormat::F32)
+      return vec::dot(row, x, n);
+    else
+      return vec::dot(row, kBf16, x, n);
   }
   static void axpy(float a, const Element* row, float* y, int64_t n) {
-    if constexpr (kFormat == DenseFormat::F32) vec::axpy(a, row, y, n);
-    else vec::axpy(a, row, kBf16, y, n);
+    if constexpr (kFormat == DenseFormat::F32)
+      vec::axpy(a, row, y, n);
+    else
+      vec::axpy(a, row, kBf16, y, n);
   }
 
   struct Head {
@@ -124,7 +131,8 @@ class DenseCache final : public KVCache {
   }
   void check_positions(int64_t layer, const PositionSet& positions) const {
     if (positions.size() == 0) return;
-    const int64_t last = positions.is_range() ? positions.end() - 1 : positions[positions.size() - 1];
+    const int64_t last =
+        positions.is_range() ? positions.end() - 1 : positions[positions.size() - 1];
     const int64_t first = positions.is_range() ? positions.begin() : positions[0];
     require(first >= 0 && last < lengths_[layer], "positions [", first, ", ", last,
             "] outside the ", lengths_[layer], " cached tokens of layer ", layer);
@@ -148,9 +156,12 @@ DenseFormat dense_format_from_name(const std::string& name) {
 std::unique_ptr<KVCache> make_dense_cache(const CacheShape& shape, DenseFormat format,
                                           int64_t reserve_tokens, int64_t block_size) {
   switch (format) {
-    case DenseFormat::F32: return std::make_unique<DenseCache<DenseFormat::F32>>(shape, reserve_tokens, block_size);
-    case DenseFormat::F16: return std::make_unique<DenseCache<DenseFormat::F16>>(shape, reserve_tokens, block_size);
-    case DenseFormat::BF16: return std::make_unique<DenseCache<DenseFormat::BF16>>(shape, reserve_tokens, block_size);
+    case DenseFormat::F32:
+      return std::make_unique<DenseCache<DenseFormat::F32>>(shape, reserve_tokens, block_size);
+    case DenseFormat::F16:
+      return std::make_unique<DenseCache<DenseFormat::F16>>(shape, reserve_tokens, block_size);
+    case DenseFormat::BF16:
+      return std::make_unique<DenseCache<DenseFormat::BF16>>(shape, reserve_tokens, block_size);
   }
   fail("unknown dense cache format");
 }

@@ -60,9 +60,10 @@ void read_rope_scaling(const json& hf, Config& config) {
     if (it != hf.end() && it->is_object()) scaling = &*it;
   }
   if (scaling == nullptr) return;
-  if (scaling->contains("rope_theta")) config.rope_theta = field<double>(*scaling, "rope_theta", "rope");
-  const std::string type =
-      field_or<std::string>(*scaling, "rope_type", field_or<std::string>(*scaling, "type", "default"));
+  if (scaling->contains("rope_theta"))
+    config.rope_theta = field<double>(*scaling, "rope_theta", "rope");
+  const std::string type = field_or<std::string>(
+      *scaling, "rope_type", field_or<std::string>(*scaling, "type", "default"));
   if (type == "default") return;
   if (type == "linear") {
     config.rope_scaling.type = RopeScaling::Type::Linear;
@@ -150,7 +151,8 @@ Config config_from_hf(const json& hf, const json& generation_config) {
     c.mlp_bias = true;
     c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", false);
     c.positions = PositionKind::Rotary;
-    c.rope_theta = field_or<double>(hf, "rotary_emb_base", field_or<double>(hf, "rope_theta", 10000.0));
+    c.rope_theta =
+        field_or<double>(hf, "rotary_emb_base", field_or<double>(hf, "rope_theta", 10000.0));
     const double fraction =
         field_or<double>(hf, "rotary_pct", field_or<double>(hf, "partial_rotary_factor", 1.0));
     read_rope_scaling(hf, c);
@@ -167,7 +169,8 @@ Config config_from_hf(const json& hf, const json& generation_config) {
     if (model_type == "mistral") c.sliding_window = field_or<int64_t>(hf, "sliding_window", 0);
   } else {
     std::string supported;
-    for (const std::string& t : supported_hf_model_types()) supported += (supported.empty() ? "" : ", ") + t;
+    for (const std::string& t : supported_hf_model_types())
+      supported += (supported.empty() ? "" : ", ") + t;
     fail("config.json: unsupported model_type '", model_type, "' (supported: ", supported, ")");
   }
   c.architecture = model_type;
@@ -193,7 +196,8 @@ Config config_from_gguf(const json& meta) {
   c.layers = field<int64_t>(meta, key("block_count"), where);
   c.heads = field<int64_t>(meta, key("attention.head_count"), where);
   c.kv_heads = field_or<int64_t>(meta, key("attention.head_count_kv"), c.heads);
-  c.head_dim = field_or<int64_t>(meta, key("attention.key_length"), c.heads > 0 ? c.hidden / c.heads : 0);
+  c.head_dim =
+      field_or<int64_t>(meta, key("attention.key_length"), c.heads > 0 ? c.hidden / c.heads : 0);
   c.intermediate = field<int64_t>(meta, key("feed_forward_length"), where);
   c.max_positions = field_or<int64_t>(meta, key("context_length"), 2048);
   if (arch == "llama" || arch == "mistral" || arch == "qwen2") {
@@ -253,10 +257,12 @@ Config config_from_gguf(const json& meta) {
 void Config::validate() const {
   const std::string where = "model config (" + architecture + ")";
   require(vocab_size > 0, where, ": vocab_size must be positive");
-  require(hidden > 0 && layers > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && intermediate > 0,
-          where, ": hidden size, layers, heads, kv heads, head dim and intermediate size must be positive");
-  require(heads % kv_heads == 0, where, ": ", heads, " query heads are not a multiple of ", kv_heads,
-          " key/value heads");
+  require(
+      hidden > 0 && layers > 0 && heads > 0 && kv_heads > 0 && head_dim > 0 && intermediate > 0,
+      where,
+      ": hidden size, layers, heads, kv heads, head dim and intermediate size must be positive");
+  require(heads % kv_heads == 0, where, ": ", heads, " query heads are not a multiple of ",
+          kv_heads, " key/value heads");
   require(hidden <= (1 << 20) && layers <= 4096 && heads <= 4096 && head_dim <= 4096 &&
               intermediate <= (1 << 22) && vocab_size <= (1 << 24),
           where, ": implausible sizes");
@@ -271,8 +277,8 @@ void Config::validate() const {
 
 std::string Config::describe() const {
   return str_cat(architecture, ": ", layers, " layers, hidden ", hidden, ", ", heads, " heads (",
-                 kv_heads, " kv heads) x ", head_dim, ", mlp ", intermediate, gated_mlp ? " gated" : "",
-                 ", vocab ", vocab_size, ", ",
+                 kv_heads, " kv heads) x ", head_dim, ", mlp ", intermediate,
+                 gated_mlp ? " gated" : "", ", vocab ", vocab_size, ", ",
                  positions == PositionKind::Rotary
                      ? str_cat("rope theta ", rope_theta, " over ", rotary_dim, " dims",
                                rope_layout == RopeLayout::Interleaved ? " (interleaved pairs)" : "")

@@ -4,11 +4,10 @@
 #pragma once
 
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 namespace visikv {
 
@@ -28,7 +27,8 @@ struct RopeScaling {
 };
 
 struct Config {
-  std::string architecture;  // as the checkpoint names it, for display ("LlamaForCausalLM", "llama")
+  std::string
+      architecture;  // as the checkpoint names it, for display ("LlamaForCausalLM", "llama")
   int64_t vocab_size = 0;
   int64_t hidden = 0;
   int64_t layers = 0;

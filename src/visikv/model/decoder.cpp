@@ -18,9 +18,9 @@ void resize(std::vector<float>& buffer, int64_t size) {
 }
 }  // namespace
 
-Decoder::Decoder(const Model& model)
-    : model_(model), config_(model.config()) {
-  if (config_.positions == PositionKind::Rotary) inverse_frequencies_ = rope_inverse_frequencies(config_);
+Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
+  if (config_.positions == PositionKind::Rotary)
+    inverse_frequencies_ = rope_inverse_frequencies(config_);
 }
 
 CacheShape Decoder::cache_shape() const {
@@ -80,9 +80,10 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
   resize(attention_, n * c.q_dim());
   resize(projected_, n * hidden);
   const std::span<float> x(x_.data(), static_cast<size_t>(n * hidden));
-  const AttentionSpec spec{c.heads, c.head_dim,
-                           c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim)),
-                           c.sliding_window};
+  const AttentionSpec spec{
+      c.heads, c.head_dim,
+      c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim)),
+      c.sliding_window};
 
   embed(tokens, first_position);
   for (int64_t l = 0; l < c.layers; ++l) {
@@ -120,16 +121,20 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     resize(logits_, count * c.vocab_size);
     apply_norm(c.norm, w.final_norm, c.norm_eps, x.subspan(row * hidden), count, hidden, normed_);
     linear_forward(w.lm_head, normed_, count, logits_);
-    sink(row, count, std::span<const float>(logits_.data(), static_cast<size_t>(count * c.vocab_size)));
+    sink(row, count,
+         std::span<const float>(logits_.data(), static_cast<size_t>(count * c.vocab_size)));
   }
 }
 
 std::vector<float> Decoder::next_logits(std::span<const int32_t> tokens, KVCache& cache,
                                         AttentionObserver* observer) {
   std::vector<float> logits;
-  forward(tokens, cache, LogitRows::Last, [&](int64_t, int64_t, std::span<const float> values) {
-    logits.assign(values.begin(), values.end());
-  }, observer);
+  forward(
+      tokens, cache, LogitRows::Last,
+      [&](int64_t, int64_t, std::span<const float> values) {
+        logits.assign(values.begin(), values.end());
+      },
+      observer);
   return logits;
 }
 

@@ -15,7 +15,8 @@
 namespace visikv {
 
 // Receives logits for rows [first_row, first_row + rows) of the tokens just run, {rows, vocab}.
-using LogitsSink = std::function<void(int64_t first_row, int64_t rows, std::span<const float> logits)>;
+using LogitsSink =
+    std::function<void(int64_t first_row, int64_t rows, std::span<const float> logits)>;
 
 enum class LogitRows { All, Last };
 

@@ -31,7 +31,8 @@ float dot_q4(const std::byte* row, const float* x, int64_t n) {
   constexpr int64_t kBlockBytes = kHasMin ? 20 : 18;
   const __m128i low_mask = _mm_set1_epi8(0x0F);
   // One accumulator per quarter block: four independent FMA chains instead of one.
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
   for (int64_t b = 0; b < n / 32; ++b) {
     const std::byte* block = row + b * kBlockBytes;
     uint16_t d_bits, m_bits = 0;
@@ -51,11 +52,13 @@ float dot_q4(const std::byte* row, const float* x, int64_t n) {
       acc[p] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * p), acc[p]);
     }
   }
-  return vec::horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  return vec::horizontal_sum(
+      _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 float dot_q8_0(const std::byte* row, const float* x, int64_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
   for (int64_t b = 0; b < n / 32; ++b) {
     const std::byte* block = row + b * 34;
     uint16_t d_bits;
@@ -68,7 +71,8 @@ float dot_q8_0(const std::byte* row, const float* x, int64_t n) {
       acc[p] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xb + 8 * p), acc[p]);
     }
   }
-  return vec::horizontal_sum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+  return vec::horizontal_sum(
+      _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
 // Other block types: widen the row into a per-thread buffer, then a float dot.
@@ -89,13 +93,20 @@ void widen_rows(const TensorRef& w, int64_t first_row, int64_t rows, float* out)
 
 float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t n) {
   switch (type) {
-    case DType::F32: return vec::dot(reinterpret_cast<const float*>(row), x, n);
-    case DType::F16: return vec::dot(reinterpret_cast<const uint16_t*>(row), false, x, n);
-    case DType::BF16: return vec::dot(reinterpret_cast<const uint16_t*>(row), true, x, n);
-    case DType::Q4_0: return dot_q4<false>(row, x, n);
-    case DType::Q4_1: return dot_q4<true>(row, x, n);
-    case DType::Q8_0: return dot_q8_0(row, x, n);
-    default: return dot_widened(type, row, x, n);
+    case DType::F32:
+      return vec::dot(reinterpret_cast<const float*>(row), x, n);
+    case DType::F16:
+      return vec::dot(reinterpret_cast<const uint16_t*>(row), false, x, n);
+    case DType::BF16:
+      return vec::dot(reinterpret_cast<const uint16_t*>(row), true, x, n);
+    case DType::Q4_0:
+      return dot_q4<false>(row, x, n);
+    case DType::Q4_1:
+      return dot_q4<true>(row, x, n);
+    case DType::Q8_0:
+      return dot_q8_0(row, x, n);
+    default:
+      return dot_widened(type, row, x, n);
   }
 }
 
@@ -103,7 +114,8 @@ void linear_forward(const Linear& layer, std::span<const float> x, int64_t token
                     std::span<float> y) {
   const TensorRef& w = layer.weight;
   const int64_t in = layer.in_features(), out = layer.out_features();
-  require(static_cast<int64_t>(x.size()) >= tokens * in && static_cast<int64_t>(y.size()) >= tokens * out,
+  require(static_cast<int64_t>(x.size()) >= tokens * in &&
+              static_cast<int64_t>(y.size()) >= tokens * out,
           "linear ", w.name, ": buffers too small for ", tokens, " tokens");
   const int64_t row_bytes = storage_bytes(w.dtype, in);
   const std::byte* base = w.data.data();
@@ -129,8 +141,9 @@ void linear_forward(const Linear& layer, std::span<const float> x, int64_t token
       }
       // y[:, first:first+rows] = x · slabᵀ
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens),
-                  static_cast<int>(rows), static_cast<int>(in), 1.0f, x.data(), static_cast<int>(in),
-                  slab_data, static_cast<int>(in), 0.0f, y.data() + first, static_cast<int>(out));
+                  static_cast<int>(rows), static_cast<int>(in), 1.0f, x.data(),
+                  static_cast<int>(in), slab_data, static_cast<int>(in), 0.0f, y.data() + first,
+                  static_cast<int>(out));
     }
   }
   if (!layer.bias.empty()) {

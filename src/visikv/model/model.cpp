@@ -1,7 +1,7 @@
 #include "visikv/model/model.h"
 
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <variant>
@@ -71,7 +71,9 @@ class Binder {
   // Rows [begin, begin + count) of a matrix, without copying.
   static TensorRef rows(const TensorRef& t, int64_t begin, int64_t count, const std::string& name) {
     const int64_t row_bytes = storage_bytes(t.dtype, t.row_size());
-    return TensorRef{name, t.dtype, {count, t.row_size()},
+    return TensorRef{name,
+                     t.dtype,
+                     {count, t.row_size()},
                      t.data.subspan(static_cast<size_t>(begin * row_bytes),
                                     static_cast<size_t>(count * row_bytes))};
   }
@@ -83,7 +85,9 @@ class Binder {
     std::vector<std::byte>& buffer = weights_.owned.emplace_back(row_ids.size() * row_bytes);
     for (size_t i = 0; i < row_ids.size(); ++i)
       std::memcpy(buffer.data() + i * row_bytes, t.row(row_ids[i]).data(), row_bytes);
-    return TensorRef{name, t.dtype, {static_cast<int64_t>(row_ids.size()), t.row_size()},
+    return TensorRef{name,
+                     t.dtype,
+                     {static_cast<int64_t>(row_ids.size()), t.row_size()},
                      std::span<const std::byte>(buffer)};
   }
 
@@ -149,20 +153,24 @@ void bind_hf(const Binder& b, const std::string& model_type, Config& c, Weights&
       const std::string l = p + "h." + std::to_string(i) + ".";
       LayerWeights& layer = w.layers.emplace_back();
       layer.attention_norm = b.norm(l + "ln_1", c.hidden, true);
-      const TensorRef fused = b.transposed(b.matrix(l + "attn.c_attn.weight", c.hidden, 3 * c.hidden),
-                                           l + "attn.c_attn.weight");
+      const TensorRef fused = b.transposed(
+          b.matrix(l + "attn.c_attn.weight", c.hidden, 3 * c.hidden), l + "attn.c_attn.weight");
       split_contiguous_qkv(b, fused, b.vector(l + "attn.c_attn.bias", 3 * c.hidden), c, layer);
-      layer.o = {b.transposed(b.matrix(l + "attn.c_proj.weight", c.hidden, c.hidden), l + "attn.c_proj.weight"),
+      layer.o = {b.transposed(b.matrix(l + "attn.c_proj.weight", c.hidden, c.hidden),
+                              l + "attn.c_proj.weight"),
                  b.vector(l + "attn.c_proj.bias", c.hidden)};
       layer.mlp_norm = b.norm(l + "ln_2", c.hidden, true);
-      layer.up = {b.transposed(b.matrix(l + "mlp.c_fc.weight", c.hidden, c.intermediate), l + "mlp.c_fc.weight"),
+      layer.up = {b.transposed(b.matrix(l + "mlp.c_fc.weight", c.hidden, c.intermediate),
+                               l + "mlp.c_fc.weight"),
                   b.vector(l + "mlp.c_fc.bias", c.intermediate)};
-      layer.down = {b.transposed(b.matrix(l + "mlp.c_proj.weight", c.intermediate, c.hidden), l + "mlp.c_proj.weight"),
+      layer.down = {b.transposed(b.matrix(l + "mlp.c_proj.weight", c.intermediate, c.hidden),
+                                 l + "mlp.c_proj.weight"),
                     b.vector(l + "mlp.c_proj.bias", c.hidden)};
     }
     w.final_norm = b.norm(p + "ln_f", c.hidden, true);
     w.lm_head = {b.find("lm_head.weight") ? b.matrix("lm_head.weight", c.vocab_size, c.hidden)
-                                          : w.token_embedding, {}};
+                                          : w.token_embedding,
+                 {}};
     return;
   }
   if (model_type == "gpt_neox") {
@@ -204,7 +212,8 @@ void bind_hf(const Binder& b, const std::string& model_type, Config& c, Weights&
   }
   w.final_norm = b.norm("model.norm", c.hidden, layer_norm);
   w.lm_head = {b.find("lm_head.weight") ? b.matrix("lm_head.weight", c.vocab_size, c.hidden)
-                                        : w.token_embedding, {}};
+                                        : w.token_embedding,
+               {}};
 }
 
 void bind_gguf(const Binder& b, Config& c, Weights& w) {
@@ -227,8 +236,8 @@ void bind_gguf(const Binder& b, Config& c, Weights& w) {
     LayerWeights& layer = w.layers.emplace_back();
     layer.attention_norm = b.norm(l + "attn_norm", c.hidden, layer_norm);
     if (const TensorRef* fused = b.find(l + "attn_qkv.weight")) {
-      split_contiguous_qkv(b, *fused, b.optional_vector(l + "attn_qkv.bias", c.q_dim() + 2 * c.kv_dim()),
-                           c, layer);
+      split_contiguous_qkv(
+          b, *fused, b.optional_vector(l + "attn_qkv.bias", c.q_dim() + 2 * c.kv_dim()), c, layer);
     } else {
       layer.q = b.linear(l + "attn_q", c.q_dim(), c.hidden, c.qkv_bias);
       layer.k = b.linear(l + "attn_k", c.kv_dim(), c.hidden, c.qkv_bias);
@@ -245,9 +254,9 @@ void bind_gguf(const Binder& b, Config& c, Weights& w) {
   }
   w.final_norm = b.norm("output_norm", c.hidden, layer_norm);
   c.tied_embeddings = b.find("output.weight") == nullptr;
-  w.lm_head = {c.tied_embeddings ? w.token_embedding
-                                 : b.matrix("output.weight", c.vocab_size, c.hidden),
-               b.optional_vector("output.bias", c.vocab_size)};
+  w.lm_head = {
+      c.tied_embeddings ? w.token_embedding : b.matrix("output.weight", c.vocab_size, c.hidden),
+      b.optional_vector("output.bias", c.vocab_size)};
 }
 
 }  // namespace
@@ -319,9 +328,8 @@ std::string Model::describe() const {
   }
   if (weights_.lm_head.weight.data.data() != weights_.token_embedding.data.data())
     parameters += weights_.lm_head.weight.elements();
-  return str_cat("model:        ", source_, " (", format_, ")\n",
-                 "architecture: ", c.describe(), "\n",
-                 "parameters:   ", parameters, " (matrices stored as ", dtypes, ")\n",
+  return str_cat("model:        ", source_, " (", format_, ")\n", "architecture: ", c.describe(),
+                 "\n", "parameters:   ", parameters, " (matrices stored as ", dtypes, ")\n",
                  "context:      ", c.max_positions, " positions\n",
                  "tied head:    ", c.tied_embeddings ? "yes" : "no", "\n",
                  "tokenizer:    ", tokenizer_->kind(), ", ", tokenizer_->vocab_size(), " tokens",

@@ -24,8 +24,8 @@ class Model {
   const Weights& weights() const { return weights_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const std::string& source() const { return source_; }  // path it came from
-  std::string format() const { return format_; }           // "gguf" or "safetensors"
-  std::string describe() const;                            // multi-line summary for `visikv info`
+  std::string format() const { return format_; }         // "gguf" or "safetensors"
+  std::string describe() const;                          // multi-line summary for `visikv info`
 
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;

@@ -37,7 +37,8 @@ void apply_activation(Activation activation, std::span<float> x) {
       for (float& v : x) v = v / (1.0f + std::exp(-v));
       break;
     case Activation::GeluErf:
-      for (float& v : x) v = 0.5f * v * (1.0f + std::erf(v * static_cast<float>(std::numbers::sqrt2 / 2)));
+      for (float& v : x)
+        v = 0.5f * v * (1.0f + std::erf(v * static_cast<float>(std::numbers::sqrt2 / 2)));
       break;
     case Activation::GeluTanh: {
       const float k = static_cast<float>(std::sqrt(2.0 / std::numbers::pi));

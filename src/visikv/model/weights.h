@@ -12,8 +12,8 @@
 namespace visikv {
 
 struct Linear {
-  TensorRef weight;          // {out_features, in_features}
-  std::vector<float> bias;   // empty when the layer has none
+  TensorRef weight;         // {out_features, in_features}
+  std::vector<float> bias;  // empty when the layer has none
   int64_t out_features() const { return weight.shape.at(0); }
   int64_t in_features() const { return weight.shape.at(1); }
 };

@@ -1,0 +1,122 @@
+// The visikv program end to end on tiny fixture models: commands work, JSON output has its
+// fields, and bad flags or inputs give a clear message and a non-zero exit.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+
+namespace {
+
+namespace fs = std::filesystem;
+
+struct ProgramRun {
+  int status;
+  std::string output;  // stdout and stderr
+};
+
+ProgramRun run(const std::string& args) {
+  const std::string command = std::string(VISIKV_BINARY) + " " + args + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  EXPECT_NE(pipe, nullptr);
+  std::string output;
+  std::array<char, 4096> buffer{};
+  size_t n;
+  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
+    output.append(buffer.data(), n);
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
+}
+
+const std::string kLlama = std::string(VISIKV_FIXTURES) + "/models/llama";
+const std::string kGpt2 = std::string(VISIKV_FIXTURES) + "/models/gpt2";
+
+fs::path temp_file(const std::string& name) {
+  return fs::temp_directory_path() / (name + "_" + std::to_string(::getpid()));
+}
+
+TEST(Cli, InfoDescribesTheModel) {
+  const ProgramRun r = run("info " + kLlama);
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("llama"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("2 kv heads"), std::string::npos) << r.output;
+}
+
+TEST(Cli, TokenizeAndGenerate) {
+  ProgramRun r = run("tokenize " + kGpt2 + " 'Hello world' --count");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_GT(std::stoi(r.output), 0);
+  r = run("generate " + kLlama + " 'The' -n 5 --ignore-eos");
+  EXPECT_EQ(r.status, 0) << r.output;
+  r = run("generate " + kLlama + " 'The' -n 5 --temperature 0.8 --top-k 20 --top-p 0.9 --seed 3");
+  const ProgramRun again =
+      run("generate " + kLlama + " 'The' -n 5 --temperature 0.8 --top-k 20 --top-p 0.9 --seed 3");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output, again.output) << "the same seed must give the same text";
+}
+
+TEST(Cli, PerplexityWritesJsonAndModesAgree) {
+  const fs::path text = temp_file("visikv_cli_text.txt");
+  std::ofstream(text) << "The tower is 324 metres tall , about the same height as an 81 @-@ storey "
+                         "building , and the tallest structure in Paris . Its base is square . ";
+  const fs::path prefill_json = temp_file("visikv_prefill.json"),
+                 decode_json = temp_file("visikv_decode.json");
+  ProgramRun r = run("ppl " + kGpt2 + " --file " + text.string() + " --window 16 --json " +
+                     prefill_json.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run("ppl " + kGpt2 + " --file " + text.string() + " --window 16 --mode decode --json " +
+          decode_json.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto prefill = nlohmann::json::parse(std::ifstream(prefill_json));
+  const auto decode = nlohmann::json::parse(std::ifstream(decode_json));
+  for (const char* key : {"model", "mode", "window", "tokens", "nll", "ppl", "tokens_per_s"})
+    EXPECT_TRUE(prefill.contains(key)) << key;
+  EXPECT_EQ(prefill["mode"], "prefill");
+  EXPECT_EQ(decode["mode"], "decode");
+  EXPECT_EQ(prefill["tokens"], decode["tokens"]);
+  EXPECT_NEAR(prefill["nll"].get<double>(), decode["nll"].get<double>(), 1e-5);
+  EXPECT_NEAR(std::exp(prefill["nll"].get<double>()), prefill["ppl"].get<double>(), 1e-6);
+  fs::remove(text);
+  fs::remove(prefill_json);
+  fs::remove(decode_json);
+}
+
+struct BadInvocation {
+  std::string args;
+  std::string expected;  // part of the message
+};
+
+class CliBadInput : public ::testing::TestWithParam<BadInvocation> {};
+
+TEST_P(CliBadInput, FailsWithAClearMessage) {
+  const ProgramRun r = run(GetParam().args);
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find(GetParam().expected), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, CliBadInput,
+    ::testing::Values(
+        BadInvocation{"", "A subcommand is required"}, BadInvocation{"frobnicate", "frobnicate"},
+        BadInvocation{"info /no/such/model", "model not found"},
+        BadInvocation{"info " + std::string(VISIKV_FIXTURES) + "/formats/floats.safetensors",
+                      "GGUF"},
+        BadInvocation{"ppl " + kLlama + " --window 1", "window"},
+        BadInvocation{"ppl " + kLlama + " --mode sideways", "mode"},
+        BadInvocation{"ppl " + kLlama + " --tokens -5", "tokens"},
+        BadInvocation{"ppl " + kLlama + " --file /no/such/text.txt", "no such file"},
+        BadInvocation{
+            "ppl " + kLlama + " --cache int3 --tokens 4 --file " + kLlama + "/config.json", "int3"},
+        BadInvocation{"generate " + kLlama + " 'x' --top-p 2", "top-p"},
+        BadInvocation{"generate " + kLlama + " 'x' --temperature -1", "temperature"},
+        BadInvocation{"generate " + kLlama + " 'x' --bogus-flag", "bogus-flag"},
+        BadInvocation{"tokenize " + kLlama, "give a text or --file"}));
+
+}  // namespace
