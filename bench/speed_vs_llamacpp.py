@@ -25,18 +25,22 @@ DECODE_STEPS = 32
 def visikv_figures(binary, model, threads, contexts, repetitions):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                VISIKV_BENCH_MODEL=str(model), VISIKV_BENCH_CACHE="f16")
-    pattern = "|".join(f"(Prefill|Decode)/{n}$" for n in contexts)
+    pattern = "|".join(f"(Prefill|Decode)/{n}/" for n in contexts)
     out = subprocess.run([str(binary), f"--benchmark_filter={pattern}", "--benchmark_format=json",
-                          f"--benchmark_repetitions={repetitions}",
-                          "--benchmark_report_aggregates_only=true"],
+                          f"--benchmark_repetitions={repetitions}"],
                          env=env, check=True, capture_output=True, text=True).stdout
-    figures = {}
+    runs = {}
     for b in json.loads(out)["benchmarks"]:
-        if b.get("aggregate_name") != "median":
+        if b.get("run_type") != "iteration":
             continue
         kind, n = b["run_name"].split("/")[:2]
-        figures[(kind.lower(), int(n))] = b["tokens_per_s"]
-    return figures
+        runs.setdefault((kind.lower(), int(n)), []).append(b["tokens_per_s"])
+    return {key: median(values) for key, values in runs.items()}
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def llamacpp_figures(model, threads, contexts, tokens, repetitions):
@@ -57,8 +61,8 @@ def llamacpp_figures(model, threads, contexts, tokens, repetitions):
             for i in range(DECODE_STEPS):
                 llm.eval([tokens[n + i]])
             decode.append(DECODE_STEPS / (time.perf_counter() - start))
-        figures[("prefill", n)] = sorted(prefill)[len(prefill) // 2]
-        figures[("decode", n)] = sorted(decode)[len(decode) // 2]
+        figures[("prefill", n)] = median(prefill)
+        figures[("decode", n)] = median(decode)
         del llm
     return figures
 

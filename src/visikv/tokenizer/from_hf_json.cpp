@@ -102,12 +102,14 @@ class Parser {
       } else {
         out.add(Normalizer::replace_regex(pattern(spec, "Replace normalizer"), content));
       }
+    } else if (type == "NFC") {
+      out.add(Normalizer::nfc());
     } else if (type == "Strip") {
       out.add(Normalizer::strip(bool_or(spec, "strip_left", true, "Strip normalizer"),
                                 bool_or(spec, "strip_right", true, "Strip normalizer")));
     } else {
       error("unsupported normalizer type '", type,
-            "' (supported: Sequence, Prepend, Replace, Strip)");
+            "' (supported: Sequence, Prepend, Replace, Strip, NFC)");
     }
   }
 

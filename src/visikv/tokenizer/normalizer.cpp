@@ -1,5 +1,6 @@
 #include "visikv/tokenizer/normalizer.h"
 
+#include "visikv/tokenizer/nfc.h"
 #include "visikv/tokenizer/utf8.h"
 
 namespace visikv {
@@ -73,6 +74,10 @@ Normalizer::Step Normalizer::strip(bool left, bool right) {
     }
     text = text.substr(begin, end - begin);
   };
+}
+
+Normalizer::Step Normalizer::nfc() {
+  return [](std::string& text) { text = to_nfc(text); };
 }
 
 }  // namespace visikv

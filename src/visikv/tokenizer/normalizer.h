@@ -19,6 +19,7 @@ class Normalizer {
   static Step replace(std::string literal, std::string content);
   static Step replace_regex(std::shared_ptr<const Regex> pattern, std::string content);
   static Step strip(bool left, bool right);  // Unicode whitespace
+  static Step nfc();                         // Unicode Normalization Form C
 
   void add(Step step) { steps_.push_back(std::move(step)); }
   void normalize(std::string& text) const {
