@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 jobs=$(nproc)
+# ctest runs test binaries side by side; one worker thread each avoids oversubscribing the cores
+# (tests that check thread-count independence set their own counts).
+export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
 scripts/build.sh build
 (cd build && ctest --output-on-failure -j "$jobs")
