@@ -19,7 +19,9 @@ std::vector<float> run(const Model& model, const std::vector<int32_t>& tokens, i
   Decoder decoder(model);
   auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F16);
   std::vector<float> all;
-  auto keep = [&](int64_t, int64_t, std::span<const float> l) { all.insert(all.end(), l.begin(), l.end()); };
+  auto keep = [&](int64_t, int64_t, std::span<const float> l) {
+    all.insert(all.end(), l.begin(), l.end());
+  };
   if (decode) {
     for (int32_t t : tokens) decoder.forward({&t, 1}, *cache, LogitRows::All, keep);
   } else {
@@ -32,7 +34,8 @@ TEST(Determinism, LogitsDoNotDependOnThreadCount) {
   const std::string path = std::string(VISIKV_FIXTURES) + "/models/qwen2";
   const Model model = Model::load(path);
   std::vector<int32_t> tokens;
-  for (int i = 0; i < 40; ++i) tokens.push_back((i * 37 + 11) % static_cast<int>(model.config().vocab_size));
+  for (int i = 0; i < 40; ++i)
+    tokens.push_back((i * 37 + 11) % static_cast<int>(model.config().vocab_size));
   for (bool decode : {false, true}) {
     const std::vector<float> one = run(model, tokens, 1, decode);
     const std::vector<float> three = run(model, tokens, 3, decode);

@@ -24,29 +24,37 @@ struct PplFlags {
   int64_t window = 1024, tokens = 0;
 };
 
-// A one-line progress bar on stderr, redrawn at most a few times a second; silent when stderr
-// is not a terminal.
+// Progress on stderr: a one-line bar redrawn a few times a second on a terminal, otherwise a
+// plain line at every tenth of the work (logs of long runs show how far they got).
 class ProgressBar {
  public:
-  ProgressBar() : enabled_(::isatty(STDERR_FILENO) != 0), started_(Clock::now()) {}
+  ProgressBar() : terminal_(::isatty(STDERR_FILENO) != 0), started_(Clock::now()) {}
   void operator()(int64_t done, int64_t total) {
-    if (!enabled_) return;
     const auto now = Clock::now();
+    const double seconds = std::chrono::duration<double>(now - started_).count();
+    const double rate = done / std::max(seconds, 1e-9);
+    if (!terminal_) {
+      const int64_t tenth = 10 * done / std::max<int64_t>(total, 1);
+      if (tenth <= last_tenth_) return;
+      last_tenth_ = tenth;
+      std::fprintf(stderr, "%lld/%lld tokens scored, %.1f tokens/s\n", static_cast<long long>(done),
+                   static_cast<long long>(total), rate);
+      return;
+    }
     if (done < total && now - last_ < std::chrono::milliseconds(200)) return;
     last_ = now;
-    const double seconds = std::chrono::duration<double>(now - started_).count();
     const int width = 30, filled = static_cast<int>(width * done / std::max<int64_t>(total, 1));
     std::fprintf(stderr, "\r[%s%s] %lld/%lld tokens, %.1f tokens/s ",
                  std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-                 static_cast<long long>(done), static_cast<long long>(total),
-                 done / std::max(seconds, 1e-9));
+                 static_cast<long long>(done), static_cast<long long>(total), rate);
     if (done >= total) std::fprintf(stderr, "\n");
   }
 
  private:
   using Clock = std::chrono::steady_clock;
-  bool enabled_;
+  bool terminal_;
   Clock::time_point started_, last_{};
+  int64_t last_tenth_ = 0;
 };
 
 }  // namespace

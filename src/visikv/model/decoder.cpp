@@ -50,15 +50,16 @@ void Decoder::embed(std::span<const int32_t> tokens, int64_t first_position) {
 void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
   const int64_t inner = config_.intermediate;
   resize(up_, tokens * inner);
-  linear_forward(layer.up, normed_, tokens, up_);
   std::span<float> up(up_.data(), static_cast<size_t>(tokens * inner));
   if (config_.gated_mlp) {
     resize(gate_, tokens * inner);
-    linear_forward(*layer.gate, normed_, tokens, gate_);
+    const LinearProduct gate_up[] = {{&*layer.gate, gate_}, {&layer.up, up_}};
+    linear_forward(gate_up, normed_, tokens);
     std::span<float> gate(gate_.data(), up.size());
     apply_activation(config_.activation, gate);
     for (size_t i = 0; i < up.size(); ++i) up[i] *= gate[i];
   } else {
+    linear_forward(layer.up, normed_, tokens, up_);
     apply_activation(config_.activation, up);
   }
   linear_forward(layer.down, up_, tokens, projected_);
@@ -89,9 +90,8 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
   for (int64_t l = 0; l < c.layers; ++l) {
     const LayerWeights& layer = w.layers[l];
     apply_norm(c.norm, layer.attention_norm, c.norm_eps, x, n, hidden, normed_);
-    linear_forward(layer.q, normed_, n, q_);
-    linear_forward(layer.k, normed_, n, k_);
-    linear_forward(layer.v, normed_, n, v_);
+    const LinearProduct qkv[] = {{&layer.q, q_}, {&layer.k, k_}, {&layer.v, v_}};
+    linear_forward(qkv, normed_, n);
     const std::span<float> k(k_.data(), static_cast<size_t>(n * c.kv_dim()));
     const std::span<float> v(v_.data(), k.size());
     if (c.positions == PositionKind::Rotary) {

@@ -110,46 +110,79 @@ float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t n
   }
 }
 
-void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
-                    std::span<float> y) {
+namespace {
+
+void check_buffers(const Linear& layer, std::span<const float> x, int64_t tokens,
+                   std::span<float> y) {
+  require(static_cast<int64_t>(x.size()) >= tokens * layer.in_features() &&
+              static_cast<int64_t>(y.size()) >= tokens * layer.out_features(),
+          "linear ", layer.weight.name, ": buffers too small for ", tokens, " tokens");
+}
+
+void add_bias(const Linear& layer, int64_t tokens, std::span<float> y) {
+  const int64_t out = layer.out_features();
+  if (layer.bias.empty()) return;
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t o = 0; o < out; ++o) y[t * out + o] += layer.bias[o];
+}
+
+// Many tokens: widen a slab of rows to float32, then sgemm.
+void linear_forward_gemm(const Linear& layer, std::span<const float> x, int64_t tokens,
+                         std::span<float> y) {
   const TensorRef& w = layer.weight;
   const int64_t in = layer.in_features(), out = layer.out_features();
-  require(static_cast<int64_t>(x.size()) >= tokens * in &&
-              static_cast<int64_t>(y.size()) >= tokens * out,
-          "linear ", w.name, ": buffers too small for ", tokens, " tokens");
   const int64_t row_bytes = storage_bytes(w.dtype, in);
-  const std::byte* base = w.data.data();
+  const int64_t slab_rows = std::min(kGemmSlabRows, out);
+  std::vector<float> slab(w.dtype == DType::F32 ? 0 : static_cast<size_t>(slab_rows * in));
+  for (int64_t first = 0; first < out; first += slab_rows) {
+    const int64_t rows = std::min(slab_rows, out - first);
+    const float* slab_data = slab.data();
+    if (w.dtype == DType::F32) {
+      slab_data = reinterpret_cast<const float*>(w.data.data() + first * row_bytes);
+    } else {
+#pragma omp parallel for schedule(static)
+      for (int64_t r = 0; r < rows; ++r) widen_rows(w, first + r, 1, slab.data() + r * in);
+    }
+    // y[:, first:first+rows] = x · slabᵀ
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens),
+                static_cast<int>(rows), static_cast<int>(in), 1.0f, x.data(), static_cast<int>(in),
+                slab_data, static_cast<int>(in), 0.0f, y.data() + first, static_cast<int>(out));
+  }
+}
 
-  if (tokens < kGemmMinTokens) {
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < out; ++o) {
-      const std::byte* row = base + o * row_bytes;
-      for (int64_t t = 0; t < tokens; ++t)
-        y[t * out + o] = dot_stored_row(w.dtype, row, x.data() + t * in, in);
-    }
+}  // namespace
+
+void linear_forward(std::span<const LinearProduct> products, std::span<const float> x,
+                    int64_t tokens) {
+  for (const LinearProduct& p : products) check_buffers(*p.layer, x, tokens, p.y);
+  if (tokens >= kGemmMinTokens) {
+    for (const LinearProduct& p : products) linear_forward_gemm(*p.layer, x, tokens, p.y);
   } else {
-    const int64_t slab_rows = std::min(kGemmSlabRows, out);
-    std::vector<float> slab(static_cast<size_t>(slab_rows * in));
-    for (int64_t first = 0; first < out; first += slab_rows) {
-      const int64_t rows = std::min(slab_rows, out - first);
-      const float* slab_data = slab.data();
-      if (w.dtype == DType::F32) {
-        slab_data = reinterpret_cast<const float*>(base + first * row_bytes);
-      } else {
+    // Few tokens: one parallel pass over the rows of every product (one fork/join, not one per
+    // matrix), each row read once for all tokens.
+    int64_t total_rows = 0;
+    for (const LinearProduct& p : products) total_rows += p.layer->out_features();
 #pragma omp parallel for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) widen_rows(w, first + r, 1, slab.data() + r * in);
-      }
-      // y[:, first:first+rows] = x · slabᵀ
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(tokens),
-                  static_cast<int>(rows), static_cast<int>(in), 1.0f, x.data(),
-                  static_cast<int>(in), slab_data, static_cast<int>(in), 0.0f, y.data() + first,
-                  static_cast<int>(out));
+    for (int64_t global_row = 0; global_row < total_rows; ++global_row) {
+      size_t which = 0;
+      int64_t o = global_row;
+      while (o >= products[which].layer->out_features())
+        o -= products[which++].layer->out_features();
+      const Linear& layer = *products[which].layer;
+      const int64_t in = layer.in_features(), out = layer.out_features();
+      const std::byte* row = layer.weight.data.data() + o * storage_bytes(layer.weight.dtype, in);
+      for (int64_t t = 0; t < tokens; ++t)
+        products[which].y[t * out + o] =
+            dot_stored_row(layer.weight.dtype, row, x.data() + t * in, in);
     }
   }
-  if (!layer.bias.empty()) {
-    for (int64_t t = 0; t < tokens; ++t)
-      for (int64_t o = 0; o < out; ++o) y[t * out + o] += layer.bias[o];
-  }
+  for (const LinearProduct& p : products) add_bias(*p.layer, tokens, p.y);
+}
+
+void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
+                    std::span<float> y) {
+  const LinearProduct product{&layer, y};
+  linear_forward({&product, 1}, x, tokens);
 }
 
 }  // namespace visikv

@@ -24,4 +24,12 @@ float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t e
 void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
                     std::span<float> y);
 
+// Several products of the same input (q/k/v, gate/up): one fork/join of the worker threads.
+struct LinearProduct {
+  const Linear* layer;
+  std::span<float> y;
+};
+void linear_forward(std::span<const LinearProduct> products, std::span<const float> x,
+                    int64_t tokens);
+
 }  // namespace visikv
