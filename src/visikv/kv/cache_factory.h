@@ -1,0 +1,20 @@
+// Builds a KV cache from one codec spec for the keys and one for the values (grammar in
+// kv/codec_spec.h and docs/CACHE_SPECS.md), e.g. make_cache(shape, "int2:g32:chan:r128", "f16").
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "visikv/kv/cache.h"
+
+namespace visikv {
+
+// The same dense format on both sides without rotation gives the dense cache
+// (make_dense_cache); anything else gives a CodecCache (kv/codec_cache.h). Throws visikv::Error
+// for a bad spec or a spec that does not fit shape.head_dim.
+std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const std::string& key_spec,
+                                    const std::string& value_spec, int64_t reserve_tokens = 0,
+                                    int64_t block_size = 32);
+
+}  // namespace visikv

@@ -1,0 +1,165 @@
+#include "visikv/kv/codec_cache.h"
+
+#include <algorithm>
+
+#include "visikv/core/error.h"
+
+namespace visikv {
+
+CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
+                       const CodecSpec& value_spec, int64_t reserve_tokens, int64_t block_size)
+    : shape_(shape), block_size_(block_size) {
+  require(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0,
+          "cache shape must be positive");
+  require(block_size > 0, "block size must be positive, got ", block_size);
+  keys_ = make_side(key_spec, reserve_tokens);
+  values_ = make_side(value_spec, reserve_tokens);
+  summaries_.reserve(shape.layers * shape.kv_heads);
+  for (int64_t i = 0; i < shape.layers * shape.kv_heads; ++i)
+    summaries_.emplace_back(shape.head_dim, block_size);
+  lengths_.assign(shape.layers, 0);
+}
+
+CodecCache::Side CodecCache::make_side(const CodecSpec& spec, int64_t reserve_tokens) const {
+  Side side;
+  side.spec = spec;
+  if (spec.hadamard) side.rotation.emplace(shape_.head_dim);
+  for (int64_t i = 0; i < shape_.layers * shape_.kv_heads; ++i)
+    side.stores.push_back(make_vector_store(spec, shape_.head_dim, reserve_tokens));
+  return side;
+}
+
+std::string CodecCache::describe() const {
+  return str_cat("keys ", describe_codec(keys_.spec, shape_.head_dim), ", values ",
+                 describe_codec(values_.spec, shape_.head_dim));
+}
+
+int64_t CodecCache::length(int64_t layer) const {
+  require(layer >= 0 && layer < shape_.layers, "cache layer ", layer, " out of range");
+  return lengths_[layer];
+}
+
+void CodecCache::append(int64_t layer, std::span<const float> keys, std::span<const float> values,
+                        int64_t tokens) {
+  const int64_t d = shape_.head_dim, row = shape_.kv_heads * d;
+  require(layer >= 0 && layer < shape_.layers, "cache layer ", layer, " out of range");
+  require(tokens >= 0 && static_cast<int64_t>(keys.size()) == tokens * row &&
+              static_cast<int64_t>(values.size()) == tokens * row,
+          "cache append: expected ", tokens, " x ", row, " keys and values");
+  std::vector<float> rotated(static_cast<size_t>(d));
+  const auto store = [&](const Side& side, VectorStore& target, const float* x) {
+    if (!side.rotation) {
+      target.append({x, static_cast<size_t>(d)});
+      return;
+    }
+    std::copy(x, x + d, rotated.begin());
+    side.rotation->rotate(rotated);
+    target.append(rotated);
+  };
+  for (int64_t h = 0; h < shape_.kv_heads; ++h) {
+    const int64_t index = head_index(layer, h);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* k = keys.data() + t * row + h * d;
+      summaries_[index].add({k, static_cast<size_t>(d)});
+      store(keys_, *keys_.stores[index], k);
+      store(values_, *values_.stores[index], values.data() + t * row + h * d);
+    }
+  }
+  lengths_[layer] += tokens;
+}
+
+void CodecCache::score(int64_t layer, int64_t kv_head, std::span<const float> queries,
+                       const PositionSet& positions, std::span<float> scores) const {
+  const int64_t index = head_index(layer, kv_head);
+  check_positions(layer, positions);
+  const int64_t d = shape_.head_dim, count = static_cast<int64_t>(queries.size()) / d;
+  require(static_cast<int64_t>(scores.size()) >= count * positions.size(),
+          "cache score: ", scores.size(), " scores for ", count, " queries x ", positions.size(),
+          " positions");
+  if (!keys_.rotation) {
+    keys_.stores[index]->dot(queries, positions, scores);
+    return;
+  }
+  // q·k = (Hq)·(Hk): rotate the queries once per call.
+  std::vector<float> rotated(queries.begin(), queries.begin() + count * d);
+  for (int64_t q = 0; q < count; ++q)
+    keys_.rotation->rotate(std::span(rotated).subspan(q * d, d));
+  keys_.stores[index]->dot(rotated, positions, scores);
+}
+
+void CodecCache::accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                            const PositionSet& positions, std::span<float> out) const {
+  const int64_t index = head_index(layer, kv_head);
+  check_positions(layer, positions);
+  const int64_t d = shape_.head_dim, count = static_cast<int64_t>(out.size()) / d;
+  require(static_cast<int64_t>(weights.size()) >= count * positions.size(), "cache accumulate: ",
+          weights.size(), " weights for ", count, " queries x ", positions.size(), " positions");
+  if (!values_.rotation) {
+    values_.stores[index]->accumulate(weights, positions, out);
+    return;
+  }
+  // Σ w v = Hᵀ Σ w (Hv): sum in the rotated coordinates, rotate the sum back once.
+  std::vector<float> rotated(static_cast<size_t>(count * d), 0.0f);
+  values_.stores[index]->accumulate(weights, positions, rotated);
+  for (int64_t q = 0; q < count; ++q) {
+    const std::span<float> sum = std::span(rotated).subspan(q * d, d);
+    values_.rotation->unrotate(sum);
+    for (int64_t c = 0; c < d; ++c) out[q * d + c] += sum[c];
+  }
+}
+
+BlockSummary CodecCache::summary(int64_t layer, int64_t kv_head, int64_t block) const {
+  return summaries_[head_index(layer, kv_head)].get(block);
+}
+
+void CodecCache::clear() {
+  for (Side* side : {&keys_, &values_})
+    for (auto& store : side->stores) store->clear();
+  for (BlockSummaries& s : summaries_) s.clear();
+  std::fill(lengths_.begin(), lengths_.end(), 0);
+}
+
+void CodecCache::stored_key(int64_t layer, int64_t kv_head, int64_t position,
+                            std::span<float> out) const {
+  stored_vector(keys_, layer, kv_head, position, out);
+}
+
+void CodecCache::stored_value(int64_t layer, int64_t kv_head, int64_t position,
+                              std::span<float> out) const {
+  stored_vector(values_, layer, kv_head, position, out);
+}
+
+int64_t CodecCache::stored_bytes() const {
+  int64_t bytes = 0;
+  for (const Side* side : {&keys_, &values_})
+    for (const auto& store : side->stores) bytes += store->stored_bytes();
+  return bytes;
+}
+
+int64_t CodecCache::head_index(int64_t layer, int64_t kv_head) const {
+  require(layer >= 0 && layer < shape_.layers && kv_head >= 0 && kv_head < shape_.kv_heads,
+          "cache head (", layer, ", ", kv_head, ") out of range");
+  return layer * shape_.kv_heads + kv_head;
+}
+
+void CodecCache::check_positions(int64_t layer, const PositionSet& positions) const {
+  if (positions.size() == 0) return;
+  const int64_t first = positions.is_range() ? positions.begin() : positions[0];
+  const int64_t last =
+      positions.is_range() ? positions.end() - 1 : positions[positions.size() - 1];
+  require(first >= 0 && last < lengths_[layer], "positions [", first, ", ", last,
+          "] outside the ", lengths_[layer], " cached tokens of layer ", layer);
+}
+
+void CodecCache::stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
+                               std::span<float> out) const {
+  const int64_t index = head_index(layer, kv_head), d = shape_.head_dim;
+  require(position >= 0 && position < lengths_[layer], "position ", position, " outside the ",
+          lengths_[layer], " cached tokens of layer ", layer);
+  require(static_cast<int64_t>(out.size()) == d, "stored vector needs ", d, " floats, got ",
+          out.size());
+  side.stores[index]->reconstruct(position, out);
+  if (side.rotation) side.rotation->unrotate(out);
+}
+
+}  // namespace visikv

@@ -1,0 +1,71 @@
+// A KV cache composed of a key store and a value store per (layer, KV head), each in its own
+// codec (kv/codec_spec.h), plus block summaries of the exact keys. Build one with make_cache
+// (kv/cache_factory.h); this header is for code that wants more than the KVCache interface:
+// the specs, the bit accounting, and the stored keys and values as the model sees them.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "visikv/kv/block_summaries.h"
+#include "visikv/kv/cache.h"
+#include "visikv/kv/codec_spec.h"
+#include "visikv/kv/hadamard.h"
+#include "visikv/kv/vector_store.h"
+
+namespace visikv {
+
+class CodecCache final : public KVCache {
+ public:
+  CodecCache(const CacheShape& shape, const CodecSpec& key_spec, const CodecSpec& value_spec,
+             int64_t reserve_tokens, int64_t block_size);
+
+  const CacheShape& shape() const override { return shape_; }
+  // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"
+  std::string describe() const override;
+  int64_t length(int64_t layer) const override;
+  void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
+              int64_t tokens) override;
+  void score(int64_t layer, int64_t kv_head, std::span<const float> queries,
+             const PositionSet& positions, std::span<float> scores) const override;
+  void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                  const PositionSet& positions, std::span<float> out) const override;
+  int64_t block_size() const override { return block_size_; }
+  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override;
+  void clear() override;
+
+  const CodecSpec& key_spec() const { return keys_.spec; }
+  const CodecSpec& value_spec() const { return values_.spec; }
+  CodecBits key_bits() const { return codec_bits(keys_.spec, shape_.head_dim); }
+  CodecBits value_bits() const { return codec_bits(values_.spec, shape_.head_dim); }
+
+  // The key (value) at `position` as scores (value sums) see it, in the model's coordinates
+  // (rotation undone): for storage-error metrics.
+  void stored_key(int64_t layer, int64_t kv_head, int64_t position, std::span<float> out) const;
+  void stored_value(int64_t layer, int64_t kv_head, int64_t position, std::span<float> out) const;
+
+  // Bytes held by the key and value stores of every head (summaries not counted).
+  int64_t stored_bytes() const;
+
+ private:
+  struct Side {
+    CodecSpec spec;
+    std::optional<HadamardRotation> rotation;
+    std::vector<std::unique_ptr<VectorStore>> stores;  // [layer * kv_heads + kv_head]
+  };
+  Side make_side(const CodecSpec& spec, int64_t reserve_tokens) const;
+  int64_t head_index(int64_t layer, int64_t kv_head) const;
+  void check_positions(int64_t layer, const PositionSet& positions) const;
+  void stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
+                     std::span<float> out) const;
+
+  CacheShape shape_;
+  int64_t block_size_;
+  Side keys_, values_;
+  std::vector<BlockSummaries> summaries_;  // exact (pre-quantization, unrotated) keys
+  std::vector<int64_t> lengths_;
+};
+
+}  // namespace visikv

@@ -1,0 +1,162 @@
+#include "visikv/kv/codec_spec.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+#include "visikv/core/error.h"
+
+namespace visikv {
+
+namespace {
+
+constexpr int64_t kMaxNumber = int64_t{1} << 30;
+constexpr double kScaleZeroBits = 2 * 16;  // one fp16 scale and one fp16 zero per group
+
+std::vector<std::string_view> split_fields(std::string_view text) {
+  std::vector<std::string_view> fields;
+  size_t start = 0;
+  while (true) {
+    const size_t colon = text.find(':', start);
+    fields.push_back(text.substr(start, colon == std::string_view::npos ? colon : colon - start));
+    if (colon == std::string_view::npos) return fields;
+    start = colon + 1;
+  }
+}
+
+// The positive decimal number after `prefix` in `field` ("g64" -> 64).
+int64_t positive_number(std::string_view spec, std::string_view field, std::string_view prefix,
+                        std::string_view what) {
+  std::string_view digits = field.substr(prefix.size());
+  require(!digits.empty() && digits.size() <= 10 &&
+              std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }),
+          "cache spec '", spec, "': ", what, " '", field, "' must be '", prefix,
+          "' followed by a positive number");
+  int64_t value = 0;
+  for (char c : digits) value = value * 10 + (c - '0');
+  require(value > 0 && value <= kMaxNumber, "cache spec '", spec, "': ", what, " '", field,
+          "' must be between 1 and ", kMaxNumber);
+  return value;
+}
+
+std::string format_number(double x) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof buffer, "%.4g", x);
+  return buffer;
+}
+
+}  // namespace
+
+std::string CodecSpec::text() const {
+  std::string out;
+  if (kind == Kind::Dense) {
+    out = dense == DenseFormat::F32 ? "f32" : dense == DenseFormat::F16 ? "f16" : "bf16";
+  } else {
+    out = str_cat("int", bits, ":g", group, axis == Axis::Tokens ? ":tok" : ":chan");
+    if (window > 0) out += str_cat(":r", window);
+  }
+  if (hadamard) out += ":had";
+  return out;
+}
+
+CodecSpec parse_codec_spec(std::string_view text) {
+  static constexpr std::string_view kGrammar =
+      "expected f32, f16, bf16 or int<b>:g<G>:tok|chan[:r<R>], each optionally followed by :had";
+  const std::vector<std::string_view> fields = split_fields(text);
+  CodecSpec spec;
+  size_t next = 1;
+  const std::string_view head = fields[0];
+  if (head == "f32" || head == "fp32" || head == "f16" || head == "fp16" || head == "bf16") {
+    spec.kind = CodecSpec::Kind::Dense;
+    spec.dense = dense_format_from_name(std::string(head));
+  } else if (head.starts_with("int")) {
+    spec.kind = CodecSpec::Kind::Int;
+    const int64_t bits = positive_number(text, head, "int", "bit width");
+    require(bits == 2 || bits == 3 || bits == 4 || bits == 8, "cache spec '", text,
+            "': unsupported bit width ", bits, " (expected 2, 3, 4 or 8)");
+    spec.bits = static_cast<int>(bits);
+    require(fields.size() >= 3, "cache spec '", text,
+            "': an integer codec needs a group and an axis, e.g. int4:g32:tok or int2:g32:chan");
+    require(fields[1].starts_with("g"), "cache spec '", text, "': expected the group size g<G>, got '",
+            fields[1], "'");
+    spec.group = positive_number(text, fields[1], "g", "group size");
+    if (fields[2] == "tok") {
+      spec.axis = CodecSpec::Axis::Tokens;
+    } else if (fields[2] == "chan") {
+      spec.axis = CodecSpec::Axis::Channels;
+    } else {
+      fail("cache spec '", text, "': unknown group axis '", fields[2], "' (expected tok or chan)");
+    }
+    next = 3;
+    if (next < fields.size() && fields[next].starts_with("r")) {
+      spec.window = positive_number(text, fields[next], "r", "full-precision window");
+      ++next;
+    }
+  } else {
+    fail("unknown cache spec '", text, "' (", kGrammar, ")");
+  }
+  if (next < fields.size() && fields[next] == "had") {
+    spec.hadamard = true;
+    ++next;
+  }
+  require(next == fields.size(), "cache spec '", text, "': unexpected '", fields[std::min(next, fields.size() - 1)],
+          "' (", kGrammar, ")");
+  return spec;
+}
+
+void check_codec_fits(const CodecSpec& spec, int64_t head_dim) {
+  require(head_dim > 0, "cache spec '", spec.text(), "': head_dim must be positive");
+  if (spec.hadamard)
+    require((head_dim & (head_dim - 1)) == 0, "cache spec '", spec.text(),
+            "': the Hadamard rotation needs a power-of-two head_dim, got ", head_dim);
+  if (spec.is_dense()) return;
+  require(head_dim % 8 == 0, "cache spec '", spec.text(),
+          "': integer codecs pack 8 codes at a time and need head_dim % 8 == 0, got ", head_dim);
+  if (spec.axis == CodecSpec::Axis::Tokens)
+    require(head_dim % spec.group == 0, "cache spec '", spec.text(), "': group size ", spec.group,
+            " does not divide head_dim ", head_dim);
+}
+
+CodecBits codec_bits(const CodecSpec& spec, int64_t head_dim) {
+  check_codec_fits(spec, head_dim);
+  CodecBits bits;
+  if (spec.is_dense()) {
+    bits.bits_per_element = spec.dense == DenseFormat::F32 ? 32 : 16;
+  } else {
+    bits.bits_per_element = spec.bits + kScaleZeroBits / static_cast<double>(spec.group);
+    bits.window_min_tokens = spec.window;
+    bits.window_max_tokens = spec.window + spec.token_group() - 1;
+  }
+  bits.bits_per_vector = bits.bits_per_element * static_cast<double>(head_dim);
+  return bits;
+}
+
+int64_t quantized_tokens(const CodecSpec& spec, int64_t tokens) {
+  if (spec.is_dense()) return 0;
+  const int64_t past_window = std::max<int64_t>(0, tokens - spec.window);
+  return past_window / spec.token_group() * spec.token_group();
+}
+
+int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t tokens) {
+  check_codec_fits(spec, head_dim);
+  if (spec.is_dense()) return tokens * head_dim * (spec.dense == DenseFormat::F32 ? 32 : 16);
+  const int64_t quantized = quantized_tokens(spec, tokens);
+  const int64_t groups = quantized * head_dim / spec.group;  // both axes: G elements per group
+  return quantized * head_dim * spec.bits + groups * static_cast<int64_t>(kScaleZeroBits) +
+         (tokens - quantized) * head_dim * 16;
+}
+
+std::string describe_codec(const CodecSpec& spec, int64_t head_dim) {
+  const CodecBits bits = codec_bits(spec, head_dim);
+  std::string out = str_cat(spec.text(), " (", format_number(bits.bits_per_element), " bits/elt");
+  if (bits.window_max_tokens > 0) {
+    out += "; ";
+    out += bits.window_min_tokens == bits.window_max_tokens
+               ? str_cat(bits.window_min_tokens)
+               : str_cat(bits.window_min_tokens, "-", bits.window_max_tokens);
+    out += " newest tokens f16";
+  }
+  return out + ")";
+}
+
+}  // namespace visikv

@@ -1,0 +1,78 @@
+// Cache codec specs: one readable string says how one side (keys or values) of a KV cache is
+// stored. docs/CACHE_SPECS.md is the full reference; in short:
+//
+//   f32 | f16 | bf16                       dense (fp32 and fp16 are accepted spellings)
+//   int<b>:g<G>:tok[:r<R>]                 per-token groups: G consecutive channels of one token
+//                                          share an fp16 scale and zero point
+//   int<b>:g<G>:chan[:r<R>]                per-channel groups (KIVI): G consecutive tokens of one
+//                                          channel share an fp16 scale and zero point
+//   ...[:had]                              Hadamard rotation before storing (any of the above)
+//
+// b is 2, 3, 4 or 8. `:r<R>` keeps the most recent R tokens in fp16 (for `chan`, also the current
+// partial group of fewer than G tokens, which always stays fp16 until the group is complete).
+// `:had` multiplies every stored vector by a fixed orthonormal matrix H = W·S/sqrt(d) (W the
+// Walsh-Hadamard matrix, S a seeded random ±1 diagonal); scores use q·k = (Hq)·(Hk) and value
+// sums are rotated back, so the rotation changes only where the quantization error falls.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "visikv/kv/dense_cache.h"
+
+namespace visikv {
+
+struct CodecSpec {
+  enum class Kind { Dense, Int };
+  // Tokens: a group is G channels of one token. Channels: a group is G tokens of one channel.
+  enum class Axis { Tokens, Channels };
+
+  Kind kind = Kind::Dense;
+  DenseFormat dense = DenseFormat::F32;  // Kind::Dense only
+  Axis axis = Axis::Tokens;              // Kind::Int only
+  int bits = 0;                          // Kind::Int: 2, 3, 4 or 8
+  int64_t group = 0;                     // Kind::Int: G
+  int64_t window = 0;                    // Kind::Int: R, most recent tokens kept in fp16
+  bool hadamard = false;
+
+  bool is_dense() const { return kind == Kind::Dense; }
+  // Tokens quantized together: 1 for per-token groups, G for per-channel groups.
+  int64_t token_group() const { return axis == Axis::Tokens ? 1 : group; }
+  // The canonical spelling, e.g. "int2:g32:chan:r128:had".
+  std::string text() const;
+};
+
+// Parses a spec; throws visikv::Error naming the spec and the problem.
+CodecSpec parse_codec_spec(std::string_view text);
+
+// Throws visikv::Error when the spec cannot store vectors of `head_dim` channels (integer codecs
+// need head_dim % 8 == 0, per-token groups need G to divide head_dim, `:had` needs a power of
+// two).
+void check_codec_fits(const CodecSpec& spec, int64_t head_dim);
+
+// Bits one side of one KV head costs. The quantized part is exact: codes plus the fp16 scale and
+// zero of each group, amortised over the group's elements. The fp16 window is the steady-state
+// exception and is reported separately: after n >= window_max_tokens appends, between
+// window_min_tokens and window_max_tokens of the most recent tokens are held at
+// window_bits_per_element (exactly window_min_tokens for per-token groups).
+struct CodecBits {
+  double bits_per_element = 0;  // quantized (or dense) part
+  double bits_per_vector = 0;   // head_dim * bits_per_element: bits per key (or value) per head
+  int64_t window_min_tokens = 0, window_max_tokens = 0;
+  double window_bits_per_element = 16;
+};
+
+CodecBits codec_bits(const CodecSpec& spec, int64_t head_dim);
+
+// Tokens of `tokens` appended that are held in quantized form (the rest are in the fp16 window).
+int64_t quantized_tokens(const CodecSpec& spec, int64_t tokens);
+
+// Exact bits held for `tokens` appended vectors of one head: codes, scales and zeros, and the
+// fp16 window.
+int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t tokens);
+
+// "int2:g64:tok (2.5 bits/elt)", "int2:g32:chan:r128 (3 bits/elt; 128-159 newest tokens f16)".
+std::string describe_codec(const CodecSpec& spec, int64_t head_dim);
+
+}  // namespace visikv

@@ -1,0 +1,296 @@
+#include "visikv/kv/vector_store.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "visikv/core/error.h"
+#include "visikv/core/half.h"
+#include "visikv/core/vec.h"
+#include "visikv/kv/int_codes.h"
+
+namespace visikv {
+
+namespace {
+
+template <DenseFormat kFormat>
+class DenseStore final : public VectorStore {
+  using Element = std::conditional_t<kFormat == DenseFormat::F32, float, uint16_t>;
+  static constexpr bool kBf16 = kFormat == DenseFormat::BF16;
+
+ public:
+  DenseStore(int64_t dim, int64_t reserve) : dim_(dim) { rows_.reserve(reserve * dim); }
+
+  int64_t dim() const override { return dim_; }
+  int64_t size() const override { return static_cast<int64_t>(rows_.size()) / dim_; }
+
+  void append(std::span<const float> vector) override {
+    for (float x : vector) {
+      if constexpr (kFormat == DenseFormat::F32)
+        rows_.push_back(x);
+      else if constexpr (kBf16)
+        rows_.push_back(float_to_bf16(x));
+      else
+        rows_.push_back(float_to_fp16(x));
+    }
+  }
+
+  void dot(std::span<const float> queries, const PositionSet& positions,
+           std::span<float> scores) const override {
+    const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
+    for (int64_t i = 0; i < n; ++i) {
+      const Element* row = rows_.data() + positions[i] * dim_;
+      for (int64_t q = 0; q < count; ++q) {
+        const float* query = queries.data() + q * dim_;
+        if constexpr (kFormat == DenseFormat::F32)
+          scores[q * n + i] = vec::dot(row, query, dim_);
+        else
+          scores[q * n + i] = vec::dot(row, kBf16, query, dim_);
+      }
+    }
+  }
+
+  void accumulate(std::span<const float> weights, const PositionSet& positions,
+                  std::span<float> out) const override {
+    const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
+    for (int64_t i = 0; i < n; ++i) {
+      const Element* row = rows_.data() + positions[i] * dim_;
+      for (int64_t q = 0; q < count; ++q) {
+        float* y = out.data() + q * dim_;
+        if constexpr (kFormat == DenseFormat::F32)
+          vec::axpy(weights[q * n + i], row, y, dim_);
+        else
+          vec::axpy(weights[q * n + i], row, kBf16, y, dim_);
+      }
+    }
+  }
+
+  void reconstruct(int64_t position, std::span<float> out) const override {
+    const Element* row = rows_.data() + position * dim_;
+    for (int64_t c = 0; c < dim_; ++c) {
+      if constexpr (kFormat == DenseFormat::F32)
+        out[c] = row[c];
+      else if constexpr (kBf16)
+        out[c] = bf16_to_float(row[c]);
+      else
+        out[c] = fp16_to_float(row[c]);
+    }
+  }
+
+  int64_t stored_bytes() const override {
+    return static_cast<int64_t>(rows_.size() * sizeof(Element));
+  }
+  void clear() override { rows_.clear(); }
+
+ private:
+  int64_t dim_;
+  std::vector<Element> rows_;  // {size, dim}
+};
+
+// Integer codes in groups that share an fp16 scale and zero. A group is `token_group_` tokens by
+// `channel_group_` channels: 1 x G for per-token groups, G x 1 for per-channel (KIVI) groups.
+// The newest tokens wait in an fp16 window: for per-channel groups until G of them (beyond the
+// R the spec keeps) can be quantized together, for per-token groups while they are among the
+// newest R. Tokens leave the window oldest first and are quantized from their fp16 form; with
+// no window (per-token groups without :r) a token is quantized straight from float32.
+template <int kBits>
+class IntStore final : public VectorStore {
+  static constexpr int kLevels = (1 << kBits) - 1;
+
+ public:
+  IntStore(const CodecSpec& spec, int64_t dim, int64_t reserve)
+      : dim_(dim),
+        token_group_(spec.token_group()),
+        channel_group_(spec.axis == CodecSpec::Axis::Tokens ? spec.group : 1),
+        groups_per_row_(dim / channel_group_),
+        row_bytes_(int_codes::packed_bytes(dim, kBits)),
+        window_tokens_(spec.window),
+        lo_(groups_per_row_),
+        hi_(groups_per_row_),
+        codes_scratch_(dim) {
+    codes_.reserve(reserve * row_bytes_);
+    params_.reserve(reserve / token_group_ * 2 * groups_per_row_);
+  }
+
+  int64_t dim() const override { return dim_; }
+  int64_t size() const override { return quantized_ + window_rows(); }
+
+  void append(std::span<const float> vector) override {
+    if (window_tokens_ == 0 && token_group_ == 1) {
+      quantize(vector.data(), 1);
+      return;
+    }
+    for (float x : vector) window_.push_back(float_to_fp16(x));
+    if (window_rows() - token_group_ >= window_tokens_) {
+      // The oldest token group is complete and outside the kept window: quantize it.
+      staging_.resize(static_cast<size_t>(token_group_ * dim_));
+      for (int64_t i = 0; i < token_group_ * dim_; ++i) staging_[i] = fp16_to_float(window_[i]);
+      quantize(staging_.data(), token_group_);
+      window_.erase(window_.begin(), window_.begin() + token_group_ * dim_);
+    }
+  }
+
+  void dot(std::span<const float> queries, const PositionSet& positions,
+           std::span<float> scores) const override {
+    const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
+    std::vector<float> scratch(static_cast<size_t>(dim_));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t position = positions[i];
+      if (position < quantized_) {
+        decode(position, scratch.data());
+        for (int64_t q = 0; q < count; ++q)
+          scores[q * n + i] = vec::dot(scratch.data(), queries.data() + q * dim_, dim_);
+      } else {
+        const uint16_t* row = window_row(position);
+        for (int64_t q = 0; q < count; ++q)
+          scores[q * n + i] = vec::dot(row, false, queries.data() + q * dim_, dim_);
+      }
+    }
+  }
+
+  void accumulate(std::span<const float> weights, const PositionSet& positions,
+                  std::span<float> out) const override {
+    const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
+    std::vector<float> scratch(static_cast<size_t>(dim_));
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t position = positions[i];
+      if (position < quantized_) {
+        decode(position, scratch.data());
+        for (int64_t q = 0; q < count; ++q)
+          vec::axpy(weights[q * n + i], scratch.data(), out.data() + q * dim_, dim_);
+      } else {
+        const uint16_t* row = window_row(position);
+        for (int64_t q = 0; q < count; ++q)
+          vec::axpy(weights[q * n + i], row, false, out.data() + q * dim_, dim_);
+      }
+    }
+  }
+
+  void reconstruct(int64_t position, std::span<float> out) const override {
+    if (position < quantized_) {
+      decode(position, out.data());
+    } else {
+      const uint16_t* row = window_row(position);
+      for (int64_t c = 0; c < dim_; ++c) out[c] = fp16_to_float(row[c]);
+    }
+  }
+
+  int64_t stored_bytes() const override {
+    return static_cast<int64_t>(codes_.size() + 2 * params_.size() + 2 * window_.size());
+  }
+
+  void clear() override {
+    codes_.clear();
+    params_.clear();
+    window_.clear();
+    quantized_ = 0;
+  }
+
+ private:
+  int64_t window_rows() const { return static_cast<int64_t>(window_.size()) / dim_; }
+  const uint16_t* window_row(int64_t position) const {
+    return window_.data() + (position - quantized_) * dim_;
+  }
+
+  // Appends `tokens` rows ({tokens, dim}, one token group) in quantized form.
+  void quantize(const float* rows, int64_t tokens) {
+    std::fill(lo_.begin(), lo_.end(), INFINITY);
+    std::fill(hi_.begin(), hi_.end(), -INFINITY);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t c = 0; c < dim_; ++c) {
+        const int64_t g = c / channel_group_;
+        lo_[g] = std::min(lo_[g], rows[t * dim_ + c]);
+        hi_[g] = std::max(hi_[g], rows[t * dim_ + c]);
+      }
+    }
+    // Parameters of this token group: all scales, then all zeros.
+    const size_t first = params_.size();
+    params_.resize(first + 2 * groups_per_row_);
+    for (int64_t g = 0; g < groups_per_row_; ++g) {
+      const int_codes::Affine affine = int_codes::affine_for_range(lo_[g], hi_[g], kBits);
+      params_[first + g] = affine.scale;
+      params_[first + groups_per_row_ + g] = affine.zero;
+      lo_[g] = fp16_to_float(affine.scale);  // reused below as float scale and zero
+      hi_[g] = fp16_to_float(affine.zero);
+    }
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t c = 0; c < dim_; ++c) {
+        const int64_t g = c / channel_group_;
+        codes_scratch_[c] = int_codes::affine_code(rows[t * dim_ + c], lo_[g], hi_[g], kLevels);
+      }
+      const size_t at = codes_.size();
+      codes_.resize(at + row_bytes_);
+      int_codes::pack(codes_scratch_, kBits, std::span(codes_).subspan(at, row_bytes_));
+    }
+    quantized_ += tokens;
+  }
+
+  // out[c] = zero + scale * code for the quantized token `position`, 8 channels at a time.
+  void decode(int64_t position, float* out) const {
+    const uint8_t* row = codes_.data() + position * row_bytes_;
+    const uint16_t* scales = params_.data() + position / token_group_ * 2 * groups_per_row_;
+    const uint16_t* zeros = scales + groups_per_row_;
+    if (channel_group_ == 1) {  // per-channel parameters: one fp16 pair per lane
+      for (int64_t c = 0; c < dim_; c += 8)
+        _mm256_storeu_ps(out + c, _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
+                                                  vec::load8(scales + c, false),
+                                                  vec::load8(zeros + c, false)));
+    } else if (channel_group_ % 8 == 0) {  // one pair per run of lanes
+      for (int64_t g = 0; g < groups_per_row_; ++g) {
+        const __m256 scale = _mm256_set1_ps(fp16_to_float(scales[g]));
+        const __m256 zero = _mm256_set1_ps(fp16_to_float(zeros[g]));
+        for (int64_t c = g * channel_group_; c < (g + 1) * channel_group_; c += 8)
+          _mm256_storeu_ps(
+              out + c,
+              _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits), scale, zero));
+      }
+    } else {  // groups narrower than (or straddling) 8 lanes
+      for (int64_t c = 0; c < dim_; c += 8)
+        _mm256_storeu_ps(out + c, int_codes::unpack8<kBits>(row + c / 8 * kBits));
+      for (int64_t c = 0; c < dim_; ++c) {
+        const int64_t g = c / channel_group_;
+        out[c] = std::fma(out[c], fp16_to_float(scales[g]), fp16_to_float(zeros[g]));
+      }
+    }
+  }
+
+  int64_t dim_, token_group_, channel_group_, groups_per_row_, row_bytes_, window_tokens_;
+  int64_t quantized_ = 0;         // tokens [0, quantized_) are in codes_
+  std::vector<uint8_t> codes_;    // {quantized_, row_bytes_} packed codes
+  std::vector<uint16_t> params_;  // per token group: groups_per_row_ scales, then as many zeros
+  std::vector<uint16_t> window_;  // {size() - quantized_, dim_} fp16, oldest first
+  // Append-time scratch (append is not const, so members are safe here).
+  std::vector<float> lo_, hi_, staging_;
+  std::vector<uint8_t> codes_scratch_;
+};
+
+}  // namespace
+
+std::unique_ptr<VectorStore> make_vector_store(const CodecSpec& spec, int64_t head_dim,
+                                               int64_t reserve_tokens) {
+  check_codec_fits(spec, head_dim);
+  require(reserve_tokens >= 0, "cache reserve must not be negative, got ", reserve_tokens);
+  if (spec.is_dense()) {
+    switch (spec.dense) {
+      case DenseFormat::F32:
+        return std::make_unique<DenseStore<DenseFormat::F32>>(head_dim, reserve_tokens);
+      case DenseFormat::F16:
+        return std::make_unique<DenseStore<DenseFormat::F16>>(head_dim, reserve_tokens);
+      case DenseFormat::BF16:
+        return std::make_unique<DenseStore<DenseFormat::BF16>>(head_dim, reserve_tokens);
+    }
+  }
+  switch (spec.bits) {
+    case 2:
+      return std::make_unique<IntStore<2>>(spec, head_dim, reserve_tokens);
+    case 3:
+      return std::make_unique<IntStore<3>>(spec, head_dim, reserve_tokens);
+    case 4:
+      return std::make_unique<IntStore<4>>(spec, head_dim, reserve_tokens);
+    case 8:
+      return std::make_unique<IntStore<8>>(spec, head_dim, reserve_tokens);
+  }
+  fail("cache spec '", spec.text(), "': unsupported bit width ", spec.bits);
+}
+
+}  // namespace visikv
