@@ -142,10 +142,17 @@ std::string describe(const SelectorSpec& spec) {
     text += str_cat(":k", spec.top_k);
   if (spec.uses_blocks() && spec.block_size > 0) text += str_cat(":b", spec.block_size);
   switch (spec.rule) {
-    case SelectorRule::Exact: text += ":exact"; break;
-    case SelectorRule::Centroid: text += ":centroid"; break;
-    case SelectorRule::Bound: text += ":bound"; break;
-    case SelectorRule::None: break;
+    case SelectorRule::Exact:
+      text += ":exact";
+      break;
+    case SelectorRule::Centroid:
+      text += ":centroid";
+      break;
+    case SelectorRule::Bound:
+      text += ":bound";
+      break;
+    case SelectorRule::None:
+      break;
   }
   if (spec.kind == SelectorKind::Certified) {
     char digits[32];  // shortest text that reads back as the same double

@@ -7,9 +7,9 @@
 //              | "sparse"    { ":" field }
 //              | "certified" { ":" field }
 //   field     := "a" INT      anchors: positions 0..A-1 (default 0)
-//              | "w" INT      window: the last W positions up to and including the query (default 0)
-//              | "k" INT      dynamic positions (sparse only; >= 1; needs a rule)
-//              | "b" INT      summary block size (>= 1); must equal the cache's block size,
+//              | "w" INT      window: the last W positions up to and including the query (default
+//              0) | "k" INT      dynamic positions (sparse only; >= 1; needs a rule) | "b" INT
+//              summary block size (>= 1); must equal the cache's block size,
 //                             defaults to it (block rules and certified only)
 //              | "exact"      rule: the k highest scores among all candidates (reads every score)
 //              | "centroid"   rule: ceil(k/B) blocks ranked by the centroid score q·c_b

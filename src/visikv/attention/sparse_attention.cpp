@@ -1,5 +1,6 @@
 #include "visikv/attention/sparse_attention.h"
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -14,23 +15,37 @@ namespace visikv {
 double block_upper_bound(const BlockSummary& block, std::span<const float> query, double scale) {
   // For each channel, q_c k_c over k_c in [m_c, M_c] is linear in k_c, so its maximum sits at an
   // end: max(q_c m_c, q_c M_c). Summing the per-channel maxima bounds q·k for every key in the
-  // box, hence for every key of the block. Accumulated in double, so the only gap to the cache's
-  // float32 score is the cache's own rounding, which the slack covers (|fl(x·y) - x·y| <=
-  // d u sum |x_c y_c| with u = 2^-24, a standard bound for any summation order with or without
-  // fused multiply-add).
-  double bound = 0, magnitude = 0;
-  const size_t d = query.size();
-  for (size_t c = 0; c < d; ++c) {
-    const double q = query[c], lo = block.min[c], hi = block.max[c];
-    bound += std::max(q * lo, q * hi);
-    magnitude += std::abs(q) * std::max(std::abs(lo), std::abs(hi));
+  // box, hence for every key of the block. Both this sum and the cache's score are float32 dot
+  // products; each is within d u sum_c |q_c| max(|m_c|, |M_c|) of its exact value (u = 2^-24,
+  // the standard bound for any summation order, with or without fused multiply-add), and the
+  // logit's rounding to float adds one more u. The slack (2d + 4) u * magnitude covers all of it
+  // with margin, so scale * (sum + slack) >= every logit the attention computes for the block.
+  const int64_t d = static_cast<int64_t>(query.size());
+  const float* q = query.data();
+  const float* lo = block.min.data();
+  const float* hi = block.max.data();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 sum = _mm256_setzero_ps(), magnitude = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + c);
+    const __m256 a = _mm256_mul_ps(qv, _mm256_loadu_ps(lo + c));
+    const __m256 b = _mm256_mul_ps(qv, _mm256_loadu_ps(hi + c));
+    sum = _mm256_add_ps(sum, _mm256_max_ps(a, b));
+    magnitude = _mm256_add_ps(magnitude,
+                              _mm256_max_ps(_mm256_andnot_ps(sign, a), _mm256_andnot_ps(sign, b)));
   }
-  const double slack = static_cast<double>(d) * 0x1p-24 * magnitude;
-  return scale * (bound + slack);
+  float total = vec::horizontal_sum(sum), size = vec::horizontal_sum(magnitude);
+  for (; c < d; ++c) {
+    const float a = q[c] * lo[c], b = q[c] * hi[c];
+    total += std::max(a, b);
+    size += std::max(std::abs(a), std::abs(b));
+  }
+  const double slack = static_cast<double>(2 * d + 4) * 0x1p-24 * size;
+  return scale * (static_cast<double>(total) + slack);
 }
 
-double block_centroid_score(const BlockSummary& block, std::span<const float> query,
-                            double scale) {
+double block_centroid_score(const BlockSummary& block, std::span<const float> query, double scale) {
   return scale * vec::dot(block.centroid.data(), query.data(), static_cast<int64_t>(query.size()));
 }
 
@@ -57,18 +72,18 @@ Region make_region(int64_t position, int64_t model_window, const SelectorSpec& s
 // Scratch reused across the queries one thread handles, so selection allocates nothing per query
 // once warm.
 struct Workspace {
-  std::vector<float> scores;     // {group, support}
-  std::vector<float> selection;  // {group, positions scored only to choose}
-  std::vector<float> pooled;     // one ranking value per candidate position or block
-  std::vector<int32_t> order;    // candidate indices being ranked
-  std::vector<int32_t> items;    // the dynamic choice: positions or block indices
-  std::vector<int32_t> support;  // the support as a sorted position list
-  std::vector<double> bounds;    // {blocks, group}, certified
-  std::vector<double> suffix;    // {blocks + 1, group}, certified
+  std::vector<float> scores;      // {group, support}
+  std::vector<float> selection;   // {group, positions scored only to choose}
+  std::vector<float> pooled;      // one ranking value per candidate position or block
+  std::vector<int32_t> order;     // candidate indices being ranked
+  std::vector<int32_t> items;     // the dynamic choice: positions or block indices
+  std::vector<int32_t> support;   // the support as a sorted position list
+  std::vector<double> bounds;     // {blocks, group}, certified
+  std::vector<double> suffix;     // {blocks + 1, group}, certified
   std::vector<double> ranking;    // pooled bound per block, certified
   std::vector<double> partition;  // Z_S per query, certified
   std::vector<double> reference;  // m per query, certified
-  std::vector<float> logits;  // observer copy
+  std::vector<float> logits;      // observer copy
 };
 
 struct BlockRange {
@@ -115,8 +130,7 @@ void choose_exact(const KVCache& cache, int64_t layer, int64_t kv, std::span<con
   stats.selection_scores = n;
   ws.pooled.assign(ws.selection.begin(), ws.selection.begin() + n);
   for (int64_t g = 1; g < group; ++g)
-    for (int64_t i = 0; i < n; ++i)
-      ws.pooled[i] = std::max(ws.pooled[i], ws.selection[g * n + i]);
+    for (int64_t i = 0; i < n; ++i) ws.pooled[i] = std::max(ws.pooled[i], ws.selection[g * n + i]);
   ws.order.resize(static_cast<size_t>(n));
   std::iota(ws.order.begin(), ws.order.end(), 0);
   keep_best(ws, k);
@@ -125,10 +139,9 @@ void choose_exact(const KVCache& cache, int64_t layer, int64_t kv, std::span<con
 
 // Block rules: ceil(k / B) blocks meeting the candidate range, ranked by the centroid score or
 // the upper bound, pooled over the slot's queries by the maximum. Touches n / B summaries.
-void choose_blocks(const KVCache& cache, int64_t layer, int64_t kv,
-                   std::span<const float> queries, int64_t group, int64_t d, const Region& r,
-                   int64_t block, const SelectorSpec& spec, double scale, Workspace& ws,
-                   SparseQueryStats& stats) {
+void choose_blocks(const KVCache& cache, int64_t layer, int64_t kv, std::span<const float> queries,
+                   int64_t group, int64_t d, const Region& r, int64_t block,
+                   const SelectorSpec& spec, double scale, Workspace& ws, SparseQueryStats& stats) {
   const BlockRange blocks = candidate_blocks(r, block);
   const int64_t want = (spec.top_k + block - 1) / block;
   ws.items.clear();
@@ -258,8 +271,8 @@ void choose_certified(const KVCache& cache, int64_t layer, int64_t kv,
 
 // Drops from a reused choice what is no longer a candidate (the window and the own block move
 // forward; a sliding-window model's visible range moves too).
-void keep_candidates(std::span<const int32_t> previous, const Region& r, bool blocks,
-                     int64_t block, std::vector<int32_t>& items) {
+void keep_candidates(std::span<const int32_t> previous, const Region& r, bool blocks, int64_t block,
+                     std::vector<int32_t>& items) {
   items.clear();
   for (int32_t x : previous) {
     const bool inside = blocks ? x * block < r.tail_begin && (x + 1) * block > r.anchors_end
@@ -307,8 +320,8 @@ void attend_support(const KVCache& cache, int64_t layer, int64_t kv, int64_t fir
     } else {
       ws.logits.assign(s.begin(), s.end());
       softmax_in_place(s);
-      observer->observe({layer, first_head + g, kv, position, queries.subspan(g * d, d), support,
-                         ws.logits, s});
+      observer->observe(
+          {layer, first_head + g, kv, position, queries.subspan(g * d, d), support, ws.logits, s});
     }
   }
   cache.accumulate(layer, kv, ws.scores, support, out);
@@ -324,8 +337,8 @@ void attend_sparse(const KVCache& cache, int64_t layer, std::span<const float> q
   const CacheShape& shape = cache.shape();
   const int64_t d = spec.head_dim, kv_heads = shape.kv_heads;
   require(d == shape.head_dim && spec.heads > 0 && spec.heads % kv_heads == 0,
-          "sparse attention: shape (", spec.heads, " heads of ", d,
-          ") does not match the cache (", kv_heads, " KV heads of ", shape.head_dim, ")");
+          "sparse attention: shape (", spec.heads, " heads of ", d, ") does not match the cache (",
+          kv_heads, " KV heads of ", shape.head_dim, ")");
   const int64_t group = spec.heads / kv_heads, row = spec.heads * d;
   require(tokens >= 0 && first_position >= 0 && first_position + tokens <= cache.length(layer),
           "sparse attention: the cache holds ", cache.length(layer), " tokens of layer ", layer,
@@ -339,9 +352,9 @@ void attend_sparse(const KVCache& cache, int64_t layer, std::span<const float> q
   require(dense || spec.scale > 0, "sparse attention '", describe(sel),
           "' needs a positive score scale (the rules rank scaled scores and bounds)");
   const int64_t block = cache.block_size();
-  require(!sel.uses_blocks() || sel.block_size == 0 || sel.block_size == block,
-          "selector '", describe(sel), "' asks for blocks of ", sel.block_size,
-          " positions, but the cache (", cache.describe(), ") summarises blocks of ", block);
+  require(!sel.uses_blocks() || sel.block_size == 0 || sel.block_size == block, "selector '",
+          describe(sel), "' asks for blocks of ", sel.block_size, " positions, but the cache (",
+          cache.describe(), ") summarises blocks of ", block);
   const bool per_head = sel.gqa == GqaChoice::PerHead;
   const int64_t slot_group = per_head ? 1 : group;  // queries sharing one choice
   const int64_t slots = per_head ? spec.heads : kv_heads;

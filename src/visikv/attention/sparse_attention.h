@@ -40,19 +40,19 @@ struct SparseQueryStats {
   int64_t summaries_read = 0;    // block summaries examined to make the choice
   int64_t selection_scores = 0;  // keys scored only to choose (exact: every candidate)
   bool refreshed = true;         // false: a previous decode step's choice was reused
-  double delta = NAN;  // certified: bound on the attention mass outside the support
+  double delta = NAN;            // certified: bound on the attention mass outside the support
 };
 
 // Quest-style upper bound on scale * q·k over every key inside the block's per-channel box
 // [min, max]: scale * sum_c max(q_c min_c, q_c max_c), plus a slack covering float32 rounding
-// of the cache's dot product (d * 2^-24 * sum_c |q_c| max(|min_c|, |max_c|)). Needs scale > 0.
+// of this sum and of the cache's dot product ((2d + 4) 2^-24 sum_c |q_c| max(|min_c|, |max_c|)).
+// Needs scale > 0.
 // The box is over the keys the summaries were fed; a cache whose stored keys differ from them
 // (f16/bf16 rounding, quantization) can score a key above the bound by its key error.
 double block_upper_bound(const BlockSummary& block, std::span<const float> query, double scale);
 
 // scale * q·c_b with the block's mean key c_b.
-double block_centroid_score(const BlockSummary& block, std::span<const float> query,
-                            double scale);
+double block_centroid_score(const BlockSummary& block, std::span<const float> query, double scale);
 
 class SparseSelector;
 

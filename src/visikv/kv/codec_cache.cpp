@@ -82,8 +82,7 @@ void CodecCache::score(int64_t layer, int64_t kv_head, std::span<const float> qu
   }
   // q·k = (Hq)·(Hk): rotate the queries once per call.
   std::vector<float> rotated(queries.begin(), queries.begin() + count * d);
-  for (int64_t q = 0; q < count; ++q)
-    keys_.rotation->rotate(std::span(rotated).subspan(q * d, d));
+  for (int64_t q = 0; q < count; ++q) keys_.rotation->rotate(std::span(rotated).subspan(q * d, d));
   keys_.stores[index]->dot(rotated, positions, scores);
 }
 
@@ -92,8 +91,9 @@ void CodecCache::accumulate(int64_t layer, int64_t kv_head, std::span<const floa
   const int64_t index = head_index(layer, kv_head);
   check_positions(layer, positions);
   const int64_t d = shape_.head_dim, count = static_cast<int64_t>(out.size()) / d;
-  require(static_cast<int64_t>(weights.size()) >= count * positions.size(), "cache accumulate: ",
-          weights.size(), " weights for ", count, " queries x ", positions.size(), " positions");
+  require(static_cast<int64_t>(weights.size()) >= count * positions.size(),
+          "cache accumulate: ", weights.size(), " weights for ", count, " queries x ",
+          positions.size(), " positions");
   if (!values_.rotation) {
     values_.stores[index]->accumulate(weights, positions, out);
     return;
@@ -145,10 +145,9 @@ int64_t CodecCache::head_index(int64_t layer, int64_t kv_head) const {
 void CodecCache::check_positions(int64_t layer, const PositionSet& positions) const {
   if (positions.size() == 0) return;
   const int64_t first = positions.is_range() ? positions.begin() : positions[0];
-  const int64_t last =
-      positions.is_range() ? positions.end() - 1 : positions[positions.size() - 1];
-  require(first >= 0 && last < lengths_[layer], "positions [", first, ", ", last,
-          "] outside the ", lengths_[layer], " cached tokens of layer ", layer);
+  const int64_t last = positions.is_range() ? positions.end() - 1 : positions[positions.size() - 1];
+  require(first >= 0 && last < lengths_[layer], "positions [", first, ", ", last, "] outside the ",
+          lengths_[layer], " cached tokens of layer ", layer);
 }
 
 void CodecCache::stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,

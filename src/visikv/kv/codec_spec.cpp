@@ -28,10 +28,11 @@ std::vector<std::string_view> split_fields(std::string_view text) {
 int64_t positive_number(std::string_view spec, std::string_view field, std::string_view prefix,
                         std::string_view what) {
   std::string_view digits = field.substr(prefix.size());
-  require(!digits.empty() && digits.size() <= 10 &&
-              std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }),
-          "cache spec '", spec, "': ", what, " '", field, "' must be '", prefix,
-          "' followed by a positive number");
+  require(
+      !digits.empty() && digits.size() <= 10 &&
+          std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }),
+      "cache spec '", spec, "': ", what, " '", field, "' must be '", prefix,
+      "' followed by a positive number");
   int64_t value = 0;
   for (char c : digits) value = value * 10 + (c - '0');
   require(value > 0 && value <= kMaxNumber, "cache spec '", spec, "': ", what, " '", field,
@@ -77,8 +78,8 @@ CodecSpec parse_codec_spec(std::string_view text) {
     spec.bits = static_cast<int>(bits);
     require(fields.size() >= 3, "cache spec '", text,
             "': an integer codec needs a group and an axis, e.g. int4:g32:tok or int2:g32:chan");
-    require(fields[1].starts_with("g"), "cache spec '", text, "': expected the group size g<G>, got '",
-            fields[1], "'");
+    require(fields[1].starts_with("g"), "cache spec '", text,
+            "': expected the group size g<G>, got '", fields[1], "'");
     spec.group = positive_number(text, fields[1], "g", "group size");
     if (fields[2] == "tok") {
       spec.axis = CodecSpec::Axis::Tokens;
@@ -99,8 +100,8 @@ CodecSpec parse_codec_spec(std::string_view text) {
     spec.hadamard = true;
     ++next;
   }
-  require(next == fields.size(), "cache spec '", text, "': unexpected '", fields[std::min(next, fields.size() - 1)],
-          "' (", kGrammar, ")");
+  require(next == fields.size(), "cache spec '", text, "': unexpected '",
+          fields[std::min(next, fields.size() - 1)], "' (", kGrammar, ")");
   return spec;
 }
 

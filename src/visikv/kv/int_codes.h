@@ -17,7 +17,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <span>
 
 #include "visikv/core/half.h"
@@ -27,9 +26,10 @@ namespace visikv::int_codes {
 // The fp16 number nearest to x that is <= x (>= x for round_up); x finite.
 inline uint16_t fp16_round_down(float x) {
   uint16_t h = float_to_fp16(x);
-  if (fp16_to_float(h) > x) h = (h & 0x8000u) ? static_cast<uint16_t>(h + 1)  // more negative
-                                  : static_cast<uint16_t>(h - 1);           // smaller positive
-  if (h == 0x8000u) h = 0;  // -0 -> +0, the same number
+  if (fp16_to_float(h) > x)
+    h = (h & 0x8000u) ? static_cast<uint16_t>(h + 1)   // more negative
+                      : static_cast<uint16_t>(h - 1);  // smaller positive
+  if (h == 0x8000u) h = 0;                             // -0 -> +0, the same number
   return h;
 }
 inline uint16_t fp16_round_up(float x) {
@@ -80,11 +80,13 @@ inline __m256 unpack8(const uint8_t* packed) {
     return _mm256_cvtepi32_ps(
         _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed))));
   } else {
-    uint32_t word = 0;
-    std::memcpy(&word, packed, kBits);  // exactly the run's bytes, never past them
-    const __m256i shifts =
-        _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits, 6 * kBits,
-                          7 * kBits);
+    // Exactly the run's bytes, never past them, assembled in a register (a partial store to
+    // memory followed by a 4-byte load would stall store forwarding).
+    uint32_t word = packed[0] | uint32_t{packed[1]} << 8;
+    if constexpr (kBits >= 3) word |= uint32_t{packed[2]} << 16;
+    if constexpr (kBits == 4) word |= uint32_t{packed[3]} << 24;
+    const __m256i shifts = _mm256_setr_epi32(0, kBits, 2 * kBits, 3 * kBits, 4 * kBits, 5 * kBits,
+                                             6 * kBits, 7 * kBits);
     const __m256i codes =
         _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts),
                          _mm256_set1_epi32((1 << kBits) - 1));

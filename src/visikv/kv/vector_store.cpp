@@ -134,12 +134,30 @@ class IntStore final : public VectorStore {
            std::span<float> scores) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
     std::vector<float> scratch(static_cast<size_t>(dim_));
+    float block[kQueryBlock];
     for (int64_t i = 0; i < n; ++i) {
       const int64_t position = positions[i];
       if (position < quantized_) {
-        decode(position, scratch.data());
-        for (int64_t q = 0; q < count; ++q)
-          scores[q * n + i] = vec::dot(scratch.data(), queries.data() + q * dim_, dim_);
+        // Each key is decoded once per block of up to four queries, in registers.
+        for (int64_t q0 = 0; q0 < count; q0 += kQueryBlock) {
+          const int64_t queries_here = std::min<int64_t>(kQueryBlock, count - q0);
+          const float* first = queries.data() + q0 * dim_;
+          switch (queries_here) {
+            case 1:
+              dot_block<1>(position, first, scratch.data(), block);
+              break;
+            case 2:
+              dot_block<2>(position, first, scratch.data(), block);
+              break;
+            case 3:
+              dot_block<3>(position, first, scratch.data(), block);
+              break;
+            default:
+              dot_block<4>(position, first, scratch.data(), block);
+              break;
+          }
+          for (int64_t j = 0; j < queries_here; ++j) scores[(q0 + j) * n + i] = block[j];
+        }
       } else {
         const uint16_t* row = window_row(position);
         for (int64_t q = 0; q < count; ++q)
@@ -155,9 +173,13 @@ class IntStore final : public VectorStore {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t position = positions[i];
       if (position < quantized_) {
-        decode(position, scratch.data());
-        for (int64_t q = 0; q < count; ++q)
-          vec::axpy(weights[q * n + i], scratch.data(), out.data() + q * dim_, dim_);
+        visit_chunks(position, scratch.data(), [&](int64_t c, __m256 x) {
+          for (int64_t q = 0; q < count; ++q) {
+            float* y = out.data() + q * dim_ + c;
+            _mm256_storeu_ps(
+                y, _mm256_fmadd_ps(_mm256_set1_ps(weights[q * n + i]), x, _mm256_loadu_ps(y)));
+          }
+        });
       } else {
         const uint16_t* row = window_row(position);
         for (int64_t q = 0; q < count; ++q)
@@ -225,35 +247,53 @@ class IntStore final : public VectorStore {
     quantized_ += tokens;
   }
 
-  // out[c] = zero + scale * code for the quantized token `position`, 8 channels at a time.
-  void decode(int64_t position, float* out) const {
+  // Calls visit(c, x) for c = 0, 8, .., dim - 8, where x holds channels [c, c + 8) of the
+  // quantized token `position`, zero + scale * code. `scratch` (dim floats) is used only when
+  // groups are narrower than 8 lanes.
+  template <typename Visit>
+  void visit_chunks(int64_t position, float* scratch, Visit&& visit) const {
     const uint8_t* row = codes_.data() + position * row_bytes_;
     const uint16_t* scales = params_.data() + position / token_group_ * 2 * groups_per_row_;
     const uint16_t* zeros = scales + groups_per_row_;
     if (channel_group_ == 1) {  // per-channel parameters: one fp16 pair per lane
       for (int64_t c = 0; c < dim_; c += 8)
-        _mm256_storeu_ps(out + c, _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
-                                                  vec::load8(scales + c, false),
-                                                  vec::load8(zeros + c, false)));
+        visit(c, _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
+                                 vec::load8(scales + c, false), vec::load8(zeros + c, false)));
     } else if (channel_group_ % 8 == 0) {  // one pair per run of lanes
       for (int64_t g = 0; g < groups_per_row_; ++g) {
         const __m256 scale = _mm256_set1_ps(fp16_to_float(scales[g]));
         const __m256 zero = _mm256_set1_ps(fp16_to_float(zeros[g]));
         for (int64_t c = g * channel_group_; c < (g + 1) * channel_group_; c += 8)
-          _mm256_storeu_ps(
-              out + c,
-              _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits), scale, zero));
+          visit(c, _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits), scale, zero));
       }
-    } else {  // groups narrower than (or straddling) 8 lanes
+    } else {  // groups narrower than (or straddling) 8 lanes: decode through the scratch
       for (int64_t c = 0; c < dim_; c += 8)
-        _mm256_storeu_ps(out + c, int_codes::unpack8<kBits>(row + c / 8 * kBits));
+        _mm256_storeu_ps(scratch + c, int_codes::unpack8<kBits>(row + c / 8 * kBits));
       for (int64_t c = 0; c < dim_; ++c) {
         const int64_t g = c / channel_group_;
-        out[c] = std::fma(out[c], fp16_to_float(scales[g]), fp16_to_float(zeros[g]));
+        scratch[c] = std::fma(scratch[c], fp16_to_float(scales[g]), fp16_to_float(zeros[g]));
       }
+      for (int64_t c = 0; c < dim_; c += 8) visit(c, _mm256_loadu_ps(scratch + c));
     }
   }
 
+  void decode(int64_t position, float* out) const {
+    visit_chunks(position, out, [out](int64_t c, __m256 x) { _mm256_storeu_ps(out + c, x); });
+  }
+
+  // results[j] = queries[j] · x̂[position] for kQueries consecutive queries.
+  template <int kQueries>
+  void dot_block(int64_t position, const float* queries, float* scratch, float* results) const {
+    __m256 acc[kQueries];
+    for (int j = 0; j < kQueries; ++j) acc[j] = _mm256_setzero_ps();
+    visit_chunks(position, scratch, [&](int64_t c, __m256 x) {
+      for (int j = 0; j < kQueries; ++j)
+        acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(queries + j * dim_ + c), acc[j]);
+    });
+    for (int j = 0; j < kQueries; ++j) results[j] = vec::horizontal_sum(acc[j]);
+  }
+
+  static constexpr int64_t kQueryBlock = 4;
   int64_t dim_, token_group_, channel_group_, groups_per_row_, row_bytes_, window_tokens_;
   int64_t quantized_ = 0;         // tokens [0, quantized_) are in codes_
   std::vector<uint8_t> codes_;    // {quantized_, row_bytes_} packed codes

@@ -1,0 +1,556 @@
+// Sparse attention selectors and the certified mode, against brute-force recomputations from the
+// raw keys and against dense attend_causal.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "visikv/attention/attention.h"
+#include "visikv/attention/sparse_attention.h"
+#include "visikv/core/error.h"
+#include "visikv/kv/dense_cache.h"
+
+namespace visikv {
+namespace {
+
+std::vector<float> random_vector(std::mt19937& rng, size_t n, float scale = 1.0f) {
+  std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  return v;
+}
+
+// Every observer event, keyed by (position, query head).
+class Recorder : public AttentionObserver {
+ public:
+  struct Event {
+    std::vector<int32_t> positions;
+    std::vector<float> logits, query;
+  };
+  void observe(const AttentionEvent& e) override {
+    Event copy;
+    for (int64_t i = 0; i < e.positions.size(); ++i)
+      copy.positions.push_back(static_cast<int32_t>(e.positions[i]));
+    copy.logits.assign(e.scores.begin(), e.scores.end());
+    copy.query.assign(e.query.begin(), e.query.end());
+    std::lock_guard lock(mutex_);
+    events_[{e.position, e.head}] = std::move(copy);
+  }
+  const Event& at(int64_t position, int64_t head) const { return events_.at({position, head}); }
+  size_t size() const { return events_.size(); }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::pair<int64_t, int64_t>, Event> events_;
+};
+
+// A synthetic attention problem: keys/values {n, kv_heads, d}, queries {n, heads, d}.
+struct Problem {
+  int64_t n, heads, kv_heads, d, block;
+  std::vector<float> q, k, v;
+  std::unique_ptr<KVCache> cache;
+  AttentionSpec spec;
+
+  Problem(int64_t n_, int64_t heads_, int64_t kv_heads_, int64_t d_, int64_t block_, uint32_t seed,
+          int64_t model_window = 0, DenseFormat format = DenseFormat::F32)
+      : n(n_), heads(heads_), kv_heads(kv_heads_), d(d_), block(block_) {
+    std::mt19937 rng(seed);
+    q = random_vector(rng, n * heads * d);
+    k = random_vector(rng, n * kv_heads * d);
+    v = random_vector(rng, n * kv_heads * d);
+    cache = make_dense_cache({1, kv_heads, d}, format, n, block);
+    spec = {heads, d, 1.0 / std::sqrt(double(d)), model_window};
+  }
+  void fill() { cache->append(0, k, v, n); }
+  int64_t group() const { return heads / kv_heads; }
+  const float* key(int64_t j, int64_t kv) const { return &k[(j * kv_heads + kv) * d]; }
+  const float* value(int64_t j, int64_t kv) const { return &v[(j * kv_heads + kv) * d]; }
+  const float* query(int64_t t, int64_t h) const { return &q[(t * heads + h) * d]; }
+  double score(int64_t t, int64_t h, int64_t j) const {  // scaled, in double
+    double dot = 0;
+    for (int64_t c = 0; c < d; ++c) dot += double(query(t, h)[c]) * key(j, h / group())[c];
+    return dot * spec.scale;
+  }
+  std::vector<float> dense() const {
+    std::vector<float> out(n * heads * d);
+    attend_causal(*cache, 0, q, n, 0, spec, out);
+    return out;
+  }
+  std::vector<float> sparse(SparseSelector& selector,
+                            std::vector<SparseQueryStats>* stats = nullptr,
+                            AttentionObserver* observer = nullptr) const {
+    std::vector<float> out(n * heads * d, NAN);
+    if (stats != nullptr) stats->assign(n * heads, {});
+    attend_sparse(*cache, 0, q, n, 0, spec, selector, out,
+                  stats != nullptr ? std::span(*stats) : std::span<SparseQueryStats>(), observer);
+    return out;
+  }
+};
+
+TEST(SelectorSpec, ParsesAndDescribes) {
+  const SelectorSpec s = parse_selector_spec("sparse:a1:w64:k32:b16:centroid:gqa=head:r8");
+  EXPECT_EQ(s.kind, SelectorKind::Sparse);
+  EXPECT_EQ(s.rule, SelectorRule::Centroid);
+  EXPECT_EQ(s.gqa, GqaChoice::PerHead);
+  EXPECT_EQ(s.anchors, 1);
+  EXPECT_EQ(s.window, 64);
+  EXPECT_EQ(s.top_k, 32);
+  EXPECT_EQ(s.block_size, 16);
+  EXPECT_EQ(s.refresh, 8);
+  const SelectorSpec c = parse_selector_spec("certified:w64:eps0.01:a1:b16");
+  EXPECT_EQ(c.kind, SelectorKind::Certified);
+  EXPECT_DOUBLE_EQ(c.epsilon, 0.01);
+  for (const char* text :
+       {"dense", "sparse:a1:w64:k32:exact", "sparse:a4:w8", "sparse:a0:w64:k32:bound:r3",
+        "certified:a1:w64:b16:eps0.001:gqa=head", "certified:a1:w64:eps1e-05"}) {
+    const std::string canonical = describe(parse_selector_spec(text));
+    EXPECT_EQ(describe(parse_selector_spec(canonical)), canonical) << text;
+  }
+  EXPECT_EQ(describe(parse_selector_spec("sparse:k32:exact:w64:a1")),
+            "sparse:a1:w64:k32:exact:gqa=shared:r1");
+}
+
+TEST(SelectorSpec, BadSpecsAreErrors) {
+  for (const char* text : {"",
+                           "sparsely",
+                           "Dense",
+                           "dense:a1",
+                           "sparse:x3",
+                           "sparse:a1:w64:k0:exact",
+                           "sparse:k32",
+                           "sparse:exact",
+                           "sparse:a-1:w4",
+                           "sparse:a1:a2",
+                           "sparse:a1:w4:k8:exact:bound",
+                           "sparse:a1:w4:k8:b8:exact",
+                           "sparse:a1:w64:k32:b0:bound",
+                           "sparse:a1:w4:b8",
+                           "sparse:a1:w4:k8:exact:r0",
+                           "sparse:a1:w4:k8:exact:gqa=group",
+                           "sparse:a1::w4",
+                           "sparse:a1:w4:eps0.1",
+                           "sparse:a99999999999:w4",
+                           "sparse:a1x:w4",
+                           "certified:a1:w64:b16",
+                           "certified:eps0",
+                           "certified:eps1",
+                           "certified:eps-0.1",
+                           "certified:epsnan",
+                           "certified:eps0.01:k5",
+                           "certified:eps0.01:bound",
+                           "certified:eps0.01:r2",
+                           "certified:eps0.01:eps0.02"}) {
+    EXPECT_THROW(parse_selector_spec(text), Error) << text;
+  }
+  try {
+    parse_selector_spec("sparse:a1:w64:k32:q9:exact");
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("unknown field 'q9'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(SparseAttention, BadUseIsAnError) {
+  Problem p(40, 4, 2, 16, 8, 1);
+  p.fill();
+  std::vector<float> out(p.heads * p.d);
+  const std::span<const float> q(p.q.data(), p.heads * p.d);
+  SparseSelector wrong_block("sparse:a1:w4:k8:b16:bound");  // the cache summarises blocks of 8
+  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, wrong_block, out), Error);
+  SparseSelector certified_wrong_block("certified:a1:w4:b4:eps0.1");
+  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, certified_wrong_block, out), Error);
+  SparseSelector ok("sparse:a1:w4:k8:b8:bound");
+  EXPECT_NO_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, ok, out));
+  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 40, p.spec, ok, out), Error);  // beyond the cache
+  AttentionSpec negative = p.spec;
+  negative.scale = -1;
+  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, negative, ok, out), Error);
+  AttentionSpec odd = p.spec;
+  odd.heads = 3;
+  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, odd, ok, out), Error);
+  std::vector<SparseQueryStats> short_stats(1);
+  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, ok, out, short_stats), Error);
+}
+
+// k >= n (or every size beyond the context): the support is every visible position and the
+// output is dense attention, bit for bit.
+TEST(SparseAttention, FullSupportEqualsDense) {
+  for (int64_t model_window : {0, 5}) {
+    Problem p(45, 6, 2, 24, 8, 11, model_window);
+    p.fill();
+    const std::vector<float> dense = p.dense();
+    for (const char* text :
+         {"dense", "sparse:a1:w4:k1000:exact", "sparse:a0:w0:k45:exact:gqa=head",
+          "sparse:a1:w4:k1000:centroid", "sparse:a1:w4:k1000:b8:bound:gqa=head",
+          "sparse:a100000:w100000:k100000:exact", "sparse:a2:w100000", "sparse:a100000:w1"}) {
+      SparseSelector selector(text);
+      std::vector<SparseQueryStats> stats;
+      const std::vector<float> out = p.sparse(selector, &stats);
+      for (size_t i = 0; i < out.size(); ++i)
+        ASSERT_EQ(out[i], dense[i]) << text << " window " << model_window << " at " << i;
+      for (int64_t t = 0; t < p.n; ++t)
+        EXPECT_EQ(stats[t * p.heads].support, visible_positions(t, model_window).size()) << text;
+    }
+  }
+}
+
+// Anchors and window are always read, the support is sorted and duplicate-free, causal, inside a
+// sliding-window model's window, and never larger than anchors + window + own block + dynamic.
+TEST(SparseAttention, SupportHoldsAnchorsWindowAndIsSorted) {
+  for (int64_t model_window : {0, 20}) {
+    Problem p(150, 4, 2, 16, 8, 5, model_window);
+    p.fill();
+    for (const char* text :
+         {"sparse:a3:w5:k4:exact", "sparse:a3:w5:k12:b8:centroid:gqa=head", "sparse:a3:w5:k9:bound",
+          "sparse:a3:w5", "certified:a3:w5:eps0.2", "certified:a3:w5:eps0.01:gqa=head"}) {
+      SparseSelector selector(text);
+      const SelectorSpec& s = selector.spec();
+      Recorder recorder;
+      std::vector<SparseQueryStats> stats;
+      p.sparse(selector, &stats, &recorder);
+      ASSERT_EQ(recorder.size(), static_cast<size_t>(p.n * p.heads));
+      for (int64_t t = 0; t < p.n; ++t) {
+        const int64_t lo = visible_positions(t, model_window).begin();
+        for (int64_t h = 0; h < p.heads; ++h) {
+          const std::vector<int32_t>& pos = recorder.at(t, h).positions;
+          ASSERT_FALSE(pos.empty());
+          EXPECT_TRUE(std::adjacent_find(pos.begin(), pos.end(), std::greater_equal<>()) ==
+                      pos.end())
+              << text << ": support not strictly increasing at t=" << t;
+          EXPECT_GE(pos.front(), lo);
+          EXPECT_EQ(pos.back(), t);
+          const std::set<int32_t> set(pos.begin(), pos.end());
+          for (int64_t j = lo; j < std::min<int64_t>(s.anchors, t + 1); ++j)
+            EXPECT_TRUE(set.count(j)) << text << ": anchor " << j << " missing at t=" << t;
+          for (int64_t j = std::max(lo, t - s.window + 1); j <= t; ++j)
+            EXPECT_TRUE(set.count(j)) << text << ": window " << j << " missing at t=" << t;
+          const SparseQueryStats& st = stats[t * p.heads + h];
+          EXPECT_EQ(st.support, static_cast<int64_t>(pos.size()));
+          if (s.kind == SelectorKind::Sparse) {
+            const int64_t dynamic_cap = s.rule == SelectorRule::Exact
+                                            ? s.top_k
+                                            : (s.top_k + p.block - 1) / p.block * p.block;
+            EXPECT_LE(st.dynamic, dynamic_cap) << text;
+            EXPECT_LE(st.support, s.anchors + s.window + p.block - 1 + dynamic_cap) << text;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Exact top-k: the dynamic positions are the k best candidates by score (double, from the raw
+// keys), pooled by the max over the group with gqa=shared, per head with gqa=head.
+TEST(SparseAttention, ExactTopKPicksTheLargestScores) {
+  Problem p(120, 6, 2, 16, 8, 21);
+  p.fill();
+  const int64_t anchors = 2, window = 4, k = 7;
+  for (bool shared : {true, false}) {
+    SparseSelector selector(shared ? "sparse:a2:w4:k7:exact" : "sparse:a2:w4:k7:exact:gqa=head");
+    Recorder recorder;
+    p.sparse(selector, nullptr, &recorder);
+    for (int64_t t = 0; t < p.n; ++t) {
+      const int64_t c0 = std::min<int64_t>(anchors, t + 1), c1 = std::max(c0, t - window + 1);
+      for (int64_t h = 0; h < p.heads; ++h) {
+        const auto ranking = [&](int64_t j) {
+          if (!shared) return p.score(t, h, j);
+          double best = -INFINITY;
+          const int64_t first = h / p.group() * p.group();
+          for (int64_t g = first; g < first + p.group(); ++g)
+            best = std::max(best, p.score(t, g, j));
+          return best;
+        };
+        std::set<int64_t> chosen;
+        for (int32_t j : recorder.at(t, h).positions)
+          if (j >= c0 && j < c1) chosen.insert(j);
+        ASSERT_EQ(static_cast<int64_t>(chosen.size()), std::min(k, c1 - c0)) << "t=" << t;
+        double worst_chosen = INFINITY, best_dropped = -INFINITY;
+        for (int64_t j = c0; j < c1; ++j) {
+          if (chosen.count(j))
+            worst_chosen = std::min(worst_chosen, ranking(j));
+          else
+            best_dropped = std::max(best_dropped, ranking(j));
+        }
+        EXPECT_GE(worst_chosen, best_dropped - 1e-5) << "t=" << t << " h=" << h;
+      }
+    }
+  }
+}
+
+TEST(SparseAttention, GqaSharedChoiceIsCommonPerHeadChoiceIsNot) {
+  Problem p(200, 6, 2, 16, 8, 8);
+  p.fill();
+  for (const char* rule : {"exact", "centroid", "bound"}) {
+    SparseSelector shared(std::string("sparse:a1:w4:k16:") + rule);
+    SparseSelector per_head(std::string("sparse:a1:w4:k16:") + rule + ":gqa=head");
+    Recorder shared_events, head_events;
+    p.sparse(shared, nullptr, &shared_events);
+    p.sparse(per_head, nullptr, &head_events);
+    int64_t differing = 0;
+    for (int64_t t = 0; t < p.n; ++t) {
+      for (int64_t kv = 0; kv < p.kv_heads; ++kv) {
+        const int64_t h0 = kv * p.group();
+        for (int64_t g = 1; g < p.group(); ++g) {
+          EXPECT_EQ(shared_events.at(t, h0 + g).positions, shared_events.at(t, h0).positions);
+          differing += head_events.at(t, h0 + g).positions != head_events.at(t, h0).positions;
+        }
+      }
+    }
+    EXPECT_GT(differing, p.n / 2) << rule << ": per-head choices should differ on random data";
+  }
+}
+
+// u_b >= max_{j in b} s_j for every block, on random keys (offset so the box is not centred),
+// also for the partial last block; and the cache's float scores stay below it.
+TEST(SparseAttention, UpperBoundDominatesBlockScores) {
+  const int64_t d = 32, block = 8, n = 203;
+  std::mt19937 rng(99);
+  std::vector<float> k = random_vector(rng, n * d), v = random_vector(rng, n * d);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) k[j * d + c] += 0.1f * c - 1.0f;
+  auto cache = make_dense_cache({1, 1, d}, DenseFormat::F32, 0, block);
+  cache->append(0, k, v, n);
+  const double scale = 1.0 / std::sqrt(double(d));
+  for (int trial = 0; trial < 50; ++trial) {
+    const std::vector<float> q = random_vector(rng, d, trial % 2 ? 1.0f : 5.0f);
+    std::vector<float> scores(n);
+    cache->score(0, 0, q, PositionSet::range(0, n), scores);
+    for (int64_t b = 0; b * block < n; ++b) {
+      const double u = block_upper_bound(cache->summary(0, 0, b), q, scale);
+      double best = -INFINITY, best_centroid = 0;
+      for (int64_t j = b * block; j < std::min(n, (b + 1) * block); ++j) {
+        double dot = 0;
+        for (int64_t c = 0; c < d; ++c) dot += double(q[c]) * k[j * d + c];
+        best = std::max(best, dot * scale);
+        best_centroid += dot * scale;
+        EXPECT_GE(u, double(scores[j]) * scale);
+      }
+      EXPECT_GE(u, best);
+      const int64_t count = std::min(n, (b + 1) * block) - b * block;
+      EXPECT_NEAR(block_centroid_score(cache->summary(0, 0, b), q, scale), best_centroid / count,
+                  1e-4);
+    }
+  }
+}
+
+// One block of keys planted along the query direction: both block rules pick exactly it.
+TEST(SparseAttention, BlockRulesFindThePlantedBlock) {
+  const int64_t d = 32, block = 16, n = 256, planted = 7;
+  std::mt19937 rng(4);
+  std::vector<float> k = random_vector(rng, n * d, 0.1f), v = random_vector(rng, n * d);
+  const std::vector<float> q = random_vector(rng, d);
+  for (int64_t j = planted * block; j < (planted + 1) * block; ++j)
+    for (int64_t c = 0; c < d; ++c) k[j * d + c] += q[c];
+  auto cache = make_dense_cache({1, 1, d}, DenseFormat::F16, n, block);
+  cache->append(0, k, v, n);
+  const AttentionSpec spec{1, d, 1.0 / std::sqrt(double(d)), 0};
+  for (const char* text :
+       {"sparse:a1:w16:k16:centroid", "sparse:a1:w16:k10:b16:bound", "certified:a1:w16:eps0.5"}) {
+    SparseSelector selector(text);
+    Recorder recorder;
+    std::vector<float> out(d);
+    std::vector<SparseQueryStats> stats(1);
+    attend_sparse(*cache, 0, q, 1, n - 1, spec, selector, out, stats, &recorder);
+    std::vector<int32_t> expected = {0};
+    for (int64_t j = planted * block; j < (planted + 1) * block; ++j) expected.push_back(j);
+    for (int64_t j = n - block; j < n; ++j) expected.push_back(j);
+    EXPECT_EQ(recorder.at(n - 1, 0).positions, expected) << text;
+    EXPECT_EQ(stats[0].blocks_read, 1) << text;
+    EXPECT_EQ(stats[0].dynamic, block) << text;
+    EXPECT_EQ(stats[0].summaries_read, n / block - 1) << text;  // all but the window's block
+  }
+}
+
+// Brute-force δ for one query: Z_S over the support's logits, Ẑ over every visible position
+// outside the support, each counted with its block's bound; δ = Ẑ / (Z_S + Ẑ).
+double brute_force_delta(const Problem& p, const Recorder::Event& e, int64_t t, int64_t kv) {
+  const std::set<int32_t> support(e.positions.begin(), e.positions.end());
+  double m = -INFINITY;
+  for (float s : e.logits) m = std::max<double>(m, s);
+  std::map<int64_t, int64_t> unselected;  // block -> count
+  for (int64_t j = visible_positions(t, p.spec.sliding_window).begin(); j <= t; ++j)
+    if (!support.count(static_cast<int32_t>(j))) ++unselected[j / p.block];
+  std::map<int64_t, double> bound;
+  for (const auto& [b, count] : unselected) {
+    bound[b] = block_upper_bound(p.cache->summary(0, kv, b), e.query, p.spec.scale);
+    m = std::max(m, bound[b]);
+  }
+  double z_support = 0, z_rest = 0;
+  for (float s : e.logits) z_support += std::exp(s - m);
+  for (const auto& [b, count] : unselected) z_rest += count * std::exp(bound[b] - m);
+  return z_rest > 0 ? z_rest / (z_support + z_rest) : 0.0;
+}
+
+struct CertifiedCase {
+  bool planted;
+  const char* spec;
+  int64_t model_window;
+};
+
+class CertifiedTest : public ::testing::TestWithParam<CertifiedCase> {};
+
+// For every query: δ <= ε, δ equals the brute-force recomputation, and the output error against
+// dense attention is within 2 δ max_j ||v_j||.
+TEST_P(CertifiedTest, BoundHoldsAndDeltaIsExact) {
+  const CertifiedCase c = GetParam();
+  Problem p(300, 6, 2, 32, 8, 77, c.model_window);
+  if (c.planted) {
+    // Queries share a direction u; a few planted keys point along it (heavy positions); the rest
+    // are small noise, so a few blocks should certify most queries.
+    std::mt19937 rng(5);
+    std::vector<float> u = random_vector(rng, p.d);
+    double norm = 0;
+    for (float x : u) norm += x * x;
+    for (float& x : u) x = static_cast<float>(x / std::sqrt(norm));
+    for (size_t i = 0; i < p.q.size(); ++i) p.q[i] = 10 * u[i % p.d] + 0.3f * p.q[i];
+    for (size_t i = 0; i < p.k.size(); ++i) p.k[i] *= 0.3f;
+    for (int64_t j : {3, 40, 41, 97, 150, 220, 221, 222, 280})
+      for (int64_t kv = 0; kv < p.kv_heads; ++kv)
+        for (int64_t c2 = 0; c2 < p.d; ++c2) p.k[(j * p.kv_heads + kv) * p.d + c2] += 10 * u[c2];
+  }
+  p.fill();
+  SparseSelector selector(c.spec);
+  const double epsilon = selector.spec().epsilon;
+  Recorder recorder;
+  std::vector<SparseQueryStats> stats;
+  const std::vector<float> sparse = p.sparse(selector, &stats, &recorder);
+  const std::vector<float> dense = p.dense();
+  int64_t total_support = 0, visible_total = 0;
+  for (int64_t t = 0; t < p.n; ++t) {
+    const PositionSet visible = visible_positions(t, c.model_window);
+    visible_total += visible.size() * p.heads;
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t kv = h / p.group();
+      const SparseQueryStats& st = stats[t * p.heads + h];
+      total_support += st.support;
+      ASSERT_TRUE(std::isfinite(st.delta));
+      EXPECT_LE(st.delta, epsilon);
+      const double expected = brute_force_delta(p, recorder.at(t, h), t, kv);
+      EXPECT_NEAR(st.delta, expected, 1e-12 + 1e-9 * expected) << "t=" << t << " h=" << h;
+      double max_value = 0, error = 0;
+      for (int64_t j = visible.begin(); j < visible.end(); ++j) {
+        double norm = 0;
+        for (int64_t c2 = 0; c2 < p.d; ++c2)
+          norm += double(p.value(j, kv)[c2]) * p.value(j, kv)[c2];
+        max_value = std::max(max_value, std::sqrt(norm));
+      }
+      for (int64_t c2 = 0; c2 < p.d; ++c2) {
+        const double diff =
+            double(sparse[(t * p.heads + h) * p.d + c2]) - dense[(t * p.heads + h) * p.d + c2];
+        error += diff * diff;
+      }
+      EXPECT_LE(std::sqrt(error), 2 * st.delta * max_value + 1e-5) << "t=" << t << " h=" << h;
+    }
+  }
+  if (c.planted) {  // the certificate must actually save reads where the mass is concentrated
+    EXPECT_LT(total_support, visible_total / 2)
+        << "mean support " << double(total_support) / (p.n * p.heads);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Inputs, CertifiedTest,
+    ::testing::Values(CertifiedCase{false, "certified:a1:w8:b8:eps0.01", 0},
+                      CertifiedCase{false, "certified:a0:w3:eps0.2:gqa=head", 0},
+                      CertifiedCase{false, "certified:a1:w8:eps0.05", 50},
+                      CertifiedCase{true, "certified:a1:w8:b8:eps0.01", 0},
+                      CertifiedCase{true, "certified:a1:w8:eps0.05:gqa=head", 0},
+                      CertifiedCase{true, "certified:a2:w4:eps0.1", 64}));
+
+// Refresh: a decode step re-chooses every R positions and otherwise reuses the last choice (minus
+// what has entered the window); a prefill's last query seeds the choice.
+TEST(SparseAttention, RefreshReusesTheChoice) {
+  for (const char* rule : {"exact", "centroid", "bound"}) {
+    for (int64_t refresh : {1, 4}) {
+      Problem p(120, 4, 2, 16, 8, 3);
+      SparseSelector selector(std::string("sparse:a1:w8:k16:") + rule + ":r" +
+                              std::to_string(refresh));
+      const int64_t row = p.heads * p.d, kv_row = p.kv_heads * p.d, prefill = 40;
+      std::vector<float> out(p.n * row);
+      std::vector<SparseQueryStats> stats(p.n * p.heads);
+      Recorder recorder;
+      p.cache->append(0, std::span(p.k).first(prefill * kv_row),
+                      std::span(p.v).first(prefill * kv_row), prefill);
+      attend_sparse(*p.cache, 0, std::span(p.q).first(prefill * row), prefill, 0, p.spec, selector,
+                    std::span(out).first(prefill * row), std::span(stats).first(prefill * p.heads),
+                    &recorder);
+      for (int64_t t = prefill; t < p.n; ++t) {
+        p.cache->append(0, std::span(p.k).subspan(t * kv_row, kv_row),
+                        std::span(p.v).subspan(t * kv_row, kv_row), 1);
+        attend_sparse(*p.cache, 0, std::span(p.q).subspan(t * row, row), 1, t, p.spec, selector,
+                      std::span(out).subspan(t * row, row),
+                      std::span(stats).subspan(t * p.heads, p.heads), &recorder);
+      }
+      int64_t changed = 0;
+      for (int64_t t = prefill; t < p.n; ++t) {
+        const bool expect_refresh = (t - (prefill - 1)) % refresh == 0;
+        for (int64_t h = 0; h < p.heads; ++h) {
+          EXPECT_EQ(stats[t * p.heads + h].refreshed, expect_refresh) << rule << " t=" << t;
+          // The dynamic part: positions in [1, t - 7) and, for the block rules, not in the
+          // query's own block.
+          const auto candidates_end = [&](int64_t at) {
+            return std::string(rule) == "exact" ? at - 7 : std::min(at - 7, at / p.block * p.block);
+          };
+          const auto dynamic = [&](int64_t at) {
+            std::set<int32_t> s;
+            for (int32_t j : recorder.at(at, h).positions)
+              if (j >= 1 && j < candidates_end(at)) s.insert(j);
+            return s;
+          };
+          const std::set<int32_t> now = dynamic(t), before = dynamic(t - 1);
+          if (!expect_refresh) {
+            // Reused: what left the candidates (into the window) is gone, and nothing is new
+            // except, for a chosen block the window used to cover, its positions that have just
+            // left the window.
+            for (int32_t j : before) {
+              if (!now.count(j)) {
+                EXPECT_GE(j, candidates_end(t)) << rule << " t=" << t;
+              }
+            }
+            for (int32_t j : now) {
+              if (!before.count(j)) {
+                EXPECT_NE(std::string(rule), "exact") << "t=" << t;
+                EXPECT_GE(j, candidates_end(t - 1)) << rule << " t=" << t;
+              }
+            }
+          }
+          changed += now != before;
+        }
+      }
+      if (refresh == 1) {
+        EXPECT_GT(changed, (p.n - prefill) / 2) << rule;
+      }
+    }
+  }
+}
+
+// Prefill and token-by-token decode read the same supports and give the same outputs (the own
+// block is never ranked by a summary that already holds later keys).
+TEST(SparseAttention, PrefillMatchesDecode) {
+  for (const char* text : {"sparse:a1:w3:k16:centroid", "sparse:a1:w3:k16:bound:gqa=head",
+                           "sparse:a2:w5:k9:exact", "certified:a1:w3:eps0.05"}) {
+    Problem p(90, 4, 2, 16, 8, 31);
+    p.fill();
+    SparseSelector prefill_selector(text);
+    const std::vector<float> prefill = p.sparse(prefill_selector);
+    Problem decode_problem(90, 4, 2, 16, 8, 31);
+    SparseSelector decode_selector(text);
+    const int64_t row = p.heads * p.d, kv_row = p.kv_heads * p.d;
+    std::vector<float> decode(p.n * row);
+    for (int64_t t = 0; t < p.n; ++t) {
+      decode_problem.cache->append(0, std::span(p.k).subspan(t * kv_row, kv_row),
+                                   std::span(p.v).subspan(t * kv_row, kv_row), 1);
+      attend_sparse(*decode_problem.cache, 0, std::span(p.q).subspan(t * row, row), 1, t, p.spec,
+                    decode_selector, std::span(decode).subspan(t * row, row));
+    }
+    for (size_t i = 0; i < decode.size(); ++i) ASSERT_EQ(prefill[i], decode[i]) << text << " " << i;
+  }
+}
+
+}  // namespace
+}  // namespace visikv
