@@ -87,6 +87,19 @@ TEST(Cli, PerplexityWritesJsonAndModesAgree) {
   fs::remove(decode_json);
 }
 
+TEST(Cli, PerplexityWithQuantizedKeysAndSparseAttention) {
+  const std::string text = std::string(VISIKV_FIXTURES) + "/models/llama/reference.json";
+  const std::string common =
+      "ppl " + kLlama + " --file " + text + " --window 32 --tokens 60 --mode decode";
+  for (const std::string extra :
+       {" --keys int4:g16:tok", " --keys int2:g16:chan:r8 --values int8:g16:tok",
+        " --selector sparse:a1:w8:k8:b16:bound", " --selector certified:a1:w8:b16:eps0.05"}) {
+    const ProgramRun r = run(common + extra);
+    EXPECT_EQ(r.status, 0) << extra << "\n" << r.output;
+    EXPECT_NE(r.output.find("PPL"), std::string::npos) << r.output;
+  }
+}
+
 struct BadInvocation {
   std::string args;
   std::string expected;  // part of the message
@@ -114,6 +127,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadInvocation{"ppl " + kLlama + " --file /no/such/text.txt", "no such file"},
         BadInvocation{
             "ppl " + kLlama + " --cache int3 --tokens 4 --file " + kLlama + "/config.json", "int3"},
+        BadInvocation{"ppl " + kLlama + " --selector sparse:a1:w0:k0:exact --tokens 4", "k"},
+        BadInvocation{"ppl " + kLlama + " --selector fancy --tokens 4", "fancy"},
         BadInvocation{"generate " + kLlama + " 'x' --top-p 2", "top-p"},
         BadInvocation{"generate " + kLlama + " 'x' --temperature -1", "temperature"},
         BadInvocation{"generate " + kLlama + " 'x' --bogus-flag", "bogus-flag"},

@@ -162,3 +162,30 @@ TEST(DefaultModel, PerplexityModesAgree) {
 
 }  // namespace
 }  // namespace visikv
+
+namespace visikv {
+namespace {
+
+// K-only decode perplexity through the codec factory with dense codecs is the engine's dense
+// perplexity exactly; quantized keys read their stored form and cost perplexity.
+TEST(DefaultModel, DenseCodecsGiveTheDensePerplexityExactly) {
+  const Model& model = default_model();
+  const std::vector<int32_t> tokens = reference_tokens();
+  Decoder decoder(model);
+  PerplexityOptions options;
+  options.mode = PerplexityMode::Decode;
+  options.window = 64;
+  options.max_tokens = 63;
+  const PerplexityResult dense = perplexity(decoder, tokens, options);
+  options.key_codec = options.value_codec = "f32";
+  options.selector = "sparse:a64:w64:k64:exact";  // covers the whole window: the dense support
+  const PerplexityResult full_support = perplexity(decoder, tokens, options);
+  EXPECT_EQ(dense.nll, full_support.nll);
+  options.selector = "dense";
+  options.key_codec = "int2:g64:tok";
+  const PerplexityResult two_bit = perplexity(decoder, tokens, options);
+  EXPECT_GT(two_bit.nll, dense.nll);
+}
+
+}  // namespace
+}  // namespace visikv

@@ -1,11 +1,12 @@
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/generate.h"
-#include "visikv/kv/dense_cache.h"
+#include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -13,7 +14,7 @@ namespace visikv::cli {
 
 namespace {
 struct GenerateFlags {
-  std::string model, prompt, cache = "f32";
+  std::string model, prompt, keys = "f32", values = "f32", selector = "dense";
   GenerationOptions options;
   bool ignore_eos = false, stats = false;
 };
@@ -36,7 +37,9 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--top-p", flags->options.sampling.top_p, "nucleus probability mass")
       ->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", flags->options.sampling.seed, "random seed for sampling");
-  cmd->add_option("--cache", flags->cache, "KV cache storage: f32, f16 or bf16");
+  cmd->add_option("--keys,--cache", flags->keys, "key cache codec (docs/CACHE_SPECS.md)");
+  cmd->add_option("--values", flags->values, "value cache codec (docs/CACHE_SPECS.md)");
+  cmd->add_option("--selector", flags->selector, "attention support (docs/SELECTOR_SPECS.md)");
   cmd->add_flag("--ignore-eos", flags->ignore_eos, "keep going past the end-of-sequence token");
   cmd->add_flag("--stats", flags->stats, "print timing to stderr");
   cmd->callback([flags] {
@@ -44,8 +47,14 @@ void add_generate_command(CLI::App& app) {
     const Model model = Model::load(flags->model);
     Decoder decoder(model);
     const std::vector<int32_t> prompt = model.tokenizer().encode(flags->prompt, true);
-    auto cache = make_dense_cache(decoder.cache_shape(), dense_format_from_name(flags->cache),
-                                  prompt.size() + flags->options.max_new_tokens);
+    const SelectorSpec selector_spec = parse_selector_spec(flags->selector);
+    // The cache keeps its block summaries at the selector's block size.
+    auto cache = make_cache(decoder.cache_shape(), flags->keys, flags->values,
+                            prompt.size() + flags->options.max_new_tokens,
+                            selector_spec.block_size > 0 ? selector_spec.block_size : 32);
+    std::optional<SparseSelector> selector;
+    if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
+    decoder.set_sparse_attention(selector ? &*selector : nullptr);
     flags->options.stop_at_eos = !flags->ignore_eos;
     std::cout << flags->prompt << std::flush;
     const Tokenizer& tokenizer = model.tokenizer();

@@ -20,7 +20,7 @@ namespace visikv::cli {
 namespace {
 
 struct PplFlags {
-  std::string model, file, mode = "prefill", cache = "f32", json;
+  std::string model, file, mode = "prefill", keys = "f32", values = "f32", selector = "dense", json;
   int64_t window = 1024, tokens = 0;
 };
 
@@ -70,7 +70,14 @@ void add_ppl_command(CLI::App& app) {
   cmd->add_option("--window,-L", flags->window, "tokens per window")->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--tokens,-n", flags->tokens, "score only the first N tokens (0 = all)")
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--cache", flags->cache, "KV cache storage: f32, f16 or bf16");
+  cmd->add_option(
+      "--keys,--cache", flags->keys,
+      "key cache codec, e.g. f32, f16, int2:g64:tok, int2:g32:chan:r128 (docs/CACHE_SPECS.md)");
+  cmd->add_option("--values", flags->values, "value cache codec (same grammar; default f32)");
+  cmd->add_option(
+      "--selector", flags->selector,
+      "attention support, e.g. dense, sparse:a1:w64:k32:exact, certified:a1:w64:b32:eps0.01 "
+      "(docs/SELECTOR_SPECS.md)");
   cmd->add_option("--json", flags->json, "write the result as JSON to this file");
   cmd->callback([flags] {
     apply_global_options();
@@ -84,24 +91,29 @@ void add_ppl_command(CLI::App& app) {
     options.mode = perplexity_mode_from_name(flags->mode);
     options.window = flags->window;
     options.max_tokens = flags->tokens;
-    options.cache_format = dense_format_from_name(flags->cache);
+    options.key_codec = flags->keys;
+    options.value_codec = flags->values;
+    options.selector = flags->selector;
     if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
     ProgressBar bar;
     const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));
     std::printf(
-        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s cache\n"
+        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld\n"
+        "cache:        keys %s, values %s; attention %s\n"
         "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
         "speed:        %.1f tokens/s (%.1f s)\n",
         model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
-        static_cast<long long>(options.window), flags->cache.c_str(),
-        static_cast<long long>(r.tokens), static_cast<long long>(r.windows), r.nll, r.ppl,
-        r.tokens_per_s, r.seconds);
+        static_cast<long long>(options.window), flags->keys.c_str(), flags->values.c_str(),
+        flags->selector.c_str(), static_cast<long long>(r.tokens),
+        static_cast<long long>(r.windows), r.nll, r.ppl, r.tokens_per_s, r.seconds);
     if (!flags->json.empty()) {
       const nlohmann::json out = {{"model", model.source()},
                                   {"text", text_path.string()},
                                   {"mode", flags->mode},
                                   {"window", options.window},
-                                  {"cache", flags->cache},
+                                  {"key_codec", flags->keys},
+                                  {"value_codec", flags->values},
+                                  {"selector", flags->selector},
                                   {"tokens", r.tokens},
                                   {"windows", r.windows},
                                   {"nll", r.nll},

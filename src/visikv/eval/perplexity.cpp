@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/kv/cache_factory.h"
 
 namespace visikv {
 
@@ -45,7 +46,13 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   require(total > 0, "nothing to score: the text has ", text.size(), " tokens");
 
   const auto started = std::chrono::steady_clock::now();
-  auto cache = make_dense_cache(decoder.cache_shape(), o.cache_format, o.window);
+  const SelectorSpec selector_spec = parse_selector_spec(o.selector);
+  // The cache keeps its block summaries at the selector's block size.
+  auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.window,
+                          selector_spec.block_size > 0 ? selector_spec.block_size : 32);
+  std::optional<SparseSelector> selector;
+  if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
+  decoder.set_sparse_attention(selector ? &*selector : nullptr);
   PerplexityResult result;
   double nll_sum = 0.0;
   std::vector<int32_t> window;
@@ -58,6 +65,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
     const int64_t scored = std::min<int64_t>(
         {static_cast<int64_t>(window.size()) - 1, scored_per_window, total - result.tokens});
     cache->clear();
+    if (selector) selector->reset();
     auto score_rows = [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
       const int64_t vocab = static_cast<int64_t>(logits.size()) / rows;
       for (int64_t r = 0; r < rows; ++r) {

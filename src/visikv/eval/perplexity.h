@@ -15,7 +15,6 @@
 #include <span>
 #include <string>
 
-#include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv {
@@ -28,7 +27,12 @@ struct PerplexityOptions {
   PerplexityMode mode = PerplexityMode::Prefill;
   int64_t window = 1024;
   int64_t max_tokens = 0;  // 0: all
-  DenseFormat cache_format = DenseFormat::F32;
+  // Cache codecs for keys and values (docs/CACHE_SPECS.md) and the attention selector
+  // (docs/SELECTOR_SPECS.md). Each key is stored when written and every score reads the stored
+  // form, in both modes.
+  std::string key_codec = "f32";
+  std::string value_codec = "f32";
+  std::string selector = "dense";
   std::optional<int32_t> bos;  // prepended to each window when set
 };
 

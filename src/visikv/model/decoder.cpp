@@ -23,6 +23,11 @@ Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
     inverse_frequencies_ = rope_inverse_frequencies(config_);
 }
 
+void Decoder::set_sparse_attention(SparseSelector* selector, SparseStatsSink stats) {
+  selector_ = selector;
+  sparse_stats_ = std::move(stats);
+}
+
 CacheShape Decoder::cache_shape() const {
   return {config_.layers, config_.kv_heads, config_.head_dim};
 }
@@ -99,7 +104,14 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
       apply_rope(c, inverse_frequencies_, k, n, c.kv_heads, first_position);
     }
     cache.append(l, k, v, n);
-    attend_causal(cache, l, q_, n, first_position, spec, attention_, observer);
+    if (selector_ == nullptr) {
+      attend_causal(cache, l, q_, n, first_position, spec, attention_, observer);
+    } else {
+      stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
+      attend_sparse(cache, l, q_, n, first_position, spec, *selector_, attention_, stats_,
+                    observer);
+      if (sparse_stats_) sparse_stats_(l, stats_);
+    }
     linear_forward(layer.o, attention_, n, projected_);
     if (c.parallel_residual) {
       // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.

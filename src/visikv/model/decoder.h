@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "visikv/attention/attention.h"
+#include "visikv/attention/sparse_attention.h"
 #include "visikv/kv/cache.h"
 #include "visikv/model/model.h"
 
@@ -38,6 +39,11 @@ class Decoder {
 
   const Model& model() const { return model_; }
 
+  // Sparse attention: every layer reads only the support `selector` chooses (nullptr: dense).
+  // `stats`, when set, receives per layer the statistics of each (token, query head).
+  using SparseStatsSink = std::function<void(int64_t layer, std::span<const SparseQueryStats>)>;
+  void set_sparse_attention(SparseSelector* selector, SparseStatsSink stats = {});
+
  private:
   void embed(std::span<const int32_t> tokens, int64_t first_position);
   void mlp(const LayerWeights& layer, int64_t tokens);
@@ -45,6 +51,9 @@ class Decoder {
   const Model& model_;
   const Config& config_;
   std::vector<float> inverse_frequencies_;
+  SparseSelector* selector_ = nullptr;
+  SparseStatsSink sparse_stats_;
+  std::vector<SparseQueryStats> stats_;
   // Scratch, {tokens, width}; reused between calls.
   std::vector<float> x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_;
 };
