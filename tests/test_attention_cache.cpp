@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/attention/attention.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/dense_cache.h"
@@ -12,12 +13,7 @@
 namespace visikv {
 namespace {
 
-std::vector<float> random_vector(std::mt19937& rng, size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
+using namespace visikv::test_support;
 
 // out[t][h] = softmax(scale * q·k_j over visible j) · v, in double.
 std::vector<double> reference_attention(const std::vector<float>& q, const std::vector<float>& k,

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/core/mapped_file.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
@@ -22,16 +23,10 @@
 namespace visikv {
 namespace {
 
+using namespace visikv::test_support;
+
 const std::filesystem::path kReference =
     std::filesystem::path(VISIKV_FIXTURES) / "models" / "smollm2_ref";
-
-template <typename T>
-std::vector<T> read_raw(const std::filesystem::path& path) {
-  MappedFile file(path);
-  std::vector<T> values(file.size() / sizeof(T));
-  std::memcpy(values.data(), file.bytes().data(), values.size() * sizeof(T));
-  return values;
-}
 
 const Model& default_model() {
   static const Model model = [] {

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/core/mapped_file.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
@@ -23,22 +24,11 @@
 namespace visikv {
 namespace {
 
+using namespace visikv::test_support;
+
 const std::filesystem::path kFixtures(VISIKV_FIXTURES);
 const std::filesystem::path kGgufDir = kFixtures / "models_gguf";
 const std::filesystem::path kHfDir = kFixtures / "models";
-
-std::vector<float> read_floats(const std::filesystem::path& path) {
-  MappedFile file(path);
-  std::vector<float> values(file.size() / sizeof(float));
-  std::memcpy(values.data(), file.bytes().data(), values.size() * sizeof(float));
-  return values;
-}
-
-nlohmann::json read_json(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  if (!in.good()) throw std::runtime_error("missing " + path.string());
-  return nlohmann::json::parse(in);
-}
 
 double max_abs_difference(std::span<const float> a, std::span<const float> b) {
   EXPECT_EQ(a.size(), b.size());
@@ -150,7 +140,7 @@ TEST_P(GgufFixture, PrefillLogitsMatchTransformers) {
   const Model model = Model::load(gguf_path_.string());
   const std::vector<float> logits = prefill(model, tokens_);
   const std::vector<float> expected =
-      read_floats(kGgufDir / entry_.at("reference_logits").get<std::string>());
+      read_raw<float>(kGgufDir / entry_.at("reference_logits").get<std::string>());
   ASSERT_EQ(expected.size(), tokens_.size() * model.config().vocab_size);
   EXPECT_LE(max_abs_difference(logits, expected), tolerance_)
       << "reference " << entry_.at("reference_logits") << ", tolerance " << tolerance_;

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/attention/attention.h"
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
@@ -21,6 +22,8 @@
 
 namespace visikv {
 namespace {
+
+using namespace visikv::test_support;
 
 // ---------------------------------------------------------------------------------------------
 // Independent scalar reference.
@@ -147,13 +150,6 @@ struct ReferenceHadamard {
     return x;
   }
 };
-
-std::vector<float> random_vector(std::mt19937& rng, size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
 
 // {tokens, heads, d} from per-head {tokens, d} arrays.
 std::vector<float> interleave(const std::vector<std::vector<float>>& per_head, int64_t tokens,

@@ -9,12 +9,15 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "test_support.h"
 #include "visikv/core/error.h"
 #include "visikv/model/config.h"
 #include "visikv/model/model.h"
 
 namespace visikv {
 namespace {
+
+using namespace visikv::test_support;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -23,15 +26,6 @@ json llama_config() {
   return {{"model_type", "llama"},    {"hidden_size", 64},        {"num_hidden_layers", 2},
           {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"intermediate_size", 128},
           {"vocab_size", 100},        {"rms_norm_eps", 1e-5}};
-}
-
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "<no error>";
 }
 
 TEST(Config, ReadsLlamaFields) {

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/core/mapped_file.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
@@ -19,20 +20,9 @@
 namespace visikv {
 namespace {
 
+using namespace visikv::test_support;
+
 const std::filesystem::path kModels = std::filesystem::path(VISIKV_FIXTURES) / "models";
-
-std::vector<float> read_floats(const std::filesystem::path& path) {
-  MappedFile file(path);
-  std::vector<float> values(file.size() / sizeof(float));
-  std::memcpy(values.data(), file.bytes().data(), values.size() * sizeof(float));
-  return values;
-}
-
-nlohmann::json read_json(const std::filesystem::path& path) {
-  std::ifstream in(path);
-  EXPECT_TRUE(in.good()) << "missing " << path;
-  return nlohmann::json::parse(in);
-}
 
 double max_abs_difference(std::span<const float> a, std::span<const float> b) {
   EXPECT_EQ(a.size(), b.size());
@@ -68,7 +58,7 @@ TEST_P(HfFixture, PrefillLogitsMatchTransformers) {
                   [&](int64_t row, int64_t rows, std::span<const float> l) {
                     std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
                   });
-  const std::vector<float> expected = read_floats(dir_ / "prefill_logits.f32");
+  const std::vector<float> expected = read_raw<float>(dir_ / "prefill_logits.f32");
   EXPECT_LE(max_abs_difference(logits, expected), 1e-4 * scale_) << "logit scale " << scale_;
 }
 
@@ -83,7 +73,7 @@ TEST_P(HfFixture, DecodeLogitsMatchTransformers) {
     ASSERT_EQ(static_cast<int64_t>(step.size()), vocab);
     logits.insert(logits.end(), step.begin(), step.end());
   }
-  const std::vector<float> expected = read_floats(dir_ / "decode_logits.f32");
+  const std::vector<float> expected = read_raw<float>(dir_ / "decode_logits.f32");
   EXPECT_LE(max_abs_difference(logits, expected), 1e-4 * scale_) << "logit scale " << scale_;
 }
 

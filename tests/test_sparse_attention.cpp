@@ -10,6 +10,7 @@
 #include <set>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/attention/attention.h"
 #include "visikv/attention/sparse_attention.h"
 #include "visikv/core/error.h"
@@ -18,12 +19,7 @@
 namespace visikv {
 namespace {
 
-std::vector<float> random_vector(std::mt19937& rng, size_t n, float scale = 1.0f) {
-  std::normal_distribution<float> normal(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
+using namespace visikv::test_support;
 
 // Every observer event, keyed by (position, query head).
 class Recorder : public AttentionObserver {

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/core/error.h"
 #include "visikv/formats/gguf.h"
 #include "visikv/tokenizer/nfc.h"
@@ -22,6 +23,8 @@
 
 namespace visikv {
 namespace {
+
+using namespace visikv::test_support;
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -368,15 +371,6 @@ TEST(Tokenizer, OutOfRangeIdIsAnError) {
 }
 
 // ---- bad input ----
-
-std::string error_of(const std::function<void()>& action) {
-  try {
-    action();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 json small_bpe() {
   return json::parse(R"({

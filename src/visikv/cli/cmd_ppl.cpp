@@ -6,10 +6,12 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/basis_file.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/model/decoder.h"
@@ -21,6 +23,7 @@ namespace {
 
 struct PplFlags {
   std::string model, file, mode = "prefill", keys = "f32", values = "f32", selector = "dense", json;
+  std::string basis;  // HeadQ basis file
   int64_t window = 1024, tokens = 0;
 };
 
@@ -75,6 +78,9 @@ void add_ppl_command(CLI::App& app) {
       "key cache codec, e.g. f32, f16, int2:g64:tok, int2:g32:chan:r128 (docs/CACHE_SPECS.md)");
   cmd->add_option("--values", flags->values, "value cache codec (same grammar; default f32)");
   cmd->add_option(
+      "--basis", flags->basis,
+      "HeadQ basis file from `visikv calibrate`, for keys like int2:g64:tok+headq:r8:s4");
+  cmd->add_option(
       "--selector", flags->selector,
       "attention support, e.g. dense, sparse:a1:w64:k32:exact, certified:a1:w64:b32:eps0.01 "
       "(docs/SELECTOR_SPECS.md)");
@@ -94,6 +100,11 @@ void add_ppl_command(CLI::App& app) {
     options.key_codec = flags->keys;
     options.value_codec = flags->values;
     options.selector = flags->selector;
+    std::optional<HeadqBasis> basis;
+    if (!flags->basis.empty()) {
+      basis = load_headq_basis(flags->basis, model);
+      options.headq_basis = &*basis;
+    }
     if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
     ProgressBar bar;
     const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));

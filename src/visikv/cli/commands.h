@@ -10,6 +10,8 @@ void add_info_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_ppl_command(CLI::App& app);
+void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
+void add_eval_command(CLI::App& app);  // `eval` with its subcommands (sparse, needle)
 
 // Flags of the main program that every command honours.
 struct GlobalOptions {

@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   visikv::cli::add_generate_command(app);
   visikv::cli::add_ppl_command(app);
   // Further commands register here, one line each.
+  visikv::cli::add_calibrate_command(app);
+  visikv::cli::add_eval_command(app);
   // Name an unknown command instead of CLI11's generic "a subcommand is required".
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];

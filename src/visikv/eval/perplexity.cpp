@@ -48,8 +48,9 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   const auto started = std::chrono::steady_clock::now();
   const SelectorSpec selector_spec = parse_selector_spec(o.selector);
   // The cache keeps its block summaries at the selector's block size.
-  auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.window,
-                          selector_spec.block_size > 0 ? selector_spec.block_size : 32);
+  auto cache =
+      make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.window,
+                 selector_spec.block_size > 0 ? selector_spec.block_size : 32, o.headq_basis);
   std::optional<SparseSelector> selector;
   if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
   decoder.set_sparse_attention(selector ? &*selector : nullptr);

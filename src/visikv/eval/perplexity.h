@@ -19,6 +19,8 @@
 
 namespace visikv {
 
+struct HeadqBasis;
+
 enum class PerplexityMode { Prefill, Decode };
 PerplexityMode perplexity_mode_from_name(const std::string& name);
 std::string perplexity_mode_name(PerplexityMode mode);
@@ -33,6 +35,9 @@ struct PerplexityOptions {
   std::string key_codec = "f32";
   std::string value_codec = "f32";
   std::string selector = "dense";
+  // Calibrated bases for a HeadQ key codec (kv/headq.h; eval/basis_file.h loads them); not
+  // owned, null when the codec needs none.
+  const HeadqBasis* headq_basis = nullptr;
   std::optional<int32_t> bos;  // prepended to each window when set
 };
 

@@ -3,29 +3,47 @@
 #include <algorithm>
 
 #include "visikv/core/error.h"
+#include "visikv/kv/headq.h"
 
 namespace visikv {
 
 CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
-                       const CodecSpec& value_spec, int64_t reserve_tokens, int64_t block_size)
+                       const CodecSpec& value_spec, int64_t reserve_tokens, int64_t block_size,
+                       const HeadqBasis* headq_basis)
     : shape_(shape), block_size_(block_size) {
   require(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0,
           "cache shape must be positive");
   require(block_size > 0, "block size must be positive, got ", block_size);
-  keys_ = make_side(key_spec, reserve_tokens);
-  values_ = make_side(value_spec, reserve_tokens);
+  require(!value_spec.headq, "value codec '", value_spec.text(),
+          "': the HeadQ side code is for keys only");
+  keys_ = make_side(key_spec, reserve_tokens, headq_basis);
+  values_ = make_side(value_spec, reserve_tokens, nullptr);
   summaries_.reserve(shape.layers * shape.kv_heads);
   for (int64_t i = 0; i < shape.layers * shape.kv_heads; ++i)
     summaries_.emplace_back(shape.head_dim, block_size);
   lengths_.assign(shape.layers, 0);
 }
 
-CodecCache::Side CodecCache::make_side(const CodecSpec& spec, int64_t reserve_tokens) const {
+CodecCache::Side CodecCache::make_side(const CodecSpec& spec, int64_t reserve_tokens,
+                                       const HeadqBasis* headq_basis) const {
   Side side;
   side.spec = spec;
-  if (spec.hadamard) side.rotation.emplace(shape_.head_dim);
-  for (int64_t i = 0; i < shape_.layers * shape_.kv_heads; ++i)
-    side.stores.push_back(make_vector_store(spec, shape_.head_dim, reserve_tokens));
+  const int64_t d = shape_.head_dim;
+  if (spec.hadamard) side.rotation.emplace(d);
+  for (int64_t i = 0; i < shape_.layers * shape_.kv_heads; ++i) {
+    std::unique_ptr<VectorStore> store = make_vector_store(spec, d, reserve_tokens);
+    if (spec.headq) {
+      const int64_t layer = i / shape_.kv_heads, kv_head = i % shape_.kv_heads;
+      std::vector<float> rows =
+          headq_basis_rows(spec, headq_basis, shape_.layers, shape_.kv_heads, d, layer, kv_head);
+      // The store sees rotated keys, so it needs the rotated basis: (H U)ᵀ (H q) = Uᵀ q.
+      if (side.rotation)
+        for (int64_t j = 0; j < spec.headq->rank; ++j)
+          side.rotation->rotate(std::span(rows).subspan(j * d, d));
+      store = make_headq_key_store(std::move(store), spec, std::move(rows));
+    }
+    side.stores.push_back(std::move(store));
+  }
   return side;
 }
 

@@ -17,10 +17,14 @@
 
 namespace visikv {
 
+struct HeadqBasis;
+
 class CodecCache final : public KVCache {
  public:
+  // `headq_basis`: the calibrated bases a HeadQ key codec reads (kv/headq.h); the rows it needs
+  // are copied, so the basis need not outlive the cache. May be null when no spec needs one.
   CodecCache(const CacheShape& shape, const CodecSpec& key_spec, const CodecSpec& value_spec,
-             int64_t reserve_tokens, int64_t block_size);
+             int64_t reserve_tokens, int64_t block_size, const HeadqBasis* headq_basis = nullptr);
 
   const CacheShape& shape() const override { return shape_; }
   // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"
@@ -55,7 +59,8 @@ class CodecCache final : public KVCache {
     std::optional<HadamardRotation> rotation;
     std::vector<std::unique_ptr<VectorStore>> stores;  // [layer * kv_heads + kv_head]
   };
-  Side make_side(const CodecSpec& spec, int64_t reserve_tokens) const;
+  Side make_side(const CodecSpec& spec, int64_t reserve_tokens,
+                 const HeadqBasis* headq_basis) const;
   int64_t head_index(int64_t layer, int64_t kv_head) const;
   void check_positions(int64_t layer, const PositionSet& positions) const;
   void stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,

@@ -46,7 +46,48 @@ std::string format_number(double x) {
   return buffer;
 }
 
+HeadqSpec parse_headq(std::string_view spec, std::string_view side) {
+  static constexpr std::string_view kSideGrammar =
+      "expected headq:r<r>:s<b>[:wrongsign][:random|:keypca], b one of 2, 3, 4, 8, 16, 32";
+  const std::vector<std::string_view> fields = split_fields(side);
+  require(fields[0] == "headq", "cache spec '", spec, "': unknown side code '", fields[0], "' (",
+          kSideGrammar, ")");
+  require(fields.size() >= 3 && fields[1].starts_with("r") && fields[2].starts_with("s"),
+          "cache spec '", spec, "': the HeadQ side code needs a rank and bits (", kSideGrammar,
+          ")");
+  HeadqSpec headq;
+  headq.rank = positive_number(spec, fields[1], "r", "HeadQ rank");
+  const int64_t bits = positive_number(spec, fields[2], "s", "side-code bits");
+  require(bits == 2 || bits == 3 || bits == 4 || bits == 8 || bits == 16 || bits == 32,
+          "cache spec '", spec, "': unsupported side-code bits ", bits,
+          " (expected 2, 3, 4, 8, or 16 / 32 for fp16 / float32 numbers)");
+  headq.bits = static_cast<int>(bits);
+  bool basis_given = false;
+  for (size_t i = 3; i < fields.size(); ++i) {
+    const std::string_view flag = fields[i];
+    if (flag == "wrongsign") {
+      require(!headq.wrong_sign, "cache spec '", spec, "': ':wrongsign' given twice");
+      headq.wrong_sign = true;
+    } else if (flag == "random" || flag == "keypca") {
+      require(!basis_given, "cache spec '", spec, "': at most one of ':random' and ':keypca'");
+      basis_given = true;
+      headq.basis = flag == "random" ? HeadqSpec::Basis::Random : HeadqSpec::Basis::KeyPca;
+    } else {
+      fail("cache spec '", spec, "': unexpected '", flag, "' (", kSideGrammar, ")");
+    }
+  }
+  return headq;
+}
+
 }  // namespace
+
+std::string HeadqSpec::text() const {
+  std::string out = str_cat("headq:r", rank, ":s", bits);
+  if (wrong_sign) out += ":wrongsign";
+  if (basis == Basis::Random) out += ":random";
+  if (basis == Basis::KeyPca) out += ":keypca";
+  return out;
+}
 
 std::string CodecSpec::text() const {
   std::string out;
@@ -57,10 +98,21 @@ std::string CodecSpec::text() const {
     if (window > 0) out += str_cat(":r", window);
   }
   if (hadamard) out += ":had";
+  if (headq) out += str_cat("+", headq->text());
   return out;
 }
 
 CodecSpec parse_codec_spec(std::string_view text) {
+  // "<base>+headq:...": the base codec, then the HeadQ side code.
+  if (const size_t plus = text.find('+'); plus != std::string_view::npos) {
+    CodecSpec spec = parse_codec_spec(text.substr(0, plus));
+    require(!spec.is_dense(), "cache spec '", text,
+            "': the HeadQ side code needs an integer base codec, got '", text.substr(0, plus), "'");
+    require(text.find('+', plus + 1) == std::string_view::npos, "cache spec '", text,
+            "': at most one '+' side code");
+    spec.headq = parse_headq(text, text.substr(plus + 1));
+    return spec;
+  }
   static constexpr std::string_view kGrammar =
       "expected f32, f16, bf16 or int<b>:g<G>:tok|chan[:r<R>], each optionally followed by :had";
   const std::vector<std::string_view> fields = split_fields(text);
@@ -111,6 +163,9 @@ void check_codec_fits(const CodecSpec& spec, int64_t head_dim) {
     require((head_dim & (head_dim - 1)) == 0, "cache spec '", spec.text(),
             "': the Hadamard rotation needs a power-of-two head_dim, got ", head_dim);
   if (spec.is_dense()) return;
+  if (spec.headq)
+    require(spec.headq->rank <= head_dim, "cache spec '", spec.text(), "': HeadQ rank ",
+            spec.headq->rank, " exceeds head_dim ", head_dim);
   require(head_dim % 8 == 0, "cache spec '", spec.text(),
           "': integer codecs pack 8 codes at a time and need head_dim % 8 == 0, got ", head_dim);
   if (spec.axis == CodecSpec::Axis::Tokens)
@@ -129,6 +184,11 @@ CodecBits codec_bits(const CodecSpec& spec, int64_t head_dim) {
     bits.window_max_tokens = spec.window + spec.token_group() - 1;
   }
   bits.bits_per_vector = bits.bits_per_element * static_cast<double>(head_dim);
+  if (spec.headq) {
+    bits.side_bits_per_vector = static_cast<double>(spec.headq->bits_per_vector());
+    bits.bits_per_vector += bits.side_bits_per_vector;
+    bits.bits_per_element = bits.bits_per_vector / static_cast<double>(head_dim);
+  }
   return bits;
 }
 
@@ -143,13 +203,17 @@ int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t token
   if (spec.is_dense()) return tokens * head_dim * (spec.dense == DenseFormat::F32 ? 32 : 16);
   const int64_t quantized = quantized_tokens(spec, tokens);
   const int64_t groups = quantized * head_dim / spec.group;  // both axes: G elements per group
+  const int64_t side = spec.headq ? quantized * spec.headq->bits_per_vector() : 0;
   return quantized * head_dim * spec.bits + groups * static_cast<int64_t>(kScaleZeroBits) +
-         (tokens - quantized) * head_dim * 16;
+         (tokens - quantized) * head_dim * 16 + side;
 }
 
 std::string describe_codec(const CodecSpec& spec, int64_t head_dim) {
   const CodecBits bits = codec_bits(spec, head_dim);
   std::string out = str_cat(spec.text(), " (", format_number(bits.bits_per_element), " bits/elt");
+  if (spec.headq)
+    out += str_cat(", ", format_number(bits.bits_per_vector), " bits/key incl. ",
+                   format_number(bits.side_bits_per_vector), " side");
   if (bits.window_max_tokens > 0) {
     out += "; ";
     out += bits.window_min_tokens == bits.window_max_tokens

@@ -7,6 +7,10 @@
 //   int<b>:g<G>:chan[:r<R>]                per-channel groups (KIVI): G consecutive tokens of one
 //                                          channel share an fp16 scale and zero point
 //   ...[:had]                              Hadamard rotation before storing (any of the above)
+//   <int spec>+headq:r<r>:s<b>[:wrongsign][:random|:keypca]
+//                                          keys only: HeadQ side code (kv/headq.h) of r numbers
+//                                          at b bits (2, 3, 4, 8; 16 = fp16, 32 = float32
+//                                          values) in a calibrated query basis
 //
 // b is 2, 3, 4 or 8. `:r<R>` keeps the most recent R tokens in fp16 (for `chan`, also the current
 // partial group of fewer than G tokens, which always stays fp16 until the group is complete).
@@ -16,12 +20,34 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 
 #include "visikv/kv/dense_cache.h"
 
 namespace visikv {
+
+// The HeadQ side code added to an integer key codec (METHODS.md, HeadQ): the base quantizer's
+// residual e = k - k̂, projected on r basis vectors, stored at `bits` bits per number with one
+// fp16 scale and zero per key (2, 3, 4, 8 bits), or as fp16 (16) or float32 (32) numbers
+// without scale. Scores add sign · (U_rᵀ q)·ĉ.
+struct HeadqSpec {
+  enum class Basis {
+    Query,   // top-r eigenvectors of E[q qᵀ] from the basis file (HeadQ proper)
+    Random,  // seeded random orthonormal basis (control)
+    KeyPca,  // top-r eigenvectors of E[k kᵀ] from the basis file (control)
+  };
+  int64_t rank = 0;
+  int bits = 0;
+  Basis basis = Basis::Query;
+  bool wrong_sign = false;  // control: subtract the correction
+
+  bool quantized() const { return bits <= 8; }
+  // Side-code bits per key per head: r·b plus one fp16 scale and zero (32 bits) when quantized.
+  int64_t bits_per_vector() const { return rank * bits + (quantized() ? 32 : 0); }
+  std::string text() const;  // "headq:r8:s4:wrongsign"
+};
 
 struct CodecSpec {
   enum class Kind { Dense, Int };
@@ -35,11 +61,12 @@ struct CodecSpec {
   int64_t group = 0;                     // Kind::Int: G
   int64_t window = 0;                    // Kind::Int: R, most recent tokens kept in fp16
   bool hadamard = false;
+  std::optional<HeadqSpec> headq;  // Kind::Int keys only
 
   bool is_dense() const { return kind == Kind::Dense; }
   // Tokens quantized together: 1 for per-token groups, G for per-channel groups.
   int64_t token_group() const { return axis == Axis::Tokens ? 1 : group; }
-  // The canonical spelling, e.g. "int2:g32:chan:r128:had".
+  // The canonical spelling, e.g. "int2:g32:chan:r128:had", "int2:g64:tok+headq:r8:s4".
   std::string text() const;
 };
 
@@ -48,7 +75,7 @@ CodecSpec parse_codec_spec(std::string_view text);
 
 // Throws visikv::Error when the spec cannot store vectors of `head_dim` channels (integer codecs
 // need head_dim % 8 == 0, per-token groups need G to divide head_dim, `:had` needs a power of
-// two).
+// two, a HeadQ rank must not exceed head_dim).
 void check_codec_fits(const CodecSpec& spec, int64_t head_dim);
 
 // Bits one side of one KV head costs. The quantized part is exact: codes plus the fp16 scale and
@@ -57,8 +84,9 @@ void check_codec_fits(const CodecSpec& spec, int64_t head_dim);
 // window_min_tokens and window_max_tokens of the most recent tokens are held at
 // window_bits_per_element (exactly window_min_tokens for per-token groups).
 struct CodecBits {
-  double bits_per_element = 0;  // quantized (or dense) part
-  double bits_per_vector = 0;   // head_dim * bits_per_element: bits per key (or value) per head
+  double bits_per_element = 0;      // quantized (or dense) part, HeadQ side code included
+  double bits_per_vector = 0;       // head_dim * bits_per_element: bits per key (or value) per head
+  double side_bits_per_vector = 0;  // of which the HeadQ side code (r·b_s + scale and zero)
   int64_t window_min_tokens = 0, window_max_tokens = 0;
   double window_bits_per_element = 16;
 };
@@ -69,7 +97,7 @@ CodecBits codec_bits(const CodecSpec& spec, int64_t head_dim);
 int64_t quantized_tokens(const CodecSpec& spec, int64_t tokens);
 
 // Exact bits held for `tokens` appended vectors of one head: codes, scales and zeros, and the
-// fp16 window.
+// fp16 window, and the HeadQ side codes of the quantized tokens.
 int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t tokens);
 
 // "int2:g64:tok (2.5 bits/elt)", "int2:g32:chan:r128 (3 bits/elt; 128-159 newest tokens f16)".

@@ -114,6 +114,7 @@ class IntStore final : public VectorStore {
 
   int64_t dim() const override { return dim_; }
   int64_t size() const override { return quantized_ + window_rows(); }
+  int64_t quantized_size() const override { return quantized_; }
 
   void append(std::span<const float> vector) override {
     if (window_tokens_ == 0 && token_group_ == 1) {

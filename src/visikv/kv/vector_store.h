@@ -22,6 +22,9 @@ class VectorStore {
 
   virtual int64_t dim() const = 0;
   virtual int64_t size() const = 0;  // vectors appended
+  // Vectors [0, quantized_size()) are held in quantized form; the rest are exact or in an fp16
+  // window (dense stores: 0). A HeadQ side code is computed when a key becomes quantized.
+  virtual int64_t quantized_size() const { return 0; }
   virtual void append(std::span<const float> vector) = 0;
 
   // scores[q * n + i] = queries[q] · x̂[positions[i]], n = positions.size(). Positions must be
@@ -39,7 +42,7 @@ class VectorStore {
 };
 
 // Throws visikv::Error when the spec does not fit `head_dim` (see check_codec_fits). The
-// spec's `hadamard` flag is ignored here.
+// spec's `hadamard` flag and HeadQ side code are ignored here (kv/headq.h adds the side code).
 std::unique_ptr<VectorStore> make_vector_store(const CodecSpec& spec, int64_t head_dim,
                                                int64_t reserve_tokens = 0);
 

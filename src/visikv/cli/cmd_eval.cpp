@@ -1,0 +1,385 @@
+// `visikv eval ...`: evaluation protocols that compare a compressed or sparse model with the dense
+// one. The protocols live in src/visikv/eval/; this file parses flags, prints tables and writes
+// JSON.
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "visikv/attention/selector_spec.h"
+#include "visikv/cli/commands.h"
+#include "visikv/core/error.h"
+#include "visikv/eval/data_paths.h"
+#include "visikv/eval/needle.h"
+#include "visikv/eval/survival.h"
+#include "visikv/kv/cache_factory.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace visikv::cli {
+
+namespace {
+
+using nlohmann::json;
+
+// The paper's setting, block selectors at a similar support, larger supports, and the certified
+// mode at two targets.
+const std::vector<std::string> kSparseGrid = {
+    "sparse:a1:w64:k32:exact",      "sparse:a1:w64:k32:b16:centroid",
+    "sparse:a1:w64:k32:b16:bound",  "sparse:a1:w64:k128:exact",
+    "sparse:a1:w64:k128:b16:bound", "sparse:a1:w64:k512:exact",
+    "sparse:a1:w64:k512:b16:bound", "certified:a1:w64:b16:eps0.05",
+    "certified:a1:w64:b16:eps0.01"};
+const std::vector<std::string> kSparseQuickGrid = {
+    "sparse:a1:w64:k32:exact", "sparse:a1:w64:k32:b16:centroid", "sparse:a1:w64:k32:b16:bound",
+    "certified:a1:w64:b16:eps0.05"};
+const std::vector<std::string> kNeedleGrid = {
+    "sparse:a1:w64:k32:exact", "sparse:a1:w64:k32:b16:bound", "sparse:a1:w64:k128:b16:bound",
+    "certified:a1:w64:b16:eps0.05"};
+const std::vector<std::string> kNeedleQuickGrid = {"sparse:a1:w64:k32:exact",
+                                                   "sparse:a1:w64:k32:b16:bound"};
+
+// Flags every eval subcommand shares.
+struct CommonFlags {
+  std::string model, keys = "f32", values = "f32", json, text;
+  std::vector<std::string> selectors;
+  bool quick = false;
+};
+
+void add_common_flags(CLI::App* cmd, CommonFlags& f) {
+  cmd->add_option("model", f.model, "Hugging Face directory, .gguf file, or 'default'")->required();
+  cmd->add_option("--selectors", f.selectors,
+                  "comma-separated selector specs (docs/SELECTOR_SPECS.md); default: a grid")
+      ->delimiter(',');
+  cmd->add_option("--keys", f.keys, "key cache codec (docs/CACHE_SPECS.md; default f32)");
+  cmd->add_option("--values", f.values, "value cache codec (default f32)");
+  cmd->add_option("--text", f.text, "text file (default: WikiText-103 test)");
+  cmd->add_option("--json", f.json, "write the results as JSON to this file");
+  cmd->add_flag("--quick", f.quick, "a small grid that runs in a few minutes on 2 cores");
+}
+
+// Parses every spec up front, so a typo fails before any model time is spent. The codecs are
+// checked by building a one-token cache.
+void check_specs(const std::vector<std::string>& selectors, const CommonFlags& f,
+                 const Decoder& decoder) {
+  require(!selectors.empty(), "no selectors given");
+  for (const std::string& s : selectors) parse_selector_spec(s);
+  make_cache(decoder.cache_shape(), f.keys, f.values, 1);
+}
+
+// Tokens of the text's beginning, at least `needed` of them: tokenizes a growing leading piece
+// rather than the whole file.
+std::vector<int32_t> leading_tokens(const Tokenizer& tokenizer, const std::string& text,
+                                    int64_t needed) {
+  size_t chars = static_cast<size_t>(needed) * 8 + 4096;
+  while (true) {
+    const bool whole = chars >= text.size();
+    // Cut at a line end so no word is split (the last partial line is dropped).
+    size_t cut = whole ? text.size() : text.rfind('\n', chars);
+    if (cut == std::string::npos || cut == 0) cut = std::min(chars, text.size());
+    std::vector<int32_t> tokens = tokenizer.encode(std::string_view(text).substr(0, cut), false);
+    if (static_cast<int64_t>(tokens.size()) >= needed || whole) return tokens;
+    chars *= 2;
+  }
+}
+
+void write_json(const std::string& path, const json& out) {
+  std::ofstream file(path);
+  require(file.good(), "cannot write ", path);
+  file << out.dump(2) << "\n";
+  require(file.good(), "cannot write ", path);
+}
+
+json optional_number(const std::optional<double>& v) { return v ? json(*v) : json(nullptr); }
+
+std::string format_optional(const std::optional<double>& v, const char* format) {
+  if (!v) return "-";
+  char buffer[64];
+  std::snprintf(buffer, sizeof buffer, format, *v);
+  return buffer;
+}
+
+// ---- eval sparse ----
+
+struct SparseFlags : CommonFlags {
+  int64_t prefix = 1024, continuation = 64, samples = 4;
+};
+
+void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
+  apply_global_options();
+  if (f.quick) {  // quick values for what was not given explicitly
+    if (cmd->count("--prefix") == 0) f.prefix = 512;
+    if (cmd->count("--continuation") == 0) f.continuation = 32;
+    if (cmd->count("--samples") == 0) f.samples = 2;
+  }
+  const std::vector<std::string> selectors =
+      !f.selectors.empty() ? f.selectors : (f.quick ? kSparseQuickGrid : kSparseGrid);
+  require(f.prefix >= 1, "--prefix must be at least 1, got ", f.prefix);
+  require(f.continuation >= 1, "--continuation must be at least 1, got ", f.continuation);
+  require(f.samples >= 1, "--samples must be at least 1, got ", f.samples);
+
+  const Model model = Model::load(f.model);
+  Decoder decoder(model);
+  check_specs(selectors, f, decoder);
+  SurvivalOptions options;
+  options.prefix = f.prefix;
+  options.continuation = f.continuation;
+  options.samples = f.samples;
+  options.key_codec = f.keys;
+  options.value_codec = f.values;
+  if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+  check_survival_options(model.config(), options);
+
+  const std::filesystem::path text_path =
+      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const std::string text = read_text_file(text_path);
+  const int64_t text_needed = (options.bos ? f.prefix - 1 : f.prefix) * f.samples;
+  const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), text, text_needed);
+  const auto prefixes = survival_prefixes(tokens, options);
+
+  std::fprintf(stderr, "dense reference: %lld prefixes of %lld tokens, %lld greedy tokens each\n",
+               static_cast<long long>(f.samples), static_cast<long long>(f.prefix),
+               static_cast<long long>(f.continuation));
+  const std::vector<DenseReference> refs = dense_references(decoder, prefixes, options);
+  std::vector<SurvivalRow> rows;
+  for (size_t i = 0; i < selectors.size(); ++i) {
+    rows.push_back(survival_row(decoder, refs, selectors[i], options, [&](int64_t done, int64_t n) {
+      std::fprintf(stderr, "[%zu/%zu] %s: sample %lld/%lld\n", i + 1, selectors.size(),
+                   selectors[i].c_str(), static_cast<long long>(done), static_cast<long long>(n));
+    }));
+  }
+
+  const long long T = f.continuation;
+  std::printf("model:        %s\n", model.source().c_str());
+  std::printf("text:         %s\n", text_path.string().c_str());
+  std::printf(
+      "protocol:     %lld prefixes of %lld tokens%s, dense greedy reference of %lld tokens\n",
+      static_cast<long long>(f.samples), static_cast<long long>(f.prefix),
+      options.bos ? " (BOS first)" : "", T);
+  std::printf("cache:        keys %s, values %s\n", f.keys.c_str(), f.values.c_str());
+  std::printf("dense PPL of its own continuation: %.4f\n\n",
+              rows.empty() ? 0.0 : rows[0].ppl_dense);
+  std::printf("%-36s %9s %7s %8s %10s %8s %9s %10s %10s  %s\n", "selector", "support", "max",
+              "context", "first div", "TF top1", "dPPL %", "delta max", "err max", "note");
+  for (const SurvivalRow& r : rows) {
+    std::string note;
+    if (r.identical) {
+      note = "identical over " + std::to_string(T) + " tokens in every sample";
+    } else {
+      note = "first divergence min " + std::to_string(r.first_divergence_min);
+    }
+    if (r.bound_max) {
+      note += r.bound_violations == 0
+                  ? "; bound held in " + std::to_string(r.queries_measured) + " queries"
+                  : "; BOUND VIOLATED in " + std::to_string(r.bound_violations) + " of " +
+                        std::to_string(r.queries_measured) + " queries";
+    }
+    std::printf("%-36s %9.1f %7lld %8.1f %5.1f/%-4lld %8.4f %9.3f %10s %10s  %s\n",
+                r.selector.c_str(), r.support_mean, static_cast<long long>(r.support_max),
+                r.context_mean, r.first_divergence_mean, T, r.tf_match, r.delta_ppl_pct,
+                format_optional(r.bound_max, "%.2e").c_str(),
+                format_optional(r.measured_err_max, "%.2e").c_str(), note.c_str());
+  }
+  std::printf(
+      "\nsupport: unique positions read per KV head per prediction query (mean over queries, "
+      "layers, KV heads); context: visible positions; first div: mean step of the first "
+      "greedy token that differs from the dense reference, over samples; TF top1: teacher-forced "
+      "top-1 agreement; dPPL: sparse vs dense PPL on the dense continuation; delta: certified "
+      "bound on the dropped attention mass; err: max ||o_S - o|| / (2 max||v||) against dense "
+      "attention over the same cache.\n");
+
+  if (!f.json.empty()) {
+    json out = {{"command", "eval sparse"},
+                {"model", model.source()},
+                {"text", text_path.string()},
+                {"prefix", f.prefix},
+                {"continuation", f.continuation},
+                {"samples", f.samples},
+                {"bos_first", options.bos.has_value()},
+                {"key_codec", f.keys},
+                {"value_codec", f.values},
+                {"rows", json::array()}};
+    for (const SurvivalRow& r : rows) {
+      out["rows"].push_back(
+          {{"selector", r.selector},
+           {"support_mean", r.support_mean},
+           {"support_max", r.support_max},
+           {"context_mean", r.context_mean},
+           {"first_divergence", r.first_divergence_mean},
+           {"first_divergence_min", r.first_divergence_min},
+           {"first_divergence_per_sample", r.first_divergence},
+           {"identical", r.identical},
+           {"tf_match", r.tf_match},
+           {"delta_ppl_pct", r.delta_ppl_pct},
+           {"nll_dense", r.nll_dense},
+           {"nll_sparse", r.nll_sparse},
+           {"ppl_dense", r.ppl_dense},
+           {"ppl_sparse", r.ppl_sparse},
+           {"bound_max", optional_number(r.bound_max)},
+           {"measured_err_max", optional_number(r.measured_err_max)},
+           {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
+           {"queries_measured", r.queries_measured},
+           {"seconds", r.seconds}});
+    }
+    write_json(f.json, out);
+  }
+}
+
+void add_eval_sparse_command(CLI::App& eval) {
+  auto flags = std::make_shared<SparseFlags>();
+  CLI::App* cmd = eval.add_subcommand(
+      "sparse",
+      "Survival of sparse attention against the dense greedy continuation (first divergence, "
+      "teacher-forced agreement, dPPL, support, certified bound vs measured error)");
+  add_common_flags(cmd, *flags);
+  cmd->add_option("--prefix,-N", flags->prefix, "tokens per prefix (default 1024; quick 512)");
+  cmd->add_option("--continuation,-T", flags->continuation,
+                  "dense reference tokens (default 64; quick 32)");
+  cmd->add_option("--samples,-S", flags->samples,
+                  "prefixes, from consecutive parts of the text (default 4; quick 2)");
+  cmd->callback([cmd, flags] { run_eval_sparse(cmd, *flags); });
+}
+
+// ---- eval needle ----
+
+struct NeedleFlags : CommonFlags {
+  std::vector<int64_t> contexts;
+  std::vector<double> depths;
+  std::vector<int64_t> needles;
+  int64_t answer_tokens = 10;
+};
+
+std::string cell_key(int64_t context, int64_t needles) {
+  return "L" + std::to_string(context) + " k" + std::to_string(needles);
+}
+
+void run_eval_needle(NeedleFlags& f) {
+  apply_global_options();
+  NeedleOptions options;
+  if (f.quick) options.contexts = {256, 512};
+  if (!f.contexts.empty()) options.contexts = f.contexts;
+  if (!f.depths.empty()) options.depths = f.depths;
+  if (!f.needles.empty()) options.needles = f.needles;
+  options.answer_tokens = f.answer_tokens;
+  options.key_codec = f.keys;
+  options.value_codec = f.values;
+  std::vector<std::string> selectors = {"dense"};
+  const auto& grid =
+      !f.selectors.empty() ? f.selectors : (f.quick ? kNeedleQuickGrid : kNeedleGrid);
+  for (const std::string& s : grid)
+    if (s != "dense") selectors.push_back(s);
+
+  const Model model = Model::load(f.model);
+  Decoder decoder(model);
+  check_specs(selectors, f, decoder);
+  check_needle_options(model.config(), options);
+  const std::filesystem::path text_path =
+      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const std::string text = read_text_file(text_path);
+  const int64_t longest = *std::max_element(options.contexts.begin(), options.contexts.end());
+  const std::vector<int32_t> haystack = leading_tokens(model.tokenizer(), text, longest);
+  const std::vector<NeedleCase> cases = needle_cases(model.tokenizer(), haystack, options);
+
+  std::vector<NeedleRow> rows;
+  for (size_t i = 0; i < selectors.size(); ++i) {
+    rows.push_back(needle_row(decoder, cases, selectors[i], options, [&](int64_t done, int64_t n) {
+      std::fprintf(stderr, "[%zu/%zu] %s: case %lld/%lld\n", i + 1, selectors.size(),
+                   selectors[i].c_str(), static_cast<long long>(done), static_cast<long long>(n));
+    }));
+  }
+
+  // Columns: (context, needle count), each pooling the depths.
+  std::vector<std::pair<int64_t, int64_t>> columns;
+  for (int64_t c : options.contexts)
+    for (int64_t k : options.needles) columns.emplace_back(c, k);
+  std::printf("model:   %s\ntext:    %s\ncache:   keys %s, values %s\n", model.source().c_str(),
+              text_path.string().c_str(), f.keys.c_str(), f.values.c_str());
+  std::printf("cases:   contexts x depths x needle counts = %zu, greedy answer of %lld tokens\n\n",
+              cases.size(), static_cast<long long>(options.answer_tokens));
+  std::printf("%-32s", "exact-match rate (hits/cases)");
+  for (const auto& [c, k] : columns) std::printf(" %12s", cell_key(c, k).c_str());
+  std::printf(" %12s\n", "all");
+  for (const NeedleRow& r : rows) {
+    std::printf("%-32s", r.selector.c_str());
+    for (const auto& [c, k] : columns) {
+      int64_t hits = 0, total = 0;
+      for (const NeedleResult& x : r.results)
+        if (x.context == c && x.needles == k) {
+          ++total;
+          hits += x.hit ? 1 : 0;
+        }
+      std::printf(" %5lld/%-6lld", static_cast<long long>(hits), static_cast<long long>(total));
+    }
+    std::printf(" %12.3f\n", r.exact_match_rate);
+  }
+  std::printf(
+      "\nA hit: the asked needle's six digits appear in the greedy answer. Depths per column: ");
+  for (size_t i = 0; i < options.depths.size(); ++i)
+    std::printf("%s%g", i ? ", " : "", options.depths[i]);
+  std::printf(".\n");
+
+  if (!f.json.empty()) {
+    json out = {{"command", "eval needle"},
+                {"model", model.source()},
+                {"text", text_path.string()},
+                {"contexts", options.contexts},
+                {"depths", options.depths},
+                {"needles", options.needles},
+                {"answer_tokens", options.answer_tokens},
+                {"key_codec", f.keys},
+                {"value_codec", f.values},
+                {"rows", json::array()}};
+    for (const NeedleRow& r : rows) {
+      json cells = json::array();
+      for (const NeedleResult& x : r.results)
+        cells.push_back({{"context", x.context},
+                         {"depth", x.depth},
+                         {"needles", x.needles},
+                         {"expected", x.expected},
+                         {"answer", x.answer},
+                         {"hit", x.hit}});
+      out["rows"].push_back({{"selector", r.selector},
+                             {"exact_match_rate", r.exact_match_rate},
+                             {"seconds", r.seconds},
+                             {"cases", cells}});
+    }
+    write_json(f.json, out);
+  }
+}
+
+void add_eval_needle_command(CLI::App& eval) {
+  auto flags = std::make_shared<NeedleFlags>();
+  CLI::App* cmd = eval.add_subcommand(
+      "needle", "Needle-in-a-haystack retrieval, dense versus sparse attention (exact-match rate)");
+  add_common_flags(cmd, *flags);
+  cmd->add_option("--contexts", flags->contexts,
+                  "comma-separated prompt lengths in tokens (default 512,1024,2048; quick 256,512)")
+      ->delimiter(',');
+  cmd->add_option("--depths", flags->depths,
+                  "comma-separated depth fractions of the asked needle (default 0.1,0.5,0.9)")
+      ->delimiter(',');
+  cmd->add_option("--needles", flags->needles, "comma-separated needle counts (default 1,3)")
+      ->delimiter(',');
+  cmd->add_option("--answer-tokens", flags->answer_tokens, "greedy answer length (default 10)");
+  cmd->callback([flags] { run_eval_needle(*flags); });
+}
+
+}  // namespace
+
+void add_eval_command(CLI::App& app) {
+  CLI::App* eval = app.add_subcommand(
+      "eval", "Evaluation protocols: sparse attention survival, needle retrieval");
+  eval->require_subcommand(1);
+  add_eval_sparse_command(*eval);
+  add_eval_needle_command(*eval);
+  // Further eval subcommands register here, one line each (each defined in its own file and
+  // declared in commands.h).
+}
+
+}  // namespace visikv::cli

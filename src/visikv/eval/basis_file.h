@@ -1,0 +1,57 @@
+// HeadQ basis files: the calibrated bases of one model (kv/headq.h: HeadqBasis), written by
+// `visikv calibrate` and read by `visikv ppl --basis` and the evaluations.
+//
+// Layout (all integers and floats little-endian):
+//
+//   offset 0   8 bytes   magic "VKVHEADQ"
+//   offset 8   uint32    format version (kBasisFormatVersion)
+//   offset 12  uint64    H, length of the JSON header
+//   offset 20  H bytes   JSON header: {"format": "visikv-headq-basis", "version", "fingerprint",
+//                        "model", "text", "tokens", "window", "layers", "kv_heads", "head_dim",
+//                        "rank", "dtype": "f64", "arrays": [{"name", "shape"}...]}
+//   then       float64   the arrays, in the header's order, each row-major:
+//                        query_eigenvalues {layers·kv_heads, head_dim}   (descending)
+//                        query_vectors     {layers·kv_heads, rank, head_dim} (row j: the
+//                                          eigenvector of eigenvalue j)
+//                        key_eigenvalues   {layers·kv_heads, head_dim}
+//                        key_vectors       {layers·kv_heads, rank, head_dim}
+//
+// The file ends exactly after the arrays. Head index = layer·kv_heads + kv_head.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+
+#include "visikv/kv/headq.h"
+
+namespace visikv {
+
+class Model;
+
+inline constexpr uint32_t kBasisFormatVersion = 1;
+
+// Identifies a model's weights: "<hash of the config>-<hash of some weight bytes>", two 64-bit
+// FNV-1a hashes in hex. The config part covers the shape, positions, norms and attention
+// (Config::describe and the numbers it leaves out); the weight part the bytes of the first
+// layer's query and key projections, the last layer's key projection, and the first MiB of the
+// token embedding. The same checkpoint gives the same fingerprint in any format copy whose
+// tensors are stored the same way; another checkpoint, or the same one requantized, differs.
+std::string model_fingerprint(const Model& model);
+
+void save_headq_basis(const HeadqBasis& basis, const std::filesystem::path& path);
+
+// Reads and checks a basis file (magic, version, header, array sizes bounded by the file).
+// Throws visikv::Error naming the file and the problem.
+HeadqBasis load_headq_basis(const std::filesystem::path& path);
+
+// As above, and also checks that the file was calibrated on `model` (same fingerprint, same
+// layers, KV heads and head_dim) and holds at least `min_rank` vectors per head.
+HeadqBasis load_headq_basis(const std::filesystem::path& path, const Model& model,
+                            int64_t min_rank = 1);
+
+// The checks of the second overload, for a basis already in memory.
+void check_basis_for_model(const HeadqBasis& basis, const Model& model, int64_t min_rank,
+                           const std::string& where);
+
+}  // namespace visikv

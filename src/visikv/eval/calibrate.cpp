@@ -1,0 +1,213 @@
+#include "visikv/eval/calibrate.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "visikv/attention/attention.h"
+#include "visikv/core/error.h"
+#include "visikv/eval/basis_file.h"
+#include "visikv/eval/symmetric_eigen.h"
+#include "visikv/kv/dense_cache.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace visikv {
+
+namespace {
+
+// Σ += Xᵀ X for X = rows of `d` floats (upper triangle of the row-major d x d Σ).
+void add_outer_products(std::span<const float> rows, int64_t d, std::span<double> sigma,
+                        std::vector<double>& scratch) {
+  const int64_t count = static_cast<int64_t>(rows.size()) / d;
+  if (count == 0) return;
+  scratch.assign(rows.begin(), rows.end());
+  cblas_dsyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(d), static_cast<int>(count),
+              1.0, scratch.data(), static_cast<int>(d), 1.0, sigma.data(), static_cast<int>(d));
+}
+
+// Copies every query head's query into a {layers, tokens, heads, head_dim} buffer. Each event
+// writes its own slot, so worker threads need no lock.
+class QueryCollector final : public AttentionObserver {
+ public:
+  QueryCollector(int64_t layers, int64_t heads, int64_t head_dim)
+      : layers_(layers), heads_(heads), head_dim_(head_dim) {}
+  void start(int64_t tokens) {
+    tokens_ = tokens;
+    queries_.assign(static_cast<size_t>(layers_ * tokens * heads_ * head_dim_), 0.0f);
+  }
+  void observe(const AttentionEvent& e) override {
+    // The cache is cleared before each window, so positions count from 0.
+    if (e.position < 0 || e.position >= tokens_ || e.layer < 0 || e.layer >= layers_ ||
+        e.head < 0 || e.head >= heads_ || static_cast<int64_t>(e.query.size()) != head_dim_)
+      return;
+    std::copy(e.query.begin(), e.query.end(),
+              queries_.begin() + ((e.layer * tokens_ + e.position) * heads_ + e.head) * head_dim_);
+  }
+  // Queries of `layer` for the query heads [first_head, first_head + count), token-major.
+  std::vector<float> rows(int64_t layer, int64_t first_head, int64_t count) const {
+    std::vector<float> out;
+    out.reserve(static_cast<size_t>(tokens_ * count * head_dim_));
+    for (int64_t t = 0; t < tokens_; ++t) {
+      const auto at = queries_.begin() + ((layer * tokens_ + t) * heads_ + first_head) * head_dim_;
+      out.insert(out.end(), at, at + count * head_dim_);
+    }
+    return out;
+  }
+
+ private:
+  int64_t layers_, heads_, head_dim_, tokens_ = 0;
+  std::vector<float> queries_;
+};
+
+// A dense f32 cache that also accumulates E[k kᵀ] of every appended key (keys are appended
+// post-RoPE, in the coordinates scores use). Append runs on the calling thread, layer by layer.
+class KeyMomentCache final : public KVCache {
+ public:
+  KeyMomentCache(const CacheShape& shape, int64_t reserve)
+      : inner_(make_dense_cache(shape, DenseFormat::F32, reserve)),
+        sigma_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim * shape.head_dim),
+               0.0) {}
+
+  const CacheShape& shape() const override { return inner_->shape(); }
+  std::string describe() const override { return inner_->describe(); }
+  int64_t length(int64_t layer) const override { return inner_->length(layer); }
+  void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
+              int64_t tokens) override {
+    inner_->append(layer, keys, values, tokens);
+    const CacheShape& s = inner_->shape();
+    const int64_t d = s.head_dim;
+    std::vector<float> rows(static_cast<size_t>(tokens * d));
+    for (int64_t h = 0; h < s.kv_heads; ++h) {
+      for (int64_t t = 0; t < tokens; ++t)
+        std::copy_n(keys.begin() + (t * s.kv_heads + h) * d, d, rows.begin() + t * d);
+      add_outer_products(rows, d, head_sigma(layer, h), scratch_);
+    }
+  }
+  void score(int64_t layer, int64_t kv_head, std::span<const float> queries,
+             const PositionSet& positions, std::span<float> scores) const override {
+    inner_->score(layer, kv_head, queries, positions, scores);
+  }
+  void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                  const PositionSet& positions, std::span<float> out) const override {
+    inner_->accumulate(layer, kv_head, weights, positions, out);
+  }
+  int64_t block_size() const override { return inner_->block_size(); }
+  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override {
+    return inner_->summary(layer, kv_head, block);
+  }
+  void clear() override { inner_->clear(); }
+
+  std::span<double> head_sigma(int64_t layer, int64_t kv_head) {
+    const int64_t d = inner_->shape().head_dim;
+    return std::span(sigma_).subspan((layer * inner_->shape().kv_heads + kv_head) * d * d, d * d);
+  }
+
+ private:
+  std::unique_ptr<KVCache> inner_;
+  std::vector<double> sigma_;  // {layers, kv_heads, d, d}, upper triangles
+  std::vector<double> scratch_;
+};
+
+// Mirrors the upper triangle, divides by `count`, and returns the eigenvalues and the top
+// `rank` eigenvectors.
+void decompose(std::span<double> sigma, int64_t d, double count, int64_t rank,
+               std::span<double> values, std::span<double> vectors) {
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = i; j < d; ++j) {
+      const double x = sigma[i * d + j] / count;
+      sigma[i * d + j] = sigma[j * d + i] = x;
+    }
+  const SymmetricEigen eigen = symmetric_eigen(sigma, d);
+  std::copy(eigen.values.begin(), eigen.values.end(), values.begin());
+  std::copy_n(eigen.vectors.begin(), rank * d, vectors.begin());
+}
+
+}  // namespace
+
+HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std::string& text_label,
+                           const CalibrationOptions& options, const CalibrationProgress& progress) {
+  const Config& c = model.config();
+  const int64_t d = c.head_dim, group = c.group_size();
+  require(options.rank >= 1 && options.rank <= d, "calibration rank ", options.rank,
+          " must be between 1 and the head dimension ", d);
+  require(options.tokens >= 1, "calibration token count must be positive, got ", options.tokens);
+  require(options.window >= 2, "calibration window must be at least 2 tokens, got ",
+          options.window);
+  require(!text.empty(), "calibration text '", text_label, "' is empty");
+  const std::vector<int32_t> tokens = model.tokenizer().encode(std::string(text), false);
+  require(!tokens.empty(), "calibration text '", text_label, "' has no tokens");
+  std::optional<int32_t> bos;
+  if (model.tokenizer().adds_bos()) bos = model.tokenizer().bos_id();
+
+  Decoder decoder(model);
+  const CacheShape shape = decoder.cache_shape();
+  KeyMomentCache cache(shape, options.window);
+  QueryCollector collector(c.layers, c.heads, d);
+  std::vector<double> query_sigma(static_cast<size_t>(shape.layers * shape.kv_heads * d * d), 0.0);
+  std::vector<double> scratch;
+  // Windows never exceed the model's context (the basis records the window used).
+  const int64_t window_length =
+      c.max_positions > 1 ? std::min(options.window, c.max_positions) : options.window;
+  const int64_t text_per_window = bos ? window_length - 1 : window_length;
+  const int64_t available = static_cast<int64_t>(tokens.size());
+  // Positions to run: each window adds BOS (when used) to its text tokens.
+  int64_t total = 0;
+  for (int64_t start = 0; start < available && total < options.tokens; start += text_per_window)
+    total += std::min(std::min(text_per_window, available - start) + (bos ? 1 : 0),
+                      options.tokens - total);
+
+  int64_t done = 0;
+  std::vector<int32_t> window;
+  for (int64_t start = 0; start < available && done < total; start += text_per_window) {
+    window.clear();
+    if (bos) window.push_back(*bos);
+    const int64_t len = std::min(text_per_window, available - start);
+    window.insert(window.end(), tokens.begin() + start, tokens.begin() + start + len);
+    window.resize(static_cast<size_t>(std::min<int64_t>(window.size(), total - done)));
+    const int64_t n = static_cast<int64_t>(window.size());
+    cache.clear();
+    collector.start(n);
+    decoder.forward(
+        window, cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
+        &collector);
+    for (int64_t l = 0; l < c.layers; ++l)
+      for (int64_t h = 0; h < c.kv_heads; ++h)
+        add_outer_products(collector.rows(l, h * group, group), d,
+                           std::span(query_sigma).subspan((l * c.kv_heads + h) * d * d, d * d),
+                           scratch);
+    done += n;
+    if (progress) progress(done, total);
+  }
+
+  HeadqBasis basis;
+  basis.fingerprint = model_fingerprint(model);
+  basis.model = model.source();
+  basis.text = text_label;
+  basis.tokens = done;
+  basis.window = window_length;
+  basis.layers = c.layers;
+  basis.kv_heads = c.kv_heads;
+  basis.head_dim = d;
+  basis.rank = options.rank;
+  const int64_t heads = basis.heads();
+  basis.query_eigenvalues.resize(static_cast<size_t>(heads * d));
+  basis.key_eigenvalues.resize(static_cast<size_t>(heads * d));
+  basis.query_vectors.resize(static_cast<size_t>(heads * options.rank * d));
+  basis.key_vectors.resize(static_cast<size_t>(heads * options.rank * d));
+  for (int64_t i = 0; i < heads; ++i) {
+    const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
+    decompose(std::span(query_sigma).subspan(i * d * d, d * d), d,
+              static_cast<double>(done * group), options.rank,
+              std::span(basis.query_eigenvalues).subspan(i * d, d),
+              std::span(basis.query_vectors).subspan(i * options.rank * d, options.rank * d));
+    decompose(cache.head_sigma(l, h), d, static_cast<double>(done), options.rank,
+              std::span(basis.key_eigenvalues).subspan(i * d, d),
+              std::span(basis.key_vectors).subspan(i * options.rank * d, options.rank * d));
+  }
+  return basis;
+}
+
+}  // namespace visikv

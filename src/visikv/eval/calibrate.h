@@ -1,0 +1,37 @@
+// HeadQ calibration (METHODS.md, HeadQ): run the dense model over a calibration text (disjoint
+// from the test split; by default WikiText-2 validation), collect per (layer, KV head) the
+// queries of its query-head group in the coordinates scores use (post-RoPE), and the keys it
+// caches, and eigendecompose the uncentred second moments Σ_q = E[q qᵀ] and Σ_k = E[k kᵀ]
+// (accumulated in double). The result keeps every eigenvalue and the top-`rank` eigenvectors of
+// both, with the model's fingerprint (eval/basis_file.h).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "visikv/kv/headq.h"
+
+namespace visikv {
+
+class Model;
+
+struct CalibrationOptions {
+  int64_t tokens = 8192;  // positions to run, BOS included (fewer when the text is shorter)
+  int64_t rank = 16;      // eigenvectors kept per head
+  // Positions per prefill window (BOS first where the model uses one), at most the model's
+  // context length.
+  int64_t window = 1024;
+};
+
+// progress(positions done, positions to do)
+using CalibrationProgress = std::function<void(int64_t done, int64_t total)>;
+
+// `text`: the calibration text; `text_label` names it in errors and in the basis (its path).
+// Throws visikv::Error for an empty text (or one with no tokens) and bad options.
+HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std::string& text_label,
+                           const CalibrationOptions& options,
+                           const CalibrationProgress& progress = {});
+
+}  // namespace visikv

@@ -1,0 +1,171 @@
+#include "visikv/eval/needle.h"
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <optional>
+#include <random>
+
+#include "visikv/attention/sparse_attention.h"
+#include "visikv/core/error.h"
+#include "visikv/eval/generate.h"
+#include "visikv/kv/cache_factory.h"
+
+namespace visikv {
+
+namespace {
+
+constexpr std::array<const char*, 24> kNames = {
+    "Alice",   "Boris", "Chen",  "Dmitri", "Elena",  "Farid",  "Greta", "Hiroshi",
+    "Ingrid",  "Jamal", "Kofi",  "Lucia",  "Mateo",  "Nadia",  "Oskar", "Priya",
+    "Quentin", "Rosa",  "Samir", "Tomas",  "Ulrike", "Viktor", "Wanda", "Yusuf"};
+
+// The case's generator: std::mt19937_64 is specified bit for bit by the standard; we draw with
+// plain modulo (not std::uniform_int_distribution, whose algorithm is implementation-defined) so
+// every platform builds the same prompts.
+std::mt19937_64 case_generator(uint64_t seed, int64_t context, size_t depth_index,
+                               int64_t needles) {
+  const uint64_t mixed =
+      seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(context) * 1000003ull +
+      static_cast<uint64_t>(depth_index) * 7919ull + static_cast<uint64_t>(needles);
+  return std::mt19937_64(mixed);
+}
+
+}  // namespace
+
+void check_needle_options(const Config& config, const NeedleOptions& o) {
+  require(!o.contexts.empty(), "needle: no context lengths given");
+  require(!o.depths.empty(), "needle: no depths given");
+  require(!o.needles.empty(), "needle: no needle counts given");
+  require(o.answer_tokens >= 1, "needle: answer tokens must be >= 1, got ", o.answer_tokens);
+  for (double d : o.depths)
+    require(std::isfinite(d) && d >= 0.0 && d <= 1.0, "needle: depth ", d, " is outside [0, 1]");
+  for (int64_t k : o.needles)
+    require(k >= 1 && k <= static_cast<int64_t>(kNames.size()), "needle: needle count ", k,
+            " is outside [1, ", kNames.size(), "]");
+  for (int64_t c : o.contexts) {
+    require(c >= 1, "needle: context length must be positive, got ", c);
+    require(config.max_positions <= 0 || c + o.answer_tokens <= config.max_positions,
+            "needle: context ", c, " + ", o.answer_tokens, " answer tokens exceeds the model's ",
+            config.max_positions, " positions");
+  }
+}
+
+std::vector<NeedleCase> needle_cases(const Tokenizer& tokenizer, std::span<const int32_t> haystack,
+                                     const NeedleOptions& o) {
+  std::optional<int32_t> bos;
+  if (tokenizer.adds_bos()) bos = tokenizer.bos_id();
+  std::vector<NeedleCase> cases;
+  for (int64_t context : o.contexts) {
+    for (size_t di = 0; di < o.depths.size(); ++di) {
+      for (int64_t k : o.needles) {
+        std::mt19937_64 rng = case_generator(o.seed, context, di, k);
+        // k distinct names: a partial Fisher-Yates shuffle.
+        std::vector<size_t> order(kNames.size());
+        for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+        for (int64_t i = 0; i < k; ++i) {
+          const size_t j = i + rng() % (order.size() - i);
+          std::swap(order[i], order[j]);
+        }
+        struct Needle {
+          std::vector<int32_t> tokens;
+          int64_t offset;
+        };
+        std::vector<Needle> needles;
+        std::string asked_digits;
+        int64_t fixed = bos ? 1 : 0;
+        for (int64_t j = 0; j < k; ++j) {
+          const std::string digits = std::to_string(100000 + rng() % 900000);
+          if (j == 0) asked_digits = digits;
+          needles.push_back({tokenizer.encode(std::string(" The secret number of ") +
+                                                  kNames[order[j]] + " is " + digits + ".",
+                                              false),
+                             0});
+          fixed += static_cast<int64_t>(needles.back().tokens.size());
+        }
+        const std::string name = kNames[order[0]];
+        const std::vector<int32_t> question = tokenizer.encode(
+            " What is the secret number of " + name + "? The secret number of " + name + " is",
+            false);
+        fixed += static_cast<int64_t>(question.size());
+        const int64_t hay = context - fixed;
+        require(hay >= 1, "needle: context ", context, " is too short for ", k,
+                " needle(s) and the question (", fixed, " tokens)");
+        require(static_cast<int64_t>(haystack.size()) >= hay, "needle: the haystack text has ",
+                haystack.size(), " tokens, context ", context, " needs ", hay);
+        for (int64_t j = 0; j < k; ++j) {
+          // The asked needle keeps its depth (1.0 included); the others wrap around.
+          const double depth =
+              j == 0 ? o.depths[di] : std::fmod(o.depths[di] + static_cast<double>(j) / k, 1.0);
+          needles[j].offset = std::min<int64_t>(hay, std::llround(depth * hay));
+        }
+        // Splice in increasing offset (ties: needle order), so the asked needle keeps its depth.
+        std::vector<size_t> by_offset(needles.size());
+        for (size_t i = 0; i < by_offset.size(); ++i) by_offset[i] = i;
+        std::stable_sort(by_offset.begin(), by_offset.end(),
+                         [&](size_t a, size_t b) { return needles[a].offset < needles[b].offset; });
+        NeedleCase c{context, o.depths[di], k, name, asked_digits, {}};
+        if (bos) c.prompt.push_back(*bos);
+        int64_t next = 0;
+        for (size_t i : by_offset) {
+          c.prompt.insert(c.prompt.end(), haystack.begin() + next,
+                          haystack.begin() + needles[i].offset);
+          next = needles[i].offset;
+          c.prompt.insert(c.prompt.end(), needles[i].tokens.begin(), needles[i].tokens.end());
+        }
+        c.prompt.insert(c.prompt.end(), haystack.begin() + next, haystack.begin() + hay);
+        c.prompt.insert(c.prompt.end(), question.begin(), question.end());
+        require(static_cast<int64_t>(c.prompt.size()) == context,
+                "needle: internal error, prompt of ", c.prompt.size(), " tokens for context ",
+                context);
+        cases.push_back(std::move(c));
+      }
+    }
+  }
+  return cases;
+}
+
+NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
+                     const std::string& selector_text, const NeedleOptions& o,
+                     const NeedleProgress& progress) {
+  const auto started = std::chrono::steady_clock::now();
+  require(!cases.empty(), "needle: no cases");
+  const SelectorSpec spec = parse_selector_spec(selector_text);
+  int64_t longest = 0;
+  for (const NeedleCase& c : cases) longest = std::max<int64_t>(longest, c.prompt.size());
+  auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
+                          longest + o.answer_tokens, spec.block_size > 0 ? spec.block_size : 32);
+  std::optional<SparseSelector> selector;
+  if (spec.kind != SelectorKind::Dense) selector.emplace(spec);
+  struct DenseOnExit {
+    Decoder& decoder;
+    ~DenseOnExit() { decoder.set_sparse_attention(nullptr); }
+  } restore{decoder};
+  decoder.set_sparse_attention(selector ? &*selector : nullptr);
+
+  GenerationOptions generation;
+  generation.max_new_tokens = o.answer_tokens;
+  generation.stop_at_eos = true;  // greedy: sampling temperature 0
+  NeedleRow row;
+  row.selector = selector_text;
+  int64_t hits = 0;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const NeedleCase& c = cases[i];
+    cache->clear();
+    if (selector) selector->reset();
+    const GenerationResult g = generate(decoder, *cache, c.prompt, generation);
+    NeedleResult r{
+        c.context, c.depth, c.needles, c.digits, decoder.model().tokenizer().decode(g.tokens),
+        false};
+    r.hit = r.answer.find(c.digits) != std::string::npos;
+    hits += r.hit ? 1 : 0;
+    row.results.push_back(std::move(r));
+    if (progress) progress(static_cast<int64_t>(i) + 1, static_cast<int64_t>(cases.size()));
+  }
+  row.exact_match_rate = static_cast<double>(hits) / static_cast<double>(cases.size());
+  row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  return row;
+}
+
+}  // namespace visikv

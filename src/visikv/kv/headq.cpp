@@ -1,0 +1,287 @@
+#include "visikv/kv/headq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+#include "visikv/core/error.h"
+#include "visikv/core/half.h"
+#include "visikv/core/vec.h"
+#include "visikv/kv/int_codes.h"
+
+namespace visikv {
+
+namespace {
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// Uniform in (0, 1): 53 random bits, never 0.
+double uniform_open(uint64_t& state) {
+  return (static_cast<double>(splitmix64(state) >> 11) + 0.5) * 0x1.0p-53;
+}
+
+class HeadqKeyStore final : public VectorStore {
+ public:
+  HeadqKeyStore(std::unique_ptr<VectorStore> base, const CodecSpec& spec, std::vector<float> rows)
+      : base_(std::move(base)),
+        side_(*spec.headq),
+        dim_(base_->dim()),
+        rank_(side_.rank),
+        sign_(side_.wrong_sign ? -1.0f : 1.0f),
+        // Windowed codecs quantize a key from its fp16 form when it leaves the window.
+        from_fp16_(spec.window > 0 || spec.axis == CodecSpec::Axis::Channels),
+        rows_(std::move(rows)),
+        residual_(dim_),
+        projected_(rank_) {
+    require(static_cast<int64_t>(rows_.size()) == rank_ * dim_, "HeadQ basis: expected ", rank_,
+            " x ", dim_, " numbers, got ", rows_.size());
+  }
+
+  int64_t dim() const override { return dim_; }
+  int64_t size() const override { return base_->size(); }
+  int64_t quantized_size() const override { return base_->quantized_size(); }
+
+  void append(std::span<const float> vector) override {
+    base_->append(vector);
+    for (float x : vector) pending_.push_back(from_fp16_ ? fp16_to_float(float_to_fp16(x)) : x);
+    // Side-code every key the base has quantized since the last append, oldest first.
+    int64_t done = 0;
+    while (coded_ < base_->quantized_size()) {
+      encode(pending_.data() + done * dim_);
+      ++done;
+    }
+    pending_.erase(pending_.begin(), pending_.begin() + done * dim_);
+  }
+
+  void dot(std::span<const float> queries, const PositionSet& positions,
+           std::span<float> scores) const override {
+    base_->dot(queries, positions, scores);
+    if (coded_ == 0) return;
+    const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
+    // sign · U_rᵀ q, once per query.
+    std::vector<float> projected(static_cast<size_t>(count * rank_)), side(rank_);
+    for (int64_t q = 0; q < count; ++q)
+      for (int64_t j = 0; j < rank_; ++j)
+        projected[q * rank_ + j] =
+            sign_ * vec::dot(rows_.data() + j * dim_, queries.data() + q * dim_, dim_);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t position = positions[i];
+      if (position >= coded_) continue;
+      decode(position, side.data());
+      for (int64_t q = 0; q < count; ++q) {
+        float correction = 0.0f;
+        for (int64_t j = 0; j < rank_; ++j) correction += projected[q * rank_ + j] * side[j];
+        scores[q * n + i] += correction;
+      }
+    }
+  }
+
+  void accumulate(std::span<const float> weights, const PositionSet& positions,
+                  std::span<float> out) const override {
+    base_->accumulate(weights, positions, out);  // keys are not summed; kept for completeness
+  }
+
+  void reconstruct(int64_t position, std::span<float> out) const override {
+    base_->reconstruct(position, out);
+    if (position >= coded_) return;
+    std::vector<float> side(rank_);
+    decode(position, side.data());
+    for (int64_t j = 0; j < rank_; ++j)
+      vec::axpy(sign_ * side[j], rows_.data() + j * dim_, out.data(), dim_);
+  }
+
+  int64_t stored_bytes() const override {
+    return base_->stored_bytes() + static_cast<int64_t>(codes_.size() + 2 * params_.size());
+  }
+
+  void clear() override {
+    base_->clear();
+    codes_.clear();
+    params_.clear();
+    pending_.clear();
+    coded_ = 0;
+  }
+
+ private:
+  // Side code of the key at position coded_, whose pre-quantization value is `key`.
+  void encode(const float* key) {
+    base_->reconstruct(coded_, residual_);
+    for (int64_t c = 0; c < dim_; ++c) residual_[c] = key[c] - residual_[c];
+    for (int64_t j = 0; j < rank_; ++j)
+      projected_[j] = vec::dot(rows_.data() + j * dim_, residual_.data(), dim_);
+    const size_t at = codes_.size();
+    if (side_.bits == 32) {
+      codes_.resize(at + 4 * rank_);
+      std::memcpy(codes_.data() + at, projected_.data(), 4 * rank_);
+    } else if (side_.bits == 16) {
+      codes_.resize(at + 2 * rank_);
+      for (int64_t j = 0; j < rank_; ++j) {
+        const uint16_t h = float_to_fp16(projected_[j]);
+        std::memcpy(codes_.data() + at + 2 * j, &h, 2);
+      }
+    } else {
+      const auto [lo, hi] = std::minmax_element(projected_.begin(), projected_.end());
+      const int_codes::Affine affine = int_codes::affine_for_range(*lo, *hi, side_.bits);
+      params_.push_back(affine.scale);
+      params_.push_back(affine.zero);
+      const float scale = fp16_to_float(affine.scale), zero = fp16_to_float(affine.zero);
+      const int levels = (1 << side_.bits) - 1;
+      // Codes form one little-endian bit stream: code j of key p at bit (p·r + j)·b.
+      const int64_t first_bit = coded_ * rank_ * side_.bits;
+      codes_.resize(static_cast<size_t>((first_bit + rank_ * side_.bits + 7) / 8), 0);
+      for (int64_t j = 0; j < rank_; ++j) {
+        const uint32_t code = int_codes::affine_code(projected_[j], scale, zero, levels);
+        const int64_t bit = first_bit + j * side_.bits;
+        const uint32_t shifted = code << (bit & 7);
+        codes_[bit >> 3] |= static_cast<uint8_t>(shifted);
+        if ((bit & 7) + side_.bits > 8)
+          codes_[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
+      }
+    }
+    ++coded_;
+  }
+
+  // ĉ of the key at `position` (< coded_) into out[0 .. r).
+  void decode(int64_t position, float* out) const {
+    if (side_.bits == 32) {
+      std::memcpy(out, codes_.data() + position * 4 * rank_, 4 * rank_);
+      return;
+    }
+    if (side_.bits == 16) {
+      for (int64_t j = 0; j < rank_; ++j) {
+        uint16_t h;
+        std::memcpy(&h, codes_.data() + (position * rank_ + j) * 2, 2);
+        out[j] = fp16_to_float(h);
+      }
+      return;
+    }
+    const float scale = fp16_to_float(params_[2 * position]);
+    const float zero = fp16_to_float(params_[2 * position + 1]);
+    const uint32_t mask = (1u << side_.bits) - 1;
+    const int64_t first_bit = position * rank_ * side_.bits;
+    for (int64_t j = 0; j < rank_; ++j) {
+      const int64_t bit = first_bit + j * side_.bits;
+      const size_t byte = static_cast<size_t>(bit >> 3);
+      uint32_t word = codes_[byte];
+      if (byte + 1 < codes_.size()) word |= uint32_t{codes_[byte + 1]} << 8;
+      const float code = static_cast<float>((word >> (bit & 7)) & mask);
+      out[j] = std::fma(code, scale, zero);
+    }
+  }
+
+  std::unique_ptr<VectorStore> base_;
+  HeadqSpec side_;
+  int64_t dim_, rank_;
+  float sign_;
+  bool from_fp16_;
+  std::vector<float> rows_;       // {rank, dim}: U_rᵀ
+  int64_t coded_ = 0;             // keys [0, coded_) have a side code
+  std::vector<uint8_t> codes_;    // side codes: bit stream (2-8 bits), fp16 or float32 numbers
+  std::vector<uint16_t> params_;  // per key: fp16 scale, fp16 zero (2-8 bits only)
+  std::vector<float> pending_;    // keys appended but not yet quantized by the base
+  // Append-time scratch.
+  std::vector<float> residual_, projected_;
+};
+
+}  // namespace
+
+void HeadqBasis::check_sizes() const {
+  require(layers > 0 && kv_heads > 0 && head_dim > 0 && rank > 0 && rank <= head_dim,
+          "HeadQ basis: bad shape (", layers, " layers, ", kv_heads, " kv heads, head_dim ",
+          head_dim, ", rank ", rank, ")");
+  const size_t values = static_cast<size_t>(heads() * head_dim);
+  const size_t vectors = static_cast<size_t>(heads() * rank * head_dim);
+  require(query_eigenvalues.size() == values && key_eigenvalues.size() == values &&
+              query_vectors.size() == vectors && key_vectors.size() == vectors,
+          "HeadQ basis: arrays do not match ", layers, " layers x ", kv_heads,
+          " kv heads, head_dim ", head_dim, ", rank ", rank);
+}
+
+std::span<const double> HeadqBasis::query_rows(int64_t layer, int64_t kv_head) const {
+  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
+          layer, ", ", kv_head, ") out of range");
+  return std::span(query_vectors)
+      .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+}
+
+std::span<const double> HeadqBasis::key_rows(int64_t layer, int64_t kv_head) const {
+  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
+          layer, ", ", kv_head, ") out of range");
+  return std::span(key_vectors)
+      .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+}
+
+std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t seed) {
+  require(rows > 0 && dim > 0 && rows <= dim, "random orthonormal basis: ", rows,
+          " rows of dimension ", dim);
+  std::vector<double> out(static_cast<size_t>(rows * dim));
+  uint64_t state = seed;
+  for (size_t i = 0; i < out.size(); ++i) {  // Box-Muller
+    const double u = uniform_open(state), v = uniform_open(state);
+    out[i] = std::sqrt(-2.0 * std::log(u)) * std::cos(2.0 * std::numbers::pi * v);
+  }
+  for (int64_t j = 0; j < rows; ++j) {
+    double* row = out.data() + j * dim;
+    for (int pass = 0; pass < 2; ++pass) {  // twice: orthogonal to rounding
+      for (int64_t i = 0; i < j; ++i) {
+        const double* other = out.data() + i * dim;
+        double overlap = 0;
+        for (int64_t c = 0; c < dim; ++c) overlap += row[c] * other[c];
+        for (int64_t c = 0; c < dim; ++c) row[c] -= overlap * other[c];
+      }
+    }
+    double norm = 0;
+    for (int64_t c = 0; c < dim; ++c) norm += row[c] * row[c];
+    norm = std::sqrt(norm);
+    require(norm > 1e-12, "random orthonormal basis: degenerate draw");
+    for (int64_t c = 0; c < dim; ++c) row[c] /= norm;
+  }
+  return out;
+}
+
+uint64_t headq_random_seed(int64_t layer, int64_t kv_head) {
+  constexpr uint64_t kSeed = 0x4ead'9b5a'15ULL;
+  uint64_t state = kSeed ^ (static_cast<uint64_t>(layer) << 32) ^ static_cast<uint64_t>(kv_head);
+  return splitmix64(state);
+}
+
+std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* basis, int64_t layers,
+                                    int64_t kv_heads, int64_t head_dim, int64_t layer,
+                                    int64_t kv_head) {
+  require(spec.headq.has_value(), "cache spec '", spec.text(), "' has no HeadQ side code");
+  const HeadqSpec& side = *spec.headq;
+  std::vector<double> rows;
+  if (side.basis == HeadqSpec::Basis::Random) {
+    rows = random_orthonormal_rows(side.rank, head_dim, headq_random_seed(layer, kv_head));
+  } else {
+    require(basis != nullptr, "key codec '", spec.text(),
+            "' needs a HeadQ basis file (write one with `visikv calibrate`, pass it with --basis)");
+    require(basis->layers == layers && basis->kv_heads == kv_heads && basis->head_dim == head_dim,
+            "HeadQ basis of model ", basis->fingerprint, " has ", basis->layers, " layers x ",
+            basis->kv_heads, " kv heads x head_dim ", basis->head_dim, "; the cache has ", layers,
+            " x ", kv_heads, " x ", head_dim);
+    require(side.rank <= basis->rank, "key codec '", spec.text(), "' needs rank ", side.rank,
+            " but the HeadQ basis file holds only ", basis->rank,
+            " vectors per head (calibrate with --rank ", side.rank, " or more)");
+    const std::span<const double> all = side.basis == HeadqSpec::Basis::Query
+                                            ? basis->query_rows(layer, kv_head)
+                                            : basis->key_rows(layer, kv_head);
+    rows.assign(all.begin(), all.begin() + side.rank * head_dim);
+  }
+  return std::vector<float>(rows.begin(), rows.end());
+}
+
+std::unique_ptr<VectorStore> make_headq_key_store(std::unique_ptr<VectorStore> base,
+                                                  const CodecSpec& spec, std::vector<float> rows) {
+  require(spec.headq.has_value() && !spec.is_dense(), "cache spec '", spec.text(),
+          "': a HeadQ store needs an integer codec with a side code");
+  return std::make_unique<HeadqKeyStore>(std::move(base), spec, std::move(rows));
+}
+
+}  // namespace visikv

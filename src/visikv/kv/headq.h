@@ -1,0 +1,76 @@
+// HeadQ side codes for quantized keys (METHODS.md, HeadQ; docs/CACHE_SPECS.md).
+//
+// A key k enters the cache as k̂ = Q_b(k) with the base quantizer; the residual e = k - k̂ is
+// projected on r orthonormal basis vectors (rows of U_rᵀ) and stored as c = Q_side(U_rᵀ e), r
+// numbers with their own fp16 scale and zero. Scores read q·k̂ + sign · (U_rᵀ q)·ĉ: the query is
+// projected once per score call (r·d multiply-adds), then each key costs r more. With an exact
+// side code and e in span(U_r) the correction cancels the residual (q·k̂ + q·e = q·k); what is
+// left in general is q·(I - U_r U_rᵀ) e + (U_rᵀ q)·(U_rᵀ e - ĉ).
+//
+// The basis comes from calibration (`visikv calibrate`, eval/calibrate.h): per (layer, KV head)
+// the top-r eigenvectors of the query second moment E[q qᵀ] (or, for the key-PCA control, of
+// E[k kᵀ]). The random-basis control needs no file. A cache gets the basis through
+// make_cache's optional `headq_basis` argument (kv/cache_factory.h).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "visikv/kv/codec_spec.h"
+#include "visikv/kv/vector_store.h"
+
+namespace visikv {
+
+// Calibrated bases of every (layer, KV head) of one model. Saved and loaded by
+// eval/basis_file.h, which also checks that a file belongs to the model it is used with.
+struct HeadqBasis {
+  std::string fingerprint;  // of the model it came from (eval/basis_file.h: model_fingerprint)
+  std::string model;        // where that model was loaded from, for display
+  std::string text;         // calibration text
+  int64_t tokens = 0;       // positions run through the model (queries per query head)
+  int64_t window = 0;       // positions per prefill window
+  int64_t layers = 0, kv_heads = 0, head_dim = 0;
+  int64_t rank = 0;  // basis vectors kept per head (any spec rank up to this works)
+  // Per head, index layer * kv_heads + kv_head: all head_dim eigenvalues in descending order
+  // ({heads, head_dim}) and the eigenvectors of the `rank` largest as rows ({heads, rank,
+  // head_dim}, row j belongs to eigenvalue j), of E[q qᵀ] over the queries of the head's
+  // query group (post-RoPE, the coordinates scores use) and of E[k kᵀ] over its keys.
+  std::vector<double> query_eigenvalues, query_vectors;
+  std::vector<double> key_eigenvalues, key_vectors;
+
+  int64_t heads() const { return layers * kv_heads; }
+  // Throws visikv::Error unless the arrays have the sizes the numbers above say.
+  void check_sizes() const;
+  // Row j: the j-th basis vector of head (layer, kv_head), j < rank.
+  std::span<const double> query_rows(int64_t layer, int64_t kv_head) const;
+  std::span<const double> key_rows(int64_t layer, int64_t kv_head) const;
+};
+
+// `rows` orthonormal vectors of `dim` numbers ({rows, dim}), Gaussian then Gram-Schmidt (twice),
+// from SplitMix64 seeded with `seed`: the same on every run. rows <= dim.
+std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t seed);
+
+// The seed of the random-basis control for one head: a fixed seed mixed with the head index.
+uint64_t headq_random_seed(int64_t layer, int64_t kv_head);
+
+// The r basis rows ({r, head_dim} float) a key store of head (layer, kv_head) uses for
+// `spec.headq`: from `basis` (query or key PCA) or random. Throws visikv::Error when the spec
+// needs a basis and `basis` is null, or when the basis does not fit (head_dim, layers, kv
+// heads, or a rank below the spec's).
+std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* basis, int64_t layers,
+                                    int64_t kv_heads, int64_t head_dim, int64_t layer,
+                                    int64_t kv_head);
+
+// Wraps `base` (an integer store made for `spec`) with the side code of `spec.headq` in the
+// basis `rows` ({r, head_dim}, orthonormal, in the coordinates the store sees). Appends go to
+// the base; when the base quantizes a key, its residual against the value the base quantized
+// (the float key, or its fp16 form for windowed codecs) is side-coded. Keys still in the base's
+// fp16 window have no side code and score as stored. reconstruct() returns the key as scores
+// see it: k̂ + sign · U_r ĉ.
+std::unique_ptr<VectorStore> make_headq_key_store(std::unique_ptr<VectorStore> base,
+                                                  const CodecSpec& spec, std::vector<float> rows);
+
+}  // namespace visikv

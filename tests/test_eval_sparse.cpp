@@ -1,0 +1,339 @@
+// The survival protocol (eval/survival.h) and needle retrieval (eval/needle.h) on tiny fixture
+// models, and the `visikv eval sparse` / `eval needle` commands end to end.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "visikv/core/error.h"
+#include "visikv/eval/generate.h"
+#include "visikv/eval/needle.h"
+#include "visikv/eval/survival.h"
+#include "visikv/kv/cache_factory.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace visikv {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string fixture(const std::string& name) {
+  return std::string(VISIKV_FIXTURES) + "/models/" + name;
+}
+
+// A reproducible token stream over the model's vocabulary (random models need no real text).
+std::vector<int32_t> token_stream(const Model& model, size_t n) {
+  std::vector<int32_t> tokens(n);
+  uint64_t state = 12345;
+  const uint64_t vocab = static_cast<uint64_t>(model.config().vocab_size);
+  for (int32_t& t : tokens) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    t = static_cast<int32_t>(3 + (state >> 33) % (vocab - 3));
+  }
+  return tokens;
+}
+
+struct SurvivalFixture {
+  Model model;
+  Decoder decoder;
+  SurvivalOptions options;
+  std::vector<DenseReference> refs;
+  SurvivalFixture(const std::string& name, int64_t prefix, int64_t continuation, int64_t samples)
+      : model(Model::load(fixture(name))), decoder(model) {
+    options.prefix = prefix;
+    options.continuation = continuation;
+    options.samples = samples;
+    if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+    const auto prefixes = survival_prefixes(token_stream(model, 4096), options);
+    refs = dense_references(decoder, prefixes, options);
+  }
+};
+
+void expect_consistent(const SurvivalRow& r, const SurvivalFixture& s) {
+  const int64_t T = s.options.continuation;
+  ASSERT_EQ(static_cast<int64_t>(r.first_divergence.size()), s.options.samples);
+  for (int64_t fd : r.first_divergence) {
+    EXPECT_GE(fd, 0);
+    EXPECT_LE(fd, T);
+  }
+  EXPECT_GE(r.tf_match, 0.0);
+  EXPECT_LE(r.tf_match, 1.0);
+  EXPECT_LE(r.first_divergence_min, r.first_divergence_mean);
+  // Agreeing at every teacher-forced step means no divergence, and the converse.
+  EXPECT_EQ(r.tf_match == 1.0, r.identical) << r.selector;
+  // Up to its first divergence a sample agrees at every step.
+  EXPECT_GE(r.tf_match * T * s.options.samples, r.first_divergence_mean * s.options.samples - 1e-9);
+  EXPECT_GT(r.support_mean, 0.0);
+  EXPECT_LE(r.support_mean, r.context_mean + 1e-9);
+  EXPECT_LE(r.support_max, s.options.prefix + T);
+  if (r.selector != "dense") EXPECT_GT(r.queries_measured, 0);
+  EXPECT_TRUE(std::isfinite(r.delta_ppl_pct));
+}
+
+TEST(Survival, FullSupportFollowsTheDenseReference) {
+  SurvivalFixture s("llama", 48, 16, 2);
+  for (const std::string spec : {"sparse:a9999:w9999:k1:exact", "dense"}) {
+    const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+    expect_consistent(r, s);
+    EXPECT_TRUE(r.identical) << spec;
+    EXPECT_EQ(r.first_divergence, (std::vector<int64_t>{16, 16})) << spec;
+    EXPECT_EQ(r.tf_match, 1.0) << spec;
+    EXPECT_EQ(r.delta_ppl_pct, 0.0) << spec;
+    EXPECT_EQ(r.nll_sparse, r.nll_dense) << spec;
+    EXPECT_DOUBLE_EQ(r.support_mean, r.context_mean) << spec;
+    EXPECT_FALSE(r.bound_max.has_value());
+  }
+  // The clamped full support reads what dense attention reads, bit for bit.
+  const SurvivalRow full =
+      survival_row(s.decoder, s.refs, "sparse:a9999:w9999:k1:exact", s.options);
+  ASSERT_TRUE(full.measured_err_max.has_value());
+  EXPECT_EQ(*full.measured_err_max, 0.0);
+}
+
+TEST(Survival, TinySupportIsConsistentAndMatchesAFreeRunningDecode) {
+  SurvivalFixture s("qwen2", 64, 16, 3);
+  for (const std::string spec : {"sparse:a0:w1:k1:exact", "sparse:a1:w2:k4:b4:centroid",
+                                 "sparse:a1:w2:k4:b4:bound:r4", "sparse:a0:w2:k2:exact:gqa=head"}) {
+    const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+    expect_consistent(r, s);
+    EXPECT_LT(r.support_mean, r.context_mean) << spec;
+    ASSERT_TRUE(r.measured_err_max.has_value());
+    EXPECT_GT(*r.measured_err_max, 0.0) << spec;
+
+    // The first divergence read off the teacher-forced run equals an explicit free-running
+    // sparse greedy decode's.
+    SparseSelector selector(spec);
+    const SelectorSpec parsed = parse_selector_spec(spec);
+    auto cache = make_cache(s.decoder.cache_shape(), "f32", "f32", 0,
+                            parsed.block_size > 0 ? parsed.block_size : 32);
+    s.decoder.set_sparse_attention(&selector);
+    GenerationOptions g;
+    g.max_new_tokens = s.options.continuation;
+    g.stop_at_eos = false;
+    for (size_t i = 0; i < s.refs.size(); ++i) {
+      cache->clear();
+      selector.reset();
+      const GenerationResult free_run = generate(s.decoder, *cache, s.refs[i].prefix, g);
+      const auto& ref = s.refs[i].continuation;
+      const int64_t divergence =
+          std::mismatch(free_run.tokens.begin(), free_run.tokens.end(), ref.begin()).first -
+          free_run.tokens.begin();
+      EXPECT_EQ(divergence, r.first_divergence[i]) << spec << " sample " << i;
+    }
+    s.decoder.set_sparse_attention(nullptr);
+  }
+}
+
+TEST(Survival, CertifiedBoundHoldsAgainstTheMeasuredError) {
+  for (const std::string name : {"qwen2", "llama", "mistral"}) {
+    SurvivalFixture s(name, 64, 12, 2);
+    for (const std::string spec : {"certified:a0:w1:b1:eps0.3", "certified:a1:w4:b4:eps0.5",
+                                   "certified:a1:w4:b4:eps0.05:gqa=head"}) {
+      const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+      expect_consistent(r, s);
+      const double eps = parse_selector_spec(spec).epsilon;
+      ASSERT_TRUE(r.bound_max.has_value()) << name << " " << spec;
+      ASSERT_TRUE(r.measured_err_max.has_value());
+      EXPECT_LE(*r.bound_max, eps) << name << " " << spec;
+      EXPECT_LE(*r.measured_err_max, *r.bound_max) << name << " " << spec;
+      EXPECT_EQ(r.bound_violations, 0) << name << " " << spec;
+    }
+  }
+  // A case where the bound is not trivially zero: the support is cut and the error is real.
+  SurvivalFixture s("qwen2", 64, 12, 2);
+  const SurvivalRow r = survival_row(s.decoder, s.refs, "certified:a0:w1:b1:eps0.3", s.options);
+  EXPECT_GT(*r.bound_max, 0.0);
+  EXPECT_GT(*r.measured_err_max, 0.0);
+  EXPECT_LT(r.support_mean, r.context_mean);
+}
+
+TEST(Survival, SlidingWindowModelKeepsItsWindow) {
+  SurvivalFixture s("mistral", 48, 8, 1);  // sliding window 8
+  const SurvivalRow r = survival_row(s.decoder, s.refs, "sparse:a1:w2:k2:exact", s.options);
+  expect_consistent(r, s);
+  EXPECT_LE(r.support_max, 8);
+  EXPECT_DOUBLE_EQ(r.context_mean, 8.0);
+}
+
+TEST(Survival, BadInputIsAClearError) {
+  SurvivalFixture s("llama", 16, 4, 1);
+  EXPECT_THROW(survival_row(s.decoder, s.refs, "sparse:a1:w4:k2:bogus", s.options), Error);
+  EXPECT_THROW(survival_row(s.decoder, s.refs, "sparse:a1:w4:k0:exact", s.options), Error);
+  SurvivalOptions bad = s.options;
+  bad.prefix = 0;
+  EXPECT_THROW(check_survival_options(s.model.config(), bad), Error);
+  bad = s.options;
+  bad.continuation = 0;
+  EXPECT_THROW(check_survival_options(s.model.config(), bad), Error);
+  bad = s.options;
+  bad.prefix = 120;
+  bad.continuation = 16;  // 136 > the fixture's 128 positions
+  EXPECT_THROW(check_survival_options(s.model.config(), bad), Error);
+  bad = s.options;
+  bad.samples = 100;
+  bad.prefix = 64;
+  EXPECT_THROW(survival_prefixes(token_stream(s.model, 200), bad), Error);
+}
+
+TEST(Needle, PromptsHoldTheNeedlesAtTheirDepths) {
+  const Model model = Model::load(fixture("llama"));
+  NeedleOptions o;
+  o.contexts = {96, 120};
+  o.depths = {0.0, 0.5, 1.0};
+  o.needles = {1, 2};
+  o.answer_tokens = 4;
+  check_needle_options(model.config(), o);
+  std::string sentences;
+  for (int i = 0; i < 60; ++i) sentences += "the quick brown fox jumps over the lazy dog . ";
+  const std::vector<int32_t> haystack = model.tokenizer().encode(sentences, false);
+  ASSERT_GE(haystack.size(), 400u);
+  const auto cases = needle_cases(model.tokenizer(), haystack, o);
+  ASSERT_EQ(cases.size(), 2u * 3u * 2u);
+  double last_fraction = -1;
+  for (const NeedleCase& c : cases) {
+    EXPECT_EQ(static_cast<int64_t>(c.prompt.size()), c.context);
+    EXPECT_EQ(c.digits.size(), 6u);
+    const std::string text = model.tokenizer().decode(c.prompt);
+    const std::string needle = "The secret number of " + c.name + " is " + c.digits + ".";
+    const size_t at = text.find(needle);
+    ASSERT_NE(at, std::string::npos) << text;
+    EXPECT_NE(text.find("What is the secret number of " + c.name + "? The secret number of " +
+                        c.name + " is"),
+              std::string::npos);
+    if (c.needles == 1) {  // the asked needle moves deeper with the depth
+      const double fraction = static_cast<double>(at) / text.size();
+      if (c.depth > 0) EXPECT_GT(fraction, last_fraction) << c.depth;
+      last_fraction = c.depth == 1.0 ? -1 : fraction;
+    }
+  }
+  // Deterministic: the same options give the same prompts.
+  EXPECT_EQ(needle_cases(model.tokenizer(), haystack, o)[5].prompt, cases[5].prompt);
+
+  Decoder decoder(model);
+  const NeedleRow dense = needle_row(decoder, cases, "dense", o);
+  ASSERT_EQ(dense.results.size(), cases.size());
+  EXPECT_GE(dense.exact_match_rate, 0.0);
+  EXPECT_LE(dense.exact_match_rate, 1.0);
+  const NeedleRow full = needle_row(decoder, cases, "sparse:a9999:w9999:k1:exact", o);
+  for (size_t i = 0; i < cases.size(); ++i)
+    EXPECT_EQ(full.results[i].answer, dense.results[i].answer);  // full support = dense
+
+  NeedleOptions bad = o;
+  bad.depths = {1.5};
+  EXPECT_THROW(check_needle_options(model.config(), bad), Error);
+  bad = o;
+  bad.contexts = {200};  // beyond 128 positions
+  EXPECT_THROW(check_needle_options(model.config(), bad), Error);
+  bad = o;
+  bad.contexts = {8};  // too short for the needle and the question
+  EXPECT_THROW(needle_cases(model.tokenizer(), haystack, bad), Error);
+}
+
+// ---- the commands ----
+
+struct ProgramRun {
+  int status;
+  std::string output;
+};
+
+ProgramRun run(const std::string& args) {
+  const std::string command = std::string(VISIKV_BINARY) + " -t 1 " + args + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  EXPECT_NE(pipe, nullptr);
+  std::string output;
+  std::array<char, 4096> buffer{};
+  size_t n;
+  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
+    output.append(buffer.data(), n);
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
+}
+
+fs::path temp_file(const std::string& name) {
+  return fs::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".json");
+}
+
+TEST(EvalCommand, SparseWritesTheTableAndJson) {
+  const fs::path json_path = temp_file("eval_sparse");
+  const ProgramRun r = run("eval sparse " + fixture("llama") +
+                           " --prefix 40 -T 8 -S 2 --selectors "
+                           "sparse:a9999:w9999:k1:exact,sparse:a1:w4:k4:exact,"
+                           "certified:a1:w4:b4:eps0.5 --json " +
+                           json_path.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("identical over 8 tokens"), std::string::npos) << r.output;
+  std::ifstream in(json_path);
+  const nlohmann::json j = nlohmann::json::parse(in);
+  fs::remove(json_path);
+  EXPECT_EQ(j["prefix"], 40);
+  EXPECT_EQ(j["continuation"], 8);
+  EXPECT_EQ(j["samples"], 2);
+  EXPECT_TRUE(j.contains("model"));
+  ASSERT_EQ(j["rows"].size(), 3u);
+  for (const auto& row : j["rows"])
+    for (const char* key : {"selector", "support_mean", "first_divergence", "tf_match",
+                            "delta_ppl_pct", "bound_max", "measured_err_max"})
+      EXPECT_TRUE(row.contains(key)) << key;
+  EXPECT_EQ(j["rows"][0]["first_divergence"], 8.0);
+  EXPECT_EQ(j["rows"][0]["tf_match"], 1.0);
+  EXPECT_EQ(j["rows"][0]["delta_ppl_pct"], 0.0);
+  EXPECT_TRUE(j["rows"][0]["bound_max"].is_null());
+  EXPECT_TRUE(j["rows"][1]["bound_max"].is_null());
+  ASSERT_TRUE(j["rows"][2]["bound_max"].is_number());
+  EXPECT_LE(j["rows"][2]["bound_max"].get<double>(), 0.5);
+  EXPECT_LE(j["rows"][2]["measured_err_max"].get<double>(),
+            j["rows"][2]["bound_max"].get<double>());
+}
+
+TEST(EvalCommand, NeedleWritesTheTableAndJson) {
+  const fs::path json_path = temp_file("eval_needle");
+  const ProgramRun r = run("eval needle " + fixture("llama") +
+                           " --contexts 100,120 --depths 0.2,0.8 --needles 1,2 --answer-tokens 4 "
+                           "--selectors sparse:a1:w8:k8:exact --json " +
+                           json_path.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("exact-match rate"), std::string::npos) << r.output;
+  std::ifstream in(json_path);
+  const nlohmann::json j = nlohmann::json::parse(in);
+  fs::remove(json_path);
+  ASSERT_EQ(j["rows"].size(), 2u);  // dense first, then the selector
+  EXPECT_EQ(j["rows"][0]["selector"], "dense");
+  EXPECT_EQ(j["rows"][1]["cases"].size(), 2u * 2u * 2u);
+  const double rate = j["rows"][1]["exact_match_rate"];
+  EXPECT_GE(rate, 0.0);
+  EXPECT_LE(rate, 1.0);
+}
+
+TEST(EvalCommand, BadFlagsFailClearly) {
+  ProgramRun r = run("eval sparse " + fixture("llama") +
+                     " --prefix 16 -T 4 -S 1 --selectors "
+                     "sparse:a1:w4:k2:bogus");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("bogus"), std::string::npos) << r.output;
+  r = run("eval sparse " + fixture("llama") + " --prefix 0");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("prefix"), std::string::npos) << r.output;
+  r = run("eval sparse " + fixture("llama") + " --prefix 120 -T 16 -S 1");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("positions"), std::string::npos) << r.output;
+  r = run("eval needle " + fixture("llama") + " --depths 2");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("depth"), std::string::npos) << r.output;
+  r = run("eval");
+  EXPECT_NE(r.status, 0);
+  r = run("eval sparse " + fixture("llama") + " --keys nonsense -S 1 --prefix 16 -T 2");
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("nonsense"), std::string::npos) << r.output;
+}
+
+}  // namespace
+}  // namespace visikv
