@@ -12,27 +12,14 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "test_support.h"
 namespace {
 
+using namespace visikv::test_support;
+
+ProgramRun run(const std::string& args) { return run_visikv(args); }
+
 namespace fs = std::filesystem;
-
-struct ProgramRun {
-  int status;
-  std::string output;  // stdout and stderr
-};
-
-ProgramRun run(const std::string& args) {
-  const std::string command = std::string(VISIKV_BINARY) + " " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  EXPECT_NE(pipe, nullptr);
-  std::string output;
-  std::array<char, 4096> buffer{};
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
-    output.append(buffer.data(), n);
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
-}
 
 const std::string kLlama = std::string(VISIKV_FIXTURES) + "/models/llama";
 const std::string kGpt2 = std::string(VISIKV_FIXTURES) + "/models/gpt2";

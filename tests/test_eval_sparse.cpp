@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/generate.h"
 #include "visikv/eval/needle.h"
@@ -23,6 +24,10 @@
 
 namespace visikv {
 namespace {
+
+using namespace visikv::test_support;
+
+ProgramRun run(const std::string& args) { return run_visikv("-t 1 " + args); }
 
 namespace fs = std::filesystem;
 
@@ -239,24 +244,6 @@ TEST(Needle, PromptsHoldTheNeedlesAtTheirDepths) {
 }
 
 // ---- the commands ----
-
-struct ProgramRun {
-  int status;
-  std::string output;
-};
-
-ProgramRun run(const std::string& args) {
-  const std::string command = std::string(VISIKV_BINARY) + " -t 1 " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  EXPECT_NE(pipe, nullptr);
-  std::string output;
-  std::array<char, 4096> buffer{};
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
-    output.append(buffer.data(), n);
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
-}
 
 fs::path temp_file(const std::string& name) {
   return fs::temp_directory_path() / (name + "_" + std::to_string(::getpid()) + ".json");

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "test_support.h"
 #include "visikv/attention/attention.h"
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
@@ -34,6 +35,10 @@
 
 namespace visikv {
 namespace {
+
+using namespace visikv::test_support;
+
+ProgramRun run(const std::string& args) { return run_visikv(args); }
 
 namespace fs = std::filesystem;
 
@@ -516,24 +521,6 @@ TEST(HeadqCalibration, BadInputIsAClearError) {
 }
 
 // --- the command line ------------------------------------------------------------------------
-
-struct ProgramRun {
-  int status;
-  std::string output;
-};
-
-ProgramRun run(const std::string& args) {
-  const std::string command = std::string(VISIKV_BINARY) + " " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  EXPECT_NE(pipe, nullptr);
-  std::string output;
-  std::array<char, 4096> buffer{};
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
-    output.append(buffer.data(), n);
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
-}
 
 TEST(HeadqCli, CalibrateThenPpl) {
   const fs::path text = temp_file("headq_text.txt"), out = temp_file("headq_cli.basis");

@@ -684,26 +684,7 @@ TEST(CodecCacheTest, SummariesComeFromExactKeys) {
   for (int64_t t = 0; t < n; ++t)
     cache->append(0, std::span(k).subspan(t * 2 * d, 2 * d), std::span(v).subspan(t * 2 * d, 2 * d),
                   1);
-  for (int64_t head = 0; head < 2; ++head) {
-    for (int64_t b = 0; b < 3; ++b) {
-      const BlockSummary s = cache->summary(0, head, b);
-      const int64_t first = b * block, last = std::min(n, first + block);
-      EXPECT_EQ(s.count, last - first);
-      for (int64_t c = 0; c < d; ++c) {
-        double sum = 0;
-        float lo = INFINITY, hi = -INFINITY;
-        for (int64_t j = first; j < last; ++j) {
-          const float x = k[(j * 2 + head) * d + c];
-          sum += x;
-          lo = std::min(lo, x);
-          hi = std::max(hi, x);
-        }
-        EXPECT_NEAR(s.centroid[c], sum / (last - first), 1e-6);
-        EXPECT_EQ(s.min[c], lo);
-        EXPECT_EQ(s.max[c], hi);
-      }
-    }
-  }
+  expect_summaries_match(*cache, k, n, 2, d, block, 1e-6);
   EXPECT_THROW(cache->summary(0, 0, 3), Error);
   EXPECT_THROW(cache->summary(0, 2, 0), Error);
 }

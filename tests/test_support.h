@@ -1,6 +1,12 @@
 // Small helpers shared by the test suites: seeded random data, fixture files, error messages.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -12,6 +18,7 @@
 
 #include "visikv/core/error.h"
 #include "visikv/core/mapped_file.h"
+#include "visikv/kv/cache.h"
 
 namespace visikv::test_support {
 
@@ -46,6 +53,51 @@ inline std::string error_of(const std::function<void()>& action) {
     return e.what();
   }
   return "<no error>";
+}
+
+// The visikv program run with `args` (a shell word list); stdout and stderr together.
+struct ProgramRun {
+  int status;
+  std::string output;
+};
+
+inline ProgramRun run_visikv(const std::string& args) {
+  const std::string command = std::string(VISIKV_BINARY) + " " + args + " 2>&1";
+  FILE* pipe = ::popen(command.c_str(), "r");
+  EXPECT_NE(pipe, nullptr);
+  if (pipe == nullptr) return {-1, ""};
+  std::string output;
+  std::array<char, 4096> buffer{};
+  size_t n;
+  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
+    output.append(buffer.data(), n);
+  const int status = ::pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
+}
+
+// Checks a cache's block summaries of layer 0 against the exact keys {n, kv_heads, d}.
+inline void expect_summaries_match(const KVCache& cache, const std::vector<float>& keys, int64_t n,
+                                   int64_t kv_heads, int64_t d, int64_t block, double tolerance) {
+  for (int64_t head = 0; head < kv_heads; ++head) {
+    for (int64_t b = 0; b * block < n; ++b) {
+      const BlockSummary s = cache.summary(0, head, b);
+      const int64_t first = b * block, last = std::min(n, first + block);
+      EXPECT_EQ(s.count, last - first);
+      for (int64_t c = 0; c < d; ++c) {
+        double sum = 0;
+        float lo = INFINITY, hi = -INFINITY;
+        for (int64_t j = first; j < last; ++j) {
+          const float x = keys[(j * kv_heads + head) * d + c];
+          sum += x;
+          lo = std::min(lo, x);
+          hi = std::max(hi, x);
+        }
+        EXPECT_NEAR(s.centroid[c], sum / (last - first), tolerance);
+        EXPECT_EQ(s.min[c], lo);
+        EXPECT_EQ(s.max[c], hi);
+      }
+    }
+  }
 }
 
 }  // namespace visikv::test_support
