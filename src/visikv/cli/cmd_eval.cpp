@@ -380,6 +380,7 @@ void add_eval_command(CLI::App& app) {
   add_eval_needle_command(*eval);
   // Further eval subcommands register here, one line each (each defined in its own file and
   // declared in commands.h).
+  add_eval_kv_command(*eval);
 }
 
 }  // namespace visikv::cli

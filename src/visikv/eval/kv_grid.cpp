@@ -1,0 +1,264 @@
+#include "visikv/eval/kv_grid.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <set>
+
+#include "visikv/core/error.h"
+#include "visikv/kv/cache_factory.h"
+#include "visikv/model/decoder.h"
+
+namespace visikv {
+
+namespace {
+
+constexpr int64_t kChanGroup = 32;    // KIVI's key group along tokens
+constexpr int64_t kChanWindow = 128;  // KIVI's full-precision residual
+constexpr int kKeyBits[] = {2, 3, 4};
+
+// Per-token group size: 64 channels (the paper's setting), or the largest multiple of 8 below it
+// that divides d (codes are packed 8 at a time, so d % 8 == 0 is needed anyway).
+int64_t token_group(int64_t head_dim) {
+  for (int64_t g = 64; g >= 8; g -= 8)
+    if (head_dim % g == 0) return g;
+  fail("the grid needs a head dimension divisible by 8, got ", head_dim);
+}
+
+CodecSpec plain_spec(int bits, CodecSpec::Axis axis, int64_t head_dim) {
+  CodecSpec s;
+  s.kind = CodecSpec::Kind::Int;
+  s.bits = bits;
+  s.axis = axis;
+  s.group = axis == CodecSpec::Axis::Tokens ? token_group(head_dim) : kChanGroup;
+  s.window = axis == CodecSpec::Axis::Tokens ? 0 : kChanWindow;
+  return s;
+}
+
+CodecSpec with_headq(CodecSpec base, int64_t rank, int side_bits, HeadqSpec::Basis basis,
+                     bool wrong_sign) {
+  HeadqSpec h;
+  h.rank = rank;
+  h.bits = side_bits;
+  h.basis = basis;
+  h.wrong_sign = wrong_sign;
+  base.headq = h;
+  return base;
+}
+
+const char* axis_name(CodecSpec::Axis axis) {
+  return axis == CodecSpec::Axis::Tokens ? "tok" : "chan";
+}
+
+bool is_headq_kind(KvGridRowKind kind) {
+  return kind == KvGridRowKind::Headq || kind == KvGridRowKind::Control ||
+         kind == KvGridRowKind::FullKvHeadq;
+}
+
+}  // namespace
+
+int64_t kv_grid_control_rank(const KvGridSpec& spec) {
+  require(!spec.ranks.empty(), "--ranks: no HeadQ rank given");
+  if (std::find(spec.ranks.begin(), spec.ranks.end(), 8) != spec.ranks.end()) return 8;
+  return *std::max_element(spec.ranks.begin(), spec.ranks.end());
+}
+
+std::optional<CodecSpec> same_budget_codec(const CodecSpec& base, double budget_bits,
+                                           int64_t head_dim) {
+  std::optional<CodecSpec> best;
+  double best_bits = -1;
+  for (int bits : {2, 3, 4, 8}) {
+    for (int64_t group = 8; group <= 256; group *= 2) {
+      if (base.axis == CodecSpec::Axis::Tokens && head_dim % group != 0) continue;
+      CodecSpec s = base;
+      s.headq.reset();
+      s.bits = bits;
+      s.group = group;
+      const double b = codec_bits(s, head_dim).bits_per_vector;
+      // Ties go to the wider code: bits ascend in the outer loop, so >= keeps the last.
+      if (b <= budget_bits + 1e-9 && b >= best_bits) {
+        best = s;
+        best_bits = b;
+      }
+    }
+  }
+  return best;
+}
+
+std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
+  require(head_dim > 0 && head_dim % 8 == 0, "the grid needs a head dimension divisible by 8, got ",
+          head_dim);
+  require(!spec.ranks.empty(), "--ranks: no HeadQ rank given");
+  for (int64_t r : spec.ranks)
+    require(r >= 1 && r <= head_dim, "--ranks: rank ", r, " is outside 1..", head_dim,
+            " (the head dimension)");
+  require(spec.side_bits == 2 || spec.side_bits == 3 || spec.side_bits == 4 || spec.side_bits == 8,
+          "--side-bits: HeadQ side bits must be 2, 3, 4 or 8, got ", spec.side_bits);
+  std::vector<int64_t> ranks = spec.ranks;
+  std::sort(ranks.begin(), ranks.end());
+  ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+  const int64_t control = kv_grid_control_rank(spec);
+  const std::string f32 = "f32";
+  const CodecSpec int2_values = plain_spec(2, CodecSpec::Axis::Tokens, head_dim);
+
+  std::vector<KvGridRow> rows;
+  rows.push_back({"dense", KvGridRowKind::Dense, f32, f32, "", ""});
+  const CodecSpec::Axis axes[] = {CodecSpec::Axis::Tokens, CodecSpec::Axis::Channels};
+  for (CodecSpec::Axis axis : axes)
+    for (int b : kKeyBits)
+      rows.push_back({str_cat("k", b, "-", axis_name(axis)), KvGridRowKind::Plain,
+                      plain_spec(b, axis, head_dim).text(), f32, "", ""});
+  for (CodecSpec::Axis axis : axes) {
+    const CodecSpec base = plain_spec(2, axis, head_dim);
+    const std::string base_name = str_cat("k2-", axis_name(axis));
+    for (int64_t r : ranks)
+      rows.push_back({str_cat(base_name, "+hq-r", r), KvGridRowKind::Headq,
+                      with_headq(base, r, spec.side_bits, HeadqSpec::Basis::Query, false).text(),
+                      f32, base_name, ""});
+    const std::string control_name = str_cat(base_name, "+hq-r", control);
+    rows.push_back({control_name + "-wrongsign", KvGridRowKind::Control,
+                    with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, true).text(),
+                    f32, base_name, "control: correction subtracted"});
+    rows.push_back(
+        {control_name + "-random", KvGridRowKind::Control,
+         with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Random, false).text(), f32,
+         base_name, "control: seeded random orthonormal basis"});
+    rows.push_back(
+        {control_name + "-keypca", KvGridRowKind::Control,
+         with_headq(base, control, spec.side_bits, HeadqSpec::Basis::KeyPca, false).text(), f32,
+         base_name, "control: key-PCA basis"});
+  }
+  for (CodecSpec::Axis axis : axes) {
+    const CodecSpec base = plain_spec(2, axis, head_dim);
+    for (int64_t r : ranks) {
+      const CodecSpec headq = with_headq(base, r, spec.side_bits, HeadqSpec::Basis::Query, false);
+      const double budget = codec_bits(headq, head_dim).bits_per_vector;
+      const std::optional<CodecSpec> plain = same_budget_codec(base, budget, head_dim);
+      if (!plain) continue;  // cannot happen: the base itself fits
+      const double bits = codec_bits(*plain, head_dim).bits_per_vector;
+      rows.push_back({str_cat("budget-", axis_name(axis), "-r", r), KvGridRowKind::SameBudget,
+                      plain->text(), f32, "",
+                      str_cat("same budget as ", headq.text(), " (", budget, " bits/key; plain ",
+                              bits, bits == budget ? ", exact)" : ")")});
+    }
+  }
+  for (CodecSpec::Axis axis : axes) {
+    const CodecSpec base = plain_spec(2, axis, head_dim);
+    const std::string name = str_cat("kv2-", axis_name(axis));
+    rows.push_back({name, KvGridRowKind::FullKv, base.text(), int2_values.text(), "",
+                    "full KV, plain int2 values"});
+    rows.push_back(
+        {str_cat(name, "+hq-r", control), KvGridRowKind::FullKvHeadq,
+         with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, false).text(),
+         int2_values.text(), name, "full KV, plain int2 values (A2 value policy not built yet)"});
+  }
+  return rows;
+}
+
+std::vector<KvGridRow> select_kv_grid_rows(const std::vector<KvGridRow>& rows,
+                                           const std::vector<std::string>& names) {
+  if (names.empty()) return rows;
+  std::set<std::string> wanted;
+  for (const std::string& name : names) {
+    const auto it =
+        std::find_if(rows.begin(), rows.end(), [&](const KvGridRow& r) { return r.name == name; });
+    if (it == rows.end()) {
+      std::string known;
+      for (const KvGridRow& r : rows) known += (known.empty() ? "" : ", ") + r.name;
+      fail("--rows: unknown row '", name, "' (rows: ", known, ")");
+    }
+    wanted.insert(name);
+    wanted.insert("dense");
+    if (!it->base.empty()) wanted.insert(it->base);
+  }
+  std::vector<KvGridRow> out;
+  for (const KvGridRow& r : rows)
+    if (wanted.count(r.name)) out.push_back(r);
+  return out;
+}
+
+int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows) {
+  int64_t rank = 0;
+  for (const KvGridRow& r : rows) {
+    const CodecSpec spec = parse_codec_spec(r.key_codec);
+    if (spec.headq && spec.headq->basis != HeadqSpec::Basis::Random)
+      rank = std::max(rank, spec.headq->rank);
+  }
+  return rank;
+}
+
+std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t> text_tokens,
+                                      const std::vector<KvGridRow>& rows,
+                                      const KvGridOptions& options, const HeadqBasis* basis,
+                                      const KvGridProgress& progress) {
+  require(options.max_tokens >= 0, "--tokens must not be negative, got ", options.max_tokens);
+  require(options.window >= 2, "--window must be at least 2 tokens, got ", options.window);
+  const CacheShape shape = decoder.cache_shape();
+  const int64_t context = decoder.model().config().max_positions;
+  require(context <= 0 || options.window <= context, "--window ", options.window,
+          " exceeds the model's context of ", context, " positions");
+  auto find = [&](const std::string& name) -> const KvGridRow* {
+    for (const KvGridRow& r : rows)
+      if (r.name == name) return &r;
+    return nullptr;
+  };
+  require(find("dense") != nullptr, "the grid needs its dense row");
+  for (const KvGridRow& r : rows)
+    require(r.base.empty() || find(r.base) != nullptr, "row ", r.name, " needs its base row ",
+            r.base);
+
+  // Check every codec (and the basis) before spending model time: a one-token cache each.
+  std::vector<std::pair<std::string, std::string>> runs;
+  for (const KvGridRow& r : rows) {
+    make_cache(shape, r.key_codec, r.value_codec, 1, 32, basis);
+    const std::pair<std::string, std::string> codecs{r.key_codec, r.value_codec};
+    if (std::find(runs.begin(), runs.end(), codecs) == runs.end()) runs.push_back(codecs);
+  }
+
+  PerplexityOptions ppl;
+  ppl.mode = PerplexityMode::Decode;
+  ppl.window = options.window;
+  ppl.max_tokens = options.max_tokens;
+  ppl.bos = options.bos;
+  ppl.headq_basis = basis;
+  std::map<std::pair<std::string, std::string>, PerplexityResult> done;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    ppl.key_codec = runs[i].first;
+    ppl.value_codec = runs[i].second;
+    const KvGridRow* row = nullptr;
+    for (const KvGridRow& r : rows)
+      if (r.key_codec == ppl.key_codec && r.value_codec == ppl.value_codec) {
+        row = &r;
+        break;
+      }
+    Progress each;
+    if (progress)
+      each = [&, i, row](int64_t scored, int64_t total) {
+        progress(static_cast<int64_t>(i), static_cast<int64_t>(runs.size()), *row, scored, total);
+      };
+    done[runs[i]] = perplexity(decoder, text_tokens, ppl, each);
+  }
+
+  std::vector<KvGridResult> results;
+  const double dense_ppl = done.at({find("dense")->key_codec, find("dense")->value_codec}).ppl;
+  for (const KvGridRow& r : rows) {
+    KvGridResult x;
+    x.row = r;
+    x.key_bits = codec_bits(parse_codec_spec(r.key_codec), shape.head_dim);
+    x.value_bits = codec_bits(parse_codec_spec(r.value_codec), shape.head_dim);
+    x.ppl = done.at({r.key_codec, r.value_codec});
+    x.delta_ppl = x.ppl.ppl - dense_ppl;
+    if (is_headq_kind(r.kind)) {
+      const KvGridRow& base = *find(r.base);
+      const double base_ppl = done.at({base.key_codec, base.value_codec}).ppl;
+      const double excess = base_ppl - dense_ppl;
+      // Undefined when the base has no excess to remove (e.g. a quantizer that is lossless on
+      // these tokens).
+      if (excess != 0 && std::isfinite(excess)) x.excess_removed = (base_ppl - x.ppl.ppl) / excess;
+    }
+    results.push_back(std::move(x));
+  }
+  return results;
+}
+
+}  // namespace visikv

@@ -1,0 +1,114 @@
+// The HeadQ paper's K-only decode-perplexity grid (METHODS.md, "K-only decode perplexity"):
+// every row is one decode-mode perplexity run (token by token through the cache, each key
+// quantized when written) over the same tokens, differing only in the key and value codecs.
+//
+// The rows, for head dimension d (names are what `visikv eval kv --rows` accepts):
+//
+//   dense                       f32 keys and values (the reference)
+//   k<b>-tok                    int<b>:g<Gt>:tok keys, b = 2, 3, 4; Gt = 64, or the largest
+//                               divisor of d below 64 that is a multiple of 8 when 64 does not
+//                               divide d
+//   k<b>-chan                   int<b>:g32:chan:r128 keys (KIVI-style: 32-token groups per
+//                               channel, the newest 128..159 tokens in fp16)
+//   k2-<axis>+hq-r<r>           the 2-bit row plus the HeadQ side code at rank r, 4 bits
+//   k2-<axis>+hq-r<c>-wrongsign the controls at the control rank c (8 when 8 is among the ranks,
+//   k2-<axis>+hq-r<c>-random    else the largest rank): subtracted correction, seeded random
+//   k2-<axis>+hq-r<c>-keypca    basis, key-PCA basis
+//   budget-<axis>-r<r>          the same-budget plain quantizer of k2-<axis>+hq-r<r>: the plain
+//                               integer codec on the same axis (and, for chan, the same fp16
+//                               window) with the most bits per key that do not exceed HeadQ's;
+//                               ties go to the wider code (int3:g32 over int2:g16: the stronger
+//                               baseline). Candidates: b in {2, 3, 4, 8}, G in {8, 16, ..., 256}
+//                               (dividing d for tok). For d = 64 this is exact at r8 (int3:g64:tok,
+//                               224 bits) and r16 (int3:g32:tok, 256 bits) and 16 bits short at r4
+//                               (int2:g32:tok, 192 of 208 bits).
+//   kv2-<axis>                  full KV at 2 bits: the 2-bit key row with int2:g<Gt>:tok values
+//   kv2-<axis>+hq-r<c>          the same with HeadQ keys at the control rank. The A² value policy
+//                               (METHODS.md, Values) is not built yet, so the composition uses
+//                               plain int2 values; no A² row is produced.
+//
+// Values stay f32 in every row but the kv2 rows. "Excess PPL removed" is
+// (PPL_base - PPL_row) / (PPL_base - PPL_dense) for the HeadQ rows (controls included) against
+// their base row (k2-<axis>, or kv2-<axis> for the composition); other rows have none.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "visikv/eval/perplexity.h"
+#include "visikv/kv/codec_spec.h"
+
+namespace visikv {
+
+struct HeadqBasis;
+class Decoder;
+
+enum class KvGridRowKind { Dense, Plain, Headq, Control, SameBudget, FullKv, FullKvHeadq };
+
+struct KvGridRow {
+  std::string name;  // unique, as `--rows` takes it
+  KvGridRowKind kind = KvGridRowKind::Dense;
+  std::string key_codec, value_codec;  // canonical specs (docs/CACHE_SPECS.md)
+  std::string base;  // HeadQ rows: the row their excess removed is measured against
+  std::string note;  // e.g. the budget a same-budget row matches
+};
+
+struct KvGridSpec {
+  std::vector<int64_t> ranks = {4, 8, 16};  // HeadQ ranks of the main rows
+  int side_bits = 4;                        // bits per side-code number
+};
+
+// The rank of the controls and of the full-KV composition: 8 when listed, else the largest.
+int64_t kv_grid_control_rank(const KvGridSpec& spec);
+
+// Every row of the grid for heads of `head_dim` channels, in table order. Throws visikv::Error
+// for an empty rank list, a rank outside 1..head_dim, or side bits other than 2, 3, 4, 8.
+std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec);
+
+// The rows named in `names` (in table order), plus what their figures need: the dense row and
+// the base row of each HeadQ row. Throws visikv::Error naming an unknown row and listing the
+// known ones. Empty `names`: every row.
+std::vector<KvGridRow> select_kv_grid_rows(const std::vector<KvGridRow>& rows,
+                                           const std::vector<std::string>& names);
+
+// The basis rank the rows need from a calibrated basis (query or key PCA; the random control
+// needs none); 0 when no row needs one.
+int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows);
+
+// The plain codec (same axis, same fp16 window as `base`) with the most bits per key not above
+// `budget_bits` (ties: more code bits); std::nullopt when none fits.
+std::optional<CodecSpec> same_budget_codec(const CodecSpec& base, double budget_bits,
+                                           int64_t head_dim);
+
+struct KvGridOptions {
+  int64_t window = 1024;   // tokens per window (BOS included)
+  int64_t max_tokens = 0;  // scored tokens; 0: the whole text
+  std::optional<int32_t> bos;
+};
+
+struct KvGridResult {
+  KvGridRow row;
+  CodecBits key_bits, value_bits;  // per key (value) per head
+  PerplexityResult ppl;
+  std::optional<double> excess_removed;  // HeadQ rows only (and only when the base differs)
+  double delta_ppl = 0;                  // PPL - PPL_dense
+};
+
+// progress(run index from 0, runs, row, tokens scored so far, tokens to score). Rows with the
+// same key and value codecs run once.
+using KvGridProgress = std::function<void(int64_t run, int64_t runs, const KvGridRow& row,
+                                          int64_t done, int64_t total)>;
+
+// Runs the rows in decode mode over `text_tokens` (no BOS; PerplexityOptions protocol). `basis`
+// may be null when no row needs one. The rows must include "dense" and every HeadQ row's base
+// (select_kv_grid_rows sees to it).
+std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t> text_tokens,
+                                      const std::vector<KvGridRow>& rows,
+                                      const KvGridOptions& options, const HeadqBasis* basis,
+                                      const KvGridProgress& progress = {});
+
+}  // namespace visikv
