@@ -373,8 +373,9 @@ void add_eval_needle_command(CLI::App& eval) {
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
-  CLI::App* eval = app.add_subcommand(
-      "eval", "Evaluation protocols: sparse attention survival, needle retrieval");
+  CLI::App* eval = app.add_subcommand("eval",
+                                      "Evaluation protocols: K-only decode perplexity grid (kv), "
+                                      "sparse attention survival, needle retrieval");
   eval->require_subcommand(1);
   add_eval_sparse_command(*eval);
   add_eval_needle_command(*eval);
