@@ -28,6 +28,8 @@
 namespace visikv {
 namespace {
 
+using namespace visikv::test_support;
+
 namespace fs = std::filesystem;
 using test_support::error_of;
 
@@ -245,30 +247,15 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
 
 // --- the command ------------------------------------------------------------------------------
 
-struct CliRun {
-  int status;
-  std::string output;
-};
-
-CliRun run_cli(const std::string& args) {
-  const std::string command = std::string(VISIKV_BINARY) + " -t 1 " + args + " 2>&1";
-  FILE* pipe = ::popen(command.c_str(), "r");
-  EXPECT_NE(pipe, nullptr);
-  std::string output;
-  std::array<char, 4096> buffer{};
-  size_t n;
-  while ((n = std::fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
-    output.append(buffer.data(), n);
-  const int status = ::pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
-}
+ProgramRun run_cli(const std::string& args) { return run_visikv("-t 1 " + args); }
 
 TEST(EvalKvCommand, WritesTheTableAndJson) {
   const fs::path text = temp_path("eval_kv_text.txt"), json_path = temp_path("eval_kv.json");
   std::ofstream(text) << kText << kText << kText;
   const std::string common = "eval kv " + kModels + "/llama --text " + text.string() +
                              " --calibration-text " + text.string() + " --window 32";
-  CliRun r = run_cli(common + " --tokens 20 --calibration-tokens 64 --json " + json_path.string());
+  ProgramRun r =
+      run_cli(common + " --tokens 20 --calibration-tokens 64 --json " + json_path.string());
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("k2-tok+hq-r8-keypca"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("A² value policy is not available yet"), std::string::npos);

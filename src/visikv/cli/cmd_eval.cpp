@@ -73,22 +73,6 @@ void check_specs(const std::vector<std::string>& selectors, const CommonFlags& f
   make_cache(decoder.cache_shape(), f.keys, f.values, 1);
 }
 
-// Tokens of the text's beginning, at least `needed` of them: tokenizes a growing leading piece
-// rather than the whole file.
-std::vector<int32_t> leading_tokens(const Tokenizer& tokenizer, const std::string& text,
-                                    int64_t needed) {
-  size_t chars = static_cast<size_t>(needed) * 8 + 4096;
-  while (true) {
-    const bool whole = chars >= text.size();
-    // Cut at a line end so no word is split (the last partial line is dropped).
-    size_t cut = whole ? text.size() : text.rfind('\n', chars);
-    if (cut == std::string::npos || cut == 0) cut = std::min(chars, text.size());
-    std::vector<int32_t> tokens = tokenizer.encode(std::string_view(text).substr(0, cut), false);
-    if (static_cast<int64_t>(tokens.size()) >= needed || whole) return tokens;
-    chars *= 2;
-  }
-}
-
 void write_json(const std::string& path, const json& out) {
   std::ofstream file(path);
   require(file.good(), "cannot write ", path);

@@ -36,21 +36,6 @@ struct EvalKvFlags {
   int side_bits = 4;
 };
 
-// The first tokens of `text`, at least `needed` of them when the text has that many: tokenizes a
-// growing leading piece cut at a line end (so no word is split) rather than the whole file.
-std::vector<int32_t> leading_tokens(const Tokenizer& tokenizer, const std::string& text,
-                                    int64_t needed) {
-  size_t chars = static_cast<size_t>(needed) * 8 + 4096;
-  while (true) {
-    const bool whole = chars >= text.size();
-    size_t cut = whole ? text.size() : text.rfind('\n', chars);
-    if (cut == std::string::npos || cut == 0) cut = std::min(chars, text.size());
-    std::vector<int32_t> tokens = tokenizer.encode(std::string_view(text).substr(0, cut), false);
-    if (static_cast<int64_t>(tokens.size()) >= needed || whole) return tokens;
-    chars *= 2;
-  }
-}
-
 std::string format_optional(const std::optional<double>& v, const char* format) {
   if (!v) return "-";
   char buffer[64];

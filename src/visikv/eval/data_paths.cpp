@@ -1,5 +1,6 @@
 #include "visikv/eval/data_paths.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -25,6 +26,19 @@ std::string read_text_file(const std::filesystem::path& path) {
   std::ostringstream content;
   content << in.rdbuf();
   return content.str();
+}
+
+std::vector<int32_t> leading_tokens(const Tokenizer& tokenizer, const std::string& text,
+                                    int64_t needed) {
+  size_t chars = static_cast<size_t>(needed) * 8 + 4096;
+  while (true) {
+    const bool whole = chars >= text.size();
+    size_t cut = whole ? text.size() : text.rfind('\n', chars);
+    if (cut == std::string::npos || cut == 0) cut = std::min(chars, text.size());
+    std::vector<int32_t> tokens = tokenizer.encode(std::string_view(text).substr(0, cut), false);
+    if (static_cast<int64_t>(tokens.size()) >= needed || whole) return tokens;
+    chars *= 2;
+  }
 }
 
 }  // namespace visikv

@@ -4,18 +4,11 @@
 #include <cmath>
 
 #include "visikv/core/error.h"
+#include "visikv/core/random.h"
 
 namespace visikv {
 
 namespace {
-
-// SplitMix64: a fixed, platform-independent stream for the signs.
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 // x <- W x (unnormalised fast Walsh-Hadamard transform).
 void walsh_hadamard(float* x, int64_t n) {

@@ -7,19 +7,13 @@
 
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
+#include "visikv/core/random.h"
 #include "visikv/core/vec.h"
 #include "visikv/kv/int_codes.h"
 
 namespace visikv {
 
 namespace {
-
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
 
 // Uniform in (0, 1): 53 random bits, never 0.
 double uniform_open(uint64_t& state) {
