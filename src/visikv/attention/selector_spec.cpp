@@ -7,22 +7,11 @@
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/core/spec_fields.h"
 
 namespace visikv {
 
 namespace {
-
-std::vector<std::string_view> split_fields(std::string_view text) {
-  std::vector<std::string_view> fields;
-  size_t start = 0;
-  while (true) {
-    const size_t colon = text.find(':', start);
-    fields.push_back(text.substr(start, colon == std::string_view::npos ? colon : colon - start));
-    if (colon == std::string_view::npos) break;
-    start = colon + 1;
-  }
-  return fields;
-}
 
 // Positions are int32 in a PositionSet, so no size may exceed that.
 int64_t parse_count(std::string_view spec, std::string_view field, std::string_view digits,

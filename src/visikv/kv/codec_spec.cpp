@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/core/spec_fields.h"
 
 namespace visikv {
 
@@ -12,17 +13,6 @@ namespace {
 
 constexpr int64_t kMaxNumber = int64_t{1} << 30;
 constexpr double kScaleZeroBits = 2 * 16;  // one fp16 scale and one fp16 zero per group
-
-std::vector<std::string_view> split_fields(std::string_view text) {
-  std::vector<std::string_view> fields;
-  size_t start = 0;
-  while (true) {
-    const size_t colon = text.find(':', start);
-    fields.push_back(text.substr(start, colon == std::string_view::npos ? colon : colon - start));
-    if (colon == std::string_view::npos) return fields;
-    start = colon + 1;
-  }
-}
 
 // The positive decimal number after `prefix` in `field` ("g64" -> 64).
 int64_t positive_number(std::string_view spec, std::string_view field, std::string_view prefix,

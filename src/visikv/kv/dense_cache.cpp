@@ -7,6 +7,7 @@
 #include "visikv/core/half.h"
 #include "visikv/core/vec.h"
 #include "visikv/kv/block_summaries.h"
+#include "visikv/kv/dense_element.h"
 
 namespace visikv {
 
@@ -14,28 +15,13 @@ namespace {
 
 template <DenseFormat kFormat>
 class DenseCache final : public KVCache {
-  using Element = std::conditional_t<kFormat == DenseFormat::F32, float, uint16_t>;
-  static constexpr bool kBf16 = kFormat == DenseFormat::BF16;
-
-  static Element store(float x) {
-    if constexpr (kFormat == DenseFormat::F32)
-      return x;
-    else if constexpr (kBf16)
-      return float_to_bf16(x);
-    else
-      return float_to_fp16(x);
-  }
+  using Element = typename DenseElement<kFormat>::Type;
+  static Element store(float x) { return DenseElement<kFormat>::store(x); }
   static float dot(const Element* row, const float* x, int64_t n) {
-    if constexpr (kFormat == DenseFormat::F32)
-      return vec::dot(row, x, n);
-    else
-      return vec::dot(row, kBf16, x, n);
+    return DenseElement<kFormat>::dot(row, x, n);
   }
   static void axpy(float a, const Element* row, float* y, int64_t n) {
-    if constexpr (kFormat == DenseFormat::F32)
-      vec::axpy(a, row, y, n);
-    else
-      vec::axpy(a, row, kBf16, y, n);
+    DenseElement<kFormat>::axpy(a, row, y, n);
   }
 
   struct Head {
@@ -58,7 +44,9 @@ class DenseCache final : public KVCache {
 
   const CacheShape& shape() const override { return shape_; }
   std::string describe() const override {
-    return kFormat == DenseFormat::F32 ? "dense f32" : kBf16 ? "dense bf16" : "dense f16";
+    return kFormat == DenseFormat::F32    ? "dense f32"
+           : kFormat == DenseFormat::BF16 ? "dense bf16"
+                                          : "dense f16";
   }
   int64_t length(int64_t layer) const override { return lengths_.at(layer); }
 

@@ -7,6 +7,7 @@
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
 #include "visikv/core/vec.h"
+#include "visikv/kv/dense_element.h"
 #include "visikv/kv/int_codes.h"
 
 namespace visikv {
@@ -15,8 +16,7 @@ namespace {
 
 template <DenseFormat kFormat>
 class DenseStore final : public VectorStore {
-  using Element = std::conditional_t<kFormat == DenseFormat::F32, float, uint16_t>;
-  static constexpr bool kBf16 = kFormat == DenseFormat::BF16;
+  using Element = typename DenseElement<kFormat>::Type;
 
  public:
   DenseStore(int64_t dim, int64_t reserve) : dim_(dim) { rows_.reserve(reserve * dim); }
@@ -25,14 +25,7 @@ class DenseStore final : public VectorStore {
   int64_t size() const override { return static_cast<int64_t>(rows_.size()) / dim_; }
 
   void append(std::span<const float> vector) override {
-    for (float x : vector) {
-      if constexpr (kFormat == DenseFormat::F32)
-        rows_.push_back(x);
-      else if constexpr (kBf16)
-        rows_.push_back(float_to_bf16(x));
-      else
-        rows_.push_back(float_to_fp16(x));
-    }
+    for (float x : vector) rows_.push_back(DenseElement<kFormat>::store(x));
   }
 
   void dot(std::span<const float> queries, const PositionSet& positions,
@@ -42,10 +35,7 @@ class DenseStore final : public VectorStore {
       const Element* row = rows_.data() + positions[i] * dim_;
       for (int64_t q = 0; q < count; ++q) {
         const float* query = queries.data() + q * dim_;
-        if constexpr (kFormat == DenseFormat::F32)
-          scores[q * n + i] = vec::dot(row, query, dim_);
-        else
-          scores[q * n + i] = vec::dot(row, kBf16, query, dim_);
+        scores[q * n + i] = DenseElement<kFormat>::dot(row, query, dim_);
       }
     }
   }
@@ -57,24 +47,14 @@ class DenseStore final : public VectorStore {
       const Element* row = rows_.data() + positions[i] * dim_;
       for (int64_t q = 0; q < count; ++q) {
         float* y = out.data() + q * dim_;
-        if constexpr (kFormat == DenseFormat::F32)
-          vec::axpy(weights[q * n + i], row, y, dim_);
-        else
-          vec::axpy(weights[q * n + i], row, kBf16, y, dim_);
+        DenseElement<kFormat>::axpy(weights[q * n + i], row, y, dim_);
       }
     }
   }
 
   void reconstruct(int64_t position, std::span<float> out) const override {
     const Element* row = rows_.data() + position * dim_;
-    for (int64_t c = 0; c < dim_; ++c) {
-      if constexpr (kFormat == DenseFormat::F32)
-        out[c] = row[c];
-      else if constexpr (kBf16)
-        out[c] = bf16_to_float(row[c]);
-      else
-        out[c] = fp16_to_float(row[c]);
-    }
+    for (int64_t c = 0; c < dim_; ++c) out[c] = DenseElement<kFormat>::load(row[c]);
   }
 
   int64_t stored_bytes() const override {

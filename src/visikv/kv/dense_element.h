@@ -1,0 +1,49 @@
+// How one element of a dense f32 / f16 / bf16 row is stored, read, dotted and accumulated; shared
+// by the dense cache and the dense side of codec caches.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "visikv/core/half.h"
+#include "visikv/core/vec.h"
+#include "visikv/kv/dense_cache.h"
+
+namespace visikv {
+
+template <DenseFormat kFormat>
+struct DenseElement {
+  using Type = std::conditional_t<kFormat == DenseFormat::F32, float, uint16_t>;
+  static constexpr bool kBf16 = kFormat == DenseFormat::BF16;
+
+  static Type store(float x) {
+    if constexpr (kFormat == DenseFormat::F32)
+      return x;
+    else if constexpr (kBf16)
+      return float_to_bf16(x);
+    else
+      return float_to_fp16(x);
+  }
+  static float load(Type x) {
+    if constexpr (kFormat == DenseFormat::F32)
+      return x;
+    else if constexpr (kBf16)
+      return bf16_to_float(x);
+    else
+      return fp16_to_float(x);
+  }
+  static float dot(const Type* row, const float* x, int64_t n) {
+    if constexpr (kFormat == DenseFormat::F32)
+      return vec::dot(row, x, n);
+    else
+      return vec::dot(row, kBf16, x, n);
+  }
+  static void axpy(float a, const Type* row, float* y, int64_t n) {
+    if constexpr (kFormat == DenseFormat::F32)
+      vec::axpy(a, row, y, n);
+    else
+      vec::axpy(a, row, kBf16, y, n);
+  }
+};
+
+}  // namespace visikv
