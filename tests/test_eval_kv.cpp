@@ -54,8 +54,8 @@ const KvGridRow* find_row(const std::vector<KvGridRow>& rows, const std::string&
 
 TEST(KvGrid, RowsAndBudgetsForHeadDim64) {
   const std::vector<KvGridRow> rows = kv_grid_rows(64, KvGridSpec{});
-  // dense, 6 plain, 2 x (3 HeadQ + 3 controls), 2 x 3 same-budget, 2 x 2 full KV.
-  EXPECT_EQ(rows.size(), 1u + 6 + 12 + 6 + 4);
+  // dense, 6 plain, 2 x (3 HeadQ + 3 controls), 2 x 3 same-budget, 6 values only, 2 x 4 full KV.
+  EXPECT_EQ(rows.size(), 1u + 6 + 12 + 6 + 6 + 8);
   std::vector<std::string> names;
   for (const KvGridRow& r : rows) names.push_back(r.name);
   std::sort(names.begin(), names.end());
@@ -87,6 +87,19 @@ TEST(KvGrid, RowsAndBudgetsForHeadDim64) {
   EXPECT_EQ(kv->base, "kv2-tok");
   EXPECT_EQ(find_row(rows, "k2-tok+hq-r8-keypca")->base, "k2-tok");
   EXPECT_EQ(find_row(rows, "k3-tok")->value_codec, "f32");
+  // Value rows: f32 keys; the policies spend 3 code bits on average, as int3 does.
+  EXPECT_EQ(find_row(rows, "v3-uniform")->value_codec, "int3:g64:tok");
+  EXPECT_EQ(find_row(rows, "v3-a2")->value_codec, "a2:int2/int4:g64:w64:avg3");
+  EXPECT_EQ(find_row(rows, "v3-recency")->key_codec, "f32");
+  for (const char* name : {"v3-uniform", "v3-recency", "v3-a1", "v3-a2"})
+    EXPECT_EQ(codec_bits(parse_codec_spec(find_row(rows, name)->value_codec), 64).bits_per_vector,
+              64 * 3.5)
+        << name;
+  // The composition: HeadQ keys with A2 values at 2.5 code bits (192 bits per value), and the
+  // plain codec of the same bits.
+  EXPECT_EQ(find_row(rows, "kv2-tok+hq-r8+a2")->value_codec, "a2:int2/int4:g64:w64:avg2.5");
+  EXPECT_EQ(find_row(rows, "kv2-tok+hq-r8+a2")->base, "kv2-tok");
+  EXPECT_EQ(find_row(rows, "kv2-chan+hq-r8+v192")->value_codec, "int2:g32:tok");
 
   for (const KvGridRow& r : rows) {
     if (r.kind != KvGridRowKind::SameBudget) continue;
@@ -219,7 +232,8 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
         << x.row.name;
     EXPECT_DOUBLE_EQ(x.delta_ppl, x.ppl.ppl - dense.ppl);
     const bool headq = x.row.kind == KvGridRowKind::Headq || x.row.kind == KvGridRowKind::Control ||
-                       x.row.kind == KvGridRowKind::FullKvHeadq;
+                       x.row.kind == KvGridRowKind::FullKvHeadq ||
+                       x.row.kind == KvGridRowKind::FullKvHeadqValues;
     if (!headq) {
       EXPECT_FALSE(x.excess_removed.has_value()) << x.row.name;
       continue;
@@ -258,8 +272,8 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
       run_cli(common + " --tokens 20 --calibration-tokens 64 --json " + json_path.string());
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("k2-tok+hq-r8-keypca"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("A² value policy is not available yet"), std::string::npos);
-  EXPECT_NE(r.output.find("[run 1/29] dense: 20/20 tokens"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("v3-a2"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[run 1/37] dense: 20/20 tokens"), std::string::npos) << r.output;
   std::ifstream in(json_path);
   const nlohmann::json j = nlohmann::json::parse(in);
   fs::remove(json_path);
@@ -269,7 +283,7 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   EXPECT_EQ(j["basis"]["source"], "calibrated");
   EXPECT_EQ(j["basis"]["rank"], 16);
   EXPECT_EQ(j["basis"]["tokens"], 64);
-  ASSERT_EQ(j["rows"].size(), 29u);
+  ASSERT_EQ(j["rows"].size(), 37u);
   for (const auto& row : j["rows"]) {
     for (const char* key : {"name", "key_codec", "value_codec", "bits_per_key", "bits_per_value",
                             "ppl", "excess_removed"})

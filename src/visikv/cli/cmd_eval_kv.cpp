@@ -150,10 +150,10 @@ void run_eval_kv(EvalKvFlags& f) {
     std::printf("basis:        %s (%s, %lld positions, rank %lld)\n",
                 basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
                 static_cast<long long>(basis->tokens), static_cast<long long>(basis->rank));
-  std::printf("\n%-26s %-40s %-14s %8s %8s %10s %9s %8s\n", "row", "key codec", "value codec",
+  std::printf("\n%-26s %-40s %-26s %8s %8s %10s %9s %8s\n", "row", "key codec", "value codec",
               "bits/key", "bits/val", "PPL", "dPPL", "excess");
   for (const KvGridResult& r : results) {
-    std::printf("%-26s %-40s %-14s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
+    std::printf("%-26s %-40s %-26s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
                 r.row.key_codec.c_str(), r.row.value_codec.c_str(), r.key_bits.bits_per_vector,
                 r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
                 format_optional(r.excess_removed, "%.3f").c_str());
@@ -167,21 +167,15 @@ void run_eval_kv(EvalKvFlags& f) {
   for (const KvGridResult& r : results)
     if (!r.row.note.empty()) std::printf("  %-26s %s\n", r.row.name.c_str(), r.row.note.c_str());
   std::printf(
-      "Full-KV 2-bit composition: the A² value policy is not available yet; the kv2 rows use "
-      "plain int2 values.\n");
+      "Value policies (<rule>:int2/int4:g<G>:w64:avg<A>): bits/val is the budget, the newest 64 "
+      "tokens at int4 included; the exact figure for n stored tokens is in docs/CACHE_SPECS.md.\n");
 
   if (!f.json.empty()) {
-    json out = {{"command", "eval kv"},
-                {"model", model.source()},
-                {"text", text_path.string()},
-                {"mode", "decode"},
-                {"tokens", dense.ppl.tokens},
-                {"windows", dense.ppl.windows},
-                {"window", f.window},
-                {"bos_first", options.bos.has_value()},
-                {"head_dim", head_dim},
-                {"basis", basis_json},
-                {"a2_value_policy", "not available yet"},
+    json out = {{"command", "eval kv"},       {"model", model.source()},
+                {"text", text_path.string()}, {"mode", "decode"},
+                {"tokens", dense.ppl.tokens}, {"windows", dense.ppl.windows},
+                {"window", f.window},         {"bos_first", options.bos.has_value()},
+                {"head_dim", head_dim},       {"basis", basis_json},
                 {"rows", json::array()}};
     for (const KvGridResult& r : results) {
       out["rows"].push_back(
@@ -215,7 +209,8 @@ void add_eval_kv_command(CLI::App& eval) {
   CLI::App* cmd = eval.add_subcommand(
       "kv",
       "The K-only decode-perplexity grid of the HeadQ paper: dense, int2/3/4 per-token and "
-      "per-channel keys, HeadQ ranks, controls, same-budget plain quantizers, full-KV 2-bit");
+      "per-channel keys, HeadQ ranks, controls, same-budget plain quantizers, value bit policies "
+      "(uniform, recency, A1, A2), full-KV 2-bit");
   cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
       ->required();
   cmd->add_option("--tokens,-n", flags->tokens,

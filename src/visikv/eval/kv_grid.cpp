@@ -16,6 +16,17 @@ namespace {
 constexpr int64_t kChanGroup = 32;    // KIVI's key group along tokens
 constexpr int64_t kChanWindow = 128;  // KIVI's full-precision residual
 constexpr int kKeyBits[] = {2, 3, 4};
+// Value policies: int2/int4 per-token codes, the newest 64 tokens at int4, on average 3 code bits
+// (the same bits as int3) for the value rows and 2.5 for the full-KV composition.
+constexpr int64_t kValueWindow = 64;
+constexpr const char* kValueRules[] = {"recency", "a1", "a2"};
+
+// "a2:int2/int4:g64:w64:avg3", canonical (kv/value_policy_spec.h); uniform gives the plain
+// codec ("int3:g64:tok").
+std::string value_policy(const std::string& rule, int64_t group, const std::string& average) {
+  const std::string window = rule == "uniform" ? "" : str_cat(":w", kValueWindow);
+  return parse_codec_spec(str_cat(rule, ":int2/int4:g", group, window, ":avg", average)).text();
+}
 
 // Per-token group size: 64 channels (the paper's setting), or the largest multiple of 8 below it
 // that divides d (codes are packed 8 at a time, so d % 8 == 0 is needed anyway).
@@ -52,7 +63,7 @@ const char* axis_name(CodecSpec::Axis axis) {
 
 bool is_headq_kind(KvGridRowKind kind) {
   return kind == KvGridRowKind::Headq || kind == KvGridRowKind::Control ||
-         kind == KvGridRowKind::FullKvHeadq;
+         kind == KvGridRowKind::FullKvHeadq || kind == KvGridRowKind::FullKvHeadqValues;
 }
 
 }  // namespace
@@ -142,15 +153,46 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
                               bits, bits == budget ? ", exact)" : ")")});
     }
   }
+  // Values only (keys f32): plain int2 and int4, and four ways to spend 3 bits per value.
+  const int64_t value_group = token_group(head_dim);
+  rows.push_back(
+      {"v-int2", KvGridRowKind::Values, f32, int2_values.text(), "", "values only: plain int2"});
+  rows.push_back({"v-int4", KvGridRowKind::Values, f32,
+                  plain_spec(4, CodecSpec::Axis::Tokens, head_dim).text(), "",
+                  "values only: plain int4"});
+  rows.push_back({"v3-uniform", KvGridRowKind::ValuePolicy, f32,
+                  value_policy("uniform", value_group, "3"), "",
+                  "values only, 3 bits on average: uniform int3"});
+  for (const char* rule : kValueRules)
+    rows.push_back({str_cat("v3-", rule), KvGridRowKind::ValuePolicy, f32,
+                    value_policy(rule, value_group, "3"), "",
+                    str_cat("values only, 3 bits on average: ", rule, " policy, int2/int4, newest ",
+                            kValueWindow, " at int4")});
+  // Full KV at 2 bits: plain int2 values, then HeadQ keys with plain int2 values, with the A²
+  // policy at 2.5 code bits on average, and with the plain codec of the same bits per value.
+  const std::string a2_values = value_policy("a2", value_group, "2.5");
+  const double a2_bits = codec_bits(parse_codec_spec(a2_values), head_dim).bits_per_vector;
+  const std::optional<CodecSpec> same_bits_values =
+      same_budget_codec(int2_values, a2_bits, head_dim);
   for (CodecSpec::Axis axis : axes) {
     const CodecSpec base = plain_spec(2, axis, head_dim);
     const std::string name = str_cat("kv2-", axis_name(axis));
+    const std::string headq_keys =
+        with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, false).text();
     rows.push_back({name, KvGridRowKind::FullKv, base.text(), int2_values.text(), "",
                     "full KV, plain int2 values"});
-    rows.push_back(
-        {str_cat(name, "+hq-r", control), KvGridRowKind::FullKvHeadq,
-         with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, false).text(),
-         int2_values.text(), name, "full KV, plain int2 values (A2 value policy not built yet)"});
+    const std::string headq_name = str_cat(name, "+hq-r", control);
+    rows.push_back({headq_name, KvGridRowKind::FullKvHeadq, headq_keys, int2_values.text(), name,
+                    "full KV, HeadQ keys, plain int2 values"});
+    rows.push_back({headq_name + "+a2", KvGridRowKind::FullKvHeadqValues, headq_keys, a2_values,
+                    name, str_cat("full KV, HeadQ keys, A2 values (", a2_bits, " bits/value)")});
+    // (At small head dimensions the plain codec may be int2:g<Gt>:tok itself: no second row.)
+    if (same_bits_values && same_bits_values->text() != int2_values.text())
+      rows.push_back(
+          {str_cat(headq_name, "+v", a2_bits), KvGridRowKind::FullKvHeadqValues, headq_keys,
+           same_bits_values->text(), name,
+           str_cat("full KV, HeadQ keys, plain values at the A2 row's bits (",
+                   codec_bits(*same_bits_values, head_dim).bits_per_vector, " bits/value)")});
   }
   return rows;
 }

@@ -22,14 +22,26 @@
 //                               (dividing d for tok). For d = 64 this is exact at r8 (int3:g64:tok,
 //                               224 bits) and r16 (int3:g32:tok, 256 bits) and 16 bits short at r4
 //                               (int2:g32:tok, 192 of 208 bits).
+//   v-int2, v-int4              values only (f32 keys): plain int2:g<Gt>:tok, int4:g<Gt>:tok
+//   v3-uniform                  values only at 3 code bits on average (3 + 32/Gt bits per
+//   v3-recency                  element, scales included): plain int3:g<Gt>:tok, and the value
+//   v3-a1                       bit policies (kv/value_policy.h, METHODS.md "Values") over
+//   v3-a2                       int2/int4 with the newest 64 tokens at int4, keeping the newest
+//                               tokens, the largest attention mass A¹, or the largest A² w_j
+//                               high: <rule>:int2/int4:g<Gt>:w64:avg3
 //   kv2-<axis>                  full KV at 2 bits: the 2-bit key row with int2:g<Gt>:tok values
-//   kv2-<axis>+hq-r<c>          the same with HeadQ keys at the control rank. The A² value policy
-//                               (METHODS.md, Values) is not built yet, so the composition uses
-//                               plain int2 values; no A² row is produced.
+//   kv2-<axis>+hq-r<c>          the same with HeadQ keys at the control rank
+//   kv2-<axis>+hq-r<c>+a2       HeadQ keys with A² values a2:int2/int4:g<Gt>:w64:avg2.5 (d·(2.5 +
+//                               32/Gt) bits per value: 192 at d = 64)
+//   kv2-<axis>+hq-r<c>+v<bits>  HeadQ keys with the plain per-token value codec of the most bits
+//                               per value not above the A² row's (int2:g32:tok, 192, at d = 64;
+//                               absent when that is int2:g<Gt>:tok, the plain row's values)
 //
-// Values stay f32 in every row but the kv2 rows. "Excess PPL removed" is
-// (PPL_base - PPL_row) / (PPL_base - PPL_dense) for the HeadQ rows (controls included) against
-// their base row (k2-<axis>, or kv2-<axis> for the composition); other rows have none.
+// Values stay f32 in every row but the v and kv2 rows. The value policies rank tokens by the
+// attention they receive in decode order, so they need token-by-token decode (a batched
+// evaluation cannot run them). "Excess PPL removed" is (PPL_base - PPL_row) / (PPL_base -
+// PPL_dense) for the HeadQ rows (controls included) against their base row (k2-<axis>, or
+// kv2-<axis> for the composition rows, whatever their values); other rows have none.
 #pragma once
 
 #include <cstdint>
@@ -47,7 +59,18 @@ namespace visikv {
 struct HeadqBasis;
 class Decoder;
 
-enum class KvGridRowKind { Dense, Plain, Headq, Control, SameBudget, FullKv, FullKvHeadq };
+enum class KvGridRowKind {
+  Dense,
+  Plain,
+  Headq,
+  Control,
+  SameBudget,
+  Values,       // f32 keys, plain integer values
+  ValuePolicy,  // f32 keys, values at an average budget: uniform or a value bit policy
+  FullKv,
+  FullKvHeadq,
+  FullKvHeadqValues,  // HeadQ keys with A2 values or plain values of the same bits
+};
 
 struct KvGridRow {
   std::string name;  // unique, as `--rows` takes it

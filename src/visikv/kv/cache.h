@@ -82,6 +82,18 @@ class KVCache {
 
   // Forgets every token (keeps allocations).
   virtual void clear() = 0;
+
+  // Caches whose stored form depends on the attention they serve (value bit policies,
+  // kv/value_policy.h) return true. The decoder then hands them, after each softmax, the weights
+  // every query head gave its positions, through record_attention; such a cache must be filled in
+  // decode order, one token per append (a batched evaluation that appends many tokens before
+  // attending to them cannot use it), and its append throws otherwise.
+  virtual bool records_attention() const { return false; }
+  // weights[i]: the softmax weight one query head of `kv_head`'s group gave positions[i]. Calls
+  // for different KV heads may run concurrently; calls for one head must not.
+  virtual void record_attention(int64_t /*layer*/, int64_t /*kv_head*/,
+                                std::span<const float> /*weights*/,
+                                const PositionSet& /*positions*/) {}
 };
 
 }  // namespace visikv

@@ -16,6 +16,10 @@ CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
   require(block_size > 0, "block size must be positive, got ", block_size);
   require(!value_spec.headq, "value codec '", value_spec.text(),
           "': the HeadQ side code is for keys only");
+  require(!key_spec.policy, "key codec '", key_spec.text(),
+          "': value bit policies are for values only");
+  require(!value_spec.policy || !value_spec.hadamard, "value codec '", value_spec.text(),
+          "': a value policy takes no rotation");
   keys_ = make_side(key_spec, reserve_tokens, headq_basis);
   values_ = make_side(value_spec, reserve_tokens, nullptr);
   summaries_.reserve(shape.layers * shape.kv_heads);
@@ -64,6 +68,10 @@ void CodecCache::append(int64_t layer, std::span<const float> keys, std::span<co
   require(tokens >= 0 && static_cast<int64_t>(keys.size()) == tokens * row &&
               static_cast<int64_t>(values.size()) == tokens * row,
           "cache append: expected ", tokens, " x ", row, " keys and values");
+  require(tokens <= 1 || !records_attention(), "value codec '", values_.spec.text(),
+          "' ranks tokens by the attention they receive, so the cache must be filled in decode "
+          "order, one token per append (got ",
+          tokens, "; use decode mode)");
   std::vector<float> rotated(static_cast<size_t>(d));
   const auto store = [&](const Side& side, VectorStore& target, const float* x) {
     if (!side.rotation) {
@@ -135,6 +143,22 @@ void CodecCache::clear() {
     for (auto& store : side->stores) store->clear();
   for (BlockSummaries& s : summaries_) s.clear();
   std::fill(lengths_.begin(), lengths_.end(), 0);
+}
+
+bool CodecCache::records_attention() const { return values_.spec.policy.has_value(); }
+
+void CodecCache::record_attention(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                                  const PositionSet& positions) {
+  const int64_t index = head_index(layer, kv_head);
+  if (!records_attention()) return;
+  check_positions(layer, positions);
+  require(static_cast<int64_t>(weights.size()) == positions.size(),
+          "record_attention: ", weights.size(), " weights for ", positions.size(), " positions");
+  values_.stores[index]->record_attention(weights, positions);
+}
+
+const VectorStore& CodecCache::value_store(int64_t layer, int64_t kv_head) const {
+  return *values_.stores[head_index(layer, kv_head)];
 }
 
 void CodecCache::stored_key(int64_t layer, int64_t kv_head, int64_t position,

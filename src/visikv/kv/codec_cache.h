@@ -39,6 +39,10 @@ class CodecCache final : public KVCache {
   int64_t block_size() const override { return block_size_; }
   BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override;
   void clear() override;
+  // True when the value codec is a value bit policy; the weights go to the head's value store.
+  bool records_attention() const override;
+  void record_attention(int64_t layer, int64_t kv_head, std::span<const float> weights,
+                        const PositionSet& positions) override;
 
   const CodecSpec& key_spec() const { return keys_.spec; }
   const CodecSpec& value_spec() const { return values_.spec; }
@@ -49,6 +53,9 @@ class CodecCache final : public KVCache {
   // (rotation undone): for storage-error metrics.
   void stored_key(int64_t layer, int64_t kv_head, int64_t position, std::span<float> out) const;
   void stored_value(int64_t layer, int64_t kv_head, int64_t position, std::span<float> out) const;
+
+  // The value store of one head (e.g. a ValuePolicyStore, kv/value_policy.h), for inspection.
+  const VectorStore& value_store(int64_t layer, int64_t kv_head) const;
 
   // Bytes held by the key and value stores of every head (summaries not counted).
   int64_t stored_bytes() const;

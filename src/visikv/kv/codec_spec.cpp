@@ -80,6 +80,9 @@ std::string HeadqSpec::text() const {
 }
 
 std::string CodecSpec::text() const {
+  if (policy)
+    return str_cat(policy->rule_name(), ":int", bits, "/int", policy->high_bits, ":g", group, ":w",
+                   policy->window, ":", policy->average_text());
   std::string out;
   if (kind == Kind::Dense) {
     out = dense == DenseFormat::F32 ? "f32" : dense == DenseFormat::F16 ? "f16" : "bf16";
@@ -93,6 +96,7 @@ std::string CodecSpec::text() const {
 }
 
 CodecSpec parse_codec_spec(std::string_view text) {
+  if (is_value_policy_spec(text)) return parse_value_policy_spec(text);
   // "<base>+headq:...": the base codec, then the HeadQ side code.
   if (const size_t plus = text.find('+'); plus != std::string_view::npos) {
     CodecSpec spec = parse_codec_spec(text.substr(0, plus));
@@ -158,6 +162,9 @@ void check_codec_fits(const CodecSpec& spec, int64_t head_dim) {
             spec.headq->rank, " exceeds head_dim ", head_dim);
   require(head_dim % 8 == 0, "cache spec '", spec.text(),
           "': integer codecs pack 8 codes at a time and need head_dim % 8 == 0, got ", head_dim);
+  if (spec.policy)
+    require(spec.group % 8 == 0, "cache spec '", spec.text(),
+            "': a value policy needs a group size that is a multiple of 8, got ", spec.group);
   if (spec.axis == CodecSpec::Axis::Tokens)
     require(head_dim % spec.group == 0, "cache spec '", spec.text(), "': group size ", spec.group,
             " does not divide head_dim ", head_dim);
@@ -168,6 +175,10 @@ CodecBits codec_bits(const CodecSpec& spec, int64_t head_dim) {
   CodecBits bits;
   if (spec.is_dense()) {
     bits.bits_per_element = spec.dense == DenseFormat::F32 ? 32 : 16;
+  } else if (spec.policy) {
+    // The budget: A code bits on average (the H-bit window included), plus the scale and zero.
+    bits.bits_per_element = static_cast<double>(spec.policy->average_milli) / 1000.0 +
+                            kScaleZeroBits / static_cast<double>(spec.group);
   } else {
     bits.bits_per_element = spec.bits + kScaleZeroBits / static_cast<double>(spec.group);
     bits.window_min_tokens = spec.window;
@@ -191,6 +202,12 @@ int64_t quantized_tokens(const CodecSpec& spec, int64_t tokens) {
 int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t tokens) {
   check_codec_fits(spec, head_dim);
   if (spec.is_dense()) return tokens * head_dim * (spec.dense == DenseFormat::F32 ? 32 : 16);
+  if (spec.policy) {
+    const int64_t high = spec.policy->high_tokens(tokens, spec.bits);
+    const int64_t scale_zero = head_dim / spec.group * static_cast<int64_t>(kScaleZeroBits);
+    return high * (head_dim * spec.policy->high_bits + scale_zero) +
+           (tokens - high) * (head_dim * spec.bits + scale_zero);
+  }
   const int64_t quantized = quantized_tokens(spec, tokens);
   const int64_t groups = quantized * head_dim / spec.group;  // both axes: G elements per group
   const int64_t side = spec.headq ? quantized * spec.headq->bits_per_vector() : 0;
@@ -201,6 +218,9 @@ int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t token
 std::string describe_codec(const CodecSpec& spec, int64_t head_dim) {
   const CodecBits bits = codec_bits(spec, head_dim);
   std::string out = str_cat(spec.text(), " (", format_number(bits.bits_per_element), " bits/elt");
+  if (spec.policy)
+    out += str_cat(" on average; ", spec.policy->rule_name(), " keeps int", spec.policy->high_bits,
+                   " for the newest ", spec.policy->window, " tokens and a share of the rest");
   if (spec.headq)
     out += str_cat(", ", format_number(bits.bits_per_vector), " bits/key incl. ",
                    format_number(bits.side_bits_per_vector), " side");

@@ -11,6 +11,8 @@
 //                                          keys only: HeadQ side code (kv/headq.h) of r numbers
 //                                          at b bits (2, 3, 4, 8; 16 = fp16, 32 = float32
 //                                          values) in a calibrated query basis
+//   <rule>:int<L>/int<H>:g<G>[:w<W>]:avg<A>
+//                                          values only: a value bit policy (kv/value_policy_spec.h)
 //
 // b is 2, 3, 4 or 8. `:r<R>` keeps the most recent R tokens in fp16 (for `chan`, also the current
 // partial group of fewer than G tokens, which always stays fp16 until the group is complete).
@@ -25,6 +27,7 @@
 #include <string_view>
 
 #include "visikv/kv/dense_cache.h"
+#include "visikv/kv/value_policy_spec.h"
 
 namespace visikv {
 
@@ -62,6 +65,9 @@ struct CodecSpec {
   int64_t window = 0;                    // Kind::Int: R, most recent tokens kept in fp16
   bool hadamard = false;
   std::optional<HeadqSpec> headq;  // Kind::Int keys only
+  // Kind::Int values only: per-token groups whose tokens are held at `bits` (L) or
+  // policy->high_bits (H) bits (kv/value_policy.h). No window (`window` is 0) and no rotation.
+  std::optional<ValuePolicySpec> policy;
 
   bool is_dense() const { return kind == Kind::Dense; }
   // Tokens quantized together: 1 for per-token groups, G for per-channel groups.

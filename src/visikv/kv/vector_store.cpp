@@ -9,6 +9,7 @@
 #include "visikv/core/vec.h"
 #include "visikv/kv/dense_element.h"
 #include "visikv/kv/int_codes.h"
+#include "visikv/kv/value_policy.h"
 
 namespace visikv {
 
@@ -291,6 +292,7 @@ std::unique_ptr<VectorStore> make_vector_store(const CodecSpec& spec, int64_t he
                                                int64_t reserve_tokens) {
   check_codec_fits(spec, head_dim);
   require(reserve_tokens >= 0, "cache reserve must not be negative, got ", reserve_tokens);
+  if (spec.policy) return std::make_unique<ValuePolicyStore>(spec, head_dim, reserve_tokens);
   if (spec.is_dense()) {
     switch (spec.dense) {
       case DenseFormat::F32:

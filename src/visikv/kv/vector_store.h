@@ -39,9 +39,16 @@ class VectorStore {
 
   virtual int64_t stored_bytes() const = 0;  // codes, scales and zeros, fp16 window
   virtual void clear() = 0;
+
+  // Stores whose form depends on the attention they serve (kv/value_policy.h) take the softmax
+  // weights of each query head here (KVCache::record_attention); others ignore them.
+  virtual bool records_attention() const { return false; }
+  virtual void record_attention(std::span<const float> /*weights*/,
+                                const PositionSet& /*positions*/) {}
 };
 
-// Throws visikv::Error when the spec does not fit `head_dim` (see check_codec_fits). The
+// Throws visikv::Error when the spec does not fit `head_dim` (see check_codec_fits). A value
+// policy spec gives a ValuePolicyStore (kv/value_policy.h). The
 // spec's `hadamard` flag and HeadQ side code are ignored here (kv/headq.h adds the side code).
 std::unique_ptr<VectorStore> make_vector_store(const CodecSpec& spec, int64_t head_dim,
                                                int64_t reserve_tokens = 0);

@@ -1,6 +1,7 @@
 #include "visikv/model/decoder.h"
 
 #include <algorithm>
+#include <optional>
 
 #include "visikv/core/error.h"
 #include "visikv/formats/dequantize.h"
@@ -16,6 +17,22 @@ constexpr int64_t kLogitRowsPerSlice = 64;
 void resize(std::vector<float>& buffer, int64_t size) {
   if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
 }
+
+// Hands a cache that records attention (KVCache::records_attention) the softmax weights the
+// attention paths report to observers, then passes each event on to the caller's observer. The
+// decoder holds the cache mutably; attention itself only reads it.
+class AttentionRecorder final : public AttentionObserver {
+ public:
+  AttentionRecorder(KVCache& cache, AttentionObserver* next) : cache_(cache), next_(next) {}
+  void observe(const AttentionEvent& event) override {
+    cache_.record_attention(event.layer, event.kv_head, event.weights, event.positions);
+    if (next_ != nullptr) next_->observe(event);
+  }
+
+ private:
+  KVCache& cache_;
+  AttentionObserver* next_;
+};
 }  // namespace
 
 Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
@@ -90,6 +107,12 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
       c.heads, c.head_dim,
       c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim)),
       c.sliding_window};
+
+  std::optional<AttentionRecorder> recorder;
+  if (cache.records_attention()) {
+    recorder.emplace(cache, observer);
+    observer = &*recorder;
+  }
 
   embed(tokens, first_position);
   for (int64_t l = 0; l < c.layers; ++l) {

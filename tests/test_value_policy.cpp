@@ -1,0 +1,348 @@
+// Value bit policies (kv/value_policy.h, METHODS.md "Values"): the online A¹/A² accounting against
+// brute-force sums, the policy's choice of high tokens in closed form, exact bit accounting,
+// read-back of demoted tokens against the plain codecs, spec errors, and decode perplexity
+// through a policy cache on a fixture model.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "test_support.h"
+#include "visikv/attention/attention.h"
+#include "visikv/core/error.h"
+#include "visikv/eval/perplexity.h"
+#include "visikv/kv/cache_factory.h"
+#include "visikv/kv/codec_cache.h"
+#include "visikv/kv/codec_spec.h"
+#include "visikv/kv/value_policy.h"
+#include "visikv/kv/vector_store.h"
+#include "visikv/model/decoder.h"
+#include "visikv/model/model.h"
+
+namespace visikv {
+namespace {
+
+using namespace visikv::test_support;
+
+const std::string kModels = std::string(VISIKV_FIXTURES) + "/models";
+
+const ValuePolicyStore& policy_store(const KVCache& cache, int64_t layer, int64_t kv_head) {
+  return dynamic_cast<const ValuePolicyStore&>(
+      dynamic_cast<const CodecCache&>(cache).value_store(layer, kv_head));
+}
+
+std::vector<float> stored(const VectorStore& store, int64_t position) {
+  std::vector<float> out(static_cast<size_t>(store.dim()));
+  store.reconstruct(position, out);
+  return out;
+}
+
+// The plain codec's reading of `x` (one vector through a fresh store).
+std::vector<float> plain_quantized(const std::string& spec, const std::vector<float>& x) {
+  auto store = make_vector_store(parse_codec_spec(spec), static_cast<int64_t>(x.size()));
+  store->append(x);
+  return stored(*store, 0);
+}
+
+TEST(ValuePolicy, AccountingEqualsBruteForceSums) {
+  const CacheShape shape{2, 2, 16};
+  const int64_t group = 3;  // query heads per KV head
+  auto cache = make_cache(shape, "f32", "a2:int2/int4:g16:w4:avg3");
+  ASSERT_TRUE(cache->records_attention());
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  // expected[layer][kv_head][position] = {A1, A2}
+  std::map<std::tuple<int64_t, int64_t, int64_t>, std::pair<double, double>> expected;
+  const int64_t tokens = 40;
+  const int64_t row = shape.kv_heads * shape.head_dim;
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t l = 0; l < shape.layers; ++l) {
+      const std::vector<float> k = random_vector(rng, row), v = random_vector(rng, row);
+      cache->append(l, k, v, 1);
+      for (int64_t h = 0; h < shape.kv_heads; ++h) {
+        for (int64_t g = 0; g < group; ++g) {
+          // Every position, or a sorted random subset (as a sparse support would be).
+          std::vector<int32_t> list;
+          for (int32_t j = 0; j <= t; ++j)
+            if (uniform(rng) < 0.5f || j == t) list.push_back(j);
+          const bool as_range = (t + g) % 2 == 0;
+          const PositionSet positions =
+              as_range ? PositionSet::range(0, t + 1) : PositionSet::list(list);
+          std::vector<float> weights(static_cast<size_t>(positions.size()));
+          for (float& w : weights) w = uniform(rng);
+          cache->record_attention(l, h, weights, positions);
+          for (int64_t i = 0; i < positions.size(); ++i) {
+            auto& [a1, a2] = expected[{l, h, positions[i]}];
+            a1 += weights[i];
+            a2 += static_cast<double>(weights[i]) * weights[i];
+          }
+        }
+      }
+    }
+  }
+  for (int64_t l = 0; l < shape.layers; ++l)
+    for (int64_t h = 0; h < shape.kv_heads; ++h) {
+      const AttentionAccount& account = policy_store(*cache, l, h).account();
+      ASSERT_EQ(account.size(), tokens);
+      for (int64_t j = 0; j < tokens; ++j) {
+        const auto [a1, a2] = expected[{l, h, j}];
+        EXPECT_NEAR(account.mass(j), a1, 1e-12 * (1 + a1)) << l << " " << h << " " << j;
+        EXPECT_NEAR(account.squared_mass(j), a2, 1e-12 * (1 + a2)) << l << " " << h << " " << j;
+      }
+    }
+  // Positions beyond the cache, or weights that do not match them: clear errors.
+  const std::vector<float> w(3, 0.1f);
+  EXPECT_NE(error_of([&] {
+              cache->record_attention(0, 0, w, PositionSet::range(tokens - 1, tokens + 2));
+            }).find("outside"),
+            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { cache->record_attention(0, 0, w, PositionSet::range(0, 2)); }).find("weights"),
+      std::string::npos);
+  // A plain codec cache ignores the weights.
+  auto plain = make_cache(shape, "f32", "int3:g16:tok");
+  EXPECT_FALSE(plain->records_attention());
+}
+
+// Scripted attention: query t puts weight only on its own token, c_t for the "heavy" tokens
+// (t % 4 == 1, c_t = 0.5 + t/1000, increasing) and 0 for the rest. int2/int4 at 2.5 bits:
+// ρ = 1/4, W = 4. After n appends high_tokens(n) = max(4, floor(n/4)) tokens are int4: the window
+// and cap = floor(n/4) - 4 older ones. Closed form for n ≡ 2 (mod 4): the window and the newest cap
+// heavy tokens outside it (heavy tokens outrank light ones and newer heavy tokens outrank older
+// ones; heavy tokens leaving while cap is 0, n < 20, are demoted at once; from n = 20 on, cap grows
+// by one each time a light token leaves, which holds the slot until the next heavy token takes it).
+// Recency keeps the newest high_tokens(n) at every n.
+TEST(ValuePolicy, KeepsTheTopTokensHighInClosedForm) {
+  const int64_t d = 16, tokens = 64;
+  std::mt19937 rng(11);
+  std::vector<std::vector<float>> values;
+  for (int64_t t = 0; t < tokens; ++t) values.push_back(random_vector(rng, d));
+  const auto heavy = [](int64_t t) { return t % 4 == 1; };
+  for (const std::string rule : {"a2", "a1", "recency"}) {
+    SCOPED_TRACE(rule);
+    const CodecSpec spec = parse_codec_spec(rule + ":int2/int4:g16:w4:avg2.5");
+    ValuePolicyStore store(spec, d, 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      store.append(values[t]);
+      std::vector<float> weights(static_cast<size_t>(t + 1), 0.0f);
+      weights[t] = heavy(t) ? 0.5f + static_cast<float>(t) / 1000.0f : 0.0f;
+      store.record_attention(weights, PositionSet::range(0, t + 1));
+
+      const int64_t n = t + 1;
+      const int64_t high = n <= 4 ? n : std::max<int64_t>(4, n / 4);
+      EXPECT_EQ(spec.policy->high_tokens(n, 2), high);
+      EXPECT_EQ(store.high_count(), high) << n;
+      std::set<int64_t> expected;
+      for (int64_t j = std::max<int64_t>(0, n - 4); j < n; ++j) expected.insert(j);  // window
+      if (rule == "recency") {
+        for (int64_t j = n - high; j < n; ++j) expected.insert(j);
+      } else if (n % 4 == 2 && n >= 6) {
+        const int64_t cap = std::max<int64_t>(0, n / 4 - 4);
+        int64_t added = 0;
+        for (int64_t j = n - 5; j >= 0 && added < cap; --j)
+          if (heavy(j)) {
+            expected.insert(j);
+            ++added;
+          }
+      } else {
+        continue;
+      }
+      std::set<int64_t> actual;
+      for (int64_t j = 0; j < n; ++j)
+        if (store.is_high(j)) actual.insert(j);
+      EXPECT_EQ(actual, expected) << "after " << n << " tokens";
+    }
+    EXPECT_EQ(store.demotions(), tokens - store.high_count());
+    // Read-back: high tokens as the plain int4 codec; demoted ones as the plain int2 codec applied
+    // to their int4 reading (re-quantized from the stored code, kv/value_policy.h).
+    for (int64_t j = 0; j < tokens; ++j) {
+      const std::vector<float> high4 = plain_quantized("int4:g16:tok", values[j]);
+      const std::vector<float> want =
+          store.is_high(j) ? high4 : plain_quantized("int2:g16:tok", high4);
+      EXPECT_EQ(stored(store, j), want) << j;
+    }
+  }
+}
+
+TEST(ValuePolicy, AverageBitsMeetTheBudgetExactly) {
+  const int64_t d = 16;
+  // int2:g16 = 64 bits, int4:g16 = 96 bits per value; avg2.5: ρ = 1/4, 72 bits on average.
+  const CodecSpec spec = parse_codec_spec("a2:int2/int4:g16:w4:avg2.5");
+  EXPECT_EQ(codec_bits(spec, d).bits_per_vector, 72.0);
+  EXPECT_EQ(codec_bits(spec, d).bits_per_element, 4.5);
+  ValuePolicyStore store(spec, d, 0);
+  std::mt19937 rng(3);
+  for (int64_t n = 1; n <= 100; ++n) {
+    store.append(random_vector(rng, d));
+    std::vector<float> weights(static_cast<size_t>(n));
+    for (float& w : weights) w = static_cast<float>(rng() % 1000) / 1000.0f;
+    store.record_attention(weights, PositionSet::range(0, n));
+    const int64_t high = n <= 4 ? n : std::max<int64_t>(4, n / 4);
+    EXPECT_EQ(codec_stored_bits(spec, d, n), high * 96 + (n - high) * 64) << n;
+    EXPECT_EQ(store.stored_bytes() * 8, codec_stored_bits(spec, d, n)) << n;
+    // Once the budget covers the window (n >= W / ρ = 16), the average is the target exactly
+    // whenever ρ n is an integer, and never above it.
+    if (n >= 16) {
+      EXPECT_LE(codec_stored_bits(spec, d, n), 72 * n) << n;
+      if (n % 4 == 0) EXPECT_EQ(codec_stored_bits(spec, d, n), 72 * n) << n;
+    }
+  }
+  // The cache reports the same bits as the store holds.
+  auto cache = make_cache({1, 2, d}, "f32", "a2:int2/int4:g16:w4:avg2.5");
+  for (int64_t t = 0; t < 32; ++t)
+    cache->append(0, random_vector(rng, 2 * d), random_vector(rng, 2 * d), 1);
+  const auto& codec = dynamic_cast<const CodecCache&>(*cache);
+  EXPECT_EQ(codec.stored_bytes() * 8, 2 * codec_stored_bits(parse_codec_spec("f32"), d, 32) +
+                                          2 * codec_stored_bits(spec, d, 32));
+  EXPECT_NE(cache->describe().find("a2:int2/int4:g16:w4:avg2.5 (4.5 bits/elt"), std::string::npos)
+      << cache->describe();
+}
+
+TEST(ValuePolicy, PoliciesAtTheSameAverageBits) {
+  const int64_t d = 64, n = 1024;
+  const std::vector<std::string> specs = {"uniform:int2/int4:g64:avg3",
+                                          "recency:int2/int4:g64:w64:avg3",
+                                          "a1:int2/int4:g64:w64:avg3", "a2:int2/int4:g64:w64:avg3"};
+  EXPECT_EQ(parse_codec_spec(specs[0]).text(), "int3:g64:tok");  // uniform: the plain codec
+  for (const std::string& text : specs) {
+    const CodecSpec spec = parse_codec_spec(text);
+    EXPECT_EQ(codec_bits(spec, d).bits_per_vector, 64 * 3.5) << text;
+    EXPECT_EQ(codec_stored_bits(spec, d, n), n * 224) << text;  // ρ n = 512, an integer
+    if (spec.policy) EXPECT_EQ(parse_codec_spec(spec.text()).text(), spec.text()) << text;
+  }
+  EXPECT_EQ(parse_codec_spec("a2:int2/int4:g64:w64:avg2.50").text(), "a2:int2/int4:g64:w64:avg2.5");
+  EXPECT_EQ(parse_codec_spec("recency:int2/int4:g64:avg3").text(), "recency:int2/int4:g64:w0:avg3");
+  EXPECT_EQ(parse_codec_spec("a1:int3/int8:g32:w16:avg3.125").text(),
+            "a1:int3/int8:g32:w16:avg3.125");
+}
+
+TEST(ValuePolicy, BadSpecsAreClearErrors) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"a2:int2/int4:g64:avg3", "needs a window"},
+      {"a2:int2:g64:w64:avg3", "must be int<L>/int<H>"},
+      {"a2:int4/int2:g64:w64:avg3", "exceeds the high width"},
+      {"a2:int2/int5:g64:w64:avg3", "unsupported high width"},
+      {"a2:int2/int4:g64:w64:avg5", "outside [2, 4]"},
+      {"a2:int2/int4:g64:w64:avg3.1234", "at most three fraction digits"},
+      {"a2:int2/int4:g64:w64:avg", "decimal number"},
+      {"a2:int4/int4:g64:w64:avg3", "outside [4, 4]"},
+      {"uniform:int2/int4:g64:avg2.5", "uniform needs an average that is a code width"},
+      {"uniform:int2/int4:g64:w8:avg3", "takes no window"},
+      {"a2:int2/int4:x64:w64:avg3", "group size"},
+      {"a2:int2/int4:g64:w64:avg3:had", "fields"},
+      {"a2", "fields"},
+  };
+  for (const auto& [spec, message] : cases) {
+    const std::string error = error_of([&] { parse_codec_spec(spec); });
+    EXPECT_NE(error.find(message), std::string::npos) << spec << ": " << error;
+    EXPECT_NE(error.find(spec), std::string::npos) << "names the spec: " << error;
+  }
+  const CacheShape shape{1, 1, 16};
+  EXPECT_NE(error_of([&] {
+              make_cache(shape, "a2:int2/int4:g16:w4:avg3", "f32");
+            }).find("for values only"),
+            std::string::npos);
+  EXPECT_NE(
+      error_of([&] { make_cache(shape, "f32", "a2:int2/int4:g12:w4:avg3"); }).find("multiple of 8"),
+      std::string::npos);
+  EXPECT_NE(error_of([&] {
+              make_cache(shape, "f32", "a2:int2/int4:g64:w4:avg3");
+            }).find("does not divide"),
+            std::string::npos);
+  auto cache = make_cache(shape, "f32", "a2:int2/int4:g16:w4:avg3");
+  std::vector<float> two(32, 0.5f);
+  EXPECT_NE(error_of([&] { cache->append(0, two, two, 2); }).find("one token per append"),
+            std::string::npos);
+}
+
+// Sums a² per (layer, KV head, position) from the events attention reports.
+class SquaredMass final : public AttentionObserver {
+ public:
+  void observe(const AttentionEvent& e) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (int64_t i = 0; i < e.positions.size(); ++i)
+      sums[{e.layer, e.kv_head, e.positions[i]}] +=
+          static_cast<double>(e.weights[i]) * e.weights[i];
+  }
+  std::map<std::tuple<int64_t, int64_t, int64_t>, double> sums;
+
+ private:
+  std::mutex mutex_;
+};
+
+TEST(ValuePolicy, DecodePerplexityOnAFixtureModel) {
+  const Model llama = Model::load(kModels + "/llama");
+  Decoder decoder(llama);
+  const CacheShape shape = decoder.cache_shape();
+  ASSERT_EQ(shape.head_dim, 16);
+  const std::string text =
+      "The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+      "All that glitters is not gold, and every cloud has a silver lining somewhere.";
+  std::vector<int32_t> ids = llama.tokenizer().encode(text + " " + text + " " + text, false);
+  ASSERT_GE(ids.size(), 64u);
+
+  // The decoder hands the cache the weights attention used: the account equals the sums of a²
+  // that attention reported to an observer.
+  {
+    auto cache = make_cache(shape, "f32", "a2:int2/int4:g16:w4:avg3", 64);
+    SquaredMass observer;
+    for (int64_t t = 0; t < 48; ++t)
+      decoder.forward(
+          std::span(ids).subspan(t, 1), *cache, LogitRows::Last,
+          [](int64_t, int64_t, std::span<const float>) {}, &observer);
+    for (int64_t l = 0; l < shape.layers; ++l)
+      for (int64_t h = 0; h < shape.kv_heads; ++h) {
+        const ValuePolicyStore& store = policy_store(*cache, l, h);
+        ASSERT_EQ(store.account().size(), 48);
+        for (int64_t j = 0; j < 48; ++j) {
+          const double want = observer.sums[{l, h, j}];
+          EXPECT_NEAR(store.account().squared_mass(j), want, 1e-12 * (1 + want));
+        }
+        EXPECT_EQ(store.high_count(), std::max<int64_t>(4, 48 / 2));
+      }
+    // A prefill of several tokens cannot go through a policy cache.
+    cache->clear();
+    EXPECT_NE(error_of([&] {
+                decoder.forward(std::span(ids).first(8), *cache, LogitRows::Last,
+                                [](int64_t, int64_t, std::span<const float>) {});
+              }).find("decode order"),
+              std::string::npos);
+  }
+
+  PerplexityOptions o;
+  o.mode = PerplexityMode::Decode;
+  o.window = 64;
+  o.max_tokens = 120;
+  if (llama.tokenizer().adds_bos()) o.bos = llama.tokenizer().bos_id();
+  const auto ppl = [&](const std::string& values) {
+    o.value_codec = values;
+    return perplexity(decoder, ids, o).ppl;
+  };
+  const double dense = ppl("f32");
+  const double low = ppl("int2:g16:tok");
+  for (const std::string policy :
+       {"a2:int2/int4:g16:w4:avg3", "a1:int2/int4:g16:w4:avg3", "recency:int2/int4:g16:w4:avg3"}) {
+    const double p = ppl(policy);
+    EXPECT_TRUE(std::isfinite(p)) << policy;
+    // Sanity: half the tokens at int4 sits between dense values and all-int2 values.
+    EXPECT_GT(std::abs(p - dense), 0.0) << policy;
+    EXPECT_LT(std::abs(p - dense), std::abs(low - dense))
+        << policy << " " << p << " dense " << dense << " int2 " << low;
+  }
+  // Equal widths: the policy is the plain codec, to the bit.
+  EXPECT_EQ(ppl("a2:int4/int4:g16:w4:avg4"), ppl("int4:g16:tok"));
+  EXPECT_EQ(ppl("recency:int3/int3:g8:avg3"), ppl("int3:g8:tok"));
+  // Prefill mode appends a window at once: a clear error, not a silent policy without attention.
+  o.mode = PerplexityMode::Prefill;
+  EXPECT_NE(error_of([&] { ppl("a2:int2/int4:g16:w4:avg3"); }).find("one token per append"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace visikv
