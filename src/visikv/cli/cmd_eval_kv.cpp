@@ -150,10 +150,10 @@ void run_eval_kv(EvalKvFlags& f) {
     std::printf("basis:        %s (%s, %lld positions, rank %lld)\n",
                 basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
                 static_cast<long long>(basis->tokens), static_cast<long long>(basis->rank));
-  std::printf("\n%-26s %-40s %-26s %8s %8s %10s %9s %8s\n", "row", "key codec", "value codec",
+  std::printf("\n%-26s %-40s %-32s %8s %8s %10s %9s %8s\n", "row", "key codec", "value codec",
               "bits/key", "bits/val", "PPL", "dPPL", "excess");
   for (const KvGridResult& r : results) {
-    std::printf("%-26s %-40s %-26s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
+    std::printf("%-26s %-40s %-32s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
                 r.row.key_codec.c_str(), r.row.value_codec.c_str(), r.key_bits.bits_per_vector,
                 r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
                 format_optional(r.excess_removed, "%.3f").c_str());
