@@ -11,9 +11,11 @@ void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_ppl_command(CLI::App& app);
 void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
-void add_eval_command(CLI::App& app);       // `eval` with its subcommands (sparse, needle)
-void add_eval_kv_command(CLI::App& eval);   // `eval kv`: the K-only decode-perplexity grid
-void add_analyze_command(CLI::App& app);    // `analyze`: key MSE and F against attention KL
+void add_eval_command(CLI::App& app);  // `eval` with its subcommands (sparse, needle)
+void add_eval_kv_command(CLI::App& eval);  // `eval kv`: the K-only decode-perplexity grid
+
+// `analyze`: key MSE and F against attention KL (eval/analyze.h).
+void add_analyze_command(CLI::App& app);
 
 // Flags of the main program that every command honours.
 struct GlobalOptions {
