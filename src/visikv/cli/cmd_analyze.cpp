@@ -32,7 +32,7 @@ struct AnalyzeFlags {
   std::string model, values, text, basis, calibration_text, csv, json, plot;
   std::vector<std::string> keys;
   std::vector<double> entropy_bins = {0.5, 1, 2, 4};
-  int64_t tokens = 512, calibration_tokens = 8192;
+  int64_t tokens = 0, calibration_tokens = 8192;  // tokens 0: 512, or the context if shorter
   double null_energy = 0.999;
 };
 
@@ -72,7 +72,7 @@ void write_text(const std::string& path, const std::string& text) {
 
 void run_analyze(AnalyzeFlags& f) {
   apply_global_options();
-  require(f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
+  require(f.tokens == 0 || f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
   require(f.calibration_tokens >= 1, "--calibration-tokens must be positive, got ",
           f.calibration_tokens);
   require(f.null_energy > 0 && f.null_energy <= 1, "--null-energy must be in (0, 1], got ",
@@ -83,6 +83,7 @@ void run_analyze(AnalyzeFlags& f) {
 
   const Model model = Model::load(f.model);
   const Config& c = model.config();
+  if (f.tokens == 0) f.tokens = c.max_positions > 1 ? std::min<int64_t>(512, c.max_positions) : 512;
   require(c.max_positions <= 0 || f.tokens <= c.max_positions, "--tokens ", f.tokens,
           " exceeds the model's context of ", c.max_positions, " positions");
   const bool defaults = f.keys.empty();
@@ -341,7 +342,9 @@ void add_analyze_command(CLI::App& app) {
   cmd->add_option("--values", flags->values,
                   "value codec; adds the value readout error and its A2 surrogate (default: f32, "
                   "no value metrics)");
-  cmd->add_option("--tokens,-n", flags->tokens, "positions to run, BOS included (default 512)");
+  cmd->add_option(
+      "--tokens,-n", flags->tokens,
+      "positions to run, BOS included (default 512, or the model's context if shorter)");
   cmd->add_option("--text", flags->text, "text file (default: WikiText-103 test)");
   cmd->add_option("--basis", flags->basis,
                   "HeadQ basis file from `visikv calibrate` (default: calibrate in-process at "

@@ -173,8 +173,13 @@ std::vector<float> perturbed_keys(const AnalyzeKeySpec& spec, std::span<const fl
             " kv head ", h, " needs ", m, " eigenvectors to hold ", energy,
             " of the query energy, but the basis holds ", basis.rank,
             " per head (calibrate with --rank ", d, ")");
-    if (span_ranks) (*span_ranks)[static_cast<size_t>(h)] = m;
-    const std::span<const double> rows = basis.query_rows(layer, h).first(m * d);
+    const bool complement = spec.kind == AnalyzeKeySpec::Kind::NullSpace ||
+                            spec.target == AnalyzeKeySpec::Target::NullSpace;
+    // A head whose span is the whole space keeps its least visible direction as the complement,
+    // so that every key is perturbed (and the moved error keeps its length).
+    const int64_t used = complement ? std::min(m, d - 1) : m;
+    if (span_ranks) (*span_ranks)[static_cast<size_t>(h)] = used;
+    const std::span<const double> rows = basis.query_rows(layer, h).first(used * d);
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t at = (t * kv_heads + h) * d;
       double length = 0;
@@ -184,8 +189,6 @@ std::vector<float> perturbed_keys(const AnalyzeKeySpec& spec, std::span<const fl
       for (float x : source) length += double(x) * double(x);
       length = std::sqrt(length);
       if (spec.kind == AnalyzeKeySpec::Kind::NullSpace) length *= spec.amplitude;
-      const bool complement = spec.kind == AnalyzeKeySpec::Kind::NullSpace ||
-                              spec.target == AnalyzeKeySpec::Target::NullSpace;
       const std::vector<double> direction =
           random_unit_in_span(rows, d, complement, key_perturbation_seed(layer, h, t));
       // The null-space control adds p_j; the moved error is an error e_j, so k̂_j = k_j - e_j.

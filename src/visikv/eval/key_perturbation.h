@@ -14,7 +14,9 @@
 //
 // The query span of a head is spanned by the fewest top eigenvectors of its calibrated query
 // second moment E[q qᵀ] (kv/headq.h: HeadqBasis) whose eigenvalues hold at least a fraction
-// `energy` (default 0.999) of the total. Perturbed keys are stored in f32.
+// `energy` (default 0.999) of the total, m of the d dimensions; where m = d the orthogonal side
+// is the last eigenvector (the span is cut to d - 1), so that every key is perturbed and moved
+// errors keep their length. Perturbed keys are stored in f32.
 #pragma once
 
 #include <cstdint>
@@ -69,8 +71,9 @@ uint64_t key_perturbation_seed(int64_t layer, int64_t kv_head, int64_t position)
 
 // The keys of one layer ({tokens, kv_heads, d}) as the control `spec` (NullSpace or SpanMoved)
 // stores them. `base_errors`: for SpanMoved, the base codec's key errors e_j = k_j - k̂_j in the
-// same layout (ignored otherwise). `span_ranks`, when set, receives the query-span rank of each
-// KV head. Throws visikv::Error when the basis holds fewer vectors than a head's span needs.
+// same layout (ignored otherwise). `span_ranks`, when set, receives the query-span rank used for
+// each KV head (at most d - 1 on the orthogonal side). Throws visikv::Error when the basis holds
+// fewer vectors than a head's span needs.
 std::vector<float> perturbed_keys(const AnalyzeKeySpec& spec, std::span<const float> keys,
                                   std::span<const float> base_errors, int64_t kv_heads,
                                   int64_t head_dim, int64_t layer, const HeadqBasis& basis,
