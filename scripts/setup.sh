@@ -19,7 +19,7 @@ done
 
 packages=(build-essential g++ cmake ninja-build pkg-config git unzip python3 python3-pip
           nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
-          libgtest-dev libgmock-dev libbenchmark-dev)
+          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -14,6 +14,9 @@ void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
 void add_eval_command(CLI::App& app);  // `eval` with its subcommands (sparse, needle)
 void add_eval_kv_command(CLI::App& eval);  // `eval kv`: the K-only decode-perplexity grid
 
+// `analyze`: key MSE and F against attention KL (eval/analyze.h).
+void add_analyze_command(CLI::App& app);
+
 // Flags of the main program that every command honours.
 struct GlobalOptions {
   int threads = 0;  // 0: all cores

@@ -19,6 +19,7 @@ int main(int argc, char** argv) {
   // Further commands register here, one line each.
   visikv::cli::add_calibrate_command(app);
   visikv::cli::add_eval_command(app);
+  visikv::cli::add_analyze_command(app);
   // Name an unknown command instead of CLI11's generic "a subcommand is required".
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
