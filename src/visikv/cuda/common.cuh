@@ -93,4 +93,65 @@ struct BoundParts {
   }
 };
 
+// The pooled ranking value of one block for the query heads in query_s (one warp).
+__device__ inline float pooled_block_value(const float* centroid, const float* lo, const float* hi,
+                                           const float (*query_s)[128], int group, int dim,
+                                           float scale, BlockRule rule, float* per_head) {
+  const int lane = threadIdx.x % 32;
+  float pooled = -INFINITY;
+  for (int g = 0; g < group; ++g) {
+    float value;
+    if (rule == BlockRule::Centroid) {
+      float dot = 0.0f;
+      for (int c = lane; c < dim; c += 32) dot = fmaf(centroid[c], query_s[g][c], dot);
+      value = scale * warp_sum(dot);
+    } else {
+      BoundParts parts;
+      for (int c = lane; c < dim; c += 32) parts.add(query_s[g][c], lo[c], hi[c]);
+      value = BoundParts::finish(warp_sum(parts.sum), warp_sum(parts.magnitude), dim, scale);
+    }
+    if (per_head) per_head[g] = value;
+    pooled = fmaxf(pooled, value);
+  }
+  return pooled;
+}
+
+// Block-wide argmax of values[0, count) (ties: lower index); returns -1 when all are -inf.
+__device__ inline int block_argmax(const float* values, int count, float* value_s, int* index_s) {
+  float best = -INFINITY;
+  int best_index = -1;
+  for (int i = threadIdx.x; i < count; i += blockDim.x)
+    if (values[i] > best) {
+      best = values[i];
+      best_index = i;
+    }
+  for (int offset = 16; offset > 0; offset /= 2) {
+    const float other = __shfl_xor_sync(kFullMask, best, offset);
+    const int other_index = __shfl_xor_sync(kFullMask, best_index, offset);
+    if (other > best ||
+        (other == best && other_index >= 0 && (best_index < 0 || other_index < best_index))) {
+      best = other;
+      best_index = other_index;
+    }
+  }
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    value_s[warp] = best;
+    index_s[warp] = best_index;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < warps; ++w)
+      if (value_s[w] > value_s[0] || (value_s[w] == value_s[0] && index_s[w] >= 0 &&
+                                      (index_s[0] < 0 || index_s[w] < index_s[0]))) {
+        value_s[0] = value_s[w];
+        index_s[0] = index_s[w];
+      }
+  }
+  __syncthreads();
+  const int result = index_s[0];
+  __syncthreads();
+  return result;
+}
+
 }  // namespace visikv::cuda::detail

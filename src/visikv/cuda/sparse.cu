@@ -56,68 +56,6 @@ struct Region {
   __device__ int end(int b, int block_size) const { return min((b + 1) * block_size, tail_begin); }
 };
 
-// The pooled ranking value of one block for the query heads in query_s (one warp).
-__device__ float pooled_block_value(const float* centroid, const float* lo, const float* hi,
-                                    const float (*query_s)[128], int group, int dim, float scale,
-                                    BlockRule rule, float* per_head) {
-  const int lane = threadIdx.x % 32;
-  float pooled = -INFINITY;
-  for (int g = 0; g < group; ++g) {
-    float value;
-    if (rule == BlockRule::Centroid) {
-      float dot = 0.0f;
-      for (int c = lane; c < dim; c += 32) dot = fmaf(centroid[c], query_s[g][c], dot);
-      value = scale * detail::warp_sum(dot);
-    } else {
-      detail::BoundParts parts;
-      for (int c = lane; c < dim; c += 32) parts.add(query_s[g][c], lo[c], hi[c]);
-      value = detail::BoundParts::finish(detail::warp_sum(parts.sum),
-                                         detail::warp_sum(parts.magnitude), dim, scale);
-    }
-    if (per_head) per_head[g] = value;
-    pooled = fmaxf(pooled, value);
-  }
-  return pooled;
-}
-
-// Block-wide argmax of values[0, count) (ties: lower index); returns -1 when all are -inf.
-__device__ int block_argmax(const float* values, int count, float* value_s, int* index_s) {
-  float best = -INFINITY;
-  int best_index = -1;
-  for (int i = threadIdx.x; i < count; i += blockDim.x)
-    if (values[i] > best) {
-      best = values[i];
-      best_index = i;
-    }
-  for (int offset = 16; offset > 0; offset /= 2) {
-    const float other = __shfl_xor_sync(detail::kFullMask, best, offset);
-    const int other_index = __shfl_xor_sync(detail::kFullMask, best_index, offset);
-    if (other > best ||
-        (other == best && other_index >= 0 && (best_index < 0 || other_index < best_index))) {
-      best = other;
-      best_index = other_index;
-    }
-  }
-  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  if (threadIdx.x % 32 == 0) {
-    value_s[warp] = best;
-    index_s[warp] = best_index;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < warps; ++w)
-      if (value_s[w] > value_s[0] || (value_s[w] == value_s[0] && index_s[w] >= 0 &&
-                                      (index_s[0] < 0 || index_s[w] < index_s[0]))) {
-        value_s[0] = value_s[w];
-        index_s[0] = index_s[w];
-      }
-  }
-  __syncthreads();
-  const int result = index_s[0];
-  __syncthreads();
-  return result;
-}
-
 struct SelectParams {
   int kv_heads, group, dim, capacity, block_size, summary_blocks;
   int padded;  // certified: scratch slots, a power of two >= summary_blocks
@@ -179,15 +117,16 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(const SelectPara
   const int64_t summary_head = static_cast<int64_t>(head) * p.summary_blocks;
   for (int b = warp; b < region.blocks; b += kSelectWarps) {
     const int64_t at = (summary_head + region.first_block + b) * p.dim;
-    const float value = pooled_block_value(p.centroid + at, p.minimum + at, p.maximum + at, query_s,
-                                           p.group, p.dim, p.scale, p.rule, nullptr);
+    const float value =
+        detail::pooled_block_value(p.centroid + at, p.minimum + at, p.maximum + at, query_s,
+                                   p.group, p.dim, p.scale, p.rule, nullptr);
     if (lane == 0) pooled_s[b] = value;
   }
   for (int b = threadIdx.x; b < region.blocks; b += blockDim.x) flags_s[b] = 0;
   __syncthreads();
   const int want = min(p.top_blocks, region.blocks);
   for (int k = 0; k < want; ++k) {
-    const int best = block_argmax(pooled_s, region.blocks, value_s, index_s);
+    const int best = detail::block_argmax(pooled_s, region.blocks, value_s, index_s);
     if (threadIdx.x == 0) {
       flags_s[best] = 1;
       pooled_s[best] = -INFINITY;
@@ -234,8 +173,8 @@ __global__ void __launch_bounds__(kSelectThreads)
   for (int b = warp; b < region.blocks; b += kSelectWarps) {
     const int64_t at = (summary_head + region.first_block + b) * dim;
     const float pooled =
-        pooled_block_value(p.centroid + at, p.minimum + at, p.maximum + at, query_s, group, dim,
-                           p.scale, BlockRule::Bound, per_head);
+        detail::pooled_block_value(p.centroid + at, p.minimum + at, p.maximum + at, query_s, group,
+                                   dim, p.scale, BlockRule::Bound, per_head);
     if (lane == 0) {
       for (int g = 0; g < group; ++g) bound_s[g * padded + b] = per_head[g];
       order_value_s[b] = pooled;
@@ -515,15 +454,13 @@ void select_certified(const AttentionShape& shape, const DenseCache& cache,
   const size_t shared = static_cast<size_t>(padded) * (shape.group() + 4) * 4;
   const dim3 grid(static_cast<unsigned>(shape.kv_heads), static_cast<unsigned>(shape.sequences));
   if (cache.element == Element::BF16) {
-    const auto* kernel = certified_kernel<__nv_bfloat16>;
-    allow_shared_memory(reinterpret_cast<const void*>(kernel), shared);
-    kernel<<<grid, kSelectThreads, shared>>>(
+    allow_shared_memory(reinterpret_cast<const void*>(&certified_kernel<__nv_bfloat16>), shared);
+    certified_kernel<__nv_bfloat16><<<grid, kSelectThreads, shared>>>(
         p, reinterpret_cast<const __nv_bfloat16*>(cache.keys.data()), eps, delta.data());
   } else {
-    const auto* kernel = certified_kernel<__half>;
-    allow_shared_memory(reinterpret_cast<const void*>(kernel), shared);
-    kernel<<<grid, kSelectThreads, shared>>>(p, reinterpret_cast<const __half*>(cache.keys.data()),
-                                             eps, delta.data());
+    allow_shared_memory(reinterpret_cast<const void*>(&certified_kernel<__half>), shared);
+    certified_kernel<__half><<<grid, kSelectThreads, shared>>>(
+        p, reinterpret_cast<const __half*>(cache.keys.data()), eps, delta.data());
   }
   VISIKV_CUDA_LAUNCHED("certified_kernel");
 }
