@@ -74,8 +74,10 @@ class DeviceArray {
     return host;
   }
   // All bytes 0xFF: NaN for float32, bf16 and fp16, -1 for integers.
-  void poison() {
-    if (count_ > 0) bytes_.fill(0xFF);
+  void poison() { fill_bytes(0xFF); }
+  // Every byte set to `byte` (timing runs: 0x3C makes fp16 1.06 and bf16 0.0115).
+  void fill_bytes(uint8_t byte) {
+    if (count_ > 0) bytes_.fill(byte);
   }
   // Reallocates (contents lost) when smaller than `count`.
   void ensure(size_t count) {
