@@ -32,7 +32,8 @@ class HeadqKeyStore final : public VectorStore {
         from_fp16_(spec.window > 0 || spec.axis == CodecSpec::Axis::Channels),
         rows_(std::move(rows)),
         residual_(dim_),
-        projected_(rank_) {
+        projected_(rank_),
+        side_codes_(rank_) {
     require(static_cast<int64_t>(rows_.size()) == rank_ * dim_, "HeadQ basis: expected ", rank_,
             " x ", dim_, " numbers, got ", rows_.size());
   }
@@ -106,9 +107,7 @@ class HeadqKeyStore final : public VectorStore {
   // Side code of the key at position coded_, whose pre-quantization value is `key`.
   void encode(const float* key) {
     base_->reconstruct(coded_, residual_);
-    for (int64_t c = 0; c < dim_; ++c) residual_[c] = key[c] - residual_[c];
-    for (int64_t j = 0; j < rank_; ++j)
-      projected_[j] = vec::dot(rows_.data() + j * dim_, residual_.data(), dim_);
+    headq_project_residual(rows_, {key, static_cast<size_t>(dim_)}, residual_, projected_);
     const size_t at = codes_.size();
     if (side_.bits == 32) {
       codes_.resize(at + 4 * rank_);
@@ -120,17 +119,15 @@ class HeadqKeyStore final : public VectorStore {
         std::memcpy(codes_.data() + at + 2 * j, &h, 2);
       }
     } else {
-      const auto [lo, hi] = std::minmax_element(projected_.begin(), projected_.end());
-      const int_codes::Affine affine = int_codes::affine_for_range(*lo, *hi, side_.bits);
+      const int_codes::Affine affine =
+          int_codes::quantize_group(projected_, side_.bits, side_codes_);
       params_.push_back(affine.scale);
       params_.push_back(affine.zero);
-      const float scale = fp16_to_float(affine.scale), zero = fp16_to_float(affine.zero);
-      const int levels = (1 << side_.bits) - 1;
       // Codes form one little-endian bit stream: code j of key p at bit (p·r + j)·b.
       const int64_t first_bit = coded_ * rank_ * side_.bits;
       codes_.resize(static_cast<size_t>((first_bit + rank_ * side_.bits + 7) / 8), 0);
       for (int64_t j = 0; j < rank_; ++j) {
-        const uint32_t code = int_codes::affine_code(projected_[j], scale, zero, levels);
+        const uint32_t code = side_codes_[j];
         const int64_t bit = first_bit + j * side_.bits;
         const uint32_t shifted = code << (bit & 7);
         codes_[bit >> 3] |= static_cast<uint8_t>(shifted);
@@ -181,9 +178,18 @@ class HeadqKeyStore final : public VectorStore {
   std::vector<float> pending_;    // keys appended but not yet quantized by the base
   // Append-time scratch.
   std::vector<float> residual_, projected_;
+  std::vector<uint8_t> side_codes_;
 };
 
 }  // namespace
+
+void headq_project_residual(std::span<const float> rows, std::span<const float> key,
+                            std::span<float> stored, std::span<float> projected) {
+  const int64_t dim = static_cast<int64_t>(key.size());
+  for (int64_t c = 0; c < dim; ++c) stored[c] = key[c] - stored[c];
+  for (size_t j = 0; j < projected.size(); ++j)
+    projected[j] = vec::dot(rows.data() + j * dim, stored.data(), dim);
+}
 
 void HeadqBasis::check_sizes() const {
   require(layers > 0 && kv_heads > 0 && head_dim > 0 && rank > 0 && rank <= head_dim,

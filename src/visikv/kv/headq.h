@@ -64,6 +64,13 @@ std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* bas
                                     int64_t kv_heads, int64_t head_dim, int64_t layer,
                                     int64_t kv_head);
 
+// The numbers a side code stores for one key: `stored` holds k̂ (d numbers) on entry and the
+// residual e = key - k̂ on return; projected[j] = rows[j] · e for the r = projected.size() rows
+// ({r, d}). Every user of HeadQ codes (the CPU store, the GPU layout packer) calls this, so the
+// side codes agree to the bit.
+void headq_project_residual(std::span<const float> rows, std::span<const float> key,
+                            std::span<float> stored, std::span<float> projected);
+
 // Wraps `base` (an integer store made for `spec`) with the side code of `spec.headq` in the
 // basis `rows` ({r, head_dim}, orthonormal, in the coordinates the store sees). Appends go to
 // the base; when the base quantizes a key, its residual against the value the base quantized

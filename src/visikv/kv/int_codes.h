@@ -14,6 +14,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -57,6 +58,21 @@ inline uint8_t affine_code(float x, float scale, float zero, int levels) {
   if (!(scale > 0.0f)) return 0;
   const float k = std::floor((x - zero) / scale + 0.5f);
   return static_cast<uint8_t>(k <= 0.0f ? 0.0f : k >= static_cast<float>(levels) ? levels : k);
+}
+
+// Quantizes one group (the numbers sharing one scale and zero) at `bits` bits: codes[i] is the
+// code of values[i]. Returns the group's fp16 parameters.
+inline Affine quantize_group(std::span<const float> values, int bits, std::span<uint8_t> codes) {
+  float lo = INFINITY, hi = -INFINITY;
+  for (float x : values) {
+    lo = std::min(lo, x);
+    hi = std::max(hi, x);
+  }
+  const Affine affine = affine_for_range(lo, hi, bits);
+  const float scale = fp16_to_float(affine.scale), zero = fp16_to_float(affine.zero);
+  const int levels = (1 << bits) - 1;
+  for (size_t i = 0; i < values.size(); ++i) codes[i] = affine_code(values[i], scale, zero, levels);
+  return affine;
 }
 
 // Bytes of n packed b-bit codes (n % 8 == 0).
