@@ -37,7 +37,7 @@ class CodecCache final : public KVCache {
   void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
                   const PositionSet& positions, std::span<float> out) const override;
   int64_t block_size() const override { return block_size_; }
-  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override;
+  BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override;
   void clear() override;
 
   const CodecSpec& key_spec() const { return keys_.spec; }
@@ -65,11 +65,15 @@ class CodecCache final : public KVCache {
   void check_positions(int64_t layer, const PositionSet& positions) const;
   void stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
                      std::span<float> out) const;
+  void summarize_stored_keys(int64_t layer, int64_t kv_head);
 
   CacheShape shape_;
   int64_t block_size_;
   Side keys_, values_;
-  std::vector<BlockSummaries> summaries_;  // exact (pre-quantization, unrotated) keys
+  // Per head: summaries of the stored keys (model coordinates), and how many of its keys they
+  // hold and had in quantized form when last updated.
+  std::vector<BlockSummaries> summaries_;
+  std::vector<int64_t> summarized_, summarized_quantized_;
   std::vector<int64_t> lengths_;
 };
 
