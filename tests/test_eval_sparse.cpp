@@ -19,6 +19,7 @@
 #include "test_support.h"
 #include "visikv/attention/sparse_attention.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/coverage.h"
 #include "visikv/eval/generate.h"
 #include "visikv/eval/needle.h"
 #include "visikv/eval/survival.h"
@@ -249,6 +250,87 @@ TEST(Survival, CertifiedBoundHoldsOverQuantizedKeys) {
       }
     }
   }
+}
+
+TEST(Coverage, SummaryOfSharesIsMeanAndLowPercentiles) {
+  std::vector<double> shares;
+  for (int i = 100; i >= 1; --i) shares.push_back(i / 100.0);
+  const CoverageSummary s = summarize_shares(shares);
+  EXPECT_NEAR(s.mean, 0.505, 1e-12);
+  EXPECT_DOUBLE_EQ(s.p10, 0.10);  // sorted[floor(0.1 * 99)]
+  EXPECT_DOUBLE_EQ(s.p1, 0.01);
+  EXPECT_DOUBLE_EQ(s.min, 0.01);
+}
+
+// Two independent computations agree: the anchors + window + per-head top-k split of the dense
+// weights, and the mass inside the support of the exact rule with one choice per query head (the
+// same positions). A support covering everything holds all the mass; the certified support
+// holds at least 1 - eps of it; the shared GQA choice holds no more than the per-head one.
+TEST(Coverage, SplitAgreesWithSelectorSupports) {
+  for (const std::string name : {"llama", "mistral"}) {
+    const Model model = Model::load(fixture(name));
+    Decoder decoder(model);
+    std::vector<int32_t> tokens = token_stream(model, 100);
+    CoverageOptions options;
+    options.from = 20;
+    options.anchors = 1;
+    options.window = 4;
+    options.top_k = 8;
+    const std::vector<std::string> selectors = {
+        "sparse:a1:w4:k8:exact:gqa=head", "sparse:a1:w4:k8:exact", "sparse:a9999:w9999:k1:exact",
+        "certified:a1:w4:b4:eps0.2"};
+    const CoverageResult r = attention_coverage(decoder, tokens, selectors, options);
+    ASSERT_EQ(static_cast<int64_t>(r.layers.size()), model.config().layers);
+    EXPECT_EQ(r.queries_per_layer, 80 * model.config().heads);
+    for (const CoverageLayer& l : r.layers) {
+      EXPECT_NEAR(l.selectors[0].mean, l.total.mean, 1e-6) << name;
+      EXPECT_NEAR(l.selectors[0].min, l.total.min, 1e-6) << name;
+      EXPECT_NEAR(l.total.mean, l.anchors.mean + l.window.mean + l.top_k.mean, 1e-9);
+      EXPECT_LE(l.selectors[1].mean, l.selectors[0].mean + 1e-9) << name;
+      EXPECT_NEAR(l.selectors[2].min, 1.0, 1e-5) << name;
+      EXPECT_GE(l.selectors[3].min, 1.0 - 0.2 - 1e-5) << name;
+      // llama: the split left mass out, so the agreement is not vacuous; mistral's sliding
+      // window of 8 is covered whole.
+      if (name == "llama")
+        EXPECT_LT(l.total.mean, 0.99);
+      else
+        EXPECT_NEAR(l.total.min, 1.0, 1e-5);
+      EXPECT_LE(l.support_mean[0], 13.0 + 1e-9);
+    }
+    if (name == "mistral")  // sliding window 8: at most 8 visible positions
+      EXPECT_LE(r.context_mean, 8.0);
+  }
+  const Model model = Model::load(fixture("llama"));
+  Decoder decoder(model);
+  const std::vector<int32_t> tokens = token_stream(model, 50);
+  CoverageOptions bad;
+  bad.from = 50;
+  EXPECT_THROW(attention_coverage(decoder, tokens, {"dense"}, bad), Error);
+  EXPECT_THROW(
+      attention_coverage(decoder, tokens, {"sparse:a1:w4:k8:b4:bound", "sparse:a1:w4:k8:b8:bound"},
+                         CoverageOptions{.from = 10}),
+      Error);
+  EXPECT_THROW(attention_coverage(decoder, tokens, {"sparse:zz"}, CoverageOptions{.from = 10}),
+               Error);
+}
+
+TEST(EvalCommand, CoverageWritesTheTableAndJson) {
+  const fs::path json_path = fs::path(testing::TempDir()) / "coverage.json";
+  const ProgramRun r =
+      run("eval coverage " + fixture("llama") + " --text " + std::string(VISIKV_SOURCE_DIR) +
+          "/README.md --tokens 64 --from 16 "
+          "--selectors sparse:a1:w4:k8:exact,certified:a1:w4:b4:eps0.1 --json " +
+          json_path.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("a+w+k"), std::string::npos) << r.output;
+  const auto j = read_json(json_path);
+  ASSERT_EQ(j["layers"].size(), 2u);
+  EXPECT_EQ(j["all_layers"]["selectors"].size(), 2u);
+  EXPECT_GE(j["all_layers"]["selectors"][1]["coverage"]["min"].get<double>(), 0.9 - 1e-5);
+  const ProgramRun bad = run("eval coverage " + fixture("llama") + " --text " +
+                             std::string(VISIKV_SOURCE_DIR) + "/README.md --tokens 64 --from 64");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.output.find("--from"), std::string::npos) << bad.output;
 }
 
 TEST(Survival, SlidingWindowModelKeepsItsWindow) {

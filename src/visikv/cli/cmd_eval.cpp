@@ -15,6 +15,7 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/coverage.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/needle.h"
 #include "visikv/eval/survival.h"
@@ -354,6 +355,147 @@ void add_eval_needle_command(CLI::App& eval) {
   cmd->callback([flags] { run_eval_needle(*flags); });
 }
 
+// ---- eval coverage ----
+
+const std::vector<std::string> kCoverageGrid = {
+    "sparse:a1:w64:k32:exact", "sparse:a1:w64:k32:b16:centroid", "sparse:a1:w64:k32:b16:bound",
+    "certified:a1:w64:b16:eps0.05", "certified:a1:w64:b16:eps0.01"};
+
+struct CoverageFlags : CommonFlags {
+  int64_t tokens = 2048, from = 256, anchors = 1, window = 64, top_k = 32;
+};
+
+json coverage_json(const CoverageSummary& s) {
+  return {{"mean", s.mean}, {"p10", s.p10}, {"p1", s.p1}, {"min", s.min}};
+}
+
+void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
+  apply_global_options();
+  if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
+  std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kCoverageGrid;
+  if (f.quick && f.selectors.empty()) selectors.pop_back();
+  require(f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
+  require(f.from >= 0 && f.from < f.tokens, "--from must be a position below --tokens (", f.tokens,
+          "), got ", f.from);
+  require(f.anchors >= 0 && f.window >= 0 && f.top_k >= 0,
+          "--anchors, --window and --top-k must not be negative");
+
+  const Model model = Model::load(f.model);
+  Decoder decoder(model);
+  check_specs(selectors, f, decoder);
+  const std::filesystem::path text_path =
+      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const bool bos = model.tokenizer().adds_bos();
+  std::vector<int32_t> tokens;
+  if (bos) tokens.push_back(*model.tokenizer().bos_id());
+  const int64_t text_needed = bos ? f.tokens - 1 : f.tokens;
+  const std::vector<int32_t> text =
+      leading_tokens(model.tokenizer(), read_text_file(text_path), text_needed);
+  require(static_cast<int64_t>(text.size()) >= text_needed, "the text has ", text.size(),
+          " tokens; --tokens ", f.tokens, " needs ", text_needed);
+  tokens.insert(tokens.end(), text.begin(), text.begin() + text_needed);
+
+  CoverageOptions options;
+  options.from = f.from;
+  options.anchors = f.anchors;
+  options.window = f.window;
+  options.top_k = f.top_k;
+  options.key_codec = f.keys;
+  options.value_codec = f.values;
+  const CoverageResult r =
+      attention_coverage(decoder, tokens, selectors, options, [](int64_t done, int64_t n) {
+        std::fprintf(stderr, "coverage: step %lld/%lld (dense prefill, then one per layer)\n",
+                     static_cast<long long>(done), static_cast<long long>(n));
+      });
+
+  std::printf("model:     %s\ntext:      %s\n", model.source().c_str(), text_path.string().c_str());
+  std::printf(
+      "window:    %lld tokens%s; queries at positions >= %lld, every query head (%lld per "
+      "layer), mean context %.1f\n",
+      static_cast<long long>(f.tokens), bos ? " (BOS first)" : "", static_cast<long long>(f.from),
+      static_cast<long long>(r.queries_per_layer), r.context_mean);
+  std::printf("cache:     keys %s, values %s\n", f.keys.c_str(), f.values.c_str());
+  std::printf("split:     anchors a%lld, window w%lld, top-k k%lld (exact, per query head)\n\n",
+              static_cast<long long>(f.anchors), static_cast<long long>(f.window),
+              static_cast<long long>(f.top_k));
+  std::printf("%-6s %8s %8s %8s %8s %8s %8s\n", "layer", "anchors", "window", "top-k", "a+w+k",
+              "p10", "p1");
+  const auto split_row = [](const std::string& name, const CoverageLayer& l) {
+    std::printf("%-6s %8.4f %8.4f %8.4f %8.4f %8.4f %8.4f\n", name.c_str(), l.anchors.mean,
+                l.window.mean, l.top_k.mean, l.total.mean, l.total.p10, l.total.p1);
+  };
+  for (size_t i = 0; i < r.layers.size(); ++i) split_row(std::to_string(i), r.layers[i]);
+  split_row("all", r.pooled);
+  std::printf(
+      "\nmass inside each selector's support (mean / p10 / p1), support = positions read\n");
+  for (size_t s = 0; s < selectors.size(); ++s) {
+    std::printf("\n%s  (mean support %.1f)\n%-6s %8s %8s %8s %8s\n", selectors[s].c_str(),
+                r.pooled.support_mean[s], "layer", "mean", "p10", "p1", "support");
+    const auto row = [&](const std::string& name, const CoverageLayer& l) {
+      std::printf("%-6s %8.4f %8.4f %8.4f %8.1f\n", name.c_str(), l.selectors[s].mean,
+                  l.selectors[s].p10, l.selectors[s].p1, l.support_mean[s]);
+    };
+    for (size_t i = 0; i < r.layers.size(); ++i) row(std::to_string(i), r.layers[i]);
+    row("all", r.pooled);
+  }
+  std::printf(
+      "\nShares of the dense softmax mass per (position, query head): mean and the 10th / 1st "
+      "percentiles over queries. top-k: the k largest weights between anchors and window (the "
+      "best any k dynamic positions could hold for that head).\n");
+
+  if (!f.json.empty()) {
+    json out = {{"command", "eval coverage"},
+                {"model", model.source()},
+                {"text", text_path.string()},
+                {"tokens", f.tokens},
+                {"from", f.from},
+                {"bos_first", bos},
+                {"anchors", f.anchors},
+                {"window", f.window},
+                {"top_k", f.top_k},
+                {"key_codec", f.keys},
+                {"value_codec", f.values},
+                {"queries_per_layer", r.queries_per_layer},
+                {"context_mean", r.context_mean},
+                {"layers", json::array()}};
+    const auto layer_json = [&](const CoverageLayer& l) {
+      json sel = json::array();
+      for (size_t s = 0; s < selectors.size(); ++s)
+        sel.push_back({{"selector", selectors[s]},
+                       {"coverage", coverage_json(l.selectors[s])},
+                       {"support_mean", l.support_mean[s]}});
+      return json{{"anchors", coverage_json(l.anchors)},
+                  {"window", coverage_json(l.window)},
+                  {"top_k", coverage_json(l.top_k)},
+                  {"total", coverage_json(l.total)},
+                  {"selectors", sel}};
+    };
+    for (size_t i = 0; i < r.layers.size(); ++i) {
+      json l = layer_json(r.layers[i]);
+      l["layer"] = i;
+      out["layers"].push_back(l);
+    }
+    out["all_layers"] = layer_json(r.pooled);
+    write_json(f.json, out);
+  }
+}
+
+void add_eval_coverage_command(CLI::App& eval) {
+  auto flags = std::make_shared<CoverageFlags>();
+  CLI::App* cmd = eval.add_subcommand(
+      "coverage",
+      "Attention-mass coverage per layer: the dense softmax mass on anchors, window and the "
+      "exact top-k, and inside each selector's support");
+  add_common_flags(cmd, *flags);
+  cmd->add_option("--tokens,-n", flags->tokens,
+                  "window length, BOS included (default 2048; quick 1024)");
+  cmd->add_option("--from", flags->from, "count queries at positions >= this (default 256)");
+  cmd->add_option("--anchors", flags->anchors, "anchors of the split (default 1)");
+  cmd->add_option("--window", flags->window, "window of the split (default 64)");
+  cmd->add_option("--top-k", flags->top_k, "dynamic positions of the split (default 32)");
+  cmd->callback([cmd, flags] { run_eval_coverage(cmd, *flags); });
+}
+
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
@@ -363,6 +505,7 @@ void add_eval_command(CLI::App& app) {
   eval->require_subcommand(1);
   add_eval_sparse_command(*eval);
   add_eval_needle_command(*eval);
+  add_eval_coverage_command(*eval);
   // Further eval subcommands register here, one line each (each defined in its own file and
   // declared in commands.h).
   add_eval_kv_command(*eval);
