@@ -252,6 +252,57 @@ TEST(Survival, CertifiedBoundHoldsOverQuantizedKeys) {
   }
 }
 
+// Sampling with a shared seed: the dense sampled reference is what generate() samples with that
+// seed; the first step where the coupled samples differ is where an explicit free-running sparse
+// sampled decode with the same seed departs from the dense one; full support always agrees.
+TEST(Survival, SamplingAgreementWithASharedSeed) {
+  SurvivalFixture s("qwen2", 64, 16, 1);
+  s.options.samples = 3;
+  s.options.temperature = 0.8;
+  s.options.seed = 7;
+  s.refs = dense_references(s.decoder, survival_prefixes(token_stream(s.model, 4096), s.options),
+                            s.options);
+  const int64_t T = s.options.continuation;
+  const SurvivalRow full =
+      survival_row(s.decoder, s.refs, "sparse:a9999:w9999:k1:exact", s.options);
+  ASSERT_TRUE(full.sampling_agreement.has_value());
+  EXPECT_EQ(*full.sampling_agreement, 1.0);
+  EXPECT_EQ(full.sampling_first_divergence, (std::vector<int64_t>{T, T, T}));
+
+  GenerationOptions g;
+  g.max_new_tokens = T;
+  g.stop_at_eos = false;
+  g.sampling.temperature = 0.8;
+  for (const std::string spec : {"sparse:a0:w1:k1:exact", "sparse:a1:w2:k4:b4:bound"}) {
+    const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+    ASSERT_TRUE(r.sampling_agreement.has_value());
+    EXPECT_GE(*r.sampling_agreement * T * 3, r.sampling_first_divergence_mean * 3 - 1e-9);
+    EXPECT_LT(*r.sampling_agreement, 1.0) << spec;  // a tiny support does depart
+    SparseSelector selector(spec);
+    const SelectorSpec parsed = parse_selector_spec(spec);
+    auto cache = make_cache(s.decoder.cache_shape(), "f32", "f32", 0,
+                            parsed.block_size > 0 ? parsed.block_size : 32);
+    for (size_t i = 0; i < s.refs.size(); ++i) {
+      g.sampling.seed = 7 + i;
+      s.decoder.set_sparse_attention(nullptr);
+      cache->clear();
+      EXPECT_EQ(generate(s.decoder, *cache, s.refs[i].prefix, g).tokens, s.refs[i].sampled);
+      s.decoder.set_sparse_attention(&selector);
+      cache->clear();
+      selector.reset();
+      const std::vector<int32_t> free_run = generate(s.decoder, *cache, s.refs[i].prefix, g).tokens;
+      s.decoder.set_sparse_attention(nullptr);
+      const auto& ref = s.refs[i].sampled;
+      const int64_t divergence =
+          std::mismatch(free_run.begin(), free_run.end(), ref.begin()).first - free_run.begin();
+      EXPECT_EQ(divergence, r.sampling_first_divergence[i]) << spec << " sample " << i;
+    }
+  }
+  SurvivalOptions bad = s.options;
+  bad.temperature = -1;
+  EXPECT_THROW(check_survival_options(s.model.config(), bad), Error);
+}
+
 TEST(Coverage, SummaryOfSharesIsMeanAndLowPercentiles) {
   std::vector<double> shares;
   for (int i = 100; i >= 1; --i) shares.push_back(i / 100.0);

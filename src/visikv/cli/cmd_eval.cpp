@@ -94,6 +94,8 @@ std::string format_optional(const std::optional<double>& v, const char* format) 
 
 struct SparseFlags : CommonFlags {
   int64_t prefix = 1024, continuation = 64, samples = 4;
+  double temperature = 0;
+  uint64_t seed = 0;
 };
 
 void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
@@ -118,6 +120,8 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
   options.samples = f.samples;
   options.key_codec = f.keys;
   options.value_codec = f.values;
+  options.temperature = f.temperature;
+  options.seed = f.seed;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
   check_survival_options(model.config(), options);
 
@@ -171,6 +175,16 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                 format_optional(r.bound_max, "%.2e").c_str(),
                 format_optional(r.measured_err_max, "%.2e").c_str(), note.c_str());
   }
+  if (f.temperature > 0) {
+    std::printf(
+        "\nsampling at temperature %g, seed %llu (sample i: seed + i), dense and sparse "
+        "coupled through the same random draws:\n%-36s %14s %11s\n",
+        f.temperature, static_cast<unsigned long long>(f.seed), "selector", "sampled div",
+        "agreement");
+    for (const SurvivalRow& r : rows)
+      std::printf("%-36s %8.1f/%-5lld %11.4f\n", r.selector.c_str(),
+                  r.sampling_first_divergence_mean, T, r.sampling_agreement.value_or(NAN));
+  }
   std::printf(
       "\nsupport: unique positions read per KV head per prediction query (mean over queries, "
       "layers, KV heads); context: visible positions; first div: mean step of the first "
@@ -189,6 +203,8 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                 {"bos_first", options.bos.has_value()},
                 {"key_codec", f.keys},
                 {"value_codec", f.values},
+                {"temperature", f.temperature},
+                {"seed", f.seed},
                 {"rows", json::array()}};
     for (const SurvivalRow& r : rows) {
       out["rows"].push_back(
@@ -210,6 +226,10 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
            {"measured_err_max", optional_number(r.measured_err_max)},
            {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
            {"queries_measured", r.queries_measured},
+           {"sampling_first_divergence",
+            r.sampling_agreement ? json(r.sampling_first_divergence_mean) : json(nullptr)},
+           {"sampling_first_divergence_per_sample", r.sampling_first_divergence},
+           {"sampling_agreement", optional_number(r.sampling_agreement)},
            {"seconds", r.seconds}});
     }
     write_json(f.json, out);
@@ -228,6 +248,10 @@ void add_eval_sparse_command(CLI::App& eval) {
                   "dense reference tokens (default 64; quick 32)");
   cmd->add_option("--samples,-S", flags->samples,
                   "prefixes, from consecutive parts of the text (default 4; quick 2)");
+  cmd->add_option("--temperature", flags->temperature,
+                  "also measure agreement under sampling at this temperature with a shared seed "
+                  "(default 0: off)");
+  cmd->add_option("--seed", flags->seed, "sampling seed of the first prefix (default 0)");
   cmd->callback([cmd, flags] { run_eval_sparse(cmd, *flags); });
 }
 
