@@ -21,7 +21,9 @@
 #include "visikv/core/error.h"
 #include "visikv/eval/coverage.h"
 #include "visikv/eval/generate.h"
+#include "visikv/eval/kv_grid.h"
 #include "visikv/eval/needle.h"
+#include "visikv/eval/perplexity.h"
 #include "visikv/eval/survival.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
@@ -301,6 +303,76 @@ TEST(Survival, SamplingAgreementWithASharedSeed) {
   SurvivalOptions bad = s.options;
   bad.temperature = -1;
   EXPECT_THROW(check_survival_options(s.model.config(), bad), Error);
+}
+
+TEST(SparsePerplexity, GridRowsAndErrors) {
+  const std::vector<KvGridRow> rows =
+      kv_grid_sparse_rows({"dense", "sparse:a1:w4:k8:exact"}, {"int2:g16:tok", "f32"});
+  std::vector<std::string> names;
+  for (const KvGridRow& r : rows) names.push_back(r.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"dense", "sparse:a1:w4:k8:exact", "int2:g16:tok",
+                                             "int2:g16:tok + sparse:a1:w4:k8:exact",
+                                             "f32 + sparse:a1:w4:k8:exact"}));
+  EXPECT_EQ(rows[3].key_codec, "int2:g16:tok");
+  EXPECT_EQ(rows[3].selector, "sparse:a1:w4:k8:exact");
+  EXPECT_EQ(rows[3].value_codec, "f32");
+  EXPECT_THROW(kv_grid_sparse_rows({"sparse:a1:w4:k8:exakt"}, {}), Error);
+  EXPECT_THROW(kv_grid_sparse_rows({"sparse:a1:w4"}, {"int9:g16:tok"}), Error);
+  EXPECT_THROW(kv_grid_sparse_rows({"sparse:a1:w4", "sparse:a1:w4"}, {}), Error);
+}
+
+// Decode perplexity under a selector: a support covering everything is dense attention (same
+// PPL bit for bit, support = context); a small support reads fewer positions; the dense mean
+// context of windows of L tokens with BOS first is (L - 1 + 1) / 2 per scored row (row r sees
+// r + 1 positions).
+TEST(SparsePerplexity, SupportAndContextAreReported) {
+  const Model model = Model::load(fixture("llama"));
+  Decoder decoder(model);
+  const std::vector<int32_t> text = token_stream(model, 200);
+  KvGridOptions options;
+  options.window = 32;
+  options.max_tokens = 62;  // two full windows of 31 scored tokens
+  options.bos = model.tokenizer().bos_id();
+  const std::vector<KvGridResult> results =
+      run_kv_grid(decoder, text,
+                  kv_grid_sparse_rows({"sparse:a9999:w9999:k1:exact", "sparse:a1:w2:k4:b4:bound"},
+                                      {"int4:g16:tok"}),
+                  options, nullptr);
+  ASSERT_EQ(results.size(), 6u);
+  const PerplexityResult& dense = results[0].ppl;
+  EXPECT_EQ(dense.tokens, 62);
+  EXPECT_DOUBLE_EQ(dense.context_mean, 16.0);  // mean of 1..31
+  EXPECT_DOUBLE_EQ(dense.support_mean, dense.context_mean);
+  EXPECT_EQ(results[1].ppl.nll, dense.nll);  // full support: dense attention
+  EXPECT_DOUBLE_EQ(results[1].ppl.support_mean, 16.0);
+  EXPECT_LT(results[2].ppl.support_mean, 16.0);
+  EXPECT_NE(results[2].ppl.nll, dense.nll);
+  EXPECT_EQ(results[4].ppl.nll, results[3].ppl.nll);  // int4 keys, full support = int4 dense
+  EXPECT_NE(results[3].ppl.nll, dense.nll);
+  for (const KvGridResult& r : results) EXPECT_DOUBLE_EQ(r.delta_ppl, r.ppl.ppl - dense.ppl);
+}
+
+TEST(EvalCommand, SparsePplWritesTheTableAndJson) {
+  const fs::path json_path = fs::path(testing::TempDir()) / "sparse_ppl.json";
+  const ProgramRun r =
+      run("eval sparse-ppl " + fixture("llama") + " --text " + std::string(VISIKV_SOURCE_DIR) +
+          "/README.md --tokens 40 --window 32 --selectors "
+          "sparse:a1:w4:k8:exact --keys int4:g16:tok --json " +
+          json_path.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = read_json(json_path);
+  ASSERT_EQ(j["rows"].size(), 4u);
+  EXPECT_EQ(j["rows"][3]["selector"], "sparse:a1:w4:k8:exact");
+  EXPECT_EQ(j["rows"][3]["key_codec"], "int4:g16:tok");
+  EXPECT_EQ(j["tokens"], 40);
+  EXPECT_LT(j["rows"][3]["support_mean"].get<double>(), j["rows"][3]["context_mean"].get<double>());
+  for (const char* bad : {" --selectors sparse:a1:w4:k8:b3", " --selectors bogus",
+                          " --keys int5:g16:tok", " --tokens 0", " --window 1"}) {
+    const ProgramRun b = run("eval sparse-ppl " + fixture("llama") + " --text " +
+                             std::string(VISIKV_SOURCE_DIR) + "/README.md" + bad);
+    EXPECT_NE(b.status, 0) << bad;
+    EXPECT_NE(b.output.find("rror"), std::string::npos) << bad << ": " << b.output;
+  }
 }
 
 TEST(Coverage, SummaryOfSharesIsMeanAndLowPercentiles) {

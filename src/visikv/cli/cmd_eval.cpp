@@ -15,8 +15,10 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/basis_file.h"
 #include "visikv/eval/coverage.h"
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/kv_grid.h"
 #include "visikv/eval/needle.h"
 #include "visikv/eval/survival.h"
 #include "visikv/kv/cache_factory.h"
@@ -520,6 +522,104 @@ void add_eval_coverage_command(CLI::App& eval) {
   cmd->callback([cmd, flags] { run_eval_coverage(cmd, *flags); });
 }
 
+// ---- eval sparse-ppl ----
+
+const std::vector<std::string> kSparsePplGrid = {
+    "sparse:a1:w64:k32:exact",      "sparse:a1:w64:k32:b16:centroid",
+    "sparse:a1:w64:k32:b16:bound",  "certified:a1:w64:b16:eps0.1",
+    "certified:a1:w64:b16:eps0.05", "certified:a1:w64:b16:eps0.01"};
+
+struct SparsePplFlags {
+  std::string model, basis, json, text;
+  std::vector<std::string> selectors, keys;
+  int64_t tokens = 2048, window = 1024;
+  bool quick = false;
+};
+
+void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
+  apply_global_options();
+  if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
+  require(f.tokens >= 1, "--tokens must be at least 1, got ", f.tokens);
+  require(f.window >= 2, "--window must be at least 2 tokens, got ", f.window);
+  const std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kSparsePplGrid;
+  const std::vector<KvGridRow> rows = kv_grid_sparse_rows(selectors, f.keys);
+
+  const Model model = Model::load(f.model);
+  Decoder decoder(model);
+  std::optional<HeadqBasis> basis;
+  if (!f.basis.empty()) basis = load_headq_basis(f.basis, model, 1);
+  const std::filesystem::path text_path =
+      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  KvGridOptions options;
+  options.window = f.window;
+  options.max_tokens = f.tokens;
+  if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+  // Scoring N tokens needs N text tokens with BOS, and one more per window without.
+  const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), read_text_file(text_path),
+                                                     f.tokens + f.tokens / (f.window - 1) + 2);
+  const std::vector<KvGridResult> results =
+      run_kv_grid(decoder, tokens, rows, options, basis ? &*basis : nullptr,
+                  [](int64_t run, int64_t runs, const KvGridRow& row, int64_t done, int64_t total) {
+                    if (done == total || done % 256 == 0)
+                      std::fprintf(stderr, "[run %lld/%lld] %s: %lld/%lld tokens\n",
+                                   static_cast<long long>(run + 1), static_cast<long long>(runs),
+                                   row.name.c_str(), static_cast<long long>(done),
+                                   static_cast<long long>(total));
+                  });
+
+  const KvGridResult& dense = results.front();
+  std::printf("model:     %s\ntext:      %s\n", model.source().c_str(), text_path.string().c_str());
+  std::printf(
+      "protocol:  K-only decode perplexity (token by token through the cache, every key "
+      "stored when written), windows of %lld%s; values f32\n",
+      static_cast<long long>(f.window), options.bos ? " (BOS first)" : "");
+  std::printf("tokens:    %lld scored in %lld windows\n\n",
+              static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
+  std::printf("%-52s %-22s %8s %10s %9s %9s %9s\n", "row", "key codec", "bits/key", "PPL", "dPPL",
+              "support", "context");
+  for (const KvGridResult& r : results)
+    std::printf("%-52s %-22s %8.0f %10.4f %+9.4f %9.1f %9.1f\n", r.row.name.c_str(),
+                r.row.key_codec.c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
+                r.ppl.support_mean, r.ppl.context_mean);
+  std::printf(
+      "\ndPPL: PPL - PPL(dense f32). support: positions each scored query read, per query head "
+      "and layer (mean); context: positions it could see.\n");
+
+  if (!f.json.empty()) {
+    json out = {{"command", "eval sparse-ppl"}, {"model", model.source()},
+                {"text", text_path.string()},   {"mode", "decode"},
+                {"tokens", dense.ppl.tokens},   {"windows", dense.ppl.windows},
+                {"window", f.window},           {"bos_first", options.bos.has_value()},
+                {"rows", json::array()}};
+    for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
+    write_json(f.json, out);
+  }
+}
+
+void add_eval_sparse_ppl_command(CLI::App& eval) {
+  auto flags = std::make_shared<SparsePplFlags>();
+  CLI::App* cmd = eval.add_subcommand(
+      "sparse-ppl",
+      "K-only sparse decode perplexity: a grid of selectors, alone and with key codecs");
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
+      ->required();
+  cmd->add_option("--selectors", flags->selectors,
+                  "comma-separated selector specs (docs/SELECTOR_SPECS.md; default: paper setting "
+                  "a1 w64 k32 exact/centroid/bound, certified at eps 0.1, 0.05, 0.01)")
+      ->delimiter(',');
+  cmd->add_option("--keys", flags->keys,
+                  "comma-separated key codecs (docs/CACHE_SPECS.md) to run alone and under each "
+                  "selector (default: none, f32 keys only)")
+      ->delimiter(',');
+  cmd->add_option("--tokens,-n", flags->tokens, "tokens to score (default 2048; quick 1024)");
+  cmd->add_option("--window,-L", flags->window, "tokens per window, BOS included (default 1024)");
+  cmd->add_option("--basis", flags->basis, "HeadQ basis file for +headq key codecs");
+  cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
+  cmd->add_option("--json", flags->json, "write the table as JSON to this file");
+  cmd->add_flag("--quick", flags->quick, "1024 tokens");
+  cmd->callback([cmd, flags] { run_eval_sparse_ppl(cmd, *flags); });
+}
+
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
@@ -530,6 +630,7 @@ void add_eval_command(CLI::App& app) {
   add_eval_sparse_command(*eval);
   add_eval_needle_command(*eval);
   add_eval_coverage_command(*eval);
+  add_eval_sparse_ppl_command(*eval);
   // Further eval subcommands register here, one line each (each defined in its own file and
   // declared in commands.h).
   add_eval_kv_command(*eval);
