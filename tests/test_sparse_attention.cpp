@@ -475,8 +475,8 @@ class CertifiedLossyTest : public ::testing::TestWithParam<LossyCase> {};
 // Certified mode over quantized and HeadQ key caches: the bound is over the stored keys, so for
 // every query the true dropped mass, computed from the scores the cache itself returns (the ones
 // the attention uses), is at most δ, and the output error against dense attention over the same
-// cache is within 2 δ max_j ||v_j||. (With summaries of the exact keys a stored key can score
-// above its block's bound and the first check fails.)
+// cache is within 2 δ max_j ||v_j||. (With summaries of the exact keys a stored key could score
+// above its block's bound.)
 TEST_P(CertifiedLossyTest, BoundHoldsForTheStoredKeys) {
   const LossyCase c = GetParam();
   Problem p(300, 6, 2, 32, 8, 78);

@@ -1,5 +1,5 @@
 // A KV cache composed of a key store and a value store per (layer, KV head), each in its own
-// codec (kv/codec_spec.h), plus block summaries of the exact keys. Build one with make_cache
+// codec (kv/codec_spec.h), plus block summaries of the stored keys. Build one with make_cache
 // (kv/cache_factory.h); this header is for code that wants more than the KVCache interface:
 // the specs, the bit accounting, and the stored keys and values as the model sees them.
 #pragma once
