@@ -625,7 +625,8 @@ void add_eval_sparse_ppl_command(CLI::App& eval) {
 void add_eval_command(CLI::App& app) {
   CLI::App* eval = app.add_subcommand("eval",
                                       "Evaluation protocols: K-only decode perplexity grid (kv), "
-                                      "sparse attention survival, needle retrieval");
+                                      "sparse attention survival, needle retrieval, attention "
+                                      "coverage, sparse decode perplexity (sparse-ppl)");
   eval->require_subcommand(1);
   add_eval_sparse_command(*eval);
   add_eval_needle_command(*eval);
