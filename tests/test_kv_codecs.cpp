@@ -676,17 +676,40 @@ TEST(MakeCache, DenseSpecsBehaveExactlyAsTheDenseCache) {
   EXPECT_TRUE(std::equal(m.begin() + 3 * n, m.end(), vd.begin() + 3 * n));
 }
 
-TEST(CodecCacheTest, SummariesComeFromExactKeys) {
-  const int64_t d = 16, n = 21, block = 8;
-  std::mt19937 rng(3);
-  auto cache = make_cache({1, 2, d}, "int2:g16:tok", "int2:g8:chan", 0, block);
-  const auto k = random_vector(rng, n * 2 * d), v = random_vector(rng, n * 2 * d);
-  for (int64_t t = 0; t < n; ++t)
-    cache->append(0, std::span(k).subspan(t * 2 * d, 2 * d), std::span(v).subspan(t * 2 * d, 2 * d),
-                  1);
-  expect_summaries_match(*cache, k, n, 2, d, block, 1e-6);
-  EXPECT_THROW(cache->summary(0, 0, 3), Error);
-  EXPECT_THROW(cache->summary(0, 2, 0), Error);
+// The stored keys of layer 0, {n, kv_heads, d}, as the cache reads them back.
+std::vector<float> stored_keys(const CodecCache& cache, int64_t n) {
+  const int64_t kv_heads = cache.shape().kv_heads, d = cache.shape().head_dim;
+  std::vector<float> keys(static_cast<size_t>(n * kv_heads * d));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t h = 0; h < kv_heads; ++h)
+      cache.stored_key(0, h, j, std::span(keys).subspan((j * kv_heads + h) * d, d));
+  return keys;
+}
+
+// Summaries describe the stored keys (what scores read), also after keys leave an fp16 window
+// for their quantized form, with a Hadamard rotation, and with a HeadQ side code.
+TEST(CodecCacheTest, SummariesComeFromStoredKeys) {
+  const int64_t d = 16, n = 45, block = 8;
+  for (const char* key_codec :
+       {"int2:g16:tok", "int4:g8:tok", "int2:g8:chan:r12", "int2:g16:tok:had",
+        "int2:g16:tok+headq:r4:s4:random", "int2:g8:chan:r12+headq:r4:s4:random"}) {
+    SCOPED_TRACE(key_codec);
+    std::mt19937 rng(3);
+    auto made = make_cache({1, 2, d}, key_codec, "int2:g8:chan", 0, block);
+    const auto* cache = dynamic_cast<const CodecCache*>(made.get());
+    ASSERT_NE(cache, nullptr);
+    const auto k = random_vector(rng, n * 2 * d), v = random_vector(rng, n * 2 * d);
+    for (int64_t t = 0; t < n; ++t) {
+      made->append(0, std::span(k).subspan(t * 2 * d, 2 * d),
+                   std::span(v).subspan(t * 2 * d, 2 * d), 1);
+      if (t == 20 || t == n - 1)
+        expect_summaries_match(*made, stored_keys(*cache, t + 1), t + 1, 2, d, block, 1e-6);
+    }
+    // The stored keys differ from the exact ones, so this checks the form, not a coincidence.
+    EXPECT_NE(stored_keys(*cache, n), k);
+    EXPECT_THROW(made->summary(0, 0, 6), Error);
+    EXPECT_THROW(made->summary(0, 2, 0), Error);
+  }
 }
 
 TEST(CodecCacheTest, ChecksBoundsAndClears) {

@@ -75,7 +75,9 @@ inline ProgramRun run_visikv(const std::string& args) {
   return {WIFEXITED(status) ? WEXITSTATUS(status) : 128, output};
 }
 
-// Checks a cache's block summaries of layer 0 against the exact keys {n, kv_heads, d}.
+// Checks a cache's block summaries of layer 0 against the keys {n, kv_heads, d} as the cache
+// stores them (what scores read): centroid, min, max, count, and a norm at or just above the
+// largest key norm.
 inline void expect_summaries_match(const KVCache& cache, const std::vector<float>& keys, int64_t n,
                                    int64_t kv_heads, int64_t d, int64_t block, double tolerance) {
   for (int64_t head = 0; head < kv_heads; ++head) {
@@ -96,6 +98,14 @@ inline void expect_summaries_match(const KVCache& cache, const std::vector<float
         EXPECT_EQ(s.min[c], lo);
         EXPECT_EQ(s.max[c], hi);
       }
+      double norm = 0;
+      for (int64_t j = first; j < last; ++j) {
+        double sq = 0;
+        for (int64_t c = 0; c < d; ++c) sq += std::pow(keys[(j * kv_heads + head) * d + c], 2.0);
+        norm = std::max(norm, std::sqrt(sq));
+      }
+      EXPECT_GE(s.norm, norm);
+      EXPECT_NEAR(s.norm, norm, 1e-6 * (1 + norm));
     }
   }
 }

@@ -12,18 +12,16 @@
 
 namespace visikv {
 
-double block_upper_bound(const BlockSummary& block, std::span<const float> query, double scale) {
-  // For each channel, q_c k_c over k_c in [m_c, M_c] is linear in k_c, so its maximum sits at an
-  // end: max(q_c m_c, q_c M_c). Summing the per-channel maxima bounds q·k for every key in the
-  // box, hence for every key of the block. Both this sum and the cache's score are float32 dot
-  // products; each is within d u sum_c |q_c| max(|m_c|, |M_c|) of its exact value (u = 2^-24,
-  // the standard bound for any summation order, with or without fused multiply-add), and the
-  // logit's rounding to float adds one more u. The slack (2d + 4) u * magnitude covers all of it
-  // with margin, so scale * (sum + slack) >= every logit the attention computes for the block.
-  const int64_t d = static_cast<int64_t>(query.size());
-  const float* q = query.data();
-  const float* lo = block.min.data();
-  const float* hi = block.max.data();
+namespace {
+
+constexpr double kUnitRoundoff = 0x1p-24;
+
+// sum_c max(q_c lo_c, q_c hi_c) and sum_c max(|q_c lo_c|, |q_c hi_c|), in float32 (AVX2).
+struct BoxSums {
+  float total, magnitude;
+};
+
+inline BoxSums box_sums(const float* q, const float* lo, const float* hi, int64_t d) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 sum = _mm256_setzero_ps(), magnitude = _mm256_setzero_ps();
   int64_t c = 0;
@@ -41,12 +39,79 @@ double block_upper_bound(const BlockSummary& block, std::span<const float> query
     total += std::max(a, b);
     size += std::max(std::abs(a), std::abs(b));
   }
-  const double slack = static_cast<double>(2 * d + 4) * 0x1p-24 * size;
-  return scale * (static_cast<double>(total) + slack);
+  return {total, size};
+}
+
+// For each channel, q_c k_c over k_c in [m_c, M_c] is linear in k_c, so its maximum sits at an
+// end: max(q_c m_c, q_c M_c). Summing the per-channel maxima bounds q·k for every key in the
+// box, hence for every stored key of the block. Two slack terms make the bound dominate the
+// float32 logits the attention computes:
+//  - the box sum and a plain float32 dot product of q with a stored key are each within
+//    d u sum_c |q_c| max(|m_c|, |M_c|) of their exact values (u = 2^-24, any summation order,
+//    with or without fused multiply-add), and the logit's rounding adds one u: (2d + 4) u times
+//    that magnitude covers it with margin (a proof for the dense caches);
+//  - codecs compute the score another way than q·k̂ with the reconstructed key: dequantization
+//    inside the dot product (scale * q·code + zero * sum q), HeadQ's second product (U_rᵀ q)·ĉ,
+//    the Hadamard rotation of the query. Each is a few float32 sums of d products whose terms
+//    are bounded by ||q||_1 ||k||_inf <= sqrt(d) ||q||_2 ||k||_2, which the term
+//    4 d sqrt(d) u ||q||_2 max_j ||k_j||_2 covers with margin (typical rounding is ~sqrt(d) u
+//    times the terms). This second term is a margin argued per codec path, not a machine-checked
+//    proof for every kernel; tests check the certificate on quantized and HeadQ caches.
+inline double bound_from_sums(BoxSums sums, double query_norm, double key_norm, int64_t d,
+                              double scale) {
+  const double dd = static_cast<double>(d);
+  const double slack = (2 * dd + 4) * kUnitRoundoff * sums.magnitude +
+                       4 * dd * std::sqrt(dd) * kUnitRoundoff * query_norm * key_norm;
+  return scale * (static_cast<double>(sums.total) + slack);
+}
+
+double euclidean_norm(std::span<const float> x) {
+  double sum = 0;
+  for (float v : x) sum += static_cast<double>(v) * v;
+  return std::sqrt(sum);
+}
+
+}  // namespace
+
+double block_upper_bound(const BlockSummary& block, std::span<const float> query, double scale) {
+  const int64_t d = static_cast<int64_t>(query.size());
+  return bound_from_sums(box_sums(query.data(), block.min.data(), block.max.data(), d),
+                         euclidean_norm(query), block.norm, d, scale);
 }
 
 double block_centroid_score(const BlockSummary& block, std::span<const float> query, double scale) {
   return scale * vec::dot(block.centroid.data(), query.data(), static_cast<int64_t>(query.size()));
+}
+
+void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t count,
+                        std::span<const float> queries, double scale, std::span<double> out) {
+  const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size()) / d;
+  require(first >= 0 && count >= 0 && first + count <= table.blocks &&
+              static_cast<int64_t>(out.size()) >= count * group,
+          "block bounds: blocks [", first, ", ", first + count, ") of ", table.blocks);
+  std::vector<double> norms(static_cast<size_t>(group));
+  for (int64_t g = 0; g < group; ++g) norms[g] = euclidean_norm(queries.subspan(g * d, d));
+  const float* lo = table.mins.data() + first * d;
+  const float* hi = table.maxs.data() + first * d;
+  for (int64_t b = 0; b < count; ++b, lo += d, hi += d) {
+    const double key_norm = table.norms[first + b];
+    for (int64_t g = 0; g < group; ++g)
+      out[b * group + g] = bound_from_sums(box_sums(queries.data() + g * d, lo, hi, d), norms[g],
+                                           key_norm, d, scale);
+  }
+}
+
+void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,
+                           std::span<const float> queries, double scale, std::span<double> out) {
+  const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size()) / d;
+  require(first >= 0 && count >= 0 && first + count <= table.blocks &&
+              static_cast<int64_t>(out.size()) >= count * group,
+          "block centroid scores: blocks [", first, ", ", first + count, ") of ", table.blocks);
+  // One matrix-vector product per query over the contiguous {blocks, d} centroid rows.
+  const float* row = table.centroids.data() + first * d;
+  for (int64_t b = 0; b < count; ++b, row += d)
+    for (int64_t g = 0; g < group; ++g)
+      out[b * group + g] = scale * vec::dot(row, queries.data() + g * d, d);
 }
 
 namespace {
@@ -78,7 +143,7 @@ struct Workspace {
   std::vector<int32_t> order;     // candidate indices being ranked
   std::vector<int32_t> items;     // the dynamic choice: positions or block indices
   std::vector<int32_t> support;   // the support as a sorted position list
-  std::vector<double> bounds;     // {blocks, group}, certified
+  std::vector<double> bounds;     // {blocks, group}: scores or bounds of the candidate blocks
   std::vector<double> suffix;     // {blocks + 1, group}, certified
   std::vector<double> ranking;    // pooled bound per block, certified
   std::vector<double> partition;  // Z_S per query, certified
@@ -151,17 +216,19 @@ void choose_blocks(const KVCache& cache, int64_t layer, int64_t kv, std::span<co
       ws.items.push_back(static_cast<int32_t>(blocks.first + b));
     return;
   }
+  // One pass over the contiguous summaries of the candidate blocks, every query of the slot.
+  ws.bounds.resize(static_cast<size_t>(blocks.count * group));
+  const BlockSummaryTable table = cache.summaries(layer, kv);
+  const std::span<const float> slot_queries = queries.first(static_cast<size_t>(group * d));
+  if (spec.rule == SelectorRule::Centroid)
+    block_centroid_scores(table, blocks.first, blocks.count, slot_queries, scale, ws.bounds);
+  else
+    block_upper_bounds(table, blocks.first, blocks.count, slot_queries, scale, ws.bounds);
   ws.pooled.resize(static_cast<size_t>(blocks.count));
   for (int64_t b = 0; b < blocks.count; ++b) {
-    const BlockSummary summary = cache.summary(layer, kv, blocks.first + b);
     float best = -INFINITY;
-    for (int64_t g = 0; g < group; ++g) {
-      const std::span<const float> q = queries.subspan(g * d, d);
-      const double value = spec.rule == SelectorRule::Centroid
-                               ? block_centroid_score(summary, q, scale)
-                               : block_upper_bound(summary, q, scale);
-      best = std::max(best, static_cast<float>(value));
-    }
+    for (int64_t g = 0; g < group; ++g)
+      best = std::max(best, static_cast<float>(ws.bounds[b * group + g]));
     ws.pooled[b] = best;
   }
   stats.summaries_read = blocks.count;
@@ -211,12 +278,13 @@ void choose_certified(const KVCache& cache, int64_t layer, int64_t kv,
   for (int64_t g = 0; g < group; ++g)
     for (int64_t i = 0; i < fixed; ++i)
       ws.reference[g] = std::max<double>(ws.reference[g], scaled(ws.scores[g * fixed + i]));
+  if (nb > 0)
+    block_upper_bounds(cache.summaries(layer, kv), blocks.first, nb,
+                       queries.first(static_cast<size_t>(group * d)), scale, ws.bounds);
   for (int64_t b = 0; b < nb; ++b) {
-    const BlockSummary summary = cache.summary(layer, kv, blocks.first + b);
     double best = -INFINITY;
     for (int64_t g = 0; g < group; ++g) {
-      const double u = block_upper_bound(summary, queries.subspan(g * d, d), scale);
-      ws.bounds[b * group + g] = u;
+      const double u = ws.bounds[b * group + g];
       ws.reference[g] = std::max(ws.reference[g], u);
       best = std::max(best, u);
     }

@@ -15,7 +15,10 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/basis_file.h"
+#include "visikv/eval/coverage.h"
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/kv_grid.h"
 #include "visikv/eval/needle.h"
 #include "visikv/eval/survival.h"
 #include "visikv/kv/cache_factory.h"
@@ -93,6 +96,8 @@ std::string format_optional(const std::optional<double>& v, const char* format) 
 
 struct SparseFlags : CommonFlags {
   int64_t prefix = 1024, continuation = 64, samples = 4;
+  double temperature = 0;
+  uint64_t seed = 0;
 };
 
 void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
@@ -117,6 +122,8 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
   options.samples = f.samples;
   options.key_codec = f.keys;
   options.value_codec = f.values;
+  options.temperature = f.temperature;
+  options.seed = f.seed;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
   check_survival_options(model.config(), options);
 
@@ -170,6 +177,16 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                 format_optional(r.bound_max, "%.2e").c_str(),
                 format_optional(r.measured_err_max, "%.2e").c_str(), note.c_str());
   }
+  if (f.temperature > 0) {
+    std::printf(
+        "\nsampling at temperature %g, seed %llu (sample i: seed + i), dense and sparse "
+        "coupled through the same random draws:\n%-36s %14s %11s\n",
+        f.temperature, static_cast<unsigned long long>(f.seed), "selector", "sampled div",
+        "agreement");
+    for (const SurvivalRow& r : rows)
+      std::printf("%-36s %8.1f/%-5lld %11.4f\n", r.selector.c_str(),
+                  r.sampling_first_divergence_mean, T, r.sampling_agreement.value_or(NAN));
+  }
   std::printf(
       "\nsupport: unique positions read per KV head per prediction query (mean over queries, "
       "layers, KV heads); context: visible positions; first div: mean step of the first "
@@ -188,6 +205,8 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                 {"bos_first", options.bos.has_value()},
                 {"key_codec", f.keys},
                 {"value_codec", f.values},
+                {"temperature", f.temperature},
+                {"seed", f.seed},
                 {"rows", json::array()}};
     for (const SurvivalRow& r : rows) {
       out["rows"].push_back(
@@ -209,6 +228,10 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
            {"measured_err_max", optional_number(r.measured_err_max)},
            {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
            {"queries_measured", r.queries_measured},
+           {"sampling_first_divergence",
+            r.sampling_agreement ? json(r.sampling_first_divergence_mean) : json(nullptr)},
+           {"sampling_first_divergence_per_sample", r.sampling_first_divergence},
+           {"sampling_agreement", optional_number(r.sampling_agreement)},
            {"seconds", r.seconds}});
     }
     write_json(f.json, out);
@@ -227,6 +250,10 @@ void add_eval_sparse_command(CLI::App& eval) {
                   "dense reference tokens (default 64; quick 32)");
   cmd->add_option("--samples,-S", flags->samples,
                   "prefixes, from consecutive parts of the text (default 4; quick 2)");
+  cmd->add_option("--temperature", flags->temperature,
+                  "also measure agreement under sampling at this temperature with a shared seed "
+                  "(default 0: off)");
+  cmd->add_option("--seed", flags->seed, "sampling seed of the first prefix (default 0)");
   cmd->callback([cmd, flags] { run_eval_sparse(cmd, *flags); });
 }
 
@@ -354,15 +381,257 @@ void add_eval_needle_command(CLI::App& eval) {
   cmd->callback([flags] { run_eval_needle(*flags); });
 }
 
+// ---- eval coverage ----
+
+const std::vector<std::string> kCoverageGrid = {
+    "sparse:a1:w64:k32:exact", "sparse:a1:w64:k32:b16:centroid", "sparse:a1:w64:k32:b16:bound",
+    "certified:a1:w64:b16:eps0.05", "certified:a1:w64:b16:eps0.01"};
+
+struct CoverageFlags : CommonFlags {
+  int64_t tokens = 2048, from = 256, anchors = 1, window = 64, top_k = 32;
+};
+
+json coverage_json(const CoverageSummary& s) {
+  return {{"mean", s.mean}, {"p10", s.p10}, {"p1", s.p1}, {"min", s.min}};
+}
+
+void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
+  apply_global_options();
+  if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
+  std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kCoverageGrid;
+  if (f.quick && f.selectors.empty()) selectors.pop_back();
+  require(f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
+  require(f.from >= 0 && f.from < f.tokens, "--from must be a position below --tokens (", f.tokens,
+          "), got ", f.from);
+  require(f.anchors >= 0 && f.window >= 0 && f.top_k >= 0,
+          "--anchors, --window and --top-k must not be negative");
+
+  const Model model = Model::load(f.model);
+  Decoder decoder(model);
+  check_specs(selectors, f, decoder);
+  const std::filesystem::path text_path =
+      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const bool bos = model.tokenizer().adds_bos();
+  std::vector<int32_t> tokens;
+  if (bos) tokens.push_back(*model.tokenizer().bos_id());
+  const int64_t text_needed = bos ? f.tokens - 1 : f.tokens;
+  const std::vector<int32_t> text =
+      leading_tokens(model.tokenizer(), read_text_file(text_path), text_needed);
+  require(static_cast<int64_t>(text.size()) >= text_needed, "the text has ", text.size(),
+          " tokens; --tokens ", f.tokens, " needs ", text_needed);
+  tokens.insert(tokens.end(), text.begin(), text.begin() + text_needed);
+
+  CoverageOptions options;
+  options.from = f.from;
+  options.anchors = f.anchors;
+  options.window = f.window;
+  options.top_k = f.top_k;
+  options.key_codec = f.keys;
+  options.value_codec = f.values;
+  const CoverageResult r =
+      attention_coverage(decoder, tokens, selectors, options, [](int64_t done, int64_t n) {
+        std::fprintf(stderr, "coverage: step %lld/%lld (dense prefill, then one per layer)\n",
+                     static_cast<long long>(done), static_cast<long long>(n));
+      });
+
+  std::printf("model:     %s\ntext:      %s\n", model.source().c_str(), text_path.string().c_str());
+  std::printf(
+      "window:    %lld tokens%s; queries at positions >= %lld, every query head (%lld per "
+      "layer), mean context %.1f\n",
+      static_cast<long long>(f.tokens), bos ? " (BOS first)" : "", static_cast<long long>(f.from),
+      static_cast<long long>(r.queries_per_layer), r.context_mean);
+  std::printf("cache:     keys %s, values %s\n", f.keys.c_str(), f.values.c_str());
+  std::printf("split:     anchors a%lld, window w%lld, top-k k%lld (exact, per query head)\n\n",
+              static_cast<long long>(f.anchors), static_cast<long long>(f.window),
+              static_cast<long long>(f.top_k));
+  std::printf("%-6s %8s %8s %8s %8s %8s %8s\n", "layer", "anchors", "window", "top-k", "a+w+k",
+              "p10", "p1");
+  const auto split_row = [](const std::string& name, const CoverageLayer& l) {
+    std::printf("%-6s %8.4f %8.4f %8.4f %8.4f %8.4f %8.4f\n", name.c_str(), l.anchors.mean,
+                l.window.mean, l.top_k.mean, l.total.mean, l.total.p10, l.total.p1);
+  };
+  for (size_t i = 0; i < r.layers.size(); ++i) split_row(std::to_string(i), r.layers[i]);
+  split_row("all", r.pooled);
+  std::printf(
+      "\nmass inside each selector's support (mean / p10 / p1), support = positions read\n");
+  for (size_t s = 0; s < selectors.size(); ++s) {
+    std::printf("\n%s  (mean support %.1f)\n%-6s %8s %8s %8s %8s\n", selectors[s].c_str(),
+                r.pooled.support_mean[s], "layer", "mean", "p10", "p1", "support");
+    const auto row = [&](const std::string& name, const CoverageLayer& l) {
+      std::printf("%-6s %8.4f %8.4f %8.4f %8.1f\n", name.c_str(), l.selectors[s].mean,
+                  l.selectors[s].p10, l.selectors[s].p1, l.support_mean[s]);
+    };
+    for (size_t i = 0; i < r.layers.size(); ++i) row(std::to_string(i), r.layers[i]);
+    row("all", r.pooled);
+  }
+  std::printf(
+      "\nShares of the dense softmax mass per (position, query head): mean and the 10th / 1st "
+      "percentiles over queries. top-k: the k largest weights between anchors and window (the "
+      "best any k dynamic positions could hold for that head).\n");
+
+  if (!f.json.empty()) {
+    json out = {{"command", "eval coverage"},
+                {"model", model.source()},
+                {"text", text_path.string()},
+                {"tokens", f.tokens},
+                {"from", f.from},
+                {"bos_first", bos},
+                {"anchors", f.anchors},
+                {"window", f.window},
+                {"top_k", f.top_k},
+                {"key_codec", f.keys},
+                {"value_codec", f.values},
+                {"queries_per_layer", r.queries_per_layer},
+                {"context_mean", r.context_mean},
+                {"layers", json::array()}};
+    const auto layer_json = [&](const CoverageLayer& l) {
+      json sel = json::array();
+      for (size_t s = 0; s < selectors.size(); ++s)
+        sel.push_back({{"selector", selectors[s]},
+                       {"coverage", coverage_json(l.selectors[s])},
+                       {"support_mean", l.support_mean[s]}});
+      return json{{"anchors", coverage_json(l.anchors)},
+                  {"window", coverage_json(l.window)},
+                  {"top_k", coverage_json(l.top_k)},
+                  {"total", coverage_json(l.total)},
+                  {"selectors", sel}};
+    };
+    for (size_t i = 0; i < r.layers.size(); ++i) {
+      json l = layer_json(r.layers[i]);
+      l["layer"] = i;
+      out["layers"].push_back(l);
+    }
+    out["all_layers"] = layer_json(r.pooled);
+    write_json(f.json, out);
+  }
+}
+
+void add_eval_coverage_command(CLI::App& eval) {
+  auto flags = std::make_shared<CoverageFlags>();
+  CLI::App* cmd = eval.add_subcommand(
+      "coverage",
+      "Attention-mass coverage per layer: the dense softmax mass on anchors, window and the "
+      "exact top-k, and inside each selector's support");
+  add_common_flags(cmd, *flags);
+  cmd->add_option("--tokens,-n", flags->tokens,
+                  "window length, BOS included (default 2048; quick 1024)");
+  cmd->add_option("--from", flags->from, "count queries at positions >= this (default 256)");
+  cmd->add_option("--anchors", flags->anchors, "anchors of the split (default 1)");
+  cmd->add_option("--window", flags->window, "window of the split (default 64)");
+  cmd->add_option("--top-k", flags->top_k, "dynamic positions of the split (default 32)");
+  cmd->callback([cmd, flags] { run_eval_coverage(cmd, *flags); });
+}
+
+// ---- eval sparse-ppl ----
+
+const std::vector<std::string> kSparsePplGrid = {
+    "sparse:a1:w64:k32:exact",      "sparse:a1:w64:k32:b16:centroid",
+    "sparse:a1:w64:k32:b16:bound",  "certified:a1:w64:b16:eps0.1",
+    "certified:a1:w64:b16:eps0.05", "certified:a1:w64:b16:eps0.01"};
+
+struct SparsePplFlags {
+  std::string model, basis, json, text;
+  std::vector<std::string> selectors, keys;
+  int64_t tokens = 2048, window = 1024;
+  bool quick = false;
+};
+
+void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
+  apply_global_options();
+  if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
+  require(f.tokens >= 1, "--tokens must be at least 1, got ", f.tokens);
+  require(f.window >= 2, "--window must be at least 2 tokens, got ", f.window);
+  const std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kSparsePplGrid;
+  const std::vector<KvGridRow> rows = kv_grid_sparse_rows(selectors, f.keys);
+
+  const Model model = Model::load(f.model);
+  Decoder decoder(model);
+  std::optional<HeadqBasis> basis;
+  if (!f.basis.empty()) basis = load_headq_basis(f.basis, model, 1);
+  const std::filesystem::path text_path =
+      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  KvGridOptions options;
+  options.window = f.window;
+  options.max_tokens = f.tokens;
+  if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+  // Scoring N tokens needs N text tokens with BOS, and one more per window without.
+  const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), read_text_file(text_path),
+                                                     f.tokens + f.tokens / (f.window - 1) + 2);
+  const std::vector<KvGridResult> results =
+      run_kv_grid(decoder, tokens, rows, options, basis ? &*basis : nullptr,
+                  [](int64_t run, int64_t runs, const KvGridRow& row, int64_t done, int64_t total) {
+                    if (done == total || done % 256 == 0)
+                      std::fprintf(stderr, "[run %lld/%lld] %s: %lld/%lld tokens\n",
+                                   static_cast<long long>(run + 1), static_cast<long long>(runs),
+                                   row.name.c_str(), static_cast<long long>(done),
+                                   static_cast<long long>(total));
+                  });
+
+  const KvGridResult& dense = results.front();
+  std::printf("model:     %s\ntext:      %s\n", model.source().c_str(), text_path.string().c_str());
+  std::printf(
+      "protocol:  K-only decode perplexity (token by token through the cache, every key "
+      "stored when written), windows of %lld%s; values f32\n",
+      static_cast<long long>(f.window), options.bos ? " (BOS first)" : "");
+  std::printf("tokens:    %lld scored in %lld windows\n\n",
+              static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
+  std::printf("%-52s %-22s %8s %10s %9s %9s %9s\n", "row", "key codec", "bits/key", "PPL", "dPPL",
+              "support", "context");
+  for (const KvGridResult& r : results)
+    std::printf("%-52s %-22s %8.0f %10.4f %+9.4f %9.1f %9.1f\n", r.row.name.c_str(),
+                r.row.key_codec.c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
+                r.ppl.support_mean, r.ppl.context_mean);
+  std::printf(
+      "\ndPPL: PPL - PPL(dense f32). support: positions each scored query read, per query head "
+      "and layer (mean); context: positions it could see.\n");
+
+  if (!f.json.empty()) {
+    json out = {{"command", "eval sparse-ppl"}, {"model", model.source()},
+                {"text", text_path.string()},   {"mode", "decode"},
+                {"tokens", dense.ppl.tokens},   {"windows", dense.ppl.windows},
+                {"window", f.window},           {"bos_first", options.bos.has_value()},
+                {"rows", json::array()}};
+    for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
+    write_json(f.json, out);
+  }
+}
+
+void add_eval_sparse_ppl_command(CLI::App& eval) {
+  auto flags = std::make_shared<SparsePplFlags>();
+  CLI::App* cmd = eval.add_subcommand(
+      "sparse-ppl",
+      "K-only sparse decode perplexity: a grid of selectors, alone and with key codecs");
+  cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
+      ->required();
+  cmd->add_option("--selectors", flags->selectors,
+                  "comma-separated selector specs (docs/SELECTOR_SPECS.md; default: paper setting "
+                  "a1 w64 k32 exact/centroid/bound, certified at eps 0.1, 0.05, 0.01)")
+      ->delimiter(',');
+  cmd->add_option("--keys", flags->keys,
+                  "comma-separated key codecs (docs/CACHE_SPECS.md) to run alone and under each "
+                  "selector (default: none, f32 keys only)")
+      ->delimiter(',');
+  cmd->add_option("--tokens,-n", flags->tokens, "tokens to score (default 2048; quick 1024)");
+  cmd->add_option("--window,-L", flags->window, "tokens per window, BOS included (default 1024)");
+  cmd->add_option("--basis", flags->basis, "HeadQ basis file for +headq key codecs");
+  cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
+  cmd->add_option("--json", flags->json, "write the table as JSON to this file");
+  cmd->add_flag("--quick", flags->quick, "1024 tokens");
+  cmd->callback([cmd, flags] { run_eval_sparse_ppl(cmd, *flags); });
+}
+
 }  // namespace
 
 void add_eval_command(CLI::App& app) {
   CLI::App* eval = app.add_subcommand("eval",
                                       "Evaluation protocols: K-only decode perplexity grid (kv), "
-                                      "sparse attention survival, needle retrieval");
+                                      "sparse attention survival, needle retrieval, attention "
+                                      "coverage, sparse decode perplexity (sparse-ppl)");
   eval->require_subcommand(1);
   add_eval_sparse_command(*eval);
   add_eval_needle_command(*eval);
+  add_eval_coverage_command(*eval);
+  add_eval_sparse_ppl_command(*eval);
   // Further eval subcommands register here, one line each (each defined in its own file and
   // declared in commands.h).
   add_eval_kv_command(*eval);

@@ -177,24 +177,7 @@ void run_eval_kv(EvalKvFlags& f) {
                 {"window", f.window},         {"bos_first", options.bos.has_value()},
                 {"head_dim", head_dim},       {"basis", basis_json},
                 {"rows", json::array()}};
-    for (const KvGridResult& r : results) {
-      out["rows"].push_back(
-          {{"name", r.row.name},
-           {"key_codec", r.row.key_codec},
-           {"value_codec", r.row.value_codec},
-           {"bits_per_key", r.key_bits.bits_per_vector},
-           {"bits_per_value", r.value_bits.bits_per_vector},
-           {"key_side_bits", r.key_bits.side_bits_per_vector},
-           {"key_fp16_window_tokens", {r.key_bits.window_min_tokens, r.key_bits.window_max_tokens}},
-           {"ppl", r.ppl.ppl},
-           {"nll", r.ppl.nll},
-           {"delta_ppl", r.delta_ppl},
-           {"excess_removed", r.excess_removed ? json(*r.excess_removed) : json(nullptr)},
-           {"base", r.row.base.empty() ? json(nullptr) : json(r.row.base)},
-           {"note", r.row.note},
-           {"tokens", r.ppl.tokens},
-           {"seconds", r.ppl.seconds}});
-    }
+    for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
     std::ofstream file(f.json);
     require(file.good(), "cannot write ", f.json);
     file << out.dump(2) << "\n";
@@ -203,6 +186,27 @@ void run_eval_kv(EvalKvFlags& f) {
 }
 
 }  // namespace
+
+json kv_grid_result_json(const KvGridResult& r) {
+  return {{"name", r.row.name},
+          {"key_codec", r.row.key_codec},
+          {"value_codec", r.row.value_codec},
+          {"bits_per_key", r.key_bits.bits_per_vector},
+          {"bits_per_value", r.value_bits.bits_per_vector},
+          {"key_side_bits", r.key_bits.side_bits_per_vector},
+          {"key_fp16_window_tokens", {r.key_bits.window_min_tokens, r.key_bits.window_max_tokens}},
+          {"ppl", r.ppl.ppl},
+          {"nll", r.ppl.nll},
+          {"delta_ppl", r.delta_ppl},
+          {"excess_removed", r.excess_removed ? json(*r.excess_removed) : json(nullptr)},
+          {"base", r.row.base.empty() ? json(nullptr) : json(r.row.base)},
+          {"note", r.row.note},
+          {"tokens", r.ppl.tokens},
+          {"selector", r.row.selector},
+          {"support_mean", r.ppl.support_mean},
+          {"context_mean", r.ppl.context_mean},
+          {"seconds", r.ppl.seconds}};
+}
 
 void add_eval_kv_command(CLI::App& eval) {
   auto flags = std::make_shared<EvalKvFlags>();

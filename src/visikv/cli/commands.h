@@ -3,6 +3,11 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+namespace visikv {
+struct KvGridResult;
+}
 
 namespace visikv::cli {
 
@@ -11,8 +16,10 @@ void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_ppl_command(CLI::App& app);
 void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
-void add_eval_command(CLI::App& app);  // `eval` with its subcommands (sparse, needle)
-void add_eval_kv_command(CLI::App& eval);  // `eval kv`: the K-only decode-perplexity grid
+void add_eval_command(CLI::App& app);       // `eval` with its subcommands (sparse, needle)
+void add_eval_kv_command(CLI::App& eval);   // `eval kv`: the K-only decode-perplexity grid
+// One row of a K-only decode-perplexity grid as JSON (eval kv and eval sparse-ppl).
+nlohmann::json kv_grid_result_json(const KvGridResult& result);
 
 // `analyze`: key MSE and F against attention KL (eval/analyze.h).
 void add_analyze_command(CLI::App& app);

@@ -95,8 +95,8 @@ class KeyMomentCache final : public KVCache {
     inner_->accumulate(layer, kv_head, weights, positions, out);
   }
   int64_t block_size() const override { return inner_->block_size(); }
-  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override {
-    return inner_->summary(layer, kv_head, block);
+  BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override {
+    return inner_->summaries(layer, kv_head);
   }
   void clear() override { inner_->clear(); }
 

@@ -4,7 +4,9 @@
 #include <cmath>
 #include <map>
 #include <set>
+#include <tuple>
 
+#include "visikv/attention/selector_spec.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
@@ -250,11 +252,15 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
             r.base);
 
   // Check every codec (and the basis) before spending model time: a one-token cache each.
-  std::vector<std::pair<std::string, std::string>> runs;
+  using Run = std::tuple<std::string, std::string, std::string>;  // key, value codec, selector
+  const auto run_of = [](const KvGridRow& r) {
+    return Run{r.key_codec, r.value_codec, r.selector};
+  };
+  std::vector<Run> runs;
   for (const KvGridRow& r : rows) {
     make_cache(shape, r.key_codec, r.value_codec, 1, 32, basis);
-    const std::pair<std::string, std::string> codecs{r.key_codec, r.value_codec};
-    if (std::find(runs.begin(), runs.end(), codecs) == runs.end()) runs.push_back(codecs);
+    parse_selector_spec(r.selector);
+    if (std::find(runs.begin(), runs.end(), run_of(r)) == runs.end()) runs.push_back(run_of(r));
   }
 
   PerplexityOptions ppl;
@@ -263,13 +269,12 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   ppl.max_tokens = options.max_tokens;
   ppl.bos = options.bos;
   ppl.headq_basis = basis;
-  std::map<std::pair<std::string, std::string>, PerplexityResult> done;
+  std::map<Run, PerplexityResult> done;
   for (size_t i = 0; i < runs.size(); ++i) {
-    ppl.key_codec = runs[i].first;
-    ppl.value_codec = runs[i].second;
+    std::tie(ppl.key_codec, ppl.value_codec, ppl.selector) = runs[i];
     const KvGridRow* row = nullptr;
     for (const KvGridRow& r : rows)
-      if (r.key_codec == ppl.key_codec && r.value_codec == ppl.value_codec) {
+      if (run_of(r) == runs[i]) {
         row = &r;
         break;
       }
@@ -282,17 +287,17 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   }
 
   std::vector<KvGridResult> results;
-  const double dense_ppl = done.at({find("dense")->key_codec, find("dense")->value_codec}).ppl;
+  const double dense_ppl = done.at(run_of(*find("dense"))).ppl;
   for (const KvGridRow& r : rows) {
     KvGridResult x;
     x.row = r;
     x.key_bits = codec_bits(parse_codec_spec(r.key_codec), shape.head_dim);
     x.value_bits = codec_bits(parse_codec_spec(r.value_codec), shape.head_dim);
-    x.ppl = done.at({r.key_codec, r.value_codec});
+    x.ppl = done.at(run_of(r));
     x.delta_ppl = x.ppl.ppl - dense_ppl;
     if (is_headq_kind(r.kind)) {
       const KvGridRow& base = *find(r.base);
-      const double base_ppl = done.at({base.key_codec, base.value_codec}).ppl;
+      const double base_ppl = done.at(run_of(base)).ppl;
       const double excess = base_ppl - dense_ppl;
       // Undefined when the base has no excess to remove (e.g. a quantizer that is lossless on
       // these tokens).
@@ -301,6 +306,30 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
     results.push_back(std::move(x));
   }
   return results;
+}
+
+std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<std::string>& selectors,
+                                           const std::vector<std::string>& key_codecs) {
+  std::vector<KvGridRow> rows = {{"dense", KvGridRowKind::Dense, "f32", "f32"}};
+  const auto add = [&](const std::string& name, const std::string& key_codec,
+                       const std::string& selector) {
+    KvGridRow row{name, KvGridRowKind::Plain, key_codec, "f32"};
+    row.selector = selector;
+    for (const KvGridRow& r : rows)
+      require(r.name != row.name, "sparse perplexity grid: row '", row.name, "' given twice");
+    rows.push_back(std::move(row));
+  };
+  for (const std::string& selector : selectors) {
+    parse_selector_spec(selector);
+    if (selector != "dense") add(selector, "f32", selector);
+  }
+  for (const std::string& codec : key_codecs) {
+    const std::string canonical = parse_codec_spec(codec).text();
+    if (canonical != "f32") add(canonical, canonical, "dense");
+    for (const std::string& selector : selectors)
+      if (selector != "dense") add(canonical + " + " + selector, canonical, selector);
+  }
+  return rows;
 }
 
 }  // namespace visikv

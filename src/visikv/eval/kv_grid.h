@@ -76,8 +76,9 @@ struct KvGridRow {
   std::string name;  // unique, as `--rows` takes it
   KvGridRowKind kind = KvGridRowKind::Dense;
   std::string key_codec, value_codec;  // canonical specs (docs/CACHE_SPECS.md)
-  std::string base;  // HeadQ rows: the row their excess removed is measured against
-  std::string note;  // e.g. the budget a same-budget row matches
+  std::string base;                // HeadQ rows: the row their excess removed is measured against
+  std::string note;                // e.g. the budget a same-budget row matches
+  std::string selector = "dense";  // attention selector (docs/SELECTOR_SPECS.md)
 };
 
 struct KvGridSpec {
@@ -107,6 +108,14 @@ int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows);
 std::optional<CodecSpec> same_budget_codec(const CodecSpec& base, double budget_bits,
                                            int64_t head_dim);
 
+// The K-only sparse decode-perplexity grid (`visikv eval sparse-ppl`; METHODS.md "K-only decode
+// perplexity" with a selector): "dense" (f32 keys and values, dense attention), then each selector
+// with f32 keys (row named by its spec), then for each key codec the codec with dense attention
+// (named by its canonical spec) and with each selector ("<codec> + <selector>"). Values stay
+// f32. Throws visikv::Error for a bad spec or a row given twice.
+std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<std::string>& selectors,
+                                           const std::vector<std::string>& key_codecs);
+
 struct KvGridOptions {
   int64_t window = 1024;   // tokens per window (BOS included)
   int64_t max_tokens = 0;  // scored tokens; 0: the whole text
@@ -122,7 +131,7 @@ struct KvGridResult {
 };
 
 // progress(run index from 0, runs, row, tokens scored so far, tokens to score). Rows with the
-// same key and value codecs run once.
+// same key and value codecs and selector run once.
 using KvGridProgress = std::function<void(int64_t run, int64_t runs, const KvGridRow& row,
                                           int64_t done, int64_t total)>;
 

@@ -5,6 +5,8 @@
 #include <cmath>
 #include <vector>
 
+#include "visikv/attention/attention.h"
+#include "visikv/attention/sparse_attention.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -53,7 +55,21 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
                  selector_spec.block_size > 0 ? selector_spec.block_size : 32, o.headq_basis);
   std::optional<SparseSelector> selector;
   if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
-  decoder.set_sparse_attention(selector ? &*selector : nullptr);
+  // The decoder must not keep pointers to this call's selector and counters once it returns,
+  // also by an exception.
+  struct DenseOnExit {
+    Decoder& decoder;
+    ~DenseOnExit() { decoder.set_sparse_attention(nullptr); }
+  } restore{decoder};
+  double support_sum = 0, context_sum = 0;
+  int64_t support_count = 0;
+  decoder.set_sparse_attention(selector ? &*selector : nullptr,
+                               [&](int64_t, std::span<const SparseQueryStats> stats) {
+                                 for (const SparseQueryStats& s : stats)
+                                   support_sum += static_cast<double>(s.support);
+                                 support_count += static_cast<int64_t>(stats.size());
+                               });
+  const int64_t sliding_window = decoder.model().config().sliding_window;
   PerplexityResult result;
   double nll_sum = 0.0;
   std::vector<int32_t> window;
@@ -73,6 +89,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
         const int64_t row = first_row + r;
         if (row >= scored) continue;
         nll_sum += negative_log_likelihood(logits.subspan(r * vocab, vocab), window[row + 1]);
+        context_sum += static_cast<double>(visible_positions(row, sliding_window).size());
         ++result.tokens;
       }
       if (progress) progress(result.tokens, total);
@@ -92,6 +109,9 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   }
   result.seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  result.context_mean = context_sum / static_cast<double>(result.tokens);
+  result.support_mean =
+      support_count > 0 ? support_sum / static_cast<double>(support_count) : result.context_mean;
   result.nll = nll_sum / static_cast<double>(result.tokens);
   result.ppl = std::exp(result.nll);
   result.tokens_per_s = result.tokens / std::max(result.seconds, 1e-9);

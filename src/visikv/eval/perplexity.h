@@ -48,6 +48,9 @@ struct PerplexityResult {
   double ppl = 0;
   double seconds = 0;
   double tokens_per_s = 0;  // tokens processed (scored) per second
+  // Positions each scored query read per query head and layer (mean), and the positions it could
+  // see: equal for dense attention.
+  double support_mean = 0, context_mean = 0;
 };
 
 // progress(scored so far, total to score)

@@ -181,6 +181,14 @@ double greedy_nll(std::span<const float> logits, int32_t& token) {
   return negative_log_likelihood(logits, token);
 }
 
+// The sampler of sample `index`: dense and sparse runs of one sample share it.
+SamplingOptions sampling_options(const SurvivalOptions& o, size_t index) {
+  SamplingOptions s;
+  s.temperature = o.temperature;
+  s.seed = o.seed + index;
+  return s;
+}
+
 }  // namespace
 
 void check_survival_options(const Config& config, const SurvivalOptions& o) {
@@ -189,6 +197,8 @@ void check_survival_options(const Config& config, const SurvivalOptions& o) {
   require(o.samples >= 1, "at least 1 sample is needed, got ", o.samples);
   require(!o.bos || o.prefix >= 2, "with BOS first the prefix needs at least 2 tokens, got ",
           o.prefix);
+  require(std::isfinite(o.temperature) && o.temperature >= 0,
+          "the sampling temperature must be a finite number >= 0, got ", o.temperature);
   require(config.max_positions <= 0 || o.prefix + o.continuation <= config.max_positions, "prefix ",
           o.prefix, " + continuation ", o.continuation, " exceeds the model's ",
           config.max_positions, " positions");
@@ -232,6 +242,16 @@ std::vector<DenseReference> dense_references(Decoder& decoder,
       r.continuation.push_back(token);
       if (i + 1 < o.continuation) logits = decoder.next_logits({&token, 1}, *cache);
     }
+    if (o.temperature > 0) {
+      Sampler sampler(sampling_options(o, refs.size()));
+      cache->clear();
+      logits = decoder.next_logits(prefix, *cache);
+      for (int64_t i = 0; i < o.continuation; ++i) {
+        const int32_t token = sampler.next(logits);
+        r.sampled.push_back(token);
+        if (i + 1 < o.continuation) logits = decoder.next_logits({&token, 1}, *cache);
+      }
+    }
     refs.push_back(std::move(r));
   }
   return refs;
@@ -261,7 +281,7 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
   SurvivalRow row;
   row.selector = selector_text;
   StepObserver::Totals totals;
-  int64_t matches = 0, predictions = 0;
+  int64_t matches = 0, predictions = 0, sampling_agreements = 0;
   double nll_dense = 0, nll_sparse = 0;
   for (size_t s = 0; s < refs.size(); ++s) {
     const DenseReference& ref = refs[s];
@@ -291,6 +311,24 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
       }
     }
     row.first_divergence.push_back(divergence);
+    if (o.temperature > 0) {
+      // Teacher-forced on the dense sampled continuation, drawing from the same seeded stream.
+      require(ref.sampled.size() == ref.continuation.size(), "survival: sample ", s,
+              " has no sampled dense continuation (references made without a temperature)");
+      cache->clear();
+      if (selector) selector->reset();
+      Sampler sampler(sampling_options(o, s));
+      std::vector<float> sampled_logits = decoder.next_logits(ref.prefix, *cache);
+      int64_t first = steps;
+      for (int64_t i = 0; i < steps; ++i) {
+        const int32_t expected = ref.sampled[i];
+        const bool agree = sampler.next(sampled_logits) == expected;
+        sampling_agreements += agree ? 1 : 0;
+        if (!agree && first == steps) first = i;
+        if (i + 1 < steps) sampled_logits = decoder.next_logits({&expected, 1}, *cache);
+      }
+      row.sampling_first_divergence.push_back(first);
+    }
     if (progress) progress(static_cast<int64_t>(s) + 1, static_cast<int64_t>(refs.size()));
   }
 
@@ -319,6 +357,13 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
   if (spec.kind == SelectorKind::Certified && totals.bound_max >= 0)
     row.bound_max = totals.bound_max;
   if (!dense && totals.error_max >= 0) row.measured_err_max = totals.error_max;
+  if (o.temperature > 0) {
+    double sampled_sum = 0;
+    for (int64_t x : row.sampling_first_divergence) sampled_sum += static_cast<double>(x);
+    row.sampling_first_divergence_mean = sampled_sum / static_cast<double>(refs.size());
+    row.sampling_agreement =
+        static_cast<double>(sampling_agreements) / static_cast<double>(predictions);
+  }
   row.bound_violations = totals.violations;
   row.queries_measured = totals.measured;
   row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();

@@ -16,6 +16,15 @@
 //      different token is the teacher-forced run's first disagreement. (A test checks this
 //      against an explicit free-running decode.)
 //
+// Sampling agreement (when options.temperature > 0): the dense reference also samples T tokens
+// at that temperature from a Sampler seeded with seed + sample index (eval/sampler.h; no top-k or
+// top-p limit). The sparse model is teacher-forced on that sampled continuation with a Sampler of
+// the same seed, so both consume the same random numbers step for step; at each step we record
+// whether the sparse sample equals the dense one. The first step where they differ is where a
+// free-running sparse sampled decode with the shared seed first departs from the dense one (the
+// same argument as for greedy: up to there both runs compute the same thing with the same random
+// draws); the agreement is the share of the S * T steps at which the coupled samples agree.
+//
 // Support statistics count, for each of the T queries that produce the predictions (the prefix's
 // last position, then the T-1 decode steps), each layer and each KV head, the unique positions
 // read: the union of the supports of the KV head's query heads, as the attention observer sees
@@ -46,6 +55,8 @@ struct SurvivalOptions {
   std::string key_codec = "f32";    // cache codecs (docs/CACHE_SPECS.md), the same for the
   std::string value_codec = "f32";  // dense reference and every selector
   std::optional<int32_t> bos;       // first token of every prefix when set
+  double temperature = 0;           // > 0: also measure sampling agreement at this temperature
+  uint64_t seed = 0;                // sampling seed of sample 0 (sample i uses seed + i)
 };
 
 // Checks the options against the model (sizes >= 1, prefix + continuation within the model's
@@ -61,6 +72,7 @@ struct DenseReference {
   std::vector<int32_t> prefix;
   std::vector<int32_t> continuation;  // T greedy tokens
   std::vector<double> nll;            // dense NLL of each continuation token
+  std::vector<int32_t> sampled;       // T tokens sampled at options.temperature (when > 0)
 };
 
 std::vector<DenseReference> dense_references(Decoder& decoder,
@@ -89,6 +101,11 @@ struct SurvivalRow {
   // (n 2^-24 for n visible positions).
   int64_t bound_violations = 0;
   int64_t queries_measured = 0;  // (query, layer, query head) triples measured
+  // Sampling agreement (options.temperature > 0): first step where the coupled samples differ,
+  // per sample, in [0, T]; its mean; the share of steps where they agree.
+  std::vector<int64_t> sampling_first_divergence;
+  double sampling_first_divergence_mean = 0;
+  std::optional<double> sampling_agreement;
   double seconds = 0;
 };
 

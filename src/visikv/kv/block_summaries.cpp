@@ -1,44 +1,70 @@
 #include "visikv/kv/block_summaries.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "visikv/core/error.h"
 
 namespace visikv {
+
+BlockSummary BlockSummaryTable::block(int64_t b) const {
+  require(b >= 0 && b < blocks, "summary block ", b, " out of range (", blocks, " blocks)");
+  const size_t base = static_cast<size_t>(b * head_dim), d = static_cast<size_t>(head_dim);
+  return {centroids.subspan(base, d), mins.subspan(base, d), maxs.subspan(base, d),
+          norms[static_cast<size_t>(b)], counts[static_cast<size_t>(b)]};
+}
 
 BlockSummaries::BlockSummaries(int64_t head_dim, int64_t block_size)
     : head_dim_(head_dim), block_size_(block_size) {
   require(block_size > 0, "block size must be positive, got ", block_size);
 }
 
+// Adds one key to block `block`, whose first key starts the min / max.
+void BlockSummaries::fold(int64_t block, std::span<const float> key) {
+  const int64_t base = block * head_dim_;
+  const int64_t count = ++counts_[block];
+  double norm = 0;
+  for (int64_t c = 0; c < head_dim_; ++c) {
+    sums_[base + c] += key[c];
+    centroids_[base + c] = static_cast<float>(sums_[base + c] / static_cast<double>(count));
+    mins_[base + c] = count == 1 ? key[c] : std::min(mins_[base + c], key[c]);
+    maxs_[base + c] = count == 1 ? key[c] : std::max(maxs_[base + c], key[c]);
+    norm += static_cast<double>(key[c]) * key[c];
+  }
+  // Rounded up so that the float norm is never below the true one.
+  const float rounded = static_cast<float>(std::sqrt(norm));
+  const float up = rounded < std::sqrt(norm) ? std::nextafter(rounded, INFINITY) : rounded;
+  norms_[block] = count == 1 ? up : std::max(norms_[block], up);
+}
+
 void BlockSummaries::add(std::span<const float> key) {
   const int64_t block = positions_ / block_size_;
   if (block == blocks()) {
     counts_.push_back(0);
+    norms_.push_back(0.0f);
     sums_.resize(sums_.size() + head_dim_, 0.0);
     centroids_.resize(centroids_.size() + head_dim_, 0.0f);
-    mins_.resize(mins_.size() + head_dim_, key[0]);
-    maxs_.resize(maxs_.size() + head_dim_, key[0]);
-    std::copy(key.begin(), key.end(), mins_.end() - head_dim_);
-    std::copy(key.begin(), key.end(), maxs_.end() - head_dim_);
+    mins_.resize(mins_.size() + head_dim_, 0.0f);
+    maxs_.resize(maxs_.size() + head_dim_, 0.0f);
   }
-  const int64_t count = ++counts_[block];
-  const int64_t base = block * head_dim_;
-  for (int64_t c = 0; c < head_dim_; ++c) {
-    sums_[base + c] += key[c];
-    centroids_[base + c] = static_cast<float>(sums_[base + c] / static_cast<double>(count));
-    mins_[base + c] = std::min(mins_[base + c], key[c]);
-    maxs_[base + c] = std::max(maxs_[base + c], key[c]);
-  }
+  fold(block, key);
   ++positions_;
 }
 
-BlockSummary BlockSummaries::get(int64_t block) const {
-  require(block >= 0 && block < blocks(), "summary block ", block, " out of range (", blocks(),
-          " blocks)");
-  const size_t base = static_cast<size_t>(block * head_dim_), d = static_cast<size_t>(head_dim_);
-  return {std::span(centroids_).subspan(base, d), std::span(mins_).subspan(base, d),
-          std::span(maxs_).subspan(base, d), counts_[block]};
+void BlockSummaries::rebuild(int64_t block, std::span<const float> keys) {
+  require(block >= 0 && block < blocks() &&
+              static_cast<int64_t>(keys.size()) == counts_[block] * head_dim_,
+          "summary rebuild: block ", block, " needs its ", block < blocks() ? counts_[block] : 0,
+          " keys");
+  const int64_t count = counts_[block], base = block * head_dim_;
+  counts_[block] = 0;
+  std::fill(sums_.begin() + base, sums_.begin() + base + head_dim_, 0.0);
+  for (int64_t i = 0; i < count; ++i)
+    fold(block, keys.subspan(static_cast<size_t>(i * head_dim_), static_cast<size_t>(head_dim_)));
+}
+
+BlockSummaryTable BlockSummaries::table() const {
+  return {blocks(), head_dim_, centroids_, mins_, maxs_, norms_, counts_};
 }
 
 void BlockSummaries::clear() {
@@ -47,6 +73,7 @@ void BlockSummaries::clear() {
   centroids_.clear();
   mins_.clear();
   maxs_.clear();
+  norms_.clear();
   counts_.clear();
 }
 

@@ -1,5 +1,7 @@
-// Running per-block centroid / min / max of the keys of one (layer, KV head), updated as keys
-// arrive. Any cache codec can own one; it is fed the exact (pre-quantization) keys.
+// Running per-block centroid / min / max / max-norm of the keys of one (layer, KV head), updated
+// as keys arrive, held as contiguous {blocks, head_dim} arrays (BlockSummaryTable). The cache
+// that owns one feeds it the keys in their stored form (what scores read), and rebuilds a block
+// when the stored form of its keys changes (a key leaving an fp16 window for its quantized form).
 #pragma once
 
 #include <cstdint>
@@ -14,14 +16,21 @@ class BlockSummaries {
  public:
   BlockSummaries(int64_t head_dim, int64_t block_size);
   void add(std::span<const float> key);  // the key of the next position
-  BlockSummary get(int64_t block) const;
+  // Recomputes block `block` from `keys` ({count, head_dim}): the stored form of every key the
+  // block holds so far (count = the block's current count).
+  void rebuild(int64_t block, std::span<const float> keys);
+  BlockSummary get(int64_t block) const { return table().block(block); }
+  BlockSummaryTable table() const;
   int64_t blocks() const { return static_cast<int64_t>(counts_.size()); }
+  int64_t block_size() const { return block_size_; }
   void clear();
 
  private:
+  void fold(int64_t block, std::span<const float> key);
+
   int64_t head_dim_, block_size_, positions_ = 0;
   std::vector<double> sums_;
-  std::vector<float> centroids_, mins_, maxs_;
+  std::vector<float> centroids_, mins_, maxs_, norms_;
   std::vector<int64_t> counts_;
 };
 

@@ -38,13 +38,26 @@ class PositionSet {
   std::span<const int32_t> indices_;
 };
 
-// What a block of `block_size` consecutive positions looks like, for selectors: the mean key and
-// the per-channel minimum and maximum over the keys stored so far in the block.
+// What a block of `block_size` consecutive positions looks like, for selectors: the mean key, the
+// per-channel minimum and maximum, and the largest Euclidean norm over the keys stored so far in
+// the block. Summaries describe the keys in the form scores read them (the stored form: rounded
+// to f16/bf16, quantized, HeadQ-corrected), in the model's coordinates.
 struct BlockSummary {
   std::span<const float> centroid;
   std::span<const float> min;
   std::span<const float> max;
+  float norm = 0;
   int64_t count = 0;
+};
+
+// Every block summary of one (layer, KV head) as contiguous arrays, so a selector scans all
+// blocks in one pass: centroids, mins and maxs are {blocks, head_dim}; norms and counts {blocks}.
+struct BlockSummaryTable {
+  int64_t blocks = 0, head_dim = 0;
+  std::span<const float> centroids, mins, maxs, norms;
+  std::span<const int64_t> counts;
+
+  BlockSummary block(int64_t b) const;  // throws visikv::Error when b is out of range
 };
 
 struct CacheShape {
@@ -75,10 +88,13 @@ class KVCache {
   virtual void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
                           const PositionSet& positions, std::span<float> out) const = 0;
 
-  // Positions per summary block, and the summary of block `block` (positions
-  // [block * block_size, ...)); updated as tokens are appended.
+  // Positions per summary block, and the summaries of every block of a head (block b holds
+  // positions [b * block_size, ...)); updated as tokens are appended.
   virtual int64_t block_size() const = 0;
-  virtual BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const = 0;
+  virtual BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const = 0;
+  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const {
+    return summaries(layer, kv_head).block(block);
+  }
 
   // Forgets every token (keeps allocations).
   virtual void clear() = 0;

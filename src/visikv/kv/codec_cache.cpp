@@ -26,6 +26,8 @@ CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
   for (int64_t i = 0; i < shape.layers * shape.kv_heads; ++i)
     summaries_.emplace_back(shape.head_dim, block_size);
   lengths_.assign(shape.layers, 0);
+  summarized_.assign(static_cast<size_t>(shape.layers * shape.kv_heads), 0);
+  summarized_quantized_.assign(static_cast<size_t>(shape.layers * shape.kv_heads), 0);
 }
 
 CodecCache::Side CodecCache::make_side(const CodecSpec& spec, int64_t reserve_tokens,
@@ -85,13 +87,42 @@ void CodecCache::append(int64_t layer, std::span<const float> keys, std::span<co
   for (int64_t h = 0; h < shape_.kv_heads; ++h) {
     const int64_t index = head_index(layer, h);
     for (int64_t t = 0; t < tokens; ++t) {
-      const float* k = keys.data() + t * row + h * d;
-      summaries_[index].add({k, static_cast<size_t>(d)});
-      store(keys_, *keys_.stores[index], k);
+      store(keys_, *keys_.stores[index], keys.data() + t * row + h * d);
       store(values_, *values_.stores[index], values.data() + t * row + h * d);
     }
   }
   lengths_[layer] += tokens;
+  for (int64_t h = 0; h < shape_.kv_heads; ++h) summarize_stored_keys(layer, h);
+}
+
+// The certified bound must hold for the scores the attention computes, which read the stored
+// keys: so the summaries are of the stored keys (reconstructed, rotation undone). A key in a
+// codec's fp16 window is stored one way and later quantized; when keys change form, the blocks
+// holding them are rebuilt from their new stored form (a chan codec quantizes a group of tokens
+// at a time, so this touches a few blocks per group).
+void CodecCache::summarize_stored_keys(int64_t layer, int64_t kv_head) {
+  const int64_t index = head_index(layer, kv_head), d = shape_.head_dim;
+  const VectorStore& keys = *keys_.stores[index];
+  BlockSummaries& summaries = summaries_[index];
+  std::vector<float> key(static_cast<size_t>(d));
+  for (; summarized_[index] < keys.size(); ++summarized_[index]) {
+    stored_vector(keys_, layer, kv_head, summarized_[index], key);
+    summaries.add(key);
+  }
+  const int64_t quantized = keys.quantized_size();
+  if (quantized > summarized_quantized_[index]) {
+    const int64_t block = block_size_, length = keys.size();
+    std::vector<float> rows;
+    for (int64_t b = summarized_quantized_[index] / block; b * block < quantized; ++b) {
+      const int64_t end = std::min(length, (b + 1) * block);
+      rows.resize(static_cast<size_t>((end - b * block) * d));
+      for (int64_t j = b * block; j < end; ++j)
+        stored_vector(keys_, layer, kv_head, j,
+                      std::span(rows).subspan(static_cast<size_t>((j - b * block) * d), d));
+      summaries.rebuild(b, rows);
+    }
+  }
+  summarized_quantized_[index] = quantized;
 }
 
 void CodecCache::score(int64_t layer, int64_t kv_head, std::span<const float> queries,
@@ -134,14 +165,16 @@ void CodecCache::accumulate(int64_t layer, int64_t kv_head, std::span<const floa
   }
 }
 
-BlockSummary CodecCache::summary(int64_t layer, int64_t kv_head, int64_t block) const {
-  return summaries_[head_index(layer, kv_head)].get(block);
+BlockSummaryTable CodecCache::summaries(int64_t layer, int64_t kv_head) const {
+  return summaries_[head_index(layer, kv_head)].table();
 }
 
 void CodecCache::clear() {
   for (Side* side : {&keys_, &values_})
     for (auto& store : side->stores) store->clear();
   for (BlockSummaries& s : summaries_) s.clear();
+  std::fill(summarized_.begin(), summarized_.end(), 0);
+  std::fill(summarized_quantized_.begin(), summarized_quantized_.end(), 0);
   std::fill(lengths_.begin(), lengths_.end(), 0);
 }
 

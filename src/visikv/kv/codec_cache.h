@@ -1,5 +1,5 @@
 // A KV cache composed of a key store and a value store per (layer, KV head), each in its own
-// codec (kv/codec_spec.h), plus block summaries of the exact keys. Build one with make_cache
+// codec (kv/codec_spec.h), plus block summaries of the stored keys. Build one with make_cache
 // (kv/cache_factory.h); this header is for code that wants more than the KVCache interface:
 // the specs, the bit accounting, and the stored keys and values as the model sees them.
 #pragma once
@@ -37,7 +37,7 @@ class CodecCache final : public KVCache {
   void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
                   const PositionSet& positions, std::span<float> out) const override;
   int64_t block_size() const override { return block_size_; }
-  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override;
+  BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override;
   void clear() override;
   // True when the value codec is a value bit policy; the weights go to the head's value store.
   bool records_attention() const override;
@@ -72,11 +72,15 @@ class CodecCache final : public KVCache {
   void check_positions(int64_t layer, const PositionSet& positions) const;
   void stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
                      std::span<float> out) const;
+  void summarize_stored_keys(int64_t layer, int64_t kv_head);
 
   CacheShape shape_;
   int64_t block_size_;
   Side keys_, values_;
-  std::vector<BlockSummaries> summaries_;  // exact (pre-quantization, unrotated) keys
+  // Per head: summaries of the stored keys (model coordinates), and how many of its keys they
+  // hold and had in quantized form when last updated.
+  std::vector<BlockSummaries> summaries_;
+  std::vector<int64_t> summarized_, summarized_quantized_;
   std::vector<int64_t> lengths_;
 };
 

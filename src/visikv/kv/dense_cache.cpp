@@ -57,6 +57,7 @@ class DenseCache final : public KVCache {
     require(static_cast<int64_t>(keys.size()) == tokens * row &&
                 static_cast<int64_t>(values.size()) == tokens * row,
             "cache append: expected ", tokens, " x ", row, " keys and values");
+    std::vector<float> stored(static_cast<size_t>(d));
     for (int64_t h = 0; h < shape_.kv_heads; ++h) {
       Head& head = at(layer, h);
       for (int64_t t = 0; t < tokens; ++t) {
@@ -64,7 +65,10 @@ class DenseCache final : public KVCache {
         const float* v = values.data() + t * row + h * d;
         for (int64_t c = 0; c < d; ++c) head.keys.push_back(store(k[c]));
         for (int64_t c = 0; c < d; ++c) head.values.push_back(store(v[c]));
-        head.summaries.add({k, static_cast<size_t>(d)});
+        // Summaries describe the keys as scores read them (after f16/bf16 rounding).
+        for (int64_t c = 0; c < d; ++c)
+          stored[c] = DenseElement<kFormat>::load(head.keys[head.keys.size() - d + c]);
+        head.summaries.add(stored);
       }
     }
     lengths_[layer] += tokens;
@@ -97,8 +101,8 @@ class DenseCache final : public KVCache {
   }
 
   int64_t block_size() const override { return block_size_; }
-  BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override {
-    return at(layer, kv_head).summaries.get(block);
+  BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override {
+    return at(layer, kv_head).summaries.table();
   }
 
   void clear() override {
