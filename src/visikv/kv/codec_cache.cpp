@@ -137,6 +137,16 @@ void CodecCache::clear() {
   std::fill(lengths_.begin(), lengths_.end(), 0);
 }
 
+int64_t CodecCache::decode_equivalent_chunk(int64_t layer) const {
+  int64_t chunk = VectorStore::kUnlimitedChunk;
+  for (int64_t h = 0; h < shape_.kv_heads; ++h) {
+    const int64_t index = head_index(layer, h);
+    chunk = std::min({chunk, keys_.stores[index]->decode_equivalent_appends(),
+                      values_.stores[index]->decode_equivalent_appends()});
+  }
+  return std::max<int64_t>(chunk, 1);
+}
+
 void CodecCache::stored_key(int64_t layer, int64_t kv_head, int64_t position,
                             std::span<float> out) const {
   stored_vector(keys_, layer, kv_head, position, out);

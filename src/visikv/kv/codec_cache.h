@@ -39,6 +39,8 @@ class CodecCache final : public KVCache {
   int64_t block_size() const override { return block_size_; }
   BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const override;
   void clear() override;
+  // The tightest rule among the key and value stores of the layer's heads.
+  int64_t decode_equivalent_chunk(int64_t layer) const override;
 
   const CodecSpec& key_spec() const { return keys_.spec; }
   const CodecSpec& value_spec() const { return values_.spec; }

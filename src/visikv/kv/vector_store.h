@@ -39,6 +39,13 @@ class VectorStore {
 
   virtual int64_t stored_bytes() const = 0;  // codes, scales and zeros, fp16 window
   virtual void clear() = 0;
+
+  // How many vectors may be appended next such that appends after the first change the stored
+  // form of no vector already held or appended before them (the rule behind
+  // KVCache::decode_equivalent_chunk): at least 1; kUnlimitedChunk when stored forms never
+  // change after their append. Conservative default: 1.
+  static constexpr int64_t kUnlimitedChunk = INT64_MAX;
+  virtual int64_t decode_equivalent_appends() const { return 1; }
 };
 
 // Throws visikv::Error when the spec does not fit `head_dim` (see check_codec_fits). The
