@@ -2,9 +2,10 @@
 // score a group of queries against n cached positions, then accumulate the values with weights
 // over the same positions, both from the stored form.
 //   build/bench/bench_kv_codecs [--benchmark_filter=int4] [--benchmark_min_time=0.1]
-// Names are KVCodec/<spec>/<n>; keys and values use the same spec, head_dim 64, 3 queries per
-// KV head (the SmolLM2-135M grouping). bytes_per_second counts the stored key and value bytes
-// one call reads (bytes_per_call); ns_per_position is the time per cached position.
+// Names are KVCodec/<spec>/<n>; keys and values use the same spec (a HeadQ side code, random
+// basis, on the keys only), head_dim 64, 3 queries per KV head (the SmolLM2-135M grouping).
+// bytes_per_second counts the stored key and value bytes one call reads (bytes_per_call,
+// side codes included); ns_per_position is the time per cached position.
 #include <benchmark/benchmark.h>
 
 #include <random>
@@ -22,7 +23,8 @@ constexpr int64_t kHeadDim = 64;
 constexpr int64_t kGroup = 3;
 
 void codec_step(benchmark::State& state, const std::string& spec, int64_t n) {
-  auto cache = make_cache({1, 1, kHeadDim}, spec, spec, n);
+  const std::string value_spec = spec.substr(0, spec.find('+'));  // side codes are for keys
+  auto cache = make_cache({1, 1, kHeadDim}, spec, value_spec, n);
   std::mt19937 rng(42);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::vector<float> keys(n * kHeadDim), values(n * kHeadDim), queries(kGroup * kHeadDim);
@@ -42,8 +44,10 @@ void codec_step(benchmark::State& state, const std::string& spec, int64_t n) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const CodecSpec parsed = parse_codec_spec(spec);
-  const double bytes = 2.0 * static_cast<double>(codec_stored_bits(parsed, kHeadDim, n)) / 8.0;
+  const double bytes =
+      static_cast<double>(codec_stored_bits(parse_codec_spec(spec), kHeadDim, n) +
+                          codec_stored_bits(parse_codec_spec(value_spec), kHeadDim, n)) /
+      8.0;
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes));
   state.counters["bytes_per_call"] = bytes;
   state.counters["ns_per_position"] = benchmark::Counter(
@@ -55,8 +59,10 @@ void codec_step(benchmark::State& state, const std::string& spec, int64_t n) {
 
 int main(int argc, char** argv) {
   for (const char* spec :
-       {"f32", "f16", "bf16", "int8:g64:tok", "int4:g64:tok", "int4:g32:tok", "int3:g64:tok",
-        "int2:g64:tok", "int2:g32:chan:r128", "int4:g64:tok:had"}) {
+       {"f32", "f16", "bf16", "int8:g64:tok", "int4:g64:tok", "int3:g64:tok", "int2:g64:tok",
+        "int4:g32:tok", "int8:g32:chan:r128", "int4:g32:chan:r128", "int3:g32:chan:r128",
+        "int2:g32:chan:r128", "int4:g64:tok:had", "int2:g64:tok:had", "int2:g32:chan:r128:had",
+        "int2:g64:tok+headq:r8:s4:random", "int2:g32:chan:r128+headq:r8:s4:random"}) {
     for (int64_t n : {1024, 4096, 16384}) {
       benchmark::RegisterBenchmark(
           ("KVCodec/" + std::string(spec) + "/" + std::to_string(n)).c_str(), codec_step,

@@ -185,7 +185,8 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   EXPECT_EQ(runs_seen, static_cast<int64_t>(rows.size()));  // no two rows share codecs at d = 16
 
   PerplexityOptions ppl;
-  ppl.mode = PerplexityMode::Decode;
+  EXPECT_EQ(options.mode, PerplexityMode::DecodeBatched);  // the grid's default
+  ppl.mode = PerplexityMode::DecodeBatched;
   ppl.window = 32;
   ppl.max_tokens = 45;
   ppl.bos = llama.tokenizer().bos_id();
@@ -194,6 +195,10 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   EXPECT_EQ(results[0].ppl.ppl, dense.ppl);  // exactly
   EXPECT_EQ(results[0].ppl.nll, dense.nll);
   EXPECT_EQ(results[0].ppl.tokens, 45);
+  // The token-by-token reference differs only by the rounding of the weight products.
+  ppl.mode = PerplexityMode::Decode;
+  EXPECT_NEAR(perplexity(decoder, tokens, ppl).nll, dense.nll, 1e-5 * dense.nll);
+  ppl.mode = PerplexityMode::DecodeBatched;
 
   // A plain row: the same as perplexity() with its codec.
   ppl.key_codec = "int2:g16:tok";
@@ -217,6 +222,8 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   EXPECT_EQ(twin_runs, 2);
   EXPECT_EQ(twin_results[2].ppl.ppl, int2);
   EXPECT_EQ(twin_results[2].row.name, "twin");
+  EXPECT_EQ(twin_results[2].same_run_as, "k2-tok");  // marked as computed once
+  EXPECT_EQ(twin_results[1].same_run_as, "");
 
   for (int64_t r : {4, 8, 16}) {
     const KvGridResult& h = by_name("k2-tok+hq-r" + std::to_string(r));
@@ -297,6 +304,8 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   }
   EXPECT_EQ(j["rows"][0]["name"], "dense");
   EXPECT_EQ(j["rows"][0]["bits_per_value"], 512);
+  EXPECT_EQ(j["mode"], "decode-batched");
+  EXPECT_TRUE(j["rows"][0]["same_run_as"].is_null());
 
   // A basis file; then one for another model.
   const fs::path basis_path = temp_path("eval_kv.basis");
@@ -330,6 +339,9 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   r = run_cli(common + " --tokens -5");
   EXPECT_NE(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("--tokens"), std::string::npos) << r.output;
+  r = run_cli(common + " --tokens 10 --mode prefill");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("--mode"), std::string::npos) << r.output;
   r = run_cli(common + " --tokens 10 --ranks 64");
   EXPECT_EQ(r.status, 1) << r.output;
   EXPECT_NE(r.output.find("rank 64 is outside 1..16"), std::string::npos) << r.output;

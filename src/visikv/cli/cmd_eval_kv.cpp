@@ -29,7 +29,7 @@ namespace {
 using nlohmann::json;
 
 struct EvalKvFlags {
-  std::string model, basis, json, text, calibration_text;
+  std::string model, basis, json, text, calibration_text, mode = "decode-batched";
   int64_t tokens = 0, window = 1024, calibration_tokens = 8192;
   std::vector<int64_t> ranks = {4, 8, 16};
   std::vector<std::string> rows;
@@ -126,6 +126,9 @@ void run_eval_kv(EvalKvFlags& f) {
       f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
   const std::string text = read_text_file(text_path);
   KvGridOptions options;
+  options.mode = perplexity_mode_from_name(f.mode);
+  require(options.mode != PerplexityMode::Prefill,
+          "--mode: the grid runs in decode order (decode or decode-batched), not prefill");
   options.window = f.window;
   options.max_tokens = f.tokens;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
@@ -135,17 +138,23 @@ void run_eval_kv(EvalKvFlags& f) {
           ? leading_tokens(model.tokenizer(), text, f.tokens + f.tokens / (f.window - 1) + 2)
           : model.tokenizer().encode(text, false);
   GridProgress progress;
+  const auto grid_started = std::chrono::steady_clock::now();
   const std::vector<KvGridResult> results =
       run_kv_grid(decoder, tokens, rows, options, basis ? &*basis : nullptr, std::ref(progress));
+  const double grid_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - grid_started).count();
 
   const KvGridResult& dense = *std::find_if(
       results.begin(), results.end(), [](const KvGridResult& r) { return r.row.name == "dense"; });
   std::printf("model:        %s\n", model.source().c_str());
   std::printf("text:         %s\n", text_path.string().c_str());
-  std::printf("protocol:     decode (token by token through the cache), windows of %lld%s\n",
+  std::printf("protocol:     decode order through the cache (%s), windows of %lld%s\n",
+              options.mode == PerplexityMode::Decode ? "token by token"
+                                                     : "batched where identical to token by token",
               static_cast<long long>(f.window), options.bos ? " (BOS first)" : "");
   std::printf("tokens:       %lld scored in %lld windows\n",
               static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
+  std::printf("grid time:    %.1f s (rows %zu)\n", grid_seconds, results.size());
   if (basis)
     std::printf("basis:        %s (%s, %lld positions, rank %lld)\n",
                 basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
@@ -164,18 +173,28 @@ void run_eval_kv(EvalKvFlags& f) {
       "dPPL: PPL - PPL(dense). excess: excess PPL removed by HeadQ, (PPL_base - PPL) / (PPL_base "
       "- PPL_dense), against k2-<axis> (kv2-<axis> for the full-KV rows); controls included.\n",
       static_cast<long long>(head_dim));
-  for (const KvGridResult& r : results)
+  for (const KvGridResult& r : results) {
     if (!r.row.note.empty()) std::printf("  %-26s %s\n", r.row.name.c_str(), r.row.note.c_str());
+    if (!r.same_run_as.empty())
+      std::printf("  %-26s same codecs as %s: computed once, reported twice\n", r.row.name.c_str(),
+                  r.same_run_as.c_str());
+  }
   std::printf(
       "Value policies (<rule>:int2/int4:g<G>:w64:avg<A>): bits/val is the budget, the newest 64 "
       "tokens at int4 included; the exact figure for n stored tokens is in docs/CACHE_SPECS.md.\n");
 
   if (!f.json.empty()) {
-    json out = {{"command", "eval kv"},       {"model", model.source()},
-                {"text", text_path.string()}, {"mode", "decode"},
-                {"tokens", dense.ppl.tokens}, {"windows", dense.ppl.windows},
-                {"window", f.window},         {"bos_first", options.bos.has_value()},
-                {"head_dim", head_dim},       {"basis", basis_json},
+    json out = {{"command", "eval kv"},
+                {"model", model.source()},
+                {"text", text_path.string()},
+                {"mode", perplexity_mode_name(options.mode)},
+                {"tokens", dense.ppl.tokens},
+                {"windows", dense.ppl.windows},
+                {"window", f.window},
+                {"grid_seconds", grid_seconds},
+                {"bos_first", options.bos.has_value()},
+                {"head_dim", head_dim},
+                {"basis", basis_json},
                 {"rows", json::array()}};
     for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
     std::ofstream file(f.json);
@@ -201,6 +220,7 @@ json kv_grid_result_json(const KvGridResult& r) {
           {"excess_removed", r.excess_removed ? json(*r.excess_removed) : json(nullptr)},
           {"base", r.row.base.empty() ? json(nullptr) : json(r.row.base)},
           {"note", r.row.note},
+          {"same_run_as", r.same_run_as.empty() ? json(nullptr) : json(r.same_run_as)},
           {"tokens", r.ppl.tokens},
           {"selector", r.row.selector},
           {"support_mean", r.ppl.support_mean},
@@ -233,6 +253,9 @@ void add_eval_kv_command(CLI::App& eval) {
                   "comma-separated row names (default: all; dense and base rows are added)")
       ->delimiter(',');
   cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
+  cmd->add_option("--mode", flags->mode,
+                  "decode-batched (default: decode order in the largest chunks the cache keeps "
+                  "identical to token by token) or decode (token by token, the reference)");
   cmd->add_option("--json", flags->json, "write the table as JSON to this file");
   cmd->callback([flags] { run_eval_kv(*flags); });
 }

@@ -68,7 +68,10 @@ void add_ppl_command(CLI::App& app) {
   cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
       ->required();
   cmd->add_option("--file,-f", flags->file, "text file (default: WikiText-103 test)");
-  cmd->add_option("--mode", flags->mode, "prefill (whole windows) or decode (token by token)")
+  cmd->add_option(
+         "--mode", flags->mode,
+         "prefill (whole windows), decode (token by token) or decode-batched (decode order in "
+         "the largest chunks the cache keeps identical to token by token)")
       ->check(CLI::IsMember({"prefill", "decode"}));
   cmd->add_option("--window,-L", flags->window, "tokens per window")->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--tokens,-n", flags->tokens, "score only the first N tokens (0 = all)")

@@ -237,6 +237,9 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
                                       const KvGridProgress& progress) {
   require(options.max_tokens >= 0, "--tokens must not be negative, got ", options.max_tokens);
   require(options.window >= 2, "--window must be at least 2 tokens, got ", options.window);
+  require(options.mode == PerplexityMode::Decode || options.mode == PerplexityMode::DecodeBatched,
+          "the kv grid runs in decode order: mode decode or decode-batched, not ",
+          perplexity_mode_name(options.mode));
   const CacheShape shape = decoder.cache_shape();
   const int64_t context = decoder.model().config().max_positions;
   require(context <= 0 || options.window <= context, "--window ", options.window,
@@ -264,7 +267,7 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   }
 
   PerplexityOptions ppl;
-  ppl.mode = PerplexityMode::Decode;
+  ppl.mode = options.mode;
   ppl.window = options.window;
   ppl.max_tokens = options.max_tokens;
   ppl.bos = options.bos;
@@ -295,6 +298,13 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
     x.value_bits = codec_bits(parse_codec_spec(r.value_codec), shape.head_dim);
     x.ppl = done.at(run_of(r));
     x.delta_ppl = x.ppl.ppl - dense_ppl;
+    for (const KvGridRow& earlier : rows) {
+      if (&earlier == &r) break;
+      if (earlier.key_codec == r.key_codec && earlier.value_codec == r.value_codec) {
+        x.same_run_as = earlier.name;
+        break;
+      }
+    }
     if (is_headq_kind(r.kind)) {
       const KvGridRow& base = *find(r.base);
       const double base_ppl = done.at(run_of(base)).ppl;

@@ -1,6 +1,8 @@
 // The HeadQ paper's K-only decode-perplexity grid (METHODS.md, "K-only decode perplexity"):
-// every row is one decode-mode perplexity run (token by token through the cache, each key
-// quantized when written) over the same tokens, differing only in the key and value codecs.
+// every row is one decode-order perplexity run (each key quantized when written, every query
+// reading the stored form as it stands after its own token's append) over the same tokens,
+// differing only in the key and value codecs. By default the runs use the decode-batched mode
+// (eval/perplexity.h); PerplexityMode::Decode is the token-by-token reference.
 //
 // The rows, for head dimension d (names are what `visikv eval kv --rows` accepts):
 //
@@ -117,8 +119,9 @@ std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<std::string>& selec
                                            const std::vector<std::string>& key_codecs);
 
 struct KvGridOptions {
-  int64_t window = 1024;   // tokens per window (BOS included)
-  int64_t max_tokens = 0;  // scored tokens; 0: the whole text
+  PerplexityMode mode = PerplexityMode::DecodeBatched;  // Decode or DecodeBatched
+  int64_t window = 1024;                                // tokens per window (BOS included)
+  int64_t max_tokens = 0;                               // scored tokens; 0: the whole text
   std::optional<int32_t> bos;
 };
 
@@ -128,6 +131,9 @@ struct KvGridResult {
   PerplexityResult ppl;
   std::optional<double> excess_removed;  // HeadQ rows only (and only when the base differs)
   double delta_ppl = 0;                  // PPL - PPL_dense
+  // The earlier row with the same key and value codecs whose run this row reports (computed
+  // once, reported twice); empty when this row had its own run.
+  std::string same_run_as;
 };
 
 // progress(run index from 0, runs, row, tokens scored so far, tokens to score). Rows with the

@@ -15,11 +15,20 @@ namespace visikv {
 PerplexityMode perplexity_mode_from_name(const std::string& name) {
   if (name == "prefill") return PerplexityMode::Prefill;
   if (name == "decode") return PerplexityMode::Decode;
-  fail("unknown perplexity mode '", name, "' (expected prefill or decode)");
+  if (name == "decode-batched") return PerplexityMode::DecodeBatched;
+  fail("unknown perplexity mode '", name, "' (expected prefill, decode or decode-batched)");
 }
 
 std::string perplexity_mode_name(PerplexityMode mode) {
-  return mode == PerplexityMode::Prefill ? "prefill" : "decode";
+  switch (mode) {
+    case PerplexityMode::Prefill:
+      return "prefill";
+    case PerplexityMode::Decode:
+      return "decode";
+    case PerplexityMode::DecodeBatched:
+      return "decode-batched";
+  }
+  fail("unknown perplexity mode");
 }
 
 double negative_log_likelihood(std::span<const float> logits, int32_t target) {
@@ -30,6 +39,18 @@ double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   for (float v : logits) sum += std::exp(static_cast<double>(v) - max);
   return std::log(sum) + max - logits[target];
 }
+
+namespace {
+
+// The chunk every layer allows (layers hold the same positions, but a cache may differ by layer).
+int64_t decode_equivalent_chunk(const KVCache& cache) {
+  int64_t chunk = INT64_MAX;
+  for (int64_t layer = 0; layer < cache.shape().layers; ++layer)
+    chunk = std::min(chunk, cache.decode_equivalent_chunk(layer));
+  return std::max<int64_t>(chunk, 1);
+}
+
+}  // namespace
 
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
                             const PerplexityOptions& o, const Progress& progress) {
@@ -98,11 +119,16 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
     if (o.mode == PerplexityMode::Prefill) {
       decoder.forward(needed, *cache, LogitRows::All, score_rows);
     } else {
-      for (int64_t t = 0; t < scored; ++t) {
-        decoder.forward(needed.subspan(t, 1), *cache, LogitRows::All,
-                        [&](int64_t, int64_t rows, std::span<const float> logits) {
-                          score_rows(t, rows, logits);
+      for (int64_t t = 0; t < scored;) {
+        // Selectors keep state across steps, so sparse runs go one token at a time.
+        const int64_t chunk = o.mode == PerplexityMode::DecodeBatched && !selector
+                                  ? std::min(scored - t, decode_equivalent_chunk(*cache))
+                                  : 1;
+        decoder.forward(needed.subspan(t, chunk), *cache, LogitRows::All,
+                        [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
+                          score_rows(t + first_row, rows, logits);
                         });
+        t += chunk;
       }
     }
     ++result.windows;

@@ -1,6 +1,8 @@
-// Perplexity over non-overlapping windows of a token stream, in two modes that compute the same
-// function: prefill (each window in one forward pass) and decode (token by token through the
-// cache).
+// Perplexity over non-overlapping windows of a token stream, in modes that compute the same
+// function: prefill (each window in one forward pass), decode (token by token through the
+// cache: the reference for decode order) and decode-batched (decode order in the largest chunks
+// the cache allows, KVCache::decode_equivalent_chunk: each query reads the same stored keys and
+// values as in decode; only the rounding of the weight products may differ).
 //
 // Protocol: the text's tokens are cut into consecutive windows. A window holds `window` tokens;
 // when the model's tokenizer adds BOS, each window is BOS followed by window-1 text tokens and
@@ -21,7 +23,7 @@ namespace visikv {
 
 struct HeadqBasis;
 
-enum class PerplexityMode { Prefill, Decode };
+enum class PerplexityMode { Prefill, Decode, DecodeBatched };
 PerplexityMode perplexity_mode_from_name(const std::string& name);
 std::string perplexity_mode_name(PerplexityMode mode);
 

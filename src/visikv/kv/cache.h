@@ -110,6 +110,17 @@ class KVCache {
   virtual void record_attention(int64_t /*layer*/, int64_t /*kv_head*/,
                                 std::span<const float> /*weights*/,
                                 const PositionSet& /*positions*/) {}
+
+  // How many tokens may next be appended to `layer` in one call and attended as one causal
+  // chunk with the same stored forms every query would see if the tokens were appended and
+  // attended one at a time (decode order): at least 1. A chunk qualifies when no append after
+  // its first changes the stored form of a position an earlier query of the chunk reads. A
+  // cache whose stored form depends on anything but the appended keys and values (e.g. on the
+  // attention weights) must return 1, the default.
+  virtual int64_t decode_equivalent_chunk(int64_t layer) const {
+    (void)layer;
+    return 1;
+  }
 };
 
 }  // namespace visikv

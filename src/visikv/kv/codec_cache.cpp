@@ -194,6 +194,16 @@ const VectorStore& CodecCache::value_store(int64_t layer, int64_t kv_head) const
   return *values_.stores[head_index(layer, kv_head)];
 }
 
+int64_t CodecCache::decode_equivalent_chunk(int64_t layer) const {
+  int64_t chunk = VectorStore::kUnlimitedChunk;
+  for (int64_t h = 0; h < shape_.kv_heads; ++h) {
+    const int64_t index = head_index(layer, h);
+    chunk = std::min({chunk, keys_.stores[index]->decode_equivalent_appends(),
+                      values_.stores[index]->decode_equivalent_appends()});
+  }
+  return std::max<int64_t>(chunk, 1);
+}
+
 void CodecCache::stored_key(int64_t layer, int64_t kv_head, int64_t position,
                             std::span<float> out) const {
   stored_vector(keys_, layer, kv_head, position, out);

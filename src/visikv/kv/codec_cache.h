@@ -44,6 +44,9 @@ class CodecCache final : public KVCache {
   void record_attention(int64_t layer, int64_t kv_head, std::span<const float> weights,
                         const PositionSet& positions) override;
 
+  // The tightest rule among the key and value stores of the layer's heads.
+  int64_t decode_equivalent_chunk(int64_t layer) const override;
+
   const CodecSpec& key_spec() const { return keys_.spec; }
   const CodecSpec& value_spec() const { return values_.spec; }
   CodecBits key_bits() const { return codec_bits(keys_.spec, shape_.head_dim); }

@@ -114,6 +114,9 @@ class DenseCache final : public KVCache {
     std::fill(lengths_.begin(), lengths_.end(), 0);
   }
 
+  // A dense row never changes after its append: any chunk attends as decode order does.
+  int64_t decode_equivalent_chunk(int64_t) const override { return INT64_MAX; }
+
  private:
   Head& at(int64_t layer, int64_t kv_head) { return heads_[layer * shape_.kv_heads + kv_head]; }
   const Head& at(int64_t layer, int64_t kv_head) const {

@@ -95,6 +95,9 @@ class HeadqKeyStore final : public VectorStore {
     return base_->stored_bytes() + static_cast<int64_t>(codes_.size() + 2 * params_.size());
   }
 
+  // A side code is written when the base quantizes a key and never changes: the base's rule.
+  int64_t decode_equivalent_appends() const override { return base_->decode_equivalent_appends(); }
+
   void clear() override {
     base_->clear();
     codes_.clear();

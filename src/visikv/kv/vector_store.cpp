@@ -62,6 +62,7 @@ class DenseStore final : public VectorStore {
     return static_cast<int64_t>(rows_.size() * sizeof(Element));
   }
   void clear() override { rows_.clear(); }
+  int64_t decode_equivalent_appends() const override { return kUnlimitedChunk; }
 
  private:
   int64_t dim_;
@@ -151,22 +152,48 @@ class IntStore final : public VectorStore {
   void accumulate(std::span<const float> weights, const PositionSet& positions,
                   std::span<float> out) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
-    std::vector<float> scratch(static_cast<size_t>(dim_));
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t position = positions[i];
-      if (position < quantized_) {
-        visit_chunks(position, scratch.data(), [&](int64_t c, __m256 x) {
+    // Positions are ascending: the quantized ones first, then those in the fp16 window.
+    int64_t quantized_here = 0;
+    while (quantized_here < n && positions[quantized_here] < quantized_) ++quantized_here;
+    if (channel_group_ == 1 || channel_group_ % 8 == 0) {
+      // Sums stay in registers over all positions, 16 channels by up to four queries at a time:
+      // every element still gets its products added in position order, as an axpy per
+      // position would, but `out` is read and written once per call, not once per position.
+      for (int64_t q0 = 0; q0 < count; q0 += kQueryBlock) {
+        const int64_t queries_here = std::min<int64_t>(kQueryBlock, count - q0);
+        for (int64_t c = 0; c < dim_; c += 16) {
+          switch (queries_here) {
+            case 1:
+              accumulate_slab<1>(weights, positions, quantized_here, q0, c, out);
+              break;
+            case 2:
+              accumulate_slab<2>(weights, positions, quantized_here, q0, c, out);
+              break;
+            case 3:
+              accumulate_slab<3>(weights, positions, quantized_here, q0, c, out);
+              break;
+            default:
+              accumulate_slab<4>(weights, positions, quantized_here, q0, c, out);
+              break;
+          }
+        }
+      }
+    } else {
+      std::vector<float> scratch(static_cast<size_t>(dim_));
+      for (int64_t i = 0; i < quantized_here; ++i) {
+        visit_chunks(positions[i], scratch.data(), [&](int64_t c, __m256 x) {
           for (int64_t q = 0; q < count; ++q) {
             float* y = out.data() + q * dim_ + c;
             _mm256_storeu_ps(
                 y, _mm256_fmadd_ps(_mm256_set1_ps(weights[q * n + i]), x, _mm256_loadu_ps(y)));
           }
         });
-      } else {
-        const uint16_t* row = window_row(position);
-        for (int64_t q = 0; q < count; ++q)
-          vec::axpy(weights[q * n + i], row, false, out.data() + q * dim_, dim_);
       }
+    }
+    for (int64_t i = quantized_here; i < n; ++i) {
+      const uint16_t* row = window_row(positions[i]);
+      for (int64_t q = 0; q < count; ++q)
+        vec::axpy(weights[q * n + i], row, false, out.data() + q * dim_, dim_);
     }
   }
 
@@ -188,6 +215,17 @@ class IntStore final : public VectorStore {
     params_.clear();
     window_.clear();
     quantized_ = 0;
+  }
+
+  // Without a window a vector is quantized at its append and never changes. With one, the
+  // append that brings the window to R + G rows quantizes its oldest G rows, which queries of
+  // the positions since then read (R + G >= 2): such a flush may only be a chunk's first
+  // append. The next flush is the (R + G - w)-th append from now (w rows in the window); after
+  // a flush the following one is G appends later.
+  int64_t decode_equivalent_appends() const override {
+    if (window_tokens_ == 0 && token_group_ == 1) return kUnlimitedChunk;
+    const int64_t next_flush = window_tokens_ + token_group_ - window_rows();
+    return next_flush == 1 ? token_group_ : next_flush - 1;
   }
 
  private:
@@ -261,6 +299,61 @@ class IntStore final : public VectorStore {
 
   void decode(int64_t position, float* out) const {
     visit_chunks(position, out, [out](int64_t c, __m256 x) { _mm256_storeu_ps(out + c, x); });
+  }
+
+  // Channels [c, c + 16) (or [c, c + 8) when dim is not a multiple of 16) of the quantized
+  // position, zero + scale * code, as visit_chunks decodes them. Groups are one channel wide
+  // (per-channel parameters) or a multiple of 8 channels.
+  void decode_slab(int64_t position, int64_t c, bool two, __m256& lo, __m256& hi) const {
+    const uint8_t* row = codes_.data() + position * row_bytes_;
+    const uint16_t* scales = params_.data() + position / token_group_ * 2 * groups_per_row_;
+    const uint16_t* zeros = scales + groups_per_row_;
+    if (channel_group_ == 1) {
+      lo = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
+                           vec::load8(scales + c, false), vec::load8(zeros + c, false));
+      if (two)
+        hi = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits + kBits),
+                             vec::load8(scales + c + 8, false), vec::load8(zeros + c + 8, false));
+      return;
+    }
+    const int64_t g = c / channel_group_;
+    lo = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
+                         _mm256_set1_ps(fp16_to_float(scales[g])),
+                         _mm256_set1_ps(fp16_to_float(zeros[g])));
+    if (two) {
+      const int64_t g2 = (c + 8) / channel_group_;
+      hi = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits + kBits),
+                           _mm256_set1_ps(fp16_to_float(scales[g2])),
+                           _mm256_set1_ps(fp16_to_float(zeros[g2])));
+    }
+  }
+
+  // out[q][c .. c + 16) += Σ_{i < quantized_here} weights[q][i] · x̂[positions[i]][c .. c + 16)
+  // for queries q0 .. q0 + kQueries, the sums held in registers.
+  template <int kQueries>
+  void accumulate_slab(std::span<const float> weights, const PositionSet& positions,
+                       int64_t quantized_here, int64_t q0, int64_t c, std::span<float> out) const {
+    const int64_t n = positions.size();
+    const bool two = c + 16 <= dim_;
+    __m256 lo[kQueries], hi[kQueries];
+    for (int j = 0; j < kQueries; ++j) {
+      lo[j] = _mm256_loadu_ps(out.data() + (q0 + j) * dim_ + c);
+      hi[j] = two ? _mm256_loadu_ps(out.data() + (q0 + j) * dim_ + c + 8) : _mm256_setzero_ps();
+    }
+    const float* w = weights.data() + q0 * n;
+    for (int64_t i = 0; i < quantized_here; ++i) {
+      __m256 x_lo, x_hi = _mm256_setzero_ps();
+      decode_slab(positions[i], c, two, x_lo, x_hi);
+      for (int j = 0; j < kQueries; ++j) {
+        const __m256 weight = _mm256_set1_ps(w[j * n + i]);
+        lo[j] = _mm256_fmadd_ps(weight, x_lo, lo[j]);
+        if (two) hi[j] = _mm256_fmadd_ps(weight, x_hi, hi[j]);
+      }
+    }
+    for (int j = 0; j < kQueries; ++j) {
+      _mm256_storeu_ps(out.data() + (q0 + j) * dim_ + c, lo[j]);
+      if (two) _mm256_storeu_ps(out.data() + (q0 + j) * dim_ + c + 8, hi[j]);
+    }
   }
 
   // results[j] = queries[j] · x̂[position] for kQueries consecutive queries.

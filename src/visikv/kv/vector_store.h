@@ -45,6 +45,13 @@ class VectorStore {
   virtual bool records_attention() const { return false; }
   virtual void record_attention(std::span<const float> /*weights*/,
                                 const PositionSet& /*positions*/) {}
+
+  // How many vectors may be appended next such that appends after the first change the stored
+  // form of no vector already held or appended before them (the rule behind
+  // KVCache::decode_equivalent_chunk): at least 1; kUnlimitedChunk when stored forms never
+  // change after their append. Conservative default: 1.
+  static constexpr int64_t kUnlimitedChunk = INT64_MAX;
+  virtual int64_t decode_equivalent_appends() const { return 1; }
 };
 
 // Throws visikv::Error when the spec does not fit `head_dim` (see check_codec_fits). A value
