@@ -4,9 +4,9 @@
 // stored form of every position a query reads, as it stands after that query's own append,
 // must be the same at the end of the chunk, and the claimed chunk must be the longest with that
 // property. Then decode-batched perplexity and logits are compared with token-by-token decode on
-// the tiny Llama fixture, and perplexity on the default model: they differ by the rounding of the
-// weight products (sgemm for a chunk, dot products for one token), which for 2-bit keys can move
-// a key across a code boundary.
+// the tiny Llama fixture, and perplexity on the default model: with the weight products of a
+// chunk rounded per token (ProductRounding::PerToken, which decode-batched sets) they must be
+// identical bit for bit, for dense keys and for 2-bit keys alike.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -137,6 +137,8 @@ std::vector<float> decode_logits(Decoder& decoder, std::span<const int32_t> toke
   const int64_t vocab = decoder.model().config().vocab_size;
   auto cache = make_cache(decoder.cache_shape(), keys, values, tokens.size());
   std::vector<float> logits(tokens.size() * vocab, NAN);
+  // Chunks round their weight products as single tokens do (what the decode-batched mode sets).
+  decoder.set_product_rounding(batched ? ProductRounding::PerToken : ProductRounding::Fastest);
   calls = 0;
   for (int64_t t = 0; t < static_cast<int64_t>(tokens.size());) {
     int64_t chunk = 1;
@@ -191,15 +193,14 @@ Agreement compare_modes(Decoder& decoder, std::span<const int32_t> text, int64_t
   return a;
 }
 
-// Float rounding of the weight products (sgemm against dot products) moves a key by a few ulps;
-// a quantized key can then land on the neighbouring code, so quantized rows get a looser bound
-// than dense ones.
-void expect_agreement(const Agreement& a, int64_t max_calls, double relative_tolerance) {
+// With per-token rounding of the weight products, a chunk computes what its tokens compute one
+// at a time: the same stored codes, the same logits, bit for bit.
+void expect_identical(const Agreement& a, int64_t max_calls) {
   EXPECT_GT(a.batched_calls, 0);
   EXPECT_LE(a.batched_calls, max_calls);
   EXPECT_GT(a.logit_scale, 1e-3);
-  EXPECT_LE(a.max_logit_error, relative_tolerance * a.logit_scale);
-  EXPECT_NEAR(a.batched_nll, a.decode_nll, relative_tolerance * std::abs(a.decode_nll));
+  EXPECT_EQ(a.max_logit_error, 0.0);
+  EXPECT_EQ(a.batched_nll, a.decode_nll);
 }
 
 const std::string kText =
@@ -221,16 +222,14 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheFixture) {
   const struct {
     const char *keys, *values;
     int64_t calls;
-    double tolerance;
-  } cases[] = {{"f32", "f32", 1, 1e-5},
-               {"int2:g16:tok", "f32", 1, 1e-3},
-               {"int2:g8:chan:r16", "f32", 11, 1e-3},
-               {"int2:g16:tok+headq:r4:s4:random", "int2:g16:tok", 1, 1e-3},
-               {"int2:g8:chan:r16+headq:r4:s4:random", "f32", 11, 1e-3}};
+  } cases[] = {{"f32", "f32", 1},
+               {"int2:g16:tok", "f32", 1},
+               {"int2:g8:chan:r16", "f32", 11},
+               {"int2:g16:tok+headq:r4:s4:random", "int2:g16:tok", 1},
+               {"int2:g8:chan:r16+headq:r4:s4:random", "f32", 11}};
   for (const auto& c : cases) {
     SCOPED_TRACE(std::string(c.keys) + " / " + c.values);
-    expect_agreement(compare_modes(decoder, text, kWindow, c.keys, c.values, bos), c.calls,
-                     c.tolerance);
+    expect_identical(compare_modes(decoder, text, kWindow, c.keys, c.values, bos), c.calls);
   }
 }
 
@@ -249,24 +248,18 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
   o.window = kWindow;
   o.max_tokens = kWindow - 1;
   if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
-  // Dense keys: the rounding of sgemm against dot products only. 2-bit keys: that rounding
-  // moves some keys across a code boundary, a full quantization step; measured on these 199
-  // tokens the NLL moved by up to 1.8% (int2:g64:tok), so the bound for them is 3%.
-  const struct {
-    const char* keys;
-    double tolerance;
-  } cases[] = {{"f32", 1e-4},
-               {"int2:g64:tok", 3e-2},
-               {"int2:g32:chan:r128", 3e-2},
-               {"int2:g64:tok+headq:r8:s4:random", 3e-2}};
-  for (const auto& c : cases) {
-    SCOPED_TRACE(c.keys);
-    o.key_codec = c.keys;
+  // Bit for bit, for dense keys and for 2-bit keys (where any rounding difference could move a
+  // key across a code boundary).
+  const char* const cases[] = {"f32", "int2:g64:tok", "int2:g32:chan:r128",
+                               "int2:g64:tok+headq:r8:s4:random"};
+  for (const char* keys : cases) {
+    SCOPED_TRACE(keys);
+    o.key_codec = keys;
     o.mode = PerplexityMode::Decode;
     const double decode = perplexity(decoder, text, o).nll;
     o.mode = PerplexityMode::DecodeBatched;
     const double batched = perplexity(decoder, text, o).nll;
-    EXPECT_NEAR(batched, decode, c.tolerance * decode);
+    EXPECT_EQ(batched, decode);
   }
 }
 

@@ -78,10 +78,18 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
   // The decoder must not keep pointers to this call's selector and counters once it returns,
   // also by an exception.
-  struct DenseOnExit {
+  struct RestoreOnExit {
     Decoder& decoder;
-    ~DenseOnExit() { decoder.set_sparse_attention(nullptr); }
-  } restore{decoder};
+    ProductRounding rounding;
+    ~RestoreOnExit() {
+      decoder.set_sparse_attention(nullptr);
+      decoder.set_product_rounding(rounding);
+    }
+  } restore{decoder, decoder.product_rounding()};
+  // Chunks of decode order must round as single tokens do, or a quantizing cache may store a
+  // different code for a key than token-by-token decode stores.
+  if (o.mode == PerplexityMode::DecodeBatched)
+    decoder.set_product_rounding(ProductRounding::PerToken);
   double support_sum = 0, context_sum = 0;
   int64_t support_count = 0;
   decoder.set_sparse_attention(selector ? &*selector : nullptr,

@@ -76,15 +76,15 @@ void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
   if (config_.gated_mlp) {
     resize(gate_, tokens * inner);
     const LinearProduct gate_up[] = {{&*layer.gate, gate_}, {&layer.up, up_}};
-    linear_forward(gate_up, normed_, tokens);
+    linear_forward(gate_up, normed_, tokens, rounding_);
     std::span<float> gate(gate_.data(), up.size());
     apply_activation(config_.activation, gate);
     for (size_t i = 0; i < up.size(); ++i) up[i] *= gate[i];
   } else {
-    linear_forward(layer.up, normed_, tokens, up_);
+    linear_forward(layer.up, normed_, tokens, up_, rounding_);
     apply_activation(config_.activation, up);
   }
-  linear_forward(layer.down, up_, tokens, projected_);
+  linear_forward(layer.down, up_, tokens, projected_, rounding_);
 }
 
 void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
@@ -119,7 +119,7 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     const LayerWeights& layer = w.layers[l];
     apply_norm(c.norm, layer.attention_norm, c.norm_eps, x, n, hidden, normed_);
     const LinearProduct qkv[] = {{&layer.q, q_}, {&layer.k, k_}, {&layer.v, v_}};
-    linear_forward(qkv, normed_, n);
+    linear_forward(qkv, normed_, n, rounding_);
     const std::span<float> k(k_.data(), static_cast<size_t>(n * c.kv_dim()));
     const std::span<float> v(v_.data(), k.size());
     if (c.positions == PositionKind::Rotary) {
@@ -135,7 +135,7 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
                     observer);
       if (sparse_stats_) sparse_stats_(l, stats_);
     }
-    linear_forward(layer.o, attention_, n, projected_);
+    linear_forward(layer.o, attention_, n, projected_, rounding_);
     if (c.parallel_residual) {
       // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.
       std::vector<float> attention_out(projected_.begin(), projected_.begin() + n * hidden);
@@ -155,7 +155,7 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     const int64_t count = std::min(kLogitRowsPerSlice, n - row);
     resize(logits_, count * c.vocab_size);
     apply_norm(c.norm, w.final_norm, c.norm_eps, x.subspan(row * hidden), count, hidden, normed_);
-    linear_forward(w.lm_head, normed_, count, logits_);
+    linear_forward(w.lm_head, normed_, count, logits_, rounding_);
     sink(row, count,
          std::span<const float>(logits_.data(), static_cast<size_t>(count * c.vocab_size)));
   }

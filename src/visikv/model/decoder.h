@@ -11,6 +11,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/sparse_attention.h"
 #include "visikv/kv/cache.h"
+#include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
 
 namespace visikv {
@@ -44,6 +45,13 @@ class Decoder {
   using SparseStatsSink = std::function<void(int64_t layer, std::span<const SparseQueryStats>)>;
   void set_sparse_attention(SparseSelector* selector, SparseStatsSink stats = {});
 
+  // How weight products over several tokens round (model/matmul.h). PerToken makes a forward
+  // over a chunk compute bit for bit what forwards of its tokens one at a time compute, which a
+  // batched decode-order evaluation needs when the cache quantizes keys (a rounding difference
+  // can move a key across a code boundary).
+  void set_product_rounding(ProductRounding rounding) { rounding_ = rounding; }
+  ProductRounding product_rounding() const { return rounding_; }
+
  private:
   void embed(std::span<const int32_t> tokens, int64_t first_position);
   void mlp(const LayerWeights& layer, int64_t tokens);
@@ -51,6 +59,7 @@ class Decoder {
   const Model& model_;
   const Config& config_;
   std::vector<float> inverse_frequencies_;
+  ProductRounding rounding_ = ProductRounding::Fastest;
   SparseSelector* selector_ = nullptr;
   SparseStatsSink sparse_stats_;
   std::vector<SparseQueryStats> stats_;

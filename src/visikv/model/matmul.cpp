@@ -153,9 +153,9 @@ void linear_forward_gemm(const Linear& layer, std::span<const float> x, int64_t 
 }  // namespace
 
 void linear_forward(std::span<const LinearProduct> products, std::span<const float> x,
-                    int64_t tokens) {
+                    int64_t tokens, ProductRounding rounding) {
   for (const LinearProduct& p : products) check_buffers(*p.layer, x, tokens, p.y);
-  if (tokens >= kGemmMinTokens) {
+  if (tokens >= kGemmMinTokens && rounding == ProductRounding::Fastest) {
     for (const LinearProduct& p : products) linear_forward_gemm(*p.layer, x, tokens, p.y);
   } else {
     // Few tokens: one parallel pass over the rows of every product (one fork/join, not one per
@@ -180,9 +180,9 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
 }
 
 void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
-                    std::span<float> y) {
+                    std::span<float> y, ProductRounding rounding) {
   const LinearProduct product{&layer, y};
-  linear_forward({&product, 1}, x, tokens);
+  linear_forward({&product, 1}, x, tokens, rounding);
 }
 
 }  // namespace visikv

@@ -19,10 +19,16 @@ namespace visikv {
 // dot(stored row of `elements` values, x).
 float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t elements);
 
+// How a product over several tokens may round. Fastest: from a few tokens up, sgemm on widened
+// weights (its blocking sums in another order than one token's dot product). PerToken: every
+// output element is the dot product a one-token call computes, so a chunk of tokens gives bit
+// for bit what decoding them one at a time gives (weights are still read once per chunk).
+enum class ProductRounding { Fastest, PerToken };
+
 // y[t, o] = sum_i x[t, i] * W[o, i] + bias[o] for t < tokens.
 // x is {tokens, in_features}, y is {tokens, out_features}, both row-major.
 void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
-                    std::span<float> y);
+                    std::span<float> y, ProductRounding rounding = ProductRounding::Fastest);
 
 // Several products of the same input (q/k/v, gate/up): one fork/join of the worker threads.
 struct LinearProduct {
@@ -30,6 +36,6 @@ struct LinearProduct {
   std::span<float> y;
 };
 void linear_forward(std::span<const LinearProduct> products, std::span<const float> x,
-                    int64_t tokens);
+                    int64_t tokens, ProductRounding rounding = ProductRounding::Fastest);
 
 }  // namespace visikv
