@@ -71,8 +71,8 @@ void add_ppl_command(CLI::App& app) {
   cmd->add_option(
          "--mode", flags->mode,
          "prefill (whole windows), decode (token by token) or decode-batched (decode order in "
-         "the largest chunks the cache keeps identical to token by token)")
-      ->check(CLI::IsMember({"prefill", "decode"}));
+         "the largest chunks that compute what token by token computes)")
+      ->check(CLI::IsMember({"prefill", "decode", "decode-batched"}));
   cmd->add_option("--window,-L", flags->window, "tokens per window")->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--tokens,-n", flags->tokens, "score only the first N tokens (0 = all)")
       ->check(CLI::NonNegativeNumber);

@@ -1,8 +1,10 @@
 // Products with weight matrices kept in their stored form (f32/f16/bf16 or GGUF blocks).
 //
-// Few tokens (decode): each output row is one dot product that unpacks the stored row block by
-// block, so the weights are read once and never widened in memory. Many tokens (prefill): the
-// weights are widened to float32 a slab of rows at a time and multiplied with BLAS sgemm.
+// Each output row is one dot product per token that unpacks the stored row block by block, so the
+// weights are read once per call and never widened in memory; GGUF block types (Q4_0, Q4_1,
+// Q8_0) unpack each block once for up to four tokens. Many tokens of float weights (f32, f16,
+// bf16) and of other block types: the weights are widened to float32 a slab of rows at a time
+// and multiplied with BLAS sgemm (unless ProductRounding::PerToken).
 // Each output element is computed by one thread in a fixed order, so results do not depend on
 // the thread count.
 #pragma once
