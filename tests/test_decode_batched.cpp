@@ -203,11 +203,7 @@ void expect_identical(const Agreement& a, int64_t max_calls) {
   EXPECT_EQ(a.batched_nll, a.decode_nll);
 }
 
-const std::string kText =
-    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
-    "role on the television series The Bill in 2000. This was followed by a starring role in the "
-    "play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
-    "Theatre. The quick brown fox jumps over the lazy dog; all that glitters is not gold.\n";
+const std::string& kText = test_support::kEnglishText;
 
 TEST(DecodeBatched, AgreesWithTokenByTokenOnTheFixture) {
   const Model llama = Model::load(std::string(VISIKV_FIXTURES) + "/models/llama");

@@ -35,16 +35,7 @@ using test_support::error_of;
 
 const std::string kModels = std::string(VISIKV_FIXTURES) + "/models";
 
-// English text for the fixture's tokenizer (a random model: any text will do).
-const std::string kText =
-    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
-    "role on the television series The Bill in 2000. This was followed by a starring role in the "
-    "play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
-    "Theatre. The quick brown fox jumps over the lazy dog; all that glitters is not gold.\n";
-
-fs::path temp_path(const std::string& name) {
-  return fs::temp_directory_path() / (name + "_" + std::to_string(::getpid()));
-}
+const std::string& kText = test_support::kEnglishText;
 
 const KvGridRow* find_row(const std::vector<KvGridRow>& rows, const std::string& name) {
   for (const KvGridRow& r : rows)

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cmath>
@@ -37,6 +38,18 @@ std::vector<T> read_raw(const std::filesystem::path& path) {
   std::vector<T> values(file.size() / sizeof(T));
   if (!values.empty()) std::memcpy(values.data(), file.bytes().data(), values.size() * sizeof(T));
   return values;
+}
+
+// English text for the tiny fixtures' tokenizers (random models: any text will do).
+inline const std::string kEnglishText =
+    "Robert Boulter is an English film, television and theatre actor. He had a guest starring "
+    "role on the television series The Bill in 2000. This was followed by a starring role in the "
+    "play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
+    "Theatre. The quick brown fox jumps over the lazy dog; all that glitters is not gold.\n";
+
+// A path in the temporary directory, unique to this process.
+inline std::filesystem::path temp_path(const std::string& name) {
+  return std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()));
 }
 
 inline nlohmann::json read_json(const std::filesystem::path& path) {
