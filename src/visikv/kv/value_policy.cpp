@@ -66,20 +66,11 @@ ValuePolicyStore::ValuePolicyStore(const CodecSpec& spec, int64_t head_dim, int6
   low_.codes.reserve(static_cast<size_t>(reserve_tokens * low_.code_bytes));
   low_.params.reserve(static_cast<size_t>(reserve_tokens * 2 * groups_));
   where_.reserve(static_cast<size_t>(reserve_tokens));
-  lo_.resize(static_cast<size_t>(groups_));
-  hi_.resize(static_cast<size_t>(groups_));
   row_.resize(static_cast<size_t>(dim_));
   codes_.resize(static_cast<size_t>(dim_));
 }
 
 int32_t ValuePolicyStore::store_row(Pool& pool, const float* x) {
-  // Per-token groups, as the plain integer store quantizes them (kv/int_codes.h).
-  for (int64_t g = 0; g < groups_; ++g) {
-    const float* begin = x + g * group_;
-    const auto [lo, hi] = std::minmax_element(begin, begin + group_);
-    lo_[g] = *lo;
-    hi_[g] = *hi;
-  }
   int32_t slot;
   if (!pool.free_slots.empty()) {
     slot = pool.free_slots.back();
@@ -91,14 +82,13 @@ int32_t ValuePolicyStore::store_row(Pool& pool, const float* x) {
   }
   uint16_t* scales = pool.params.data() + slot * 2 * groups_;
   uint16_t* zeros = scales + groups_;
-  const int levels = (1 << pool.bits) - 1;
+  // Per-token groups, as the plain integer store quantizes them (kv/int_codes.h).
   for (int64_t g = 0; g < groups_; ++g) {
-    const int_codes::Affine affine = int_codes::affine_for_range(lo_[g], hi_[g], pool.bits);
+    const int_codes::Affine affine =
+        int_codes::quantize_group(std::span(x + g * group_, static_cast<size_t>(group_)), pool.bits,
+                                  std::span(codes_).subspan(g * group_, group_));
     scales[g] = affine.scale;
     zeros[g] = affine.zero;
-    const float scale = fp16_to_float(affine.scale), zero = fp16_to_float(affine.zero);
-    for (int64_t c = g * group_; c < (g + 1) * group_; ++c)
-      codes_[c] = int_codes::affine_code(x[c], scale, zero, levels);
   }
   int_codes::pack(codes_, pool.bits,
                   std::span(pool.codes).subspan(slot * pool.code_bytes, pool.code_bytes));

@@ -119,7 +119,7 @@ class ValuePolicyStore final : public VectorStore {
   std::vector<int32_t> kept_;  // S: tokens outside the window still at H bits
   AttentionAccount account_;
   int64_t demotions_ = 0;
-  std::vector<float> lo_, hi_, row_;  // append-time scratch (append is not const)
+  std::vector<float> row_;  // append-time scratch (append is not const)
   std::vector<uint8_t> codes_;
 };
 
