@@ -315,6 +315,35 @@ TEST(HeadqCodec, QuantizedSideCodeErrorIsBoundedAndStoredKeyMatchesScores) {
   }
 }
 
+// Scores read the stored key: q · (base + U_rᵀ ĉ) for side codes of 2, 3, 4 and 8 bits at
+// ranks that are multiples of 8, for positions that fill a block of eight and for a remainder,
+// in any subset of positions.
+TEST(HeadqCodec, PackedSideCodeScoresMatchStoredKeys) {
+  const int64_t n = 13, d = 64;
+  const std::vector<float> keys = gaussian(n * d, 3, 2.0f);
+  const std::vector<float> q = gaussian(2 * d, 4);
+  for (const char* spec : {"int2:g64:tok+headq:r8:s2:random", "int2:g64:tok+headq:r16:s3:random",
+                           "int4:g32:tok+headq:r8:s4:random", "int2:g64:tok+headq:r24:s8:random"}) {
+    auto cache = make_cache({1, 1, d}, spec, "f32");
+    std::vector<float> values(static_cast<size_t>(d), 0.0f);
+    for (int64_t t = 0; t < n; ++t) cache->append(0, std::span(keys).subspan(t * d, d), values, 1);
+    const std::vector<int32_t> some{1, 4, 5, 9, 12};
+    for (const PositionSet& set : {PositionSet::range(0, n), PositionSet::list(some)}) {
+      const int64_t m = set.size();
+      std::vector<float> scores(static_cast<size_t>(2 * m)), stored(static_cast<size_t>(d));
+      cache->score(0, 0, q, set, scores);
+      for (int64_t i = 0; i < m; ++i) {
+        dynamic_cast<CodecCache&>(*cache).stored_key(0, 0, set[i], stored);
+        for (int64_t j = 0; j < 2; ++j) {
+          const double expected = dot(q.data() + j * d, stored.data(), d);
+          EXPECT_NEAR(scores[j * m + i], expected, 1e-4 * (1 + std::abs(expected)))
+              << spec << " position " << set[i] << " query " << j;
+        }
+      }
+    }
+  }
+}
+
 TEST(HeadqCodec, RandomBasisIsOrthonormalAndSeeded) {
   for (const int64_t rank : {1, 8, 64}) {
     const std::vector<double> rows = random_orthonormal_rows(rank, 64, 1234);

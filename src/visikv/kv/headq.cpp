@@ -65,6 +65,20 @@ class HeadqKeyStore final : public VectorStore {
       for (int64_t j = 0; j < rank_; ++j)
         projected[q * rank_ + j] =
             sign_ * vec::dot(rows_.data() + j * dim_, queries.data() + q * dim_, dim_);
+    if (rank_ % 8 == 0) {
+      switch (side_.bits) {
+        case 2:
+          return add_corrections<2>(projected, positions, count, scores);
+        case 3:
+          return add_corrections<3>(projected, positions, count, scores);
+        case 4:
+          return add_corrections<4>(projected, positions, count, scores);
+        case 8:
+          return add_corrections<8>(projected, positions, count, scores);
+        default:
+          break;
+      }
+    }
     for (int64_t i = 0; i < n; ++i) {
       const int64_t position = positions[i];
       if (position >= coded_) continue;
@@ -107,6 +121,49 @@ class HeadqKeyStore final : public VectorStore {
   }
 
  private:
+  // scores[q * n + i] += projected[q] · ĉ[positions[i]] for the side-coded positions, when
+  // the rank is a multiple of 8 and codes are kBits wide: a key's codes are then whole runs of
+  // int_codes packing (code j at bit (p·r + j)·b), decoded eight at a time as decode() does,
+  // and eight positions share one transposed reduction per query.
+  template <int kBits>
+  void add_corrections(std::span<const float> projected, const PositionSet& positions,
+                       int64_t count, std::span<float> scores) const {
+    const int64_t n = positions.size(), runs = rank_ / 8;
+    int64_t coded_here = 0;  // positions are ascending
+    while (coded_here < n && positions[coded_here] < coded_) ++coded_here;
+    std::vector<float> sides(static_cast<size_t>(8 * rank_));  // {8, rank}
+    __m256 sums[8];
+    for (int64_t i0 = 0; i0 < coded_here; i0 += 8) {
+      const int64_t here = std::min<int64_t>(8, coded_here - i0);
+      for (int64_t k = 0; k < 8; ++k) {
+        if (k >= here) {
+          std::fill(sides.begin() + k * rank_, sides.begin() + (k + 1) * rank_, 0.0f);
+          continue;
+        }
+        const int64_t position = positions[i0 + k];
+        const __m256 scale = _mm256_set1_ps(fp16_to_float(params_[2 * position]));
+        const __m256 zero = _mm256_set1_ps(fp16_to_float(params_[2 * position + 1]));
+        const uint8_t* packed = codes_.data() + position * rank_ / 8 * kBits;
+        for (int64_t run = 0; run < runs; ++run)
+          _mm256_storeu_ps(
+              sides.data() + k * rank_ + run * 8,
+              _mm256_fmadd_ps(int_codes::unpack8<kBits>(packed + run * kBits), scale, zero));
+      }
+      for (int64_t q = 0; q < count; ++q) {
+        for (int64_t k = 0; k < 8; ++k) {
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t run = 0; run < runs; ++run)
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(projected.data() + q * rank_ + run * 8),
+                                  _mm256_loadu_ps(sides.data() + k * rank_ + run * 8), acc);
+          sums[k] = acc;
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vec::transposed_sums(sums));
+        for (int64_t k = 0; k < here; ++k) scores[q * n + i0 + k] += lanes[k];
+      }
+    }
+  }
+
   // Side code of the key at position coded_, whose pre-quantization value is `key`.
   void encode(const float* key) {
     base_->reconstruct(coded_, residual_);

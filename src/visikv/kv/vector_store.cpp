@@ -116,36 +116,34 @@ class IntStore final : public VectorStore {
   void dot(std::span<const float> queries, const PositionSet& positions,
            std::span<float> scores) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
+    // Positions are ascending: the quantized ones first, then those in the fp16 window.
+    int64_t quantized_here = 0;
+    while (quantized_here < n && positions[quantized_here] < quantized_) ++quantized_here;
     std::vector<float> scratch(static_cast<size_t>(dim_));
-    float block[kQueryBlock];
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t position = positions[i];
-      if (position < quantized_) {
-        // Each key is decoded once per block of up to four queries, in registers.
-        for (int64_t q0 = 0; q0 < count; q0 += kQueryBlock) {
-          const int64_t queries_here = std::min<int64_t>(kQueryBlock, count - q0);
-          const float* first = queries.data() + q0 * dim_;
-          switch (queries_here) {
-            case 1:
-              dot_block<1>(position, first, scratch.data(), block);
-              break;
-            case 2:
-              dot_block<2>(position, first, scratch.data(), block);
-              break;
-            case 3:
-              dot_block<3>(position, first, scratch.data(), block);
-              break;
-            default:
-              dot_block<4>(position, first, scratch.data(), block);
-              break;
-          }
-          for (int64_t j = 0; j < queries_here; ++j) scores[(q0 + j) * n + i] = block[j];
-        }
-      } else {
-        const uint16_t* row = window_row(position);
-        for (int64_t q = 0; q < count; ++q)
-          scores[q * n + i] = vec::dot(row, false, queries.data() + q * dim_, dim_);
+    // Each key is decoded once per block of up to four queries, in registers.
+    for (int64_t q0 = 0; q0 < count; q0 += kQueryBlock) {
+      const int64_t queries_here = std::min<int64_t>(kQueryBlock, count - q0);
+      const float* first = queries.data() + q0 * dim_;
+      float* out = scores.data() + q0 * n;
+      switch (queries_here) {
+        case 1:
+          dot_positions<1>(first, positions, quantized_here, n, scratch.data(), out);
+          break;
+        case 2:
+          dot_positions<2>(first, positions, quantized_here, n, scratch.data(), out);
+          break;
+        case 3:
+          dot_positions<3>(first, positions, quantized_here, n, scratch.data(), out);
+          break;
+        default:
+          dot_positions<4>(first, positions, quantized_here, n, scratch.data(), out);
+          break;
       }
+    }
+    for (int64_t i = quantized_here; i < n; ++i) {
+      const uint16_t* row = window_row(positions[i]);
+      for (int64_t q = 0; q < count; ++q)
+        scores[q * n + i] = vec::dot(row, false, queries.data() + q * dim_, dim_);
     }
   }
 
@@ -356,16 +354,38 @@ class IntStore final : public VectorStore {
     }
   }
 
-  // results[j] = queries[j] · x̂[position] for kQueries consecutive queries.
+  // scores[j * n + i] = queries[j] · x̂[positions[i]] for kQueries consecutive queries and the
+  // quantized positions i < quantized_here. Positions go eight at a time: the lane sums of the
+  // eight keys are reduced together (vec::transposed_sums), and a position's score is the same
+  // whichever block and lane it falls in (missing positions of the last block are zeros).
   template <int kQueries>
-  void dot_block(int64_t position, const float* queries, float* scratch, float* results) const {
-    __m256 acc[kQueries];
-    for (int j = 0; j < kQueries; ++j) acc[j] = _mm256_setzero_ps();
-    visit_chunks(position, scratch, [&](int64_t c, __m256 x) {
-      for (int j = 0; j < kQueries; ++j)
-        acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(queries + j * dim_ + c), acc[j]);
-    });
-    for (int j = 0; j < kQueries; ++j) results[j] = vec::horizontal_sum(acc[j]);
+  void dot_positions(const float* queries, const PositionSet& positions, int64_t quantized_here,
+                     int64_t n, float* scratch, float* scores) const {
+    __m256 sums[kQueries][8];
+    for (int64_t i0 = 0; i0 < quantized_here; i0 += 8) {
+      const int64_t here = std::min<int64_t>(8, quantized_here - i0);
+      for (int64_t k = 0; k < 8; ++k) {
+        __m256 acc[kQueries];
+        for (int j = 0; j < kQueries; ++j) acc[j] = _mm256_setzero_ps();
+        if (k < here) {
+          visit_chunks(positions[i0 + k], scratch, [&](int64_t c, __m256 x) {
+            for (int j = 0; j < kQueries; ++j)
+              acc[j] = _mm256_fmadd_ps(x, _mm256_loadu_ps(queries + j * dim_ + c), acc[j]);
+          });
+        }
+        for (int j = 0; j < kQueries; ++j) sums[j][k] = acc[j];
+      }
+      for (int j = 0; j < kQueries; ++j) {
+        const __m256 block = vec::transposed_sums(sums[j]);
+        if (here == 8) {
+          _mm256_storeu_ps(scores + j * n + i0, block);
+        } else {
+          float lanes[8];
+          _mm256_storeu_ps(lanes, block);
+          std::copy(lanes, lanes + here, scores + j * n + i0);
+        }
+      }
+    }
   }
 
   static constexpr int64_t kQueryBlock = 4;
