@@ -111,12 +111,7 @@ void run_analyze(AnalyzeFlags& f) {
     basis = calibrate_headq(model, read_text_file(path), path.string(), options);
     basis_json = {{"source", "calibrated"}};
   }
-  if (basis) {
-    basis_json["text"] = basis->text;
-    basis_json["tokens"] = basis->tokens;
-    basis_json["rank"] = basis->rank;
-    basis_json["fingerprint"] = basis->fingerprint;
-  }
+  if (basis) basis_json.update(headq_basis_json(*basis));
 
   AnalyzeOptions options;
   options.value_spec = f.values;

@@ -114,13 +114,7 @@ void run_eval_kv(EvalKvFlags& f) {
         });
     basis_json = {{"source", "calibrated"}};
   }
-  if (basis) {
-    basis_json["text"] = basis->text;
-    basis_json["tokens"] = basis->tokens;
-    basis_json["window"] = basis->window;
-    basis_json["rank"] = basis->rank;
-    basis_json["fingerprint"] = basis->fingerprint;
-  }
+  if (basis) basis_json.update(headq_basis_json(*basis));
 
   const std::filesystem::path text_path =
       f.text.empty() ? default_test_text() : std::filesystem::path(f.text);

@@ -7,7 +7,8 @@
 
 namespace visikv {
 struct KvGridResult;
-}
+struct HeadqBasis;
+}  // namespace visikv
 
 namespace visikv::cli {
 
@@ -20,6 +21,9 @@ void add_eval_command(CLI::App& app);       // `eval` with its subcommands (spar
 void add_eval_kv_command(CLI::App& eval);   // `eval kv`: the K-only decode-perplexity grid
 // One row of a K-only decode-perplexity grid as JSON (eval kv and eval sparse-ppl).
 nlohmann::json kv_grid_result_json(const KvGridResult& result);
+
+// Where a HeadQ basis came from, for a command's JSON: text, tokens, window, rank, fingerprint.
+nlohmann::json headq_basis_json(const HeadqBasis& basis);
 
 // `analyze`: key MSE and F against attention KL (eval/analyze.h).
 void add_analyze_command(CLI::App& app);

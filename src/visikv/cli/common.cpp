@@ -2,6 +2,7 @@
 #include <omp.h>
 
 #include "visikv/cli/commands.h"
+#include "visikv/kv/headq.h"
 
 namespace visikv::cli {
 
@@ -16,6 +17,14 @@ void apply_global_options() {
     omp_set_num_threads(threads);
     openblas_set_num_threads(threads);
   }
+}
+
+nlohmann::json headq_basis_json(const HeadqBasis& basis) {
+  return {{"text", basis.text},
+          {"tokens", basis.tokens},
+          {"window", basis.window},
+          {"rank", basis.rank},
+          {"fingerprint", basis.fingerprint}};
 }
 
 }  // namespace visikv::cli
