@@ -143,9 +143,7 @@ std::vector<float> decode_logits(Decoder& decoder, std::span<const int32_t> toke
   for (int64_t t = 0; t < static_cast<int64_t>(tokens.size());) {
     int64_t chunk = 1;
     if (batched) {
-      chunk = static_cast<int64_t>(tokens.size()) - t;
-      for (int64_t l = 0; l < decoder.cache_shape().layers; ++l)
-        chunk = std::min(chunk, cache->decode_equivalent_chunk(l));
+      chunk = std::min(static_cast<int64_t>(tokens.size()) - t, decode_order_chunk(*cache));
     }
     decoder.forward(tokens.subspan(t, chunk), *cache, LogitRows::All,
                     [&](int64_t row, int64_t, std::span<const float> l) {
@@ -222,7 +220,11 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheFixture) {
                {"int2:g16:tok", "f32", 1},
                {"int2:g8:chan:r16", "f32", 11},
                {"int2:g16:tok+headq:r4:s4:random", "int2:g16:tok", 1},
-               {"int2:g8:chan:r16+headq:r4:s4:random", "f32", 11}};
+               {"int2:g8:chan:r16+headq:r4:s4:random", "f32", 11},
+               // Value policies: the decoder attends token by token inside one chunk.
+               {"int2:g16:tok", "a2:int2/int4:g16:w8:avg3", 1},
+               {"int2:g8:chan:r16", "a1:int2/int4:g8:w16:avg2.5", 1},
+               {"f32", "recency:int2/int4:g16:w8:avg3", 1}};
   for (const auto& c : cases) {
     SCOPED_TRACE(std::string(c.keys) + " / " + c.values);
     expect_identical(compare_modes(decoder, text, kWindow, c.keys, c.values, bos), c.calls);
@@ -246,11 +248,17 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
   if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
   // Bit for bit, for dense keys and for 2-bit keys (where any rounding difference could move a
   // key across a code boundary).
-  const char* const cases[] = {"f32", "int2:g64:tok", "int2:g32:chan:r128",
-                               "int2:g64:tok+headq:r8:s4:random"};
-  for (const char* keys : cases) {
-    SCOPED_TRACE(keys);
+  const struct {
+    const char *keys, *values;
+  } cases[] = {{"f32", "f32"},
+               {"int2:g64:tok", "f32"},
+               {"int2:g32:chan:r128", "f32"},
+               {"int2:g64:tok+headq:r8:s4:random", "f32"},
+               {"int2:g64:tok+headq:r8:s4:random", "a2:int2/int4:g64:w64:avg2.5"}};
+  for (const auto& [keys, values] : cases) {
+    SCOPED_TRACE(std::string(keys) + " / " + values);
     o.key_codec = keys;
+    o.value_codec = values;
     o.mode = PerplexityMode::Decode;
     const double decode = perplexity(decoder, text, o).nll;
     o.mode = PerplexityMode::DecodeBatched;

@@ -40,10 +40,10 @@
 //                               absent when that is int2:g<Gt>:tok, the plain row's values)
 //
 // Values stay f32 in every row but the v and kv2 rows. The value policies rank tokens by the
-// attention they receive in decode order, so they need token-by-token decode (a batched
-// evaluation cannot run them). "Excess PPL removed" is (PPL_base - PPL_row) / (PPL_base -
-// PPL_dense) for the HeadQ rows (controls included) against their base row (k2-<axis>, or
-// kv2-<axis> for the composition rows, whatever their values); other rows have none.
+// attention they receive in decode order; decode-batched runs them with attention token by token
+// inside each chunk (model/decoder.h, decode_order_chunk). "Excess PPL removed" is (PPL_base -
+// PPL_row) / (PPL_base - PPL_dense) for the HeadQ rows (controls included) against their base row
+// (k2-<axis>, or kv2-<axis> for the composition rows, whatever their values); other rows have none.
 #pragma once
 
 #include <cstdint>

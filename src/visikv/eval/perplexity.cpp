@@ -40,18 +40,6 @@ double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   return std::log(sum) + max - logits[target];
 }
 
-namespace {
-
-// The chunk every layer allows (layers hold the same positions, but a cache may differ by layer).
-int64_t decode_equivalent_chunk(const KVCache& cache) {
-  int64_t chunk = INT64_MAX;
-  for (int64_t layer = 0; layer < cache.shape().layers; ++layer)
-    chunk = std::min(chunk, cache.decode_equivalent_chunk(layer));
-  return std::max<int64_t>(chunk, 1);
-}
-
-}  // namespace
-
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
                             const PerplexityOptions& o, const Progress& progress) {
   require(o.window >= 2, "perplexity window must be at least 2 tokens, got ", o.window);
@@ -130,7 +118,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
       for (int64_t t = 0; t < scored;) {
         // Selectors keep state across steps, so sparse runs go one token at a time.
         const int64_t chunk = o.mode == PerplexityMode::DecodeBatched && !selector
-                                  ? std::min(scored - t, decode_equivalent_chunk(*cache))
+                                  ? std::min(scored - t, decode_order_chunk(*cache))
                                   : 1;
         decoder.forward(needed.subspan(t, chunk), *cache, LogitRows::All,
                         [&](int64_t first_row, int64_t rows, std::span<const float> logits) {

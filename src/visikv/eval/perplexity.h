@@ -1,8 +1,8 @@
 // Perplexity over non-overlapping windows of a token stream, in modes that compute the same
 // function: prefill (each window in one forward pass), decode (token by token through the
 // cache: the reference for decode order) and decode-batched (decode order in the largest chunks
-// the cache allows, KVCache::decode_equivalent_chunk: each query reads the same stored keys and
-// values as in decode; only the rounding of the weight products may differ).
+// that compute what decode computes, model/decoder.h decode_order_chunk: each query reads the
+// same stored keys and values as in decode, and the weight products round per token).
 //
 // Protocol: the text's tokens are cut into consecutive windows. A window holds `window` tokens;
 // when the model's tokenizer adds BOS, each window is BOS followed by window-1 text tokens and

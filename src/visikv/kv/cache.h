@@ -102,8 +102,8 @@ class KVCache {
   // Caches whose stored form depends on the attention they serve (value bit policies,
   // kv/value_policy.h) return true. The decoder then hands them, after each softmax, the weights
   // every query head gave its positions, through record_attention; such a cache must be filled in
-  // decode order, one token per append (a batched evaluation that appends many tokens before
-  // attending to them cannot use it), and its append throws otherwise.
+  // decode order, one token per append, and its append throws otherwise. Decoder::forward does
+  // so for a chunk of tokens too: within each layer it appends and attends one token at a time.
   virtual bool records_attention() const { return false; }
   // weights[i]: the softmax weight one query head of `kv_head`'s group gave positions[i]. Calls
   // for different KV heads may run concurrently; calls for one head must not.

@@ -35,6 +35,15 @@ class AttentionRecorder final : public AttentionObserver {
 };
 }  // namespace
 
+int64_t decode_order_chunk(const KVCache& cache) {
+  if (cache.records_attention()) return INT64_MAX;
+  // Layers hold the same positions, but a cache may store them differently per layer.
+  int64_t chunk = INT64_MAX;
+  for (int64_t layer = 0; layer < cache.shape().layers; ++layer)
+    chunk = std::min(chunk, cache.decode_equivalent_chunk(layer));
+  return std::max<int64_t>(chunk, 1);
+}
+
 Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
   if (config_.positions == PositionKind::Rotary)
     inverse_frequencies_ = rope_inverse_frequencies(config_);
@@ -126,15 +135,30 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
       apply_rope(c, inverse_frequencies_, q_, n, c.heads, first_position);
       apply_rope(c, inverse_frequencies_, k, n, c.kv_heads, first_position);
     }
-    cache.append(l, k, v, n);
-    if (selector_ == nullptr) {
-      attend_causal(cache, l, q_, n, first_position, spec, attention_, observer);
+    const int64_t kv_row = c.kv_dim(), q_row = c.q_dim();
+    if (selector_ != nullptr) stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
+    // Appends tokens [t, t + count) of the chunk to the cache and attends their queries.
+    const auto append_and_attend = [&](int64_t t, int64_t count) {
+      cache.append(l, k.subspan(t * kv_row, count * kv_row), v.subspan(t * kv_row, count * kv_row),
+                   count);
+      const auto queries = std::span<const float>(q_).subspan(t * q_row, count * q_row);
+      const auto out = std::span<float>(attention_).subspan(t * q_row, count * q_row);
+      if (selector_ == nullptr) {
+        attend_causal(cache, l, queries, count, first_position + t, spec, out, observer);
+      } else {
+        attend_sparse(cache, l, queries, count, first_position + t, spec, *selector_, out,
+                      std::span(stats_).subspan(t * c.heads, count * c.heads), observer);
+      }
+    };
+    if (cache.records_attention()) {
+      // The cache's stored form depends on the attention it served, so within the layer each
+      // token is appended and attended before the next one arrives: exactly decode order,
+      // while the weight products above and below still run over the whole chunk.
+      for (int64_t t = 0; t < n; ++t) append_and_attend(t, 1);
     } else {
-      stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
-      attend_sparse(cache, l, q_, n, first_position, spec, *selector_, attention_, stats_,
-                    observer);
-      if (sparse_stats_) sparse_stats_(l, stats_);
+      append_and_attend(0, n);
     }
+    if (selector_ != nullptr && sparse_stats_) sparse_stats_(l, stats_);
     linear_forward(layer.o, attention_, n, projected_, rounding_);
     if (c.parallel_residual) {
       // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.

@@ -22,6 +22,12 @@ using LogitsSink =
 
 enum class LogitRows { All, Last };
 
+// How many tokens Decoder::forward may next run as one chunk and still compute, for every token,
+// what running them one at a time through `cache` computes (decode order), given
+// ProductRounding::PerToken: KVCache::decode_equivalent_chunk over the layers, or any number for
+// a cache that records attention (forward then attends token by token within each layer).
+int64_t decode_order_chunk(const KVCache& cache);
+
 class Decoder {
  public:
   explicit Decoder(const Model& model);
