@@ -265,13 +265,20 @@ class IntStore final : public VectorStore {
     quantized_ += tokens;
   }
 
+  // The scales (then the zeros) of the token group holding quantized `position`. Per-token
+  // groups skip the division, which would otherwise cost more than decoding the row.
+  const uint16_t* group_params(int64_t position) const {
+    const int64_t group = token_group_ == 1 ? position : position / token_group_;
+    return params_.data() + group * 2 * groups_per_row_;
+  }
+
   // Calls visit(c, x) for c = 0, 8, .., dim - 8, where x holds channels [c, c + 8) of the
   // quantized token `position`, zero + scale * code. `scratch` (dim floats) is used only when
   // groups are narrower than 8 lanes.
   template <typename Visit>
   void visit_chunks(int64_t position, float* scratch, Visit&& visit) const {
     const uint8_t* row = codes_.data() + position * row_bytes_;
-    const uint16_t* scales = params_.data() + position / token_group_ * 2 * groups_per_row_;
+    const uint16_t* scales = group_params(position);
     const uint16_t* zeros = scales + groups_per_row_;
     if (channel_group_ == 1) {  // per-channel parameters: one fp16 pair per lane
       for (int64_t c = 0; c < dim_; c += 8)
@@ -302,9 +309,12 @@ class IntStore final : public VectorStore {
   // Channels [c, c + 16) (or [c, c + 8) when dim is not a multiple of 16) of the quantized
   // position, zero + scale * code, as visit_chunks decodes them. Groups are one channel wide
   // (per-channel parameters) or a multiple of 8 channels.
-  void decode_slab(int64_t position, int64_t c, bool two, __m256& lo, __m256& hi) const {
+  struct Slab {  // channel groups of the slab's two halves (unused for per-channel parameters)
+    int64_t group_lo, group_hi;
+  };
+  void decode_slab(int64_t position, int64_t c, bool two, Slab slab, __m256& lo, __m256& hi) const {
     const uint8_t* row = codes_.data() + position * row_bytes_;
-    const uint16_t* scales = params_.data() + position / token_group_ * 2 * groups_per_row_;
+    const uint16_t* scales = group_params(position);
     const uint16_t* zeros = scales + groups_per_row_;
     if (channel_group_ == 1) {
       lo = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
@@ -314,16 +324,13 @@ class IntStore final : public VectorStore {
                              vec::load8(scales + c + 8, false), vec::load8(zeros + c + 8, false));
       return;
     }
-    const int64_t g = c / channel_group_;
     lo = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits),
-                         _mm256_set1_ps(fp16_to_float(scales[g])),
-                         _mm256_set1_ps(fp16_to_float(zeros[g])));
-    if (two) {
-      const int64_t g2 = (c + 8) / channel_group_;
+                         _mm256_set1_ps(fp16_to_float(scales[slab.group_lo])),
+                         _mm256_set1_ps(fp16_to_float(zeros[slab.group_lo])));
+    if (two)
       hi = _mm256_fmadd_ps(int_codes::unpack8<kBits>(row + c / 8 * kBits + kBits),
-                           _mm256_set1_ps(fp16_to_float(scales[g2])),
-                           _mm256_set1_ps(fp16_to_float(zeros[g2])));
-    }
+                           _mm256_set1_ps(fp16_to_float(scales[slab.group_hi])),
+                           _mm256_set1_ps(fp16_to_float(zeros[slab.group_hi])));
   }
 
   // out[q][c .. c + 16) += Σ_{i < quantized_here} weights[q][i] · x̂[positions[i]][c .. c + 16)
@@ -339,9 +346,10 @@ class IntStore final : public VectorStore {
       hi[j] = two ? _mm256_loadu_ps(out.data() + (q0 + j) * dim_ + c + 8) : _mm256_setzero_ps();
     }
     const float* w = weights.data() + q0 * n;
+    const Slab slab{c / channel_group_, (c + 8) / channel_group_};
     for (int64_t i = 0; i < quantized_here; ++i) {
       __m256 x_lo, x_hi = _mm256_setzero_ps();
-      decode_slab(positions[i], c, two, x_lo, x_hi);
+      decode_slab(positions[i], c, two, slab, x_lo, x_hi);
       for (int j = 0; j < kQueries; ++j) {
         const __m256 weight = _mm256_set1_ps(w[j * n + i]);
         lo[j] = _mm256_fmadd_ps(weight, x_lo, lo[j]);
