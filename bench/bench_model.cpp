@@ -1,6 +1,7 @@
 // Prefill and decode speed of a model at several context lengths (Google Benchmark).
 //   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or
-//   default)
+//   default; cache codec for keys and values: $VISIKV_BENCH_CACHE, default f16, any spec of
+//   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok)
 // Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
 // N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
 #include <benchmark/benchmark.h>
@@ -11,7 +12,7 @@
 #include <vector>
 
 #include "visikv/eval/data_paths.h"
-#include "visikv/kv/dense_cache.h"
+#include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -37,9 +38,10 @@ Loaded& loaded() {
   return instance;
 }
 
-DenseFormat cache_format() {
+std::unique_ptr<KVCache> make_bench_cache(const Decoder& decoder, int64_t tokens) {
   const char* name = std::getenv("VISIKV_BENCH_CACHE");
-  return dense_format_from_name(name != nullptr ? name : "f16");
+  const std::string spec = name != nullptr ? name : "f16";
+  return make_cache(decoder.cache_shape(), spec, spec, tokens);
 }
 
 void discard(int64_t, int64_t, std::span<const float>) {}
@@ -48,7 +50,7 @@ void Prefill(benchmark::State& state) {
   Loaded& l = loaded();
   Decoder decoder(l.model);
   const int64_t n = state.range(0);
-  auto cache = make_dense_cache(decoder.cache_shape(), cache_format(), n);
+  auto cache = make_bench_cache(decoder, n);
   const std::span<const int32_t> tokens(l.text.data(), static_cast<size_t>(n));
   for (auto _ : state) {
     cache->clear();
@@ -62,7 +64,7 @@ void Decode(benchmark::State& state) {
   Loaded& l = loaded();
   Decoder decoder(l.model);
   const int64_t n = state.range(0);
-  auto cache = make_dense_cache(decoder.cache_shape(), cache_format(), n + kDecodeSteps);
+  auto cache = make_bench_cache(decoder, n + kDecodeSteps);
   for (auto _ : state) {
     state.PauseTiming();
     cache->clear();
@@ -80,6 +82,7 @@ BENCHMARK(Prefill)
     ->Arg(128)
     ->Arg(1024)
     ->Arg(4096)
+    ->Arg(8160)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(1);
@@ -87,6 +90,7 @@ BENCHMARK(Decode)
     ->Arg(128)
     ->Arg(1024)
     ->Arg(4096)
+    ->Arg(8160)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(1);

@@ -70,6 +70,7 @@ class GridProgress {
 };
 
 void run_eval_kv(EvalKvFlags& f) {
+  const auto command_started = std::chrono::steady_clock::now();
   apply_global_options();
   require(f.tokens >= 0, "--tokens must not be negative, got ", f.tokens);
   require(f.window >= 2, "--window must be at least 2 tokens, got ", f.window);
@@ -135,8 +136,10 @@ void run_eval_kv(EvalKvFlags& f) {
   const auto grid_started = std::chrono::steady_clock::now();
   const std::vector<KvGridResult> results =
       run_kv_grid(decoder, tokens, rows, options, basis ? &*basis : nullptr, std::ref(progress));
-  const double grid_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - grid_started).count();
+  const auto grid_done = std::chrono::steady_clock::now();
+  const double grid_seconds = std::chrono::duration<double>(grid_done - grid_started).count();
+  // Model loading, calibration and tokenization included.
+  const double total_seconds = std::chrono::duration<double>(grid_done - command_started).count();
 
   const KvGridResult& dense = *std::find_if(
       results.begin(), results.end(), [](const KvGridResult& r) { return r.row.name == "dense"; });
@@ -148,7 +151,8 @@ void run_eval_kv(EvalKvFlags& f) {
               static_cast<long long>(f.window), options.bos ? " (BOS first)" : "");
   std::printf("tokens:       %lld scored in %lld windows\n",
               static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
-  std::printf("grid time:    %.1f s (rows %zu)\n", grid_seconds, results.size());
+  std::printf("grid time:    %.1f s (rows %zu); %.1f s with loading and calibration\n",
+              grid_seconds, results.size(), total_seconds);
   if (basis)
     std::printf("basis:        %s (%s, %lld positions, rank %lld)\n",
                 basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
@@ -186,6 +190,7 @@ void run_eval_kv(EvalKvFlags& f) {
                 {"windows", dense.ppl.windows},
                 {"window", f.window},
                 {"grid_seconds", grid_seconds},
+                {"total_seconds", total_seconds},
                 {"bos_first", options.bos.has_value()},
                 {"head_dim", head_dim},
                 {"basis", basis_json},
