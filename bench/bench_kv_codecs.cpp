@@ -49,6 +49,9 @@ constexpr const char* kSpecs[] = {"f32",
                                   "int2:g64:tok+headq:r8:s4:random",
                                   "int2:g32:chan:r128+headq:r8:s4:random"};
 
+// The values' spec of a benchmark spec: side codes are for keys.
+std::string value_spec_of(const std::string& spec) { return spec.substr(0, spec.find('+')); }
+
 // A cache of `shape` holding n random tokens in every layer. The last one built is kept, since
 // the benchmark library calls a benchmark several times and a model-sized cache takes seconds to
 // fill.
@@ -59,8 +62,7 @@ const KVCache& filled_cache(const CacheShape& shape, const std::string& spec, in
       spec + "/" + std::to_string(n) + "/" + std::to_string(shape.layers * shape.kv_heads);
   if (cache && key == wanted) return *cache;
   cache.reset();
-  const std::string value_spec = spec.substr(0, spec.find('+'));  // side codes are for keys
-  cache = make_cache(shape, spec, value_spec, n);
+  cache = make_cache(shape, spec, value_spec_of(spec), n);
   key = wanted;
   std::mt19937 rng(42);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -98,7 +100,7 @@ void codec_step(benchmark::State& state, const CacheShape& shape, const std::str
         benchmark::ClobberMemory();
       }
   }
-  const std::string value_spec = spec.substr(0, spec.find('+'));
+  const std::string value_spec = value_spec_of(spec);
   const double bytes =
       static_cast<double>(shape.layers * shape.kv_heads *
                           (codec_stored_bits(parse_codec_spec(spec), kHeadDim, n) +
@@ -114,18 +116,16 @@ void codec_step(benchmark::State& state, const CacheShape& shape, const std::str
 }  // namespace
 
 int main(int argc, char** argv) {
-  for (const char* spec : kSpecs) {
-    for (int64_t n : {1024, 4096, 16384})
-      benchmark::RegisterBenchmark(
-          ("KVCodec/" + std::string(spec) + "/" + std::to_string(n)).c_str(), codec_step,
-          CacheShape{1, 1, kHeadDim}, std::string(spec), n);
-  }
-  for (const char* spec : kSpecs) {
-    for (int64_t n : {1024, 4096, 16384})
-      benchmark::RegisterBenchmark(
-          ("KVCodecStep/" + std::string(spec) + "/" + std::to_string(n)).c_str(), codec_step,
-          kDefaultModelCache, std::string(spec), n);
-  }
+  const struct {
+    const char* name;
+    CacheShape shape;
+  } families[] = {{"KVCodec", {1, 1, kHeadDim}}, {"KVCodecStep", kDefaultModelCache}};
+  for (const auto& family : families)
+    for (const char* spec : kSpecs)
+      for (int64_t n : {1024, 4096, 16384})
+        benchmark::RegisterBenchmark(
+            (std::string(family.name) + "/" + spec + "/" + std::to_string(n)).c_str(), codec_step,
+            family.shape, std::string(spec), n);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
