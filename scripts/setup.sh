@@ -4,22 +4,25 @@
 #   scripts/setup.sh            system packages + default model
 #   scripts/setup.sh --bench    also the Python packages of the benchmarks (llama-cpp-python)
 #   scripts/setup.sh --fixtures also the Python packages that regenerate test fixtures
+#   scripts/setup.sh --models   also the second benchmark model (Qwen2.5-Coder-1.5B Q4_K_M, 1.1 GB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_bench=0
 want_fixtures=0
+want_models=0
 for arg in "$@"; do
   case "$arg" in
     --bench) want_bench=1 ;;
     --fixtures) want_fixtures=1 ;;
+    --models) want_models=1 ;;
     *) echo "setup.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
 
 packages=(build-essential g++ cmake ninja-build pkg-config git unzip python3 python3-pip
           nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
-          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev)
+          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,6 +36,7 @@ if ((${#missing[@]})); then
 fi
 
 scripts/fetch_default_model.sh
+if ((want_models)); then scripts/fetch_qwen_coder.sh; fi
 
 pip_install() {
   python3 -m pip install --quiet --disable-pip-version-check "$@" ||

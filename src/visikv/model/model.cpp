@@ -1,4 +1,5 @@
 #include "visikv/model/model.h"
+#include "visikv/model/weight_kernels.h"
 
 #include <cstdlib>
 #include <cstring>
@@ -332,6 +333,7 @@ std::string Model::describe() const {
                  "\n", "parameters:   ", parameters, " (matrices stored as ", dtypes, ")\n",
                  "context:      ", c.max_positions, " positions\n",
                  "tied head:    ", c.tied_embeddings ? "yes" : "no", "\n",
+                 "kernels:      ", weight_kernel_target(), " (VISIKV_SIMD limits them)\n",
                  "tokenizer:    ", tokenizer_->kind(), ", ", tokenizer_->vocab_size(), " tokens",
                  tokenizer_->bos_id() ? str_cat(", BOS ", *tokenizer_->bos_id()) : "",
                  tokenizer_->adds_bos() ? " (added)" : "",

@@ -1,0 +1,37 @@
+// Dot products of stored weight rows (f32, f16, bf16 and every GGUF block type the loader reads)
+// with float32 activations: one kernel body, one small unpacking entry per weight type, compiled
+// for several instruction sets (Google Highway: AVX-512, AVX2, and a portable fallback) and chosen
+// at run time for the CPU at hand.
+//
+// Numerics ("exact" products): every stored weight is widened to the float32 value that
+// dequantize() gives (for every block type that value is a product of small integers and fp16
+// scales, exact in float32, so the order of the unpacking arithmetic does not matter) and
+// multiplied into float32 accumulators. A row's blocks of 32 weights are unpacked once for up to
+// four tokens; per token the operations and their order do not depend on how many tokens share
+// the pass, so a chunk of tokens gets bit for bit the results of one token at a time. The order
+// of the sums depends on the vector width, so results may differ in the last bits between an
+// AVX2 and an AVX-512 machine (VISIKV_SIMD picks a narrower target to compare).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "visikv/formats/tensor.h"
+
+namespace visikv {
+
+// y[t * y_stride] = dot(row, x + t * x_stride) for t < tokens, where `row` holds `elements` stored
+// values of `type` (a whole number of blocks for block types).
+void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const float* x,
+                    int64_t x_stride, int64_t tokens, float* y, int64_t y_stride);
+
+// The instruction set the kernels run with on this CPU ("AVX3", "AVX2", "EMU128", ...).
+std::string weight_kernel_target();
+
+// Restricts the kernels to at most the named instruction set: "native" (the best this CPU has),
+// "avx512", "avx2" or "generic" (the portable fallback). The environment variable VISIKV_SIMD sets
+// it at start-up. Throws visikv::Error on an unknown name.
+void set_weight_kernel_target(const std::string& name);
+
+}  // namespace visikv

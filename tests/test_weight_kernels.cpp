@@ -1,0 +1,144 @@
+// The weight kernels (model/weight_kernels.h) for every stored type and every instruction set this
+// CPU can run: dot products against a float64 reference over the `gguf` package's dequantized
+// values, and a chunk of tokens equal bit for bit to one token at a time.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "test_support.h"
+#include "visikv/core/error.h"
+#include "visikv/core/half.h"
+#include "visikv/formats/dequantize.h"
+#include "visikv/formats/gguf.h"
+#include "visikv/model/matmul.h"
+#include "visikv/model/weight_kernels.h"
+
+namespace visikv {
+namespace {
+
+const std::filesystem::path kQuants =
+    std::filesystem::path(VISIKV_FIXTURES) / "formats" / "quants.gguf";
+
+// The instruction sets to test: each one this CPU supports, from the portable path up.
+std::vector<std::string> available_targets() {
+  std::vector<std::string> names;
+  for (const char* name : {"generic", "avx2", "avx512"}) {
+    try {
+      set_weight_kernel_target(name);
+      names.push_back(name);
+    } catch (const Error&) {
+    }
+  }
+  set_weight_kernel_target("native");
+  return names;
+}
+
+struct TargetGuard {
+  explicit TargetGuard(const std::string& name) { set_weight_kernel_target(name); }
+  ~TargetGuard() { set_weight_kernel_target("native"); }
+};
+
+// Checks dot_row_tokens on every row of `tensor` for 1 to 7 tokens against float64 sums of the
+// dequantized row.
+void expect_rows_match_reference(const TensorRef& tensor) {
+  const int64_t n = tensor.row_size();
+  constexpr int64_t kTokens = 7;
+  const int64_t x_stride = n + 3;  // rows of x need not be packed
+  std::mt19937 rng(1234);
+  const std::vector<float> x = test_support::random_vector(rng, kTokens * x_stride);
+  for (int64_t r = 0; r < tensor.rows(); ++r) {
+    std::vector<float> w(static_cast<size_t>(n));
+    dequantize(tensor.dtype, tensor.row(r), w);
+    const std::byte* row = tensor.row(r).data();
+    // All tokens in one call, written with a stride into a poisoned buffer.
+    std::vector<float> y(kTokens * 2, std::numeric_limits<float>::quiet_NaN());
+    dot_row_tokens(tensor.dtype, row, n, x.data(), x_stride, kTokens, y.data(), 2);
+    for (int64_t t = 0; t < kTokens; ++t) {
+      double exact = 0, magnitude = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        exact += double{w[i]} * x[t * x_stride + i];
+        magnitude += std::abs(double{w[i]} * x[t * x_stride + i]);
+      }
+      const float got = y[t * 2];
+      EXPECT_NEAR(got, exact, 1e-6 * magnitude + 1e-30)
+          << tensor.describe() << " row " << r << " token " << t;
+      EXPECT_TRUE(std::isnan(y[t * 2 + 1])) << "wrote outside its stride";
+      // Alone, and in every chunk size, the token gets the same bits.
+      for (int64_t chunk = 1; chunk <= kTokens - t; ++chunk) {
+        std::vector<float> part(static_cast<size_t>(chunk),
+                                std::numeric_limits<float>::quiet_NaN());
+        dot_row_tokens(tensor.dtype, row, n, x.data() + t * x_stride, x_stride, chunk, part.data(),
+                       1);
+        EXPECT_EQ(part[0], got) << tensor.describe() << " row " << r << " token " << t
+                                << " in a chunk of " << chunk;
+      }
+    }
+    // dot_stored_row is the one-token case.
+    EXPECT_EQ(dot_stored_row(tensor.dtype, row, x.data(), n), y[0]);
+  }
+}
+
+class WeightKernels : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(WeightKernels, MatchFloat64OnEveryTarget) {
+  const GgufFile file(kQuants);
+  const std::string type = GetParam();
+  const TensorRef& tensor = file.tensor((type.starts_with("Q") ? "q." : "f.") + type);
+  ASSERT_EQ(dtype_name(tensor.dtype), type);
+  const std::vector<std::string> targets = available_targets();
+  ASSERT_FALSE(targets.empty());
+  for (const std::string& target : targets) {
+    SCOPED_TRACE(target);
+    const TargetGuard guard(target);
+    expect_rows_match_reference(tensor);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTypes, WeightKernels,
+                         ::testing::Values("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K",
+                                           "Q6_K", "F16", "BF16", "F32"),
+                         [](const auto& info) { return std::string(info.param); });
+
+// Float rows need not be a whole number of 32-value units: the last values are added one at a
+// time (45 = 32 + 13).
+TEST(WeightKernels, FloatRowsWithTails) {
+  constexpr int64_t kRows = 3, kCols = 45;
+  std::mt19937 rng(99);
+  const std::vector<float> values = test_support::random_vector(rng, kRows * kCols);
+  std::vector<uint16_t> halves(values.size()), bfloats(values.size());
+  for (size_t i = 0; i < values.size(); ++i) {
+    halves[i] = float_to_fp16(values[i]);
+    bfloats[i] = float_to_bf16(values[i]);
+  }
+  const auto view = [](const auto& v) {
+    return std::span<const std::byte>(reinterpret_cast<const std::byte*>(v.data()),
+                                      v.size() * sizeof(v[0]));
+  };
+  const TensorRef tensors[] = {{"f32", DType::F32, {kRows, kCols}, view(values)},
+                               {"f16", DType::F16, {kRows, kCols}, view(halves)},
+                               {"bf16", DType::BF16, {kRows, kCols}, view(bfloats)}};
+  for (const std::string& target : available_targets()) {
+    SCOPED_TRACE(target);
+    const TargetGuard guard(target);
+    for (const TensorRef& tensor : tensors) expect_rows_match_reference(tensor);
+  }
+}
+
+TEST(WeightKernels, TargetSelection) {
+  for (const std::string& target : available_targets()) {
+    const TargetGuard guard(target);
+    const std::string chosen = weight_kernel_target();
+    if (target == "generic") EXPECT_TRUE(chosen == "EMU128" || chosen == "SCALAR") << chosen;
+    if (target == "avx2") EXPECT_EQ(chosen, "AVX2");
+    if (target == "avx512") EXPECT_EQ(chosen.substr(0, 4), "AVX3");
+  }
+  EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("sse9"); }),
+            "unknown SIMD target 'sse9' (expected native, avx512, avx2 or generic)");
+}
+
+}  // namespace
+}  // namespace visikv
