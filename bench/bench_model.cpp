@@ -1,7 +1,8 @@
 // Prefill and decode speed of a model at several context lengths (Google Benchmark).
 //   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or
 //   default; cache codec for keys and values: $VISIKV_BENCH_CACHE, default f16, any spec of
-//   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok)
+//   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok; products: $VISIKV_BENCH_NUMERICS,
+//   exact (default) or fast, as `visikv generate --numerics`)
 // Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
 // N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
 #include <benchmark/benchmark.h>
@@ -44,11 +45,20 @@ std::unique_ptr<KVCache> make_bench_cache(const Decoder& decoder, int64_t tokens
   return make_cache(decoder.cache_shape(), spec, spec, tokens);
 }
 
+// A decoder with the products $VISIKV_BENCH_NUMERICS asks for.
+Decoder make_bench_decoder(const Model& model) {
+  Decoder decoder(model);
+  const char* name = std::getenv("VISIKV_BENCH_NUMERICS");
+  if (name != nullptr && std::string(name) == "fast")
+    decoder.set_product_rounding(ProductRounding::QuantizedActivations);
+  return decoder;
+}
+
 void discard(int64_t, int64_t, std::span<const float>) {}
 
 void Prefill(benchmark::State& state) {
   Loaded& l = loaded();
-  Decoder decoder(l.model);
+  Decoder decoder = make_bench_decoder(l.model);
   const int64_t n = state.range(0);
   auto cache = make_bench_cache(decoder, n);
   const std::span<const int32_t> tokens(l.text.data(), static_cast<size_t>(n));
@@ -62,7 +72,7 @@ void Prefill(benchmark::State& state) {
 
 void Decode(benchmark::State& state) {
   Loaded& l = loaded();
-  Decoder decoder(l.model);
+  Decoder decoder = make_bench_decoder(l.model);
   const int64_t n = state.range(0);
   auto cache = make_bench_cache(decoder, n + kDecodeSteps);
   for (auto _ : state) {

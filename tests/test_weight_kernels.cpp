@@ -142,3 +142,52 @@ TEST(WeightKernels, TargetSelection) {
 
 }  // namespace
 }  // namespace visikv
+
+namespace visikv {
+namespace {
+
+// The fast products on activations that 8 bits represent exactly (k / 64 for integers |k| <= 127,
+// one value per block of 32 at ±127/64, so every block's scale is 1/64): they must then equal the
+// float64 dot product up to float32 sums, for every block type and target.
+TEST(WeightKernels, Int8ProductsAreExactOnRepresentableActivations) {
+  const GgufFile file(kQuants);
+  for (const char* type : {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"}) {
+    SCOPED_TRACE(type);
+    const TensorRef& tensor = file.tensor(std::string("q.") + type);
+    const int64_t n = tensor.row_size();
+    constexpr int64_t kTokens = 6;
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> code(-127, 127);
+    std::vector<float> x(static_cast<size_t>(kTokens * n));
+    for (size_t i = 0; i < x.size(); ++i)
+      x[i] = static_cast<float>(i % 32 == 5 ? (i % 64 == 5 ? 127 : -127) : code(rng)) / 64.0f;
+    Int8Activations xq;
+    quantize_activations(x.data(), kTokens, n, xq);
+    for (int64_t i = 0; i < kTokens * n; ++i)
+      ASSERT_EQ(static_cast<float>(xq.codes[i]) * xq.scales[i / 32], x[i]) << "value " << i;
+    for (const std::string& target : available_targets()) {
+      SCOPED_TRACE(target);
+      const TargetGuard guard(target);
+      for (int64_t r = 0; r < tensor.rows(); ++r) {
+        std::vector<float> w(static_cast<size_t>(n));
+        dequantize(tensor.dtype, tensor.row(r), w);
+        std::vector<float> y(kTokens, std::numeric_limits<float>::quiet_NaN());
+        dot_row_tokens_int8(tensor.dtype, tensor.row(r).data(), n, xq, 0, kTokens, y.data(), 1);
+        for (int64_t t = 0; t < kTokens; ++t) {
+          double exact = 0, magnitude = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            exact += double{w[i]} * x[t * n + i];
+            magnitude += std::abs(double{w[i]} * x[t * n + i]);
+          }
+          EXPECT_NEAR(y[t], exact, 2e-6 * magnitude) << "row " << r << " token " << t;
+          float alone = std::numeric_limits<float>::quiet_NaN();
+          dot_row_tokens_int8(tensor.dtype, tensor.row(r).data(), n, xq, t, 1, &alone, 1);
+          EXPECT_EQ(alone, y[t]) << "row " << r << " token " << t << " alone";
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace visikv

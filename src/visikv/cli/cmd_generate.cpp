@@ -14,7 +14,7 @@ namespace visikv::cli {
 
 namespace {
 struct GenerateFlags {
-  std::string model, prompt, keys = "f32", values = "f32", selector = "dense";
+  std::string model, prompt, keys = "f32", values = "f32", selector = "dense", numerics = "exact";
   GenerationOptions options;
   bool ignore_eos = false, stats = false;
 };
@@ -40,12 +40,14 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--keys,--cache", flags->keys, "key cache codec (docs/CACHE_SPECS.md)");
   cmd->add_option("--values", flags->values, "value cache codec (docs/CACHE_SPECS.md)");
   cmd->add_option("--selector", flags->selector, "attention support (docs/SELECTOR_SPECS.md)");
+  add_numerics_option(*cmd, flags->numerics);
   cmd->add_flag("--ignore-eos", flags->ignore_eos, "keep going past the end-of-sequence token");
   cmd->add_flag("--stats", flags->stats, "print timing to stderr");
   cmd->callback([flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
     Decoder decoder(model);
+    apply_numerics(flags->numerics, decoder);
     const std::vector<int32_t> prompt = model.tokenizer().encode(flags->prompt, true);
     const SelectorSpec selector_spec = parse_selector_spec(flags->selector);
     // The cache keeps its block summaries at the selector's block size.

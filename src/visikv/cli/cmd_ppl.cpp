@@ -15,6 +15,7 @@
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/model/decoder.h"
+#include "visikv/model/weight_kernels.h"
 #include "visikv/model/model.h"
 
 namespace visikv::cli {
@@ -24,6 +25,7 @@ namespace {
 struct PplFlags {
   std::string model, file, mode = "prefill", keys = "f32", values = "f32", selector = "dense", json;
   std::string basis;  // HeadQ basis file
+  std::string numerics = "exact";
   int64_t window = 1024, tokens = 0;
 };
 
@@ -87,11 +89,15 @@ void add_ppl_command(CLI::App& app) {
       "--selector", flags->selector,
       "attention support, e.g. dense, sparse:a1:w64:k32:exact, certified:a1:w64:b32:eps0.01 "
       "(docs/SELECTOR_SPECS.md)");
+  add_numerics_option(*cmd, flags->numerics);
   cmd->add_option("--json", flags->json, "write the result as JSON to this file");
   cmd->callback([flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
+    require(flags->numerics == "exact" || flags->mode != "decode-batched",
+            "--numerics fast: decode-batched computes decode order with exact products only");
     Decoder decoder(model);
+    apply_numerics(flags->numerics, decoder);
     const std::filesystem::path text_path =
         flags->file.empty() ? default_test_text() : std::filesystem::path(flags->file);
     const std::string text = read_text_file(text_path);
@@ -112,12 +118,12 @@ void add_ppl_command(CLI::App& app) {
     ProgressBar bar;
     const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));
     std::printf(
-        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld\n"
+        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s numerics\n"
         "cache:        keys %s, values %s; attention %s\n"
         "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
         "speed:        %.1f tokens/s (%.1f s)\n",
         model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
-        static_cast<long long>(options.window), flags->keys.c_str(), flags->values.c_str(),
+        static_cast<long long>(options.window), flags->numerics.c_str(), flags->keys.c_str(), flags->values.c_str(),
         flags->selector.c_str(), static_cast<long long>(r.tokens),
         static_cast<long long>(r.windows), r.nll, r.ppl, r.tokens_per_s, r.seconds);
     if (!flags->json.empty()) {
@@ -125,6 +131,8 @@ void add_ppl_command(CLI::App& app) {
                                   {"text", text_path.string()},
                                   {"mode", flags->mode},
                                   {"window", options.window},
+                                  {"numerics", flags->numerics},
+                                  {"kernels", weight_kernel_target()},
                                   {"key_codec", flags->keys},
                                   {"value_codec", flags->values},
                                   {"selector", flags->selector},

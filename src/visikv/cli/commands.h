@@ -4,10 +4,12 @@
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <string>
 
 namespace visikv {
 struct KvGridResult;
 struct HeadqBasis;
+class Decoder;
 }  // namespace visikv
 
 namespace visikv::cli {
@@ -33,6 +35,11 @@ struct GlobalOptions {
   int threads = 0;  // 0: all cores
 };
 GlobalOptions& global_options();
+// `--numerics exact|fast` of generate and ppl: exact products (transformers-equal, the default)
+// or 8-bit activations with integer products for GGUF block weights (ProductRounding).
+void add_numerics_option(CLI::App& cmd, std::string& numerics);
+void apply_numerics(const std::string& numerics, Decoder& decoder);
+
 // Applies the global options (thread count for OpenMP and BLAS); each command calls it first.
 void apply_global_options();
 

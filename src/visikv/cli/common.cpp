@@ -2,6 +2,7 @@
 #include <omp.h>
 
 #include "visikv/cli/commands.h"
+#include "visikv/model/decoder.h"
 #include "visikv/kv/headq.h"
 
 namespace visikv::cli {
@@ -9,6 +10,18 @@ namespace visikv::cli {
 GlobalOptions& global_options() {
   static GlobalOptions options;
   return options;
+}
+
+void add_numerics_option(CLI::App& cmd, std::string& numerics) {
+  cmd.add_option("--numerics", numerics,
+                 "exact (float32 products, transformers-equal) or fast (8-bit activations and "
+                 "integer products for GGUF block weights, as llama.cpp)")
+      ->check(CLI::IsMember({"exact", "fast"}));
+}
+
+void apply_numerics(const std::string& numerics, Decoder& decoder) {
+  decoder.set_product_rounding(numerics == "fast" ? ProductRounding::QuantizedActivations
+                                                  : ProductRounding::Fastest);
 }
 
 void apply_global_options() {

@@ -89,9 +89,11 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   for (const LinearProduct& p : products) check_buffers(*p.layer, x, tokens, p.y);
   // sgemm only where it is both allowed and faster (float weights; see is_block_type).
   std::vector<LinearProduct> row_products;
+  bool any_int8 = false;
   for (const LinearProduct& p : products) {
-    if (rounding == ProductRounding::Fastest && tokens >= kGemmMinTokens &&
-        !is_block_type(p.layer->weight.dtype))
+    const bool block_type = is_block_type(p.layer->weight.dtype);
+    any_int8 |= block_type && rounding == ProductRounding::QuantizedActivations;
+    if (rounding != ProductRounding::PerToken && tokens >= kGemmMinTokens && !block_type)
       linear_forward_gemm(*p.layer, x, tokens, p.y);
     else
       row_products.push_back(p);
@@ -102,6 +104,11 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // tile, so no barrier is needed between tiles.
   int64_t total_rows = 0;
   for (const LinearProduct& p : row_products) total_rows += p.layer->out_features();
+  // The products share their input, so it is rounded to 8 bits once (reused buffers: nothing is
+  // allocated once they have grown to the largest input).
+  thread_local Int8Activations x_int8;
+  if (any_int8) quantize_activations(x.data(), tokens, row_products[0].layer->in_features(), x_int8);
+  const Int8Activations& xq = x_int8;
 #pragma omp parallel
   for (int64_t first = 0; first < tokens; first += kTokenTile) {
     const int64_t count = std::min(kTokenTile, tokens - first);
@@ -115,9 +122,12 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       const int64_t out = layer.out_features();
       const std::byte* row =
           layer.weight.data.data() + o * storage_bytes(layer.weight.dtype, layer.in_features());
-      dot_row_tokens(layer.weight.dtype, row, layer.in_features(),
-                     x.data() + first * layer.in_features(), layer.in_features(), count,
-                     row_products[which].y.data() + first * out + o, out);
+      float* y = row_products[which].y.data() + first * out + o;
+      if (any_int8 && is_block_type(layer.weight.dtype))
+        dot_row_tokens_int8(layer.weight.dtype, row, layer.in_features(), xq, first, count, y, out);
+      else
+        dot_row_tokens(layer.weight.dtype, row, layer.in_features(),
+                       x.data() + first * layer.in_features(), layer.in_features(), count, y, out);
     }
   }
   for (const LinearProduct& p : products) add_bias(*p.layer, tokens, p.y);

@@ -25,9 +25,13 @@
 
 #include <cstdint>
 #include <cstring>
+#if HWY_ARCH_X86
+#include <immintrin.h>
+#endif
 
 #include "visikv/core/half.h"
 #include "visikv/formats/tensor.h"
+#include "visikv/model/weight_kernels.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace visikv {
@@ -362,6 +366,252 @@ void DotRowTokens(DType type, const std::byte* stored_row, int64_t n, const floa
   }
 }
 
+// --- fast products: weight codes times 8-bit activation codes --------------------------------
+
+// 32 weights of a unit as small integer codes: w_j = scale[j / 16] * code_j + offset[j / 16].
+// Codes are in [0, 63] (unsigned formats) or [-128, 127] (Q8_0, kSigned).
+struct UnitCodes {
+  alignas(32) int8_t codes[32];
+  float scale[2], offset[2];
+  void set_scale(float s, float o) { scale[0] = scale[1] = s, offset[0] = offset[1] = o; }
+};
+
+// Legacy nibble layout: value j < 16 is the low nibble of byte j, value 16 + j its high nibble.
+inline int LegacyNibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4; }
+
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+// x86: the codes of a unit as one 256-bit vector (byte j = code j), from the block's packed bits.
+inline __m256i LegacyNibbles256(const uint8_t* qs) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+}
+// Byte j: 16 when bit j of `bits` is set, else 0.
+inline __m256i FifthBits256(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
+                         0x0303030303030303));
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
+                          _mm256_set1_epi8(16));
+}
+// (bytes >> shift) & mask, byte by byte.
+inline __m256i ShiftMask256(__m256i bytes, int shift, int mask) {
+  return _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(static_cast<char>(mask)));
+}
+inline __m256i Load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+#endif
+
+struct Q8_0Codes {
+  static constexpr int kValues = 32, kBytes = 34;
+  static constexpr bool kSigned = true;
+  static void Codes(const uint8_t* block, int, UnitCodes& c) {
+    std::memcpy(c.codes, block + 2, 32);
+    c.set_scale(LoadHalf(block), 0.0f);
+  }
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  static __m256i Codes256(const uint8_t* block, int, UnitCodes& c) {
+    c.set_scale(LoadHalf(block), 0.0f);
+    return Load256(block + 2);
+  }
+#endif
+};
+template <bool kHasMin>
+struct Q4Codes {
+  static constexpr int kValues = 32, kBytes = kHasMin ? 20 : 18;
+  static constexpr bool kSigned = false;
+  static void Codes(const uint8_t* block, int, UnitCodes& c) {
+    const uint8_t* qs = block + (kHasMin ? 4 : 2);
+    for (int j = 0; j < 32; ++j) c.codes[j] = static_cast<int8_t>(LegacyNibble(qs, j));
+    const float d = LoadHalf(block);
+    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -8.0f * d);
+  }
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  static __m256i Codes256(const uint8_t* block, int, UnitCodes& c) {
+    const float d = LoadHalf(block);
+    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -8.0f * d);
+    return LegacyNibbles256(block + (kHasMin ? 4 : 2));
+  }
+#endif
+};
+template <bool kHasMin>
+struct Q5Codes {
+  static constexpr int kValues = 32, kBytes = kHasMin ? 24 : 22;
+  static constexpr bool kSigned = false;
+  static void Codes(const uint8_t* block, int, UnitCodes& c) {
+    uint32_t qh;
+    std::memcpy(&qh, block + (kHasMin ? 4 : 2), sizeof(qh));
+    const uint8_t* qs = block + (kHasMin ? 8 : 6);
+    for (int j = 0; j < 32; ++j)
+      c.codes[j] = static_cast<int8_t>(LegacyNibble(qs, j) | (((qh >> j) & 1) << 4));
+    const float d = LoadHalf(block);
+    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -16.0f * d);
+  }
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  static __m256i Codes256(const uint8_t* block, int, UnitCodes& c) {
+    uint32_t qh;
+    std::memcpy(&qh, block + (kHasMin ? 4 : 2), sizeof(qh));
+    const float d = LoadHalf(block);
+    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -16.0f * d);
+    return _mm256_or_si256(LegacyNibbles256(block + (kHasMin ? 8 : 6)), FifthBits256(qh));
+  }
+#endif
+};
+template <bool kFifthBit>
+struct QK45Codes {  // Q4_K, Q5_K
+  static constexpr int kValues = 256, kBytes = kFifthBit ? 176 : 144;
+  static constexpr bool kSigned = false;
+  static void Codes(const uint8_t* block, int unit, UnitCodes& c) {
+    int sc, m;
+    ScaleMinK4(unit, block + 4, sc, m);
+    const uint8_t* q = block + (kFifthBit ? 48 : 16) + 32 * (unit / 2);
+    const int shift = (unit & 1) * 4;
+    for (int l = 0; l < 32; ++l) {
+      int code = (q[l] >> shift) & 0x0F;
+      if constexpr (kFifthBit) code |= ((block[16 + l] >> unit) & 1) << 4;
+      c.codes[l] = static_cast<int8_t>(code);
+    }
+    c.set_scale(LoadHalf(block) * static_cast<float>(sc),
+                -(LoadHalf(block + 2) * static_cast<float>(m)));
+  }
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  static __m256i Codes256(const uint8_t* block, int unit, UnitCodes& c) {
+    int sc, m;
+    ScaleMinK4(unit, block + 4, sc, m);
+    c.set_scale(LoadHalf(block) * static_cast<float>(sc),
+                -(LoadHalf(block + 2) * static_cast<float>(m)));
+    const __m256i codes =
+        ShiftMask256(Load256(block + (kFifthBit ? 48 : 16) + 32 * (unit / 2)), (unit & 1) * 4, 0x0F);
+    if constexpr (!kFifthBit) return codes;
+    return _mm256_or_si256(codes, _mm256_slli_epi16(ShiftMask256(Load256(block + 16), unit, 1), 4));
+  }
+#endif
+};
+struct Q6_KCodes {
+  static constexpr int kValues = 256, kBytes = 210;
+  static constexpr bool kSigned = false;
+  static void Codes(const uint8_t* block, int unit, UnitCodes& c) {
+    const int half = unit / 4, uu = unit % 4;
+    const uint8_t* ql = block + 64 * half + 32 * (uu & 1);
+    const uint8_t* qh = block + 128 + 32 * half;
+    const int shift = uu >= 2 ? 4 : 0;
+    for (int l = 0; l < 32; ++l)
+      c.codes[l] = static_cast<int8_t>(((ql[l] >> shift) & 0x0F) | (((qh[l] >> (2 * uu)) & 3) << 4));
+    const auto* scales = reinterpret_cast<const int8_t*>(block + 192 + 8 * half + 2 * uu);
+    const float d = LoadHalf(block + 208);
+    for (int g = 0; g < 2; ++g) {
+      c.scale[g] = d * static_cast<float>(scales[g]);
+      c.offset[g] = -32.0f * c.scale[g];
+    }
+  }
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  static __m256i Codes256(const uint8_t* block, int unit, UnitCodes& c) {
+    const int half = unit / 4, uu = unit % 4;
+    const auto* scales = reinterpret_cast<const int8_t*>(block + 192 + 8 * half + 2 * uu);
+    const float d = LoadHalf(block + 208);
+    for (int g = 0; g < 2; ++g) {
+      c.scale[g] = d * static_cast<float>(scales[g]);
+      c.offset[g] = -32.0f * c.scale[g];
+    }
+    const __m256i low = ShiftMask256(Load256(block + 64 * half + 32 * (uu & 1)), uu >= 2 ? 4 : 0, 0x0F);
+    const __m256i high = ShiftMask256(Load256(block + 128 + 32 * half), 2 * uu, 3);
+    return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
+  }
+#endif
+};
+
+template <int kTokens, typename Format>
+void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
+                   float* y, int64_t y_stride) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  const int64_t n = x.elements;
+  const int8_t* codes[kTokens];
+  const float* scales[kTokens];
+  const float* sums16[kTokens];
+  for (int t = 0; t < kTokens; ++t) {
+    codes[t] = x.codes.data() + (first + t) * n;
+    scales[t] = x.scales.data() + (first + t) * units;
+    sums16[t] = x.sums16.data() + (first + t) * 2 * units;
+  }
+  float offsets[kTokens] = {};
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  // u8 x i8 products summed in pairs (maddubs; no saturation: |code| <= 128, |x code| <= 127),
+  // then in fours: int32 lanes 0-3 hold values 0-15, lanes 4-7 values 16-31.
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[kTokens];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+  for (int64_t u = 0; u < units; ++u) {
+    UnitCodes c;
+    const __m256i w = Format::Codes256(row + (u / kUnitsPerBlock) * Format::kBytes,
+                                       static_cast<int>(u % kUnitsPerBlock), c);
+    const __m256i w_unsigned = Format::kSigned ? _mm256_sign_epi8(w, w) : w;
+    const __m256 scale = _mm256_setr_m128(_mm_set1_ps(c.scale[0]), _mm_set1_ps(c.scale[1]));
+    for (int t = 0; t < kTokens; ++t) {
+      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[t] + u * kUnit));
+      if constexpr (Format::kSigned) xq = _mm256_sign_epi8(xq, w);
+      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, xq), ones);
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
+                               _mm256_mul_ps(scale, _mm256_set1_ps(scales[t][u])), acc[t]);
+      offsets[t] += c.offset[0] * sums16[t][2 * u] + c.offset[1] * sums16[t][2 * u + 1];
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) {
+    const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+    __m128 s = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    y[t * y_stride] = _mm_cvtss_f32(s) + offsets[t];
+  }
+#else
+  float acc[kTokens] = {};
+  for (int64_t u = 0; u < units; ++u) {
+    UnitCodes c;
+    Format::Codes(row + (u / kUnitsPerBlock) * Format::kBytes, static_cast<int>(u % kUnitsPerBlock), c);
+    for (int t = 0; t < kTokens; ++t) {
+      const int8_t* xq = codes[t] + u * kUnit;
+      int32_t group[2] = {0, 0};
+      for (int j = 0; j < kUnit; ++j) group[j / 16] += int32_t{c.codes[j]} * xq[j];
+      acc[t] += scales[t][u] * (c.scale[0] * static_cast<float>(group[0]) +
+                                c.scale[1] * static_cast<float>(group[1]));
+      offsets[t] += c.offset[0] * sums16[t][2 * u] + c.offset[1] * sums16[t][2 * u + 1];
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) y[t * y_stride] = acc[t] + offsets[t];
+#endif
+}
+
+template <typename Format>
+void DotInt8AnyTokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
+                      int64_t tokens, float* y, int64_t y_stride) {
+  constexpr int kMaxTokens = 4;
+  int64_t t = 0;
+  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
+    DotInt8Tokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+  switch (tokens - t) {
+    case 3: return DotInt8Tokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    case 2: return DotInt8Tokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    case 1: return DotInt8Tokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    default: return;
+  }
+}
+
+void DotRowTokensInt8(DType type, const std::byte* stored_row, int64_t n, const Int8Activations& x,
+                      int64_t first, int64_t tokens, float* y, int64_t y_stride) {
+  const auto* row = reinterpret_cast<const uint8_t*>(stored_row);
+  const int64_t units = n / kUnit;
+  switch (type) {
+    case DType::Q8_0: return DotInt8AnyTokens<Q8_0Codes>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q4_0: return DotInt8AnyTokens<Q4Codes<false>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q4_1: return DotInt8AnyTokens<Q4Codes<true>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q5_0: return DotInt8AnyTokens<Q5Codes<false>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q5_1: return DotInt8AnyTokens<Q5Codes<true>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q4_K: return DotInt8AnyTokens<QK45Codes<false>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q5_K: return DotInt8AnyTokens<QK45Codes<true>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q6_K: return DotInt8AnyTokens<Q6_KCodes>(row, units, x, first, tokens, y, y_stride);
+    default: return;  // float types: the caller uses DotRowTokens
+  }
+}
+
 int64_t CompiledTarget() { return HWY_TARGET; }
 
 }  // namespace HWY_NAMESPACE
@@ -369,19 +619,54 @@ int64_t CompiledTarget() { return HWY_TARGET; }
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
+#include <algorithm>
+#include <cmath>
 #include <string>
 
 #include "visikv/core/error.h"
-#include "visikv/model/weight_kernels.h"
 
 namespace visikv {
 
+namespace {
+constexpr int64_t kBlock = 32;  // activation values per scale
+}  // namespace
+
 HWY_EXPORT(DotRowTokens);
+HWY_EXPORT(DotRowTokensInt8);
 HWY_EXPORT(CompiledTarget);
 
 void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const float* x,
                     int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
   HWY_DYNAMIC_DISPATCH(DotRowTokens)(type, row, elements, x, x_stride, tokens, y, y_stride);
+}
+
+void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activations& out) {
+  require(n % kBlock == 0, "8-bit activations need a multiple of ", kBlock, " values, not ", n);
+  out.tokens = tokens;
+  out.elements = n;
+  out.codes.resize(static_cast<size_t>(tokens * n));
+  out.scales.resize(static_cast<size_t>(tokens * n / kBlock));
+  out.sums16.resize(static_cast<size_t>(tokens * n / 16));
+  for (int64_t b = 0; b < tokens * n / kBlock; ++b) {
+    const float* v = x + b * kBlock;
+    float amax = 0, sum_low = 0, sum_high = 0;
+    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::abs(v[j]));
+    for (int j = 0; j < 16; ++j) sum_low += v[j];
+    for (int j = 16; j < kBlock; ++j) sum_high += v[j];
+    const float scale = amax / 127.0f;
+    const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
+    for (int j = 0; j < kBlock; ++j)
+      out.codes[b * kBlock + j] = static_cast<int8_t>(std::clamp(std::nearbyint(v[j] * inverse), -127.0f, 127.0f));
+    out.scales[b] = scale;
+    out.sums16[2 * b] = sum_low;
+    out.sums16[2 * b + 1] = sum_high;
+  }
+}
+
+void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
+                         const Int8Activations& x, int64_t first_token, int64_t tokens, float* y,
+                         int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(DotRowTokensInt8)(type, row, elements, x, first_token, tokens, y, y_stride);
 }
 
 std::string weight_kernel_target() {

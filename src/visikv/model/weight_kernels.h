@@ -16,6 +16,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "visikv/formats/tensor.h"
 
@@ -25,6 +26,26 @@ namespace visikv {
 // values of `type` (a whole number of blocks for block types).
 void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const float* x,
                     int64_t x_stride, int64_t tokens, float* y, int64_t y_stride);
+
+// Activations rounded to 8 bits for the "fast" products (llama.cpp's scheme for its quantized
+// weights): per token and block of 32 values, codes q = round(x / s) in [-127, 127] with
+// s = max|x| / 127, and the float sum of every 16 values (for the weight types' offsets, which
+// multiply the exact sums). `elements` must be a multiple of 32.
+struct Int8Activations {
+  int64_t tokens = 0, elements = 0;
+  std::vector<int8_t> codes;  // {tokens, elements}
+  std::vector<float> scales;  // {tokens, elements / 32}
+  std::vector<float> sums16;  // {tokens, elements / 16}
+};
+void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int8Activations& out);
+
+// The fast product: for block types, y[t * y_stride] ≈ dot(row, x_t) as integer dot products of
+// the weights' codes with the activation codes, each block scaled in float32 (one rounding of
+// the activations, about 0.4% relative per value). Float types (f32, f16, bf16) are not covered
+// (they take dot_row_tokens). Chunks of tokens give bit for bit the one-token results.
+void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
+                         const Int8Activations& x, int64_t first_token, int64_t tokens, float* y,
+                         int64_t y_stride);
 
 // The instruction set the kernels run with on this CPU ("AVX3", "AVX2", "EMU128", ...).
 std::string weight_kernel_target();
