@@ -635,6 +635,7 @@ void add_eval_command(CLI::App& app) {
   // Further eval subcommands register here, one line each (each defined in its own file and
   // declared in commands.h).
   add_eval_kv_command(*eval);
+  add_eval_numerics_command(*eval);
 }
 
 }  // namespace visikv::cli

@@ -21,6 +21,7 @@ void add_ppl_command(CLI::App& app);
 void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
 void add_eval_command(CLI::App& app);       // `eval` with its subcommands (sparse, needle)
 void add_eval_kv_command(CLI::App& eval);   // `eval kv`: the K-only decode-perplexity grid
+void add_eval_numerics_command(CLI::App& eval);  // `eval numerics`: fast vs exact products
 // One row of a K-only decode-perplexity grid as JSON (eval kv and eval sparse-ppl).
 nlohmann::json kv_grid_result_json(const KvGridResult& result);
 

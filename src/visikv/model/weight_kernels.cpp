@@ -377,30 +377,36 @@ struct UnitCodes {
 };
 
 // Legacy nibble layout: value j < 16 is the low nibble of byte j, value 16 + j its high nibble.
-inline int LegacyNibble(const uint8_t* qs, int j) { return j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4; }
+inline int LegacyNibble(const uint8_t* qs, int j) {
+  return j < 16 ? qs[j] & 0x0F : qs[j - 16] >> 4;
+}
 
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
 // x86: the codes of a unit as one 256-bit vector (byte j = code j), from the block's packed bits.
 inline __m256i LegacyNibbles256(const uint8_t* qs) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i mask = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask),
+                          _mm_and_si128(bytes, mask));
 }
 // Byte j: 16 when bit j of `bits` is set, else 0.
 inline __m256i FifthBits256(uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101, 0x0202020202020202,
-                         0x0303030303030303));
+  const __m256i spread =
+      _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                          _mm256_setr_epi64x(0x0000000000000000, 0x0101010101010101,
+                                             0x0202020202020202, 0x0303030303030303));
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
                           _mm256_set1_epi8(16));
 }
 // (bytes >> shift) & mask, byte by byte.
 inline __m256i ShiftMask256(__m256i bytes, int shift, int mask) {
-  return _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(static_cast<char>(mask)));
+  return _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(shift)),
+                          _mm256_set1_epi8(static_cast<char>(mask)));
 }
-inline __m256i Load256(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline __m256i Load256(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
 #endif
 
 struct Q8_0Codes {
@@ -481,8 +487,8 @@ struct QK45Codes {  // Q4_K, Q5_K
     ScaleMinK4(unit, block + 4, sc, m);
     c.set_scale(LoadHalf(block) * static_cast<float>(sc),
                 -(LoadHalf(block + 2) * static_cast<float>(m)));
-    const __m256i codes =
-        ShiftMask256(Load256(block + (kFifthBit ? 48 : 16) + 32 * (unit / 2)), (unit & 1) * 4, 0x0F);
+    const __m256i codes = ShiftMask256(Load256(block + (kFifthBit ? 48 : 16) + 32 * (unit / 2)),
+                                       (unit & 1) * 4, 0x0F);
     if constexpr (!kFifthBit) return codes;
     return _mm256_or_si256(codes, _mm256_slli_epi16(ShiftMask256(Load256(block + 16), unit, 1), 4));
   }
@@ -497,7 +503,8 @@ struct Q6_KCodes {
     const uint8_t* qh = block + 128 + 32 * half;
     const int shift = uu >= 2 ? 4 : 0;
     for (int l = 0; l < 32; ++l)
-      c.codes[l] = static_cast<int8_t>(((ql[l] >> shift) & 0x0F) | (((qh[l] >> (2 * uu)) & 3) << 4));
+      c.codes[l] =
+          static_cast<int8_t>(((ql[l] >> shift) & 0x0F) | (((qh[l] >> (2 * uu)) & 3) << 4));
     const auto* scales = reinterpret_cast<const int8_t*>(block + 192 + 8 * half + 2 * uu);
     const float d = LoadHalf(block + 208);
     for (int g = 0; g < 2; ++g) {
@@ -514,7 +521,8 @@ struct Q6_KCodes {
       c.scale[g] = d * static_cast<float>(scales[g]);
       c.offset[g] = -32.0f * c.scale[g];
     }
-    const __m256i low = ShiftMask256(Load256(block + 64 * half + 32 * (uu & 1)), uu >= 2 ? 4 : 0, 0x0F);
+    const __m256i low =
+        ShiftMask256(Load256(block + 64 * half + 32 * (uu & 1)), uu >= 2 ? 4 : 0, 0x0F);
     const __m256i high = ShiftMask256(Load256(block + 128 + 32 * half), 2 * uu, 3);
     return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
   }
@@ -557,7 +565,8 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
     }
   }
   for (int t = 0; t < kTokens; ++t) {
-    const __m128 halves = _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+    const __m128 halves =
+        _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
     __m128 s = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     y[t * y_stride] = _mm_cvtss_f32(s) + offsets[t];
@@ -566,7 +575,8 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
   float acc[kTokens] = {};
   for (int64_t u = 0; u < units; ++u) {
     UnitCodes c;
-    Format::Codes(row + (u / kUnitsPerBlock) * Format::kBytes, static_cast<int>(u % kUnitsPerBlock), c);
+    Format::Codes(row + (u / kUnitsPerBlock) * Format::kBytes, static_cast<int>(u % kUnitsPerBlock),
+                  c);
     for (int t = 0; t < kTokens; ++t) {
       const int8_t* xq = codes[t] + u * kUnit;
       int32_t group[2] = {0, 0};
@@ -588,10 +598,14 @@ void DotInt8AnyTokens(const uint8_t* row, int64_t units, const Int8Activations& 
   for (; t + kMaxTokens <= tokens; t += kMaxTokens)
     DotInt8Tokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
   switch (tokens - t) {
-    case 3: return DotInt8Tokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-    case 2: return DotInt8Tokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-    case 1: return DotInt8Tokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-    default: return;
+    case 3:
+      return DotInt8Tokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    case 2:
+      return DotInt8Tokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    case 1:
+      return DotInt8Tokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    default:
+      return;
   }
 }
 
@@ -600,15 +614,24 @@ void DotRowTokensInt8(DType type, const std::byte* stored_row, int64_t n, const 
   const auto* row = reinterpret_cast<const uint8_t*>(stored_row);
   const int64_t units = n / kUnit;
   switch (type) {
-    case DType::Q8_0: return DotInt8AnyTokens<Q8_0Codes>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q4_0: return DotInt8AnyTokens<Q4Codes<false>>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q4_1: return DotInt8AnyTokens<Q4Codes<true>>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q5_0: return DotInt8AnyTokens<Q5Codes<false>>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q5_1: return DotInt8AnyTokens<Q5Codes<true>>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q4_K: return DotInt8AnyTokens<QK45Codes<false>>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q5_K: return DotInt8AnyTokens<QK45Codes<true>>(row, units, x, first, tokens, y, y_stride);
-    case DType::Q6_K: return DotInt8AnyTokens<Q6_KCodes>(row, units, x, first, tokens, y, y_stride);
-    default: return;  // float types: the caller uses DotRowTokens
+    case DType::Q8_0:
+      return DotInt8AnyTokens<Q8_0Codes>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q4_0:
+      return DotInt8AnyTokens<Q4Codes<false>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q4_1:
+      return DotInt8AnyTokens<Q4Codes<true>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q5_0:
+      return DotInt8AnyTokens<Q5Codes<false>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q5_1:
+      return DotInt8AnyTokens<Q5Codes<true>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q4_K:
+      return DotInt8AnyTokens<QK45Codes<false>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q5_K:
+      return DotInt8AnyTokens<QK45Codes<true>>(row, units, x, first, tokens, y, y_stride);
+    case DType::Q6_K:
+      return DotInt8AnyTokens<Q6_KCodes>(row, units, x, first, tokens, y, y_stride);
+    default:
+      return;  // float types: the caller uses DotRowTokens
   }
 }
 
@@ -656,7 +679,8 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activat
     const float scale = amax / 127.0f;
     const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
     for (int j = 0; j < kBlock; ++j)
-      out.codes[b * kBlock + j] = static_cast<int8_t>(std::clamp(std::nearbyint(v[j] * inverse), -127.0f, 127.0f));
+      out.codes[b * kBlock + j] =
+          static_cast<int8_t>(std::clamp(std::nearbyint(v[j] * inverse), -127.0f, 127.0f));
     out.scales[b] = scale;
     out.sums16[2 * b] = sum_low;
     out.sums16[2 * b + 1] = sum_high;
