@@ -678,9 +678,13 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activat
     for (int j = 16; j < kBlock; ++j) sum_high += v[j];
     const float scale = amax / 127.0f;
     const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
-    for (int j = 0; j < kBlock; ++j)
+    for (int j = 0; j < kBlock; ++j) {
+      const float code = std::nearbyint(v[j] * inverse);
+      // A non-finite input poisons its block's scale and sums (and so the output) instead of
+      // being cast to an integer, which C++ leaves undefined.
       out.codes[b * kBlock + j] =
-          static_cast<int8_t>(std::clamp(std::nearbyint(v[j] * inverse), -127.0f, 127.0f));
+          static_cast<int8_t>(std::isfinite(code) ? std::clamp(code, -127.0f, 127.0f) : 0.0f);
+    }
     out.scales[b] = scale;
     out.sums16[2 * b] = sum_low;
     out.sums16[2 * b + 1] = sum_high;
