@@ -100,28 +100,45 @@ HWY_INLINE void ForEachVector(F f) {
   ForEachVector(std::make_integer_sequence<int, kVectors>(), f);
 }
 
-// --- one entry per weight type: kValues and kBytes per block, Unpack(block, unit, w) ---------
+template <int... k, typename F>
+HWY_INLINE void ForEachUnit(std::integer_sequence<int, k...>, F f) {
+  (f(std::integral_constant<int, k>()), ...);
+}
 
-struct F32Format {
+// --- one entry per weight type ------------------------------------------------------------------
+// kValues and kBytes per block; Prepare(block) decodes what the block's units share (scales,
+// mins) once; Unpack<unit>(block, scales, w) widens unit `unit` (a compile-time index, so shifts
+// and offsets are constants) into kVectors float vectors.
+
+// Formats whose units need nothing decoded ahead.
+struct NoScales {
+  struct Scales {};
+  static Scales Prepare(const uint8_t*) { return {}; }
+};
+
+struct F32Format : NoScales {
   static constexpr int kValues = kUnit, kBytes = 4 * kUnit;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const auto* p = reinterpret_cast<const float*>(block);
     ForEachVector([&](auto k) { w[k] = hn::LoadU(DF(), p + k * kLanes); });
   }
 };
 
-struct F16Format {
+struct F16Format : NoScales {
   static constexpr int kValues = kUnit, kBytes = 2 * kUnit;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const hn::Rebind<hwy::float16_t, DF> dh;
     const auto* p = reinterpret_cast<const hwy::float16_t*>(block);
     ForEachVector([&](auto k) { w[k] = hn::PromoteTo(DF(), hn::LoadU(dh, p + k * kLanes)); });
   }
 };
 
-struct BF16Format {
+struct BF16Format : NoScales {
   static constexpr int kValues = kUnit, kBytes = 2 * kUnit;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const auto* p = reinterpret_cast<const uint16_t*>(block);
     ForEachVector([&](auto k) {
       const VU bits = hn::PromoteTo(DU(), hn::LoadU(DU16(), p + k * kLanes));
@@ -131,9 +148,10 @@ struct BF16Format {
 };
 
 // fp16 d, 32 int8 values: d * q.
-struct Q8_0Format {
+struct Q8_0Format : NoScales {
   static constexpr int kValues = 32, kBytes = 34;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block));
     const auto* qs = reinterpret_cast<const int8_t*>(block + 2);
     ForEachVector([&](auto k) {
@@ -144,27 +162,30 @@ struct Q8_0Format {
 };
 
 // fp16 d, 16 bytes of nibbles: d * (q - 8).
-struct Q4_0Format {
+struct Q4_0Format : NoScales {
   static constexpr int kValues = 32, kBytes = 18;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block));
     ForEachVector([&](auto k) { w[k] = hn::Mul(d, ToFloat(LegacyNibbles<k>(block + 2), 8)); });
   }
 };
 
 // fp16 d, fp16 m, 16 bytes of nibbles: d * q + m.
-struct Q4_1Format {
+struct Q4_1Format : NoScales {
   static constexpr int kValues = 32, kBytes = 20;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block)), m = hn::Set(DF(), LoadHalf(block + 2));
     ForEachVector([&](auto k) { w[k] = hn::MulAdd(d, ToFloat(LegacyNibbles<k>(block + 4)), m); });
   }
 };
 
 // fp16 d, 32 fifth bits, 16 bytes of nibbles: d * (q - 16).
-struct Q5_0Format {
+struct Q5_0Format : NoScales {
   static constexpr int kValues = 32, kBytes = 22;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block));
     uint32_t qh;
     std::memcpy(&qh, block + 2, sizeof(qh));
@@ -175,9 +196,10 @@ struct Q5_0Format {
 };
 
 // fp16 d, fp16 m, 32 fifth bits, 16 bytes of nibbles: d * q + m.
-struct Q5_1Format {
+struct Q5_1Format : NoScales {
   static constexpr int kValues = 32, kBytes = 24;
-  static void Unpack(const uint8_t* block, int, VF* w) {
+  template <int>
+  static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block)), m = hn::Set(DF(), LoadHalf(block + 2));
     uint32_t qh;
     std::memcpy(&qh, block + 4, sizeof(qh));
@@ -202,18 +224,32 @@ void ScaleMinK4(int j, const uint8_t* q, int& scale, int& min) {
 // Unit u's values are the low (u even) or high (u odd) nibbles of the 32 bytes at 32 * (u / 2).
 // d * sc * q is a product of an fp16 value and integers below 2^12, exact in float32, so the fused
 // multiply-add rounds once, as dequantize()'s multiply-then-subtract does.
+// The eight scales and negated mins of a Q4_K/Q5_K super-block, as float32.
+struct ScalesK4 {
+  float scale[8], neg_min[8];
+};
+ScalesK4 PrepareK4(const uint8_t* block) {
+  ScalesK4 s;
+  const float d = LoadHalf(block), dmin = LoadHalf(block + 2);
+  for (int j = 0; j < 8; ++j) {
+    int sc, m;
+    ScaleMinK4(j, block + 4, sc, m);
+    s.scale[j] = d * static_cast<float>(sc);
+    s.neg_min[j] = -(dmin * static_cast<float>(m));
+  }
+  return s;
+}
+
 struct Q4_KFormat {
   static constexpr int kValues = 256, kBytes = 144;
-  static void Unpack(const uint8_t* block, int unit, VF* w) {
-    int sc, m;
-    ScaleMinK4(unit, block + 4, sc, m);
-    const VF scale = hn::Set(DF(), LoadHalf(block) * static_cast<float>(sc));
-    const VF neg_min = hn::Set(DF(), -(LoadHalf(block + 2) * static_cast<float>(m)));
+  using Scales = ScalesK4;
+  static Scales Prepare(const uint8_t* block) { return PrepareK4(block); }
+  template <int unit>
+  static void Unpack(const uint8_t* block, const Scales& s, VF* w) {
+    const VF scale = hn::Set(DF(), s.scale[unit]), neg_min = hn::Set(DF(), s.neg_min[unit]);
     const uint8_t* q = block + 16 + 32 * (unit / 2);
     ForEachVector([&](auto k) {
-      const VU nibbles =
-          (unit & 1) ? Nibbles<true>(q + k * kLanes) : Nibbles<false>(q + k * kLanes);
-      w[k] = hn::MulAdd(scale, ToFloat(nibbles), neg_min);
+      w[k] = hn::MulAdd(scale, ToFloat(Nibbles<(unit & 1) != 0>(q + k * kLanes)), neg_min);
     });
   }
 };
@@ -221,18 +257,17 @@ struct Q4_KFormat {
 // As Q4_K with a fifth bit per value: bit `unit` of byte l of the 32 bytes of high bits.
 struct Q5_KFormat {
   static constexpr int kValues = 256, kBytes = 176;
-  static void Unpack(const uint8_t* block, int unit, VF* w) {
-    int sc, m;
-    ScaleMinK4(unit, block + 4, sc, m);
-    const VF scale = hn::Set(DF(), LoadHalf(block) * static_cast<float>(sc));
-    const VF neg_min = hn::Set(DF(), -(LoadHalf(block + 2) * static_cast<float>(m)));
+  using Scales = ScalesK4;
+  static Scales Prepare(const uint8_t* block) { return PrepareK4(block); }
+  template <int unit>
+  static void Unpack(const uint8_t* block, const Scales& s, VF* w) {
+    const VF scale = hn::Set(DF(), s.scale[unit]), neg_min = hn::Set(DF(), s.neg_min[unit]);
     const uint8_t* qh = block + 16;
     const uint8_t* ql = block + 48 + 32 * (unit / 2);
     const VU one = hn::Set(DU(), 1);
     ForEachVector([&](auto k) {
-      const VU low = (unit & 1) ? Nibbles<true>(ql + k * kLanes) : Nibbles<false>(ql + k * kLanes);
-      const VU fifth =
-          hn::ShiftLeft<4>(hn::And(hn::ShiftRightSame(Bytes(qh + k * kLanes), unit), one));
+      const VU low = Nibbles<(unit & 1) != 0>(ql + k * kLanes);
+      const VU fifth = hn::ShiftLeft<4>(hn::And(hn::ShiftRight<unit>(Bytes(qh + k * kLanes)), one));
       w[k] = hn::MulAdd(scale, ToFloat(hn::Or(low, fifth)), neg_min);
     });
   }
@@ -243,18 +278,27 @@ struct Q5_KFormat {
 // of the 32 bytes at 32 * (uu & 1) (high nibbles for uu >= 2) and bits 2 uu of the high bytes.
 struct Q6_KFormat {
   static constexpr int kValues = 256, kBytes = 210;
-  static void Unpack(const uint8_t* block, int unit, VF* w) {
-    const int half = unit / 4, uu = unit % 4;
+  struct Scales {
+    float scale[16];  // d * sc, one per 16 values
+  };
+  static Scales Prepare(const uint8_t* block) {
+    Scales s;
+    const float d = LoadHalf(block + 208);
+    const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
+    for (int i = 0; i < 16; ++i) s.scale[i] = d * static_cast<float>(sc[i]);
+    return s;
+  }
+  template <int unit>
+  static void Unpack(const uint8_t* block, const Scales& s, VF* w) {
+    constexpr int half = unit / 4, uu = unit % 4;
     const uint8_t* ql = block + 64 * half + 32 * (uu & 1);
     const uint8_t* qh = block + 128 + 32 * half;
-    const auto* scales = reinterpret_cast<const int8_t*>(block + 192 + 8 * half + 2 * uu);
-    const float d = LoadHalf(block + 208);
     const VU three = hn::Set(DU(), 3);
     ForEachVector([&](auto k) {
-      const VU low = uu >= 2 ? Nibbles<true>(ql + k * kLanes) : Nibbles<false>(ql + k * kLanes);
+      const VU low = Nibbles<(uu >= 2)>(ql + k * kLanes);
       const VU high =
-          hn::ShiftLeft<4>(hn::And(hn::ShiftRightSame(Bytes(qh + k * kLanes), 2 * uu), three));
-      const VF scale = hn::Set(DF(), d * static_cast<float>(scales[k * kLanes / 16]));
+          hn::ShiftLeft<4>(hn::And(hn::ShiftRight<2 * uu>(Bytes(qh + k * kLanes)), three));
+      const VF scale = hn::Set(DF(), s.scale[2 * unit + k * kLanes / 16]);
       w[k] = hn::Mul(scale, ToFloat(hn::Or(low, high), 32));
     });
   }
@@ -283,15 +327,18 @@ void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stri
   VF acc[kTokens][kVectors];
   for (auto& token : acc)
     for (VF& a : token) a = hn::Zero(DF());
-  for (int64_t u = 0; u < units; ++u) {
-    VF w[kVectors];
-    Format::Unpack(row + (u / kUnitsPerBlock) * Format::kBytes,
-                   static_cast<int>(u % kUnitsPerBlock), w);
-    for (int t = 0; t < kTokens; ++t) {
-      const float* xu = x + t * x_stride + u * kUnit;
-      for (int k = 0; k < kVectors; ++k)
-        acc[t][k] = hn::MulAdd(w[k], hn::LoadU(DF(), xu + k * kLanes), acc[t][k]);
-    }
+  for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
+    const uint8_t* block = row + b * Format::kBytes;
+    const typename Format::Scales scales = Format::Prepare(block);
+    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) {
+      VF w[kVectors];
+      Format::template Unpack<unit>(block, scales, w);
+      for (int t = 0; t < kTokens; ++t) {
+        const float* xu = x + t * x_stride + (b * kUnitsPerBlock + unit) * kUnit;
+        for (int k = 0; k < kVectors; ++k)
+          acc[t][k] = hn::MulAdd(w[k], hn::LoadU(DF(), xu + k * kLanes), acc[t][k]);
+      }
+    });
   }
   for (int t = 0; t < kTokens; ++t) y[t * y_stride] = Reduce(acc[t]);
 }
@@ -367,14 +414,18 @@ void DotRowTokens(DType type, const std::byte* stored_row, int64_t n, const floa
 }
 
 // --- fast products: weight codes times 8-bit activation codes --------------------------------
+// One entry per block type: Prepare(block) gives a scale and an offset per 16 values (w_j =
+// scale[j / 16] * code_j + offset[j / 16]); Codes<unit> writes unit `unit`'s 32 integer codes, in
+// [0, 63] (or [-128, 127] for Q8_0, kSigned); on x86 Codes256<unit> returns them as one vector.
 
-// 32 weights of a unit as small integer codes: w_j = scale[j / 16] * code_j + offset[j / 16].
-// Codes are in [0, 63] (unsigned formats) or [-128, 127] (Q8_0, kSigned).
-struct UnitCodes {
-  alignas(32) int8_t codes[32];
-  float scale[2], offset[2];
-  void set_scale(float s, float o) { scale[0] = scale[1] = s, offset[0] = offset[1] = o; }
+template <int kGroups>
+struct GroupScales {
+  float scale[kGroups], offset[kGroups];
 };
+using LegacyScales = GroupScales<2>;
+inline LegacyScales Uniform(float scale, float offset) {
+  return {{scale, scale}, {offset, offset}};
+}
 
 // Legacy nibble layout: value j < 16 is the low nibble of byte j, value 16 + j its high nibble.
 inline int LegacyNibble(const uint8_t* qs, int j) {
@@ -382,7 +433,7 @@ inline int LegacyNibble(const uint8_t* qs, int j) {
 }
 
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
-// x86: the codes of a unit as one 256-bit vector (byte j = code j), from the block's packed bits.
+#define VISIKV_X86_INT8 1
 inline __m256i LegacyNibbles256(const uint8_t* qs) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -399,131 +450,157 @@ inline __m256i FifthBits256(uint32_t bits) {
   return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit),
                           _mm256_set1_epi8(16));
 }
-// (bytes >> shift) & mask, byte by byte.
-inline __m256i ShiftMask256(__m256i bytes, int shift, int mask) {
-  return _mm256_and_si256(_mm256_srl_epi16(bytes, _mm_cvtsi32_si128(shift)),
+// (bytes >> kShift) & mask, byte by byte.
+template <int kShift>
+inline __m256i ShiftMask256(__m256i bytes, int mask) {
+  return _mm256_and_si256(_mm256_srli_epi16(bytes, kShift),
                           _mm256_set1_epi8(static_cast<char>(mask)));
 }
 inline __m256i Load256(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
+#else
+#define VISIKV_X86_INT8 0
 #endif
 
 struct Q8_0Codes {
   static constexpr int kValues = 32, kBytes = 34;
-  static constexpr bool kSigned = true;
-  static void Codes(const uint8_t* block, int, UnitCodes& c) {
-    std::memcpy(c.codes, block + 2, 32);
-    c.set_scale(LoadHalf(block), 0.0f);
+  static constexpr bool kSigned = true, kHasOffset = false;
+  using Scales = LegacyScales;
+  static Scales Prepare(const uint8_t* block) { return Uniform(LoadHalf(block), 0.0f); }
+  template <int>
+  static void Codes(const uint8_t* block, int8_t* codes) {
+    std::memcpy(codes, block + 2, 32);
   }
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
-  static __m256i Codes256(const uint8_t* block, int, UnitCodes& c) {
-    c.set_scale(LoadHalf(block), 0.0f);
+#if VISIKV_X86_INT8
+  template <int>
+  static __m256i Codes256(const uint8_t* block) {
     return Load256(block + 2);
   }
 #endif
 };
+
+// Q4_0 (q - 8) * d and Q4_1 q * d + m.
 template <bool kHasMin>
 struct Q4Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 20 : 18;
-  static constexpr bool kSigned = false;
-  static void Codes(const uint8_t* block, int, UnitCodes& c) {
-    const uint8_t* qs = block + (kHasMin ? 4 : 2);
-    for (int j = 0; j < 32; ++j) c.codes[j] = static_cast<int8_t>(LegacyNibble(qs, j));
+  static constexpr bool kSigned = false, kHasOffset = true;
+  using Scales = LegacyScales;
+  static Scales Prepare(const uint8_t* block) {
     const float d = LoadHalf(block);
-    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -8.0f * d);
+    return Uniform(d, kHasMin ? LoadHalf(block + 2) : -8.0f * d);
   }
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
-  static __m256i Codes256(const uint8_t* block, int, UnitCodes& c) {
-    const float d = LoadHalf(block);
-    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -8.0f * d);
+  template <int>
+  static void Codes(const uint8_t* block, int8_t* codes) {
+    for (int j = 0; j < 32; ++j)
+      codes[j] = static_cast<int8_t>(LegacyNibble(block + (kHasMin ? 4 : 2), j));
+  }
+#if VISIKV_X86_INT8
+  template <int>
+  static __m256i Codes256(const uint8_t* block) {
     return LegacyNibbles256(block + (kHasMin ? 4 : 2));
   }
 #endif
 };
+
+// Q5_0 (q - 16) * d and Q5_1 q * d + m, the fifth bit of value j being bit j of a 32-bit word.
 template <bool kHasMin>
 struct Q5Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 24 : 22;
-  static constexpr bool kSigned = false;
-  static void Codes(const uint8_t* block, int, UnitCodes& c) {
+  static constexpr bool kSigned = false, kHasOffset = true;
+  using Scales = LegacyScales;
+  static Scales Prepare(const uint8_t* block) {
+    const float d = LoadHalf(block);
+    return Uniform(d, kHasMin ? LoadHalf(block + 2) : -16.0f * d);
+  }
+  static uint32_t FifthBits(const uint8_t* block) {
     uint32_t qh;
     std::memcpy(&qh, block + (kHasMin ? 4 : 2), sizeof(qh));
-    const uint8_t* qs = block + (kHasMin ? 8 : 6);
+    return qh;
+  }
+  template <int>
+  static void Codes(const uint8_t* block, int8_t* codes) {
+    const uint32_t qh = FifthBits(block);
     for (int j = 0; j < 32; ++j)
-      c.codes[j] = static_cast<int8_t>(LegacyNibble(qs, j) | (((qh >> j) & 1) << 4));
-    const float d = LoadHalf(block);
-    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -16.0f * d);
+      codes[j] =
+          static_cast<int8_t>(LegacyNibble(block + (kHasMin ? 8 : 6), j) | (((qh >> j) & 1) << 4));
   }
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
-  static __m256i Codes256(const uint8_t* block, int, UnitCodes& c) {
-    uint32_t qh;
-    std::memcpy(&qh, block + (kHasMin ? 4 : 2), sizeof(qh));
-    const float d = LoadHalf(block);
-    c.set_scale(d, kHasMin ? LoadHalf(block + 2) : -16.0f * d);
-    return _mm256_or_si256(LegacyNibbles256(block + (kHasMin ? 8 : 6)), FifthBits256(qh));
+#if VISIKV_X86_INT8
+  template <int>
+  static __m256i Codes256(const uint8_t* block) {
+    return _mm256_or_si256(LegacyNibbles256(block + (kHasMin ? 8 : 6)),
+                           FifthBits256(FifthBits(block)));
   }
 #endif
 };
+
+// Q4_K and Q5_K: unit u takes the low (u even) or high nibbles of the 32 bytes at 32 * (u / 2),
+// and for Q5_K bit u of the 32 high-bit bytes; sc * d * q - m * dmin.
 template <bool kFifthBit>
-struct QK45Codes {  // Q4_K, Q5_K
+struct QK45Codes {
   static constexpr int kValues = 256, kBytes = kFifthBit ? 176 : 144;
-  static constexpr bool kSigned = false;
-  static void Codes(const uint8_t* block, int unit, UnitCodes& c) {
-    int sc, m;
-    ScaleMinK4(unit, block + 4, sc, m);
-    const uint8_t* q = block + (kFifthBit ? 48 : 16) + 32 * (unit / 2);
-    const int shift = (unit & 1) * 4;
-    for (int l = 0; l < 32; ++l) {
-      int code = (q[l] >> shift) & 0x0F;
-      if constexpr (kFifthBit) code |= ((block[16 + l] >> unit) & 1) << 4;
-      c.codes[l] = static_cast<int8_t>(code);
-    }
-    c.set_scale(LoadHalf(block) * static_cast<float>(sc),
-                -(LoadHalf(block + 2) * static_cast<float>(m)));
+  static constexpr bool kSigned = false, kHasOffset = true;
+  using Scales = GroupScales<16>;
+  static Scales Prepare(const uint8_t* block) {
+    const ScalesK4 k4 = PrepareK4(block);
+    Scales s;
+    for (int g = 0; g < 16; ++g) s.scale[g] = k4.scale[g / 2], s.offset[g] = k4.neg_min[g / 2];
+    return s;
   }
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
-  static __m256i Codes256(const uint8_t* block, int unit, UnitCodes& c) {
-    int sc, m;
-    ScaleMinK4(unit, block + 4, sc, m);
-    c.set_scale(LoadHalf(block) * static_cast<float>(sc),
-                -(LoadHalf(block + 2) * static_cast<float>(m)));
-    const __m256i codes = ShiftMask256(Load256(block + (kFifthBit ? 48 : 16) + 32 * (unit / 2)),
-                                       (unit & 1) * 4, 0x0F);
+  static const uint8_t* Nibbles(const uint8_t* block, int unit) {
+    return block + (kFifthBit ? 48 : 16) + 32 * (unit / 2);
+  }
+  template <int unit>
+  static void Codes(const uint8_t* block, int8_t* codes) {
+    const uint8_t* q = Nibbles(block, unit);
+    for (int l = 0; l < 32; ++l) {
+      int code = (q[l] >> ((unit & 1) * 4)) & 0x0F;
+      if constexpr (kFifthBit) code |= ((block[16 + l] >> unit) & 1) << 4;
+      codes[l] = static_cast<int8_t>(code);
+    }
+  }
+#if VISIKV_X86_INT8
+  template <int unit>
+  static __m256i Codes256(const uint8_t* block) {
+    const __m256i codes = ShiftMask256<(unit & 1) * 4>(Load256(Nibbles(block, unit)), 0x0F);
     if constexpr (!kFifthBit) return codes;
-    return _mm256_or_si256(codes, _mm256_slli_epi16(ShiftMask256(Load256(block + 16), unit, 1), 4));
+    return _mm256_or_si256(codes, _mm256_slli_epi16(ShiftMask256<unit>(Load256(block + 16), 1), 4));
   }
 #endif
 };
+
+// Q6_K: in half h = u / 4, unit uu = u % 4 takes nibbles of the 32 bytes at 32 * (uu & 1) (high
+// ones for uu >= 2) and bits 2 uu of the 32 high-bit bytes; d * sc * (q - 32), sc per 16 values.
 struct Q6_KCodes {
   static constexpr int kValues = 256, kBytes = 210;
-  static constexpr bool kSigned = false;
-  static void Codes(const uint8_t* block, int unit, UnitCodes& c) {
-    const int half = unit / 4, uu = unit % 4;
+  static constexpr bool kSigned = false, kHasOffset = true;
+  using Scales = GroupScales<16>;
+  static Scales Prepare(const uint8_t* block) {
+    Scales s;
+    const float d = LoadHalf(block + 208);
+    const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
+    for (int g = 0; g < 16; ++g) {
+      s.scale[g] = d * static_cast<float>(sc[g]);
+      s.offset[g] = -32.0f * s.scale[g];
+    }
+    return s;
+  }
+  template <int unit>
+  static void Codes(const uint8_t* block, int8_t* codes) {
+    constexpr int half = unit / 4, uu = unit % 4;
     const uint8_t* ql = block + 64 * half + 32 * (uu & 1);
     const uint8_t* qh = block + 128 + 32 * half;
-    const int shift = uu >= 2 ? 4 : 0;
     for (int l = 0; l < 32; ++l)
-      c.codes[l] =
-          static_cast<int8_t>(((ql[l] >> shift) & 0x0F) | (((qh[l] >> (2 * uu)) & 3) << 4));
-    const auto* scales = reinterpret_cast<const int8_t*>(block + 192 + 8 * half + 2 * uu);
-    const float d = LoadHalf(block + 208);
-    for (int g = 0; g < 2; ++g) {
-      c.scale[g] = d * static_cast<float>(scales[g]);
-      c.offset[g] = -32.0f * c.scale[g];
-    }
+      codes[l] = static_cast<int8_t>(((ql[l] >> (uu >= 2 ? 4 : 0)) & 0x0F) |
+                                     (((qh[l] >> (2 * uu)) & 3) << 4));
   }
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
-  static __m256i Codes256(const uint8_t* block, int unit, UnitCodes& c) {
-    const int half = unit / 4, uu = unit % 4;
-    const auto* scales = reinterpret_cast<const int8_t*>(block + 192 + 8 * half + 2 * uu);
-    const float d = LoadHalf(block + 208);
-    for (int g = 0; g < 2; ++g) {
-      c.scale[g] = d * static_cast<float>(scales[g]);
-      c.offset[g] = -32.0f * c.scale[g];
-    }
+#if VISIKV_X86_INT8
+  template <int unit>
+  static __m256i Codes256(const uint8_t* block) {
+    constexpr int half = unit / 4, uu = unit % 4;
     const __m256i low =
-        ShiftMask256(Load256(block + 64 * half + 32 * (uu & 1)), uu >= 2 ? 4 : 0, 0x0F);
-    const __m256i high = ShiftMask256(Load256(block + 128 + 32 * half), 2 * uu, 3);
+        ShiftMask256 < uu >= 2 ? 4 : 0 > (Load256(block + 64 * half + 32 * (uu & 1)), 0x0F);
+    const __m256i high = ShiftMask256<2 * uu>(Load256(block + 128 + 32 * half), 3);
     return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
   }
 #endif
@@ -532,7 +609,7 @@ struct Q6_KCodes {
 template <int kTokens, typename Format>
 void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
                    float* y, int64_t y_stride) {
-  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
   const int64_t n = x.elements;
   const int8_t* codes[kTokens];
   const float* scales[kTokens];
@@ -542,52 +619,63 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
     scales[t] = x.scales.data() + (first + t) * units;
     sums16[t] = x.sums16.data() + (first + t) * 2 * units;
   }
-  float offsets[kTokens] = {};
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  // The offsets multiply exact float sums of the activations, per group of 16.
+  float offsets[kTokens][kGroups] = {};
+#if VISIKV_X86_INT8
   // u8 x i8 products summed in pairs (maddubs; no saturation: |code| <= 128, |x code| <= 127),
   // then in fours: int32 lanes 0-3 hold values 0-15, lanes 4-7 values 16-31.
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[kTokens];
   for (__m256& a : acc) a = _mm256_setzero_ps();
-  for (int64_t u = 0; u < units; ++u) {
-    UnitCodes c;
-    const __m256i w = Format::Codes256(row + (u / kUnitsPerBlock) * Format::kBytes,
-                                       static_cast<int>(u % kUnitsPerBlock), c);
-    const __m256i w_unsigned = Format::kSigned ? _mm256_sign_epi8(w, w) : w;
-    const __m256 scale = _mm256_setr_m128(_mm_set1_ps(c.scale[0]), _mm_set1_ps(c.scale[1]));
-    for (int t = 0; t < kTokens; ++t) {
-      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[t] + u * kUnit));
-      if constexpr (Format::kSigned) xq = _mm256_sign_epi8(xq, w);
-      const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, xq), ones);
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
-                               _mm256_mul_ps(scale, _mm256_set1_ps(scales[t][u])), acc[t]);
-      offsets[t] += c.offset[0] * sums16[t][2 * u] + c.offset[1] * sums16[t][2 * u + 1];
-    }
-  }
-  for (int t = 0; t < kTokens; ++t) {
-    const __m128 halves =
-        _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-    __m128 s = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    y[t * y_stride] = _mm_cvtss_f32(s) + offsets[t];
-  }
 #else
   float acc[kTokens] = {};
-  for (int64_t u = 0; u < units; ++u) {
-    UnitCodes c;
-    Format::Codes(row + (u / kUnitsPerBlock) * Format::kBytes, static_cast<int>(u % kUnitsPerBlock),
-                  c);
-    for (int t = 0; t < kTokens; ++t) {
-      const int8_t* xq = codes[t] + u * kUnit;
-      int32_t group[2] = {0, 0};
-      for (int j = 0; j < kUnit; ++j) group[j / 16] += int32_t{c.codes[j]} * xq[j];
-      acc[t] += scales[t][u] * (c.scale[0] * static_cast<float>(group[0]) +
-                                c.scale[1] * static_cast<float>(group[1]));
-      offsets[t] += c.offset[0] * sums16[t][2 * u] + c.offset[1] * sums16[t][2 * u + 1];
-    }
-  }
-  for (int t = 0; t < kTokens; ++t) y[t * y_stride] = acc[t] + offsets[t];
 #endif
+  for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
+    const uint8_t* block = row + b * Format::kBytes;
+    const typename Format::Scales s = Format::Prepare(block);
+    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) {
+      const int64_t u = b * kUnitsPerBlock + unit;
+#if VISIKV_X86_INT8
+      const __m256i w = Format::template Codes256<unit>(block);
+      const __m256i w_unsigned = Format::kSigned ? _mm256_sign_epi8(w, w) : w;
+      const __m256 scale =
+          _mm256_setr_m128(_mm_set1_ps(s.scale[2 * unit]), _mm_set1_ps(s.scale[2 * unit + 1]));
+      for (int t = 0; t < kTokens; ++t) {
+        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[t] + u * kUnit));
+        if constexpr (Format::kSigned) xq = _mm256_sign_epi8(xq, w);
+        const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, xq), ones);
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
+                                 _mm256_mul_ps(scale, _mm256_set1_ps(scales[t][u])), acc[t]);
+      }
+#else
+      int8_t w[kUnit];
+      Format::template Codes<unit>(block, w);
+      for (int t = 0; t < kTokens; ++t) {
+        const int8_t* xq = codes[t] + u * kUnit;
+        int32_t group[2] = {0, 0};
+        for (int j = 0; j < kUnit; ++j) group[j / 16] += int32_t{w[j]} * xq[j];
+        acc[t] += scales[t][u] * (s.scale[2 * unit] * static_cast<float>(group[0]) +
+                                  s.scale[2 * unit + 1] * static_cast<float>(group[1]));
+      }
+#endif
+    });
+    if constexpr (Format::kHasOffset)
+      for (int t = 0; t < kTokens; ++t)
+        for (int g = 0; g < kGroups; ++g) offsets[t][g] += s.offset[g] * sums16[t][b * kGroups + g];
+  }
+  for (int t = 0; t < kTokens; ++t) {
+#if VISIKV_X86_INT8
+    const __m128 halves =
+        _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+    __m128 sum4 = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+    sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
+    float total = _mm_cvtss_f32(sum4);
+#else
+    float total = acc[t];
+#endif
+    for (int g = 0; g < kGroups; ++g) total += offsets[t][g];
+    y[t * y_stride] = total;
+  }
 }
 
 template <typename Format>
@@ -634,6 +722,8 @@ void DotRowTokensInt8(DType type, const std::byte* stored_row, int64_t n, const 
       return;  // float types: the caller uses DotRowTokens
   }
 }
+
+#undef VISIKV_X86_INT8
 
 int64_t CompiledTarget() { return HWY_TARGET; }
 
