@@ -1,4 +1,4 @@
-// The fast products (8-bit activations, integer dot products) against the exact ones on the
+// The int8 products (8-bit activations, integer dot products) against the exact ones on the
 // default model: eval/numerics.h measures what docs/RESULTS.md reports (`visikv eval numerics`),
 // and the exact side against itself must agree perfectly.
 #include <gtest/gtest.h>
@@ -39,9 +39,9 @@ TEST(Numerics, ExactAgainstItselfAgreesPerfectly) {
   EXPECT_EQ(r.reference_nll, r.candidate_nll);
 }
 
-// The fast products are not exact (their loss is measured, not assumed): on this model they move
+// The int8 products are not exact (their loss is measured, not assumed): on this model they move
 // predictions measurably, yet within the bounds docs/RESULTS.md states for 4096 positions.
-TEST(Numerics, FastProductsStayWithinTheMeasuredBounds) {
+TEST(Numerics, Int8ProductsStayWithinTheMeasuredBounds) {
   const Loaded& l = loaded();
   const NumericsAgreement r =
       compare_numerics(l.model, l.text, 128, kPositions, ProductRounding::Fastest,

@@ -26,7 +26,7 @@ const std::filesystem::path kQuants =
 // The instruction sets to test: each one this CPU supports, from the portable path up.
 std::vector<std::string> available_targets() {
   std::vector<std::string> names;
-  for (const char* name : {"generic", "avx2", "avx512"}) {
+  for (const char* name : {"generic", "avx2", "avx512", "avx512vnni"}) {
     try {
       set_weight_kernel_target(name);
       names.push_back(name);
@@ -134,10 +134,11 @@ TEST(WeightKernels, TargetSelection) {
     const std::string chosen = weight_kernel_target();
     if (target == "generic") EXPECT_TRUE(chosen == "EMU128" || chosen == "SCALAR") << chosen;
     if (target == "avx2") EXPECT_EQ(chosen, "AVX2");
-    if (target == "avx512") EXPECT_EQ(chosen.substr(0, 4), "AVX3");
+    if (target == "avx512") EXPECT_EQ(chosen, "AVX3");
+    if (target == "avx512vnni") EXPECT_EQ(chosen, "AVX3_DL");
   }
   EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("sse9"); }),
-            "unknown SIMD target 'sse9' (expected native, avx512, avx2 or generic)");
+            "unknown SIMD target 'sse9' (expected native, avx512vnni, avx512, avx2 or generic)");
 }
 
 }  // namespace
@@ -146,7 +147,7 @@ TEST(WeightKernels, TargetSelection) {
 namespace visikv {
 namespace {
 
-// The fast products on activations that 8 bits represent exactly (k / 64 for integers |k| <= 127,
+// The int8 products on activations that 8 bits represent exactly (k / 64 for integers |k| <= 127,
 // one value per block of 32 at ±127/64, so every block's scale is 1/64): they must then equal the
 // float64 dot product up to float32 sums, for every block type and target.
 TEST(WeightKernels, Int8ProductsAreExactOnRepresentableActivations) {

@@ -1,4 +1,4 @@
-// `visikv eval numerics`: the fast products (8-bit activations) against the exact ones.
+// `visikv eval numerics`: the int8 products (8-bit activations) against the exact ones.
 #include <cstdio>
 #include <fstream>
 #include <memory>
@@ -24,7 +24,7 @@ struct NumericsFlags {
 void add_eval_numerics_command(CLI::App& eval) {
   auto flags = std::make_shared<NumericsFlags>();
   CLI::App* cmd = eval.add_subcommand(
-      "numerics", "Fast products (--numerics fast) against exact ones: top-1 agreement and KL");
+      "numerics", "int8 products (--numerics int8) against exact ones: top-1 agreement and KL");
   cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
       ->required();
   cmd->add_option("--tokens,-n", flags->tokens, "positions compared (0 = the whole text)")
@@ -46,7 +46,7 @@ void add_eval_numerics_command(CLI::App& eval) {
     std::printf(
         "model:          %s\nkernels:        %s\npositions:      %lld (windows of %lld)\n"
         "top-1 agreement %.4f\nmean KL:        %.3e (max %.3e)\nmean NLL:       exact %.6f, "
-        "fast %.6f\n",
+        "int8 %.6f\n",
         model.source().c_str(), weight_kernel_target().c_str(), static_cast<long long>(r.positions),
         static_cast<long long>(flags->window), r.top1_agreement, r.mean_kl, r.max_kl,
         r.reference_nll, r.candidate_nll);
@@ -60,7 +60,7 @@ void add_eval_numerics_command(CLI::App& eval) {
                                   {"mean_kl", r.mean_kl},
                                   {"max_kl", r.max_kl},
                                   {"exact_nll", r.reference_nll},
-                                  {"fast_nll", r.candidate_nll}};
+                                  {"int8_nll", r.candidate_nll}};
       std::ofstream file(flags->json);
       require(file.good(), "cannot write ", flags->json);
       file << out.dump(2) << "\n";

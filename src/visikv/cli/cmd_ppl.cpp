@@ -15,8 +15,8 @@
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/model/decoder.h"
-#include "visikv/model/weight_kernels.h"
 #include "visikv/model/model.h"
+#include "visikv/model/weight_kernels.h"
 
 namespace visikv::cli {
 
@@ -95,7 +95,7 @@ void add_ppl_command(CLI::App& app) {
     apply_global_options();
     const Model model = Model::load(flags->model);
     require(flags->numerics == "exact" || flags->mode != "decode-batched",
-            "--numerics fast: decode-batched computes decode order with exact products only");
+            "--numerics int8: decode-batched computes decode order with exact products only");
     Decoder decoder(model);
     apply_numerics(flags->numerics, decoder);
     const std::filesystem::path text_path =
@@ -118,13 +118,14 @@ void add_ppl_command(CLI::App& app) {
     ProgressBar bar;
     const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));
     std::printf(
-        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s numerics\n"
+        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s "
+        "numerics\n"
         "cache:        keys %s, values %s; attention %s\n"
         "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
         "speed:        %.1f tokens/s (%.1f s)\n",
         model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
-        static_cast<long long>(options.window), flags->numerics.c_str(), flags->keys.c_str(), flags->values.c_str(),
-        flags->selector.c_str(), static_cast<long long>(r.tokens),
+        static_cast<long long>(options.window), flags->numerics.c_str(), flags->keys.c_str(),
+        flags->values.c_str(), flags->selector.c_str(), static_cast<long long>(r.tokens),
         static_cast<long long>(r.windows), r.nll, r.ppl, r.tokens_per_s, r.seconds);
     if (!flags->json.empty()) {
       const nlohmann::json out = {{"model", model.source()},

@@ -2,8 +2,8 @@
 #include <omp.h>
 
 #include "visikv/cli/commands.h"
-#include "visikv/model/decoder.h"
 #include "visikv/kv/headq.h"
+#include "visikv/model/decoder.h"
 
 namespace visikv::cli {
 
@@ -14,13 +14,13 @@ GlobalOptions& global_options() {
 
 void add_numerics_option(CLI::App& cmd, std::string& numerics) {
   cmd.add_option("--numerics", numerics,
-                 "exact (float32 products, transformers-equal) or fast (8-bit activations and "
+                 "exact (float32 products, transformers-equal) or int8 (8-bit activations and "
                  "integer products for GGUF block weights, as llama.cpp)")
-      ->check(CLI::IsMember({"exact", "fast"}));
+      ->check(CLI::IsMember({"exact", "int8"}));
 }
 
 void apply_numerics(const std::string& numerics, Decoder& decoder) {
-  decoder.set_product_rounding(numerics == "fast" ? ProductRounding::QuantizedActivations
+  decoder.set_product_rounding(numerics == "int8" ? ProductRounding::QuantizedActivations
                                                   : ProductRounding::Fastest);
 }
 

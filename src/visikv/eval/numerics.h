@@ -1,5 +1,5 @@
 // How far one way of rounding the weight products moves a model's predictions from another
-// (model/matmul.h ProductRounding): the "fast" 8-bit-activation products against the exact ones.
+// (model/matmul.h ProductRounding): the int8 (8-bit-activation) products against the exact ones.
 //
 // Protocol: the tokens are cut into windows as perplexity() cuts them (BOS first when the
 // tokenizer adds one); both decoders run each window in chunks of 64 tokens through their own f32

@@ -25,7 +25,7 @@ float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t e
 // weights (its blocking sums in another order than one token's dot product). PerToken: every
 // output element is the dot product a one-token call computes, so a chunk of tokens gives bit
 // for bit what decoding them one at a time gives (weights are still read once per chunk).
-// QuantizedActivations: the "fast" numerics (llama.cpp's for quantized weights): products with
+// QuantizedActivations: the "int8" numerics (llama.cpp's for quantized weights): products with
 // GGUF block weights round the input to 8 bits per block of 32 and sum integer products
 // (weight_kernels.h); float weights as Fastest. Not transformers-exact: see docs/RESULTS.md for
 // its agreement with the exact products.

@@ -9,6 +9,10 @@
 // The portable fallback is compiled even though the rest of the program needs AVX2, so that the
 // tests can run it; SSSE3/SSE4 would add nothing between it and AVX2, and the SVE targets have
 // no fixed vector length (the kernels assume one).
+// AVX-512 with VNNI (Ice Lake and later, Zen 4): 8-bit dot products for the int8 path.
+#ifndef HWY_WANT_AVX3_DL
+#define HWY_WANT_AVX3_DL
+#endif
 #ifndef HWY_COMPILE_ALL_ATTAINABLE
 #define HWY_COMPILE_ALL_ATTAINABLE
 #endif
@@ -34,6 +38,16 @@
 #include "visikv/model/weight_kernels.h"
 
 HWY_BEFORE_NAMESPACE();
+#if HWY_TARGET == HWY_AVX3_DL
+// Highway 1.0's AVX3_DL target (chosen for CPUs with AVX-512 VNNI) names the VEX "avxvnni"
+// feature but not "avx512vnni", whose 512-bit dot products the int8 path uses.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512vnni"))), apply_to = function)
+#else
+#pragma GCC target("avx512vnni")
+#endif
+#define VISIKV_VNNI_ATTR __attribute__((target(HWY_TARGET_STR ",avx512vnni")))
+#endif
 namespace visikv {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
@@ -121,7 +135,7 @@ struct F32Format : NoScales {
   template <int>
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const auto* p = reinterpret_cast<const float*>(block);
-    ForEachVector([&](auto k) { w[k] = hn::LoadU(DF(), p + k * kLanes); });
+    ForEachVector([&](auto k) HWY_ATTR { w[k] = hn::LoadU(DF(), p + k * kLanes); });
   }
 };
 
@@ -131,7 +145,8 @@ struct F16Format : NoScales {
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const hn::Rebind<hwy::float16_t, DF> dh;
     const auto* p = reinterpret_cast<const hwy::float16_t*>(block);
-    ForEachVector([&](auto k) { w[k] = hn::PromoteTo(DF(), hn::LoadU(dh, p + k * kLanes)); });
+    ForEachVector([&](auto k)
+                      HWY_ATTR { w[k] = hn::PromoteTo(DF(), hn::LoadU(dh, p + k * kLanes)); });
   }
 };
 
@@ -140,7 +155,7 @@ struct BF16Format : NoScales {
   template <int>
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const auto* p = reinterpret_cast<const uint16_t*>(block);
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       const VU bits = hn::PromoteTo(DU(), hn::LoadU(DU16(), p + k * kLanes));
       w[k] = hn::BitCast(DF(), hn::ShiftLeft<16>(bits));
     });
@@ -154,7 +169,7 @@ struct Q8_0Format : NoScales {
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block));
     const auto* qs = reinterpret_cast<const int8_t*>(block + 2);
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       w[k] =
           hn::Mul(d, hn::ConvertTo(DF(), hn::PromoteTo(DI(), hn::LoadU(DI8(), qs + k * kLanes))));
     });
@@ -167,7 +182,8 @@ struct Q4_0Format : NoScales {
   template <int>
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block));
-    ForEachVector([&](auto k) { w[k] = hn::Mul(d, ToFloat(LegacyNibbles<k>(block + 2), 8)); });
+    ForEachVector([&](auto k)
+                      HWY_ATTR { w[k] = hn::Mul(d, ToFloat(LegacyNibbles<k>(block + 2), 8)); });
   }
 };
 
@@ -177,7 +193,8 @@ struct Q4_1Format : NoScales {
   template <int>
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block)), m = hn::Set(DF(), LoadHalf(block + 2));
-    ForEachVector([&](auto k) { w[k] = hn::MulAdd(d, ToFloat(LegacyNibbles<k>(block + 4)), m); });
+    ForEachVector([&](auto k)
+                      HWY_ATTR { w[k] = hn::MulAdd(d, ToFloat(LegacyNibbles<k>(block + 4)), m); });
   }
 };
 
@@ -189,7 +206,7 @@ struct Q5_0Format : NoScales {
     const VF d = hn::Set(DF(), LoadHalf(block));
     uint32_t qh;
     std::memcpy(&qh, block + 2, sizeof(qh));
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       w[k] = hn::Mul(d, ToFloat(hn::Or(LegacyNibbles<k>(block + 6), FifthBits<k>(qh)), 16));
     });
   }
@@ -203,22 +220,11 @@ struct Q5_1Format : NoScales {
     const VF d = hn::Set(DF(), LoadHalf(block)), m = hn::Set(DF(), LoadHalf(block + 2));
     uint32_t qh;
     std::memcpy(&qh, block + 4, sizeof(qh));
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       w[k] = hn::MulAdd(d, ToFloat(hn::Or(LegacyNibbles<k>(block + 8), FifthBits<k>(qh))), m);
     });
   }
 };
-
-// The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (ggml's get_scale_min_k4).
-void ScaleMinK4(int j, const uint8_t* q, int& scale, int& min) {
-  if (j < 4) {
-    scale = q[j] & 63;
-    min = q[j + 4] & 63;
-  } else {
-    scale = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
-    min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
 
 // Super-blocks of 256 = 8 units of 32, each with its own scale and min: d * sc * q - dmin * m.
 // Unit u's values are the low (u even) or high (u odd) nibbles of the 32 bytes at 32 * (u / 2).
@@ -228,6 +234,17 @@ void ScaleMinK4(int j, const uint8_t* q, int& scale, int& min) {
 struct ScalesK4 {
   float scale[8], neg_min[8];
 };
+// The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (ggml's get_scale_min_k4).
+inline void ScaleMinK4(int j, const uint8_t* q, int& scale, int& min) {
+  if (j < 4) {
+    scale = q[j] & 63;
+    min = q[j + 4] & 63;
+  } else {
+    scale = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
 ScalesK4 PrepareK4(const uint8_t* block) {
   ScalesK4 s;
   const float d = LoadHalf(block), dmin = LoadHalf(block + 2);
@@ -248,7 +265,7 @@ struct Q4_KFormat {
   static void Unpack(const uint8_t* block, const Scales& s, VF* w) {
     const VF scale = hn::Set(DF(), s.scale[unit]), neg_min = hn::Set(DF(), s.neg_min[unit]);
     const uint8_t* q = block + 16 + 32 * (unit / 2);
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       w[k] = hn::MulAdd(scale, ToFloat(Nibbles<(unit & 1) != 0>(q + k * kLanes)), neg_min);
     });
   }
@@ -265,7 +282,7 @@ struct Q5_KFormat {
     const uint8_t* qh = block + 16;
     const uint8_t* ql = block + 48 + 32 * (unit / 2);
     const VU one = hn::Set(DU(), 1);
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       const VU low = Nibbles<(unit & 1) != 0>(ql + k * kLanes);
       const VU fifth = hn::ShiftLeft<4>(hn::And(hn::ShiftRight<unit>(Bytes(qh + k * kLanes)), one));
       w[k] = hn::MulAdd(scale, ToFloat(hn::Or(low, fifth)), neg_min);
@@ -294,7 +311,7 @@ struct Q6_KFormat {
     const uint8_t* ql = block + 64 * half + 32 * (uu & 1);
     const uint8_t* qh = block + 128 + 32 * half;
     const VU three = hn::Set(DU(), 3);
-    ForEachVector([&](auto k) {
+    ForEachVector([&](auto k) HWY_ATTR {
       const VU low = Nibbles<(uu >= 2)>(ql + k * kLanes);
       const VU high =
           hn::ShiftLeft<4>(hn::And(hn::ShiftRight<2 * uu>(Bytes(qh + k * kLanes)), three));
@@ -330,7 +347,7 @@ void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stri
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
     const uint8_t* block = row + b * Format::kBytes;
     const typename Format::Scales scales = Format::Prepare(block);
-    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) {
+    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
       VF w[kVectors];
       Format::template Unpack<unit>(block, scales, w);
       for (int t = 0; t < kTokens; ++t) {
@@ -413,7 +430,7 @@ void DotRowTokens(DType type, const std::byte* stored_row, int64_t n, const floa
   }
 }
 
-// --- fast products: weight codes times 8-bit activation codes --------------------------------
+// --- int8 products: weight codes times 8-bit activation codes --------------------------------
 // One entry per block type: Prepare(block) gives a scale and an offset per 16 values (w_j =
 // scale[j / 16] * code_j + offset[j / 16]); Codes<unit> writes unit `unit`'s 32 integer codes, in
 // [0, 63] (or [-128, 127] for Q8_0, kSigned); on x86 Codes256<unit> returns them as one vector.
@@ -630,23 +647,63 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
 #else
   float acc[kTokens] = {};
 #endif
+#if VISIKV_X86_INT8 && HWY_TARGET == HWY_AVX3_DL
+  // With VNNI, units go in pairs through 512-bit dot products: int32 lane i holds the sum of
+  // group i / 4 (16 values) of the pair, and its scale and activation scale are spread to match.
+  constexpr bool kPairs = kUnitsPerBlock % 2 == 0;
+  static_assert(!kPairs || !Format::kSigned, "signed codes take the 256-bit path");
+  __m512 acc_pairs[kTokens];
+  for (__m512& a : acc_pairs) a = _mm512_setzero_ps();
+  const __m512i group_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i unit_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+#else
+  constexpr bool kPairs = false;
+#endif
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
     const uint8_t* block = row + b * Format::kBytes;
     const typename Format::Scales s = Format::Prepare(block);
-    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) {
-      const int64_t u = b * kUnitsPerBlock + unit;
+#if VISIKV_X86_INT8 && HWY_TARGET == HWY_AVX3_DL
+    if constexpr (kPairs) {
+      ForEachUnit(
+          std::make_integer_sequence<int, kUnitsPerBlock / 2>(), [&](auto pair) VISIKV_VNNI_ATTR {
+            constexpr int first_unit = 2 * pair;
+            const __m512i w = _mm512_inserti64x4(
+                _mm512_castsi256_si512(Format::template Codes256<first_unit>(block)),
+                Format::template Codes256<first_unit + 1>(block), 1);
+            const __m512 scale = _mm512_permutexvar_ps(
+                group_of_lane, _mm512_castps128_ps512(_mm_loadu_ps(&s.scale[2 * first_unit])));
+            const int64_t u = b * kUnitsPerBlock + first_unit;
+            for (int t = 0; t < kTokens; ++t) {
+              const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                       _mm512_loadu_si512(codes[t] + u * kUnit));
+              const __m512 activation_scale = _mm512_permutexvar_ps(
+                  unit_of_lane,
+                  _mm512_castps128_ps512(_mm_setr_ps(scales[t][u], scales[t][u + 1], 0, 0)));
+              acc_pairs[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
+                                             _mm512_mul_ps(scale, activation_scale), acc_pairs[t]);
+            }
+          });
+    }
+#endif
+    if constexpr (!kPairs)
+      ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
+        const int64_t u = b * kUnitsPerBlock + unit;
 #if VISIKV_X86_INT8
-      const __m256i w = Format::template Codes256<unit>(block);
-      const __m256i w_unsigned = Format::kSigned ? _mm256_sign_epi8(w, w) : w;
-      const __m256 scale =
-          _mm256_setr_m128(_mm_set1_ps(s.scale[2 * unit]), _mm_set1_ps(s.scale[2 * unit + 1]));
-      for (int t = 0; t < kTokens; ++t) {
-        __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[t] + u * kUnit));
-        if constexpr (Format::kSigned) xq = _mm256_sign_epi8(xq, w);
+        const __m256i w = Format::template Codes256<unit>(block);
+        const __m256i w_unsigned = Format::kSigned ? _mm256_sign_epi8(w, w) : w;
+        const __m256 scale =
+            _mm256_setr_m128(_mm_set1_ps(s.scale[2 * unit]), _mm_set1_ps(s.scale[2 * unit + 1]));
+        for (int t = 0; t < kTokens; ++t) {
+          __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[t] + u * kUnit));
+          if constexpr (Format::kSigned) xq = _mm256_sign_epi8(xq, w);
+#if HWY_TARGET == HWY_AVX3_DL
+          const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_unsigned, xq);
+#else
         const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, xq), ones);
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
-                                 _mm256_mul_ps(scale, _mm256_set1_ps(scales[t][u])), acc[t]);
-      }
+#endif
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums),
+                                   _mm256_mul_ps(scale, _mm256_set1_ps(scales[t][u])), acc[t]);
+        }
 #else
       int8_t w[kUnit];
       Format::template Codes<unit>(block, w);
@@ -658,7 +715,7 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
                                   s.scale[2 * unit + 1] * static_cast<float>(group[1]));
       }
 #endif
-    });
+      });
     if constexpr (Format::kHasOffset)
       for (int t = 0; t < kTokens; ++t)
         for (int g = 0; g < kGroups; ++g) offsets[t][g] += s.offset[g] * sums16[t][b * kGroups + g];
@@ -670,6 +727,9 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
     __m128 sum4 = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
     sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
     float total = _mm_cvtss_f32(sum4);
+#if HWY_TARGET == HWY_AVX3_DL
+    if constexpr (kPairs) total += _mm512_reduce_add_ps(acc_pairs[t]);
+#endif
 #else
     float total = acc[t];
 #endif
@@ -729,6 +789,9 @@ int64_t CompiledTarget() { return HWY_TARGET; }
 
 }  // namespace HWY_NAMESPACE
 }  // namespace visikv
+#if HWY_TARGET == HWY_AVX3_DL && defined(__clang__)
+#pragma clang attribute pop
+#endif
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
@@ -797,6 +860,8 @@ void set_weight_kernel_target(const std::string& name) {
   int64_t allowed;
   if (name == "native")
     allowed = ~int64_t{0};
+  else if (name == "avx512vnni")
+    allowed = ~(HWY_AVX3_DL - 1);
   else if (name == "avx512")
     allowed = ~(HWY_AVX3 - 1);
   else if (name == "avx2")
@@ -804,7 +869,7 @@ void set_weight_kernel_target(const std::string& name) {
   else if (name == "generic")
     allowed = ~(HWY_EMU128 - 1);
   else
-    fail("unknown SIMD target '", name, "' (expected native, avx512, avx2 or generic)");
+    fail("unknown SIMD target '", name, "' (expected native, avx512vnni, avx512, avx2 or generic)");
   hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
   const int64_t supported = hwy::SupportedTargets();
   const int64_t chosen = supported & allowed;

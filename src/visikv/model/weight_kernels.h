@@ -27,7 +27,7 @@ namespace visikv {
 void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const float* x,
                     int64_t x_stride, int64_t tokens, float* y, int64_t y_stride);
 
-// Activations rounded to 8 bits for the "fast" products (llama.cpp's scheme for its quantized
+// Activations rounded to 8 bits for the int8 products (llama.cpp's scheme for its quantized
 // weights): per token and block of 32 values, codes q = round(x / s) in [-127, 127] with
 // s = max|x| / 127, and the float sum of every 16 values (for the weight types' offsets, which
 // multiply the exact sums). `elements` must be a multiple of 32.
@@ -39,7 +39,7 @@ struct Int8Activations {
 };
 void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int8Activations& out);
 
-// The fast product: for block types, y[t * y_stride] ≈ dot(row, x_t) as integer dot products of
+// The int8 product: for block types, y[t * y_stride] ≈ dot(row, x_t) as integer dot products of
 // the weights' codes with the activation codes, each block scaled in float32 (one rounding of
 // the activations, about 0.4% relative per value). Float types (f32, f16, bf16) are not covered
 // (they take dot_row_tokens). Chunks of tokens give bit for bit the one-token results.
@@ -51,7 +51,8 @@ void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
 std::string weight_kernel_target();
 
 // Restricts the kernels to at most the named instruction set: "native" (the best this CPU has),
-// "avx512", "avx2" or "generic" (the portable fallback). The environment variable VISIKV_SIMD sets
+// "avx512vnni" (AVX-512 with VNNI: 8-bit dot products for the int8 products), "avx512", "avx2" or
+// "generic" (the portable fallback). The environment variable VISIKV_SIMD sets
 // it at start-up. Throws visikv::Error on an unknown name.
 void set_weight_kernel_target(const std::string& name);
 
