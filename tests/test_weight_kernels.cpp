@@ -132,10 +132,15 @@ TEST(WeightKernels, TargetSelection) {
   for (const std::string& target : available_targets()) {
     const TargetGuard guard(target);
     const std::string chosen = weight_kernel_target();
-    if (target == "generic") EXPECT_TRUE(chosen == "EMU128" || chosen == "SCALAR") << chosen;
-    if (target == "avx2") EXPECT_EQ(chosen, "AVX2");
-    if (target == "avx512") EXPECT_EQ(chosen, "AVX3");
-    if (target == "avx512vnni") EXPECT_EQ(chosen, "AVX3_DL");
+    if (target == "generic") {
+      EXPECT_TRUE(chosen == "EMU128" || chosen == "SCALAR") << chosen;
+    } else if (target == "avx2") {
+      EXPECT_EQ(chosen, "AVX2");
+    } else if (target == "avx512") {
+      EXPECT_EQ(chosen, "AVX3");
+    } else if (target == "avx512vnni") {
+      EXPECT_EQ(chosen, "AVX3_DL");
+    }
   }
   EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("sse9"); }),
             "unknown SIMD target 'sse9' (expected native, avx512vnni, avx512, avx2 or generic)");
@@ -185,6 +190,49 @@ TEST(WeightKernels, Int8ProductsAreExactOnRepresentableActivations) {
           dot_row_tokens_int8(tensor.dtype, tensor.row(r).data(), n, xq, t, 1, &alone, 1);
           EXPECT_EQ(alone, y[t]) << "row " << r << " token " << t << " alone";
         }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace visikv
+
+namespace visikv {
+namespace {
+
+// A range of rows in one call gives, row by row, the bits of one-row calls (both products).
+TEST(WeightKernels, RowRangesEqualSingleRows) {
+  const GgufFile file(kQuants);
+  for (const char* type : {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"}) {
+    SCOPED_TRACE(type);
+    const TensorRef& tensor = file.tensor((type[0] == 'Q' ? "q." : "f.") + std::string(type));
+    const int64_t n = tensor.row_size(), rows = tensor.rows();
+    const int64_t row_bytes = static_cast<int64_t>(tensor.row(0).size());
+    constexpr int64_t kTokens = 5;
+    std::mt19937 rng(3);
+    const std::vector<float> x = test_support::random_vector(rng, kTokens * n);
+    Int8Activations xq;
+    quantize_activations(x.data(), kTokens, n, xq);
+    const bool block = type[0] == 'Q';
+    for (const std::string& target : available_targets()) {
+      SCOPED_TRACE(target);
+      const TargetGuard guard(target);
+      std::vector<float> all(kTokens * rows, std::numeric_limits<float>::quiet_NaN());
+      dot_rows_tokens(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, x.data(), n, kTokens,
+                      all.data(), rows);
+      std::vector<float> all_int8(kTokens * rows, std::numeric_limits<float>::quiet_NaN());
+      if (block)
+        dot_rows_tokens_int8(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, xq, 0, kTokens,
+                             all_int8.data(), rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        std::vector<float> one(kTokens);
+        dot_row_tokens(tensor.dtype, tensor.row(r).data(), n, x.data(), n, kTokens, one.data(), 1);
+        for (int64_t t = 0; t < kTokens; ++t) EXPECT_EQ(all[t * rows + r], one[t]) << r << " " << t;
+        if (!block) continue;
+        dot_row_tokens_int8(tensor.dtype, tensor.row(r).data(), n, xq, 0, kTokens, one.data(), 1);
+        for (int64_t t = 0; t < kTokens; ++t)
+          EXPECT_EQ(all_int8[t * rows + r], one[t]) << r << " " << t;
       }
     }
   }

@@ -397,36 +397,54 @@ void DotFloatRow(const uint8_t* row, int64_t n, const float* x, int64_t x_stride
   }
 }
 
-void DotRowTokens(DType type, const std::byte* stored_row, int64_t n, const float* x,
+// Each row of a range: the per-type switch and the dispatch happen once per range.
+template <typename Format>
+void DotBlockRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
                   int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
-  const auto* row = reinterpret_cast<const uint8_t*>(stored_row);
-  const int64_t units = n / kUnit;
+  for (int64_t r = 0; r < rows; ++r)
+    DotAnyTokens<Format>(first + r * row_bytes, n / kUnit, x, x_stride, tokens, y + r, y_stride);
+}
+
+template <typename Format, typename Element, typename Widen>
+void DotFloatRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
+                  int64_t x_stride, int64_t tokens, float* y, int64_t y_stride, Widen widen) {
+  for (int64_t r = 0; r < rows; ++r)
+    DotFloatRow<Format, Element>(first + r * row_bytes, n, x, x_stride, tokens, y + r, y_stride,
+                                 widen);
+}
+
+void DotRowsTokens(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                   int64_t n, const float* x, int64_t x_stride, int64_t tokens, float* y,
+                   int64_t y_stride) {
+  const auto* first = reinterpret_cast<const uint8_t*>(first_row);
   switch (type) {
     case DType::F32:
-      return DotFloatRow<F32Format, float>(row, n, x, x_stride, tokens, y, y_stride,
-                                           [](float v) { return v; });
+      return DotFloatRows<F32Format, float>(first, row_bytes, rows, n, x, x_stride, tokens, y,
+                                            y_stride, [](float v) { return v; });
     case DType::F16:
-      return DotFloatRow<F16Format, uint16_t>(row, n, x, x_stride, tokens, y, y_stride,
-                                              [](uint16_t v) { return fp16_to_float(v); });
+      return DotFloatRows<F16Format, uint16_t>(first, row_bytes, rows, n, x, x_stride, tokens, y,
+                                               y_stride,
+                                               [](uint16_t v) { return fp16_to_float(v); });
     case DType::BF16:
-      return DotFloatRow<BF16Format, uint16_t>(row, n, x, x_stride, tokens, y, y_stride,
-                                               [](uint16_t v) { return bf16_to_float(v); });
+      return DotFloatRows<BF16Format, uint16_t>(first, row_bytes, rows, n, x, x_stride, tokens, y,
+                                                y_stride,
+                                                [](uint16_t v) { return bf16_to_float(v); });
     case DType::Q8_0:
-      return DotAnyTokens<Q8_0Format>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q8_0Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q4_0:
-      return DotAnyTokens<Q4_0Format>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q4_0Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q4_1:
-      return DotAnyTokens<Q4_1Format>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q4_1Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q5_0:
-      return DotAnyTokens<Q5_0Format>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q5_0Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q5_1:
-      return DotAnyTokens<Q5_1Format>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q5_1Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q4_K:
-      return DotAnyTokens<Q4_KFormat>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q4_KFormat>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q5_K:
-      return DotAnyTokens<Q5_KFormat>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q5_KFormat>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
     case DType::Q6_K:
-      return DotAnyTokens<Q6_KFormat>(row, units, x, x_stride, tokens, y, y_stride);
+      return DotBlockRows<Q6_KFormat>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
   }
 }
 
@@ -757,29 +775,38 @@ void DotInt8AnyTokens(const uint8_t* row, int64_t units, const Int8Activations& 
   }
 }
 
-void DotRowTokensInt8(DType type, const std::byte* stored_row, int64_t n, const Int8Activations& x,
-                      int64_t first, int64_t tokens, float* y, int64_t y_stride) {
-  const auto* row = reinterpret_cast<const uint8_t*>(stored_row);
-  const int64_t units = n / kUnit;
+template <typename Format>
+void DotInt8Rows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
+                 const Int8Activations& x, int64_t first, int64_t tokens, float* y,
+                 int64_t y_stride) {
+  for (int64_t r = 0; r < rows; ++r)
+    DotInt8AnyTokens<Format>(first_row + r * row_bytes, n / kUnit, x, first, tokens, y + r,
+                             y_stride);
+}
+
+void DotRowsTokensInt8(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                       int64_t n, const Int8Activations& x, int64_t first, int64_t tokens, float* y,
+                       int64_t y_stride) {
+  const auto* row = reinterpret_cast<const uint8_t*>(first_row);
   switch (type) {
     case DType::Q8_0:
-      return DotInt8AnyTokens<Q8_0Codes>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<Q8_0Codes>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q4_0:
-      return DotInt8AnyTokens<Q4Codes<false>>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<Q4Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q4_1:
-      return DotInt8AnyTokens<Q4Codes<true>>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<Q4Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q5_0:
-      return DotInt8AnyTokens<Q5Codes<false>>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<Q5Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q5_1:
-      return DotInt8AnyTokens<Q5Codes<true>>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<Q5Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q4_K:
-      return DotInt8AnyTokens<QK45Codes<false>>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<QK45Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q5_K:
-      return DotInt8AnyTokens<QK45Codes<true>>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<QK45Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     case DType::Q6_K:
-      return DotInt8AnyTokens<Q6_KCodes>(row, units, x, first, tokens, y, y_stride);
+      return DotInt8Rows<Q6_KCodes>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
     default:
-      return;  // float types: the caller uses DotRowTokens
+      return;  // float types: the caller uses DotRowsTokens
   }
 }
 
@@ -807,13 +834,20 @@ namespace {
 constexpr int64_t kBlock = 32;  // activation values per scale
 }  // namespace
 
-HWY_EXPORT(DotRowTokens);
-HWY_EXPORT(DotRowTokensInt8);
+HWY_EXPORT(DotRowsTokens);
+HWY_EXPORT(DotRowsTokensInt8);
 HWY_EXPORT(CompiledTarget);
+
+void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                     int64_t elements, const float* x, int64_t x_stride, int64_t tokens, float* y,
+                     int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(DotRowsTokens)
+  (type, first_row, row_bytes, rows, elements, x, x_stride, tokens, y, y_stride);
+}
 
 void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const float* x,
                     int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
-  HWY_DYNAMIC_DISPATCH(DotRowTokens)(type, row, elements, x, x_stride, tokens, y, y_stride);
+  dot_rows_tokens(type, row, 0, 1, elements, x, x_stride, tokens, y, y_stride);
 }
 
 void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activations& out) {
@@ -844,10 +878,17 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activat
   }
 }
 
+void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                          int64_t elements, const Int8Activations& x, int64_t first_token,
+                          int64_t tokens, float* y, int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(DotRowsTokensInt8)
+  (type, first_row, row_bytes, rows, elements, x, first_token, tokens, y, y_stride);
+}
+
 void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
                          const Int8Activations& x, int64_t first_token, int64_t tokens, float* y,
                          int64_t y_stride) {
-  HWY_DYNAMIC_DISPATCH(DotRowTokensInt8)(type, row, elements, x, first_token, tokens, y, y_stride);
+  dot_rows_tokens_int8(type, row, 0, 1, elements, x, first_token, tokens, y, y_stride);
 }
 
 std::string weight_kernel_target() {

@@ -27,6 +27,12 @@ namespace visikv {
 void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const float* x,
                     int64_t x_stride, int64_t tokens, float* y, int64_t y_stride);
 
+// Consecutive rows, `row_bytes` apart, in one call (the per-call costs, dispatch included, once per
+// range): y[t * y_stride + r] = dot(row r, x + t * x_stride) for r < rows, t < tokens.
+void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                     int64_t elements, const float* x, int64_t x_stride, int64_t tokens, float* y,
+                     int64_t y_stride);
+
 // Activations rounded to 8 bits for the int8 products (llama.cpp's scheme for its quantized
 // weights): per token and block of 32 values, codes q = round(x / s) in [-127, 127] with
 // s = max|x| / 127, and the float sum of every 16 values (for the weight types' offsets, which
@@ -46,6 +52,10 @@ void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int8
 void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
                          const Int8Activations& x, int64_t first_token, int64_t tokens, float* y,
                          int64_t y_stride);
+// Consecutive rows `row_bytes` apart: y[t * y_stride + r] for r < rows (as dot_rows_tokens).
+void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                          int64_t elements, const Int8Activations& x, int64_t first_token,
+                          int64_t tokens, float* y, int64_t y_stride);
 
 // The instruction set the kernels run with on this CPU ("AVX3", "AVX2", "EMU128", ...).
 std::string weight_kernel_target();
