@@ -20,7 +20,7 @@ for arg in "$@"; do
   esac
 done
 
-packages=(build-essential g++ cmake ninja-build pkg-config git unzip python3 python3-pip
+packages=(build-essential g++ clang libomp-dev cmake ninja-build pkg-config git unzip python3 python3-pip
           nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
           libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache)
 missing=()

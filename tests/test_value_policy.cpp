@@ -238,7 +238,9 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
       {"a2:int2/int4:g64:w64:avg3:had", "fields"},
       {"a2", "fields"},
   };
-  for (const auto& [spec, message] : cases) {
+  for (const auto& test_case : cases) {
+    const auto& spec = test_case.first;
+    const auto& message = test_case.second;
     const std::string error = error_of([&] { parse_codec_spec(spec); });
     EXPECT_NE(error.find(message), std::string::npos) << spec << ": " << error;
     EXPECT_NE(error.find(spec), std::string::npos) << "names the spec: " << error;

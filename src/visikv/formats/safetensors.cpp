@@ -65,8 +65,10 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
       metadata_ = entry;
       continue;
     }
+    // A named copy: lambdas may not capture structured bindings before C++20 compilers caught up.
+    const std::string& tensor_name = name;
     const auto where = [&] {
-      return str_cat("safetensors file ", file_path, ": tensor '", name, "'");
+      return str_cat("safetensors file ", file_path, ": tensor '", tensor_name, "'");
     };
     require(entry.is_object() && entry.contains("dtype") && entry.contains("shape") &&
                 entry.contains("data_offsets"),

@@ -23,7 +23,8 @@ BpeModel::BpeModel(TokenIndex vocab, const std::vector<std::pair<std::string, st
     : vocab_(std::move(vocab)), options_(std::move(options)) {
   merges_.reserve(merges.size() * 2);
   for (std::size_t rank = 0; rank < merges.size(); ++rank) {
-    const auto& [left, right] = merges[rank];
+    const std::string& left = merges[rank].first;  // named: lambdas below refer to them
+    const std::string& right = merges[rank].second;
     const auto id_of = [&](const std::string& text, const char* what) {
       const std::optional<int32_t> id = find_token(vocab_, text);
       require(id.has_value(), "BPE merge ", rank, " ('", left, "' + '", right, "'): ", what, " '",
