@@ -35,6 +35,20 @@ TEST(Cli, InfoDescribesTheModel) {
   EXPECT_NE(r.output.find("2 kv heads"), std::string::npos) << r.output;
 }
 
+// VISIKV_SIMD picks the weight kernels' instruction set; a bad name is a clear error, not a crash.
+TEST(Cli, SimdEnvironmentVariable) {
+  ProgramRun r = run_visikv("info " + kLlama, "VISIKV_SIMD=generic");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(r.output.find("kernels:      SCALAR") != std::string::npos ||
+              r.output.find("kernels:      EMU128") != std::string::npos)
+      << r.output;
+  r = run_visikv("info " + kLlama, "VISIKV_SIMD=sse9");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("visikv: error: VISIKV_SIMD: unknown SIMD target 'sse9'"),
+            std::string::npos)
+      << r.output;
+}
+
 TEST(Cli, TokenizeAndGenerate) {
   ProgramRun r = run("tokenize " + kGpt2 + " 'Hello world' --count");
   EXPECT_EQ(r.status, 0) << r.output;

@@ -74,8 +74,9 @@ struct ProgramRun {
   std::string output;
 };
 
-inline ProgramRun run_visikv(const std::string& args) {
-  const std::string command = std::string(VISIKV_BINARY) + " " + args + " 2>&1";
+// `environment`: assignments put before the command, e.g. "VISIKV_SIMD=avx2".
+inline ProgramRun run_visikv(const std::string& args, const std::string& environment = "") {
+  const std::string command = environment + " " + std::string(VISIKV_BINARY) + " " + args + " 2>&1";
   FILE* pipe = ::popen(command.c_str(), "r");
   EXPECT_NE(pipe, nullptr);
   if (pipe == nullptr) return {-1, ""};

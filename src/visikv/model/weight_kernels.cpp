@@ -824,6 +824,8 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "visikv/core/error.h"
@@ -920,9 +922,17 @@ void set_weight_kernel_target(const std::string& name) {
 
 namespace {
 // VISIKV_SIMD=avx2 (for example) limits the kernels from the start.
+// This runs before main, where an exception could only terminate the program: a bad name is
+// reported as an error and the program exits with status 1, as for any other bad input.
 const bool kTargetFromEnvironment = [] {
-  if (const char* name = std::getenv("VISIKV_SIMD"); name != nullptr && *name != '\0')
+  const char* name = std::getenv("VISIKV_SIMD");
+  if (name == nullptr || *name == '\0') return true;
+  try {
     set_weight_kernel_target(name);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "visikv: error: VISIKV_SIMD: %s\n", e.what());
+    std::exit(1);
+  }
   return true;
 }();
 }  // namespace
