@@ -49,6 +49,19 @@ TEST(Cli, SimdEnvironmentVariable) {
       << r.output;
 }
 
+// --numerics: int8 cannot run decode-batched (exact products only), and unknown names are refused.
+TEST(Cli, NumericsFlagRejectsWhatItCannotDo) {
+  ProgramRun r = run("ppl " + kLlama + " --mode decode-batched --numerics int8 --tokens 8");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("--numerics int8: decode-batched computes decode order with exact "
+                          "products only"),
+            std::string::npos)
+      << r.output;
+  r = run("ppl " + kLlama + " --numerics fastest --tokens 8");
+  EXPECT_NE(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("--numerics"), std::string::npos) << r.output;
+}
+
 TEST(Cli, TokenizeAndGenerate) {
   ProgramRun r = run("tokenize " + kGpt2 + " 'Hello world' --count");
   EXPECT_EQ(r.status, 0) << r.output;
