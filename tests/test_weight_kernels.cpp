@@ -201,38 +201,46 @@ TEST(WeightKernels, Int8ProductsAreExactOnRepresentableActivations) {
 namespace visikv {
 namespace {
 
-// A range of rows in one call gives, row by row, the bits of one-row calls (both products).
+// A range of rows in one call gives, row by row, the bits of one-row calls (both products). With
+// more than four tokens the float products run blocked (weight_kernels.cpp BlockedRows): 512-value
+// rows take two steps, three rows leave one after the pairs, and 5, 7 and 10 tokens leave one,
+// three and two tokens after the groups of four; every output must be the single-token result.
 TEST(WeightKernels, RowRangesEqualSingleRows) {
   const GgufFile file(kQuants);
-  for (const char* type : {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"}) {
+  for (const char* type :
+       {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"}) {
     SCOPED_TRACE(type);
     const TensorRef& tensor = file.tensor((type[0] == 'Q' ? "q." : "f.") + std::string(type));
     const int64_t n = tensor.row_size(), rows = tensor.rows();
     const int64_t row_bytes = static_cast<int64_t>(tensor.row(0).size());
-    constexpr int64_t kTokens = 5;
-    std::mt19937 rng(3);
-    const std::vector<float> x = test_support::random_vector(rng, kTokens * n);
-    Int8Activations xq;
-    quantize_activations(x.data(), kTokens, n, xq);
     const bool block = type[0] == 'Q';
-    for (const std::string& target : available_targets()) {
-      SCOPED_TRACE(target);
-      const TargetGuard guard(target);
-      std::vector<float> all(kTokens * rows, std::numeric_limits<float>::quiet_NaN());
-      dot_rows_tokens(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, x.data(), n, kTokens,
-                      all.data(), rows);
-      std::vector<float> all_int8(kTokens * rows, std::numeric_limits<float>::quiet_NaN());
-      if (block)
-        dot_rows_tokens_int8(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, xq, 0, kTokens,
-                             all_int8.data(), rows);
-      for (int64_t r = 0; r < rows; ++r) {
-        std::vector<float> one(kTokens);
-        dot_row_tokens(tensor.dtype, tensor.row(r).data(), n, x.data(), n, kTokens, one.data(), 1);
-        for (int64_t t = 0; t < kTokens; ++t) EXPECT_EQ(all[t * rows + r], one[t]) << r << " " << t;
-        if (!block) continue;
-        dot_row_tokens_int8(tensor.dtype, tensor.row(r).data(), n, xq, 0, kTokens, one.data(), 1);
-        for (int64_t t = 0; t < kTokens; ++t)
-          EXPECT_EQ(all_int8[t * rows + r], one[t]) << r << " " << t;
+    for (const int64_t tokens : {int64_t{5}, int64_t{7}, int64_t{10}}) {
+      SCOPED_TRACE(tokens);
+      std::mt19937 rng(3);
+      const std::vector<float> x = test_support::random_vector(rng, tokens * n);
+      Int8Activations xq;
+      quantize_activations(x.data(), tokens, n, xq);
+      for (const std::string& target : available_targets()) {
+        SCOPED_TRACE(target);
+        const TargetGuard guard(target);
+        std::vector<float> all(tokens * rows, std::numeric_limits<float>::quiet_NaN());
+        dot_rows_tokens(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, x.data(), n, tokens,
+                        all.data(), rows);
+        std::vector<float> all_int8(tokens * rows, std::numeric_limits<float>::quiet_NaN());
+        if (block)
+          dot_rows_tokens_int8(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, xq, 0,
+                               tokens, all_int8.data(), rows);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t t = 0; t < tokens; ++t) {
+            float one = std::numeric_limits<float>::quiet_NaN();
+            dot_row_tokens(tensor.dtype, tensor.row(r).data(), n, x.data() + t * n, n, 1, &one, 1);
+            EXPECT_EQ(all[t * rows + r], one) << r << " " << t;
+            if (!block) continue;
+            one = std::numeric_limits<float>::quiet_NaN();
+            dot_row_tokens_int8(tensor.dtype, tensor.row(r).data(), n, xq, t, 1, &one, 1);
+            EXPECT_EQ(all_int8[t * rows + r], one) << r << " " << t;
+          }
+        }
       }
     }
   }

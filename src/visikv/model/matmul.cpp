@@ -19,9 +19,14 @@ namespace {
 // At and above this many tokens the product goes through sgemm on widened weight slabs.
 constexpr int64_t kGemmMinTokens = 8;
 constexpr int64_t kGemmSlabRows = 256;
-// Tokens per pass of the row kernels: 32 tokens of a 576-wide input are 74 KB, which stay in
-// the core's L2 while its rows pass over them (16 to 64 measured alike on the default model).
-constexpr int64_t kTokenTile = 32;
+// Tokens per pass over the rows: 64 tokens of a 1536-wide input are 393 KB, which stay in the
+// core's L2 while its rows pass over them.
+constexpr int64_t kTokenTile = 64;
+// Up to this many tokens the products go row by row (decode); above it, by blocks of rows.
+constexpr int64_t kRowTokens = 4;
+// Rows per call of the blocked product: a step of their weights (32 rows of 1024 values, 18 KB
+// in Q4_K) stays in L1 beside a group of tokens' input.
+constexpr int64_t kRowBlock = 32;
 
 void widen_rows(const TensorRef& w, int64_t first_row, int64_t rows, float* out) {
   const int64_t in = w.row_size();
@@ -110,27 +115,37 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   if (any_int8)
     quantize_activations(x.data(), tokens, row_products[0].layer->in_features(), x_int8);
   const Int8Activations& xq = x_int8;
-  // One kernel call per row: measured faster on the default model's decode than one call per
-  // thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82 tokens/s.
+  // Decode (a few tokens): one kernel call per row, measured faster on the default model's decode
+  // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
+  // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
+  // product (bit for bit the row kernel's sums).
+  const int64_t rows_per_item = tokens > kRowTokens && !any_int8 ? kRowBlock : 1;
+  int64_t total_items = 0;
+  for (const LinearProduct& p : row_products)
+    total_items += (p.layer->out_features() + rows_per_item - 1) / rows_per_item;
 #pragma omp parallel
   for (int64_t first = 0; first < tokens; first += kTokenTile) {
     const int64_t count = std::min(kTokenTile, tokens - first);
 #pragma omp for schedule(static) nowait
-    for (int64_t global_row = 0; global_row < total_rows; ++global_row) {
+    for (int64_t item = 0; item < total_items; ++item) {
       size_t which = 0;
-      int64_t o = global_row;
-      while (o >= row_products[which].layer->out_features())
-        o -= row_products[which++].layer->out_features();
+      int64_t local = item;
+      for (int64_t items;
+           local >= (items = (row_products[which].layer->out_features() + rows_per_item - 1) /
+                             rows_per_item);
+           ++which)
+        local -= items;
       const Linear& layer = *row_products[which].layer;
-      const int64_t out = layer.out_features();
-      const std::byte* row =
-          layer.weight.data.data() + o * storage_bytes(layer.weight.dtype, layer.in_features());
+      const int64_t in = layer.in_features(), out = layer.out_features();
+      const int64_t o = local * rows_per_item, rows = std::min(rows_per_item, out - o);
+      const int64_t row_bytes = storage_bytes(layer.weight.dtype, in);
+      const std::byte* row = layer.weight.data.data() + o * row_bytes;
       float* y = row_products[which].y.data() + first * out + o;
       if (any_int8 && is_block_type(layer.weight.dtype))
-        dot_row_tokens_int8(layer.weight.dtype, row, layer.in_features(), xq, first, count, y, out);
+        dot_row_tokens_int8(layer.weight.dtype, row, in, xq, first, count, y, out);
       else
-        dot_row_tokens(layer.weight.dtype, row, layer.in_features(),
-                       x.data() + first * layer.in_features(), layer.in_features(), count, y, out);
+        dot_rows_tokens(layer.weight.dtype, row, row_bytes, rows, in, x.data() + first * in, in,
+                        count, y, out);
     }
   }
   for (const LinearProduct& p : products) add_bias(*p.layer, tokens, p.y);

@@ -1,10 +1,11 @@
 // Products with weight matrices kept in their stored form (f32/f16/bf16 or GGUF blocks).
 //
-// Each output row is one dot product per token that unpacks the stored row block by block, so the
-// weights are read once per call and never widened in memory; GGUF block types (Q4_0, Q4_1,
-// Q8_0) unpack each block once for up to four tokens. Many tokens of float weights (f32, f16,
-// bf16) and of other block types: the weights are widened to float32 a slab of rows at a time
-// and multiplied with BLAS sgemm (unless ProductRounding::PerToken).
+// Decode (up to four tokens): each output row is one dot product per token that unpacks the
+// stored row block by block, so the weights are read once per call and never widened in memory.
+// More tokens (prefill, batched decode): blocks of 32 rows go through the cache-blocked product
+// of weight_kernels.h (each step of the rows widened once into an L1-resident panel), which sums
+// every output exactly as the row kernel does, so prefill equals decode bit for bit. Float
+// weights (f32, f16, bf16) with ProductRounding::Fastest and many tokens: sgemm on widened slabs.
 // Each output element is computed by one thread in a fixed order, so results do not depend on
 // the thread count.
 #pragma once

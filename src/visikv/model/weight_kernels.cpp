@@ -27,8 +27,10 @@
 // Highway's own headers must follow foreach_target.h.
 #include <hwy/highway.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if HWY_ARCH_X86
 #include <immintrin.h>
 #endif
@@ -337,14 +339,14 @@ HWY_INLINE float Reduce(const VF* acc) {
   return lanes[0];
 }
 
+// Adds blocks [first_block, end_block) of a row times kTokens tokens into the accumulators, value
+// by value in the row's order: a row summed one range of blocks at a time (the blocked product
+// below) rounds exactly as in one pass.
 template <int kTokens, typename Format>
-void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride, float* y,
-               int64_t y_stride) {
+HWY_INLINE void AccumulateBlocks(const uint8_t* row, int64_t first_block, int64_t end_block,
+                                 const float* x, int64_t x_stride, VF (&acc)[kTokens][kVectors]) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit;
-  VF acc[kTokens][kVectors];
-  for (auto& token : acc)
-    for (VF& a : token) a = hn::Zero(DF());
-  for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
+  for (int64_t b = first_block; b < end_block; ++b) {
     const uint8_t* block = row + b * Format::kBytes;
     const typename Format::Scales scales = Format::Prepare(block);
     ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
@@ -357,6 +359,16 @@ void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stri
       }
     });
   }
+}
+
+template <int kTokens, typename Format>
+void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride, float* y,
+               int64_t y_stride) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  VF acc[kTokens][kVectors];
+  for (auto& token : acc)
+    for (VF& a : token) a = hn::Zero(DF());
+  AccumulateBlocks<kTokens, Format>(row, 0, units / kUnitsPerBlock, x, x_stride, acc);
   for (int t = 0; t < kTokens; ++t) y[t * y_stride] = Reduce(acc[t]);
 }
 
@@ -382,6 +394,130 @@ void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_s
   }
 }
 
+// --- the blocked product (many tokens)
+// ------------------------------------------------------------ A range of rows times many tokens as
+// a cache-blocked product. The rows are taken a step of kStepValues values at a time: the step of
+// every row is widened once into a float32 panel (32 KB for 32 rows, in L1), then each group of
+// kGroupTokens tokens (their step of the input, 4 KB) meets every row of the panel, and the
+// accumulators wait in memory between steps. The widened values are the ones the row kernel
+// multiplies, and each output is summed in DotTokens' order, so the result equals the row kernel's
+// bit for bit; what changes is that a weight is unpacked once per call instead of once per four
+// tokens, and every operand comes from L1.
+constexpr int kGroupTokens = 4;
+constexpr int64_t kStepValues = 256;  // a whole number of blocks of every type
+constexpr int64_t kStateFloats = kGroupTokens * kVectors * kLanes;  // one (row, group)'s sums
+
+// Values [first_block, end_block) of a row, widened to float32 into `out`.
+template <typename Format>
+HWY_INLINE void WidenBlocks(const uint8_t* row, int64_t first_block, int64_t end_block,
+                            float* out) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  for (int64_t b = first_block; b < end_block; ++b) {
+    const uint8_t* block = row + b * Format::kBytes;
+    const typename Format::Scales scales = Format::Prepare(block);
+    float* block_out = out + (b - first_block) * Format::kValues;
+    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
+      VF w[kVectors];
+      Format::template Unpack<unit>(block, scales, w);
+      for (int k = 0; k < kVectors; ++k)
+        hn::StoreU(w[k], DF(), block_out + unit * kUnit + k * kLanes);
+    });
+  }
+}
+
+// kRows widened rows (kStepValues apart) times kTokens tokens over `units` units, continuing (or,
+// if `start`, starting) the sums kept in `state` (kStateFloats apart per row). Per output the
+// same multiply-adds in the same order as DotTokens; a weight vector loaded once serves kTokens
+// tokens and an input vector kRows rows.
+template <int kRows, int kTokens>
+HWY_INLINE void PanelStep(const float* widened, int64_t units, const float* x, int64_t x_stride,
+                          bool start, float* state) {
+  VF acc[kRows][kTokens][kVectors];
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t)
+      for (int k = 0; k < kVectors; ++k)
+        acc[r][t][k] =
+            start ? hn::Zero(DF())
+                  : hn::LoadU(DF(), state + r * kStateFloats + (t * kVectors + k) * kLanes);
+  for (int64_t u = 0; u < units; ++u) {
+    VF w[kRows][kVectors];
+    for (int r = 0; r < kRows; ++r)
+      for (int k = 0; k < kVectors; ++k)
+        w[r][k] = hn::LoadU(DF(), widened + r * kStepValues + u * kUnit + k * kLanes);
+    for (int t = 0; t < kTokens; ++t)
+      for (int k = 0; k < kVectors; ++k) {
+        const VF xv = hn::LoadU(DF(), x + t * x_stride + u * kUnit + k * kLanes);
+        for (int r = 0; r < kRows; ++r) acc[r][t][k] = hn::MulAdd(w[r][k], xv, acc[r][t][k]);
+      }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t)
+      for (int k = 0; k < kVectors; ++k)
+        hn::StoreU(acc[r][t][k], DF(), state + r * kStateFloats + (t * kVectors + k) * kLanes);
+}
+
+// Two rows at a time where the registers hold their 2 x 4 tokens' sums (32 vector registers of
+// AVX-512); one row at a time on AVX2, whose 16 registers one row's sums already fill.
+constexpr int kPanelRows = kVectors <= 2 && HWY_TARGET != HWY_EMU128 ? 2 : 1;
+
+template <int kRows>
+HWY_INLINE void PanelStepTokens(int64_t count, const float* widened, int64_t units, const float* x,
+                                int64_t x_stride, bool start, float* state) {
+  switch (count) {
+    case 4:
+      return PanelStep<kRows, 4>(widened, units, x, x_stride, start, state);
+    case 3:
+      return PanelStep<kRows, 3>(widened, units, x, x_stride, start, state);
+    case 2:
+      return PanelStep<kRows, 2>(widened, units, x, x_stride, start, state);
+    default:
+      return PanelStep<kRows, 1>(widened, units, x, x_stride, start, state);
+  }
+}
+
+template <typename Format>
+void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
+                 int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
+  constexpr int64_t kStepBlocks = kStepValues / Format::kValues;
+  static_assert(kStepBlocks * Format::kValues == kStepValues);
+  const int64_t blocks = n / Format::kValues;
+  const int64_t groups = (tokens + kGroupTokens - 1) / kGroupTokens;
+  // Grow to the largest call and are then reused: nothing is allocated on the hot path.
+  thread_local std::vector<float> state_buffer, panel_buffer;
+  if (state_buffer.size() < static_cast<size_t>(rows * groups * kStateFloats))
+    state_buffer.resize(static_cast<size_t>(rows * groups * kStateFloats));
+  if (panel_buffer.size() < static_cast<size_t>(rows * kStepValues))
+    panel_buffer.resize(static_cast<size_t>(rows * kStepValues));
+  float* state = state_buffer.data();
+  float* panel = panel_buffer.data();
+  for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
+    const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
+    for (int64_t r = 0; r < rows; ++r)
+      WidenBlocks<Format>(first + r * row_bytes, b0, b1, panel + r * kStepValues);
+    const int64_t units = (b1 - b0) * Format::kValues / kUnit;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + g * kGroupTokens * x_stride + b0 * Format::kValues;
+      const int64_t count = std::min<int64_t>(kGroupTokens, tokens - g * kGroupTokens);
+      int64_t r = 0;
+      for (; r + kPanelRows <= rows; r += kPanelRows)
+        PanelStepTokens<kPanelRows>(count, panel + r * kStepValues, units, xg, x_stride, b0 == 0,
+                                    state + (g * rows + r) * kStateFloats);
+      for (; r < rows; ++r)
+        PanelStepTokens<1>(count, panel + r * kStepValues, units, xg, x_stride, b0 == 0,
+                           state + (g * rows + r) * kStateFloats);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t t = g * kGroupTokens; t < std::min(tokens, (g + 1) * kGroupTokens); ++t) {
+        const float* s =
+            state + (g * rows + r) * kStateFloats + (t - g * kGroupTokens) * kVectors * kLanes;
+        VF acc[kVectors];
+        for (int k = 0; k < kVectors; ++k) acc[k] = hn::LoadU(DF(), s + k * kLanes);
+        y[t * y_stride + r] = Reduce(acc);
+      }
+}
+
 // Float rows need not be a whole number of units: the last values are added one at a time.
 template <typename Format, typename Element, typename Widen>
 void DotFloatRow(const uint8_t* row, int64_t n, const float* x, int64_t x_stride, int64_t tokens,
@@ -401,6 +537,8 @@ void DotFloatRow(const uint8_t* row, int64_t n, const float* x, int64_t x_stride
 template <typename Format>
 void DotBlockRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
                   int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
+  if (tokens > kGroupTokens && rows > 1)
+    return BlockedRows<Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
   for (int64_t r = 0; r < rows; ++r)
     DotAnyTokens<Format>(first + r * row_bytes, n / kUnit, x, x_stride, tokens, y + r, y_stride);
 }
@@ -408,6 +546,8 @@ void DotBlockRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t
 template <typename Format, typename Element, typename Widen>
 void DotFloatRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
                   int64_t x_stride, int64_t tokens, float* y, int64_t y_stride, Widen widen) {
+  if (tokens > kGroupTokens && rows > 1 && n % kUnit == 0)
+    return BlockedRows<Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
   for (int64_t r = 0; r < rows; ++r)
     DotFloatRow<Format, Element>(first + r * row_bytes, n, x, x_stride, tokens, y + r, y_stride,
                                  widen);

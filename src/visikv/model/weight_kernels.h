@@ -28,7 +28,10 @@ void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const fl
                     int64_t x_stride, int64_t tokens, float* y, int64_t y_stride);
 
 // Consecutive rows, `row_bytes` apart, in one call (the per-call costs, dispatch included, once per
-// range): y[t * y_stride + r] = dot(row r, x + t * x_stride) for r < rows, t < tokens.
+// range): y[t * y_stride + r] = dot(row r, x + t * x_stride) for r < rows, t < tokens. With more
+// than four tokens and several rows this is a cache-blocked product (a step of the rows widened
+// once into a float32 panel, then multiplied with groups of tokens) whose every output has the
+// bits of the one-token dot product.
 void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
                      int64_t elements, const float* x, int64_t x_stride, int64_t tokens, float* y,
                      int64_t y_stride);
