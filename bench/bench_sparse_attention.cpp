@@ -3,13 +3,13 @@
 //   build/bench/bench_sparse_attention [--benchmark_filter=...] [--benchmark_min_time=0.05]
 // One layer of a synthetic dense f16 cache shaped like the default model's attention (head_dim 64,
 // 3 KV heads, 9 query heads, summary blocks of 16), holding n = 1K..64K positions; one query token
-// at position n - 1 attends through attend_sparse. Values are N(0, 1); keys are N(0, 0.3^2) noise,
+// at position n - 1 attends through attend(). Values are N(0, 1); keys are N(0, 0.3^2) noise,
 // and one key in 512 also carries 12 u for a unit direction u (a planted heavy position) that the
 // queries (12 u + N(0, 0.3^2)) share, so attention is concentrated on the heavy positions: the
 // setting in which the certified mode can stop early (on unstructured keys its bound certifies
 // little and it reads nearly everything). The time is one decode token's attention for
 // the layer (all 9 heads); counters: support (mean positions read per query head), blocks_read,
-// summaries_read, selection_scores (keys scored only to choose) and delta (certified).
+// summaries_read, selection_scores (keys scored to choose) and delta (certified).
 // Threads: OpenMP over the 3 KV heads (set OMP_NUM_THREADS for a stable comparison).
 #include <benchmark/benchmark.h>
 
@@ -19,7 +19,8 @@
 #include <string>
 #include <vector>
 
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/kv/dense_cache.h"
 
 namespace {
@@ -74,12 +75,12 @@ const Context& context(int64_t n) {
 void attention(benchmark::State& state, const std::string& spec_text) {
   const int64_t n = state.range(0);
   const Context& c = context(n);
-  SparseSelector selector(spec_text);
+  const std::unique_ptr<Support> selector = make_support(spec_text);
   const AttentionSpec spec{kHeads, kHeadDim, 1.0 / std::sqrt(double(kHeadDim)), 0};
   std::vector<float> out(kHeads * kHeadDim);
   std::vector<SparseQueryStats> stats(kHeads);
   for (auto _ : state) {
-    attend_sparse(*c.cache, 0, c.query, 1, n - 1, spec, selector, out, stats);
+    attend(*c.cache, 0, c.query, 1, n - 1, spec, *selector, out, stats);
     benchmark::DoNotOptimize(out.data());
   }
   double support = 0, blocks = 0, summaries = 0, selection = 0, delta = 0;

@@ -17,7 +17,8 @@
 #include <vector>
 
 #include "test_support.h"
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/coverage.h"
 #include "visikv/eval/generate.h"
@@ -123,17 +124,17 @@ TEST(Survival, TinySupportIsConsistentAndMatchesAFreeRunningDecode) {
 
     // The first divergence read off the teacher-forced run equals an explicit free-running
     // sparse greedy decode's.
-    SparseSelector selector(spec);
+    const std::unique_ptr<Support> selector = make_support(spec);
     const SelectorSpec parsed = parse_selector_spec(spec);
     auto cache = make_cache(s.decoder.cache_shape(), "f32", "f32", 0,
                             parsed.block_size > 0 ? parsed.block_size : 32);
-    s.decoder.set_sparse_attention(&selector);
     GenerationOptions g;
     g.max_new_tokens = s.options.continuation;
     g.stop_at_eos = false;
+    g.support = selector.get();
     for (size_t i = 0; i < s.refs.size(); ++i) {
       cache->clear();
-      selector.reset();
+      selector->reset();
       const GenerationResult free_run = generate(s.decoder, *cache, s.refs[i].prefix, g);
       const auto& ref = s.refs[i].continuation;
       const int64_t divergence =
@@ -141,7 +142,6 @@ TEST(Survival, TinySupportIsConsistentAndMatchesAFreeRunningDecode) {
           free_run.tokens.begin();
       EXPECT_EQ(divergence, r.first_divergence[i]) << spec << " sample " << i;
     }
-    s.decoder.set_sparse_attention(nullptr);
   }
 }
 
@@ -209,7 +209,7 @@ TEST(Survival, CertifiedBoundHoldsOverQuantizedKeys) {
     const Model model = Model::load(fixture(name));
     Decoder decoder(model);
     const Config& c = model.config();
-    const double scale = c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(c.head_dim);
+    const double scale = c.score_scale();
     const std::vector<int32_t> prompt = token_stream(model, 96);
     for (const std::string keys :
          {"int2:g16:tok", "int4:g8:tok", "int2:g8:chan:r16", "int2:g16:tok+headq:r4:s4:random"}) {
@@ -217,17 +217,17 @@ TEST(Survival, CertifiedBoundHoldsOverQuantizedKeys) {
         SCOPED_TRACE(name + " " + keys + " " + spec);
         auto cache = make_cache(decoder.cache_shape(), keys, "f32", 96,
                                 parse_selector_spec(spec).block_size);
-        SparseSelector selector(spec);
+        const std::unique_ptr<Support> selector = make_support(spec);
         std::map<std::pair<int64_t, int64_t>, double> deltas;
-        decoder.set_sparse_attention(&selector,
-                                     [&](int64_t layer, std::span<const SparseQueryStats> st) {
-                                       for (size_t i = 0; i < st.size(); ++i)
-                                         deltas[{layer, static_cast<int64_t>(i)}] = st[i].delta;
-                                     });
         DroppedMass observer(*cache, scale, c.heads);
-        decoder.forward(
-            prompt, *cache, LogitRows::Last, [](int64_t, int64_t, auto) {}, &observer);
-        decoder.set_sparse_attention(nullptr);
+        decoder.forward(prompt, *cache, LogitRows::Last, [](int64_t, int64_t, auto) {},
+                        {.support = selector.get(),
+                         .support_stats =
+                             [&](int64_t layer, std::span<const SparseQueryStats> st) {
+                               for (size_t i = 0; i < st.size(); ++i)
+                                 deltas[{layer, static_cast<int64_t>(i)}] = st[i].delta;
+                             },
+                         .observer = &observer});
         ASSERT_EQ(observer.dropped_.size(), deltas.size());
         int64_t cut = 0;
         for (const auto& [key, dropped] : observer.dropped_) {
@@ -280,20 +280,20 @@ TEST(Survival, SamplingAgreementWithASharedSeed) {
     ASSERT_TRUE(r.sampling_agreement.has_value());
     EXPECT_GE(*r.sampling_agreement * T * 3, r.sampling_first_divergence_mean * 3 - 1e-9);
     EXPECT_LT(*r.sampling_agreement, 1.0) << spec;  // a tiny support does depart
-    SparseSelector selector(spec);
+    const std::unique_ptr<Support> selector = make_support(spec);
     const SelectorSpec parsed = parse_selector_spec(spec);
     auto cache = make_cache(s.decoder.cache_shape(), "f32", "f32", 0,
                             parsed.block_size > 0 ? parsed.block_size : 32);
     for (size_t i = 0; i < s.refs.size(); ++i) {
       g.sampling.seed = 7 + i;
-      s.decoder.set_sparse_attention(nullptr);
+      g.support = nullptr;
       cache->clear();
       EXPECT_EQ(generate(s.decoder, *cache, s.refs[i].prefix, g).tokens, s.refs[i].sampled);
-      s.decoder.set_sparse_attention(&selector);
+      g.support = selector.get();
       cache->clear();
-      selector.reset();
+      selector->reset();
       const std::vector<int32_t> free_run = generate(s.decoder, *cache, s.refs[i].prefix, g).tokens;
-      s.decoder.set_sparse_attention(nullptr);
+      g.support = nullptr;
       const auto& ref = s.refs[i].sampled;
       const int64_t divergence =
           std::mismatch(free_run.begin(), free_run.end(), ref.begin()).first - free_run.begin();

@@ -463,7 +463,7 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
     for (size_t i = start; i < ids.size() && window.size() < 32; ++i) window.push_back(ids[i]);
     window.resize(std::min<size_t>(window.size(), options.tokens - done));
     auto cache = make_cache(decoder.cache_shape(), "f32", "f32");
-    decoder.next_logits(window, *cache, &moment);
+    decoder.next_logits(window, *cache, {.observer = &moment});
     done += static_cast<int64_t>(window.size());
   }
   EXPECT_EQ(moment.count(), 70 * 2);  // two query heads per KV head

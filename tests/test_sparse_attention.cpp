@@ -12,7 +12,8 @@
 
 #include "test_support.h"
 #include "visikv/attention/attention.h"
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/block_bounds.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/dense_cache.h"
@@ -82,13 +83,12 @@ struct Problem {
     attend_causal(*cache, 0, q, n, 0, spec, out);
     return out;
   }
-  std::vector<float> sparse(SparseSelector& selector,
-                            std::vector<SparseQueryStats>* stats = nullptr,
+  std::vector<float> sparse(Support& selector, std::vector<SparseQueryStats>* stats = nullptr,
                             AttentionObserver* observer = nullptr) const {
     std::vector<float> out(n * heads * d, NAN);
     if (stats != nullptr) stats->assign(n * heads, {});
-    attend_sparse(*cache, 0, q, n, 0, spec, selector, out,
-                  stats != nullptr ? std::span(*stats) : std::span<SparseQueryStats>(), observer);
+    attend(*cache, 0, q, n, 0, spec, selector, out,
+           stats != nullptr ? std::span(*stats) : std::span<SparseQueryStats>(), observer);
     return out;
   }
 };
@@ -161,21 +161,25 @@ TEST(SparseAttention, BadUseIsAnError) {
   p.fill();
   std::vector<float> out(p.heads * p.d);
   const std::span<const float> q(p.q.data(), p.heads * p.d);
-  SparseSelector wrong_block("sparse:a1:w4:k8:b16:bound");  // the cache summarises blocks of 8
-  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, wrong_block, out), Error);
-  SparseSelector certified_wrong_block("certified:a1:w4:b4:eps0.1");
-  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, certified_wrong_block, out), Error);
-  SparseSelector ok("sparse:a1:w4:k8:b8:bound");
-  EXPECT_NO_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, ok, out));
-  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 40, p.spec, ok, out), Error);  // beyond the cache
+  const std::unique_ptr<Support> wrong_block_owner = make_support("sparse:a1:w4:k8:b16:bound");
+  Support& wrong_block = *wrong_block_owner;  // the cache summarises blocks of 8
+  EXPECT_THROW(attend(*p.cache, 0, q, 1, 39, p.spec, wrong_block, out), Error);
+  const std::unique_ptr<Support> certified_wrong_block_owner =
+      make_support("certified:a1:w4:b4:eps0.1");
+  Support& certified_wrong_block = *certified_wrong_block_owner;
+  EXPECT_THROW(attend(*p.cache, 0, q, 1, 39, p.spec, certified_wrong_block, out), Error);
+  const std::unique_ptr<Support> ok_owner = make_support("sparse:a1:w4:k8:b8:bound");
+  Support& ok = *ok_owner;
+  EXPECT_NO_THROW(attend(*p.cache, 0, q, 1, 39, p.spec, ok, out));
+  EXPECT_THROW(attend(*p.cache, 0, q, 1, 40, p.spec, ok, out), Error);  // beyond the cache
   AttentionSpec negative = p.spec;
   negative.scale = -1;
-  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, negative, ok, out), Error);
+  EXPECT_THROW(attend(*p.cache, 0, q, 1, 39, negative, ok, out), Error);
   AttentionSpec odd = p.spec;
   odd.heads = 3;
-  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, odd, ok, out), Error);
+  EXPECT_THROW(attend(*p.cache, 0, q, 1, 39, odd, ok, out), Error);
   std::vector<SparseQueryStats> short_stats(1);
-  EXPECT_THROW(attend_sparse(*p.cache, 0, q, 1, 39, p.spec, ok, out, short_stats), Error);
+  EXPECT_THROW(attend(*p.cache, 0, q, 1, 39, p.spec, ok, out, short_stats), Error);
 }
 
 // k >= n (or every size beyond the context): the support is every visible position and the
@@ -189,7 +193,8 @@ TEST(SparseAttention, FullSupportEqualsDense) {
          {"dense", "sparse:a1:w4:k1000:exact", "sparse:a0:w0:k45:exact:gqa=head",
           "sparse:a1:w4:k1000:centroid", "sparse:a1:w4:k1000:b8:bound:gqa=head",
           "sparse:a100000:w100000:k100000:exact", "sparse:a2:w100000", "sparse:a100000:w1"}) {
-      SparseSelector selector(text);
+      const std::unique_ptr<Support> selector_owner = make_support(text);
+      Support& selector = *selector_owner;
       std::vector<SparseQueryStats> stats;
       const std::vector<float> out = p.sparse(selector, &stats);
       for (size_t i = 0; i < out.size(); ++i)
@@ -209,7 +214,8 @@ TEST(SparseAttention, SupportHoldsAnchorsWindowAndIsSorted) {
     for (const char* text :
          {"sparse:a3:w5:k4:exact", "sparse:a3:w5:k12:b8:centroid:gqa=head", "sparse:a3:w5:k9:bound",
           "sparse:a3:w5", "certified:a3:w5:eps0.2", "certified:a3:w5:eps0.01:gqa=head"}) {
-      SparseSelector selector(text);
+      const std::unique_ptr<Support> selector_owner = make_support(text);
+      Support& selector = *selector_owner;
       const SelectorSpec& s = selector.spec();
       Recorder recorder;
       std::vector<SparseQueryStats> stats;
@@ -252,7 +258,9 @@ TEST(SparseAttention, ExactTopKPicksTheLargestScores) {
   p.fill();
   const int64_t anchors = 2, window = 4, k = 7;
   for (bool shared : {true, false}) {
-    SparseSelector selector(shared ? "sparse:a2:w4:k7:exact" : "sparse:a2:w4:k7:exact:gqa=head");
+    const std::unique_ptr<Support> selector_owner =
+        make_support(shared ? "sparse:a2:w4:k7:exact" : "sparse:a2:w4:k7:exact:gqa=head");
+    Support& selector = *selector_owner;
     Recorder recorder;
     p.sparse(selector, nullptr, &recorder);
     for (int64_t t = 0; t < p.n; ++t) {
@@ -287,8 +295,12 @@ TEST(SparseAttention, GqaSharedChoiceIsCommonPerHeadChoiceIsNot) {
   Problem p(200, 6, 2, 16, 8, 8);
   p.fill();
   for (const char* rule : {"exact", "centroid", "bound"}) {
-    SparseSelector shared(std::string("sparse:a1:w4:k16:") + rule);
-    SparseSelector per_head(std::string("sparse:a1:w4:k16:") + rule + ":gqa=head");
+    const std::unique_ptr<Support> shared_owner =
+        make_support(std::string("sparse:a1:w4:k16:") + rule);
+    Support& shared = *shared_owner;
+    const std::unique_ptr<Support> per_head_owner =
+        make_support(std::string("sparse:a1:w4:k16:") + rule + ":gqa=head");
+    Support& per_head = *per_head_owner;
     Recorder shared_events, head_events;
     p.sparse(shared, nullptr, &shared_events);
     p.sparse(per_head, nullptr, &head_events);
@@ -352,11 +364,12 @@ TEST(SparseAttention, BlockRulesFindThePlantedBlock) {
   const AttentionSpec spec{1, d, 1.0 / std::sqrt(double(d)), 0};
   for (const char* text :
        {"sparse:a1:w16:k16:centroid", "sparse:a1:w16:k10:b16:bound", "certified:a1:w16:eps0.5"}) {
-    SparseSelector selector(text);
+    const std::unique_ptr<Support> selector_owner = make_support(text);
+    Support& selector = *selector_owner;
     Recorder recorder;
     std::vector<float> out(d);
     std::vector<SparseQueryStats> stats(1);
-    attend_sparse(*cache, 0, q, 1, n - 1, spec, selector, out, stats, &recorder);
+    attend(*cache, 0, q, 1, n - 1, spec, selector, out, stats, &recorder);
     std::vector<int32_t> expected = {0};
     for (int64_t j = planted * block; j < (planted + 1) * block; ++j) expected.push_back(j);
     for (int64_t j = n - block; j < n; ++j) expected.push_back(j);
@@ -417,7 +430,8 @@ TEST_P(CertifiedTest, BoundHoldsAndDeltaIsExact) {
   Problem p(300, 6, 2, 32, 8, 77, c.model_window);
   if (c.planted) plant_heavy_keys(p);
   p.fill();
-  SparseSelector selector(c.spec);
+  const std::unique_ptr<Support> selector_owner = make_support(c.spec);
+  Support& selector = *selector_owner;
   const double epsilon = selector.spec().epsilon;
   Recorder recorder;
   std::vector<SparseQueryStats> stats;
@@ -483,7 +497,8 @@ TEST_P(CertifiedLossyTest, BoundHoldsForTheStoredKeys) {
   if (c.planted) plant_heavy_keys(p);
   p.use_codecs(c.key_codec, "f32");
   p.fill();
-  SparseSelector selector("certified:a1:w8:b8:eps0.02");
+  const std::unique_ptr<Support> selector_owner = make_support("certified:a1:w8:b8:eps0.02");
+  Support& selector = *selector_owner;
   Recorder recorder;
   std::vector<SparseQueryStats> stats;
   const std::vector<float> sparse = p.sparse(selector, &stats, &recorder);
@@ -547,23 +562,24 @@ TEST(SparseAttention, RefreshReusesTheChoice) {
   for (const char* rule : {"exact", "centroid", "bound"}) {
     for (int64_t refresh : {1, 4}) {
       Problem p(120, 4, 2, 16, 8, 3);
-      SparseSelector selector(std::string("sparse:a1:w8:k16:") + rule + ":r" +
-                              std::to_string(refresh));
+      const std::unique_ptr<Support> selector_owner =
+          make_support(std::string("sparse:a1:w8:k16:") + rule + ":r" + std::to_string(refresh));
+      Support& selector = *selector_owner;
       const int64_t row = p.heads * p.d, kv_row = p.kv_heads * p.d, prefill = 40;
       std::vector<float> out(p.n * row);
       std::vector<SparseQueryStats> stats(p.n * p.heads);
       Recorder recorder;
       p.cache->append(0, std::span(p.k).first(prefill * kv_row),
                       std::span(p.v).first(prefill * kv_row), prefill);
-      attend_sparse(*p.cache, 0, std::span(p.q).first(prefill * row), prefill, 0, p.spec, selector,
-                    std::span(out).first(prefill * row), std::span(stats).first(prefill * p.heads),
-                    &recorder);
+      attend(*p.cache, 0, std::span(p.q).first(prefill * row), prefill, 0, p.spec, selector,
+             std::span(out).first(prefill * row), std::span(stats).first(prefill * p.heads),
+             &recorder);
       for (int64_t t = prefill; t < p.n; ++t) {
         p.cache->append(0, std::span(p.k).subspan(t * kv_row, kv_row),
                         std::span(p.v).subspan(t * kv_row, kv_row), 1);
-        attend_sparse(*p.cache, 0, std::span(p.q).subspan(t * row, row), 1, t, p.spec, selector,
-                      std::span(out).subspan(t * row, row),
-                      std::span(stats).subspan(t * p.heads, p.heads), &recorder);
+        attend(*p.cache, 0, std::span(p.q).subspan(t * row, row), 1, t, p.spec, selector,
+               std::span(out).subspan(t * row, row), std::span(stats).subspan(t * p.heads, p.heads),
+               &recorder);
       }
       int64_t changed = 0;
       for (int64_t t = prefill; t < p.n; ++t) {
@@ -615,17 +631,19 @@ TEST(SparseAttention, PrefillMatchesDecode) {
                            "sparse:a2:w5:k9:exact", "certified:a1:w3:eps0.05"}) {
     Problem p(90, 4, 2, 16, 8, 31);
     p.fill();
-    SparseSelector prefill_selector(text);
+    const std::unique_ptr<Support> prefill_selector_owner = make_support(text);
+    Support& prefill_selector = *prefill_selector_owner;
     const std::vector<float> prefill = p.sparse(prefill_selector);
     Problem decode_problem(90, 4, 2, 16, 8, 31);
-    SparseSelector decode_selector(text);
+    const std::unique_ptr<Support> decode_selector_owner = make_support(text);
+    Support& decode_selector = *decode_selector_owner;
     const int64_t row = p.heads * p.d, kv_row = p.kv_heads * p.d;
     std::vector<float> decode(p.n * row);
     for (int64_t t = 0; t < p.n; ++t) {
       decode_problem.cache->append(0, std::span(p.k).subspan(t * kv_row, kv_row),
                                    std::span(p.v).subspan(t * kv_row, kv_row), 1);
-      attend_sparse(*decode_problem.cache, 0, std::span(p.q).subspan(t * row, row), 1, t, p.spec,
-                    decode_selector, std::span(decode).subspan(t * row, row));
+      attend(*decode_problem.cache, 0, std::span(p.q).subspan(t * row, row), 1, t, p.spec,
+             decode_selector, std::span(decode).subspan(t * row, row));
     }
     for (size_t i = 0; i < decode.size(); ++i) ASSERT_EQ(prefill[i], decode[i]) << text << " " << i;
   }

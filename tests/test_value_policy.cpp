@@ -295,9 +295,8 @@ TEST(ValuePolicy, DecodePerplexityOnAFixtureModel) {
     auto cache = make_cache(shape, "f32", "a2:int2/int4:g16:w4:avg3", 64);
     SquaredMass observer;
     for (int64_t t = 0; t < 48; ++t)
-      decoder.forward(
-          std::span(ids).subspan(t, 1), *cache, LogitRows::Last,
-          [](int64_t, int64_t, std::span<const float>) {}, &observer);
+      decoder.forward(std::span(ids).subspan(t, 1), *cache, LogitRows::Last,
+                      [](int64_t, int64_t, std::span<const float>) {}, {.observer = &observer});
     for (int64_t l = 0; l < shape.layers; ++l)
       for (int64_t h = 0; h < shape.kv_heads; ++h) {
         const ValuePolicyStore& store = policy_store(*cache, l, h);

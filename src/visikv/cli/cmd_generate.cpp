@@ -54,9 +54,8 @@ void add_generate_command(CLI::App& app) {
     auto cache = make_cache(decoder.cache_shape(), flags->keys, flags->values,
                             prompt.size() + flags->options.max_new_tokens,
                             selector_spec.block_size > 0 ? selector_spec.block_size : 32);
-    std::optional<SparseSelector> selector;
-    if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
-    decoder.set_sparse_attention(selector ? &*selector : nullptr);
+    const std::unique_ptr<Support> support = make_support(selector_spec);
+    flags->options.support = support.get();
     flags->options.stop_at_eos = !flags->ignore_eos;
     std::cout << flags->prompt << std::flush;
     const Tokenizer& tokenizer = model.tokenizer();

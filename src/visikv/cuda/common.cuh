@@ -80,7 +80,7 @@ __device__ __forceinline__ void load8(const T* at, float (&x)[8]) {
   }
 }
 
-// Quest-style bound (kernel form of attention/sparse_attention.h: block_upper_bound, slack
+// Quest-style bound (kernel form of attention/block_bounds.h: block_upper_bound, slack
 // included): partial sums over the channels this lane holds; the caller reduces both.
 struct BoundParts {
   float sum = 0.0f, magnitude = 0.0f;

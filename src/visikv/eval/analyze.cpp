@@ -272,15 +272,15 @@ AttentionTrace trace_attention(const Model& model, std::span<const int32_t> toke
   trace.kv_heads = c.kv_heads;
   trace.head_dim = c.head_dim;
   trace.tokens = n;
-  trace.scale = c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim));
+  trace.scale = c.score_scale();
   trace.sliding_window = c.sliding_window;
   trace.queries.assign(static_cast<size_t>(c.layers * n * c.heads * c.head_dim), 0.0f);
   Decoder decoder(model);
   const CacheShape shape = decoder.cache_shape();
   CodecCache cache(shape, f32_spec(), f32_spec(), n, 32, nullptr);
   QueryRecorder recorder(trace);
-  decoder.forward(
-      tokens, cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {}, &recorder);
+  decoder.forward(tokens, cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
+                  {.observer = &recorder});
   const int64_t d = c.head_dim;
   trace.keys.resize(static_cast<size_t>(c.layers * n * c.kv_heads * d));
   trace.values.resize(trace.keys.size());

@@ -170,9 +170,8 @@ HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std:
     const int64_t n = static_cast<int64_t>(window.size());
     cache.clear();
     collector.start(n);
-    decoder.forward(
-        window, cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
-        &collector);
+    decoder.forward(window, cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
+                    {.observer = &collector});
     for (int64_t l = 0; l < c.layers; ++l)
       for (int64_t h = 0; h < c.kv_heads; ++h)
         add_outer_products(collector.rows(l, h * group, group), d,

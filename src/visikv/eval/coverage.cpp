@@ -5,7 +5,7 @@
 #include <mutex>
 
 #include "visikv/attention/attention.h"
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -38,7 +38,7 @@ class QueryRecorder : public AttentionObserver {
   std::vector<float> queries_;
 };
 
-// The support of every counted (position, head) of one attend_sparse call.
+// The support of every counted (position, head) of one attend call.
 class SupportRecorder : public AttentionObserver {
  public:
   SupportRecorder(int64_t from, int64_t positions, int64_t heads)
@@ -97,16 +97,13 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
     if (b > 0) block = b;
   }
   const int64_t layers = c.layers, heads = c.heads, d = c.head_dim, group = c.heads / c.kv_heads;
-  const AttentionSpec spec{heads, d,
-                           c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(d)),
-                           c.sliding_window};
+  const AttentionSpec spec{heads, d, c.score_scale(), c.sliding_window};
 
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, n, block > 0 ? block : 32);
   QueryRecorder queries(layers, n, heads, d);
-  decoder.set_sparse_attention(nullptr);
-  decoder.forward(
-      tokens, *cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {}, &queries);
+  decoder.forward(tokens, *cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
+                  {.observer = &queries});
   const int64_t steps = layers + 1;
   if (progress) progress(1, steps);
 
@@ -125,10 +122,9 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   for (int64_t layer = 0; layer < layers; ++layer) {
     std::vector<SupportRecorder> supports;
     for (const SelectorSpec& s : specs) {
-      SparseSelector selector(s);
+      const std::unique_ptr<Support> support = make_support(s);
       supports.emplace_back(o.from, n, heads);
-      attend_sparse(*cache, layer, queries.layer(layer), n, 0, spec, selector, out, {},
-                    &supports.back());
+      attend(*cache, layer, queries.layer(layer), n, 0, spec, *support, out, {}, &supports.back());
     }
     std::vector<std::vector<double>> shares(
         static_cast<size_t>(figures), std::vector<double>(static_cast<size_t>(counted * heads)));

@@ -11,7 +11,7 @@
 //            positions of this query head could hold (per query head, no GQA pooling),
 //   a+w+k    the three together (disjoint),
 //   and for each selector spec, the mass inside the support that selector reads for that query
-//   (attend_sparse over the same cache and queries, prefill-style: every query chooses afresh),
+//   (attend over the same cache and queries, prefill-style: every query chooses afresh),
 //   with its support size.
 // Each figure is reported per layer (and pooled over layers) as the mean over (position, query
 // head) and low percentiles (p10, p1: the share a tenth / a hundredth of the queries fall below).

@@ -20,7 +20,7 @@ GenerationResult generate(Decoder& decoder, KVCache& cache, std::span<const int3
   GenerationResult result;
   using Clock = std::chrono::steady_clock;
   auto started = Clock::now();
-  std::vector<float> logits = decoder.next_logits(prompt, cache);
+  std::vector<float> logits = decoder.next_logits(prompt, cache, {.support = options.support});
   result.prefill_seconds = std::chrono::duration<double>(Clock::now() - started).count();
   started = Clock::now();
   for (int64_t i = 0; i < options.max_new_tokens; ++i) {
@@ -31,7 +31,8 @@ GenerationResult generate(Decoder& decoder, KVCache& cache, std::span<const int3
       result.stopped_at_eos = true;
       break;
     }
-    if (i + 1 < options.max_new_tokens) logits = decoder.next_logits({&token, 1}, cache);
+    if (i + 1 < options.max_new_tokens)
+      logits = decoder.next_logits({&token, 1}, cache, {.support = options.support});
   }
   result.decode_seconds = std::chrono::duration<double>(Clock::now() - started).count();
   return result;

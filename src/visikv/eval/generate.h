@@ -17,6 +17,9 @@ struct GenerationOptions {
   int64_t max_new_tokens = 64;
   SamplingOptions sampling;
   bool stop_at_eos = true;
+  // The support attention reads (attention/support.h; nullptr: dense). It keeps the refresh
+  // rule's state, so reset() it between prompts.
+  Support* support = nullptr;
 };
 
 struct GenerationResult {

@@ -7,7 +7,8 @@
 #include <optional>
 #include <random>
 
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/generate.h"
 #include "visikv/kv/cache_factory.h"
@@ -136,24 +137,19 @@ NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
   for (const NeedleCase& c : cases) longest = std::max<int64_t>(longest, c.prompt.size());
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
                           longest + o.answer_tokens, spec.block_size > 0 ? spec.block_size : 32);
-  std::optional<SparseSelector> selector;
-  if (spec.kind != SelectorKind::Dense) selector.emplace(spec);
-  struct DenseOnExit {
-    Decoder& decoder;
-    ~DenseOnExit() { decoder.set_sparse_attention(nullptr); }
-  } restore{decoder};
-  decoder.set_sparse_attention(selector ? &*selector : nullptr);
+  const std::unique_ptr<Support> support = make_support(spec);
 
   GenerationOptions generation;
   generation.max_new_tokens = o.answer_tokens;
   generation.stop_at_eos = true;  // greedy: sampling temperature 0
+  generation.support = support.get();
   NeedleRow row;
   row.selector = selector_text;
   int64_t hits = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const NeedleCase& c = cases[i];
     cache->clear();
-    if (selector) selector->reset();
+    support->reset();
     const GenerationResult g = generate(decoder, *cache, c.prompt, generation);
     NeedleResult r{
         c.context, c.depth, c.needles, c.digits, decoder.model().tokenizer().decode(g.tokens),

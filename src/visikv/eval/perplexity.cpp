@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "visikv/attention/attention.h"
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -62,17 +62,13 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.window,
                  selector_spec.block_size > 0 ? selector_spec.block_size : 32, o.headq_basis);
-  std::optional<SparseSelector> selector;
-  if (selector_spec.kind != SelectorKind::Dense) selector.emplace(selector_spec);
-  // The decoder must not keep pointers to this call's selector and counters once it returns,
-  // also by an exception.
+  std::unique_ptr<Support> selector;
+  if (selector_spec.kind != SelectorKind::Dense) selector = make_support(selector_spec);
+  // The caller's decoder gets its product rounding back, also by an exception.
   struct RestoreOnExit {
     Decoder& decoder;
     ProductRounding rounding;
-    ~RestoreOnExit() {
-      decoder.set_sparse_attention(nullptr);
-      decoder.set_product_rounding(rounding);
-    }
+    ~RestoreOnExit() { decoder.set_product_rounding(rounding); }
   } restore{decoder, decoder.product_rounding()};
   // Chunks of decode order must round as single tokens do, or a quantizing cache may store a
   // different code for a key than token-by-token decode stores.
@@ -80,12 +76,12 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
     decoder.set_product_rounding(ProductRounding::PerToken);
   double support_sum = 0, context_sum = 0;
   int64_t support_count = 0;
-  decoder.set_sparse_attention(selector ? &*selector : nullptr,
-                               [&](int64_t, std::span<const SparseQueryStats> stats) {
-                                 for (const SparseQueryStats& s : stats)
-                                   support_sum += static_cast<double>(s.support);
-                                 support_count += static_cast<int64_t>(stats.size());
-                               });
+  const AttentionOptions attention{
+      .support = selector.get(),
+      .support_stats = [&](int64_t, std::span<const SparseQueryStats> stats) {
+        for (const SparseQueryStats& s : stats) support_sum += static_cast<double>(s.support);
+        support_count += static_cast<int64_t>(stats.size());
+      }};
   const int64_t sliding_window = decoder.model().config().sliding_window;
   PerplexityResult result;
   double nll_sum = 0.0;
@@ -113,17 +109,19 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
     };
     const std::span<const int32_t> needed(window.data(), static_cast<size_t>(scored));
     if (o.mode == PerplexityMode::Prefill) {
-      decoder.forward(needed, *cache, LogitRows::All, score_rows);
+      decoder.forward(needed, *cache, LogitRows::All, score_rows, attention);
     } else {
       for (int64_t t = 0; t < scored;) {
         // Selectors keep state across steps, so sparse runs go one token at a time.
         const int64_t chunk = o.mode == PerplexityMode::DecodeBatched && !selector
                                   ? std::min(scored - t, decode_order_chunk(*cache))
                                   : 1;
-        decoder.forward(needed.subspan(t, chunk), *cache, LogitRows::All,
-                        [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
-                          score_rows(t + first_row, rows, logits);
-                        });
+        decoder.forward(
+            needed.subspan(t, chunk), *cache, LogitRows::All,
+            [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
+              score_rows(t + first_row, rows, logits);
+            },
+            attention);
         t += chunk;
       }
     }

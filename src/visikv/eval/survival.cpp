@@ -7,7 +7,7 @@
 #include <mutex>
 
 #include "visikv/attention/attention.h"
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/eval/sampler.h"
@@ -35,7 +35,7 @@ class StepObserver : public AttentionObserver {
         heads_(c.heads),
         kv_heads_(c.kv_heads),
         head_dim_(c.head_dim),
-        scale_(c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim))),
+        scale_(c.score_scale()),
         sliding_window_(c.sliding_window),
         measure_(measure),
         unions_(static_cast<size_t>(c.layers * c.kv_heads)),
@@ -166,12 +166,6 @@ class StepObserver : public AttentionObserver {
   std::vector<double> errors_, deltas_;       // {layers, heads}
 };
 
-// Restores dense attention when a row ends, also by an exception.
-struct DenseOnExit {
-  Decoder& decoder;
-  ~DenseOnExit() { decoder.set_sparse_attention(nullptr); }
-};
-
 int64_t cache_block_size(const SelectorSpec& spec) {
   return spec.block_size > 0 ? spec.block_size : 32;
 }
@@ -226,7 +220,6 @@ std::vector<DenseReference> dense_references(Decoder& decoder,
                                              const std::vector<std::vector<int32_t>>& prefixes,
                                              const SurvivalOptions& o) {
   check_survival_options(decoder.model().config(), o);
-  decoder.set_sparse_attention(nullptr);
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.prefix + o.continuation);
   std::vector<DenseReference> refs;
@@ -267,16 +260,18 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
   const Config& config = decoder.model().config();
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
                           o.prefix + o.continuation, cache_block_size(spec));
-  std::optional<SparseSelector> selector;
+  std::unique_ptr<Support> selector;
   StepObserver observer(config, !dense);
-  DenseOnExit restore{decoder};
+  SupportStatsSink record_stats;
   if (!dense) {
-    selector.emplace(spec);
-    decoder.set_sparse_attention(&*selector,
-                                 [&observer](int64_t layer, std::span<const SparseQueryStats> s) {
-                                   observer.record_stats(layer, s);
-                                 });
+    selector = make_support(spec);
+    record_stats = [&observer](int64_t layer, std::span<const SparseQueryStats> s) {
+      observer.record_stats(layer, s);
+    };
   }
+  // The greedy continuation is observed step by step; the sampled one only needs the logits.
+  const AttentionOptions observed{selector.get(), record_stats, &observer};
+  const AttentionOptions unobserved{selector.get(), record_stats, nullptr};
 
   SurvivalRow row;
   row.selector = selector_text;
@@ -293,7 +288,7 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
     observer.start_sequence(*cache);
     int64_t position = static_cast<int64_t>(ref.prefix.size()) - 1;
     observer.track(position);
-    std::vector<float> logits = decoder.next_logits(ref.prefix, *cache, &observer);
+    std::vector<float> logits = decoder.next_logits(ref.prefix, *cache, observed);
     observer.finish_step(totals);
     int64_t divergence = steps;
     for (int64_t i = 0; i < steps; ++i) {
@@ -306,7 +301,7 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
       ++predictions;
       if (i + 1 < steps) {
         observer.track(++position);
-        logits = decoder.next_logits({&expected, 1}, *cache, &observer);
+        logits = decoder.next_logits({&expected, 1}, *cache, observed);
         observer.finish_step(totals);
       }
     }
@@ -318,14 +313,14 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
       cache->clear();
       if (selector) selector->reset();
       Sampler sampler(sampling_options(o, s));
-      std::vector<float> sampled_logits = decoder.next_logits(ref.prefix, *cache);
+      std::vector<float> sampled_logits = decoder.next_logits(ref.prefix, *cache, unobserved);
       int64_t first = steps;
       for (int64_t i = 0; i < steps; ++i) {
         const int32_t expected = ref.sampled[i];
         const bool agree = sampler.next(sampled_logits) == expected;
         sampling_agreements += agree ? 1 : 0;
         if (!agree && first == steps) first = i;
-        if (i + 1 < steps) sampled_logits = decoder.next_logits({&expected, 1}, *cache);
+        if (i + 1 < steps) sampled_logits = decoder.next_logits({&expected, 1}, *cache, unobserved);
       }
       row.sampling_first_divergence.push_back(first);
     }

@@ -254,6 +254,10 @@ Config config_from_gguf(const json& meta) {
   return c;
 }
 
+double Config::score_scale() const {
+  return attention_scale > 0 ? attention_scale : 1.0 / std::sqrt(static_cast<double>(head_dim));
+}
+
 void Config::validate() const {
   const std::string where = "model config (" + architecture + ")";
   require(vocab_size > 0, where, ": vocab_size must be positive");

@@ -66,6 +66,9 @@ struct Config {
   int64_t q_dim() const { return heads * head_dim; }
   int64_t kv_dim() const { return kv_heads * head_dim; }
   int64_t group_size() const { return heads / kv_heads; }
+  // What q·k is multiplied by before the softmax: attention_scale, or 1/sqrt(head_dim). Every
+  // path that computes or reproduces attention logits takes it from here.
+  double score_scale() const;
 
   // Throws visikv::Error when the numbers do not describe a model the decoder can run.
   void validate() const;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <optional>
 
+#include "visikv/attention/support_dense.h"
 #include "visikv/core/error.h"
 #include "visikv/formats/dequantize.h"
 #include "visikv/model/matmul.h"
@@ -49,11 +50,6 @@ Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
     inverse_frequencies_ = rope_inverse_frequencies(config_);
 }
 
-void Decoder::set_sparse_attention(SparseSelector* selector, SparseStatsSink stats) {
-  selector_ = selector;
-  sparse_stats_ = std::move(stats);
-}
-
 CacheShape Decoder::cache_shape() const {
   return {config_.layers, config_.kv_heads, config_.head_dim};
 }
@@ -97,7 +93,7 @@ void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
 }
 
 void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
-                      const LogitsSink& sink, AttentionObserver* observer) {
+                      const LogitsSink& sink, const AttentionOptions& attention) {
   const Config& c = config_;
   const Weights& w = model_.weights();
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -112,11 +108,12 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
   resize(attention_, n * c.q_dim());
   resize(projected_, n * hidden);
   const std::span<float> x(x_.data(), static_cast<size_t>(n * hidden));
-  const AttentionSpec spec{
-      c.heads, c.head_dim,
-      c.attention_scale > 0 ? c.attention_scale : 1.0 / std::sqrt(double(c.head_dim)),
-      c.sliding_window};
+  const AttentionSpec spec{c.heads, c.head_dim, c.score_scale(), c.sliding_window};
+  DenseSupport dense;
+  Support& support = attention.support != nullptr ? *attention.support : dense;
+  const bool report_stats = attention.support != nullptr && attention.support_stats;
 
+  AttentionObserver* observer = attention.observer;
   std::optional<AttentionRecorder> recorder;
   if (cache.records_attention()) {
     recorder.emplace(cache, observer);
@@ -136,19 +133,16 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
       apply_rope(c, inverse_frequencies_, k, n, c.kv_heads, first_position);
     }
     const int64_t kv_row = c.kv_dim(), q_row = c.q_dim();
-    if (selector_ != nullptr) stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
+    if (report_stats) stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
     // Appends tokens [t, t + count) of the chunk to the cache and attends their queries.
     const auto append_and_attend = [&](int64_t t, int64_t count) {
       cache.append(l, k.subspan(t * kv_row, count * kv_row), v.subspan(t * kv_row, count * kv_row),
                    count);
       const auto queries = std::span<const float>(q_).subspan(t * q_row, count * q_row);
       const auto out = std::span<float>(attention_).subspan(t * q_row, count * q_row);
-      if (selector_ == nullptr) {
-        attend_causal(cache, l, queries, count, first_position + t, spec, out, observer);
-      } else {
-        attend_sparse(cache, l, queries, count, first_position + t, spec, *selector_, out,
-                      std::span(stats_).subspan(t * c.heads, count * c.heads), observer);
-      }
+      const auto stats = report_stats ? std::span(stats_).subspan(t * c.heads, count * c.heads)
+                                      : std::span<SparseQueryStats>();
+      attend(cache, l, queries, count, first_position + t, spec, support, out, stats, observer);
     };
     if (cache.records_attention()) {
       // The cache's stored form depends on the attention it served, so within the layer each
@@ -158,7 +152,7 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     } else {
       append_and_attend(0, n);
     }
-    if (selector_ != nullptr && sparse_stats_) sparse_stats_(l, stats_);
+    if (report_stats) attention.support_stats(l, stats_);
     linear_forward(layer.o, attention_, n, projected_, rounding_);
     if (c.parallel_residual) {
       // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.
@@ -186,14 +180,14 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
 }
 
 std::vector<float> Decoder::next_logits(std::span<const int32_t> tokens, KVCache& cache,
-                                        AttentionObserver* observer) {
+                                        const AttentionOptions& attention) {
   std::vector<float> logits;
   forward(
       tokens, cache, LogitRows::Last,
       [&](int64_t, int64_t, std::span<const float> values) {
         logits.assign(values.begin(), values.end());
       },
-      observer);
+      attention);
   return logits;
 }
 

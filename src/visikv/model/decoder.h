@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "visikv/attention/attention.h"
-#include "visikv/attention/sparse_attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/kv/cache.h"
 #include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
@@ -21,6 +21,19 @@ using LogitsSink =
     std::function<void(int64_t first_row, int64_t rows, std::span<const float> logits)>;
 
 enum class LogitRows { All, Last };
+
+// Receives, per layer, the statistics of each (token, query head) of a sparse support:
+// stats[t * heads + h].
+using SupportStatsSink = std::function<void(int64_t layer, std::span<const SparseQueryStats>)>;
+
+// How one forward call attends.
+struct AttentionOptions {
+  // The support every layer reads (support.h); nullptr: dense attention. A support keeps the
+  // refresh rule's state across calls, so one serves one sequence.
+  Support* support = nullptr;
+  SupportStatsSink support_stats;  // with a support: its statistics, per layer
+  AttentionObserver* observer = nullptr;
+};
 
 // How many tokens Decoder::forward may next run as one chunk and still compute, for every token,
 // what running them one at a time through `cache` computes (decode order), given
@@ -38,18 +51,13 @@ class Decoder {
   // cache, and passes the requested logits to `sink`. Several tokens at once is prefill; one at
   // a time is decode; both compute the same function.
   void forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
-               const LogitsSink& sink, AttentionObserver* observer = nullptr);
+               const LogitsSink& sink, const AttentionOptions& attention = {});
 
   // Convenience: logits of the last token.
   std::vector<float> next_logits(std::span<const int32_t> tokens, KVCache& cache,
-                                 AttentionObserver* observer = nullptr);
+                                 const AttentionOptions& attention = {});
 
   const Model& model() const { return model_; }
-
-  // Sparse attention: every layer reads only the support `selector` chooses (nullptr: dense).
-  // `stats`, when set, receives per layer the statistics of each (token, query head).
-  using SparseStatsSink = std::function<void(int64_t layer, std::span<const SparseQueryStats>)>;
-  void set_sparse_attention(SparseSelector* selector, SparseStatsSink stats = {});
 
   // How weight products over several tokens round (model/matmul.h). PerToken makes a forward
   // over a chunk compute bit for bit what forwards of its tokens one at a time compute, which a
@@ -66,8 +74,6 @@ class Decoder {
   const Config& config_;
   std::vector<float> inverse_frequencies_;
   ProductRounding rounding_ = ProductRounding::Fastest;
-  SparseSelector* selector_ = nullptr;
-  SparseStatsSink sparse_stats_;
   std::vector<SparseQueryStats> stats_;
   // Scratch, {tokens, width}; reused between calls.
   std::vector<float> x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_;

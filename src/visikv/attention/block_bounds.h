@@ -1,0 +1,31 @@
+// What a block summary says about the scores of the keys inside it, for the block rules and the
+// certified mode: the Quest-style upper bound and the centroid score.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "visikv/kv/cache.h"
+
+namespace visikv {
+
+// Quest-style upper bound on scale * q·k over every key inside the block's per-channel box
+// [min, max]: scale * sum_c max(q_c min_c, q_c max_c), plus a slack covering float32 rounding of
+// this sum and of the cache's score arithmetic: (2d + 4) 2^-24 sum_c |q_c| max(|min_c|, |max_c|)
+// + 4 d sqrt(d) 2^-24 ||q|| max_j ||k_j|| (block_bounds.cpp says why). Needs scale > 0.
+// The box is over the keys in their stored form (the form scores read), so the bound holds for
+// quantized and HeadQ caches as well as dense ones.
+double block_upper_bound(const BlockSummary& block, std::span<const float> query, double scale);
+
+// scale * q·c_b with the block's mean key c_b.
+double block_centroid_score(const BlockSummary& block, std::span<const float> query, double scale);
+
+// The same for `count` blocks from `first` of a head's summary table and every query of
+// `queries` ({group, head_dim}) in one pass over the contiguous summaries:
+// out[b * group + g] for block first + b and query g.
+void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t count,
+                        std::span<const float> queries, double scale, std::span<double> out);
+void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,
+                           std::span<const float> queries, double scale, std::span<double> out);
+
+}  // namespace visikv
