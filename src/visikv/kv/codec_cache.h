@@ -58,28 +58,35 @@ class CodecCache final : public KVCache {
   void stored_value(int64_t layer, int64_t kv_head, int64_t position, std::span<float> out) const;
 
   // The value store of one head (e.g. a ValuePolicyStore, kv/value_policy.h), for inspection.
-  const VectorStore& value_store(int64_t layer, int64_t kv_head) const;
+  const ValueStore& value_store(int64_t layer, int64_t kv_head) const;
 
   // Bytes held by the key and value stores of every head (summaries not counted).
   int64_t stored_bytes() const;
 
  private:
+  // One role (keys or values) of every head: its codec, rotation and stores.
+  template <typename Store>
   struct Side {
     CodecSpec spec;
     std::optional<HadamardRotation> rotation;
-    std::vector<std::unique_ptr<VectorStore>> stores;  // [layer * kv_heads + kv_head]
+    std::vector<std::unique_ptr<Store>> stores;  // [layer * kv_heads + kv_head]
   };
-  Side make_side(const CodecSpec& spec, int64_t reserve_tokens,
-                 const HeadqBasis* headq_basis) const;
+  using KeySide = Side<KeyStore>;
+  using ValueSide = Side<ValueStore>;
+  KeySide make_key_side(const CodecSpec& spec, int64_t reserve_tokens,
+                        const HeadqBasis* headq_basis) const;
+  ValueSide make_value_side(const CodecSpec& spec, int64_t reserve_tokens) const;
   int64_t head_index(int64_t layer, int64_t kv_head) const;
   void check_positions(int64_t layer, const PositionSet& positions) const;
-  void stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
+  template <typename Store>
+  void stored_vector(const Side<Store>& side, int64_t layer, int64_t kv_head, int64_t position,
                      std::span<float> out) const;
   void summarize_stored_keys(int64_t layer, int64_t kv_head);
 
   CacheShape shape_;
   int64_t block_size_;
-  Side keys_, values_;
+  KeySide keys_;
+  ValueSide values_;
   // Per head: summaries of the stored keys (model coordinates), and how many of its keys they
   // hold and had in quantized form when last updated.
   std::vector<BlockSummaries> summaries_;

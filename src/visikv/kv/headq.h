@@ -77,7 +77,7 @@ void headq_project_residual(std::span<const float> rows, std::span<const float> 
 // (the float key, or its fp16 form for windowed codecs) is side-coded. Keys still in the base's
 // fp16 window have no side code and score as stored. reconstruct() returns the key as scores
 // see it: k̂ + sign · U_r ĉ.
-std::unique_ptr<VectorStore> make_headq_key_store(std::unique_ptr<VectorStore> base,
-                                                  const CodecSpec& spec, std::vector<float> rows);
+std::unique_ptr<KeyStore> make_headq_key_store(std::unique_ptr<KeyStore> base,
+                                               const CodecSpec& spec, std::vector<float> rows);
 
 }  // namespace visikv
