@@ -10,7 +10,7 @@ namespace visikv {
 
 CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
                        const CodecSpec& value_spec, int64_t reserve_tokens, int64_t block_size,
-                       const HeadqBasis* headq_basis)
+                       const HeadqBasisVectors* headq_basis)
     : shape_(shape), block_size_(block_size) {
   require(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0,
           "cache shape must be positive");
@@ -32,7 +32,7 @@ CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
 }
 
 CodecCache::KeySide CodecCache::make_key_side(const CodecSpec& spec, int64_t reserve_tokens,
-                                              const HeadqBasis* headq_basis) const {
+                                              const HeadqBasisVectors* headq_basis) const {
   KeySide side;
   side.spec = spec;
   const int64_t d = shape_.head_dim;

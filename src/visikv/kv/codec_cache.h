@@ -17,14 +17,15 @@
 
 namespace visikv {
 
-struct HeadqBasis;
+struct HeadqBasisVectors;
 
 class CodecCache final : public KVCache {
  public:
   // `headq_basis`: the calibrated bases a HeadQ key codec reads (kv/headq.h); the rows it needs
   // are copied, so the basis need not outlive the cache. May be null when no spec needs one.
   CodecCache(const CacheShape& shape, const CodecSpec& key_spec, const CodecSpec& value_spec,
-             int64_t reserve_tokens, int64_t block_size, const HeadqBasis* headq_basis = nullptr);
+             int64_t reserve_tokens, int64_t block_size,
+             const HeadqBasisVectors* headq_basis = nullptr);
 
   const CacheShape& shape() const override { return shape_; }
   // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"
@@ -74,7 +75,7 @@ class CodecCache final : public KVCache {
   using KeySide = Side<KeyStore>;
   using ValueSide = Side<ValueStore>;
   KeySide make_key_side(const CodecSpec& spec, int64_t reserve_tokens,
-                        const HeadqBasis* headq_basis) const;
+                        const HeadqBasisVectors* headq_basis) const;
   ValueSide make_value_side(const CodecSpec& spec, int64_t reserve_tokens) const;
   int64_t head_index(int64_t layer, int64_t kv_head) const;
   void check_positions(int64_t layer, const PositionSet& positions) const;

@@ -217,26 +217,24 @@ void headq_project_residual(std::span<const float> rows, std::span<const float> 
     projected[j] = vec::dot(rows.data() + j * dim, stored.data(), dim);
 }
 
-void HeadqBasis::check_sizes() const {
+void HeadqBasisVectors::check_vector_sizes() const {
   require(layers > 0 && kv_heads > 0 && head_dim > 0 && rank > 0 && rank <= head_dim,
           "HeadQ basis: bad shape (", layers, " layers, ", kv_heads, " kv heads, head_dim ",
           head_dim, ", rank ", rank, ")");
-  const size_t values = static_cast<size_t>(heads() * head_dim);
   const size_t vectors = static_cast<size_t>(heads() * rank * head_dim);
-  require(query_eigenvalues.size() == values && key_eigenvalues.size() == values &&
-              query_vectors.size() == vectors && key_vectors.size() == vectors,
+  require(query_vectors.size() == vectors && key_vectors.size() == vectors,
           "HeadQ basis: arrays do not match ", layers, " layers x ", kv_heads,
           " kv heads, head_dim ", head_dim, ", rank ", rank);
 }
 
-std::span<const double> HeadqBasis::query_rows(int64_t layer, int64_t kv_head) const {
+std::span<const double> HeadqBasisVectors::query_rows(int64_t layer, int64_t kv_head) const {
   require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
           layer, ", ", kv_head, ") out of range");
   return std::span(query_vectors)
       .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
 }
 
-std::span<const double> HeadqBasis::key_rows(int64_t layer, int64_t kv_head) const {
+std::span<const double> HeadqBasisVectors::key_rows(int64_t layer, int64_t kv_head) const {
   require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
           layer, ", ", kv_head, ") out of range");
   return std::span(key_vectors)
@@ -277,9 +275,9 @@ uint64_t headq_random_seed(int64_t layer, int64_t kv_head) {
   return splitmix64(state);
 }
 
-std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* basis, int64_t layers,
-                                    int64_t kv_heads, int64_t head_dim, int64_t layer,
-                                    int64_t kv_head) {
+std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasisVectors* basis,
+                                    int64_t layers, int64_t kv_heads, int64_t head_dim,
+                                    int64_t layer, int64_t kv_head) {
   require(spec.headq.has_value(), "cache spec '", spec.text(), "' has no HeadQ side code");
   const HeadqSpec& side = *spec.headq;
   std::vector<double> rows;
@@ -289,9 +287,9 @@ std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* bas
     require(basis != nullptr, "key codec '", spec.text(),
             "' needs a HeadQ basis file (write one with `visikv calibrate`, pass it with --basis)");
     require(basis->layers == layers && basis->kv_heads == kv_heads && basis->head_dim == head_dim,
-            "HeadQ basis of model ", basis->fingerprint, " has ", basis->layers, " layers x ",
-            basis->kv_heads, " kv heads x head_dim ", basis->head_dim, "; the cache has ", layers,
-            " x ", kv_heads, " x ", head_dim);
+            "HeadQ basis has ", basis->layers, " layers x ", basis->kv_heads,
+            " kv heads x head_dim ", basis->head_dim, "; the cache has ", layers, " x ", kv_heads,
+            " x ", head_dim);
     require(side.rank <= basis->rank, "key codec '", spec.text(), "' needs rank ", side.rank,
             " but the HeadQ basis file holds only ", basis->rank,
             " vectors per head (calibrate with --rank ", side.rank, " or more)");
