@@ -28,7 +28,8 @@ class CodecCache final : public KVCache {
              const HeadqBasisVectors* headq_basis = nullptr);
 
   const CacheShape& shape() const override { return shape_; }
-  // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"
+  // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"; "dense f16" when both sides
+  // are the same dense rows without rotation (make_dense_cache).
   std::string describe() const override;
   int64_t length(int64_t layer) const override;
   void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
