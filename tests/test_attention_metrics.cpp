@@ -12,6 +12,7 @@
 #include "test_support.h"
 #include "visikv/eval/attention_metrics.h"
 #include "visikv/eval/key_perturbation.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/kv/headq.h"
 
 namespace visikv {

@@ -17,8 +17,8 @@
 
 #include "test_support.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/basis_file.h"
-#include "visikv/eval/calibrate.h"
+#include "visikv/calibration/basis_file.h"
+#include "visikv/calibration/calibrate.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/kv/codec_spec.h"

@@ -20,8 +20,8 @@
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/codec_cache.h"
 #include "visikv/kv/codec_spec.h"
+#include "visikv/kv/store_factory.h"
 #include "visikv/kv/value_policy.h"
-#include "visikv/kv/vector_store.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -45,7 +45,7 @@ std::vector<float> stored(const VectorStore& store, int64_t position) {
 
 // The plain codec's reading of `x` (one vector through a fresh store).
 std::vector<float> plain_quantized(const std::string& spec, const std::vector<float>& x) {
-  auto store = make_vector_store(parse_codec_spec(spec), static_cast<int64_t>(x.size()));
+  auto store = make_value_store(parse_codec_spec(spec), static_cast<int64_t>(x.size()), 0);
   store->append(x);
   return stored(*store, 0);
 }

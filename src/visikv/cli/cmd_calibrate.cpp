@@ -1,5 +1,5 @@
-// `visikv calibrate MODEL --out FILE`: HeadQ calibration (eval/calibrate.h) and its basis file
-// (eval/basis_file.h).
+// `visikv calibrate MODEL --out FILE`: HeadQ calibration (calibration/calibrate.h) and its basis file
+// (calibration/basis_file.h).
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -7,8 +7,8 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/basis_file.h"
-#include "visikv/eval/calibrate.h"
+#include "visikv/calibration/basis_file.h"
+#include "visikv/calibration/calibrate.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/model/model.h"
 

@@ -15,7 +15,7 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/basis_file.h"
+#include "visikv/calibration/basis_file.h"
 #include "visikv/eval/coverage.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"

@@ -15,8 +15,8 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/basis_file.h"
-#include "visikv/eval/calibrate.h"
+#include "visikv/calibration/basis_file.h"
+#include "visikv/calibration/calibrate.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/model/decoder.h"

@@ -11,7 +11,7 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/basis_file.h"
+#include "visikv/calibration/basis_file.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/model/decoder.h"

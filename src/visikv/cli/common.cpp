@@ -2,7 +2,7 @@
 #include <omp.h>
 
 #include "visikv/cli/commands.h"
-#include "visikv/kv/headq.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv::cli {

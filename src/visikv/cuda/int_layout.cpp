@@ -6,7 +6,7 @@
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
 #include "visikv/kv/headq.h"
-#include "visikv/kv/int_codes.h"
+#include "visikv/kv/int_row_codec.h"
 
 namespace visikv::cuda {
 
@@ -24,32 +24,19 @@ void check_base(const CodecSpec& spec, int64_t head_dim, const char* side) {
           " must be a multiple of 8 that divides head_dim ", head_dim);
 }
 
-// The codes of one group, read back as the CPU stores do: fma(code, scale, zero) in float32.
+// A row of `count` codes in groups of `group` with interleaved (scale, zero) parameters, read
+// back by the row codec the CPU stores use.
 void decode_codes(const uint8_t* packed, int bits, const uint16_t* params, int64_t group,
                   int64_t count, float* out) {
-  const uint32_t mask = (1u << bits) - 1;
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t bit = i * bits;
-    const uint32_t code = (packed[bit >> 3] >> (bit & 7)) & mask;
-    const int64_t g = i / group;
-    out[i] = std::fma(static_cast<float>(code), fp16_to_float(params[2 * g]),
-                      fp16_to_float(params[2 * g + 1]));
-  }
+  int_rows::decode_row_scalar({packed, params, params + 1, 2}, bits, {count, group}, out);
 }
 
 // Quantizes `values` in groups of `group` into packed codes and interleaved (scale, zero).
 void encode_codes(std::span<const float> values, int bits, int64_t group, uint8_t* packed,
                   uint16_t* params) {
   std::vector<uint8_t> codes(values.size());
-  for (size_t g = 0; g * group < values.size(); ++g) {
-    const int_codes::Affine affine = int_codes::quantize_group(
-        values.subspan(g * group, group), bits, std::span(codes).subspan(g * group, group));
-    params[2 * g] = affine.scale;
-    params[2 * g + 1] = affine.zero;
-  }
-  int_codes::pack(codes, bits,
-                  {packed, static_cast<size_t>(int_codes::packed_bytes(
-                               static_cast<int64_t>(values.size()), bits))});
+  int_rows::encode_row(values, bits, {static_cast<int64_t>(values.size()), group}, packed, params,
+                       params + 1, 2, codes);
 }
 
 }  // namespace

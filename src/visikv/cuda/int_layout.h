@@ -7,7 +7,7 @@
 //
 // Layout, per (sequence, KV head) and token `t` of a head with `capacity` token slots, row index
 // `(sequence * kv_heads + kv_head) * capacity + t`:
-//   key_codes   [row][d·b_k/8] bytes   codes packed as in kv/int_codes.h (8 codes in b bytes)
+//   key_codes   [row][d·b_k/8] bytes   codes packed as in kv/int_row_codec.h (8 codes in b bytes)
 //   key_params  [row][d/G_k][2] fp16   (scale, zero) of each group, interleaved
 //   side_codes  [row][r·S/8] bytes     side code j at bits [S·j, S·(j+1)) (r % 8 == 0)
 //   side_params [row][2] fp16          (scale, zero) of the side code
@@ -45,7 +45,7 @@ struct IntLayout {
 };
 
 // A host copy of an integer cache in the GPU layout, filled token by token with the CPU codecs'
-// quantization (kv/int_codes.h, kv/headq.h), so it holds the codes a CodecCache holds.
+// quantization (kv/int_row_codec.h, kv/headq.h), so it holds the codes a CodecCache holds.
 class IntCacheHost {
  public:
   IntCacheHost(const IntLayout& layout, int64_t sequences, int64_t kv_heads, int64_t capacity);

@@ -13,6 +13,7 @@
 #include "visikv/eval/attention_metrics.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/kv/codec_cache.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/kv/headq.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"

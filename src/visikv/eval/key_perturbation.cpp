@@ -7,6 +7,7 @@
 #include "visikv/core/error.h"
 #include "visikv/core/random.h"
 #include "visikv/core/spec_fields.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/kv/headq.h"
 
 namespace visikv {

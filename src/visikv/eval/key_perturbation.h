@@ -13,7 +13,7 @@
 //                        orthogonal to it (`null`: F near 0).
 //
 // The query span of a head is spanned by the fewest top eigenvectors of its calibrated query
-// second moment E[q qᵀ] (kv/headq.h: HeadqBasis) whose eigenvalues hold at least a fraction
+// second moment E[q qᵀ] (calibration/headq_basis.h: HeadqBasis) whose eigenvalues hold at least a fraction
 // `energy` (default 0.999) of the total, m of the d dimensions; where m = d the orthogonal side
 // is the last eigenvector (the span is cut to d - 1), so that every key is perturbed and moved
 // errors keep their length. Perturbed keys are stored in f32.

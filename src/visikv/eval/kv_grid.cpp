@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "visikv/attention/selector_spec.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"

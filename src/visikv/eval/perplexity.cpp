@@ -7,6 +7,7 @@
 
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/cache_factory.h"
 

@@ -37,7 +37,7 @@ struct PerplexityOptions {
   std::string key_codec = "f32";
   std::string value_codec = "f32";
   std::string selector = "dense";
-  // Calibrated bases for a HeadQ key codec (kv/headq.h; eval/basis_file.h loads them); not
+  // Calibrated bases for a HeadQ key codec (kv/headq.h; calibration/basis_file.h loads them); not
   // owned, null when the codec needs none.
   const HeadqBasis* headq_basis = nullptr;
   std::optional<int32_t> bos;  // prepended to each window when set

@@ -6,15 +6,20 @@
 
 namespace visikv {
 
+std::unique_ptr<KVCache> make_dense_cache(const CacheShape& shape, DenseFormat format,
+                                          int64_t reserve_tokens, int64_t block_size) {
+  CodecSpec dense;
+  dense.kind = CodecSpec::Kind::Dense;
+  dense.dense = format;
+  return std::make_unique<CodecCache>(shape, dense, dense, reserve_tokens, block_size);
+}
+
 std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const std::string& key_spec,
                                     const std::string& value_spec, int64_t reserve_tokens,
-                                    int64_t block_size, const HeadqBasis* headq_basis) {
-  const CodecSpec keys = parse_codec_spec(key_spec);
-  const CodecSpec values = parse_codec_spec(value_spec);
-  if (keys.is_dense() && values.is_dense() && keys.dense == values.dense && !keys.hadamard &&
-      !values.hadamard)
-    return make_dense_cache(shape, keys.dense, reserve_tokens, block_size);
-  return std::make_unique<CodecCache>(shape, keys, values, reserve_tokens, block_size, headq_basis);
+                                    int64_t block_size, const HeadqBasisVectors* headq_basis) {
+  return std::make_unique<CodecCache>(shape, parse_codec_spec(key_spec),
+                                      parse_codec_spec(value_spec), reserve_tokens, block_size,
+                                      headq_basis);
 }
 
 }  // namespace visikv

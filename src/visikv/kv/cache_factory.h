@@ -10,18 +10,18 @@
 
 namespace visikv {
 
-struct HeadqBasis;
+struct HeadqBasisVectors;
 
 // The same dense format on both sides without rotation gives the dense cache
 // (make_dense_cache); anything else gives a CodecCache (kv/codec_cache.h). Throws visikv::Error
 // for a bad spec or a spec that does not fit shape.head_dim.
 //
-// `headq_basis`: the calibrated bases (kv/headq.h, from a basis file: eval/basis_file.h) that a
-// HeadQ key codec (`...+headq:r<r>:s<b>`) reads; null when the spec needs none (the `:random`
-// control needs none). The cache copies the rows it uses.
+// `headq_basis`: the calibrated bases (kv/headq.h, from a basis file: calibration/basis_file.h)
+// that a HeadQ key codec (`...+headq:r<r>:s<b>`) reads; null when the spec needs none (the
+// `:random` control needs none). The cache copies the rows it uses.
 std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const std::string& key_spec,
                                     const std::string& value_spec, int64_t reserve_tokens = 0,
                                     int64_t block_size = 32,
-                                    const HeadqBasis* headq_basis = nullptr);
+                                    const HeadqBasisVectors* headq_basis = nullptr);
 
 }  // namespace visikv

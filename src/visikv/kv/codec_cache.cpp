@@ -4,12 +4,13 @@
 
 #include "visikv/core/error.h"
 #include "visikv/kv/headq.h"
+#include "visikv/kv/store_factory.h"
 
 namespace visikv {
 
 CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
                        const CodecSpec& value_spec, int64_t reserve_tokens, int64_t block_size,
-                       const HeadqBasis* headq_basis)
+                       const HeadqBasisVectors* headq_basis)
     : shape_(shape), block_size_(block_size) {
   require(shape.layers > 0 && shape.kv_heads > 0 && shape.head_dim > 0,
           "cache shape must be positive");
@@ -20,8 +21,8 @@ CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
           "': value bit policies are for values only");
   require(!value_spec.policy || !value_spec.hadamard, "value codec '", value_spec.text(),
           "': a value policy takes no rotation");
-  keys_ = make_side(key_spec, reserve_tokens, headq_basis);
-  values_ = make_side(value_spec, reserve_tokens, nullptr);
+  keys_ = make_key_side(key_spec, reserve_tokens, headq_basis);
+  values_ = make_value_side(value_spec, reserve_tokens);
   summaries_.reserve(shape.layers * shape.kv_heads);
   for (int64_t i = 0; i < shape.layers * shape.kv_heads; ++i)
     summaries_.emplace_back(shape.head_dim, block_size);
@@ -30,30 +31,42 @@ CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
   summarized_quantized_.assign(static_cast<size_t>(shape.layers * shape.kv_heads), 0);
 }
 
-CodecCache::Side CodecCache::make_side(const CodecSpec& spec, int64_t reserve_tokens,
-                                       const HeadqBasis* headq_basis) const {
-  Side side;
+CodecCache::KeySide CodecCache::make_key_side(const CodecSpec& spec, int64_t reserve_tokens,
+                                              const HeadqBasisVectors* headq_basis) const {
+  KeySide side;
   side.spec = spec;
   const int64_t d = shape_.head_dim;
   if (spec.hadamard) side.rotation.emplace(d);
   for (int64_t i = 0; i < shape_.layers * shape_.kv_heads; ++i) {
-    std::unique_ptr<VectorStore> store = make_vector_store(spec, d, reserve_tokens);
+    std::vector<float> rows;
     if (spec.headq) {
       const int64_t layer = i / shape_.kv_heads, kv_head = i % shape_.kv_heads;
-      std::vector<float> rows =
-          headq_basis_rows(spec, headq_basis, shape_.layers, shape_.kv_heads, d, layer, kv_head);
+      rows = headq_basis_rows(spec, headq_basis, shape_.layers, shape_.kv_heads, d, layer, kv_head);
       // The store sees rotated keys, so it needs the rotated basis: (H U)ᵀ (H q) = Uᵀ q.
       if (side.rotation)
         for (int64_t j = 0; j < spec.headq->rank; ++j)
           side.rotation->rotate(std::span(rows).subspan(j * d, d));
-      store = make_headq_key_store(std::move(store), spec, std::move(rows));
     }
-    side.stores.push_back(std::move(store));
+    side.stores.push_back(make_key_store(spec, d, reserve_tokens, std::move(rows)));
   }
   return side;
 }
 
+CodecCache::ValueSide CodecCache::make_value_side(const CodecSpec& spec,
+                                                  int64_t reserve_tokens) const {
+  ValueSide side;
+  side.spec = spec;
+  if (spec.hadamard) side.rotation.emplace(shape_.head_dim);
+  for (int64_t i = 0; i < shape_.layers * shape_.kv_heads; ++i)
+    side.stores.push_back(make_value_store(spec, shape_.head_dim, reserve_tokens));
+  return side;
+}
+
 std::string CodecCache::describe() const {
+  // The same dense rows on both sides without a rotation is what make_dense_cache builds.
+  if (keys_.spec.is_dense() && values_.spec.is_dense() && keys_.spec.dense == values_.spec.dense &&
+      !keys_.rotation && !values_.rotation)
+    return str_cat("dense ", dense_format_name(keys_.spec.dense));
   return str_cat("keys ", describe_codec(keys_.spec, shape_.head_dim), ", values ",
                  describe_codec(values_.spec, shape_.head_dim));
 }
@@ -75,20 +88,21 @@ void CodecCache::append(int64_t layer, std::span<const float> keys, std::span<co
           "order, one token per append (got ",
           tokens, "; use decode mode)");
   std::vector<float> rotated(static_cast<size_t>(d));
-  const auto store = [&](const Side& side, VectorStore& target, const float* x) {
-    if (!side.rotation) {
+  const auto store = [&](const std::optional<HadamardRotation>& rotation, VectorStore& target,
+                         const float* x) {
+    if (!rotation) {
       target.append({x, static_cast<size_t>(d)});
       return;
     }
     std::copy(x, x + d, rotated.begin());
-    side.rotation->rotate(rotated);
+    rotation->rotate(rotated);
     target.append(rotated);
   };
   for (int64_t h = 0; h < shape_.kv_heads; ++h) {
     const int64_t index = head_index(layer, h);
     for (int64_t t = 0; t < tokens; ++t) {
-      store(keys_, *keys_.stores[index], keys.data() + t * row + h * d);
-      store(values_, *values_.stores[index], values.data() + t * row + h * d);
+      store(keys_.rotation, *keys_.stores[index], keys.data() + t * row + h * d);
+      store(values_.rotation, *values_.stores[index], values.data() + t * row + h * d);
     }
   }
   lengths_[layer] += tokens;
@@ -102,7 +116,7 @@ void CodecCache::append(int64_t layer, std::span<const float> keys, std::span<co
 // at a time, so this touches a few blocks per group).
 void CodecCache::summarize_stored_keys(int64_t layer, int64_t kv_head) {
   const int64_t index = head_index(layer, kv_head), d = shape_.head_dim;
-  const VectorStore& keys = *keys_.stores[index];
+  const KeyStore& keys = *keys_.stores[index];
   BlockSummaries& summaries = summaries_[index];
   std::vector<float> key(static_cast<size_t>(d));
   for (; summarized_[index] < keys.size(); ++summarized_[index]) {
@@ -170,8 +184,8 @@ BlockSummaryTable CodecCache::summaries(int64_t layer, int64_t kv_head) const {
 }
 
 void CodecCache::clear() {
-  for (Side* side : {&keys_, &values_})
-    for (auto& store : side->stores) store->clear();
+  for (auto& store : keys_.stores) store->clear();
+  for (auto& store : values_.stores) store->clear();
   for (BlockSummaries& s : summaries_) s.clear();
   std::fill(summarized_.begin(), summarized_.end(), 0);
   std::fill(summarized_quantized_.begin(), summarized_quantized_.end(), 0);
@@ -190,7 +204,7 @@ void CodecCache::record_attention(int64_t layer, int64_t kv_head, std::span<cons
   values_.stores[index]->record_attention(weights, positions);
 }
 
-const VectorStore& CodecCache::value_store(int64_t layer, int64_t kv_head) const {
+const ValueStore& CodecCache::value_store(int64_t layer, int64_t kv_head) const {
   return *values_.stores[head_index(layer, kv_head)];
 }
 
@@ -216,8 +230,8 @@ void CodecCache::stored_value(int64_t layer, int64_t kv_head, int64_t position,
 
 int64_t CodecCache::stored_bytes() const {
   int64_t bytes = 0;
-  for (const Side* side : {&keys_, &values_})
-    for (const auto& store : side->stores) bytes += store->stored_bytes();
+  for (const auto& store : keys_.stores) bytes += store->stored_bytes();
+  for (const auto& store : values_.stores) bytes += store->stored_bytes();
   return bytes;
 }
 
@@ -235,8 +249,9 @@ void CodecCache::check_positions(int64_t layer, const PositionSet& positions) co
           lengths_[layer], " cached tokens of layer ", layer);
 }
 
-void CodecCache::stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
-                               std::span<float> out) const {
+template <typename Store>
+void CodecCache::stored_vector(const Side<Store>& side, int64_t layer, int64_t kv_head,
+                               int64_t position, std::span<float> out) const {
   const int64_t index = head_index(layer, kv_head), d = shape_.head_dim;
   require(position >= 0 && position < lengths_[layer], "position ", position, " outside the ",
           lengths_[layer], " cached tokens of layer ", layer);

@@ -17,17 +17,19 @@
 
 namespace visikv {
 
-struct HeadqBasis;
+struct HeadqBasisVectors;
 
 class CodecCache final : public KVCache {
  public:
   // `headq_basis`: the calibrated bases a HeadQ key codec reads (kv/headq.h); the rows it needs
   // are copied, so the basis need not outlive the cache. May be null when no spec needs one.
   CodecCache(const CacheShape& shape, const CodecSpec& key_spec, const CodecSpec& value_spec,
-             int64_t reserve_tokens, int64_t block_size, const HeadqBasis* headq_basis = nullptr);
+             int64_t reserve_tokens, int64_t block_size,
+             const HeadqBasisVectors* headq_basis = nullptr);
 
   const CacheShape& shape() const override { return shape_; }
-  // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"
+  // "keys int2:g64:tok (2.5 bits/elt), values f16 (16 bits/elt)"; "dense f16" when both sides
+  // are the same dense rows without rotation (make_dense_cache).
   std::string describe() const override;
   int64_t length(int64_t layer) const override;
   void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
@@ -58,28 +60,35 @@ class CodecCache final : public KVCache {
   void stored_value(int64_t layer, int64_t kv_head, int64_t position, std::span<float> out) const;
 
   // The value store of one head (e.g. a ValuePolicyStore, kv/value_policy.h), for inspection.
-  const VectorStore& value_store(int64_t layer, int64_t kv_head) const;
+  const ValueStore& value_store(int64_t layer, int64_t kv_head) const;
 
   // Bytes held by the key and value stores of every head (summaries not counted).
   int64_t stored_bytes() const;
 
  private:
+  // One role (keys or values) of every head: its codec, rotation and stores.
+  template <typename Store>
   struct Side {
     CodecSpec spec;
     std::optional<HadamardRotation> rotation;
-    std::vector<std::unique_ptr<VectorStore>> stores;  // [layer * kv_heads + kv_head]
+    std::vector<std::unique_ptr<Store>> stores;  // [layer * kv_heads + kv_head]
   };
-  Side make_side(const CodecSpec& spec, int64_t reserve_tokens,
-                 const HeadqBasis* headq_basis) const;
+  using KeySide = Side<KeyStore>;
+  using ValueSide = Side<ValueStore>;
+  KeySide make_key_side(const CodecSpec& spec, int64_t reserve_tokens,
+                        const HeadqBasisVectors* headq_basis) const;
+  ValueSide make_value_side(const CodecSpec& spec, int64_t reserve_tokens) const;
   int64_t head_index(int64_t layer, int64_t kv_head) const;
   void check_positions(int64_t layer, const PositionSet& positions) const;
-  void stored_vector(const Side& side, int64_t layer, int64_t kv_head, int64_t position,
+  template <typename Store>
+  void stored_vector(const Side<Store>& side, int64_t layer, int64_t kv_head, int64_t position,
                      std::span<float> out) const;
   void summarize_stored_keys(int64_t layer, int64_t kv_head);
 
   CacheShape shape_;
   int64_t block_size_;
-  Side keys_, values_;
+  KeySide keys_;
+  ValueSide values_;
   // Per head: summaries of the stored keys (model coordinates), and how many of its keys they
   // hold and had in quantized form when last updated.
   std::vector<BlockSummaries> summaries_;

@@ -26,7 +26,7 @@
 #include <string>
 #include <string_view>
 
-#include "visikv/kv/dense_cache.h"
+#include "visikv/kv/dense_format.h"
 #include "visikv/kv/value_policy_spec.h"
 
 namespace visikv {

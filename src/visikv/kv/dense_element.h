@@ -1,5 +1,5 @@
-// How one element of a dense f32 / f16 / bf16 row is stored, read, dotted and accumulated; shared
-// by the dense cache and the dense side of codec caches.
+// How one element of a dense f32 / f16 / bf16 row is stored, read, dotted and accumulated: the
+// element traits of the one dense store (kv/vector_store.cpp).
 #pragma once
 
 #include <cstdint>
@@ -7,7 +7,7 @@
 
 #include "visikv/core/half.h"
 #include "visikv/core/vec.h"
-#include "visikv/kv/dense_cache.h"
+#include "visikv/kv/dense_format.h"
 
 namespace visikv {
 

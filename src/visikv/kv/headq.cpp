@@ -9,7 +9,7 @@
 #include "visikv/core/half.h"
 #include "visikv/core/random.h"
 #include "visikv/core/vec.h"
-#include "visikv/kv/int_codes.h"
+#include "visikv/kv/int_row_codec.h"
 
 namespace visikv {
 
@@ -20,9 +20,9 @@ double uniform_open(uint64_t& state) {
   return (static_cast<double>(splitmix64(state) >> 11) + 0.5) * 0x1.0p-53;
 }
 
-class HeadqKeyStore final : public VectorStore {
+class HeadqKeyStore final : public KeyStore {
  public:
-  HeadqKeyStore(std::unique_ptr<VectorStore> base, const CodecSpec& spec, std::vector<float> rows)
+  HeadqKeyStore(std::unique_ptr<KeyStore> base, const CodecSpec& spec, std::vector<float> rows)
       : base_(std::move(base)),
         side_(*spec.headq),
         dim_(base_->dim()),
@@ -91,11 +91,6 @@ class HeadqKeyStore final : public VectorStore {
     }
   }
 
-  void accumulate(std::span<const float> weights, const PositionSet& positions,
-                  std::span<float> out) const override {
-    base_->accumulate(weights, positions, out);  // keys are not summed; kept for completeness
-  }
-
   void reconstruct(int64_t position, std::span<float> out) const override {
     base_->reconstruct(position, out);
     if (position >= coded_) return;
@@ -123,42 +118,28 @@ class HeadqKeyStore final : public VectorStore {
  private:
   // scores[q * n + i] += projected[q] · ĉ[positions[i]] for the side-coded positions, when
   // the rank is a multiple of 8 and codes are kBits wide: a key's codes are then whole runs of
-  // int_codes packing (code j at bit (p·r + j)·b), decoded eight at a time as decode() does,
+  // the row codec (code j at bit (p·r + j)·b), decoded eight at a time as decode() reads them,
   // and eight positions share one transposed reduction per query.
   template <int kBits>
   void add_corrections(std::span<const float> projected, const PositionSet& positions,
                        int64_t count, std::span<float> scores) const {
-    const int64_t n = positions.size(), runs = rank_ / 8;
+    const int64_t n = positions.size();
     int64_t coded_here = 0;  // positions are ascending
     while (coded_here < n && positions[coded_here] < coded_) ++coded_here;
-    std::vector<float> sides(static_cast<size_t>(8 * rank_));  // {8, rank}
-    __m256 sums[8];
+    const int_rows::RowShape shape{rank_, rank_};  // one scale and zero per key
+    const auto row_at = [&](int64_t position) {
+      return int_rows::Row{codes_.data() + position * rank_ / 8 * kBits, &params_[2 * position],
+                           &params_[2 * position + 1]};
+    };
     for (int64_t i0 = 0; i0 < coded_here; i0 += 8) {
       const int64_t here = std::min<int64_t>(8, coded_here - i0);
-      for (int64_t k = 0; k < 8; ++k) {
-        if (k >= here) {
-          std::fill(sides.begin() + k * rank_, sides.begin() + (k + 1) * rank_, 0.0f);
-          continue;
-        }
-        const int64_t position = positions[i0 + k];
-        const __m256 scale = _mm256_set1_ps(fp16_to_float(params_[2 * position]));
-        const __m256 zero = _mm256_set1_ps(fp16_to_float(params_[2 * position + 1]));
-        const uint8_t* packed = codes_.data() + position * rank_ / 8 * kBits;
-        for (int64_t run = 0; run < runs; ++run)
-          _mm256_storeu_ps(
-              sides.data() + k * rank_ + run * 8,
-              _mm256_fmadd_ps(int_codes::unpack8<kBits>(packed + run * kBits), scale, zero));
-      }
+      const auto key_at = [&](int64_t k) { return row_at(positions[i0 + k]); };
       for (int64_t q = 0; q < count; ++q) {
-        for (int64_t k = 0; k < 8; ++k) {
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t run = 0; run < runs; ++run)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(projected.data() + q * rank_ + run * 8),
-                                  _mm256_loadu_ps(sides.data() + k * rank_ + run * 8), acc);
-          sums[k] = acc;
-        }
+        int_rows::Lanes sums[1];
+        int_rows::RowKernels<kBits>::template dot8<1>(key_at, here, shape,
+                                                      projected.data() + q * rank_, nullptr, sums);
         float lanes[8];
-        _mm256_storeu_ps(lanes, vec::transposed_sums(sums));
+        int_rows::store8(lanes, sums[0]);
         for (int64_t k = 0; k < here; ++k) scores[q * n + i0 + k] += lanes[k];
       }
     }
@@ -179,21 +160,13 @@ class HeadqKeyStore final : public VectorStore {
         std::memcpy(codes_.data() + at + 2 * j, &h, 2);
       }
     } else {
-      const int_codes::Affine affine =
-          int_codes::quantize_group(projected_, side_.bits, side_codes_);
+      const int_rows::Affine affine = int_rows::quantize_group(projected_, side_.bits, side_codes_);
       params_.push_back(affine.scale);
       params_.push_back(affine.zero);
-      // Codes form one little-endian bit stream: code j of key p at bit (p·r + j)·b.
-      const int64_t first_bit = coded_ * rank_ * side_.bits;
-      codes_.resize(static_cast<size_t>((first_bit + rank_ * side_.bits + 7) / 8), 0);
-      for (int64_t j = 0; j < rank_; ++j) {
-        const uint32_t code = side_codes_[j];
-        const int64_t bit = first_bit + j * side_.bits;
-        const uint32_t shifted = code << (bit & 7);
-        codes_[bit >> 3] |= static_cast<uint8_t>(shifted);
-        if ((bit & 7) + side_.bits > 8)
-          codes_[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
-      }
+      // Codes form one bit stream over all keys: code j of key p is code p·r + j.
+      codes_.resize(static_cast<size_t>(int_rows::packed_bytes((coded_ + 1) * rank_, side_.bits)),
+                    0);
+      int_rows::pack(side_codes_, side_.bits, codes_, coded_ * rank_);
     }
     ++coded_;
   }
@@ -214,19 +187,12 @@ class HeadqKeyStore final : public VectorStore {
     }
     const float scale = fp16_to_float(params_[2 * position]);
     const float zero = fp16_to_float(params_[2 * position + 1]);
-    const uint32_t mask = (1u << side_.bits) - 1;
-    const int64_t first_bit = position * rank_ * side_.bits;
-    for (int64_t j = 0; j < rank_; ++j) {
-      const int64_t bit = first_bit + j * side_.bits;
-      const size_t byte = static_cast<size_t>(bit >> 3);
-      uint32_t word = codes_[byte];
-      if (byte + 1 < codes_.size()) word |= uint32_t{codes_[byte + 1]} << 8;
-      const float code = static_cast<float>((word >> (bit & 7)) & mask);
-      out[j] = std::fma(code, scale, zero);
-    }
+    for (int64_t j = 0; j < rank_; ++j)
+      out[j] = int_rows::dequantize(int_rows::code_at(codes_, side_.bits, position * rank_ + j),
+                                    scale, zero);
   }
 
-  std::unique_ptr<VectorStore> base_;
+  std::unique_ptr<KeyStore> base_;
   HeadqSpec side_;
   int64_t dim_, rank_;
   float sign_;
@@ -251,26 +217,24 @@ void headq_project_residual(std::span<const float> rows, std::span<const float> 
     projected[j] = vec::dot(rows.data() + j * dim, stored.data(), dim);
 }
 
-void HeadqBasis::check_sizes() const {
+void HeadqBasisVectors::check_vector_sizes() const {
   require(layers > 0 && kv_heads > 0 && head_dim > 0 && rank > 0 && rank <= head_dim,
           "HeadQ basis: bad shape (", layers, " layers, ", kv_heads, " kv heads, head_dim ",
           head_dim, ", rank ", rank, ")");
-  const size_t values = static_cast<size_t>(heads() * head_dim);
   const size_t vectors = static_cast<size_t>(heads() * rank * head_dim);
-  require(query_eigenvalues.size() == values && key_eigenvalues.size() == values &&
-              query_vectors.size() == vectors && key_vectors.size() == vectors,
+  require(query_vectors.size() == vectors && key_vectors.size() == vectors,
           "HeadQ basis: arrays do not match ", layers, " layers x ", kv_heads,
           " kv heads, head_dim ", head_dim, ", rank ", rank);
 }
 
-std::span<const double> HeadqBasis::query_rows(int64_t layer, int64_t kv_head) const {
+std::span<const double> HeadqBasisVectors::query_rows(int64_t layer, int64_t kv_head) const {
   require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
           layer, ", ", kv_head, ") out of range");
   return std::span(query_vectors)
       .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
 }
 
-std::span<const double> HeadqBasis::key_rows(int64_t layer, int64_t kv_head) const {
+std::span<const double> HeadqBasisVectors::key_rows(int64_t layer, int64_t kv_head) const {
   require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
           layer, ", ", kv_head, ") out of range");
   return std::span(key_vectors)
@@ -311,9 +275,9 @@ uint64_t headq_random_seed(int64_t layer, int64_t kv_head) {
   return splitmix64(state);
 }
 
-std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* basis, int64_t layers,
-                                    int64_t kv_heads, int64_t head_dim, int64_t layer,
-                                    int64_t kv_head) {
+std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasisVectors* basis,
+                                    int64_t layers, int64_t kv_heads, int64_t head_dim,
+                                    int64_t layer, int64_t kv_head) {
   require(spec.headq.has_value(), "cache spec '", spec.text(), "' has no HeadQ side code");
   const HeadqSpec& side = *spec.headq;
   std::vector<double> rows;
@@ -323,9 +287,9 @@ std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* bas
     require(basis != nullptr, "key codec '", spec.text(),
             "' needs a HeadQ basis file (write one with `visikv calibrate`, pass it with --basis)");
     require(basis->layers == layers && basis->kv_heads == kv_heads && basis->head_dim == head_dim,
-            "HeadQ basis of model ", basis->fingerprint, " has ", basis->layers, " layers x ",
-            basis->kv_heads, " kv heads x head_dim ", basis->head_dim, "; the cache has ", layers,
-            " x ", kv_heads, " x ", head_dim);
+            "HeadQ basis has ", basis->layers, " layers x ", basis->kv_heads,
+            " kv heads x head_dim ", basis->head_dim, "; the cache has ", layers, " x ", kv_heads,
+            " x ", head_dim);
     require(side.rank <= basis->rank, "key codec '", spec.text(), "' needs rank ", side.rank,
             " but the HeadQ basis file holds only ", basis->rank,
             " vectors per head (calibrate with --rank ", side.rank, " or more)");
@@ -337,8 +301,8 @@ std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* bas
   return std::vector<float>(rows.begin(), rows.end());
 }
 
-std::unique_ptr<VectorStore> make_headq_key_store(std::unique_ptr<VectorStore> base,
-                                                  const CodecSpec& spec, std::vector<float> rows) {
+std::unique_ptr<KeyStore> make_headq_key_store(std::unique_ptr<KeyStore> base,
+                                               const CodecSpec& spec, std::vector<float> rows) {
   require(spec.headq.has_value() && !spec.is_dense(), "cache spec '", spec.text(),
           "': a HeadQ store needs an integer codec with a side code");
   return std::make_unique<HeadqKeyStore>(std::move(base), spec, std::move(rows));

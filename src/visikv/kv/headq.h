@@ -7,9 +7,9 @@
 // side code and e in span(U_r) the correction cancels the residual (q·k̂ + q·e = q·k); what is
 // left in general is q·(I - U_r U_rᵀ) e + (U_rᵀ q)·(U_rᵀ e - ĉ).
 //
-// The basis comes from calibration (`visikv calibrate`, eval/calibrate.h): per (layer, KV head)
-// the top-r eigenvectors of the query second moment E[q qᵀ] (or, for the key-PCA control, of
-// E[k kᵀ]). The random-basis control needs no file. A cache gets the basis through
+// The basis comes from calibration (`visikv calibrate`, calibration/calibrate.h): per (layer, KV
+// head) the top-r eigenvectors of the query second moment E[q qᵀ] (or, for the key-PCA control,
+// of E[k kᵀ]). The random-basis control needs no file. A cache gets the basis vectors through
 // make_cache's optional `headq_basis` argument (kv/cache_factory.h).
 #pragma once
 
@@ -24,26 +24,20 @@
 
 namespace visikv {
 
-// Calibrated bases of every (layer, KV head) of one model. Saved and loaded by
-// eval/basis_file.h, which also checks that a file belongs to the model it is used with.
-struct HeadqBasis {
-  std::string fingerprint;  // of the model it came from (eval/basis_file.h: model_fingerprint)
-  std::string model;        // where that model was loaded from, for display
-  std::string text;         // calibration text
-  int64_t tokens = 0;       // positions run through the model (queries per query head)
-  int64_t window = 0;       // positions per prefill window
+// The basis vectors of every (layer, KV head) of one model: what a HeadQ key codec reads. Where
+// they came from (the calibration text, the model's fingerprint, the eigenvalues) is the
+// calibration's business (calibration/headq_basis.h: HeadqBasis extends this with it).
+struct HeadqBasisVectors {
   int64_t layers = 0, kv_heads = 0, head_dim = 0;
   int64_t rank = 0;  // basis vectors kept per head (any spec rank up to this works)
-  // Per head, index layer * kv_heads + kv_head: all head_dim eigenvalues in descending order
-  // ({heads, head_dim}) and the eigenvectors of the `rank` largest as rows ({heads, rank,
-  // head_dim}, row j belongs to eigenvalue j), of E[q qᵀ] over the queries of the head's
-  // query group (post-RoPE, the coordinates scores use) and of E[k kᵀ] over its keys.
-  std::vector<double> query_eigenvalues, query_vectors;
-  std::vector<double> key_eigenvalues, key_vectors;
+  // Per head, index layer * kv_heads + kv_head: orthonormal rows ({heads, rank, head_dim}, row j
+  // the j-th basis vector) of the query basis (the top eigenvectors of E[q qᵀ] over the head's
+  // query group, post-RoPE, the coordinates scores use) and of the key-PCA control (E[k kᵀ]).
+  std::vector<double> query_vectors, key_vectors;
 
   int64_t heads() const { return layers * kv_heads; }
-  // Throws visikv::Error unless the arrays have the sizes the numbers above say.
-  void check_sizes() const;
+  // Throws visikv::Error unless the shape is valid and the arrays have the sizes it says.
+  void check_vector_sizes() const;
   // Row j: the j-th basis vector of head (layer, kv_head), j < rank.
   std::span<const double> query_rows(int64_t layer, int64_t kv_head) const;
   std::span<const double> key_rows(int64_t layer, int64_t kv_head) const;
@@ -60,9 +54,9 @@ uint64_t headq_random_seed(int64_t layer, int64_t kv_head);
 // `spec.headq`: from `basis` (query or key PCA) or random. Throws visikv::Error when the spec
 // needs a basis and `basis` is null, or when the basis does not fit (head_dim, layers, kv
 // heads, or a rank below the spec's).
-std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasis* basis, int64_t layers,
-                                    int64_t kv_heads, int64_t head_dim, int64_t layer,
-                                    int64_t kv_head);
+std::vector<float> headq_basis_rows(const CodecSpec& spec, const HeadqBasisVectors* basis,
+                                    int64_t layers, int64_t kv_heads, int64_t head_dim,
+                                    int64_t layer, int64_t kv_head);
 
 // The numbers a side code stores for one key: `stored` holds k̂ (d numbers) on entry and the
 // residual e = key - k̂ on return; projected[j] = rows[j] · e for the r = projected.size() rows
@@ -77,7 +71,7 @@ void headq_project_residual(std::span<const float> rows, std::span<const float> 
 // (the float key, or its fp16 form for windowed codecs) is side-coded. Keys still in the base's
 // fp16 window have no side code and score as stored. reconstruct() returns the key as scores
 // see it: k̂ + sign · U_r ĉ.
-std::unique_ptr<VectorStore> make_headq_key_store(std::unique_ptr<VectorStore> base,
-                                                  const CodecSpec& spec, std::vector<float> rows);
+std::unique_ptr<KeyStore> make_headq_key_store(std::unique_ptr<KeyStore> base,
+                                               const CodecSpec& spec, std::vector<float> rows);
 
 }  // namespace visikv

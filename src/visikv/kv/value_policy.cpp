@@ -6,27 +6,13 @@
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
 #include "visikv/core/vec.h"
-#include "visikv/kv/int_codes.h"
+#include "visikv/kv/int_row_codec.h"
 
 namespace visikv {
 
 namespace {
 
 constexpr int64_t kScaleZeroBytes = 4;  // one fp16 scale and one fp16 zero per group
-
-// out[c] = zero_g + scale_g * code_c for one row of per-token groups of `group` channels
-// (group % 8 == 0), exactly as the plain integer store decodes it.
-template <int kBits>
-void decode_row(const uint8_t* codes, const uint16_t* scales, const uint16_t* zeros, int64_t dim,
-                int64_t group, float* out) {
-  for (int64_t g = 0; g < dim / group; ++g) {
-    const __m256 scale = _mm256_set1_ps(fp16_to_float(scales[g]));
-    const __m256 zero = _mm256_set1_ps(fp16_to_float(zeros[g]));
-    for (int64_t c = g * group; c < (g + 1) * group; c += 8)
-      _mm256_storeu_ps(
-          out + c, _mm256_fmadd_ps(int_codes::unpack8<kBits>(codes + c / 8 * kBits), scale, zero));
-  }
-}
 
 }  // namespace
 
@@ -62,7 +48,7 @@ ValuePolicyStore::ValuePolicyStore(const CodecSpec& spec, int64_t head_dim, int6
   groups_ = head_dim / group_;
   high_.bits = policy_.high_bits;
   low_.bits = spec.bits;
-  for (Pool* pool : {&high_, &low_}) pool->code_bytes = int_codes::packed_bytes(dim_, pool->bits);
+  for (Pool* pool : {&high_, &low_}) pool->code_bytes = int_rows::packed_bytes(dim_, pool->bits);
   low_.codes.reserve(static_cast<size_t>(reserve_tokens * low_.code_bytes));
   low_.params.reserve(static_cast<size_t>(reserve_tokens * 2 * groups_));
   where_.reserve(static_cast<size_t>(reserve_tokens));
@@ -81,34 +67,17 @@ int32_t ValuePolicyStore::store_row(Pool& pool, const float* x) {
     pool.params.resize(pool.params.size() + 2 * groups_);
   }
   uint16_t* scales = pool.params.data() + slot * 2 * groups_;
-  uint16_t* zeros = scales + groups_;
-  // Per-token groups, as the plain integer store quantizes them (kv/int_codes.h).
-  for (int64_t g = 0; g < groups_; ++g) {
-    const int_codes::Affine affine =
-        int_codes::quantize_group(std::span(x + g * group_, static_cast<size_t>(group_)), pool.bits,
-                                  std::span(codes_).subspan(g * group_, group_));
-    scales[g] = affine.scale;
-    zeros[g] = affine.zero;
-  }
-  int_codes::pack(codes_, pool.bits,
-                  std::span(pool.codes).subspan(slot * pool.code_bytes, pool.code_bytes));
+  // Per-token groups, as the plain integer store quantizes them.
+  int_rows::encode_row({x, static_cast<size_t>(dim_)}, pool.bits, {dim_, group_},
+                       pool.codes.data() + slot * pool.code_bytes, scales, scales + groups_, 1,
+                       codes_);
   return slot;
 }
 
 void ValuePolicyStore::decode(const Pool& pool, int32_t slot, float* out) const {
-  const uint8_t* codes = pool.codes.data() + slot * pool.code_bytes;
   const uint16_t* scales = pool.params.data() + slot * 2 * groups_;
-  const uint16_t* zeros = scales + groups_;
-  switch (pool.bits) {
-    case 2:
-      return decode_row<2>(codes, scales, zeros, dim_, group_, out);
-    case 3:
-      return decode_row<3>(codes, scales, zeros, dim_, group_, out);
-    case 4:
-      return decode_row<4>(codes, scales, zeros, dim_, group_, out);
-    default:
-      return decode_row<8>(codes, scales, zeros, dim_, group_, out);
-  }
+  int_rows::decode_row({pool.codes.data() + slot * pool.code_bytes, scales, scales + groups_},
+                       pool.bits, {dim_, group_}, out);
 }
 
 void ValuePolicyStore::decode(int64_t position, float* out) const {
@@ -170,17 +139,6 @@ void ValuePolicyStore::append(std::span<const float> vector) {
   }
   demote(kept_[lowest]);
   kept_.erase(kept_.begin() + static_cast<std::ptrdiff_t>(lowest));
-}
-
-void ValuePolicyStore::dot(std::span<const float> queries, const PositionSet& positions,
-                           std::span<float> scores) const {
-  const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
-  std::vector<float> row(static_cast<size_t>(dim_));
-  for (int64_t i = 0; i < n; ++i) {
-    decode(positions[i], row.data());
-    for (int64_t q = 0; q < count; ++q)
-      scores[q * n + i] = vec::dot(row.data(), queries.data() + q * dim_, dim_);
-  }
 }
 
 void ValuePolicyStore::accumulate(std::span<const float> weights, const PositionSet& positions,

@@ -64,7 +64,7 @@ class AttentionAccount {
   std::vector<double> mass_, squared_mass_;
 };
 
-class ValuePolicyStore final : public VectorStore {
+class ValuePolicyStore final : public ValueStore {
  public:
   // `spec`: an integer codec with `policy` set (per-token groups, G % 8 == 0, G | head_dim).
   ValuePolicyStore(const CodecSpec& spec, int64_t head_dim, int64_t reserve_tokens);
@@ -73,8 +73,6 @@ class ValuePolicyStore final : public VectorStore {
   int64_t size() const override { return static_cast<int64_t>(where_.size()); }
   int64_t quantized_size() const override { return size(); }
   void append(std::span<const float> vector) override;
-  void dot(std::span<const float> queries, const PositionSet& positions,
-           std::span<float> scores) const override;
   void accumulate(std::span<const float> weights, const PositionSet& positions,
                   std::span<float> out) const override;
   void reconstruct(int64_t position, std::span<float> out) const override;

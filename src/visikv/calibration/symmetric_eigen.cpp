@@ -1,4 +1,4 @@
-#include "visikv/eval/symmetric_eigen.h"
+#include "visikv/calibration/symmetric_eigen.h"
 
 #include <algorithm>
 #include <cmath>

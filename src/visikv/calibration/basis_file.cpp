@@ -1,4 +1,4 @@
-#include "visikv/eval/basis_file.h"
+#include "visikv/calibration/basis_file.h"
 
 #include <bit>
 #include <cinttypes>

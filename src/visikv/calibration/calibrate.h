@@ -3,7 +3,7 @@
 // queries of its query-head group in the coordinates scores use (post-RoPE), and the keys it
 // caches, and eigendecompose the uncentred second moments Σ_q = E[q qᵀ] and Σ_k = E[k kᵀ]
 // (accumulated in double). The result keeps every eigenvalue and the top-`rank` eigenvectors of
-// both, with the model's fingerprint (eval/basis_file.h).
+// both, with the model's fingerprint (calibration/basis_file.h).
 #pragma once
 
 #include <cstdint>
@@ -11,7 +11,7 @@
 #include <string>
 #include <string_view>
 
-#include "visikv/kv/headq.h"
+#include "visikv/calibration/headq_basis.h"
 
 namespace visikv {
 

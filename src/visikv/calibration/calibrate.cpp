@@ -1,4 +1,4 @@
-#include "visikv/eval/calibrate.h"
+#include "visikv/calibration/calibrate.h"
 
 #include <cblas.h>
 
@@ -8,8 +8,8 @@
 
 #include "visikv/attention/attention.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/basis_file.h"
-#include "visikv/eval/symmetric_eigen.h"
+#include "visikv/calibration/basis_file.h"
+#include "visikv/calibration/symmetric_eigen.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"

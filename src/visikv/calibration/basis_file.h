@@ -1,4 +1,4 @@
-// HeadQ basis files: the calibrated bases of one model (kv/headq.h: HeadqBasis), written by
+// HeadQ basis files: the calibrated bases of one model (calibration/headq_basis.h: HeadqBasis), written by
 // `visikv calibrate` and read by `visikv ppl --basis` and the evaluations.
 //
 // Layout (all integers and floats little-endian):
@@ -23,7 +23,7 @@
 #include <filesystem>
 #include <string>
 
-#include "visikv/kv/headq.h"
+#include "visikv/calibration/headq_basis.h"
 
 namespace visikv {
 
