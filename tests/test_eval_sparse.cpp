@@ -352,6 +352,31 @@ TEST(SparsePerplexity, SupportAndContextAreReported) {
   for (const KvGridResult& r : results) EXPECT_DOUBLE_EQ(r.delta_ppl, r.ppl.ppl - dense.ppl);
 }
 
+// A row reports another's run only when key codec, value codec and selector all match: "f32 +
+// <selector>" is the selector's own row, while the selector rows (f32 keys and values like the
+// dense row) and the codec rows under a selector are runs of their own.
+TEST(SparsePerplexity, SameRunAsComparesCodecsAndSelector) {
+  const Model model = Model::load(fixture("llama"));
+  Decoder decoder(model);
+  const std::vector<int32_t> text = token_stream(model, 80);
+  KvGridOptions options;
+  options.window = 16;
+  options.max_tokens = 15;
+  options.bos = model.tokenizer().bos_id();
+  const std::vector<KvGridResult> results = run_kv_grid(
+      decoder, text, kv_grid_sparse_rows({"sparse:a1:w2:k4:exact"}, {"int4:g16:tok", "f32"}),
+      options, nullptr);
+  std::vector<std::pair<std::string, std::string>> same_runs;
+  for (const KvGridResult& r : results) same_runs.emplace_back(r.row.name, r.same_run_as);
+  EXPECT_EQ(same_runs, (std::vector<std::pair<std::string, std::string>>{
+                           {"dense", ""},
+                           {"sparse:a1:w2:k4:exact", ""},
+                           {"int4:g16:tok", ""},
+                           {"int4:g16:tok + sparse:a1:w2:k4:exact", ""},
+                           {"f32 + sparse:a1:w2:k4:exact", "sparse:a1:w2:k4:exact"}}));
+  EXPECT_EQ(results[4].ppl.nll, results[1].ppl.nll);
+}
+
 TEST(EvalCommand, SparsePplWritesTheTableAndJson) {
   const fs::path json_path = fs::path(testing::TempDir()) / "sparse_ppl.json";
   const ProgramRun r =
@@ -366,6 +391,8 @@ TEST(EvalCommand, SparsePplWritesTheTableAndJson) {
   EXPECT_EQ(j["rows"][3]["key_codec"], "int4:g16:tok");
   EXPECT_EQ(j["tokens"], 40);
   EXPECT_LT(j["rows"][3]["support_mean"].get<double>(), j["rows"][3]["context_mean"].get<double>());
+  for (const auto& row : j["rows"])  // every row here is a run of its own
+    EXPECT_TRUE(row["same_run_as"].is_null()) << row["name"] << ": " << row["same_run_as"];
   for (const char* bad : {" --selectors sparse:a1:w4:k8:b3", " --selectors bogus",
                           " --keys int5:g16:tok", " --tokens 0", " --window 1"}) {
     const ProgramRun b = run("eval sparse-ppl " + fixture("llama") + " --text " +

@@ -300,7 +300,7 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
     x.delta_ppl = x.ppl.ppl - dense_ppl;
     for (const KvGridRow& earlier : rows) {
       if (&earlier == &r) break;
-      if (earlier.key_codec == r.key_codec && earlier.value_codec == r.value_codec) {
+      if (run_of(earlier) == run_of(r)) {
         x.same_run_as = earlier.name;
         break;
       }

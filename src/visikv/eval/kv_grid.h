@@ -131,8 +131,8 @@ struct KvGridResult {
   PerplexityResult ppl;
   std::optional<double> excess_removed;  // HeadQ rows only (and only when the base differs)
   double delta_ppl = 0;                  // PPL - PPL_dense
-  // The earlier row with the same key and value codecs whose run this row reports (computed
-  // once, reported twice); empty when this row had its own run.
+  // The earlier row with the same key codec, value codec and selector whose run this row
+  // reports (computed once, reported twice); empty when this row had its own run.
   std::string same_run_as;
 };
 
