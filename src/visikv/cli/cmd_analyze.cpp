@@ -77,9 +77,12 @@ void run_analyze(AnalyzeFlags& f) {
           f.calibration_tokens);
   require(f.null_energy > 0 && f.null_energy <= 1, "--null-energy must be in (0, 1], got ",
           f.null_energy);
-  // Spec syntax is checked before the model loads.
-  for (const std::string& k : f.keys) parse_analyze_key_spec(k);
-  if (!f.values.empty()) parse_codec_spec(f.values);
+  // Specs are parsed once, before the model loads.
+  std::vector<AnalyzeKeySpec> keys;
+  for (const std::string& k : f.keys)
+    keys.push_back(parse_flag("--keys", k, parse_analyze_key_spec));
+  std::optional<ValueCodecSpec> values;
+  if (!f.values.empty()) values = parse_flag("--values", f.values, parse_value_codec_spec);
 
   const Model model = Model::load(f.model);
   const Config& c = model.config();
@@ -88,8 +91,7 @@ void run_analyze(AnalyzeFlags& f) {
           " exceeds the model's context of ", c.max_positions, " positions");
   const bool defaults = f.keys.empty();
   bool wants_basis = defaults;
-  for (const std::string& k : f.keys)
-    wants_basis = wants_basis || parse_analyze_key_spec(k).needs_basis();
+  for (const AnalyzeKeySpec& k : keys) wants_basis = wants_basis || k.needs_basis();
 
   // The basis: from --basis (checked against the model), else calibrated here at full rank (the
   // controls need every eigenvector of the query span).
@@ -114,11 +116,11 @@ void run_analyze(AnalyzeFlags& f) {
   if (basis) basis_json.update(headq_basis_json(*basis));
 
   AnalyzeOptions options;
-  options.value_spec = f.values;
+  options.value_codec = values;
   options.entropy_edges = f.entropy_bins;
   options.basis = basis ? &*basis : nullptr;
   options.null_energy = f.null_energy;
-  options.key_specs = f.keys;
+  options.key_specs = keys;
   if (defaults) {
     options.key_specs = default_analyze_key_specs(c.head_dim, basis.has_value());
     // A basis file of too low a rank cannot place the controls: leave them out, say so.
@@ -130,8 +132,8 @@ void run_analyze(AnalyzeFlags& f) {
                      "null/span controls are left out (calibrate with --rank %lld)\n",
                      static_cast<long long>(basis->rank), static_cast<long long>(needed),
                      static_cast<long long>(c.head_dim));
-        std::erase_if(options.key_specs, [](const std::string& s) {
-          return parse_analyze_key_spec(s).kind != AnalyzeKeySpec::Kind::Codec;
+        std::erase_if(options.key_specs, [](const AnalyzeKeySpec& s) {
+          return s.kind != AnalyzeKeySpec::Kind::Codec;
         });
       }
     }
@@ -161,7 +163,7 @@ void run_analyze(AnalyzeFlags& f) {
     std::fprintf(stderr, "analyze: %lld/%lld (key spec, layer) runs\n",
                  static_cast<long long>(done), static_cast<long long>(total));
   });
-  const bool values = !f.values.empty();
+  const bool value_metrics = values.has_value();
 
   std::printf("model:   %s\n", model.source().c_str());
   std::printf("text:    %s, %lld tokens%s, teacher-forced on the dense model's q/k/v\n",
@@ -172,19 +174,19 @@ void run_analyze(AnalyzeFlags& f) {
                 basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
                 static_cast<long long>(basis->tokens), static_cast<long long>(basis->rank),
                 f.null_energy);
-  std::printf("values:  %s\n", values ? f.values.c_str() : "f32 (no value metrics)");
+  std::printf("values:  %s\n", value_metrics ? f.values.c_str() : "f32 (no value metrics)");
   std::printf("cells:   %zu (key spec x %lld layers x %lld query heads)\n\n", result.cells.size(),
               static_cast<long long>(trace.layers), static_cast<long long>(trace.heads));
   std::printf("%-34s %8s %11s %11s %11s %9s %7s", "key spec", "bits/key", "key MSE", "F", "KL",
               "KL/(F/2)", "flips%");
-  if (values) std::printf(" %11s %11s %11s", "value err", "val-only", "A2 surr");
+  if (value_metrics) std::printf(" %11s %11s %11s", "value err", "val-only", "A2 surr");
   std::printf("\n");
   for (const CodecSummary& s : result.codecs) {
     const std::string bits = s.bits_per_key ? str_cat(*s.bits_per_key) : "-";
     std::printf("%-34s %8s %11.4g %11.4g %11.4g %9.3f %7.3f", s.key_codec.c_str(), bits.c_str(),
                 s.mse_mean, s.fisher_mean, s.kl_mean,
                 s.fisher_mean > 0 ? s.kl_mean / (s.fisher_mean / 2) : NAN, 100 * s.flip_rate);
-    if (values)
+    if (value_metrics)
       std::printf(" %11.4g %11.4g %11.4g", *s.value_error_mean, *s.value_only_error_mean,
                   *s.a2_surrogate_mean);
     std::printf("\n");
@@ -248,7 +250,7 @@ void run_analyze(AnalyzeFlags& f) {
                 {"heads", trace.heads},
                 {"kv_heads", trace.kv_heads},
                 {"head_dim", trace.head_dim},
-                {"value_codec", values ? json(f.values) : json(nullptr)},
+                {"value_codec", value_metrics ? json(f.values) : json(nullptr)},
                 {"null_energy", f.null_energy},
                 {"entropy_edges", f.entropy_bins},
                 {"basis", basis_json},

@@ -22,6 +22,7 @@
 #include "visikv/eval/needle.h"
 #include "visikv/eval/survival.h"
 #include "visikv/kv/cache_factory.h"
+#include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -67,13 +68,25 @@ void add_common_flags(CLI::App* cmd, CommonFlags& f) {
   cmd->add_flag("--quick", f.quick, "a small grid that runs in a few minutes on 2 cores");
 }
 
+// The codecs and selectors of an eval command, parsed once from its flags.
+struct ParsedSpecs {
+  KeyCodecSpec keys;
+  ValueCodecSpec values;
+  std::vector<NamedSelectorSpec> selectors;
+};
+
 // Parses every spec up front, so a typo fails before any model time is spent. The codecs are
-// checked by building a one-token cache.
-void check_specs(const std::vector<std::string>& selectors, const CommonFlags& f,
-                 const Decoder& decoder) {
+// also checked against the model's heads by building a one-token cache.
+ParsedSpecs parse_specs(const std::vector<std::string>& selectors, const CommonFlags& f,
+                        const Decoder& decoder) {
   require(!selectors.empty(), "no selectors given");
-  for (const std::string& s : selectors) parse_selector_spec(s);
-  make_cache(decoder.cache_shape(), f.keys, f.values, 1);
+  ParsedSpecs specs{parse_flag("--keys", f.keys, parse_key_codec_spec),
+                    parse_flag("--values", f.values, parse_value_codec_spec),
+                    {}};
+  for (const std::string& s : selectors)
+    specs.selectors.push_back(parse_flag("--selectors", s, parse_named_selector_spec));
+  make_cache(decoder.cache_shape(), specs.keys, specs.values, 1);
+  return specs;
 }
 
 void write_json(const std::string& path, const json& out) {
@@ -115,13 +128,13 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
 
   const Model model = Model::load(f.model);
   Decoder decoder(model);
-  check_specs(selectors, f, decoder);
+  const ParsedSpecs specs = parse_specs(selectors, f, decoder);
   SurvivalOptions options;
   options.prefix = f.prefix;
   options.continuation = f.continuation;
   options.samples = f.samples;
-  options.key_codec = f.keys;
-  options.value_codec = f.values;
+  options.key_codec = specs.keys;
+  options.value_codec = specs.values;
   options.temperature = f.temperature;
   options.seed = f.seed;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
@@ -140,10 +153,12 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
   const std::vector<DenseReference> refs = dense_references(decoder, prefixes, options);
   std::vector<SurvivalRow> rows;
   for (size_t i = 0; i < selectors.size(); ++i) {
-    rows.push_back(survival_row(decoder, refs, selectors[i], options, [&](int64_t done, int64_t n) {
-      std::fprintf(stderr, "[%zu/%zu] %s: sample %lld/%lld\n", i + 1, selectors.size(),
-                   selectors[i].c_str(), static_cast<long long>(done), static_cast<long long>(n));
-    }));
+    rows.push_back(
+        survival_row(decoder, refs, specs.selectors[i], options, [&](int64_t done, int64_t n) {
+          std::fprintf(stderr, "[%zu/%zu] %s: sample %lld/%lld\n", i + 1, selectors.size(),
+                       selectors[i].c_str(), static_cast<long long>(done),
+                       static_cast<long long>(n));
+        }));
   }
 
   const long long T = f.continuation;
@@ -278,8 +293,6 @@ void run_eval_needle(NeedleFlags& f) {
   if (!f.depths.empty()) options.depths = f.depths;
   if (!f.needles.empty()) options.needles = f.needles;
   options.answer_tokens = f.answer_tokens;
-  options.key_codec = f.keys;
-  options.value_codec = f.values;
   std::vector<std::string> selectors = {"dense"};
   const auto& grid =
       !f.selectors.empty() ? f.selectors : (f.quick ? kNeedleQuickGrid : kNeedleGrid);
@@ -288,7 +301,9 @@ void run_eval_needle(NeedleFlags& f) {
 
   const Model model = Model::load(f.model);
   Decoder decoder(model);
-  check_specs(selectors, f, decoder);
+  const ParsedSpecs specs = parse_specs(selectors, f, decoder);
+  options.key_codec = specs.keys;
+  options.value_codec = specs.values;
   check_needle_options(model.config(), options);
   const std::filesystem::path text_path =
       f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
@@ -299,10 +314,12 @@ void run_eval_needle(NeedleFlags& f) {
 
   std::vector<NeedleRow> rows;
   for (size_t i = 0; i < selectors.size(); ++i) {
-    rows.push_back(needle_row(decoder, cases, selectors[i], options, [&](int64_t done, int64_t n) {
-      std::fprintf(stderr, "[%zu/%zu] %s: case %lld/%lld\n", i + 1, selectors.size(),
-                   selectors[i].c_str(), static_cast<long long>(done), static_cast<long long>(n));
-    }));
+    rows.push_back(
+        needle_row(decoder, cases, specs.selectors[i], options, [&](int64_t done, int64_t n) {
+          std::fprintf(stderr, "[%zu/%zu] %s: case %lld/%lld\n", i + 1, selectors.size(),
+                       selectors[i].c_str(), static_cast<long long>(done),
+                       static_cast<long long>(n));
+        }));
   }
 
   // Columns: (context, needle count), each pooling the depths.
@@ -408,7 +425,7 @@ void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
 
   const Model model = Model::load(f.model);
   Decoder decoder(model);
-  check_specs(selectors, f, decoder);
+  const ParsedSpecs specs = parse_specs(selectors, f, decoder);
   const std::filesystem::path text_path =
       f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
   const bool bos = model.tokenizer().adds_bos();
@@ -426,10 +443,10 @@ void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   options.anchors = f.anchors;
   options.window = f.window;
   options.top_k = f.top_k;
-  options.key_codec = f.keys;
-  options.value_codec = f.values;
+  options.key_codec = specs.keys;
+  options.value_codec = specs.values;
   const CoverageResult r =
-      attention_coverage(decoder, tokens, selectors, options, [](int64_t done, int64_t n) {
+      attention_coverage(decoder, tokens, specs.selectors, options, [](int64_t done, int64_t n) {
         std::fprintf(stderr, "coverage: step %lld/%lld (dense prefill, then one per layer)\n",
                      static_cast<long long>(done), static_cast<long long>(n));
       });
@@ -542,7 +559,13 @@ void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   require(f.tokens >= 1, "--tokens must be at least 1, got ", f.tokens);
   require(f.window >= 2, "--window must be at least 2 tokens, got ", f.window);
   const std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kSparsePplGrid;
-  const std::vector<KvGridRow> rows = kv_grid_sparse_rows(selectors, f.keys);
+  std::vector<NamedSelectorSpec> selector_specs;
+  for (const std::string& s : selectors)
+    selector_specs.push_back(parse_flag("--selectors", s, parse_named_selector_spec));
+  std::vector<KeyCodecSpec> key_codecs;
+  for (const std::string& k : f.keys)
+    key_codecs.push_back(parse_flag("--keys", k, parse_key_codec_spec));
+  const std::vector<KvGridRow> rows = kv_grid_sparse_rows(selector_specs, key_codecs);
 
   const Model model = Model::load(f.model);
   Decoder decoder(model);
@@ -579,7 +602,7 @@ void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
               "support", "context");
   for (const KvGridResult& r : results)
     std::printf("%-52s %-22s %8.0f %10.4f %+9.4f %9.1f %9.1f\n", r.row.name.c_str(),
-                r.row.key_codec.c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
+                r.row.key_codec.text().c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
                 r.ppl.support_mean, r.ppl.context_mean);
   std::printf(
       "\ndPPL: PPL - PPL(dense f32). support: positions each scored query read, per query head "

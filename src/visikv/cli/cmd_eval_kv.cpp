@@ -161,8 +161,8 @@ void run_eval_kv(EvalKvFlags& f) {
               "bits/key", "bits/val", "PPL", "dPPL", "excess");
   for (const KvGridResult& r : results) {
     std::printf("%-26s %-40s %-32s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
-                r.row.key_codec.c_str(), r.row.value_codec.c_str(), r.key_bits.bits_per_vector,
-                r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
+                r.row.key_codec.text().c_str(), r.row.value_codec.text().c_str(),
+                r.key_bits.bits_per_vector, r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
                 format_optional(r.excess_removed, "%.3f").c_str());
   }
   std::printf(
@@ -207,8 +207,8 @@ void run_eval_kv(EvalKvFlags& f) {
 
 json kv_grid_result_json(const KvGridResult& r) {
   return {{"name", r.row.name},
-          {"key_codec", r.row.key_codec},
-          {"value_codec", r.row.value_codec},
+          {"key_codec", r.row.key_codec.text()},
+          {"value_codec", r.row.value_codec.text()},
           {"bits_per_key", r.key_bits.bits_per_vector},
           {"bits_per_value", r.value_bits.bits_per_vector},
           {"key_side_bits", r.key_bits.side_bits_per_vector},
@@ -221,7 +221,7 @@ json kv_grid_result_json(const KvGridResult& r) {
           {"note", r.row.note},
           {"same_run_as", r.same_run_as.empty() ? json(nullptr) : json(r.same_run_as)},
           {"tokens", r.ppl.tokens},
-          {"selector", r.row.selector},
+          {"selector", r.row.selector.text},
           {"support_mean", r.ppl.support_mean},
           {"context_mean", r.ppl.context_mean},
           {"seconds", r.ppl.seconds}};

@@ -93,6 +93,10 @@ void add_ppl_command(CLI::App& app) {
   cmd->add_option("--json", flags->json, "write the result as JSON to this file");
   cmd->callback([flags] {
     apply_global_options();
+    PerplexityOptions options;
+    options.key_codec = parse_flag("--keys", flags->keys, parse_key_codec_spec);
+    options.value_codec = parse_flag("--values", flags->values, parse_value_codec_spec);
+    options.selector = parse_flag("--selector", flags->selector, parse_selector_spec);
     const Model model = Model::load(flags->model);
     require(flags->numerics == "exact" || flags->mode != "decode-batched",
             "--numerics int8: decode-batched computes decode order with exact products only");
@@ -102,13 +106,9 @@ void add_ppl_command(CLI::App& app) {
         flags->file.empty() ? default_test_text() : std::filesystem::path(flags->file);
     const std::string text = read_text_file(text_path);
     const std::vector<int32_t> tokens = model.tokenizer().encode(text, false);
-    PerplexityOptions options;
     options.mode = perplexity_mode_from_name(flags->mode);
     options.window = flags->window;
     options.max_tokens = flags->tokens;
-    options.key_codec = flags->keys;
-    options.value_codec = flags->values;
-    options.selector = flags->selector;
     std::optional<HeadqBasis> basis;
     if (!flags->basis.empty()) {
       basis = load_headq_basis(flags->basis, model);

@@ -5,6 +5,9 @@
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
+
+#include "visikv/core/error.h"
 
 namespace visikv {
 struct KvGridResult;
@@ -18,9 +21,9 @@ void add_info_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_ppl_command(CLI::App& app);
-void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
-void add_eval_command(CLI::App& app);       // `eval` with its subcommands (sparse, needle)
-void add_eval_kv_command(CLI::App& eval);   // `eval kv`: the K-only decode-perplexity grid
+void add_calibrate_command(CLI::App& app);       // `calibrate`: HeadQ query bases
+void add_eval_command(CLI::App& app);            // `eval` with its subcommands (sparse, needle)
+void add_eval_kv_command(CLI::App& eval);        // `eval kv`: the K-only decode-perplexity grid
 void add_eval_numerics_command(CLI::App& eval);  // `eval numerics`: fast vs exact products
 // One row of a K-only decode-perplexity grid as JSON (eval kv and eval sparse-ppl).
 nlohmann::json kv_grid_result_json(const KvGridResult& result);
@@ -40,6 +43,17 @@ GlobalOptions& global_options();
 // or 8-bit activations with integer products for GGUF block weights (ProductRounding).
 void add_numerics_option(CLI::App& cmd, std::string& numerics);
 void apply_numerics(const std::string& numerics, Decoder& decoder);
+
+// Parses a flag's text once, where it enters the program; a bad value fails naming the flag
+// ("--keys: cache spec 'int5:g16:tok': ...").
+template <typename Parse>
+auto parse_flag(std::string_view flag, std::string_view text, Parse parse) {
+  try {
+    return parse(text);
+  } catch (const Error& e) {
+    fail(flag, ": ", e.what());
+  }
+}
 
 // Applies the global options (thread count for OpenMP and BLAS); each command calls it first.
 void apply_global_options();

@@ -9,8 +9,15 @@ namespace visikv {
 std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const std::string& key_spec,
                                     const std::string& value_spec, int64_t reserve_tokens,
                                     int64_t block_size, const HeadqBasis* headq_basis) {
-  const CodecSpec keys = parse_codec_spec(key_spec);
-  const CodecSpec values = parse_codec_spec(value_spec);
+  return make_cache(shape, parse_key_codec_spec(key_spec), parse_value_codec_spec(value_spec),
+                    reserve_tokens, block_size, headq_basis);
+}
+
+std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const KeyCodecSpec& key_spec,
+                                    const ValueCodecSpec& value_spec, int64_t reserve_tokens,
+                                    int64_t block_size, const HeadqBasis* headq_basis) {
+  const CodecSpec& keys = key_spec.codec;
+  const CodecSpec& values = value_spec.codec;
   if (keys.is_dense() && values.is_dense() && keys.dense == values.dense && !keys.hadamard &&
       !values.hadamard)
     return make_dense_cache(shape, keys.dense, reserve_tokens, block_size);
