@@ -155,6 +155,13 @@ INSTANTIATE_TEST_SUITE_P(
         BadInvocation{"eval coverage " + kLlama + " --values int2:g16:tok+headq:r4:s4",
                       "--values: value codec"},
         BadInvocation{"analyze " + kLlama + " --values int2:g16:tok+headq:r4:s4", "keys only"},
+        // A JSON file that cannot be written is an error, also when opening it succeeds.
+        BadInvocation{"ppl " + kLlama + " --tokens 4 --window 8 --file " + kLlama +
+                          "/reference.json --json /dev/full",
+                      "cannot write /dev/full"},
+        BadInvocation{"ppl " + kLlama + " --tokens 4 --window 8 --file " + kLlama +
+                          "/reference.json --json /no/such/dir/out.json",
+                      "cannot write /no/such/dir/out.json"},
         BadInvocation{"generate " + kLlama + " 'x' --top-p 2", "top-p"},
         BadInvocation{"generate " + kLlama + " 'x' --temperature -1", "temperature"},
         BadInvocation{"generate " + kLlama + " 'x' --bogus-flag", "bogus-flag"},

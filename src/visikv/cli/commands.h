@@ -3,15 +3,13 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
+#include <filesystem>
 #include <string>
 #include <string_view>
 
 #include "visikv/core/error.h"
 
 namespace visikv {
-struct KvGridResult;
-struct HeadqBasis;
 class Decoder;
 }  // namespace visikv
 
@@ -25,12 +23,6 @@ void add_calibrate_command(CLI::App& app);       // `calibrate`: HeadQ query bas
 void add_eval_command(CLI::App& app);            // `eval` with its subcommands (sparse, needle)
 void add_eval_kv_command(CLI::App& eval);        // `eval kv`: the K-only decode-perplexity grid
 void add_eval_numerics_command(CLI::App& eval);  // `eval numerics`: fast vs exact products
-// One row of a K-only decode-perplexity grid as JSON (eval kv and eval sparse-ppl).
-nlohmann::json kv_grid_result_json(const KvGridResult& result);
-
-// Where a HeadQ basis came from, for a command's JSON: text, tokens, window, rank, fingerprint.
-nlohmann::json headq_basis_json(const HeadqBasis& basis);
-
 // `analyze`: key MSE and F against attention KL (eval/analyze.h).
 void add_analyze_command(CLI::App& app);
 
@@ -54,6 +46,9 @@ auto parse_flag(std::string_view flag, std::string_view text, Parse parse) {
     fail(flag, ": ", e.what());
   }
 }
+
+// The text a command reads: the --text (or --file) flag, else WikiText-103 test.
+std::filesystem::path text_or_default_test_text(const std::string& flag);
 
 // Applies the global options (thread count for OpenMP and BLAS); each command calls it first.
 void apply_global_options();
