@@ -127,7 +127,7 @@ std::vector<int32_t> fixture_tokens(int64_t n) {
 TEST(Analyze, CellsMatchADirectComputationFromTheStoredKeys) {
   const AttentionTrace trace = trace_attention(llama(), fixture_tokens(40));
   AnalyzeOptions options;
-  options.key_specs = {"f32", "int2:g16:tok"};
+  options.key_specs = {parse_analyze_key_spec("f32"), parse_analyze_key_spec("int2:g16:tok")};
   const AnalyzeResult result = analyze_attention(trace, options);
   ASSERT_EQ(result.cells.size(), 2u * trace.layers * trace.heads);
   for (const AnalyzeCell& c : result.cells)
@@ -188,8 +188,8 @@ TEST(Analyze, CellsMatchADirectComputationFromTheStoredKeys) {
 TEST(Analyze, ValueMetricsAndTheA2Surrogate) {
   const AttentionTrace trace = trace_attention(llama(), fixture_tokens(48));
   AnalyzeOptions options;
-  options.key_specs = {"f32"};
-  options.value_spec = "int2:g16:tok";
+  options.key_specs = {parse_analyze_key_spec("f32")};
+  options.value_codec = parse_value_codec_spec("int2:g16:tok");
   const AnalyzeResult result = analyze_attention(trace, options);
   for (const AnalyzeCell& c : result.cells) {
     ASSERT_TRUE(c.value_error && c.value_only_error && c.a2_surrogate);
@@ -198,7 +198,7 @@ TEST(Analyze, ValueMetricsAndTheA2Surrogate) {
     EXPECT_GT(*c.a2_surrogate, 0);
   }
   // Without a value codec there are no value figures.
-  options.value_spec.clear();
+  options.value_codec.reset();
   for (const AnalyzeCell& c : analyze_attention(trace, options).cells)
     EXPECT_FALSE(c.value_error.has_value());
 }
@@ -206,14 +206,15 @@ TEST(Analyze, ValueMetricsAndTheA2Surrogate) {
 TEST(Analyze, BadOptionsAreClearErrors) {
   const AttentionTrace trace = trace_attention(llama(), fixture_tokens(8));
   AnalyzeOptions options;
-  options.key_specs = {"null"};
+  options.key_specs = {parse_analyze_key_spec("null")};
   EXPECT_NE(
       error_of([&] { analyze_attention(trace, options); }).find("needs a calibrated HeadQ basis"),
       std::string::npos);
-  options.key_specs = {"int2:g64:tok"};  // groups of 64 do not divide head_dim 16
+  options.key_specs = {
+      parse_analyze_key_spec("int2:g64:tok")};  // groups of 64 do not divide head_dim 16
   EXPECT_NE(error_of([&] { analyze_attention(trace, options); }).find("int2:g64:tok"),
             std::string::npos);
-  options.key_specs = {"f32"};
+  options.key_specs = {parse_analyze_key_spec("f32")};
   options.entropy_edges = {2, 1};
   EXPECT_NE(error_of([&] { analyze_attention(trace, options); }).find("--entropy-bins"),
             std::string::npos);

@@ -143,6 +143,25 @@ INSTANTIATE_TEST_SUITE_P(
             "ppl " + kLlama + " --cache int3 --tokens 4 --file " + kLlama + "/config.json", "int3"},
         BadInvocation{"ppl " + kLlama + " --selector sparse:a1:w0:k0:exact --tokens 4", "k"},
         BadInvocation{"ppl " + kLlama + " --selector fancy --tokens 4", "fancy"},
+        // Options of the other side of the cache fail where the flag is read, naming both.
+        BadInvocation{"ppl " + kLlama + " --keys a2:int2/int4:g16:w4:avg3 --tokens 4",
+                      "--keys: key codec 'a2:int2/int4:g16:w4:avg3': the value bit policy 'a2' "
+                      "is for values only"},
+        BadInvocation{"ppl " + kLlama + " --values int2:g16:tok+headq:r4:s4 --tokens 4",
+                      "--values: value codec 'int2:g16:tok+headq:r4:s4': the HeadQ side code "
+                      "'+headq:r4:s4' is for keys only"},
+        BadInvocation{"eval sparse-ppl " + kLlama + " --keys recency:int2/int4:g16:w4:avg3",
+                      "--keys: key codec"},
+        BadInvocation{"eval coverage " + kLlama + " --values int2:g16:tok+headq:r4:s4",
+                      "--values: value codec"},
+        BadInvocation{"analyze " + kLlama + " --values int2:g16:tok+headq:r4:s4", "keys only"},
+        // A JSON file that cannot be written is an error, also when opening it succeeds.
+        BadInvocation{"ppl " + kLlama + " --tokens 4 --window 8 --file " + kLlama +
+                          "/reference.json --json /dev/full",
+                      "cannot write /dev/full"},
+        BadInvocation{"ppl " + kLlama + " --tokens 4 --window 8 --file " + kLlama +
+                          "/reference.json --json /no/such/dir/out.json",
+                      "cannot write /no/such/dir/out.json"},
         BadInvocation{"generate " + kLlama + " 'x' --top-p 2", "top-p"},
         BadInvocation{"generate " + kLlama + " 'x' --temperature -1", "temperature"},
         BadInvocation{"generate " + kLlama + " 'x' --bogus-flag", "bogus-flag"},

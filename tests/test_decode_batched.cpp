@@ -181,8 +181,8 @@ Agreement compare_modes(Decoder& decoder, std::span<const int32_t> text, int64_t
   PerplexityOptions o;
   o.max_tokens = window - 1;
   o.window = window;
-  o.key_codec = keys;
-  o.value_codec = values;
+  o.key_codec = parse_key_codec_spec(keys);
+  o.value_codec = parse_value_codec_spec(values);
   o.bos = bos;
   o.mode = PerplexityMode::Decode;
   a.decode_nll = perplexity(decoder, text, o).nll;
@@ -257,8 +257,8 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
                {"int2:g64:tok+headq:r8:s4:random", "a2:int2/int4:g64:w64:avg2.5"}};
   for (const auto& [keys, values] : cases) {
     SCOPED_TRACE(std::string(keys) + " / " + values);
-    o.key_codec = keys;
-    o.value_codec = values;
+    o.key_codec = parse_key_codec_spec(keys);
+    o.value_codec = parse_value_codec_spec(values);
     o.mode = PerplexityMode::Decode;
     const double decode = perplexity(decoder, text, o).nll;
     o.mode = PerplexityMode::DecodeBatched;

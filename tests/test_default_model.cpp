@@ -172,12 +172,14 @@ TEST(DefaultModel, DenseCodecsGiveTheDensePerplexityExactly) {
   options.window = 64;
   options.max_tokens = 63;
   const PerplexityResult dense = perplexity(decoder, tokens, options);
-  options.key_codec = options.value_codec = "f32";
-  options.selector = "sparse:a64:w64:k64:exact";  // covers the whole window: the dense support
+  options.key_codec = parse_key_codec_spec("f32");
+  options.value_codec = parse_value_codec_spec("f32");
+  options.selector = parse_selector_spec(
+      "sparse:a64:w64:k64:exact");  // covers the whole window: the dense support
   const PerplexityResult full_support = perplexity(decoder, tokens, options);
   EXPECT_EQ(dense.nll, full_support.nll);
-  options.selector = "dense";
-  options.key_codec = "int2:g64:tok";
+  options.selector = parse_selector_spec("dense");
+  options.key_codec = parse_key_codec_spec("int2:g64:tok");
   const PerplexityResult two_bit = perplexity(decoder, tokens, options);
   EXPECT_GT(two_bit.nll, dense.nll);
 }

@@ -55,7 +55,7 @@ TEST(KvGrid, RowsAndBudgetsForHeadDim64) {
   auto key_codec = [&](const std::string& name) {
     const KvGridRow* r = find_row(rows, name);
     EXPECT_NE(r, nullptr) << name;
-    return r ? r->key_codec : std::string();
+    return r ? r->key_codec.text() : std::string();
   };
   EXPECT_EQ(key_codec("dense"), "f32");
   EXPECT_EQ(key_codec("k2-tok"), "int2:g64:tok");
@@ -74,30 +74,29 @@ TEST(KvGrid, RowsAndBudgetsForHeadDim64) {
   EXPECT_EQ(key_codec("budget-chan-r16"), "int4:g64:chan:r128");
   const KvGridRow* kv = find_row(rows, "kv2-tok+hq-r8");
   ASSERT_NE(kv, nullptr);
-  EXPECT_EQ(kv->value_codec, "int2:g64:tok");
+  EXPECT_EQ(kv->value_codec.text(), "int2:g64:tok");
   EXPECT_EQ(kv->base, "kv2-tok");
   EXPECT_EQ(find_row(rows, "k2-tok+hq-r8-keypca")->base, "k2-tok");
-  EXPECT_EQ(find_row(rows, "k3-tok")->value_codec, "f32");
+  EXPECT_EQ(find_row(rows, "k3-tok")->value_codec.text(), "f32");
   // Value rows: f32 keys; the policies spend 3 code bits on average, as int3 does.
-  EXPECT_EQ(find_row(rows, "v3-uniform")->value_codec, "int3:g64:tok");
-  EXPECT_EQ(find_row(rows, "v3-a2")->value_codec, "a2:int2/int4:g64:w64:avg3");
-  EXPECT_EQ(find_row(rows, "v3-recency")->key_codec, "f32");
+  EXPECT_EQ(find_row(rows, "v3-uniform")->value_codec.text(), "int3:g64:tok");
+  EXPECT_EQ(find_row(rows, "v3-a2")->value_codec.text(), "a2:int2/int4:g64:w64:avg3");
+  EXPECT_EQ(find_row(rows, "v3-recency")->key_codec.text(), "f32");
   for (const char* name : {"v3-uniform", "v3-recency", "v3-a1", "v3-a2"})
-    EXPECT_EQ(codec_bits(parse_codec_spec(find_row(rows, name)->value_codec), 64).bits_per_vector,
-              64 * 3.5)
+    EXPECT_EQ(codec_bits(find_row(rows, name)->value_codec.codec, 64).bits_per_vector, 64 * 3.5)
         << name;
   // The composition: HeadQ keys with A2 values at 2.5 code bits (192 bits per value), and the
   // plain codec of the same bits.
-  EXPECT_EQ(find_row(rows, "kv2-tok+hq-r8+a2")->value_codec, "a2:int2/int4:g64:w64:avg2.5");
+  EXPECT_EQ(find_row(rows, "kv2-tok+hq-r8+a2")->value_codec.text(), "a2:int2/int4:g64:w64:avg2.5");
   EXPECT_EQ(find_row(rows, "kv2-tok+hq-r8+a2")->base, "kv2-tok");
-  EXPECT_EQ(find_row(rows, "kv2-chan+hq-r8+v192")->value_codec, "int2:g32:tok");
+  EXPECT_EQ(find_row(rows, "kv2-chan+hq-r8+v192")->value_codec.text(), "int2:g32:tok");
 
   for (const KvGridRow& r : rows) {
     if (r.kind != KvGridRowKind::SameBudget) continue;
     const std::string rank = r.name.substr(r.name.rfind("-r") + 2);
     const std::string headq_row = "k2-" + r.name.substr(7, r.name.rfind("-r") - 7) + "+hq-r" + rank;
     const double budget = codec_bits(parse_codec_spec(key_codec(headq_row)), 64).bits_per_vector;
-    const double plain = codec_bits(parse_codec_spec(r.key_codec), 64).bits_per_vector;
+    const double plain = codec_bits(r.key_codec.codec, 64).bits_per_vector;
     EXPECT_LE(plain, budget) << r.name;
     EXPECT_GT(plain, budget - 32) << r.name;
   }
@@ -153,7 +152,7 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   const int64_t d = decoder.cache_shape().head_dim;
   ASSERT_EQ(d, 16);
   const std::vector<KvGridRow> rows = kv_grid_rows(d, KvGridSpec{});
-  EXPECT_EQ(find_row(rows, "k2-tok")->key_codec, "int2:g16:tok");
+  EXPECT_EQ(find_row(rows, "k2-tok")->key_codec.text(), "int2:g16:tok");
 
   std::vector<int32_t> tokens = llama.tokenizer().encode(kText + kText, false);
   KvGridOptions options;
@@ -192,7 +191,7 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   ppl.mode = PerplexityMode::DecodeBatched;
 
   // A plain row: the same as perplexity() with its codec.
-  ppl.key_codec = "int2:g16:tok";
+  ppl.key_codec = parse_key_codec_spec("int2:g16:tok");
   const double int2 = perplexity(decoder, tokens, ppl).ppl;
   const auto by_name = [&](const std::string& name) -> const KvGridResult& {
     const auto it = std::find_if(results.begin(), results.end(),
@@ -205,7 +204,7 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   const std::vector<KvGridRow> twins = {
       rows[0],
       *find_row(rows, "k2-tok"),
-      {"twin", KvGridRowKind::Plain, "int2:g16:tok", "f32", "", ""}};
+      {"twin", KvGridRowKind::Plain, parse_key_codec_spec("int2:g16:tok"), {}, "", ""}};
   int64_t twin_runs = 0;
   const std::vector<KvGridResult> twin_results = run_kv_grid(
       decoder, tokens, twins, options, nullptr,
@@ -222,11 +221,9 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
     EXPECT_EQ(h.key_bits.side_bits_per_vector, r * 4 + 32);
   }
   for (const KvGridResult& x : results) {
-    EXPECT_EQ(x.key_bits.bits_per_vector,
-              codec_bits(parse_codec_spec(x.row.key_codec), d).bits_per_vector)
+    EXPECT_EQ(x.key_bits.bits_per_vector, codec_bits(x.row.key_codec.codec, d).bits_per_vector)
         << x.row.name;
-    EXPECT_EQ(x.value_bits.bits_per_vector,
-              codec_bits(parse_codec_spec(x.row.value_codec), d).bits_per_vector)
+    EXPECT_EQ(x.value_bits.bits_per_vector, codec_bits(x.row.value_codec.codec, d).bits_per_vector)
         << x.row.name;
     EXPECT_DOUBLE_EQ(x.delta_ppl, x.ppl.ppl - dense.ppl);
     const bool headq = x.row.kind == KvGridRowKind::Headq || x.row.kind == KvGridRowKind::Control ||

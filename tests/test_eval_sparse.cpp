@@ -39,6 +39,18 @@ ProgramRun run(const std::string& args) { return run_visikv("-t 1 " + args); }
 
 namespace fs = std::filesystem;
 
+std::vector<NamedSelectorSpec> parse_selectors(const std::vector<std::string>& texts) {
+  std::vector<NamedSelectorSpec> out;
+  for (const std::string& text : texts) out.push_back(parse_named_selector_spec(text));
+  return out;
+}
+
+std::vector<KeyCodecSpec> parse_key_codecs(const std::vector<std::string>& texts) {
+  std::vector<KeyCodecSpec> out;
+  for (const std::string& text : texts) out.push_back(parse_key_codec_spec(text));
+  return out;
+}
+
 std::string fixture(const std::string& name) {
   return std::string(VISIKV_FIXTURES) + "/models/" + name;
 }
@@ -95,7 +107,8 @@ void expect_consistent(const SurvivalRow& r, const SurvivalFixture& s) {
 TEST(Survival, FullSupportFollowsTheDenseReference) {
   SurvivalFixture s("llama", 48, 16, 2);
   for (const std::string spec : {"sparse:a9999:w9999:k1:exact", "dense"}) {
-    const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+    const SurvivalRow r =
+        survival_row(s.decoder, s.refs, parse_named_selector_spec(spec), s.options);
     expect_consistent(r, s);
     EXPECT_TRUE(r.identical) << spec;
     EXPECT_EQ(r.first_divergence, (std::vector<int64_t>{16, 16})) << spec;
@@ -106,8 +119,8 @@ TEST(Survival, FullSupportFollowsTheDenseReference) {
     EXPECT_FALSE(r.bound_max.has_value());
   }
   // The clamped full support reads what dense attention reads, bit for bit.
-  const SurvivalRow full =
-      survival_row(s.decoder, s.refs, "sparse:a9999:w9999:k1:exact", s.options);
+  const SurvivalRow full = survival_row(
+      s.decoder, s.refs, parse_named_selector_spec("sparse:a9999:w9999:k1:exact"), s.options);
   ASSERT_TRUE(full.measured_err_max.has_value());
   EXPECT_EQ(*full.measured_err_max, 0.0);
 }
@@ -116,7 +129,8 @@ TEST(Survival, TinySupportIsConsistentAndMatchesAFreeRunningDecode) {
   SurvivalFixture s("qwen2", 64, 16, 3);
   for (const std::string spec : {"sparse:a0:w1:k1:exact", "sparse:a1:w2:k4:b4:centroid",
                                  "sparse:a1:w2:k4:b4:bound:r4", "sparse:a0:w2:k2:exact:gqa=head"}) {
-    const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+    const SurvivalRow r =
+        survival_row(s.decoder, s.refs, parse_named_selector_spec(spec), s.options);
     expect_consistent(r, s);
     EXPECT_LT(r.support_mean, r.context_mean) << spec;
     ASSERT_TRUE(r.measured_err_max.has_value());
@@ -150,7 +164,8 @@ TEST(Survival, CertifiedBoundHoldsAgainstTheMeasuredError) {
     SurvivalFixture s(name, 64, 12, 2);
     for (const std::string spec : {"certified:a0:w1:b1:eps0.3", "certified:a1:w4:b4:eps0.5",
                                    "certified:a1:w4:b4:eps0.05:gqa=head"}) {
-      const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+      const SurvivalRow r =
+          survival_row(s.decoder, s.refs, parse_named_selector_spec(spec), s.options);
       expect_consistent(r, s);
       const double eps = parse_selector_spec(spec).epsilon;
       ASSERT_TRUE(r.bound_max.has_value()) << name << " " << spec;
@@ -162,7 +177,8 @@ TEST(Survival, CertifiedBoundHoldsAgainstTheMeasuredError) {
   }
   // A case where the bound is not trivially zero: the support is cut and the error is real.
   SurvivalFixture s("qwen2", 64, 12, 2);
-  const SurvivalRow r = survival_row(s.decoder, s.refs, "certified:a0:w1:b1:eps0.3", s.options);
+  const SurvivalRow r = survival_row(
+      s.decoder, s.refs, parse_named_selector_spec("certified:a0:w1:b1:eps0.3"), s.options);
   EXPECT_GT(*r.bound_max, 0.0);
   EXPECT_GT(*r.measured_err_max, 0.0);
   EXPECT_LT(r.support_mean, r.context_mean);
@@ -241,11 +257,11 @@ TEST(Survival, CertifiedBoundHoldsOverQuantizedKeys) {
         options.prefix = 64;
         options.continuation = 8;
         options.samples = 1;
-        options.key_codec = keys;
+        options.key_codec = parse_key_codec_spec(keys);
         if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
         const auto refs = dense_references(
             decoder, survival_prefixes(token_stream(model, 256), options), options);
-        const SurvivalRow r = survival_row(decoder, refs, spec, options);
+        const SurvivalRow r = survival_row(decoder, refs, parse_named_selector_spec(spec), options);
         ASSERT_TRUE(r.bound_max && r.measured_err_max);
         EXPECT_EQ(r.bound_violations, 0);
         EXPECT_LE(*r.measured_err_max, *r.bound_max);
@@ -265,8 +281,8 @@ TEST(Survival, SamplingAgreementWithASharedSeed) {
   s.refs = dense_references(s.decoder, survival_prefixes(token_stream(s.model, 4096), s.options),
                             s.options);
   const int64_t T = s.options.continuation;
-  const SurvivalRow full =
-      survival_row(s.decoder, s.refs, "sparse:a9999:w9999:k1:exact", s.options);
+  const SurvivalRow full = survival_row(
+      s.decoder, s.refs, parse_named_selector_spec("sparse:a9999:w9999:k1:exact"), s.options);
   ASSERT_TRUE(full.sampling_agreement.has_value());
   EXPECT_EQ(*full.sampling_agreement, 1.0);
   EXPECT_EQ(full.sampling_first_divergence, (std::vector<int64_t>{T, T, T}));
@@ -276,7 +292,8 @@ TEST(Survival, SamplingAgreementWithASharedSeed) {
   g.stop_at_eos = false;
   g.sampling.temperature = 0.8;
   for (const std::string spec : {"sparse:a0:w1:k1:exact", "sparse:a1:w2:k4:b4:bound"}) {
-    const SurvivalRow r = survival_row(s.decoder, s.refs, spec, s.options);
+    const SurvivalRow r =
+        survival_row(s.decoder, s.refs, parse_named_selector_spec(spec), s.options);
     ASSERT_TRUE(r.sampling_agreement.has_value());
     EXPECT_GE(*r.sampling_agreement * T * 3, r.sampling_first_divergence_mean * 3 - 1e-9);
     EXPECT_LT(*r.sampling_agreement, 1.0) << spec;  // a tiny support does depart
@@ -307,18 +324,24 @@ TEST(Survival, SamplingAgreementWithASharedSeed) {
 
 TEST(SparsePerplexity, GridRowsAndErrors) {
   const std::vector<KvGridRow> rows =
-      kv_grid_sparse_rows({"dense", "sparse:a1:w4:k8:exact"}, {"int2:g16:tok", "f32"});
+      kv_grid_sparse_rows(parse_selectors({"dense", "sparse:a1:w4:k8:exact"}),
+                          parse_key_codecs({"int2:g16:tok", "f32"}));
   std::vector<std::string> names;
   for (const KvGridRow& r : rows) names.push_back(r.name);
   EXPECT_EQ(names, (std::vector<std::string>{"dense", "sparse:a1:w4:k8:exact", "int2:g16:tok",
                                              "int2:g16:tok + sparse:a1:w4:k8:exact",
                                              "f32 + sparse:a1:w4:k8:exact"}));
-  EXPECT_EQ(rows[3].key_codec, "int2:g16:tok");
-  EXPECT_EQ(rows[3].selector, "sparse:a1:w4:k8:exact");
-  EXPECT_EQ(rows[3].value_codec, "f32");
-  EXPECT_THROW(kv_grid_sparse_rows({"sparse:a1:w4:k8:exakt"}, {}), Error);
-  EXPECT_THROW(kv_grid_sparse_rows({"sparse:a1:w4"}, {"int9:g16:tok"}), Error);
-  EXPECT_THROW(kv_grid_sparse_rows({"sparse:a1:w4", "sparse:a1:w4"}, {}), Error);
+  EXPECT_EQ(rows[3].key_codec.text(), "int2:g16:tok");
+  EXPECT_EQ(rows[3].selector.text, "sparse:a1:w4:k8:exact");
+  EXPECT_EQ(rows[3].value_codec.text(), "f32");
+  EXPECT_THROW(
+      kv_grid_sparse_rows(parse_selectors({"sparse:a1:w4:k8:exakt"}), parse_key_codecs({})), Error);
+  EXPECT_THROW(
+      kv_grid_sparse_rows(parse_selectors({"sparse:a1:w4"}), parse_key_codecs({"int9:g16:tok"})),
+      Error);
+  EXPECT_THROW(
+      kv_grid_sparse_rows(parse_selectors({"sparse:a1:w4", "sparse:a1:w4"}), parse_key_codecs({})),
+      Error);
 }
 
 // Decode perplexity under a selector: a support covering everything is dense attention (same
@@ -335,8 +358,9 @@ TEST(SparsePerplexity, SupportAndContextAreReported) {
   options.bos = model.tokenizer().bos_id();
   const std::vector<KvGridResult> results =
       run_kv_grid(decoder, text,
-                  kv_grid_sparse_rows({"sparse:a9999:w9999:k1:exact", "sparse:a1:w2:k4:b4:bound"},
-                                      {"int4:g16:tok"}),
+                  kv_grid_sparse_rows(
+                      parse_selectors({"sparse:a9999:w9999:k1:exact", "sparse:a1:w2:k4:b4:bound"}),
+                      parse_key_codecs({"int4:g16:tok"})),
                   options, nullptr);
   ASSERT_EQ(results.size(), 6u);
   const PerplexityResult& dense = results[0].ppl;
@@ -350,6 +374,33 @@ TEST(SparsePerplexity, SupportAndContextAreReported) {
   EXPECT_EQ(results[4].ppl.nll, results[3].ppl.nll);  // int4 keys, full support = int4 dense
   EXPECT_NE(results[3].ppl.nll, dense.nll);
   for (const KvGridResult& r : results) EXPECT_DOUBLE_EQ(r.delta_ppl, r.ppl.ppl - dense.ppl);
+}
+
+// A row reports another's run only when key codec, value codec and selector all match: "f32 +
+// <selector>" is the selector's own row, while the selector rows (f32 keys and values like the
+// dense row) and the codec rows under a selector are runs of their own.
+TEST(SparsePerplexity, SameRunAsComparesCodecsAndSelector) {
+  const Model model = Model::load(fixture("llama"));
+  Decoder decoder(model);
+  const std::vector<int32_t> text = token_stream(model, 80);
+  KvGridOptions options;
+  options.window = 16;
+  options.max_tokens = 15;
+  options.bos = model.tokenizer().bos_id();
+  const std::vector<KvGridResult> results =
+      run_kv_grid(decoder, text,
+                  kv_grid_sparse_rows(parse_selectors({"sparse:a1:w2:k4:exact"}),
+                                      parse_key_codecs({"int4:g16:tok", "f32"})),
+                  options, nullptr);
+  std::vector<std::pair<std::string, std::string>> same_runs;
+  for (const KvGridResult& r : results) same_runs.emplace_back(r.row.name, r.same_run_as);
+  EXPECT_EQ(same_runs, (std::vector<std::pair<std::string, std::string>>{
+                           {"dense", ""},
+                           {"sparse:a1:w2:k4:exact", ""},
+                           {"int4:g16:tok", ""},
+                           {"int4:g16:tok + sparse:a1:w2:k4:exact", ""},
+                           {"f32 + sparse:a1:w2:k4:exact", "sparse:a1:w2:k4:exact"}}));
+  EXPECT_EQ(results[4].ppl.nll, results[1].ppl.nll);
 }
 
 TEST(EvalCommand, SparsePplWritesTheTableAndJson) {
@@ -366,6 +417,8 @@ TEST(EvalCommand, SparsePplWritesTheTableAndJson) {
   EXPECT_EQ(j["rows"][3]["key_codec"], "int4:g16:tok");
   EXPECT_EQ(j["tokens"], 40);
   EXPECT_LT(j["rows"][3]["support_mean"].get<double>(), j["rows"][3]["context_mean"].get<double>());
+  for (const auto& row : j["rows"])  // every row here is a run of its own
+    EXPECT_TRUE(row["same_run_as"].is_null()) << row["name"] << ": " << row["same_run_as"];
   for (const char* bad : {" --selectors sparse:a1:w4:k8:b3", " --selectors bogus",
                           " --keys int5:g16:tok", " --tokens 0", " --window 1"}) {
     const ProgramRun b = run("eval sparse-ppl " + fixture("llama") + " --text " +
@@ -402,7 +455,8 @@ TEST(Coverage, SplitAgreesWithSelectorSupports) {
     const std::vector<std::string> selectors = {
         "sparse:a1:w4:k8:exact:gqa=head", "sparse:a1:w4:k8:exact", "sparse:a9999:w9999:k1:exact",
         "certified:a1:w4:b4:eps0.2"};
-    const CoverageResult r = attention_coverage(decoder, tokens, selectors, options);
+    const CoverageResult r =
+        attention_coverage(decoder, tokens, parse_selectors(selectors), options);
     ASSERT_EQ(static_cast<int64_t>(r.layers.size()), model.config().layers);
     EXPECT_EQ(r.queries_per_layer, 80 * model.config().heads);
     for (const CoverageLayer& l : r.layers) {
@@ -428,12 +482,14 @@ TEST(Coverage, SplitAgreesWithSelectorSupports) {
   const std::vector<int32_t> tokens = token_stream(model, 50);
   CoverageOptions bad;
   bad.from = 50;
-  EXPECT_THROW(attention_coverage(decoder, tokens, {"dense"}, bad), Error);
+  EXPECT_THROW(attention_coverage(decoder, tokens, parse_selectors({"dense"}), bad), Error);
   EXPECT_THROW(
-      attention_coverage(decoder, tokens, {"sparse:a1:w4:k8:b4:bound", "sparse:a1:w4:k8:b8:bound"},
+      attention_coverage(decoder, tokens,
+                         parse_selectors({"sparse:a1:w4:k8:b4:bound", "sparse:a1:w4:k8:b8:bound"}),
                          CoverageOptions{.from = 10}),
       Error);
-  EXPECT_THROW(attention_coverage(decoder, tokens, {"sparse:zz"}, CoverageOptions{.from = 10}),
+  EXPECT_THROW(attention_coverage(decoder, tokens, parse_selectors({"sparse:zz"}),
+                                  CoverageOptions{.from = 10}),
                Error);
 }
 
@@ -458,7 +514,8 @@ TEST(EvalCommand, CoverageWritesTheTableAndJson) {
 
 TEST(Survival, SlidingWindowModelKeepsItsWindow) {
   SurvivalFixture s("mistral", 48, 8, 1);  // sliding window 8
-  const SurvivalRow r = survival_row(s.decoder, s.refs, "sparse:a1:w2:k2:exact", s.options);
+  const SurvivalRow r = survival_row(s.decoder, s.refs,
+                                     parse_named_selector_spec("sparse:a1:w2:k2:exact"), s.options);
   expect_consistent(r, s);
   EXPECT_LE(r.support_max, 8);
   EXPECT_DOUBLE_EQ(r.context_mean, 8.0);
@@ -466,8 +523,12 @@ TEST(Survival, SlidingWindowModelKeepsItsWindow) {
 
 TEST(Survival, BadInputIsAClearError) {
   SurvivalFixture s("llama", 16, 4, 1);
-  EXPECT_THROW(survival_row(s.decoder, s.refs, "sparse:a1:w4:k2:bogus", s.options), Error);
-  EXPECT_THROW(survival_row(s.decoder, s.refs, "sparse:a1:w4:k0:exact", s.options), Error);
+  EXPECT_THROW(survival_row(s.decoder, s.refs, parse_named_selector_spec("sparse:a1:w4:k2:bogus"),
+                            s.options),
+               Error);
+  EXPECT_THROW(survival_row(s.decoder, s.refs, parse_named_selector_spec("sparse:a1:w4:k0:exact"),
+                            s.options),
+               Error);
   SurvivalOptions bad = s.options;
   bad.prefix = 0;
   EXPECT_THROW(check_survival_options(s.model.config(), bad), Error);
@@ -519,11 +580,12 @@ TEST(Needle, PromptsHoldTheNeedlesAtTheirDepths) {
   EXPECT_EQ(needle_cases(model.tokenizer(), haystack, o)[5].prompt, cases[5].prompt);
 
   Decoder decoder(model);
-  const NeedleRow dense = needle_row(decoder, cases, "dense", o);
+  const NeedleRow dense = needle_row(decoder, cases, parse_named_selector_spec("dense"), o);
   ASSERT_EQ(dense.results.size(), cases.size());
   EXPECT_GE(dense.exact_match_rate, 0.0);
   EXPECT_LE(dense.exact_match_rate, 1.0);
-  const NeedleRow full = needle_row(decoder, cases, "sparse:a9999:w9999:k1:exact", o);
+  const NeedleRow full =
+      needle_row(decoder, cases, parse_named_selector_spec("sparse:a9999:w9999:k1:exact"), o);
   for (size_t i = 0; i < cases.size(); ++i)
     EXPECT_EQ(full.results[i].answer, dense.results[i].answer);  // full support = dense
 

@@ -531,7 +531,7 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   PerplexityOptions ppl;
   ppl.mode = PerplexityMode::Decode;
   ppl.window = 32;
-  ppl.key_codec = "int2:g16:tok+headq:r4:s4";
+  ppl.key_codec = parse_key_codec_spec("int2:g16:tok+headq:r4:s4");
   ppl.headq_basis = &loaded;
   if (bos) ppl.bos = llama.tokenizer().bos_id();
   const PerplexityResult result = perplexity(decoder, ids, ppl);
@@ -600,9 +600,9 @@ TEST(HeadqDefaultModel, RankEightSideCodeLowersInt2DecodePerplexity) {
   o.max_tokens = 200;
   o.headq_basis = &basis;
   if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
-  o.key_codec = "int2:g64:tok";
+  o.key_codec = parse_key_codec_spec("int2:g64:tok");
   const double plain = perplexity(decoder, ids, o).ppl;
-  o.key_codec = "int2:g64:tok+headq:r8:s4";
+  o.key_codec = parse_key_codec_spec("int2:g64:tok+headq:r8:s4");
   const double headq = perplexity(decoder, ids, o).ppl;
   std::printf("decode PPL over 200 tokens: int2:g64:tok %.3f, +headq:r8:s4 %.3f\n", plain, headq);
   EXPECT_LT(headq, plain);

@@ -185,6 +185,30 @@ TEST(CodecSpec, ParsesFieldsAndPrintsCanonically) {
   EXPECT_EQ(parse_codec_spec("f32").dense, DenseFormat::F32);
 }
 
+// Each side takes every codec but the options of the other side, which it rejects by name.
+TEST(CodecSpec, KeyAndValueSidesRejectTheOtherSidesOptions) {
+  EXPECT_EQ(parse_key_codec_spec("int2:g64:tok+headq:r8:s4").text(), "int2:g64:tok+headq:r8:s4");
+  EXPECT_EQ(parse_value_codec_spec("a2:int2/int4:g64:w64:avg3").text(),
+            "a2:int2/int4:g64:w64:avg3");
+  EXPECT_EQ(parse_key_codec_spec("fp32").text(), "f32");
+  EXPECT_EQ(parse_value_codec_spec("int4:g32:chan:r128").text(), "int4:g32:chan:r128");
+  EXPECT_TRUE(KeyCodecSpec{}.codec.is_dense());  // f32 by default
+  const auto message = [](auto parse) {
+    try {
+      parse();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message([] { parse_key_codec_spec("a1:int2/int4:g64:w64:avg3"); }),
+            "key codec 'a1:int2/int4:g64:w64:avg3': the value bit policy 'a1' is for values only");
+  EXPECT_EQ(message([] { parse_value_codec_spec("int2:g64:tok+headq:r8:s4:random"); }),
+            "value codec 'int2:g64:tok+headq:r8:s4:random': the HeadQ side code "
+            "'+headq:r8:s4:random' is for keys only");
+  EXPECT_THROW(parse_key_codec_spec("int5:g64:tok"), Error);  // the grammar's own errors
+}
+
 TEST(CodecSpec, RejectsBadSpecsWithErrors) {
   for (const char* bad : {"",
                           "f8",

@@ -327,7 +327,7 @@ TEST(ValuePolicy, DecodePerplexityOnAFixtureModel) {
   o.max_tokens = 120;
   if (llama.tokenizer().adds_bos()) o.bos = llama.tokenizer().bos_id();
   const auto ppl = [&](const std::string& values) {
-    o.value_codec = values;
+    o.value_codec = parse_value_codec_spec(values);
     return perplexity(decoder, ids, o).ppl;
   };
   const double dense = ppl("f32");

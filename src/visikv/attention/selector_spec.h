@@ -65,4 +65,14 @@ SelectorSpec parse_selector_spec(std::string_view text);
 // The canonical text of a spec (every field spelled out), parseable again.
 std::string describe(const SelectorSpec& spec);
 
+// A selector with the text it was given as: tables and JSON name rows by that text.
+struct NamedSelectorSpec {
+  std::string text = "dense";
+  SelectorSpec spec;
+};
+
+inline NamedSelectorSpec parse_named_selector_spec(std::string_view text) {
+  return {std::string(text), parse_selector_spec(text)};
+}
+
 }  // namespace visikv

@@ -5,19 +5,18 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/analyze.h"
-#include "visikv/calibration/basis_file.h"
-#include "visikv/calibration/calibrate.h"
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/report.h"
 #include "visikv/eval/scatter_plot.h"
 #include "visikv/kv/headq.h"
 #include "visikv/model/model.h"
@@ -29,17 +28,23 @@ namespace {
 using nlohmann::json;
 
 struct AnalyzeFlags {
-  std::string model, values, text, basis, calibration_text, csv, json, plot;
+  std::string model, values, text, csv, json, plot;
   std::vector<std::string> keys;
   std::vector<double> entropy_bins = {0.5, 1, 2, 4};
-  int64_t tokens = 0, calibration_tokens = 8192;  // tokens 0: 512, or the context if shorter
+  int64_t tokens = 0;  // 0: 512, or the context if shorter
   double null_energy = 0.999;
+  BasisFlags basis;
 };
 
-json number_or_null(double x) { return std::isfinite(x) ? json(x) : json(nullptr); }
-json optional_json(const std::optional<double>& x) {
-  return x ? number_or_null(*x) : json(nullptr);
-}
+// What the reports read: the inputs as given and the result.
+struct AnalyzeRun {
+  std::string model, text;
+  bool bos_first = false;
+  int64_t head_dim = 0;
+  BasisSource basis;
+  AttentionTrace trace;
+  AnalyzeResult result;
+};
 
 std::string bin_name(const std::vector<double>& edges, size_t b) {
   char buffer[64];
@@ -62,129 +67,119 @@ json bins_json(const std::vector<double>& edges, const std::vector<EntropyBinCou
   return out;
 }
 
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream out(path);
-  require(out.good(), "cannot write ", path);
-  out << text;
-  out.close();
-  require(out.good(), "cannot write ", path);
+// The key specs to run: the given ones, or the defaults for the model (without the controls when
+// a basis file holds too low a rank to place them).
+std::vector<AnalyzeKeySpec> key_specs_to_run(std::vector<AnalyzeKeySpec> given, int64_t head_dim,
+                                             const HeadqBasis* basis, double null_energy) {
+  if (!given.empty()) return given;
+  std::vector<AnalyzeKeySpec> specs = default_analyze_key_specs(head_dim, basis != nullptr);
+  if (!basis) return specs;
+  const int64_t needed = parse_analyze_key_spec("null").needed_rank(*basis, null_energy);
+  if (needed > basis->rank) {
+    std::fprintf(stderr,
+                 "note: the basis holds rank %lld but the query span needs %lld vectors; the "
+                 "null/span controls are left out (calibrate with --rank %lld)\n",
+                 static_cast<long long>(basis->rank), static_cast<long long>(needed),
+                 static_cast<long long>(head_dim));
+    std::erase_if(specs,
+                  [](const AnalyzeKeySpec& s) { return s.kind != AnalyzeKeySpec::Kind::Codec; });
+  }
+  return specs;
 }
 
-void run_analyze(AnalyzeFlags& f) {
-  apply_global_options();
-  require(f.tokens == 0 || f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
-  require(f.calibration_tokens >= 1, "--calibration-tokens must be positive, got ",
-          f.calibration_tokens);
-  require(f.null_energy > 0 && f.null_energy <= 1, "--null-energy must be in (0, 1], got ",
-          f.null_energy);
-  // Spec syntax is checked before the model loads.
-  for (const std::string& k : f.keys) parse_analyze_key_spec(k);
-  if (!f.values.empty()) parse_codec_spec(f.values);
-
-  const Model model = Model::load(f.model);
-  const Config& c = model.config();
-  if (f.tokens == 0) f.tokens = c.max_positions > 1 ? std::min<int64_t>(512, c.max_positions) : 512;
-  require(c.max_positions <= 0 || f.tokens <= c.max_positions, "--tokens ", f.tokens,
-          " exceeds the model's context of ", c.max_positions, " positions");
-  const bool defaults = f.keys.empty();
-  bool wants_basis = defaults;
-  for (const std::string& k : f.keys)
-    wants_basis = wants_basis || parse_analyze_key_spec(k).needs_basis();
-
-  // The basis: from --basis (checked against the model), else calibrated here at full rank (the
-  // controls need every eigenvector of the query span).
-  std::optional<HeadqBasis> basis;
-  json basis_json = {{"source", "none"}};
-  if (!f.basis.empty()) {
-    basis = load_headq_basis(f.basis, model);
-    basis_json = {{"source", "file"}, {"path", f.basis}};
-  } else if (wants_basis) {
-    const std::filesystem::path path = f.calibration_text.empty()
-                                           ? default_calibration_text()
-                                           : std::filesystem::path(f.calibration_text);
-    CalibrationOptions options;
-    options.tokens = f.calibration_tokens;
-    options.rank = c.head_dim;
-    std::fprintf(stderr, "calibrating HeadQ bases on %s (%lld positions, rank %lld)\n",
-                 path.string().c_str(), static_cast<long long>(options.tokens),
-                 static_cast<long long>(options.rank));
-    basis = calibrate_headq(model, read_text_file(path), path.string(), options);
-    basis_json = {{"source", "calibrated"}};
-  }
-  if (basis) basis_json.update(headq_basis_json(*basis));
-
-  AnalyzeOptions options;
-  options.value_spec = f.values;
-  options.entropy_edges = f.entropy_bins;
-  options.basis = basis ? &*basis : nullptr;
-  options.null_energy = f.null_energy;
-  options.key_specs = f.keys;
-  if (defaults) {
-    options.key_specs = default_analyze_key_specs(c.head_dim, basis.has_value());
-    // A basis file of too low a rank cannot place the controls: leave them out, say so.
-    if (basis) {
-      const int64_t needed = parse_analyze_key_spec("null").needed_rank(*basis, f.null_energy);
-      if (needed > basis->rank) {
-        std::fprintf(stderr,
-                     "note: the basis holds rank %lld but the query span needs %lld vectors; the "
-                     "null/span controls are left out (calibrate with --rank %lld)\n",
-                     static_cast<long long>(basis->rank), static_cast<long long>(needed),
-                     static_cast<long long>(c.head_dim));
-        std::erase_if(options.key_specs, [](const std::string& s) {
-          return parse_analyze_key_spec(s).kind != AnalyzeKeySpec::Kind::Codec;
-        });
-      }
-    }
-  }
-
-  const std::filesystem::path text_path =
-      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
-  const std::string text = read_text_file(text_path);
+// The first `count` tokens of the text, BOS first when the model adds one.
+std::vector<int32_t> analyze_tokens(const Model& model, const std::filesystem::path& text_path,
+                                    int64_t count) {
   std::vector<int32_t> tokens;
   if (model.tokenizer().adds_bos() && model.tokenizer().bos_id())
     tokens.push_back(*model.tokenizer().bos_id());
-  const std::vector<int32_t> text_tokens =
-      leading_tokens(model.tokenizer(), text, f.tokens - static_cast<int64_t>(tokens.size()));
-  tokens.insert(
-      tokens.end(), text_tokens.begin(),
-      text_tokens.begin() + std::min<int64_t>(static_cast<int64_t>(text_tokens.size()),
-                                              f.tokens - static_cast<int64_t>(tokens.size())));
+  const int64_t wanted = count - static_cast<int64_t>(tokens.size());
+  const std::vector<int32_t> text =
+      leading_tokens(model.tokenizer(), read_text_file(text_path), wanted);
+  tokens.insert(tokens.end(), text.begin(),
+                text.begin() + std::min<int64_t>(static_cast<int64_t>(text.size()), wanted));
   require(tokens.size() >= 2, "text ", text_path.string(), " gives fewer than 2 tokens");
+  return tokens;
+}
 
-  std::fprintf(stderr, "running the dense model over %zu tokens\n", tokens.size());
-  const AttentionTrace trace = trace_attention(model, tokens);
+AnalyzeRun run_analyze(const AnalyzeFlags& f) {
+  require(f.tokens == 0 || f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
+  check_basis_flags(f.basis);
+  require(f.null_energy > 0 && f.null_energy <= 1, "--null-energy must be in (0, 1], got ",
+          f.null_energy);
+  // Specs are parsed once, before the model loads.
+  std::vector<AnalyzeKeySpec> keys;
+  for (const std::string& k : f.keys)
+    keys.push_back(parse_flag("--keys", k, parse_analyze_key_spec));
+  AnalyzeOptions options;
+  if (!f.values.empty())
+    options.value_codec = parse_flag("--values", f.values, parse_value_codec_spec);
+
+  const Model model = Model::load(f.model);
+  const Config& c = model.config();
+  const int64_t tokens =
+      f.tokens != 0 ? f.tokens
+                    : (c.max_positions > 1 ? std::min<int64_t>(512, c.max_positions) : 512);
+  require(c.max_positions <= 0 || tokens <= c.max_positions, "--tokens ", tokens,
+          " exceeds the model's context of ", c.max_positions, " positions");
+  const bool wants_basis =
+      keys.empty() || std::ranges::any_of(keys, [](const auto& k) { return k.needs_basis(); });
+
+  AnalyzeRun run;
+  run.model = model.source();
+  run.bos_first = model.tokenizer().adds_bos();
+  run.head_dim = c.head_dim;
+  // Calibrated at full rank when no file is given: the controls need every eigenvector of the
+  // query span.
+  run.basis = load_or_calibrate_basis(model, f.basis,
+                                      {.needed = wants_basis, .calibration_rank = c.head_dim});
+  options.entropy_edges = f.entropy_bins;
+  options.basis = run.basis.get();
+  options.null_energy = f.null_energy;
+  options.key_specs = key_specs_to_run(std::move(keys), c.head_dim, options.basis, f.null_energy);
+
+  const std::filesystem::path text_path = text_or_default_test_text(f.text);
+  run.text = text_path.string();
+  const std::vector<int32_t> input = analyze_tokens(model, text_path, tokens);
+  std::fprintf(stderr, "running the dense model over %zu tokens\n", input.size());
+  run.trace = trace_attention(model, input);
   int64_t last_tenth = -1;
-  const AnalyzeResult result = analyze_attention(trace, options, [&](int64_t done, int64_t total) {
+  run.result = analyze_attention(run.trace, options, [&](int64_t done, int64_t total) {
     const int64_t tenth = 10 * done / total;
     if (tenth == last_tenth) return;
     last_tenth = tenth;
     std::fprintf(stderr, "analyze: %lld/%lld (key spec, layer) runs\n",
                  static_cast<long long>(done), static_cast<long long>(total));
   });
-  const bool values = !f.values.empty();
+  return run;
+}
 
-  std::printf("model:   %s\n", model.source().c_str());
+void print_analyze_table(const AnalyzeRun& run, const AnalyzeFlags& f) {
+  const AnalyzeResult& result = run.result;
+  const AttentionTrace& trace = run.trace;
+  const bool value_metrics = !f.values.empty();
+  std::printf("model:   %s\n", run.model.c_str());
   std::printf("text:    %s, %lld tokens%s, teacher-forced on the dense model's q/k/v\n",
-              text_path.string().c_str(), static_cast<long long>(trace.tokens),
-              model.tokenizer().adds_bos() ? " (BOS first)" : "");
-  if (basis)
+              run.text.c_str(), static_cast<long long>(trace.tokens),
+              run.bos_first ? " (BOS first)" : "");
+  if (const HeadqBasis* basis = run.basis.get())
     std::printf("basis:   %s (%s, %lld positions, rank %lld); query span energy %g\n",
-                basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
+                run.basis.source().c_str(), basis->text.c_str(),
                 static_cast<long long>(basis->tokens), static_cast<long long>(basis->rank),
                 f.null_energy);
-  std::printf("values:  %s\n", values ? f.values.c_str() : "f32 (no value metrics)");
+  std::printf("values:  %s\n", value_metrics ? f.values.c_str() : "f32 (no value metrics)");
   std::printf("cells:   %zu (key spec x %lld layers x %lld query heads)\n\n", result.cells.size(),
               static_cast<long long>(trace.layers), static_cast<long long>(trace.heads));
   std::printf("%-34s %8s %11s %11s %11s %9s %7s", "key spec", "bits/key", "key MSE", "F", "KL",
               "KL/(F/2)", "flips%");
-  if (values) std::printf(" %11s %11s %11s", "value err", "val-only", "A2 surr");
+  if (value_metrics) std::printf(" %11s %11s %11s", "value err", "val-only", "A2 surr");
   std::printf("\n");
   for (const CodecSummary& s : result.codecs) {
     const std::string bits = s.bits_per_key ? str_cat(*s.bits_per_key) : "-";
     std::printf("%-34s %8s %11.4g %11.4g %11.4g %9.3f %7.3f", s.key_codec.c_str(), bits.c_str(),
                 s.mse_mean, s.fisher_mean, s.kl_mean,
                 s.fisher_mean > 0 ? s.kl_mean / (s.fisher_mean / 2) : NAN, 100 * s.flip_rate);
-    if (values)
+    if (value_metrics)
       std::printf(" %11.4g %11.4g %11.4g", *s.value_error_mean, *s.value_only_error_mean,
                   *s.a2_surrogate_mean);
     std::printf("\n");
@@ -207,117 +202,116 @@ void run_analyze(AnalyzeFlags& f) {
     if (s.span_rank_min)
       std::printf("%s: query span of %lld..%lld of %lld dimensions per head\n", s.key_codec.c_str(),
                   static_cast<long long>(*s.span_rank_min),
-                  static_cast<long long>(*s.span_rank_max), static_cast<long long>(c.head_dim));
+                  static_cast<long long>(*s.span_rank_max), static_cast<long long>(run.head_dim));
   std::printf(
       "\nMeans over the (layer, query head) cells of each key spec, each cell a mean over its %lld "
       "queries. key MSE: mean ||k - k_stored||^2 / d over the keys a query reads; F: "
       "Var_a(dscore); "
       "KL: KL(a || a_hat); flips: argmax changes.\n",
       static_cast<long long>(trace.tokens));
+}
 
-  if (!f.csv.empty()) {
-    std::string csv =
-        "key_codec,layer,head,kv_head,queries,key_mse,fisher,kl,flip_rate,entropy,"
-        "value_error,value_only_error,a2_surrogate";
-    for (size_t b = 0; b <= f.entropy_bins.size(); ++b)
-      csv += str_cat(",queries[", bin_name(f.entropy_bins, b), "],flips[",
-                     bin_name(f.entropy_bins, b), "]");
+std::string analyze_csv(const AnalyzeRun& run, const std::vector<double>& entropy_bins) {
+  std::string csv =
+      "key_codec,layer,head,kv_head,queries,key_mse,fisher,kl,flip_rate,entropy,"
+      "value_error,value_only_error,a2_surrogate";
+  for (size_t b = 0; b <= entropy_bins.size(); ++b)
+    csv +=
+        str_cat(",queries[", bin_name(entropy_bins, b), "],flips[", bin_name(entropy_bins, b), "]");
+  csv += "\n";
+  auto opt = [](const std::optional<double>& x) { return x ? str_cat(*x) : std::string(); };
+  char buffer[256];
+  for (const AnalyzeCell& cell : run.result.cells) {
+    std::snprintf(buffer, sizeof buffer, "%lld,%lld,%lld,%lld,%.9g,%.9g,%.9g,%.9g,%.9g",
+                  static_cast<long long>(cell.layer), static_cast<long long>(cell.head),
+                  static_cast<long long>(cell.kv_head), static_cast<long long>(cell.queries),
+                  cell.key_mse, cell.fisher, cell.kl, cell.flip_rate, cell.entropy);
+    csv += str_cat(cell.key_codec, ",", buffer, ",", opt(cell.value_error), ",",
+                   opt(cell.value_only_error), ",", opt(cell.a2_surrogate));
+    for (const EntropyBinCount& b : cell.bins) csv += str_cat(",", b.queries, ",", b.flips);
     csv += "\n";
-    auto opt = [](const std::optional<double>& x) { return x ? str_cat(*x) : std::string(); };
-    char buffer[256];
-    for (const AnalyzeCell& cell : result.cells) {
-      std::snprintf(buffer, sizeof buffer, "%lld,%lld,%lld,%lld,%.9g,%.9g,%.9g,%.9g,%.9g",
-                    static_cast<long long>(cell.layer), static_cast<long long>(cell.head),
-                    static_cast<long long>(cell.kv_head), static_cast<long long>(cell.queries),
-                    cell.key_mse, cell.fisher, cell.kl, cell.flip_rate, cell.entropy);
-      csv += str_cat(cell.key_codec, ",", buffer, ",", opt(cell.value_error), ",",
-                     opt(cell.value_only_error), ",", opt(cell.a2_surrogate));
-      for (const EntropyBinCount& b : cell.bins) csv += str_cat(",", b.queries, ",", b.flips);
-      csv += "\n";
-    }
-    write_text(f.csv, csv);
   }
+  return csv;
+}
 
-  if (!f.json.empty()) {
-    json out = {{"command", "analyze"},
-                {"model", model.source()},
-                {"text", text_path.string()},
-                {"tokens", trace.tokens},
-                {"bos_first", model.tokenizer().adds_bos()},
-                {"layers", trace.layers},
-                {"heads", trace.heads},
-                {"kv_heads", trace.kv_heads},
-                {"head_dim", trace.head_dim},
-                {"value_codec", values ? json(f.values) : json(nullptr)},
-                {"null_energy", f.null_energy},
-                {"entropy_edges", f.entropy_bins},
-                {"basis", basis_json},
-                {"spearman",
-                 {{"key_mse", number_or_null(result.spearman_mse)},
-                  {"fisher", number_or_null(result.spearman_fisher)}}},
-                {"pearson",
-                 {{"key_mse", number_or_null(result.pearson_mse)},
-                  {"fisher", number_or_null(result.pearson_fisher)}}},
-                {"codecs", json::array()},
-                {"cells", json::array()}};
-    for (const CodecSummary& s : result.codecs) {
-      json codec = {{"key_codec", s.key_codec},
-                    {"bits_per_key", optional_json(s.bits_per_key)},
-                    {"cells", s.cells},
-                    {"queries", s.queries},
-                    {"mse_mean", s.mse_mean},
-                    {"fisher_mean", s.fisher_mean},
-                    {"kl_mean", s.kl_mean},
-                    {"flip_rate", s.flip_rate},
-                    {"flips_by_entropy", bins_json(f.entropy_bins, s.bins)},
-                    {"value_error_mean", optional_json(s.value_error_mean)},
-                    {"value_only_error_mean", optional_json(s.value_only_error_mean)},
-                    {"a2_surrogate_mean", optional_json(s.a2_surrogate_mean)}};
-      if (s.span_rank_min) codec["query_span_rank"] = {*s.span_rank_min, *s.span_rank_max};
-      out["codecs"].push_back(std::move(codec));
-    }
+json analyze_json(const AnalyzeRun& run, const AnalyzeFlags& f) {
+  const AnalyzeResult& result = run.result;
+  const AttentionTrace& trace = run.trace;
+  const std::vector<double>& edges = f.entropy_bins;
+  json out = {{"command", "analyze"},
+              {"model", run.model},
+              {"text", run.text},
+              {"tokens", trace.tokens},
+              {"bos_first", run.bos_first},
+              {"layers", trace.layers},
+              {"heads", trace.heads},
+              {"kv_heads", trace.kv_heads},
+              {"head_dim", trace.head_dim},
+              {"value_codec", f.values.empty() ? json(nullptr) : json(f.values)},
+              {"null_energy", f.null_energy},
+              {"entropy_edges", edges},
+              {"basis", run.basis.json},
+              {"spearman", {{"key_mse", result.spearman_mse}, {"fisher", result.spearman_fisher}}},
+              {"pearson", {{"key_mse", result.pearson_mse}, {"fisher", result.pearson_fisher}}},
+              {"codecs", json::array()},
+              {"cells", json::array()}};
+  for (const CodecSummary& s : result.codecs) {
+    json codec = {{"key_codec", s.key_codec},
+                  {"bits_per_key", optional_json(s.bits_per_key)},
+                  {"cells", s.cells},
+                  {"queries", s.queries},
+                  {"mse_mean", s.mse_mean},
+                  {"fisher_mean", s.fisher_mean},
+                  {"kl_mean", s.kl_mean},
+                  {"flip_rate", s.flip_rate},
+                  {"flips_by_entropy", bins_json(edges, s.bins)},
+                  {"value_error_mean", optional_json(s.value_error_mean)},
+                  {"value_only_error_mean", optional_json(s.value_only_error_mean)},
+                  {"a2_surrogate_mean", optional_json(s.a2_surrogate_mean)}};
+    if (s.span_rank_min) codec["query_span_rank"] = {*s.span_rank_min, *s.span_rank_max};
+    out["codecs"].push_back(std::move(codec));
+  }
+  for (const AnalyzeCell& cell : result.cells)
+    out["cells"].push_back({{"key_codec", cell.key_codec},
+                            {"layer", cell.layer},
+                            {"head", cell.head},
+                            {"kv_head", cell.kv_head},
+                            {"queries", cell.queries},
+                            {"key_mse", cell.key_mse},
+                            {"fisher", cell.fisher},
+                            {"kl", cell.kl},
+                            {"flip_rate", cell.flip_rate},
+                            {"entropy", cell.entropy},
+                            {"flips_by_entropy", bins_json(edges, cell.bins)},
+                            {"value_error", optional_json(cell.value_error)},
+                            {"value_only_error", optional_json(cell.value_only_error)},
+                            {"a2_surrogate", optional_json(cell.a2_surrogate)}});
+  return out;
+}
+
+// Key MSE and F/2 against measured KL, one point per cell, one series per key spec.
+void write_analyze_plot(const AnalyzeRun& run, const std::string& path) {
+  const AnalyzeResult& result = run.result;
+  ScatterPanel by_mse{"key MSE vs KL", "key MSE", "measured KL", {}, ""};
+  ScatterPanel by_fisher{"F/2 vs KL", "F/2", "measured KL", {}, "KL = F/2"};
+  for (const CodecSummary& s : result.codecs) {
+    ScatterSeries mse{s.key_codec, {}, {}}, fisher{s.key_codec, {}, {}};
     for (const AnalyzeCell& cell : result.cells)
-      out["cells"].push_back({{"key_codec", cell.key_codec},
-                              {"layer", cell.layer},
-                              {"head", cell.head},
-                              {"kv_head", cell.kv_head},
-                              {"queries", cell.queries},
-                              {"key_mse", cell.key_mse},
-                              {"fisher", cell.fisher},
-                              {"kl", cell.kl},
-                              {"flip_rate", cell.flip_rate},
-                              {"entropy", cell.entropy},
-                              {"flips_by_entropy", bins_json(f.entropy_bins, cell.bins)},
-                              {"value_error", optional_json(cell.value_error)},
-                              {"value_only_error", optional_json(cell.value_only_error)},
-                              {"a2_surrogate", optional_json(cell.a2_surrogate)}});
-    write_text(f.json, out.dump(1) + "\n");
+      if (cell.key_codec == s.key_codec) {
+        mse.x.push_back(cell.key_mse);
+        mse.y.push_back(cell.kl);
+        fisher.x.push_back(cell.fisher / 2);
+        fisher.y.push_back(cell.kl);
+      }
+    by_mse.series.push_back(std::move(mse));
+    by_fisher.series.push_back(std::move(fisher));
   }
-
-  if (!f.plot.empty()) {
-    ScatterPanel by_mse{"key MSE", "key MSE", "measured KL", {}, ""};
-    ScatterPanel by_fisher{"F/2", "F/2", "measured KL", {}, "KL = F/2"};
-    for (const CodecSummary& s : result.codecs) {
-      ScatterSeries mse{s.key_codec, {}, {}}, fisher{s.key_codec, {}, {}};
-      for (const AnalyzeCell& cell : result.cells)
-        if (cell.key_codec == s.key_codec) {
-          mse.x.push_back(cell.key_mse);
-          mse.y.push_back(cell.kl);
-          fisher.x.push_back(cell.fisher / 2);
-          fisher.y.push_back(cell.kl);
-        }
-      by_mse.series.push_back(std::move(mse));
-      by_fisher.series.push_back(std::move(fisher));
-    }
-    char title[256];
-    std::snprintf(title, sizeof title,
-                  "predicted vs measured attention KL per (layer, head, codec): Spearman MSE %.2f, "
-                  "F %.2f",
-                  result.spearman_mse, result.spearman_fisher);
-    by_mse.title = "key MSE vs KL";
-    by_fisher.title = "F/2 vs KL";
-    write_loglog_scatter({by_mse, by_fisher}, title, f.plot);
-  }
+  char title[256];
+  std::snprintf(title, sizeof title,
+                "predicted vs measured attention KL per (layer, head, codec): Spearman MSE %.2f, "
+                "F %.2f",
+                result.spearman_mse, result.spearman_fisher);
+  write_loglog_scatter({by_mse, by_fisher}, title, path);
 }
 
 }  // namespace
@@ -341,13 +335,9 @@ void add_analyze_command(CLI::App& app) {
       "--tokens,-n", flags->tokens,
       "positions to run, BOS included (default 512, or the model's context if shorter)");
   cmd->add_option("--text", flags->text, "text file (default: WikiText-103 test)");
-  cmd->add_option("--basis", flags->basis,
-                  "HeadQ basis file from `visikv calibrate` (default: calibrate in-process at "
-                  "full rank when a spec needs one)");
-  cmd->add_option("--calibration-tokens", flags->calibration_tokens,
-                  "positions for in-process calibration (default 8192)");
-  cmd->add_option("--calibration-text", flags->calibration_text,
-                  "calibration text (default: WikiText-2 validation)");
+  add_basis_options(*cmd, flags->basis,
+                    "HeadQ basis file from `visikv calibrate` (default: calibrate in-process at "
+                    "full rank when a spec needs one)");
   cmd->add_option("--null-energy", flags->null_energy,
                   "share of the query energy the query span holds (default 0.999)");
   cmd->add_option("--entropy-bins", flags->entropy_bins,
@@ -356,7 +346,15 @@ void add_analyze_command(CLI::App& app) {
   cmd->add_option("--csv", flags->csv, "write one row per (key spec, layer, head) cell");
   cmd->add_option("--json", flags->json, "write the cells, per-codec means and correlations");
   cmd->add_option("--plot", flags->plot, "write a PNG of key MSE and F/2 against measured KL");
-  cmd->callback([flags] { run_analyze(*flags); });
+  cmd->callback([flags] {
+    apply_global_options();
+    const AnalyzeRun run = run_analyze(*flags);
+    print_analyze_table(run, *flags);
+    if (!flags->csv.empty()) write_text_file(flags->csv, analyze_csv(run, flags->entropy_bins));
+    // Indented by one space: the cells make this file large.
+    if (!flags->json.empty()) write_json_file(flags->json, analyze_json(run, *flags), 1);
+    if (!flags->plot.empty()) write_analyze_plot(run, flags->plot);
+  });
 }
 
 }  // namespace visikv::cli

@@ -1,14 +1,14 @@
-// `visikv calibrate MODEL --out FILE`: HeadQ calibration (calibration/calibrate.h) and its basis file
-// (calibration/basis_file.h).
+// `visikv calibrate MODEL --out FILE`: HeadQ calibration (calibration/calibrate.h) and its basis
+// file (calibration/basis_file.h).
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <string>
 
-#include "visikv/cli/commands.h"
-#include "visikv/core/error.h"
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/calibrate.h"
+#include "visikv/cli/commands.h"
+#include "visikv/core/error.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/model/model.h"
 

@@ -1,10 +1,9 @@
 // `visikv eval ...`: evaluation protocols that compare a compressed or sparse model with the dense
-// one. The protocols live in src/visikv/eval/; this file parses flags, prints tables and writes
-// JSON.
+// one. The protocols live in src/visikv/eval/; each subcommand here parses its flags, runs the
+// protocol, prints its table and writes its JSON.
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -13,15 +12,17 @@
 #include <vector>
 
 #include "visikv/attention/selector_spec.h"
+#include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/calibration/basis_file.h"
 #include "visikv/eval/coverage.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/needle.h"
+#include "visikv/eval/report.h"
 #include "visikv/eval/survival.h"
 #include "visikv/kv/cache_factory.h"
+#include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -67,29 +68,25 @@ void add_common_flags(CLI::App* cmd, CommonFlags& f) {
   cmd->add_flag("--quick", f.quick, "a small grid that runs in a few minutes on 2 cores");
 }
 
+// The codecs and selectors of an eval command, parsed once from its flags.
+struct ParsedSpecs {
+  KeyCodecSpec keys;
+  ValueCodecSpec values;
+  std::vector<NamedSelectorSpec> selectors;
+};
+
 // Parses every spec up front, so a typo fails before any model time is spent. The codecs are
-// checked by building a one-token cache.
-void check_specs(const std::vector<std::string>& selectors, const CommonFlags& f,
-                 const Decoder& decoder) {
+// also checked against the model's heads by building a one-token cache.
+ParsedSpecs parse_specs(const std::vector<std::string>& selectors, const CommonFlags& f,
+                        const Decoder& decoder) {
   require(!selectors.empty(), "no selectors given");
-  for (const std::string& s : selectors) parse_selector_spec(s);
-  make_cache(decoder.cache_shape(), f.keys, f.values, 1);
-}
-
-void write_json(const std::string& path, const json& out) {
-  std::ofstream file(path);
-  require(file.good(), "cannot write ", path);
-  file << out.dump(2) << "\n";
-  require(file.good(), "cannot write ", path);
-}
-
-json optional_number(const std::optional<double>& v) { return v ? json(*v) : json(nullptr); }
-
-std::string format_optional(const std::optional<double>& v, const char* format) {
-  if (!v) return "-";
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, format, *v);
-  return buffer;
+  ParsedSpecs specs{parse_flag("--keys", f.keys, parse_key_codec_spec),
+                    parse_flag("--values", f.values, parse_value_codec_spec),
+                    {}};
+  for (const std::string& s : selectors)
+    specs.selectors.push_back(parse_flag("--selectors", s, parse_named_selector_spec));
+  make_cache(decoder.cache_shape(), specs.keys, specs.values, 1);
+  return specs;
 }
 
 // ---- eval sparse ----
@@ -100,8 +97,14 @@ struct SparseFlags : CommonFlags {
   uint64_t seed = 0;
 };
 
-void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
-  apply_global_options();
+// What the table and the JSON report: the inputs as used and one row per selector.
+struct SparseRun {
+  std::string model, text;
+  SurvivalOptions options;
+  std::vector<SurvivalRow> rows;
+};
+
+SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
   if (f.quick) {  // quick values for what was not given explicitly
     if (cmd->count("--prefix") == 0) f.prefix = 512;
     if (cmd->count("--continuation") == 0) f.continuation = 32;
@@ -114,21 +117,23 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
   require(f.samples >= 1, "--samples must be at least 1, got ", f.samples);
 
   const Model model = Model::load(f.model);
+  SparseRun run;
+  run.model = model.source();
   Decoder decoder(model);
-  check_specs(selectors, f, decoder);
-  SurvivalOptions options;
+  const ParsedSpecs specs = parse_specs(selectors, f, decoder);
+  SurvivalOptions& options = run.options;
   options.prefix = f.prefix;
   options.continuation = f.continuation;
   options.samples = f.samples;
-  options.key_codec = f.keys;
-  options.value_codec = f.values;
+  options.key_codec = specs.keys;
+  options.value_codec = specs.values;
   options.temperature = f.temperature;
   options.seed = f.seed;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
   check_survival_options(model.config(), options);
 
-  const std::filesystem::path text_path =
-      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const std::filesystem::path text_path = text_or_default_test_text(f.text);
+  run.text = text_path.string();
   const std::string text = read_text_file(text_path);
   const int64_t text_needed = (options.bos ? f.prefix - 1 : f.prefix) * f.samples;
   const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), text, text_needed);
@@ -138,17 +143,23 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                static_cast<long long>(f.samples), static_cast<long long>(f.prefix),
                static_cast<long long>(f.continuation));
   const std::vector<DenseReference> refs = dense_references(decoder, prefixes, options);
-  std::vector<SurvivalRow> rows;
   for (size_t i = 0; i < selectors.size(); ++i) {
-    rows.push_back(survival_row(decoder, refs, selectors[i], options, [&](int64_t done, int64_t n) {
-      std::fprintf(stderr, "[%zu/%zu] %s: sample %lld/%lld\n", i + 1, selectors.size(),
-                   selectors[i].c_str(), static_cast<long long>(done), static_cast<long long>(n));
-    }));
+    run.rows.push_back(
+        survival_row(decoder, refs, specs.selectors[i], options, [&](int64_t done, int64_t n) {
+          std::fprintf(stderr, "[%zu/%zu] %s: sample %lld/%lld\n", i + 1, selectors.size(),
+                       selectors[i].c_str(), static_cast<long long>(done),
+                       static_cast<long long>(n));
+        }));
   }
+  return run;
+}
 
+void print_sparse_table(const SparseRun& run, const SparseFlags& f) {
+  const SurvivalOptions& options = run.options;
+  const std::vector<SurvivalRow>& rows = run.rows;
   const long long T = f.continuation;
-  std::printf("model:        %s\n", model.source().c_str());
-  std::printf("text:         %s\n", text_path.string().c_str());
+  std::printf("model:        %s\n", run.model.c_str());
+  std::printf("text:         %s\n", run.text.c_str());
   std::printf(
       "protocol:     %lld prefixes of %lld tokens%s, dense greedy reference of %lld tokens\n",
       static_cast<long long>(f.samples), static_cast<long long>(f.prefix),
@@ -194,48 +205,49 @@ void run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
       "top-1 agreement; dPPL: sparse vs dense PPL on the dense continuation; delta: certified "
       "bound on the dropped attention mass; err: max ||o_S - o|| / (2 max||v||) against dense "
       "attention over the same cache.\n");
+}
 
-  if (!f.json.empty()) {
-    json out = {{"command", "eval sparse"},
-                {"model", model.source()},
-                {"text", text_path.string()},
-                {"prefix", f.prefix},
-                {"continuation", f.continuation},
-                {"samples", f.samples},
-                {"bos_first", options.bos.has_value()},
-                {"key_codec", f.keys},
-                {"value_codec", f.values},
-                {"temperature", f.temperature},
-                {"seed", f.seed},
-                {"rows", json::array()}};
-    for (const SurvivalRow& r : rows) {
-      out["rows"].push_back(
-          {{"selector", r.selector},
-           {"support_mean", r.support_mean},
-           {"support_max", r.support_max},
-           {"context_mean", r.context_mean},
-           {"first_divergence", r.first_divergence_mean},
-           {"first_divergence_min", r.first_divergence_min},
-           {"first_divergence_per_sample", r.first_divergence},
-           {"identical", r.identical},
-           {"tf_match", r.tf_match},
-           {"delta_ppl_pct", r.delta_ppl_pct},
-           {"nll_dense", r.nll_dense},
-           {"nll_sparse", r.nll_sparse},
-           {"ppl_dense", r.ppl_dense},
-           {"ppl_sparse", r.ppl_sparse},
-           {"bound_max", optional_number(r.bound_max)},
-           {"measured_err_max", optional_number(r.measured_err_max)},
-           {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
-           {"queries_measured", r.queries_measured},
-           {"sampling_first_divergence",
-            r.sampling_agreement ? json(r.sampling_first_divergence_mean) : json(nullptr)},
-           {"sampling_first_divergence_per_sample", r.sampling_first_divergence},
-           {"sampling_agreement", optional_number(r.sampling_agreement)},
-           {"seconds", r.seconds}});
-    }
-    write_json(f.json, out);
+json sparse_json(const SparseRun& run, const SparseFlags& f) {
+  const SurvivalOptions& options = run.options;
+  json out = {{"command", "eval sparse"},
+              {"model", run.model},
+              {"text", run.text},
+              {"prefix", f.prefix},
+              {"continuation", f.continuation},
+              {"samples", f.samples},
+              {"bos_first", options.bos.has_value()},
+              {"key_codec", f.keys},
+              {"value_codec", f.values},
+              {"temperature", f.temperature},
+              {"seed", f.seed},
+              {"rows", json::array()}};
+  for (const SurvivalRow& r : run.rows) {
+    out["rows"].push_back(
+        {{"selector", r.selector},
+         {"support_mean", r.support_mean},
+         {"support_max", r.support_max},
+         {"context_mean", r.context_mean},
+         {"first_divergence", r.first_divergence_mean},
+         {"first_divergence_min", r.first_divergence_min},
+         {"first_divergence_per_sample", r.first_divergence},
+         {"identical", r.identical},
+         {"tf_match", r.tf_match},
+         {"delta_ppl_pct", r.delta_ppl_pct},
+         {"nll_dense", r.nll_dense},
+         {"nll_sparse", r.nll_sparse},
+         {"ppl_dense", r.ppl_dense},
+         {"ppl_sparse", r.ppl_sparse},
+         {"bound_max", optional_json(r.bound_max)},
+         {"measured_err_max", optional_json(r.measured_err_max)},
+         {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
+         {"queries_measured", r.queries_measured},
+         {"sampling_first_divergence",
+          r.sampling_agreement ? json(r.sampling_first_divergence_mean) : json(nullptr)},
+         {"sampling_first_divergence_per_sample", r.sampling_first_divergence},
+         {"sampling_agreement", optional_json(r.sampling_agreement)},
+         {"seconds", r.seconds}});
   }
+  return out;
 }
 
 void add_eval_sparse_command(CLI::App& eval) {
@@ -254,7 +266,12 @@ void add_eval_sparse_command(CLI::App& eval) {
                   "also measure agreement under sampling at this temperature with a shared seed "
                   "(default 0: off)");
   cmd->add_option("--seed", flags->seed, "sampling seed of the first prefix (default 0)");
-  cmd->callback([cmd, flags] { run_eval_sparse(cmd, *flags); });
+  cmd->callback([cmd, flags] {
+    apply_global_options();
+    const SparseRun run = run_eval_sparse(cmd, *flags);
+    print_sparse_table(run, *flags);
+    if (!flags->json.empty()) write_json_file(flags->json, sparse_json(run, *flags));
+  });
 }
 
 // ---- eval needle ----
@@ -270,16 +287,22 @@ std::string cell_key(int64_t context, int64_t needles) {
   return "L" + std::to_string(context) + " k" + std::to_string(needles);
 }
 
-void run_eval_needle(NeedleFlags& f) {
-  apply_global_options();
+// What the table and the JSON report: the inputs as used and one row per selector.
+struct NeedleRun {
+  std::string model, text;
   NeedleOptions options;
+  size_t cases = 0;
+  std::vector<NeedleRow> rows;
+};
+
+NeedleRun run_eval_needle(const NeedleFlags& f) {
+  NeedleRun run;
+  NeedleOptions& options = run.options;
   if (f.quick) options.contexts = {256, 512};
   if (!f.contexts.empty()) options.contexts = f.contexts;
   if (!f.depths.empty()) options.depths = f.depths;
   if (!f.needles.empty()) options.needles = f.needles;
   options.answer_tokens = f.answer_tokens;
-  options.key_codec = f.keys;
-  options.value_codec = f.values;
   std::vector<std::string> selectors = {"dense"};
   const auto& grid =
       !f.selectors.empty() ? f.selectors : (f.quick ? kNeedleQuickGrid : kNeedleGrid);
@@ -287,36 +310,45 @@ void run_eval_needle(NeedleFlags& f) {
     if (s != "dense") selectors.push_back(s);
 
   const Model model = Model::load(f.model);
+  run.model = model.source();
   Decoder decoder(model);
-  check_specs(selectors, f, decoder);
+  const ParsedSpecs specs = parse_specs(selectors, f, decoder);
+  options.key_codec = specs.keys;
+  options.value_codec = specs.values;
   check_needle_options(model.config(), options);
-  const std::filesystem::path text_path =
-      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const std::filesystem::path text_path = text_or_default_test_text(f.text);
+  run.text = text_path.string();
   const std::string text = read_text_file(text_path);
   const int64_t longest = *std::max_element(options.contexts.begin(), options.contexts.end());
   const std::vector<int32_t> haystack = leading_tokens(model.tokenizer(), text, longest);
   const std::vector<NeedleCase> cases = needle_cases(model.tokenizer(), haystack, options);
 
-  std::vector<NeedleRow> rows;
+  run.cases = cases.size();
   for (size_t i = 0; i < selectors.size(); ++i) {
-    rows.push_back(needle_row(decoder, cases, selectors[i], options, [&](int64_t done, int64_t n) {
-      std::fprintf(stderr, "[%zu/%zu] %s: case %lld/%lld\n", i + 1, selectors.size(),
-                   selectors[i].c_str(), static_cast<long long>(done), static_cast<long long>(n));
-    }));
+    run.rows.push_back(
+        needle_row(decoder, cases, specs.selectors[i], options, [&](int64_t done, int64_t n) {
+          std::fprintf(stderr, "[%zu/%zu] %s: case %lld/%lld\n", i + 1, selectors.size(),
+                       selectors[i].c_str(), static_cast<long long>(done),
+                       static_cast<long long>(n));
+        }));
   }
+  return run;
+}
 
+void print_needle_table(const NeedleRun& run, const NeedleFlags& f) {
+  const NeedleOptions& options = run.options;
   // Columns: (context, needle count), each pooling the depths.
   std::vector<std::pair<int64_t, int64_t>> columns;
   for (int64_t c : options.contexts)
     for (int64_t k : options.needles) columns.emplace_back(c, k);
-  std::printf("model:   %s\ntext:    %s\ncache:   keys %s, values %s\n", model.source().c_str(),
-              text_path.string().c_str(), f.keys.c_str(), f.values.c_str());
+  std::printf("model:   %s\ntext:    %s\ncache:   keys %s, values %s\n", run.model.c_str(),
+              run.text.c_str(), f.keys.c_str(), f.values.c_str());
   std::printf("cases:   contexts x depths x needle counts = %zu, greedy answer of %lld tokens\n\n",
-              cases.size(), static_cast<long long>(options.answer_tokens));
+              run.cases, static_cast<long long>(options.answer_tokens));
   std::printf("%-32s", "exact-match rate (hits/cases)");
   for (const auto& [c, k] : columns) std::printf(" %12s", cell_key(c, k).c_str());
   std::printf(" %12s\n", "all");
-  for (const NeedleRow& r : rows) {
+  for (const NeedleRow& r : run.rows) {
     std::printf("%-32s", r.selector.c_str());
     for (const auto& [c, k] : columns) {
       int64_t hits = 0, total = 0;
@@ -334,34 +366,35 @@ void run_eval_needle(NeedleFlags& f) {
   for (size_t i = 0; i < options.depths.size(); ++i)
     std::printf("%s%g", i ? ", " : "", options.depths[i]);
   std::printf(".\n");
+}
 
-  if (!f.json.empty()) {
-    json out = {{"command", "eval needle"},
-                {"model", model.source()},
-                {"text", text_path.string()},
-                {"contexts", options.contexts},
-                {"depths", options.depths},
-                {"needles", options.needles},
-                {"answer_tokens", options.answer_tokens},
-                {"key_codec", f.keys},
-                {"value_codec", f.values},
-                {"rows", json::array()}};
-    for (const NeedleRow& r : rows) {
-      json cells = json::array();
-      for (const NeedleResult& x : r.results)
-        cells.push_back({{"context", x.context},
-                         {"depth", x.depth},
-                         {"needles", x.needles},
-                         {"expected", x.expected},
-                         {"answer", x.answer},
-                         {"hit", x.hit}});
-      out["rows"].push_back({{"selector", r.selector},
-                             {"exact_match_rate", r.exact_match_rate},
-                             {"seconds", r.seconds},
-                             {"cases", cells}});
-    }
-    write_json(f.json, out);
+json needle_json(const NeedleRun& run, const NeedleFlags& f) {
+  const NeedleOptions& options = run.options;
+  json out = {{"command", "eval needle"},
+              {"model", run.model},
+              {"text", run.text},
+              {"contexts", options.contexts},
+              {"depths", options.depths},
+              {"needles", options.needles},
+              {"answer_tokens", options.answer_tokens},
+              {"key_codec", f.keys},
+              {"value_codec", f.values},
+              {"rows", json::array()}};
+  for (const NeedleRow& r : run.rows) {
+    json cells = json::array();
+    for (const NeedleResult& x : r.results)
+      cells.push_back({{"context", x.context},
+                       {"depth", x.depth},
+                       {"needles", x.needles},
+                       {"expected", x.expected},
+                       {"answer", x.answer},
+                       {"hit", x.hit}});
+    out["rows"].push_back({{"selector", r.selector},
+                           {"exact_match_rate", r.exact_match_rate},
+                           {"seconds", r.seconds},
+                           {"cases", cells}});
   }
+  return out;
 }
 
 void add_eval_needle_command(CLI::App& eval) {
@@ -378,7 +411,12 @@ void add_eval_needle_command(CLI::App& eval) {
   cmd->add_option("--needles", flags->needles, "comma-separated needle counts (default 1,3)")
       ->delimiter(',');
   cmd->add_option("--answer-tokens", flags->answer_tokens, "greedy answer length (default 10)");
-  cmd->callback([flags] { run_eval_needle(*flags); });
+  cmd->callback([flags] {
+    apply_global_options();
+    const NeedleRun run = run_eval_needle(*flags);
+    print_needle_table(run, *flags);
+    if (!flags->json.empty()) write_json_file(flags->json, needle_json(run, *flags));
+  });
 }
 
 // ---- eval coverage ----
@@ -391,12 +429,18 @@ struct CoverageFlags : CommonFlags {
   int64_t tokens = 2048, from = 256, anchors = 1, window = 64, top_k = 32;
 };
 
-json coverage_json(const CoverageSummary& s) {
+json shares_json(const CoverageSummary& s) {
   return {{"mean", s.mean}, {"p10", s.p10}, {"p1", s.p1}, {"min", s.min}};
 }
 
-void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
-  apply_global_options();
+// What the tables and the JSON report: the inputs as used and the shares.
+struct CoverageRun {
+  std::string model, text;
+  bool bos = false;
+  CoverageResult result;
+};
+
+CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
   std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kCoverageGrid;
   if (f.quick && f.selectors.empty()) selectors.pop_back();
@@ -407,11 +451,13 @@ void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
           "--anchors, --window and --top-k must not be negative");
 
   const Model model = Model::load(f.model);
+  CoverageRun run;
+  run.model = model.source();
   Decoder decoder(model);
-  check_specs(selectors, f, decoder);
-  const std::filesystem::path text_path =
-      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
-  const bool bos = model.tokenizer().adds_bos();
+  const ParsedSpecs specs = parse_specs(selectors, f, decoder);
+  const std::filesystem::path text_path = text_or_default_test_text(f.text);
+  run.text = text_path.string();
+  const bool bos = run.bos = model.tokenizer().adds_bos();
   std::vector<int32_t> tokens;
   if (bos) tokens.push_back(*model.tokenizer().bos_id());
   const int64_t text_needed = bos ? f.tokens - 1 : f.tokens;
@@ -426,15 +472,21 @@ void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   options.anchors = f.anchors;
   options.window = f.window;
   options.top_k = f.top_k;
-  options.key_codec = f.keys;
-  options.value_codec = f.values;
-  const CoverageResult r =
-      attention_coverage(decoder, tokens, selectors, options, [](int64_t done, int64_t n) {
+  options.key_codec = specs.keys;
+  options.value_codec = specs.values;
+  run.result =
+      attention_coverage(decoder, tokens, specs.selectors, options, [](int64_t done, int64_t n) {
         std::fprintf(stderr, "coverage: step %lld/%lld (dense prefill, then one per layer)\n",
                      static_cast<long long>(done), static_cast<long long>(n));
       });
+  return run;
+}
 
-  std::printf("model:     %s\ntext:      %s\n", model.source().c_str(), text_path.string().c_str());
+void print_coverage_tables(const CoverageRun& run, const CoverageFlags& f) {
+  const CoverageResult& r = run.result;
+  const std::vector<std::string>& selectors = r.selectors;
+  const bool bos = run.bos;
+  std::printf("model:     %s\ntext:      %s\n", run.model.c_str(), run.text.c_str());
   std::printf(
       "window:    %lld tokens%s; queries at positions >= %lld, every query head (%lld per "
       "layer), mean context %.1f\n",
@@ -468,42 +520,45 @@ void run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
       "\nShares of the dense softmax mass per (position, query head): mean and the 10th / 1st "
       "percentiles over queries. top-k: the k largest weights between anchors and window (the "
       "best any k dynamic positions could hold for that head).\n");
+}
 
-  if (!f.json.empty()) {
-    json out = {{"command", "eval coverage"},
-                {"model", model.source()},
-                {"text", text_path.string()},
-                {"tokens", f.tokens},
-                {"from", f.from},
-                {"bos_first", bos},
-                {"anchors", f.anchors},
-                {"window", f.window},
-                {"top_k", f.top_k},
-                {"key_codec", f.keys},
-                {"value_codec", f.values},
-                {"queries_per_layer", r.queries_per_layer},
-                {"context_mean", r.context_mean},
-                {"layers", json::array()}};
-    const auto layer_json = [&](const CoverageLayer& l) {
-      json sel = json::array();
-      for (size_t s = 0; s < selectors.size(); ++s)
-        sel.push_back({{"selector", selectors[s]},
-                       {"coverage", coverage_json(l.selectors[s])},
-                       {"support_mean", l.support_mean[s]}});
-      return json{{"anchors", coverage_json(l.anchors)},
-                  {"window", coverage_json(l.window)},
-                  {"top_k", coverage_json(l.top_k)},
-                  {"total", coverage_json(l.total)},
-                  {"selectors", sel}};
-    };
-    for (size_t i = 0; i < r.layers.size(); ++i) {
-      json l = layer_json(r.layers[i]);
-      l["layer"] = i;
-      out["layers"].push_back(l);
-    }
-    out["all_layers"] = layer_json(r.pooled);
-    write_json(f.json, out);
+json coverage_json(const CoverageRun& run, const CoverageFlags& f) {
+  const CoverageResult& r = run.result;
+  const std::vector<std::string>& selectors = r.selectors;
+  const bool bos = run.bos;
+  json out = {{"command", "eval coverage"},
+              {"model", run.model},
+              {"text", run.text},
+              {"tokens", f.tokens},
+              {"from", f.from},
+              {"bos_first", bos},
+              {"anchors", f.anchors},
+              {"window", f.window},
+              {"top_k", f.top_k},
+              {"key_codec", f.keys},
+              {"value_codec", f.values},
+              {"queries_per_layer", r.queries_per_layer},
+              {"context_mean", r.context_mean},
+              {"layers", json::array()}};
+  const auto layer_json = [&](const CoverageLayer& l) {
+    json sel = json::array();
+    for (size_t s = 0; s < selectors.size(); ++s)
+      sel.push_back({{"selector", selectors[s]},
+                     {"coverage", shares_json(l.selectors[s])},
+                     {"support_mean", l.support_mean[s]}});
+    return json{{"anchors", shares_json(l.anchors)},
+                {"window", shares_json(l.window)},
+                {"top_k", shares_json(l.top_k)},
+                {"total", shares_json(l.total)},
+                {"selectors", sel}};
+  };
+  for (size_t i = 0; i < r.layers.size(); ++i) {
+    json l = layer_json(r.layers[i]);
+    l["layer"] = i;
+    out["layers"].push_back(l);
   }
+  out["all_layers"] = layer_json(r.pooled);
+  return out;
 }
 
 void add_eval_coverage_command(CLI::App& eval) {
@@ -519,7 +574,12 @@ void add_eval_coverage_command(CLI::App& eval) {
   cmd->add_option("--anchors", flags->anchors, "anchors of the split (default 1)");
   cmd->add_option("--window", flags->window, "window of the split (default 64)");
   cmd->add_option("--top-k", flags->top_k, "dynamic positions of the split (default 32)");
-  cmd->callback([cmd, flags] { run_eval_coverage(cmd, *flags); });
+  cmd->callback([cmd, flags] {
+    apply_global_options();
+    const CoverageRun run = run_eval_coverage(cmd, *flags);
+    print_coverage_tables(run, *flags);
+    if (!flags->json.empty()) write_json_file(flags->json, coverage_json(run, *flags));
+  });
 }
 
 // ---- eval sparse-ppl ----
@@ -536,29 +596,41 @@ struct SparsePplFlags {
   bool quick = false;
 };
 
-void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
-  apply_global_options();
+// What the table and the JSON report: the inputs as used and one result per row, dense first.
+struct SparsePplRun {
+  std::string model, text;
+  KvGridOptions options;
+  std::vector<KvGridResult> results;
+};
+
+SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
   require(f.tokens >= 1, "--tokens must be at least 1, got ", f.tokens);
   require(f.window >= 2, "--window must be at least 2 tokens, got ", f.window);
   const std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kSparsePplGrid;
-  const std::vector<KvGridRow> rows = kv_grid_sparse_rows(selectors, f.keys);
+  std::vector<NamedSelectorSpec> selector_specs;
+  for (const std::string& s : selectors)
+    selector_specs.push_back(parse_flag("--selectors", s, parse_named_selector_spec));
+  std::vector<KeyCodecSpec> key_codecs;
+  for (const std::string& k : f.keys)
+    key_codecs.push_back(parse_flag("--keys", k, parse_key_codec_spec));
+  const std::vector<KvGridRow> rows = kv_grid_sparse_rows(selector_specs, key_codecs);
 
   const Model model = Model::load(f.model);
+  SparsePplRun run;
+  run.model = model.source();
   Decoder decoder(model);
-  std::optional<HeadqBasis> basis;
-  if (!f.basis.empty()) basis = load_headq_basis(f.basis, model, 1);
-  const std::filesystem::path text_path =
-      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
-  KvGridOptions options;
+  const BasisSource basis = load_basis_file(model, f.basis);
+  const std::filesystem::path text_path = text_or_default_test_text(f.text);
+  run.text = text_path.string();
+  KvGridOptions& options = run.options;
   options.window = f.window;
   options.max_tokens = f.tokens;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
-  // Scoring N tokens needs N text tokens with BOS, and one more per window without.
   const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), read_text_file(text_path),
-                                                     f.tokens + f.tokens / (f.window - 1) + 2);
-  const std::vector<KvGridResult> results =
-      run_kv_grid(decoder, tokens, rows, options, basis ? &*basis : nullptr,
+                                                     text_tokens_to_score(f.tokens, f.window));
+  run.results =
+      run_kv_grid(decoder, tokens, rows, options, basis.get(),
                   [](int64_t run, int64_t runs, const KvGridRow& row, int64_t done, int64_t total) {
                     if (done == total || done % 256 == 0)
                       std::fprintf(stderr, "[run %lld/%lld] %s: %lld/%lld tokens\n",
@@ -566,9 +638,14 @@ void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
                                    row.name.c_str(), static_cast<long long>(done),
                                    static_cast<long long>(total));
                   });
+  return run;
+}
 
+void print_sparse_ppl_table(const SparsePplRun& run, const SparsePplFlags& f) {
+  const KvGridOptions& options = run.options;
+  const std::vector<KvGridResult>& results = run.results;
   const KvGridResult& dense = results.front();
-  std::printf("model:     %s\ntext:      %s\n", model.source().c_str(), text_path.string().c_str());
+  std::printf("model:     %s\ntext:      %s\n", run.model.c_str(), run.text.c_str());
   std::printf(
       "protocol:  K-only decode perplexity (token by token through the cache, every key "
       "stored when written), windows of %lld%s; values f32\n",
@@ -579,21 +656,28 @@ void run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
               "support", "context");
   for (const KvGridResult& r : results)
     std::printf("%-52s %-22s %8.0f %10.4f %+9.4f %9.1f %9.1f\n", r.row.name.c_str(),
-                r.row.key_codec.c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
+                r.row.key_codec.text().c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
                 r.ppl.support_mean, r.ppl.context_mean);
   std::printf(
       "\ndPPL: PPL - PPL(dense f32). support: positions each scored query read, per query head "
       "and layer (mean); context: positions it could see.\n");
+}
 
-  if (!f.json.empty()) {
-    json out = {{"command", "eval sparse-ppl"}, {"model", model.source()},
-                {"text", text_path.string()},   {"mode", "decode"},
-                {"tokens", dense.ppl.tokens},   {"windows", dense.ppl.windows},
-                {"window", f.window},           {"bos_first", options.bos.has_value()},
-                {"rows", json::array()}};
-    for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
-    write_json(f.json, out);
-  }
+json sparse_ppl_json(const SparsePplRun& run, const SparsePplFlags& f) {
+  const KvGridOptions& options = run.options;
+  const std::vector<KvGridResult>& results = run.results;
+  const KvGridResult& dense = results.front();
+  json out = {{"command", "eval sparse-ppl"},
+              {"model", run.model},
+              {"text", run.text},
+              {"mode", "decode"},
+              {"tokens", dense.ppl.tokens},
+              {"windows", dense.ppl.windows},
+              {"window", f.window},
+              {"bos_first", options.bos.has_value()},
+              {"rows", json::array()}};
+  for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
+  return out;
 }
 
 void add_eval_sparse_ppl_command(CLI::App& eval) {
@@ -617,7 +701,12 @@ void add_eval_sparse_ppl_command(CLI::App& eval) {
   cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
   cmd->add_option("--json", flags->json, "write the table as JSON to this file");
   cmd->add_flag("--quick", flags->quick, "1024 tokens");
-  cmd->callback([cmd, flags] { run_eval_sparse_ppl(cmd, *flags); });
+  cmd->callback([cmd, flags] {
+    apply_global_options();
+    const SparsePplRun run = run_eval_sparse_ppl(cmd, *flags);
+    print_sparse_ppl_table(run, *flags);
+    if (!flags->json.empty()) write_json_file(flags->json, sparse_ppl_json(run, *flags));
+  });
 }
 
 }  // namespace

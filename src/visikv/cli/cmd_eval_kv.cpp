@@ -6,19 +6,18 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/calibration/basis_file.h"
-#include "visikv/calibration/calibrate.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"
+#include "visikv/eval/report.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -29,19 +28,13 @@ namespace {
 using nlohmann::json;
 
 struct EvalKvFlags {
-  std::string model, basis, json, text, calibration_text, mode = "decode-batched";
-  int64_t tokens = 0, window = 1024, calibration_tokens = 8192;
+  std::string model, json, text, mode = "decode-batched";
+  int64_t tokens = 0, window = 1024;
   std::vector<int64_t> ranks = {4, 8, 16};
   std::vector<std::string> rows;
   int side_bits = 4;
+  BasisFlags basis;
 };
-
-std::string format_optional(const std::optional<double>& v, const char* format) {
-  if (!v) return "-";
-  char buffer[64];
-  std::snprintf(buffer, sizeof buffer, format, *v);
-  return buffer;
-}
 
 // One stderr line per tenth of each run, with the run's rate. Rows with the same codecs share a
 // run (e.g. budget-tok-r8 is k3-tok at head_dim 64), so runs can be fewer than rows.
@@ -69,100 +62,97 @@ class GridProgress {
   std::chrono::steady_clock::time_point started_;
 };
 
-void run_eval_kv(EvalKvFlags& f) {
+// What the table and the JSON report besides the rows.
+struct EvalKvRun {
+  std::string model, text;
+  KvGridOptions options;
+  int64_t head_dim = 0;
+  BasisSource basis;
+  std::vector<KvGridResult> results;
+  double grid_seconds = 0, total_seconds = 0;
+
+  const KvGridResult& dense() const {
+    return *std::find_if(results.begin(), results.end(),
+                         [](const KvGridResult& r) { return r.row.name == "dense"; });
+  }
+};
+
+EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   const auto command_started = std::chrono::steady_clock::now();
-  apply_global_options();
   require(f.tokens >= 0, "--tokens must not be negative, got ", f.tokens);
   require(f.window >= 2, "--window must be at least 2 tokens, got ", f.window);
-  require(f.calibration_tokens >= 1, "--calibration-tokens must be positive, got ",
-          f.calibration_tokens);
+  check_basis_flags(f.basis);
   for (int64_t r : f.ranks) require(r >= 1, "--ranks: rank ", r, " must be at least 1");
 
   const Model model = Model::load(f.model);
   Decoder decoder(model);
-  const int64_t head_dim = decoder.cache_shape().head_dim;
+  EvalKvRun run;
+  run.model = model.source();
+  run.head_dim = decoder.cache_shape().head_dim;
   KvGridSpec spec;
   spec.ranks = f.ranks;
   spec.side_bits = f.side_bits;
-  const std::vector<KvGridRow> rows = select_kv_grid_rows(kv_grid_rows(head_dim, spec), f.rows);
+  const std::vector<KvGridRow> rows = select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), f.rows);
   const int64_t context = model.config().max_positions;
   require(context <= 0 || f.window <= context, "--window ", f.window,
           " exceeds the model's context of ", context, " positions");
 
-  // The basis: from --basis (checked against the model and the rank the rows need), else
-  // calibrated here on the calibration text at rank 16 (or the largest rank the rows need).
+  // Calibrated at rank 16 (or the largest rank the rows need) when no file is given.
   const int64_t needed_rank = kv_grid_basis_rank(rows);
-  std::optional<HeadqBasis> basis;
-  json basis_json = {{"source", "none"}};
-  if (!f.basis.empty()) {
-    basis = load_headq_basis(f.basis, model, std::max<int64_t>(needed_rank, 1));
-    basis_json = {{"source", "file"}, {"path", f.basis}};
-  } else if (needed_rank > 0) {
-    const std::filesystem::path path = f.calibration_text.empty()
-                                           ? default_calibration_text()
-                                           : std::filesystem::path(f.calibration_text);
-    CalibrationOptions options;
-    options.tokens = f.calibration_tokens;
-    options.rank = std::min(head_dim, std::max<int64_t>(16, needed_rank));
-    options.window = f.window;
-    std::fprintf(stderr, "calibrating HeadQ bases on %s (%lld positions, rank %lld)\n",
-                 path.string().c_str(), static_cast<long long>(options.tokens),
-                 static_cast<long long>(options.rank));
-    basis = calibrate_headq(
-        model, read_text_file(path), path.string(), options, [](int64_t done, int64_t total) {
-          std::fprintf(stderr, "calibration: %lld/%lld positions\n", static_cast<long long>(done),
-                       static_cast<long long>(total));
-        });
-    basis_json = {{"source", "calibrated"}};
-  }
-  if (basis) basis_json.update(headq_basis_json(*basis));
+  run.basis = load_or_calibrate_basis(
+      model, f.basis,
+      {.needed = needed_rank > 0,
+       .min_rank = std::max<int64_t>(needed_rank, 1),
+       .calibration_rank = std::min(run.head_dim, std::max<int64_t>(16, needed_rank)),
+       .calibration_window = f.window});
 
-  const std::filesystem::path text_path =
-      f.text.empty() ? default_test_text() : std::filesystem::path(f.text);
+  const std::filesystem::path text_path = text_or_default_test_text(f.text);
+  run.text = text_path.string();
   const std::string text = read_text_file(text_path);
-  KvGridOptions options;
+  KvGridOptions& options = run.options;
   options.mode = perplexity_mode_from_name(f.mode);
   require(options.mode != PerplexityMode::Prefill,
           "--mode: the grid runs in decode order (decode or decode-batched), not prefill");
   options.window = f.window;
   options.max_tokens = f.tokens;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
-  // Scoring N tokens needs N text tokens with BOS, and one more per window without.
   const std::vector<int32_t> tokens =
       f.tokens > 0
-          ? leading_tokens(model.tokenizer(), text, f.tokens + f.tokens / (f.window - 1) + 2)
+          ? leading_tokens(model.tokenizer(), text, text_tokens_to_score(f.tokens, f.window))
           : model.tokenizer().encode(text, false);
   GridProgress progress;
   const auto grid_started = std::chrono::steady_clock::now();
-  const std::vector<KvGridResult> results =
-      run_kv_grid(decoder, tokens, rows, options, basis ? &*basis : nullptr, std::ref(progress));
+  run.results = run_kv_grid(decoder, tokens, rows, options, run.basis.get(), std::ref(progress));
   const auto grid_done = std::chrono::steady_clock::now();
-  const double grid_seconds = std::chrono::duration<double>(grid_done - grid_started).count();
+  run.grid_seconds = std::chrono::duration<double>(grid_done - grid_started).count();
   // Model loading, calibration and tokenization included.
-  const double total_seconds = std::chrono::duration<double>(grid_done - command_started).count();
+  run.total_seconds = std::chrono::duration<double>(grid_done - command_started).count();
+  return run;
+}
 
-  const KvGridResult& dense = *std::find_if(
-      results.begin(), results.end(), [](const KvGridResult& r) { return r.row.name == "dense"; });
-  std::printf("model:        %s\n", model.source().c_str());
-  std::printf("text:         %s\n", text_path.string().c_str());
+void print_eval_kv_table(const EvalKvRun& run) {
+  const KvGridResult& dense = run.dense();
+  std::printf("model:        %s\n", run.model.c_str());
+  std::printf("text:         %s\n", run.text.c_str());
   std::printf("protocol:     decode order through the cache (%s), windows of %lld%s\n",
-              options.mode == PerplexityMode::Decode ? "token by token"
-                                                     : "batched where identical to token by token",
-              static_cast<long long>(f.window), options.bos ? " (BOS first)" : "");
+              run.options.mode == PerplexityMode::Decode
+                  ? "token by token"
+                  : "batched where identical to token by token",
+              static_cast<long long>(run.options.window), run.options.bos ? " (BOS first)" : "");
   std::printf("tokens:       %lld scored in %lld windows\n",
               static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
   std::printf("grid time:    %.1f s (rows %zu); %.1f s with loading and calibration\n",
-              grid_seconds, results.size(), total_seconds);
-  if (basis)
-    std::printf("basis:        %s (%s, %lld positions, rank %lld)\n",
-                basis_json["source"].get<std::string>().c_str(), basis->text.c_str(),
-                static_cast<long long>(basis->tokens), static_cast<long long>(basis->rank));
+              run.grid_seconds, run.results.size(), run.total_seconds);
+  if (const HeadqBasis* basis = run.basis.get())
+    std::printf("basis:        %s (%s, %lld positions, rank %lld)\n", run.basis.source().c_str(),
+                basis->text.c_str(), static_cast<long long>(basis->tokens),
+                static_cast<long long>(basis->rank));
   std::printf("\n%-26s %-40s %-32s %8s %8s %10s %9s %8s\n", "row", "key codec", "value codec",
               "bits/key", "bits/val", "PPL", "dPPL", "excess");
-  for (const KvGridResult& r : results) {
+  for (const KvGridResult& r : run.results) {
     std::printf("%-26s %-40s %-32s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
-                r.row.key_codec.c_str(), r.row.value_codec.c_str(), r.key_bits.bits_per_vector,
-                r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
+                r.row.key_codec.text().c_str(), r.row.value_codec.text().c_str(),
+                r.key_bits.bits_per_vector, r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
                 format_optional(r.excess_removed, "%.3f").c_str());
   }
   std::printf(
@@ -170,8 +160,8 @@ void run_eval_kv(EvalKvFlags& f) {
       "side codes included; chan rows also keep the newest 128-159 tokens of each head in fp16. "
       "dPPL: PPL - PPL(dense). excess: excess PPL removed by HeadQ, (PPL_base - PPL) / (PPL_base "
       "- PPL_dense), against k2-<axis> (kv2-<axis> for the full-KV rows); controls included.\n",
-      static_cast<long long>(head_dim));
-  for (const KvGridResult& r : results) {
+      static_cast<long long>(run.head_dim));
+  for (const KvGridResult& r : run.results) {
     if (!r.row.note.empty()) std::printf("  %-26s %s\n", r.row.name.c_str(), r.row.note.c_str());
     if (!r.same_run_as.empty())
       std::printf("  %-26s same codecs as %s: computed once, reported twice\n", r.row.name.c_str(),
@@ -180,52 +170,28 @@ void run_eval_kv(EvalKvFlags& f) {
   std::printf(
       "Value policies (<rule>:int2/int4:g<G>:w64:avg<A>): bits/val is the budget, the newest 64 "
       "tokens at int4 included; the exact figure for n stored tokens is in docs/CACHE_SPECS.md.\n");
+}
 
-  if (!f.json.empty()) {
-    json out = {{"command", "eval kv"},
-                {"model", model.source()},
-                {"text", text_path.string()},
-                {"mode", perplexity_mode_name(options.mode)},
-                {"tokens", dense.ppl.tokens},
-                {"windows", dense.ppl.windows},
-                {"window", f.window},
-                {"grid_seconds", grid_seconds},
-                {"total_seconds", total_seconds},
-                {"bos_first", options.bos.has_value()},
-                {"head_dim", head_dim},
-                {"basis", basis_json},
-                {"rows", json::array()}};
-    for (const KvGridResult& r : results) out["rows"].push_back(kv_grid_result_json(r));
-    std::ofstream file(f.json);
-    require(file.good(), "cannot write ", f.json);
-    file << out.dump(2) << "\n";
-    require(file.good(), "cannot write ", f.json);
-  }
+json eval_kv_json(const EvalKvRun& run) {
+  const KvGridResult& dense = run.dense();
+  json out = {{"command", "eval kv"},
+              {"model", run.model},
+              {"text", run.text},
+              {"mode", perplexity_mode_name(run.options.mode)},
+              {"tokens", dense.ppl.tokens},
+              {"windows", dense.ppl.windows},
+              {"window", run.options.window},
+              {"grid_seconds", run.grid_seconds},
+              {"total_seconds", run.total_seconds},
+              {"bos_first", run.options.bos.has_value()},
+              {"head_dim", run.head_dim},
+              {"basis", run.basis.json},
+              {"rows", json::array()}};
+  for (const KvGridResult& r : run.results) out["rows"].push_back(kv_grid_result_json(r));
+  return out;
 }
 
 }  // namespace
-
-json kv_grid_result_json(const KvGridResult& r) {
-  return {{"name", r.row.name},
-          {"key_codec", r.row.key_codec},
-          {"value_codec", r.row.value_codec},
-          {"bits_per_key", r.key_bits.bits_per_vector},
-          {"bits_per_value", r.value_bits.bits_per_vector},
-          {"key_side_bits", r.key_bits.side_bits_per_vector},
-          {"key_fp16_window_tokens", {r.key_bits.window_min_tokens, r.key_bits.window_max_tokens}},
-          {"ppl", r.ppl.ppl},
-          {"nll", r.ppl.nll},
-          {"delta_ppl", r.delta_ppl},
-          {"excess_removed", r.excess_removed ? json(*r.excess_removed) : json(nullptr)},
-          {"base", r.row.base.empty() ? json(nullptr) : json(r.row.base)},
-          {"note", r.row.note},
-          {"same_run_as", r.same_run_as.empty() ? json(nullptr) : json(r.same_run_as)},
-          {"tokens", r.ppl.tokens},
-          {"selector", r.row.selector},
-          {"support_mean", r.ppl.support_mean},
-          {"context_mean", r.ppl.context_mean},
-          {"seconds", r.ppl.seconds}};
-}
 
 void add_eval_kv_command(CLI::App& eval) {
   auto flags = std::make_shared<EvalKvFlags>();
@@ -239,12 +205,8 @@ void add_eval_kv_command(CLI::App& eval) {
   cmd->add_option("--tokens,-n", flags->tokens,
                   "score only the first N tokens (default 0: the whole text)");
   cmd->add_option("--window,-L", flags->window, "tokens per window, BOS included (default 1024)");
-  cmd->add_option("--basis", flags->basis,
-                  "HeadQ basis file from `visikv calibrate` (default: calibrate in-process)");
-  cmd->add_option("--calibration-tokens", flags->calibration_tokens,
-                  "positions for in-process calibration (default 8192)");
-  cmd->add_option("--calibration-text", flags->calibration_text,
-                  "calibration text (default: WikiText-2 validation)");
+  add_basis_options(*cmd, flags->basis,
+                    "HeadQ basis file from `visikv calibrate` (default: calibrate in-process)");
   cmd->add_option("--ranks", flags->ranks, "comma-separated HeadQ ranks (default 4,8,16)")
       ->delimiter(',');
   cmd->add_option("--side-bits", flags->side_bits, "bits per HeadQ side-code number (default 4)");
@@ -256,7 +218,12 @@ void add_eval_kv_command(CLI::App& eval) {
                   "decode-batched (default: decode order in the largest chunks the cache keeps "
                   "identical to token by token) or decode (token by token, the reference)");
   cmd->add_option("--json", flags->json, "write the table as JSON to this file");
-  cmd->callback([flags] { run_eval_kv(*flags); });
+  cmd->callback([flags] {
+    apply_global_options();
+    const EvalKvRun run = run_eval_kv(*flags);
+    print_eval_kv_table(run);
+    if (!flags->json.empty()) write_json_file(flags->json, eval_kv_json(run));
+  });
 }
 
 }  // namespace visikv::cli

@@ -1,6 +1,5 @@
 // `visikv eval numerics`: the int8 products (8-bit activations) against the exact ones.
 #include <cstdio>
-#include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -9,6 +8,7 @@
 #include "visikv/core/error.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/numerics.h"
+#include "visikv/eval/report.h"
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
 
@@ -35,8 +35,7 @@ void add_eval_numerics_command(CLI::App& eval) {
   cmd->callback([flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
-    const std::filesystem::path text_path =
-        flags->file.empty() ? default_test_text() : std::filesystem::path(flags->file);
+    const std::filesystem::path text_path = text_or_default_test_text(flags->file);
     const std::vector<int32_t> tokens = model.tokenizer().encode(read_text_file(text_path), false);
     std::optional<int32_t> bos;
     if (model.tokenizer().adds_bos()) bos = model.tokenizer().bos_id();
@@ -61,9 +60,7 @@ void add_eval_numerics_command(CLI::App& eval) {
                                   {"max_kl", r.max_kl},
                                   {"exact_nll", r.reference_nll},
                                   {"int8_nll", r.candidate_nll}};
-      std::ofstream file(flags->json);
-      require(file.good(), "cannot write ", flags->json);
-      file << out.dump(2) << "\n";
+      write_json_file(flags->json, out);
     }
   });
 }

@@ -2,18 +2,18 @@
 
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 
+#include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/calibration/basis_file.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
+#include "visikv/eval/report.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
@@ -62,6 +62,68 @@ class ProgressBar {
   int64_t last_tenth_ = 0;
 };
 
+// What the report shows besides the flags as given.
+struct PplRun {
+  std::string model, text;
+  size_t text_tokens = 0;
+  PerplexityOptions options;
+  PerplexityResult result;
+};
+
+PplRun run_ppl(const PplFlags& f) {
+  PplRun run;
+  PerplexityOptions& options = run.options;
+  options.key_codec = parse_flag("--keys", f.keys, parse_key_codec_spec);
+  options.value_codec = parse_flag("--values", f.values, parse_value_codec_spec);
+  options.selector = parse_flag("--selector", f.selector, parse_selector_spec);
+  const Model model = Model::load(f.model);
+  run.model = model.source();
+  require(f.numerics == "exact" || f.mode != "decode-batched",
+          "--numerics int8: decode-batched computes decode order with exact products only");
+  Decoder decoder(model);
+  apply_numerics(f.numerics, decoder);
+  const std::filesystem::path text_path = text_or_default_test_text(f.file);
+  run.text = text_path.string();
+  const std::vector<int32_t> tokens = model.tokenizer().encode(read_text_file(text_path), false);
+  run.text_tokens = tokens.size();
+  options.mode = perplexity_mode_from_name(f.mode);
+  options.window = f.window;
+  options.max_tokens = f.tokens;
+  const BasisSource basis = load_basis_file(model, f.basis);
+  options.headq_basis = basis.get();
+  if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+  ProgressBar bar;
+  run.result = perplexity(decoder, tokens, options, std::ref(bar));
+  options.headq_basis = nullptr;  // the basis ends with this call
+  return run;
+}
+
+void print_ppl_report(const PplRun& run, const PplFlags& f) {
+  const PerplexityResult& r = run.result;
+  std::printf(
+      "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s "
+      "numerics\n"
+      "cache:        keys %s, values %s; attention %s\n"
+      "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
+      "speed:        %.1f tokens/s (%.1f s)\n",
+      run.model.c_str(), run.text.c_str(), run.text_tokens, f.mode.c_str(),
+      static_cast<long long>(run.options.window), f.numerics.c_str(), f.keys.c_str(),
+      f.values.c_str(), f.selector.c_str(), static_cast<long long>(r.tokens),
+      static_cast<long long>(r.windows), r.nll, r.ppl, r.tokens_per_s, r.seconds);
+}
+
+nlohmann::json ppl_json(const PplRun& run, const PplFlags& f) {
+  const PerplexityResult& r = run.result;
+  return {{"model", run.model},     {"text", run.text},
+          {"mode", f.mode},         {"window", run.options.window},
+          {"numerics", f.numerics}, {"kernels", weight_kernel_target()},
+          {"key_codec", f.keys},    {"value_codec", f.values},
+          {"selector", f.selector}, {"tokens", r.tokens},
+          {"windows", r.windows},   {"nll", r.nll},
+          {"ppl", r.ppl},           {"tokens_per_s", r.tokens_per_s},
+          {"seconds", r.seconds},   {"bos_per_window", run.options.bos.has_value()}};
+}
+
 }  // namespace
 
 void add_ppl_command(CLI::App& app) {
@@ -93,61 +155,9 @@ void add_ppl_command(CLI::App& app) {
   cmd->add_option("--json", flags->json, "write the result as JSON to this file");
   cmd->callback([flags] {
     apply_global_options();
-    const Model model = Model::load(flags->model);
-    require(flags->numerics == "exact" || flags->mode != "decode-batched",
-            "--numerics int8: decode-batched computes decode order with exact products only");
-    Decoder decoder(model);
-    apply_numerics(flags->numerics, decoder);
-    const std::filesystem::path text_path =
-        flags->file.empty() ? default_test_text() : std::filesystem::path(flags->file);
-    const std::string text = read_text_file(text_path);
-    const std::vector<int32_t> tokens = model.tokenizer().encode(text, false);
-    PerplexityOptions options;
-    options.mode = perplexity_mode_from_name(flags->mode);
-    options.window = flags->window;
-    options.max_tokens = flags->tokens;
-    options.key_codec = flags->keys;
-    options.value_codec = flags->values;
-    options.selector = flags->selector;
-    std::optional<HeadqBasis> basis;
-    if (!flags->basis.empty()) {
-      basis = load_headq_basis(flags->basis, model);
-      options.headq_basis = &*basis;
-    }
-    if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
-    ProgressBar bar;
-    const PerplexityResult r = perplexity(decoder, tokens, options, std::ref(bar));
-    std::printf(
-        "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s "
-        "numerics\n"
-        "cache:        keys %s, values %s; attention %s\n"
-        "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"
-        "speed:        %.1f tokens/s (%.1f s)\n",
-        model.source().c_str(), text_path.string().c_str(), tokens.size(), flags->mode.c_str(),
-        static_cast<long long>(options.window), flags->numerics.c_str(), flags->keys.c_str(),
-        flags->values.c_str(), flags->selector.c_str(), static_cast<long long>(r.tokens),
-        static_cast<long long>(r.windows), r.nll, r.ppl, r.tokens_per_s, r.seconds);
-    if (!flags->json.empty()) {
-      const nlohmann::json out = {{"model", model.source()},
-                                  {"text", text_path.string()},
-                                  {"mode", flags->mode},
-                                  {"window", options.window},
-                                  {"numerics", flags->numerics},
-                                  {"kernels", weight_kernel_target()},
-                                  {"key_codec", flags->keys},
-                                  {"value_codec", flags->values},
-                                  {"selector", flags->selector},
-                                  {"tokens", r.tokens},
-                                  {"windows", r.windows},
-                                  {"nll", r.nll},
-                                  {"ppl", r.ppl},
-                                  {"tokens_per_s", r.tokens_per_s},
-                                  {"seconds", r.seconds},
-                                  {"bos_per_window", options.bos.has_value()}};
-      std::ofstream file(flags->json);
-      require(file.good(), "cannot write ", flags->json);
-      file << out.dump(2) << "\n";
-    }
+    const PplRun run = run_ppl(*flags);
+    print_ppl_report(run, *flags);
+    if (!flags->json.empty()) write_json_file(flags->json, ppl_json(run, *flags));
   });
 }
 

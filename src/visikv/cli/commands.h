@@ -3,12 +3,13 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
-#include <nlohmann/json.hpp>
+#include <filesystem>
 #include <string>
+#include <string_view>
+
+#include "visikv/core/error.h"
 
 namespace visikv {
-struct KvGridResult;
-struct HeadqBasis;
 class Decoder;
 }  // namespace visikv
 
@@ -18,16 +19,10 @@ void add_info_command(CLI::App& app);
 void add_tokenize_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_ppl_command(CLI::App& app);
-void add_calibrate_command(CLI::App& app);  // `calibrate`: HeadQ query bases
-void add_eval_command(CLI::App& app);       // `eval` with its subcommands (sparse, needle)
-void add_eval_kv_command(CLI::App& eval);   // `eval kv`: the K-only decode-perplexity grid
+void add_calibrate_command(CLI::App& app);       // `calibrate`: HeadQ query bases
+void add_eval_command(CLI::App& app);            // `eval` with its subcommands (sparse, needle)
+void add_eval_kv_command(CLI::App& eval);        // `eval kv`: the K-only decode-perplexity grid
 void add_eval_numerics_command(CLI::App& eval);  // `eval numerics`: fast vs exact products
-// One row of a K-only decode-perplexity grid as JSON (eval kv and eval sparse-ppl).
-nlohmann::json kv_grid_result_json(const KvGridResult& result);
-
-// Where a HeadQ basis came from, for a command's JSON: text, tokens, window, rank, fingerprint.
-nlohmann::json headq_basis_json(const HeadqBasis& basis);
-
 // `analyze`: key MSE and F against attention KL (eval/analyze.h).
 void add_analyze_command(CLI::App& app);
 
@@ -40,6 +35,20 @@ GlobalOptions& global_options();
 // or 8-bit activations with integer products for GGUF block weights (ProductRounding).
 void add_numerics_option(CLI::App& cmd, std::string& numerics);
 void apply_numerics(const std::string& numerics, Decoder& decoder);
+
+// Parses a flag's text once, where it enters the program; a bad value fails naming the flag
+// ("--keys: cache spec 'int5:g16:tok': ...").
+template <typename Parse>
+auto parse_flag(std::string_view flag, std::string_view text, Parse parse) {
+  try {
+    return parse(text);
+  } catch (const Error& e) {
+    fail(flag, ": ", e.what());
+  }
+}
+
+// The text a command reads: the --text (or --file) flag, else WikiText-103 test.
+std::filesystem::path text_or_default_test_text(const std::string& flag);
 
 // Applies the global options (thread count for OpenMP and BLAS); each command calls it first.
 void apply_global_options();

@@ -1,8 +1,9 @@
 #include <cblas.h>
 #include <omp.h>
 
-#include "visikv/cli/commands.h"
 #include "visikv/calibration/headq_basis.h"
+#include "visikv/cli/commands.h"
+#include "visikv/eval/data_paths.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv::cli {
@@ -32,12 +33,8 @@ void apply_global_options() {
   }
 }
 
-nlohmann::json headq_basis_json(const HeadqBasis& basis) {
-  return {{"text", basis.text},
-          {"tokens", basis.tokens},
-          {"window", basis.window},
-          {"rank", basis.rank},
-          {"fingerprint", basis.fingerprint}};
+std::filesystem::path text_or_default_test_text(const std::string& flag) {
+  return flag.empty() ? default_test_text() : std::filesystem::path(flag);
 }
 
 }  // namespace visikv::cli

@@ -234,13 +234,13 @@ std::span<const float> AttentionTrace::group_queries(int64_t layer, int64_t t,
                                     group() * head_dim);
 }
 
-std::vector<std::string> default_analyze_key_specs(int64_t head_dim, bool with_basis) {
+std::vector<AnalyzeKeySpec> default_analyze_key_specs(int64_t head_dim, bool with_basis) {
   KvGridSpec grid;
   grid.ranks = {std::min<int64_t>(8, head_dim)};
   const std::vector<KvGridRow> rows = kv_grid_rows(head_dim, grid);
   auto key_codec = [&](const std::string& name) {
     for (const KvGridRow& r : rows)
-      if (r.name == name) return r.key_codec;
+      if (r.name == name) return r.key_codec.text();
     fail("analyze: the eval kv grid has no row ", name);
   };
   const std::string int2_tok = key_codec("k2-tok");
@@ -258,7 +258,9 @@ std::vector<std::string> default_analyze_key_specs(int64_t head_dim, bool with_b
     specs.push_back("span:query:" + int2_tok);
     specs.push_back("span:null:" + int2_tok);
   }
-  return specs;
+  std::vector<AnalyzeKeySpec> parsed;
+  for (const std::string& text : specs) parsed.push_back(parse_analyze_key_spec(text));
+  return parsed;
 }
 
 AttentionTrace trace_attention(const Model& model, std::span<const int32_t> tokens) {
@@ -306,12 +308,12 @@ AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOption
                 (i == 0 || options.entropy_edges[i] > options.entropy_edges[i - 1]),
             "--entropy-bins: edges must be positive and increasing (nats), got ",
             options.entropy_edges[i]);
-  const bool value_metrics = !options.value_spec.empty();
-  const CodecSpec value_codec = value_metrics ? parse_codec_spec(options.value_spec) : f32_spec();
+  const bool value_metrics = options.value_codec.has_value();
+  const CodecSpec value_codec = value_metrics ? options.value_codec->codec : f32_spec();
   const CacheShape shape{trace.layers, trace.kv_heads, trace.head_dim};
   std::vector<AnalyzeKeySpec> specs;
-  for (const std::string& text : options.key_specs) {
-    AnalyzeKeySpec spec = parse_analyze_key_spec(text);
+  for (const AnalyzeKeySpec& spec : options.key_specs) {
+    const std::string text = spec.text();
     if (spec.needs_basis()) {
       require(options.basis != nullptr, "key spec '", text,
               "' needs a calibrated HeadQ basis (pass --basis FILE from `visikv calibrate`, or "
@@ -325,7 +327,7 @@ AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOption
     const CodecSpec key_codec =
         spec.kind == AnalyzeKeySpec::Kind::NullSpace ? f32_spec() : spec.codec;
     CodecCache(shape, key_codec, value_codec, 0, 32, options.basis);
-    specs.push_back(std::move(spec));
+    specs.push_back(spec);
   }
 
   const int64_t layers = trace.layers, jobs = static_cast<int64_t>(specs.size()) * layers;

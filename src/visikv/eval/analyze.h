@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "visikv/eval/key_perturbation.h"
+#include "visikv/kv/codec_spec.h"
 
 namespace visikv {
 
@@ -58,8 +59,8 @@ struct AttentionTrace {
 AttentionTrace trace_attention(const Model& model, std::span<const int32_t> tokens);
 
 struct AnalyzeOptions {
-  std::vector<std::string> key_specs;                  // eval/key_perturbation.h grammar
-  std::string value_spec;                              // empty: f32 values, no value metrics
+  std::vector<AnalyzeKeySpec> key_specs;               // eval/key_perturbation.h grammar
+  std::optional<ValueCodecSpec> value_codec;           // none: f32 values, no value metrics
   std::vector<double> entropy_edges = {0.5, 1, 2, 4};  // nats, ascending: bins [0, e0), ...
   const HeadqBasis* basis = nullptr;                   // for HeadQ codecs and the controls
   double null_energy = 0.999;                          // query-span energy of the controls
@@ -103,7 +104,7 @@ using AnalyzeProgress = std::function<void(int64_t done, int64_t total)>;
 // per-token keys (when head_dim is a power of two); and, when `with_basis`, HeadQ rank 8 on the
 // int2 per-token keys, the null-space intervention `null:a1` and the same-MSE pair
 // `span:query:` / `span:null:` of the int2 per-token codec.
-std::vector<std::string> default_analyze_key_specs(int64_t head_dim, bool with_basis);
+std::vector<AnalyzeKeySpec> default_analyze_key_specs(int64_t head_dim, bool with_basis);
 
 // Checks every spec (and the basis it needs) first; throws visikv::Error naming a bad spec, a
 // missing basis, bad entropy edges or a value spec that does not fit.

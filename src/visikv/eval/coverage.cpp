@@ -75,7 +75,7 @@ CoverageSummary summarize_shares(std::vector<double> shares) {
 }
 
 CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tokens,
-                                  const std::vector<std::string>& selector_texts,
+                                  const std::vector<NamedSelectorSpec>& selectors,
                                   const CoverageOptions& o, const CoverageProgress& progress) {
   const int64_t n = static_cast<int64_t>(tokens.size());
   require(n >= 2, "coverage needs a window of at least 2 tokens, got ", n);
@@ -89,8 +89,8 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
           " tokens exceeds the model's ", c.max_positions, " positions");
   std::vector<SelectorSpec> specs;
   int64_t block = 0;
-  for (const std::string& text : selector_texts) {
-    specs.push_back(parse_selector_spec(text));
+  for (const NamedSelectorSpec& selector : selectors) {
+    specs.push_back(selector.spec);
     const int64_t b = specs.back().block_size;
     require(b == 0 || block == 0 || b == block, "coverage: the selectors ask for block sizes ",
             block, " and ", b, "; one run uses one cache, so give them one block size");
@@ -109,7 +109,7 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
 
   CoverageResult result;
   result.positions = n;
-  result.selectors = selector_texts;
+  for (const NamedSelectorSpec& selector : selectors) result.selectors.push_back(selector.text);
   const int64_t counted = n - o.from, sel_count = static_cast<int64_t>(specs.size());
   result.queries_per_layer = counted * heads;
   // Shares per layer, {layers, counted * heads}; index 0..3: anchors, window, top-k, total; then

@@ -24,6 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "visikv/attention/selector_spec.h"
+#include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv {
@@ -31,7 +33,8 @@ namespace visikv {
 struct CoverageOptions {
   int64_t from = 256;  // only queries at positions >= from are counted
   int64_t anchors = 1, window = 64, top_k = 32;
-  std::string key_codec = "f32", value_codec = "f32";
+  KeyCodecSpec key_codec;      // f32 by default
+  ValueCodecSpec value_codec;  // f32 by default
 };
 
 struct CoverageSummary {
@@ -63,7 +66,7 @@ using CoverageProgress = std::function<void(int64_t done, int64_t total)>;
 // size (the cache's); throws visikv::Error for bad specs, sizes or options (from beyond the
 // window, negative sizes).
 CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tokens,
-                                  const std::vector<std::string>& selectors,
+                                  const std::vector<NamedSelectorSpec>& selectors,
                                   const CoverageOptions& options,
                                   const CoverageProgress& progress = {});
 

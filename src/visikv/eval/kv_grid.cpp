@@ -24,11 +24,11 @@ constexpr int kKeyBits[] = {2, 3, 4};
 constexpr int64_t kValueWindow = 64;
 constexpr const char* kValueRules[] = {"recency", "a1", "a2"};
 
-// "a2:int2/int4:g64:w64:avg3", canonical (kv/value_policy_spec.h); uniform gives the plain
-// codec ("int3:g64:tok").
-std::string value_policy(const std::string& rule, int64_t group, const std::string& average) {
+// "a2:int2/int4:g64:w64:avg3" (kv/value_policy_spec.h); uniform gives the plain codec
+// ("int3:g64:tok").
+ValueCodecSpec value_policy(const std::string& rule, int64_t group, const std::string& average) {
   const std::string window = rule == "uniform" ? "" : str_cat(":w", kValueWindow);
-  return parse_codec_spec(str_cat(rule, ":int2/int4:g", group, window, ":avg", average)).text();
+  return parse_value_codec_spec(str_cat(rule, ":int2/int4:g", group, window, ":avg", average));
 }
 
 // Per-token group size: 64 channels (the paper's setting), or the largest multiple of 8 below it
@@ -49,15 +49,15 @@ CodecSpec plain_spec(int bits, CodecSpec::Axis axis, int64_t head_dim) {
   return s;
 }
 
-CodecSpec with_headq(CodecSpec base, int64_t rank, int side_bits, HeadqSpec::Basis basis,
-                     bool wrong_sign) {
+KeyCodecSpec with_headq(CodecSpec base, int64_t rank, int side_bits, HeadqSpec::Basis basis,
+                        bool wrong_sign) {
   HeadqSpec h;
   h.rank = rank;
   h.bits = side_bits;
   h.basis = basis;
   h.wrong_sign = wrong_sign;
   base.headq = h;
-  return base;
+  return key_codec_spec(std::move(base));
 }
 
 const char* axis_name(CodecSpec::Axis axis) {
@@ -112,46 +112,47 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
   std::sort(ranks.begin(), ranks.end());
   ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
   const int64_t control = kv_grid_control_rank(spec);
-  const std::string f32 = "f32";
-  const CodecSpec int2_values = plain_spec(2, CodecSpec::Axis::Tokens, head_dim);
+  const KeyCodecSpec f32_keys;
+  const ValueCodecSpec f32_values;
+  const ValueCodecSpec int2_values =
+      value_codec_spec(plain_spec(2, CodecSpec::Axis::Tokens, head_dim));
 
   std::vector<KvGridRow> rows;
-  rows.push_back({"dense", KvGridRowKind::Dense, f32, f32, "", ""});
+  rows.push_back({"dense", KvGridRowKind::Dense, f32_keys, f32_values, "", ""});
   const CodecSpec::Axis axes[] = {CodecSpec::Axis::Tokens, CodecSpec::Axis::Channels};
   for (CodecSpec::Axis axis : axes)
     for (int b : kKeyBits)
       rows.push_back({str_cat("k", b, "-", axis_name(axis)), KvGridRowKind::Plain,
-                      plain_spec(b, axis, head_dim).text(), f32, "", ""});
+                      key_codec_spec(plain_spec(b, axis, head_dim)), f32_values, "", ""});
   for (CodecSpec::Axis axis : axes) {
     const CodecSpec base = plain_spec(2, axis, head_dim);
     const std::string base_name = str_cat("k2-", axis_name(axis));
     for (int64_t r : ranks)
       rows.push_back({str_cat(base_name, "+hq-r", r), KvGridRowKind::Headq,
-                      with_headq(base, r, spec.side_bits, HeadqSpec::Basis::Query, false).text(),
-                      f32, base_name, ""});
+                      with_headq(base, r, spec.side_bits, HeadqSpec::Basis::Query, false),
+                      f32_values, base_name, ""});
     const std::string control_name = str_cat(base_name, "+hq-r", control);
     rows.push_back({control_name + "-wrongsign", KvGridRowKind::Control,
-                    with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, true).text(),
-                    f32, base_name, "control: correction subtracted"});
-    rows.push_back(
-        {control_name + "-random", KvGridRowKind::Control,
-         with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Random, false).text(), f32,
-         base_name, "control: seeded random orthonormal basis"});
-    rows.push_back(
-        {control_name + "-keypca", KvGridRowKind::Control,
-         with_headq(base, control, spec.side_bits, HeadqSpec::Basis::KeyPca, false).text(), f32,
-         base_name, "control: key-PCA basis"});
+                    with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, true),
+                    f32_values, base_name, "control: correction subtracted"});
+    rows.push_back({control_name + "-random", KvGridRowKind::Control,
+                    with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Random, false),
+                    f32_values, base_name, "control: seeded random orthonormal basis"});
+    rows.push_back({control_name + "-keypca", KvGridRowKind::Control,
+                    with_headq(base, control, spec.side_bits, HeadqSpec::Basis::KeyPca, false),
+                    f32_values, base_name, "control: key-PCA basis"});
   }
   for (CodecSpec::Axis axis : axes) {
     const CodecSpec base = plain_spec(2, axis, head_dim);
     for (int64_t r : ranks) {
-      const CodecSpec headq = with_headq(base, r, spec.side_bits, HeadqSpec::Basis::Query, false);
+      const CodecSpec headq =
+          with_headq(base, r, spec.side_bits, HeadqSpec::Basis::Query, false).codec;
       const double budget = codec_bits(headq, head_dim).bits_per_vector;
       const std::optional<CodecSpec> plain = same_budget_codec(base, budget, head_dim);
       if (!plain) continue;  // cannot happen: the base itself fits
       const double bits = codec_bits(*plain, head_dim).bits_per_vector;
       rows.push_back({str_cat("budget-", axis_name(axis), "-r", r), KvGridRowKind::SameBudget,
-                      plain->text(), f32, "",
+                      key_codec_spec(*plain), f32_values, "",
                       str_cat("same budget as ", headq.text(), " (", budget, " bits/key; plain ",
                               bits, bits == budget ? ", exact)" : ")")});
     }
@@ -159,33 +160,33 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
   // Values only (keys f32): plain int2 and int4, and four ways to spend 3 bits per value.
   const int64_t value_group = token_group(head_dim);
   rows.push_back(
-      {"v-int2", KvGridRowKind::Values, f32, int2_values.text(), "", "values only: plain int2"});
-  rows.push_back({"v-int4", KvGridRowKind::Values, f32,
-                  plain_spec(4, CodecSpec::Axis::Tokens, head_dim).text(), "",
+      {"v-int2", KvGridRowKind::Values, f32_keys, int2_values, "", "values only: plain int2"});
+  rows.push_back({"v-int4", KvGridRowKind::Values, f32_keys,
+                  value_codec_spec(plain_spec(4, CodecSpec::Axis::Tokens, head_dim)), "",
                   "values only: plain int4"});
-  rows.push_back({"v3-uniform", KvGridRowKind::ValuePolicy, f32,
+  rows.push_back({"v3-uniform", KvGridRowKind::ValuePolicy, f32_keys,
                   value_policy("uniform", value_group, "3"), "",
                   "values only, 3 bits on average: uniform int3"});
   for (const char* rule : kValueRules)
-    rows.push_back({str_cat("v3-", rule), KvGridRowKind::ValuePolicy, f32,
+    rows.push_back({str_cat("v3-", rule), KvGridRowKind::ValuePolicy, f32_keys,
                     value_policy(rule, value_group, "3"), "",
                     str_cat("values only, 3 bits on average: ", rule, " policy, int2/int4, newest ",
                             kValueWindow, " at int4")});
   // Full KV at 2 bits: plain int2 values, then HeadQ keys with plain int2 values, with the A²
   // policy at 2.5 code bits on average, and with the plain codec of the same bits per value.
-  const std::string a2_values = value_policy("a2", value_group, "2.5");
-  const double a2_bits = codec_bits(parse_codec_spec(a2_values), head_dim).bits_per_vector;
+  const ValueCodecSpec a2_values = value_policy("a2", value_group, "2.5");
+  const double a2_bits = codec_bits(a2_values.codec, head_dim).bits_per_vector;
   const std::optional<CodecSpec> same_bits_values =
-      same_budget_codec(int2_values, a2_bits, head_dim);
+      same_budget_codec(int2_values.codec, a2_bits, head_dim);
   for (CodecSpec::Axis axis : axes) {
     const CodecSpec base = plain_spec(2, axis, head_dim);
     const std::string name = str_cat("kv2-", axis_name(axis));
-    const std::string headq_keys =
-        with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, false).text();
-    rows.push_back({name, KvGridRowKind::FullKv, base.text(), int2_values.text(), "",
+    const KeyCodecSpec headq_keys =
+        with_headq(base, control, spec.side_bits, HeadqSpec::Basis::Query, false);
+    rows.push_back({name, KvGridRowKind::FullKv, key_codec_spec(base), int2_values, "",
                     "full KV, plain int2 values"});
     const std::string headq_name = str_cat(name, "+hq-r", control);
-    rows.push_back({headq_name, KvGridRowKind::FullKvHeadq, headq_keys, int2_values.text(), name,
+    rows.push_back({headq_name, KvGridRowKind::FullKvHeadq, headq_keys, int2_values, name,
                     "full KV, HeadQ keys, plain int2 values"});
     rows.push_back({headq_name + "+a2", KvGridRowKind::FullKvHeadqValues, headq_keys, a2_values,
                     name, str_cat("full KV, HeadQ keys, A2 values (", a2_bits, " bits/value)")});
@@ -193,7 +194,7 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
     if (same_bits_values && same_bits_values->text() != int2_values.text())
       rows.push_back(
           {str_cat(headq_name, "+v", a2_bits), KvGridRowKind::FullKvHeadqValues, headq_keys,
-           same_bits_values->text(), name,
+           value_codec_spec(*same_bits_values), name,
            str_cat("full KV, HeadQ keys, plain values at the A2 row's bits (",
                    codec_bits(*same_bits_values, head_dim).bits_per_vector, " bits/value)")});
   }
@@ -225,7 +226,7 @@ std::vector<KvGridRow> select_kv_grid_rows(const std::vector<KvGridRow>& rows,
 int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows) {
   int64_t rank = 0;
   for (const KvGridRow& r : rows) {
-    const CodecSpec spec = parse_codec_spec(r.key_codec);
+    const CodecSpec& spec = r.key_codec.codec;
     if (spec.headq && spec.headq->basis != HeadqSpec::Basis::Random)
       rank = std::max(rank, spec.headq->rank);
   }
@@ -256,14 +257,14 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
             r.base);
 
   // Check every codec (and the basis) before spending model time: a one-token cache each.
-  using Run = std::tuple<std::string, std::string, std::string>;  // key, value codec, selector
+  // A run is keyed by the canonical texts of its key codec, value codec and selector.
+  using Run = std::tuple<std::string, std::string, std::string>;
   const auto run_of = [](const KvGridRow& r) {
-    return Run{r.key_codec, r.value_codec, r.selector};
+    return Run{r.key_codec.text(), r.value_codec.text(), describe(r.selector.spec)};
   };
   std::vector<Run> runs;
   for (const KvGridRow& r : rows) {
     make_cache(shape, r.key_codec, r.value_codec, 1, 32, basis);
-    parse_selector_spec(r.selector);
     if (std::find(runs.begin(), runs.end(), run_of(r)) == runs.end()) runs.push_back(run_of(r));
   }
 
@@ -275,13 +276,15 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   ppl.headq_basis = basis;
   std::map<Run, PerplexityResult> done;
   for (size_t i = 0; i < runs.size(); ++i) {
-    std::tie(ppl.key_codec, ppl.value_codec, ppl.selector) = runs[i];
     const KvGridRow* row = nullptr;
     for (const KvGridRow& r : rows)
       if (run_of(r) == runs[i]) {
         row = &r;
         break;
       }
+    ppl.key_codec = row->key_codec;
+    ppl.value_codec = row->value_codec;
+    ppl.selector = row->selector.spec;
     Progress each;
     if (progress)
       each = [&, i, row](int64_t scored, int64_t total) {
@@ -295,13 +298,13 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   for (const KvGridRow& r : rows) {
     KvGridResult x;
     x.row = r;
-    x.key_bits = codec_bits(parse_codec_spec(r.key_codec), shape.head_dim);
-    x.value_bits = codec_bits(parse_codec_spec(r.value_codec), shape.head_dim);
+    x.key_bits = codec_bits(r.key_codec.codec, shape.head_dim);
+    x.value_bits = codec_bits(r.value_codec.codec, shape.head_dim);
     x.ppl = done.at(run_of(r));
     x.delta_ppl = x.ppl.ppl - dense_ppl;
     for (const KvGridRow& earlier : rows) {
       if (&earlier == &r) break;
-      if (earlier.key_codec == r.key_codec && earlier.value_codec == r.value_codec) {
+      if (run_of(earlier) == run_of(r)) {
         x.same_run_as = earlier.name;
         break;
       }
@@ -319,26 +322,28 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   return results;
 }
 
-std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<std::string>& selectors,
-                                           const std::vector<std::string>& key_codecs) {
-  std::vector<KvGridRow> rows = {{"dense", KvGridRowKind::Dense, "f32", "f32"}};
-  const auto add = [&](const std::string& name, const std::string& key_codec,
-                       const std::string& selector) {
-    KvGridRow row{name, KvGridRowKind::Plain, key_codec, "f32"};
+std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<NamedSelectorSpec>& selectors,
+                                           const std::vector<KeyCodecSpec>& key_codecs) {
+  std::vector<KvGridRow> rows = {{"dense", KvGridRowKind::Dense}};
+  const auto add = [&](const std::string& name, const KeyCodecSpec& key_codec,
+                       const NamedSelectorSpec& selector) {
+    KvGridRow row{name, KvGridRowKind::Plain, key_codec};
     row.selector = selector;
     for (const KvGridRow& r : rows)
       require(r.name != row.name, "sparse perplexity grid: row '", row.name, "' given twice");
     rows.push_back(std::move(row));
   };
-  for (const std::string& selector : selectors) {
-    parse_selector_spec(selector);
-    if (selector != "dense") add(selector, "f32", selector);
-  }
-  for (const std::string& codec : key_codecs) {
-    const std::string canonical = parse_codec_spec(codec).text();
-    if (canonical != "f32") add(canonical, canonical, "dense");
-    for (const std::string& selector : selectors)
-      if (selector != "dense") add(canonical + " + " + selector, canonical, selector);
+  const NamedSelectorSpec dense;
+  const auto is_dense = [](const NamedSelectorSpec& s) {
+    return s.spec.kind == SelectorKind::Dense;
+  };
+  for (const NamedSelectorSpec& selector : selectors)
+    if (!is_dense(selector)) add(selector.text, KeyCodecSpec{}, selector);
+  for (const KeyCodecSpec& codec : key_codecs) {
+    const std::string canonical = codec.text();
+    if (canonical != "f32") add(canonical, codec, dense);
+    for (const NamedSelectorSpec& selector : selectors)
+      if (!is_dense(selector)) add(canonical + " + " + selector.text, codec, selector);
   }
   return rows;
 }

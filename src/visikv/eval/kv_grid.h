@@ -53,6 +53,7 @@
 #include <string>
 #include <vector>
 
+#include "visikv/attention/selector_spec.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/kv/codec_spec.h"
 
@@ -77,10 +78,11 @@ enum class KvGridRowKind {
 struct KvGridRow {
   std::string name;  // unique, as `--rows` takes it
   KvGridRowKind kind = KvGridRowKind::Dense;
-  std::string key_codec, value_codec;  // canonical specs (docs/CACHE_SPECS.md)
-  std::string base;                // HeadQ rows: the row their excess removed is measured against
-  std::string note;                // e.g. the budget a same-budget row matches
-  std::string selector = "dense";  // attention selector (docs/SELECTOR_SPECS.md)
+  KeyCodecSpec key_codec;      // docs/CACHE_SPECS.md; tables show the canonical text
+  ValueCodecSpec value_codec;  //
+  std::string base;            // HeadQ rows: the row their excess removed is measured against
+  std::string note;            // e.g. the budget a same-budget row matches
+  NamedSelectorSpec selector;  // attention selector (docs/SELECTOR_SPECS.md), dense by default
 };
 
 struct KvGridSpec {
@@ -114,9 +116,9 @@ std::optional<CodecSpec> same_budget_codec(const CodecSpec& base, double budget_
 // perplexity" with a selector): "dense" (f32 keys and values, dense attention), then each selector
 // with f32 keys (row named by its spec), then for each key codec the codec with dense attention
 // (named by its canonical spec) and with each selector ("<codec> + <selector>"). Values stay
-// f32. Throws visikv::Error for a bad spec or a row given twice.
-std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<std::string>& selectors,
-                                           const std::vector<std::string>& key_codecs);
+// f32. Throws visikv::Error for a row given twice.
+std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<NamedSelectorSpec>& selectors,
+                                           const std::vector<KeyCodecSpec>& key_codecs);
 
 struct KvGridOptions {
   PerplexityMode mode = PerplexityMode::DecodeBatched;  // Decode or DecodeBatched
@@ -131,8 +133,8 @@ struct KvGridResult {
   PerplexityResult ppl;
   std::optional<double> excess_removed;  // HeadQ rows only (and only when the base differs)
   double delta_ppl = 0;                  // PPL - PPL_dense
-  // The earlier row with the same key and value codecs whose run this row reports (computed
-  // once, reported twice); empty when this row had its own run.
+  // The earlier row with the same key codec, value codec and selector whose run this row
+  // reports (computed once, reported twice); empty when this row had its own run.
   std::string same_run_as;
 };
 

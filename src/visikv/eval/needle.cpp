@@ -128,11 +128,11 @@ std::vector<NeedleCase> needle_cases(const Tokenizer& tokenizer, std::span<const
 }
 
 NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
-                     const std::string& selector_text, const NeedleOptions& o,
+                     const NamedSelectorSpec& named, const NeedleOptions& o,
                      const NeedleProgress& progress) {
   const auto started = std::chrono::steady_clock::now();
   require(!cases.empty(), "needle: no cases");
-  const SelectorSpec spec = parse_selector_spec(selector_text);
+  const SelectorSpec& spec = named.spec;
   int64_t longest = 0;
   for (const NeedleCase& c : cases) longest = std::max<int64_t>(longest, c.prompt.size());
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
@@ -144,7 +144,7 @@ NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
   generation.stop_at_eos = true;  // greedy: sampling temperature 0
   generation.support = support.get();
   NeedleRow row;
-  row.selector = selector_text;
+  row.selector = named.text;
   int64_t hits = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const NeedleCase& c = cases[i];

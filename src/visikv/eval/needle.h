@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "visikv/attention/selector_spec.h"
+#include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv {
@@ -27,8 +29,8 @@ struct NeedleOptions {
   std::vector<double> depths = {0.1, 0.5, 0.9};
   std::vector<int64_t> needles = {1, 3};
   int64_t answer_tokens = 10;
-  std::string key_codec = "f32";
-  std::string value_codec = "f32";
+  KeyCodecSpec key_codec;      // f32 by default
+  ValueCodecSpec value_codec;  // f32 by default
   uint64_t seed = 1;
 };
 
@@ -70,7 +72,7 @@ using NeedleProgress = std::function<void(int64_t done, int64_t total)>;
 
 // Runs every case with one selector spec ("dense" allowed). Leaves the decoder dense.
 NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
-                     const std::string& selector, const NeedleOptions& options,
+                     const NamedSelectorSpec& selector, const NeedleOptions& options,
                      const NeedleProgress& progress = {});
 
 }  // namespace visikv

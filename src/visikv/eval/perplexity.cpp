@@ -32,6 +32,10 @@ std::string perplexity_mode_name(PerplexityMode mode) {
   fail("unknown perplexity mode");
 }
 
+int64_t text_tokens_to_score(int64_t scored, int64_t window) {
+  return scored + scored / (window - 1) + 2;
+}
+
 double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   require(target >= 0 && target < static_cast<int64_t>(logits.size()), "target token ", target,
           " outside the logits");
@@ -58,7 +62,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   require(total > 0, "nothing to score: the text has ", text.size(), " tokens");
 
   const auto started = std::chrono::steady_clock::now();
-  const SelectorSpec selector_spec = parse_selector_spec(o.selector);
+  const SelectorSpec& selector_spec = o.selector;
   // The cache keeps its block summaries at the selector's block size.
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.window,

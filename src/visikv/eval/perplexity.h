@@ -17,6 +17,8 @@
 #include <span>
 #include <string>
 
+#include "visikv/attention/selector_spec.h"
+#include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv {
@@ -32,11 +34,11 @@ struct PerplexityOptions {
   int64_t window = 1024;
   int64_t max_tokens = 0;  // 0: all
   // Cache codecs for keys and values (docs/CACHE_SPECS.md) and the attention selector
-  // (docs/SELECTOR_SPECS.md). Each key is stored when written and every score reads the stored
-  // form, in both modes.
-  std::string key_codec = "f32";
-  std::string value_codec = "f32";
-  std::string selector = "dense";
+  // (docs/SELECTOR_SPECS.md), f32 and dense by default. Each key is stored when written and every
+  // score reads the stored form, in both modes.
+  KeyCodecSpec key_codec;
+  ValueCodecSpec value_codec;
+  SelectorSpec selector;
   // Calibrated bases for a HeadQ key codec (kv/headq.h; calibration/basis_file.h loads them); not
   // owned, null when the codec needs none.
   const HeadqBasis* headq_basis = nullptr;
@@ -60,6 +62,10 @@ using Progress = std::function<void(int64_t done, int64_t total)>;
 
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text_tokens,
                             const PerplexityOptions& options, const Progress& progress = {});
+
+// Text tokens (without BOS) enough to score `scored` tokens in windows of `window` tokens: one
+// per scored token with BOS, one more per window without, and a margin of two.
+int64_t text_tokens_to_score(int64_t scored, int64_t window);
 
 // -log softmax(logits)[target], in double.
 double negative_log_likelihood(std::span<const float> logits, int32_t target);

@@ -251,11 +251,11 @@ std::vector<DenseReference> dense_references(Decoder& decoder,
 }
 
 SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
-                         const std::string& selector_text, const SurvivalOptions& o,
+                         const NamedSelectorSpec& named, const SurvivalOptions& o,
                          const SurvivalProgress& progress) {
   const auto started = std::chrono::steady_clock::now();
   require(!refs.empty(), "survival: no dense references");
-  const SelectorSpec spec = parse_selector_spec(selector_text);
+  const SelectorSpec& spec = named.spec;
   const bool dense = spec.kind == SelectorKind::Dense;
   const Config& config = decoder.model().config();
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
@@ -274,7 +274,7 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
   const AttentionOptions unobserved{selector.get(), record_stats, nullptr};
 
   SurvivalRow row;
-  row.selector = selector_text;
+  row.selector = named.text;
   StepObserver::Totals totals;
   int64_t matches = 0, predictions = 0, sampling_agreements = 0;
   double nll_dense = 0, nll_sparse = 0;

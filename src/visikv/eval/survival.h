@@ -44,19 +44,21 @@
 #include <string>
 #include <vector>
 
+#include "visikv/attention/selector_spec.h"
+#include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv {
 
 struct SurvivalOptions {
-  int64_t prefix = 1024;            // N: tokens per prefix, BOS included when set
-  int64_t continuation = 64;        // T: reference tokens
-  int64_t samples = 4;              // S: prefixes
-  std::string key_codec = "f32";    // cache codecs (docs/CACHE_SPECS.md), the same for the
-  std::string value_codec = "f32";  // dense reference and every selector
-  std::optional<int32_t> bos;       // first token of every prefix when set
-  double temperature = 0;           // > 0: also measure sampling agreement at this temperature
-  uint64_t seed = 0;                // sampling seed of sample 0 (sample i uses seed + i)
+  int64_t prefix = 1024;       // N: tokens per prefix, BOS included when set
+  int64_t continuation = 64;   // T: reference tokens
+  int64_t samples = 4;         // S: prefixes
+  KeyCodecSpec key_codec;      // cache codecs (docs/CACHE_SPECS.md; f32 by default), the
+  ValueCodecSpec value_codec;  // same for the dense reference and every selector
+  std::optional<int32_t> bos;  // first token of every prefix when set
+  double temperature = 0;      // > 0: also measure sampling agreement at this temperature
+  uint64_t seed = 0;           // sampling seed of sample 0 (sample i uses seed + i)
 };
 
 // Checks the options against the model (sizes >= 1, prefix + continuation within the model's
@@ -115,7 +117,7 @@ using SurvivalProgress = std::function<void(int64_t done, int64_t total)>;
 // One row of the table for one selector spec (docs/SELECTOR_SPECS.md; "dense" allowed). Throws
 // visikv::Error for a bad spec. Leaves the decoder dense.
 SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> references,
-                         const std::string& selector, const SurvivalOptions& options,
+                         const NamedSelectorSpec& selector, const SurvivalOptions& options,
                          const SurvivalProgress& progress = {});
 
 }  // namespace visikv

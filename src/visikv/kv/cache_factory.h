@@ -7,6 +7,7 @@
 #include <string>
 
 #include "visikv/kv/cache.h"
+#include "visikv/kv/codec_spec.h"
 
 namespace visikv {
 
@@ -21,6 +22,12 @@ struct HeadqBasisVectors;
 // `:random` control needs none). The cache copies the rows it uses.
 std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const std::string& key_spec,
                                     const std::string& value_spec, int64_t reserve_tokens = 0,
+                                    int64_t block_size = 32,
+                                    const HeadqBasisVectors* headq_basis = nullptr);
+
+// The same from specs already parsed for their side (kv/codec_spec.h).
+std::unique_ptr<KVCache> make_cache(const CacheShape& shape, const KeyCodecSpec& keys,
+                                    const ValueCodecSpec& values, int64_t reserve_tokens = 0,
                                     int64_t block_size = 32,
                                     const HeadqBasisVectors* headq_basis = nullptr);
 

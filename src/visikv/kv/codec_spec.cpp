@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <utility>
 #include <vector>
 
 #include "visikv/core/error.h"
@@ -149,6 +150,28 @@ CodecSpec parse_codec_spec(std::string_view text) {
   require(next == fields.size(), "cache spec '", text, "': unexpected '",
           fields[std::min(next, fields.size() - 1)], "' (", kGrammar, ")");
   return spec;
+}
+
+KeyCodecSpec key_codec_spec(CodecSpec spec) {
+  if (spec.policy)
+    fail("key codec '", spec.text(), "': the value bit policy '", spec.policy->rule_name(),
+         "' is for values only");
+  return {std::move(spec)};
+}
+
+ValueCodecSpec value_codec_spec(CodecSpec spec) {
+  if (spec.headq)
+    fail("value codec '", spec.text(), "': the HeadQ side code '+", spec.headq->text(),
+         "' is for keys only");
+  return {std::move(spec)};
+}
+
+KeyCodecSpec parse_key_codec_spec(std::string_view text) {
+  return key_codec_spec(parse_codec_spec(text));
+}
+
+ValueCodecSpec parse_value_codec_spec(std::string_view text) {
+  return value_codec_spec(parse_codec_spec(text));
 }
 
 void check_codec_fits(const CodecSpec& spec, int64_t head_dim) {

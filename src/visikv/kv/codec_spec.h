@@ -79,6 +79,27 @@ struct CodecSpec {
 // Parses a spec; throws visikv::Error naming the spec and the problem.
 CodecSpec parse_codec_spec(std::string_view text);
 
+// A codec for the key side of a cache: any spec but a value bit policy. Evaluations take keys in
+// this form, so an option of the other side fails where the text is read, before any model time.
+struct KeyCodecSpec {
+  CodecSpec codec;  // f32 by default
+  std::string text() const { return codec.text(); }
+};
+
+// A codec for the value side of a cache: any spec but one with a HeadQ side code.
+struct ValueCodecSpec {
+  CodecSpec codec;  // f32 by default
+  std::string text() const { return codec.text(); }
+};
+
+// Parse a spec for one side; throw visikv::Error naming the spec and the option that belongs to
+// the other side (e.g. "key codec 'a2:...': the value bit policy 'a2' is for values only").
+KeyCodecSpec parse_key_codec_spec(std::string_view text);
+ValueCodecSpec parse_value_codec_spec(std::string_view text);
+// The same checks for a spec built in code.
+KeyCodecSpec key_codec_spec(CodecSpec spec);
+ValueCodecSpec value_codec_spec(CodecSpec spec);
+
 // Throws visikv::Error when the spec cannot store vectors of `head_dim` channels (integer codecs
 // need head_dim % 8 == 0, per-token groups need G to divide head_dim, `:had` needs a power of
 // two, a HeadQ rank must not exceed head_dim).
