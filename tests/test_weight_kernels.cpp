@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -200,6 +201,70 @@ TEST(WeightKernels, Int8ProductsAreExactOnRepresentableActivations) {
 
 namespace visikv {
 namespace {
+
+// Random rows of `type` with small fp16 scales where the format keeps them (the other bytes
+// random), or normal float values for the float types: every value finite.
+std::vector<std::byte> random_rows(DType type, int64_t rows, int64_t columns, std::mt19937& rng) {
+  const DTypeInfo& info = dtype_info(type);
+  std::vector<std::byte> data(static_cast<size_t>(rows * storage_bytes(type, columns)));
+  if (info.block_elements == 1) {
+    std::normal_distribution<float> normal;
+    for (int64_t i = 0; i < rows * columns; ++i) {
+      const float v = normal(rng);
+      if (type == DType::F32) {
+        std::memcpy(data.data() + 4 * i, &v, 4);
+      } else {
+        const uint16_t h = type == DType::F16 ? float_to_fp16(v) : float_to_bf16(v);
+        std::memcpy(data.data() + 2 * i, &h, 2);
+      }
+    }
+    return data;
+  }
+  for (auto& b : data) b = static_cast<std::byte>(rng() & 0xFF);
+  const uint16_t scale = float_to_fp16(0.01f);
+  for (int64_t b = 0; b < rows * columns / info.block_elements; ++b) {
+    std::byte* block = data.data() + b * info.block_bytes;
+    if (type == DType::Q6_K) {
+      std::memcpy(block + 208, &scale, 2);
+      continue;
+    }
+    std::memcpy(block, &scale, 2);
+    if (type == DType::Q4_1 || type == DType::Q5_1 || type == DType::Q4_K || type == DType::Q5_K)
+      std::memcpy(block + 2, &scale, 2);
+  }
+  return data;
+}
+
+// Rows longer than one step of the blocked product (2304 values: steps of 1024, 1024 and 256), an
+// odd number of them and a token count with a partial group: every output of the blocked product
+// equals the one-token row kernel's, bit for bit, on every target.
+TEST(WeightKernels, BlockedProductEqualsTheRowKernelOnLongRows) {
+  constexpr int64_t kRows = 5, kColumns = 2304, kTokens = 9;
+  for (const DType type :
+       {DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0,
+        DType::Q5_1, DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(type)));
+    std::mt19937 rng(11);
+    const std::vector<std::byte> weights = random_rows(type, kRows, kColumns, rng);
+    const int64_t row_bytes = storage_bytes(type, kColumns);
+    const std::vector<float> x = test_support::random_vector(rng, kTokens * kColumns);
+    for (const std::string& target : available_targets()) {
+      SCOPED_TRACE(target);
+      const TargetGuard guard(target);
+      std::vector<float> all(kTokens * kRows, std::numeric_limits<float>::quiet_NaN());
+      dot_rows_tokens(type, weights.data(), row_bytes, kRows, kColumns, x.data(), kColumns, kTokens,
+                      all.data(), kRows);
+      for (int64_t r = 0; r < kRows; ++r)
+        for (int64_t t = 0; t < kTokens; ++t) {
+          float one = std::numeric_limits<float>::quiet_NaN();
+          dot_row_tokens(type, weights.data() + r * row_bytes, kColumns, x.data() + t * kColumns,
+                         kColumns, 1, &one, 1);
+          ASSERT_TRUE(std::isfinite(one)) << r << " " << t;
+          EXPECT_EQ(all[t * kRows + r], one) << r << " " << t;
+        }
+    }
+  }
+}
 
 // A range of rows in one call gives, row by row, the bits of one-row calls (both products). With
 // more than four tokens the float products run blocked (weight_kernels.cpp BlockedRows): 512-value

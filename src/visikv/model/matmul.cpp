@@ -24,8 +24,8 @@ constexpr int64_t kGemmSlabRows = 256;
 constexpr int64_t kTokenTile = 64;
 // Up to this many tokens the products go row by row (decode); above it, by blocks of rows.
 constexpr int64_t kRowTokens = 4;
-// Rows per call of the blocked product: a step of their weights (32 rows of 1024 values, 18 KB
-// in Q4_K) stays in L1 beside a group of tokens' input.
+// Rows per call of the blocked product (weight_kernels.cpp BlockedRows): their widened step, 32
+// rows of 1024 values, is a 128 KB panel that stays in L2 while the token groups pass over it.
 constexpr int64_t kRowBlock = 32;
 
 void widen_rows(const TensorRef& w, int64_t first_row, int64_t rows, float* out) {

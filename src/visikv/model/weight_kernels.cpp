@@ -25,6 +25,7 @@
 #define HWY_TARGET_INCLUDE "visikv/model/weight_kernels.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 // Highway's own headers must follow foreach_target.h.
+#include <hwy/aligned_allocator.h>
 #include <hwy/highway.h>
 
 #include <algorithm>
@@ -397,14 +398,32 @@ void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_s
 // --- the blocked product (many tokens)
 // ------------------------------------------------------------ A range of rows times many tokens as
 // a cache-blocked product. The rows are taken a step of kStepValues values at a time: the step of
-// every row is widened once into a float32 panel (32 KB for 32 rows, in L1), then each group of
-// kGroupTokens tokens (their step of the input, 4 KB) meets every row of the panel, and the
-// accumulators wait in memory between steps. The widened values are the ones the row kernel
-// multiplies, and each output is summed in DotTokens' order, so the result equals the row kernel's
-// bit for bit; what changes is that a weight is unpacked once per call instead of once per four
-// tokens, and every operand comes from L1.
+// every row is widened once into a float32 panel (128 KB for 32 rows, in L2), then each group of
+// kGroupTokens tokens (their step of the input, 16 KB, copied into an aligned block in L1) meets
+// every row of the panel, two rows at a time, and the accumulators wait in memory between steps.
+// The widened values are the ones the row kernel multiplies, and each output is summed in
+// DotTokens' order, so the result equals the row kernel's bit for bit; what changes is that a
+// weight is unpacked once per call instead of once per four tokens, and an input vector loaded once
+// serves two rows. Steps of 256 and 512 values (panels in L1) measured about 5% slower on AVX-512
+// (bench/bench_weight_kernels.cpp). A float buffer aligned to cache lines that grows and keeps its
+// memory.
+class AlignedBuffer {
+ public:
+  float* Reserve(int64_t count) {
+    if (count > capacity_) {
+      data_ = hwy::AllocateAligned<float>(static_cast<size_t>(count));
+      capacity_ = count;
+    }
+    return data_.get();
+  }
+
+ private:
+  hwy::AlignedFreeUniquePtr<float[]> data_;
+  int64_t capacity_ = 0;
+};
+
 constexpr int kGroupTokens = 4;
-constexpr int64_t kStepValues = 256;  // a whole number of blocks of every type
+constexpr int64_t kStepValues = 1024;  // a whole number of blocks of every type
 constexpr int64_t kStateFloats = kGroupTokens * kVectors * kLanes;  // one (row, group)'s sums
 
 // Values [first_block, end_block) of a row, widened to float32 into `out`.
@@ -482,28 +501,30 @@ void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t 
   static_assert(kStepBlocks * Format::kValues == kStepValues);
   const int64_t blocks = n / Format::kValues;
   const int64_t groups = (tokens + kGroupTokens - 1) / kGroupTokens;
-  // Grow to the largest call and are then reused: nothing is allocated on the hot path.
-  thread_local std::vector<float> state_buffer, panel_buffer;
-  if (state_buffer.size() < static_cast<size_t>(rows * groups * kStateFloats))
-    state_buffer.resize(static_cast<size_t>(rows * groups * kStateFloats));
-  if (panel_buffer.size() < static_cast<size_t>(rows * kStepValues))
-    panel_buffer.resize(static_cast<size_t>(rows * kStepValues));
-  float* state = state_buffer.data();
-  float* panel = panel_buffer.data();
+  // Grow to the largest call and are then reused: nothing is allocated on the hot path. Aligned
+  // to whole cache lines, so that no vector load is split over two of them.
+  thread_local AlignedBuffer state_buffer, panel_buffer, input_buffer;
+  float* state = state_buffer.Reserve(rows * groups * kStateFloats);
+  float* panel = panel_buffer.Reserve(rows * kStepValues);
+  float* input = input_buffer.Reserve(kGroupTokens * kStepValues);
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
     for (int64_t r = 0; r < rows; ++r)
       WidenBlocks<Format>(first + r * row_bytes, b0, b1, panel + r * kStepValues);
-    const int64_t units = (b1 - b0) * Format::kValues / kUnit;
+    const int64_t values = (b1 - b0) * Format::kValues, units = values / kUnit;
     for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = x + g * kGroupTokens * x_stride + b0 * Format::kValues;
       const int64_t count = std::min<int64_t>(kGroupTokens, tokens - g * kGroupTokens);
+      // The group's step of the input, copied once into an aligned block the rows share.
+      for (int64_t t = 0; t < count; ++t)
+        std::memcpy(input + t * kStepValues,
+                    x + (g * kGroupTokens + t) * x_stride + b0 * Format::kValues,
+                    static_cast<size_t>(values) * sizeof(float));
       int64_t r = 0;
       for (; r + kPanelRows <= rows; r += kPanelRows)
-        PanelStepTokens<kPanelRows>(count, panel + r * kStepValues, units, xg, x_stride, b0 == 0,
-                                    state + (g * rows + r) * kStateFloats);
+        PanelStepTokens<kPanelRows>(count, panel + r * kStepValues, units, input, kStepValues,
+                                    b0 == 0, state + (g * rows + r) * kStateFloats);
       for (; r < rows; ++r)
-        PanelStepTokens<1>(count, panel + r * kStepValues, units, xg, x_stride, b0 == 0,
+        PanelStepTokens<1>(count, panel + r * kStepValues, units, input, kStepValues, b0 == 0,
                            state + (g * rows + r) * kStateFloats);
     }
   }
