@@ -136,6 +136,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadInvocation{"info " + std::string(VISIKV_FIXTURES) + "/formats/floats.safetensors",
                       "GGUF"},
         BadInvocation{"ppl " + kLlama + " --window 1", "window"},
+        BadInvocation{"ppl " + kLlama + " --window 100000 --tokens 4",
+                      "exceeds the model's context"},
         BadInvocation{"ppl " + kLlama + " --mode sideways", "mode"},
         BadInvocation{"ppl " + kLlama + " --tokens -5", "tokens"},
         BadInvocation{"ppl " + kLlama + " --file /no/such/text.txt", "no such file"},

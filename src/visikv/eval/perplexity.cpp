@@ -49,6 +49,12 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
                             const PerplexityOptions& o, const Progress& progress) {
   require(o.window >= 2, "perplexity window must be at least 2 tokens, got ", o.window);
   require(o.max_tokens >= 0, "--tokens must not be negative");
+  // Positions past the model's context would run on RoPE angles or position embeddings it never
+  // saw (or past its table): refuse instead of reporting a perplexity of a model that does not
+  // exist.
+  const int64_t context = decoder.model().config().max_positions;
+  require(context <= 0 || o.window <= context, "perplexity window of ", o.window,
+          " tokens exceeds the model's context of ", context, " positions");
   const int64_t text_per_window = o.bos ? o.window - 1 : o.window;
   const int64_t scored_per_window = o.window - 1;
 
