@@ -1,7 +1,6 @@
 #include "visikv/model/matmul.h"
 
 #include <cblas.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -107,8 +106,6 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // matrix). Tokens go in tiles small enough to stay in the core's cache while every row of the
   // thread's share passes over them; the static schedule gives a thread the same rows in every
   // tile, so no barrier is needed between tiles.
-  int64_t total_rows = 0;
-  for (const LinearProduct& p : row_products) total_rows += p.layer->out_features();
   // The products share their input, so it is rounded to 8 bits once (reused buffers: nothing is
   // allocated once they have grown to the largest input).
   thread_local Int8Activations x_int8;

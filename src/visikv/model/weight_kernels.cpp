@@ -340,14 +340,14 @@ HWY_INLINE float Reduce(const VF* acc) {
   return lanes[0];
 }
 
-// Adds blocks [first_block, end_block) of a row times kTokens tokens into the accumulators, value
-// by value in the row's order: a row summed one range of blocks at a time (the blocked product
-// below) rounds exactly as in one pass.
 template <int kTokens, typename Format>
-HWY_INLINE void AccumulateBlocks(const uint8_t* row, int64_t first_block, int64_t end_block,
-                                 const float* x, int64_t x_stride, VF (&acc)[kTokens][kVectors]) {
+void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride, float* y,
+               int64_t y_stride) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit;
-  for (int64_t b = first_block; b < end_block; ++b) {
+  VF acc[kTokens][kVectors];
+  for (auto& token : acc)
+    for (VF& a : token) a = hn::Zero(DF());
+  for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
     const uint8_t* block = row + b * Format::kBytes;
     const typename Format::Scales scales = Format::Prepare(block);
     ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
@@ -360,16 +360,6 @@ HWY_INLINE void AccumulateBlocks(const uint8_t* row, int64_t first_block, int64_
       }
     });
   }
-}
-
-template <int kTokens, typename Format>
-void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride, float* y,
-               int64_t y_stride) {
-  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
-  VF acc[kTokens][kVectors];
-  for (auto& token : acc)
-    for (VF& a : token) a = hn::Zero(DF());
-  AccumulateBlocks<kTokens, Format>(row, 0, units / kUnitsPerBlock, x, x_stride, acc);
   for (int t = 0; t < kTokens; ++t) y[t * y_stride] = Reduce(acc[t]);
 }
 
@@ -405,8 +395,9 @@ void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_s
 // DotTokens' order, so the result equals the row kernel's bit for bit; what changes is that a
 // weight is unpacked once per call instead of once per four tokens, and an input vector loaded once
 // serves two rows. Steps of 256 and 512 values (panels in L1) measured about 5% slower on AVX-512
-// (bench/bench_weight_kernels.cpp). A float buffer aligned to cache lines that grows and keeps its
-// memory.
+// (bench/bench_weight_kernels.cpp).
+
+// A float buffer aligned to cache lines that grows and keeps its memory.
 class AlignedBuffer {
  public:
   float* Reserve(int64_t count) {
