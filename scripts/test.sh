@@ -17,9 +17,10 @@ scripts/build.sh build
 if [ "${1:-}" != "--fast" ]; then
   # The sanitizers check the host code; the CUDA kernels were compiled (and their tests run or
   # skipped) by the release build above. Clang builds the instrumented code several times faster
-  # than GCC (the SIMD kernels compiled for several instruction sets above all).
-  CC=clang CXX=clang++ scripts/build.sh build-sanitize -DVISIKV_SANITIZE=ON -DVISIKV_BUILD_BENCH=OFF \
-    -DVISIKV_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  # than GCC (the SIMD kernels compiled for several instruction sets above all), and it holds the
+  # libFuzzer targets (fuzz/README.md), which run for a bounded time among these tests.
+  CC=clang CXX=clang++ scripts/build.sh build-sanitize -DVISIKV_SANITIZE=ON -DVISIKV_FUZZ=ON \
+    -DVISIKV_BUILD_BENCH=OFF -DVISIKV_CUDA=OFF -DCMAKE_BUILD_TYPE=RelWithDebInfo
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   (cd build-sanitize && ctest --output-on-failure -j "$jobs")
 fi

@@ -3,7 +3,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -159,16 +158,9 @@ void check_wikitext(const Tokenizer& tok, const json& expected, const std::strin
   const std::vector<std::string> chunks = wikitext_chunks(wiki["chunk_lines"].get<std::size_t>());
   if (chunks.empty()) return;
   ASSERT_EQ(chunks.size(), wiki["chunks"].size()) << label;
-  const auto start = std::chrono::steady_clock::now();
+  // Speed is bench/bench_tokenizer's business; here only the ids count.
   std::vector<std::vector<int32_t>> encoded;
   for (const std::string& chunk : chunks) encoded.push_back(tok.encode(chunk, false));
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::size_t total = 0;
-  for (const auto& ids : encoded) total += ids.size();
-  std::cout << label << ": " << total << " tokens for the 1.3 MB WikiText-103 test text in "
-            << seconds << " s\n";
-  EXPECT_LT(seconds, 5.0) << label << ": encoding the WikiText test text is too slow";
 
   EXPECT_EQ(encoded[0], ids_of(wiki["first_chunk_ids"])) << label << ": first chunk";
   for (std::size_t i = 0; i < chunks.size(); ++i) {

@@ -237,6 +237,11 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
       {"a2:int2/int4:x64:w64:avg3", "group size"},
       {"a2:int2/int4:g64:w64:avg3:had", "fields"},
       {"a2", "fields"},
+      // Fields shorter than their prefix (found by fuzz_specs: these once threw out_of_range).
+      {"a2:int2/int2::", "group size"},
+      {"a2:in/int4:g64:w64:avg3", "low width 'in'"},
+      {"a2:int2/int4:g64:w64:av", "the average 'av'"},
+      {"a2:int2/int4::w64:avg3", "group size"},
   };
   for (const auto& test_case : cases) {
     const auto& spec = test_case.first;

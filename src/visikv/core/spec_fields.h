@@ -17,4 +17,10 @@ inline std::vector<std::string_view> split_fields(std::string_view text) {
   }
 }
 
+// What follows `prefix` in `field` ("g64", "g" -> "64"); empty when the field does not start with
+// it, so that a short or foreign field reads as "no number" instead of indexing past its end.
+inline std::string_view after_prefix(std::string_view field, std::string_view prefix) {
+  return field.starts_with(prefix) ? field.substr(prefix.size()) : std::string_view();
+}
+
 }  // namespace visikv

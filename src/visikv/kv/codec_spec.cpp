@@ -18,7 +18,7 @@ constexpr double kScaleZeroBits = 2 * 16;  // one fp16 scale and one fp16 zero p
 // The positive decimal number after `prefix` in `field` ("g64" -> 64).
 int64_t positive_number(std::string_view spec, std::string_view field, std::string_view prefix,
                         std::string_view what) {
-  std::string_view digits = field.substr(prefix.size());
+  const std::string_view digits = after_prefix(field, prefix);
   require(
       !digits.empty() && digits.size() <= 10 &&
           std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }),

@@ -22,8 +22,8 @@ bool all_digits(std::string_view s) {
 
 int64_t number_after(std::string_view spec, std::string_view field, std::string_view prefix,
                      std::string_view what, int64_t min) {
-  const std::string_view digits = field.substr(prefix.size());
-  require(field.starts_with(prefix) && all_digits(digits) && digits.size() <= 10, "value policy '",
+  const std::string_view digits = after_prefix(field, prefix);
+  require(all_digits(digits) && digits.size() <= 10, "value policy '",
           spec, "': ", what, " '", field, "' must be '", prefix, "' followed by a number (",
           kGrammar, ")");
   int64_t value = 0;
@@ -34,10 +34,11 @@ int64_t number_after(std::string_view spec, std::string_view field, std::string_
 }
 
 int code_bits(std::string_view spec, std::string_view field, std::string_view which) {
-  require(field.starts_with("int") && all_digits(field.substr(3)) && field.size() <= 5,
+  const std::string_view digits = after_prefix(field, "int");
+  require(all_digits(digits) && digits.size() <= 2,
           "value policy '", spec, "': the ", which, " width '", field,
           "' must be int2, int3, int4 or int8 (", kGrammar, ")");
-  const int bits = std::stoi(std::string(field.substr(3)));
+  const int bits = std::stoi(std::string(digits));
   require(bits == 2 || bits == 3 || bits == 4 || bits == 8, "value policy '", spec,
           "': unsupported ", which, " width '", field, "' (expected int2, int3, int4 or int8)");
   return bits;
@@ -45,7 +46,7 @@ int code_bits(std::string_view spec, std::string_view field, std::string_view wh
 
 // "avg3" -> 3000, "avg2.5" -> 2500.
 int64_t average_milli(std::string_view spec, std::string_view field) {
-  const std::string_view number = field.substr(3);
+  const std::string_view number = after_prefix(field, "avg");
   const size_t dot = number.find('.');
   const std::string_view whole = number.substr(0, dot);
   const std::string_view fraction =
