@@ -10,6 +10,7 @@
 
 #include "visikv/core/error.h"
 #include "visikv/core/mapped_file.h"
+#include "visikv/formats/json_file.h"
 #include "visikv/model/model.h"
 
 namespace visikv {
@@ -134,13 +135,10 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
           ", this build reads version ", kBasisFormatVersion);
   require(length <= static_cast<uint64_t>(kMaxHeaderBytes) && length <= bytes.size() - kPreamble,
           where, ": header length ", length, " runs past the end of the file");
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(std::string_view(
-        reinterpret_cast<const char*>(bytes.data() + kPreamble), static_cast<size_t>(length)));
-  } catch (const nlohmann::json::exception& e) {
-    fail(where, ": bad JSON header: ", e.what());
-  }
+  const nlohmann::json header =
+      parse_json(std::string_view(reinterpret_cast<const char*>(bytes.data() + kPreamble),
+                                  static_cast<size_t>(length)),
+                 where + " header");
   HeadqBasis b;
   try {
     require(header.at("format") == "visikv-headq-basis", where, ": unknown format ",

@@ -315,13 +315,12 @@ GgufFile::GgufFile(const std::filesystem::path& path) : file_(path) {
     tensors_.push_back(std::move(tensor));
   }
 
-  if (tensors_.empty()) return;
   // The data section starts at the first multiple of the alignment after the descriptions.
   const uint64_t data_start = (cursor.position() + alignment_ - 1) / alignment_ * alignment_;
-  require(data_start <= bytes.size(), "GGUF file ", file_path,
+  require(data_start <= bytes.size() || tensors_.empty(), "GGUF file ", file_path,
           " is truncated: the tensor data section would start at offset ", data_start,
           " past the end of the file (", bytes.size(), " bytes)");
-  const uint64_t data_size = bytes.size() - data_start;
+  const uint64_t data_size = data_start <= bytes.size() ? bytes.size() - data_start : 0;
   for (size_t i = 0; i < tensors_.size(); ++i) {
     TensorRef& tensor = tensors_[i];
     const uint64_t size = static_cast<uint64_t>(storage_bytes(tensor.dtype, tensor.elements()));
@@ -332,17 +331,37 @@ GgufFile::GgufFile(const std::filesystem::path& path) : file_(path) {
         bytes.subspan(static_cast<size_t>(data_start + offsets[i]), static_cast<size_t>(size));
   }
 
+  // The tensors must cover the data section as llama.cpp's and gguf-py's writers lay it out:
+  // each tensor at the next multiple of the alignment after the one before, the first at 0, and
+  // after the last at most its alignment padding. A tensor description missing or added (a
+  // tensor count one off shifts where the data section starts) leaves bytes that belong to no
+  // tensor, so the file is rejected instead of read shifted.
+  const auto aligned = [&](uint64_t offset) {
+    return (offset + alignment_ - 1) / alignment_ * alignment_;
+  };
   std::vector<size_t> by_offset(tensors_.size());
   std::iota(by_offset.begin(), by_offset.end(), size_t{0});
-  std::sort(by_offset.begin(), by_offset.end(),
-            [&](size_t a, size_t b) { return offsets[a] < offsets[b]; });
-  for (size_t k = 1; k < by_offset.size(); ++k) {
-    const TensorRef& previous = tensors_[by_offset[k - 1]];
-    const TensorRef& current = tensors_[by_offset[k]];
-    require(offsets[by_offset[k - 1]] + previous.data.size() <= offsets[by_offset[k]], "GGUF file ",
-            file_path, ": the data of tensors '", previous.name, "' and '", current.name,
-            "' overlap (offsets ", offsets[by_offset[k - 1]], " and ", offsets[by_offset[k]], ")");
+  std::sort(by_offset.begin(), by_offset.end(), [&](size_t a, size_t b) {
+    return std::pair(offsets[a], tensors_[a].data.size()) <
+           std::pair(offsets[b], tensors_[b].data.size());
+  });
+  uint64_t covered = 0;  // bytes [0, covered) of the data section belong to tensors
+  std::string previous = "(none)";
+  for (const size_t i : by_offset) {
+    const TensorRef& tensor = tensors_[i];
+    require(offsets[i] >= covered, "GGUF file ", file_path, ": the data of tensors '", previous,
+            "' and '", tensor.name, "' overlap (bytes [", offsets[i], ", ", covered,
+            ") of the data section)");
+    require(offsets[i] <= aligned(covered), "GGUF file ", file_path, ": bytes [", covered, ", ",
+            offsets[i], ") of the data section belong to no tensor (a gap between tensors '",
+            previous, "' and '", tensor.name, "')");
+    covered = offsets[i] + tensor.data.size();
+    previous = tensor.name;
   }
+  require(data_size <= aligned(covered), "GGUF file ", file_path, ": bytes [", covered, ", ",
+          data_size, ") at the end of the data section (which starts at file offset ", data_start,
+          ") belong to no tensor (after tensor '", previous,
+          "'); is a tensor description missing or the tensor count wrong?");
 }
 
 const TensorRef* GgufFile::find(std::string_view name) const {

@@ -1,26 +1,13 @@
 #include "visikv/formats/hf_dir.h"
 
-#include <fstream>
-#include <iterator>
 #include <utility>
 
 #include "visikv/core/error.h"
+#include "visikv/formats/json_file.h"
 
 namespace visikv {
 
 namespace fs = std::filesystem;
-
-nlohmann::json read_json_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  require(in.good(), "cannot open JSON file ", path);
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  require(!in.bad(), "cannot read JSON file ", path);
-  try {
-    return nlohmann::json::parse(text);
-  } catch (const nlohmann::json::exception& e) {
-    fail("malformed JSON in ", path, ": ", e.what());
-  }
-}
 
 HfModelDir::HfModelDir(const fs::path& dir) : dir_(dir) {
   require(fs::is_directory(dir_), "model directory ", dir_,
@@ -31,7 +18,11 @@ HfModelDir::HfModelDir(const fs::path& dir) : dir_(dir) {
   require(config_.is_object(), "config.json in ", dir_, " is not a JSON object");
 
   const fs::path generation_path = dir_ / "generation_config.json";
-  if (fs::is_regular_file(generation_path)) generation_config_ = read_json_file(generation_path);
+  if (fs::is_regular_file(generation_path)) {
+    generation_config_ = read_json_file(generation_path);
+    require(generation_config_.is_object(), "generation_config.json in ", dir_,
+            " is not a JSON object");
+  }
   if (fs::is_regular_file(dir_ / "tokenizer.json")) tokenizer_json_ = dir_ / "tokenizer.json";
 
   const fs::path single_path = dir_ / "model.safetensors";

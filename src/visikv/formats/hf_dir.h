@@ -15,9 +15,6 @@
 
 namespace visikv {
 
-// Parses a JSON file, throwing visikv::Error naming the file when it is missing or malformed.
-nlohmann::json read_json_file(const std::filesystem::path& path);
-
 class HfModelDir {
  public:
   explicit HfModelDir(const std::filesystem::path& dir);  // throws visikv::Error

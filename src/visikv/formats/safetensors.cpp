@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -9,10 +10,14 @@
 #include <utility>
 
 #include "visikv/core/error.h"
+#include "visikv/formats/json_file.h"
 
 namespace visikv {
 
 namespace {
+
+// The reference implementation's MAX_HEADER_SIZE.
+constexpr uint64_t kMaxHeaderBytes = 100'000'000;
 
 std::optional<DType> dtype_from_safetensors(std::string_view name) {
   if (name == "F32") return DType::F32;
@@ -40,16 +45,27 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
   std::memcpy(&header_length, bytes.data(), sizeof(header_length));
   require(header_length <= bytes.size() - 8, "safetensors file ", file_path, ": header length ",
           header_length, " runs past the end of the file (", bytes.size(), " bytes)");
+  require(header_length <= kMaxHeaderBytes, "safetensors file ", file_path, ": header length ",
+          header_length, " exceeds the format's limit of ", kMaxHeaderBytes, " bytes");
 
-  const auto* header_begin = reinterpret_cast<const char*>(bytes.data() + 8);
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(header_begin, header_begin + header_length);
-  } catch (const nlohmann::json::exception& e) {
-    fail("safetensors file ", file_path, " has a malformed JSON header: ", e.what());
+  // As the reference `safetensors` library: the header is one JSON object, padded with spaces
+  // (0x20) only. Anything else after the object (a NUL, a stray data byte when the length is off
+  // by one) means the header length or the header is wrong, and with it every data offset.
+  std::string_view text(reinterpret_cast<const char*>(bytes.data() + 8),
+                        static_cast<size_t>(header_length));
+  const std::string header_what = str_cat("safetensors file ", file_path, " header");
+  require(!text.empty() && text.front() == '{', header_what,
+          ": malformed JSON header: does not start with '{'");
+  const size_t padded_from = text.find_last_not_of(' ') + 1;
+  if (text[padded_from - 1] != '}') {
+    char byte[8];
+    std::snprintf(byte, sizeof byte, "0x%02X", static_cast<unsigned char>(text[padded_from - 1]));
+    fail(header_what, ": malformed JSON header: byte ", padded_from - 1, " (", byte,
+         ") follows the JSON object where only space padding (0x20) may; is the header length ",
+         header_length, " right?");
   }
-  require(header.is_object(), "safetensors file ", file_path,
-          " has a malformed JSON header: not a JSON object");
+  const nlohmann::json header = parse_json(text.substr(0, padded_from), header_what);
+  require(header.is_object(), header_what, ": malformed JSON header: not a JSON object");
 
   const size_t data_start = static_cast<size_t>(8 + header_length);
   const int64_t data_size = static_cast<int64_t>(bytes.size() - data_start);
@@ -114,17 +130,29 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     ranges.emplace_back(*begin, *end);
   }
 
-  // File order, and no two tensors may share bytes.
+  // The tensors must tile the data section: the first starts at byte 0, each starts where the
+  // previous ends, the last ends at the end of the file. A gap, an overlap or bytes left over
+  // mean a tensor is missing or misplaced, or the header length is off (the reference library
+  // calls this MetadataIncompleteBuffer).
   std::vector<size_t> order(tensors_.size());
   std::iota(order.begin(), order.end(), size_t{0});
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranges[a] < ranges[b]; });
-  for (size_t k = 1; k < order.size(); ++k) {
-    const auto& previous = ranges[order[k - 1]];
-    const auto& current = ranges[order[k]];
-    require(previous.second <= current.first, "safetensors file ", file_path,
-            ": the data_offsets of tensors '", tensors_[order[k - 1]].name, "' and '",
-            tensors_[order[k]].name, "' overlap");
+  int64_t covered = 0;  // the data section's bytes [0, covered) belong to tensors
+  std::string previous = "(none)";
+  for (const size_t i : order) {
+    const auto& [begin, end] = ranges[i];
+    const std::string& name = tensors_[i].name;
+    require(begin >= covered, "safetensors file ", file_path, ": the data of tensors '", previous,
+            "' and '", name, "' overlap (bytes [", begin, ", ", covered, ") of the data section)");
+    require(begin == covered, "safetensors file ", file_path, ": bytes [", covered, ", ", begin,
+            ") of the data section belong to no tensor (a gap between tensors '", previous,
+            "' and '", name, "')");
+    covered = end;
+    previous = name;
   }
+  require(covered == data_size, "safetensors file ", file_path, ": bytes [", covered, ", ",
+          data_size, ") at the end of the data section belong to no tensor (after tensor '",
+          previous, "'); is the header length ", header_length, " right?");
   std::vector<TensorRef> sorted;
   sorted.reserve(tensors_.size());
   for (size_t i : order) sorted.push_back(std::move(tensors_[i]));

@@ -1,9 +1,12 @@
 #include "visikv/model/config.h"
 
 #include <cmath>
+#include <limits>
 #include <nlohmann/json.hpp>
+#include <type_traits>
 
 #include "visikv/core/error.h"
+#include "visikv/tokenizer/tokenizer.h"
 
 namespace visikv {
 
@@ -11,35 +14,111 @@ using nlohmann::json;
 
 namespace {
 
-// Reads a required field, naming it when it is missing or of the wrong type.
+// Plausibility bounds of the sizes: far above any released model, low enough that products of
+// them cannot overflow and that a corrupt number fails here instead of in an allocation.
+constexpr int64_t kMaxHidden = int64_t{1} << 20;
+constexpr int64_t kMaxCount = 4096;  // layers, heads, head dim, rotary dims
+constexpr int64_t kMaxIntermediate = int64_t{1} << 22;
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxPositions = int64_t{1} << 24;
+constexpr int64_t kNoLimit = std::numeric_limits<int64_t>::max();
+
+// The value of `key`, or nullptr when it is absent or null.
+const json* find_value(const json& object, const std::string& key) {
+  const auto it = object.find(key);
+  return it == object.end() || it->is_null() ? nullptr : &*it;
+}
+
+// A string or boolean field; numbers go through integer() and number().
 template <typename T>
 T field(const json& object, const std::string& key, const std::string& where) {
-  const auto it = object.find(key);
-  require(it != object.end() && !it->is_null(), where, ": missing required field '", key, "'");
-  try {
-    return it->get<T>();
-  } catch (const json::exception&) {
-    fail(where, ": field '", key, "' has the wrong type (", it->type_name(), ")");
-  }
+  static_assert(std::is_same_v<T, std::string> || std::is_same_v<T, bool>);
+  const json* value = find_value(object, key);
+  require(value != nullptr, where, ": missing required field '", key, "'");
+  require(std::is_same_v<T, bool> ? value->is_boolean() : value->is_string(), where, ": field '",
+          key, "' has the wrong type (", value->type_name(), ")");
+  return value->get<T>();
 }
 
 template <typename T>
-T field_or(const json& object, const std::string& key, T fallback) {
-  const auto it = object.find(key);
-  if (it == object.end() || it->is_null()) return fallback;
-  try {
-    return it->get<T>();
-  } catch (const json::exception&) {
-    fail("config field '", key, "' has the wrong type (", it->type_name(), ")");
-  }
+T field_or(const json& object, const std::string& key, const std::string& where, T fallback) {
+  return find_value(object, key) ? field<T>(object, key, where) : fallback;
 }
 
-std::vector<int32_t> token_ids(const json& value) {
+// An integer field in [lo, hi]. It must be a JSON integer (GGUF: an integer type): 64.5 or "64"
+// is an error, never truncated or converted.
+int64_t integer_value(const json& value, const std::string& key, const std::string& where,
+                      int64_t lo, int64_t hi) {
+  require(value.is_number_integer(), where, ": field '", key,
+          "' has the wrong type: expected an integer, got ", value.dump());
+  const bool fits =
+      !value.is_number_unsigned() || value.get<uint64_t>() <= static_cast<uint64_t>(kNoLimit);
+  const int64_t v = fits ? value.get<int64_t>() : kNoLimit;
+  if (!fits || v < lo || v > hi) {
+    const std::string kind = lo == 1   ? "a positive integer"
+                             : lo == 0 ? "a non-negative integer"
+                                       : str_cat("an integer of at least ", lo);
+    fail(where, ": field '", key, "' = ", value.dump(), " is out of range (expected ", kind,
+         hi < kNoLimit ? str_cat(" of at most ", hi) : std::string(), ")");
+  }
+  return v;
+}
+
+int64_t integer(const json& object, const std::string& key, const std::string& where, int64_t lo,
+                int64_t hi) {
+  const json* value = find_value(object, key);
+  require(value != nullptr, where, ": missing required field '", key, "'");
+  return integer_value(*value, key, where, lo, hi);
+}
+
+int64_t integer_or(const json& object, const std::string& key, const std::string& where,
+                   int64_t fallback, int64_t lo, int64_t hi) {
+  const json* value = find_value(object, key);
+  return value ? integer_value(*value, key, where, lo, hi) : fallback;
+}
+
+// What a real-valued field must be. Every one the config reads is a positive finite number
+// except the rotary fraction, in (0, 1].
+enum class Real { Positive, Fraction };
+
+double number_value(const json& value, const std::string& key, const std::string& where,
+                    Real kind) {
+  require(value.is_number(), where, ": field '", key,
+          "' has the wrong type: expected a number, got ", value.dump());
+  const double v = value.get<double>();
+  const bool valid = std::isfinite(v) && v > 0 && (kind == Real::Positive || v <= 1);
+  require(valid, where, ": field '", key, "' = ", v, " is out of range (expected ",
+          kind == Real::Positive ? "a positive finite number" : "a fraction in (0, 1]", ")");
+  return v;
+}
+
+double number(const json& object, const std::string& key, const std::string& where,
+              Real kind = Real::Positive) {
+  const json* value = find_value(object, key);
+  require(value != nullptr, where, ": missing required field '", key, "'");
+  return number_value(*value, key, where, kind);
+}
+
+double number_or(const json& object, const std::string& key, const std::string& where,
+                 double fallback, Real kind = Real::Positive) {
+  const json* value = find_value(object, key);
+  return value ? number_value(*value, key, where, kind) : fallback;
+}
+
+// A token id field of config.json or generation_config.json: absent or null, one id, or (for
+// eos_token_id) a list of ids, each in [0, vocab_size).
+std::vector<int32_t> token_ids(const json& object, const std::string& key, const std::string& where,
+                               int64_t vocab_size, bool list_allowed) {
+  const json* value = find_value(object, key);
+  if (value == nullptr) return {};
+  const json single = json::array({*value});
   std::vector<int32_t> ids;
-  if (value.is_number_integer()) ids.push_back(value.get<int32_t>());
-  if (value.is_array())
-    for (const json& id : value)
-      if (id.is_number_integer()) ids.push_back(id.get<int32_t>());
+  for (const json& id : list_allowed && value->is_array() ? *value : single) {
+    const int64_t v = integer_value(id, key, where, 0, kNoLimit);
+    require(v < vocab_size, where, ": field '", key, "' names token ", v,
+            ", outside the vocabulary of ", vocab_size, " tokens");
+    ids.push_back(static_cast<int32_t>(v));
+  }
   return ids;
 }
 
@@ -52,57 +131,64 @@ Activation activation_from_name(const std::string& name, const std::string& wher
   fail(where, ": unsupported activation function '", name, "'");
 }
 
-void read_rope_scaling(const json& hf, Config& config) {
+void read_rope_scaling(const json& hf, const std::string& file, Config& config) {
   // transformers writes either "rope_scaling" or, in newer releases, "rope_parameters".
   const json* scaling = nullptr;
+  std::string where;
   for (const char* key : {"rope_scaling", "rope_parameters"}) {
     const auto it = hf.find(key);
-    if (it != hf.end() && it->is_object()) scaling = &*it;
+    if (it != hf.end() && it->is_object()) {
+      scaling = &*it;
+      where = file + " " + key;
+    }
   }
   if (scaling == nullptr) return;
-  if (scaling->contains("rope_theta"))
-    config.rope_theta = field<double>(*scaling, "rope_theta", "rope");
+  config.rope_theta = number_or(*scaling, "rope_theta", where, config.rope_theta);
   const std::string type = field_or<std::string>(
-      *scaling, "rope_type", field_or<std::string>(*scaling, "type", "default"));
+      *scaling, "rope_type", where, field_or<std::string>(*scaling, "type", where, "default"));
   if (type == "default") return;
+  RopeScaling& s = config.rope_scaling;
   if (type == "linear") {
-    config.rope_scaling.type = RopeScaling::Type::Linear;
-    config.rope_scaling.factor = field<double>(*scaling, "factor", "rope_scaling");
+    s.type = RopeScaling::Type::Linear;
+    s.factor = number(*scaling, "factor", where);
   } else if (type == "llama3") {
-    RopeScaling& s = config.rope_scaling;
     s.type = RopeScaling::Type::Llama3;
-    s.factor = field<double>(*scaling, "factor", "rope_scaling");
-    s.low_freq_factor = field<double>(*scaling, "low_freq_factor", "rope_scaling");
-    s.high_freq_factor = field<double>(*scaling, "high_freq_factor", "rope_scaling");
+    s.factor = number(*scaling, "factor", where);
+    s.low_freq_factor = number(*scaling, "low_freq_factor", where);
+    s.high_freq_factor = number(*scaling, "high_freq_factor", where);
+    // The interpolation between the two divides by their difference.
+    require(s.high_freq_factor > s.low_freq_factor, where, ": high_freq_factor ",
+            s.high_freq_factor, " must exceed low_freq_factor ", s.low_freq_factor);
     s.original_max_positions =
-        field<int64_t>(*scaling, "original_max_position_embeddings", "rope_scaling");
+        integer(*scaling, "original_max_position_embeddings", where, 1, kMaxPositions);
   } else {
-    fail("config.json: unsupported rope scaling type '", type, "' (supported: linear, llama3)");
+    fail(where, ": unsupported rope scaling type '", type, "' (supported: linear, llama3)");
   }
 }
 
 Config llama_like_from_hf(const json& hf, const std::string& where) {
   Config c;
-  c.hidden = field<int64_t>(hf, "hidden_size", where);
-  c.layers = field<int64_t>(hf, "num_hidden_layers", where);
-  c.heads = field<int64_t>(hf, "num_attention_heads", where);
-  c.kv_heads = field_or<int64_t>(hf, "num_key_value_heads", c.heads);
-  c.head_dim = field_or<int64_t>(hf, "head_dim", c.heads > 0 ? c.hidden / c.heads : 0);
-  c.intermediate = field<int64_t>(hf, "intermediate_size", where);
-  c.max_positions = field_or<int64_t>(hf, "max_position_embeddings", 2048);
+  c.hidden = integer(hf, "hidden_size", where, 1, kMaxHidden);
+  c.layers = integer(hf, "num_hidden_layers", where, 1, kMaxCount);
+  c.heads = integer(hf, "num_attention_heads", where, 1, kMaxCount);
+  c.kv_heads = integer_or(hf, "num_key_value_heads", where, c.heads, 1, kMaxCount);
+  c.head_dim = integer_or(hf, "head_dim", where, c.hidden / c.heads, 1, kMaxCount);
+  c.intermediate = integer(hf, "intermediate_size", where, 1, kMaxIntermediate);
+  c.max_positions = integer_or(hf, "max_position_embeddings", where, 2048, 1, kMaxPositions);
   c.norm = NormKind::RMSNorm;
-  c.norm_eps = field_or<double>(hf, "rms_norm_eps", 1e-6);
-  c.activation = activation_from_name(field_or<std::string>(hf, "hidden_act", "silu"), where);
+  c.norm_eps = number_or(hf, "rms_norm_eps", where, 1e-6);
+  c.activation =
+      activation_from_name(field_or<std::string>(hf, "hidden_act", where, "silu"), where);
   c.gated_mlp = true;
-  c.qkv_bias = field_or<bool>(hf, "attention_bias", false);
+  c.qkv_bias = field_or<bool>(hf, "attention_bias", where, false);
   c.out_bias = c.qkv_bias;
-  c.mlp_bias = field_or<bool>(hf, "mlp_bias", false);
-  c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", false);
+  c.mlp_bias = field_or<bool>(hf, "mlp_bias", where, false);
+  c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", where, false);
   c.positions = PositionKind::Rotary;
-  c.rope_theta = field_or<double>(hf, "rope_theta", 10000.0);
+  c.rope_theta = number_or(hf, "rope_theta", where, 10000.0);
   c.rotary_dim = c.head_dim;
   c.rope_layout = RopeLayout::Half;
-  read_rope_scaling(hf, c);
+  read_rope_scaling(hf, where, c);
   return c;
 }
 
@@ -113,49 +199,56 @@ const std::vector<std::string>& supported_hf_model_types() {
   return types;
 }
 
-Config config_from_hf(const json& hf, const json& generation_config) {
-  require(hf.is_object(), "config.json: expected a JSON object");
-  const std::string where = "config.json";
+Config config_from_hf(const json& hf, const json& generation_config,
+                      const std::filesystem::path& dir) {
+  const std::string where = dir.empty() ? "config.json" : (dir / "config.json").string();
+  const std::string generation_where =
+      dir.empty() ? "generation_config.json" : (dir / "generation_config.json").string();
+  require(hf.is_object(), where, ": expected a JSON object");
+  require(generation_config.is_null() || generation_config.is_object(), generation_where,
+          ": expected a JSON object");
   const std::string model_type = field<std::string>(hf, "model_type", where);
   Config c;
   if (model_type == "gpt2") {
-    c.hidden = field<int64_t>(hf, "n_embd", where);
-    c.layers = field<int64_t>(hf, "n_layer", where);
-    c.heads = field<int64_t>(hf, "n_head", where);
+    c.hidden = integer(hf, "n_embd", where, 1, kMaxHidden);
+    c.layers = integer(hf, "n_layer", where, 1, kMaxCount);
+    c.heads = integer(hf, "n_head", where, 1, kMaxCount);
     c.kv_heads = c.heads;
-    c.head_dim = c.heads > 0 ? c.hidden / c.heads : 0;
-    c.intermediate = field_or<int64_t>(hf, "n_inner", 4 * c.hidden);
-    c.max_positions = field<int64_t>(hf, "n_positions", where);
+    c.head_dim = c.hidden / c.heads;
+    c.intermediate = integer_or(hf, "n_inner", where, 4 * c.hidden, 1, kMaxIntermediate);
+    c.max_positions = integer(hf, "n_positions", where, 1, kMaxPositions);
     c.norm = NormKind::LayerNorm;
-    c.norm_eps = field_or<double>(hf, "layer_norm_epsilon", 1e-5);
-    c.activation =
-        activation_from_name(field_or<std::string>(hf, "activation_function", "gelu_new"), where);
+    c.norm_eps = number_or(hf, "layer_norm_epsilon", where, 1e-5);
+    c.activation = activation_from_name(
+        field_or<std::string>(hf, "activation_function", where, "gelu_new"), where);
     c.gated_mlp = false;
     c.qkv_bias = c.out_bias = c.mlp_bias = true;
-    c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", true);
+    c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", where, true);
     c.positions = PositionKind::Learned;
   } else if (model_type == "gpt_neox") {
-    c.hidden = field<int64_t>(hf, "hidden_size", where);
-    c.layers = field<int64_t>(hf, "num_hidden_layers", where);
-    c.heads = field<int64_t>(hf, "num_attention_heads", where);
+    c.hidden = integer(hf, "hidden_size", where, 1, kMaxHidden);
+    c.layers = integer(hf, "num_hidden_layers", where, 1, kMaxCount);
+    c.heads = integer(hf, "num_attention_heads", where, 1, kMaxCount);
     c.kv_heads = c.heads;
-    c.head_dim = c.heads > 0 ? c.hidden / c.heads : 0;
-    c.intermediate = field<int64_t>(hf, "intermediate_size", where);
-    c.max_positions = field_or<int64_t>(hf, "max_position_embeddings", 2048);
+    c.head_dim = c.hidden / c.heads;
+    c.intermediate = integer(hf, "intermediate_size", where, 1, kMaxIntermediate);
+    c.max_positions = integer_or(hf, "max_position_embeddings", where, 2048, 1, kMaxPositions);
     c.norm = NormKind::LayerNorm;
-    c.norm_eps = field_or<double>(hf, "layer_norm_eps", 1e-5);
-    c.activation = activation_from_name(field_or<std::string>(hf, "hidden_act", "gelu"), where);
+    c.norm_eps = number_or(hf, "layer_norm_eps", where, 1e-5);
+    c.activation =
+        activation_from_name(field_or<std::string>(hf, "hidden_act", where, "gelu"), where);
     c.gated_mlp = false;
-    c.parallel_residual = field_or<bool>(hf, "use_parallel_residual", true);
-    c.qkv_bias = c.out_bias = field_or<bool>(hf, "attention_bias", true);
+    c.parallel_residual = field_or<bool>(hf, "use_parallel_residual", where, true);
+    c.qkv_bias = c.out_bias = field_or<bool>(hf, "attention_bias", where, true);
     c.mlp_bias = true;
-    c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", false);
+    c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", where, false);
     c.positions = PositionKind::Rotary;
     c.rope_theta =
-        field_or<double>(hf, "rotary_emb_base", field_or<double>(hf, "rope_theta", 10000.0));
-    const double fraction =
-        field_or<double>(hf, "rotary_pct", field_or<double>(hf, "partial_rotary_factor", 1.0));
-    read_rope_scaling(hf, c);
+        number_or(hf, "rotary_emb_base", where, number_or(hf, "rope_theta", where, 10000.0));
+    const double fraction = number_or(
+        hf, "rotary_pct", where, number_or(hf, "partial_rotary_factor", where, 1.0, Real::Fraction),
+        Real::Fraction);
+    read_rope_scaling(hf, where, c);
     c.rotary_dim = static_cast<int64_t>(static_cast<double>(c.head_dim) * fraction);
     c.rope_layout = RopeLayout::Half;
   } else if (model_type == "llama" || model_type == "mistral" || model_type == "qwen2") {
@@ -163,93 +256,103 @@ Config config_from_hf(const json& hf, const json& generation_config) {
     if (model_type == "qwen2") {
       c.qkv_bias = true;
       c.out_bias = false;
-      if (field_or<bool>(hf, "use_sliding_window", false))
-        c.sliding_window = field_or<int64_t>(hf, "sliding_window", 0);
+      if (field_or<bool>(hf, "use_sliding_window", where, false))
+        c.sliding_window = integer_or(hf, "sliding_window", where, 0, 0, kNoLimit);
     }
-    if (model_type == "mistral") c.sliding_window = field_or<int64_t>(hf, "sliding_window", 0);
+    if (model_type == "mistral")
+      c.sliding_window = integer_or(hf, "sliding_window", where, 0, 0, kNoLimit);
   } else {
     std::string supported;
     for (const std::string& t : supported_hf_model_types())
       supported += (supported.empty() ? "" : ", ") + t;
-    fail("config.json: unsupported model_type '", model_type, "' (supported: ", supported, ")");
+    fail(where, ": unsupported model_type '", model_type, "' (supported: ", supported, ")");
   }
   c.architecture = model_type;
-  c.vocab_size = field<int64_t>(hf, "vocab_size", where);
-  const json& gen = generation_config.is_object() ? generation_config : hf;
-  if (gen.contains("bos_token_id") && gen["bos_token_id"].is_number_integer())
-    c.bos_id = gen["bos_token_id"].get<int32_t>();
-  else if (hf.contains("bos_token_id") && hf["bos_token_id"].is_number_integer())
-    c.bos_id = hf["bos_token_id"].get<int32_t>();
-  c.eos_ids = token_ids(gen.value("eos_token_id", json()));
-  if (c.eos_ids.empty()) c.eos_ids = token_ids(hf.value("eos_token_id", json()));
+  c.vocab_size = integer(hf, "vocab_size", where, 1, kMaxVocab);
+  // generation_config.json's ids win over config.json's; both files' ids are checked.
+  const std::vector<int32_t> bos = token_ids(hf, "bos_token_id", where, c.vocab_size, false);
+  const std::vector<int32_t> eos = token_ids(hf, "eos_token_id", where, c.vocab_size, true);
+  if (!bos.empty()) c.bos_id = bos.front();
+  c.eos_ids = eos;
+  if (generation_config.is_object()) {
+    const std::vector<int32_t> generation_bos =
+        token_ids(generation_config, "bos_token_id", generation_where, c.vocab_size, false);
+    const std::vector<int32_t> generation_eos =
+        token_ids(generation_config, "eos_token_id", generation_where, c.vocab_size, true);
+    if (!generation_bos.empty()) c.bos_id = generation_bos.front();
+    if (!generation_eos.empty()) c.eos_ids = generation_eos;
+  }
   c.validate();
   return c;
 }
 
-Config config_from_gguf(const json& meta) {
-  const std::string arch = field<std::string>(meta, "general.architecture", "GGUF metadata");
-  const std::string where = "GGUF metadata (" + arch + ")";
+Config config_from_gguf(const json& meta, const std::string& source) {
+  const std::string arch = field<std::string>(meta, "general.architecture", source);
+  const std::string where = source + " (" + arch + ")";
   auto key = [&](const std::string& name) { return arch + "." + name; };
   Config c;
   c.architecture = arch;
-  c.hidden = field<int64_t>(meta, key("embedding_length"), where);
-  c.layers = field<int64_t>(meta, key("block_count"), where);
-  c.heads = field<int64_t>(meta, key("attention.head_count"), where);
-  c.kv_heads = field_or<int64_t>(meta, key("attention.head_count_kv"), c.heads);
+  c.hidden = integer(meta, key("embedding_length"), where, 1, kMaxHidden);
+  c.layers = integer(meta, key("block_count"), where, 1, kMaxCount);
+  c.heads = integer(meta, key("attention.head_count"), where, 1, kMaxCount);
+  c.kv_heads = integer_or(meta, key("attention.head_count_kv"), where, c.heads, 1, kMaxCount);
   c.head_dim =
-      field_or<int64_t>(meta, key("attention.key_length"), c.heads > 0 ? c.hidden / c.heads : 0);
-  c.intermediate = field<int64_t>(meta, key("feed_forward_length"), where);
-  c.max_positions = field_or<int64_t>(meta, key("context_length"), 2048);
+      integer_or(meta, key("attention.key_length"), where, c.hidden / c.heads, 1, kMaxCount);
+  c.intermediate = integer(meta, key("feed_forward_length"), where, 1, kMaxIntermediate);
+  c.max_positions = integer_or(meta, key("context_length"), where, 2048, 1, kMaxPositions);
   if (arch == "llama" || arch == "mistral" || arch == "qwen2") {
     c.norm = NormKind::RMSNorm;
-    c.norm_eps = field<double>(meta, key("attention.layer_norm_rms_epsilon"), where);
+    c.norm_eps = number(meta, key("attention.layer_norm_rms_epsilon"), where);
     c.activation = Activation::SiLU;
     c.gated_mlp = true;
     c.positions = PositionKind::Rotary;
-    c.rope_theta = field_or<double>(meta, key("rope.freq_base"), 10000.0);
-    c.rotary_dim = field_or<int64_t>(meta, key("rope.dimension_count"), c.head_dim);
+    c.rope_theta = number_or(meta, key("rope.freq_base"), where, 10000.0);
+    c.rotary_dim = integer_or(meta, key("rope.dimension_count"), where, c.head_dim, 1, kMaxCount);
     // llama.cpp's converters permute llama Q/K rows so that RoPE pairs adjacent coordinates;
     // qwen2 keeps the Hugging Face layout.
     c.rope_layout = arch == "qwen2" ? RopeLayout::Half : RopeLayout::Interleaved;
     c.qkv_bias = arch == "qwen2";
-    c.sliding_window = field_or<int64_t>(meta, key("attention.sliding_window"), 0);
-    const std::string scaling = field_or<std::string>(meta, key("rope.scaling.type"), "none");
+    c.sliding_window = integer_or(meta, key("attention.sliding_window"), where, 0, 0, kNoLimit);
+    const std::string scaling =
+        field_or<std::string>(meta, key("rope.scaling.type"), where, "none");
     if (scaling == "linear") {
       c.rope_scaling.type = RopeScaling::Type::Linear;
-      c.rope_scaling.factor = field<double>(meta, key("rope.scaling.factor"), where);
+      c.rope_scaling.factor = number(meta, key("rope.scaling.factor"), where);
     } else if (scaling != "none") {
       fail(where, ": unsupported rope scaling type '", scaling, "'");
     }
   } else if (arch == "gpt2") {
     c.norm = NormKind::LayerNorm;
-    c.norm_eps = field<double>(meta, key("attention.layer_norm_epsilon"), where);
+    c.norm_eps = number(meta, key("attention.layer_norm_epsilon"), where);
     c.activation = Activation::GeluTanh;
     c.gated_mlp = false;
     c.qkv_bias = c.out_bias = c.mlp_bias = true;
     c.positions = PositionKind::Learned;
   } else if (arch == "gptneox") {
     c.norm = NormKind::LayerNorm;
-    c.norm_eps = field<double>(meta, key("attention.layer_norm_epsilon"), where);
+    c.norm_eps = number(meta, key("attention.layer_norm_epsilon"), where);
     c.activation = Activation::GeluErf;
     c.gated_mlp = false;
-    c.parallel_residual = field_or<bool>(meta, key("use_parallel_residual"), true);
+    c.parallel_residual = field_or<bool>(meta, key("use_parallel_residual"), where, true);
     c.qkv_bias = c.out_bias = c.mlp_bias = true;
     c.positions = PositionKind::Rotary;
-    c.rope_theta = field_or<double>(meta, key("rope.freq_base"), 10000.0);
-    c.rotary_dim = field<int64_t>(meta, key("rope.dimension_count"), where);
+    c.rope_theta = number_or(meta, key("rope.freq_base"), where, 10000.0);
+    c.rotary_dim = integer(meta, key("rope.dimension_count"), where, 1, kMaxCount);
     c.rope_layout = RopeLayout::Half;
   } else {
-    fail("GGUF: unsupported general.architecture '", arch,
+    fail(source, ": unsupported general.architecture '", arch,
          "' (supported: llama, mistral, qwen2, gpt2, gptneox)");
   }
   const auto tokens = meta.find("tokenizer.ggml.tokens");
-  c.vocab_size = field_or<int64_t>(
-      meta, key("vocab_size"),
-      tokens != meta.end() && tokens->is_array() ? static_cast<int64_t>(tokens->size()) : 0);
-  if (meta.contains("tokenizer.ggml.bos_token_id"))
-    c.bos_id = field<int32_t>(meta, "tokenizer.ggml.bos_token_id", where);
-  if (meta.contains("tokenizer.ggml.eos_token_id"))
-    c.eos_ids.push_back(field<int32_t>(meta, "tokenizer.ggml.eos_token_id", where));
+  c.vocab_size = integer_or(
+      meta, key("vocab_size"), where,
+      tokens != meta.end() && tokens->is_array() ? static_cast<int64_t>(tokens->size()) : 0, 1,
+      kMaxVocab);
+  require(c.vocab_size > 0, where, ": neither ", key("vocab_size"),
+          " nor tokenizer.ggml.tokens gives the vocabulary size");
+  c.bos_id = gguf_token_id(meta, "tokenizer.ggml.bos_token_id", c.vocab_size, where);
+  if (const auto eos = gguf_token_id(meta, "tokenizer.ggml.eos_token_id", c.vocab_size, where))
+    c.eos_ids.push_back(*eos);
   c.validate();
   return c;
 }
@@ -267,13 +370,19 @@ void Config::validate() const {
       ": hidden size, layers, heads, kv heads, head dim and intermediate size must be positive");
   require(heads % kv_heads == 0, where, ": ", heads, " query heads are not a multiple of ",
           kv_heads, " key/value heads");
-  require(hidden <= (1 << 20) && layers <= 4096 && heads <= 4096 && head_dim <= 4096 &&
-              intermediate <= (1 << 22) && vocab_size <= (1 << 24),
+  require(hidden <= kMaxHidden && layers <= kMaxCount && heads <= kMaxCount &&
+              head_dim <= kMaxCount && intermediate <= kMaxIntermediate && vocab_size <= kMaxVocab,
           where, ": implausible sizes");
+  require(max_positions > 0 && max_positions <= kMaxPositions, where, ": context length ",
+          max_positions, " must be positive and at most ", kMaxPositions);
   if (positions == PositionKind::Rotary) {
     require(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0, where,
             ": rotary dimension ", rotary_dim, " must be even and at most the head dim ", head_dim);
-    require(rope_theta > 0, where, ": rope theta must be positive");
+    require(rope_theta > 0 && std::isfinite(rope_theta), where,
+            ": rope theta must be positive and finite");
+    require(rope_scaling.type == RopeScaling::Type::None ||
+                (rope_scaling.factor > 0 && std::isfinite(rope_scaling.factor)),
+            where, ": rope scaling factor must be positive and finite");
   }
   require(sliding_window >= 0, where, ": negative sliding window");
   require(norm_eps > 0 && std::isfinite(norm_eps), where, ": norm epsilon must be positive");

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <nlohmann/json_fwd.hpp>
 #include <optional>
 #include <string>
@@ -77,8 +78,14 @@ struct Config {
 
 // The supported Hugging Face `model_type` values, for error messages and `visikv info`.
 const std::vector<std::string>& supported_hf_model_types();
-Config config_from_hf(const nlohmann::json& config_json, const nlohmann::json& generation_config);
-// GGUF metadata (general.architecture = llama, gpt2, gptneox, qwen2, ...).
-Config config_from_gguf(const nlohmann::json& metadata);
+// Every number is checked as it is read (integers must be JSON integers, sizes and token ids in
+// range, reals finite and positive) and an error names the file and the key. `dir`, when given,
+// is the model directory the two files came from, for the messages.
+Config config_from_hf(const nlohmann::json& config_json, const nlohmann::json& generation_config,
+                      const std::filesystem::path& dir = {});
+// GGUF metadata (general.architecture = llama, gpt2, gptneox, qwen2, ...); integer keys must
+// have an integer type. `source` names the file in error messages.
+Config config_from_gguf(const nlohmann::json& metadata,
+                        const std::string& source = "GGUF metadata");
 
 }  // namespace visikv

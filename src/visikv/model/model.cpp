@@ -1,16 +1,20 @@
 #include "visikv/model/model.h"
-#include "visikv/model/weight_kernels.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
+#include <string_view>
 #include <variant>
 
 #include "visikv/core/error.h"
 #include "visikv/formats/dequantize.h"
 #include "visikv/formats/gguf.h"
 #include "visikv/formats/hf_dir.h"
+#include "visikv/model/weight_kernels.h"
 
 namespace visikv {
 
@@ -24,49 +28,84 @@ std::string shape_text(const std::vector<int64_t>& shape) {
   return text + "]";
 }
 
-// Finds tensors by name in whichever checkpoint is open and checks their shapes.
+// Whether a bias tensor goes with a weight: never (one in the file is then left unbound and
+// rejected), when the file has one (llama.cpp's optional biases), or always.
+enum class Bias { None, Optional, Required };
+
+// Finds tensors by name in the open checkpoint and checks their shapes. It remembers every tensor
+// it hands out, so that after binding `require_all_bound` can reject a file with tensors no role
+// took: a misspelt name, layers beyond the configured count or a bias the config does not expect
+// would otherwise be ignored silently and the model would compute something else.
 class Binder {
  public:
-  using Finder = std::function<const TensorRef*(std::string_view)>;
-  Binder(Finder finder, std::string file, Weights& weights)
-      : find_(std::move(finder)), file_(std::move(file)), weights_(weights) {}
+  Binder(const std::vector<TensorRef>& tensors, std::string file, Weights& weights)
+      : file_(std::move(file)), weights_(weights) {
+    for (const TensorRef& t : tensors) index_.emplace(t.name, &t);
+  }
 
-  const TensorRef* find(const std::string& name) const { return find_(name); }
+  // A tensor found here counts as bound: every caller uses what it finds.
+  const TensorRef* find(const std::string& name) {
+    const auto it = index_.find(name);
+    if (it == index_.end()) return nullptr;
+    bound_.insert(it->first);
+    return it->second;
+  }
 
-  const TensorRef& get(const std::string& name) const {
-    const TensorRef* tensor = find_(name);
+  const TensorRef& get(const std::string& name) {
+    const TensorRef* tensor = find(name);
     require(tensor != nullptr, file_, ": required tensor '", name, "' is missing");
     return *tensor;
   }
 
-  TensorRef matrix(const std::string& name, int64_t rows, int64_t cols) const {
+  TensorRef matrix(const std::string& name, int64_t rows, int64_t cols) {
     const TensorRef& t = get(name);
     require(t.shape == std::vector<int64_t>{rows, cols}, file_, ": tensor '", name, "' has shape ",
             shape_text(t.shape), ", expected ", shape_text({rows, cols}));
     return t;
   }
 
-  std::vector<float> vector(const std::string& name, int64_t size) const {
+  std::vector<float> vector(const std::string& name, int64_t size) {
     const TensorRef& t = get(name);
     require(t.elements() == size && t.shape.size() == 1, file_, ": tensor '", name, "' has shape ",
             shape_text(t.shape), ", expected [", size, "]");
     return to_float(t);
   }
 
-  std::vector<float> optional_vector(const std::string& name, int64_t size) const {
-    return find_(name) ? vector(name, size) : std::vector<float>{};
+  std::vector<float> bias(const std::string& name, int64_t size, Bias bias) {
+    if (bias == Bias::None || (bias == Bias::Optional && index_.find(name) == index_.end()))
+      return {};
+    return vector(name, size);
   }
 
-  Norm norm(const std::string& prefix, int64_t size, bool with_bias) const {
+  Norm norm(const std::string& prefix, int64_t size, bool with_bias) {
     Norm n{vector(prefix + ".weight", size), {}};
     if (with_bias) n.bias = vector(prefix + ".bias", size);
     return n;
   }
 
-  Linear linear(const std::string& prefix, int64_t out, int64_t in, bool with_bias) const {
-    Linear l{matrix(prefix + ".weight", out, in), {}};
-    if (with_bias) l.bias = vector(prefix + ".bias", out);
-    return l;
+  Linear linear(const std::string& prefix, int64_t out, int64_t in, Bias bias_kind) {
+    return {matrix(prefix + ".weight", out, in), bias(prefix + ".bias", out, bias_kind)};
+  }
+  Linear linear(const std::string& prefix, int64_t out, int64_t in, bool with_bias) {
+    return linear(prefix, out, in, with_bias ? Bias::Required : Bias::None);
+  }
+
+  // Fails listing the tensors no role took (the first few and the count), except those
+  // `accepted_unused` names: buffers some checkpoints store that the model recomputes.
+  void require_all_bound(const std::function<bool(std::string_view)>& accepted_unused) const {
+    constexpr size_t kListed = 8;
+    std::vector<std::string_view> unbound;
+    for (const auto& [name, tensor] : index_)
+      if (!bound_.contains(name) && !accepted_unused(name)) unbound.push_back(name);
+    if (unbound.empty()) return;
+    std::string list;
+    for (size_t i = 0; i < unbound.size() && i < kListed; ++i)
+      list += str_cat(i ? ", '" : "'", unbound[i], "' ", shape_text(index_.at(unbound[i])->shape));
+    if (unbound.size() > kListed) list += str_cat(", ... (", unbound.size() - kListed, " more)");
+    fail(file_, ": ", unbound.size(), " of the file's ", index_.size(),
+         " tensors match no role of the model its config describes (a misspelt name, a layer "
+         "beyond the configured layer count, or a weight the config does not use): ",
+         list);
   }
 
   // Rows [begin, begin + count) of a matrix, without copying.
@@ -81,7 +120,7 @@ class Binder {
 
   // A new matrix made of the given rows of `t` (same dtype), stored in weights.owned.
   TensorRef gather_rows(const TensorRef& t, const std::vector<int64_t>& row_ids,
-                        const std::string& name) const {
+                        const std::string& name) {
     const int64_t row_bytes = storage_bytes(t.dtype, t.row_size());
     std::vector<std::byte>& buffer = weights_.owned.emplace_back(row_ids.size() * row_bytes);
     for (size_t i = 0; i < row_ids.size(); ++i)
@@ -93,7 +132,7 @@ class Binder {
   }
 
   // The transpose of a {rows, cols} matrix as float32 (GPT-2's Conv1D stores {in, out}).
-  TensorRef transposed(const TensorRef& t, const std::string& name) const {
+  TensorRef transposed(const TensorRef& t, const std::string& name) {
     const std::vector<float> values = to_float(t);
     const int64_t rows = t.shape.at(0), cols = t.shape.at(1);
     std::vector<std::byte>& buffer = weights_.owned.emplace_back(values.size() * sizeof(float));
@@ -104,13 +143,14 @@ class Binder {
   }
 
  private:
-  Finder find_;
   std::string file_;
   Weights& weights_;
+  std::map<std::string_view, const TensorRef*> index_;  // views of the checkpoint's names
+  std::set<std::string_view> bound_;
 };
 
 // Splits a fused QKV projection whose rows are [q heads | k heads | v heads].
-void split_contiguous_qkv(const Binder& b, const TensorRef& fused, std::vector<float> bias,
+void split_contiguous_qkv(Binder& b, const TensorRef& fused, std::vector<float> bias,
                           const Config& c, LayerWeights& layer) {
   const int64_t q = c.q_dim(), kv = c.kv_dim();
   require(fused.shape == std::vector<int64_t>{q + 2 * kv, c.hidden}, "fused QKV tensor '",
@@ -127,7 +167,7 @@ void split_contiguous_qkv(const Binder& b, const TensorRef& fused, std::vector<f
 }
 
 // GPT-NeoX fuses QKV per head: rows are [head][q|k|v][head_dim].
-void split_per_head_qkv(const Binder& b, const TensorRef& fused, const std::vector<float>& bias,
+void split_per_head_qkv(Binder& b, const TensorRef& fused, const std::vector<float>& bias,
                         const Config& c, LayerWeights& layer) {
   const int64_t d = c.head_dim;
   require(fused.shape == std::vector<int64_t>{3 * c.hidden, c.hidden}, "fused QKV tensor '",
@@ -144,7 +184,7 @@ void split_per_head_qkv(const Binder& b, const TensorRef& fused, const std::vect
   }
 }
 
-void bind_hf(const Binder& b, const std::string& model_type, Config& c, Weights& w) {
+void bind_hf(Binder& b, const std::string& model_type, Config& c, Weights& w) {
   const bool layer_norm = c.norm == NormKind::LayerNorm;
   if (model_type == "gpt2") {
     const std::string p = b.find("transformer.wte.weight") ? "transformer." : "";
@@ -212,12 +252,32 @@ void bind_hf(const Binder& b, const std::string& model_type, Config& c, Weights&
     layer.down = b.linear(l + "mlp.down_proj", c.hidden, c.intermediate, c.mlp_bias);
   }
   w.final_norm = b.norm("model.norm", c.hidden, layer_norm);
-  w.lm_head = {b.find("lm_head.weight") ? b.matrix("lm_head.weight", c.vocab_size, c.hidden)
-                                        : w.token_embedding,
+  // An untied head must be in the file (transformers would initialise a missing one at random);
+  // a tied checkpoint that stores the head anyway is read as stored.
+  w.lm_head = {c.tied_embeddings && !b.find("lm_head.weight")
+                   ? w.token_embedding
+                   : b.matrix("lm_head.weight", c.vocab_size, c.hidden),
                {}};
 }
 
-void bind_gguf(const Binder& b, Config& c, Weights& w) {
+// Buffers that Hugging Face checkpoints of these families may store but the model recomputes
+// from the config: GPT-2's and GPT-NeoX's causal-mask buffers (`attn.bias`, `attn.masked_bias`,
+// `attention.bias`, `attention.masked_bias`) and the rotary inverse frequencies
+// (`rotary_emb.inv_freq`). Weights of these families never end in these names (GPT-2's bias
+// weights are `attn.c_attn.bias` and `attn.c_proj.bias`).
+bool hf_recomputed_buffer(std::string_view name) {
+  for (const std::string_view suffix : {".attn.bias", ".attn.masked_bias", ".attention.bias",
+                                        ".attention.masked_bias", ".rotary_emb.inv_freq"}) {
+    if (name.ends_with(suffix)) return true;
+  }
+  return false;
+}
+
+// llama.cpp reads the biases of llama-style models when a file has them and requires those its
+// architecture always has (qwen2's q/k/v, all of gpt2's and gptneox's).
+Bias gguf_bias(bool required) { return required ? Bias::Required : Bias::Optional; }
+
+void bind_gguf(Binder& b, Config& c, Weights& w) {
   const bool layer_norm = c.norm == NormKind::LayerNorm;
   w.token_embedding = b.matrix("token_embd.weight", c.vocab_size, c.hidden);
   if (c.positions == PositionKind::Learned) {
@@ -228,9 +288,16 @@ void bind_gguf(const Binder& b, Config& c, Weights& w) {
     w.position_embedding = pos;
   }
   if (const TensorRef* freqs = b.find("rope_freqs.weight")) {
-    require(freqs->elements() == c.rotary_dim / 2, "rope_freqs.weight has ", freqs->elements(),
-            " entries, expected ", c.rotary_dim / 2);
+    require(freqs->shape.size() == 1 && freqs->elements() == c.rotary_dim / 2,
+            "rope_freqs.weight has shape ", shape_text(freqs->shape), ", expected [",
+            c.rotary_dim / 2, "]");
     c.rope_freq_factors = to_float(*freqs);
+    // Each inverse frequency is divided by its factor.
+    for (size_t i = 0; i < c.rope_freq_factors.size(); ++i) {
+      const float factor = c.rope_freq_factors[i];
+      require(std::isfinite(factor) && factor > 0, "rope_freqs.weight[", i, "] = ", factor,
+              " is not a positive finite factor");
+    }
   }
   for (int64_t i = 0; i < c.layers; ++i) {
     const std::string l = "blk." + std::to_string(i) + ".";
@@ -238,26 +305,25 @@ void bind_gguf(const Binder& b, Config& c, Weights& w) {
     layer.attention_norm = b.norm(l + "attn_norm", c.hidden, layer_norm);
     if (const TensorRef* fused = b.find(l + "attn_qkv.weight")) {
       split_contiguous_qkv(
-          b, *fused, b.optional_vector(l + "attn_qkv.bias", c.q_dim() + 2 * c.kv_dim()), c, layer);
+          b, *fused, b.bias(l + "attn_qkv.bias", c.q_dim() + 2 * c.kv_dim(), gguf_bias(c.qkv_bias)),
+          c, layer);
     } else {
-      layer.q = b.linear(l + "attn_q", c.q_dim(), c.hidden, c.qkv_bias);
-      layer.k = b.linear(l + "attn_k", c.kv_dim(), c.hidden, c.qkv_bias);
-      layer.v = b.linear(l + "attn_v", c.kv_dim(), c.hidden, c.qkv_bias);
+      layer.q = b.linear(l + "attn_q", c.q_dim(), c.hidden, gguf_bias(c.qkv_bias));
+      layer.k = b.linear(l + "attn_k", c.kv_dim(), c.hidden, gguf_bias(c.qkv_bias));
+      layer.v = b.linear(l + "attn_v", c.kv_dim(), c.hidden, gguf_bias(c.qkv_bias));
     }
-    layer.o = {b.matrix(l + "attn_output.weight", c.hidden, c.q_dim()),
-               b.optional_vector(l + "attn_output.bias", c.hidden)};
+    layer.o = b.linear(l + "attn_output", c.hidden, c.q_dim(), gguf_bias(c.out_bias));
     layer.mlp_norm = b.norm(l + "ffn_norm", c.hidden, layer_norm);
-    if (c.gated_mlp) layer.gate = b.linear(l + "ffn_gate", c.intermediate, c.hidden, false);
-    layer.up = {b.matrix(l + "ffn_up.weight", c.intermediate, c.hidden),
-                b.optional_vector(l + "ffn_up.bias", c.intermediate)};
-    layer.down = {b.matrix(l + "ffn_down.weight", c.hidden, c.intermediate),
-                  b.optional_vector(l + "ffn_down.bias", c.hidden)};
+    if (c.gated_mlp)
+      layer.gate = b.linear(l + "ffn_gate", c.intermediate, c.hidden, gguf_bias(c.mlp_bias));
+    layer.up = b.linear(l + "ffn_up", c.intermediate, c.hidden, gguf_bias(c.mlp_bias));
+    layer.down = b.linear(l + "ffn_down", c.hidden, c.intermediate, gguf_bias(c.mlp_bias));
   }
   w.final_norm = b.norm("output_norm", c.hidden, layer_norm);
   c.tied_embeddings = b.find("output.weight") == nullptr;
   w.lm_head = {
       c.tied_embeddings ? w.token_embedding : b.matrix("output.weight", c.vocab_size, c.hidden),
-      b.optional_vector("output.bias", c.vocab_size)};
+      b.bias("output.bias", c.vocab_size, Bias::Optional)};
 }
 
 }  // namespace
@@ -292,20 +358,26 @@ Model Model::load(const std::string& spec) {
   if (fs::is_directory(path)) {
     HfModelDir& dir = model.files_->checkpoint.emplace<HfModelDir>(path);
     model.format_ = "safetensors";
-    model.config_ = config_from_hf(dir.config(), dir.generation_config());
-    Binder binder([&dir](std::string_view name) { return dir.find(name); }, path.string(),
-                  model.weights_);
+    model.config_ = config_from_hf(dir.config(), dir.generation_config(), path);
+    Binder binder(dir.tensors(), path.string(), model.weights_);
     bind_hf(binder, model.config_.architecture, model.config_, model.weights_);
+    binder.require_all_bound(hf_recomputed_buffer);
     require(!dir.tokenizer_json().empty(), path, ": no tokenizer.json in the model directory");
     model.tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_hf_json(dir.tokenizer_json()));
   } else {
     GgufFile& gguf = model.files_->checkpoint.emplace<GgufFile>(path);
     model.format_ = "gguf";
-    model.config_ = config_from_gguf(gguf.metadata());
-    Binder binder([&gguf](std::string_view name) { return gguf.find(name); }, path.string(),
-                  model.weights_);
+    model.config_ = config_from_gguf(gguf.metadata(), str_cat("GGUF file ", path));
+    Binder binder(gguf.tensors(), path.string(), model.weights_);
     bind_gguf(binder, model.config_, model.weights_);
-    model.tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_gguf_metadata(gguf.metadata()));
+    // Every tensor llama.cpp's writers put in files of these architectures has a role.
+    binder.require_all_bound([](std::string_view) { return false; });
+    try {
+      model.tokenizer_ =
+          std::make_unique<Tokenizer>(Tokenizer::from_gguf_metadata(gguf.metadata()));
+    } catch (const Error& e) {
+      fail("GGUF file ", path, ": ", e.what());  // the tokenizer sees only the metadata
+    }
   }
   model.config_.validate();
   return model;

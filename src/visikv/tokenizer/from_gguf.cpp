@@ -3,6 +3,8 @@
 // split regexes llama.cpp ties to tokenizer.ggml.pre, "llama" vocabularies are SentencePiece BPE
 // by scores with byte fallback and the leading-space rule.
 #include <array>
+#include <cmath>
+#include <cstdint>
 
 #include "visikv/core/error.h"
 #include "visikv/tokenizer/bpe.h"
@@ -47,19 +49,23 @@ std::optional<bool> bool_key(const json& metadata, const char* key) {
   return value->get<bool>();
 }
 
-std::optional<int32_t> id_key(const json& metadata, const char* key, std::size_t n_tokens) {
-  const json* value = find_key(metadata, key);
-  if (value == nullptr) return std::nullopt;
-  require(value->is_number_integer(), "GGUF metadata ", key, " is not an integer");
-  const auto id = value->get<int64_t>();
+}  // namespace
+
+std::optional<int32_t> gguf_token_id(const nlohmann::json& metadata, const std::string& key,
+                                     int64_t vocab_size, const std::string& where) {
+  const auto it = metadata.find(key);
+  if (it == metadata.end()) return std::nullopt;
+  require(it->is_number_integer(), where, ": ", key,
+          " has the wrong type: expected an integer, got ", it->dump());
+  const bool fits =
+      !it->is_number_unsigned() || it->get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX);
+  const int64_t id = fits ? it->get<int64_t>() : INT64_MAX;
   // llama.cpp writes -1 (as uint32 0xFFFFFFFF) for "none".
   if (id == -1 || id == 0xFFFFFFFFLL) return std::nullopt;
-  require(id >= 0 && static_cast<std::size_t>(id) < n_tokens, "GGUF metadata ", key, " = ", id,
-          " is outside the vocabulary of ", n_tokens, " tokens");
+  require(id >= 0 && id < vocab_size, where, ": ", key, " = ", it->dump(),
+          " is outside the vocabulary of ", vocab_size, " tokens");
   return static_cast<int32_t>(id);
 }
-
-}  // namespace
 
 Tokenizer Tokenizer::from_gguf_metadata(const nlohmann::json& metadata) {
   require(metadata.is_object(), "GGUF metadata is not a key/value object");
@@ -104,8 +110,10 @@ Tokenizer Tokenizer::from_gguf_metadata(const nlohmann::json& metadata) {
   }
   impl->raw_added = AddedTokenMatcher(std::move(added));
 
-  impl->bos_id = id_key(metadata, "tokenizer.ggml.bos_token_id", n);
-  impl->eos_id = id_key(metadata, "tokenizer.ggml.eos_token_id", n);
+  impl->bos_id = gguf_token_id(metadata, "tokenizer.ggml.bos_token_id", static_cast<int64_t>(n),
+                               "GGUF metadata");
+  impl->eos_id = gguf_token_id(metadata, "tokenizer.ggml.eos_token_id", static_cast<int64_t>(n),
+                               "GGUF metadata");
   bool add_bos = false;
 
   if (model == "gpt2") {
@@ -152,6 +160,9 @@ Tokenizer Tokenizer::from_gguf_metadata(const nlohmann::json& metadata) {
       for (std::size_t i = 0; i < n; ++i) {
         require(list[i].is_number(), "GGUF tokenizer.ggml.scores[", i, "] is not a number");
         scores[i] = list[i].get<float>();
+        // Merges are ranked by score; a NaN compares false both ways and breaks the ranking.
+        require(std::isfinite(scores[i]), "GGUF tokenizer.ggml.scores[", i, "] = ", scores[i],
+                " is not a finite number");
       }
     }
     TokenIndex mergeable;
@@ -167,7 +178,8 @@ Tokenizer Tokenizer::from_gguf_metadata(const nlohmann::json& metadata) {
         mergeable[text] = static_cast<int32_t>(i);
       }
     }
-    std::optional<int32_t> unk = id_key(metadata, "tokenizer.ggml.unknown_token_id", n);
+    std::optional<int32_t> unk = gguf_token_id(metadata, "tokenizer.ggml.unknown_token_id",
+                                               static_cast<int64_t>(n), "GGUF metadata");
     impl->model =
         std::make_unique<SpmModel>(std::move(mergeable), std::move(scores), byte_ids, unk);
     const bool space_prefix = bool_key(metadata, "tokenizer.ggml.add_space_prefix").value_or(true);

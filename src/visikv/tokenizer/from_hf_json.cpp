@@ -1,10 +1,8 @@
 // Tokenizer::from_hf_json: builds a Tokenizer from a Hugging Face tokenizer.json (the format of
 // the `tokenizers` library), supporting the constructs byte-level and SentencePiece-style BPE
 // models use. Anything else is rejected with an error naming the construct.
-#include <fstream>
-#include <sstream>
-
 #include "visikv/core/error.h"
+#include "visikv/formats/json_file.h"
 #include "visikv/tokenizer/bpe.h"
 #include "visikv/tokenizer/tokenizer.h"
 #include "visikv/tokenizer/tokenizer_impl.h"
@@ -18,6 +16,8 @@ using nlohmann::json;
 // Largest token id accepted, so a corrupt file cannot make us allocate gigabytes.
 constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
 
+// Reads the sections of a parsed tokenizer.json. Sequences recurse once per level of JSON
+// nesting, which parse_json bounds (kMaxJsonDepth) for every file; nothing else recurses.
 class Parser {
  public:
   explicit Parser(std::string source) : source_(std::move(source)) {}
@@ -284,11 +284,8 @@ SpecialNames read_special_names(const std::filesystem::path& tokenizer_json) {
   SpecialNames names;
   const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
   if (!std::filesystem::exists(config_path)) return names;
-  std::ifstream file(config_path, std::ios::binary);
-  std::stringstream text;
-  text << file.rdbuf();
-  const json config = json::parse(text.str(), nullptr, /*allow_exceptions=*/false);
-  if (!config.is_object()) return names;
+  const json config = read_json_file(config_path);
+  require(config.is_object(), "tokenizer_config.json ", config_path, " is not a JSON object");
   names.bos = config_token(config, "bos_token");
   names.eos = config_token(config, "eos_token");
   return names;
@@ -300,12 +297,7 @@ std::shared_ptr<TokenizerImpl> build(const json& root, const std::string& source
 }  // namespace
 
 Tokenizer Tokenizer::from_hf_json(const std::filesystem::path& tokenizer_json) {
-  std::ifstream file(tokenizer_json, std::ios::binary);
-  require(file.good(), "cannot open tokenizer.json ", tokenizer_json);
-  std::stringstream contents;
-  contents << file.rdbuf();
-  const json parsed = json::parse(contents.str(), nullptr, /*allow_exceptions=*/false);
-  require(!parsed.is_discarded(), "tokenizer.json ", tokenizer_json, ": malformed JSON");
+  const json parsed = read_json_file(tokenizer_json);
   return Tokenizer(build(parsed, tokenizer_json.string(), read_special_names(tokenizer_json)));
 }
 

@@ -19,6 +19,12 @@ namespace visikv {
 
 struct TokenizerImpl;
 
+// A token id key of GGUF metadata (tokenizer.ggml.bos_token_id, ...): nullopt when absent or
+// llama.cpp's "none" (-1, written as uint32 0xFFFFFFFF); throws visikv::Error starting with
+// `where` and naming the key when it is not an integer or not below `vocab_size`.
+std::optional<int32_t> gguf_token_id(const nlohmann::json& metadata, const std::string& key,
+                                     int64_t vocab_size, const std::string& where);
+
 class Tokenizer {
  public:
   static Tokenizer from_hf_json(const std::filesystem::path& tokenizer_json);
