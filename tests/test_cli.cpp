@@ -138,6 +138,36 @@ INSTANTIATE_TEST_SUITE_P(
         BadInvocation{"ppl " + kLlama + " --window 1", "window"},
         BadInvocation{"ppl " + kLlama + " --window 100000 --tokens 4",
                       "exceeds the model's context"},
+        // Every command that feeds positions checks them against the context, with one message.
+        BadInvocation{"ppl " + kLlama + " --window 256",
+                      "a perplexity window of 256 tokens needs 256 positions, which exceeds the "
+                      "model's context of 128 positions"},
+        BadInvocation{"eval kv " + kLlama + " --window 256 --tokens 8",
+                      "--window 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"eval sparse-ppl " + kLlama + " --window 256 --tokens 8",
+                      "--window 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"eval sparse " + kLlama + " --prefix 120 --continuation 16",
+                      "a prefix of 120 tokens + a continuation of 16 needs 136 positions, which "
+                      "exceeds the model's context of 128 positions"},
+        BadInvocation{"eval needle " + kLlama + " --contexts 200",
+                      "needle: context 200 + 10 answer tokens needs 210 positions, which exceeds "
+                      "the model's context of 128 positions"},
+        BadInvocation{"eval coverage " + kLlama + " --tokens 512",
+                      "coverage: a window of 512 tokens needs 512 positions, which exceeds the "
+                      "model's context of 128 positions"},
+        BadInvocation{"eval numerics " + kLlama + " --tokens 8",
+                      "a window of 1024 tokens needs 1024 positions, which exceeds the model's "
+                      "context of 128 positions"},
+        BadInvocation{"analyze " + kLlama + " --tokens 256 --keys f32",
+                      "--tokens 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"calibrate " + kLlama + " --window 256 --out /dev/null",
+                      "--window 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"ppl " + kGpt2 + " --window 256",
+                      "which exceeds the model's context of 128 positions"},
         BadInvocation{"ppl " + kLlama + " --mode sideways", "mode"},
         BadInvocation{"ppl " + kLlama + " --tokens -5", "tokens"},
         BadInvocation{"ppl " + kLlama + " --file /no/such/text.txt", "no such file"},

@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "visikv/attention/attention.h"
-#include "visikv/core/error.h"
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/symmetric_eigen.h"
+#include "visikv/core/error.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
@@ -144,13 +144,13 @@ HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std:
 
   Decoder decoder(model);
   const CacheShape shape = decoder.cache_shape();
-  KeyMomentCache cache(shape, options.window);
-  QueryCollector collector(c.layers, c.heads, d);
-  std::vector<double> query_sigma(static_cast<size_t>(shape.layers * shape.kv_heads * d * d), 0.0);
-  std::vector<double> scratch;
   // Windows never exceed the model's context (the basis records the window used).
   const int64_t window_length =
       c.max_positions > 1 ? std::min(options.window, c.max_positions) : options.window;
+  KeyMomentCache cache(shape, window_length);
+  QueryCollector collector(c.layers, c.heads, d);
+  std::vector<double> query_sigma(static_cast<size_t>(shape.layers * shape.kv_heads * d * d), 0.0);
+  std::vector<double> scratch;
   const int64_t text_per_window = bos ? window_length - 1 : window_length;
   const int64_t available = static_cast<int64_t>(tokens.size());
   // Positions to run: each window adds BOS (when used) to its text tokens.

@@ -15,6 +15,7 @@
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/analyze.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/report.h"
 #include "visikv/eval/scatter_plot.h"
@@ -120,8 +121,7 @@ AnalyzeRun run_analyze(const AnalyzeFlags& f) {
   const int64_t tokens =
       f.tokens != 0 ? f.tokens
                     : (c.max_positions > 1 ? std::min<int64_t>(512, c.max_positions) : 512);
-  require(c.max_positions <= 0 || tokens <= c.max_positions, "--tokens ", tokens,
-          " exceeds the model's context of ", c.max_positions, " positions");
+  check_context(c, tokens, str_cat("--tokens ", tokens));
   const bool wants_basis =
       keys.empty() || std::ranges::any_of(keys, [](const auto& k) { return k.needs_basis(); });
 

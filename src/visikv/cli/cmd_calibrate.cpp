@@ -9,6 +9,7 @@
 #include "visikv/calibration/calibrate.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/model/model.h"
 
@@ -40,9 +41,13 @@ void add_calibrate_command(CLI::App& app) {
                   "positions per prefill window (1024; at most the model's context)")
       ->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--out,-o", flags->out, "basis file to write")->required();
-  cmd->callback([flags] {
+  cmd->callback([cmd, flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
+    // The default window shrinks to a shorter context; a window asked for must fit it.
+    if (cmd->count("--window") > 0)
+      check_context(model.config(), flags->options.window,
+                    str_cat("--window ", flags->options.window));
     const std::filesystem::path text_path =
         flags->text.empty() ? default_calibration_text() : std::filesystem::path(flags->text);
     const std::string text = read_text_file(text_path);

@@ -15,6 +15,7 @@
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/coverage.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"
@@ -455,6 +456,8 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   run.model = model.source();
   Decoder decoder(model);
   const ParsedSpecs specs = parse_specs(selectors, f, decoder);
+  // The context before the text: a window past it needs no tokenizing to be refused.
+  check_context(model.config(), f.tokens, str_cat("coverage: a window of ", f.tokens, " tokens"));
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
   const bool bos = run.bos = model.tokenizer().adds_bos();
@@ -620,6 +623,7 @@ SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   SparsePplRun run;
   run.model = model.source();
   Decoder decoder(model);
+  check_context(model.config(), f.window, str_cat("--window ", f.window));
   const BasisSource basis = load_basis_file(model, f.basis);
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();

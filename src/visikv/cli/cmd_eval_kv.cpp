@@ -15,6 +15,7 @@
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/report.h"
@@ -93,9 +94,7 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   spec.ranks = f.ranks;
   spec.side_bits = f.side_bits;
   const std::vector<KvGridRow> rows = select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), f.rows);
-  const int64_t context = model.config().max_positions;
-  require(context <= 0 || f.window <= context, "--window ", f.window,
-          " exceeds the model's context of ", context, " positions");
+  check_context(model.config(), f.window, str_cat("--window ", f.window));
 
   // Calibrated at rank 16 (or the largest rank the rows need) when no file is given.
   const int64_t needed_rank = kv_grid_basis_rank(rows);

@@ -6,6 +6,7 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/numerics.h"
 #include "visikv/eval/report.h"
@@ -35,6 +36,7 @@ void add_eval_numerics_command(CLI::App& eval) {
   cmd->callback([flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
+    check_context(model.config(), flags->window, str_cat("a window of ", flags->window, " tokens"));
     const std::filesystem::path text_path = text_or_default_test_text(flags->file);
     const std::vector<int32_t> tokens = model.tokenizer().encode(read_text_file(text_path), false);
     std::optional<int32_t> bos;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
 namespace visikv {
@@ -29,6 +30,7 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
                                    int64_t window, int64_t max_positions, ProductRounding reference,
                                    ProductRounding candidate, std::optional<int32_t> bos) {
   require(window >= 2, "compare_numerics: window must be at least 2 tokens, not ", window);
+  check_context(model.config(), window, str_cat("a window of ", window, " tokens"));
   Decoder decoders[2] = {Decoder(model), Decoder(model)};
   decoders[0].set_product_rounding(reference);
   decoders[1].set_product_rounding(candidate);

@@ -9,6 +9,7 @@
 #include "visikv/attention/support.h"
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
 namespace visikv {
@@ -45,16 +46,18 @@ double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   return std::log(sum) + max - logits[target];
 }
 
-PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
-                            const PerplexityOptions& o, const Progress& progress) {
+void check_perplexity_options(const Config& config, const PerplexityOptions& o) {
   require(o.window >= 2, "perplexity window must be at least 2 tokens, got ", o.window);
   require(o.max_tokens >= 0, "--tokens must not be negative");
   // Positions past the model's context would run on RoPE angles or position embeddings it never
   // saw (or past its table): refuse instead of reporting a perplexity of a model that does not
   // exist.
-  const int64_t context = decoder.model().config().max_positions;
-  require(context <= 0 || o.window <= context, "perplexity window of ", o.window,
-          " tokens exceeds the model's context of ", context, " positions");
+  check_context(config, o.window, str_cat("a perplexity window of ", o.window, " tokens"));
+}
+
+PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
+                            const PerplexityOptions& o, const Progress& progress) {
+  check_perplexity_options(decoder.model().config(), o);
   const int64_t text_per_window = o.bos ? o.window - 1 : o.window;
   const int64_t scored_per_window = o.window - 1;
 

@@ -60,6 +60,11 @@ struct PerplexityResult {
 // progress(scored so far, total to score)
 using Progress = std::function<void(int64_t done, int64_t total)>;
 
+// Throws visikv::Error for options perplexity() cannot run: a window under 2 tokens or past the
+// model's context (eval/context_limit.h), a negative token limit. Commands call it before they
+// read their text.
+void check_perplexity_options(const Config& config, const PerplexityOptions& options);
+
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text_tokens,
                             const PerplexityOptions& options, const Progress& progress = {});
 

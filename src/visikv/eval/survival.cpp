@@ -9,6 +9,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/eval/sampler.h"
 #include "visikv/kv/cache_factory.h"
@@ -193,9 +194,8 @@ void check_survival_options(const Config& config, const SurvivalOptions& o) {
           o.prefix);
   require(std::isfinite(o.temperature) && o.temperature >= 0,
           "the sampling temperature must be a finite number >= 0, got ", o.temperature);
-  require(config.max_positions <= 0 || o.prefix + o.continuation <= config.max_positions, "prefix ",
-          o.prefix, " + continuation ", o.continuation, " exceeds the model's ",
-          config.max_positions, " positions");
+  check_context(config, add_positions(o.prefix, o.continuation),
+                str_cat("a prefix of ", o.prefix, " tokens + a continuation of ", o.continuation));
 }
 
 std::vector<std::vector<int32_t>> survival_prefixes(std::span<const int32_t> text,
