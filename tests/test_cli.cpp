@@ -11,6 +11,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "test_support.h"
 namespace {
@@ -73,6 +75,57 @@ TEST(Cli, TokenizeAndGenerate) {
       run("generate " + kLlama + " 'The' -n 5 --temperature 0.8 --top-k 20 --top-p 0.9 --seed 3");
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(r.output, again.output) << "the same seed must give the same text";
+}
+
+// ---- the size of inputs ----
+
+// With --tokens, ppl tokenizes only the start of a long one-line text (the windows' tokens and
+// their margin), not all of it.
+TEST(Cli, PerplexityReadsOnlyTheTokensItScores) {
+  const fs::path text = temp_file("visikv_one_line.txt");
+  {
+    std::ofstream file(text);
+    std::string line = kEnglishText;
+    line.pop_back();  // no newline: one line
+    for (int i = 0; i < 20000; ++i) file << line << ' ';
+  }
+  const ProgramRun r =
+      run("ppl " + kLlama + " --file " + text.string() + " --window 64 --tokens 64");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("(67 tokens read)"), std::string::npos) << r.output;
+  fs::remove(text);
+}
+
+// Text files must be regular files of at most 1 GiB: a directory, a device that never ends or a
+// file over the limit is an error naming the path, in every command that reads one.
+TEST(Cli, TextInputsMustBeRegularFilesOfBoundedSize) {
+  const fs::path dir = temp_file("visikv_text_dir");
+  fs::create_directories(dir);
+  const fs::path huge = temp_file("visikv_huge.txt");
+  std::ofstream(huge).flush();
+  fs::resize_file(huge, (uintmax_t{1} << 30) + 1);  // sparse: no disk space used
+  const std::string d = dir.string(), h = huge.string();
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"tokenize " + kLlama + " --file " + d, "text file \"" + d + "\" is a directory"},
+      {"tokenize " + kLlama + " --file /dev/zero", "\"/dev/zero\" is not a regular file"},
+      {"ppl " + kLlama + " --window 16 --file /dev/zero", "\"/dev/zero\" is not a regular file"},
+      {"ppl " + kLlama + " --window 16 --tokens 8 --file " + d, "is a directory"},
+      {"ppl " + kLlama + " --window 16 --file " + h,
+       "holds 1073741825 bytes, more than the limit of 1073741824 bytes (1 GiB)"},
+      {"tokenize " + kLlama + " --count --file " + h, "more than the limit"},
+      {"eval sparse " + kLlama + " --prefix 32 --continuation 4 --selectors dense --text " + d,
+       "is a directory"},
+      {"eval numerics " + kLlama + " --window 16 --file /dev/zero", "not a regular file"},
+      {"calibrate " + kLlama + " --out " + d + "/basis --text /dev/zero", "not a regular file"},
+      {"analyze " + kLlama + " --tokens 32 --keys f32 --text " + d, "is a directory"},
+  };
+  for (const auto& [args, expected] : cases) {
+    const ProgramRun r = run(args);
+    EXPECT_EQ(r.status, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(expected), std::string::npos) << args << "\n" << r.output;
+  }
+  fs::remove_all(dir);
+  fs::remove(huge);
 }
 
 TEST(Cli, PerplexityWritesJsonAndModesAgree) {
@@ -170,7 +223,7 @@ INSTANTIATE_TEST_SUITE_P(
                       "which exceeds the model's context of 128 positions"},
         BadInvocation{"ppl " + kLlama + " --mode sideways", "mode"},
         BadInvocation{"ppl " + kLlama + " --tokens -5", "tokens"},
-        BadInvocation{"ppl " + kLlama + " --file /no/such/text.txt", "no such file"},
+        BadInvocation{"ppl " + kLlama + " --window 16 --file /no/such/text.txt", "no such file"},
         BadInvocation{
             "ppl " + kLlama + " --cache int3 --tokens 4 --file " + kLlama + "/config.json", "int3"},
         BadInvocation{"ppl " + kLlama + " --selector sparse:a1:w0:k0:exact --tokens 4", "k"},

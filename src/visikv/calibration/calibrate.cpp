@@ -129,6 +129,14 @@ void decompose(std::span<double> sigma, int64_t d, double count, int64_t rank,
 
 HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std::string& text_label,
                            const CalibrationOptions& options, const CalibrationProgress& progress) {
+  require(!text.empty(), "calibration text '", text_label, "' is empty");
+  const std::vector<int32_t> tokens = model.tokenizer().encode(text, false);
+  return calibrate_headq(model, tokens, text_label, options, progress);
+}
+
+HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
+                           const std::string& text_label, const CalibrationOptions& options,
+                           const CalibrationProgress& progress) {
   const Config& c = model.config();
   const int64_t d = c.head_dim, group = c.group_size();
   require(options.rank >= 1 && options.rank <= d, "calibration rank ", options.rank,
@@ -136,9 +144,7 @@ HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std:
   require(options.tokens >= 1, "calibration token count must be positive, got ", options.tokens);
   require(options.window >= 2, "calibration window must be at least 2 tokens, got ",
           options.window);
-  require(!text.empty(), "calibration text '", text_label, "' is empty");
-  const std::vector<int32_t> tokens = model.tokenizer().encode(std::string(text), false);
-  require(!tokens.empty(), "calibration text '", text_label, "' has no tokens");
+  require(!tokens.empty(), "calibration text '", text_label, "' is empty: it has no tokens");
   std::optional<int32_t> bos;
   if (model.tokenizer().adds_bos()) bos = model.tokenizer().bos_id();
 

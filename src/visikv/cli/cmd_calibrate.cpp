@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/calibrate.h"
@@ -11,6 +12,7 @@
 #include "visikv/core/error.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/model.h"
 
 namespace visikv::cli {
@@ -50,9 +52,11 @@ void add_calibrate_command(CLI::App& app) {
                     str_cat("--window ", flags->options.window));
     const std::filesystem::path text_path =
         flags->text.empty() ? default_calibration_text() : std::filesystem::path(flags->text);
-    const std::string text = read_text_file(text_path);
+    // Each position holds at most one text token, so --tokens text tokens are enough.
+    const std::vector<int32_t> tokens =
+        text_file_tokens(model.tokenizer(), text_path, flags->options.tokens);
     const HeadqBasis basis = calibrate_headq(
-        model, text, text_path.string(), flags->options, [](int64_t done, int64_t total) {
+        model, tokens, text_path.string(), flags->options, [](int64_t done, int64_t total) {
           std::fprintf(stderr, "%lld/%lld positions\n", static_cast<long long>(done),
                        static_cast<long long>(total));
         });

@@ -69,7 +69,8 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text_toke
                             const PerplexityOptions& options, const Progress& progress = {});
 
 // Text tokens (without BOS) enough to score `scored` tokens in windows of `window` tokens: one
-// per scored token with BOS, one more per window without, and a margin of two.
+// per scored token with BOS, one more per window without, and a margin of two (saturating at
+// the largest integer).
 int64_t text_tokens_to_score(int64_t scored, int64_t window);
 
 // -log softmax(logits)[target], in double.
