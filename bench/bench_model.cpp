@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"

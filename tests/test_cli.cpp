@@ -7,10 +7,14 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "test_support.h"
 namespace {
@@ -73,6 +77,171 @@ TEST(Cli, TokenizeAndGenerate) {
       run("generate " + kLlama + " 'The' -n 5 --temperature 0.8 --top-k 20 --top-p 0.9 --seed 3");
   EXPECT_EQ(r.status, 0) << r.output;
   EXPECT_EQ(r.output, again.output) << "the same seed must give the same text";
+}
+
+// ---- the model's context and the size of inputs ----
+
+// How often `part` occurs in `text`.
+size_t occurrences(const std::string& text, const std::string& part) {
+  size_t count = 0;
+  for (size_t at = text.find(part); at != std::string::npos; at = text.find(part, at + 1)) ++count;
+  return count;
+}
+
+// The prompt + -n tokens must fit the context: exactly at it runs, one past it is an error that
+// names both numbers and the flag that allows it.
+TEST(Cli, GenerateIsBoundedByTheContext) {
+  const int prompt = std::stoi(run("tokenize " + kLlama + " 'The' --count").output);
+  ProgramRun r =
+      run("generate " + kLlama + " 'The' --ignore-eos -n " + std::to_string(128 - prompt));
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(r.output.find("warning"), std::string::npos) << r.output;
+  r = run("generate " + kLlama + " 'The' --ignore-eos -n " + std::to_string(129 - prompt));
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("a prompt of " + std::to_string(prompt) + " tokens + " +
+                          std::to_string(129 - prompt) +
+                          " new tokens needs 129 positions, which exceeds the model's context of "
+                          "128 positions (--allow-past-context runs past it"),
+            std::string::npos)
+      << r.output;
+  r = run("generate " + kLlama + " 'The' -n 1000 --ignore-eos");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("1000 new tokens"), std::string::npos) << r.output;
+}
+
+// A huge -n is the same error, not an allocation failure (and not an overflow past the largest
+// integer).
+TEST(Cli, GenerateWithAHugeTokenCountIsAClearError) {
+  for (const std::string n : {"99999999999", "9223372036854775807"}) {
+    const ProgramRun r = run("generate " + kLlama + " 'The' --ignore-eos -n " + n);
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_NE(r.output.find(n + " new tokens"), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("exceeds the model's context of 128 positions"), std::string::npos)
+        << r.output;
+    EXPECT_EQ(r.output.find("internal error"), std::string::npos) << r.output;
+  }
+}
+
+// --allow-past-context lets a RoPE model run past its context with one warning on stderr; learned
+// positions end at their table, so GPT-2 refuses even then.
+TEST(Cli, AllowPastContextWarnsOnceAndNeverExtendsLearnedPositions) {
+  const fs::path err_path = temp_file("visikv_past_context.txt");
+  const std::string command = std::string(VISIKV_BINARY) + " generate " + kLlama +
+                              " 'The' -n 200 --ignore-eos --allow-past-context >/dev/null 2>" +
+                              err_path.string();
+  EXPECT_EQ(std::system(command.c_str()), 0);
+  std::ifstream in(err_path);
+  const std::string err((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(occurrences(err, "warning"), 1u) << err;
+  EXPECT_NE(err.find("a prompt of 2 tokens + 200 new tokens needs 202 positions, past the model's "
+                     "context of 128"),
+            std::string::npos)
+      << err;
+  fs::remove(err_path);
+  ProgramRun r;
+  r = run("generate " + kGpt2 + " 'The' -n 200 --ignore-eos --allow-past-context");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("learned embeddings"), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("warning"), std::string::npos) << r.output;
+}
+
+// A copy of the llama fixture whose tokenizer's post-processor adds 1000 tokens to every prompt
+// (tests/fixtures/mutants/limits): the prompt alone is past the context, refused before any
+// forward pass.
+TEST(Cli, PromptLongerThanTheContextFailsBeforeThePrefill) {
+  const fs::path model = temp_file("visikv_long_post_processor");
+  fs::create_directories(model);
+  for (const char* name :
+       {"config.json", "generation_config.json", "tokenizer_config.json", "model.safetensors"})
+    fs::copy_file(fs::path(kLlama) / name, model / name, fs::copy_options::overwrite_existing);
+  fs::copy_file(fs::path(VISIKV_FIXTURES) / "mutants/limits/long_post_processor/tokenizer.json",
+                model / "tokenizer.json", fs::copy_options::overwrite_existing);
+  ProgramRun r = run("generate " + model.string() + " 'The' -n 1 --stats");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("a prompt of 1001 tokens needs 1001 positions, which exceeds the "
+                          "model's context of 128 positions"),
+            std::string::npos)
+      << r.output;
+  EXPECT_EQ(r.output.find("prompt: "), std::string::npos) << "no prefill ran: " << r.output;
+  fs::remove_all(model);
+
+  // A prompt file longer than the context fails from its first tokens.
+  const fs::path prompt = temp_file("visikv_long_prompt.txt");
+  {
+    std::ofstream file(prompt);
+    for (int i = 0; i < 2000; ++i) file << kEnglishText;
+  }
+  r = run("generate " + kLlama + " --file " + prompt.string() + " -n 1");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_NE(r.output.find("a prompt of more than 128 tokens"), std::string::npos) << r.output;
+  fs::remove(prompt);
+}
+
+// generate and tokenize read their text from the command line or a file, the same text either
+// way.
+TEST(Cli, GenerateAndTokenizeReadAFile) {
+  const fs::path prompt = temp_file("visikv_prompt.txt");
+  std::ofstream(prompt) << "The tower is";
+  ProgramRun from_file = run("generate " + kLlama + " --file " + prompt.string() + " -n 4");
+  ProgramRun from_flag = run("generate " + kLlama + " 'The tower is' -n 4");
+  EXPECT_EQ(from_file.status, 0) << from_file.output;
+  EXPECT_EQ(from_file.output, from_flag.output);
+  from_file = run("tokenize " + kLlama + " --file " + prompt.string());
+  from_flag = run("tokenize " + kLlama + " 'The tower is'");
+  EXPECT_EQ(from_file.status, 0) << from_file.output;
+  EXPECT_EQ(from_file.output, from_flag.output);
+  fs::remove(prompt);
+}
+
+// With --tokens, ppl tokenizes only the start of a long one-line text (the windows' tokens and
+// their margin), not all of it.
+TEST(Cli, PerplexityReadsOnlyTheTokensItScores) {
+  const fs::path text = temp_file("visikv_one_line.txt");
+  {
+    std::ofstream file(text);
+    std::string line = kEnglishText;
+    line.pop_back();  // no newline: one line
+    for (int i = 0; i < 20000; ++i) file << line << ' ';
+  }
+  const ProgramRun r =
+      run("ppl " + kLlama + " --file " + text.string() + " --window 64 --tokens 64");
+  EXPECT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("(67 tokens read)"), std::string::npos) << r.output;
+  fs::remove(text);
+}
+
+// Text files must be regular files of at most 1 GiB: a directory, a device that never ends or a
+// file over the limit is an error naming the path, in every command that reads one.
+TEST(Cli, TextInputsMustBeRegularFilesOfBoundedSize) {
+  const fs::path dir = temp_file("visikv_text_dir");
+  fs::create_directories(dir);
+  const fs::path huge = temp_file("visikv_huge.txt");
+  std::ofstream(huge).flush();
+  fs::resize_file(huge, (uintmax_t{1} << 30) + 1);  // sparse: no disk space used
+  const std::string d = dir.string(), h = huge.string();
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"tokenize " + kLlama + " --file " + d, "text file \"" + d + "\" is a directory"},
+      {"tokenize " + kLlama + " --file /dev/zero", "\"/dev/zero\" is not a regular file"},
+      {"generate " + kLlama + " --file /dev/zero", "\"/dev/zero\" is not a regular file"},
+      {"generate " + kLlama + " --file " + d, "is a directory"},
+      {"ppl " + kLlama + " --window 16 --file /dev/zero", "\"/dev/zero\" is not a regular file"},
+      {"ppl " + kLlama + " --window 16 --tokens 8 --file " + d, "is a directory"},
+      {"ppl " + kLlama + " --window 16 --file " + h,
+       "holds 1073741825 bytes, more than the limit of 1073741824 bytes (1 GiB)"},
+      {"tokenize " + kLlama + " --count --file " + h, "more than the limit"},
+      {"eval sparse " + kLlama + " --prefix 32 --continuation 4 --selectors dense --text " + d,
+       "is a directory"},
+      {"eval numerics " + kLlama + " --window 16 --file /dev/zero", "not a regular file"},
+      {"calibrate " + kLlama + " --out " + d + "/basis --text /dev/zero", "not a regular file"},
+      {"analyze " + kLlama + " --tokens 32 --keys f32 --text " + d, "is a directory"},
+  };
+  for (const auto& [args, expected] : cases) {
+    const ProgramRun r = run(args);
+    EXPECT_EQ(r.status, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(expected), std::string::npos) << args << "\n" << r.output;
+  }
+  fs::remove_all(dir);
+  fs::remove(huge);
 }
 
 TEST(Cli, PerplexityWritesJsonAndModesAgree) {
@@ -138,9 +307,41 @@ INSTANTIATE_TEST_SUITE_P(
         BadInvocation{"ppl " + kLlama + " --window 1", "window"},
         BadInvocation{"ppl " + kLlama + " --window 100000 --tokens 4",
                       "exceeds the model's context"},
+        // Every command that feeds positions checks them against the context, with one message.
+        BadInvocation{"ppl " + kLlama + " --window 256",
+                      "a perplexity window of 256 tokens needs 256 positions, which exceeds the "
+                      "model's context of 128 positions"},
+        BadInvocation{"eval kv " + kLlama + " --window 256 --tokens 8",
+                      "--window 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"eval sparse-ppl " + kLlama + " --window 256 --tokens 8",
+                      "--window 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"eval sparse " + kLlama + " --prefix 120 --continuation 16",
+                      "a prefix of 120 tokens + a continuation of 16 needs 136 positions, which "
+                      "exceeds the model's context of 128 positions"},
+        BadInvocation{"eval needle " + kLlama + " --contexts 200",
+                      "needle: context 200 + 10 answer tokens needs 210 positions, which exceeds "
+                      "the model's context of 128 positions"},
+        BadInvocation{"eval coverage " + kLlama + " --tokens 512",
+                      "coverage: a window of 512 tokens needs 512 positions, which exceeds the "
+                      "model's context of 128 positions"},
+        BadInvocation{"eval numerics " + kLlama + " --tokens 8",
+                      "a window of 1024 tokens needs 1024 positions, which exceeds the model's "
+                      "context of 128 positions"},
+        BadInvocation{"analyze " + kLlama + " --tokens 256 --keys f32",
+                      "--tokens 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"calibrate " + kLlama + " --window 256 --out /dev/null",
+                      "--window 256 needs 256 positions, which exceeds the model's context of "
+                      "128 positions"},
+        BadInvocation{"ppl " + kGpt2 + " --window 256",
+                      "which exceeds the model's context of 128 positions"},
+        BadInvocation{"generate " + kLlama, "give a prompt or --file"},
+        BadInvocation{"generate " + kLlama + " 'x' --file /dev/null", "excludes"},
         BadInvocation{"ppl " + kLlama + " --mode sideways", "mode"},
         BadInvocation{"ppl " + kLlama + " --tokens -5", "tokens"},
-        BadInvocation{"ppl " + kLlama + " --file /no/such/text.txt", "no such file"},
+        BadInvocation{"ppl " + kLlama + " --window 16 --file /no/such/text.txt", "no such file"},
         BadInvocation{
             "ppl " + kLlama + " --cache int3 --tokens 4 --file " + kLlama + "/config.json", "int3"},
         BadInvocation{"ppl " + kLlama + " --selector sparse:a1:w0:k0:exact --tokens 4", "k"},

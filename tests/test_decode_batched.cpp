@@ -19,6 +19,7 @@
 #include "test_support.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/codec_cache.h"
 #include "visikv/model/decoder.h"

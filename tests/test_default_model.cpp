@@ -16,6 +16,7 @@
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/eval/sampler.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"

@@ -9,6 +9,7 @@
 #include "visikv/core/error.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/numerics.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/model.h"
 
 namespace visikv {

@@ -11,10 +11,12 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "test_support.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/formats/gguf.h"
 #include "visikv/tokenizer/nfc.h"
 #include "visikv/tokenizer/tokenizer.h"
@@ -210,6 +212,77 @@ TEST(TokenizerDefaultModel, GgufMetadataMatchesHuggingFace) {
   check_strings(tok, expected, "smollm2 GGUF");
   check_wikitext(tok, expected, "smollm2 GGUF");
 }
+
+// ---- the leading tokens of a text (eval/text_input.h) ----
+
+// Texts for the leading-token reader: WikiText-103 test as it is (many lines), the same as one
+// long line, and a long line of multi-byte characters (cuts land inside UTF-8 sequences).
+std::vector<std::pair<std::string, std::string>> leading_token_texts() {
+  std::vector<std::pair<std::string, std::string>> texts;
+  const fs::path path = wikitext_path();
+  if (!fs::exists(path)) {
+    ADD_FAILURE() << "WikiText-103 test text not found at " << path;
+    return texts;
+  }
+  std::string wikitext = read_file(path);
+  texts.emplace_back("WikiText-103 test", wikitext);
+  std::replace(wikitext.begin(), wikitext.end(), '\n', ' ');
+  texts.emplace_back("WikiText-103 test on one line", std::move(wikitext));
+  std::string wide;
+  for (int i = 0; i < 20000; ++i)
+    wide += "Ünïcödé 日本語の文 🦙🦙 naïve café — ½ ";
+  texts.emplace_back("multi-byte line", std::move(wide));
+  return texts;
+}
+
+class LeadingTokens : public ::testing::TestWithParam<std::string> {};
+
+// The first N tokens read from a growing leading piece equal the first N tokens of the whole text,
+// for budgets from one token to past the text's end.
+TEST_P(LeadingTokens, EqualTheWholeTextsFirstTokens) {
+  std::optional<Tokenizer> tok;
+  if (GetParam() == "default") {
+    const std::optional<fs::path> model = default_model_path();
+    if (!model || !fs::exists(*model)) {
+      ADD_FAILURE() << "the default model is missing: run scripts/setup.sh";
+      return;
+    }
+    tok = load_gguf_tokenizer(*model);
+  } else {
+    tok = Tokenizer::from_hf_json(kFixtures / GetParam() / "tokenizer.json");
+  }
+  for (const auto& [label, text] : leading_token_texts()) {
+    SCOPED_TRACE(GetParam() + ", " + label);
+    const std::vector<int32_t> whole = tok->encode(text, false);
+    const int64_t n = static_cast<int64_t>(whole.size());
+    ASSERT_GT(n, 50000);
+    for (const int64_t needed :
+         {int64_t{1}, int64_t{7}, kLeadingTokensMargin, kLeadingTokensMargin + 1, int64_t{500},
+          int64_t{4096}, int64_t{30000}, n - 1, n, n + 1}) {
+      const std::vector<int32_t> leading = leading_tokens(*tok, text, needed);
+      ASSERT_EQ(static_cast<int64_t>(leading.size()), std::min(needed, n)) << needed;
+      EXPECT_TRUE(std::equal(leading.begin(), leading.end(), whole.begin()))
+          << "the first " << needed << " tokens differ from the whole text's";
+    }
+    // The rule the reader rests on, at cuts anywhere (in a word, in a character, between lines):
+    // a piece's tokens that kLeadingTokensMargin more tokens follow are the whole text's.
+    for (size_t cut = 1; cut < 32768; cut += 257) {
+      const std::vector<int32_t> piece = tok->encode(std::string_view(text).substr(0, cut), false);
+      const int64_t kept = static_cast<int64_t>(piece.size()) - kLeadingTokensMargin;
+      if (kept <= 0) continue;
+      EXPECT_TRUE(std::equal(piece.begin(), piece.begin() + kept, whole.begin()))
+          << "a cut at byte " << cut << " changes tokens more than " << kLeadingTokensMargin
+          << " tokens before it";
+    }
+  }
+  EXPECT_TRUE(leading_tokens(*tok, "some text", 0).empty());
+  EXPECT_NE(error_of([&] { leading_tokens(*tok, "some text", -1); }).find("negative"),
+            std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tokenizers, LeadingTokens,
+                         ::testing::Values("default", "spm_legacy_trained", "spm_metaspace_trained",
+                                           "qwen2_trained"));
 
 // llama.cpp's vocabulary test: cases separated by "__ggml_vocab_test__" lines, one line of ids
 // (as Hugging Face tokenizers produced them, without special tokens) per case.

@@ -7,9 +7,9 @@
 #include <vector>
 
 #include "visikv/attention/attention.h"
-#include "visikv/core/error.h"
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/symmetric_eigen.h"
+#include "visikv/core/error.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
@@ -129,6 +129,14 @@ void decompose(std::span<double> sigma, int64_t d, double count, int64_t rank,
 
 HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std::string& text_label,
                            const CalibrationOptions& options, const CalibrationProgress& progress) {
+  require(!text.empty(), "calibration text '", text_label, "' is empty");
+  const std::vector<int32_t> tokens = model.tokenizer().encode(text, false);
+  return calibrate_headq(model, tokens, text_label, options, progress);
+}
+
+HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
+                           const std::string& text_label, const CalibrationOptions& options,
+                           const CalibrationProgress& progress) {
   const Config& c = model.config();
   const int64_t d = c.head_dim, group = c.group_size();
   require(options.rank >= 1 && options.rank <= d, "calibration rank ", options.rank,
@@ -136,21 +144,19 @@ HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std:
   require(options.tokens >= 1, "calibration token count must be positive, got ", options.tokens);
   require(options.window >= 2, "calibration window must be at least 2 tokens, got ",
           options.window);
-  require(!text.empty(), "calibration text '", text_label, "' is empty");
-  const std::vector<int32_t> tokens = model.tokenizer().encode(std::string(text), false);
-  require(!tokens.empty(), "calibration text '", text_label, "' has no tokens");
+  require(!tokens.empty(), "calibration text '", text_label, "' is empty: it has no tokens");
   std::optional<int32_t> bos;
   if (model.tokenizer().adds_bos()) bos = model.tokenizer().bos_id();
 
   Decoder decoder(model);
   const CacheShape shape = decoder.cache_shape();
-  KeyMomentCache cache(shape, options.window);
-  QueryCollector collector(c.layers, c.heads, d);
-  std::vector<double> query_sigma(static_cast<size_t>(shape.layers * shape.kv_heads * d * d), 0.0);
-  std::vector<double> scratch;
   // Windows never exceed the model's context (the basis records the window used).
   const int64_t window_length =
       c.max_positions > 1 ? std::min(options.window, c.max_positions) : options.window;
+  KeyMomentCache cache(shape, window_length);
+  QueryCollector collector(c.layers, c.heads, d);
+  std::vector<double> query_sigma(static_cast<size_t>(shape.layers * shape.kv_heads * d * d), 0.0);
+  std::vector<double> scratch;
   const int64_t text_per_window = bos ? window_length - 1 : window_length;
   const int64_t available = static_cast<int64_t>(tokens.size());
   // Positions to run: each window adds BOS (when used) to its text tokens.

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 #include <string_view>
 
@@ -32,6 +33,12 @@ using CalibrationProgress = std::function<void(int64_t done, int64_t total)>;
 // Throws visikv::Error for an empty text (or one with no tokens) and bad options.
 HeadqBasis calibrate_headq(const Model& model, std::string_view text, const std::string& text_label,
                            const CalibrationOptions& options,
+                           const CalibrationProgress& progress = {});
+
+// The same from the text's tokens (without BOS), of which it reads at most options.tokens: a
+// command tokenizes only that many leading tokens of a large text.
+HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> text_tokens,
+                           const std::string& text_label, const CalibrationOptions& options,
                            const CalibrationProgress& progress = {});
 
 }  // namespace visikv

@@ -8,6 +8,8 @@
 #include "visikv/core/error.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/report.h"
+#include "visikv/eval/text_input.h"
+#include "visikv/model/model.h"
 
 namespace visikv::cli {
 
@@ -42,11 +44,13 @@ BasisSource load_or_calibrate_basis(const Model& model, const BasisFlags& flags,
     std::fprintf(stderr, "calibrating HeadQ bases on %s (%lld positions, rank %lld)\n",
                  path.string().c_str(), static_cast<long long>(options.tokens),
                  static_cast<long long>(options.rank));
-    out.basis = calibrate_headq(
-        model, read_text_file(path), path.string(), options, [](int64_t done, int64_t total) {
-          std::fprintf(stderr, "calibration: %lld/%lld positions\n", static_cast<long long>(done),
-                       static_cast<long long>(total));
-        });
+    // Each position holds at most one text token, so options.tokens text tokens are enough.
+    out.basis =
+        calibrate_headq(model, text_file_tokens(model.tokenizer(), path, options.tokens),
+                        path.string(), options, [](int64_t done, int64_t total) {
+                          std::fprintf(stderr, "calibration: %lld/%lld positions\n",
+                                       static_cast<long long>(done), static_cast<long long>(total));
+                        });
     out.json = {{"source", "calibrated"}};
   }
   if (out.basis) out.json.update(headq_basis_json(*out.basis));

@@ -15,9 +15,10 @@
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/analyze.h"
-#include "visikv/eval/data_paths.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/report.h"
 #include "visikv/eval/scatter_plot.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/kv/headq.h"
 #include "visikv/model/model.h"
 
@@ -94,8 +95,7 @@ std::vector<int32_t> analyze_tokens(const Model& model, const std::filesystem::p
   if (model.tokenizer().adds_bos() && model.tokenizer().bos_id())
     tokens.push_back(*model.tokenizer().bos_id());
   const int64_t wanted = count - static_cast<int64_t>(tokens.size());
-  const std::vector<int32_t> text =
-      leading_tokens(model.tokenizer(), read_text_file(text_path), wanted);
+  const std::vector<int32_t> text = text_file_tokens(model.tokenizer(), text_path, wanted);
   tokens.insert(tokens.end(), text.begin(),
                 text.begin() + std::min<int64_t>(static_cast<int64_t>(text.size()), wanted));
   require(tokens.size() >= 2, "text ", text_path.string(), " gives fewer than 2 tokens");
@@ -120,8 +120,7 @@ AnalyzeRun run_analyze(const AnalyzeFlags& f) {
   const int64_t tokens =
       f.tokens != 0 ? f.tokens
                     : (c.max_positions > 1 ? std::min<int64_t>(512, c.max_positions) : 512);
-  require(c.max_positions <= 0 || tokens <= c.max_positions, "--tokens ", tokens,
-          " exceeds the model's context of ", c.max_positions, " positions");
+  check_context(c, tokens, str_cat("--tokens ", tokens));
   const bool wants_basis =
       keys.empty() || std::ranges::any_of(keys, [](const auto& k) { return k.needs_basis(); });
 

@@ -4,12 +4,15 @@
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/calibrate.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/model.h"
 
 namespace visikv::cli {
@@ -40,14 +43,20 @@ void add_calibrate_command(CLI::App& app) {
                   "positions per prefill window (1024; at most the model's context)")
       ->check(CLI::Range(2, 1 << 20));
   cmd->add_option("--out,-o", flags->out, "basis file to write")->required();
-  cmd->callback([flags] {
+  cmd->callback([cmd, flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
+    // The default window shrinks to a shorter context; a window asked for must fit it.
+    if (cmd->count("--window") > 0)
+      check_context(model.config(), flags->options.window,
+                    str_cat("--window ", flags->options.window));
     const std::filesystem::path text_path =
         flags->text.empty() ? default_calibration_text() : std::filesystem::path(flags->text);
-    const std::string text = read_text_file(text_path);
+    // Each position holds at most one text token, so --tokens text tokens are enough.
+    const std::vector<int32_t> tokens =
+        text_file_tokens(model.tokenizer(), text_path, flags->options.tokens);
     const HeadqBasis basis = calibrate_headq(
-        model, text, text_path.string(), flags->options, [](int64_t done, int64_t total) {
+        model, tokens, text_path.string(), flags->options, [](int64_t done, int64_t total) {
           std::fprintf(stderr, "%lld/%lld positions\n", static_cast<long long>(done),
                        static_cast<long long>(total));
         });

@@ -15,12 +15,13 @@
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/coverage.h"
-#include "visikv/eval/data_paths.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/needle.h"
 #include "visikv/eval/report.h"
 #include "visikv/eval/survival.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
@@ -134,9 +135,8 @@ SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
 
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
-  const std::string text = read_text_file(text_path);
-  const int64_t text_needed = (options.bos ? f.prefix - 1 : f.prefix) * f.samples;
-  const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), text, text_needed);
+  const std::vector<int32_t> tokens =
+      text_file_tokens(model.tokenizer(), text_path, survival_text_tokens(options));
   const auto prefixes = survival_prefixes(tokens, options);
 
   std::fprintf(stderr, "dense reference: %lld prefixes of %lld tokens, %lld greedy tokens each\n",
@@ -318,9 +318,8 @@ NeedleRun run_eval_needle(const NeedleFlags& f) {
   check_needle_options(model.config(), options);
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
-  const std::string text = read_text_file(text_path);
   const int64_t longest = *std::max_element(options.contexts.begin(), options.contexts.end());
-  const std::vector<int32_t> haystack = leading_tokens(model.tokenizer(), text, longest);
+  const std::vector<int32_t> haystack = text_file_tokens(model.tokenizer(), text_path, longest);
   const std::vector<NeedleCase> cases = needle_cases(model.tokenizer(), haystack, options);
 
   run.cases = cases.size();
@@ -455,14 +454,15 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   run.model = model.source();
   Decoder decoder(model);
   const ParsedSpecs specs = parse_specs(selectors, f, decoder);
+  // The context before the text: a window past it needs no tokenizing to be refused.
+  check_context(model.config(), f.tokens, str_cat("coverage: a window of ", f.tokens, " tokens"));
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
   const bool bos = run.bos = model.tokenizer().adds_bos();
   std::vector<int32_t> tokens;
   if (bos) tokens.push_back(*model.tokenizer().bos_id());
   const int64_t text_needed = bos ? f.tokens - 1 : f.tokens;
-  const std::vector<int32_t> text =
-      leading_tokens(model.tokenizer(), read_text_file(text_path), text_needed);
+  const std::vector<int32_t> text = text_file_tokens(model.tokenizer(), text_path, text_needed);
   require(static_cast<int64_t>(text.size()) >= text_needed, "the text has ", text.size(),
           " tokens; --tokens ", f.tokens, " needs ", text_needed);
   tokens.insert(tokens.end(), text.begin(), text.begin() + text_needed);
@@ -620,6 +620,7 @@ SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   SparsePplRun run;
   run.model = model.source();
   Decoder decoder(model);
+  check_context(model.config(), f.window, str_cat("--window ", f.window));
   const BasisSource basis = load_basis_file(model, f.basis);
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
@@ -627,8 +628,8 @@ SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   options.window = f.window;
   options.max_tokens = f.tokens;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
-  const std::vector<int32_t> tokens = leading_tokens(model.tokenizer(), read_text_file(text_path),
-                                                     text_tokens_to_score(f.tokens, f.window));
+  const std::vector<int32_t> tokens =
+      text_file_tokens(model.tokenizer(), text_path, text_tokens_to_score(f.tokens, f.window));
   run.results =
       run_kv_grid(decoder, tokens, rows, options, basis.get(),
                   [](int64_t run, int64_t runs, const KvGridRow& row, int64_t done, int64_t total) {

@@ -15,9 +15,10 @@
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/data_paths.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/report.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -93,9 +94,7 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   spec.ranks = f.ranks;
   spec.side_bits = f.side_bits;
   const std::vector<KvGridRow> rows = select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), f.rows);
-  const int64_t context = model.config().max_positions;
-  require(context <= 0 || f.window <= context, "--window ", f.window,
-          " exceeds the model's context of ", context, " positions");
+  check_context(model.config(), f.window, str_cat("--window ", f.window));
 
   // Calibrated at rank 16 (or the largest rank the rows need) when no file is given.
   const int64_t needed_rank = kv_grid_basis_rank(rows);
@@ -108,7 +107,6 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
 
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
-  const std::string text = read_text_file(text_path);
   KvGridOptions& options = run.options;
   options.mode = perplexity_mode_from_name(f.mode);
   require(options.mode != PerplexityMode::Prefill,
@@ -116,10 +114,10 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   options.window = f.window;
   options.max_tokens = f.tokens;
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
-  const std::vector<int32_t> tokens =
-      f.tokens > 0
-          ? leading_tokens(model.tokenizer(), text, text_tokens_to_score(f.tokens, f.window))
-          : model.tokenizer().encode(text, false);
+  // With --tokens, only the leading tokens the windows score are read.
+  const std::vector<int32_t> tokens = text_file_tokens(
+      model.tokenizer(), text_path,
+      f.tokens > 0 ? std::optional(text_tokens_to_score(f.tokens, f.window)) : std::nullopt);
   GridProgress progress;
   const auto grid_started = std::chrono::steady_clock::now();
   run.results = run_kv_grid(decoder, tokens, rows, options, run.basis.get(), std::ref(progress));

@@ -2,13 +2,15 @@
 #include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/data_paths.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/numerics.h"
 #include "visikv/eval/report.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
 
@@ -35,10 +37,16 @@ void add_eval_numerics_command(CLI::App& eval) {
   cmd->callback([flags] {
     apply_global_options();
     const Model model = Model::load(flags->model);
+    check_context(model.config(), flags->window, str_cat("a window of ", flags->window, " tokens"));
     const std::filesystem::path text_path = text_or_default_test_text(flags->file);
-    const std::vector<int32_t> tokens = model.tokenizer().encode(read_text_file(text_path), false);
     std::optional<int32_t> bos;
     if (model.tokenizer().adds_bos()) bos = model.tokenizer().bos_id();
+    // With --tokens, only the windows compared are read.
+    const std::vector<int32_t> tokens = text_file_tokens(
+        model.tokenizer(), text_path,
+        flags->tokens > 0
+            ? std::optional(numerics_text_tokens(flags->tokens, flags->window, bos.has_value()))
+            : std::nullopt);
     const NumericsAgreement r =
         compare_numerics(model, tokens, flags->window, flags->tokens, ProductRounding::Fastest,
                          ProductRounding::QuantizedActivations, bos);

@@ -11,9 +11,9 @@
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/data_paths.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/eval/report.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
@@ -82,13 +82,17 @@ PplRun run_ppl(const PplFlags& f) {
           "--numerics int8: decode-batched computes decode order with exact products only");
   Decoder decoder(model);
   apply_numerics(f.numerics, decoder);
-  const std::filesystem::path text_path = text_or_default_test_text(f.file);
-  run.text = text_path.string();
-  const std::vector<int32_t> tokens = model.tokenizer().encode(read_text_file(text_path), false);
-  run.text_tokens = tokens.size();
   options.mode = perplexity_mode_from_name(f.mode);
   options.window = f.window;
   options.max_tokens = f.tokens;
+  check_perplexity_options(model.config(), options);
+  const std::filesystem::path text_path = text_or_default_test_text(f.file);
+  run.text = text_path.string();
+  // With --tokens, only the leading tokens the windows score are read.
+  const std::vector<int32_t> tokens = text_file_tokens(
+      model.tokenizer(), text_path,
+      f.tokens > 0 ? std::optional(text_tokens_to_score(f.tokens, f.window)) : std::nullopt);
+  run.text_tokens = tokens.size();
   const BasisSource basis = load_basis_file(model, f.basis);
   options.headq_basis = basis.get();
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
@@ -101,7 +105,7 @@ PplRun run_ppl(const PplFlags& f) {
 void print_ppl_report(const PplRun& run, const PplFlags& f) {
   const PerplexityResult& r = run.result;
   std::printf(
-      "model:        %s\ntext:         %s (%zu tokens)\nmode:         %s, window %lld, %s "
+      "model:        %s\ntext:         %s (%zu tokens read)\nmode:         %s, window %lld, %s "
       "numerics\n"
       "cache:        keys %s, values %s; attention %s\n"
       "tokens:       %lld scored in %lld windows\nmean NLL:     %.6f\nPPL:          %.4f\n"

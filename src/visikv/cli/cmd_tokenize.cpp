@@ -4,7 +4,7 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/eval/data_paths.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/model.h"
 
 namespace visikv::cli {

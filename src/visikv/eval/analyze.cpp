@@ -9,11 +9,12 @@
 #include <mutex>
 
 #include "visikv/attention/attention.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/attention_metrics.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/kv/codec_cache.h"
-#include "visikv/calibration/headq_basis.h"
 #include "visikv/kv/headq.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
@@ -267,8 +268,7 @@ AttentionTrace trace_attention(const Model& model, std::span<const int32_t> toke
   const Config& c = model.config();
   const int64_t n = static_cast<int64_t>(tokens.size());
   require(n >= 2, "analyze needs at least 2 tokens, got ", n);
-  require(c.max_positions <= 0 || n <= c.max_positions, "analyze: ", n,
-          " tokens exceed the model's context of ", c.max_positions, " positions");
+  check_context(c, n, str_cat("analyze: ", n, " tokens"));
   AttentionTrace trace;
   trace.layers = c.layers;
   trace.heads = c.heads;

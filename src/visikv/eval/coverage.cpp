@@ -7,6 +7,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
 namespace visikv {
@@ -85,8 +86,7 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
           "coverage: anchors, window and top-k must not be negative (got ", o.anchors, ", ",
           o.window, ", ", o.top_k, ")");
   const Config& c = decoder.model().config();
-  require(c.max_positions <= 0 || n <= c.max_positions, "coverage: the window of ", n,
-          " tokens exceeds the model's ", c.max_positions, " positions");
+  check_context(c, n, str_cat("coverage: a window of ", n, " tokens"));
   std::vector<SelectorSpec> specs;
   int64_t block = 0;
   for (const NamedSelectorSpec& selector : selectors) {

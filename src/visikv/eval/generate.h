@@ -4,9 +4,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <span>
+#include <string>
 #include <vector>
 
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/sampler.h"
 #include "visikv/kv/cache.h"
 #include "visikv/model/decoder.h"
@@ -20,7 +23,17 @@ struct GenerationOptions {
   // The support attention reads (attention/support.h; nullptr: dense). It keeps the refresh
   // rule's state, so reset() it between prompts.
   Support* support = nullptr;
+  // Positions past the model's context (eval/context_limit.h): refused unless the user asked
+  // for them (--allow-past-context), and then only on a RoPE model.
+  PastContext past_context = PastContext::Refuse;
 };
+
+// Checks, before any forward pass, that a prompt of `prompt_tokens` tokens and then
+// `max_new_tokens` new ones fit the model's context: the prompt alone first, then the whole
+// sequence. Throws visikv::Error naming the numbers; when `past` allows going past the context
+// and the run does, returns the warning to print.
+std::optional<std::string> check_generation_context(const Config& config, int64_t prompt_tokens,
+                                                    int64_t max_new_tokens, PastContext past);
 
 struct GenerationResult {
   std::vector<int32_t> tokens;  // new tokens only (the EOS that stopped it included)
@@ -28,7 +41,8 @@ struct GenerationResult {
   double prefill_seconds = 0, decode_seconds = 0;
 };
 
-// on_token is called with each new token as soon as it is chosen.
+// on_token is called with each new token as soon as it is chosen. Checks the context first
+// (check_generation_context with options.past_context).
 GenerationResult generate(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
                           const GenerationOptions& options,
                           const std::function<void(int32_t)>& on_token = {});

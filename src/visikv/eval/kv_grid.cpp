@@ -9,6 +9,7 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
 
@@ -243,9 +244,7 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
           "the kv grid runs in decode order: mode decode or decode-batched, not ",
           perplexity_mode_name(options.mode));
   const CacheShape shape = decoder.cache_shape();
-  const int64_t context = decoder.model().config().max_positions;
-  require(context <= 0 || options.window <= context, "--window ", options.window,
-          " exceeds the model's context of ", context, " positions");
+  check_context(decoder.model().config(), options.window, str_cat("--window ", options.window));
   auto find = [&](const std::string& name) -> const KvGridRow* {
     for (const KvGridRow& r : rows)
       if (r.name == name) return &r;

@@ -10,6 +10,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/eval/generate.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -47,9 +48,8 @@ void check_needle_options(const Config& config, const NeedleOptions& o) {
             " is outside [1, ", kNames.size(), "]");
   for (int64_t c : o.contexts) {
     require(c >= 1, "needle: context length must be positive, got ", c);
-    require(config.max_positions <= 0 || c + o.answer_tokens <= config.max_positions,
-            "needle: context ", c, " + ", o.answer_tokens, " answer tokens exceeds the model's ",
-            config.max_positions, " positions");
+    check_context(config, add_positions(c, o.answer_tokens),
+                  str_cat("needle: context ", c, " + ", o.answer_tokens, " answer tokens"));
   }
 }
 

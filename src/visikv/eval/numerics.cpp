@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
 namespace visikv {
@@ -25,10 +27,23 @@ void log_softmax(std::span<const float> logits, std::vector<double>& out) {
 
 }  // namespace
 
+int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos) {
+  require(positions >= 0 && window >= 2, "numerics_text_tokens: ", positions,
+          " positions in windows of ", window);
+  // A window compares window - 1 positions, with BOS first or without.
+  const int64_t windows = positions / (window - 1) + (positions % (window - 1) != 0);
+  const int64_t text_per_window = bos ? window - 1 : window;
+  int64_t tokens = 0;
+  if (__builtin_mul_overflow(windows, text_per_window, &tokens))
+    return std::numeric_limits<int64_t>::max();
+  return tokens;
+}
+
 NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,
                                    int64_t window, int64_t max_positions, ProductRounding reference,
                                    ProductRounding candidate, std::optional<int32_t> bos) {
   require(window >= 2, "compare_numerics: window must be at least 2 tokens, not ", window);
+  check_context(model.config(), window, str_cat("a window of ", window, " tokens"));
   Decoder decoders[2] = {Decoder(model), Decoder(model)};
   decoders[0].set_product_rounding(reference);
   decoders[1].set_product_rounding(candidate);

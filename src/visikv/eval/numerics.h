@@ -23,6 +23,12 @@ struct NumericsAgreement {
   double reference_nll = 0, candidate_nll = 0;  // mean NLL of the next text token
 };
 
+// Text tokens (without BOS) compare_numerics reads to compare `positions` positions: whole
+// windows, because each window runs in chunks whose length shapes how the products round, so a
+// shorter last window would change the figures in their last bits. Saturates at the largest
+// integer.
+int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos);
+
 NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,
                                    int64_t window, int64_t max_positions, ProductRounding reference,
                                    ProductRounding candidate, std::optional<int32_t> bos);

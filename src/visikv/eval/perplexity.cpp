@@ -3,12 +3,14 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
 namespace visikv {
@@ -33,7 +35,13 @@ std::string perplexity_mode_name(PerplexityMode mode) {
 }
 
 int64_t text_tokens_to_score(int64_t scored, int64_t window) {
-  return scored + scored / (window - 1) + 2;
+  require(scored >= 0 && window >= 2, "text_tokens_to_score: ", scored, " tokens in windows of ",
+          window);
+  // A user's --tokens may be up to the largest integer: saturate rather than wrap.
+  int64_t tokens = 0;
+  if (__builtin_add_overflow(scored, scored / (window - 1) + 2, &tokens))
+    return std::numeric_limits<int64_t>::max();
+  return tokens;
 }
 
 double negative_log_likelihood(std::span<const float> logits, int32_t target) {
@@ -45,16 +53,18 @@ double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   return std::log(sum) + max - logits[target];
 }
 
-PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
-                            const PerplexityOptions& o, const Progress& progress) {
+void check_perplexity_options(const Config& config, const PerplexityOptions& o) {
   require(o.window >= 2, "perplexity window must be at least 2 tokens, got ", o.window);
   require(o.max_tokens >= 0, "--tokens must not be negative");
   // Positions past the model's context would run on RoPE angles or position embeddings it never
   // saw (or past its table): refuse instead of reporting a perplexity of a model that does not
   // exist.
-  const int64_t context = decoder.model().config().max_positions;
-  require(context <= 0 || o.window <= context, "perplexity window of ", o.window,
-          " tokens exceeds the model's context of ", context, " positions");
+  check_context(config, o.window, str_cat("a perplexity window of ", o.window, " tokens"));
+}
+
+PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
+                            const PerplexityOptions& o, const Progress& progress) {
+  check_perplexity_options(decoder.model().config(), o);
   const int64_t text_per_window = o.bos ? o.window - 1 : o.window;
   const int64_t scored_per_window = o.window - 1;
 

@@ -60,11 +60,17 @@ struct PerplexityResult {
 // progress(scored so far, total to score)
 using Progress = std::function<void(int64_t done, int64_t total)>;
 
+// Throws visikv::Error for options perplexity() cannot run: a window under 2 tokens or past the
+// model's context (eval/context_limit.h), a negative token limit. Commands call it before they
+// read their text.
+void check_perplexity_options(const Config& config, const PerplexityOptions& options);
+
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text_tokens,
                             const PerplexityOptions& options, const Progress& progress = {});
 
 // Text tokens (without BOS) enough to score `scored` tokens in windows of `window` tokens: one
-// per scored token with BOS, one more per window without, and a margin of two.
+// per scored token with BOS, one more per window without, and a margin of two (saturating at
+// the largest integer).
 int64_t text_tokens_to_score(int64_t scored, int64_t window);
 
 // -log softmax(logits)[target], in double.

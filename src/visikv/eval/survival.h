@@ -65,6 +65,9 @@ struct SurvivalOptions {
 // positions); throws visikv::Error naming the problem.
 void check_survival_options(const Config& config, const SurvivalOptions& options);
 
+// Text tokens (without BOS) the S prefixes take, saturating at the largest integer.
+int64_t survival_text_tokens(const SurvivalOptions& options);
+
 // The S prefixes: piece i holds text tokens [i * m, (i + 1) * m) with m = N - (BOS ? 1 : 0).
 // Throws when the text is too short.
 std::vector<std::vector<int32_t>> survival_prefixes(std::span<const int32_t> text_tokens,
