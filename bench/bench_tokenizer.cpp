@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "visikv/eval/data_paths.h"
+#include "visikv/eval/text_input.h"
 #include "visikv/model/model.h"
 #include "visikv/tokenizer/tokenizer.h"
 

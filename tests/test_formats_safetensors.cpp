@@ -210,6 +210,16 @@ TEST_F(HfDir, ShardNameEscapingTheDirectory) {
   expect_dir_error("plain file name");
 }
 
+// Found by fuzz_hf_dir: a name the system cannot even look up threw std::filesystem_error.
+TEST_F(HfDir, ShardNameTooLongToLookUp) {
+  copy_sharded_fixture();
+  json index = json::parse(std::ifstream(dir_ / "model.safetensors.index.json"));
+  index["weight_map"]["model.norm.weight"] = std::string(300, 'x') + ".safetensors";
+  write_text(dir_ / "model.safetensors.index.json", index.dump());
+  expect_dir_error("cannot look up");
+  expect_dir_error("File name too long");
+}
+
 TEST_F(HfDir, IndexWithoutWeightMap) {
   copy_sharded_fixture();
   write_text(dir_ / "model.safetensors.index.json", R"({"metadata": {}})");

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "visikv/core/error.h"
+#include "visikv/core/file_kind.h"
 #include "visikv/core/mapped_file.h"
 #include "visikv/formats/json_file.h"
 #include "visikv/model/model.h"
@@ -122,7 +123,7 @@ void save_headq_basis(const HeadqBasis& b, const std::filesystem::path& path) {
 
 HeadqBasis load_headq_basis(const std::filesystem::path& path) {
   const std::string where = str_cat("HeadQ basis file ", path.string());
-  require(std::filesystem::is_regular_file(path), where, ": no such file");
+  require(file_kind(path) == FileKind::Regular, where, ": no such file");
   const MappedFile file(path);
   const std::span<const std::byte> bytes = file.bytes();
   require(bytes.size() >= kPreamble && std::memcmp(bytes.data(), kMagic, sizeof kMagic) == 0, where,

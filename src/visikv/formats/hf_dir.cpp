@@ -3,6 +3,7 @@
 #include <utility>
 
 #include "visikv/core/error.h"
+#include "visikv/core/file_kind.h"
 #include "visikv/formats/json_file.h"
 
 namespace visikv {
@@ -10,29 +11,31 @@ namespace visikv {
 namespace fs = std::filesystem;
 
 HfModelDir::HfModelDir(const fs::path& dir) : dir_(dir) {
-  require(fs::is_directory(dir_), "model directory ", dir_,
+  require(file_kind(dir_) == FileKind::Directory, "model directory ", dir_,
           " does not exist or is not a directory");
   const fs::path config_path = dir_ / "config.json";
-  require(fs::is_regular_file(config_path), "model directory ", dir_, " has no config.json");
+  require(file_kind(config_path) == FileKind::Regular, "model directory ", dir_,
+          " has no config.json");
   config_ = read_json_file(config_path);
   require(config_.is_object(), "config.json in ", dir_, " is not a JSON object");
 
   const fs::path generation_path = dir_ / "generation_config.json";
-  if (fs::is_regular_file(generation_path)) {
+  if (file_kind(generation_path) == FileKind::Regular) {
     generation_config_ = read_json_file(generation_path);
     require(generation_config_.is_object(), "generation_config.json in ", dir_,
             " is not a JSON object");
   }
-  if (fs::is_regular_file(dir_ / "tokenizer.json")) tokenizer_json_ = dir_ / "tokenizer.json";
+  if (file_kind(dir_ / "tokenizer.json") == FileKind::Regular)
+    tokenizer_json_ = dir_ / "tokenizer.json";
 
   const fs::path single_path = dir_ / "model.safetensors";
   const fs::path index_path = dir_ / "model.safetensors.index.json";
   std::map<std::string, std::string, std::less<>> weight_map;  // tensor -> shard file name
   std::map<std::string, size_t, std::less<>> shard_numbers;    // shard file name -> shards_ index
-  if (fs::exists(single_path)) {
+  if (file_kind(single_path) != FileKind::Missing) {
     shards_.emplace_back(single_path);
   } else {
-    require(fs::exists(index_path), "model directory ", dir_,
+    require(file_kind(index_path) != FileKind::Missing, "model directory ", dir_,
             " has neither model.safetensors nor model.safetensors.index.json");
     const nlohmann::json index = read_json_file(index_path);
     require(index.is_object() && index.contains("weight_map") && index["weight_map"].is_object(),
@@ -50,8 +53,9 @@ HfModelDir::HfModelDir(const fs::path& dir) : dir_(dir) {
               tensor_name, "' is not a plain file name");
       if (!shard_numbers.contains(shard_name)) {
         const fs::path shard_path = dir_ / shard_relative;
-        require(fs::exists(shard_path), "shard index ", index_path, " names shard '", shard_name,
-                "' (for tensor '", tensor_name, "') but that file is missing");
+        require(file_kind(shard_path) != FileKind::Missing, "shard index ", index_path,
+                " names shard '", shard_name, "' (for tensor '", tensor_name,
+                "') but that file is missing");
         shard_numbers.emplace(shard_name, shards_.size());
         shards_.emplace_back(shard_path);
       }

@@ -11,6 +11,7 @@
 #include <variant>
 
 #include "visikv/core/error.h"
+#include "visikv/core/file_kind.h"
 #include "visikv/formats/dequantize.h"
 #include "visikv/formats/gguf.h"
 #include "visikv/formats/hf_dir.h"
@@ -349,13 +350,13 @@ Model Model::load(const std::string& spec) {
   fs::path path = spec;
   if (spec == "default") {
     path = default_model_path();
-    require(fs::exists(path), "the default model is not at ", path,
+    require(file_kind(path) != FileKind::Missing, "the default model is not at ", path,
             "; run scripts/setup.sh (or set VISIKV_DEFAULT_MODEL to the GGUF file)");
   }
-  require(fs::exists(path), "model not found: ", path,
+  require(file_kind(path) != FileKind::Missing, "model not found: ", path,
           " (expected a Hugging Face directory, a .gguf file, or 'default')");
   model.source_ = path.string();
-  if (fs::is_directory(path)) {
+  if (file_kind(path) == FileKind::Directory) {
     HfModelDir& dir = model.files_->checkpoint.emplace<HfModelDir>(path);
     model.format_ = "safetensors";
     model.config_ = config_from_hf(dir.config(), dir.generation_config(), path);

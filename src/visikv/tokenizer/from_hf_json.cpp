@@ -2,6 +2,7 @@
 // the `tokenizers` library), supporting the constructs byte-level and SentencePiece-style BPE
 // models use. Anything else is rejected with an error naming the construct.
 #include "visikv/core/error.h"
+#include "visikv/core/file_kind.h"
 #include "visikv/formats/json_file.h"
 #include "visikv/tokenizer/bpe.h"
 #include "visikv/tokenizer/tokenizer.h"
@@ -283,7 +284,7 @@ struct SpecialNames {
 SpecialNames read_special_names(const std::filesystem::path& tokenizer_json) {
   SpecialNames names;
   const auto config_path = tokenizer_json.parent_path() / "tokenizer_config.json";
-  if (!std::filesystem::exists(config_path)) return names;
+  if (file_kind(config_path) == FileKind::Missing) return names;
   const json config = read_json_file(config_path);
   require(config.is_object(), "tokenizer_config.json ", config_path, " is not a JSON object");
   names.bos = config_token(config, "bos_token");
