@@ -289,11 +289,28 @@ TEST_F(SafetensorsCorrupt, MalformedJsonHeader) {
 }
 
 TEST_F(SafetensorsCorrupt, UnknownDtype) {
-  expect_safetensors_error(R"({"a":{"dtype":"I64","shape":[2],"data_offsets":[0,16]}})", 16,
-                           "dtype 'I64'");
-  expect_safetensors_error(R"({"a":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})", 2,
-                           "dtype 'F8_E4M3'");
+  expect_safetensors_error(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,2]}})", 2,
+                           "unknown dtype 'Q4'");
   expect_safetensors_error(R"({"a":{"dtype":7,"shape":[2],"data_offsets":[0,2]}})", 2, "dtype");
+}
+
+// The format's other dtypes open as unread tensors, sized and placed like the read ones.
+TEST_F(SafetensorsCorrupt, OtherDtypesAreListedUnread) {
+  const SafetensorsFile file(write_safetensors(
+      R"({"m":{"dtype":"BOOL","shape":[3],"data_offsets":[0,3]},)"
+      R"("s":{"dtype":"I64","shape":[2],"data_offsets":[3,19]},)"
+      R"("w":{"dtype":"F32","shape":[1],"data_offsets":[19,23]}})",
+      23));
+  ASSERT_EQ(file.tensors().size(), 1u);
+  EXPECT_EQ(file.tensors()[0].name, "w");
+  ASSERT_EQ(file.unread_tensors().size(), 2u);
+  EXPECT_EQ(file.unread_tensors()[0].name, "m");
+  EXPECT_EQ(file.unread_tensors()[0].dtype, "BOOL");
+  EXPECT_EQ(file.unread_tensors()[1].shape, std::vector<int64_t>{2});
+  EXPECT_TRUE(file.contains("s"));
+  EXPECT_FALSE(file.contains("x"));
+  expect_safetensors_error(R"({"s":{"dtype":"I64","shape":[2],"data_offsets":[0,8]}})", 8,
+                           "size mismatch");
 }
 
 TEST_F(SafetensorsCorrupt, MissingFields) {

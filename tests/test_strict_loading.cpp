@@ -77,7 +77,8 @@ TEST(UnknownTensors, GgufRequiredBiasNameBitFlip) {
 }
 
 // Appends tensors to a safetensors file (F32 zeros of the given shapes), keeping it valid.
-void add_tensors(const fs::path& path, const std::vector<std::pair<std::string, int64_t>>& extra) {
+void add_tensors(const fs::path& path, const std::vector<std::pair<std::string, int64_t>>& extra,
+                 const std::string& dtype = "F32", size_t element_bytes = 4) {
   std::ifstream in(path, std::ios::binary);
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   uint64_t length;
@@ -85,10 +86,10 @@ void add_tensors(const fs::path& path, const std::vector<std::pair<std::string, 
   json header = json::parse(bytes.substr(8, length));
   std::string data = bytes.substr(8 + length);
   for (const auto& [name, size] : extra) {
-    header[name] = {{"dtype", "F32"},
+    header[name] = {{"dtype", dtype},
                     {"shape", {size}},
-                    {"data_offsets", {data.size(), data.size() + 4 * size}}};
-    data.append(4 * static_cast<size_t>(size), '\0');
+                    {"data_offsets", {data.size(), data.size() + element_bytes * size}}};
+    data.append(element_bytes * static_cast<size_t>(size), '\0');
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');
@@ -121,6 +122,23 @@ TEST_F(HfExtraTensors, BiasTheConfigDoesNotUseIsRejected) {
   add_tensors(dir_ / "model.safetensors", {{"model.layers.0.self_attn.q_proj.bias", 64}});
   expect_error([&] { Model::load(dir_.string()); },
                {"match no role", "'model.layers.0.self_attn.q_proj.bias' [64]"});
+}
+
+TEST(HfUnreadDtypes, BooleanMaskBuffersOfGptNeoxAreAccepted) {
+  // Pythia checkpoints store each layer's causal mask as BOOL: a dtype visikv does not compute
+  // with, checked for its place in the file and then, as a recomputed buffer, left unused.
+  const fs::path dir = temp_path("visikv_strict_neox");
+  fs::remove_all(dir);
+  fs::copy(kFixtures / "models" / "gpt_neox_parallel", dir, fs::copy_options::recursive);
+  add_tensors(dir / "model.safetensors",
+              {{"gpt_neox.layers.0.attention.bias", 64}, {"gpt_neox.layers.1.attention.bias", 64}},
+              "BOOL", 1);
+  EXPECT_NO_THROW(Model::load(dir.string()));
+  // Anything else of such a dtype is an unknown tensor, named with its dtype.
+  add_tensors(dir / "model.safetensors", {{"gpt_neox.layers.0.attention.step", 2}}, "I64", 8);
+  expect_error([&] { Model::load(dir.string()); },
+               {"match no role", "'gpt_neox.layers.0.attention.step' [2] I64"});
+  fs::remove_all(dir);
 }
 
 // ---- GGUF tensors cover the data section ----

@@ -1,5 +1,6 @@
 #include "visikv/formats/hf_dir.h"
 
+#include <set>
 #include <utility>
 
 #include "visikv/core/error.h"
@@ -64,19 +65,27 @@ HfModelDir::HfModelDir(const fs::path& dir) : dir_(dir) {
     require(!shards_.empty(), "shard index ", index_path, " lists no tensors");
   }
 
+  std::set<std::string, std::less<>> names;  // read or not, each in one shard only
+  const auto once = [&](const std::string& name, const SafetensorsFile& shard) {
+    require(names.insert(name).second, "model directory ", dir_, ": tensor '", name,
+            "' appears in more than one shard (again in ", shard.path().filename(), ")");
+  };
   for (const SafetensorsFile& shard : shards_) {
     for (const TensorRef& tensor : shard.tensors()) {
-      require(index_.emplace(tensor.name, tensors_.size()).second, "model directory ", dir_,
-              ": tensor '", tensor.name, "' appears in more than one shard (again in ",
-              shard.path().filename(), ")");
+      once(tensor.name, shard);
+      index_.emplace(tensor.name, tensors_.size());
       tensors_.push_back(tensor);
+    }
+    for (const UnreadTensor& tensor : shard.unread_tensors()) {
+      once(tensor.name, shard);
+      unread_.push_back(tensor);
     }
   }
   // Every tensor the index promises must be in the shard it names.
   for (const auto& [tensor_name, shard_name] : weight_map) {
     const SafetensorsFile& shard = shards_[shard_numbers.at(shard_name)];
-    require(shard.find(tensor_name) != nullptr, "shard index in ", dir_, " lists tensor '",
-            tensor_name, "' in shard '", shard_name, "' but the tensor is missing from it");
+    require(shard.contains(tensor_name), "shard index in ", dir_, " lists tensor '", tensor_name,
+            "' in shard '", shard_name, "' but the tensor is missing from it");
   }
 }
 

@@ -32,6 +32,8 @@ class HfModelDir {
   const std::vector<TensorRef>& tensors() const { return tensors_; }
   const TensorRef* find(std::string_view name) const;    // nullptr when absent
   const TensorRef& tensor(std::string_view name) const;  // throws when absent
+  // Tensors of dtypes visikv does not compute with (SafetensorsFile::unread_tensors), all shards.
+  const std::vector<UnreadTensor>& unread_tensors() const { return unread_; }
   const std::filesystem::path& dir() const { return dir_; }
 
  private:
@@ -41,6 +43,7 @@ class HfModelDir {
   std::filesystem::path tokenizer_json_;
   std::vector<SafetensorsFile> shards_;  // own the mappings the tensors point into
   std::vector<TensorRef> tensors_;
+  std::vector<UnreadTensor> unread_;
   std::map<std::string, size_t, std::less<>> index_;
 };
 

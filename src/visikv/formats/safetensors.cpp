@@ -7,6 +7,7 @@
 #include <limits>
 #include <numeric>
 #include <optional>
+#include <tuple>
 #include <utility>
 
 #include "visikv/core/error.h"
@@ -23,6 +24,24 @@ std::optional<DType> dtype_from_safetensors(std::string_view name) {
   if (name == "F32") return DType::F32;
   if (name == "F16") return DType::F16;
   if (name == "BF16") return DType::BF16;
+  return std::nullopt;
+}
+
+// Bytes per element of the dtypes the format defines that visikv does not compute with.
+std::optional<int64_t> unread_dtype_bytes(std::string_view name) {
+  for (const auto& [dtype, bytes] : {std::pair<std::string_view, int64_t>{"BOOL", 1},
+                                     {"U8", 1},
+                                     {"I8", 1},
+                                     {"F8_E4M3", 1},
+                                     {"F8_E5M2", 1},
+                                     {"I16", 2},
+                                     {"U16", 2},
+                                     {"I32", 4},
+                                     {"U32", 4},
+                                     {"I64", 8},
+                                     {"U64", 8},
+                                     {"F64", 8}})
+    if (name == dtype) return bytes;
   return std::nullopt;
 }
 
@@ -69,7 +88,14 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
 
   const size_t data_start = static_cast<size_t>(8 + header_length);
   const int64_t data_size = static_cast<int64_t>(bytes.size() - data_start);
-  std::vector<std::pair<int64_t, int64_t>> ranges;  // [begin, end) of each tensor
+  struct Range {
+    int64_t begin, end;  // [begin, end) in the data section
+    std::string name;
+    bool operator<(const Range& other) const {
+      return std::tie(begin, end) < std::tie(other.begin, other.end);
+    }
+  };
+  std::vector<Range> ranges;  // every tensor's, read or not
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       require(entry.is_object(), "safetensors file ", file_path,
@@ -93,14 +119,14 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     require(dtype_json.is_string(), where(), " has a dtype that is not a string");
     const std::string dtype_name_text = dtype_json.get<std::string>();
     const std::optional<DType> dtype = dtype_from_safetensors(dtype_name_text);
-    require(dtype.has_value(), where(), " has unsupported dtype '", dtype_name_text,
-            "' (only F32, F16 and BF16 are read)");
+    const std::optional<int64_t> unread_bytes = unread_dtype_bytes(dtype_name_text);
+    require(dtype.has_value() || unread_bytes.has_value(), where(), " has unknown dtype '",
+            dtype_name_text, "'");
 
     const nlohmann::json& shape_json = entry["shape"];
     require(shape_json.is_array(), where(), " has a shape that is not an array");
     TensorRef tensor;
     tensor.name = name;
-    tensor.dtype = *dtype;
     int64_t elements = 1;
     for (const nlohmann::json& dim : shape_json) {
       const std::optional<int64_t> size = non_negative(dim);
@@ -109,7 +135,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
       require(!__builtin_mul_overflow(elements, *size, &elements), where(), " has an absurd shape ",
               shape_json.dump());
     }
-    const int64_t element_bytes = dtype_info(*dtype).block_bytes;
+    const int64_t element_bytes = dtype ? dtype_info(*dtype).block_bytes : *unread_bytes;
     int64_t expected_bytes = 0;
     require(!__builtin_mul_overflow(elements, element_bytes, &expected_bytes), where(),
             " has an absurd shape ", shape_json.dump());
@@ -124,24 +150,25 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     require(*end - *begin == expected_bytes, where(), ": shape ", shape_json.dump(), " of ",
             dtype_name_text, " needs ", expected_bytes, " bytes but data_offsets ",
             offsets_json.dump(), " span ", *end - *begin, " (size mismatch)");
+    ranges.push_back({*begin, *end, name});
+    if (!dtype) {
+      unread_.push_back({name, dtype_name_text, std::move(tensor.shape)});
+      continue;
+    }
+    tensor.dtype = *dtype;
     tensor.data = bytes.subspan(data_start + static_cast<size_t>(*begin),
                                 static_cast<size_t>(expected_bytes));
     tensors_.push_back(std::move(tensor));
-    ranges.emplace_back(*begin, *end);
   }
 
   // The tensors must tile the data section: the first starts at byte 0, each starts where the
   // previous ends, the last ends at the end of the file. A gap, an overlap or bytes left over
   // mean a tensor is missing or misplaced, or the header length is off (the reference library
   // calls this MetadataIncompleteBuffer).
-  std::vector<size_t> order(tensors_.size());
-  std::iota(order.begin(), order.end(), size_t{0});
-  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranges[a] < ranges[b]; });
+  std::sort(ranges.begin(), ranges.end());
   int64_t covered = 0;  // the data section's bytes [0, covered) belong to tensors
   std::string previous = "(none)";
-  for (const size_t i : order) {
-    const auto& [begin, end] = ranges[i];
-    const std::string& name = tensors_[i].name;
+  for (const auto& [begin, end, name] : ranges) {
     require(begin >= covered, "safetensors file ", file_path, ": the data of tensors '", previous,
             "' and '", name, "' overlap (bytes [", begin, ", ", covered, ") of the data section)");
     require(begin == covered, "safetensors file ", file_path, ": bytes [", covered, ", ", begin,
@@ -153,16 +180,22 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
   require(covered == data_size, "safetensors file ", file_path, ": bytes [", covered, ", ",
           data_size, ") at the end of the data section belong to no tensor (after tensor '",
           previous, "'); is the header length ", header_length, " right?");
-  std::vector<TensorRef> sorted;
-  sorted.reserve(tensors_.size());
-  for (size_t i : order) sorted.push_back(std::move(tensors_[i]));
-  tensors_ = std::move(sorted);
+  std::sort(tensors_.begin(), tensors_.end(), [](const TensorRef& a, const TensorRef& b) {
+    return a.data.data() < b.data.data() ||
+           (a.data.data() == b.data.data() && a.data.size() < b.data.size());
+  });
   for (size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
 }
 
 const TensorRef* SafetensorsFile::find(std::string_view name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : &tensors_[it->second];
+}
+
+bool SafetensorsFile::contains(std::string_view name) const {
+  return find(name) != nullptr ||
+         std::any_of(unread_.begin(), unread_.end(),
+                     [&](const UnreadTensor& t) { return t.name == name; });
 }
 
 const TensorRef& SafetensorsFile::tensor(std::string_view name) const {

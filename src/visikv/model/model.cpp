@@ -39,9 +39,13 @@ enum class Bias { None, Optional, Required };
 // would otherwise be ignored silently and the model would compute something else.
 class Binder {
  public:
-  Binder(const std::vector<TensorRef>& tensors, std::string file, Weights& weights)
+  // `unread`: tensors of dtypes visikv does not compute with (a boolean mask buffer, say); they
+  // may only be accepted as unused, and a role asking for one names its dtype.
+  Binder(const std::vector<TensorRef>& tensors, std::string file, Weights& weights,
+         std::span<const UnreadTensor> unread = {})
       : file_(std::move(file)), weights_(weights) {
     for (const TensorRef& t : tensors) index_.emplace(t.name, &t);
+    for (const UnreadTensor& t : unread) unread_.emplace(t.name, &t);
   }
 
   // A tensor found here counts as bound: every caller uses what it finds.
@@ -54,7 +58,13 @@ class Binder {
 
   const TensorRef& get(const std::string& name) {
     const TensorRef* tensor = find(name);
-    require(tensor != nullptr, file_, ": required tensor '", name, "' is missing");
+    if (tensor == nullptr) {
+      const auto unread = unread_.find(name);
+      require(unread == unread_.end(), file_, ": tensor '", name, "' is stored as ",
+              unread == unread_.end() ? "" : unread->second->dtype,
+              ", which visikv does not read (weights must be F32, F16 or BF16)");
+      fail(file_, ": required tensor '", name, "' is missing");
+    }
     return *tensor;
   }
 
@@ -95,15 +105,21 @@ class Binder {
   // `accepted_unused` names: buffers some checkpoints store that the model recomputes.
   void require_all_bound(const std::function<bool(std::string_view)>& accepted_unused) const {
     constexpr size_t kListed = 8;
-    std::vector<std::string_view> unbound;
+    std::vector<std::string> described;  // name, shape (and dtype when unread)
     for (const auto& [name, tensor] : index_)
-      if (!bound_.contains(name) && !accepted_unused(name)) unbound.push_back(name);
-    if (unbound.empty()) return;
+      if (!bound_.contains(name) && !accepted_unused(name))
+        described.push_back(str_cat("'", name, "' ", shape_text(tensor->shape)));
+    for (const auto& [name, tensor] : unread_)
+      if (!accepted_unused(name))
+        described.push_back(
+            str_cat("'", name, "' ", shape_text(tensor->shape), " ", tensor->dtype));
+    if (described.empty()) return;
     std::string list;
-    for (size_t i = 0; i < unbound.size() && i < kListed; ++i)
-      list += str_cat(i ? ", '" : "'", unbound[i], "' ", shape_text(index_.at(unbound[i])->shape));
-    if (unbound.size() > kListed) list += str_cat(", ... (", unbound.size() - kListed, " more)");
-    fail(file_, ": ", unbound.size(), " of the file's ", index_.size(),
+    for (size_t i = 0; i < described.size() && i < kListed; ++i)
+      list += str_cat(i ? ", " : "", described[i]);
+    if (described.size() > kListed)
+      list += str_cat(", ... (", described.size() - kListed, " more)");
+    fail(file_, ": ", described.size(), " of the file's ", index_.size() + unread_.size(),
          " tensors match no role of the model its config describes (a misspelt name, a layer "
          "beyond the configured layer count, or a weight the config does not use): ",
          list);
@@ -147,6 +163,7 @@ class Binder {
   std::string file_;
   Weights& weights_;
   std::map<std::string_view, const TensorRef*> index_;  // views of the checkpoint's names
+  std::map<std::string_view, const UnreadTensor*> unread_;
   std::set<std::string_view> bound_;
 };
 
@@ -360,7 +377,7 @@ Model Model::load(const std::string& spec) {
     HfModelDir& dir = model.files_->checkpoint.emplace<HfModelDir>(path);
     model.format_ = "safetensors";
     model.config_ = config_from_hf(dir.config(), dir.generation_config(), path);
-    Binder binder(dir.tensors(), path.string(), model.weights_);
+    Binder binder(dir.tensors(), path.string(), model.weights_, dir.unread_tensors());
     bind_hf(binder, model.config_.architecture, model.config_, model.weights_);
     binder.require_all_bound(hf_recomputed_buffer);
     require(!dir.tokenizer_json().empty(), path, ": no tokenizer.json in the model directory");
