@@ -5,7 +5,6 @@
 #include <cstdint>
 
 #include "fuzz_support.h"
-#include "visikv/formats/dequantize.h"
 #include "visikv/formats/gguf.h"
 #include "visikv/model/config.h"
 #include "visikv/model/model.h"
@@ -15,12 +14,10 @@ using namespace visikv;
 using namespace visikv::fuzz;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  static MemoryFile file;
-  const std::filesystem::path path = file.write(as_text(data, size));
+  const std::filesystem::path path = input_file(data, size);
   expect_clean([&] {
     const GgufFile gguf(path);
-    for (const TensorRef& tensor : gguf.tensors())
-      if (tensor.elements() <= (int64_t{1} << 16)) (void)to_float(tensor);
+    read_small_tensors(gguf.tensors());
     expect_clean([&] { (void)config_from_gguf(gguf.metadata()); });
     expect_clean([&] {
       const Tokenizer tokenizer = Tokenizer::from_gguf_metadata(gguf.metadata());

@@ -17,6 +17,8 @@
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/formats/dequantize.h"
+#include "visikv/formats/tensor.h"
 
 namespace visikv::fuzz {
 
@@ -41,6 +43,12 @@ class MemoryFile {
  private:
   int fd_;
 };
+
+// The input as a file the loaders open by path (one per process, rewritten for each input).
+inline std::filesystem::path input_file(const uint8_t* data, size_t size) {
+  static MemoryFile file;
+  return file.write({reinterpret_cast<const char*>(data), size});
+}
 
 // A directory that lives as long as the fuzzing process (removed at exit); in memory where the
 // system has /dev/shm, since every input rewrites its files.
@@ -100,6 +108,13 @@ void expect_clean(Body&& body) {
     body();
   } catch (const visikv::Error&) {
   }
+}
+
+// Dequantizes every tensor of up to 2^16 elements a parser accepted: its bytes must lie inside
+// the file (AddressSanitizer sees any that do not).
+inline void read_small_tensors(const std::vector<TensorRef>& tensors) {
+  for (const TensorRef& tensor : tensors)
+    if (tensor.elements() <= (int64_t{1} << 16)) (void)to_float(tensor);
 }
 
 // The directory of the committed test fixtures (set by fuzz/CMakeLists.txt).
