@@ -20,7 +20,8 @@ for arg in "$@"; do
   esac
 done
 
-packages=(build-essential g++ clang libomp-dev cmake ninja-build pkg-config git unzip python3 python3-pip
+# libclang-rt-dev: clang's sanitizer and libFuzzer runtimes (the sanitizer build, fuzz/).
+packages=(build-essential g++ clang libclang-rt-dev libomp-dev cmake ninja-build pkg-config git unzip python3 python3-pip
           nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
           libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache)
 missing=()
