@@ -7,6 +7,7 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/generate.h"
 #include "visikv/eval/text_input.h"
@@ -90,7 +91,7 @@ void add_generate_command(CLI::App& app) {
     const SelectorSpec selector_spec = parse_selector_spec(flags->selector);
     // The cache keeps its block summaries at the selector's block size.
     const int64_t reserve =
-        std::min(add_positions(static_cast<int64_t>(prompt.size()), options.max_new_tokens),
+        std::min(saturating_add(static_cast<int64_t>(prompt.size()), options.max_new_tokens),
                  static_cast<int64_t>(prompt.size()) + kReserveAhead);
     auto cache = make_cache(decoder.cache_shape(), flags->keys, flags->values, reserve,
                             selector_spec.block_size > 0 ? selector_spec.block_size : 32);

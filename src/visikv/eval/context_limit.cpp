@@ -1,7 +1,5 @@
 #include "visikv/eval/context_limit.h"
 
-#include <limits>
-
 #include "visikv/core/error.h"
 
 namespace visikv {
@@ -22,11 +20,6 @@ bool check_context(const Config& config, int64_t positions, std::string_view wha
   }
   fail(what, " needs ", positions, " positions, which exceeds the model's context of ", context,
        " positions", hint);
-}
-
-int64_t add_positions(int64_t a, int64_t b) {
-  int64_t sum = 0;
-  return __builtin_add_overflow(a, b, &sum) ? std::numeric_limits<int64_t>::max() : sum;
 }
 
 std::string past_context_warning(const Config& config, int64_t positions, std::string_view what) {

@@ -27,10 +27,6 @@ enum class PastContext {
 bool check_context(const Config& config, int64_t positions, std::string_view what,
                    PastContext past = PastContext::Refuse);
 
-// a + b for counts a user gives (each >= 0), saturating instead of wrapping past the largest
-// integer, so a huge count still reads as more than the context.
-int64_t add_positions(int64_t a, int64_t b);
-
 // The one warning for a run allowed past the context (no trailing newline).
 std::string past_context_warning(const Config& config, int64_t positions, std::string_view what);
 

@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "visikv/core/error.h"
+#include "visikv/core/saturating.h"
 
 namespace visikv {
 
@@ -13,7 +14,7 @@ std::optional<std::string> check_generation_context(const Config& config, int64_
   // adds many tokens) fails before its prefill, whatever -n says.
   const std::string prompt = str_cat("a prompt of ", prompt_tokens, " tokens");
   check_context(config, prompt_tokens, prompt, past);
-  const int64_t positions = add_positions(prompt_tokens, max_new_tokens);
+  const int64_t positions = saturating_add(prompt_tokens, max_new_tokens);
   const std::string sequence = str_cat(prompt, " + ", max_new_tokens, " new tokens");
   if (!check_context(config, positions, sequence, past)) return std::nullopt;
   return past_context_warning(config, positions, sequence);

@@ -10,6 +10,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/generate.h"
 #include "visikv/kv/cache_factory.h"
@@ -48,7 +49,7 @@ void check_needle_options(const Config& config, const NeedleOptions& o) {
             " is outside [1, ", kNames.size(), "]");
   for (int64_t c : o.contexts) {
     require(c >= 1, "needle: context length must be positive, got ", c);
-    check_context(config, add_positions(c, o.answer_tokens),
+    check_context(config, saturating_add(c, o.answer_tokens),
                   str_cat("needle: context ", c, " + ", o.answer_tokens, " answer tokens"));
   }
 }

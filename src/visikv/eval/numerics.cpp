@@ -2,10 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "visikv/core/error.h"
+#include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -33,10 +33,7 @@ int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos) {
   // A window compares window - 1 positions, with BOS first or without.
   const int64_t windows = positions / (window - 1) + (positions % (window - 1) != 0);
   const int64_t text_per_window = bos ? window - 1 : window;
-  int64_t tokens = 0;
-  if (__builtin_mul_overflow(windows, text_per_window, &tokens))
-    return std::numeric_limits<int64_t>::max();
-  return tokens;
+  return saturating_mul(windows, text_per_window);
 }
 
 NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,

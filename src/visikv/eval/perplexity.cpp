@@ -3,13 +3,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
+#include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -37,11 +37,7 @@ std::string perplexity_mode_name(PerplexityMode mode) {
 int64_t text_tokens_to_score(int64_t scored, int64_t window) {
   require(scored >= 0 && window >= 2, "text_tokens_to_score: ", scored, " tokens in windows of ",
           window);
-  // A user's --tokens may be up to the largest integer: saturate rather than wrap.
-  int64_t tokens = 0;
-  if (__builtin_add_overflow(scored, scored / (window - 1) + 2, &tokens))
-    return std::numeric_limits<int64_t>::max();
-  return tokens;
+  return saturating_add(scored, scored / (window - 1) + 2);  // --tokens may be any number
 }
 
 double negative_log_likelihood(std::span<const float> logits, int32_t target) {

@@ -9,6 +9,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/eval/sampler.h"
@@ -194,7 +195,7 @@ void check_survival_options(const Config& config, const SurvivalOptions& o) {
           o.prefix);
   require(std::isfinite(o.temperature) && o.temperature >= 0,
           "the sampling temperature must be a finite number >= 0, got ", o.temperature);
-  check_context(config, add_positions(o.prefix, o.continuation),
+  check_context(config, saturating_add(o.prefix, o.continuation),
                 str_cat("a prefix of ", o.prefix, " tokens + a continuation of ", o.continuation));
 }
 
@@ -202,11 +203,7 @@ int64_t survival_text_tokens(const SurvivalOptions& o) {
   require(o.prefix >= 1 && o.samples >= 1, "survival prefixes need prefix >= 1 and samples >= 1");
   const int64_t text_per_prefix = o.bos ? o.prefix - 1 : o.prefix;
   require(text_per_prefix >= 1, "the prefix leaves no room for text after BOS");
-  // --samples may be any number: saturate rather than wrap.
-  int64_t tokens = 0;
-  if (__builtin_mul_overflow(text_per_prefix, o.samples, &tokens))
-    return std::numeric_limits<int64_t>::max();
-  return tokens;
+  return saturating_mul(text_per_prefix, o.samples);  // --samples may be any number
 }
 
 std::vector<std::vector<int32_t>> survival_prefixes(std::span<const int32_t> text,

@@ -5,7 +5,6 @@
 #include <bit>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <utility>
 
 #include "visikv/core/error.h"
@@ -331,37 +330,14 @@ GgufFile::GgufFile(const std::filesystem::path& path) : file_(path) {
         bytes.subspan(static_cast<size_t>(data_start + offsets[i]), static_cast<size_t>(size));
   }
 
-  // The tensors must cover the data section as llama.cpp's and gguf-py's writers lay it out:
-  // each tensor at the next multiple of the alignment after the one before, the first at 0, and
-  // after the last at most its alignment padding. A tensor description missing or added (a
-  // tensor count one off shifts where the data section starts) leaves bytes that belong to no
-  // tensor, so the file is rejected instead of read shifted.
-  const auto aligned = [&](uint64_t offset) {
-    return (offset + alignment_ - 1) / alignment_ * alignment_;
-  };
-  std::vector<size_t> by_offset(tensors_.size());
-  std::iota(by_offset.begin(), by_offset.end(), size_t{0});
-  std::sort(by_offset.begin(), by_offset.end(), [&](size_t a, size_t b) {
-    return std::pair(offsets[a], tensors_[a].data.size()) <
-           std::pair(offsets[b], tensors_[b].data.size());
-  });
-  uint64_t covered = 0;  // bytes [0, covered) of the data section belong to tensors
-  std::string previous = "(none)";
-  for (const size_t i : by_offset) {
-    const TensorRef& tensor = tensors_[i];
-    require(offsets[i] >= covered, "GGUF file ", file_path, ": the data of tensors '", previous,
-            "' and '", tensor.name, "' overlap (bytes [", offsets[i], ", ", covered,
-            ") of the data section)");
-    require(offsets[i] <= aligned(covered), "GGUF file ", file_path, ": bytes [", covered, ", ",
-            offsets[i], ") of the data section belong to no tensor (a gap between tensors '",
-            previous, "' and '", tensor.name, "')");
-    covered = offsets[i] + tensor.data.size();
-    previous = tensor.name;
-  }
-  require(data_size <= aligned(covered), "GGUF file ", file_path, ": bytes [", covered, ", ",
-          data_size, ") at the end of the data section (which starts at file offset ", data_start,
-          ") belong to no tensor (after tensor '", previous,
-          "'); is a tensor description missing or the tensor count wrong?");
+  // llama.cpp's and gguf-py's writers put each tensor at the next multiple of the alignment.
+  std::vector<DataRange> ranges;
+  ranges.reserve(tensors_.size());
+  for (size_t i = 0; i < tensors_.size(); ++i)
+    ranges.push_back({offsets[i], offsets[i] + tensors_[i].data.size(), tensors_[i].name});
+  require_tiled(std::move(ranges), data_size, alignment_, str_cat("GGUF file ", file_path),
+                str_cat("; the data section starts at file offset ", data_start,
+                        ": is a tensor description missing or the tensor count wrong?"));
 }
 
 const TensorRef* GgufFile::find(std::string_view name) const {

@@ -5,9 +5,7 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <optional>
-#include <tuple>
 #include <utility>
 
 #include "visikv/core/error.h"
@@ -88,14 +86,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
 
   const size_t data_start = static_cast<size_t>(8 + header_length);
   const int64_t data_size = static_cast<int64_t>(bytes.size() - data_start);
-  struct Range {
-    int64_t begin, end;  // [begin, end) in the data section
-    std::string name;
-    bool operator<(const Range& other) const {
-      return std::tie(begin, end) < std::tie(other.begin, other.end);
-    }
-  };
-  std::vector<Range> ranges;  // every tensor's, read or not
+  std::vector<DataRange> ranges;  // every tensor's, read or not
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       require(entry.is_object(), "safetensors file ", file_path,
@@ -150,7 +141,7 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     require(*end - *begin == expected_bytes, where(), ": shape ", shape_json.dump(), " of ",
             dtype_name_text, " needs ", expected_bytes, " bytes but data_offsets ",
             offsets_json.dump(), " span ", *end - *begin, " (size mismatch)");
-    ranges.push_back({*begin, *end, name});
+    ranges.push_back({static_cast<uint64_t>(*begin), static_cast<uint64_t>(*end), name});
     if (!dtype) {
       unread_.push_back({name, dtype_name_text, std::move(tensor.shape)});
       continue;
@@ -161,25 +152,11 @@ SafetensorsFile::SafetensorsFile(const std::filesystem::path& path) : file_(path
     tensors_.push_back(std::move(tensor));
   }
 
-  // The tensors must tile the data section: the first starts at byte 0, each starts where the
-  // previous ends, the last ends at the end of the file. A gap, an overlap or bytes left over
-  // mean a tensor is missing or misplaced, or the header length is off (the reference library
-  // calls this MetadataIncompleteBuffer).
-  std::sort(ranges.begin(), ranges.end());
-  int64_t covered = 0;  // the data section's bytes [0, covered) belong to tensors
-  std::string previous = "(none)";
-  for (const auto& [begin, end, name] : ranges) {
-    require(begin >= covered, "safetensors file ", file_path, ": the data of tensors '", previous,
-            "' and '", name, "' overlap (bytes [", begin, ", ", covered, ") of the data section)");
-    require(begin == covered, "safetensors file ", file_path, ": bytes [", covered, ", ", begin,
-            ") of the data section belong to no tensor (a gap between tensors '", previous,
-            "' and '", name, "')");
-    covered = end;
-    previous = name;
-  }
-  require(covered == data_size, "safetensors file ", file_path, ": bytes [", covered, ", ",
-          data_size, ") at the end of the data section belong to no tensor (after tensor '",
-          previous, "'); is the header length ", header_length, " right?");
+  // As the reference library: the tensors tile the data section with no gap, no overlap and no
+  // bytes left over (it calls this MetadataIncompleteBuffer).
+  require_tiled(std::move(ranges), static_cast<uint64_t>(data_size), 1,
+                str_cat("safetensors file ", file_path),
+                str_cat("; is the header length ", header_length, " right?"));
   std::sort(tensors_.begin(), tensors_.end(), [](const TensorRef& a, const TensorRef& b) {
     return a.data.data() < b.data.data() ||
            (a.data.data() == b.data.data() && a.data.size() < b.data.size());

@@ -1,6 +1,8 @@
 #include "visikv/formats/tensor.h"
 
+#include <algorithm>
 #include <array>
+#include <tuple>
 
 #include "visikv/core/error.h"
 
@@ -55,6 +57,30 @@ std::string TensorRef::describe() const {
   std::string dims;
   for (size_t i = 0; i < shape.size(); ++i) dims += (i ? ", " : "") + std::to_string(shape[i]);
   return str_cat(name, " [", dims, "] ", dtype_name(dtype));
+}
+
+void require_tiled(std::vector<DataRange> ranges, uint64_t size, uint64_t alignment,
+                   const std::string& file, std::string_view end_hint) {
+  const auto aligned = [&](uint64_t offset) {
+    return (offset + alignment - 1) / alignment * alignment;
+  };
+  std::sort(ranges.begin(), ranges.end(), [](const DataRange& a, const DataRange& b) {
+    return std::tie(a.begin, a.end) < std::tie(b.begin, b.end);
+  });
+  uint64_t covered = 0;  // bytes [0, covered) of the data section belong to tensors
+  std::string_view previous = "(none)";
+  for (const DataRange& range : ranges) {
+    require(range.begin >= covered, file, ": the data of tensors '", previous, "' and '",
+            range.name, "' overlap (bytes [", range.begin, ", ", covered, ") of the data section)");
+    require(range.begin <= aligned(covered), file, ": bytes [", covered, ", ", range.begin,
+            ") of the data section belong to no tensor (a gap between tensors '", previous,
+            "' and '", range.name, "')");
+    covered = range.end;
+    previous = range.name;
+  }
+  require(size <= aligned(covered), file, ": bytes [", covered, ", ", size,
+          ") at the end of the data section belong to no tensor (after tensor '", previous, "')",
+          end_hint);
 }
 
 }  // namespace visikv

@@ -36,10 +36,25 @@ struct TensorRef {
   std::span<const std::byte> data;  // exactly storage_bytes(dtype, elements()) bytes
 
   int64_t elements() const;
-  int64_t rows() const;     // product of all but the last dimension (1 for a vector)
-  int64_t row_size() const; // last dimension
+  int64_t rows() const;      // product of all but the last dimension (1 for a vector)
+  int64_t row_size() const;  // last dimension
   std::span<const std::byte> row(int64_t index) const;
   std::string describe() const;  // "name [d0, d1] Q4_1"
 };
+
+// The bytes [begin, end) of a file's data section that one tensor occupies.
+struct DataRange {
+  uint64_t begin = 0, end = 0;
+  std::string_view name;
+};
+
+// Checks that the tensors tile the data section [0, size) as the format's writers lay it out:
+// the first at 0, each at the next multiple of `alignment` after the one before (1: directly
+// after), no two overlapping, and after the last at most its alignment padding. A tensor missing
+// or added, or a header length or count one off, leaves bytes that belong to no tensor: the
+// file is rejected instead of read shifted. Throws visikv::Error starting with `file` and naming
+// the bytes; `end_hint` ends the message about bytes left after the last tensor.
+void require_tiled(std::vector<DataRange> ranges, uint64_t size, uint64_t alignment,
+                   const std::string& file, std::string_view end_hint);
 
 }  // namespace visikv

@@ -57,15 +57,11 @@ class Binder {
   }
 
   const TensorRef& get(const std::string& name) {
-    const TensorRef* tensor = find(name);
-    if (tensor == nullptr) {
-      const auto unread = unread_.find(name);
-      require(unread == unread_.end(), file_, ": tensor '", name, "' is stored as ",
-              unread == unread_.end() ? "" : unread->second->dtype,
-              ", which visikv does not read (weights must be F32, F16 or BF16)");
-      fail(file_, ": required tensor '", name, "' is missing");
-    }
-    return *tensor;
+    if (const TensorRef* tensor = find(name)) return *tensor;
+    if (const auto unread = unread_.find(name); unread != unread_.end())
+      fail(file_, ": tensor '", name, "' is stored as ", unread->second->dtype,
+           ", which visikv does not read (weights must be F32, F16 or BF16)");
+    fail(file_, ": required tensor '", name, "' is missing");
   }
 
   TensorRef matrix(const std::string& name, int64_t rows, int64_t cols) {
@@ -364,16 +360,14 @@ std::filesystem::path Model::default_model_path() {
 Model Model::load(const std::string& spec) {
   namespace fs = std::filesystem;
   Model model;
-  fs::path path = spec;
-  if (spec == "default") {
-    path = default_model_path();
-    require(file_kind(path) != FileKind::Missing, "the default model is not at ", path,
-            "; run scripts/setup.sh (or set VISIKV_DEFAULT_MODEL to the GGUF file)");
-  }
-  require(file_kind(path) != FileKind::Missing, "model not found: ", path,
+  const fs::path path = spec == "default" ? default_model_path() : fs::path(spec);
+  const FileKind kind = file_kind(path);
+  require(kind != FileKind::Missing || spec != "default", "the default model is not at ", path,
+          "; run scripts/setup.sh (or set VISIKV_DEFAULT_MODEL to the GGUF file)");
+  require(kind != FileKind::Missing, "model not found: ", path,
           " (expected a Hugging Face directory, a .gguf file, or 'default')");
   model.source_ = path.string();
-  if (file_kind(path) == FileKind::Directory) {
+  if (kind == FileKind::Directory) {
     HfModelDir& dir = model.files_->checkpoint.emplace<HfModelDir>(path);
     model.format_ = "safetensors";
     model.config_ = config_from_hf(dir.config(), dir.generation_config(), path);
