@@ -20,6 +20,7 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/attention/support.h"
 #include "visikv/calibration/basis_file.h"
+#include "visikv/cli/app.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/generate.h"
 #include "visikv/eval/trace.h"
@@ -356,6 +357,18 @@ NB_MODULE(_visikv, m) {
       "threads"_a, "Worker threads of every later computation (default: all cores).");
   m.def(
       "threads", [] { return omp_get_max_threads(); }, "Worker threads computations use.");
+  m.def(
+      "run_command",
+      [](const std::vector<std::string>& args) {
+        nlohmann::json result;
+        {
+          nb::gil_scoped_release release;
+          result = cli::run_command(args);
+        }
+        return to_python(result);
+      },
+      "args"_a,
+      "Runs a visikv command line in-process (visikv.run wraps it); returns its JSON or None.");
   m.def(
       "kernels", [] { return weight_kernel_target(); },
       "The instruction set the weight kernels were chosen for on this CPU.");

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 import numpy
 from numpy.typing import NDArray
 
+from visikv import _perplexity as perplexity
+
 
 class Error(RuntimeError):
     pass
@@ -14,6 +16,11 @@ def set_threads(threads: int) -> None:
 
 def threads() -> int:
     """Worker threads computations use."""
+
+def run_command(args: Sequence[str]) -> object:
+    """
+    Runs a visikv command line in-process (visikv.run wraps it); returns its JSON or None.
+    """
 
 def kernels() -> str:
     """The instruction set the weight kernels were chosen for on this CPU."""
