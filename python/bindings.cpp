@@ -30,6 +30,7 @@
 #include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
+#include "visikv/tokenizer/utf8.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -129,19 +130,6 @@ struct GeneratedToken {
   nb::str text;
 };
 
-// How many leading bytes of `s` end on a character boundary: all but an unfinished UTF-8
-// sequence at the end (invalid bytes count as finished; decoding replaces them).
-size_t finished_utf8(std::string_view s) {
-  const size_t n = s.size();
-  for (size_t back = 1; back <= std::min<size_t>(3, n); ++back) {
-    const auto byte = static_cast<unsigned char>(s[n - back]);
-    if ((byte & 0xC0) == 0x80) continue;  // a continuation byte: look further back
-    const size_t length = byte >= 0xF0 ? 4 : byte >= 0xE0 ? 3 : byte >= 0xC0 ? 2 : 1;
-    return length > back ? n - back : n;
-  }
-  return n;
-}
-
 nb::str decode_utf8(std::string_view s) {
   PyObject* text = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
   if (!text) throw nb::python_error();
@@ -181,7 +169,7 @@ class PyGeneration {
     std::string& pending = state_->pending;
     pending += bytes;
     // The last token flushes what is left, unfinished or not.
-    const size_t finished = generation.done() ? pending.size() : finished_utf8(pending);
+    const size_t finished = generation.done() ? pending.size() : finished_utf8_prefix(pending);
     nb::str text = decode_utf8(std::string_view(pending).substr(0, finished));
     pending.erase(0, finished);
     return GeneratedToken{*token, nb::bytes(bytes.data(), bytes.size()), std::move(text)};
