@@ -41,7 +41,7 @@ struct HeadqBasis;
 struct AttentionTrace {
   int64_t layers = 0, heads = 0, kv_heads = 0, head_dim = 0, tokens = 0;
   double scale = 0;            // multiplies q·k
-  int64_t sliding_window = 0;  // 0: every earlier position
+  std::vector<int64_t> windows;  // per layer: 0 (every earlier position) or its sliding window
   std::vector<float> queries;  // {layers, tokens, heads, head_dim}, post-RoPE
   std::vector<float> keys;     // {layers, tokens, kv_heads, head_dim}, post-RoPE
   std::vector<float> values;   // {layers, tokens, kv_heads, head_dim}
