@@ -86,7 +86,7 @@ TEST_P(HfFixture, TokenizerMatchesTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Families, HfFixture,
                          ::testing::Values("gpt2", "gpt_neox_parallel", "gpt_neox_sequential",
-                                           "llama", "llama3_scaled", "mistral", "qwen2"));
+                                           "llama", "llama3_scaled", "mistral", "qwen2", "gemma3"));
 
 }  // namespace
 }  // namespace visikv
