@@ -68,8 +68,8 @@ TEST(DefaultModel, TokenizerMatchesReferenceOnWikiTextStart) {
 TEST(DefaultModel, LogitsAgreeWithTransformers) {
   const Model& model = default_model();
   const std::vector<int32_t> tokens = reference_tokens();
-  const TopKAgreement a = topk_agreement(prefill_logits(model, tokens), model.config().vocab_size,
-                                         kReference, 256);
+  const TopKAgreement a =
+      topk_agreement(prefill_logits(model, tokens), model.config().vocab_size, kReference, 256);
   std::printf(
       "top-1 agreement %.4f, mean KL %.3g, max KL %.3g, max |dlogprob| (top-256) %.3g over %lld "
       "positions\n",

@@ -114,8 +114,9 @@ TEST(Gemma3Config, GgufFixtureHasTheLayersOfTheHuggingFaceOne) {
 TEST(Gemma3Config, BadConfigsAreClearErrors) {
   nlohmann::json hf = fixture_config();
   hf["layer_types"].erase(hf["layer_types"].size() - 1);
-  EXPECT_NE(error_of([&] { config_from_hf(hf, nullptr); })
-                .find("field 'layer_types' must list one type per layer (7)"),
+  EXPECT_NE(error_of([&] {
+              config_from_hf(hf, nullptr);
+            }).find("field 'layer_types' must list one type per layer (7)"),
             std::string::npos);
   hf = fixture_config();
   hf["layer_types"][2] = "chunked_attention";
@@ -131,8 +132,9 @@ TEST(Gemma3Config, BadConfigsAreClearErrors) {
             std::string::npos);
   hf = fixture_config();
   hf["rope_parameters"]["sliding_attention"]["rope_type"] = "yarn";
-  EXPECT_NE(error_of([&] { config_from_hf(hf, nullptr); })
-                .find("rope_parameters.sliding_attention: unsupported rope scaling type 'yarn'"),
+  EXPECT_NE(error_of([&] {
+              config_from_hf(hf, nullptr);
+            }).find("rope_parameters.sliding_attention: unsupported rope scaling type 'yarn'"),
             std::string::npos);
 }
 
@@ -178,8 +180,8 @@ TEST(Gemma3Attention, SupportsOnLocalLayersStayInTheirWindow) {
       } else {
         decoder.next_logits(tokens, *cache, options);
       }
-      EXPECT_EQ(watcher.events_, model.config().layers * model.config().heads *
-                                     static_cast<int64_t>(tokens.size()));
+      EXPECT_EQ(watcher.events_,
+                model.config().layers * model.config().heads * static_cast<int64_t>(tokens.size()));
       EXPECT_EQ(watcher.outside_local_, 0);
       EXPECT_GT(watcher.beyond_window_global_, 0);
     }
@@ -230,8 +232,7 @@ TEST_P(Gemma3MissingKey, NamesTheKey) {
   const fs::path path = kMutants / GetParam().file;
   ASSERT_TRUE(fs::exists(path)) << path << ": run tests/fixtures/mutants/make_mutants.py";
   const std::string error = error_of([&] { Model::load(path.string()); });
-  EXPECT_NE(error.find(str_cat("missing required field '", GetParam().key, "'")),
-            std::string::npos)
+  EXPECT_NE(error.find(str_cat("missing required field '", GetParam().key, "'")), std::string::npos)
       << error;
   EXPECT_NE(error.find(path.filename().string()), std::string::npos) << error;
 }
@@ -239,8 +240,7 @@ TEST_P(Gemma3MissingKey, NamesTheKey) {
 INSTANTIATE_TEST_SUITE_P(
     Keys, Gemma3MissingKey,
     ::testing::Values(
-        MissingKeyCase{"gemma3_metadata.no_sliding_window.gguf",
-                       "gemma3.attention.sliding_window"},
+        MissingKeyCase{"gemma3_metadata.no_sliding_window.gguf", "gemma3.attention.sliding_window"},
         MissingKeyCase{"gemma3_metadata.no_freq_base.gguf", "gemma3.rope.freq_base"},
         MissingKeyCase{"gemma3_metadata.no_key_length.gguf", "gemma3.attention.key_length"},
         MissingKeyCase{"gemma3_metadata.no_context_length.gguf", "gemma3.context_length"}),
@@ -262,9 +262,9 @@ const Model* real_model() {
   return model.get();
 }
 
-#define REQUIRE_REAL_MODEL()                                                                 \
-  if (real_model() == nullptr)                                                               \
-  GTEST_SKIP() << "Gemma-3-270M is not at " << gemma3_model_path()                           \
+#define REQUIRE_REAL_MODEL()                                       \
+  if (real_model() == nullptr)                                     \
+  GTEST_SKIP() << "Gemma-3-270M is not at " << gemma3_model_path() \
                << " (optional: scripts/fetch_gemma3.sh or scripts/setup.sh --models)"
 
 std::vector<int32_t> real_reference_tokens() {
@@ -300,8 +300,8 @@ TEST(Gemma3RealModel, LogitsAgreeWithTransformers) {
   const Model& model = *real_model();
   const std::vector<int32_t> tokens = real_reference_tokens();
   ASSERT_GT(static_cast<int64_t>(tokens.size()), model.config().sliding_window);
-  const TopKAgreement a = topk_agreement(prefill_logits(model, tokens), model.config().vocab_size,
-                                         kRealReference, 256);
+  const TopKAgreement a =
+      topk_agreement(prefill_logits(model, tokens), model.config().vocab_size, kRealReference, 256);
   std::printf(
       "top-1 agreement %.4f, mean KL %.3g, max KL %.3g, max |dlogprob| (top-256) %.3g over %lld "
       "positions\n",

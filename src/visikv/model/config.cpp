@@ -530,10 +530,9 @@ std::string Config::describe() const {
   if (sliding_window > 0) {
     int64_t local = 0;
     for (int64_t l = 0; l < layers; ++l) local += layer_kind(l) == LayerKind::Local ? 1 : 0;
-    window_text = local == layers
-                      ? str_cat(", sliding window ", sliding_window)
-                      : str_cat(", sliding window ", sliding_window, " on ", local, " of ", layers,
-                                " layers");
+    window_text = local == layers ? str_cat(", sliding window ", sliding_window)
+                                  : str_cat(", sliding window ", sliding_window, " on ", local,
+                                            " of ", layers, " layers");
     if (local_rope) window_text += str_cat(" (rope theta ", local_rope->theta, " there)");
   }
   return str_cat(architecture, ": ", layers, " layers, hidden ", hidden, ", ", heads, " heads (",
@@ -544,8 +543,8 @@ std::string Config::describe() const {
                                rope_layout == RopeLayout::Interleaved ? " (interleaved pairs)" : "")
                      : std::string("learned positions"),
                  norm == NormKind::RMSNorm ? ", RMSNorm" : ", LayerNorm",
-                 parallel_residual ? ", parallel residual" : "",
-                 qk_norm ? ", q/k norms" : "", post_norms ? ", post-norms" : "", window_text,
+                 parallel_residual ? ", parallel residual" : "", qk_norm ? ", q/k norms" : "",
+                 post_norms ? ", post-norms" : "", window_text,
                  final_logit_softcap > 0 ? str_cat(", logit soft-cap ", final_logit_softcap) : "");
 }
 

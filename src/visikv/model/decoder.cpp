@@ -172,8 +172,7 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     if (report_stats) attention.support_stats(l, stats_);
     linear_forward(layer.o, attention_, n, projected_, rounding_);
     if (layer.post_attention_norm)
-      apply_norm(c.norm, *layer.post_attention_norm, c.norm_eps, projected_, n, hidden,
-                 projected_);
+      apply_norm(c.norm, *layer.post_attention_norm, c.norm_eps, projected_, n, hidden, projected_);
     if (c.parallel_residual) {
       // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.
       std::vector<float> attention_out(projected_.begin(), projected_.begin() + n * hidden);
