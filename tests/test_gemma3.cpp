@@ -226,6 +226,8 @@ struct MissingKeyCase {
   const char* key;
 };
 
+void PrintTo(const MissingKeyCase& c, std::ostream* out) { *out << c.file; }
+
 class Gemma3MissingKey : public ::testing::TestWithParam<MissingKeyCase> {};
 
 TEST_P(Gemma3MissingKey, NamesTheKey) {
