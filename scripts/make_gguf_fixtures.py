@@ -10,6 +10,7 @@ Conv1D transposes for GPT-2, which tensors stay float32):
   llama.q8_0.gguf   the same with every matrix in Q8_0 (norms float32)
   qwen2.gguf        qwen2 fixture, matrices float16 (lossless: the fixture is stored in float16)
   gpt2.gguf         gpt2 fixture, matrices float16 (rounded from float32), fused attn_qkv
+  gemma3.gguf       gemma3 fixture, all tensors float32, norm weights stored plus one
 
 Where the GGUF's weights differ from the fixture's (Q8_0, and float16 rounding of GPT-2), the
 reference logits are recomputed by Hugging Face transformers from the HF checkpoint with its
@@ -122,8 +123,17 @@ def storage_type(gguf_name: str, values: np.ndarray, matrix_type: QType) -> QTyp
     return matrix_type
 
 
-def hf_state(directory: Path) -> tuple[dict[str, np.ndarray], torch.nn.Module]:
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32, attn_implementation="eager")
+def hf_config(directory: Path, changes: dict):
+    """The fixture's config with `changes`: what its GGUF file can express."""
+    config = transformers.AutoConfig.from_pretrained(str(directory))
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def hf_state(directory: Path, config_changes: dict) -> tuple[dict[str, np.ndarray], torch.nn.Module]:
+    model = AutoModelForCausalLM.from_pretrained(str(directory), config=hf_config(directory, config_changes),
+                                                 dtype=torch.float32, attn_implementation="eager")
     model.eval()
     state = {name: tensor.detach().float().numpy().copy() for name, tensor in model.state_dict().items()}
     return state, model
@@ -162,6 +172,40 @@ def llama_like_tensors(hf: dict, config: dict, matrix_type: QType, permute_qk: b
     add("output_norm.weight", "model.norm.weight")
     if not config.get("tie_word_embeddings", False):
         add("output.weight", "lm_head.weight")
+    return out
+
+
+def gemma3_tensors(hf: dict, config: dict, matrix_type: QType) -> list[GgufTensor]:
+    """convert_hf_to_gguf.py's Gemma3Model: no Q/K permutation (llama.cpp rotates Gemma
+    NeoX-style), every norm weight stored plus one (Gemma3RMSNorm scales by 1 + weight), the head
+    tied to token_embd."""
+    out: list[GgufTensor] = []
+
+    def add(gguf_name: str, hf_name: str):
+        values = hf[hf_name]
+        to_hf = lambda a: a  # noqa: E731
+        if gguf_name.endswith("norm.weight"):
+            values = (values + np.float32(1)).astype(np.float32)
+            to_hf = lambda a: (a - np.float32(1)).astype(np.float32)  # noqa: E731
+        out.append(GgufTensor(gguf_name, hf_name, values, storage_type(gguf_name, values, matrix_type), to_hf))
+
+    add("token_embd.weight", "model.embed_tokens.weight")
+    for i in range(config["num_hidden_layers"]):
+        hf_prefix, prefix = f"model.layers.{i}.", f"blk.{i}."
+        add(prefix + "attn_norm.weight", hf_prefix + "input_layernorm.weight")
+        add(prefix + "attn_q.weight", hf_prefix + "self_attn.q_proj.weight")
+        add(prefix + "attn_k.weight", hf_prefix + "self_attn.k_proj.weight")
+        add(prefix + "attn_v.weight", hf_prefix + "self_attn.v_proj.weight")
+        add(prefix + "attn_q_norm.weight", hf_prefix + "self_attn.q_norm.weight")
+        add(prefix + "attn_k_norm.weight", hf_prefix + "self_attn.k_norm.weight")
+        add(prefix + "attn_output.weight", hf_prefix + "self_attn.o_proj.weight")
+        add(prefix + "post_attention_norm.weight", hf_prefix + "post_attention_layernorm.weight")
+        add(prefix + "ffn_norm.weight", hf_prefix + "pre_feedforward_layernorm.weight")
+        add(prefix + "ffn_gate.weight", hf_prefix + "mlp.gate_proj.weight")
+        add(prefix + "ffn_up.weight", hf_prefix + "mlp.up_proj.weight")
+        add(prefix + "ffn_down.weight", hf_prefix + "mlp.down_proj.weight")
+        add(prefix + "post_ffw_norm.weight", hf_prefix + "post_feedforward_layernorm.weight")
+    add("output_norm.weight", "model.norm.weight")
     return out
 
 
@@ -221,6 +265,22 @@ def llama_like_metadata(writer: gguf.GGUFWriter, config: dict, with_rope_dims: b
         writer.add_rope_dimension_count(head_dim)
 
 
+def gemma3_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
+    """What convert_hf_to_gguf.py writes for gemma3: no layer pattern, local rope base or
+    query_pre_attn_scalar (llama.cpp fixes the first two and derives the scale from the head dim)."""
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(float(config["rope_parameters"]["full_attention"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_sliding_window(config["sliding_window"])
+
+
 def gpt2_metadata(writer: gguf.GGUFWriter, config: dict) -> None:
     writer.add_context_length(config["n_positions"])
     writer.add_embedding_length(config["n_embd"])
@@ -270,7 +330,8 @@ def byte_level_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: dict,
     special_ids(writer, reference)
 
 
-def sentencepiece_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: dict, reference: dict) -> None:
+def sentencepiece_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: dict, reference: dict,
+                                     space_prefix: bool = True) -> None:
     """tokenizer.ggml.* ("llama" model) for a SentencePiece-style BPE tokenizer.json.
 
     llama.cpp tokenizes such vocabularies by scores: it repeatedly joins the adjacent pair whose
@@ -311,8 +372,8 @@ def sentencepiece_tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: di
     writer.add_token_types(types)
     if unk is not None:
         writer.add_unk_token_id(token_ids[unk])
-    # The normalizer prepends "▁" (SentencePiece's add_dummy_prefix).
-    writer.add_add_space_prefix(True)
+    # Whether the normalizer prepends "▁" (SentencePiece's add_dummy_prefix; Gemma's does not).
+    writer.add_add_space_prefix(space_prefix)
     special_ids(writer, reference)
 
 
@@ -338,6 +399,9 @@ class GgufCase:
     matrix_type: QType
     file_type: LlamaFileType
     description: str
+    # Config settings of the fixture that the GGUF cannot hold, with the values its readers use
+    # instead; the reference logits are computed with them.
+    config_changes: dict = field(default_factory=dict)
 
 
 CASES = [
@@ -378,6 +442,19 @@ CASES = [
         "transposed to [out, in]; fused attn_qkv with bias; position_embd, norms and biases "
         "float32; tied head (no output.weight); byte-level BPE with tokenizer.ggml.pre gpt-2.",
     ),
+    GgufCase(
+        "gemma3.gguf",
+        "gemma3",
+        "gemma3",
+        QType.F32,
+        LlamaFileType.ALL_F32,
+        "gemma3 fixture, every tensor float32, norm weights stored plus one (as the converter "
+        "writes them), attention.sliding_window 8, tied head, SentencePiece-style vocabulary "
+        "without space prefix. A GGUF stores neither query_pre_attn_scalar nor a logit soft-cap: "
+        "the reference is the fixture with query_pre_attn_scalar = head dim (llama.cpp's scale) "
+        "and no soft-cap.",
+        {"query_pre_attn_scalar": 16, "final_logit_softcapping": None},
+    ),
 ]
 
 
@@ -407,13 +484,16 @@ def write_gguf(path: Path, case: GgufCase, config: dict, reference: dict, tokeni
     writer.add_name(f"visikv tiny {case.fixture} fixture")
     if case.arch == "gpt2":
         gpt2_metadata(writer, config)
+    elif case.arch == "gemma3":
+        gemma3_metadata(writer, config)
     else:
         llama_like_metadata(writer, config, with_rope_dims=case.arch == "llama")
     writer.add_file_type(case.file_type)
     if case.matrix_type not in (QType.F32, QType.F16):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if reference["tokenizer_kind"] == "sentencepiece_bpe":
-        sentencepiece_tokenizer_metadata(writer, tokenizer_json, reference)
+    if reference["tokenizer_kind"] in ("sentencepiece_bpe", "gemma_bpe"):
+        sentencepiece_tokenizer_metadata(writer, tokenizer_json, reference,
+                                         space_prefix=reference["tokenizer_kind"] == "sentencepiece_bpe")
     else:
         pre = {"gpt2": "gpt-2", "qwen2": "qwen2"}[reference["pre_tokenizer_split"]]
         byte_level_tokenizer_metadata(writer, tokenizer_json, reference, pre)
@@ -428,7 +508,7 @@ def write_gguf(path: Path, case: GgufCase, config: dict, reference: dict, tokeni
 
 
 def check_with_transformers_gguf_reader(path: Path, fixture: Path, tokens: list[int], expected: np.ndarray,
-                                        scale: float, reference: dict) -> dict:
+                                        scale: float, reference: dict, case: GgufCase) -> dict:
     """transformers' GGUF loader (a reader nobody here wrote) must reproduce the reference.
 
     Two known limits of that reader are worked around, and only for what they affect:
@@ -446,6 +526,10 @@ def check_with_transformers_gguf_reader(path: Path, fixture: Path, tokens: list[
         extra = {}
         if reference["model_type"] == "gpt2":
             extra["config"] = transformers.AutoConfig.from_pretrained(str(fixture))
+        elif reference["model_type"] == "gemma3_text":
+            # Its gemma3 mapping reads no attention scale: query_pre_attn_scalar stays at the
+            # class default 256, where llama.cpp (and this file's reference) use the head dim.
+            extra["config"] = hf_config(fixture, case.config_changes)
         model = AutoModelForCausalLM.from_pretrained(scratch, gguf_file=path.name, dtype=torch.float32,
                                                      attn_implementation="eager", **extra)
         model.eval()
@@ -455,13 +539,19 @@ def check_with_transformers_gguf_reader(path: Path, fixture: Path, tokens: list[
         from_gguf = AutoTokenizer.from_pretrained(scratch, gguf_file=path.name)
         from_fixture = AutoTokenizer.from_pretrained(str(fixture))
         for text in (reference["text"], reference["reference_sentence"]):
-            text = text.lstrip(" ")
+            if reference["tokenizer_kind"] == "sentencepiece_bpe":
+                text = text.lstrip(" ")
             if from_gguf(text).input_ids != from_fixture(text).input_ids:
                 raise RuntimeError(f"{path.name}: transformers' GGUF tokenizer disagrees on {text[:30]!r}")
     print(f"  transformers' GGUF reader: max |Δ| {diff:.3g} against the reference; tokenizer agrees")
+    config_source = "GGUF metadata"
+    if extra:
+        config_source = "fixture config.json" + (f" with {case.config_changes}" if case.config_changes else "")
+    tokenizer_check = ("transformers_gguf_tokenizer_agrees_without_leading_space"
+                       if reference["tokenizer_kind"] == "sentencepiece_bpe" else "transformers_gguf_tokenizer_agrees")
     return {"transformers_gguf_reader_max_abs_diff": diff,
-            "transformers_gguf_reader_config": "fixture config.json" if extra else "GGUF metadata",
-            "transformers_gguf_tokenizer_agrees_without_leading_space": True}
+            "transformers_gguf_reader_config": config_source,
+            tokenizer_check: True}
 
 
 def make_case(case: GgufCase, models: Path, out: Path) -> dict:
@@ -473,15 +563,17 @@ def make_case(case: GgufCase, models: Path, out: Path) -> dict:
     tokens = reference["tokens"]
     scale = float(reference["logit_scale"])
 
-    hf, model = hf_state(directory)
+    hf, model = hf_state(directory, case.config_changes)
     if case.arch == "gpt2":
         tensors = gpt2_tensors(hf, config, case.matrix_type)
+    elif case.arch == "gemma3":
+        tensors = gemma3_tensors(hf, config, case.matrix_type)
     else:
         tensors = llama_like_tensors(hf, config, case.matrix_type, permute_qk=case.arch == "llama")
 
     # Put exactly the stored values back into the HF model: if nothing was rounded, they equal the
     # fixture's weights and the fixture's logits are the reference; else recompute.
-    lossless = True
+    lossless = not case.config_changes
     with torch.no_grad():
         parameters = dict(model.named_parameters())
         for tensor in tensors:
@@ -509,7 +601,8 @@ def make_case(case: GgufCase, models: Path, out: Path) -> dict:
         entry["reference_file"] = write_f32(out / name, logits)
         entry["reference_notes"] = (
             "transformers prefill over the fixture's tokens with every weight replaced by the value "
-            "stored in the GGUF (gguf.quants.dequantize of the written bytes, inverse-permuted)")
+            "stored in the GGUF (gguf.quants.dequantize of the written bytes, inverse-permuted)"
+            + (f" and the config changed to what the GGUF holds: {case.config_changes}" if case.config_changes else ""))
         entry["logit_scale"] = float(np.max(np.abs(logits)))
         entry["max_abs_diff_from_unrounded_fixture_logits"] = max_abs(logits, fixture_logits)
         print(f"  rounding the weights moved the logits by up to {entry['max_abs_diff_from_unrounded_fixture_logits']:.3g}"
@@ -517,7 +610,8 @@ def make_case(case: GgufCase, models: Path, out: Path) -> dict:
 
     path = out / case.file
     write_gguf(path, case, config, reference, tokenizer_json, tensors)
-    entry["checks"] = check_with_transformers_gguf_reader(path, directory, tokens, expected, entry["logit_scale"], reference)
+    entry["checks"] = check_with_transformers_gguf_reader(path, directory, tokens, expected, entry["logit_scale"],
+                                                          reference, case)
     entry["bytes"] = path.stat().st_size
     entry["sha256"] = sha256(path)
     print(f"  wrote {path.name} ({entry['bytes'] / 1024:.0f} KiB)")

@@ -201,6 +201,49 @@ def train_sentencepiece_bpe(lines: list[str]) -> Tokenizer:
     return tokenizer
 
 
+def train_gemma_bpe(lines: list[str]) -> Tokenizer:
+    """A tokenizer.json shaped like Gemma's: SentencePiece BPE with byte fallback, no prefix space.
+
+    Ids 0..3 are <pad>, <eos>, <bos>, <unk> (Gemma's order); ids 4..259 the byte pieces; then the
+    learned characters and merges. The normalizer only replaces spaces by U+2581 (Gemma adds no
+    dummy prefix), the pre-tokenizer splits at spaces as GemmaTokenizer's does (a no-op after the
+    normalizer), the decoder keeps leading spaces, and the post-processor adds <bos>.
+    """
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    byte_pieces = [f"<0x{value:02X}>" for value in range(256)]
+    learner = Tokenizer(models.BPE())
+    learner.normalizer = normalizers.Replace("\n", "")
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB - len(specials) - len(byte_pieces),
+        limit_alphabet=80,
+        min_frequency=2,
+        show_progress=False,
+    )
+    learner.train_from_iterator(lines, trainer=trainer)
+    learned = json.loads(learner.to_str())["model"]
+
+    vocab: dict[str, int] = {}
+    for piece in specials + byte_pieces:
+        vocab[piece] = len(vocab)
+    for piece, _ in sorted(learned["vocab"].items(), key=lambda item: item[1]):
+        if piece not in vocab:
+            vocab[piece] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
+    )
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer.add_special_tokens(specials)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos>:0 $A:0", pair="<bos>:0 $A:0 <bos>:1 $B:1", special_tokens=[("<bos>", 2)]
+    )
+    return tokenizer
+
+
 # --------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------
@@ -208,7 +251,7 @@ def train_sentencepiece_bpe(lines: list[str]) -> Tokenizer:
 
 @dataclasses.dataclass
 class TokenizerSpec:
-    kind: str  # "byte_level_bpe" or "sentencepiece_bpe"
+    kind: str  # "byte_level_bpe", "sentencepiece_bpe" or "gemma_bpe"
     split: str = "gpt2"  # byte-level pre-tokenizer: "gpt2" or "qwen2"
     leading_specials: list[str] = dataclasses.field(default_factory=list)
     trailing_specials: list[str] = dataclasses.field(default_factory=list)
@@ -287,6 +330,44 @@ def llama_like_config(config_class, tie: bool, rope_parameters: dict, rms_eps: f
     return make
 
 
+def gemma3_config(vocab: int, bos: int | None, eos: int | None):
+    """Seven layers: local (sliding-window) layers 0-4 and 6, global layer 5, as the sixth-layer
+    pattern every Gemma 3 GGUF implies; a window of 8 over the 48-token sequence."""
+    return transformers.Gemma3TextConfig(
+        vocab_size=vocab,
+        hidden_size=COMMON["hidden_size"],
+        num_hidden_layers=GEMMA3_LAYERS,
+        num_attention_heads=COMMON["num_attention_heads"],
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=COMMON["intermediate_size"],
+        max_position_embeddings=COMMON["max_position_embeddings"],
+        initializer_range=COMMON["initializer_range"],
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6,
+        sliding_window=GEMMA3_WINDOW,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(GEMMA3_LAYERS)],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        query_pre_attn_scalar=GEMMA3_QUERY_PRE_ATTN_SCALAR,
+        final_logit_softcapping=GEMMA3_SOFTCAP,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=bos,
+        eos_token_id=eos,
+    )
+
+
+GEMMA3_LAYERS = 7
+GEMMA3_WINDOW = 8
+# Not the head dim (16), so the attention scale is read from the config, not derived.
+GEMMA3_QUERY_PRE_ATTN_SCALAR = 24
+# About the largest logit of the uncapped model, so the cap bends the large logits visibly.
+GEMMA3_SOFTCAP = 4.0
+
+
 BYTE_LEVEL_GPT2 = TokenizerSpec(
     "byte_level_bpe",
     trailing_specials=["<|endoftext|>"],
@@ -317,6 +398,9 @@ BYTE_LEVEL_LLAMA3 = TokenizerSpec(
 )
 SENTENCEPIECE = TokenizerSpec(
     "sentencepiece_bpe", bos="<s>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+)
+GEMMA_SENTENCEPIECE = TokenizerSpec(
+    "gemma_bpe", bos="<bos>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
 )
 
 CASES = [
@@ -416,6 +500,19 @@ CASES = [
         "embeddings; weights stored in float16, reference computed in float32 from the fp16 "
         "values; byte-level BPE shaped like Qwen2's (NFC, Qwen2 split regex), no BOS added.",
     ),
+    Case(
+        "gemma3",
+        "Gemma3ForCausalLM",
+        GEMMA_SENTENCEPIECE,
+        gemma3_config,
+        torch.float32,
+        "Gemma 3 text model: 7 layers, local (sliding_window 8, rope theta 1e4) except layer 5, "
+        "global (rope theta 1e6); embeddings times sqrt(hidden); RMSNorm by (1 + weight) with "
+        "per-head q/k norms before RoPE and post-attention / post-feedforward norms; GeGLU "
+        "(gelu tanh); attention scale query_pre_attn_scalar^-0.5 = 24^-0.5 (head dim 16); final "
+        "logit soft-cap 4; GQA; tied head; Gemma-style SentencePiece BPE (no prefix space, <bos> "
+        "added). See gemma3_checks for what each of these changes in the logits.",
+    ),
 ]
 
 
@@ -493,6 +590,9 @@ def add_legacy_config_keys(config_path: Path) -> dict:
         data["rope_theta"] = rope["rope_theta"]
         if data.get("model_type") == "gpt_neox":
             data["rotary_emb_base"] = rope["rope_theta"]
+    if data.get("model_type") == "gemma3_text":  # one rope per layer type: global and local
+        data["rope_theta"] = rope["full_attention"]["rope_theta"]
+        data["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
     if "partial_rotary_factor" in rope and data.get("model_type") == "gpt_neox":
         data["rotary_pct"] = rope["partial_rotary_factor"]
     if rope.get("rope_type", "default") != "default":
@@ -581,6 +681,55 @@ def sliding_window_check(case: Case, config, seed: int, tokens: list[int], windo
     }
 
 
+def gemma3_checks(case: Case, config, seed: int, tokens: list[int], logits: np.ndarray) -> dict:
+    """What each Gemma 3 feature the fixture sets does to the logits, so that none goes untested.
+
+    The local layers' window: with one rope for both layer types, making every layer global
+    leaves the logits up to position W - 1 (whose context fits the window) and changes them from
+    W on (a query sees W keys, its own included). The local rope base, the attention scale and
+    the soft-cap must each move the logits.
+    """
+    scale = float(np.max(np.abs(logits)))
+
+    def variant(**changes) -> np.ndarray:
+        changed = type(config).from_dict(config.to_dict())
+        for key, value in changes.items():
+            setattr(changed, key, value)
+        return prefill_logits(build_model(changed, seed, case.save_dtype), tokens)
+
+    window = config.sliding_window
+    one_rope_parameters = {
+        "full_attention": dict(config.rope_parameters["full_attention"]),
+        "sliding_attention": dict(config.rope_parameters["full_attention"]),
+    }
+    one_rope = variant(rope_parameters=one_rope_parameters)
+    full = variant(rope_parameters=one_rope_parameters, layer_types=["full_attention"] * config.num_hidden_layers)
+    per_position = np.max(np.abs(one_rope.astype(np.float64) - full), axis=1)
+    differing = np.nonzero(per_position > 1e-4 * scale)[0]
+    if len(differing) == 0 or int(differing[0]) != window:
+        raise RuntimeError(f"{case.name}: the window of {window} first matters at {differing[:1]}, expected {window}")
+    if np.any(per_position[:window] > 1e-5 * scale) or not np.all(per_position[window:] > 1e-4 * scale):
+        raise RuntimeError(f"{case.name}: local layers do not behave as a window of {window}")
+    unit_scale = variant(query_pre_attn_scalar=config.head_dim)
+    uncapped = variant(final_logit_softcapping=None)
+    effects = {
+        "max_abs_diff_with_every_layer_global": float(per_position.max()),
+        "max_abs_diff_with_the_global_rope_on_local_layers": max_abs(one_rope, logits),
+        "max_abs_diff_with_query_pre_attn_scalar_equal_to_head_dim": max_abs(unit_scale, logits),
+        "max_abs_diff_without_the_final_logit_softcap": max_abs(uncapped, logits),
+        "max_abs_uncapped_logit": float(np.max(np.abs(uncapped))),
+    }
+    for name, value in effects.items():
+        if name.startswith("max_abs_diff") and value < 1e-3 * scale:
+            raise RuntimeError(f"{case.name}: {name} = {value}: that feature changes nothing")
+    print(f"  window {window}: same as all-global before position {window}, differs from there on; "
+          f"local rope, attention scale and soft-cap each move the logits")
+    return {"sliding_window": window,
+            "first_position_differing_from_all_global_layers": int(differing[0]),
+            "keys_seen_by_query_at_position_t_in_a_local_layer": f"max(0, t-{window - 1}) .. t",
+            **effects}
+
+
 def rope_scaling_check(case: Case, config, seed: int, tokens: list[int], scaled: np.ndarray) -> dict:
     """The llama3 scaling must change the logits (else the fixture would not test it)."""
     plain_config = type(config).from_dict(config.to_dict())
@@ -598,6 +747,8 @@ def make_case(index: int, case: Case, lines: list[str], out_root: Path) -> int:
     spec = case.tokenizer
     if spec.kind == "byte_level_bpe":
         tokenizer = train_byte_level_bpe(lines, spec.leading_specials, spec.trailing_specials, spec.bos, spec.split)
+    elif spec.kind == "gemma_bpe":
+        tokenizer = train_gemma_bpe(lines)
     else:
         tokenizer = train_sentencepiece_bpe(lines)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -657,7 +808,9 @@ def make_case(index: int, case: Case, lines: list[str], out_root: Path) -> int:
         "in_memory_vs_saved_max_abs_diff": reload_diff,
         "stored_parameter_dtypes": sorted(stored_dtypes),
     }
-    if getattr(config, "sliding_window", None):
+    if written_config["model_type"] == "gemma3_text":
+        checks["gemma3_checks"] = gemma3_checks(case, config, seed, tokens, prefill)
+    elif getattr(config, "sliding_window", None):
         checks["sliding_window_check"] = sliding_window_check(case, config, seed, tokens, prefill)
     rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
     if rope_type != "default":

@@ -31,6 +31,9 @@ Tokenizers:
   llama_spm_gguf    ggml-vocab-llama-spm.gguf converted by transformers, with the normalizer of
                     the original Llama-2 tokenizer.json (the tokenizer the .out ids of that vocab
                     come from) (C++ reads the GGUF)
+  gemma3            Gemma-3-270M's tokenizer as transformers builds it from the GGUF (C++ reads
+                    models/gemma-3-270m-q4_k_m.gguf, source "gguf:gemma3-model"; its 262,144-token
+                    vocabulary is not committed); written only by --gemma3
 
 It also writes tests/fixtures/tokenizer/nfc_cases.json: random strings dense in combining marks,
 Hangul jamo and composition exclusions with their NFC form from Python's unicodedata.
@@ -41,6 +44,8 @@ different vocabulary; each tokenizer.json is always written together with its ex
 
 Usage: python3 scripts/make_tokenizer_fixtures.py [--model path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
        [--data ../shared/data]
+       python3 scripts/make_tokenizer_fixtures.py --gemma3 models/gemma-3-270m-q4_k_m.gguf
+       (only the gemma3 fixture; the trained ones would come out slightly different)
 """
 
 import argparse
@@ -282,6 +287,8 @@ def main():
                         help="folder with wikitext-103-test.txt, wikitext-2-valid-tokenized.txt "
                         "and tokenizers/ (default: ../shared/data)")
     parser.add_argument("--model", type=Path, help="the default model GGUF (SmolLM2-135M Q4_1)")
+    parser.add_argument("--gemma3", type=Path, help="write only the gemma3 fixture, from this GGUF "
+                        "(Gemma-3-270M Q4_K_M)")
     args = parser.parse_args()
 
     wikitext = args.data / "wikitext-103-test.txt"
@@ -291,6 +298,11 @@ def main():
         if not needed.exists():
             sys.exit(f"missing {needed} (pass --data)")
     chunks = wikitext_chunks(wikitext)
+    if args.gemma3 is not None:
+        # transformers' Gemma builder: user-defined tokens (runs of spaces, newlines, tabs, HTML
+        # tags) stay whole, spaces become "▁", no prefix space, merges in vocabulary order.
+        write_fixture("gemma3", from_gguf(args.gemma3), "gguf:gemma3-model", chunks, False)
+        return
     write_nfc_cases(OUT / "nfc_cases.json")
 
     chat_specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

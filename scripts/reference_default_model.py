@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Independent Hugging Face transformers reference for the default model (a GGUF checkpoint).
+"""Independent Hugging Face transformers reference for the default model (a GGUF checkpoint),
+or for another GGUF model given with --gguf (Gemma-3-270M: tests/fixtures/models/gemma3_270m_ref).
 
 transformers reads the GGUF itself: it dequantizes every weight to float32 and builds the
 tokenizer from the GGUF vocabulary, so nothing here shares code with the engine.
@@ -15,6 +16,8 @@ Subcommands
 Examples
   python3 scripts/reference_default_model.py --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf logits
   python3 scripts/reference_default_model.py ppl --tokens 4096 --json ppl_hf.json
+  python3 scripts/reference_default_model.py --gguf models/gemma-3-270m-q4_k_m.gguf logits
+      --n-tokens 768 --out tests/fixtures/models/gemma3_270m_ref   (one command)
 
 Text files are read as raw UTF-8 bytes (the WikiText files have CRLF line ends, which are kept,
 as the engine keeps them).

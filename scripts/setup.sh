@@ -5,6 +5,7 @@
 #   scripts/setup.sh --bench    also the Python packages of the benchmarks (llama-cpp-python)
 #   scripts/setup.sh --fixtures also the Python packages that regenerate test fixtures
 #   scripts/setup.sh --models   also the second benchmark model (Qwen2.5-Coder-1.5B Q4_K_M, 1.1 GB)
+#                               and Gemma-3-270M (Q4_K_M, 253 MB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,7 +38,10 @@ if ((${#missing[@]})); then
 fi
 
 scripts/fetch_default_model.sh
-if ((want_models)); then scripts/fetch_qwen_coder.sh; fi
+if ((want_models)); then
+  scripts/fetch_qwen_coder.sh
+  scripts/fetch_gemma3.sh
+fi
 
 pip_install() {
   python3 -m pip install --quiet --disable-pip-version-check "$@" ||

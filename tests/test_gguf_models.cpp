@@ -132,6 +132,11 @@ TEST_P(GgufFixture, ConfigMatchesTheHuggingFaceDirectory) {
               gguf.architecture == "llama" ? RopeLayout::Interleaved : RopeLayout::Half);
   }
   EXPECT_EQ(gguf.sliding_window, hf.sliding_window);
+  EXPECT_EQ(gguf.layer_kinds, hf.layer_kinds);
+  EXPECT_EQ(gguf.local_rope.has_value(), hf.local_rope.has_value());
+  EXPECT_EQ(gguf.qk_norm, hf.qk_norm);
+  EXPECT_EQ(gguf.post_norms, hf.post_norms);
+  EXPECT_EQ(gguf.embedding_scale, hf.embedding_scale);
   EXPECT_EQ(gguf.bos_id, hf.bos_id);
   EXPECT_EQ(gguf.eos_ids, hf.eos_ids);
 }
@@ -142,7 +147,10 @@ TEST_P(GgufFixture, PrefillLogitsMatchTransformers) {
   const std::vector<float> expected =
       read_raw<float>(kGgufDir / entry_.at("reference_logits").get<std::string>());
   ASSERT_EQ(expected.size(), tokens_.size() * model.config().vocab_size);
-  EXPECT_LE(max_abs_difference(logits, expected), tolerance_)
+  const double difference = max_abs_difference(logits, expected);
+  std::printf("%s: max |dlogit| %.3g (tolerance %.3g)\n", GetParam().c_str(), difference,
+              tolerance_);
+  EXPECT_LE(difference, tolerance_)
       << "reference " << entry_.at("reference_logits") << ", tolerance " << tolerance_;
 }
 
@@ -169,7 +177,7 @@ TEST_P(GgufFixture, TokenizerMatchesTheFixtureTokenizer) {
 
 INSTANTIATE_TEST_SUITE_P(Files, GgufFixture,
                          ::testing::Values("llama.gguf", "llama.q8_0.gguf", "qwen2.gguf",
-                                           "gpt2.gguf"),
+                                           "gpt2.gguf", "gemma3.gguf"),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            std::string name = info.param.substr(0, info.param.rfind('.'));
                            std::replace(name.begin(), name.end(), '.', '_');

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -46,6 +48,12 @@ inline const std::string kEnglishText =
     "role on the television series The Bill in 2000. This was followed by a starring role in the "
     "play Herons written by Simon Stephens, which was performed in 2001 at the Royal Court "
     "Theatre. The quick brown fox jumps over the lazy dog; all that glitters is not gold.\n";
+
+// Where scripts/fetch_gemma3.sh puts Gemma-3-270M (Q4_K_M), an optional model: tests that need
+// it skip, naming this path, when it is absent.
+inline std::filesystem::path gemma3_model_path() {
+  return std::filesystem::path(VISIKV_SOURCE_DIR) / "models" / "gemma-3-270m-q4_k_m.gguf";
+}
 
 // A path in the temporary directory, unique to this process.
 inline std::filesystem::path temp_path(const std::string& name) {
@@ -122,6 +130,58 @@ inline void expect_summaries_match(const KVCache& cache, const std::vector<float
       EXPECT_NEAR(s.norm, norm, 1e-6 * (1 + norm));
     }
   }
+}
+
+// How a model's logits agree with a top-k reference of another implementation, a directory
+// written by scripts/reference_default_model.py (topk_ids.i32, topk_logprobs.f32,
+// rest_logprob.f32, each row a position).
+struct TopKAgreement {
+  int64_t positions = 0;
+  double top1 = 0;  // share of positions whose argmax is the reference's
+  double kl_mean = 0, kl_max = 0;
+  double logprob_diff_max = 0;  // max |Δ log-probability| over the reference's top-k tokens
+};
+
+// `logits`: {positions, vocab} of the model under test; `k`: the reference's ids per position.
+// KL(reference || ours) is taken over the reference's top-k tokens plus one bucket for the rest:
+// a lower bound of the full KL that is tight when the rest carries little mass.
+inline TopKAgreement topk_agreement(std::span<const float> logits, int64_t vocab,
+                                    const std::filesystem::path& reference, int64_t k) {
+  const auto ids = read_raw<int32_t>(reference / "topk_ids.i32");
+  const auto ref_logprobs = read_raw<float>(reference / "topk_logprobs.f32");
+  const auto ref_rest = read_raw<float>(reference / "rest_logprob.f32");
+  TopKAgreement a;
+  a.positions = static_cast<int64_t>(logits.size()) / vocab;
+  EXPECT_EQ(static_cast<int64_t>(ids.size()), a.positions * k);
+  EXPECT_EQ(static_cast<int64_t>(ref_rest.size()), a.positions);
+  if (static_cast<int64_t>(ids.size()) != a.positions * k) return a;
+  std::vector<double> row(static_cast<size_t>(vocab));
+  int64_t top1_agree = 0;
+  double kl_sum = 0;
+  for (int64_t t = 0; t < a.positions; ++t) {
+    // log-softmax of the row, in double.
+    const float* l = logits.data() + t * vocab;
+    const double max = *std::max_element(l, l + vocab);
+    double sum = 0;
+    for (int64_t i = 0; i < vocab; ++i) sum += std::exp(l[i] - max);
+    const double lse = max + std::log(sum);
+    for (int64_t i = 0; i < vocab; ++i) row[i] = l[i] - lse;
+    if (std::max_element(row.begin(), row.end()) - row.begin() == ids[t * k]) ++top1_agree;
+    double kl = 0, ours_in_top = 0;
+    for (int64_t i = 0; i < k; ++i) {
+      const double p = ref_logprobs[t * k + i], q = row[ids[t * k + i]];
+      kl += std::exp(p) * (p - q);
+      ours_in_top += std::exp(q);
+      a.logprob_diff_max = std::max(a.logprob_diff_max, std::abs(p - q));
+    }
+    const double p_rest = ref_rest[t], q_rest = std::log(std::max(1e-300, 1.0 - ours_in_top));
+    if (std::isfinite(p_rest)) kl += std::exp(p_rest) * (p_rest - q_rest);
+    kl_sum += kl;
+    a.kl_max = std::max(a.kl_max, kl);
+  }
+  a.top1 = static_cast<double>(top1_agree) / static_cast<double>(a.positions);
+  a.kl_mean = kl_sum / static_cast<double>(a.positions);
+  return a;
 }
 
 }  // namespace visikv::test_support

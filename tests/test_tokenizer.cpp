@@ -213,6 +213,23 @@ TEST(TokenizerDefaultModel, GgufMetadataMatchesHuggingFace) {
   check_wikitext(tok, expected, "smollm2 GGUF");
 }
 
+// Gemma-3-270M's vocabulary from its GGUF (an optional model), against the tokenizer
+// transformers builds from the same file: runs of spaces, newlines and tabs and HTML tags are
+// user-defined tokens matched whole, spaces become "▁" without a prefix space, BOS is added.
+TEST(TokenizerGemma3, GgufMetadataMatchesHuggingFace) {
+  const fs::path model = gemma3_model_path();
+  if (!fs::exists(model))
+    GTEST_SKIP() << "Gemma-3-270M not present at " << model << " (scripts/fetch_gemma3.sh)";
+  const Tokenizer tok = load_gguf_tokenizer(model);
+  const json expected = json::parse(read_file(kFixtures / "gemma3" / "expected.json"));
+  EXPECT_EQ(expected["source"], "gguf:gemma3-model");
+  EXPECT_TRUE(tok.adds_bos());
+  EXPECT_EQ(tok.bos_id(), 2);
+  EXPECT_EQ(tok.vocab_size(), expected["vocab_size"].get<int32_t>());
+  check_strings(tok, expected, "gemma3 GGUF");
+  check_wikitext(tok, expected, "gemma3 GGUF");
+}
+
 // ---- the leading tokens of a text (eval/text_input.h) ----
 
 // Texts for the leading-token reader: WikiText-103 test as it is (many lines), the same as one

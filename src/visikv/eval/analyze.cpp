@@ -134,7 +134,7 @@ LayerRun run_layer(const AttentionTrace& trace, const AnalyzeKeySpec& spec,
     cache.append(layer, std::span(input_keys).subspan(t * row, row), values.subspan(t * row, row),
                  1);
     record_errors(cache, t, key_first, value_first);
-    const PositionSet visible = visible_positions(t, trace.sliding_window);
+    const PositionSet visible = visible_positions(t, trace.windows.at(layer));
     const int64_t lo = visible.begin(), count = visible.size();
     const int64_t key_quantized = quantized_tokens(key_codec, t + 1),
                   value_quantized = quantized_tokens(value_codec, t + 1);
@@ -276,7 +276,7 @@ AttentionTrace trace_attention(const Model& model, std::span<const int32_t> toke
   trace.head_dim = c.head_dim;
   trace.tokens = n;
   trace.scale = c.score_scale();
-  trace.sliding_window = c.sliding_window;
+  for (int64_t l = 0; l < c.layers; ++l) trace.windows.push_back(c.layer_window(l));
   trace.queries.assign(static_cast<size_t>(c.layers * n * c.heads * c.head_dim), 0.0f);
   Decoder decoder(model);
   const CacheShape shape = decoder.cache_shape();
@@ -301,7 +301,8 @@ AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOption
                                 const AnalyzeProgress& progress) {
   require(!options.key_specs.empty(), "analyze: no key spec given");
   require(trace.tokens >= 1 && trace.layers >= 1 && trace.kv_heads >= 1 &&
-              trace.heads % trace.kv_heads == 0,
+              trace.heads % trace.kv_heads == 0 &&
+              static_cast<int64_t>(trace.windows.size()) == trace.layers,
           "analyze: empty or malformed attention trace");
   for (size_t i = 0; i < options.entropy_edges.size(); ++i)
     require(std::isfinite(options.entropy_edges[i]) && options.entropy_edges[i] > 0 &&

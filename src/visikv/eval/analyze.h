@@ -40,11 +40,11 @@ struct HeadqBasis;
 // The dense model's own attention inputs over one token sequence.
 struct AttentionTrace {
   int64_t layers = 0, heads = 0, kv_heads = 0, head_dim = 0, tokens = 0;
-  double scale = 0;            // multiplies q·k
-  int64_t sliding_window = 0;  // 0: every earlier position
-  std::vector<float> queries;  // {layers, tokens, heads, head_dim}, post-RoPE
-  std::vector<float> keys;     // {layers, tokens, kv_heads, head_dim}, post-RoPE
-  std::vector<float> values;   // {layers, tokens, kv_heads, head_dim}
+  double scale = 0;              // multiplies q·k
+  std::vector<int64_t> windows;  // per layer: 0 (every earlier position) or its sliding window
+  std::vector<float> queries;    // {layers, tokens, heads, head_dim}, post-RoPE
+  std::vector<float> keys;       // {layers, tokens, kv_heads, head_dim}, post-RoPE
+  std::vector<float> values;     // {layers, tokens, kv_heads, head_dim}
 
   int64_t group() const { return heads / kv_heads; }
   std::span<const float> layer_keys(int64_t layer) const;

@@ -97,7 +97,6 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
     if (b > 0) block = b;
   }
   const int64_t layers = c.layers, heads = c.heads, d = c.head_dim, group = c.heads / c.kv_heads;
-  const AttentionSpec spec{heads, d, c.score_scale(), c.sliding_window};
 
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, n, block > 0 ? block : 32);
@@ -120,6 +119,7 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   double context_sum = 0;
   std::vector<float> out(static_cast<size_t>(n * heads * d));
   for (int64_t layer = 0; layer < layers; ++layer) {
+    const AttentionSpec spec{heads, d, c.score_scale(), c.layer_window(layer)};
     std::vector<SupportRecorder> supports;
     for (const SelectorSpec& s : specs) {
       const std::unique_ptr<Support> support = make_support(s);

@@ -99,7 +99,15 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
         for (const SparseQueryStats& s : stats) support_sum += static_cast<double>(s.support);
         support_count += static_cast<int64_t>(stats.size());
       }};
-  const int64_t sliding_window = decoder.model().config().sliding_window;
+  const Config& config = decoder.model().config();
+  // The positions a query at `row` sees, averaged over the layers (local layers see their
+  // window): what a support's size is compared with.
+  const auto mean_context = [&](int64_t row) {
+    double sum = 0;
+    for (int64_t l = 0; l < config.layers; ++l)
+      sum += static_cast<double>(visible_positions(row, config.layer_window(l)).size());
+    return sum / static_cast<double>(config.layers);
+  };
   PerplexityResult result;
   double nll_sum = 0.0;
   std::vector<int32_t> window;
@@ -119,7 +127,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
         const int64_t row = first_row + r;
         if (row >= scored) continue;
         nll_sum += negative_log_likelihood(logits.subspan(r * vocab, vocab), window[row + 1]);
-        context_sum += static_cast<double>(visible_positions(row, sliding_window).size());
+        context_sum += mean_context(row);
         ++result.tokens;
       }
       if (progress) progress(result.tokens, total);

@@ -38,12 +38,14 @@ class StepObserver : public AttentionObserver {
         kv_heads_(c.kv_heads),
         head_dim_(c.head_dim),
         scale_(c.score_scale()),
-        sliding_window_(c.sliding_window),
+        windows_(static_cast<size_t>(c.layers)),
         measure_(measure),
         unions_(static_cast<size_t>(c.layers * c.kv_heads)),
         norms_(static_cast<size_t>(c.layers * c.kv_heads)),
         errors_(static_cast<size_t>(c.layers * c.heads), kNaN),
-        deltas_(static_cast<size_t>(c.layers * c.heads), kNaN) {}
+        deltas_(static_cast<size_t>(c.layers * c.heads), kNaN) {
+    for (int64_t l = 0; l < c.layers; ++l) windows_[l] = c.layer_window(l);
+  }
 
   // A new sequence in `cache` (cleared): forget the value norms read so far.
   void start_sequence(const KVCache& cache) {
@@ -86,22 +88,22 @@ class StepObserver : public AttentionObserver {
 
   // Folds the tracked step into `t`.
   void finish_step(Totals& t) {
-    const int64_t visible = visible_positions(position_, sliding_window_).size();
-    for (auto& u : unions_) {
+    for (size_t i = 0; i < unions_.size(); ++i) {
+      std::vector<int32_t>& u = unions_[i];
       std::sort(u.begin(), u.end());
       const int64_t unique = std::unique(u.begin(), u.end()) - u.begin();
       t.support_sum += static_cast<double>(unique);
       t.support_max = std::max(t.support_max, unique);
-      t.context_sum += static_cast<double>(visible);
+      t.context_sum += static_cast<double>(visible(static_cast<int64_t>(i) / kv_heads_));
       ++t.slots;
     }
-    // Float rounding of the two outputs, relative to max ||v||: a sum of n terms.
-    const double rounding = static_cast<double>(visible) * 0x1p-24;
     for (int64_t i = 0; i < layers_ * heads_; ++i) {
       if (!std::isnan(deltas_[i])) t.bound_max = std::max(t.bound_max, deltas_[i]);
       if (std::isnan(errors_[i])) continue;
       ++t.measured;
       t.error_max = std::max(t.error_max, errors_[i]);
+      // Float rounding of the two outputs, relative to max ||v||: a sum of n terms.
+      const double rounding = static_cast<double>(visible(i / heads_)) * 0x1p-24;
       if (!std::isnan(deltas_[i]) && errors_[i] > deltas_[i] + rounding) ++t.violations;
     }
   }
@@ -111,7 +113,7 @@ class StepObserver : public AttentionObserver {
   // dense softmax over every visible position, both read from the same cache.
   double normalised_error(const AttentionEvent& e) {
     const int64_t d = head_dim_;
-    const PositionSet visible = visible_positions(e.position, sliding_window_);
+    const PositionSet visible = visible_positions(e.position, windows_[e.layer]);
     const int64_t n = visible.size();
     std::vector<float> weights(static_cast<size_t>(n));
     cache_->score(e.layer, e.kv_head, e.query, visible, weights);
@@ -156,9 +158,14 @@ class StepObserver : public AttentionObserver {
     return best;
   }
 
+  // How many positions the tracked query sees in `layer`.
+  int64_t visible(int64_t layer) const {
+    return visible_positions(position_, windows_[layer]).size();
+  }
+
   int64_t layers_, heads_, kv_heads_, head_dim_;
   double scale_;
-  int64_t sliding_window_;
+  std::vector<int64_t> windows_;  // per layer: 0 or the sliding window
   bool measure_;
   const KVCache* cache_ = nullptr;
   int64_t position_ = -1;

@@ -131,6 +131,31 @@ Activation activation_from_name(const std::string& name, const std::string& wher
   fail(where, ": unsupported activation function '", name, "'");
 }
 
+// One object of rope parameters: its rope_theta, when it has one, and its scaling.
+void read_rope_object(const json& scaling, const std::string& where, double& theta,
+                      RopeScaling& s) {
+  theta = number_or(scaling, "rope_theta", where, theta);
+  const std::string type = field_or<std::string>(
+      scaling, "rope_type", where, field_or<std::string>(scaling, "type", where, "default"));
+  if (type == "default") return;
+  if (type == "linear") {
+    s.type = RopeScaling::Type::Linear;
+    s.factor = number(scaling, "factor", where);
+  } else if (type == "llama3") {
+    s.type = RopeScaling::Type::Llama3;
+    s.factor = number(scaling, "factor", where);
+    s.low_freq_factor = number(scaling, "low_freq_factor", where);
+    s.high_freq_factor = number(scaling, "high_freq_factor", where);
+    // The interpolation between the two divides by their difference.
+    require(s.high_freq_factor > s.low_freq_factor, where, ": high_freq_factor ",
+            s.high_freq_factor, " must exceed low_freq_factor ", s.low_freq_factor);
+    s.original_max_positions =
+        integer(scaling, "original_max_position_embeddings", where, 1, kMaxPositions);
+  } else {
+    fail(where, ": unsupported rope scaling type '", type, "' (supported: linear, llama3)");
+  }
+}
+
 void read_rope_scaling(const json& hf, const std::string& file, Config& config) {
   // transformers writes either "rope_scaling" or, in newer releases, "rope_parameters".
   const json* scaling = nullptr;
@@ -143,27 +168,7 @@ void read_rope_scaling(const json& hf, const std::string& file, Config& config) 
     }
   }
   if (scaling == nullptr) return;
-  config.rope_theta = number_or(*scaling, "rope_theta", where, config.rope_theta);
-  const std::string type = field_or<std::string>(
-      *scaling, "rope_type", where, field_or<std::string>(*scaling, "type", where, "default"));
-  if (type == "default") return;
-  RopeScaling& s = config.rope_scaling;
-  if (type == "linear") {
-    s.type = RopeScaling::Type::Linear;
-    s.factor = number(*scaling, "factor", where);
-  } else if (type == "llama3") {
-    s.type = RopeScaling::Type::Llama3;
-    s.factor = number(*scaling, "factor", where);
-    s.low_freq_factor = number(*scaling, "low_freq_factor", where);
-    s.high_freq_factor = number(*scaling, "high_freq_factor", where);
-    // The interpolation between the two divides by their difference.
-    require(s.high_freq_factor > s.low_freq_factor, where, ": high_freq_factor ",
-            s.high_freq_factor, " must exceed low_freq_factor ", s.low_freq_factor);
-    s.original_max_positions =
-        integer(*scaling, "original_max_position_embeddings", where, 1, kMaxPositions);
-  } else {
-    fail(where, ": unsupported rope scaling type '", type, "' (supported: linear, llama3)");
-  }
+  read_rope_object(*scaling, where, config.rope_theta, config.rope_scaling);
 }
 
 Config llama_like_from_hf(const json& hf, const std::string& where) {
@@ -192,10 +197,80 @@ Config llama_like_from_hf(const json& hf, const std::string& where) {
   return c;
 }
 
+// Gemma 3's text model (transformers' Gemma3TextConfig; absent keys take its defaults).
+Config gemma3_from_hf(const json& hf, const std::string& where) {
+  Config c;
+  c.hidden = integer(hf, "hidden_size", where, 1, kMaxHidden);
+  c.layers = integer(hf, "num_hidden_layers", where, 1, kMaxCount);
+  c.heads = integer(hf, "num_attention_heads", where, 1, kMaxCount);
+  c.kv_heads = integer_or(hf, "num_key_value_heads", where, c.heads, 1, kMaxCount);
+  c.head_dim = integer_or(hf, "head_dim", where, 256, 1, kMaxCount);
+  c.intermediate = integer(hf, "intermediate_size", where, 1, kMaxIntermediate);
+  c.max_positions = integer_or(hf, "max_position_embeddings", where, 131072, 1, kMaxPositions);
+  c.norm = NormKind::RMSNorm;
+  c.norm_eps = number_or(hf, "rms_norm_eps", where, 1e-6);
+  c.activation = activation_from_name(
+      field_or<std::string>(hf, "hidden_activation", where, "gelu_pytorch_tanh"), where);
+  c.gated_mlp = true;
+  c.qkv_bias = c.out_bias = field_or<bool>(hf, "attention_bias", where, false);
+  c.tied_embeddings = field_or<bool>(hf, "tie_word_embeddings", where, true);
+  c.positions = PositionKind::Rotary;
+  c.rotary_dim = c.head_dim;
+  c.rope_layout = RopeLayout::Half;
+  c.qk_norm = true;
+  c.post_norms = true;
+  // transformers multiplies the embeddings by a float32 tensor holding sqrt(hidden_size).
+  c.embedding_scale = static_cast<float>(std::sqrt(static_cast<double>(c.hidden)));
+  c.attention_scale = 1.0 / std::sqrt(number_or(hf, "query_pre_attn_scalar", where, 256.0));
+  c.final_logit_softcap = number_or(hf, "final_logit_softcapping", where, 0.0);
+  // attn_logit_softcapping is read by transformers' Gemma3Attention but never passed to the
+  // attention function, so it changes nothing there; neither does it here.
+  require(!field_or<bool>(hf, "use_bidirectional_attention", where, false), where,
+          ": use_bidirectional_attention = true (an embedding model, not a causal language "
+          "model) is not supported");
+
+  c.sliding_window = integer_or(hf, "sliding_window", where, 4096, 1, kNoLimit);
+  if (const json* types = find_value(hf, "layer_types")) {
+    require(types->is_array() && static_cast<int64_t>(types->size()) == c.layers, where,
+            ": field 'layer_types' must list one type per layer (", c.layers, "), got ",
+            types->dump());
+    for (const json& type : *types) {
+      require(type == "sliding_attention" || type == "full_attention", where,
+              ": field 'layer_types' has ", type.dump(),
+              " (expected \"sliding_attention\" or \"full_attention\")");
+      c.layer_kinds.push_back(type == "sliding_attention" ? LayerKind::Local : LayerKind::Global);
+    }
+  } else {
+    // Older configs give a period instead: every pattern-th layer is global.
+    const int64_t pattern = integer_or(hf, "sliding_window_pattern", where, 6, 1, kMaxCount);
+    for (int64_t i = 0; i < c.layers; ++i)
+      c.layer_kinds.push_back((i + 1) % pattern != 0 ? LayerKind::Local : LayerKind::Global);
+  }
+
+  // Global layers: rope_theta (default 1e6) with rope_scaling; local layers:
+  // rope_local_base_freq (default 1e4), unscaled. transformers 5 writes both as rope_parameters
+  // keyed by layer type.
+  c.rope_theta = number_or(hf, "rope_theta", where, 1e6);
+  LocalRope local{number_or(hf, "rope_local_base_freq", where, 1e4), {}};
+  if (const json* scaling = find_value(hf, "rope_scaling"); scaling && scaling->is_object())
+    read_rope_object(*scaling, where + " rope_scaling", c.rope_theta, c.rope_scaling);
+  if (const json* params = find_value(hf, "rope_parameters"); params && params->is_object()) {
+    if (const json* full = find_value(*params, "full_attention"))
+      read_rope_object(*full, where + " rope_parameters.full_attention", c.rope_theta,
+                       c.rope_scaling);
+    if (const json* sliding = find_value(*params, "sliding_attention"))
+      read_rope_object(*sliding, where + " rope_parameters.sliding_attention", local.theta,
+                       local.scaling);
+  }
+  c.local_rope = local;
+  return c;
+}
+
 }  // namespace
 
 const std::vector<std::string>& supported_hf_model_types() {
-  static const std::vector<std::string> types = {"gpt2", "gpt_neox", "llama", "mistral", "qwen2"};
+  static const std::vector<std::string> types = {"gpt2",    "gpt_neox", "llama",
+                                                 "mistral", "qwen2",    "gemma3_text"};
   return types;
 }
 
@@ -261,6 +336,8 @@ Config config_from_hf(const json& hf, const json& generation_config,
     }
     if (model_type == "mistral")
       c.sliding_window = integer_or(hf, "sliding_window", where, 0, 0, kNoLimit);
+  } else if (model_type == "gemma3_text") {
+    c = gemma3_from_hf(hf, where);
   } else {
     std::string supported;
     for (const std::string& t : supported_hf_model_types())
@@ -291,6 +368,17 @@ Config config_from_gguf(const json& meta, const std::string& source) {
   const std::string where = source + " (" + arch + ")";
   auto key = [&](const std::string& name) { return arch + "." + name; };
   Config c;
+  // llama.cpp's linear rope scaling (of every layer; of the global layers for gemma3).
+  const auto read_gguf_rope_scaling = [&] {
+    const std::string scaling =
+        field_or<std::string>(meta, key("rope.scaling.type"), where, "none");
+    if (scaling == "linear") {
+      c.rope_scaling.type = RopeScaling::Type::Linear;
+      c.rope_scaling.factor = number(meta, key("rope.scaling.factor"), where);
+    } else if (scaling != "none") {
+      fail(where, ": unsupported rope scaling type '", scaling, "'");
+    }
+  };
   c.architecture = arch;
   c.hidden = integer(meta, key("embedding_length"), where, 1, kMaxHidden);
   c.layers = integer(meta, key("block_count"), where, 1, kMaxCount);
@@ -313,14 +401,35 @@ Config config_from_gguf(const json& meta, const std::string& source) {
     c.rope_layout = arch == "qwen2" ? RopeLayout::Half : RopeLayout::Interleaved;
     c.qkv_bias = arch == "qwen2";
     c.sliding_window = integer_or(meta, key("attention.sliding_window"), where, 0, 0, kNoLimit);
-    const std::string scaling =
-        field_or<std::string>(meta, key("rope.scaling.type"), where, "none");
-    if (scaling == "linear") {
-      c.rope_scaling.type = RopeScaling::Type::Linear;
-      c.rope_scaling.factor = number(meta, key("rope.scaling.factor"), where);
-    } else if (scaling != "none") {
-      fail(where, ": unsupported rope scaling type '", scaling, "'");
-    }
+    read_gguf_rope_scaling();
+  } else if (arch == "gemma3") {
+    // What llama.cpp reads for gemma3 and transformers' GGUF loader maps to Gemma3TextConfig.
+    // Where the two would fall back to different values (head dim: hidden / heads or 256; rope
+    // base: 1e4 or 1e6; sliding window: none or 4096), the key is required.
+    c.head_dim = integer(meta, key("attention.key_length"), where, 1, kMaxCount);
+    c.max_positions = integer(meta, key("context_length"), where, 1, kMaxPositions);
+    c.norm = NormKind::RMSNorm;
+    c.norm_eps = number(meta, key("attention.layer_norm_rms_epsilon"), where);
+    c.activation = Activation::GeluTanh;
+    c.gated_mlp = true;
+    c.positions = PositionKind::Rotary;
+    c.rope_theta = number(meta, key("rope.freq_base"), where);
+    c.rotary_dim = c.head_dim;
+    c.rope_layout = RopeLayout::Half;  // llama.cpp rotates Gemma NeoX-style; no permutation
+    read_gguf_rope_scaling();
+    c.qk_norm = true;
+    c.post_norms = true;
+    c.embedding_scale = static_cast<float>(std::sqrt(static_cast<double>(c.hidden)));
+    c.sliding_window = integer(meta, key("attention.sliding_window"), where, 1, kNoLimit);
+    // The file stores neither the layer pattern nor the local rope base; llama.cpp and
+    // transformers both take every sixth layer as global and 1e4 as the local base.
+    for (int64_t i = 0; i < c.layers; ++i)
+      c.layer_kinds.push_back((i + 1) % 6 != 0 ? LayerKind::Local : LayerKind::Global);
+    c.local_rope = LocalRope{10000.0, {}};
+    // query_pre_attn_scalar is not stored either: it is the head dim except for the 27B model
+    // (62 layers), trained with hidden / heads, as llama.cpp sets it.
+    c.attention_scale =
+        1.0 / std::sqrt(static_cast<double>(c.layers == 62 ? c.hidden / c.heads : c.head_dim));
   } else if (arch == "gpt2") {
     c.norm = NormKind::LayerNorm;
     c.norm_eps = number(meta, key("attention.layer_norm_epsilon"), where);
@@ -341,7 +450,7 @@ Config config_from_gguf(const json& meta, const std::string& source) {
     c.rope_layout = RopeLayout::Half;
   } else {
     fail(source, ": unsupported general.architecture '", arch,
-         "' (supported: llama, mistral, qwen2, gpt2, gptneox)");
+         "' (supported: llama, mistral, qwen2, gemma3, gpt2, gptneox)");
   }
   const auto tokens = meta.find("tokenizer.ggml.tokens");
   c.vocab_size = integer_or(
@@ -355,6 +464,15 @@ Config config_from_gguf(const json& meta, const std::string& source) {
     c.eos_ids.push_back(*eos);
   c.validate();
   return c;
+}
+
+LayerKind Config::layer_kind(int64_t layer) const {
+  if (!layer_kinds.empty()) return layer_kinds.at(static_cast<size_t>(layer));
+  return sliding_window > 0 ? LayerKind::Local : LayerKind::Global;
+}
+
+int64_t Config::layer_window(int64_t layer) const {
+  return layer_kind(layer) == LayerKind::Local ? sliding_window : 0;
 }
 
 double Config::score_scale() const {
@@ -385,10 +503,38 @@ void Config::validate() const {
             where, ": rope scaling factor must be positive and finite");
   }
   require(sliding_window >= 0, where, ": negative sliding window");
+  require(layer_kinds.empty() || static_cast<int64_t>(layer_kinds.size()) == layers, where, ": ",
+          layer_kinds.size(), " layer kinds for ", layers, " layers");
+  for (const LayerKind kind : layer_kinds)
+    require(kind == LayerKind::Global || sliding_window > 0, where,
+            ": local layers need a positive sliding window");
+  if (local_rope) {
+    require(local_rope->theta > 0 && std::isfinite(local_rope->theta), where,
+            ": local rope theta must be positive and finite");
+    require(local_rope->scaling.type == RopeScaling::Type::None ||
+                (local_rope->scaling.factor > 0 && std::isfinite(local_rope->scaling.factor)),
+            where, ": local rope scaling factor must be positive and finite");
+  }
+  require(embedding_scale > 0 && std::isfinite(embedding_scale), where,
+          ": embedding scale must be positive and finite");
+  require(final_logit_softcap >= 0 && std::isfinite(final_logit_softcap), where,
+          ": final logit soft-cap must be zero (none) or positive");
+  // The post-norms sit before each residual add of the sequential form.
+  require(!(post_norms && parallel_residual), where,
+          ": post-norms with a parallel residual are not supported");
   require(norm_eps > 0 && std::isfinite(norm_eps), where, ": norm epsilon must be positive");
 }
 
 std::string Config::describe() const {
+  std::string window_text;
+  if (sliding_window > 0) {
+    int64_t local = 0;
+    for (int64_t l = 0; l < layers; ++l) local += layer_kind(l) == LayerKind::Local ? 1 : 0;
+    window_text = local == layers ? str_cat(", sliding window ", sliding_window)
+                                  : str_cat(", sliding window ", sliding_window, " on ", local,
+                                            " of ", layers, " layers");
+    if (local_rope) window_text += str_cat(" (rope theta ", local_rope->theta, " there)");
+  }
   return str_cat(architecture, ": ", layers, " layers, hidden ", hidden, ", ", heads, " heads (",
                  kv_heads, " kv heads) x ", head_dim, ", mlp ", intermediate,
                  gated_mlp ? " gated" : "", ", vocab ", vocab_size, ", ",
@@ -397,8 +543,9 @@ std::string Config::describe() const {
                                rope_layout == RopeLayout::Interleaved ? " (interleaved pairs)" : "")
                      : std::string("learned positions"),
                  norm == NormKind::RMSNorm ? ", RMSNorm" : ", LayerNorm",
-                 parallel_residual ? ", parallel residual" : "",
-                 sliding_window > 0 ? str_cat(", sliding window ", sliding_window) : "");
+                 parallel_residual ? ", parallel residual" : "", qk_norm ? ", q/k norms" : "",
+                 post_norms ? ", post-norms" : "", window_text,
+                 final_logit_softcap > 0 ? str_cat(", logit soft-cap ", final_logit_softcap) : "");
 }
 
 }  // namespace visikv

@@ -1,6 +1,6 @@
 // One description of a decoder-only transformer. Every supported family (GPT-2, GPT-NeoX/Pythia,
-// Llama/TinyLlama/SmolLM2, Mistral, Qwen2) is a value of this struct; the decoder reads only this,
-// never the family name.
+// Llama/TinyLlama/SmolLM2, Mistral, Qwen2, Gemma 3) is a value of this struct; the decoder reads
+// only this, never the family name.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +25,17 @@ struct RopeScaling {
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
   int64_t original_max_positions = 8192;
+};
+
+// A local layer attends to its last `sliding_window` positions, a global layer to every earlier
+// position (transformers' "sliding_attention" and "full_attention" layer types).
+enum class LayerKind { Global, Local };
+
+// The RoPE of the local layers where it is not the global one: Gemma 3 rotates its local layers
+// with base rope_local_base_freq and applies rope scaling to its global layers only.
+struct LocalRope {
+  double theta = 10000.0;
+  RopeScaling scaling;
 };
 
 struct Config {
@@ -58,8 +69,27 @@ struct Config {
   // converter); empty when the scaling is computed from rope_scaling.
   std::vector<float> rope_freq_factors;
 
-  int64_t sliding_window = 0;  // 0: full causal attention; W: attend to the last W positions
+  // W > 0: local layers attend to their last W positions (the query's own included).
+  int64_t sliding_window = 0;
+  // One entry per layer when the model interleaves local and global layers (Gemma 3: five local
+  // layers, then a global one); empty when every layer is of one kind: local when
+  // sliding_window > 0 (Mistral), else global.
+  std::vector<LayerKind> layer_kinds;
+  // Local layers' RoPE when it differs from rope_theta / rope_scaling; nullopt: every layer
+  // rotates alike.
+  std::optional<LocalRope> local_rope;
   double attention_scale = 0;  // multiplies q·k; 1/sqrt(head_dim) by default
+
+  // Gemma: token embeddings times this factor (sqrt(hidden) rounded to float32, the value
+  // transformers multiplies by in a float32 forward).
+  float embedding_scale = 1.0f;
+  // RMSNorm of every query and key head (weights of head_dim values) before RoPE.
+  bool qk_norm = false;
+  // Norms on the attention and MLP outputs too, before each residual add ("sandwich" norms):
+  // x + post_norm(attn(norm(x))), then the same around the MLP.
+  bool post_norms = false;
+  // c > 0: logits become c * tanh(logits / c) (Gemma's final_logit_softcapping); 0: none.
+  double final_logit_softcap = 0;
 
   std::optional<int32_t> bos_id;
   std::vector<int32_t> eos_ids;
@@ -67,6 +97,9 @@ struct Config {
   int64_t q_dim() const { return heads * head_dim; }
   int64_t kv_dim() const { return kv_heads * head_dim; }
   int64_t group_size() const { return heads / kv_heads; }
+  LayerKind layer_kind(int64_t layer) const;
+  // The positions layer `layer` attends to: 0 for every earlier one, W for the last W.
+  int64_t layer_window(int64_t layer) const;
   // What q·k is multiplied by before the softmax: attention_scale, or 1/sqrt(head_dim). Every
   // path that computes or reproduces attention logits takes it from here.
   double score_scale() const;

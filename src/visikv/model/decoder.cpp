@@ -1,6 +1,7 @@
 #include "visikv/model/decoder.h"
 
 #include <algorithm>
+#include <cmath>
 #include <optional>
 
 #include "visikv/attention/support_dense.h"
@@ -46,8 +47,10 @@ int64_t decode_order_chunk(const KVCache& cache) {
 }
 
 Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
-  if (config_.positions == PositionKind::Rotary)
-    inverse_frequencies_ = rope_inverse_frequencies(config_);
+  if (config_.positions == PositionKind::Rotary) {
+    for (const LayerKind kind : {LayerKind::Global, LayerKind::Local})
+      inverse_frequencies_[static_cast<int>(kind)] = rope_inverse_frequencies(config_, kind);
+  }
 }
 
 CacheShape Decoder::cache_shape() const {
@@ -63,6 +66,8 @@ void Decoder::embed(std::span<const int32_t> tokens, int64_t first_position) {
             config_.vocab_size);
     std::span<float> row(x_.data() + t * hidden, static_cast<size_t>(hidden));
     dequantize(w.token_embedding.dtype, w.token_embedding.row(id), row);
+    if (config_.embedding_scale != 1.0f)
+      for (float& value : row) value *= config_.embedding_scale;
     if (w.position_embedding) {
       const int64_t position = first_position + static_cast<int64_t>(t);
       require(position < w.position_embedding->rows(), "position ", position,
@@ -90,6 +95,9 @@ void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
     apply_activation(config_.activation, up);
   }
   linear_forward(layer.down, up_, tokens, projected_, rounding_);
+  if (layer.post_mlp_norm)
+    apply_norm(config_.norm, *layer.post_mlp_norm, config_.norm_eps, projected_, tokens,
+               config_.hidden, projected_);
 }
 
 void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
@@ -108,7 +116,6 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
   resize(attention_, n * c.q_dim());
   resize(projected_, n * hidden);
   const std::span<float> x(x_.data(), static_cast<size_t>(n * hidden));
-  const AttentionSpec spec{c.heads, c.head_dim, c.score_scale(), c.sliding_window};
   DenseSupport dense;
   Support& support = attention.support != nullptr ? *attention.support : dense;
   const bool report_stats = attention.support != nullptr && attention.support_stats;
@@ -126,12 +133,22 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     apply_norm(c.norm, layer.attention_norm, c.norm_eps, x, n, hidden, normed_);
     const LinearProduct qkv[] = {{&layer.q, q_}, {&layer.k, k_}, {&layer.v, v_}};
     linear_forward(qkv, normed_, n, rounding_);
+    const std::span<float> q(q_.data(), static_cast<size_t>(n * c.q_dim()));
     const std::span<float> k(k_.data(), static_cast<size_t>(n * c.kv_dim()));
     const std::span<float> v(v_.data(), k.size());
-    if (c.positions == PositionKind::Rotary) {
-      apply_rope(c, inverse_frequencies_, q_, n, c.heads, first_position);
-      apply_rope(c, inverse_frequencies_, k, n, c.kv_heads, first_position);
+    if (layer.q_norm) {
+      // Each head is normalised on its own: rows of head_dim values.
+      apply_norm(c.norm, *layer.q_norm, c.norm_eps, q, n * c.heads, c.head_dim, q);
+      apply_norm(c.norm, *layer.k_norm, c.norm_eps, k, n * c.kv_heads, c.head_dim, k);
     }
+    const LayerKind kind = c.layer_kind(l);
+    if (c.positions == PositionKind::Rotary) {
+      const std::vector<float>& inverse_frequencies = inverse_frequencies_[static_cast<int>(kind)];
+      apply_rope(c, inverse_frequencies, q, n, c.heads, first_position);
+      apply_rope(c, inverse_frequencies, k, n, c.kv_heads, first_position);
+    }
+    // A local layer's window bounds what dense and sparse supports read.
+    const AttentionSpec spec{c.heads, c.head_dim, c.score_scale(), c.layer_window(l)};
     const int64_t kv_row = c.kv_dim(), q_row = c.q_dim();
     if (report_stats) stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
     // Appends tokens [t, t + count) of the chunk to the cache and attends their queries.
@@ -154,6 +171,8 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     }
     if (report_stats) attention.support_stats(l, stats_);
     linear_forward(layer.o, attention_, n, projected_, rounding_);
+    if (layer.post_attention_norm)
+      apply_norm(c.norm, *layer.post_attention_norm, c.norm_eps, projected_, n, hidden, projected_);
     if (c.parallel_residual) {
       // x + attn(ln1 x) + mlp(ln2 x): the MLP reads the layer input, not the attention sum.
       std::vector<float> attention_out(projected_.begin(), projected_.begin() + n * hidden);
@@ -174,6 +193,12 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     resize(logits_, count * c.vocab_size);
     apply_norm(c.norm, w.final_norm, c.norm_eps, x.subspan(row * hidden), count, hidden, normed_);
     linear_forward(w.lm_head, normed_, count, logits_, rounding_);
+    if (c.final_logit_softcap > 0) {
+      // As transformers: logits / c, tanh, * c, in float32.
+      const auto cap = static_cast<float>(c.final_logit_softcap);
+      for (int64_t i = 0; i < count * c.vocab_size; ++i)
+        logits_[i] = std::tanh(logits_[i] / cap) * cap;
+    }
     sink(row, count,
          std::span<const float>(logits_.data(), static_cast<size_t>(count * c.vocab_size)));
   }

@@ -1,6 +1,7 @@
 // The one forward pass every supported family runs, driven by Config: embeddings, then per layer
-// norm -> QKV -> RoPE -> cache append -> attention through the cache -> output projection -> MLP
-// (sequential or parallel residual), then the final norm and the LM head.
+// norm -> QKV -> (q/k norms) -> RoPE -> cache append -> attention through the cache (within the
+// layer's window) -> output projection -> (post-norm) -> MLP (sequential or parallel residual),
+// then the final norm, the LM head and the optional logit soft-cap.
 #pragma once
 
 #include <cstdint>
@@ -72,7 +73,8 @@ class Decoder {
 
   const Model& model_;
   const Config& config_;
-  std::vector<float> inverse_frequencies_;
+  // Per layer kind (LayerKind: global, local): the RoPE inverse frequencies it rotates with.
+  std::vector<float> inverse_frequencies_[2];
   ProductRounding rounding_ = ProductRounding::Fastest;
   std::vector<SparseQueryStats> stats_;
   // Scratch, {tokens, width}; reused between calls.

@@ -84,8 +84,10 @@ class Binder {
     return vector(name, size);
   }
 
-  Norm norm(const std::string& prefix, int64_t size, bool with_bias) {
+  // `weight_offset` is added to every weight: Gemma's RMSNorm scales by (1 + weight).
+  Norm norm(const std::string& prefix, int64_t size, bool with_bias, float weight_offset = 0.0f) {
     Norm n{vector(prefix + ".weight", size), {}};
+    for (float& w : n.weight) w += weight_offset;
     if (with_bias) n.bias = vector(prefix + ".bias", size);
     return n;
   }
@@ -250,22 +252,40 @@ void bind_hf(Binder& b, const std::string& model_type, Config& c, Weights& w) {
                  {}};
     return;
   }
-  // Llama, Mistral, Qwen2.
+  // Llama, Mistral, Qwen2, Gemma 3.
+  // Gemma3RMSNorm multiplies by (1 + weight) computed in float32: the same float32 factor as
+  // adding 1 here once. (GGUF files store the sum; llama.cpp's converter adds the 1.)
+  const float norm_offset = model_type == "gemma3_text" ? 1.0f : 0.0f;
+  const auto norm = [&](const std::string& prefix, int64_t size) {
+    return b.norm(prefix, size, layer_norm, norm_offset);
+  };
   w.token_embedding = b.matrix("model.embed_tokens.weight", c.vocab_size, c.hidden);
   for (int64_t i = 0; i < c.layers; ++i) {
     const std::string l = "model.layers." + std::to_string(i) + ".";
     LayerWeights& layer = w.layers.emplace_back();
-    layer.attention_norm = b.norm(l + "input_layernorm", c.hidden, layer_norm);
+    layer.attention_norm = norm(l + "input_layernorm", c.hidden);
     layer.q = b.linear(l + "self_attn.q_proj", c.q_dim(), c.hidden, c.qkv_bias);
     layer.k = b.linear(l + "self_attn.k_proj", c.kv_dim(), c.hidden, c.qkv_bias);
     layer.v = b.linear(l + "self_attn.v_proj", c.kv_dim(), c.hidden, c.qkv_bias);
     layer.o = b.linear(l + "self_attn.o_proj", c.hidden, c.q_dim(), c.out_bias);
-    layer.mlp_norm = b.norm(l + "post_attention_layernorm", c.hidden, layer_norm);
+    if (c.qk_norm) {
+      layer.q_norm = norm(l + "self_attn.q_norm", c.head_dim);
+      layer.k_norm = norm(l + "self_attn.k_norm", c.head_dim);
+    }
+    if (c.post_norms) {
+      // Gemma's post_attention_layernorm normalises the attention output; the MLP's input norm
+      // is pre_feedforward_layernorm.
+      layer.post_attention_norm = norm(l + "post_attention_layernorm", c.hidden);
+      layer.mlp_norm = norm(l + "pre_feedforward_layernorm", c.hidden);
+      layer.post_mlp_norm = norm(l + "post_feedforward_layernorm", c.hidden);
+    } else {
+      layer.mlp_norm = norm(l + "post_attention_layernorm", c.hidden);
+    }
     layer.gate = b.linear(l + "mlp.gate_proj", c.intermediate, c.hidden, c.mlp_bias);
     layer.up = b.linear(l + "mlp.up_proj", c.intermediate, c.hidden, c.mlp_bias);
     layer.down = b.linear(l + "mlp.down_proj", c.hidden, c.intermediate, c.mlp_bias);
   }
-  w.final_norm = b.norm("model.norm", c.hidden, layer_norm);
+  w.final_norm = norm("model.norm", c.hidden);
   // An untied head must be in the file (transformers would initialise a missing one at random);
   // a tied checkpoint that stores the head anyway is read as stored.
   w.lm_head = {c.tied_embeddings && !b.find("lm_head.weight")
@@ -327,6 +347,14 @@ void bind_gguf(Binder& b, Config& c, Weights& w) {
       layer.v = b.linear(l + "attn_v", c.kv_dim(), c.hidden, gguf_bias(c.qkv_bias));
     }
     layer.o = b.linear(l + "attn_output", c.hidden, c.q_dim(), gguf_bias(c.out_bias));
+    if (c.qk_norm) {
+      layer.q_norm = b.norm(l + "attn_q_norm", c.head_dim, false);
+      layer.k_norm = b.norm(l + "attn_k_norm", c.head_dim, false);
+    }
+    if (c.post_norms) {
+      layer.post_attention_norm = b.norm(l + "post_attention_norm", c.hidden, layer_norm);
+      layer.post_mlp_norm = b.norm(l + "post_ffw_norm", c.hidden, layer_norm);
+    }
     layer.mlp_norm = b.norm(l + "ffn_norm", c.hidden, layer_norm);
     if (c.gated_mlp)
       layer.gate = b.linear(l + "ffn_gate", c.intermediate, c.hidden, gguf_bias(c.mlp_bias));

@@ -48,16 +48,21 @@ void apply_activation(Activation activation, std::span<float> x) {
   }
 }
 
-std::vector<float> rope_inverse_frequencies(const Config& c) {
+std::vector<float> rope_inverse_frequencies(const Config& c, LayerKind kind) {
+  const bool local = kind == LayerKind::Local && c.local_rope.has_value();
+  const double theta = local ? c.local_rope->theta : c.rope_theta;
+  const RopeScaling& s = local ? c.local_rope->scaling : c.rope_scaling;
+  // A GGUF's rope_freqs tensor scales the model's one (global) rope.
+  const std::span<const float> freq_factors =
+      local ? std::span<const float>() : std::span<const float>(c.rope_freq_factors);
   const int64_t pairs = c.rotary_dim / 2;
   std::vector<float> inv(pairs);
   // float32 like transformers: 1 / base ** (2i / dim)
   for (int64_t i = 0; i < pairs; ++i)
-    inv[i] = 1.0f / std::pow(static_cast<float>(c.rope_theta),
+    inv[i] = 1.0f / std::pow(static_cast<float>(theta),
                              static_cast<float>(2 * i) / static_cast<float>(c.rotary_dim));
-  const RopeScaling& s = c.rope_scaling;
-  if (!c.rope_freq_factors.empty()) {
-    for (int64_t i = 0; i < pairs; ++i) inv[i] /= c.rope_freq_factors[i];
+  if (!freq_factors.empty()) {
+    for (int64_t i = 0; i < pairs; ++i) inv[i] /= freq_factors[i];
   } else if (s.type == RopeScaling::Type::Linear) {
     for (float& f : inv) f = static_cast<float>(f / s.factor);
   } else if (s.type == RopeScaling::Type::Llama3) {

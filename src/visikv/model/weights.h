@@ -26,9 +26,12 @@ struct Norm {
 struct LayerWeights {
   Norm attention_norm;
   Linear q, k, v, o;
+  std::optional<Norm> q_norm, k_norm;       // per head, head_dim wide (Config::qk_norm)
+  std::optional<Norm> post_attention_norm;  // on the attention output (Config::post_norms)
   Norm mlp_norm;
   std::optional<Linear> gate;  // gated MLPs only
   Linear up, down;
+  std::optional<Norm> post_mlp_norm;  // on the MLP output (Config::post_norms)
 };
 
 struct Weights {
