@@ -24,7 +24,7 @@ done
 # libclang-rt-dev: clang's sanitizer and libFuzzer runtimes (the sanitizer build, fuzz/).
 packages=(build-essential g++ clang libclang-rt-dev libomp-dev cmake ninja-build pkg-config git unzip python3 python3-pip python3-dev
           nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
-          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache)
+          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache libcpp-httplib-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -24,6 +24,7 @@ void add_commands(CLI::App& app) {
   add_calibrate_command(app);
   add_eval_command(app);
   add_analyze_command(app);
+  add_serve_command(app);
 }
 
 std::optional<std::string> unknown_command(const CLI::App& app,

@@ -149,15 +149,16 @@ void Scheduler::round(std::vector<std::unique_ptr<Active>>& active) {
   std::vector<std::vector<float>> logits(running.size());
   for (size_t i = 0; i < running.size(); ++i) {
     Active& a = *running[i];
-    const std::span<const int32_t> tokens =
-        a.generated.empty() ? std::span<const int32_t>(a.request.prompt)
-                            : std::span<const int32_t>(&a.generated.back(), 1);
+    const std::span<const int32_t> tokens = a.generated.empty()
+                                                ? std::span<const int32_t>(a.request.prompt)
+                                                : std::span<const int32_t>(&a.generated.back(), 1);
     segments.push_back({.tokens = tokens,
                         .cache = a.cache.get(),
                         .rows = LogitRows::Last,
-                        .sink = [&logits, i, vocab](int64_t, int64_t, std::span<const float> l) {
-                          logits[i].assign(l.end() - vocab, l.end());
-                        },
+                        .sink =
+                            [&logits, i, vocab](int64_t, int64_t, std::span<const float> l) {
+                              logits[i].assign(l.end() - vocab, l.end());
+                            },
                         .attention = {.support = a.support.get()}});
   }
   int64_t produced = 0;
@@ -176,16 +177,16 @@ void Scheduler::round(std::vector<std::unique_ptr<Active>>& active) {
     a.generated.push_back(token);
     ++produced;
     const bool eos = std::find(a.stops.begin(), a.stops.end(), token) != a.stops.end();
-    std::string text = eos || tokenizer.is_special(token) ? std::string()
-                                                           : a.text.push(tokenizer.token_bytes(token));
+    std::string text = eos || tokenizer.is_special(token)
+                           ? std::string()
+                           : a.text.push(tokenizer.token_bytes(token));
     const bool length = static_cast<int64_t>(a.generated.size()) >= a.request.max_tokens;
     a.finished = eos || a.text.stopped() || length;
     if (a.finished && !a.text.stopped()) text += a.text.flush();
     a.handle->post({.text = std::move(text),
                     .finished = a.finished,
-                    .finish_reason = a.finished ? (length && !eos && !a.text.stopped() ? "length"
-                                                                                       : "stop")
-                                                : "",
+                    .finish_reason =
+                        a.finished ? (length && !eos && !a.text.stopped() ? "length" : "stop") : "",
                     .prompt_tokens = static_cast<int64_t>(a.request.prompt.size()),
                     .completion_tokens = static_cast<int64_t>(a.generated.size())});
   }
