@@ -81,8 +81,12 @@ void RowProgress::update(const std::string& name, int64_t done, int64_t total,
     last_tenth_ = tenth;
   }
   const double seconds = std::chrono::duration<double>(now - row_start_).count();
+  // No rate from the first instants of a row (a division by almost nothing).
   char rate[64];
-  std::snprintf(rate, sizeof rate, "%.1f %s/s", done / std::max(seconds, 1e-9), unit.c_str());
+  if (seconds >= 0.05)
+    std::snprintf(rate, sizeof rate, "%.1f %s/s", done / seconds, unit.c_str());
+  else
+    std::snprintf(rate, sizeof rate, "- %s/s", unit.c_str());
   print(str_cat("[", index_, "/", rows_, "] ", name, ": ", done, "/", total, " ", unit, ", ",
                 rate, "; ", eta(fraction)),
         false);

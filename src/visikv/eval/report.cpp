@@ -57,6 +57,11 @@ nlohmann::json optional_json(const std::optional<double>& value) {
   return value ? nlohmann::json(*value) : nlohmann::json(nullptr);
 }
 
+std::optional<double> optional_from_json(const nlohmann::json& value) {
+  if (value.is_null()) return std::nullopt;
+  return value.get<double>();
+}
+
 std::string format_optional(const std::optional<double>& value, const char* format) {
   if (!value) return "-";
   char buffer[64];

@@ -29,6 +29,10 @@ void write_json_file(const std::filesystem::path& path, const nlohmann::json& do
 // A number that may be missing: its value, or null.
 nlohmann::json optional_json(const std::optional<double>& value);
 
+// The number optional_json wrote: std::nullopt for null. Throws nlohmann::json::exception for
+// anything but a number or null.
+std::optional<double> optional_from_json(const nlohmann::json& value);
+
 // A number that may be missing, for a table cell: printf `format`, or "-".
 std::string format_optional(const std::optional<double>& value, const char* format);
 

@@ -78,12 +78,12 @@ const nlohmann::json* RowJournal::kept_row(const std::string& key) const {
   return nullptr;
 }
 
-void RowJournal::save(nlohmann::json document, bool complete) const {
+void RowJournal::save(nlohmann::json document, bool complete, int indent) const {
   if (path_.empty()) return;
   document["command"] = command_;
   document["parameters"] = parameters_;
   document["complete"] = complete;
-  write_json_file(path_, document);
+  write_json_file(path_, document, indent);
 }
 
 }  // namespace visikv

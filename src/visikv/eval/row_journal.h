@@ -60,8 +60,9 @@ class RowJournal {
     }
   }
 
-  // Writes `document` with "command", "parameters" and "complete" set; no file: nothing.
-  void save(nlohmann::json document, bool complete) const;
+  // Writes `document` with "command", "parameters" and "complete" set, indented by `indent`; no
+  // file: nothing.
+  void save(nlohmann::json document, bool complete, int indent = 2) const;
 
  private:
   std::filesystem::path path_;
