@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "test_support.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/eval/attention_metrics.h"
 #include "visikv/eval/key_perturbation.h"
-#include "visikv/calibration/headq_basis.h"
 #include "visikv/kv/headq.h"
 
 namespace visikv {

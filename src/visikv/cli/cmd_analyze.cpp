@@ -165,9 +165,8 @@ AnalyzeRun run_analyze(const AnalyzeFlags& f) {
     if (const json* kept = journal.kept_row(name)) {
       const std::string what = "key spec '" + name + "'";
       run.result.codecs.push_back(journal.read(*kept, what, codec_summary_from_json));
-      for (const json& cell : journal.read(journal.kept_document(), what, [](const json& d) {
-             return d.at("cells");
-           }))
+      for (const json& cell :
+           journal.read(journal.kept_document(), what, [](const json& d) { return d.at("cells"); }))
         if (journal.read(cell, what, [](const json& c) { return c.at("key_codec"); }) == name)
           run.result.cells.push_back(journal.read(cell, what, analyze_cell_from_json));
       progress.kept(name);

@@ -168,10 +168,9 @@ SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                               " tokens, ", f.continuation, " greedy tokens each"));
         refs = dense_references(decoder, prefixes, options);
       }
-      run.rows.push_back(
-          survival_row(decoder, *refs, selector, options, [&](int64_t done, int64_t n) {
-            progress.update(selector.text, done, n, "samples");
-          }));
+      run.rows.push_back(survival_row(
+          decoder, *refs, selector, options,
+          [&](int64_t done, int64_t n) { progress.update(selector.text, done, n, "samples"); }));
       progress.finish();
     }
     journal.save(sparse_json(run, f), run.rows.size() == specs.selectors.size());
@@ -290,16 +289,11 @@ SurvivalRow survival_row_from_json(const json& j) {
 
 json sparse_json(const SparseRun& run, const SparseFlags& f) {
   const SurvivalOptions& options = run.options;
-  json out = {{"model", run.model},
-              {"text", run.text},
-              {"prefix", f.prefix},
-              {"continuation", f.continuation},
-              {"samples", f.samples},
-              {"bos_first", options.bos.has_value()},
-              {"key_codec", f.keys},
-              {"value_codec", f.values},
-              {"temperature", f.temperature},
-              {"seed", f.seed},
+  json out = {{"model", run.model},           {"text", run.text},
+              {"prefix", f.prefix},           {"continuation", f.continuation},
+              {"samples", f.samples},         {"bos_first", options.bos.has_value()},
+              {"key_codec", f.keys},          {"value_codec", f.values},
+              {"temperature", f.temperature}, {"seed", f.seed},
               {"rows", json::array()}};
   for (const SurvivalRow& r : run.rows) out["rows"].push_back(survival_row_json(r));
   return out;
@@ -396,10 +390,9 @@ NeedleRun run_eval_needle(const NeedleFlags& f) {
       run.rows.push_back(journal.read(*kept, "row '" + selector.text + "'", needle_row_from_json));
       progress.kept(selector.text);
     } else {
-      run.rows.push_back(
-          needle_row(decoder, cases, selector, options, [&](int64_t done, int64_t n) {
-            progress.update(selector.text, done, n, "cases");
-          }));
+      run.rows.push_back(needle_row(
+          decoder, cases, selector, options,
+          [&](int64_t done, int64_t n) { progress.update(selector.text, done, n, "cases"); }));
       progress.finish();
     }
     journal.save(needle_json(run, f), run.rows.size() == specs.selectors.size());
@@ -455,14 +448,10 @@ NeedleRow needle_row_from_json(const json& j) {
 
 json needle_json(const NeedleRun& run, const NeedleFlags& f) {
   const NeedleOptions& options = run.options;
-  json out = {{"model", run.model},
-              {"text", run.text},
-              {"contexts", options.contexts},
-              {"depths", options.depths},
-              {"needles", options.needles},
-              {"answer_tokens", options.answer_tokens},
-              {"key_codec", f.keys},
-              {"value_codec", f.values},
+  json out = {{"model", run.model},           {"text", run.text},
+              {"contexts", options.contexts}, {"depths", options.depths},
+              {"needles", options.needles},   {"answer_tokens", options.answer_tokens},
+              {"key_codec", f.keys},          {"value_codec", f.values},
               {"rows", json::array()}};
   for (const NeedleRow& r : run.rows) {
     json cells = json::array();
@@ -582,10 +571,9 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   options.value_codec = specs.values;
   RowProgress progress(1, f.output.quiet);
   // Steps: the dense prefill, then one per layer.
-  run.result = attention_coverage(decoder, tokens, specs.selectors, options,
-                                  [&](int64_t done, int64_t n) {
-                                    progress.update("coverage", done, n, "steps");
-                                  });
+  run.result = attention_coverage(
+      decoder, tokens, specs.selectors, options,
+      [&](int64_t done, int64_t n) { progress.update("coverage", done, n, "steps"); });
   progress.finish();
   journal.save(coverage_json(run, f), true);
   return run;
@@ -643,8 +631,12 @@ CoverageResult coverage_from_json(const json& j) {
   r.queries_per_layer = j.at("queries_per_layer").get<int64_t>();
   r.context_mean = j.at("context_mean").get<double>();
   const auto layer_from_json = [&](const json& l) {
-    CoverageLayer layer{shares_from_json(l.at("anchors")), shares_from_json(l.at("window")),
-                        shares_from_json(l.at("top_k")), shares_from_json(l.at("total")), {}, {}};
+    CoverageLayer layer{shares_from_json(l.at("anchors")),
+                        shares_from_json(l.at("window")),
+                        shares_from_json(l.at("top_k")),
+                        shares_from_json(l.at("total")),
+                        {},
+                        {}};
     for (const json& s : l.at("selectors")) {
       layer.selectors.push_back(shares_from_json(s.at("coverage")));
       layer.support_mean.push_back(s.at("support_mean").get<double>());
@@ -779,8 +771,7 @@ SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
     run.results = results;
     return sparse_ppl_json(run, f);
   };
-  run.results = run_kv_grid(decoder, tokens, rows, options, basis.get(),
-                            kv_grid_progress(progress),
+  run.results = run_kv_grid(decoder, tokens, rows, options, basis.get(), kv_grid_progress(progress),
                             kv_grid_journal(journal, progress, rows.size(), document));
   return run;
 }

@@ -116,9 +116,9 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
     run.total_seconds = seconds_since(command_started);
     return eval_kv_json(run);
   };
-  run.results = run_kv_grid(decoder, tokens, rows, options, run.basis.get(),
-                            kv_grid_progress(progress),
-                            kv_grid_journal(journal, progress, rows.size(), document));
+  run.results =
+      run_kv_grid(decoder, tokens, rows, options, run.basis.get(), kv_grid_progress(progress),
+                  kv_grid_journal(journal, progress, rows.size(), document));
   return run;
 }
 

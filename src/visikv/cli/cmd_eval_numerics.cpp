@@ -102,9 +102,9 @@ void add_eval_numerics_command(CLI::App& eval) {
         "model:          %s\nkernels:        %s\npositions:      %lld (windows of %lld)\n"
         "top-1 agreement %.4f\nmean KL:        %.3e (p99 %.3e, max %.3e)\nmean NLL:       exact "
         "%.6f, int8 %.6f\n",
-        model.source().c_str(), weight_kernel_target().c_str(),
-        static_cast<long long>(d.positions), static_cast<long long>(flags->window),
-        d.top1_agreement, d.kl_mean, d.kl_p99, d.kl_max, r.reference_nll, r.candidate_nll);
+        model.source().c_str(), weight_kernel_target().c_str(), static_cast<long long>(d.positions),
+        static_cast<long long>(flags->window), d.top1_agreement, d.kl_mean, d.kl_p99, d.kl_max,
+        r.reference_nll, r.candidate_nll);
   });
 }
 

@@ -84,9 +84,8 @@ PplRun run_ppl(const PplFlags& f) {
   if (journal.kept_complete()) {
     const nlohmann::json& kept = journal.kept_document();
     run.result = journal.read(kept, "the run", ppl_result_from_json);
-    run.text_tokens = journal.read(kept, "the run", [](const nlohmann::json& j) {
-      return j.at("text_tokens").get<size_t>();
-    });
+    run.text_tokens = journal.read(
+        kept, "the run", [](const nlohmann::json& j) { return j.at("text_tokens").get<size_t>(); });
     return run;
   }
   // With --tokens, only the leading tokens the windows score are read.
@@ -146,8 +145,8 @@ nlohmann::json ppl_json(const PplRun& run, const PplFlags& f) {
       {"tokens_per_s", r.tokens_per_s},
       {"seconds", r.seconds},
       {"bos_per_window", run.options.bos.has_value()},
-      {"reference_keys", f.reference_keys.empty() ? nlohmann::json(nullptr)
-                                                  : nlohmann::json(f.reference_keys)},
+      {"reference_keys",
+       f.reference_keys.empty() ? nlohmann::json(nullptr) : nlohmann::json(f.reference_keys)},
       {"reference_nll", optional_json(r.reference_nll)},
       {"reference_ppl", optional_json(r.reference_ppl)}};
   add_divergence_json(out, r.divergence);

@@ -71,7 +71,8 @@ void RowProgress::update(const std::string& name, int64_t done, int64_t total,
     last_tenth_ = -1;
   }
   if (quiet_) return;
-  const double fraction = static_cast<double>(done) / static_cast<double>(std::max<int64_t>(total, 1));
+  const double fraction =
+      static_cast<double>(done) / static_cast<double>(std::max<int64_t>(total, 1));
   if (terminal_) {
     if (done < total && now - last_draw_ < std::chrono::milliseconds(200)) return;
     last_draw_ = now;
@@ -87,8 +88,8 @@ void RowProgress::update(const std::string& name, int64_t done, int64_t total,
     std::snprintf(rate, sizeof rate, "%.1f %s/s", done / seconds, unit.c_str());
   else
     std::snprintf(rate, sizeof rate, "- %s/s", unit.c_str());
-  print(str_cat("[", index_, "/", rows_, "] ", name, ": ", done, "/", total, " ", unit, ", ",
-                rate, "; ", eta(fraction)),
+  print(str_cat("[", index_, "/", rows_, "] ", name, ": ", done, "/", total, " ", unit, ", ", rate,
+                "; ", eta(fraction)),
         false);
 }
 
@@ -126,7 +127,8 @@ KvGridJournal kv_grid_journal(
     if (!kept) return std::nullopt;
     const std::string what = "row '" + row.name + "'";
     const auto [keys, values, selector] = journal.read(*kept, what, [](const nlohmann::json& r) {
-      return std::tuple{r.at("key_codec").get<std::string>(), r.at("value_codec").get<std::string>(),
+      return std::tuple{r.at("key_codec").get<std::string>(),
+                        r.at("value_codec").get<std::string>(),
                         r.at("selector").get<std::string>()};
     });
     require(keys == row.key_codec.text() && values == row.value_codec.text() &&

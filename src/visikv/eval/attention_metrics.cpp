@@ -231,8 +231,8 @@ double spearman_correlation(std::span<const double> x, std::span<const double> y
   template double log_sum_exp<T>(std::span<const T>);                      \
   template std::vector<double> softmax_weights<T>(std::span<const T>);     \
   template double attention_entropy<T>(std::span<const T>);                \
-  template double softmax_kl<T>(std::span<const T>, std::span<const T>); \
-  template bool argmax_differs<T>(std::span<const T>, std::span<const T>);     \
+  template double softmax_kl<T>(std::span<const T>, std::span<const T>);   \
+  template bool argmax_differs<T>(std::span<const T>, std::span<const T>); \
   template AttentionComparison compare_attention<T>(std::span<const T>, std::span<const T>);
 VISIKV_INSTANTIATE(float)
 VISIKV_INSTANTIATE(double)

@@ -42,8 +42,8 @@ double fisher_score_error(std::span<const double> weights, std::span<const doubl
 // deviations of δ_j from their a-weighted mean, KL = log Σ_j a_j exp(-d_j) exactly (the
 // log-sum-exp difference of the two normalisers, written so that the constant part of δ
 // cancels before any rounding); for |d_j| < 1 it is evaluated as log1p(Σ a_j expm1(-d_j)) so
-// that small KLs keep their relative precision. Never negative (rounding is clamped at 0); exactly 0
-// for equal logits. Throws visikv::Error for unequal lengths.
+// that small KLs keep their relative precision. Never negative (rounding is clamped at 0); exactly
+// 0 for equal logits. Throws visikv::Error for unequal lengths.
 template <typename T>
 double softmax_kl(std::span<const T> logits, std::span<const T> perturbed);
 

@@ -44,7 +44,6 @@ class DivergenceAccumulator {
 void add_divergence_json(nlohmann::json& row, const std::optional<DivergenceSummary>& summary);
 // Reads them back from such a row (--resume) over `positions` positions; std::nullopt when they
 // are null.
-std::optional<DivergenceSummary> divergence_from_json(const nlohmann::json& row,
-                                                      int64_t positions);
+std::optional<DivergenceSummary> divergence_from_json(const nlohmann::json& row, int64_t positions);
 
 }  // namespace visikv

@@ -345,8 +345,7 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
       Progress each;
       if (progress)
         each = [&, i, row](int64_t scored, int64_t total) {
-          progress(static_cast<int64_t>(i), static_cast<int64_t>(runs.size()), *row, scored,
-                   total);
+          progress(static_cast<int64_t>(i), static_cast<int64_t>(runs.size()), *row, scored, total);
         };
       done[runs[i]] = perplexity(decoder, text_tokens, ppl, each);
     }

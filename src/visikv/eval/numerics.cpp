@@ -77,9 +77,8 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
                      {logits[1].data(), static_cast<size_t>(rows * vocab)}, rows);
       for (int64_t r = 0; r < rows; ++r)
         for (int side = 0; side < 2; ++side)
-          nll[side] += negative_log_likelihood({logits[side].data() + r * vocab,
-                                                static_cast<size_t>(vocab)},
-                                               tokens[first + r + 1]);
+          nll[side] += negative_log_likelihood(
+              {logits[side].data() + r * vocab, static_cast<size_t>(vocab)}, tokens[first + r + 1]);
       positions += rows;
       if (progress) progress(positions, total);
     }

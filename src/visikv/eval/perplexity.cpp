@@ -191,11 +191,11 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   if (o.mode == PerplexityMode::DecodeBatched)
     decoder.set_product_rounding(ProductRounding::PerToken);
   std::optional<ReferenceRows> reference;
-  if (o.reference)
-    reference.emplace(decoder.model(), decoder.product_rounding(), *o.reference, o);
+  if (o.reference) reference.emplace(decoder.model(), decoder.product_rounding(), *o.reference, o);
   DivergenceAccumulator divergence;
   // Prefill pieces as long as the reference's, so that equal codecs compute equal bits.
-  const int64_t limit = reference && o.mode == PerplexityMode::Prefill ? kReferenceChunk : INT64_MAX;
+  const int64_t limit =
+      reference && o.mode == PerplexityMode::Prefill ? kReferenceChunk : INT64_MAX;
   double support_sum = 0, context_sum = 0;
   int64_t support_count = 0;
   const SupportStatsSink support_stats = [&](int64_t, std::span<const SparseQueryStats> stats) {
@@ -225,9 +225,10 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
             const int64_t vocab = static_cast<int64_t>(logits.size()) / rows;
             const int64_t first = t + first_row, valid = std::min(rows, scored - first);
             for (int64_t r = 0; r < valid; ++r) {
-              nll_sum += negative_log_likelihood(logits.subspan(r * vocab, vocab),
-                                                 window[first + r + 1]);
-              context_sum += static_cast<double>(visible_positions(first + r, sliding_window).size());
+              nll_sum +=
+                  negative_log_likelihood(logits.subspan(r * vocab, vocab), window[first + r + 1]);
+              context_sum +=
+                  static_cast<double>(visible_positions(first + r, sliding_window).size());
             }
             for (int64_t r = 0; reference && r < valid;) {
               int64_t n = valid - r;

@@ -84,26 +84,27 @@ nlohmann::json kv_grid_result_json(const KvGridResult& r) {
   const auto text_or_null = [](const std::string& s) {
     return s.empty() ? json(nullptr) : json(s);
   };
-  json row = {{"name", r.row.name},
-          {"key_codec", r.row.key_codec.text()},
-          {"value_codec", r.row.value_codec.text()},
-          {"bits_per_key", r.key_bits.bits_per_vector},
-          {"bits_per_value", r.value_bits.bits_per_vector},
-          {"key_side_bits", r.key_bits.side_bits_per_vector},
-          {"key_fp16_window_tokens", {r.key_bits.window_min_tokens, r.key_bits.window_max_tokens}},
-          {"ppl", r.ppl.ppl},
-          {"nll", r.ppl.nll},
-          {"delta_ppl", r.delta_ppl},
-          {"excess_removed", optional_json(r.excess_removed)},
-          {"base", text_or_null(r.row.base)},
-          {"note", r.row.note},
-          {"same_run_as", text_or_null(r.same_run_as)},
-          {"tokens", r.ppl.tokens},
-          {"windows", r.ppl.windows},
-          {"selector", r.row.selector.text},
-          {"support_mean", r.ppl.support_mean},
-          {"context_mean", r.ppl.context_mean},
-          {"seconds", r.ppl.seconds}};
+  json row = {
+      {"name", r.row.name},
+      {"key_codec", r.row.key_codec.text()},
+      {"value_codec", r.row.value_codec.text()},
+      {"bits_per_key", r.key_bits.bits_per_vector},
+      {"bits_per_value", r.value_bits.bits_per_vector},
+      {"key_side_bits", r.key_bits.side_bits_per_vector},
+      {"key_fp16_window_tokens", {r.key_bits.window_min_tokens, r.key_bits.window_max_tokens}},
+      {"ppl", r.ppl.ppl},
+      {"nll", r.ppl.nll},
+      {"delta_ppl", r.delta_ppl},
+      {"excess_removed", optional_json(r.excess_removed)},
+      {"base", text_or_null(r.row.base)},
+      {"note", r.row.note},
+      {"same_run_as", text_or_null(r.same_run_as)},
+      {"tokens", r.ppl.tokens},
+      {"windows", r.ppl.windows},
+      {"selector", r.row.selector.text},
+      {"support_mean", r.ppl.support_mean},
+      {"context_mean", r.ppl.context_mean},
+      {"seconds", r.ppl.seconds}};
   add_divergence_json(row, r.ppl.divergence);
   return row;
 }

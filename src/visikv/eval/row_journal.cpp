@@ -43,11 +43,12 @@ RowJournal::RowJournal(std::filesystem::path path, bool resume, std::string comm
   const std::string file = path_.string();
   nlohmann::json document = read_json_file(path_);
   const bool has_rows = !layout_.rows.empty();
-  require(document.is_object() && document.contains("command") &&
-              document.contains("parameters") && document.contains("complete") &&
-              (!has_rows || document.contains(layout_.rows)),
-          "--resume ", file, ": not a visikv results file (a JSON object with \"command\", "
-          "\"parameters\", \"complete\"", has_rows ? " and \"" + layout_.rows + "\"" : "", ")");
+  require(document.is_object() && document.contains("command") && document.contains("parameters") &&
+              document.contains("complete") && (!has_rows || document.contains(layout_.rows)),
+          "--resume ", file,
+          ": not a visikv results file (a JSON object with \"command\", "
+          "\"parameters\", \"complete\"",
+          has_rows ? " and \"" + layout_.rows + "\"" : "", ")");
   require(document.at("command") == command_, "--resume ", file, ": holds the results of `",
           document.at("command").is_string() ? document.at("command").get<std::string>()
                                              : document.at("command").dump(),
