@@ -13,12 +13,12 @@
 // With a reference (PerplexityOptions::reference), a second run of the same model through a
 // cache of the reference's codecs scores the same positions, and every scored position compares
 // the two next-token distributions (eval/divergence.h: KL(reference || run), top-1 agreement).
-// The two runs go side by side through each window, the reference at most 64 tokens ahead:
-// only that many rows of its logits are held (64 x 49152 floats, 12.6 MB, for the default
+// The two runs go side by side through each window, the reference at most 256 tokens ahead:
+// only that many rows of its logits are held (256 x 49152 floats, 50 MB, for the default
 // model), where keeping them for a whole text would take vocab x tokens x 4 bytes (1.6 GB at
 // 8192 tokens). The price is a second forward pass per window. Decode and decode-batched compute
 // the same bits in chunks of any length, so the reference's chunks change nothing; prefill with
-// a reference runs both sides in pieces of 64 tokens through their caches (the same function;
+// a reference runs both sides in pieces of 256 tokens through their caches (the same function;
 // with float weights the wide products may round differently from a whole-window prefill), so
 // that a run compared with a reference of its own codecs has KL exactly 0.
 #pragma once
