@@ -408,6 +408,10 @@ TEST(Cli, ResumeRefusesOtherParametersAndFilesItCannotRead) {
              "written with other parameters (window: 32 in the file, 16 in this run)");
   fails_with(replaced(window16, " --tokens 40", " --tokens 20") + " --resume " + json.string(),
              "tokens: 40 in the file, 20 in this run; window: 32 in the file, 16 in this run");
+  // Fewer rows: resuming would drop the others from the file.
+  fails_with(
+      replaced(command, " --keys int2:g16:tok", "") + " --resume " + json.string(),
+      "holds rows this run does not make (int2:g16:tok, int2:g16:tok + sparse:a1:w8:k8:exact)");
   // Another command's file.
   fails_with(eval_commands()[1] + " --resume " + json.string(),
              "holds the results of `eval sparse-ppl`, not `eval kv`");

@@ -156,6 +156,9 @@ AnalyzeRun run_analyze(const AnalyzeFlags& f) {
                                                {"entropy_edges", f.entropy_bins},
                                                {"basis", run.basis.json}},
                                               {.rows = "codecs", .key = "key_codec"});
+  std::vector<std::string> names;
+  for (const AnalyzeKeySpec& spec : options.key_specs) names.push_back(spec.text());
+  journal.check_rows(names);
   RowProgress progress(static_cast<int64_t>(options.key_specs.size()), f.output.quiet);
   progress.note(str_cat("running the dense model over ", input.size(), " tokens"));
   run.trace = trace_attention(model, input);

@@ -155,6 +155,7 @@ SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                                                {"temperature", f.temperature},
                                                {"seed", f.seed}},
                                               {.key = "selector"});
+  journal.check_rows(selectors);
   RowProgress progress(static_cast<int64_t>(selectors.size()), f.output.quiet);
   std::optional<std::vector<DenseReference>> refs;  // computed when a row needs them
   for (const NamedSelectorSpec& selector : specs.selectors) {
@@ -384,6 +385,7 @@ NeedleRun run_eval_needle(const NeedleFlags& f) {
                                                {"key_codec", specs.keys.text()},
                                                {"value_codec", specs.values.text()}},
                                               {.key = "selector"});
+  journal.check_rows(selectors);
   RowProgress progress(static_cast<int64_t>(selectors.size()), f.output.quiet);
   for (const NamedSelectorSpec& selector : specs.selectors) {
     if (const json* kept = journal.kept_row(selector.text)) {
@@ -772,7 +774,7 @@ SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
     return sparse_ppl_json(run, f);
   };
   run.results = run_kv_grid(decoder, tokens, rows, options, basis.get(), kv_grid_progress(progress),
-                            kv_grid_journal(journal, progress, rows.size(), document));
+                            kv_grid_journal(journal, progress, rows, document));
   return run;
 }
 

@@ -118,7 +118,7 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   };
   run.results =
       run_kv_grid(decoder, tokens, rows, options, run.basis.get(), kv_grid_progress(progress),
-                  kv_grid_journal(journal, progress, rows.size(), document));
+                  kv_grid_journal(journal, progress, rows, document));
   return run;
 }
 

@@ -119,8 +119,11 @@ void RowProgress::print(const std::string& line, bool final) {
 }
 
 KvGridJournal kv_grid_journal(
-    const RowJournal& journal, RowProgress& progress, size_t rows,
+    const RowJournal& journal, RowProgress& progress, const std::vector<KvGridRow>& grid,
     std::function<nlohmann::json(const std::vector<KvGridResult>&)> document) {
+  std::vector<std::string> names;
+  for (const KvGridRow& row : grid) names.push_back(row.name);
+  journal.check_rows(names);
   KvGridJournal hooks;
   hooks.kept = [&journal, &progress](const KvGridRow& row) -> std::optional<PerplexityResult> {
     const nlohmann::json* kept = journal.kept_row(row.name);
@@ -140,7 +143,7 @@ KvGridJournal kv_grid_journal(
     progress.kept(row.name);
     return journal.read(*kept, what, kv_grid_run_from_json);
   };
-  hooks.finished = [&journal, &progress, rows,
+  hooks.finished = [&journal, &progress, rows = grid.size(),
                     document = std::move(document)](const std::vector<KvGridResult>& results) {
     progress.finish();
     journal.save(document(results), results.size() == rows);

@@ -60,9 +60,10 @@ class RowProgress {
 // when the resumed file has its first row with the same key codec, value codec and selector
 // (a row of that name with other codecs is refused: the grid was built with other settings);
 // after each run the file is saved with `document` of the rows so far, complete when all
-// `rows` are in. Kept and finished runs are reported to `progress`.
+// `rows` are in. Kept and finished runs are reported to `progress`. Throws visikv::Error when
+// the resumed file holds a row that `rows` lacks.
 KvGridJournal kv_grid_journal(
-    const RowJournal& journal, RowProgress& progress, size_t rows,
+    const RowJournal& journal, RowProgress& progress, const std::vector<KvGridRow>& rows,
     std::function<nlohmann::json(const std::vector<KvGridResult>&)> document);
 
 // RowProgress for run_kv_grid: its progress callback.

@@ -1,6 +1,7 @@
 #include "visikv/eval/divergence.h"
 
 #include <algorithm>
+#include <nlohmann/json.hpp>
 
 #include "visikv/core/error.h"
 #include "visikv/eval/attention_metrics.h"

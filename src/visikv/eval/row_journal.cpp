@@ -72,6 +72,19 @@ RowJournal::RowJournal(std::filesystem::path path, bool resume, std::string comm
   kept_ = std::move(document);
 }
 
+void RowJournal::check_rows(const std::vector<std::string>& keys) const {
+  if (kept_.is_null() || layout_.rows.empty()) return;
+  const std::set<std::string> made(keys.begin(), keys.end());
+  std::string extra;
+  for (const nlohmann::json& row : kept_.at(layout_.rows))
+    if (!made.count(row.at(layout_.key).get<std::string>()))
+      extra += str_cat(extra.empty() ? "" : ", ", row.at(layout_.key).get<std::string>());
+  require(extra.empty(), "--resume ", path_.string(), ": holds rows this run does not make (",
+          extra,
+          "); a resumed run rewrites the file with its own rows, so give the rows of the "
+          "first run (or write to another file)");
+}
+
 const nlohmann::json* RowJournal::kept_row(const std::string& key) const {
   if (kept_.is_null() || layout_.rows.empty()) return nullptr;
   for (const nlohmann::json& row : kept_.at(layout_.rows))

@@ -18,6 +18,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "visikv/core/error.h"
 
@@ -45,6 +46,10 @@ class RowJournal {
   bool kept_complete() const { return resumed() && kept_.at("complete").get<bool>(); }
   // The document read back (null when none).
   const nlohmann::json& kept_document() const { return kept_; }
+
+  // Throws visikv::Error naming the kept rows whose keys are not among `keys` (the rows this run
+  // makes): a resumed run rewrites the file with its own rows, and must not drop others.
+  void check_rows(const std::vector<std::string>& keys) const;
 
   // The kept row named `key`, or nullptr.
   const nlohmann::json* kept_row(const std::string& key) const;
