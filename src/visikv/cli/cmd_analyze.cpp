@@ -174,6 +174,7 @@ AnalyzeRun run_analyze(const AnalyzeFlags& f) {
           run.result.cells.push_back(journal.read(cell, what, analyze_cell_from_json));
       progress.kept(name);
     } else {
+      progress.start(name);
       AnalyzeOptions one = options;
       one.key_specs = {spec};
       AnalyzeResult r = analyze_attention(run.trace, one, [&](int64_t done, int64_t total) {

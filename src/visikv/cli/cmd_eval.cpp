@@ -169,6 +169,7 @@ SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
                               " tokens, ", f.continuation, " greedy tokens each"));
         refs = dense_references(decoder, prefixes, options);
       }
+      progress.start(selector.text);
       run.rows.push_back(survival_row(
           decoder, *refs, selector, options,
           [&](int64_t done, int64_t n) { progress.update(selector.text, done, n, "samples"); }));
@@ -392,6 +393,7 @@ NeedleRun run_eval_needle(const NeedleFlags& f) {
       run.rows.push_back(journal.read(*kept, "row '" + selector.text + "'", needle_row_from_json));
       progress.kept(selector.text);
     } else {
+      progress.start(selector.text);
       run.rows.push_back(needle_row(
           decoder, cases, selector, options,
           [&](int64_t done, int64_t n) { progress.update(selector.text, done, n, "cases"); }));
@@ -572,6 +574,7 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   options.key_codec = specs.keys;
   options.value_codec = specs.values;
   RowProgress progress(1, f.output.quiet);
+  progress.start("coverage");
   // Steps: the dense prefill, then one per layer.
   run.result = attention_coverage(
       decoder, tokens, specs.selectors, options,

@@ -63,6 +63,7 @@ NumericsAgreement run_eval_numerics(const NumericsFlags& f, const Model& model,
       f.tokens > 0 ? std::optional(numerics_text_tokens(f.tokens, f.window, bos.has_value()))
                    : std::nullopt);
   RowProgress progress(1, f.output.quiet);
+  progress.start("exact vs int8");
   const NumericsAgreement r = compare_numerics(
       model, tokens, f.window, f.tokens, ProductRounding::Fastest,
       ProductRounding::QuantizedActivations, bos, [&](int64_t done, int64_t total) {

@@ -58,18 +58,21 @@ std::string RowProgress::eta(double row_fraction) const {
   return buffer;
 }
 
+void RowProgress::start(const std::string& name) {
+  if (row_open_) finish();
+  const auto now = Clock::now();
+  if (run_rows_ == 0) first_start_ = now;
+  row_open_ = true;
+  name_ = name;
+  ++index_;
+  row_start_ = now;
+  last_tenth_ = -1;
+}
+
 void RowProgress::update(const std::string& name, int64_t done, int64_t total,
                          const std::string& unit) {
+  if (!row_open_ || name != name_) start(name);
   const auto now = Clock::now();
-  if (!row_open_ || name != name_) {
-    if (row_open_) finish();
-    if (run_rows_ == 0) first_start_ = now;
-    row_open_ = true;
-    name_ = name;
-    ++index_;
-    row_start_ = now;
-    last_tenth_ = -1;
-  }
   if (quiet_) return;
   const double fraction =
       static_cast<double>(done) / static_cast<double>(std::max<int64_t>(total, 1));

@@ -37,6 +37,8 @@ class RowProgress {
   RowProgress(int64_t rows, bool quiet);
 
   void kept(const std::string& name);
+  // Row `name` starts (its clock with it); update() with a new name also starts one.
+  void start(const std::string& name);
   // Row `name` has done `done` of `total` units ("tokens", "samples", ...); a new name starts
   // the next row.
   void update(const std::string& name, int64_t done, int64_t total, const std::string& unit);

@@ -206,6 +206,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
     support_count += static_cast<int64_t>(stats.size());
   };
   const int64_t sliding_window = decoder.model().config().sliding_window;
+  if (progress) progress(0, total);  // started: a long first chunk is not counted as idle
   PerplexityResult result;
   double nll_sum = 0.0;
   std::vector<int32_t> window;

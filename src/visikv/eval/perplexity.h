@@ -84,7 +84,8 @@ struct PerplexityResult {
   std::optional<double> reference_nll, reference_ppl;
 };
 
-// progress(scored so far, total to score)
+// progress(scored so far, total to score): once with 0 before the first window, then after
+// each forward.
 using Progress = std::function<void(int64_t done, int64_t total)>;
 
 // Throws visikv::Error for options perplexity() cannot run: a window under 2 tokens or past the
