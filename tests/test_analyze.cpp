@@ -168,7 +168,7 @@ TEST(Analyze, CellsMatchADirectComputationFromTheStoredKeys) {
                                  std::span(stored).subspan((j * kv + h) * d, d)) /
                    d;
         }
-        kl += attention_kl<double>(s, s_hat);
+        kl += softmax_kl<double>(s, s_hat);
         fisher += compare_attention<double>(s, s_hat).fisher;
         mse += mse_t / (t + 1);
       }

@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "test_support.h"
+#include "visikv/calibration/headq_basis.h"
 #include "visikv/eval/attention_metrics.h"
 #include "visikv/eval/key_perturbation.h"
-#include "visikv/calibration/headq_basis.h"
 #include "visikv/kv/headq.h"
 
 namespace visikv {
@@ -51,7 +51,7 @@ TEST(AttentionMetrics, KlAgreesWithTheDefinition) {
     std::vector<double> s_hat(s.size());
     for (size_t j = 0; j < s.size(); ++j) s_hat[j] = s[j] + noise[j];
     const double expected = brute_force_kl(s, s_hat);
-    EXPECT_NEAR(attention_kl<double>(s, s_hat), expected, 1e-12 * std::max(1.0, expected));
+    EXPECT_NEAR(softmax_kl<double>(s, s_hat), expected, 1e-12 * std::max(1.0, expected));
     // Entropy from the definition.
     const std::vector<double> a = softmax_weights<double>(s);
     double h = 0;
@@ -74,7 +74,7 @@ TEST(AttentionMetrics, KlTendsToHalfTheFisherErrorForSmallPerturbations) {
         s_hat[j] = s[j] - delta[j];
       }
       const double fisher = fisher_score_error(a, delta);
-      const double kl = attention_kl<double>(s, s_hat);
+      const double kl = softmax_kl<double>(s, s_hat);
       const double deviation = std::abs(kl / (fisher / 2) - 1);
       // The next term of the expansion is third order in δ: the ratio is 1 + O(scale).
       EXPECT_LT(deviation, 2 * scale) << "scale " << scale;
@@ -101,9 +101,9 @@ TEST(AttentionMetrics, FisherAndKlIgnoreAConstantAddedToEveryScore) {
   const double f = fisher_score_error(a, delta);
   EXPECT_GT(f, 0);
   EXPECT_NEAR(fisher_score_error(a, delta_shifted), f, 1e-12 * f);
-  const double kl = attention_kl<double>(s, s_hat);
+  const double kl = softmax_kl<double>(s, s_hat);
   EXPECT_GT(kl, 0);
-  EXPECT_NEAR(attention_kl<double>(s, shifted), kl, 1e-12 * kl);
+  EXPECT_NEAR(softmax_kl<double>(s, shifted), kl, 1e-12 * kl);
   // A pure shift is invisible: zero F, zero KL, no flip.
   std::vector<double> only_shift(s.size());
   for (size_t j = 0; j < s.size(); ++j) only_shift[j] = s[j] - 3.5;
@@ -133,14 +133,14 @@ TEST(AttentionMetrics, FisherIsTheWeightedVariance) {
 
 TEST(AttentionMetrics, RouteFlipAndLargePerturbations) {
   const std::vector<double> s = {1, 3, 2};
-  EXPECT_FALSE(route_flip<double>(s, std::vector<double>{0, 5, 4}));
-  EXPECT_TRUE(route_flip<double>(s, std::vector<double>{0, 3, 4}));
+  EXPECT_FALSE(argmax_differs<double>(s, std::vector<double>{0, 5, 4}));
+  EXPECT_TRUE(argmax_differs<double>(s, std::vector<double>{0, 3, 4}));
   // Very different logits: KL stays finite and equals the definition.
   const std::vector<double> far = {40, -30, 5};
-  EXPECT_NEAR(attention_kl<double>(s, far), brute_force_kl(s, far), 1e-9);
+  EXPECT_NEAR(softmax_kl<double>(s, far), brute_force_kl(s, far), 1e-9);
   // Float logits give the same KL as their double values.
   const std::vector<float> sf = {1, 3, 2}, ff = {0.5f, 3.25f, 2};
-  EXPECT_NEAR(attention_kl<float>(sf, ff),
+  EXPECT_NEAR(softmax_kl<float>(sf, ff),
               brute_force_kl(std::vector<double>(sf.begin(), sf.end()),
                              std::vector<double>(ff.begin(), ff.end())),
               1e-14);

@@ -283,6 +283,197 @@ TEST(Cli, PerplexityWithQuantizedKeysAndSparseAttention) {
   }
 }
 
+// ---- long runs: --json row by row, --resume, progress, KL beside perplexity -----------------
+
+// A text long enough for every eval command on the fixture, and the commands at fixture sizes.
+fs::path eval_text() {
+  static const fs::path text = [] {
+    const fs::path path = temp_file("visikv_cli_eval_text.txt");
+    std::ofstream out(path);
+    for (int i = 0; i < 6; ++i) out << kEnglishText;
+    return path;
+  }();
+  return text;
+}
+
+std::vector<std::string> eval_commands() {
+  const std::string t = eval_text().string();
+  return {"ppl " + kLlama + " --file " + t + " --window 32 --tokens 40 --keys int2:g16:tok " +
+              "--reference-keys f32",
+          "eval kv " + kLlama + " --text " + t + " --calibration-text " + t +
+              " --window 32 --tokens 40 --calibration-tokens 64 --rows k2-tok,k2-tok+hq-r8",
+          "eval sparse-ppl " + kLlama + " --text " + t +
+              " --window 32 --tokens 40 --selectors sparse:a1:w8:k8:exact --keys int2:g16:tok",
+          "eval sparse " + kLlama + " --text " + t + " --prefix 32 --continuation 4 --samples 2 " +
+              "--selectors sparse:a1:w8:k8:exact,sparse:a1:w4:k4:b16:bound",
+          "eval needle " + kLlama + " --text " + t + " --contexts 64 --depths 0.5 --needles 1 " +
+              "--answer-tokens 4 --selectors sparse:a1:w8:k8:exact",
+          "eval coverage " + kLlama + " --text " + t +
+              " --tokens 64 --from 16 --selectors sparse:a1:w8:k8:exact",
+          "eval numerics " + kLlama + " --file " + t + " --window 32 --tokens 40",
+          "analyze " + kLlama + " --text " + t + " --tokens 48 --keys f32,int2:g16:tok"};
+}
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+// The document without what differs between two runs of the same rows: the wall-clock times.
+nlohmann::json without_times(nlohmann::json j) {
+  if (j.is_object()) {
+    for (const char* key : {"seconds", "grid_seconds", "total_seconds", "tokens_per_s"})
+      j.erase(key);
+    for (auto& [key, value] : j.items()) value = without_times(value);
+  } else if (j.is_array()) {
+    for (auto& value : j) value = without_times(value);
+  }
+  return j;
+}
+
+// Every command: a finished run resumed is not run again, and what it reads back is what it
+// wrote (the file is rewritten, for the commands of several rows, from the rows read back).
+TEST(Cli, EveryEvalCommandResumesAFinishedRunWithoutRunningIt) {
+  for (const std::string& command : eval_commands()) {
+    const fs::path json = temp_file("visikv_resume_all.json");
+    fs::remove(json);
+    const ProgramRun first = run("-t 1 " + command + " --json " + json.string());
+    ASSERT_EQ(first.status, 0) << command << "\n" << first.output;
+    EXPECT_NE(first.output.find("done in"), std::string::npos) << command << "\n" << first.output;
+    const std::string written = read_file(json);
+    const nlohmann::json document = nlohmann::json::parse(written);
+    EXPECT_EQ(document["complete"], true) << command;
+    EXPECT_TRUE(document["parameters"].is_object()) << command;
+    EXPECT_FALSE(fs::exists(json.string() + ".partial")) << command;
+    const ProgramRun again = run("-t 1 " + command + " --resume " + json.string());
+    ASSERT_EQ(again.status, 0) << command << "\n" << again.output;
+    EXPECT_EQ(again.output.find("done in"), std::string::npos) << command << "\n" << again.output;
+    // eval kv records this invocation's grid time; every other byte is read back.
+    if (command.starts_with("eval kv"))
+      EXPECT_EQ(without_times(nlohmann::json::parse(read_file(json))), without_times(document));
+    else
+      EXPECT_EQ(read_file(json), written) << command;
+    // Without progress: nothing but the table.
+    const ProgramRun quiet = run("-t 1 " + command + " --resume " + json.string() + " --quiet");
+    EXPECT_EQ(quiet.output.find("kept from"), std::string::npos) << command << quiet.output;
+    fs::remove(json);
+  }
+}
+
+// A run killed after its first row: resuming runs only the rows that are missing and ends with the
+// document an uninterrupted run writes; the row read back stays as it was written.
+TEST(Cli, ResumedGridRunsOnlyTheMissingRows) {
+  const std::string command = eval_commands()[2];  // eval sparse-ppl: 4 rows, 4 runs
+  const fs::path full = temp_file("visikv_resume_full.json"),
+                 partial = temp_file("visikv_resume_partial.json");
+  fs::remove(full);
+  ProgramRun r = run("-t 1 " + command + " --json " + full.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  nlohmann::json document = nlohmann::json::parse(read_file(full));
+  ASSERT_EQ(document["rows"].size(), 4u);
+  const std::string first_row = document["rows"][0].dump();
+  nlohmann::json cut = document;
+  cut["rows"] = nlohmann::json::array({document["rows"][0]});
+  cut["complete"] = false;
+  std::ofstream(partial) << cut.dump(2);
+
+  r = run("-t 1 " + command + " --resume " + partial.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_EQ(occurrences(r.output, "kept from the resumed file"), 1u) << r.output;
+  EXPECT_NE(r.output.find("[1/4] dense: kept from the resumed file"), std::string::npos);
+  EXPECT_EQ(occurrences(r.output, "done in"), 3u) << r.output;
+  const nlohmann::json resumed = nlohmann::json::parse(read_file(partial));
+  EXPECT_EQ(resumed["rows"][0].dump(), first_row);  // seconds included: not run again
+  EXPECT_EQ(without_times(resumed), without_times(document));
+  fs::remove(full);
+  fs::remove(partial);
+}
+
+TEST(Cli, ResumeRefusesOtherParametersAndFilesItCannotRead) {
+  const std::string command = eval_commands()[2];
+  const fs::path json = temp_file("visikv_resume_checks.json");
+  fs::remove(json);
+  ASSERT_EQ(run("-t 1 " + command + " --json " + json.string()).status, 0);
+  const auto fails_with = [](const std::string& args, const std::string& expected) {
+    const ProgramRun r = run("-t 1 " + args);
+    EXPECT_EQ(r.status, 1) << args << "\n" << r.output;
+    EXPECT_NE(r.output.find(expected), std::string::npos) << args << "\n" << r.output;
+  };
+  // Other parameters: every difference is named.
+  const auto replaced = [](std::string text, const std::string& from, const std::string& to) {
+    return text.replace(text.find(from), from.size(), to);
+  };
+  const std::string window16 = replaced(command, " --window 32", " --window 16");
+  fails_with(window16 + " --resume " + json.string(),
+             "written with other parameters (window: 32 in the file, 16 in this run)");
+  fails_with(replaced(window16, " --tokens 40", " --tokens 20") + " --resume " + json.string(),
+             "tokens: 40 in the file, 20 in this run; window: 32 in the file, 16 in this run");
+  // Fewer rows: resuming would drop the others from the file.
+  fails_with(
+      replaced(command, " --keys int2:g16:tok", "") + " --resume " + json.string(),
+      "holds rows this run does not make (int2:g16:tok, int2:g16:tok + sparse:a1:w8:k8:exact)");
+  // Another command's file.
+  fails_with(eval_commands()[1] + " --resume " + json.string(),
+             "holds the results of `eval sparse-ppl`, not `eval kv`");
+  // A row of the same name measured with other settings.
+  nlohmann::json document = nlohmann::json::parse(read_file(json));
+  document["rows"][2]["key_codec"] = "int4:g16:tok";
+  std::ofstream(json) << document.dump();
+  fails_with(command + " --resume " + json.string(),
+             "row 'int2:g16:tok' there has keys int4:g16:tok");
+  // A row that does not read back.
+  document["rows"][2].erase("key_codec");
+  document["rows"][0].erase("nll");
+  std::ofstream(json) << document.dump();
+  fails_with(command + " --resume " + json.string(), "row 'dense' does not read back");
+  // Not JSON, not a results file, two files.
+  std::ofstream(json) << "{\"command\": \"eval sparse-ppl\", \"rows\": [";
+  fails_with(command + " --resume " + json.string(), "malformed JSON");
+  std::ofstream(json) << "[1, 2]";
+  fails_with(command + " --resume " + json.string(), "not a visikv results file");
+  fails_with(command + " --resume " + json.string() + " --json other.json",
+             "a resumed run writes the file it resumes");
+  fs::remove(json);
+}
+
+// ppl --reference-keys: KL of the run against a reference of its own codecs is 0; with 2-bit keys
+// it is the figure eval sparse-ppl reports for the same codec.
+TEST(Cli, PerplexityReportsKlAgainstAReference) {
+  const std::string text = eval_text().string();
+  const fs::path json = temp_file("visikv_ppl_kl.json"), grid = temp_file("visikv_grid_kl.json");
+  const std::string ppl = "-t 1 ppl " + kLlama + " --file " + text +
+                          " --window 32 --tokens 40 --mode decode --reference-keys f32 --json " +
+                          json.string();
+  ProgramRun r = run(ppl + " --keys f32");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("top-1:        1.0000 of tokens agree"), std::string::npos) << r.output;
+  nlohmann::json j = nlohmann::json::parse(read_file(json));
+  EXPECT_EQ(j["kl_mean"], 0.0);
+  EXPECT_EQ(j["kl_max"], 0.0);
+  EXPECT_EQ(j["top1_agreement"], 1.0);
+  EXPECT_EQ(j["reference_nll"], j["nll"]);
+  r = run(ppl + " --keys int2:g16:tok");
+  ASSERT_EQ(r.status, 0) << r.output;
+  j = nlohmann::json::parse(read_file(json));
+  EXPECT_GT(j["kl_mean"].get<double>(), 0);
+  EXPECT_LE(j["kl_mean"].get<double>(), j["kl_max"].get<double>());
+  EXPECT_LT(j["top1_agreement"].get<double>(), 1);
+  r = run("-t 1 " + eval_commands()[2] + " --json " + grid.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const nlohmann::json g = nlohmann::json::parse(read_file(grid));
+  ASSERT_EQ(g["rows"][2]["name"], "int2:g16:tok");
+  EXPECT_EQ(g["rows"][2]["kl_mean"], j["kl_mean"]);  // decode and decode-batched: same bits
+  EXPECT_EQ(g["rows"][2]["top1_agreement"], j["top1_agreement"]);
+  EXPECT_TRUE(g["rows"][0]["kl_mean"].is_null());  // dense is the reference
+  // Without --reference-keys the fields are null.
+  r = run("-t 1 ppl " + kLlama + " --file " + text + " --window 32 --tokens 40 --json " +
+          json.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(nlohmann::json::parse(read_file(json))["kl_mean"].is_null());
+  fs::remove(json);
+  fs::remove(grid);
+}
+
 struct BadInvocation {
   std::string args;
   std::string expected;  // part of the message

@@ -16,9 +16,9 @@
 #include <vector>
 
 #include "test_support.h"
-#include "visikv/core/error.h"
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/calibrate.h"
+#include "visikv/core/error.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/kv/codec_spec.h"
@@ -268,7 +268,7 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("k2-tok+hq-r8-keypca"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("v3-a2"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("[run 1/37] dense: 20/20 tokens"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[1/37] dense: 20/20 tokens"), std::string::npos) << r.output;
   std::ifstream in(json_path);
   const nlohmann::json j = nlohmann::json::parse(in);
   fs::remove(json_path);
@@ -286,6 +286,16 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
     const std::string name = row["name"];
     const bool headq = name.find("+hq-") != std::string::npos;
     EXPECT_EQ(row["excess_removed"].is_null(), !headq) << name;
+    // KL from dense: every row but dense itself (and a row that reports dense's run).
+    const bool reference = name == "dense" || row["same_run_as"] == "dense";
+    for (const char* key : {"kl_mean", "kl_p99", "kl_max", "top1_agreement"})
+      EXPECT_EQ(row[key].is_null(), reference) << name << " " << key;
+    if (!reference) {
+      EXPECT_GE(row["kl_p99"].get<double>(), 0) << name;
+      EXPECT_LE(row["kl_p99"].get<double>(), row["kl_max"].get<double>()) << name;
+      EXPECT_GE(row["top1_agreement"].get<double>(), 0) << name;
+      EXPECT_LE(row["top1_agreement"].get<double>(), 1) << name;
+    }
     EXPECT_EQ(
         row["bits_per_key"].get<double>(),
         codec_bits(parse_codec_spec(row["key_codec"].get<std::string>()), 16).bits_per_vector);
@@ -293,6 +303,8 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   EXPECT_EQ(j["rows"][0]["name"], "dense");
   EXPECT_EQ(j["rows"][0]["bits_per_value"], 512);
   EXPECT_EQ(j["mode"], "decode-batched");
+  EXPECT_EQ(j["complete"], true);
+  EXPECT_EQ(j["parameters"]["window"], 32);
   EXPECT_TRUE(j["rows"][0]["same_run_as"].is_null());
 
   // A basis file; then one for another model.

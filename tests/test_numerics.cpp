@@ -33,10 +33,11 @@ TEST(Numerics, ExactAgainstItselfAgreesPerfectly) {
   const NumericsAgreement r =
       compare_numerics(l.model, l.text, 128, kPositions, ProductRounding::Fastest,
                        ProductRounding::PerToken, l.model.tokenizer().bos_id());
-  EXPECT_EQ(r.positions, kPositions);
-  EXPECT_EQ(r.top1_agreement, 1.0);
+  EXPECT_EQ(r.divergence.positions, kPositions);
+  EXPECT_EQ(r.divergence.top1_agreement, 1.0);
   // Fastest and PerToken round the same way for GGUF block weights (one kernel for both).
-  EXPECT_EQ(r.mean_kl, 0.0);
+  EXPECT_EQ(r.divergence.kl_mean, 0.0);
+  EXPECT_EQ(r.divergence.kl_max, 0.0);
   EXPECT_EQ(r.reference_nll, r.candidate_nll);
 }
 
@@ -47,10 +48,12 @@ TEST(Numerics, Int8ProductsStayWithinTheMeasuredBounds) {
   const NumericsAgreement r =
       compare_numerics(l.model, l.text, 128, kPositions, ProductRounding::Fastest,
                        ProductRounding::QuantizedActivations, l.model.tokenizer().bos_id());
-  EXPECT_EQ(r.positions, kPositions);
-  EXPECT_GT(r.mean_kl, 0.0);
-  EXPECT_LT(r.mean_kl, 0.05);
-  EXPECT_GT(r.top1_agreement, 0.85);
+  EXPECT_EQ(r.divergence.positions, kPositions);
+  EXPECT_GT(r.divergence.kl_mean, 0.0);
+  EXPECT_LT(r.divergence.kl_mean, 0.05);
+  EXPECT_LE(r.divergence.kl_mean, r.divergence.kl_max);
+  EXPECT_LE(r.divergence.kl_p99, r.divergence.kl_max);
+  EXPECT_GT(r.divergence.top1_agreement, 0.85);
   EXPECT_LT(std::abs(r.candidate_nll - r.reference_nll), 0.1);
 }
 

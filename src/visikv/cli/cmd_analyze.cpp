@@ -13,6 +13,7 @@
 
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
+#include "visikv/cli/long_run.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/analyze.h"
 #include "visikv/eval/context_limit.h"
@@ -29,7 +30,8 @@ namespace {
 using nlohmann::json;
 
 struct AnalyzeFlags {
-  std::string model, values, text, csv, json, plot;
+  std::string model, values, text, csv, plot;
+  RunOutputFlags output;
   std::vector<std::string> keys;
   std::vector<double> entropy_bins = {0.5, 1, 2, 4};
   int64_t tokens = 0;  // 0: 512, or the context if shorter
@@ -102,6 +104,10 @@ std::vector<int32_t> analyze_tokens(const Model& model, const std::filesystem::p
   return tokens;
 }
 
+json analyze_json(const AnalyzeRun& run, const AnalyzeFlags& f);
+CodecSummary codec_summary_from_json(const json& j);
+AnalyzeCell analyze_cell_from_json(const json& j);
+
 AnalyzeRun run_analyze(const AnalyzeFlags& f) {
   require(f.tokens == 0 || f.tokens >= 2, "--tokens must be at least 2, got ", f.tokens);
   check_basis_flags(f.basis);
@@ -140,16 +146,48 @@ AnalyzeRun run_analyze(const AnalyzeFlags& f) {
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
   const std::vector<int32_t> input = analyze_tokens(model, text_path, tokens);
-  std::fprintf(stderr, "running the dense model over %zu tokens\n", input.size());
+  // A row per key spec, with its cells (a row's spec is its key).
+  const RowJournal journal = open_row_journal(f.output, "analyze",
+                                              {{"model", run.model},
+                                               {"text", run.text},
+                                               {"tokens", tokens},
+                                               {"values", f.values},
+                                               {"null_energy", f.null_energy},
+                                               {"entropy_edges", f.entropy_bins},
+                                               {"basis", run.basis.json}},
+                                              {.rows = "codecs", .key = "key_codec"});
+  std::vector<std::string> names;
+  for (const AnalyzeKeySpec& spec : options.key_specs) names.push_back(spec.text());
+  journal.check_rows(names);
+  RowProgress progress(static_cast<int64_t>(options.key_specs.size()), f.output.quiet);
+  progress.note(str_cat("running the dense model over ", input.size(), " tokens"));
   run.trace = trace_attention(model, input);
-  int64_t last_tenth = -1;
-  run.result = analyze_attention(run.trace, options, [&](int64_t done, int64_t total) {
-    const int64_t tenth = 10 * done / total;
-    if (tenth == last_tenth) return;
-    last_tenth = tenth;
-    std::fprintf(stderr, "analyze: %lld/%lld (key spec, layer) runs\n",
-                 static_cast<long long>(done), static_cast<long long>(total));
-  });
+  check_analyze_options(run.trace, options);
+  for (const AnalyzeKeySpec& spec : options.key_specs) {
+    const std::string name = spec.text();
+    if (const json* kept = journal.kept_row(name)) {
+      const std::string what = "key spec '" + name + "'";
+      run.result.codecs.push_back(journal.read(*kept, what, codec_summary_from_json));
+      for (const json& cell :
+           journal.read(journal.kept_document(), what, [](const json& d) { return d.at("cells"); }))
+        if (journal.read(cell, what, [](const json& c) { return c.at("key_codec"); }) == name)
+          run.result.cells.push_back(journal.read(cell, what, analyze_cell_from_json));
+      progress.kept(name);
+    } else {
+      progress.start(name);
+      AnalyzeOptions one = options;
+      one.key_specs = {spec};
+      AnalyzeResult r = analyze_attention(run.trace, one, [&](int64_t done, int64_t total) {
+        progress.update(name, done, total, "layers");
+      });
+      progress.finish();
+      run.result.codecs.push_back(std::move(r.codecs.front()));
+      for (AnalyzeCell& cell : r.cells) run.result.cells.push_back(std::move(cell));
+    }
+    correlate_cells(run.result);
+    // Indented by one space: the cells make this file large.
+    journal.save(analyze_json(run, f), run.result.codecs.size() == options.key_specs.size(), 1);
+  }
   return run;
 }
 
@@ -233,12 +271,59 @@ std::string analyze_csv(const AnalyzeRun& run, const std::vector<double>& entrop
   return csv;
 }
 
+std::vector<EntropyBinCount> bins_from_json(const json& bins) {
+  std::vector<EntropyBinCount> out;
+  for (const json& b : bins)
+    out.push_back({b.at("queries").get<int64_t>(), b.at("flips").get<int64_t>()});
+  return out;
+}
+
+// The rows analyze_json wrote (--resume).
+CodecSummary codec_summary_from_json(const json& j) {
+  CodecSummary s;
+  s.key_codec = j.at("key_codec").get<std::string>();
+  s.bits_per_key = optional_from_json(j.at("bits_per_key"));
+  s.cells = j.at("cells").get<int64_t>();
+  s.queries = j.at("queries").get<int64_t>();
+  s.mse_mean = j.at("mse_mean").get<double>();
+  s.fisher_mean = j.at("fisher_mean").get<double>();
+  s.kl_mean = j.at("kl_mean").get<double>();
+  s.flip_rate = j.at("flip_rate").get<double>();
+  s.bins = bins_from_json(j.at("flips_by_entropy"));
+  s.value_error_mean = optional_from_json(j.at("value_error_mean"));
+  s.value_only_error_mean = optional_from_json(j.at("value_only_error_mean"));
+  s.a2_surrogate_mean = optional_from_json(j.at("a2_surrogate_mean"));
+  if (j.contains("query_span_rank")) {
+    s.span_rank_min = j.at("query_span_rank").at(0).get<int64_t>();
+    s.span_rank_max = j.at("query_span_rank").at(1).get<int64_t>();
+  }
+  return s;
+}
+
+AnalyzeCell analyze_cell_from_json(const json& j) {
+  AnalyzeCell c;
+  c.key_codec = j.at("key_codec").get<std::string>();
+  c.layer = j.at("layer").get<int64_t>();
+  c.head = j.at("head").get<int64_t>();
+  c.kv_head = j.at("kv_head").get<int64_t>();
+  c.queries = j.at("queries").get<int64_t>();
+  c.key_mse = j.at("key_mse").get<double>();
+  c.fisher = j.at("fisher").get<double>();
+  c.kl = j.at("kl").get<double>();
+  c.flip_rate = j.at("flip_rate").get<double>();
+  c.entropy = j.at("entropy").get<double>();
+  c.bins = bins_from_json(j.at("flips_by_entropy"));
+  c.value_error = optional_from_json(j.at("value_error"));
+  c.value_only_error = optional_from_json(j.at("value_only_error"));
+  c.a2_surrogate = optional_from_json(j.at("a2_surrogate"));
+  return c;
+}
+
 json analyze_json(const AnalyzeRun& run, const AnalyzeFlags& f) {
   const AnalyzeResult& result = run.result;
   const AttentionTrace& trace = run.trace;
   const std::vector<double>& edges = f.entropy_bins;
-  json out = {{"command", "analyze"},
-              {"model", run.model},
+  json out = {{"model", run.model},
               {"text", run.text},
               {"tokens", trace.tokens},
               {"bos_first", run.bos_first},
@@ -343,15 +428,13 @@ void add_analyze_command(CLI::App& app) {
                   "comma-separated attention-entropy bin edges in nats (default 0.5,1,2,4)")
       ->delimiter(',');
   cmd->add_option("--csv", flags->csv, "write one row per (key spec, layer, head) cell");
-  cmd->add_option("--json", flags->json, "write the cells, per-codec means and correlations");
+  add_run_output_options(*cmd, flags->output, "the cells, per-codec means and correlations");
   cmd->add_option("--plot", flags->plot, "write a PNG of key MSE and F/2 against measured KL");
   cmd->callback([flags] {
     apply_global_options();
     const AnalyzeRun run = run_analyze(*flags);
     print_analyze_table(run, *flags);
     if (!flags->csv.empty()) write_text_file(flags->csv, analyze_csv(run, flags->entropy_bins));
-    // Indented by one space: the cells make this file large.
-    if (!flags->json.empty()) write_json_file(flags->json, analyze_json(run, *flags), 1);
     if (!flags->plot.empty()) write_analyze_plot(run, flags->plot);
   });
 }

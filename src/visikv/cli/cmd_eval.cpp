@@ -14,6 +14,7 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
+#include "visikv/cli/long_run.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/coverage.h"
@@ -52,9 +53,10 @@ const std::vector<std::string> kNeedleQuickGrid = {"sparse:a1:w64:k32:exact",
 
 // Flags every eval subcommand shares.
 struct CommonFlags {
-  std::string model, keys = "f32", values = "f32", json, text;
+  std::string model, keys = "f32", values = "f32", text;
   std::vector<std::string> selectors;
   bool quick = false;
+  RunOutputFlags output;
 };
 
 void add_common_flags(CLI::App* cmd, CommonFlags& f) {
@@ -65,7 +67,7 @@ void add_common_flags(CLI::App* cmd, CommonFlags& f) {
   cmd->add_option("--keys", f.keys, "key cache codec (docs/CACHE_SPECS.md; default f32)");
   cmd->add_option("--values", f.values, "value cache codec (default f32)");
   cmd->add_option("--text", f.text, "text file (default: WikiText-103 test)");
-  cmd->add_option("--json", f.json, "write the results as JSON to this file");
+  add_run_output_options(*cmd, f.output, "the results");
   cmd->add_flag("--quick", f.quick, "a small grid that runs in a few minutes on 2 cores");
 }
 
@@ -105,6 +107,9 @@ struct SparseRun {
   std::vector<SurvivalRow> rows;
 };
 
+json sparse_json(const SparseRun& run, const SparseFlags& f);
+SurvivalRow survival_row_from_json(const json& j);
+
 SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
   if (f.quick) {  // quick values for what was not given explicitly
     if (cmd->count("--prefix") == 0) f.prefix = 512;
@@ -139,17 +144,38 @@ SparseRun run_eval_sparse(CLI::App* cmd, SparseFlags& f) {
       text_file_tokens(model.tokenizer(), text_path, survival_text_tokens(options));
   const auto prefixes = survival_prefixes(tokens, options);
 
-  std::fprintf(stderr, "dense reference: %lld prefixes of %lld tokens, %lld greedy tokens each\n",
-               static_cast<long long>(f.samples), static_cast<long long>(f.prefix),
-               static_cast<long long>(f.continuation));
-  const std::vector<DenseReference> refs = dense_references(decoder, prefixes, options);
-  for (size_t i = 0; i < selectors.size(); ++i) {
-    run.rows.push_back(
-        survival_row(decoder, refs, specs.selectors[i], options, [&](int64_t done, int64_t n) {
-          std::fprintf(stderr, "[%zu/%zu] %s: sample %lld/%lld\n", i + 1, selectors.size(),
-                       selectors[i].c_str(), static_cast<long long>(done),
-                       static_cast<long long>(n));
-        }));
+  const RowJournal journal = open_row_journal(f.output, "eval sparse",
+                                              {{"model", run.model},
+                                               {"text", run.text},
+                                               {"prefix", f.prefix},
+                                               {"continuation", f.continuation},
+                                               {"samples", f.samples},
+                                               {"key_codec", specs.keys.text()},
+                                               {"value_codec", specs.values.text()},
+                                               {"temperature", f.temperature},
+                                               {"seed", f.seed}},
+                                              {.key = "selector"});
+  journal.check_rows(selectors);
+  RowProgress progress(static_cast<int64_t>(selectors.size()), f.output.quiet);
+  std::optional<std::vector<DenseReference>> refs;  // computed when a row needs them
+  for (const NamedSelectorSpec& selector : specs.selectors) {
+    if (const json* kept = journal.kept_row(selector.text)) {
+      run.rows.push_back(
+          journal.read(*kept, "row '" + selector.text + "'", survival_row_from_json));
+      progress.kept(selector.text);
+    } else {
+      if (!refs) {
+        progress.note(str_cat("dense reference: ", f.samples, " prefixes of ", f.prefix,
+                              " tokens, ", f.continuation, " greedy tokens each"));
+        refs = dense_references(decoder, prefixes, options);
+      }
+      progress.start(selector.text);
+      run.rows.push_back(survival_row(
+          decoder, *refs, selector, options,
+          [&](int64_t done, int64_t n) { progress.update(selector.text, done, n, "samples"); }));
+      progress.finish();
+    }
+    journal.save(sparse_json(run, f), run.rows.size() == specs.selectors.size());
   }
   return run;
 }
@@ -207,46 +233,71 @@ void print_sparse_table(const SparseRun& run, const SparseFlags& f) {
       "attention over the same cache.\n");
 }
 
+json survival_row_json(const SurvivalRow& r) {
+  return {{"selector", r.selector},
+          {"support_mean", r.support_mean},
+          {"support_max", r.support_max},
+          {"context_mean", r.context_mean},
+          {"first_divergence", r.first_divergence_mean},
+          {"first_divergence_min", r.first_divergence_min},
+          {"first_divergence_per_sample", r.first_divergence},
+          {"identical", r.identical},
+          {"tf_match", r.tf_match},
+          {"delta_ppl_pct", r.delta_ppl_pct},
+          {"nll_dense", r.nll_dense},
+          {"nll_sparse", r.nll_sparse},
+          {"ppl_dense", r.ppl_dense},
+          {"ppl_sparse", r.ppl_sparse},
+          {"bound_max", optional_json(r.bound_max)},
+          {"measured_err_max", optional_json(r.measured_err_max)},
+          {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
+          {"queries_measured", r.queries_measured},
+          {"sampling_first_divergence",
+           r.sampling_agreement ? json(r.sampling_first_divergence_mean) : json(nullptr)},
+          {"sampling_first_divergence_per_sample", r.sampling_first_divergence},
+          {"sampling_agreement", optional_json(r.sampling_agreement)},
+          {"seconds", r.seconds}};
+}
+
+// The row survival_row_json wrote (--resume).
+SurvivalRow survival_row_from_json(const json& j) {
+  SurvivalRow r;
+  r.selector = j.at("selector").get<std::string>();
+  r.support_mean = j.at("support_mean").get<double>();
+  r.support_max = j.at("support_max").get<int64_t>();
+  r.context_mean = j.at("context_mean").get<double>();
+  r.first_divergence_mean = j.at("first_divergence").get<double>();
+  r.first_divergence_min = j.at("first_divergence_min").get<int64_t>();
+  r.first_divergence = j.at("first_divergence_per_sample").get<std::vector<int64_t>>();
+  r.identical = j.at("identical").get<bool>();
+  r.tf_match = j.at("tf_match").get<double>();
+  r.delta_ppl_pct = j.at("delta_ppl_pct").get<double>();
+  r.nll_dense = j.at("nll_dense").get<double>();
+  r.nll_sparse = j.at("nll_sparse").get<double>();
+  r.ppl_dense = j.at("ppl_dense").get<double>();
+  r.ppl_sparse = j.at("ppl_sparse").get<double>();
+  r.bound_max = optional_from_json(j.at("bound_max"));
+  r.measured_err_max = optional_from_json(j.at("measured_err_max"));
+  r.bound_violations = optional_from_json(j.at("bound_violations")).value_or(0);
+  r.queries_measured = j.at("queries_measured").get<int64_t>();
+  r.sampling_first_divergence_mean =
+      optional_from_json(j.at("sampling_first_divergence")).value_or(0);
+  r.sampling_first_divergence =
+      j.at("sampling_first_divergence_per_sample").get<std::vector<int64_t>>();
+  r.sampling_agreement = optional_from_json(j.at("sampling_agreement"));
+  r.seconds = j.at("seconds").get<double>();
+  return r;
+}
+
 json sparse_json(const SparseRun& run, const SparseFlags& f) {
   const SurvivalOptions& options = run.options;
-  json out = {{"command", "eval sparse"},
-              {"model", run.model},
-              {"text", run.text},
-              {"prefix", f.prefix},
-              {"continuation", f.continuation},
-              {"samples", f.samples},
-              {"bos_first", options.bos.has_value()},
-              {"key_codec", f.keys},
-              {"value_codec", f.values},
-              {"temperature", f.temperature},
-              {"seed", f.seed},
+  json out = {{"model", run.model},           {"text", run.text},
+              {"prefix", f.prefix},           {"continuation", f.continuation},
+              {"samples", f.samples},         {"bos_first", options.bos.has_value()},
+              {"key_codec", f.keys},          {"value_codec", f.values},
+              {"temperature", f.temperature}, {"seed", f.seed},
               {"rows", json::array()}};
-  for (const SurvivalRow& r : run.rows) {
-    out["rows"].push_back(
-        {{"selector", r.selector},
-         {"support_mean", r.support_mean},
-         {"support_max", r.support_max},
-         {"context_mean", r.context_mean},
-         {"first_divergence", r.first_divergence_mean},
-         {"first_divergence_min", r.first_divergence_min},
-         {"first_divergence_per_sample", r.first_divergence},
-         {"identical", r.identical},
-         {"tf_match", r.tf_match},
-         {"delta_ppl_pct", r.delta_ppl_pct},
-         {"nll_dense", r.nll_dense},
-         {"nll_sparse", r.nll_sparse},
-         {"ppl_dense", r.ppl_dense},
-         {"ppl_sparse", r.ppl_sparse},
-         {"bound_max", optional_json(r.bound_max)},
-         {"measured_err_max", optional_json(r.measured_err_max)},
-         {"bound_violations", r.bound_max ? json(r.bound_violations) : json(nullptr)},
-         {"queries_measured", r.queries_measured},
-         {"sampling_first_divergence",
-          r.sampling_agreement ? json(r.sampling_first_divergence_mean) : json(nullptr)},
-         {"sampling_first_divergence_per_sample", r.sampling_first_divergence},
-         {"sampling_agreement", optional_json(r.sampling_agreement)},
-         {"seconds", r.seconds}});
-  }
+  for (const SurvivalRow& r : run.rows) out["rows"].push_back(survival_row_json(r));
   return out;
 }
 
@@ -268,9 +319,8 @@ void add_eval_sparse_command(CLI::App& eval) {
   cmd->add_option("--seed", flags->seed, "sampling seed of the first prefix (default 0)");
   cmd->callback([cmd, flags] {
     apply_global_options();
-    const SparseRun run = run_eval_sparse(cmd, *flags);
-    print_sparse_table(run, *flags);
-    if (!flags->json.empty()) write_json_file(flags->json, sparse_json(run, *flags));
+    // The JSON file is written row by row.
+    print_sparse_table(run_eval_sparse(cmd, *flags), *flags);
   });
 }
 
@@ -294,6 +344,9 @@ struct NeedleRun {
   size_t cases = 0;
   std::vector<NeedleRow> rows;
 };
+
+json needle_json(const NeedleRun& run, const NeedleFlags& f);
+NeedleRow needle_row_from_json(const json& j);
 
 NeedleRun run_eval_needle(const NeedleFlags& f) {
   NeedleRun run;
@@ -323,13 +376,30 @@ NeedleRun run_eval_needle(const NeedleFlags& f) {
   const std::vector<NeedleCase> cases = needle_cases(model.tokenizer(), haystack, options);
 
   run.cases = cases.size();
-  for (size_t i = 0; i < selectors.size(); ++i) {
-    run.rows.push_back(
-        needle_row(decoder, cases, specs.selectors[i], options, [&](int64_t done, int64_t n) {
-          std::fprintf(stderr, "[%zu/%zu] %s: case %lld/%lld\n", i + 1, selectors.size(),
-                       selectors[i].c_str(), static_cast<long long>(done),
-                       static_cast<long long>(n));
-        }));
+  const RowJournal journal = open_row_journal(f.output, "eval needle",
+                                              {{"model", run.model},
+                                               {"text", run.text},
+                                               {"contexts", options.contexts},
+                                               {"depths", options.depths},
+                                               {"needles", options.needles},
+                                               {"answer_tokens", options.answer_tokens},
+                                               {"key_codec", specs.keys.text()},
+                                               {"value_codec", specs.values.text()}},
+                                              {.key = "selector"});
+  journal.check_rows(selectors);
+  RowProgress progress(static_cast<int64_t>(selectors.size()), f.output.quiet);
+  for (const NamedSelectorSpec& selector : specs.selectors) {
+    if (const json* kept = journal.kept_row(selector.text)) {
+      run.rows.push_back(journal.read(*kept, "row '" + selector.text + "'", needle_row_from_json));
+      progress.kept(selector.text);
+    } else {
+      progress.start(selector.text);
+      run.rows.push_back(needle_row(
+          decoder, cases, selector, options,
+          [&](int64_t done, int64_t n) { progress.update(selector.text, done, n, "cases"); }));
+      progress.finish();
+    }
+    journal.save(needle_json(run, f), run.rows.size() == specs.selectors.size());
   }
   return run;
 }
@@ -367,17 +437,25 @@ void print_needle_table(const NeedleRun& run, const NeedleFlags& f) {
   std::printf(".\n");
 }
 
+// The row needle_json wrote (--resume).
+NeedleRow needle_row_from_json(const json& j) {
+  NeedleRow r;
+  r.selector = j.at("selector").get<std::string>();
+  r.exact_match_rate = j.at("exact_match_rate").get<double>();
+  r.seconds = j.at("seconds").get<double>();
+  for (const json& c : j.at("cases"))
+    r.results.push_back({c.at("context").get<int64_t>(), c.at("depth").get<double>(),
+                         c.at("needles").get<int64_t>(), c.at("expected").get<std::string>(),
+                         c.at("answer").get<std::string>(), c.at("hit").get<bool>()});
+  return r;
+}
+
 json needle_json(const NeedleRun& run, const NeedleFlags& f) {
   const NeedleOptions& options = run.options;
-  json out = {{"command", "eval needle"},
-              {"model", run.model},
-              {"text", run.text},
-              {"contexts", options.contexts},
-              {"depths", options.depths},
-              {"needles", options.needles},
-              {"answer_tokens", options.answer_tokens},
-              {"key_codec", f.keys},
-              {"value_codec", f.values},
+  json out = {{"model", run.model},           {"text", run.text},
+              {"contexts", options.contexts}, {"depths", options.depths},
+              {"needles", options.needles},   {"answer_tokens", options.answer_tokens},
+              {"key_codec", f.keys},          {"value_codec", f.values},
               {"rows", json::array()}};
   for (const NeedleRow& r : run.rows) {
     json cells = json::array();
@@ -412,9 +490,8 @@ void add_eval_needle_command(CLI::App& eval) {
   cmd->add_option("--answer-tokens", flags->answer_tokens, "greedy answer length (default 10)");
   cmd->callback([flags] {
     apply_global_options();
-    const NeedleRun run = run_eval_needle(*flags);
-    print_needle_table(run, *flags);
-    if (!flags->json.empty()) write_json_file(flags->json, needle_json(run, *flags));
+    // The JSON file is written row by row.
+    print_needle_table(run_eval_needle(*flags), *flags);
   });
 }
 
@@ -439,6 +516,9 @@ struct CoverageRun {
   CoverageResult result;
 };
 
+json coverage_json(const CoverageRun& run, const CoverageFlags& f);
+CoverageResult coverage_from_json(const json& j);
+
 CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
   std::vector<std::string> selectors = !f.selectors.empty() ? f.selectors : kCoverageGrid;
@@ -459,6 +539,25 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
   const bool bos = run.bos = model.tokenizer().adds_bos();
+  json selector_texts = json::array();
+  for (const NamedSelectorSpec& s : specs.selectors) selector_texts.push_back(s.text);
+  // One row: the whole measurement (a done run is read back, not rerun).
+  const RowJournal journal = open_row_journal(f.output, "eval coverage",
+                                              {{"model", run.model},
+                                               {"text", run.text},
+                                               {"tokens", f.tokens},
+                                               {"from", f.from},
+                                               {"anchors", f.anchors},
+                                               {"window", f.window},
+                                               {"top_k", f.top_k},
+                                               {"key_codec", specs.keys.text()},
+                                               {"value_codec", specs.values.text()},
+                                               {"selectors", selector_texts}},
+                                              {.rows = ""});
+  if (journal.kept_complete()) {
+    run.result = journal.read(journal.kept_document(), "the coverage", coverage_from_json);
+    return run;
+  }
   std::vector<int32_t> tokens;
   if (bos) tokens.push_back(*model.tokenizer().bos_id());
   const int64_t text_needed = bos ? f.tokens - 1 : f.tokens;
@@ -474,11 +573,14 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   options.top_k = f.top_k;
   options.key_codec = specs.keys;
   options.value_codec = specs.values;
-  run.result =
-      attention_coverage(decoder, tokens, specs.selectors, options, [](int64_t done, int64_t n) {
-        std::fprintf(stderr, "coverage: step %lld/%lld (dense prefill, then one per layer)\n",
-                     static_cast<long long>(done), static_cast<long long>(n));
-      });
+  RowProgress progress(1, f.output.quiet);
+  progress.start("coverage");
+  // Steps: the dense prefill, then one per layer.
+  run.result = attention_coverage(
+      decoder, tokens, specs.selectors, options,
+      [&](int64_t done, int64_t n) { progress.update("coverage", done, n, "steps"); });
+  progress.finish();
+  journal.save(coverage_json(run, f), true);
   return run;
 }
 
@@ -522,12 +624,42 @@ void print_coverage_tables(const CoverageRun& run, const CoverageFlags& f) {
       "best any k dynamic positions could hold for that head).\n");
 }
 
+CoverageSummary shares_from_json(const json& j) {
+  return {j.at("mean").get<double>(), j.at("p10").get<double>(), j.at("p1").get<double>(),
+          j.at("min").get<double>()};
+}
+
+// The result coverage_json wrote (--resume).
+CoverageResult coverage_from_json(const json& j) {
+  CoverageResult r;
+  r.positions = j.at("tokens").get<int64_t>();
+  r.queries_per_layer = j.at("queries_per_layer").get<int64_t>();
+  r.context_mean = j.at("context_mean").get<double>();
+  const auto layer_from_json = [&](const json& l) {
+    CoverageLayer layer{shares_from_json(l.at("anchors")),
+                        shares_from_json(l.at("window")),
+                        shares_from_json(l.at("top_k")),
+                        shares_from_json(l.at("total")),
+                        {},
+                        {}};
+    for (const json& s : l.at("selectors")) {
+      layer.selectors.push_back(shares_from_json(s.at("coverage")));
+      layer.support_mean.push_back(s.at("support_mean").get<double>());
+    }
+    return layer;
+  };
+  for (const json& l : j.at("layers")) r.layers.push_back(layer_from_json(l));
+  r.pooled = layer_from_json(j.at("all_layers"));
+  for (const json& s : j.at("all_layers").at("selectors"))
+    r.selectors.push_back(s.at("selector").get<std::string>());
+  return r;
+}
+
 json coverage_json(const CoverageRun& run, const CoverageFlags& f) {
   const CoverageResult& r = run.result;
   const std::vector<std::string>& selectors = r.selectors;
   const bool bos = run.bos;
-  json out = {{"command", "eval coverage"},
-              {"model", run.model},
+  json out = {{"model", run.model},
               {"text", run.text},
               {"tokens", f.tokens},
               {"from", f.from},
@@ -576,9 +708,8 @@ void add_eval_coverage_command(CLI::App& eval) {
   cmd->add_option("--top-k", flags->top_k, "dynamic positions of the split (default 32)");
   cmd->callback([cmd, flags] {
     apply_global_options();
-    const CoverageRun run = run_eval_coverage(cmd, *flags);
-    print_coverage_tables(run, *flags);
-    if (!flags->json.empty()) write_json_file(flags->json, coverage_json(run, *flags));
+    // The JSON file is written when the measurement is done.
+    print_coverage_tables(run_eval_coverage(cmd, *flags), *flags);
   });
 }
 
@@ -590,10 +721,11 @@ const std::vector<std::string> kSparsePplGrid = {
     "certified:a1:w64:b16:eps0.05", "certified:a1:w64:b16:eps0.01"};
 
 struct SparsePplFlags {
-  std::string model, basis, json, text;
+  std::string model, basis, text;
   std::vector<std::string> selectors, keys;
   int64_t tokens = 2048, window = 1024;
   bool quick = false;
+  RunOutputFlags output;
 };
 
 // What the table and the JSON report: the inputs as used and one result per row, dense first.
@@ -602,6 +734,8 @@ struct SparsePplRun {
   KvGridOptions options;
   std::vector<KvGridResult> results;
 };
+
+json sparse_ppl_json(const SparsePplRun& run, const SparsePplFlags& f);
 
 SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   if (f.quick && cmd->count("--tokens") == 0) f.tokens = 1024;
@@ -630,15 +764,20 @@ SparsePplRun run_eval_sparse_ppl(CLI::App* cmd, SparsePplFlags& f) {
   if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
   const std::vector<int32_t> tokens =
       text_file_tokens(model.tokenizer(), text_path, text_tokens_to_score(f.tokens, f.window));
-  run.results =
-      run_kv_grid(decoder, tokens, rows, options, basis.get(),
-                  [](int64_t run, int64_t runs, const KvGridRow& row, int64_t done, int64_t total) {
-                    if (done == total || done % 256 == 0)
-                      std::fprintf(stderr, "[run %lld/%lld] %s: %lld/%lld tokens\n",
-                                   static_cast<long long>(run + 1), static_cast<long long>(runs),
-                                   row.name.c_str(), static_cast<long long>(done),
-                                   static_cast<long long>(total));
-                  });
+  // Every row's figures depend on these (a row's codecs and selector are checked as it is kept).
+  const RowJournal journal = open_row_journal(f.output, "eval sparse-ppl",
+                                              {{"model", run.model},
+                                               {"text", run.text},
+                                               {"window", f.window},
+                                               {"tokens", f.tokens},
+                                               {"basis", basis.json}});
+  RowProgress progress(kv_grid_run_count(rows), f.output.quiet);
+  const auto document = [&](const std::vector<KvGridResult>& results) {
+    run.results = results;
+    return sparse_ppl_json(run, f);
+  };
+  run.results = run_kv_grid(decoder, tokens, rows, options, basis.get(), kv_grid_progress(progress),
+                            kv_grid_journal(journal, progress, rows, document));
   return run;
 }
 
@@ -653,23 +792,24 @@ void print_sparse_ppl_table(const SparsePplRun& run, const SparsePplFlags& f) {
       static_cast<long long>(f.window), options.bos ? " (BOS first)" : "");
   std::printf("tokens:    %lld scored in %lld windows\n\n",
               static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
-  std::printf("%-52s %-22s %8s %10s %9s %9s %9s\n", "row", "key codec", "bits/key", "PPL", "dPPL",
-              "support", "context");
+  std::printf("%-52s %-22s %8s %10s %9s %9s %9s %9s %9s %6s\n", "row", "key codec", "bits/key",
+              "PPL", "dPPL", "support", "context", "KL", "KL p99", "top1");
   for (const KvGridResult& r : results)
-    std::printf("%-52s %-22s %8.0f %10.4f %+9.4f %9.1f %9.1f\n", r.row.name.c_str(),
+    std::printf("%-52s %-22s %8.0f %10.4f %+9.4f %9.1f %9.1f %s\n", r.row.name.c_str(),
                 r.row.key_codec.text().c_str(), r.key_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
-                r.ppl.support_mean, r.ppl.context_mean);
+                r.ppl.support_mean, r.ppl.context_mean, divergence_cells(r.ppl.divergence).c_str());
   std::printf(
       "\ndPPL: PPL - PPL(dense f32). support: positions each scored query read, per query head "
-      "and layer (mean); context: positions it could see.\n");
+      "and layer (mean); context: positions it could see. KL: mean KL(dense || row) of the "
+      "next-token distribution per scored token (nats), KL p99 its 99th percentile, top1: share "
+      "of tokens where the row's top-1 token is dense's.\n");
 }
 
 json sparse_ppl_json(const SparsePplRun& run, const SparsePplFlags& f) {
   const KvGridOptions& options = run.options;
   const std::vector<KvGridResult>& results = run.results;
   const KvGridResult& dense = results.front();
-  json out = {{"command", "eval sparse-ppl"},
-              {"model", run.model},
+  json out = {{"model", run.model},
               {"text", run.text},
               {"mode", "decode"},
               {"tokens", dense.ppl.tokens},
@@ -700,13 +840,12 @@ void add_eval_sparse_ppl_command(CLI::App& eval) {
   cmd->add_option("--window,-L", flags->window, "tokens per window, BOS included (default 1024)");
   cmd->add_option("--basis", flags->basis, "HeadQ basis file for +headq key codecs");
   cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
-  cmd->add_option("--json", flags->json, "write the table as JSON to this file");
+  add_run_output_options(*cmd, flags->output, "the table");
   cmd->add_flag("--quick", flags->quick, "1024 tokens");
   cmd->callback([cmd, flags] {
     apply_global_options();
-    const SparsePplRun run = run_eval_sparse_ppl(cmd, *flags);
-    print_sparse_ppl_table(run, *flags);
-    if (!flags->json.empty()) write_json_file(flags->json, sparse_ppl_json(run, *flags));
+    // The JSON file is written row by row as the grid runs.
+    print_sparse_ppl_table(run_eval_sparse_ppl(cmd, *flags), *flags);
   });
 }
 

@@ -14,6 +14,7 @@
 
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
+#include "visikv/cli/long_run.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/kv_grid.h"
@@ -29,38 +30,13 @@ namespace {
 using nlohmann::json;
 
 struct EvalKvFlags {
-  std::string model, json, text, mode = "decode-batched";
+  std::string model, text, mode = "decode-batched";
+  RunOutputFlags output;
   int64_t tokens = 0, window = 1024;
   std::vector<int64_t> ranks = {4, 8, 16};
   std::vector<std::string> rows;
   int side_bits = 4;
   BasisFlags basis;
-};
-
-// One stderr line per tenth of each run, with the run's rate. Rows with the same codecs share a
-// run (e.g. budget-tok-r8 is k3-tok at head_dim 64), so runs can be fewer than rows.
-class GridProgress {
- public:
-  void operator()(int64_t run, int64_t runs, const KvGridRow& row, int64_t done, int64_t total) {
-    const auto now = std::chrono::steady_clock::now();
-    if (run != run_) {
-      run_ = run;
-      started_ = now;
-      last_tenth_ = 0;
-    }
-    const int64_t tenth = 10 * done / std::max<int64_t>(total, 1);
-    if (tenth <= last_tenth_) return;
-    last_tenth_ = tenth;
-    const double seconds = std::chrono::duration<double>(now - started_).count();
-    std::fprintf(stderr, "[run %lld/%lld] %s: %lld/%lld tokens, %.1f tokens/s\n",
-                 static_cast<long long>(run + 1), static_cast<long long>(runs), row.name.c_str(),
-                 static_cast<long long>(done), static_cast<long long>(total),
-                 done / std::max(seconds, 1e-9));
-  }
-
- private:
-  int64_t run_ = -1, last_tenth_ = 0;
-  std::chrono::steady_clock::time_point started_;
 };
 
 // What the table and the JSON report besides the rows.
@@ -77,6 +53,8 @@ struct EvalKvRun {
                          [](const KvGridResult& r) { return r.row.name == "dense"; });
   }
 };
+
+json eval_kv_json(const EvalKvRun& run);
 
 EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   const auto command_started = std::chrono::steady_clock::now();
@@ -118,13 +96,29 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   const std::vector<int32_t> tokens = text_file_tokens(
       model.tokenizer(), text_path,
       f.tokens > 0 ? std::optional(text_tokens_to_score(f.tokens, f.window)) : std::nullopt);
-  GridProgress progress;
+  // Every row's figures depend on these (a row's codecs are checked as it is kept).
+  const RowJournal journal = open_row_journal(f.output, "eval kv",
+                                              {{"model", run.model},
+                                               {"text", run.text},
+                                               {"mode", f.mode},
+                                               {"window", f.window},
+                                               {"tokens", f.tokens},
+                                               {"basis", run.basis.json}});
+  RowProgress progress(kv_grid_run_count(rows), f.output.quiet);
   const auto grid_started = std::chrono::steady_clock::now();
-  run.results = run_kv_grid(decoder, tokens, rows, options, run.basis.get(), std::ref(progress));
-  const auto grid_done = std::chrono::steady_clock::now();
-  run.grid_seconds = std::chrono::duration<double>(grid_done - grid_started).count();
-  // Model loading, calibration and tokenization included.
-  run.total_seconds = std::chrono::duration<double>(grid_done - command_started).count();
+  const auto seconds_since = [](std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+  };
+  const auto document = [&](const std::vector<KvGridResult>& results) {
+    run.results = results;
+    run.grid_seconds = seconds_since(grid_started);
+    // Model loading, calibration and tokenization included.
+    run.total_seconds = seconds_since(command_started);
+    return eval_kv_json(run);
+  };
+  run.results =
+      run_kv_grid(decoder, tokens, rows, options, run.basis.get(), kv_grid_progress(progress),
+                  kv_grid_journal(journal, progress, rows, document));
   return run;
 }
 
@@ -145,19 +139,23 @@ void print_eval_kv_table(const EvalKvRun& run) {
     std::printf("basis:        %s (%s, %lld positions, rank %lld)\n", run.basis.source().c_str(),
                 basis->text.c_str(), static_cast<long long>(basis->tokens),
                 static_cast<long long>(basis->rank));
-  std::printf("\n%-26s %-40s %-32s %8s %8s %10s %9s %8s\n", "row", "key codec", "value codec",
-              "bits/key", "bits/val", "PPL", "dPPL", "excess");
+  std::printf("\n%-26s %-40s %-32s %8s %8s %10s %9s %8s %9s %9s %6s\n", "row", "key codec",
+              "value codec", "bits/key", "bits/val", "PPL", "dPPL", "excess", "KL", "KL p99",
+              "top1");
   for (const KvGridResult& r : run.results) {
-    std::printf("%-26s %-40s %-32s %8.0f %8.0f %10.4f %+9.4f %8s\n", r.row.name.c_str(),
+    std::printf("%-26s %-40s %-32s %8.0f %8.0f %10.4f %+9.4f %8s %s\n", r.row.name.c_str(),
                 r.row.key_codec.text().c_str(), r.row.value_codec.text().c_str(),
                 r.key_bits.bits_per_vector, r.value_bits.bits_per_vector, r.ppl.ppl, r.delta_ppl,
-                format_optional(r.excess_removed, "%.3f").c_str());
+                format_optional(r.excess_removed, "%.3f").c_str(),
+                divergence_cells(r.ppl.divergence).c_str());
   }
   std::printf(
       "\nbits/key, bits/val: per key (value) per KV head (head_dim %lld), scales, zeros and HeadQ "
       "side codes included; chan rows also keep the newest 128-159 tokens of each head in fp16. "
       "dPPL: PPL - PPL(dense). excess: excess PPL removed by HeadQ, (PPL_base - PPL) / (PPL_base "
-      "- PPL_dense), against k2-<axis> (kv2-<axis> for the full-KV rows); controls included.\n",
+      "- PPL_dense), against k2-<axis> (kv2-<axis> for the full-KV rows); controls included. KL: "
+      "mean KL(dense || row) of the next-token distribution per scored token (nats), KL p99 its "
+      "99th percentile, top1: share of tokens where the row's top-1 token is dense's.\n",
       static_cast<long long>(run.head_dim));
   for (const KvGridResult& r : run.results) {
     if (!r.row.note.empty()) std::printf("  %-26s %s\n", r.row.name.c_str(), r.row.note.c_str());
@@ -172,8 +170,7 @@ void print_eval_kv_table(const EvalKvRun& run) {
 
 json eval_kv_json(const EvalKvRun& run) {
   const KvGridResult& dense = run.dense();
-  json out = {{"command", "eval kv"},
-              {"model", run.model},
+  json out = {{"model", run.model},
               {"text", run.text},
               {"mode", perplexity_mode_name(run.options.mode)},
               {"tokens", dense.ppl.tokens},
@@ -215,12 +212,11 @@ void add_eval_kv_command(CLI::App& eval) {
   cmd->add_option("--mode", flags->mode,
                   "decode-batched (default: decode order in the largest chunks the cache keeps "
                   "identical to token by token) or decode (token by token, the reference)");
-  cmd->add_option("--json", flags->json, "write the table as JSON to this file");
+  add_run_output_options(*cmd, flags->output, "the table");
   cmd->callback([flags] {
     apply_global_options();
-    const EvalKvRun run = run_eval_kv(*flags);
-    print_eval_kv_table(run);
-    if (!flags->json.empty()) write_json_file(flags->json, eval_kv_json(run));
+    // The JSON file is written row by row as the grid runs.
+    print_eval_kv_table(run_eval_kv(*flags));
   });
 }
 

@@ -1,6 +1,4 @@
-#include <unistd.h>
-
-#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -10,6 +8,7 @@
 
 #include "visikv/cli/basis_source.h"
 #include "visikv/cli/commands.h"
+#include "visikv/cli/long_run.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/eval/report.h"
@@ -23,43 +22,12 @@ namespace visikv::cli {
 namespace {
 
 struct PplFlags {
-  std::string model, file, mode = "prefill", keys = "f32", values = "f32", selector = "dense", json;
-  std::string basis;  // HeadQ basis file
+  std::string model, file, mode = "prefill", keys = "f32", values = "f32", selector = "dense";
+  std::string basis;           // HeadQ basis file
+  std::string reference_keys;  // empty: no reference run
   std::string numerics = "exact";
   int64_t window = 1024, tokens = 0;
-};
-
-// Progress on stderr: a one-line bar redrawn a few times a second on a terminal, otherwise a
-// plain line at every tenth of the work (logs of long runs show how far they got).
-class ProgressBar {
- public:
-  ProgressBar() : terminal_(::isatty(STDERR_FILENO) != 0), started_(Clock::now()) {}
-  void operator()(int64_t done, int64_t total) {
-    const auto now = Clock::now();
-    const double seconds = std::chrono::duration<double>(now - started_).count();
-    const double rate = done / std::max(seconds, 1e-9);
-    if (!terminal_) {
-      const int64_t tenth = 10 * done / std::max<int64_t>(total, 1);
-      if (tenth <= last_tenth_) return;
-      last_tenth_ = tenth;
-      std::fprintf(stderr, "%lld/%lld tokens scored, %.1f tokens/s\n", static_cast<long long>(done),
-                   static_cast<long long>(total), rate);
-      return;
-    }
-    if (done < total && now - last_ < std::chrono::milliseconds(200)) return;
-    last_ = now;
-    const int width = 30, filled = static_cast<int>(width * done / std::max<int64_t>(total, 1));
-    std::fprintf(stderr, "\r[%s%s] %lld/%lld tokens, %.1f tokens/s ",
-                 std::string(filled, '#').c_str(), std::string(width - filled, '.').c_str(),
-                 static_cast<long long>(done), static_cast<long long>(total), rate);
-    if (done >= total) std::fprintf(stderr, "\n");
-  }
-
- private:
-  using Clock = std::chrono::steady_clock;
-  bool terminal_;
-  Clock::time_point started_, last_{};
-  int64_t last_tenth_ = 0;
+  RunOutputFlags output;
 };
 
 // What the report shows besides the flags as given.
@@ -70,12 +38,19 @@ struct PplRun {
   PerplexityResult result;
 };
 
+nlohmann::json ppl_json(const PplRun& run, const PplFlags& f);
+PerplexityResult ppl_result_from_json(const nlohmann::json& j);
+
 PplRun run_ppl(const PplFlags& f) {
   PplRun run;
   PerplexityOptions& options = run.options;
   options.key_codec = parse_flag("--keys", f.keys, parse_key_codec_spec);
   options.value_codec = parse_flag("--values", f.values, parse_value_codec_spec);
   options.selector = parse_flag("--selector", f.selector, parse_selector_spec);
+  // The reference: the same model with these keys, f32 values and dense attention.
+  if (!f.reference_keys.empty())
+    options.reference =
+        ReferenceRun{parse_flag("--reference-keys", f.reference_keys, parse_key_codec_spec)};
   const Model model = Model::load(f.model);
   run.model = model.source();
   require(f.numerics == "exact" || f.mode != "decode-batched",
@@ -88,17 +63,44 @@ PplRun run_ppl(const PplFlags& f) {
   check_perplexity_options(model.config(), options);
   const std::filesystem::path text_path = text_or_default_test_text(f.file);
   run.text = text_path.string();
+  const BasisSource basis = load_basis_file(model, f.basis);
+  if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
+  // One row: the whole run (a done run is read back, not rerun).
+  const RowJournal journal = open_row_journal(
+      f.output, "ppl",
+      {{"model", run.model},
+       {"text", run.text},
+       {"mode", f.mode},
+       {"window", f.window},
+       {"tokens", f.tokens},
+       {"numerics", f.numerics},
+       {"key_codec", options.key_codec.text()},
+       {"value_codec", options.value_codec.text()},
+       {"selector", f.selector},
+       {"basis", basis.json},
+       {"reference_keys", options.reference ? nlohmann::json(options.reference->key_codec.text())
+                                            : nlohmann::json(nullptr)}},
+      {.rows = ""});
+  if (journal.kept_complete()) {
+    const nlohmann::json& kept = journal.kept_document();
+    run.result = journal.read(kept, "the run", ppl_result_from_json);
+    run.text_tokens = journal.read(
+        kept, "the run", [](const nlohmann::json& j) { return j.at("text_tokens").get<size_t>(); });
+    return run;
+  }
   // With --tokens, only the leading tokens the windows score are read.
   const std::vector<int32_t> tokens = text_file_tokens(
       model.tokenizer(), text_path,
       f.tokens > 0 ? std::optional(text_tokens_to_score(f.tokens, f.window)) : std::nullopt);
   run.text_tokens = tokens.size();
-  const BasisSource basis = load_basis_file(model, f.basis);
   options.headq_basis = basis.get();
-  if (model.tokenizer().adds_bos()) options.bos = model.tokenizer().bos_id();
-  ProgressBar bar;
-  run.result = perplexity(decoder, tokens, options, std::ref(bar));
+  RowProgress progress(1, f.output.quiet);
+  run.result = perplexity(decoder, tokens, options, [&](int64_t done, int64_t total) {
+    progress.update("ppl", done, total, "tokens");
+  });
+  progress.finish();
   options.headq_basis = nullptr;  // the basis ends with this call
+  journal.save(ppl_json(run, f), true);
   return run;
 }
 
@@ -114,18 +116,56 @@ void print_ppl_report(const PplRun& run, const PplFlags& f) {
       static_cast<long long>(run.options.window), f.numerics.c_str(), f.keys.c_str(),
       f.values.c_str(), f.selector.c_str(), static_cast<long long>(r.tokens),
       static_cast<long long>(r.windows), r.nll, r.ppl, r.tokens_per_s, r.seconds);
+  if (const std::optional<DivergenceSummary>& d = r.divergence)
+    std::printf(
+        "reference:    keys %s, values f32, dense attention: PPL %.4f (mean NLL %.6f)\n"
+        "KL:           mean %.4e, p99 %.4e, max %.4e nats per token: KL(reference || this run) "
+        "of the next-token distribution\ntop-1:        %.4f of tokens agree with the reference\n",
+        f.reference_keys.c_str(), r.reference_ppl.value_or(NAN), r.reference_nll.value_or(NAN),
+        d->kl_mean, d->kl_p99, d->kl_max, d->top1_agreement);
 }
 
 nlohmann::json ppl_json(const PplRun& run, const PplFlags& f) {
   const PerplexityResult& r = run.result;
-  return {{"model", run.model},     {"text", run.text},
-          {"mode", f.mode},         {"window", run.options.window},
-          {"numerics", f.numerics}, {"kernels", weight_kernel_target()},
-          {"key_codec", f.keys},    {"value_codec", f.values},
-          {"selector", f.selector}, {"tokens", r.tokens},
-          {"windows", r.windows},   {"nll", r.nll},
-          {"ppl", r.ppl},           {"tokens_per_s", r.tokens_per_s},
-          {"seconds", r.seconds},   {"bos_per_window", run.options.bos.has_value()}};
+  nlohmann::json out = {
+      {"model", run.model},
+      {"text", run.text},
+      {"text_tokens", run.text_tokens},
+      {"mode", f.mode},
+      {"window", run.options.window},
+      {"numerics", f.numerics},
+      {"kernels", weight_kernel_target()},
+      {"key_codec", f.keys},
+      {"value_codec", f.values},
+      {"selector", f.selector},
+      {"tokens", r.tokens},
+      {"windows", r.windows},
+      {"nll", r.nll},
+      {"ppl", r.ppl},
+      {"tokens_per_s", r.tokens_per_s},
+      {"seconds", r.seconds},
+      {"bos_per_window", run.options.bos.has_value()},
+      {"reference_keys",
+       f.reference_keys.empty() ? nlohmann::json(nullptr) : nlohmann::json(f.reference_keys)},
+      {"reference_nll", optional_json(r.reference_nll)},
+      {"reference_ppl", optional_json(r.reference_ppl)}};
+  add_divergence_json(out, r.divergence);
+  return out;
+}
+
+// The result ppl_json wrote (--resume).
+PerplexityResult ppl_result_from_json(const nlohmann::json& j) {
+  PerplexityResult r;
+  r.tokens = j.at("tokens").get<int64_t>();
+  r.windows = j.at("windows").get<int64_t>();
+  r.nll = j.at("nll").get<double>();
+  r.ppl = j.at("ppl").get<double>();
+  r.tokens_per_s = j.at("tokens_per_s").get<double>();
+  r.seconds = j.at("seconds").get<double>();
+  r.reference_nll = optional_from_json(j.at("reference_nll"));
+  r.reference_ppl = optional_from_json(j.at("reference_ppl"));
+  r.divergence = divergence_from_json(j, r.tokens);
+  return r;
 }
 
 }  // namespace
@@ -155,13 +195,15 @@ void add_ppl_command(CLI::App& app) {
       "--selector", flags->selector,
       "attention support, e.g. dense, sparse:a1:w64:k32:exact, certified:a1:w64:b32:eps0.01 "
       "(docs/SELECTOR_SPECS.md)");
+  cmd->add_option("--reference-keys", flags->reference_keys,
+                  "also run the model with these keys, f32 values and dense attention (e.g. f32), "
+                  "and report KL(reference || this run) of the next-token distribution (mean, "
+                  "p99, max) and the top-1 agreement");
   add_numerics_option(*cmd, flags->numerics);
-  cmd->add_option("--json", flags->json, "write the result as JSON to this file");
+  add_run_output_options(*cmd, flags->output, "the result");
   cmd->callback([flags] {
     apply_global_options();
-    const PplRun run = run_ppl(*flags);
-    print_ppl_report(run, *flags);
-    if (!flags->json.empty()) write_json_file(flags->json, ppl_json(run, *flags));
+    print_ppl_report(run_ppl(*flags), *flags);
   });
 }
 

@@ -297,8 +297,7 @@ AttentionTrace trace_attention(const Model& model, std::span<const int32_t> toke
   return trace;
 }
 
-AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOptions& options,
-                                const AnalyzeProgress& progress) {
+void check_analyze_options(const AttentionTrace& trace, const AnalyzeOptions& options) {
   require(!options.key_specs.empty(), "analyze: no key spec given");
   require(trace.tokens >= 1 && trace.layers >= 1 && trace.kv_heads >= 1 &&
               trace.heads % trace.kv_heads == 0 &&
@@ -312,7 +311,6 @@ AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOption
   const bool value_metrics = options.value_codec.has_value();
   const CodecSpec value_codec = value_metrics ? options.value_codec->codec : f32_spec();
   const CacheShape shape{trace.layers, trace.kv_heads, trace.head_dim};
-  std::vector<AnalyzeKeySpec> specs;
   for (const AnalyzeKeySpec& spec : options.key_specs) {
     const std::string text = spec.text();
     if (spec.needs_basis()) {
@@ -328,8 +326,28 @@ AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOption
     const CodecSpec key_codec =
         spec.kind == AnalyzeKeySpec::Kind::NullSpace ? f32_spec() : spec.codec;
     CodecCache(shape, key_codec, value_codec, 0, 32, options.basis);
-    specs.push_back(spec);
   }
+}
+
+void correlate_cells(AnalyzeResult& result) {
+  std::vector<double> mse, fisher, kl;
+  for (const AnalyzeCell& c : result.cells) {
+    mse.push_back(c.key_mse);
+    fisher.push_back(c.fisher);
+    kl.push_back(c.kl);
+  }
+  result.spearman_mse = spearman_correlation(mse, kl);
+  result.spearman_fisher = spearman_correlation(fisher, kl);
+  result.pearson_mse = pearson_correlation(mse, kl);
+  result.pearson_fisher = pearson_correlation(fisher, kl);
+}
+
+AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOptions& options,
+                                const AnalyzeProgress& progress) {
+  check_analyze_options(trace, options);
+  const bool value_metrics = options.value_codec.has_value();
+  const CodecSpec value_codec = value_metrics ? options.value_codec->codec : f32_spec();
+  const std::vector<AnalyzeKeySpec>& specs = options.key_specs;
 
   const int64_t layers = trace.layers, jobs = static_cast<int64_t>(specs.size()) * layers;
   std::vector<LayerRun> runs(static_cast<size_t>(jobs));
@@ -421,16 +439,7 @@ AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOption
     result.codecs.push_back(std::move(summary));
   }
 
-  std::vector<double> mse, fisher, kl;
-  for (const AnalyzeCell& c : result.cells) {
-    mse.push_back(c.key_mse);
-    fisher.push_back(c.fisher);
-    kl.push_back(c.kl);
-  }
-  result.spearman_mse = spearman_correlation(mse, kl);
-  result.spearman_fisher = spearman_correlation(fisher, kl);
-  result.pearson_mse = pearson_correlation(mse, kl);
-  result.pearson_fisher = pearson_correlation(fisher, kl);
+  correlate_cells(result);
   return result;
 }
 

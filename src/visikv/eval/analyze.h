@@ -111,4 +111,12 @@ std::vector<AnalyzeKeySpec> default_analyze_key_specs(int64_t head_dim, bool wit
 AnalyzeResult analyze_attention(const AttentionTrace& trace, const AnalyzeOptions& options,
                                 const AnalyzeProgress& progress = {});
 
+// The checks analyze_attention makes before any work, alone: a command that runs the key specs
+// one at a time (to save each as it finishes) makes them first.
+void check_analyze_options(const AttentionTrace& trace, const AnalyzeOptions& options);
+
+// Sets the result's Spearman and Pearson coefficients from its cells (analyze_attention does;
+// a result assembled from several runs calls it once they are in).
+void correlate_cells(AnalyzeResult& result);
+
 }  // namespace visikv

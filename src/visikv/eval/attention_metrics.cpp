@@ -52,6 +52,17 @@ void require_same_length(size_t a, size_t b, const char* what) {
   require(a == b, what, ": lengths differ (", a, " and ", b, ")");
 }
 
+// softmax(s) into `weights` (sized as s, not empty) with one exponential per entry; returns
+// log Σ_j exp(s_j).
+template <typename T>
+double softmax_into(std::span<const T> logits, std::span<double> weights) {
+  const double top = double(logits[argmax(logits)]);
+  double sum = 0;
+  for (size_t j = 0; j < logits.size(); ++j) sum += weights[j] = std::exp(double(logits[j]) - top);
+  for (double& w : weights) w /= sum;
+  return top + std::log(sum);
+}
+
 }  // namespace
 
 double squared_error(std::span<const float> x, std::span<const float> y) {
@@ -111,13 +122,22 @@ double fisher_score_error(std::span<const double> weights, std::span<const doubl
 }
 
 template <typename T>
-double attention_kl(std::span<const T> logits, std::span<const T> perturbed) {
-  return compare_attention(logits, perturbed).kl;
+double softmax_kl(std::span<const T> logits, std::span<const T> perturbed) {
+  require_same_length(logits.size(), perturbed.size(), "softmax_kl");
+  if (logits.empty()) return 0;
+  // compare_attention's KL without its Fisher and entropy passes: next-token distributions are
+  // vocabulary-sized, and this runs once per scored position.
+  std::vector<double> weights(logits.size());
+  const double lse = softmax_into(logits, weights);
+  double delta_mean = 0;
+  for (size_t j = 0; j < logits.size(); ++j)
+    delta_mean += weights[j] * (double(logits[j]) - double(perturbed[j]));
+  return kl_from(logits, weights, lse, perturbed, delta_mean);
 }
 
 template <typename T>
-bool route_flip(std::span<const T> logits, std::span<const T> perturbed) {
-  require_same_length(logits.size(), perturbed.size(), "route_flip");
+bool argmax_differs(std::span<const T> logits, std::span<const T> perturbed) {
+  require_same_length(logits.size(), perturbed.size(), "argmax_differs");
   return !logits.empty() && argmax(logits) != argmax(perturbed);
 }
 
@@ -126,11 +146,10 @@ AttentionComparison compare_attention(std::span<const T> logits, std::span<const
   require_same_length(logits.size(), perturbed.size(), "compare_attention");
   AttentionComparison out;
   if (logits.empty()) return out;
-  const double lse = log_sum_exp(logits);
   std::vector<double> weights(logits.size());
+  const double lse = softmax_into(logits, weights);
   double mean_logit = 0, delta_mean = 0;
   for (size_t j = 0; j < logits.size(); ++j) {
-    weights[j] = std::exp(double(logits[j]) - lse);
     mean_logit += weights[j] * double(logits[j]);
     delta_mean += weights[j] * (double(logits[j]) - double(perturbed[j]));
   }
@@ -162,6 +181,11 @@ double a2_surrogate(std::span<const double> weights, std::span<const double> val
   for (size_t j = 0; j < weights.size(); ++j)
     sum += weights[j] * weights[j] * value_error_squares[j];
   return sum;
+}
+
+double sorted_percentile(std::span<const double> sorted, double p) {
+  require(!sorted.empty(), "sorted_percentile: no values");
+  return sorted[static_cast<size_t>(std::floor(p * static_cast<double>(sorted.size() - 1)))];
 }
 
 std::vector<double> average_ranks(std::span<const double> values) {
@@ -207,8 +231,8 @@ double spearman_correlation(std::span<const double> x, std::span<const double> y
   template double log_sum_exp<T>(std::span<const T>);                      \
   template std::vector<double> softmax_weights<T>(std::span<const T>);     \
   template double attention_entropy<T>(std::span<const T>);                \
-  template double attention_kl<T>(std::span<const T>, std::span<const T>); \
-  template bool route_flip<T>(std::span<const T>, std::span<const T>);     \
+  template double softmax_kl<T>(std::span<const T>, std::span<const T>);   \
+  template bool argmax_differs<T>(std::span<const T>, std::span<const T>); \
   template AttentionComparison compare_attention<T>(std::span<const T>, std::span<const T>);
 VISIKV_INSTANTIATE(float)
 VISIKV_INSTANTIATE(double)

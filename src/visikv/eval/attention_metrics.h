@@ -1,9 +1,11 @@
 // The metrics of METHODS.md "Keys" and "Values" for one query over one set of positions, as
-// small pure functions computed in double precision, and the correlations that rank a
-// distortion measure against measured KL.
+// small pure functions computed in double precision, and the statistics that summarise them
+// (percentiles, the correlations that rank a distortion measure against measured KL).
 //
 // Logits are the scaled scores s_j (exact) and ŝ_j (from a perturbed or quantized cache) of one
-// query over the same positions; a = softmax(s), â = softmax(ŝ), δ_j = s_j - ŝ_j.
+// query over the same positions; a = softmax(s), â = softmax(ŝ), δ_j = s_j - ŝ_j. softmax_kl and
+// argmax_differs are not specific to attention: the perplexity evaluations compare next-token
+// distributions with them (eval/divergence.h), logits over the vocabulary in place of scores.
 #pragma once
 
 #include <cstdint>
@@ -40,13 +42,15 @@ double fisher_score_error(std::span<const double> weights, std::span<const doubl
 // deviations of δ_j from their a-weighted mean, KL = log Σ_j a_j exp(-d_j) exactly (the
 // log-sum-exp difference of the two normalisers, written so that the constant part of δ
 // cancels before any rounding); for |d_j| < 1 it is evaluated as log1p(Σ a_j expm1(-d_j)) so
-// that small KLs keep their relative precision. Never negative (rounding is clamped at 0).
+// that small KLs keep their relative precision. Never negative (rounding is clamped at 0); exactly
+// 0 for equal logits. Throws visikv::Error for unequal lengths.
 template <typename T>
-double attention_kl(std::span<const T> logits, std::span<const T> perturbed);
+double softmax_kl(std::span<const T> logits, std::span<const T> perturbed);
 
-// argmax_j s_j != argmax_j ŝ_j (first index on ties). Empty spans: false.
+// argmax_j s_j != argmax_j ŝ_j (first index on ties): a route flip of attention, a top-1
+// disagreement of next-token distributions. Empty spans: false.
 template <typename T>
-bool route_flip(std::span<const T> logits, std::span<const T> perturbed);
+bool argmax_differs(std::span<const T> logits, std::span<const T> perturbed);
 
 // Everything above for one query at once (one softmax, one pass over δ).
 struct AttentionComparison {
@@ -64,6 +68,10 @@ std::vector<double> weighted_sum(std::span<const double> weights, std::span<cons
 // The A² surrogate of the value readout error: Σ_j a_j² ||ε_j||², given ||ε_j||² per position.
 // Under independent zero-mean value errors ε_j it equals E||Σ_j a_j ε_j||².
 double a2_surrogate(std::span<const double> weights, std::span<const double> value_error_squares);
+
+// The p-th percentile (0 <= p <= 1) of ascending `sorted` values as the lower order statistic:
+// sorted[floor(p (n - 1))], a value that occurs. Throws visikv::Error when empty.
+double sorted_percentile(std::span<const double> sorted, double p);
 
 // Ranks 1..n of `values` in ascending order, ties sharing the average of their ranks.
 std::vector<double> average_ranks(std::span<const double> values);

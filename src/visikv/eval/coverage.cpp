@@ -7,6 +7,7 @@
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/attention_metrics.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -59,11 +60,6 @@ class SupportRecorder : public AttentionObserver {
   std::vector<std::vector<int32_t>> supports_;
 };
 
-double percentile(std::vector<double>& sorted, double p) {
-  const size_t i = static_cast<size_t>(std::floor(p * static_cast<double>(sorted.size() - 1)));
-  return sorted[i];
-}
-
 }  // namespace
 
 CoverageSummary summarize_shares(std::vector<double> shares) {
@@ -71,8 +67,8 @@ CoverageSummary summarize_shares(std::vector<double> shares) {
   std::sort(shares.begin(), shares.end());
   double sum = 0;
   for (double x : shares) sum += x;
-  return {sum / static_cast<double>(shares.size()), percentile(shares, 0.10),
-          percentile(shares, 0.01), shares.front()};
+  return {sum / static_cast<double>(shares.size()), sorted_percentile(shares, 0.10),
+          sorted_percentile(shares, 0.01), shares.front()};
 }
 
 CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tokens,

@@ -234,10 +234,27 @@ int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows) {
   return rank;
 }
 
+namespace {
+
+// A run is keyed by the canonical texts of its key codec, value codec and selector.
+using Run = std::tuple<std::string, std::string, std::string>;
+Run run_of(const KvGridRow& r) {
+  return Run{r.key_codec.text(), r.value_codec.text(), describe(r.selector.spec)};
+}
+
+}  // namespace
+
+int64_t kv_grid_run_count(const std::vector<KvGridRow>& rows) {
+  std::set<Run> runs;
+  for (const KvGridRow& r : rows) runs.insert(run_of(r));
+  return static_cast<int64_t>(runs.size());
+}
+
 std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t> text_tokens,
                                       const std::vector<KvGridRow>& rows,
                                       const KvGridOptions& options, const HeadqBasis* basis,
-                                      const KvGridProgress& progress) {
+                                      const KvGridProgress& progress,
+                                      const KvGridJournal& journal) {
   require(options.max_tokens >= 0, "--tokens must not be negative, got ", options.max_tokens);
   require(options.window >= 2, "--window must be at least 2 tokens, got ", options.window);
   require(options.mode == PerplexityMode::Decode || options.mode == PerplexityMode::DecodeBatched,
@@ -256,11 +273,6 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
             r.base);
 
   // Check every codec (and the basis) before spending model time: a one-token cache each.
-  // A run is keyed by the canonical texts of its key codec, value codec and selector.
-  using Run = std::tuple<std::string, std::string, std::string>;
-  const auto run_of = [](const KvGridRow& r) {
-    return Run{r.key_codec.text(), r.value_codec.text(), describe(r.selector.spec)};
-  };
   std::vector<Run> runs;
   for (const KvGridRow& r : rows) {
     make_cache(shape, r.key_codec, r.value_codec, 1, 32, basis);
@@ -273,7 +285,45 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   ppl.max_tokens = options.max_tokens;
   ppl.bos = options.bos;
   ppl.headq_basis = basis;
+  const KvGridRow& dense = *find("dense");
+  const Run reference = run_of(dense);
   std::map<Run, PerplexityResult> done;
+  // The rows whose runs (and the runs their figures need: dense, the base) are done.
+  const auto results_so_far = [&] {
+    std::vector<KvGridResult> results;
+    if (!done.count(reference)) return results;
+    const double dense_ppl = done.at(reference).ppl;
+    for (const KvGridRow& r : rows) {
+      if (!done.count(run_of(r))) continue;
+      KvGridResult x;
+      x.row = r;
+      x.key_bits = codec_bits(r.key_codec.codec, shape.head_dim);
+      x.value_bits = codec_bits(r.value_codec.codec, shape.head_dim);
+      x.ppl = done.at(run_of(r));
+      x.delta_ppl = x.ppl.ppl - dense_ppl;
+      for (const KvGridRow& earlier : rows) {
+        if (&earlier == &r) break;
+        if (run_of(earlier) == run_of(r)) {
+          x.same_run_as = earlier.name;
+          break;
+        }
+      }
+      if (is_headq_kind(r.kind)) {
+        const KvGridRow& base = *find(r.base);
+        if (!done.count(run_of(base))) continue;
+        const double base_ppl = done.at(run_of(base)).ppl;
+        const double excess = base_ppl - dense_ppl;
+        // Undefined when the base has no excess to remove (e.g. a quantizer that is lossless on
+        // these tokens).
+        if (excess != 0 && std::isfinite(excess))
+          x.excess_removed = (base_ppl - x.ppl.ppl) / excess;
+      }
+      results.push_back(std::move(x));
+    }
+    return results;
+  };
+  // The dense run first: every other run is compared with it, and every row's dPPL needs it.
+  std::stable_partition(runs.begin(), runs.end(), [&](const Run& r) { return r == reference; });
   for (size_t i = 0; i < runs.size(); ++i) {
     const KvGridRow* row = nullptr;
     for (const KvGridRow& r : rows)
@@ -281,44 +331,27 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
         row = &r;
         break;
       }
-    ppl.key_codec = row->key_codec;
-    ppl.value_codec = row->value_codec;
-    ppl.selector = row->selector.spec;
-    Progress each;
-    if (progress)
-      each = [&, i, row](int64_t scored, int64_t total) {
-        progress(static_cast<int64_t>(i), static_cast<int64_t>(runs.size()), *row, scored, total);
-      };
-    done[runs[i]] = perplexity(decoder, text_tokens, ppl, each);
-  }
-
-  std::vector<KvGridResult> results;
-  const double dense_ppl = done.at(run_of(*find("dense"))).ppl;
-  for (const KvGridRow& r : rows) {
-    KvGridResult x;
-    x.row = r;
-    x.key_bits = codec_bits(r.key_codec.codec, shape.head_dim);
-    x.value_bits = codec_bits(r.value_codec.codec, shape.head_dim);
-    x.ppl = done.at(run_of(r));
-    x.delta_ppl = x.ppl.ppl - dense_ppl;
-    for (const KvGridRow& earlier : rows) {
-      if (&earlier == &r) break;
-      if (run_of(earlier) == run_of(r)) {
-        x.same_run_as = earlier.name;
-        break;
-      }
+    std::optional<PerplexityResult> kept;
+    if (journal.kept) kept = journal.kept(*row);
+    if (kept) {
+      done[runs[i]] = *kept;
+    } else {
+      ppl.key_codec = row->key_codec;
+      ppl.value_codec = row->value_codec;
+      ppl.selector = row->selector.spec;
+      ppl.reference.reset();
+      if (runs[i] != reference)
+        ppl.reference = ReferenceRun{dense.key_codec, dense.value_codec, dense.selector.spec};
+      Progress each;
+      if (progress)
+        each = [&, i, row](int64_t scored, int64_t total) {
+          progress(static_cast<int64_t>(i), static_cast<int64_t>(runs.size()), *row, scored, total);
+        };
+      done[runs[i]] = perplexity(decoder, text_tokens, ppl, each);
     }
-    if (is_headq_kind(r.kind)) {
-      const KvGridRow& base = *find(r.base);
-      const double base_ppl = done.at(run_of(base)).ppl;
-      const double excess = base_ppl - dense_ppl;
-      // Undefined when the base has no excess to remove (e.g. a quantizer that is lossless on
-      // these tokens).
-      if (excess != 0 && std::isfinite(excess)) x.excess_removed = (base_ppl - x.ppl.ppl) / excess;
-    }
-    results.push_back(std::move(x));
+    if (journal.finished) journal.finished(results_so_far());
   }
-  return results;
+  return results_so_far();
 }
 
 std::vector<KvGridRow> kv_grid_sparse_rows(const std::vector<NamedSelectorSpec>& selectors,

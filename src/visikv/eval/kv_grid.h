@@ -44,6 +44,10 @@
 // inside each chunk (model/decoder.h, decode_order_chunk). "Excess PPL removed" is (PPL_base -
 // PPL_row) / (PPL_base - PPL_dense) for the HeadQ rows (controls included) against their base row
 // (k2-<axis>, or kv2-<axis> for the composition rows, whatever their values); other rows have none.
+//
+// Every row but the dense one is also compared position by position with the dense row's model
+// (PerplexityOptions::reference: KL(dense || row) of the next-token distribution, its 99th
+// percentile and the top-1 agreement). The dense row is the reference itself and has none.
 #pragma once
 
 #include <cstdint>
@@ -130,7 +134,7 @@ struct KvGridOptions {
 struct KvGridResult {
   KvGridRow row;
   CodecBits key_bits, value_bits;  // per key (value) per head
-  PerplexityResult ppl;
+  PerplexityResult ppl;            // with `divergence` from the dense row, except for dense itself
   std::optional<double> excess_removed;  // HeadQ rows only (and only when the base differs)
   double delta_ppl = 0;                  // PPL - PPL_dense
   // The earlier row with the same key codec, value codec and selector whose run this row
@@ -143,12 +147,26 @@ struct KvGridResult {
 using KvGridProgress = std::function<void(int64_t run, int64_t runs, const KvGridRow& row,
                                           int64_t done, int64_t total)>;
 
+// The runs run_kv_grid makes for `rows`: rows with the same key codec, value codec and selector
+// share one.
+int64_t kv_grid_run_count(const std::vector<KvGridRow>& rows);
+
+// Lets a caller keep finished runs across invocations (`--resume`) and save rows as they finish.
+struct KvGridJournal {
+  // The result of a run kept from an earlier invocation, asked for with the first row that has
+  // the run; std::nullopt runs it.
+  std::function<std::optional<PerplexityResult>(const KvGridRow& row)> kept;
+  // After each run, kept or new: every row whose figures are complete so far, in table order.
+  std::function<void(const std::vector<KvGridResult>& rows)> finished;
+};
+
 // Runs the rows in decode mode over `text_tokens` (no BOS; PerplexityOptions protocol). `basis`
 // may be null when no row needs one. The rows must include "dense" and every HeadQ row's base
-// (select_kv_grid_rows sees to it).
+// (select_kv_grid_rows sees to it). Runs go in table order, dense first.
 std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t> text_tokens,
                                       const std::vector<KvGridRow>& rows,
                                       const KvGridOptions& options, const HeadqBasis* basis,
-                                      const KvGridProgress& progress = {});
+                                      const KvGridProgress& progress = {},
+                                      const KvGridJournal& journal = {});
 
 }  // namespace visikv

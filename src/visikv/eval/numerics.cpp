@@ -15,16 +15,6 @@ namespace {
 
 constexpr int64_t kChunk = 64;
 
-// log-softmax of one row of logits, in double.
-void log_softmax(std::span<const float> logits, std::vector<double>& out) {
-  out.resize(logits.size());
-  const double peak = *std::max_element(logits.begin(), logits.end());
-  double sum = 0;
-  for (float v : logits) sum += std::exp(double{v} - peak);
-  const double log_sum = peak + std::log(sum);
-  for (size_t i = 0; i < logits.size(); ++i) out[i] = double{logits[i]} - log_sum;
-}
-
 }  // namespace
 
 int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos) {
@@ -38,7 +28,8 @@ int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos) {
 
 NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,
                                    int64_t window, int64_t max_positions, ProductRounding reference,
-                                   ProductRounding candidate, std::optional<int32_t> bos) {
+                                   ProductRounding candidate, std::optional<int32_t> bos,
+                                   const Progress& progress) {
   require(window >= 2, "compare_numerics: window must be at least 2 tokens, not ", window);
   check_context(model.config(), window, str_cat("a window of ", window, " tokens"));
   Decoder decoders[2] = {Decoder(model), Decoder(model)};
@@ -50,13 +41,19 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
       make_cache(decoders[1].cache_shape(), "f32", "f32", window)};
   std::vector<float> logits[2] = {std::vector<float>(kChunk * vocab),
                                   std::vector<float>(kChunk * vocab)};
-  std::vector<double> log_p, log_q;
-  NumericsAgreement result;
-  double kl_sum = 0, agree = 0, nll[2] = {0, 0};
+  // Positions to compare, for progress: whole windows up to max_positions.
   const int64_t text_per_window = bos ? window - 1 : window;
+  int64_t total = 0;
+  for (int64_t start = 0; start + 1 < static_cast<int64_t>(text.size()); start += text_per_window)
+    total += std::min<int64_t>(text_per_window, text.size() - start) - (bos ? 0 : 1);
+  if (max_positions > 0) total = std::min(total, max_positions);
+  NumericsAgreement result;
+  DivergenceAccumulator divergence;
+  int64_t positions = 0;
+  double nll[2] = {0, 0};
   std::vector<int32_t> tokens;
   for (int64_t start = 0; start + 1 < static_cast<int64_t>(text.size()) &&
-                          (max_positions == 0 || result.positions < max_positions);
+                          (max_positions == 0 || positions < max_positions);
        start += text_per_window) {
     tokens.clear();
     if (bos) tokens.push_back(*bos);
@@ -72,31 +69,24 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
                                  std::copy(values.begin(), values.begin() + rows * vocab,
                                            logits[side].begin() + row * vocab);
                                });
-      for (int64_t r = 0; r < count && first + r + 1 < static_cast<int64_t>(tokens.size()); ++r) {
-        if (max_positions > 0 && result.positions >= max_positions) break;
-        const std::span<const float> p(logits[0].data() + r * vocab, vocab);
-        const std::span<const float> q(logits[1].data() + r * vocab, vocab);
-        log_softmax(p, log_p);
-        log_softmax(q, log_q);
-        double kl = 0;
-        for (int64_t v = 0; v < vocab; ++v) kl += std::exp(log_p[v]) * (log_p[v] - log_q[v]);
-        kl_sum += kl;
-        result.max_kl = std::max(result.max_kl, kl);
-        agree += std::max_element(p.begin(), p.end()) - p.begin() ==
-                 std::max_element(q.begin(), q.end()) - q.begin();
-        const int32_t next = tokens[first + r + 1];
-        nll[0] -= log_p[next];
-        nll[1] -= log_q[next];
-        ++result.positions;
-      }
+      // Rows that predict a token of this window, up to max_positions.
+      int64_t rows = std::min<int64_t>(count, static_cast<int64_t>(tokens.size()) - first - 1);
+      if (max_positions > 0) rows = std::min(rows, max_positions - positions);
+      if (rows <= 0) break;
+      divergence.add({logits[0].data(), static_cast<size_t>(rows * vocab)},
+                     {logits[1].data(), static_cast<size_t>(rows * vocab)}, rows);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int side = 0; side < 2; ++side)
+          nll[side] += negative_log_likelihood(
+              {logits[side].data() + r * vocab, static_cast<size_t>(vocab)}, tokens[first + r + 1]);
+      positions += rows;
+      if (progress) progress(positions, total);
     }
   }
-  require(result.positions > 0, "compare_numerics: the text has no position to score");
-  const double n = static_cast<double>(result.positions);
-  result.mean_kl = kl_sum / n;
-  result.top1_agreement = agree / n;
-  result.reference_nll = nll[0] / n;
-  result.candidate_nll = nll[1] / n;
+  require(positions > 0, "compare_numerics: the text has no position to score");
+  result.divergence = divergence.summary();
+  result.reference_nll = nll[0] / static_cast<double>(positions);
+  result.candidate_nll = nll[1] / static_cast<double>(positions);
   return result;
 }
 

@@ -4,22 +4,22 @@
 // Protocol: the tokens are cut into windows as perplexity() cuts them (BOS first when the
 // tokenizer adds one); both decoders run each window in chunks of 64 tokens through their own f32
 // caches, and every scored position compares the two next-token distributions: KL(reference ||
-// candidate) in double from log-softmax, whether the argmax agrees, and each side's NLL of the
-// actual next token.
+// candidate) and whether the argmax agrees (eval/divergence.h), and each side's NLL of the actual
+// next token.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <span>
 
+#include "visikv/eval/divergence.h"
+#include "visikv/eval/perplexity.h"
 #include "visikv/model/decoder.h"
 
 namespace visikv {
 
 struct NumericsAgreement {
-  int64_t positions = 0;
-  double top1_agreement = 0;  // share of positions whose argmax tokens are equal
-  double mean_kl = 0, max_kl = 0;
+  DivergenceSummary divergence;                 // KL(reference || candidate), top-1 agreement
   double reference_nll = 0, candidate_nll = 0;  // mean NLL of the next text token
 };
 
@@ -31,6 +31,7 @@ int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos);
 
 NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,
                                    int64_t window, int64_t max_positions, ProductRounding reference,
-                                   ProductRounding candidate, std::optional<int32_t> bos);
+                                   ProductRounding candidate, std::optional<int32_t> bos,
+                                   const Progress& progress = {});
 
 }  // namespace visikv

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdint>
+#include <memory>
+#include <optional>
 #include <vector>
 
 #include "visikv/attention/attention.h"
@@ -58,6 +61,111 @@ void check_perplexity_options(const Config& config, const PerplexityOptions& o) 
   check_context(config, o.window, str_cat("a perplexity window of ", o.window, " tokens"));
 }
 
+namespace {
+
+// Rows of reference logits held at a time, and the prefill pieces of a run with a reference.
+// Larger pieces hold more memory (vocab x 4 bytes a row); smaller ones cost more forward calls,
+// each with its thread barriers per layer: at 64 a reference made decode-batched 3x slower on
+// a loaded 2-core machine, at 256 2.2x (two forward passes and the KL are 2x and a little).
+constexpr int64_t kReferenceChunk = 256;
+
+// One model run over the windows of a text: the decoder, its cache and its selector.
+class WindowRun {
+ public:
+  WindowRun(Decoder& decoder, const KeyCodecSpec& keys, const ValueCodecSpec& values,
+            const SelectorSpec& selector, const PerplexityOptions& o)
+      : decoder_(decoder),
+        // The cache keeps its block summaries at the selector's block size.
+        cache_(make_cache(decoder.cache_shape(), keys, values, o.window,
+                          selector.block_size > 0 ? selector.block_size : 32, o.headq_basis)),
+        mode_(o.mode) {
+    if (selector.kind != SelectorKind::Dense) selector_ = make_support(selector);
+  }
+
+  void start_window() {
+    cache_->clear();
+    if (selector_) selector_->reset();
+  }
+
+  // Tokens the next forward may take from row t of a window that scores `scored` rows, at most
+  // `limit` (all of them in one prefill).
+  int64_t chunk(int64_t t, int64_t scored, int64_t limit) const {
+    const int64_t left = std::min(scored - t, limit);
+    if (mode_ == PerplexityMode::Prefill) return left;
+    // Selectors keep state across steps, so sparse runs go one token at a time.
+    if (mode_ == PerplexityMode::Decode || selector_) return 1;
+    return std::min(left, decode_order_chunk(*cache_));
+  }
+
+  void forward(std::span<const int32_t> tokens, const LogitsSink& sink,
+               const SupportStatsSink& stats = {}) {
+    decoder_.forward(tokens, *cache_, LogitRows::All, sink,
+                     {.support = selector_.get(), .support_stats = stats});
+  }
+
+ private:
+  Decoder& decoder_;
+  std::unique_ptr<KVCache> cache_;
+  std::unique_ptr<Support> selector_;
+  PerplexityMode mode_;
+};
+
+// The reference run of the current window, a chunk ahead of the scored run: rows are asked for
+// in order, and each chunk of its logits is kept until the scored run has passed it.
+class ReferenceRows {
+ public:
+  ReferenceRows(const Model& model, ProductRounding rounding, const ReferenceRun& reference,
+                const PerplexityOptions& o)
+      : decoder_(model),
+        run_(decoder_, reference.key_codec, reference.value_codec, reference.selector, o),
+        vocab_(model.config().vocab_size) {
+    decoder_.set_product_rounding(rounding);  // the scored run's
+  }
+
+  void start_window(std::span<const int32_t> window, int64_t scored) {
+    run_.start_window();
+    window_ = window;
+    scored_ = scored;
+    begin_ = end_ = 0;
+  }
+
+  // Logits of rows [row, row + n) of the window, n shortened to the rows held together.
+  std::span<const float> rows(int64_t row, int64_t& n) {
+    if (row >= end_) advance();
+    require(row >= begin_ && row < end_, "reference rows asked for out of order");
+    n = std::min(n, end_ - row);
+    return {logits_.data() + (row - begin_) * vocab_, static_cast<size_t>(n * vocab_)};
+  }
+
+  double nll_sum() const { return nll_sum_; }
+
+ private:
+  void advance() {
+    begin_ = end_;
+    const int64_t chunk = run_.chunk(begin_, scored_, kReferenceChunk);
+    logits_.resize(static_cast<size_t>(chunk * vocab_));
+    run_.forward(window_.subspan(begin_, chunk),
+                 [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
+                   std::copy(logits.begin(), logits.begin() + rows * vocab_,
+                             logits_.begin() + first_row * vocab_);
+                   for (int64_t r = 0; r < rows; ++r)
+                     nll_sum_ += negative_log_likelihood(logits.subspan(r * vocab_, vocab_),
+                                                         window_[begin_ + first_row + r + 1]);
+                 });
+    end_ = begin_ + chunk;
+  }
+
+  Decoder decoder_;
+  WindowRun run_;
+  int64_t vocab_;
+  std::span<const int32_t> window_;
+  int64_t scored_ = 0, begin_ = 0, end_ = 0;
+  std::vector<float> logits_;
+  double nll_sum_ = 0;
+};
+
+}  // namespace
+
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
                             const PerplexityOptions& o, const Progress& progress) {
   check_perplexity_options(decoder.model().config(), o);
@@ -74,13 +182,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   require(total > 0, "nothing to score: the text has ", text.size(), " tokens");
 
   const auto started = std::chrono::steady_clock::now();
-  const SelectorSpec& selector_spec = o.selector;
-  // The cache keeps its block summaries at the selector's block size.
-  auto cache =
-      make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, o.window,
-                 selector_spec.block_size > 0 ? selector_spec.block_size : 32, o.headq_basis);
-  std::unique_ptr<Support> selector;
-  if (selector_spec.kind != SelectorKind::Dense) selector = make_support(selector_spec);
+  WindowRun run(decoder, o.key_codec, o.value_codec, o.selector, o);
   // The caller's decoder gets its product rounding back, also by an exception.
   struct RestoreOnExit {
     Decoder& decoder;
@@ -91,14 +193,18 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   // different code for a key than token-by-token decode stores.
   if (o.mode == PerplexityMode::DecodeBatched)
     decoder.set_product_rounding(ProductRounding::PerToken);
+  std::optional<ReferenceRows> reference;
+  if (o.reference) reference.emplace(decoder.model(), decoder.product_rounding(), *o.reference, o);
+  DivergenceAccumulator divergence;
+  // Prefill pieces as long as the reference's, so that equal codecs compute equal bits.
+  const int64_t limit =
+      reference && o.mode == PerplexityMode::Prefill ? kReferenceChunk : INT64_MAX;
   double support_sum = 0, context_sum = 0;
   int64_t support_count = 0;
-  const AttentionOptions attention{
-      .support = selector.get(),
-      .support_stats = [&](int64_t, std::span<const SparseQueryStats> stats) {
-        for (const SparseQueryStats& s : stats) support_sum += static_cast<double>(s.support);
-        support_count += static_cast<int64_t>(stats.size());
-      }};
+  const SupportStatsSink support_stats = [&](int64_t, std::span<const SparseQueryStats> stats) {
+    for (const SparseQueryStats& s : stats) support_sum += static_cast<double>(s.support);
+    support_count += static_cast<int64_t>(stats.size());
+  };
   const Config& config = decoder.model().config();
   // The positions a query at `row` sees, averaged over the layers (local layers see their
   // window): what a support's size is compared with.
@@ -108,6 +214,7 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
       sum += static_cast<double>(visible_positions(row, config.layer_window(l)).size());
     return sum / static_cast<double>(config.layers);
   };
+  if (progress) progress(0, total);  // started: a long first chunk is not counted as idle
   PerplexityResult result;
   double nll_sum = 0.0;
   std::vector<int32_t> window;
@@ -119,36 +226,32 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
     // Predictions: logits of row r score window[r + 1], for r < scored.
     const int64_t scored = std::min<int64_t>(
         {static_cast<int64_t>(window.size()) - 1, scored_per_window, total - result.tokens});
-    cache->clear();
-    if (selector) selector->reset();
-    auto score_rows = [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
-      const int64_t vocab = static_cast<int64_t>(logits.size()) / rows;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = first_row + r;
-        if (row >= scored) continue;
-        nll_sum += negative_log_likelihood(logits.subspan(r * vocab, vocab), window[row + 1]);
-        context_sum += mean_context(row);
-        ++result.tokens;
-      }
-      if (progress) progress(result.tokens, total);
-    };
+    run.start_window();
+    if (reference) reference->start_window(window, scored);
     const std::span<const int32_t> needed(window.data(), static_cast<size_t>(scored));
-    if (o.mode == PerplexityMode::Prefill) {
-      decoder.forward(needed, *cache, LogitRows::All, score_rows, attention);
-    } else {
-      for (int64_t t = 0; t < scored;) {
-        // Selectors keep state across steps, so sparse runs go one token at a time.
-        const int64_t chunk = o.mode == PerplexityMode::DecodeBatched && !selector
-                                  ? std::min(scored - t, decode_order_chunk(*cache))
-                                  : 1;
-        decoder.forward(
-            needed.subspan(t, chunk), *cache, LogitRows::All,
-            [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
-              score_rows(t + first_row, rows, logits);
-            },
-            attention);
-        t += chunk;
-      }
+    for (int64_t t = 0; t < scored;) {
+      const int64_t chunk = run.chunk(t, scored, limit);
+      run.forward(
+          needed.subspan(t, chunk),
+          [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
+            const int64_t vocab = static_cast<int64_t>(logits.size()) / rows;
+            const int64_t first = t + first_row, valid = std::min(rows, scored - first);
+            for (int64_t r = 0; r < valid; ++r) {
+              nll_sum +=
+                  negative_log_likelihood(logits.subspan(r * vocab, vocab), window[first + r + 1]);
+              context_sum += mean_context(first + r);
+            }
+            for (int64_t r = 0; reference && r < valid;) {
+              int64_t n = valid - r;
+              const std::span<const float> ref = reference->rows(first + r, n);
+              divergence.add(ref, logits.subspan(r * vocab, n * vocab), n);
+              r += n;
+            }
+            result.tokens += std::max<int64_t>(valid, 0);
+            if (progress) progress(result.tokens, total);
+          },
+          support_stats);
+      t += chunk;
     }
     ++result.windows;
   }
@@ -160,6 +263,11 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   result.nll = nll_sum / static_cast<double>(result.tokens);
   result.ppl = std::exp(result.nll);
   result.tokens_per_s = result.tokens / std::max(result.seconds, 1e-9);
+  if (reference) {
+    result.divergence = divergence.summary();
+    result.reference_nll = reference->nll_sum() / static_cast<double>(result.tokens);
+    result.reference_ppl = std::exp(*result.reference_nll);
+  }
   return result;
 }
 

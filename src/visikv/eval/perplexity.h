@@ -9,6 +9,18 @@
 // every text token in it is scored; otherwise each window is `window` text tokens and all but
 // the first are scored. Either way a full window scores window-1 tokens. `max_tokens` stops
 // after that many scored tokens.
+//
+// With a reference (PerplexityOptions::reference), a second run of the same model through a
+// cache of the reference's codecs scores the same positions, and every scored position compares
+// the two next-token distributions (eval/divergence.h: KL(reference || run), top-1 agreement).
+// The two runs go side by side through each window, the reference at most 256 tokens ahead:
+// only that many rows of its logits are held (256 x 49152 floats, 50 MB, for the default
+// model), where keeping them for a whole text would take vocab x tokens x 4 bytes (1.6 GB at
+// 8192 tokens). The price is a second forward pass per window. Decode and decode-batched compute
+// the same bits in chunks of any length, so the reference's chunks change nothing; prefill with
+// a reference runs both sides in pieces of 256 tokens through their caches (the same function;
+// with float weights the wide products may round differently from a whole-window prefill), so
+// that a run compared with a reference of its own codecs has KL exactly 0.
 #pragma once
 
 #include <cstdint>
@@ -18,6 +30,7 @@
 #include <string>
 
 #include "visikv/attention/selector_spec.h"
+#include "visikv/eval/divergence.h"
 #include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 
@@ -28,6 +41,14 @@ struct HeadqBasis;
 enum class PerplexityMode { Prefill, Decode, DecodeBatched };
 PerplexityMode perplexity_mode_from_name(const std::string& name);
 std::string perplexity_mode_name(PerplexityMode mode);
+
+// The caches and attention of a reference run: f32 keys and values with dense attention by
+// default, the uncompressed model.
+struct ReferenceRun {
+  KeyCodecSpec key_codec;
+  ValueCodecSpec value_codec;
+  SelectorSpec selector;
+};
 
 struct PerplexityOptions {
   PerplexityMode mode = PerplexityMode::Prefill;
@@ -43,6 +64,8 @@ struct PerplexityOptions {
   // owned, null when the codec needs none.
   const HeadqBasis* headq_basis = nullptr;
   std::optional<int32_t> bos;  // prepended to each window when set
+  // When set, every scored position is also compared with this run's next-token distribution.
+  std::optional<ReferenceRun> reference;
 };
 
 struct PerplexityResult {
@@ -55,9 +78,14 @@ struct PerplexityResult {
   // Positions each scored query read per query head and layer (mean), and the positions it could
   // see: equal for dense attention.
   double support_mean = 0, context_mean = 0;
+  // With a reference: KL(reference || this run) and top-1 agreement over the scored positions.
+  std::optional<DivergenceSummary> divergence;
+  // With a reference: the reference run's mean NLL and perplexity over the same positions.
+  std::optional<double> reference_nll, reference_ppl;
 };
 
-// progress(scored so far, total to score)
+// progress(scored so far, total to score): once with 0 before the first window, then after
+// each forward.
 using Progress = std::function<void(int64_t done, int64_t total)>;
 
 // Throws visikv::Error for options perplexity() cannot run: a window under 2 tokens or past the
