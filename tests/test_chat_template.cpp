@@ -42,7 +42,8 @@ std::string render(const std::string& source, const std::string& variables = "{}
 
 std::string render_error(const std::string& source, const std::string& variables = "{}",
                          const jinja::Limits& limits = {}) {
-  return error_of([&] { jinja::Template::parse(source, limits).render(ordered_json::parse(variables)); });
+  return error_of(
+      [&] { jinja::Template::parse(source, limits).render(ordered_json::parse(variables)); });
 }
 
 }  // namespace
@@ -54,12 +55,15 @@ TEST(ChatTemplate, OracleCasesRenderByteIdentical) {
   for (const auto& c : fixture["cases"]) {
     const std::string name = c["template"];
     if (!templates.contains(name))
-      templates.emplace(name, ChatTemplate::parse(read_text(kDir / "templates" / (name + ".jinja"))));
+      templates.emplace(name,
+                        ChatTemplate::parse(read_text(kDir / "templates" / (name + ".jinja"))));
     const ChatTemplate& chat = templates.at(name);
-    const std::string label = name + " / " + c["conversation"].get<std::string>() +
-                              (c["add_generation_prompt"].get<bool>() ? " + generation prompt" : "");
+    const std::string label =
+        name + " / " + c["conversation"].get<std::string>() +
+        (c["add_generation_prompt"].get<bool>() ? " + generation prompt" : "");
     const auto run = [&] {
-      return chat.render(c["messages"], c["add_generation_prompt"].get<bool>(), c["tools"], c["variables"]);
+      return chat.render(c["messages"], c["add_generation_prompt"].get<bool>(), c["tools"],
+                         c["variables"]);
     };
     if (c.contains("expected")) {
       std::string output;
@@ -68,7 +72,8 @@ TEST(ChatTemplate, OracleCasesRenderByteIdentical) {
       ++rendered;
     } else {
       const std::string message = error_of([&] { run(); });
-      EXPECT_NE(message.find(c["expected_error"].get<std::string>()), std::string::npos) << label << ": " << message;
+      EXPECT_NE(message.find(c["expected_error"].get<std::string>()), std::string::npos)
+          << label << ": " << message;
       ++failed;
     }
   }
@@ -79,27 +84,33 @@ TEST(ChatTemplate, OracleCasesRenderByteIdentical) {
 }
 
 TEST(ChatTemplate, SyntaxErrorsNameLineAndColumn) {
-  EXPECT_NE(render_error("ab\n  {{ 1 + }}").find("line 2, column 10: expected an expression"), std::string::npos)
+  EXPECT_NE(render_error("ab\n  {{ 1 + }}").find("line 2, column 10: expected an expression"),
+            std::string::npos)
       << render_error("ab\n  {{ 1 + }}");
-  EXPECT_NE(render_error("{% if x %}open").find("line 1, column 1: block is not closed: expected '{% elif %}'"),
+  EXPECT_NE(render_error("{% if x %}open")
+                .find("line 1, column 1: block is not closed: expected '{% elif %}'"),
             std::string::npos)
       << render_error("{% if x %}open");
   EXPECT_NE(render_error("{{ x").find("unclosed tag"), std::string::npos);
   EXPECT_NE(render_error("{# x").find("unclosed comment"), std::string::npos);
   EXPECT_NE(render_error("{{ 'abc }}").find("unterminated string literal"), std::string::npos);
-  EXPECT_NE(render_error("x\n{% include 'a' %}").find("line 2, column 4: unknown or unsupported tag 'include'"),
+  EXPECT_NE(render_error("x\n{% include 'a' %}")
+                .find("line 2, column 4: unknown or unsupported tag 'include'"),
             std::string::npos);
   EXPECT_NE(render_error("{% break %}").find("'break' outside of a loop"), std::string::npos);
-  EXPECT_NE(render_error("{% endfor %}").find("unknown or unsupported tag 'endfor'"), std::string::npos);
+  EXPECT_NE(render_error("{% endfor %}").find("unknown or unsupported tag 'endfor'"),
+            std::string::npos);
   EXPECT_NE(render_error(std::string("{{ '\xff' }}")).find("not valid UTF-8"), std::string::npos);
 }
 
 TEST(ChatTemplate, UnknownFiltersAndTestsAreSyntaxErrors) {
-  EXPECT_NE(render_error("{{ x | frobnicate }}").find("line 1, column 8: no filter named 'frobnicate'"),
-            std::string::npos)
+  EXPECT_NE(
+      render_error("{{ x | frobnicate }}").find("line 1, column 8: no filter named 'frobnicate'"),
+      std::string::npos)
       << render_error("{{ x | frobnicate }}");
   EXPECT_NE(render_error("{{ x is frob }}").find("no test named 'frob'"), std::string::npos);
-  EXPECT_NE(render_error("{{ [1] | map('nope') | list }}").find("no filter named 'nope'"), std::string::npos);
+  EXPECT_NE(render_error("{{ [1] | map('nope') | list }}").find("no filter named 'nope'"),
+            std::string::npos);
 }
 
 TEST(ChatTemplate, RaiseExceptionCarriesTheMessage) {
@@ -110,54 +121,68 @@ TEST(ChatTemplate, RaiseExceptionCarriesTheMessage) {
 
 TEST(ChatTemplate, UndefinedBehavesLikeJinja2) {
   // Printing, truth, length, default and tests are fine on undefined values...
-  EXPECT_EQ(render("[{{ missing }}]{{ missing | length }}{{ missing | default('d') }}{{ missing is defined }}"
-                   "{% if not missing %}F{% endif %}{% for x in missing %}no{% endfor %}{{ {}.a }}{{ none.b }}"),
+  EXPECT_EQ(render("[{{ missing }}]{{ missing | length }}{{ missing | default('d') }}{{ missing is "
+                   "defined }}"
+                   "{% if not missing %}F{% endif %}{% for x in missing %}no{% endfor %}{{ {}.a "
+                   "}}{{ none.b }}"),
             "[]0dFalseF");
-  // ...their attributes, items, arithmetic, ordering and calls are errors naming them, as in jinja2.
+  // ...their attributes, items, arithmetic, ordering and calls are errors naming them, as in
+  // jinja2.
   EXPECT_NE(render_error("{{ missing.attr }}").find("'missing' is undefined"), std::string::npos);
   EXPECT_NE(render_error("{{ m.a.b }}", R"({"m": {}})").find("'dict object' has no attribute 'a'"),
             std::string::npos);
   EXPECT_NE(render_error("{{ missing + 1 }}").find("'missing' is undefined"), std::string::npos);
   EXPECT_NE(render_error("{{ missing < 1 }}").find("'missing' is undefined"), std::string::npos);
   EXPECT_NE(render_error("{{ missing() }}").find("'missing' is undefined"), std::string::npos);
-  EXPECT_NE(render_error("{{ missing | tojson }}").find("not JSON serializable"), std::string::npos);
+  EXPECT_NE(render_error("{{ missing | tojson }}").find("not JSON serializable"),
+            std::string::npos);
 }
 
 TEST(ChatTemplate, TypeErrorsAreClear) {
-  EXPECT_NE(render_error("{{ 'a' + 1 }}").find("unsupported operand type(s) for +: 'str' and 'int'"),
-            std::string::npos);
+  EXPECT_NE(
+      render_error("{{ 'a' + 1 }}").find("unsupported operand type(s) for +: 'str' and 'int'"),
+      std::string::npos);
   EXPECT_NE(render_error("{{ 1 // 0 }}").find("by zero"), std::string::npos);
-  EXPECT_NE(render_error("{% set x = [] %}{{ x.append(1) }}").find("cannot be modified"), std::string::npos);
+  EXPECT_NE(render_error("{% set x = [] %}{{ x.append(1) }}").find("cannot be modified"),
+            std::string::npos);
   EXPECT_NE(render_error("{% set x = {} %}{% set x.a = 1 %}").find("only namespace() objects"),
             std::string::npos);
-  EXPECT_NE(render_error("{{ 9223372036854775807 + 1 }}").find("integer overflow"), std::string::npos);
+  EXPECT_NE(render_error("{{ 9223372036854775807 + 1 }}").find("integer overflow"),
+            std::string::npos);
 }
 
 TEST(ChatTemplate, LimitsBoundSizeDepthLoopsAndOutput) {
   jinja::Limits small;
   small.max_template_bytes = 16;
-  EXPECT_NE(render_error(std::string(17, 'x'), "{}", small).find("over the limit of 16"), std::string::npos);
+  EXPECT_NE(render_error(std::string(17, 'x'), "{}", small).find("over the limit of 16"),
+            std::string::npos);
 
-  EXPECT_NE(render_error("{{ " + std::string(500, '(') + "1" + std::string(500, ')') + " }}").find("nests deeper than 128"),
+  EXPECT_NE(render_error("{{ " + std::string(500, '(') + "1" + std::string(500, ')') + " }}")
+                .find("nests deeper than 128"),
             std::string::npos);
   std::string blocks;
   for (int i = 0; i < 200; ++i) blocks += "{% if true %}";
   EXPECT_NE(render_error(blocks).find("nests deeper than 128"), std::string::npos);
 
-  EXPECT_NE(render_error("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}").find("calls nest deeper"),
+  EXPECT_NE(render_error("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}")
+                .find("calls nest deeper"),
             std::string::npos);
-  EXPECT_NE(render_error("{% for i in range(2000) %}{% for j in range(2000) %}{% endfor %}{% endfor %}")
-                .find("more than 1000000 loop iterations"),
-            std::string::npos);
+  EXPECT_NE(
+      render_error("{% for i in range(2000) %}{% for j in range(2000) %}{% endfor %}{% endfor %}")
+          .find("more than 1000000 loop iterations"),
+      std::string::npos);
   jinja::Limits tiny_output;
   tiny_output.max_output_bytes = 1000;
-  EXPECT_NE(render_error("{% for i in range(600) %}ab{% endfor %}", "{}", tiny_output).find("output is over"),
+  EXPECT_NE(render_error("{% for i in range(600) %}ab{% endfor %}", "{}", tiny_output)
+                .find("output is over"),
             std::string::npos);
   EXPECT_NE(render_error("{{ 'ab' * 100000000 }}").find("over the size limit"), std::string::npos);
-  EXPECT_NE(render_error("{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}"
-                         "{% endfor %}")
-                .find("over the size limit"),
-            std::string::npos);
+  EXPECT_NE(
+      render_error(
+          "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}{% set ns.x = ns.x + ns.x %}"
+          "{% endfor %}")
+          .find("over the size limit"),
+      std::string::npos);
 }
 
 TEST(ChatTemplate, WhitespaceControlMatchesJinja2Settings) {
@@ -170,30 +195,37 @@ TEST(ChatTemplate, WhitespaceControlMatchesJinja2Settings) {
 
 TEST(ChatTemplate, RendererArgumentsAreChecked) {
   const ChatTemplate chat = ChatTemplate::parse("{{ messages | length }}{{ tools is none }}");
-  EXPECT_EQ(chat.render(ordered_json::parse(R"([{"role": "user", "content": "x"}])"), false), "1True");
+  EXPECT_EQ(chat.render(ordered_json::parse(R"([{"role": "user", "content": "x"}])"), false),
+            "1True");
   EXPECT_NE(error_of([&] { chat.render(ordered_json::array(), false); }).find("empty conversation"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { chat.render(ordered_json::parse("[1]"), false); }).find("message 0 is not a JSON object"),
+  EXPECT_NE(error_of([&] {
+              chat.render(ordered_json::parse("[1]"), false);
+            }).find("message 0 is not a JSON object"),
             std::string::npos);
   EXPECT_NE(error_of([&] {
               chat.render(ordered_json::parse(R"([{"role": "user"}])"), false, nullptr,
                           ordered_json::parse(R"({"messages": 1})"));
             }).find("'messages' is set by the renderer"),
             std::string::npos);
-  EXPECT_NE(error_of([] { ChatTemplate::parse("{% if %}"); }).find("chat template: template line 1"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of([] { ChatTemplate::parse("{% if %}"); }).find("chat template: template line 1"),
+      std::string::npos);
 }
 
 TEST(ChatTemplate, TemplateSourcesOfHfDirectories) {
   const auto dir = temp_path("visikv_chat_template_dir");
   std::filesystem::create_directories(dir);
-  const auto write = [&](const std::string& name, const std::string& text) { std::ofstream(dir / name) << text; };
+  const auto write = [&](const std::string& name, const std::string& text) {
+    std::ofstream(dir / name) << text;
+  };
   EXPECT_FALSE(chat_template_from_hf_dir(dir).has_value());
   write("tokenizer_config.json", R"({"chat_template": [{"name": "tool_use", "template": "T"},
                                                        {"name": "default", "template": "D"}]})");
   EXPECT_EQ(chat_template_from_hf_dir(dir).value(), "D");
   write("tokenizer_config.json", R"({"chat_template": [{"name": "tool_use", "template": "T"}]})");
-  EXPECT_NE(error_of([&] { chat_template_from_hf_dir(dir); }).find("none is named \"default\""), std::string::npos);
+  EXPECT_NE(error_of([&] { chat_template_from_hf_dir(dir); }).find("none is named \"default\""),
+            std::string::npos);
   write("tokenizer_config.json", R"({"chat_template": "S"})");
   EXPECT_EQ(chat_template_from_hf_dir(dir).value(), "S");
   write("chat_template.json", R"({"chat_template": "J"})");
@@ -203,8 +235,8 @@ TEST(ChatTemplate, TemplateSourcesOfHfDirectories) {
   std::filesystem::remove_all(dir);
 
   // A fixture model without a template: rendering asks for one and says which is missing.
-  const Tokenizer tokenizer =
-      Tokenizer::from_hf_json(std::filesystem::path(VISIKV_FIXTURES) / "models" / "llama" / "tokenizer.json");
+  const Tokenizer tokenizer = Tokenizer::from_hf_json(std::filesystem::path(VISIKV_FIXTURES) /
+                                                      "models" / "llama" / "tokenizer.json");
   EXPECT_FALSE(tokenizer.chat_template().has_value());
   EXPECT_NE(error_of([&] { ChatTemplate::from_tokenizer(tokenizer); }).find("has no chat template"),
             std::string::npos);
@@ -220,6 +252,7 @@ TEST(ChatTemplate, DefaultModelTemplateComesFromGguf) {
   const ChatTemplate chat = ChatTemplate::from_tokenizer(tokenizer);
   EXPECT_EQ(chat.render(ordered_json::parse(R"([{"role": "user", "content": "Hi"}])"), true,
                         nullptr, chat_template_special_tokens(tokenizer)),
-            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+            "Face<|im_end|>\n"
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
 }

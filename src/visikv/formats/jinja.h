@@ -1,6 +1,6 @@
-// Jinja templates as Hugging Face chat templates use them: a lexer, a parser to a syntax tree and an
-// evaluator whose output equals Python jinja2's (3.1) in the environment transformers renders chat
-// templates with: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True), the
+// Jinja templates as Hugging Face chat templates use them: a lexer, a parser to a syntax tree and
+// an evaluator whose output equals Python jinja2's (3.1) in the environment transformers renders
+// chat templates with: ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True), the
 // loopcontrols extension, no autoescaping, no trailing newline kept, and the globals
 // raise_exception, strftime_now, namespace and dict, with tojson replaced by json.dumps
 // (ensure_ascii=False, sort_keys=False). Values follow Python: str() of a value is Python's

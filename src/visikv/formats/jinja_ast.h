@@ -17,19 +17,19 @@ using ExprPtr = std::unique_ptr<Expr>;
 
 struct Expr {
   enum class Kind {
-    Literal,    // literal
-    Name,       // name
-    List,       // items
-    Tuple,      // items
-    Dict,       // items: key, value, key, value, ...
-    Attribute,  // items[0].name
-    Subscript,  // items[0][items[1]]
-    Slice,      // items[0][items[1]:items[2]:items[3]] (any of 1-3 may be null)
-    Call,       // items[0](items[1:], keyword)
-    Filter,     // items[0] | name(items[1:], keyword)
-    Test,       // items[0] is [not] name(items[1:], keyword)
-    Unary,      // name ("-", "+", "not") items[0]
-    Binary,     // items[0] name items[1]; "and"/"or" short-circuit
+    Literal,      // literal
+    Name,         // name
+    List,         // items
+    Tuple,        // items
+    Dict,         // items: key, value, key, value, ...
+    Attribute,    // items[0].name
+    Subscript,    // items[0][items[1]]
+    Slice,        // items[0][items[1]:items[2]:items[3]] (any of 1-3 may be null)
+    Call,         // items[0](items[1:], keyword)
+    Filter,       // items[0] | name(items[1:], keyword)
+    Test,         // items[0] is [not] name(items[1:], keyword)
+    Unary,        // name ("-", "+", "not") items[0]
+    Binary,       // items[0] name items[1]; "and"/"or" short-circuit
     Conditional,  // items[1] if items[0] else items[2] (null: undefined)
   };
   Kind kind;

@@ -26,22 +26,35 @@ struct Token {
 
 std::string_view describe(Tok kind) {
   switch (kind) {
-    case Tok::Data: return "text";
-    case Tok::VarBegin: return "'{{'";
-    case Tok::VarEnd: return "'}}'";
-    case Tok::BlockBegin: return "'{%'";
-    case Tok::BlockEnd: return "'%}'";
-    case Tok::Name: return "name";
-    case Tok::String: return "string";
-    case Tok::Int: return "integer";
-    case Tok::Float: return "float";
-    case Tok::Op: return "operator";
-    case Tok::End: return "end of template";
+    case Tok::Data:
+      return "text";
+    case Tok::VarBegin:
+      return "'{{'";
+    case Tok::VarEnd:
+      return "'}}'";
+    case Tok::BlockBegin:
+      return "'{%'";
+    case Tok::BlockEnd:
+      return "'%}'";
+    case Tok::Name:
+      return "name";
+    case Tok::String:
+      return "string";
+    case Tok::Int:
+      return "integer";
+    case Tok::Float:
+      return "float";
+    case Tok::Op:
+      return "operator";
+    case Tok::End:
+      return "end of template";
   }
   return "token";
 }
 
-bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+bool is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
 
 // Python's str.rstrip() / the `\s` of jinja2's regexes, over code points.
 std::string_view rstrip_space(std::string_view text) {
@@ -78,7 +91,8 @@ class Lexer {
     bool line_starting = true;  // the last tag ended a line (or nothing came before)
     while (pos < src_.size()) {
       const size_t tag = find_tag(pos);
-      std::string_view text = src_.substr(pos, (tag == std::string_view::npos ? src_.size() : tag) - pos);
+      std::string_view text =
+          src_.substr(pos, (tag == std::string_view::npos ? src_.size() : tag) - pos);
       if (tag == std::string_view::npos) {
         push_data(text, pos);
         break;
@@ -100,7 +114,8 @@ class Lexer {
       size_t end;
       if (kind == '#') {
         const size_t close = src_.find("#}", at);
-        if (close == std::string_view::npos) fail_at(pos_of(tag), "unclosed comment: '{#' without '#}'");
+        if (close == std::string_view::npos)
+          fail_at(pos_of(tag), "unclosed comment: '{#' without '#}'");
         end = close + 2;
         if (close > at && src_[close - 1] == '-')
           end = skip_space(src_, end);
@@ -124,8 +139,11 @@ class Lexer {
   }
 
   size_t find_tag(size_t from) const {
-    for (size_t at = src_.find('{', from); at != std::string_view::npos; at = src_.find('{', at + 1))
-      if (at + 1 < src_.size() && (src_[at + 1] == '{' || src_[at + 1] == '%' || src_[at + 1] == '#')) return at;
+    for (size_t at = src_.find('{', from); at != std::string_view::npos;
+         at = src_.find('{', at + 1))
+      if (at + 1 < src_.size() &&
+          (src_[at + 1] == '{' || src_[at + 1] == '%' || src_[at + 1] == '#'))
+        return at;
     return std::string_view::npos;
   }
 
@@ -158,7 +176,9 @@ class Lexer {
       const Pos pos = pos_of(at);
       if (std::isalpha(static_cast<unsigned char>(c)) || c == '_') {
         size_t end = at;
-        while (end < src_.size() && (std::isalnum(static_cast<unsigned char>(src_[end])) || src_[end] == '_')) ++end;
+        while (end < src_.size() &&
+               (std::isalnum(static_cast<unsigned char>(src_[end])) || src_[end] == '_'))
+          ++end;
         tokens_.push_back({Tok::Name, std::string(src_.substr(at, end - at)), 0, 0, pos});
         at = end;
       } else if (std::isdigit(static_cast<unsigned char>(c))) {
@@ -169,7 +189,9 @@ class Lexer {
         static constexpr std::array<std::string_view, 25> kOps = {
             "**", "//", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~", "<",
             ">",  "=",  ".",  ",",  ":",  "|",  "(", ")", "[", "]", "{", "}"};
-        const auto op = std::find_if(kOps.begin(), kOps.end(), [&](std::string_view o) { return src_.substr(at, o.size()) == o; });
+        const auto op = std::find_if(kOps.begin(), kOps.end(), [&](std::string_view o) {
+          return src_.substr(at, o.size()) == o;
+        });
         if (op == kOps.end()) fail_at(pos, "unexpected character '", c, "'");
         if (*op == "(" || *op == "[" || *op == "{") ++brackets;
         if (*op == ")" || *op == "]" || *op == "}") {
@@ -186,15 +208,22 @@ class Lexer {
     const Pos pos = pos_of(at);
     size_t end = at;
     const auto digits = [&](auto is_digit) {
-      while (end < src_.size() && (is_digit(src_[end]) || (src_[end] == '_' && end + 1 < src_.size() && is_digit(src_[end + 1])))) ++end;
+      while (end < src_.size() &&
+             (is_digit(src_[end]) ||
+              (src_[end] == '_' && end + 1 < src_.size() && is_digit(src_[end + 1]))))
+        ++end;
     };
     const auto decimal = [](char c) { return c >= '0' && c <= '9'; };
     std::string clean;
-    if (src_[at] == '0' && at + 1 < src_.size() && std::string_view("xXoObB").find(src_[at + 1]) != std::string_view::npos) {
+    if (src_[at] == '0' && at + 1 < src_.size() &&
+        std::string_view("xXoObB").find(src_[at + 1]) != std::string_view::npos) {
       const char prefix = static_cast<char>(std::tolower(static_cast<unsigned char>(src_[at + 1])));
       const int base = prefix == 'x' ? 16 : prefix == 'o' ? 8 : 2;
       end = at + 2;
-      digits([&](char c) { return std::isxdigit(static_cast<unsigned char>(c)) && std::stoi(std::string(1, c), nullptr, 16) < base; });
+      digits([&](char c) {
+        return std::isxdigit(static_cast<unsigned char>(c)) &&
+               std::stoi(std::string(1, c), nullptr, 16) < base;
+      });
       for (char c : src_.substr(at + 2, end - at - 2))
         if (c != '_') clean += c;
       int64_t value = 0;
@@ -246,8 +275,10 @@ class Lexer {
       if (i + count > src_.size()) fail_at(pos_of(i), "truncated escape in string literal");
       uint32_t code = 0;
       const auto result = std::from_chars(src_.data() + i, src_.data() + i + count, code, 16);
-      if (result.ptr != src_.data() + i + count) fail_at(pos_of(i), "invalid escape in string literal");
-      if (code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF)) fail_at(pos_of(i), "escape is not a Unicode scalar value");
+      if (result.ptr != src_.data() + i + count)
+        fail_at(pos_of(i), "invalid escape in string literal");
+      if (code > 0x10FFFF || (code >= 0xD800 && code <= 0xDFFF))
+        fail_at(pos_of(i), "escape is not a Unicode scalar value");
       i += count;
       append_utf8(value, code);
     };
@@ -264,20 +295,47 @@ class Lexer {
       const char e = src_[i + 1];
       i += 2;
       switch (e) {
-        case 'n': value += '\n'; break;
-        case 't': value += '\t'; break;
-        case 'r': value += '\r'; break;
-        case '\\': value += '\\'; break;
-        case '\'': value += '\''; break;
-        case '"': value += '"'; break;
-        case 'a': value += '\a'; break;
-        case 'b': value += '\b'; break;
-        case 'f': value += '\f'; break;
-        case 'v': value += '\v'; break;
-        case '\n': break;  // a backslash before a newline continues the line
-        case 'x': hex(2); break;
-        case 'u': hex(4); break;
-        case 'U': hex(8); break;
+        case 'n':
+          value += '\n';
+          break;
+        case 't':
+          value += '\t';
+          break;
+        case 'r':
+          value += '\r';
+          break;
+        case '\\':
+          value += '\\';
+          break;
+        case '\'':
+          value += '\'';
+          break;
+        case '"':
+          value += '"';
+          break;
+        case 'a':
+          value += '\a';
+          break;
+        case 'b':
+          value += '\b';
+          break;
+        case 'f':
+          value += '\f';
+          break;
+        case 'v':
+          value += '\v';
+          break;
+        case '\n':
+          break;  // a backslash before a newline continues the line
+        case 'x':
+          hex(2);
+          break;
+        case 'u':
+          hex(4);
+          break;
+        case 'U':
+          hex(8);
+          break;
         default:
           if (e >= '0' && e <= '7') {
             uint32_t code = static_cast<uint32_t>(e - '0');
@@ -305,7 +363,8 @@ class Lexer {
   size_t lex_raw(size_t at) {
     const Pos pos = tokens_[tokens_.size() - 3].pos;
     tokens_.resize(tokens_.size() - 3);
-    for (size_t open = src_.find("{%", at); open != std::string_view::npos; open = src_.find("{%", open + 1)) {
+    for (size_t open = src_.find("{%", at); open != std::string_view::npos;
+         open = src_.find("{%", open + 1)) {
       size_t i = open + 2;
       const bool minus = i < src_.size() && src_[i] == '-';
       if (i < src_.size() && (src_[i] == '-' || src_[i] == '+')) ++i;
@@ -338,7 +397,8 @@ class Lexer {
 
 class Parser {
  public:
-  Parser(std::vector<Token> tokens, const Limits& limits) : t_(std::move(tokens)), limits_(limits) {}
+  Parser(std::vector<Token> tokens, const Limits& limits)
+      : t_(std::move(tokens)), limits_(limits) {}
 
   Body parse_template() {
     std::string end;
@@ -369,7 +429,9 @@ class Parser {
     return token;
   }
   bool at_op(std::string_view op) const { return peek().kind == Tok::Op && peek().text == op; }
-  bool at_name(std::string_view name) const { return peek().kind == Tok::Name && peek().text == name; }
+  bool at_name(std::string_view name) const {
+    return peek().kind == Tok::Name && peek().text == name;
+  }
   bool skip_op(std::string_view op) {
     if (!at_op(op)) return false;
     next();
@@ -406,7 +468,8 @@ class Parser {
       const Token& token = peek();
       if (token.kind == Tok::End) {
         if (ends.size() == 0) return body;
-        fail_at(opened, "block is not closed: expected '{% ", *ends.begin(), " %}' before the end of the template");
+        fail_at(opened, "block is not closed: expected '{% ", *ends.begin(),
+                " %}' before the end of the template");
       }
       if (token.kind == Tok::Data) {
         auto stmt = make_stmt(Stmt::Kind::Text, token.pos);
@@ -521,7 +584,8 @@ class Parser {
       auto stmt = make_stmt(Stmt::Kind::CallBlock, pos);
       if (at_op("(")) parse_params(*stmt);
       stmt->expr = parse_expression();
-      if (stmt->expr->kind != Expr::Kind::Call) fail_at(stmt->expr->pos, "'{% call %}' needs a call");
+      if (stmt->expr->kind != Expr::Kind::Call)
+        fail_at(stmt->expr->pos, "'{% call %}' needs a call");
       expect(Tok::BlockEnd);
       const int loops = std::exchange(loops_, 0);
       stmt->body = parse_body({"endcall"}, end, pos);
@@ -645,8 +709,8 @@ class Parser {
       const Pos pos = peek().pos;
       std::string op;
       if (peek().kind == Tok::Op &&
-          (peek().text == "==" || peek().text == "!=" || peek().text == "<" || peek().text == "<=" ||
-           peek().text == ">" || peek().text == ">=")) {
+          (peek().text == "==" || peek().text == "!=" || peek().text == "<" ||
+           peek().text == "<=" || peek().text == ">" || peek().text == ">=")) {
         op = next().text;
       } else if (skip_name("in")) {
         op = "in";
@@ -844,13 +908,15 @@ class Parser {
   void parse_arguments(Expr& expr) {
     expect_op("(");
     while (!at_op(")")) {
-      if (at_op("*") || at_op("**")) fail_at(peek().pos, "*args and **kwargs in calls are not supported");
+      if (at_op("*") || at_op("**"))
+        fail_at(peek().pos, "*args and **kwargs in calls are not supported");
       if (peek().kind == Tok::Name && peek(1).kind == Tok::Op && peek(1).text == "=") {
         std::string key = next().text;
         next();
         expr.keyword.emplace_back(std::move(key), parse_expression());
       } else {
-        if (!expr.keyword.empty()) fail_at(peek().pos, "positional argument after keyword argument");
+        if (!expr.keyword.empty())
+          fail_at(peek().pos, "positional argument after keyword argument");
         expr.items.push_back(parse_expression());
       }
       if (!skip_op(",")) break;
@@ -885,8 +951,9 @@ class Parser {
     const Pos name_pos = peek().pos;
     if (peek().kind == Tok::Name) {
       test->name = next().text;
-    } else if (peek().kind == Tok::Op && (peek().text == "==" || peek().text == "!=" || peek().text == "<" ||
-                                          peek().text == "<=" || peek().text == ">" || peek().text == ">=")) {
+    } else if (peek().kind == Tok::Op &&
+               (peek().text == "==" || peek().text == "!=" || peek().text == "<" ||
+                peek().text == "<=" || peek().text == ">" || peek().text == ">=")) {
       test->name = next().text;
     } else {
       unexpected("a test name");
@@ -895,10 +962,11 @@ class Parser {
     test->items.push_back(std::move(operand));
     if (at_op("(")) {
       parse_arguments(*test);
-    } else if ((peek().kind == Tok::Name && peek().text != "else" && peek().text != "or" && peek().text != "and" &&
-                peek().text != "if" && peek().text != "is" && peek().text != "in" && peek().text != "not") ||
-               peek().kind == Tok::String || peek().kind == Tok::Int || peek().kind == Tok::Float || at_op("[") ||
-               at_op("{")) {
+    } else if ((peek().kind == Tok::Name && peek().text != "else" && peek().text != "or" &&
+                peek().text != "and" && peek().text != "if" && peek().text != "is" &&
+                peek().text != "in" && peek().text != "not") ||
+               peek().kind == Tok::String || peek().kind == Tok::Int || peek().kind == Tok::Float ||
+               at_op("[") || at_op("{")) {
       // `x is divisibleby 3`: one argument without brackets.
       test->items.push_back(parse_postfix(parse_primary()));
     }
@@ -937,9 +1005,14 @@ void require_utf8(std::string_view source) {
       ++line;
       line_start = i + 1;
     }
-    const size_t length = b < 0x80 ? 1 : (b >> 5) == 6 ? 2 : (b >> 4) == 14 ? 3 : (b >> 3) == 30 ? 4 : 0;
+    const size_t length = b < 0x80         ? 1
+                          : (b >> 5) == 6  ? 2
+                          : (b >> 4) == 14 ? 3
+                          : (b >> 3) == 30 ? 4
+                                           : 0;
     bool ok = length > 0 && i + length <= source.size();
-    for (size_t k = 1; ok && k < length; ++k) ok = (static_cast<unsigned char>(source[i + k]) & 0xC0) == 0x80;
+    for (size_t k = 1; ok && k < length; ++k)
+      ok = (static_cast<unsigned char>(source[i + k]) & 0xC0) == 0x80;
     if (ok && length > 1) {
       size_t at = i;
       const char32_t c = decode_utf8(source, at);
@@ -947,7 +1020,8 @@ void require_utf8(std::string_view source) {
       ok = c >= min && c <= 0x10FFFF && !(c >= 0xD800 && c <= 0xDFFF);
     }
     if (!ok)
-      fail("template line ", line, ", column ", i - line_start + 1, ": the template is not valid UTF-8");
+      fail("template line ", line, ", column ", i - line_start + 1,
+           ": the template is not valid UTF-8");
     i += length;
   }
 }

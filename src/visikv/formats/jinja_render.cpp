@@ -1,6 +1,8 @@
 // The evaluator: walks a Program over the variables of one render, with jinja2's scoping (a for
 // loop's body gets a fresh scope each iteration; macros see the template's top level and their
 // arguments; `set` writes to the innermost scope) and its filters, tests and methods.
+#include <utf8proc.h>
+
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -8,7 +10,6 @@
 #include <ctime>
 #include <initializer_list>
 #include <unordered_map>
-#include <utf8proc.h>
 
 #include "visikv/formats/jinja.h"
 #include "visikv/formats/jinja_ast.h"
@@ -35,7 +36,9 @@ void assign(Frame& frame, const std::string& name, Value value) {
   frame.emplace_back(name, std::move(value));
 }
 
-[[noreturn]] void fail_undefined(const Value& value, Pos pos) { fail_at(pos, value.as<Undefined>()->hint); }
+[[noreturn]] void fail_undefined(const Value& value, Pos pos) {
+  fail_at(pos, value.as<Undefined>()->hint);
+}
 
 std::optional<int64_t> integer_of(const Value& v) {
   if (const auto* b = v.as<bool>()) return *b ? 1 : 0;
@@ -49,11 +52,13 @@ double double_of(const Value& v) {
 }
 
 // Parameters of a builtin bound from a call's arguments, Python-style.
-std::vector<std::optional<Value>> bind(const CallArgs& args, std::initializer_list<std::string_view> names,
+std::vector<std::optional<Value>> bind(const CallArgs& args,
+                                       std::initializer_list<std::string_view> names,
                                        std::string_view what, Pos pos) {
   std::vector<std::optional<Value>> bound(names.size());
   if (args.positional.size() > names.size())
-    fail_at(pos, what, "() takes at most ", names.size(), " arguments (", args.positional.size(), " given)");
+    fail_at(pos, what, "() takes at most ", names.size(), " arguments (", args.positional.size(),
+            " given)");
   for (size_t k = 0; k < args.positional.size(); ++k) bound[k] = args.positional[k];
   for (const auto& [key, value] : args.keyword) {
     const auto it = std::find(names.begin(), names.end(), key);
@@ -97,7 +102,9 @@ bool is_alpha(char32_t c) {
   return category >= UTF8PROC_CATEGORY_LU && category <= UTF8PROC_CATEGORY_LO;
 }
 
-bool is_digit(char32_t c) { return utf8proc_category(static_cast<utf8proc_int32_t>(c)) == UTF8PROC_CATEGORY_ND; }
+bool is_digit(char32_t c) {
+  return utf8proc_category(static_cast<utf8proc_int32_t>(c)) == UTF8PROC_CATEGORY_ND;
+}
 
 // Python's str.title(): a letter after a non-letter starts a word.
 std::string python_title(std::string_view text) {
@@ -122,7 +129,8 @@ std::string jinja_title(std::string_view text) {
   while (at < text.size()) {
     const size_t start = at;
     const char32_t c = decode_utf8(text, at);
-    const bool separator = python_isspace(c) || c == '-' || c == '(' || c == '{' || c == '[' || c == '<';
+    const bool separator =
+        python_isspace(c) || c == '-' || c == '(' || c == '{' || c == '[' || c == '<';
     out += map_case(text.substr(start, at - start), word_start && !separator);
     word_start = separator;
   }
@@ -144,7 +152,8 @@ bool in_chars(char32_t c, const std::optional<std::string>& chars) {
   return false;
 }
 
-std::string strip(std::string_view text, const std::optional<std::string>& chars, bool left, bool right) {
+std::string strip(std::string_view text, const std::optional<std::string>& chars, bool left,
+                  bool right) {
   const std::vector<std::string> points = code_points(text);
   size_t begin = 0, end = points.size();
   const auto stripped = [&](size_t k) {
@@ -160,8 +169,8 @@ std::string strip(std::string_view text, const std::optional<std::string>& chars
   return out;
 }
 
-std::string replace_all(std::string_view text, std::string_view old, std::string_view with, int64_t count,
-                        size_t limit, Pos pos) {
+std::string replace_all(std::string_view text, std::string_view old, std::string_view with,
+                        int64_t count, size_t limit, Pos pos) {
   std::string out;
   int64_t done = 0;
   if (old.empty()) {
@@ -188,12 +197,13 @@ std::string replace_all(std::string_view text, std::string_view old, std::string
     }
     out.append(text.substr(at));
   }
-  if (out.size() > limit) fail_at(pos, "replace: the result is over the size limit of ", limit, " bytes");
+  if (out.size() > limit)
+    fail_at(pos, "replace: the result is over the size limit of ", limit, " bytes");
   return out;
 }
 
-std::vector<std::string> python_split(std::string_view text, const std::optional<std::string>& sep, int64_t max_split,
-                                      bool from_right) {
+std::vector<std::string> python_split(std::string_view text, const std::optional<std::string>& sep,
+                                      int64_t max_split, bool from_right) {
   std::vector<std::string> parts;
   if (sep) {
     if (sep->empty()) fail("split: empty separator");
@@ -275,8 +285,8 @@ std::vector<std::string> split_lines(std::string_view text) {
   while (at < text.size()) {
     const size_t start = at;
     const char32_t c = decode_utf8(text, at);
-    const bool boundary = c == '\n' || c == '\r' || c == 0x0B || c == 0x0C || c == 0x1C || c == 0x1D || c == 0x1E ||
-                          c == 0x85 || c == 0x2028 || c == 0x2029;
+    const bool boundary = c == '\n' || c == '\r' || c == 0x0B || c == 0x0C || c == 0x1C ||
+                          c == 0x1D || c == 0x1E || c == 0x85 || c == 0x2028 || c == 0x2029;
     if (!boundary) {
       line.append(text.substr(start, at - start));
       pending = true;
@@ -295,12 +305,23 @@ std::string html_escape(std::string_view text) {
   std::string out;
   for (char c : text) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&#34;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&#34;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -308,8 +329,8 @@ std::string html_escape(std::string_view text) {
 
 // Python's slice indices for a sequence of `length` items.
 std::vector<size_t> slice_indices(int64_t length, const std::optional<int64_t>& start_arg,
-                                  const std::optional<int64_t>& stop_arg, const std::optional<int64_t>& step_arg,
-                                  Pos pos) {
+                                  const std::optional<int64_t>& stop_arg,
+                                  const std::optional<int64_t>& step_arg, Pos pos) {
   const int64_t step = step_arg.value_or(1);
   if (step == 0) fail_at(pos, "slice step cannot be zero");
   const auto clamp = [&](std::optional<int64_t> value, int64_t low_default, int64_t high_default) {
@@ -322,7 +343,8 @@ std::vector<size_t> slice_indices(int64_t length, const std::optional<int64_t>& 
   const int64_t start = clamp(start_arg, 0, length - 1);
   const int64_t stop = clamp(stop_arg, length, -1);
   std::vector<size_t> out;
-  for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) out.push_back(static_cast<size_t>(k));
+  for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step)
+    out.push_back(static_cast<size_t>(k));
   return out;
 }
 
@@ -336,7 +358,8 @@ class Renderer {
       : limits_(program.limits), program_(program) {
     if (!variables.is_object()) fail("template variables must be a JSON object");
     auto context = std::make_shared<Frame>();
-    for (const auto& [key, value] : variables.items()) context->emplace_back(key, from_json(value, limits_.max_depth));
+    for (const auto& [key, value] : variables.items())
+      context->emplace_back(key, from_json(value, limits_.max_depth));
     scopes_ = {context, std::make_shared<Frame>()};
   }
 
@@ -428,9 +451,10 @@ namespace {
 
 bool is_string_method(std::string_view name) {
   static const std::vector<std::string_view> kNames = {
-      "strip", "lstrip",     "rstrip", "split", "rsplit", "splitlines", "startswith", "endswith", "upper",
-      "lower", "title",      "capitalize", "replace", "format", "join", "find", "count", "isdigit", "isalpha",
-      "isspace", "isalnum", "islower", "isupper"};
+      "strip",      "lstrip",   "rstrip",  "split",   "rsplit", "splitlines",
+      "startswith", "endswith", "upper",   "lower",   "title",  "capitalize",
+      "replace",    "format",   "join",    "find",    "count",  "isdigit",
+      "isalpha",    "isspace",  "isalnum", "islower", "isupper"};
   return std::find(kNames.begin(), kNames.end(), name) != kNames.end();
 }
 
@@ -442,8 +466,9 @@ bool is_list_method(std::string_view name) { return name == "index" || name == "
 
 // Methods that would modify a value: jinja2's immutable sandbox refuses them.
 bool is_mutating_method(std::string_view name) {
-  static const std::vector<std::string_view> kNames = {"append", "extend", "insert", "pop",  "remove", "clear",
-                                                       "sort",   "reverse", "update", "setdefault", "popitem"};
+  static const std::vector<std::string_view> kNames = {"append", "extend",     "insert", "pop",
+                                                       "remove", "clear",      "sort",   "reverse",
+                                                       "update", "setdefault", "popitem"};
   return std::find(kNames.begin(), kNames.end(), name) != kNames.end();
 }
 
@@ -467,7 +492,8 @@ Value Renderer::get_attribute(const Value& object, const std::string& name, Pos 
     return Undefined{missing};
   }
   if (object.is_string() && is_string_method(name)) return bound();
-  if (const auto* list = object.as<ListPtr>(); list && (is_list_method(name) || is_mutating_method(name)))
+  if (const auto* list = object.as<ListPtr>();
+      list && (is_list_method(name) || is_mutating_method(name)))
     return bound();
   return Undefined{missing};
 }
@@ -485,18 +511,22 @@ Value Renderer::get_item(const Value& object, const Value& key, Pos pos) {
   if (const auto* list = object.as<ListPtr>(); list && index) {
     const auto size = static_cast<int64_t>((*list)->items.size());
     const int64_t at = *index < 0 ? *index + size : *index;
-    if (at < 0 || at >= size) return Undefined{"'" + type_name(object) + " object' has no element " + std::to_string(*index)};
+    if (at < 0 || at >= size)
+      return Undefined{"'" + type_name(object) + " object' has no element " +
+                       std::to_string(*index)};
     return (*list)->items[static_cast<size_t>(at)];
   }
   if (const auto* text = object.as<std::string>(); text && index) {
     const auto points = code_points(*text);
     const auto size = static_cast<int64_t>(points.size());
     const int64_t at = *index < 0 ? *index + size : *index;
-    if (at < 0 || at >= size) return Undefined{"'str object' has no element " + std::to_string(*index)};
+    if (at < 0 || at >= size)
+      return Undefined{"'str object' has no element " + std::to_string(*index)};
     return points[static_cast<size_t>(at)];
   }
   if (const auto* name = key.as<std::string>()) return get_attribute(object, *name, pos);
-  return Undefined{"'" + type_name(object) + " object' has no element " + repr(key, limits_.max_depth)};
+  return Undefined{"'" + type_name(object) + " object' has no element " +
+                   repr(key, limits_.max_depth)};
 }
 
 std::vector<Value> Renderer::iterate(const Value& value, Pos pos) {
@@ -520,7 +550,8 @@ namespace {
 
 int64_t length_of(const Value& value, Pos pos) {
   if (value.is_undefined()) return 0;
-  if (const auto* text = value.as<std::string>()) return static_cast<int64_t>(code_point_count(*text));
+  if (const auto* text = value.as<std::string>())
+    return static_cast<int64_t>(code_point_count(*text));
   if (const auto* list = value.as<ListPtr>()) return static_cast<int64_t>((*list)->items.size());
   if (const auto* dict = value.as<DictPtr>(); dict && !(*dict)->is_namespace)
     return static_cast<int64_t>((*dict)->entries.size());
@@ -531,7 +562,8 @@ bool contains(Renderer& renderer, const Value& container, const Value& item, Pos
   if (const auto* text = container.as<std::string>()) {
     if (item.is_undefined()) fail_undefined(item, pos);
     const auto* needle = item.as<std::string>();
-    if (!needle) fail_at(pos, "'in <string>' requires string as left operand, not ", type_name(item));
+    if (!needle)
+      fail_at(pos, "'in <string>' requires string as left operand, not ", type_name(item));
     return text->find(*needle) != std::string::npos;
   }
   if (const auto* dict = container.as<DictPtr>()) {
@@ -539,17 +571,20 @@ bool contains(Renderer& renderer, const Value& container, const Value& item, Pos
     return key && (*dict)->find(*key) != nullptr;
   }
   if (container.is_undefined()) return false;
-  if (!container.as<ListPtr>()) fail_at(pos, "argument of type '", type_name(container), "' is not iterable");
+  if (!container.as<ListPtr>())
+    fail_at(pos, "argument of type '", type_name(container), "' is not iterable");
   for (const Value& element : (*container.as<ListPtr>())->items)
     if (equal(element, item, renderer.limits().max_depth)) return true;
   return false;
 }
 
-Value arithmetic(Renderer& renderer, const std::string& op, const Value& a, const Value& b, Pos pos) {
+Value arithmetic(Renderer& renderer, const std::string& op, const Value& a, const Value& b,
+                 Pos pos) {
   if (a.is_undefined()) fail_undefined(a, pos);
   if (b.is_undefined()) fail_undefined(b, pos);
   const auto unsupported = [&]() -> Value {
-    fail_at(pos, "unsupported operand type(s) for ", op, ": '", type_name(a), "' and '", type_name(b), "'");
+    fail_at(pos, "unsupported operand type(s) for ", op, ": '", type_name(a), "' and '",
+            type_name(b), "'");
   };
   const auto ia = integer_of(a), ib = integer_of(b);
   if (a.is_number() && b.is_number()) {
@@ -605,7 +640,8 @@ Value arithmetic(Renderer& renderer, const std::string& op, const Value& a, cons
   const size_t limit = renderer.limits().max_output_bytes;
   if (op == "+") {
     if (a.is_string() && b.is_string()) {
-      renderer.check_size(a.as<std::string>()->size() + b.as<std::string>()->size(), pos, "a string");
+      renderer.check_size(a.as<std::string>()->size() + b.as<std::string>()->size(), pos,
+                          "a string");
       return *a.as<std::string>() + *b.as<std::string>();
     }
     const auto* la = a.as<ListPtr>();
@@ -632,11 +668,13 @@ Value arithmetic(Renderer& renderer, const std::string& op, const Value& a, cons
       if (!(*list)->items.empty() && static_cast<uint64_t>(times) > limit / (*list)->items.size())
         renderer.check_size(limit + 1, pos, "a repeated list");
       std::vector<Value> items;
-      for (int64_t k = 0; k < times; ++k) items.insert(items.end(), (*list)->items.begin(), (*list)->items.end());
+      for (int64_t k = 0; k < times; ++k)
+        items.insert(items.end(), (*list)->items.begin(), (*list)->items.end());
       return make_list(std::move(items), (*list)->tuple);
     }
   }
-  if (op == "%" && a.is_string()) fail_at(pos, "printf-style string formatting ('%') is not supported");
+  if (op == "%" && a.is_string())
+    fail_at(pos, "printf-style string formatting ('%') is not supported");
   return unsupported();
 }
 
@@ -652,7 +690,8 @@ Value Renderer::builtin(const std::string& name) {
   if (name == "range") {
     return make([](Renderer& r, CallArgs& args, Pos pos) -> Value {
       if (!args.keyword.empty()) fail_at(pos, "range() takes no keyword arguments");
-      if (args.positional.empty() || args.positional.size() > 3) fail_at(pos, "range() takes 1 to 3 arguments");
+      if (args.positional.empty() || args.positional.size() > 3)
+        fail_at(pos, "range() takes 1 to 3 arguments");
       int64_t start = 0, stop = 0, step = 1;
       if (args.positional.size() == 1) {
         stop = require_int(args.positional[0], "range", pos);
@@ -677,7 +716,8 @@ Value Renderer::builtin(const std::string& name) {
     return make([is_namespace](Renderer& r, CallArgs& args, Pos pos) -> Value {
       auto dict = std::make_shared<DictData>();
       dict->is_namespace = is_namespace;
-      if (args.positional.size() > 1) fail_at(pos, "namespace()/dict() take at most one positional argument");
+      if (args.positional.size() > 1)
+        fail_at(pos, "namespace()/dict() take at most one positional argument");
       if (!args.positional.empty()) {
         const auto* source = args.positional[0].as<DictPtr>();
         if (!source) fail_at(pos, "namespace()/dict(): the positional argument must be a mapping");
@@ -702,12 +742,14 @@ Value Renderer::builtin(const std::string& name) {
     return make([](Renderer&, CallArgs& args, Pos pos) -> Value {
       const auto bound = bind(args, {"format"}, "strftime_now", pos);
       const std::string& format = require_string(bound[0].value_or(Value{}), "strftime_now", pos);
-      const std::time_t now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+      const std::time_t now =
+          std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
       std::tm local{};
       localtime_r(&now, &local);
       std::string out(256 + format.size() * 8, '\0');
       const size_t written = std::strftime(out.data(), out.size(), format.c_str(), &local);
-      if (written == 0 && !format.empty()) fail_at(pos, "strftime_now: format '", format, "' gives no text");
+      if (written == 0 && !format.empty())
+        fail_at(pos, "strftime_now: format '", format, "' gives no text");
       out.resize(written);
       return out;
     });
@@ -723,7 +765,8 @@ Value Renderer::lookup(const std::string& name) {
 
 CallArgs Renderer::eval_args(const Expr& expr, size_t first) {
   CallArgs args;
-  for (size_t k = first; k < expr.items.size(); ++k) args.positional.push_back(eval(*expr.items[k]));
+  for (size_t k = first; k < expr.items.size(); ++k)
+    args.positional.push_back(eval(*expr.items[k]));
   for (const auto& [key, value] : expr.keyword) args.keyword.emplace_back(key, eval(*value));
   return args;
 }
@@ -739,8 +782,10 @@ Value Renderer::call_value(const Value& callee, CallArgs& args, Pos pos) {
 Value Renderer::eval(const Expr& expr) {
   const Pos pos = expr.pos;
   switch (expr.kind) {
-    case Expr::Kind::Literal: return expr.literal;
-    case Expr::Kind::Name: return lookup(expr.name);
+    case Expr::Kind::Literal:
+      return expr.literal;
+    case Expr::Kind::Name:
+      return lookup(expr.name);
     case Expr::Kind::List:
     case Expr::Kind::Tuple: {
       std::vector<Value> items;
@@ -751,12 +796,14 @@ Value Renderer::eval(const Expr& expr) {
       auto dict = std::make_shared<DictData>();
       for (size_t k = 0; k + 1 < expr.items.size(); k += 2) {
         Value key = eval(*expr.items[k]);
-        if (!key.is_string()) fail_at(expr.items[k]->pos, "dict keys must be strings here, got ", type_name(key));
+        if (!key.is_string())
+          fail_at(expr.items[k]->pos, "dict keys must be strings here, got ", type_name(key));
         dict->set(*key.as<std::string>(), eval(*expr.items[k + 1]));
       }
       return DictPtr(dict);
     }
-    case Expr::Kind::Attribute: return get_attribute(eval(*expr.items[0]), expr.name, pos);
+    case Expr::Kind::Attribute:
+      return get_attribute(eval(*expr.items[0]), expr.name, pos);
     case Expr::Kind::Subscript: {
       Value object = eval(*expr.items[0]);
       return get_item(object, eval(*expr.items[1]), pos);
@@ -774,13 +821,15 @@ Value Renderer::eval(const Expr& expr) {
       if (const auto* text = object.as<std::string>()) {
         const auto points = code_points(*text);
         std::string out;
-        for (size_t k : slice_indices(static_cast<int64_t>(points.size()), parts[0], parts[1], parts[2], pos))
+        for (size_t k :
+             slice_indices(static_cast<int64_t>(points.size()), parts[0], parts[1], parts[2], pos))
           out += points[k];
         return out;
       }
       if (const auto* list = object.as<ListPtr>()) {
         std::vector<Value> items;
-        for (size_t k : slice_indices(static_cast<int64_t>((*list)->items.size()), parts[0], parts[1], parts[2], pos))
+        for (size_t k : slice_indices(static_cast<int64_t>((*list)->items.size()), parts[0],
+                                      parts[1], parts[2], pos))
           items.push_back((*list)->items[k]);
         return make_list(std::move(items), (*list)->tuple);
       }
@@ -813,11 +862,13 @@ Value Renderer::eval(const Expr& expr) {
       if (const auto* d = operand.as<double>()) return expr.name == "-" ? -*d : *d;
       fail_at(pos, "bad operand type for unary ", expr.name, ": '", type_name(operand), "'");
     }
-    case Expr::Kind::Binary: return binary(expr);
+    case Expr::Kind::Binary:
+      return binary(expr);
     case Expr::Kind::Conditional: {
       if (truthy(eval(*expr.items[0]))) return eval(*expr.items[1]);
       if (expr.items[2]) return eval(*expr.items[2]);
-      return Undefined{"the inline if expression on line " + std::to_string(pos.line) + " evaluated to false and no else section was defined."};
+      return Undefined{"the inline if expression on line " + std::to_string(pos.line) +
+                       " evaluated to false and no else section was defined."};
     }
   }
   fail_at(pos, "unknown expression");
@@ -884,12 +935,14 @@ Value Renderer::make_macro(const Stmt& stmt) {
     auto frame = std::make_shared<Frame>();
     const size_t count = stmt.params.size();
     if (args.positional.size() > count)
-      fail_at(pos, "macro '", stmt.text, "' takes at most ", count, " arguments (", args.positional.size(), " given)");
+      fail_at(pos, "macro '", stmt.text, "' takes at most ", count, " arguments (",
+              args.positional.size(), " given)");
     std::vector<std::optional<Value>> values(count);
     for (size_t k = 0; k < args.positional.size(); ++k) values[k] = args.positional[k];
     std::optional<Value> caller;
     for (auto& [key, value] : args.keyword) {
-      const auto it = std::find_if(stmt.params.begin(), stmt.params.end(), [&](const MacroParam& p) { return p.name == key; });
+      const auto it = std::find_if(stmt.params.begin(), stmt.params.end(),
+                                   [&](const MacroParam& p) { return p.name == key; });
       if (it != stmt.params.end()) {
         values[static_cast<size_t>(it - stmt.params.begin())] = value;
       } else if (key == "caller") {
@@ -926,7 +979,9 @@ Renderer::Flow Renderer::exec(const Body& body) {
   for (const StmtPtr& statement : body) {
     const Stmt& stmt = *statement;
     switch (stmt.kind) {
-      case Stmt::Kind::Text: emit(stmt.text, stmt.pos); break;
+      case Stmt::Kind::Text:
+        emit(stmt.text, stmt.pos);
+        break;
       case Stmt::Kind::Output: {
         const Value value = eval(*stmt.expr);
         emit(to_str(value, limits_.max_depth), stmt.pos);
@@ -940,10 +995,18 @@ Renderer::Flow Renderer::exec(const Body& body) {
           break;
         }
         break;
-      case Stmt::Kind::For: exec_for(stmt); break;
-      case Stmt::Kind::Set: assign_targets(stmt.targets, eval(*stmt.expr), stmt.pos); break;
-      case Stmt::Kind::SetBlock: assign_targets(stmt.targets, capture(stmt.body), stmt.pos); break;
-      case Stmt::Kind::Macro: assign(*scopes_.back(), stmt.text, make_macro(stmt)); break;
+      case Stmt::Kind::For:
+        exec_for(stmt);
+        break;
+      case Stmt::Kind::Set:
+        assign_targets(stmt.targets, eval(*stmt.expr), stmt.pos);
+        break;
+      case Stmt::Kind::SetBlock:
+        assign_targets(stmt.targets, capture(stmt.body), stmt.pos);
+        break;
+      case Stmt::Kind::Macro:
+        assign(*scopes_.back(), stmt.text, make_macro(stmt));
+        break;
       case Stmt::Kind::CallBlock: {
         const Expr& call = *stmt.expr;
         const Value callee = eval(*call.items[0]);
@@ -953,11 +1016,14 @@ Renderer::Flow Renderer::exec(const Body& body) {
         const Scopes scopes = scopes_;  // the body renders where the call block stands
         caller->call = [&stmt, scopes](Renderer& r, CallArgs& caller_args, Pos pos) -> Value {
           auto frame = std::make_shared<Frame>();
-          if (caller_args.positional.size() > stmt.params.size()) fail_at(pos, "caller() got too many arguments");
+          if (caller_args.positional.size() > stmt.params.size())
+            fail_at(pos, "caller() got too many arguments");
           for (size_t k = 0; k < stmt.params.size(); ++k) {
-            Value value = k < caller_args.positional.size() ? caller_args.positional[k]
-                          : stmt.params[k].default_value ? r.eval(*stmt.params[k].default_value)
-                                                         : Value{Undefined{"parameter '" + stmt.params[k].name + "' was not provided"}};
+            Value value =
+                k < caller_args.positional.size() ? caller_args.positional[k]
+                : stmt.params[k].default_value
+                    ? r.eval(*stmt.params[k].default_value)
+                    : Value{Undefined{"parameter '" + stmt.params[k].name + "' was not provided"}};
             assign(*frame, stmt.params[k].name, std::move(value));
           }
           Scopes inner = scopes;
@@ -980,7 +1046,8 @@ Renderer::Flow Renderer::exec(const Body& body) {
         Value value = capture(stmt.body);
         // The chain is nested innermost first; apply from the innermost (null operand) out.
         std::vector<const Expr*> chain;
-        for (const Expr* filter = stmt.expr.get(); filter; filter = filter->items[0].get()) chain.push_back(filter);
+        for (const Expr* filter = stmt.expr.get(); filter; filter = filter->items[0].get())
+          chain.push_back(filter);
         for (auto it = chain.rbegin(); it != chain.rend(); ++it) {
           CallArgs args = eval_args(**it, 1);
           value = apply_filter((*it)->name, std::move(value), args, (*it)->pos);
@@ -988,8 +1055,10 @@ Renderer::Flow Renderer::exec(const Body& body) {
         emit(to_str(value, limits_.max_depth), stmt.pos);
         break;
       }
-      case Stmt::Kind::Break: return Flow::Break;
-      case Stmt::Kind::Continue: return Flow::Continue;
+      case Stmt::Kind::Break:
+        return Flow::Break;
+      case Stmt::Kind::Continue:
+        return Flow::Continue;
       case Stmt::Kind::Scope: {
         const Flow flow = exec(stmt.body);
         if (flow != Flow::Normal) return flow;
@@ -1032,11 +1101,14 @@ Renderer::Flow Renderer::exec_for(const Stmt& stmt) {
   for (int64_t k = 0; k < n; ++k) {
     count_iterations(1, stmt.pos);
     auto loop = std::make_shared<DictData>();
-    loop->entries = {{"index", k + 1},         {"index0", k},          {"revindex", n - k}, {"revindex0", n - k - 1},
-                     {"first", k == 0},        {"last", k == n - 1},   {"length", n},       {"depth", depth},
-                     {"depth0", depth - 1}};
-    loop->entries.emplace_back("previtem", k > 0 ? items[static_cast<size_t>(k - 1)] : Value{Undefined{"there is no previous item"}});
-    loop->entries.emplace_back("nextitem", k + 1 < n ? items[static_cast<size_t>(k + 1)] : Value{Undefined{"there is no next item"}});
+    loop->entries = {
+        {"index", k + 1},     {"index0", k},        {"revindex", n - k}, {"revindex0", n - k - 1},
+        {"first", k == 0},    {"last", k == n - 1}, {"length", n},       {"depth", depth},
+        {"depth0", depth - 1}};
+    loop->entries.emplace_back("previtem", k > 0 ? items[static_cast<size_t>(k - 1)]
+                                                 : Value{Undefined{"there is no previous item"}});
+    loop->entries.emplace_back("nextitem", k + 1 < n ? items[static_cast<size_t>(k + 1)]
+                                                     : Value{Undefined{"there is no next item"}});
     auto cycle = std::make_shared<Callable>();
     cycle->name = "cycle";
     cycle->call = [k](Renderer&, CallArgs& args, Pos pos) -> Value {
@@ -1067,7 +1139,8 @@ Renderer::Flow Renderer::exec_for(const Stmt& stmt) {
 Value Renderer::call_method(const Value& object, const std::string& name, CallArgs& args, Pos pos) {
   const int depth = limits_.max_depth;
   if (is_mutating_method(name))
-    fail_at(pos, "'", type_name(object), ".", name, "' is not allowed: template values cannot be modified");
+    fail_at(pos, "'", type_name(object), ".", name,
+            "' is not allowed: template values cannot be modified");
   if (const auto* dict = object.as<DictPtr>()) {
     if (name == "get") {
       const auto bound = bind(args, {"key", "default"}, "get", pos);
@@ -1112,8 +1185,9 @@ Value Renderer::call_method(const Value& object, const std::string& name, CallAr
   if (name == "split" || name == "rsplit") {
     const auto bound = bind(args, {"sep", "maxsplit"}, name, pos);
     std::vector<Value> parts;
-    for (auto& part : python_split(text, optional_string(bound[0]), bound[1] ? require_int(*bound[1], name, pos) : -1,
-                                   name == "rsplit"))
+    for (auto& part :
+         python_split(text, optional_string(bound[0]),
+                      bound[1] ? require_int(*bound[1], name, pos) : -1, name == "rsplit"))
       parts.emplace_back(std::move(part));
     return make_list(std::move(parts));
   }
@@ -1152,8 +1226,9 @@ Value Renderer::call_method(const Value& object, const std::string& name, CallAr
   if (name == "replace") {
     const auto bound = bind(args, {"old", "new", "count"}, name, pos);
     if (!bound[0] || !bound[1]) fail_at(pos, "replace() needs two arguments");
-    return replace_all(text, require_string(*bound[0], name, pos), require_string(*bound[1], name, pos),
-                       bound[2] ? require_int(*bound[2], name, pos) : -1, limits_.max_output_bytes, pos);
+    return replace_all(
+        text, require_string(*bound[0], name, pos), require_string(*bound[1], name, pos),
+        bound[2] ? require_int(*bound[2], name, pos) : -1, limits_.max_output_bytes, pos);
   }
   if (name == "join") {
     const auto bound = bind(args, {"iterable"}, name, pos);
@@ -1173,11 +1248,14 @@ Value Renderer::call_method(const Value& object, const std::string& name, CallAr
     const std::string& sub = require_string(*bound[0], name, pos);
     if (name == "find") {
       const size_t at = text.find(sub);
-      return at == std::string::npos ? int64_t{-1} : static_cast<int64_t>(code_point_count(std::string_view(text).substr(0, at)));
+      return at == std::string::npos
+                 ? int64_t{-1}
+                 : static_cast<int64_t>(code_point_count(std::string_view(text).substr(0, at)));
     }
     if (sub.empty()) return static_cast<int64_t>(code_point_count(text) + 1);
     int64_t count = 0;
-    for (size_t at = text.find(sub); at != std::string::npos; at = text.find(sub, at + sub.size())) ++count;
+    for (size_t at = text.find(sub); at != std::string::npos; at = text.find(sub, at + sub.size()))
+      ++count;
     return count;
   }
   if (name == "format") {
@@ -1197,11 +1275,14 @@ Value Renderer::call_method(const Value& object, const std::string& name, CallAr
         if (close == std::string::npos) fail_at(pos, "format(): single '{' in format string");
         const std::string field = text.substr(i + 1, close - i - 1);
         if (field.find_first_of(":!.[") != std::string::npos)
-          fail_at(pos, "format(): field '{", field, "}' uses a conversion or spec, which is not supported");
+          fail_at(pos, "format(): field '{", field,
+                  "}' uses a conversion or spec, which is not supported");
         const Value* value = nullptr;
-        if (field.empty() || std::all_of(field.begin(), field.end(), [](char d) { return d >= '0' && d <= '9'; })) {
+        if (field.empty() ||
+            std::all_of(field.begin(), field.end(), [](char d) { return d >= '0' && d <= '9'; })) {
           const size_t index = field.empty() ? next_auto++ : std::stoul(field);
-          if (index >= args.positional.size()) fail_at(pos, "format(): replacement index ", index, " out of range");
+          if (index >= args.positional.size())
+            fail_at(pos, "format(): replacement index ", index, " out of range");
           value = &args.positional[index];
         } else {
           for (const auto& [key, v] : args.keyword)
@@ -1231,10 +1312,12 @@ Value Renderer::call_method(const Value& object, const std::string& name, CallAr
                     : name == "isalpha" ? is_alpha(c)
                     : name == "isalnum" ? is_alpha(c) || is_digit(c)
                     : name == "isspace" ? python_isspace(c)
-                    : name == "islower" ? category != UTF8PROC_CATEGORY_LU && category != UTF8PROC_CATEGORY_LT
-                                        : category != UTF8PROC_CATEGORY_LL;
+                    : name == "islower"
+                        ? category != UTF8PROC_CATEGORY_LU && category != UTF8PROC_CATEGORY_LT
+                        : category != UTF8PROC_CATEGORY_LL;
     if (!ok) return false;
-    cased = cased || category == UTF8PROC_CATEGORY_LU || category == UTF8PROC_CATEGORY_LL || category == UTF8PROC_CATEGORY_LT;
+    cased = cased || category == UTF8PROC_CATEGORY_LU || category == UTF8PROC_CATEGORY_LL ||
+            category == UTF8PROC_CATEGORY_LT;
   }
   return (name == "islower" || name == "isupper") ? cased : true;
 }
@@ -1250,9 +1333,12 @@ Value attribute_path(Renderer& r, const Value& item, const std::string& path, Po
   size_t at = 0;
   while (true) {
     const size_t dot = path.find('.', at);
-    const std::string part = path.substr(at, dot == std::string::npos ? std::string::npos : dot - at);
-    const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; });
-    value = numeric ? r.get_item(value, static_cast<int64_t>(std::stoll(part)), pos) : r.get_item(value, part, pos);
+    const std::string part =
+        path.substr(at, dot == std::string::npos ? std::string::npos : dot - at);
+    const bool numeric = !part.empty() && std::all_of(part.begin(), part.end(),
+                                                      [](char c) { return c >= '0' && c <= '9'; });
+    value = numeric ? r.get_item(value, static_cast<int64_t>(std::stoll(part)), pos)
+                    : r.get_item(value, part, pos);
     if (dot == std::string::npos) return value;
     at = dot + 1;
   }
@@ -1267,21 +1353,22 @@ Value sort_key(const Value& value, bool case_sensitive) {
 
 const std::vector<std::string_view>& filter_names() {
   static const std::vector<std::string_view> kNames = {
-      "abs",     "attr",   "capitalize", "count", "d",       "default", "dictsort",   "e",         "escape",
-      "first",   "float",  "indent",     "int",   "items",   "join",    "last",       "length",    "list",
-      "lower",   "map",    "max",        "min",   "reject",  "rejectattr", "replace", "reverse",   "round",
-      "safe",    "select", "selectattr", "sort",  "string",  "sum",     "title",      "tojson",    "trim",
-      "unique",  "upper",  "wordcount"};
+      "abs",    "attr",       "capitalize", "count",    "d",       "default", "dictsort",
+      "e",      "escape",     "first",      "float",    "indent",  "int",     "items",
+      "join",   "last",       "length",     "list",     "lower",   "map",     "max",
+      "min",    "reject",     "rejectattr", "replace",  "reverse", "round",   "safe",
+      "select", "selectattr", "sort",       "string",   "sum",     "title",   "tojson",
+      "trim",   "unique",     "upper",      "wordcount"};
   return kNames;
 }
 
 const std::vector<std::string_view>& test_names() {
   static const std::vector<std::string_view> kNames = {
-      "boolean", "callable", "defined", "divisibleby", "eq",       "equalto", "escaped", "even",     "false",
-      "float",   "ge",       "gt",      "in",          "integer",  "iterable", "le",     "lower",    "lt",
-      "mapping", "ne",       "none",    "number",      "odd",      "sameas",  "sequence", "string", "true",
-      "undefined", "upper",  "==",      "!=",          "<",        "<=",      ">",       ">=",      "greaterthan",
-      "lessthan"};
+      "boolean",  "callable", "defined", "divisibleby", "eq",      "equalto", "escaped",  "even",
+      "false",    "float",    "ge",      "gt",          "in",      "integer", "iterable", "le",
+      "lower",    "lt",       "mapping", "ne",          "none",    "number",  "odd",      "sameas",
+      "sequence", "string",   "true",    "undefined",   "upper",   "==",      "!=",       "<",
+      "<=",       ">",        ">=",      "greaterthan", "lessthan"};
   return kNames;
 }
 
@@ -1314,8 +1401,11 @@ bool Renderer::apply_test(const std::string& name, const Value& value, CallArgs&
   if (name == "number") return value.is_number();
   if (name == "string") return value.is_string();
   if (name == "mapping") return value.as<DictPtr>() && !(*value.as<DictPtr>())->is_namespace;
-  if (name == "iterable") return value.is_string() || value.as<ListPtr>() || value.as<DictPtr>() || value.is_undefined();
-  if (name == "sequence") return value.is_string() || value.as<ListPtr>() || (value.as<DictPtr>() && !(*value.as<DictPtr>())->is_namespace);
+  if (name == "iterable")
+    return value.is_string() || value.as<ListPtr>() || value.as<DictPtr>() || value.is_undefined();
+  if (name == "sequence")
+    return value.is_string() || value.as<ListPtr>() ||
+           (value.as<DictPtr>() && !(*value.as<DictPtr>())->is_namespace);
   if (name == "callable") return value.as<CallablePtr>() != nullptr;
   if (name == "escaped") return false;
   if (name == "lower" || name == "upper") {
@@ -1335,15 +1425,19 @@ bool Renderer::apply_test(const std::string& name, const Value& value, CallArgs&
   if (name == "eq" || name == "equalto" || name == "==") return equal(value, argument(), depth);
   if (name == "ne" || name == "!=") return !equal(value, argument(), depth);
   if (name == "lt" || name == "<" || name == "lessthan") return less(value, argument(), pos, depth);
-  if (name == "gt" || name == ">" || name == "greaterthan") return less(argument(), value, pos, depth);
+  if (name == "gt" || name == ">" || name == "greaterthan")
+    return less(argument(), value, pos, depth);
   if (name == "le" || name == "<=") return !less(argument(), value, pos, depth);
   if (name == "ge" || name == ">=") return !less(value, argument(), pos, depth);
   if (name == "in") return contains(*this, argument(), value, pos);
   if (name == "sameas") {
     const Value& other = argument();
-    if (value.is_none() || other.is_none() || value.as<bool>() || other.as<bool>()) return equal(value, other, depth) && value.v.index() == other.v.index();
-    if (const auto* a = value.as<ListPtr>(); a && other.as<ListPtr>()) return a->get() == other.as<ListPtr>()->get();
-    if (const auto* a = value.as<DictPtr>(); a && other.as<DictPtr>()) return a->get() == other.as<DictPtr>()->get();
+    if (value.is_none() || other.is_none() || value.as<bool>() || other.as<bool>())
+      return equal(value, other, depth) && value.v.index() == other.v.index();
+    if (const auto* a = value.as<ListPtr>(); a && other.as<ListPtr>())
+      return a->get() == other.as<ListPtr>()->get();
+    if (const auto* a = value.as<DictPtr>(); a && other.as<DictPtr>())
+      return a->get() == other.as<DictPtr>()->get();
     return false;
   }
   fail_at(pos, "no test named '", name, "'");
@@ -1352,11 +1446,14 @@ bool Renderer::apply_test(const std::string& name, const Value& value, CallArgs&
 Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& args, Pos pos) {
   const int depth = limits_.max_depth;
   const auto text_of = [&](const Value& v) { return to_str(v, depth); };
-  const auto flag = [](const std::optional<Value>& v, bool fallback) { return v ? truthy(*v) : fallback; };
+  const auto flag = [](const std::optional<Value>& v, bool fallback) {
+    return v ? truthy(*v) : fallback;
+  };
   if (name == "safe") return value;
   if (name == "d" || name == "default") {
     const auto bound = bind(args, {"default_value", "boolean"}, name, pos);
-    if (value.is_undefined() || (flag(bound[1], false) && !truthy(value))) return bound[0].value_or(std::string());
+    if (value.is_undefined() || (flag(bound[1], false) && !truthy(value)))
+      return bound[0].value_or(std::string());
     return value;
   }
   if (name == "tojson") {
@@ -1375,7 +1472,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
     style.ensure_ascii = flag(bound[1], false);
     if (bound[2] && !bound[2]->is_none()) {
       const auto* pair = bound[2]->as<ListPtr>();
-      if (!pair || (*pair)->items.size() != 2) fail_at(pos, "tojson: separators must be a pair of strings");
+      if (!pair || (*pair)->items.size() != 2)
+        fail_at(pos, "tojson: separators must be a pair of strings");
       style.item_separator = require_string((*pair)->items[0], "tojson separators", pos);
       style.key_separator = require_string((*pair)->items[1], "tojson separators", pos);
     }
@@ -1403,7 +1501,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
                        limits_.max_output_bytes, pos);
   }
   if (name == "length" || name == "count") return length_of(value, pos);
-  if (name == "wordcount") return static_cast<int64_t>(python_split(text_of(value), std::nullopt, -1, false).size());
+  if (name == "wordcount")
+    return static_cast<int64_t>(python_split(text_of(value), std::nullopt, -1, false).size());
   if (name == "indent") {
     const auto bound = bind(args, {"width", "first", "blank"}, name, pos);
     std::string indentation = "    ";
@@ -1423,7 +1522,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
       for (size_t k = 0; k < lines.size(); ++k) out += (k ? "\n" + indentation : "") + lines[k];
     } else {
       out = lines.empty() ? "" : lines[0];
-      for (size_t k = 1; k < lines.size(); ++k) out += "\n" + (lines[k].empty() ? "" : indentation) + lines[k];
+      for (size_t k = 1; k < lines.size(); ++k)
+        out += "\n" + (lines[k].empty() ? "" : indentation) + lines[k];
     }
     if (flag(bound[1], false)) out = indentation + out;
     check_size(out.size(), pos, "indent output");
@@ -1444,7 +1544,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
         const long long parsed = std::stoll(trimmed, &used, 10);
         if (used == trimmed.size()) return static_cast<int64_t>(parsed);
         const double real = std::stod(trimmed, &used);
-        if (used == trimmed.size() && std::isfinite(real) && std::fabs(real) < 9.2e18) return static_cast<int64_t>(real);
+        if (used == trimmed.size() && std::isfinite(real) && std::fabs(real) < 9.2e18)
+          return static_cast<int64_t>(real);
       } catch (const std::exception&) {
       }
     }
@@ -1481,7 +1582,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
     if (!value.is_number()) fail_at(pos, "round: expected a number, got ", type_name(value));
     const double x = double_of(value);
     const double scale = std::pow(10.0, static_cast<double>(precision));
-    if (method == "common") return std::nearbyint(x * scale) / scale;  // Python's round: ties to even
+    if (method == "common")
+      return std::nearbyint(x * scale) / scale;  // Python's round: ties to even
     if (method == "floor") return std::floor(x * scale) / scale;
     if (method == "ceil") return std::ceil(x * scale) / scale;
     fail_at(pos, "round: method must be 'common', 'ceil' or 'floor'");
@@ -1539,7 +1641,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
     const std::vector<Value> items = iterate(value, pos);
     for (size_t k = 0; k < items.size(); ++k) {
       if (k) out += separator;
-      out += text_of(bound[1] ? attribute_path(*this, items[k], text_of(*bound[1]), pos) : items[k]);
+      out +=
+          text_of(bound[1] ? attribute_path(*this, items[k], text_of(*bound[1]), pos) : items[k]);
       check_size(out.size(), pos, "a joined string");
     }
     return out;
@@ -1550,22 +1653,25 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
   }
   if (name == "sort" || name == "unique" || name == "min" || name == "max") {
     const bool is_sort = name == "sort";
-    const auto bound = is_sort ? bind(args, {"reverse", "case_sensitive", "attribute"}, name, pos)
-                               : [&] {
-                                   auto b = bind(args, {"case_sensitive", "attribute"}, name, pos);
-                                   b.insert(b.begin(), std::nullopt);
-                                   return b;
-                                 }();
+    const auto bound =
+        is_sort ? bind(args, {"reverse", "case_sensitive", "attribute"}, name, pos) : [&] {
+          auto b = bind(args, {"case_sensitive", "attribute"}, name, pos);
+          b.insert(b.begin(), std::nullopt);
+          return b;
+        }();
     const bool case_sensitive = flag(bound[1], false);
     std::vector<Value> items = iterate(value, pos);
     const auto key = [&](const Value& item) {
-      return sort_key(bound[2] ? attribute_path(*this, item, text_of(*bound[2]), pos) : item, case_sensitive);
+      return sort_key(bound[2] ? attribute_path(*this, item, text_of(*bound[2]), pos) : item,
+                      case_sensitive);
     };
     if (name == "unique") {
       std::vector<Value> out, seen;
       for (const Value& item : items) {
         const Value k = key(item);
-        if (std::any_of(seen.begin(), seen.end(), [&](const Value& s) { return equal(s, k, depth); })) continue;
+        if (std::any_of(seen.begin(), seen.end(),
+                        [&](const Value& s) { return equal(s, k, depth); }))
+          continue;
         seen.push_back(k);
         out.push_back(item);
       }
@@ -1591,13 +1697,16 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
     const auto bound = bind(args, {"attribute", "start"}, name, pos);
     Value total = bound[1].value_or(int64_t{0});
     for (const Value& item : iterate(value, pos))
-      total = arithmetic(*this, "+", total, bound[0] ? attribute_path(*this, item, text_of(*bound[0]), pos) : item, pos);
+      total =
+          arithmetic(*this, "+", total,
+                     bound[0] ? attribute_path(*this, item, text_of(*bound[0]), pos) : item, pos);
     return total;
   }
   if (name == "map") {
     std::vector<Value> out;
     const std::vector<Value> items = iterate(value, pos);
-    const auto attribute = std::find_if(args.keyword.begin(), args.keyword.end(), [](const auto& kw) { return kw.first == "attribute"; });
+    const auto attribute = std::find_if(args.keyword.begin(), args.keyword.end(),
+                                        [](const auto& kw) { return kw.first == "attribute"; });
     if (attribute != args.keyword.end()) {
       const auto bound = bind(args, {"attribute", "default"}, name, pos);
       for (const Value& item : items) {
@@ -1610,7 +1719,8 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
     if (args.positional.empty()) fail_at(pos, "map needs a filter name or attribute=");
     const std::string filter = require_string(args.positional[0], "map", pos);
     if (!is_known_filter(filter)) fail_at(pos, "no filter named '", filter, "'");
-    CallArgs rest{std::vector<Value>(args.positional.begin() + 1, args.positional.end()), args.keyword};
+    CallArgs rest{std::vector<Value>(args.positional.begin() + 1, args.positional.end()),
+                  args.keyword};
     for (const Value& item : items) {
       CallArgs copy = rest;
       out.push_back(apply_filter(filter, item, copy, pos));
@@ -1631,7 +1741,9 @@ Value Renderer::apply_filter(const std::string& name, Value value, CallArgs& arg
       test = require_string(args.positional[at++], name, pos);
       if (!is_known_test(*test)) fail_at(pos, "no test named '", *test, "'");
     }
-    CallArgs test_args{std::vector<Value>(args.positional.begin() + static_cast<std::ptrdiff_t>(at), args.positional.end()), args.keyword};
+    CallArgs test_args{std::vector<Value>(args.positional.begin() + static_cast<std::ptrdiff_t>(at),
+                                          args.positional.end()),
+                       args.keyword};
     std::vector<Value> out;
     for (const Value& item : iterate(value, pos)) {
       const Value subject = by_attribute ? attribute_path(*this, item, attribute, pos) : item;

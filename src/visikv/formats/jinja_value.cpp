@@ -10,7 +10,8 @@ namespace visikv::jinja {
 namespace {
 
 void check_depth(int depth_limit) {
-  if (depth_limit <= 0) fail("template values nest too deeply (limit reached while printing or comparing)");
+  if (depth_limit <= 0)
+    fail("template values nest too deeply (limit reached while printing or comparing)");
 }
 
 }  // namespace
@@ -19,7 +20,10 @@ char32_t decode_utf8(std::string_view text, size_t& at) {
   const auto byte = [&](size_t i) { return static_cast<unsigned char>(text[i]); };
   const unsigned char lead = byte(at);
   int extra = lead < 0x80 ? 0 : lead < 0xE0 ? 1 : lead < 0xF0 ? 2 : 3;
-  char32_t c = extra == 0 ? lead : extra == 1 ? (lead & 0x1F) : extra == 2 ? (lead & 0x0F) : (lead & 0x07);
+  char32_t c = extra == 0   ? lead
+               : extra == 1 ? (lead & 0x1F)
+               : extra == 2 ? (lead & 0x0F)
+                            : (lead & 0x07);
   ++at;
   for (int i = 0; i < extra && at < text.size(); ++i, ++at) c = (c << 6) | (byte(at) & 0x3F);
   return c;
@@ -56,15 +60,16 @@ std::vector<std::string> code_points(std::string_view text) {
 
 size_t code_point_count(std::string_view text) {
   // Every byte that is not a continuation byte starts a code point.
-  return static_cast<size_t>(
-      std::count_if(text.begin(), text.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
+  return static_cast<size_t>(std::count_if(text.begin(), text.end(), [](char c) {
+    return (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  }));
 }
 
 bool python_isspace(char32_t c) {
   // str.isspace(): Unicode White_Space plus the ASCII separators \x1c-\x1f.
-  return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-         c == 0x3000;
+  return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 ||
+         c == 0x1680 || (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
+         c == 0x205F || c == 0x3000;
 }
 
 std::string type_name(const Value& value) {
@@ -76,7 +81,9 @@ std::string type_name(const Value& value) {
     std::string operator()(double) const { return "float"; }
     std::string operator()(const std::string&) const { return "str"; }
     std::string operator()(const ListPtr& list) const { return list->tuple ? "tuple" : "list"; }
-    std::string operator()(const DictPtr& dict) const { return dict->is_namespace ? "Namespace" : "dict"; }
+    std::string operator()(const DictPtr& dict) const {
+      return dict->is_namespace ? "Namespace" : "dict";
+    }
     std::string operator()(const CallablePtr&) const { return "function"; }
   };
   return std::visit(Visitor{}, value.v);
@@ -91,7 +98,9 @@ bool truthy(const Value& value) {
     bool operator()(double d) const { return d != 0.0; }
     bool operator()(const std::string& s) const { return !s.empty(); }
     bool operator()(const ListPtr& list) const { return !list->items.empty(); }
-    bool operator()(const DictPtr& dict) const { return dict->is_namespace || !dict->entries.empty(); }
+    bool operator()(const DictPtr& dict) const {
+      return dict->is_namespace || !dict->entries.empty();
+    }
     bool operator()(const CallablePtr&) const { return true; }
   };
   return std::visit(Visitor{}, value.v);
@@ -103,7 +112,8 @@ std::string python_float_repr(double value) {
   // Shortest round-trip digits (what repr() prints), then Python's layout: scientific below 1e-4
   // and from 1e16 on, positional otherwise, always with a '.' or an exponent.
   char buffer[64];
-  const auto result = std::to_chars(buffer, buffer + sizeof buffer, value, std::chars_format::scientific);
+  const auto result =
+      std::to_chars(buffer, buffer + sizeof buffer, value, std::chars_format::scientific);
   std::string_view text(buffer, static_cast<size_t>(result.ptr - buffer));
   std::string sign;
   if (text.front() == '-') {
@@ -120,12 +130,15 @@ std::string python_float_repr(double value) {
     out += digits[0];
     if (digits.size() > 1) out += "." + digits.substr(1);
     char exp_text[16];
-    std::snprintf(exp_text, sizeof exp_text, "e%c%02d", exponent < 0 ? '-' : '+', std::abs(exponent));
+    std::snprintf(exp_text, sizeof exp_text, "e%c%02d", exponent < 0 ? '-' : '+',
+                  std::abs(exponent));
     return out + exp_text;
   }
-  if (exponent < 0) return out + "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
+  if (exponent < 0)
+    return out + "0." + std::string(static_cast<size_t>(-exponent - 1), '0') + digits;
   const size_t int_digits = static_cast<size_t>(exponent) + 1;
-  if (digits.size() <= int_digits) return out + digits + std::string(int_digits - digits.size(), '0') + ".0";
+  if (digits.size() <= int_digits)
+    return out + digits + std::string(int_digits - digits.size(), '0') + ".0";
   return out + digits.substr(0, int_digits) + "." + digits.substr(int_digits);
 }
 
@@ -176,7 +189,8 @@ std::string container_str(const Value& value, int depth_limit) {
   std::string out = dict->is_namespace ? "<Namespace {" : "{";
   for (size_t i = 0; i < dict->entries.size(); ++i) {
     if (i) out += ", ";
-    out += repr_string(dict->entries[i].first) + ": " + repr_impl(dict->entries[i].second, depth_limit - 1, false);
+    out += repr_string(dict->entries[i].first) + ": " +
+           repr_impl(dict->entries[i].second, depth_limit - 1, false);
   }
   return out + (dict->is_namespace ? "}>" : "}");
 }
@@ -194,7 +208,9 @@ std::string repr_impl(const Value& value, int depth_limit, bool top) {
 
 }  // namespace
 
-std::string to_str(const Value& value, int depth_limit) { return repr_impl(value, depth_limit, true); }
+std::string to_str(const Value& value, int depth_limit) {
+  return repr_impl(value, depth_limit, true);
+}
 
 std::string repr(const Value& value, int depth_limit) {
   if (const auto* s = value.as<std::string>()) return repr_string(*s);
@@ -229,7 +245,8 @@ bool equal(const Value& a, const Value& b, int depth_limit) {
   if (const auto* s = a.as<std::string>()) return *s == *b.as<std::string>();
   if (const auto* list = a.as<ListPtr>()) {
     const auto& other = *b.as<ListPtr>();
-    if ((*list)->tuple != other->tuple || (*list)->items.size() != other->items.size()) return false;
+    if ((*list)->tuple != other->tuple || (*list)->items.size() != other->items.size())
+      return false;
     for (size_t i = 0; i < other->items.size(); ++i)
       if (!equal((*list)->items[i], other->items[i], depth_limit - 1)) return false;
     return true;
@@ -268,7 +285,8 @@ bool less(const Value& a, const Value& b, Pos pos, int depth_limit) {
     }
     return x.size() < y.size();
   }
-  fail_at(pos, "'<' not supported between instances of '", type_name(a), "' and '", type_name(b), "'");
+  fail_at(pos, "'<' not supported between instances of '", type_name(a), "' and '", type_name(b),
+          "'");
 }
 
 namespace {
@@ -281,18 +299,33 @@ void json_string(std::string& out, const std::string& s, bool ensure_ascii) {
     const char32_t c = decode_utf8(s, at);
     char hex[16];
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
       default:
         if (c < 0x20 || (ensure_ascii && c >= 0x7F)) {
           if (c >= 0x10000) {
             const char32_t v = c - 0x10000;
-            std::snprintf(hex, sizeof hex, "\\u%04x\\u%04x", static_cast<unsigned>(0xD800 + (v >> 10)),
+            std::snprintf(hex, sizeof hex, "\\u%04x\\u%04x",
+                          static_cast<unsigned>(0xD800 + (v >> 10)),
                           static_cast<unsigned>(0xDC00 + (v & 0x3FF)));
           } else {
             std::snprintf(hex, sizeof hex, "\\u%04x", static_cast<unsigned>(c));
@@ -306,8 +339,8 @@ void json_string(std::string& out, const std::string& s, bool ensure_ascii) {
   out += '"';
 }
 
-void json_value(std::string& out, const Value& value, const JsonStyle& style, Pos pos, int depth_limit,
-                int level) {
+void json_value(std::string& out, const Value& value, const JsonStyle& style, Pos pos,
+                int depth_limit, int level) {
   if (depth_limit <= 0) fail_at(pos, "tojson: value nests too deeply");
   const auto newline = [&](int at_level) {
     out += '\n';
@@ -320,7 +353,9 @@ void json_value(std::string& out, const Value& value, const JsonStyle& style, Po
   } else if (const auto* i = value.as<int64_t>()) {
     out += std::to_string(*i);
   } else if (const auto* d = value.as<double>()) {
-    out += std::isnan(*d) ? "NaN" : std::isinf(*d) ? (*d < 0 ? "-Infinity" : "Infinity") : python_float_repr(*d);
+    out += std::isnan(*d)   ? "NaN"
+           : std::isinf(*d) ? (*d < 0 ? "-Infinity" : "Infinity")
+                            : python_float_repr(*d);
   } else if (const auto* s = value.as<std::string>()) {
     json_string(out, *s, style.ensure_ascii);
   } else if (const auto* list = value.as<ListPtr>()) {
@@ -341,7 +376,8 @@ void json_value(std::string& out, const Value& value, const JsonStyle& style, Po
     std::vector<const std::pair<std::string, Value>*> entries;
     for (const auto& entry : (*dict)->entries) entries.push_back(&entry);
     if (style.sort_keys)
-      std::stable_sort(entries.begin(), entries.end(), [](auto* x, auto* y) { return x->first < y->first; });
+      std::stable_sort(entries.begin(), entries.end(),
+                       [](auto* x, auto* y) { return x->first < y->first; });
     if (entries.empty()) {
       out += "{}";
       return;
@@ -372,16 +408,22 @@ std::string to_json(const Value& value, const JsonStyle& style, Pos pos, int dep
 Value from_json(const nlohmann::ordered_json& json, int depth_limit) {
   if (depth_limit <= 0) fail("template variables nest too deeply");
   switch (json.type()) {
-    case nlohmann::ordered_json::value_t::null: return None{};
-    case nlohmann::ordered_json::value_t::boolean: return json.get<bool>();
-    case nlohmann::ordered_json::value_t::number_integer: return json.get<int64_t>();
+    case nlohmann::ordered_json::value_t::null:
+      return None{};
+    case nlohmann::ordered_json::value_t::boolean:
+      return json.get<bool>();
+    case nlohmann::ordered_json::value_t::number_integer:
+      return json.get<int64_t>();
     case nlohmann::ordered_json::value_t::number_unsigned: {
       const uint64_t u = json.get<uint64_t>();
-      if (u > static_cast<uint64_t>(INT64_MAX)) fail("template variable: integer ", u, " is too large");
+      if (u > static_cast<uint64_t>(INT64_MAX))
+        fail("template variable: integer ", u, " is too large");
       return static_cast<int64_t>(u);
     }
-    case nlohmann::ordered_json::value_t::number_float: return json.get<double>();
-    case nlohmann::ordered_json::value_t::string: return json.get<std::string>();
+    case nlohmann::ordered_json::value_t::number_float:
+      return json.get<double>();
+    case nlohmann::ordered_json::value_t::string:
+      return json.get<std::string>();
     case nlohmann::ordered_json::value_t::array: {
       std::vector<Value> items;
       items.reserve(json.size());
@@ -390,10 +432,12 @@ Value from_json(const nlohmann::ordered_json& json, int depth_limit) {
     }
     case nlohmann::ordered_json::value_t::object: {
       auto dict = std::make_shared<DictData>();
-      for (const auto& [key, item] : json.items()) dict->entries.emplace_back(key, from_json(item, depth_limit - 1));
+      for (const auto& [key, item] : json.items())
+        dict->entries.emplace_back(key, from_json(item, depth_limit - 1));
       return dict;
     }
-    default: fail("template variables: binary JSON values are not supported");
+    default:
+      fail("template variables: binary JSON values are not supported");
   }
 }
 

@@ -46,12 +46,13 @@ struct Undefined {
 struct None {};
 
 struct Value {
-  std::variant<Undefined, None, bool, int64_t, double, std::string, ListPtr, DictPtr, CallablePtr> v;
+  std::variant<Undefined, None, bool, int64_t, double, std::string, ListPtr, DictPtr, CallablePtr>
+      v;
 
   Value() : v(Undefined{}) {}
   template <typename T>
-    requires(!std::is_same_v<std::decay_t<T>, Value>)
-  Value(T&& value) : v(std::forward<T>(value)) {}  // NOLINT: values convert implicitly
+  requires(!std::is_same_v<std::decay_t<T>, Value>) Value(T&& value)
+      : v(std::forward<T>(value)) {}  // NOLINT: values convert implicitly
 
   template <typename T>
   const T* as() const {
@@ -61,7 +62,9 @@ struct Value {
   bool is_none() const { return std::holds_alternative<None>(v); }
   bool is_string() const { return std::holds_alternative<std::string>(v); }
   // Python's int includes bool.
-  bool is_integer() const { return std::holds_alternative<int64_t>(v) || std::holds_alternative<bool>(v); }
+  bool is_integer() const {
+    return std::holds_alternative<int64_t>(v) || std::holds_alternative<bool>(v);
+  }
   bool is_number() const { return is_integer() || std::holds_alternative<double>(v); }
 };
 

@@ -72,7 +72,8 @@ std::string ChatTemplate::render(const nlohmann::ordered_json& messages, bool ad
     require(!context.contains(reserved), "chat template variable '", reserved,
             "' is set by the renderer and cannot be passed");
   nlohmann::ordered_json normalized = nlohmann::ordered_json::array();
-  for (size_t k = 0; k < messages.size(); ++k) normalized.push_back(normalize_message(messages[k], k));
+  for (size_t k = 0; k < messages.size(); ++k)
+    normalized.push_back(normalize_message(messages[k], k));
   context["messages"] = std::move(normalized);
   context["tools"] = tools;
   context["documents"] = nullptr;
@@ -104,7 +105,8 @@ std::optional<std::string> chat_template_from_hf_dir(const std::filesystem::path
   const auto json_file = dir / "chat_template.json";
   if (file_kind(json_file) != FileKind::Missing) {
     const nlohmann::json parsed = read_json_file(json_file);
-    require(parsed.is_object() && parsed.contains("chat_template") && parsed["chat_template"].is_string(),
+    require(parsed.is_object() && parsed.contains("chat_template") &&
+                parsed["chat_template"].is_string(),
             json_file, ": expected an object with a string \"chat_template\"");
     return parsed["chat_template"].get<std::string>();
   }
@@ -115,11 +117,13 @@ std::optional<std::string> chat_template_from_hf_dir(const std::filesystem::path
   const auto it = config.find("chat_template");
   if (it == config.end() || it->is_null()) return std::nullopt;
   if (it->is_string()) return it->get<std::string>();
-  require(it->is_array(), config_file, ": chat_template is neither a string nor a list of templates");
+  require(it->is_array(), config_file,
+          ": chat_template is neither a string nor a list of templates");
   for (const auto& entry : *it) {
-    require(entry.is_object() && entry.contains("name") && entry["name"].is_string() && entry.contains("template") &&
-                entry["template"].is_string(),
-            config_file, ": each chat_template entry must be {\"name\": string, \"template\": string}");
+    require(entry.is_object() && entry.contains("name") && entry["name"].is_string() &&
+                entry.contains("template") && entry["template"].is_string(),
+            config_file,
+            ": each chat_template entry must be {\"name\": string, \"template\": string}");
     if (entry["name"] == "default") return entry["template"].get<std::string>();
   }
   fail(config_file, ": chat_template lists several templates and none is named \"default\"");

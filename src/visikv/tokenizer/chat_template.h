@@ -28,9 +28,10 @@ class ChatTemplate {
   // schemas, or null (templates see `tools` as none then). `variables`: more names for the
   // template (bos_token, eos_token, date_string, enable_thinking, ...); they may not be named
   // messages, tools, documents or add_generation_prompt.
-  std::string render(const nlohmann::ordered_json& messages, bool add_generation_prompt,
-                     const nlohmann::ordered_json& tools = nullptr,
-                     const nlohmann::ordered_json& variables = nlohmann::ordered_json::object()) const;
+  std::string render(
+      const nlohmann::ordered_json& messages, bool add_generation_prompt,
+      const nlohmann::ordered_json& tools = nullptr,
+      const nlohmann::ordered_json& variables = nlohmann::ordered_json::object()) const;
 
  private:
   explicit ChatTemplate(jinja::Template compiled) : template_(std::move(compiled)) {}
