@@ -940,7 +940,8 @@ Value Renderer::make_macro(const Stmt& stmt) {
     std::vector<std::optional<Value>> values(count);
     for (size_t k = 0; k < args.positional.size(); ++k) values[k] = args.positional[k];
     std::optional<Value> caller;
-    for (auto& [key, value] : args.keyword) {
+    for (auto& [name, value] : args.keyword) {
+      const std::string& key = name;  // clang cannot capture a structured binding
       const auto it = std::find_if(stmt.params.begin(), stmt.params.end(),
                                    [&](const MacroParam& p) { return p.name == key; });
       if (it != stmt.params.end()) {
