@@ -138,6 +138,12 @@ TEST(ChatTemplate, UndefinedBehavesLikeJinja2) {
             std::string::npos);
 }
 
+TEST(ChatTemplate, StrftimeNowFormatsTheLocalTime) {
+  // The date changes; its shape does not (the llama fixture passes date_string instead).
+  EXPECT_EQ(render("{{ strftime_now('%Y-%m') | length }} {{ strftime_now('%Y')[:2] | int > 19 }}"),
+            "7 True");
+}
+
 TEST(ChatTemplate, TypeErrorsAreClear) {
   EXPECT_NE(
       render_error("{{ 'a' + 1 }}").find("unsupported operand type(s) for +: 'str' and 'int'"),

@@ -741,7 +741,8 @@ Value Renderer::builtin(const std::string& name) {
   if (name == "strftime_now") {
     return make([](Renderer&, CallArgs& args, Pos pos) -> Value {
       const auto bound = bind(args, {"format"}, "strftime_now", pos);
-      const std::string& format = require_string(bound[0].value_or(Value{}), "strftime_now", pos);
+      const Value format_value = bound[0].value_or(Value{});  // the string lives in it
+      const std::string& format = require_string(format_value, "strftime_now", pos);
       const std::time_t now =
           std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
       std::tm local{};
