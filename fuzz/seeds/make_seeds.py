@@ -189,6 +189,15 @@ def main():
     for i, spec in enumerate(specs):
         (folder / f"s{i}.txt").write_text(spec)
 
+    chat_template_seeds()
+
+
+def chat_template_seeds():
+    # The chat-template fixtures: real models' templates and one with every supported construct.
+    folder = fresh("chat_template")
+    for template in sorted((FIXTURES / "chat_templates" / "templates").glob("*.jinja")):
+        shutil.copyfile(template, folder / template.name)
+
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,7 @@
 
 #include "visikv/core/error.h"
 #include "visikv/tokenizer/bpe.h"
+#include "visikv/tokenizer/chat_template.h"
 #include "visikv/tokenizer/spm.h"
 #include "visikv/tokenizer/tokenizer.h"
 #include "visikv/tokenizer/tokenizer_impl.h"
@@ -207,6 +208,7 @@ Tokenizer Tokenizer::from_gguf_metadata(const nlohmann::json& metadata) {
             "GGUF metadata asks to add an EOS token but has no tokenizer.ggml.eos_token_id");
     impl->suffix_ids.push_back(*impl->eos_id);
   }
+  impl->chat_template = chat_template_from_gguf(metadata);
   return Tokenizer(std::move(impl));
 }
 

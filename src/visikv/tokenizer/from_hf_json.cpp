@@ -5,6 +5,7 @@
 #include "visikv/core/file_kind.h"
 #include "visikv/formats/json_file.h"
 #include "visikv/tokenizer/bpe.h"
+#include "visikv/tokenizer/chat_template.h"
 #include "visikv/tokenizer/tokenizer.h"
 #include "visikv/tokenizer/tokenizer_impl.h"
 
@@ -299,7 +300,9 @@ std::shared_ptr<TokenizerImpl> build(const json& root, const std::string& source
 
 Tokenizer Tokenizer::from_hf_json(const std::filesystem::path& tokenizer_json) {
   const json parsed = read_json_file(tokenizer_json);
-  return Tokenizer(build(parsed, tokenizer_json.string(), read_special_names(tokenizer_json)));
+  auto impl = build(parsed, tokenizer_json.string(), read_special_names(tokenizer_json));
+  impl->chat_template = chat_template_from_hf_dir(tokenizer_json.parent_path());
+  return Tokenizer(std::move(impl));
 }
 
 Tokenizer Tokenizer::from_hf_json_value(const nlohmann::json& root, const std::string& source) {

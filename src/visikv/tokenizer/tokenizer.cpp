@@ -67,6 +67,7 @@ bool Tokenizer::adds_bos() const {
                                     *impl_->bos_id) != impl_->prefix_ids.end();
 }
 std::string Tokenizer::kind() const { return impl_->kind; }
+const std::optional<std::string>& Tokenizer::chat_template() const { return impl_->chat_template; }
 bool Tokenizer::is_special(int32_t id) const {
   return id >= 0 && id < vocab_size() && impl_->special[static_cast<std::size_t>(id)] != 0;
 }

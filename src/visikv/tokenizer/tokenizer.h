@@ -51,6 +51,9 @@ class Tokenizer {
   bool adds_bos() const;
   std::string kind() const;           // e.g. "byte-level BPE (llama3 pre-tokenizer)"
   bool is_special(int32_t id) const;  // control / special added tokens
+  // The model's chat template source (tokenizer/chat_template.h renders it): GGUF
+  // tokenizer.chat_template, or beside a tokenizer.json what chat_template_from_hf_dir finds.
+  const std::optional<std::string>& chat_template() const;
 
  private:
   explicit Tokenizer(std::shared_ptr<const TokenizerImpl> impl);

@@ -36,6 +36,7 @@ struct TokenizerImpl {
   std::optional<int32_t> bos_id;
   std::optional<int32_t> eos_id;
   std::string kind;
+  std::optional<std::string> chat_template;
 };
 
 }  // namespace visikv
