@@ -24,12 +24,14 @@
 #include "visikv/core/error.h"
 #include "visikv/eval/generate.h"
 #include "visikv/eval/trace.h"
+#include "visikv/formats/json_file.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
+#include "visikv/tokenizer/chat_template.h"
 #include "visikv/tokenizer/utf8.h"
 
 namespace nb = nanobind;
@@ -284,6 +286,18 @@ class PyModel {
     return PyGeneration(model_, std::move(tokens), std::move(specs), options);
   }
 
+  std::string apply_chat_template(const std::string& messages_json, bool add_generation_prompt,
+                                  const std::optional<std::string>& tools_json) const {
+    // Depth-checked first (formats/json_file.h), then read in the caller's key order.
+    parse_json(messages_json, "messages");
+    if (tools_json) parse_json(*tools_json, "tools");
+    const ChatTemplate chat = ChatTemplate::from_tokenizer(model_->tokenizer());
+    return chat.render(
+        nlohmann::ordered_json::parse(messages_json), add_generation_prompt,
+        tools_json ? nlohmann::ordered_json::parse(*tools_json) : nlohmann::ordered_json(),
+        chat_template_special_tokens(model_->tokenizer()));
+  }
+
   nb::dict trace(const std::vector<int64_t>& ids, const std::optional<std::vector<int64_t>>& layers,
                  const std::string& keys, const std::string& values, const std::string& selector,
                  const std::optional<std::string>& basis) const {
@@ -432,6 +446,9 @@ NB_MODULE(_visikv, m) {
            "basis"_a = nb::none(),
            "Continues a prompt (text or token ids): an iterator of Token, computed as it is "
            "consumed. Greedy at temperature 0.")
+      .def("_apply_chat_template", &PyModel::apply_chat_template, "messages_json"_a,
+           "add_generation_prompt"_a, "tools_json"_a = nb::none(),
+           "Model.apply_chat_template's engine: messages and tools as JSON text.")
       .def("trace", &PyModel::trace, "tokens"_a, nb::kw_only(), "layers"_a = nb::none(),
            "keys"_a = "f32", "values"_a = "f32", "selector"_a = "dense", "basis"_a = nb::none(),
            "One forward pass, recorded: {'tokens', 'logits' [T, vocab], 'layers': [{'layer', "

@@ -66,3 +66,17 @@ def _perplexity(self, **options):
 
 
 Model.perplexity = _perplexity
+
+
+def _apply_chat_template(self, messages, add_generation_prompt=True, tools=None):
+    """The prompt text of a conversation (a list of {"role", "content", ...} dicts), rendered with
+    the model's chat template as transformers' ``apply_chat_template(..., tokenize=False)``
+    renders it. Tokenize it with ``add_special=False``: the template writes the special tokens."""
+    import json
+
+    return self._apply_chat_template(
+        json.dumps(messages), add_generation_prompt, None if tools is None else json.dumps(tools)
+    )
+
+
+Model.apply_chat_template = _apply_chat_template

@@ -5,7 +5,10 @@ from collections.abc import Sequence
 import numpy
 from numpy.typing import NDArray
 
-from visikv import _perplexity as perplexity
+from visikv import (
+    _apply_chat_template as apply_chat_template,
+    _perplexity as perplexity
+)
 
 
 class Error(RuntimeError):

@@ -169,3 +169,14 @@ def test_computation_releases_the_gil(default_model):
         thread.join()
     # Held through the call, the GIL would have stopped the counting thread.
     assert during > 1000
+
+
+def test_chat_template_renders_the_conversation(default_model):
+    messages = [{"role": "user", "content": "Hi there"}]
+    text = default_model.apply_chat_template(messages)
+    assert "Hi there" in text and text.endswith("<|im_start|>assistant\n")
+    assert not default_model.apply_chat_template(messages, add_generation_prompt=False).endswith(
+        "assistant\n")
+    folder = MODEL_FIXTURES / "llama"
+    with pytest.raises(visikv.Error, match="chat template"):
+        visikv.Model.load(str(folder)).apply_chat_template(messages)

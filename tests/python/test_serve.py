@@ -192,13 +192,36 @@ def test_concurrent_clients_all_succeed(server):
     assert len(latencies) == 32
 
 
-def test_chat_completions():
+def test_chat_completions(server, default_model):
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a French city."},
+    ]
+    prompt = default_model.tokenize(default_model.apply_chat_template(messages), add_special=False)
+    expected = "".join(t.text for t in default_model.generate(prompt, 10))
+    response = server.client.chat.completions.create(
+        model=server.model_id, messages=messages, max_tokens=10, temperature=0
+    )
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected
+    assert response.usage.prompt_tokens == len(prompt)
+    chunks = list(server.client.chat.completions.create(
+        model=server.model_id, messages=messages, max_tokens=10, temperature=0, stream=True
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        server.client.chat.completions.create(model=server.model_id, messages=[], max_tokens=4)
+
+
+def test_a_model_without_a_chat_template_serves_completions_only():
     folder = ROOT / "tests" / "fixtures" / "models" / "llama"
     s = Server(str(folder))
     try:
-        with pytest.raises(openai.BadRequestError, match="chat template|messages"):
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
             s.client.chat.completions.create(
                 model=s.model_id, messages=[{"role": "user", "content": "hi"}], max_tokens=4
             )
+        assert s.client.completions.create(model=s.model_id, prompt="hi", max_tokens=3).choices
     finally:
         s.close()

@@ -11,6 +11,7 @@
 #include "visikv/core/error.h"
 #include "visikv/model/model.h"
 #include "visikv/serve/server.h"
+#include "visikv/tokenizer/chat_template.h"
 
 namespace visikv::cli {
 
@@ -69,12 +70,24 @@ void add_serve_command(CLI::App& app) {
     d.model_id = !flags->model_id.empty()
                      ? flags->model_id
                      : std::filesystem::path(model.source()).filename().string();
-    Server server(model, options, ChatRenderer());
+    // Chats are rendered with the model's own template, as transformers renders them; a model
+    // without one serves completions only.
+    ChatRenderer render_chat;
+    if (model.tokenizer().chat_template()) {
+      auto chat =
+          std::make_shared<const ChatTemplate>(ChatTemplate::from_tokenizer(model.tokenizer()));
+      auto special = chat_template_special_tokens(model.tokenizer());
+      render_chat = [chat, special](const nlohmann::ordered_json& messages,
+                                    const nlohmann::ordered_json& tools) {
+        return chat->render(messages, true, tools, special);
+      };
+    }
+    Server server(model, options, render_chat);
     const int port = server.bind();
     std::cerr << "visikv serve: " << d.model_id << " on http://" << flags->host << ":" << port
               << " (keys " << flags->keys << ", values " << flags->values << ", attention "
-              << flags->selector << "; up to " << flags->max_sequences << " sequences at once)"
-              << std::endl;
+              << flags->selector << "; up to " << flags->max_sequences << " sequences at once"
+              << (render_chat ? "" : "; no chat template: completions only") << ")" << std::endl;
     std::thread stopper([&] {
       int signal = 0;
       sigwait(&signals, &signal);

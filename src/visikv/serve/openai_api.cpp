@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <string_view>
 
 #include "visikv/attention/selector_spec.h"
 #include "visikv/core/error.h"
@@ -111,7 +112,7 @@ std::vector<int32_t> prompt_tokens(const json& body, const Model& model) {
   bad("prompt", "'prompt' must be a string, a one-string array or an array of token ids");
 }
 
-std::string chat_prompt(const json& body, const ChatRenderer& render_chat) {
+std::string chat_prompt(const json& body, std::string_view text, const ChatRenderer& render_chat) {
   const json* messages = field(body, "messages");
   if (messages == nullptr || !messages->is_array() || messages->empty())
     bad("messages", "'messages' must be a non-empty array");
@@ -124,8 +125,12 @@ std::string chat_prompt(const json& body, const ChatRenderer& render_chat) {
   }
   if (!render_chat)
     bad("messages", "this model has no chat template: use /v1/completions with a prompt");
+  const json* tools = field(body, "tools");
+  if (tools != nullptr && !tools->is_array()) bad("tools", "'tools' must be an array");
   try {
-    return render_chat(*messages);
+    // Read again in the client's key order (the depth was bounded by the first read).
+    const auto ordered = nlohmann::ordered_json::parse(text);
+    return render_chat(ordered["messages"], tools ? ordered["tools"] : nlohmann::ordered_json());
   } catch (const Error& e) {
     bad("messages", str_cat("the chat template failed: ", e.what()));
   }
@@ -173,7 +178,7 @@ ParsedRequest parse_request(Endpoint endpoint, const std::string& text, const Mo
   r.selector = defaults.selector;
   r.prompt = endpoint == Endpoint::Completions
                  ? prompt_tokens(body, model)
-                 : model.tokenizer().encode(chat_prompt(body, render_chat), false);
+                 : model.tokenizer().encode(chat_prompt(body, text, render_chat), false);
   if (r.prompt.empty()) bad("prompt", "the prompt has no tokens");
   const int64_t context = model.config().max_positions;
   const int64_t prompt_length = static_cast<int64_t>(r.prompt.size());

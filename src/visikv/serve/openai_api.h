@@ -37,8 +37,10 @@ struct RequestDefaults {
 };
 
 // Renders a chat's messages (the request's "messages" array, already checked to be a non-empty
-// array of objects) into the prompt text, through the model's chat template.
-using ChatRenderer = std::function<std::string(const nlohmann::json& messages)>;
+// array of objects) and its "tools" (null when absent) into the prompt text, through the model's
+// chat template. Both keep the request's key order, which a template's tojson prints.
+using ChatRenderer = std::function<std::string(const nlohmann::ordered_json& messages,
+                                               const nlohmann::ordered_json& tools)>;
 
 struct ParsedRequest {
   SequenceRequest sequence;
