@@ -22,9 +22,9 @@ for arg in "$@"; do
 done
 
 # libclang-rt-dev: clang's sanitizer and libFuzzer runtimes (the sanitizer build, fuzz/).
-packages=(build-essential g++ clang libclang-rt-dev libomp-dev cmake ninja-build pkg-config git unzip python3 python3-pip
+packages=(build-essential g++ clang libclang-rt-dev libomp-dev cmake ninja-build pkg-config git unzip python3 python3-pip python3-dev
           nlohmann-json3-dev libpcre2-dev libutf8proc-dev libcli11-dev libopenblas-dev
-          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache)
+          libgtest-dev libgmock-dev libbenchmark-dev zlib1g-dev libhwy-dev ccache libcpp-httplib-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -47,6 +47,9 @@ pip_install() {
   python3 -m pip install --quiet --disable-pip-version-check "$@" ||
     python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$@"
 }
+# The Python package's build and test dependencies (nanobind, numpy, pytest): the test command
+# builds the extension and runs its tests.
+pip_install -r scripts/requirements-python.txt
 if ((want_bench)); then pip_install -r scripts/requirements-bench.txt; fi
 if ((want_fixtures)); then pip_install -r scripts/requirements-fixtures.txt; fi
 echo "setup: done"

@@ -11,8 +11,11 @@ jobs=$(nproc)
 # (tests that check thread-count independence set their own counts).
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
-scripts/build.sh build
+# The release build also builds the Python extension (build/python), whose tests follow the C++
+# ones.
+scripts/build.sh build -DVISIKV_PYTHON=ON
 (cd build && ctest --output-on-failure -j "$jobs")
+PYTHONPATH=build/python python3 -m pytest -q tests/python
 
 if [ "${1:-}" != "--fast" ]; then
   # The sanitizers check the host code; the CUDA kernels were compiled (and their tests run or

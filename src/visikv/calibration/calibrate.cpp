@@ -11,6 +11,7 @@
 #include "visikv/calibration/symmetric_eigen.h"
 #include "visikv/core/error.h"
 #include "visikv/kv/dense_cache.h"
+#include "visikv/kv/forwarding_cache.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -64,20 +65,17 @@ class QueryCollector final : public AttentionObserver {
 
 // A dense f32 cache that also accumulates E[k kᵀ] of every appended key (keys are appended
 // post-RoPE, in the coordinates scores use). Append runs on the calling thread, layer by layer.
-class KeyMomentCache final : public KVCache {
+class KeyMomentCache final : public ForwardingCache {
  public:
   KeyMomentCache(const CacheShape& shape, int64_t reserve)
-      : inner_(make_dense_cache(shape, DenseFormat::F32, reserve)),
+      : ForwardingCache(make_dense_cache(shape, DenseFormat::F32, reserve)),
         sigma_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim * shape.head_dim),
                0.0) {}
 
-  const CacheShape& shape() const override { return inner_->shape(); }
-  std::string describe() const override { return inner_->describe(); }
-  int64_t length(int64_t layer) const override { return inner_->length(layer); }
   void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
               int64_t tokens) override {
-    inner_->append(layer, keys, values, tokens);
-    const CacheShape& s = inner_->shape();
+    ForwardingCache::append(layer, keys, values, tokens);
+    const CacheShape& s = shape();
     const int64_t d = s.head_dim;
     std::vector<float> rows(static_cast<size_t>(tokens * d));
     for (int64_t h = 0; h < s.kv_heads; ++h) {
@@ -86,27 +84,13 @@ class KeyMomentCache final : public KVCache {
       add_outer_products(rows, d, head_sigma(layer, h), scratch_);
     }
   }
-  void score(int64_t layer, int64_t kv_head, std::span<const float> queries,
-             const PositionSet& positions, std::span<float> scores) const override {
-    inner_->score(layer, kv_head, queries, positions, scores);
-  }
-  void accumulate(int64_t layer, int64_t kv_head, std::span<const float> weights,
-                  const PositionSet& positions, std::span<float> out) const override {
-    inner_->accumulate(layer, kv_head, weights, positions, out);
-  }
-  int64_t block_size() const override { return inner_->block_size(); }
-  BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override {
-    return inner_->summaries(layer, kv_head);
-  }
-  void clear() override { inner_->clear(); }
 
   std::span<double> head_sigma(int64_t layer, int64_t kv_head) {
-    const int64_t d = inner_->shape().head_dim;
-    return std::span(sigma_).subspan((layer * inner_->shape().kv_heads + kv_head) * d * d, d * d);
+    const int64_t d = shape().head_dim;
+    return std::span(sigma_).subspan((layer * shape().kv_heads + kv_head) * d * d, d * d);
   }
 
  private:
-  std::unique_ptr<KVCache> inner_;
   std::vector<double> sigma_;  // {layers, kv_heads, d, d}, upper triangles
   std::vector<double> scratch_;
 };

@@ -25,6 +25,8 @@ void add_eval_kv_command(CLI::App& eval);        // `eval kv`: the K-only decode
 void add_eval_numerics_command(CLI::App& eval);  // `eval numerics`: fast vs exact products
 // `analyze`: key MSE and F against attention KL (eval/analyze.h).
 void add_analyze_command(CLI::App& app);
+// `serve`: the OpenAI-compatible HTTP server (serve/server.h).
+void add_serve_command(CLI::App& app);
 
 // Flags of the main program that every command honours.
 struct GlobalOptions {

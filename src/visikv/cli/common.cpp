@@ -21,8 +21,7 @@ void add_numerics_option(CLI::App& cmd, std::string& numerics) {
 }
 
 void apply_numerics(const std::string& numerics, Decoder& decoder) {
-  decoder.set_product_rounding(numerics == "int8" ? ProductRounding::QuantizedActivations
-                                                  : ProductRounding::Fastest);
+  decoder.set_product_rounding(numerics_rounding(numerics));
 }
 
 void apply_global_options() {

@@ -20,37 +20,55 @@ std::optional<std::string> check_generation_context(const Config& config, int64_
   return past_context_warning(config, positions, sequence);
 }
 
+Generation::Generation(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
+                       const GenerationOptions& options)
+    : decoder_(decoder),
+      cache_(cache),
+      prompt_(prompt.begin(), prompt.end()),
+      options_(options),
+      stops_(decoder.model().config().eos_ids),
+      sampler_(options.sampling) {
+  require(!prompt_.empty(), "generation needs a non-empty prompt");
+  require(options.max_new_tokens >= 0, "the number of new tokens must be >= 0");
+  if (auto eos = decoder.model().tokenizer().eos_id()) stops_.push_back(*eos);
+}
+
+bool Generation::done() const {
+  const int64_t count = static_cast<int64_t>(result_.tokens.size());
+  return count >= options_.max_new_tokens || result_.stopped_at_eos;
+}
+
+std::optional<int32_t> Generation::next() {
+  if (done()) return std::nullopt;
+  using Clock = std::chrono::steady_clock;
+  const auto started = Clock::now();
+  const AttentionOptions attention{.support = options_.support};
+  std::vector<float> logits;
+  if (result_.tokens.empty()) {
+    check_generation_context(decoder_.model().config(), static_cast<int64_t>(prompt_.size()),
+                             options_.max_new_tokens, options_.past_context);
+    logits = decoder_.next_logits(prompt_, cache_, attention);
+    result_.prefill_seconds = std::chrono::duration<double>(Clock::now() - started).count();
+  } else {
+    // The previous token goes through the cache only now, so that the last one never does.
+    logits = decoder_.next_logits({&result_.tokens.back(), 1}, cache_, attention);
+  }
+  const int32_t token = sampler_.next(logits);
+  if (!result_.tokens.empty())
+    result_.decode_seconds += std::chrono::duration<double>(Clock::now() - started).count();
+  result_.tokens.push_back(token);
+  result_.stopped_at_eos =
+      options_.stop_at_eos && std::find(stops_.begin(), stops_.end(), token) != stops_.end();
+  return token;
+}
+
 GenerationResult generate(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
                           const GenerationOptions& options,
                           const std::function<void(int32_t)>& on_token) {
-  require(!prompt.empty(), "generation needs a non-empty prompt");
-  require(options.max_new_tokens >= 0, "the number of new tokens must be >= 0");
-  const Config& config = decoder.model().config();
-  check_generation_context(config, static_cast<int64_t>(prompt.size()), options.max_new_tokens,
-                           options.past_context);
-  std::vector<int32_t> stops = config.eos_ids;
-  if (auto eos = decoder.model().tokenizer().eos_id()) stops.push_back(*eos);
-
-  Sampler sampler(options.sampling);
-  GenerationResult result;
-  using Clock = std::chrono::steady_clock;
-  auto started = Clock::now();
-  std::vector<float> logits = decoder.next_logits(prompt, cache, {.support = options.support});
-  result.prefill_seconds = std::chrono::duration<double>(Clock::now() - started).count();
-  started = Clock::now();
-  for (int64_t i = 0; i < options.max_new_tokens; ++i) {
-    const int32_t token = sampler.next(logits);
-    result.tokens.push_back(token);
-    if (on_token) on_token(token);
-    if (options.stop_at_eos && std::find(stops.begin(), stops.end(), token) != stops.end()) {
-      result.stopped_at_eos = true;
-      break;
-    }
-    if (i + 1 < options.max_new_tokens)
-      logits = decoder.next_logits({&token, 1}, cache, {.support = options.support});
-  }
-  result.decode_seconds = std::chrono::duration<double>(Clock::now() - started).count();
-  return result;
+  Generation generation(decoder, cache, prompt, options);
+  while (const std::optional<int32_t> token = generation.next())
+    if (on_token) on_token(*token);
+  return generation.result();
 }
 
 }  // namespace visikv

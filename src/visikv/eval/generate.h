@@ -41,8 +41,34 @@ struct GenerationResult {
   double prefill_seconds = 0, decode_seconds = 0;
 };
 
-// on_token is called with each new token as soon as it is chosen. Checks the context first
-// (check_generation_context with options.past_context).
+// One sequence's continuation, a token at a time: the first next() checks the context
+// (check_generation_context with options.past_context) and prefills the prompt; each later one
+// runs the previous token through the cache. Done after max_new_tokens tokens or, with
+// stop_at_eos, after an end-of-sequence token. The decoder, the cache and options.support must
+// outlive it.
+class Generation {
+ public:
+  Generation(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
+             const GenerationOptions& options);
+
+  // The next token, or nothing when the generation is done.
+  std::optional<int32_t> next();
+  bool done() const;
+  // The tokens so far, and the time spent in the prefill and in the decode steps.
+  const GenerationResult& result() const { return result_; }
+
+ private:
+  Decoder& decoder_;
+  KVCache& cache_;
+  std::vector<int32_t> prompt_;
+  GenerationOptions options_;
+  std::vector<int32_t> stops_;
+  Sampler sampler_;
+  GenerationResult result_;
+};
+
+// The whole continuation at once (Generation); on_token is called with each new token as soon as
+// it is chosen.
 GenerationResult generate(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
                           const GenerationOptions& options,
                           const std::function<void(int32_t)>& on_token = {});

@@ -57,14 +57,15 @@ CacheShape Decoder::cache_shape() const {
   return {config_.layers, config_.kv_heads, config_.head_dim};
 }
 
-void Decoder::embed(std::span<const int32_t> tokens, int64_t first_position) {
+void Decoder::embed(std::span<const int32_t> tokens, int64_t first_position, int64_t row_offset) {
   const Weights& w = model_.weights();
   const int64_t hidden = config_.hidden;
   for (size_t t = 0; t < tokens.size(); ++t) {
     const int32_t id = tokens[t];
     require(id >= 0 && id < config_.vocab_size, "token id ", id, " outside the vocabulary of ",
             config_.vocab_size);
-    std::span<float> row(x_.data() + t * hidden, static_cast<size_t>(hidden));
+    std::span<float> row(x_.data() + (row_offset + static_cast<int64_t>(t)) * hidden,
+                         static_cast<size_t>(hidden));
     dequantize(w.token_embedding.dtype, w.token_embedding.row(id), row);
     if (config_.embedding_scale != 1.0f)
       for (float& value : row) value *= config_.embedding_scale;
@@ -102,11 +103,23 @@ void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
 
 void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
                       const LogitsSink& sink, const AttentionOptions& attention) {
+  const DecoderSegment segment{
+      .tokens = tokens, .cache = &cache, .rows = rows, .sink = sink, .attention = attention};
+  forward_batch({&segment, 1});
+}
+
+void Decoder::forward_batch(std::span<const DecoderSegment> segments) {
   const Config& c = config_;
   const Weights& w = model_.weights();
-  const int64_t n = static_cast<int64_t>(tokens.size());
+  // Segment s holds rows [first_row[s], first_row[s + 1]) of every {tokens, width} buffer.
+  std::vector<int64_t> first_row{0}, first_position;
+  for (const DecoderSegment& s : segments) {
+    require(s.cache != nullptr, "forward_batch: a segment without a cache");
+    first_row.push_back(first_row.back() + static_cast<int64_t>(s.tokens.size()));
+    first_position.push_back(s.cache->length(0));
+  }
+  const int64_t n = first_row.back();
   if (n == 0) return;
-  const int64_t first_position = cache.length(0);
   const int64_t hidden = c.hidden;
   resize(x_, n * hidden);
   resize(normed_, n * hidden);
@@ -117,17 +130,19 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
   resize(projected_, n * hidden);
   const std::span<float> x(x_.data(), static_cast<size_t>(n * hidden));
   DenseSupport dense;
-  Support& support = attention.support != nullptr ? *attention.support : dense;
-  const bool report_stats = attention.support != nullptr && attention.support_stats;
-
-  AttentionObserver* observer = attention.observer;
-  std::optional<AttentionRecorder> recorder;
-  if (cache.records_attention()) {
-    recorder.emplace(cache, observer);
-    observer = &*recorder;
+  std::vector<AttentionObserver*> observers;
+  std::vector<std::optional<AttentionRecorder>> recorders(segments.size());
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const DecoderSegment& segment = segments[s];
+    AttentionObserver* observer = segment.attention.observer;
+    if (segment.cache->records_attention()) {
+      recorders[s].emplace(*segment.cache, observer);
+      observer = &*recorders[s];
+    }
+    observers.push_back(observer);
+    embed(segment.tokens, first_position[s], first_row[s]);
   }
 
-  embed(tokens, first_position);
   for (int64_t l = 0; l < c.layers; ++l) {
     const LayerWeights& layer = w.layers[l];
     apply_norm(c.norm, layer.attention_norm, c.norm_eps, x, n, hidden, normed_);
@@ -142,34 +157,48 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
       apply_norm(c.norm, *layer.k_norm, c.norm_eps, k, n * c.kv_heads, c.head_dim, k);
     }
     const LayerKind kind = c.layer_kind(l);
-    if (c.positions == PositionKind::Rotary) {
-      const std::vector<float>& inverse_frequencies = inverse_frequencies_[static_cast<int>(kind)];
-      apply_rope(c, inverse_frequencies, q, n, c.heads, first_position);
-      apply_rope(c, inverse_frequencies, k, n, c.kv_heads, first_position);
-    }
+    const int64_t kv_row = c.kv_dim(), q_row = c.q_dim();
     // A local layer's window bounds what dense and sparse supports read.
     const AttentionSpec spec{c.heads, c.head_dim, c.score_scale(), c.layer_window(l)};
-    const int64_t kv_row = c.kv_dim(), q_row = c.q_dim();
-    if (report_stats) stats_.assign(static_cast<size_t>(n * c.heads), SparseQueryStats{});
-    // Appends tokens [t, t + count) of the chunk to the cache and attends their queries.
-    const auto append_and_attend = [&](int64_t t, int64_t count) {
-      cache.append(l, k.subspan(t * kv_row, count * kv_row), v.subspan(t * kv_row, count * kv_row),
-                   count);
-      const auto queries = std::span<const float>(q_).subspan(t * q_row, count * q_row);
-      const auto out = std::span<float>(attention_).subspan(t * q_row, count * q_row);
-      const auto stats = report_stats ? std::span(stats_).subspan(t * c.heads, count * c.heads)
-                                      : std::span<SparseQueryStats>();
-      attend(cache, l, queries, count, first_position + t, spec, support, out, stats, observer);
-    };
-    if (cache.records_attention()) {
-      // The cache's stored form depends on the attention it served, so within the layer each
-      // token is appended and attended before the next one arrives: exactly decode order,
-      // while the weight products above and below still run over the whole chunk.
-      for (int64_t t = 0; t < n; ++t) append_and_attend(t, 1);
-    } else {
-      append_and_attend(0, n);
+    for (size_t s = 0; s < segments.size(); ++s) {
+      const DecoderSegment& segment = segments[s];
+      const int64_t first = first_row[s], count = first_row[s + 1] - first;
+      if (count == 0) continue;
+      if (c.positions == PositionKind::Rotary) {
+        const std::vector<float>& inverse_frequencies =
+            inverse_frequencies_[static_cast<int>(kind)];
+        apply_rope(c, inverse_frequencies, q.subspan(first * q_row, count * q_row), count, c.heads,
+                   first_position[s]);
+        apply_rope(c, inverse_frequencies, k.subspan(first * kv_row, count * kv_row), count,
+                   c.kv_heads, first_position[s]);
+      }
+      KVCache& cache = *segment.cache;
+      Support& support = segment.attention.support != nullptr ? *segment.attention.support : dense;
+      const bool report_stats =
+          segment.attention.support != nullptr && segment.attention.support_stats;
+      if (report_stats) stats_.assign(static_cast<size_t>(count * c.heads), SparseQueryStats{});
+      // Appends tokens [t, t + chunk) of the segment to its cache and attends their queries.
+      const auto append_and_attend = [&](int64_t t, int64_t chunk) {
+        const int64_t row = first + t;
+        cache.append(l, k.subspan(row * kv_row, chunk * kv_row),
+                     v.subspan(row * kv_row, chunk * kv_row), chunk);
+        const auto queries = std::span<const float>(q_).subspan(row * q_row, chunk * q_row);
+        const auto out = std::span<float>(attention_).subspan(row * q_row, chunk * q_row);
+        const auto stats = report_stats ? std::span(stats_).subspan(t * c.heads, chunk * c.heads)
+                                        : std::span<SparseQueryStats>();
+        attend(cache, l, queries, chunk, first_position[s] + t, spec, support, out, stats,
+               observers[s]);
+      };
+      if (cache.records_attention()) {
+        // The cache's stored form depends on the attention it served, so within the layer each
+        // token is appended and attended before the next one arrives: exactly decode order,
+        // while the weight products above and below still run over the whole chunk.
+        for (int64_t t = 0; t < count; ++t) append_and_attend(t, 1);
+      } else {
+        append_and_attend(0, count);
+      }
+      if (report_stats) segment.attention.support_stats(l, stats_);
     }
-    if (report_stats) attention.support_stats(l, stats_);
     linear_forward(layer.o, attention_, n, projected_, rounding_);
     if (layer.post_attention_norm)
       apply_norm(c.norm, *layer.post_attention_norm, c.norm_eps, projected_, n, hidden, projected_);
@@ -187,11 +216,30 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
     }
   }
 
-  const int64_t first_row = rows == LogitRows::All ? 0 : n - 1;
-  for (int64_t row = first_row; row < n; row += kLogitRowsPerSlice) {
-    const int64_t count = std::min(kLogitRowsPerSlice, n - row);
+  // The rows whose logits are asked for, segment by segment, go through the LM head together,
+  // kLogitRowsPerSlice at a time (a decode step of many sequences reads the head once).
+  struct LogitRow {
+    size_t segment;
+    int64_t row;  // within the segment
+  };
+  std::vector<LogitRow> wanted;
+  for (size_t s = 0; s < segments.size(); ++s) {
+    const int64_t count = first_row[s + 1] - first_row[s];
+    for (int64_t r = segments[s].rows == LogitRows::All ? 0 : count - 1; r < count; ++r)
+      if (r >= 0) wanted.push_back({s, r});
+  }
+  std::vector<float> gathered;
+  for (size_t start = 0; start < wanted.size(); start += kLogitRowsPerSlice) {
+    const auto count =
+        static_cast<int64_t>(std::min<size_t>(kLogitRowsPerSlice, wanted.size() - start));
+    gathered.resize(static_cast<size_t>(count * hidden));
+    for (int64_t i = 0; i < count; ++i) {
+      const LogitRow& r = wanted[start + i];
+      std::copy_n(x.begin() + (first_row[r.segment] + r.row) * hidden, hidden,
+                  gathered.begin() + i * hidden);
+    }
     resize(logits_, count * c.vocab_size);
-    apply_norm(c.norm, w.final_norm, c.norm_eps, x.subspan(row * hidden), count, hidden, normed_);
+    apply_norm(c.norm, w.final_norm, c.norm_eps, gathered, count, hidden, normed_);
     linear_forward(w.lm_head, normed_, count, logits_, rounding_);
     if (c.final_logit_softcap > 0) {
       // As transformers: logits / c, tanh, * c, in float32.
@@ -199,8 +247,16 @@ void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows
       for (int64_t i = 0; i < count * c.vocab_size; ++i)
         logits_[i] = std::tanh(logits_[i] / cap) * cap;
     }
-    sink(row, count,
-         std::span<const float>(logits_.data(), static_cast<size_t>(count * c.vocab_size)));
+    // Each segment's rows of the slice are consecutive: one call per segment and slice.
+    for (int64_t i = 0; i < count;) {
+      const LogitRow& r = wanted[start + i];
+      int64_t run = 1;
+      while (i + run < count && wanted[start + i + run].segment == r.segment) ++run;
+      segments[r.segment].sink(r.row, run,
+                               std::span<const float>(logits_.data() + i * c.vocab_size,
+                                                      static_cast<size_t>(run * c.vocab_size)));
+      i += run;
+    }
   }
 }
 

@@ -42,6 +42,15 @@ struct AttentionOptions {
 // a cache that records attention (forward then attends token by token within each layer).
 int64_t decode_order_chunk(const KVCache& cache);
 
+// One sequence's part of a batched forward call (Decoder::forward_batch).
+struct DecoderSegment {
+  std::span<const int32_t> tokens;  // run at positions cache->length(0) onwards
+  KVCache* cache = nullptr;
+  LogitRows rows = LogitRows::All;
+  LogitsSink sink;  // rows are numbered within the segment
+  AttentionOptions attention;
+};
+
 class Decoder {
  public:
   explicit Decoder(const Model& model);
@@ -53,6 +62,11 @@ class Decoder {
   // a time is decode; both compute the same function.
   void forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
                const LogitsSink& sink, const AttentionOptions& attention = {});
+
+  // Several sequences in one call, e.g. a decode step of every sequence a server runs: their tokens
+  // share each weight product (the weights are read once for all of them), and each segment's
+  // tokens attend through its own cache and support. One segment is forward().
+  void forward_batch(std::span<const DecoderSegment> segments);
 
   // Convenience: logits of the last token.
   std::vector<float> next_logits(std::span<const int32_t> tokens, KVCache& cache,
@@ -68,7 +82,8 @@ class Decoder {
   ProductRounding product_rounding() const { return rounding_; }
 
  private:
-  void embed(std::span<const int32_t> tokens, int64_t first_position);
+  // Writes the embeddings of `tokens` (positions first_position ..) into rows row_offset .. of x_.
+  void embed(std::span<const int32_t> tokens, int64_t first_position, int64_t row_offset);
   void mlp(const LayerWeights& layer, int64_t tokens);
 
   const Model& model_;

@@ -13,6 +13,12 @@
 
 namespace visikv {
 
+ProductRounding numerics_rounding(std::string_view name) {
+  if (name == "exact") return ProductRounding::Fastest;
+  if (name == "int8") return ProductRounding::QuantizedActivations;
+  fail("unknown numerics '", name, "' (exact or int8)");
+}
+
 namespace {
 
 // At and above this many tokens the product goes through sgemm on widened weight slabs.

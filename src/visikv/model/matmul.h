@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
 
 #include "visikv/formats/tensor.h"
 #include "visikv/model/weights.h"
@@ -31,6 +32,10 @@ float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t e
 // (weight_kernels.h); float weights as Fastest. Not transformers-exact: see docs/RESULTS.md for
 // its agreement with the exact products.
 enum class ProductRounding { Fastest, PerToken, QuantizedActivations };
+
+// The numerics modes as users name them: "exact" (float32 products, transformers-equal:
+// Fastest) and "int8" (QuantizedActivations). Throws visikv::Error naming both for another name.
+ProductRounding numerics_rounding(std::string_view name);
 
 // y[t, o] = sum_i x[t, i] * W[o, i] + bias[o] for t < tokens.
 // x is {tokens, in_features}, y is {tokens, out_features}, both row-major.

@@ -1,5 +1,7 @@
 #include "visikv/tokenizer/utf8.h"
 
+#include <algorithm>
+
 namespace visikv {
 
 namespace {
@@ -97,6 +99,17 @@ std::string utf8_lossy(std::string_view bytes) {
     pos += c.length;
   }
   return out;
+}
+
+std::size_t finished_utf8_prefix(std::string_view bytes) {
+  const std::size_t n = bytes.size();
+  for (std::size_t back = 1; back <= std::min<std::size_t>(3, n); ++back) {
+    const auto byte = static_cast<unsigned char>(bytes[n - back]);
+    if ((byte & 0xC0) == 0x80) continue;  // a continuation byte: its lead is further back
+    const std::size_t length = byte >= 0xF0 ? 4 : byte >= 0xE0 ? 3 : byte >= 0xC0 ? 2 : 1;
+    return length > back ? n - back : n;
+  }
+  return n;
 }
 
 }  // namespace visikv

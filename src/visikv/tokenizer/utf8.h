@@ -24,6 +24,11 @@ bool is_valid_utf8(std::string_view text);
 // Unicode White_Space (what Rust's char::is_whitespace and Hugging Face's strip rules use).
 bool is_unicode_whitespace(char32_t code);
 
+// How many leading bytes of streamed text end on a character boundary: all but an unfinished
+// UTF-8 sequence at the end, whose next bytes may still come (a byte-level BPE token can end in
+// the middle of a character). Invalid bytes count as finished.
+std::size_t finished_utf8_prefix(std::string_view bytes);
+
 // Like Rust's String::from_utf8_lossy (what Hugging Face decoders return): every maximal invalid
 // subsequence becomes one U+FFFD.
 std::string utf8_lossy(std::string_view bytes);
