@@ -190,6 +190,30 @@ def main():
         (folder / f"s{i}.txt").write_text(spec)
 
     chat_template_seeds()
+    serve_request_seeds()
+
+
+def serve_request_seeds():
+    # Request bodies of `visikv serve`: completions and chats, every field it reads, and the
+    # per-request cache extension.
+    folder = fresh("serve_request")
+    bodies = [
+        {"model": "llama", "prompt": "Hello world", "max_tokens": 8, "temperature": 0.7,
+         "top_p": 0.9, "top_k": 40, "seed": 3, "stop": ["\n", "###"], "stream": True},
+        {"prompt": [1, 5, 9, 200], "max_tokens": 4, "n": 1, "logprobs": None, "echo": False},
+        {"prompt": ["one string"], "visikv": {"keys": "int4:g16:tok", "values": "f16",
+                                              "selector": "sparse:a1:w8:k4:exact"}},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi é 東京"},
+                      {"role": "assistant", "content": None,
+                       "tool_calls": [{"type": "function",
+                                       "function": {"name": "f", "arguments": {"x": 1}}}]},
+                      {"role": "tool", "content": "42"}],
+         "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+         "max_completion_tokens": 16},
+    ]
+    for i, body in enumerate(bodies):
+        (folder / f"r{i}.json").write_text(json.dumps(body, ensure_ascii=False))
 
 
 def chat_template_seeds():

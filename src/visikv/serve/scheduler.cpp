@@ -102,6 +102,8 @@ SchedulerStats Scheduler::stats() const {
 
 void Scheduler::loop() {
   std::vector<std::unique_ptr<Active>> active;
+  // One decoder for every round: its scratch buffers grow to the largest round and stay.
+  Decoder decoder(model_);
   for (;;) {
     {
       std::unique_lock lock(mutex_);
@@ -118,7 +120,7 @@ void Scheduler::loop() {
       }
       stats_.queued = static_cast<int64_t>(queue_.size());
     }
-    round(active);
+    round(active, decoder);
   }
   // Whatever is left ends with an error, so no request thread waits forever.
   for (auto& a : active)
@@ -128,12 +130,11 @@ void Scheduler::loop() {
     handle->post({.finished = true, .finish_reason = "error", .error = "the server stopped"});
 }
 
-void Scheduler::round(std::vector<std::unique_ptr<Active>>& active) {
+void Scheduler::round(std::vector<std::unique_ptr<Active>>& active, Decoder& decoder) {
   using Clock = std::chrono::steady_clock;
   const auto started = Clock::now();
   const Tokenizer& tokenizer = model_.tokenizer();
   const int64_t vocab = model_.config().vocab_size;
-  Decoder decoder(model_);
 
   // Who runs this round, and with which tokens: a new sequence its prompt, the others their last
   // token. Cancelled ones stop here.

@@ -19,6 +19,7 @@
 #include "visikv/attention/selector_spec.h"
 #include "visikv/eval/sampler.h"
 #include "visikv/kv/codec_spec.h"
+#include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
 namespace visikv {
@@ -80,7 +81,7 @@ class Scheduler {
  private:
   struct Active;
   void loop();
-  void round(std::vector<std::unique_ptr<Active>>& active);
+  void round(std::vector<std::unique_ptr<Active>>& active, Decoder& decoder);
 
   const Model& model_;
   const int64_t max_active_;
