@@ -13,7 +13,7 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
 # The release build also builds the Python extension (build/python), whose tests follow the C++
 # ones.
-scripts/build.sh build -DVISIKV_PYTHON=ON
+scripts/build.sh build -DVISIKV_PYTHON=ON -DPython_EXECUTABLE="$(command -v python3)"
 (cd build && ctest --output-on-failure -j "$jobs")
 PYTHONPATH=build/python python3 -m pytest -q tests/python
 
