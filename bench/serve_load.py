@@ -88,7 +88,8 @@ def kv_bytes(client, url, model_id, keys, values, after_tokens=64):
             seen = metrics(url)
             break
     stream.close()
-    return seen["visikv_kv_cache_bytes_per_sequence"]
+    return {"bytes": seen["visikv_kv_cache_bytes_per_sequence"],
+            "tokens": seen["visikv_kv_cache_tokens"]}
 
 
 def main():
@@ -124,16 +125,17 @@ def main():
         "latency_mean_s": statistics.mean(latencies) if latencies else None,
         "generated_tokens": sum(tokens), "wall_s": wall,
         "generated_tokens_per_s": sum(tokens) / wall,
-        "kv_bytes_per_sequence_at_prompt_plus_64": kv,
+        "kv_per_sequence_after_64_streamed_tokens": kv,
     }
     print(f"{result['requests']} requests ({args.clients} clients x {args.requests}), "
           f"{result['failures']} failures")
     print(f"latency p50 {result['latency_p50_s']:.2f} s, p99 {result['latency_p99_s']:.2f} s; "
           f"{result['generated_tokens']} tokens in {wall:.1f} s = "
           f"{result['generated_tokens_per_s']:.1f} tokens/s")
-    print("| keys/values | KV bytes per sequence |\n| --- | --- |")
+    print("| keys/values | KV bytes per sequence | tokens | bytes per token |\n| --- | --- | --- | --- |")
     for name, value in kv.items():
-        print(f"| {name} | {value:.0f} |")
+        print(f"| {name} | {value['bytes']:.0f} | {value['tokens']:.0f} | "
+              f"{value['bytes'] / value['tokens']:.0f} |")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 1 if failures else 0

@@ -202,7 +202,11 @@ void Scheduler::round(std::vector<std::unique_ptr<Active>>& active, Decoder& dec
     stats_.generated_tokens_per_s =
         0.8 * stats_.generated_tokens_per_s + 0.2 * (static_cast<double>(produced) / seconds);
   stats_.kv_bytes.clear();
-  for (const auto& a : active) stats_.kv_bytes.push_back(a->kv_bytes(shape));
+  stats_.kv_tokens.clear();
+  for (const auto& a : active) {
+    stats_.kv_bytes.push_back(a->kv_bytes(shape));
+    stats_.kv_tokens.push_back(a->cache->length(0));
+  }
 }
 
 }  // namespace visikv

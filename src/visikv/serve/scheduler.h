@@ -65,8 +65,9 @@ struct SchedulerStats {
   int64_t active = 0, queued = 0;
   int64_t requests = 0, prompt_tokens = 0, generated_tokens = 0;
   double generated_tokens_per_s = 0;  // over the last completed rounds
-  // KV cache bytes of each active sequence, as its codecs store them (kv/codec_spec.h).
-  std::vector<int64_t> kv_bytes;
+  // KV cache bytes of each active sequence, as its codecs store them (kv/codec_spec.h), and the
+  // tokens its cache holds.
+  std::vector<int64_t> kv_bytes, kv_tokens;
 };
 
 class Scheduler {

@@ -171,6 +171,9 @@ struct Server::Impl {
     metric("visikv_kv_cache_bytes", "gauge",
            "KV cache bytes of the active sequences, as their codecs store them.",
            static_cast<double>(kv_total));
+    metric(
+        "visikv_kv_cache_tokens", "gauge", "Tokens held in the active sequences' caches.",
+        static_cast<double>(std::accumulate(s.kv_tokens.begin(), s.kv_tokens.end(), int64_t{0})));
     metric("visikv_kv_cache_bytes_per_sequence", "gauge",
            "Mean KV cache bytes per active sequence.",
            s.kv_bytes.empty() ? 0.0 : static_cast<double>(kv_total) / s.kv_bytes.size());
