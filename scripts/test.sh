@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds and runs the whole test suite: the release build, then the same tests under
+# Builds and runs the whole test suite: the release build (with the Python package and its pytest
+# suite), then the same C++ tests under
 # AddressSanitizer and UndefinedBehaviorSanitizer. Sets everything up first.
 #   scripts/test.sh            both builds
 #   scripts/test.sh --fast     the release build only
