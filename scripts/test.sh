@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs the whole test suite: the release build (with the Python package and its pytest
-# suite), then the same C++ tests under
-# AddressSanitizer and UndefinedBehaviorSanitizer. Sets everything up first.
+# suite), then the same C++ tests under AddressSanitizer and UndefinedBehaviorSanitizer. Sets
+# everything up first.
 #   scripts/test.sh            both builds
 #   scripts/test.sh --fast     the release build only
 set -euo pipefail
