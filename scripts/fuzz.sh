@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 runs=${1:?usage: scripts/fuzz.sh RUNS [target ...]}
 shift
 targets=("$@")
-((${#targets[@]})) || targets=(gguf safetensors hf_dir tokenizer_json tokenizer_encode specs)
+((${#targets[@]})) || targets=(gguf safetensors hf_dir tokenizer_json tokenizer_encode specs chat_template
+                                  serve_request)
 build=build-sanitize
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 status=0
