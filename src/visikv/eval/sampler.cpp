@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 #include "visikv/core/error.h"
@@ -22,23 +23,27 @@ int32_t argmax(std::span<const float> logits) {
 
 int32_t Sampler::next(std::span<const float> logits) {
   if (options_.temperature == 0.0) return argmax(logits);
-  std::vector<int32_t> order(logits.size());
-  std::iota(order.begin(), order.end(), 0);
-  const auto by_logit = [&](int32_t a, int32_t b) {
-    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  // Tokens by logit, highest first, ties to the lower id: a strict total order, so any sort gives
+  // the same sequence. Sorting (logit, id) pairs side by side is several times faster than
+  // sorting ids that look their logits up.
+  std::vector<std::pair<float, int32_t>> ranked(logits.size());
+  for (size_t i = 0; i < logits.size(); ++i) ranked[i] = {logits[i], static_cast<int32_t>(i)};
+  const auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
-  int64_t keep = static_cast<int64_t>(order.size());
+  int64_t keep = static_cast<int64_t>(ranked.size());
   if (options_.top_k > 0 && options_.top_k < keep) {
     keep = options_.top_k;
-    std::partial_sort(order.begin(), order.begin() + keep, order.end(), by_logit);
+    std::partial_sort(ranked.begin(), ranked.begin() + keep, ranked.end(), by_logit);
   } else {
-    std::sort(order.begin(), order.end(), by_logit);
+    std::sort(ranked.begin(), ranked.end(), by_logit);
   }
+  const auto order = [&](int64_t i) { return ranked[static_cast<size_t>(i)].second; };
   std::vector<double> probabilities(static_cast<size_t>(keep));
-  const double max = logits[order[0]];
+  const double max = logits[order(0)];
   double sum = 0.0;
   for (int64_t i = 0; i < keep; ++i) {
-    probabilities[i] = std::exp((logits[order[i]] - max) / options_.temperature);
+    probabilities[i] = std::exp((logits[order(i)] - max) / options_.temperature);
     sum += probabilities[i];
   }
   // Smallest prefix whose mass reaches top_p (always at least one token).
@@ -49,7 +54,7 @@ int32_t Sampler::next(std::span<const float> logits) {
     if (mass >= options_.top_p) break;
   }
   std::discrete_distribution<int64_t> pick(probabilities.begin(), probabilities.begin() + nucleus);
-  return order[pick(generator_)];
+  return order(pick(generator_));
 }
 
 }  // namespace visikv
