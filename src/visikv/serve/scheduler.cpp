@@ -172,9 +172,14 @@ void Scheduler::round(std::vector<std::unique_ptr<Active>>& active, Decoder& dec
     }
     running.clear();
   }
+  // Sampling a large vocabulary costs milliseconds (a sort and an exp per token); each sequence
+  // has its own sampler, so the sequences draw in parallel and each draws what it would alone.
+  std::vector<int32_t> tokens(running.size());
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < running.size(); ++i) tokens[i] = running[i]->sampler.next(logits[i]);
   for (size_t i = 0; i < running.size(); ++i) {
     Active& a = *running[i];
-    const int32_t token = a.sampler.next(logits[i]);
+    const int32_t token = tokens[i];
     a.generated.push_back(token);
     ++produced;
     const bool eos = std::find(a.stops.begin(), a.stops.end(), token) != a.stops.end();
