@@ -23,6 +23,7 @@
 #include "visikv/cli/app.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/generate.h"
+#include "visikv/eval/text_stream.h"
 #include "visikv/eval/trace.h"
 #include "visikv/formats/json_file.h"
 #include "visikv/kv/cache_factory.h"
@@ -32,7 +33,6 @@
 #include "visikv/model/model.h"
 #include "visikv/model/weight_kernels.h"
 #include "visikv/tokenizer/chat_template.h"
-#include "visikv/tokenizer/utf8.h"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -86,7 +86,6 @@ struct RunSpecs {
   std::optional<HeadqBasis> basis;
 
   const HeadqBasisVectors* basis_vectors() const { return basis ? &*basis : nullptr; }
-  int64_t block_size() const { return selector.block_size > 0 ? selector.block_size : 32; }
 };
 
 // A spec argument's error names the argument, as the command line names the flag.
@@ -132,12 +131,6 @@ struct GeneratedToken {
   nb::str text;
 };
 
-nb::str decode_utf8(std::string_view s) {
-  PyObject* text = PyUnicode_DecodeUTF8(s.data(), static_cast<Py_ssize_t>(s.size()), "replace");
-  if (!text) throw nb::python_error();
-  return nb::steal<nb::str>(text);
-}
-
 // A streaming continuation: each __next__ runs one step with the GIL released. It keeps the
 // model alive; its decoder, cache and support live on the heap, where the Generation that
 // refers to them finds them however often Python moves this object.
@@ -148,11 +141,10 @@ class PyGeneration {
       : model_(std::move(model)), state_(std::make_unique<State>(*model_, std::move(specs))) {
     state_->decoder.set_product_rounding(state_->specs.rounding);
     const int64_t reserve =
-        std::min<int64_t>(static_cast<int64_t>(prompt.size()) + options.max_new_tokens,
-                          static_cast<int64_t>(prompt.size()) + 4096);
+        generation_cache_reserve(static_cast<int64_t>(prompt.size()), options.max_new_tokens);
     state_->cache =
         make_cache(state_->decoder.cache_shape(), state_->specs.keys, state_->specs.values, reserve,
-                   state_->specs.block_size(), state_->specs.basis_vectors());
+                   state_->specs.selector.cache_block_size(), state_->specs.basis_vectors());
     options.support = state_->support.get();
     state_->generation.emplace(state_->decoder, *state_->cache, prompt, options);
   }
@@ -168,13 +160,11 @@ class PyGeneration {
     const Tokenizer& tokenizer = model_->tokenizer();
     const std::string bytes =
         tokenizer.is_special(*token) ? std::string() : tokenizer.token_bytes(*token);
-    std::string& pending = state_->pending;
-    pending += bytes;
+    std::string text = state_->text.push(bytes);
     // The last token flushes what is left, unfinished or not.
-    const size_t finished = generation.done() ? pending.size() : finished_utf8_prefix(pending);
-    nb::str text = decode_utf8(std::string_view(pending).substr(0, finished));
-    pending.erase(0, finished);
-    return GeneratedToken{*token, nb::bytes(bytes.data(), bytes.size()), std::move(text)};
+    if (generation.done()) text += state_->text.flush();
+    return GeneratedToken{*token, nb::bytes(bytes.data(), bytes.size()),
+                          nb::str(text.data(), text.size())};
   }
 
   const GenerationResult& result() const { return state_->generation->result(); }
@@ -188,7 +178,7 @@ class PyGeneration {
     std::unique_ptr<Support> support;
     std::unique_ptr<KVCache> cache;
     std::optional<Generation> generation;
-    std::string pending;  // bytes of an unfinished character
+    TextStream text;  // whole characters out, an unfinished one held back
   };
   std::shared_ptr<const Model> model_;
   std::unique_ptr<State> state_;
@@ -243,21 +233,17 @@ class PyModel {
     const std::vector<int32_t> tokens = checked_tokens(*model_, ids);
     require(!tokens.empty(), "logits: no tokens");
     const int64_t vocab = model_->config().vocab_size;
-    std::vector<float> out(tokens.size() * static_cast<size_t>(vocab));
+    std::vector<float> out;
     {
       nb::gil_scoped_release release;
       const RunSpecs specs = parse_specs(*model_, keys, values, selector, numerics, basis);
       Decoder decoder(*model_);
       decoder.set_product_rounding(specs.rounding);
       auto cache = make_cache(decoder.cache_shape(), specs.keys, specs.values,
-                              static_cast<int64_t>(tokens.size()), specs.block_size(),
-                              specs.basis_vectors());
+                              static_cast<int64_t>(tokens.size()),
+                              specs.selector.cache_block_size(), specs.basis_vectors());
       const std::unique_ptr<Support> support = make_support(specs.selector);
-      decoder.forward(tokens, *cache, LogitRows::All,
-                      [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
-                        std::copy_n(logits.begin(), rows * vocab, out.begin() + first_row * vocab);
-                      },
-                      {.support = support.get()});
+      out = decoder.all_logits(tokens, *cache, {.support = support.get()});
     }
     return to_numpy(std::move(out), {tokens.size(), static_cast<size_t>(vocab)});
   }

@@ -275,14 +275,8 @@ std::vector<int32_t> real_reference_tokens() {
 
 std::vector<float> prefill_logits(const Model& model, std::span<const int32_t> tokens) {
   Decoder decoder(model);
-  const int64_t vocab = model.config().vocab_size;
   auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F32, tokens.size());
-  std::vector<float> logits(tokens.size() * vocab, NAN);
-  decoder.forward(tokens, *cache, LogitRows::All,
-                  [&](int64_t row, int64_t, std::span<const float> l) {
-                    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
-                  });
-  return logits;
+  return decoder.all_logits(tokens, *cache);
 }
 
 TEST(Gemma3RealModel, TokenizerMatchesTransformersOnWikiTextStart) {

@@ -41,14 +41,8 @@ double max_abs_difference(std::span<const float> a, std::span<const float> b) {
 // Logits for every position of `tokens` from one forward call (prefill).
 std::vector<float> prefill(const Model& model, std::span<const int32_t> tokens) {
   Decoder decoder(model);
-  const int64_t vocab = model.config().vocab_size;
-  auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F32);
-  std::vector<float> logits(tokens.size() * vocab, NAN);
-  decoder.forward(tokens, *cache, LogitRows::All,
-                  [&](int64_t row, int64_t, std::span<const float> l) {
-                    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
-                  });
-  return logits;
+  auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F32, tokens.size());
+  return decoder.all_logits(tokens, *cache);
 }
 
 // The same logits, one token per forward call through the KV cache (decode).

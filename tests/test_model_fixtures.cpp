@@ -51,13 +51,8 @@ class HfFixture : public ::testing::TestWithParam<std::string> {
 TEST_P(HfFixture, PrefillLogitsMatchTransformers) {
   const Model model = Model::load(dir_.string());
   Decoder decoder(model);
-  const int64_t vocab = model.config().vocab_size;
   auto cache = make_dense_cache(decoder.cache_shape(), DenseFormat::F32);
-  std::vector<float> logits(tokens_.size() * vocab, NAN);
-  decoder.forward(tokens_, *cache, LogitRows::All,
-                  [&](int64_t row, int64_t rows, std::span<const float> l) {
-                    std::copy(l.begin(), l.end(), logits.begin() + row * vocab);
-                  });
+  const std::vector<float> logits = decoder.all_logits(tokens_, *cache);
   const std::vector<float> expected = read_raw<float>(dir_ / "prefill_logits.f32");
   const double difference = max_abs_difference(logits, expected);
   std::printf("%s: max |dlogit| %.3g (logit scale %.3g)\n", GetParam().c_str(), difference, scale_);

@@ -12,7 +12,7 @@
 #include "visikv/model/model.h"
 #include "visikv/serve/openai_api.h"
 #include "visikv/serve/scheduler.h"
-#include "visikv/serve/text_stream.h"
+#include "visikv/eval/text_stream.h"
 #include "visikv/tokenizer/utf8.h"
 
 namespace visikv {

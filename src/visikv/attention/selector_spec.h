@@ -52,6 +52,9 @@ struct SelectorSpec {
   int64_t refresh = 1;
   double epsilon = 0;  // certified
 
+  // The block size a cache keeps its summaries at for this selector: its own, else 32.
+  int64_t cache_block_size() const { return block_size > 0 ? block_size : 32; }
+
   bool uses_blocks() const {
     return kind == SelectorKind::Certified || rule == SelectorRule::Centroid ||
            rule == SelectorRule::Bound;

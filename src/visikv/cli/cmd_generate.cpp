@@ -7,7 +7,6 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
-#include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/generate.h"
 #include "visikv/eval/text_input.h"
@@ -38,10 +37,6 @@ std::vector<int32_t> prompt_tokens(const Model& model, const std::string& text, 
   }
   return model.tokenizer().encode(text, true);
 }
-
-// Tokens the cache makes room for up front; it grows past them as tokens come, so a huge -n
-// (allowed past the context) allocates nothing before the first token.
-constexpr int64_t kReserveAhead = 4096;
 }  // namespace
 
 void add_generate_command(CLI::App& app) {
@@ -91,10 +86,9 @@ void add_generate_command(CLI::App& app) {
     const SelectorSpec selector_spec = parse_selector_spec(flags->selector);
     // The cache keeps its block summaries at the selector's block size.
     const int64_t reserve =
-        std::min(saturating_add(static_cast<int64_t>(prompt.size()), options.max_new_tokens),
-                 static_cast<int64_t>(prompt.size()) + kReserveAhead);
+        generation_cache_reserve(static_cast<int64_t>(prompt.size()), options.max_new_tokens);
     auto cache = make_cache(decoder.cache_shape(), flags->keys, flags->values, reserve,
-                            selector_spec.block_size > 0 ? selector_spec.block_size : 32);
+                            selector_spec.cache_block_size());
     const std::unique_ptr<Support> support = make_support(selector_spec);
     options.support = support.get();
     options.stop_at_eos = !flags->ignore_eos;

@@ -155,16 +155,10 @@ nlohmann::json ppl_json(const PplRun& run, const PplFlags& f) {
 
 // The result ppl_json wrote (--resume).
 PerplexityResult ppl_result_from_json(const nlohmann::json& j) {
-  PerplexityResult r;
-  r.tokens = j.at("tokens").get<int64_t>();
-  r.windows = j.at("windows").get<int64_t>();
-  r.nll = j.at("nll").get<double>();
-  r.ppl = j.at("ppl").get<double>();
-  r.tokens_per_s = j.at("tokens_per_s").get<double>();
-  r.seconds = j.at("seconds").get<double>();
+  PerplexityResult r = perplexity_result_from_json(j);
+  r.tokens_per_s = j.at("tokens_per_s").get<double>();  // as the run measured it
   r.reference_nll = optional_from_json(j.at("reference_nll"));
   r.reference_ppl = optional_from_json(j.at("reference_ppl"));
-  r.divergence = divergence_from_json(j, r.tokens);
   return r;
 }
 

@@ -20,17 +20,27 @@ std::optional<std::string> check_generation_context(const Config& config, int64_
   return past_context_warning(config, positions, sequence);
 }
 
+std::vector<int32_t> stop_tokens(const Model& model) {
+  std::vector<int32_t> stops = model.config().eos_ids;
+  if (auto eos = model.tokenizer().eos_id()) stops.push_back(*eos);
+  return stops;
+}
+
+int64_t generation_cache_reserve(int64_t prompt_tokens, int64_t max_new_tokens) {
+  constexpr int64_t kReserveAhead = 4096;
+  return saturating_add(prompt_tokens, std::min(max_new_tokens, kReserveAhead));
+}
+
 Generation::Generation(Decoder& decoder, KVCache& cache, std::span<const int32_t> prompt,
                        const GenerationOptions& options)
     : decoder_(decoder),
       cache_(cache),
       prompt_(prompt.begin(), prompt.end()),
       options_(options),
-      stops_(decoder.model().config().eos_ids),
+      stops_(stop_tokens(decoder.model())),
       sampler_(options.sampling) {
   require(!prompt_.empty(), "generation needs a non-empty prompt");
   require(options.max_new_tokens >= 0, "the number of new tokens must be >= 0");
-  if (auto eos = decoder.model().tokenizer().eos_id()) stops_.push_back(*eos);
 }
 
 bool Generation::done() const {

@@ -35,6 +35,13 @@ struct GenerationOptions {
 std::optional<std::string> check_generation_context(const Config& config, int64_t prompt_tokens,
                                                     int64_t max_new_tokens, PastContext past);
 
+// The tokens that end a generation: the model's EOS ids and the tokenizer's EOS.
+std::vector<int32_t> stop_tokens(const Model& model);
+
+// Tokens a generation's cache makes room for up front: the whole sequence, but at most 4096 past
+// the prompt; the cache grows past that as tokens come, so a huge limit allocates nothing early.
+int64_t generation_cache_reserve(int64_t prompt_tokens, int64_t max_new_tokens);
+
 struct GenerationResult {
   std::vector<int32_t> tokens;  // new tokens only (the EOS that stopped it included)
   bool stopped_at_eos = false;

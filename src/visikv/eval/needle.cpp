@@ -137,7 +137,7 @@ NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
   int64_t longest = 0;
   for (const NeedleCase& c : cases) longest = std::max<int64_t>(longest, c.prompt.size());
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
-                          longest + o.answer_tokens, spec.block_size > 0 ? spec.block_size : 32);
+                          longest + o.answer_tokens, spec.cache_block_size());
   const std::unique_ptr<Support> support = make_support(spec);
 
   GenerationOptions generation;

@@ -77,7 +77,7 @@ class WindowRun {
       : decoder_(decoder),
         // The cache keeps its block summaries at the selector's block size.
         cache_(make_cache(decoder.cache_shape(), keys, values, o.window,
-                          selector.block_size > 0 ? selector.block_size : 32, o.headq_basis)),
+                          selector.cache_block_size(), o.headq_basis)),
         mode_(o.mode) {
     if (selector.kind != SelectorKind::Dense) selector_ = make_support(selector);
   }

@@ -109,7 +109,7 @@ nlohmann::json kv_grid_result_json(const KvGridResult& r) {
   return row;
 }
 
-PerplexityResult kv_grid_run_from_json(const nlohmann::json& row) {
+PerplexityResult perplexity_result_from_json(const nlohmann::json& row) {
   PerplexityResult r;
   r.tokens = row.at("tokens").get<int64_t>();
   r.windows = row.at("windows").get<int64_t>();
@@ -117,9 +117,14 @@ PerplexityResult kv_grid_run_from_json(const nlohmann::json& row) {
   r.ppl = row.at("ppl").get<double>();
   r.seconds = row.at("seconds").get<double>();
   r.tokens_per_s = r.tokens / std::max(r.seconds, 1e-9);
+  r.divergence = divergence_from_json(row, r.tokens);
+  return r;
+}
+
+PerplexityResult kv_grid_run_from_json(const nlohmann::json& row) {
+  PerplexityResult r = perplexity_result_from_json(row);
   r.support_mean = row.at("support_mean").get<double>();
   r.context_mean = row.at("context_mean").get<double>();
-  r.divergence = divergence_from_json(row, r.tokens);
   return r;
 }
 

@@ -46,6 +46,9 @@ nlohmann::json kv_grid_result_json(const KvGridResult& result);
 // The run such a row reports, read back for --resume (tokens_per_s from tokens and seconds).
 // Throws nlohmann::json::exception for a missing or mistyped field.
 PerplexityResult kv_grid_run_from_json(const nlohmann::json& row);
+// What every perplexity row holds (tokens, windows, nll, ppl, seconds, divergence), read back;
+// tokens_per_s is derived from them.
+PerplexityResult perplexity_result_from_json(const nlohmann::json& row);
 
 // Where a HeadQ basis came from: text, tokens, window, rank, fingerprint.
 nlohmann::json headq_basis_json(const HeadqBasis& basis);

@@ -175,10 +175,6 @@ class StepObserver : public AttentionObserver {
   std::vector<double> errors_, deltas_;       // {layers, heads}
 };
 
-int64_t cache_block_size(const SelectorSpec& spec) {
-  return spec.block_size > 0 ? spec.block_size : 32;
-}
-
 double greedy_nll(std::span<const float> logits, int32_t& token) {
   token = argmax(logits);
   return negative_log_likelihood(logits, token);
@@ -272,7 +268,7 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
   const bool dense = spec.kind == SelectorKind::Dense;
   const Config& config = decoder.model().config();
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
-                          o.prefix + o.continuation, cache_block_size(spec));
+                          o.prefix + o.continuation, spec.cache_block_size());
   std::unique_ptr<Support> selector;
   StepObserver observer(config, !dense);
   SupportStatsSink record_stats;

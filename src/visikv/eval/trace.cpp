@@ -101,20 +101,14 @@ Trace trace(Decoder& decoder, std::span<const int32_t> tokens, const TraceOption
     t.values.assign(t.keys.size(), 0.0f);
     t.attention.assign(static_cast<size_t>(config.heads * T * T), 0.0f);
   }
-  trace.logits.resize(static_cast<size_t>(T * config.vocab_size));
 
-  const int64_t block = options.selector.block_size > 0 ? options.selector.block_size : 32;
-  RecordingCache cache(make_cache(decoder.cache_shape(), options.keys, options.values, T, block,
-                                  options.headq_basis),
+  RecordingCache cache(make_cache(decoder.cache_shape(), options.keys, options.values, T,
+                                  options.selector.cache_block_size(), options.headq_basis),
                        trace, slot);
   const std::unique_ptr<Support> support = make_support(options.selector);
   RecordingObserver observer(trace, slot);
-  decoder.forward(tokens, cache, LogitRows::All,
-                  [&](int64_t first_row, int64_t rows, std::span<const float> logits) {
-                    std::copy(logits.begin(), logits.begin() + rows * config.vocab_size,
-                              trace.logits.begin() + first_row * config.vocab_size);
-                  },
-                  {.support = support.get(), .observer = &observer});
+  trace.logits =
+      decoder.all_logits(tokens, cache, {.support = support.get(), .observer = &observer});
   return trace;
 }
 

@@ -228,18 +228,17 @@ void Decoder::forward_batch(std::span<const DecoderSegment> segments) {
     for (int64_t r = segments[s].rows == LogitRows::All ? 0 : count - 1; r < count; ++r)
       if (r >= 0) wanted.push_back({s, r});
   }
-  std::vector<float> gathered;
   for (size_t start = 0; start < wanted.size(); start += kLogitRowsPerSlice) {
     const auto count =
         static_cast<int64_t>(std::min<size_t>(kLogitRowsPerSlice, wanted.size() - start));
-    gathered.resize(static_cast<size_t>(count * hidden));
+    resize(gathered_, count * hidden);
     for (int64_t i = 0; i < count; ++i) {
       const LogitRow& r = wanted[start + i];
       std::copy_n(x.begin() + (first_row[r.segment] + r.row) * hidden, hidden,
-                  gathered.begin() + i * hidden);
+                  gathered_.begin() + i * hidden);
     }
     resize(logits_, count * c.vocab_size);
-    apply_norm(c.norm, w.final_norm, c.norm_eps, gathered, count, hidden, normed_);
+    apply_norm(c.norm, w.final_norm, c.norm_eps, gathered_, count, hidden, normed_);
     linear_forward(w.lm_head, normed_, count, logits_, rounding_);
     if (c.final_logit_softcap > 0) {
       // As transformers: logits / c, tanh, * c, in float32.
@@ -258,6 +257,19 @@ void Decoder::forward_batch(std::span<const DecoderSegment> segments) {
       i += run;
     }
   }
+}
+
+std::vector<float> Decoder::all_logits(std::span<const int32_t> tokens, KVCache& cache,
+                                       const AttentionOptions& attention) {
+  const int64_t vocab = config_.vocab_size;
+  std::vector<float> logits(tokens.size() * static_cast<size_t>(vocab));
+  forward(
+      tokens, cache, LogitRows::All,
+      [&](int64_t first_row, int64_t, std::span<const float> values) {
+        std::copy(values.begin(), values.end(), logits.begin() + first_row * vocab);
+      },
+      attention);
+  return logits;
 }
 
 std::vector<float> Decoder::next_logits(std::span<const int32_t> tokens, KVCache& cache,

@@ -68,6 +68,10 @@ class Decoder {
   // tokens attend through its own cache and support. One segment is forward().
   void forward_batch(std::span<const DecoderSegment> segments);
 
+  // Convenience: logits of every token, {tokens, vocab}.
+  std::vector<float> all_logits(std::span<const int32_t> tokens, KVCache& cache,
+                                const AttentionOptions& attention = {});
+
   // Convenience: logits of the last token.
   std::vector<float> next_logits(std::span<const int32_t> tokens, KVCache& cache,
                                  const AttentionOptions& attention = {});
@@ -93,7 +97,8 @@ class Decoder {
   ProductRounding rounding_ = ProductRounding::Fastest;
   std::vector<SparseQueryStats> stats_;
   // Scratch, {tokens, width}; reused between calls.
-  std::vector<float> x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_;
+  std::vector<float> x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_,
+      gathered_;
 };
 
 }  // namespace visikv

@@ -5,9 +5,10 @@
 
 #include "visikv/attention/support.h"
 #include "visikv/core/error.h"
+#include "visikv/eval/generate.h"
+#include "visikv/eval/text_stream.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
-#include "visikv/serve/text_stream.h"
 
 namespace visikv {
 
@@ -36,18 +37,16 @@ void SequenceHandle::post(SequenceUpdate update) {
 
 // One running sequence: its cache, support, sampler and text.
 struct Scheduler::Active {
-  Active(const Model& model, SequenceRequest r, std::shared_ptr<SequenceHandle> h)
+  Active(const CacheShape& shape, SequenceRequest r, std::shared_ptr<SequenceHandle> h)
       : request(std::move(r)),
         handle(std::move(h)),
         support(make_support(request.selector)),
         sampler(request.sampling),
         text(request.stop) {
-    const int64_t block = request.selector.block_size > 0 ? request.selector.block_size : 32;
-    cache = make_cache({model.config().layers, model.config().kv_heads, model.config().head_dim},
-                       request.keys, request.values,
-                       static_cast<int64_t>(request.prompt.size()) + request.max_tokens, block);
-    if (auto eos = model.tokenizer().eos_id()) stops.push_back(*eos);
-    for (int32_t id : model.config().eos_ids) stops.push_back(id);
+    cache = make_cache(
+        shape, request.keys, request.values,
+        generation_cache_reserve(static_cast<int64_t>(request.prompt.size()), request.max_tokens),
+        request.selector.cache_block_size());
   }
 
   int64_t kv_bytes(const CacheShape& shape) const {
@@ -63,13 +62,12 @@ struct Scheduler::Active {
   std::unique_ptr<Support> support;
   Sampler sampler;
   TextStream text;
-  std::vector<int32_t> stops;
   std::vector<int32_t> generated;
   bool finished = false;
 };
 
 Scheduler::Scheduler(const Model& model, int64_t max_active)
-    : model_(model), max_active_(std::max<int64_t>(1, max_active)) {
+    : model_(model), max_active_(std::max<int64_t>(1, max_active)), stops_(stop_tokens(model)) {
   worker_ = std::thread([this] { loop(); });
 }
 
@@ -113,7 +111,8 @@ void Scheduler::loop() {
         auto [request, handle] = std::move(queue_.front());
         queue_.pop_front();
         try {
-          active.push_back(std::make_unique<Active>(model_, std::move(request), handle));
+          active.push_back(
+              std::make_unique<Active>(decoder.cache_shape(), std::move(request), handle));
         } catch (const std::exception& e) {
           handle->post({.finished = true, .finish_reason = "error", .error = e.what()});
         }
@@ -182,7 +181,7 @@ void Scheduler::round(std::vector<std::unique_ptr<Active>>& active, Decoder& dec
     const int32_t token = tokens[i];
     a.generated.push_back(token);
     ++produced;
-    const bool eos = std::find(a.stops.begin(), a.stops.end(), token) != a.stops.end();
+    const bool eos = std::find(stops_.begin(), stops_.end(), token) != stops_.end();
     std::string text = eos || tokenizer.is_special(token)
                            ? std::string()
                            : a.text.push(tokenizer.token_bytes(token));

@@ -86,6 +86,7 @@ class Scheduler {
 
   const Model& model_;
   const int64_t max_active_;
+  const std::vector<int32_t> stops_;  // tokens that end a sequence (eval/generate.h)
   mutable std::mutex mutex_;
   std::condition_variable work_;
   std::deque<std::pair<SequenceRequest, std::shared_ptr<SequenceHandle>>> queue_;

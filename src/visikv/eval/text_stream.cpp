@@ -1,4 +1,4 @@
-#include "visikv/serve/text_stream.h"
+#include "visikv/eval/text_stream.h"
 
 #include <algorithm>
 
