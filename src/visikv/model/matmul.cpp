@@ -29,6 +29,8 @@ constexpr int64_t kGemmSlabRows = 256;
 constexpr int64_t kTokenTile = 64;
 // Up to this many tokens the products go row by row (decode); above it, by blocks of rows.
 constexpr int64_t kRowTokens = 4;
+// Rows per call in decode: the kernel reads several rows at once (weight_kernels.cpp DotTokens).
+constexpr int64_t kDecodeRowBlock = 16;
 // Rows per call of the blocked product (weight_kernels.cpp BlockedRows): their widened step, 32
 // rows of 1024 values, is a 128 KB panel that stays in L2 while the token groups pass over it.
 constexpr int64_t kRowBlock = 32;
@@ -122,7 +124,8 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
   // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
   // product (bit for bit the row kernel's sums).
-  const int64_t rows_per_item = tokens > kRowTokens && !any_int8 ? kRowBlock : 1;
+  const int64_t rows_per_item =
+      any_int8 ? 1 : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
   int64_t total_items = 0;
   for (const LinearProduct& p : row_products)
     total_items += (p.layer->out_features() + rows_per_item - 1) / rows_per_item;

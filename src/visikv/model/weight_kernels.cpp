@@ -26,10 +26,12 @@
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 // Highway's own headers must follow foreach_target.h.
 #include <hwy/aligned_allocator.h>
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 #if HWY_ARCH_X86
@@ -89,6 +91,18 @@ HWY_INLINE VU Nibbles(const uint8_t* p) {
 HWY_INLINE VF ToFloat(VU v) { return hn::ConvertTo(DF(), hn::BitCast(DI(), v)); }
 HWY_INLINE VF ToFloat(VU v, int offset) {
   return hn::ConvertTo(DF(), hn::Sub(hn::BitCast(DI(), v), hn::Set(DI(), offset)));
+}
+
+// On 16-lane targets a 4-bit code is widened by looking its value up in a vector holding the
+// values of all 16 codes (one permute, built with one multiply-add per unit): the table holds
+// exactly what the arithmetic computes per value (the same rounding), so results are unchanged.
+// Narrower targets convert and multiply.
+constexpr bool kNibbleTables = kLanes == 16;
+HWY_INLINE VF CodeValues(VF scale, VF offset) {
+  return hn::MulAdd(scale, hn::ConvertTo(DF(), hn::Iota(DI(), 0)), offset);
+}
+HWY_INLINE VF LookUp(VF table, VU codes) {
+  return hn::TableLookupLanes(table, hn::IndicesFromVec(DF(), hn::BitCast(DI(), codes)));
 }
 
 // Legacy blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1): byte j holds value j in its low nibble and value
@@ -185,8 +199,13 @@ struct Q4_0Format : NoScales {
   template <int>
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block));
-    ForEachVector([&](auto k)
-                      HWY_ATTR { w[k] = hn::Mul(d, ToFloat(LegacyNibbles<k>(block + 2), 8)); });
+    if constexpr (kNibbleTables) {
+      const VF table = hn::Mul(d, hn::ConvertTo(DF(), hn::Iota(DI(), -8)));
+      ForEachVector([&](auto k) HWY_ATTR { w[k] = LookUp(table, LegacyNibbles<k>(block + 2)); });
+    } else {
+      ForEachVector([&](auto k)
+                        HWY_ATTR { w[k] = hn::Mul(d, ToFloat(LegacyNibbles<k>(block + 2), 8)); });
+    }
   }
 };
 
@@ -196,8 +215,13 @@ struct Q4_1Format : NoScales {
   template <int>
   static void Unpack(const uint8_t* block, const Scales&, VF* w) {
     const VF d = hn::Set(DF(), LoadHalf(block)), m = hn::Set(DF(), LoadHalf(block + 2));
-    ForEachVector([&](auto k)
-                      HWY_ATTR { w[k] = hn::MulAdd(d, ToFloat(LegacyNibbles<k>(block + 4)), m); });
+    if constexpr (kNibbleTables) {
+      const VF table = CodeValues(d, m);
+      ForEachVector([&](auto k) HWY_ATTR { w[k] = LookUp(table, LegacyNibbles<k>(block + 4)); });
+    } else {
+      ForEachVector(
+          [&](auto k) HWY_ATTR { w[k] = hn::MulAdd(d, ToFloat(LegacyNibbles<k>(block + 4)), m); });
+    }
   }
 };
 
@@ -233,29 +257,43 @@ struct Q5_1Format : NoScales {
 // Unit u's values are the low (u even) or high (u odd) nibbles of the 32 bytes at 32 * (u / 2).
 // d * sc * q is a product of an fp16 value and integers below 2^12, exact in float32, so the fused
 // multiply-add rounds once, as dequantize()'s multiply-then-subtract does.
-// The eight scales and negated mins of a Q4_K/Q5_K super-block, as float32.
+// The eight scales and negated mins of a Q4_K/Q5_K super-block, as float32, in one array so
+// that one vector pass converts them all.
 struct ScalesK4 {
-  float scale[8], neg_min[8];
+  HWY_ALIGN float values[16];  // d * scale_j for j < 8, then -(dmin * min_j)
+  float scale(int j) const { return values[j]; }
+  float neg_min(int j) const { return values[8 + j]; }
 };
-// The 6-bit scale and min of sub-block j of a Q4_K/Q5_K super-block (ggml's get_scale_min_k4).
-inline void ScaleMinK4(int j, const uint8_t* q, int& scale, int& min) {
-  if (j < 4) {
-    scale = q[j] & 63;
-    min = q[j + 4] & 63;
-  } else {
-    scale = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
-    min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
+
+// The 6-bit scales and mins of a Q4_K/Q5_K super-block are packed into 12 bytes: bytes 0-3 hold
+// scales 0-3 in their low six bits, bytes 4-7 mins 0-3, bytes 8-11 the low four bits of scales
+// 4-7 (low nibble) and mins 4-7 (high nibble), whose top two bits are the top bits of bytes 0-3
+// (scales) and 4-7 (mins). Unpacking the three words at once gives the sixteen bytes in order
+// (scales 0-7, then mins 0-7); profiles showed the byte-by-byte unpacking taking as long as the
+// products themselves on Q4_K models. The products d * scale and dmin * min are exact in float32
+// (an 11-bit significand times a 6-bit integer), so the order of the unpacking cannot change them.
+HWY_INLINE void ScaleMinBytesK4(const uint8_t* packed, uint8_t* bytes) {
+  uint32_t word[3];
+  std::memcpy(word, packed, sizeof(word));
+  constexpr uint32_t kLow6 = 0x3F3F3F3F, kLow4 = 0x0F0F0F0F, kLow2 = 0x03030303;
+  const uint32_t out[4] = {
+      word[0] & kLow6,                                             // scales 0-3
+      (word[2] & kLow4) | (((word[0] >> 6) & kLow2) << 4),         // scales 4-7
+      word[1] & kLow6,                                             // mins 0-3
+      ((word[2] >> 4) & kLow4) | (((word[1] >> 6) & kLow2) << 4),  // mins 4-7
+  };
+  std::memcpy(bytes, out, sizeof(out));
 }
 
-ScalesK4 PrepareK4(const uint8_t* block) {
+HWY_INLINE ScalesK4 PrepareK4(const uint8_t* block) {
   ScalesK4 s;
-  const float d = LoadHalf(block), dmin = LoadHalf(block + 2);
-  for (int j = 0; j < 8; ++j) {
-    int sc, m;
-    ScaleMinK4(j, block + 4, sc, m);
-    s.scale[j] = d * static_cast<float>(sc);
-    s.neg_min[j] = -(dmin * static_cast<float>(m));
+  HWY_ALIGN uint8_t bytes[16];
+  ScaleMinBytesK4(block + 4, bytes);
+  const VF d = hn::Set(DF(), LoadHalf(block)), neg_dmin = hn::Set(DF(), -LoadHalf(block + 2));
+  for (int i = 0; i < 16; i += kLanes) {
+    const auto is_scale = hn::Lt(hn::Iota(DI(), i), hn::Set(DI(), 8));
+    const VF factor = hn::IfThenElse(hn::RebindMask(DF(), is_scale), d, neg_dmin);
+    hn::Store(hn::Mul(factor, ToFloat(Bytes(bytes + i))), DF(), s.values + i);
   }
   return s;
 }
@@ -266,11 +304,17 @@ struct Q4_KFormat {
   static Scales Prepare(const uint8_t* block) { return PrepareK4(block); }
   template <int unit>
   static void Unpack(const uint8_t* block, const Scales& s, VF* w) {
-    const VF scale = hn::Set(DF(), s.scale[unit]), neg_min = hn::Set(DF(), s.neg_min[unit]);
+    const VF scale = hn::Set(DF(), s.scale(unit)), neg_min = hn::Set(DF(), s.neg_min(unit));
     const uint8_t* q = block + 16 + 32 * (unit / 2);
-    ForEachVector([&](auto k) HWY_ATTR {
-      w[k] = hn::MulAdd(scale, ToFloat(Nibbles<(unit & 1) != 0>(q + k * kLanes)), neg_min);
-    });
+    if constexpr (kNibbleTables) {
+      const VF table = CodeValues(scale, neg_min);
+      ForEachVector(
+          [&](auto k) HWY_ATTR { w[k] = LookUp(table, Nibbles<(unit & 1) != 0>(q + k * kLanes)); });
+    } else {
+      ForEachVector([&](auto k) HWY_ATTR {
+        w[k] = hn::MulAdd(scale, ToFloat(Nibbles<(unit & 1) != 0>(q + k * kLanes)), neg_min);
+      });
+    }
   }
 };
 
@@ -281,7 +325,7 @@ struct Q5_KFormat {
   static Scales Prepare(const uint8_t* block) { return PrepareK4(block); }
   template <int unit>
   static void Unpack(const uint8_t* block, const Scales& s, VF* w) {
-    const VF scale = hn::Set(DF(), s.scale[unit]), neg_min = hn::Set(DF(), s.neg_min[unit]);
+    const VF scale = hn::Set(DF(), s.scale(unit)), neg_min = hn::Set(DF(), s.neg_min(unit));
     const uint8_t* qh = block + 16;
     const uint8_t* ql = block + 48 + 32 * (unit / 2);
     const VU one = hn::Set(DU(), 1);
@@ -299,13 +343,15 @@ struct Q5_KFormat {
 struct Q6_KFormat {
   static constexpr int kValues = 256, kBytes = 210;
   struct Scales {
-    float scale[16];  // d * sc, one per 16 values
+    HWY_ALIGN float scale[16];  // d * sc, one per 16 values
   };
   static Scales Prepare(const uint8_t* block) {
     Scales s;
-    const float d = LoadHalf(block + 208);
+    const VF d = hn::Set(DF(), LoadHalf(block + 208));
     const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
-    for (int i = 0; i < 16; ++i) s.scale[i] = d * static_cast<float>(sc[i]);
+    for (int i = 0; i < 16; i += kLanes)
+      hn::Store(hn::Mul(d, hn::ConvertTo(DF(), hn::PromoteTo(DI(), hn::LoadU(DI8(), sc + i)))),
+                DF(), s.scale + i);
     return s;
   }
   template <int unit>
@@ -340,27 +386,41 @@ HWY_INLINE float Reduce(const VF* acc) {
   return lanes[0];
 }
 
-template <int kTokens, typename Format>
-void DotTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride, float* y,
-               int64_t y_stride) {
+// The weights stream from memory once per token in decode: a software prefetch a few KB ahead of
+// the block being read (rows are contiguous, so this runs into the next row) doubled decode speed
+// of the default model on one core; 1-8 KB ahead measured alike.
+constexpr int64_t kPrefetchBytes = 4096;
+
+// kRows rows (row_bytes apart) times kTokens tokens: acc[r][t] holds row r's sums for token t, in
+// the same order for every r, so each output is the one-row kernel's. Several rows at once give
+// the core independent chains of multiply-adds and loads (decode reads each weight once per
+// token, so it waits on memory unless several rows are in flight).
+template <int kRows, int kTokens, typename Format>
+void DotTokens(const uint8_t* row, int64_t row_bytes, int64_t units, const float* x,
+               int64_t x_stride, float* y, int64_t y_stride) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit;
-  VF acc[kTokens][kVectors];
-  for (auto& token : acc)
-    for (VF& a : token) a = hn::Zero(DF());
+  VF acc[kRows][kTokens][kVectors];
+  for (auto& r : acc)
+    for (auto& token : r)
+      for (VF& a : token) a = hn::Zero(DF());
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
-    const uint8_t* block = row + b * Format::kBytes;
-    const typename Format::Scales scales = Format::Prepare(block);
-    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
-      VF w[kVectors];
-      Format::template Unpack<unit>(block, scales, w);
-      for (int t = 0; t < kTokens; ++t) {
-        const float* xu = x + t * x_stride + (b * kUnitsPerBlock + unit) * kUnit;
-        for (int k = 0; k < kVectors; ++k)
-          acc[t][k] = hn::MulAdd(w[k], hn::LoadU(DF(), xu + k * kLanes), acc[t][k]);
-      }
-    });
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t* block = row + r * row_bytes + b * Format::kBytes;
+      hwy::Prefetch(block + kPrefetchBytes);
+      const typename Format::Scales scales = Format::Prepare(block);
+      ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
+        VF w[kVectors];
+        Format::template Unpack<unit>(block, scales, w);
+        for (int t = 0; t < kTokens; ++t) {
+          const float* xu = x + t * x_stride + (b * kUnitsPerBlock + unit) * kUnit;
+          for (int k = 0; k < kVectors; ++k)
+            acc[r][t][k] = hn::MulAdd(w[k], hn::LoadU(DF(), xu + k * kLanes), acc[r][t][k]);
+        }
+      });
+    }
   }
-  for (int t = 0; t < kTokens; ++t) y[t * y_stride] = Reduce(acc[t]);
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = Reduce(acc[r][t]);
 }
 
 template <typename Format>
@@ -369,17 +429,17 @@ void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_s
   constexpr int kMaxTokens = 4;
   int64_t t = 0;
   for (; t + kMaxTokens <= tokens; t += kMaxTokens)
-    DotTokens<kMaxTokens, Format>(row, units, x + t * x_stride, x_stride, y + t * y_stride,
-                                  y_stride);
+    DotTokens<1, kMaxTokens, Format>(row, 0, units, x + t * x_stride, x_stride, y + t * y_stride,
+                                     y_stride);
   const float* xt = x + t * x_stride;
   float* yt = y + t * y_stride;
   switch (tokens - t) {
     case 3:
-      return DotTokens<3, Format>(row, units, xt, x_stride, yt, y_stride);
+      return DotTokens<1, 3, Format>(row, 0, units, xt, x_stride, yt, y_stride);
     case 2:
-      return DotTokens<2, Format>(row, units, xt, x_stride, yt, y_stride);
+      return DotTokens<1, 2, Format>(row, 0, units, xt, x_stride, yt, y_stride);
     case 1:
-      return DotTokens<1, Format>(row, units, xt, x_stride, yt, y_stride);
+      return DotTokens<1, 1, Format>(row, 0, units, xt, x_stride, yt, y_stride);
     default:
       return;
   }
@@ -545,13 +605,23 @@ void DotFloatRow(const uint8_t* row, int64_t n, const float* x, int64_t x_stride
   }
 }
 
+// Rows of one token go kDecodeRows at a time (their sums fill 8 of AVX-512's 32 registers, or 8
+// of AVX2's 16 with two rows).
+template <typename Format>
+constexpr int kDecodeRows = Format::kValues > kUnit ? 1 : (kVectors <= 2 ? 4 : 2);
+
 // Each row of a range: the per-type switch and the dispatch happen once per range.
 template <typename Format>
 void DotBlockRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
                   int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
   if (tokens > kGroupTokens && rows > 1)
     return BlockedRows<Format>(first, row_bytes, rows, n, x, x_stride, tokens, y, y_stride);
-  for (int64_t r = 0; r < rows; ++r)
+  int64_t r = 0;
+  if (tokens == 1 && kDecodeRows < Format >> 1)
+    for (; r + kDecodeRows<Format> <= rows; r += kDecodeRows<Format>)
+      DotTokens<kDecodeRows<Format>, 1, Format>(first + r * row_bytes, row_bytes, n / kUnit, x,
+                                                x_stride, y + r, y_stride);
+  for (; r < rows; ++r)
     DotAnyTokens<Format>(first + r * row_bytes, n / kUnit, x, x_stride, tokens, y + r, y_stride);
 }
 
@@ -731,7 +801,7 @@ struct QK45Codes {
   static Scales Prepare(const uint8_t* block) {
     const ScalesK4 k4 = PrepareK4(block);
     Scales s;
-    for (int g = 0; g < 16; ++g) s.scale[g] = k4.scale[g / 2], s.offset[g] = k4.neg_min[g / 2];
+    for (int g = 0; g < 16; ++g) s.scale[g] = k4.scale(g / 2), s.offset[g] = k4.neg_min(g / 2);
     return s;
   }
   static const uint8_t* Nibbles(const uint8_t* block, int unit) {
