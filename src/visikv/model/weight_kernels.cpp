@@ -499,6 +499,17 @@ HWY_INLINE void WidenBlocks(const uint8_t* row, int64_t first_block, int64_t end
 // if `start`, starting) the sums kept in `state` (kStateFloats apart per row). Per output the
 // same multiply-adds in the same order as DotTokens; a weight vector loaded once serves kTokens
 // tokens and an input vector kRows rows.
+// Compilers fold a vector load into each multiply-add that uses it; an input vector that serves
+// several rows is then loaded once per row, and the loads, not the multiply-adds, bound the loop.
+// An empty asm statement that "modifies" the register makes the value opaque, so it is loaded once.
+HWY_INLINE void KeepInRegister(VF& v) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2 && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v.raw));
+#else
+  (void)v;
+#endif
+}
+
 template <int kRows, int kTokens>
 HWY_INLINE void PanelStep(const float* widened, int64_t units, const float* x, int64_t x_stride,
                           bool start, float* state) {
@@ -516,7 +527,8 @@ HWY_INLINE void PanelStep(const float* widened, int64_t units, const float* x, i
         w[r][k] = hn::LoadU(DF(), widened + r * kStepValues + u * kUnit + k * kLanes);
     for (int t = 0; t < kTokens; ++t)
       for (int k = 0; k < kVectors; ++k) {
-        const VF xv = hn::LoadU(DF(), x + t * x_stride + u * kUnit + k * kLanes);
+        VF xv = hn::LoadU(DF(), x + t * x_stride + u * kUnit + k * kLanes);
+        if constexpr (kRows > 1) KeepInRegister(xv);
         for (int r = 0; r < kRows; ++r) acc[r][t][k] = hn::MulAdd(w[r][k], xv, acc[r][t][k]);
       }
   }
@@ -530,19 +542,13 @@ HWY_INLINE void PanelStep(const float* widened, int64_t units, const float* x, i
 // AVX-512); one row at a time on AVX2, whose 16 registers one row's sums already fill.
 constexpr int kPanelRows = kVectors <= 2 && HWY_TARGET != HWY_EMU128 ? 2 : 1;
 
-template <int kRows>
+template <int kRows, int kTokens = kGroupTokens>
 HWY_INLINE void PanelStepTokens(int64_t count, const float* widened, int64_t units, const float* x,
                                 int64_t x_stride, bool start, float* state) {
-  switch (count) {
-    case 4:
-      return PanelStep<kRows, 4>(widened, units, x, x_stride, start, state);
-    case 3:
-      return PanelStep<kRows, 3>(widened, units, x, x_stride, start, state);
-    case 2:
-      return PanelStep<kRows, 2>(widened, units, x, x_stride, start, state);
-    default:
-      return PanelStep<kRows, 1>(widened, units, x, x_stride, start, state);
-  }
+  if constexpr (kTokens > 1)
+    if (count < kTokens)
+      return PanelStepTokens<kRows, kTokens - 1>(count, widened, units, x, x_stride, start, state);
+  PanelStep<kRows, kTokens>(widened, units, x, x_stride, start, state);
 }
 
 template <typename Format>
@@ -901,6 +907,7 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
 #endif
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
     const uint8_t* block = row + b * Format::kBytes;
+    hwy::Prefetch(block + kPrefetchBytes);
     const typename Format::Scales s = Format::Prepare(block);
 #if VISIKV_X86_INT8 && HWY_TARGET == HWY_AVX3_DL
     if constexpr (kPairs) {
