@@ -1,5 +1,6 @@
 // Dense caches and causal attention against a float64 reference on random inputs.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <random>
@@ -7,8 +8,10 @@
 
 #include "test_support.h"
 #include "visikv/attention/attention.h"
+#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
+#include "visikv/kv/cache_factory.h"
 #include "visikv/kv/dense_cache.h"
 
 namespace visikv {
@@ -89,6 +92,84 @@ INSTANTIATE_TEST_SUITE_P(Formats, AttentionTest,
                                            AttentionCase{DenseFormat::F32, 5, false, 1e-5},
                                            AttentionCase{DenseFormat::F16, 0, true, 5e-3},
                                            AttentionCase{DenseFormat::BF16, 0, false, 3e-2}));
+
+// Queries over more than 2048 positions read them in parts merged by log-sum-exp, shared among
+// the threads in decode: the result must match float64, and decode must equal prefill and one
+// thread two, bit for bit, for dense and quantized caches and for a selector that hands over its
+// scores (exact top-k) and one that does not.
+struct LongCase {
+  const char* keys;
+  const char* values;
+  const char* selector;
+  double tolerance;  // against float64 with the cache's stored keys and values (dense only)
+};
+
+class LongAttentionTest : public ::testing::TestWithParam<LongCase> {};
+
+TEST_P(LongAttentionTest, PartsMergeExactlyAndDecodeEqualsPrefill) {
+  const LongCase p = GetParam();
+  const int64_t n = 5000, heads = 6, kv_heads = 2, d = 16, queries = 3;
+  std::mt19937 rng(99);
+  // Keys scaled up so that the softmax is peaked and the parts' maxima differ.
+  auto k = random_vector(rng, n * kv_heads * d);
+  for (float& x : k) x *= 3.0f;
+  const auto v = random_vector(rng, n * kv_heads * d);
+  const auto q = random_vector(rng, queries * heads * d);
+  const double scale = 1.0 / std::sqrt(double(d));
+  const AttentionSpec spec{heads, d, scale, 0};
+  auto cache = make_cache({1, kv_heads, d}, p.keys, p.values);
+  cache->append(0, k, v, n);
+
+  auto run = [&](int64_t tokens, int threads) {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    auto support = make_support(p.selector);
+    std::vector<float> out(tokens * heads * d, NAN);  // poisoned
+    attend(*cache, 0, std::span(q).subspan((queries - tokens) * heads * d, tokens * heads * d),
+           tokens, n - tokens, spec, *support, out);
+    omp_set_num_threads(saved);
+    return std::vector<float>(out.end() - heads * d, out.end());  // the last query's row
+  };
+  const auto prefill = run(queries, 2), decode_two = run(1, 2), decode_one = run(1, 1);
+  for (int64_t i = 0; i < heads * d; ++i) {
+    ASSERT_TRUE(std::isfinite(prefill[i])) << i;
+    EXPECT_EQ(decode_two[i], prefill[i]) << i;
+    EXPECT_EQ(decode_one[i], prefill[i]) << i;
+  }
+  if (p.tolerance > 0) {
+    // The last query over every position (the support of dense and of top-k with k >= n).
+    std::vector<float> q_last(q.end() - heads * d, q.end());
+    double worst = 0;
+    const int64_t group = heads / kv_heads;
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t kv = h / group;
+      std::vector<double> s(n);
+      for (int64_t j = 0; j < n; ++j) {
+        double dot = 0;
+        for (int64_t c = 0; c < d; ++c)
+          dot += double(q_last[h * d + c]) * k[(j * kv_heads + kv) * d + c];
+        s[j] = dot * scale;
+      }
+      const double max = *std::max_element(s.begin(), s.end());
+      double sum = 0;
+      for (double& x : s) sum += (x = std::exp(x - max));
+      for (int64_t c = 0; c < d; ++c) {
+        double o = 0;
+        for (int64_t j = 0; j < n; ++j) o += s[j] / sum * v[(j * kv_heads + kv) * d + c];
+        worst = std::max(worst, std::abs(o - prefill[h * d + c]));
+      }
+    }
+    EXPECT_LT(worst, p.tolerance);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Caches, LongAttentionTest,
+                         ::testing::Values(LongCase{"f32", "f32", "dense", 1e-5},
+                                           LongCase{"f32", "f32", "sparse:k4500:exact", 0},
+                                           LongCase{"f32", "f32", "sparse:a4:w1000:k2000:exact", 0},
+                                           LongCase{"int4:g16:tok", "int4:g16:tok", "dense", 0},
+                                           LongCase{"int2:g16:chan:r128", "f16",
+                                                    "sparse:a1:w2500:k64:centroid", 0}));
 
 TEST(DenseCache, ScoreAndAccumulateOverIndexListsMatchRanges) {
   const int64_t d = 16, n = 40;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <vector>
 
 #include "visikv/attention/support_dense.h"
@@ -30,6 +31,92 @@ double softmax_in_place(std::span<float> values) {
   return static_cast<double>(max) + std::log(static_cast<double>(sum));
 }
 
+namespace {
+
+// A query that reads more positions than this reads them in parts of this many: each part gives
+// its own softmax pieces (largest score, sum of exponentials, unnormalised value sum) and the
+// parts are merged in order (log-sum-exp). In decode the parts of every KV head are shared out
+// among the threads, so that long contexts use every core even with fewer KV heads than threads;
+// prefill computes the same parts one after the other, so that decode equals prefill bit for bit
+// and neither depends on the thread count. The size is fixed (not derived from the thread count)
+// for the same reason, and large enough that contexts up to it keep the one-pass softmax.
+constexpr int64_t kPartPositions = 2048;
+
+int64_t part_count(int64_t positions) {
+  return positions <= kPartPositions ? 1 : (positions + kPartPositions - 1) / kPartPositions;
+}
+
+// One (token, KV head, slot) of attend(): the query heads that share one choice of support.
+struct Item {
+  int64_t token = 0, kv = 0, first_head = 0;
+};
+
+// The softmax pieces of one part for `group` query heads: max[g], sum[g] = Σ exp(s - max[g]) and
+// out[g * d ..] = Σ exp(s - max[g]) · v over the part's positions.
+struct PartSums {
+  float* max;
+  float* sum;
+  float* out;
+};
+
+// Part `p` of a support of `n` positions. `given`: the raw scores of the whole support ({group, n},
+// from the choice) or null to score the part here.
+void attend_part(const KVCache& cache, int64_t layer, int64_t kv, std::span<const float> queries,
+                 int64_t group, int64_t d, const PositionSet& positions, int64_t p,
+                 const float* given, double scale, std::vector<float>& scores, PartSums sums) {
+  const int64_t n = positions.size(), first = p * kPartPositions;
+  const int64_t count = std::min(kPartPositions, n - first);
+  const PositionSet part = positions.slice(first, count);
+  scores.resize(static_cast<size_t>(group * count));
+  if (given != nullptr) {
+    for (int64_t g = 0; g < group; ++g)
+      std::copy_n(given + g * n + first, count, scores.begin() + g * count);
+  } else {
+    cache.score(layer, kv, queries, part, scores);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* s = scores.data() + g * count;
+    for (int64_t i = 0; i < count; ++i) s[i] = static_cast<float>(s[i] * scale);
+    const float max = *std::max_element(s, s + count);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < count; ++i) sum += (s[i] = std::exp(s[i] - max));
+    sums.max[g] = max;
+    sums.sum[g] = sum;
+  }
+  std::fill(sums.out, sums.out + group * d, 0.0f);
+  cache.accumulate(layer, kv, scores, part, {sums.out, static_cast<size_t>(group * d)});
+}
+
+// out[g * d ..] += the parts' value sums, each weighted exp(max_p - M) / Z with M the largest
+// max and Z = Σ_p sum_p exp(max_p - M), taken in part order. Pieces are {parts, group} and
+// {parts, group * d}.
+void merge_parts(int64_t parts, int64_t group, int64_t d, const float* maxes, const float* sums,
+                 const float* outs, float* out) {
+  for (int64_t g = 0; g < group; ++g) {
+    float max = -INFINITY;
+    for (int64_t p = 0; p < parts; ++p) max = std::max(max, maxes[p * group + g]);
+    float total = 0.0f;
+    for (int64_t p = 0; p < parts; ++p)
+      total += sums[p * group + g] * std::exp(maxes[p * group + g] - max);
+    for (int64_t p = 0; p < parts; ++p) {
+      const float weight = std::exp(maxes[p * group + g] - max) / total;
+      const float* part_out = outs + p * group * d + g * d;
+      for (int64_t c = 0; c < d; ++c) out[g * d + c] += weight * part_out[c];
+    }
+  }
+}
+
+// What a decode call keeps between its phases: every slot's scratch and chosen support, where
+// each slot's parts start among the work units and the pieces.
+struct DecodeScratch {
+  std::vector<SupportScratch> item_scratch;
+  std::vector<std::optional<ChosenSupport>> chosen;
+  std::vector<int64_t> first_piece, first_unit;
+  std::vector<float> pieces;
+};
+
+}  // namespace
+
 void attend(const KVCache& cache, int64_t layer, std::span<const float> queries, int64_t tokens,
             int64_t first_position, const AttentionSpec& spec, Support& support,
             std::span<float> out, std::span<SparseQueryStats> stats, AttentionObserver* observer) {
@@ -49,57 +136,155 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
           "attention: stats need ", tokens * spec.heads, " entries, got ", stats.size());
   support.prepare(cache, spec);
   const int64_t slot_group = support.heads_per_choice(group);  // query heads sharing one choice
+  const int64_t slots = group / slot_group;
   const bool per_head = slot_group != group;
   std::fill(out.begin(), out.begin() + tokens * row, 0.0f);
+  const int64_t items = tokens * kv_heads * slots;
+  auto item_of = [&](int64_t i) {
+    Item item;
+    item.token = i / (kv_heads * slots);
+    item.kv = i / slots % kv_heads;
+    item.first_head = item.kv * group + i % slots * slot_group;
+    return item;
+  };
+  auto slot_queries = [&](const Item& item) {
+    return queries.subspan(item.token * row + item.first_head * d, slot_group * d);
+  };
+  auto slot_out = [&](const Item& item) {
+    return out.subspan(item.token * row + item.first_head * d, slot_group * d);
+  };
+  // Chooses an item's support into `scratch`, records its statistics.
+  auto choose = [&](const Item& item, SupportScratch& scratch) {
+    SparseQueryStats st;
+    scratch.deltas.assign(static_cast<size_t>(slot_group), NAN);
+    const int64_t position = first_position + item.token;
+    const ChosenSupport chosen = support.choose(
+        {cache, layer, item.kv, per_head ? item.first_head : item.kv, position, slot_queries(item),
+         slot_group, spec.sliding_window, spec.scale, tokens == 1, item.token == tokens - 1},
+        scratch, st);
+    st.support = chosen.positions.size();
+    if (!stats.empty()) {
+      for (int64_t g = 0; g < slot_group; ++g) {
+        SparseQueryStats& s = stats[item.token * spec.heads + item.first_head + g];
+        s = st;
+        s.delta = scratch.deltas[g];
+      }
+    }
+    return chosen;
+  };
+  // One pass over a support of at most kPartPositions positions (or any, with an observer, which
+  // sees the whole softmax): score, scale, softmax, observe, accumulate into `out`.
+  auto attend_whole = [&](const Item& item, const ChosenSupport& chosen, SupportScratch& scratch,
+                          std::vector<float>& logits) {
+    const PositionSet& positions = chosen.positions;
+    const int64_t n = positions.size();
+    if (!chosen.scored) {
+      scratch.scores.resize(static_cast<size_t>(slot_group * n));
+      cache.score(layer, item.kv, slot_queries(item), positions, scratch.scores);
+    }
+    for (int64_t g = 0; g < slot_group; ++g) {
+      std::span<float> s(scratch.scores.data() + g * n, static_cast<size_t>(n));
+      for (float& v : s) v = static_cast<float>(v * spec.scale);
+      if (observer == nullptr) {
+        softmax_in_place(s);
+      } else {
+        logits.assign(s.begin(), s.end());
+        softmax_in_place(s);
+        observer->observe({layer, item.first_head + g, item.kv, first_position + item.token,
+                           slot_queries(item).subspan(g * d, d), positions, logits, s});
+      }
+    }
+    cache.accumulate(layer, item.kv, scratch.scores, positions, slot_out(item));
+  };
+  auto split = [&](int64_t n) { return observer == nullptr && part_count(n) > 1; };
+  const int64_t piece_floats = slot_group * (d + 2);  // max, sum and value sums of one part
+  auto part_sums = [&](float* pieces, int64_t parts, int64_t p) {
+    return PartSums{pieces + p * slot_group, pieces + (parts + p) * slot_group,
+                    pieces + 2 * parts * slot_group + p * slot_group * d};
+  };
+  auto merge = [&](const Item& item, const float* pieces, int64_t parts) {
+    merge_parts(parts, slot_group, d, pieces, pieces + parts * slot_group,
+                pieces + 2 * parts * slot_group, slot_out(item).data());
+  };
+
+  // A support is a subset of the visible positions, so below kPartPositions of them no query
+  // splits, and decode keeps its single parallel loop (one barrier instead of four).
+  const int64_t visible = visible_positions(first_position, spec.sliding_window).size();
+  if (tokens == 1 && observer == nullptr && visible > kPartPositions) {
+    // Decode: choose every slot's support, then share all parts of all slots among the threads,
+    // then merge. Scratch and pieces are kept between calls (nothing allocated once grown).
+    // (Kept by the calling thread; the workers reach them through these references, since a
+    // thread_local named inside the parallel region would be each worker's own.)
+    thread_local DecodeScratch kept;
+    std::vector<SupportScratch>& item_scratch = kept.item_scratch;
+    std::vector<std::optional<ChosenSupport>>& chosen = kept.chosen;
+    std::vector<int64_t>&first_piece = kept.first_piece, &first_unit = kept.first_unit;
+    std::vector<float>& pieces = kept.pieces;
+    if (static_cast<int64_t>(item_scratch.size()) < items) item_scratch.resize(items);
+    chosen.assign(static_cast<size_t>(items), std::nullopt);
+    first_piece.assign(static_cast<size_t>(items + 1), 0);
+    first_unit.assign(static_cast<size_t>(items + 1), 0);
+#pragma omp parallel
+    {
+      std::vector<float> logits;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < items; ++i) chosen[i] = choose(item_of(i), item_scratch[i]);
+#pragma omp single
+      {
+        for (int64_t i = 0; i < items; ++i) {
+          const int64_t n = chosen[i]->positions.size(), parts = split(n) ? part_count(n) : 1;
+          first_unit[i + 1] = first_unit[i] + parts;
+          first_piece[i + 1] = first_piece[i] + (parts > 1 ? parts * piece_floats : 0);
+        }
+        if (static_cast<int64_t>(pieces.size()) < first_piece[items])
+          pieces.resize(static_cast<size_t>(first_piece[items]));
+      }
+      thread_local std::vector<float> part_scores;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < first_unit[items]; ++u) {
+        const int64_t i =
+            std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin() - 1;
+        const Item item = item_of(i);
+        const int64_t parts = first_unit[i + 1] - first_unit[i];
+        if (parts == 1) {
+          attend_whole(item, *chosen[i], item_scratch[i], logits);
+        } else {
+          const int64_t p = u - first_unit[i];
+          attend_part(cache, layer, item.kv, slot_queries(item), slot_group, d,
+                      chosen[i]->positions, p,
+                      chosen[i]->scored ? item_scratch[i].scores.data() : nullptr, spec.scale,
+                      part_scores, part_sums(pieces.data() + first_piece[i], parts, p));
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < items; ++i) {
+        const int64_t parts = first_unit[i + 1] - first_unit[i];
+        if (parts > 1) merge(item_of(i), pieces.data() + first_piece[i], parts);
+      }
+    }
+    return;
+  }
 
 #pragma omp parallel
   {
     SupportScratch scratch;
-    std::vector<float> logits;  // the observer's copy of the scaled scores
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t kv = 0; kv < kv_heads; ++kv) {
-        const int64_t position = first_position + t;
-        for (int64_t part = 0; part < group / slot_group; ++part) {
-          const int64_t first_head = kv * group + part * slot_group;
-          const std::span<const float> slot_queries =
-              queries.subspan(t * row + first_head * d, slot_group * d);
-          SparseQueryStats st;
-          scratch.deltas.assign(static_cast<size_t>(slot_group), NAN);
-          const ChosenSupport chosen = support.choose(
-              {cache, layer, kv, per_head ? first_head : kv, position, slot_queries, slot_group,
-               spec.sliding_window, spec.scale, tokens == 1, t == tokens - 1},
-              scratch, st);
-          const PositionSet& positions = chosen.positions;
-          const int64_t n = positions.size();
-          st.support = n;
-          if (!chosen.scored) {
-            scratch.scores.resize(static_cast<size_t>(slot_group * n));
-            cache.score(layer, kv, slot_queries, positions, scratch.scores);
-          }
-          for (int64_t g = 0; g < slot_group; ++g) {
-            std::span<float> s(scratch.scores.data() + g * n, static_cast<size_t>(n));
-            for (float& v : s) v = static_cast<float>(v * spec.scale);
-            if (observer == nullptr) {
-              softmax_in_place(s);
-            } else {
-              logits.assign(s.begin(), s.end());
-              softmax_in_place(s);
-              observer->observe({layer, first_head + g, kv, position,
-                                 slot_queries.subspan(g * d, d), positions, logits, s});
-            }
-          }
-          cache.accumulate(layer, kv, scratch.scores, positions,
-                           out.subspan(t * row + first_head * d, slot_group * d));
-          if (!stats.empty()) {
-            for (int64_t g = 0; g < slot_group; ++g) {
-              SparseQueryStats& s = stats[t * spec.heads + first_head + g];
-              s = st;
-              s.delta = scratch.deltas[g];
-            }
-          }
-        }
+    std::vector<float> logits, part_scores, item_pieces;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < items; ++i) {
+      const Item item = item_of(i);
+      const ChosenSupport chosen = choose(item, scratch);
+      const int64_t n = chosen.positions.size();
+      if (!split(n)) {
+        attend_whole(item, chosen, scratch, logits);
+        continue;
       }
+      const int64_t parts = part_count(n);
+      item_pieces.resize(static_cast<size_t>(parts * piece_floats));
+      for (int64_t p = 0; p < parts; ++p)
+        attend_part(cache, layer, item.kv, slot_queries(item), slot_group, d, chosen.positions, p,
+                    chosen.scored ? scratch.scores.data() : nullptr, spec.scale, part_scores,
+                    part_sums(item_pieces.data(), parts, p));
+      merge(item, item_pieces.data(), parts);
     }
   }
 }

@@ -30,6 +30,12 @@ class PositionSet {
   int64_t begin() const { return begin_; }
   int64_t end() const { return end_; }
   std::span<const int32_t> indices() const { return indices_; }
+  // Entries [first, first + count) as a set of their own.
+  PositionSet slice(int64_t first, int64_t count) const {
+    return is_range()
+               ? range(begin_ + first, begin_ + first + count)
+               : list(indices_.subspan(static_cast<size_t>(first), static_cast<size_t>(count)));
+  }
 
  private:
   PositionSet(int64_t begin, int64_t end, std::span<const int32_t> indices)
