@@ -106,12 +106,10 @@ void merge_parts(int64_t parts, int64_t group, int64_t d, const float* maxes, co
   }
 }
 
-// What a decode call keeps between its phases: every slot's scratch and chosen support, where
-// each slot's parts start among the work units and the pieces.
+// What a decode call keeps between its phases: every slot's scratch, chosen support and pieces.
 struct DecodeScratch {
   std::vector<SupportScratch> item_scratch;
   std::vector<std::optional<ChosenSupport>> chosen;
-  std::vector<int64_t> first_piece, first_unit;
   std::vector<float> pieces;
 };
 
@@ -212,54 +210,48 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
   const int64_t visible = visible_positions(first_position, spec.sliding_window).size();
   if (tokens == 1 && observer == nullptr && visible > kPartPositions) {
     // Decode: choose every slot's support, then share all parts of all slots among the threads,
-    // then merge. Scratch and pieces are kept between calls (nothing allocated once grown).
-    // (Kept by the calling thread; the workers reach them through these references, since a
-    // thread_local named inside the parallel region would be each worker's own.)
+    // then merge (three loops, so three barriers: every slot gets room for the most parts any
+    // visible set can need, so no serial step sizes the pieces between them). Scratch and
+    // pieces are kept between calls (nothing allocated once grown), by the calling thread; the
+    // workers reach them through these references, since a thread_local named inside the
+    // parallel region would be each worker's own.
     thread_local DecodeScratch kept;
     std::vector<SupportScratch>& item_scratch = kept.item_scratch;
     std::vector<std::optional<ChosenSupport>>& chosen = kept.chosen;
-    std::vector<int64_t>&first_piece = kept.first_piece, &first_unit = kept.first_unit;
     std::vector<float>& pieces = kept.pieces;
+    const int64_t max_parts = part_count(visible), slot_floats = max_parts * piece_floats;
     if (static_cast<int64_t>(item_scratch.size()) < items) item_scratch.resize(items);
     chosen.assign(static_cast<size_t>(items), std::nullopt);
-    first_piece.assign(static_cast<size_t>(items + 1), 0);
-    first_unit.assign(static_cast<size_t>(items + 1), 0);
+    if (static_cast<int64_t>(pieces.size()) < items * slot_floats)
+      pieces.resize(static_cast<size_t>(items * slot_floats));
+    auto parts_of = [&](int64_t i) {
+      const int64_t n = chosen[i]->positions.size();
+      return split(n) ? part_count(n) : 1;
+    };
 #pragma omp parallel
     {
       std::vector<float> logits;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < items; ++i) chosen[i] = choose(item_of(i), item_scratch[i]);
-#pragma omp single
-      {
-        for (int64_t i = 0; i < items; ++i) {
-          const int64_t n = chosen[i]->positions.size(), parts = split(n) ? part_count(n) : 1;
-          first_unit[i + 1] = first_unit[i] + parts;
-          first_piece[i + 1] = first_piece[i] + (parts > 1 ? parts * piece_floats : 0);
-        }
-        if (static_cast<int64_t>(pieces.size()) < first_piece[items])
-          pieces.resize(static_cast<size_t>(first_piece[items]));
-      }
       thread_local std::vector<float> part_scores;
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < first_unit[items]; ++u) {
-        const int64_t i =
-            std::upper_bound(first_unit.begin(), first_unit.end(), u) - first_unit.begin() - 1;
+      for (int64_t i = 0; i < items; ++i) chosen[i] = choose(item_of(i), item_scratch[i]);
+        // Unit u is part u % max_parts of slot u / max_parts; slots with fewer parts skip the rest.
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t u = 0; u < items * max_parts; ++u) {
+        const int64_t i = u / max_parts, p = u % max_parts, parts = parts_of(i);
+        if (p >= parts) continue;
         const Item item = item_of(i);
-        const int64_t parts = first_unit[i + 1] - first_unit[i];
-        if (parts == 1) {
+        if (parts == 1)
           attend_whole(item, *chosen[i], item_scratch[i], logits);
-        } else {
-          const int64_t p = u - first_unit[i];
+        else
           attend_part(cache, layer, item.kv, slot_queries(item), slot_group, d,
                       chosen[i]->positions, p,
                       chosen[i]->scored ? item_scratch[i].scores.data() : nullptr, spec.scale,
-                      part_scores, part_sums(pieces.data() + first_piece[i], parts, p));
-        }
+                      part_scores, part_sums(pieces.data() + i * slot_floats, parts, p));
       }
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < items; ++i) {
-        const int64_t parts = first_unit[i + 1] - first_unit[i];
-        if (parts > 1) merge(item_of(i), pieces.data() + first_piece[i], parts);
+        const int64_t parts = parts_of(i);
+        if (parts > 1) merge(item_of(i), pieces.data() + i * slot_floats, parts);
       }
     }
     return;
