@@ -34,7 +34,7 @@ struct EvalKvFlags {
   RunOutputFlags output;
   int64_t tokens = 0, window = 1024;
   std::vector<int64_t> ranks = {4, 8, 16};
-  std::vector<std::string> rows;
+  std::vector<std::string> rows, keys;
   int side_bits = 4;
   BasisFlags basis;
 };
@@ -71,11 +71,18 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   KvGridSpec spec;
   spec.ranks = f.ranks;
   spec.side_bits = f.side_bits;
-  const std::vector<KvGridRow> rows = select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), f.rows);
+  // Extra key codecs are parsed before any model time; with --keys and no --rows only the dense
+  // row of the grid runs beside them.
+  std::vector<KeyCodecSpec> keys;
+  for (const std::string& text : f.keys) keys.push_back(parse_key_codec_spec(text));
+  const std::vector<std::string> names =
+      f.rows.empty() && !keys.empty() ? std::vector<std::string>{"dense"} : f.rows;
+  const std::vector<KvGridRow> rows =
+      with_key_codec_rows(select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), names), keys);
   check_context(model.config(), f.window, str_cat("--window ", f.window));
 
   // Calibrated at rank 16 (or the largest rank the rows need) when no file is given.
-  const int64_t needed_rank = kv_grid_basis_rank(rows);
+  const int64_t needed_rank = kv_grid_basis_rank(rows, run.head_dim);
   run.basis = load_or_calibrate_basis(
       model, f.basis,
       {.needed = needed_rank > 0,
@@ -207,6 +214,11 @@ void add_eval_kv_command(CLI::App& eval) {
   cmd->add_option("--side-bits", flags->side_bits, "bits per HeadQ side-code number (default 4)");
   cmd->add_option("--rows", flags->rows,
                   "comma-separated row names (default: all; dense and base rows are added)")
+      ->delimiter(',');
+  cmd->add_option("--keys", flags->keys,
+                  "comma-separated extra key codec specs, each a row with f32 values named by its "
+                  "spec (e.g. qbasis:b3:g32:chan:r128,int2:g32:tok:had); with no --rows only the "
+                  "dense row of the grid runs beside them")
       ->delimiter(',');
   cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
   cmd->add_option("--mode", flags->mode,
