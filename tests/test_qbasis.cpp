@@ -34,9 +34,9 @@ bool contains(const std::string& text, const std::string& part) {
 }
 
 TEST(QBasisSpec, ParsesAndPrintsCanonically) {
-  for (const char* text : {"qbasis:b3:g32:tok", "qbasis:b2.5:g32:chan:r128",
-                           "qbasis:b3:g32:chan:r128:random", "qbasis:b4:g64:tok:keypca",
-                           "qbasis:b2.125:g8:tok:r16"}) {
+  for (const char* text :
+       {"qbasis:b3:g32:tok", "qbasis:b2.5:g32:chan:r128", "qbasis:b3:g32:chan:r128:random",
+        "qbasis:b4:g64:tok:keypca", "qbasis:b2.125:g8:tok:r16"}) {
     const CodecSpec spec = parse_codec_spec(text);
     EXPECT_TRUE(spec.is_qbasis()) << text;
     EXPECT_EQ(spec.text(), text);
@@ -122,9 +122,7 @@ TEST(QBasisAllocation, CostCountsEveryScaleAndZero) {
   // chan, G = 32 tokens: codes of 32 tokens plus one pair per stored direction.
   EXPECT_EQ(qbasis_group_cost(std::vector<int>{4, 4, 4, 2, 0}, CodecSpec::Axis::Channels, 32),
             32 * 14 + 32 * 4);
-  EXPECT_NE(error_of([] {
-              qbasis_group_cost(std::vector<int>{9}, CodecSpec::Axis::Tokens, 4);
-            }),
+  EXPECT_NE(error_of([] { qbasis_group_cost(std::vector<int>{9}, CodecSpec::Axis::Tokens, 4); }),
             "");
 }
 
@@ -160,7 +158,8 @@ TEST(QBasisAllocation, ReverseWaterFilling) {
   w.push_back(0.0);
   w.push_back(0.0);
   const int64_t group = 32;
-  const std::vector<int> bits = qbasis_allocate(w, 32 * 30 + 32 * 8, CodecSpec::Axis::Channels, group);
+  const std::vector<int> bits =
+      qbasis_allocate(w, 32 * 30 + 32 * 8, CodecSpec::Axis::Channels, group);
   for (size_t i = 0; i + 1 < w.size(); ++i) EXPECT_GE(bits[i], bits[i + 1]) << i;
   EXPECT_EQ(bits[12], 0);
   EXPECT_EQ(bits[13], 0);
@@ -169,8 +168,8 @@ TEST(QBasisAllocation, ReverseWaterFilling) {
   for (size_t i = 0; i + 1 < w.size(); ++i)
     if (bits[i + 1] >= 2) EXPECT_LE(bits[i] - bits[i + 1], 1) << i;
   // Equal weights, budget for exactly 3 bits each plus scales: all at 3.
-  const std::vector<int> flat =
-      qbasis_allocate(std::vector<double>(8, 1.0), 32 * 8 * 3 + 32 * 8, CodecSpec::Axis::Channels, 32);
+  const std::vector<int> flat = qbasis_allocate(std::vector<double>(8, 1.0), 32 * 8 * 3 + 32 * 8,
+                                                CodecSpec::Axis::Channels, 32);
   for (int b : flat) EXPECT_EQ(b, 3);
   // No weight: nothing stored.
   for (int b : qbasis_allocate(std::vector<double>(5, 0.0), 1000, CodecSpec::Axis::Tokens, 4))
@@ -346,8 +345,8 @@ TEST(QBasisStore, StoredBytesAreTheBudget) {
   const int64_t d = 16;
   const SyntheticHead s = synthetic_head(d);
   const std::vector<float> keys = random_keys(300, d, 9);
-  for (const char* text :
-       {"qbasis:b3:g4:tok", "qbasis:b2.5:g8:chan", "qbasis:b2:g32:chan:r16", "qbasis:b3:g8:tok:r5"}) {
+  for (const char* text : {"qbasis:b3:g4:tok", "qbasis:b2.5:g8:chan", "qbasis:b2:g32:chan:r16",
+                           "qbasis:b3:g8:tok:r5"}) {
     const CodecSpec spec = parse_codec_spec(text);
     const auto store = make_qbasis_key_store(spec, s.head);
     for (int64_t t = 0; t < 300; ++t) {
@@ -412,8 +411,8 @@ TEST(QBasisCache, BuiltFromABasisAndRefusedOtherwise) {
   EXPECT_LT(beyond, 8);
   EXPECT_TRUE(contains(error_of([&] { make_cache(shape, "qbasis:b3:g8:tok", "f32"); }),
                        "needs a calibrated basis"));
-  EXPECT_TRUE(contains(error_of([&] { make_cache(shape, "f32", "qbasis:b3:g8:tok"); }),
-                       "keys only"));
+  EXPECT_TRUE(
+      contains(error_of([&] { make_cache(shape, "f32", "qbasis:b3:g8:tok"); }), "keys only"));
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// HeadQ basis files: the calibrated bases of one model (calibration/headq_basis.h: HeadqBasis), written by
-// `visikv calibrate` and read by `visikv ppl --basis` and the evaluations.
+// HeadQ basis files: the calibrated bases of one model (calibration/headq_basis.h: HeadqBasis),
+// written by `visikv calibrate` and read by `visikv ppl --basis` and the evaluations.
 //
 // Layout (all integers and floats little-endian):
 //

@@ -208,8 +208,7 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
               std::span(basis.key_eigenvalues).subspan(i * d, d),
               std::span(basis.key_vectors).subspan(i * options.rank * d, options.rank * d));
     const std::span<const double> sum = cache.head_key_sum(l, h);
-    for (int64_t c = 0; c < d; ++c)
-      basis.key_means[i * d + c] = sum[c] / static_cast<double>(done);
+    for (int64_t c = 0; c < d; ++c) basis.key_means[i * d + c] = sum[c] / static_cast<double>(done);
   }
   return basis;
 }

@@ -29,7 +29,8 @@ int64_t cost_of_counts(const WidthCounts& counts, CodecSpec::Axis axis, int64_t 
     code_bits += b * counts[b];
     stored += counts[b];
   }
-  if (axis == CodecSpec::Axis::Tokens) return code_bits + kPairBits * ((stored + group - 1) / group);
+  if (axis == CodecSpec::Axis::Tokens)
+    return code_bits + kPairBits * ((stored + group - 1) / group);
   return group * code_bits + kPairBits * stored;
 }
 
@@ -282,14 +283,16 @@ class QBasisStoreImpl final : public QBasisKeyStore {
         pair_.push_back(a);
       }
     }
-    pairs_ = axis_ == CodecSpec::Axis::Tokens ? static_cast<int64_t>(segment_start_.size()) : a_count;
+    pairs_ =
+        axis_ == CodecSpec::Axis::Tokens ? static_cast<int64_t>(segment_start_.size()) : a_count;
     segment_start_.push_back(a_count);
     layout_.parameter_pairs = pairs_;
     region_bits_ = layout_.budget_bits - kPairBits * pairs_;
     require(region_bits_ >= token_group_ * code_bits_, "query-basis store: allocation over budget");
     rows_.assign(head_.rows.begin(), head_.rows.end());
     mean_.assign(head_.key_mean.begin(), head_.key_mean.end());
-    for (int64_t a = 0; a < a_count; ++a) active_std_.push_back(static_cast<float>(head_.key_std[active_[a]]));
+    for (int64_t a = 0; a < a_count; ++a)
+      active_std_.push_back(static_cast<float>(head_.key_std[active_[a]]));
     values_.resize(static_cast<size_t>(token_group_ * std::max<int64_t>(a_count, 1)));
     codes_tmp_.resize(values_.size());
     column_.resize(static_cast<size_t>(token_group_));
@@ -334,7 +337,8 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     float* rotated = decoded + a_count;
     for (int64_t q = 0; q < count; ++q) {
       const float* query = queries.data() + q * dim_;
-      for (int64_t i = 0; i < dim_; ++i) rotated[i] = vec::dot(rows_.data() + i * dim_, query, dim_);
+      for (int64_t i = 0; i < dim_; ++i)
+        rotated[i] = vec::dot(rows_.data() + i * dim_, query, dim_);
       constant[q] = vec::dot(rotated, mean_.data(), dim_);
       for (int64_t a = 0; a < a_count; ++a)
         weighted[q * a_count + a] = rotated[active_[a]] * active_std_[a];
@@ -418,9 +422,9 @@ class QBasisStoreImpl final : public QBasisKeyStore {
       }
     } else {
       for (int64_t a = 0; a < static_cast<int64_t>(active_.size()); ++a)
-        out[a] = int_rows::dequantize(read_code(stream, base + offset_[a], width_[a]),
-                                      fp16_to_float(params[2 * a]),
-                                      fp16_to_float(params[2 * a + 1]));
+        out[a] =
+            int_rows::dequantize(read_code(stream, base + offset_[a], width_[a]),
+                                 fp16_to_float(params[2 * a]), fp16_to_float(params[2 * a + 1]));
     }
   }
 
@@ -490,7 +494,7 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   int64_t region_bits_ = 0;             // code bits per token group, padding included
   std::vector<float> rows_, mean_, active_std_;  // U ({d, d}), m, σ of the stored directions
   int64_t quantized_ = 0;
-  std::vector<uint8_t> stream_;   // codes: token group g at bit g · region_bits_
+  std::vector<uint8_t> stream_;  // codes: token group g at bit g · region_bits_
   // Per token group, pairs_ fp16 pairs: `tok` (zero, top) of a run's range, `chan` (scale, zero).
   std::vector<uint16_t> params_;
   std::vector<uint16_t> window_;  // {size() - quantized_, dim_} fp16, oldest first

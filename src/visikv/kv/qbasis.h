@@ -20,10 +20,10 @@
 // Stored per key: x_i = (c_i - m_i) / σ_i (calibration mean and standard deviation of the
 // direction, per-head constants that cost no stored bits) for the directions with b_i > 0, as
 // b_i-bit codes with fp16 ranges: per token (`tok`: runs of up to G stored directions share one
-// fp16 range [zero, top], each direction coding it on its own 2^b_i-level grid) or per channel (`chan`: G consecutive tokens of one direction
-// share one pair, KIVI-style, with the newest R tokens in fp16). Scores are
-// q·k̂ = (U q)·m + Σ_i (u_i·q) σ_i x̂_i: one d×d rotation per query per call, then one
-// multiply-add per stored direction per key.
+// fp16 range [zero, top], each direction coding it on its own 2^b_i-level grid) or per channel
+// (`chan`: G consecutive tokens of one direction share one pair, KIVI-style, with the newest R
+// tokens in fp16). Scores are q·k̂ = (U q)·m + Σ_i (u_i·q) σ_i x̂_i: one d×d rotation per query per
+// call, then one multiply-add per stored direction per key.
 #pragma once
 
 #include <cstdint>
