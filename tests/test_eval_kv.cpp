@@ -140,6 +140,28 @@ TEST(KvGrid, SelectionAddsWhatTheFiguresNeedAndBadInputIsAnError) {
             std::string::npos);
 }
 
+// `eval kv --keys`: extra rows named by their specs; a query-basis row needs a full-rank basis.
+TEST(KvGrid, KeyCodecRowsAndTheBasisTheyNeed) {
+  const std::vector<KvGridRow> dense =
+      select_kv_grid_rows(kv_grid_rows(64, KvGridSpec{}), {"dense"});
+  const std::vector<KvGridRow> rows =
+      with_key_codec_rows(dense, {parse_key_codec_spec("qbasis:b3:g32:chan:r128:random"),
+                                  parse_key_codec_spec("int2:g32:tok:had")});
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[1].name, "qbasis:b3:g32:chan:r128:random");
+  EXPECT_EQ(rows[2].name, "int2:g32:tok:had");
+  EXPECT_TRUE(rows[2].value_codec.codec.is_dense());
+  EXPECT_EQ(kv_grid_run_count(rows), 3);
+  // Even the random-basis control reads λ and σ from the calibration, at full rank.
+  EXPECT_EQ(kv_grid_basis_rank(rows, 64), 64);
+  EXPECT_EQ(kv_grid_basis_rank(dense, 64), 0);
+  EXPECT_NE(error_of([&] { kv_grid_basis_rank(rows); }).find("head dimension"), std::string::npos);
+  EXPECT_NE(error_of([&] {
+              with_key_codec_rows(rows, {parse_key_codec_spec("int2:g32:tok:had")});
+            }).find("'int2:g32:tok:had' given twice"),
+            std::string::npos);
+}
+
 // The whole grid on the fixture (head_dim 16: per-token groups of 16 channels).
 TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   const Model llama = Model::load(kModels + "/llama");

@@ -495,6 +495,9 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   EXPECT_EQ(loaded.query_vectors, basis.query_vectors);
   EXPECT_EQ(loaded.key_eigenvalues, basis.key_eigenvalues);
   EXPECT_EQ(loaded.key_vectors, basis.key_vectors);
+  // Key means (format version 2): one per channel of every head, kept to the bit.
+  EXPECT_EQ(basis.key_means.size(), static_cast<size_t>(basis.heads() * d));
+  EXPECT_EQ(loaded.key_means, basis.key_means);
 
   // Another model: named by its fingerprint.
   const Model mistral = Model::load(kModels + "/mistral");

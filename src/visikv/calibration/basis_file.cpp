@@ -48,13 +48,16 @@ struct ArrayRef {
   bool vectors;  // {heads, rank, head_dim}, else {heads, head_dim}
 };
 
+// Version 2 adds the key means after the version-1 arrays.
 template <typename Basis>
-std::vector<ArrayRef<Basis>> arrays_of(Basis& b) {
+std::vector<ArrayRef<Basis>> arrays_of(Basis& b, uint32_t version) {
   const int64_t values = b.heads() * b.head_dim, vectors = b.heads() * b.rank * b.head_dim;
-  return {{"query_eigenvalues", &b.query_eigenvalues, values, false},
-          {"query_vectors", &b.query_vectors, vectors, true},
-          {"key_eigenvalues", &b.key_eigenvalues, values, false},
-          {"key_vectors", &b.key_vectors, vectors, true}};
+  std::vector<ArrayRef<Basis>> out = {{"query_eigenvalues", &b.query_eigenvalues, values, false},
+                                      {"query_vectors", &b.query_vectors, vectors, true},
+                                      {"key_eigenvalues", &b.key_eigenvalues, values, false},
+                                      {"key_vectors", &b.key_vectors, vectors, true}};
+  if (version >= 2) out.push_back({"key_means", &b.key_means, values, false});
+  return out;
 }
 
 }  // namespace
@@ -86,14 +89,16 @@ std::string model_fingerprint(const Model& model) {
 
 void save_headq_basis(const HeadqBasis& b, const std::filesystem::path& path) {
   b.check_sizes();
+  // A basis without key means is written as version 1, which older builds read.
+  const uint32_t version = b.key_means.empty() ? 1 : kBasisFormatVersion;
   nlohmann::json arrays = nlohmann::json::array();
-  for (const auto& a : arrays_of(b)) {
+  for (const auto& a : arrays_of(b, version)) {
     arrays.push_back({{"name", a.name},
                       {"shape", a.vectors ? std::vector<int64_t>{b.heads(), b.rank, b.head_dim}
                                           : std::vector<int64_t>{b.heads(), b.head_dim}}});
   }
   const nlohmann::json header = {{"format", "visikv-headq-basis"},
-                                 {"version", kBasisFormatVersion},
+                                 {"version", version},
                                  {"fingerprint", b.fingerprint},
                                  {"model", b.model},
                                  {"text", b.text},
@@ -108,13 +113,12 @@ void save_headq_basis(const HeadqBasis& b, const std::filesystem::path& path) {
   const std::string text = header.dump();
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   require(out.good(), "cannot write HeadQ basis file ", path.string());
-  const uint32_t version = kBasisFormatVersion;
   const uint64_t length = text.size();
   out.write(kMagic, sizeof kMagic);
   out.write(reinterpret_cast<const char*>(&version), sizeof version);
   out.write(reinterpret_cast<const char*>(&length), sizeof length);
   out.write(text.data(), static_cast<std::streamsize>(text.size()));
-  for (const auto& a : arrays_of(b))
+  for (const auto& a : arrays_of(b, version))
     out.write(reinterpret_cast<const char*>(a.data->data()),
               static_cast<std::streamsize>(a.data->size() * sizeof(double)));
   out.close();
@@ -132,8 +136,8 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
   uint64_t length;
   std::memcpy(&version, bytes.data() + 8, sizeof version);
   std::memcpy(&length, bytes.data() + 12, sizeof length);
-  require(version == kBasisFormatVersion, where, ": format version ", version,
-          ", this build reads version ", kBasisFormatVersion);
+  require(version >= 1 && version <= kBasisFormatVersion, where, ": format version ", version,
+          ", this build reads versions 1 to ", kBasisFormatVersion);
   require(length <= static_cast<uint64_t>(kMaxHeaderBytes) && length <= bytes.size() - kPreamble,
           where, ": header length ", length, " runs past the end of the file");
   const nlohmann::json header =
@@ -163,7 +167,7 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
           where, ": bad shape (", b.layers, " layers, ", b.kv_heads, " kv heads, head_dim ",
           b.head_dim, ", rank ", b.rank, ")");
   size_t offset = kPreamble + static_cast<size_t>(length);
-  for (const auto& a : arrays_of(b)) {
+  for (const auto& a : arrays_of(b, version)) {
     const size_t size = static_cast<size_t>(a.count) * sizeof(double);
     require(size <= bytes.size() - offset, where, ": array ", a.name, " (", a.count,
             " numbers) runs past the end of the file");

@@ -1,5 +1,5 @@
-// HeadQ basis files: the calibrated bases of one model (calibration/headq_basis.h: HeadqBasis), written by
-// `visikv calibrate` and read by `visikv ppl --basis` and the evaluations.
+// HeadQ basis files: the calibrated bases of one model (calibration/headq_basis.h: HeadqBasis),
+// written by `visikv calibrate` and read by `visikv ppl --basis` and the evaluations.
 //
 // Layout (all integers and floats little-endian):
 //
@@ -15,6 +15,7 @@
 //                                          eigenvector of eigenvalue j)
 //                        key_eigenvalues   {layers·kv_heads, head_dim}
 //                        key_vectors       {layers·kv_heads, rank, head_dim}
+//                        key_means         {layers·kv_heads, head_dim}  (version 2 only)
 //
 // The file ends exactly after the arrays. Head index = layer·kv_heads + kv_head.
 #pragma once
@@ -29,7 +30,8 @@ namespace visikv {
 
 class Model;
 
-inline constexpr uint32_t kBasisFormatVersion = 1;
+// Version 2 adds the key means (a basis without them is still written as version 1).
+inline constexpr uint32_t kBasisFormatVersion = 2;
 
 // Identifies a model's weights: "<hash of the config>-<hash of some weight bytes>", two 64-bit
 // FNV-1a hashes in hex. The config part covers the shape, positions, norms and attention

@@ -70,7 +70,8 @@ class KeyMomentCache final : public ForwardingCache {
   KeyMomentCache(const CacheShape& shape, int64_t reserve)
       : ForwardingCache(make_dense_cache(shape, DenseFormat::F32, reserve)),
         sigma_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim * shape.head_dim),
-               0.0) {}
+               0.0),
+        key_sums_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim), 0.0) {}
 
   void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
               int64_t tokens) override {
@@ -82,7 +83,16 @@ class KeyMomentCache final : public ForwardingCache {
       for (int64_t t = 0; t < tokens; ++t)
         std::copy_n(keys.begin() + (t * s.kv_heads + h) * d, d, rows.begin() + t * d);
       add_outer_products(rows, d, head_sigma(layer, h), scratch_);
+      double* sum = key_sums_.data() + (layer * s.kv_heads + h) * d;
+      for (int64_t t = 0; t < tokens; ++t)
+        for (int64_t c = 0; c < d; ++c) sum[c] += rows[t * d + c];
     }
+  }
+
+  // Σ_t k_t of one head ({d}).
+  std::span<const double> head_key_sum(int64_t layer, int64_t kv_head) const {
+    const int64_t d = shape().head_dim;
+    return std::span(key_sums_).subspan((layer * shape().kv_heads + kv_head) * d, d);
   }
 
   std::span<double> head_sigma(int64_t layer, int64_t kv_head) {
@@ -91,7 +101,8 @@ class KeyMomentCache final : public ForwardingCache {
   }
 
  private:
-  std::vector<double> sigma_;  // {layers, kv_heads, d, d}, upper triangles
+  std::vector<double> sigma_;     // {layers, kv_heads, d, d}, upper triangles
+  std::vector<double> key_sums_;  // {layers, kv_heads, d}: for the key means
   std::vector<double> scratch_;
 };
 
@@ -186,6 +197,7 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
   basis.key_eigenvalues.resize(static_cast<size_t>(heads * d));
   basis.query_vectors.resize(static_cast<size_t>(heads * options.rank * d));
   basis.key_vectors.resize(static_cast<size_t>(heads * options.rank * d));
+  basis.key_means.resize(static_cast<size_t>(heads * d));
   for (int64_t i = 0; i < heads; ++i) {
     const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
     decompose(std::span(query_sigma).subspan(i * d * d, d * d), d,
@@ -195,6 +207,8 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
     decompose(cache.head_sigma(l, h), d, static_cast<double>(done), options.rank,
               std::span(basis.key_eigenvalues).subspan(i * d, d),
               std::span(basis.key_vectors).subspan(i * options.rank * d, options.rank * d));
+    const std::span<const double> sum = cache.head_key_sum(l, h);
+    for (int64_t c = 0; c < d; ++c) basis.key_means[i * d + c] = sum[c] / static_cast<double>(done);
   }
   return basis;
 }

@@ -22,10 +22,7 @@ struct HeadqBasis : HeadqBasisVectors {
   std::string text;         // calibration text
   int64_t tokens = 0;       // positions run through the model (queries per query head)
   int64_t window = 0;       // positions per prefill window
-  // Per head ({heads, head_dim}, index layer * kv_heads + kv_head): all head_dim eigenvalues in
-  // descending order of E[q qᵀ] over the head's query group and of E[k kᵀ] over its keys; the
-  // vectors of the `rank` largest are the basis vectors.
-  std::vector<double> query_eigenvalues, key_eigenvalues;
+  // (The eigenvalues and key means are in HeadqBasisVectors: a query-basis codec reads them.)
 
   // Throws visikv::Error unless the arrays have the sizes the shape says.
   void check_sizes() const {
@@ -34,6 +31,8 @@ struct HeadqBasis : HeadqBasisVectors {
     require(query_eigenvalues.size() == values && key_eigenvalues.size() == values,
             "HeadQ basis: eigenvalues do not match ", layers, " layers x ", kv_heads,
             " kv heads, head_dim ", head_dim);
+    require(key_means.empty() || key_means.size() == values, "HeadQ basis: key means do not match ",
+            layers, " layers x ", kv_heads, " kv heads, head_dim ", head_dim);
   }
 };
 

@@ -19,6 +19,7 @@
 #include "visikv/eval/context_limit.h"
 #include "visikv/eval/kv_grid.h"
 #include "visikv/eval/report.h"
+#include "visikv/eval/scatter_plot.h"
 #include "visikv/eval/text_input.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
@@ -30,11 +31,11 @@ namespace {
 using nlohmann::json;
 
 struct EvalKvFlags {
-  std::string model, text, mode = "decode-batched";
+  std::string model, text, mode = "decode-batched", plot;
   RunOutputFlags output;
   int64_t tokens = 0, window = 1024;
   std::vector<int64_t> ranks = {4, 8, 16};
-  std::vector<std::string> rows;
+  std::vector<std::string> rows, keys;
   int side_bits = 4;
   BasisFlags basis;
 };
@@ -71,11 +72,18 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   KvGridSpec spec;
   spec.ranks = f.ranks;
   spec.side_bits = f.side_bits;
-  const std::vector<KvGridRow> rows = select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), f.rows);
+  // Extra key codecs are parsed before any model time; with --keys and no --rows only the dense
+  // row of the grid runs beside them.
+  std::vector<KeyCodecSpec> keys;
+  for (const std::string& text : f.keys) keys.push_back(parse_key_codec_spec(text));
+  const std::vector<std::string> names =
+      f.rows.empty() && !keys.empty() ? std::vector<std::string>{"dense"} : f.rows;
+  const std::vector<KvGridRow> rows =
+      with_key_codec_rows(select_kv_grid_rows(kv_grid_rows(run.head_dim, spec), names), keys);
   check_context(model.config(), f.window, str_cat("--window ", f.window));
 
   // Calibrated at rank 16 (or the largest rank the rows need) when no file is given.
-  const int64_t needed_rank = kv_grid_basis_rank(rows);
+  const int64_t needed_rank = kv_grid_basis_rank(rows, run.head_dim);
   run.basis = load_or_calibrate_basis(
       model, f.basis,
       {.needed = needed_rank > 0,
@@ -168,6 +176,55 @@ void print_eval_kv_table(const EvalKvRun& run) {
       "tokens at int4 included; the exact figure for n stored tokens is in docs/CACHE_SPECS.md.\n");
 }
 
+// The family a key codec belongs to on the bits frontier plot.
+std::string key_codec_family(const CodecSpec& spec) {
+  if (spec.is_qbasis()) {
+    std::string out = spec.axis == CodecSpec::Axis::Tokens ? "qbasis tok" : "qbasis chan";
+    if (spec.window > 0) out += " +window";
+    if (spec.qbasis->basis == QBasisSpec::Basis::Random) out += " (random basis)";
+    if (spec.qbasis->basis == QBasisSpec::Basis::KeyPca) out += " (key-PCA basis)";
+    return out;
+  }
+  std::string out = spec.axis == CodecSpec::Axis::Tokens ? "int tok" : "int chan";
+  if (spec.window > 0) out += " +window";
+  if (spec.hadamard) out += " +Hadamard";
+  if (spec.headq) out += " +HeadQ";
+  return out;
+}
+
+// PPL excess and KL of every K-only row (f32 values, dense attention) against bits per key
+// channel, one series per codec family.
+void write_eval_kv_plot(const EvalKvRun& run, const std::string& path) {
+  std::vector<std::string> families;
+  ScatterPanel ppl{"excess perplexity", "bits per key channel", "PPL - PPL(dense)"};
+  ScatterPanel kl{"next-token KL from dense", "bits per key channel", "mean KL (nats)"};
+  for (ScatterPanel* panel : {&ppl, &kl}) panel->linear_x = panel->lines = true;
+  for (const KvGridResult& r : run.results) {
+    const CodecSpec& keys = r.row.key_codec.codec;
+    if (keys.is_dense() || !r.row.value_codec.codec.is_dense() ||
+        r.row.value_codec.codec.dense != DenseFormat::F32 || !r.same_run_as.empty())
+      continue;
+    const std::string family = key_codec_family(keys);
+    auto it = std::find(families.begin(), families.end(), family);
+    if (it == families.end()) {
+      families.push_back(family);
+      ppl.series.push_back({family});
+      kl.series.push_back({family});
+      it = families.end() - 1;
+    }
+    const size_t k = static_cast<size_t>(it - families.begin());
+    ppl.series[k].x.push_back(r.key_bits.bits_per_element);
+    ppl.series[k].y.push_back(r.delta_ppl);
+    kl.series[k].x.push_back(r.key_bits.bits_per_element);
+    kl.series[k].y.push_back(r.ppl.divergence ? r.ppl.divergence->kl_mean : 0.0);
+  }
+  write_loglog_scatter(
+      {ppl, kl},
+      str_cat("K-only decode, ", std::filesystem::path(run.model).filename().string(), ", ",
+              run.dense().ppl.tokens, " tokens"),
+      path);
+}
+
 json eval_kv_json(const EvalKvRun& run) {
   const KvGridResult& dense = run.dense();
   json out = {{"model", run.model},
@@ -208,6 +265,14 @@ void add_eval_kv_command(CLI::App& eval) {
   cmd->add_option("--rows", flags->rows,
                   "comma-separated row names (default: all; dense and base rows are added)")
       ->delimiter(',');
+  cmd->add_option("--keys", flags->keys,
+                  "comma-separated extra key codec specs, each a row with f32 values named by its "
+                  "spec (e.g. qbasis:b3:g32:chan:r128,int2:g32:tok:had); with no --rows only the "
+                  "dense row of the grid runs beside them")
+      ->delimiter(',');
+  cmd->add_option("--plot", flags->plot,
+                  "write a PNG of excess PPL and KL against bits per key channel for the K-only "
+                  "rows, one series per codec family");
   cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
   cmd->add_option("--mode", flags->mode,
                   "decode-batched (default: decode order in the largest chunks the cache keeps "
@@ -216,7 +281,9 @@ void add_eval_kv_command(CLI::App& eval) {
   cmd->callback([flags] {
     apply_global_options();
     // The JSON file is written row by row as the grid runs.
-    print_eval_kv_table(run_eval_kv(*flags));
+    const EvalKvRun run = run_eval_kv(*flags);
+    print_eval_kv_table(run);
+    if (!flags->plot.empty()) write_eval_kv_plot(run, flags->plot);
   });
 }
 

@@ -13,8 +13,8 @@ namespace visikv::cuda {
 namespace {
 
 void check_base(const CodecSpec& spec, int64_t head_dim, const char* side) {
-  require(!spec.is_dense() && spec.axis == CodecSpec::Axis::Tokens && spec.window == 0 &&
-              !spec.hadamard,
+  require(spec.kind == CodecSpec::Kind::Int && spec.axis == CodecSpec::Axis::Tokens &&
+              spec.window == 0 && !spec.hadamard,
           "GPU integer cache: ", side, " codec '", spec.text(),
           "' is not supported (the GPU reads int<b>:g<G>:tok without :r and :had)");
   require(spec.bits == 2 || spec.bits == 4, "GPU integer cache: ", side, " codec '", spec.text(),

@@ -224,14 +224,30 @@ std::vector<KvGridRow> select_kv_grid_rows(const std::vector<KvGridRow>& rows,
   return out;
 }
 
-int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows) {
+int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows, int64_t head_dim) {
   int64_t rank = 0;
   for (const KvGridRow& r : rows) {
     const CodecSpec& spec = r.key_codec.codec;
+    if (spec.is_qbasis()) {
+      require(head_dim > 0, "row ", r.name, ": a query-basis codec needs the head dimension");
+      rank = std::max(rank, head_dim);
+    }
     if (spec.headq && spec.headq->basis != HeadqSpec::Basis::Random)
       rank = std::max(rank, spec.headq->rank);
   }
   return rank;
+}
+
+std::vector<KvGridRow> with_key_codec_rows(std::vector<KvGridRow> rows,
+                                           const std::vector<KeyCodecSpec>& key_codecs) {
+  for (const KeyCodecSpec& codec : key_codecs) {
+    KvGridRow row{codec.text(), KvGridRowKind::Plain, codec};
+    row.note = "--keys";
+    for (const KvGridRow& r : rows)
+      require(r.name != row.name, "--keys: row '", row.name, "' given twice");
+    rows.push_back(std::move(row));
+  }
+  return rows;
 }
 
 namespace {

@@ -107,9 +107,15 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec);
 std::vector<KvGridRow> select_kv_grid_rows(const std::vector<KvGridRow>& rows,
                                            const std::vector<std::string>& names);
 
-// The basis rank the rows need from a calibrated basis (query or key PCA; the random control
-// needs none); 0 when no row needs one.
-int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows);
+// The basis rank the rows need from a calibrated basis (query or key PCA; the random HeadQ
+// control needs none; a query-basis key codec, any of its bases, needs all `head_dim` vectors);
+// 0 when no row needs one.
+int64_t kv_grid_basis_rank(const std::vector<KvGridRow>& rows, int64_t head_dim = 0);
+
+// `rows` followed by one row per key codec of `key_codecs` (`visikv eval kv --keys`): the codec
+// with f32 values, named by its canonical spec. Throws visikv::Error for a name given twice.
+std::vector<KvGridRow> with_key_codec_rows(std::vector<KvGridRow> rows,
+                                           const std::vector<KeyCodecSpec>& key_codecs);
 
 // The plain codec (same axis, same fp16 window as `base`) with the most bits per key not above
 // `budget_bits` (ties: more code bits); std::nullopt when none fits.

@@ -59,9 +59,17 @@ void draw_panel(PngImage& image, const ScatterPanel& panel, int x0, int y0) {
   if (!panel.diagonal.empty()) {  // the same decades on both axes, so y = x is the diagonal
     rx = ry = {std::min(rx.lo, ry.lo), std::max(rx.hi, ry.hi)};
   }
+  // A linear x axis spans whole units: [floor(min), ceil(max)].
+  Range ux{0, 1};
+  if (panel.linear_x && !xs.empty()) {
+    ux = {static_cast<int>(std::floor(*std::min_element(xs.begin(), xs.end()))),
+          static_cast<int>(std::ceil(*std::max_element(xs.begin(), xs.end())))};
+    if (ux.hi <= ux.lo) ux.hi = ux.lo + 1;
+  }
   auto px = [&](double v) {
-    return left + static_cast<int>(
-                      std::lround((std::log10(v) - rx.lo) / (rx.hi - rx.lo) * (right - left)));
+    const double at =
+        panel.linear_x ? (v - ux.lo) / (ux.hi - ux.lo) : (std::log10(v) - rx.lo) / (rx.hi - rx.lo);
+    return left + static_cast<int>(std::lround(at * (right - left)));
   };
   auto py = [&](double v) {
     return bottom - static_cast<int>(
@@ -69,7 +77,14 @@ void draw_panel(PngImage& image, const ScatterPanel& panel, int x0, int y0) {
   };
   // Decade grid and tick labels (every other decade when there are many).
   const int x_step = (rx.hi - rx.lo) > 8 ? 2 : 1, y_step = (ry.hi - ry.lo) > 8 ? 2 : 1;
-  for (int e = rx.lo; e <= rx.hi; ++e) {
+  for (int u = ux.lo; panel.linear_x && u <= ux.hi; ++u) {
+    const int x = px(u);
+    image.line(x, top, x, bottom, kGrid);
+    image.line(x, bottom, x, bottom + 5, kBlack);
+    const std::string label = std::to_string(u);
+    image.text(x - PngImage::text_width(label) / 2, bottom + 9, label, kBlack);
+  }
+  for (int e = rx.lo; !panel.linear_x && e <= rx.hi; ++e) {
     const int x = px(std::pow(10.0, e));
     image.line(x, top, x, bottom, kGrid);
     image.line(x, bottom, x, bottom + 5, kBlack);
@@ -92,6 +107,16 @@ void draw_panel(PngImage& image, const ScatterPanel& panel, int x0, int y0) {
                       px(std::pow(10.0, rx.hi)), py(std::pow(10.0, ry.hi)), kGrey);
   for (size_t k = 0; k < panel.series.size(); ++k) {
     const ScatterSeries& s = panel.series[k];
+    if (panel.lines) {
+      std::vector<std::pair<double, double>> points;
+      for (size_t i = 0; i < s.x.size(); ++i)
+        if (s.x[i] > 0 && s.y[i] > 0 && std::isfinite(s.x[i]) && std::isfinite(s.y[i]))
+          points.emplace_back(s.x[i], s.y[i]);
+      std::sort(points.begin(), points.end());
+      for (size_t i = 1; i < points.size(); ++i)
+        image.line(px(points[i - 1].first), py(points[i - 1].second), px(points[i].first),
+                   py(points[i].second), series_color(k));
+    }
     for (size_t i = 0; i < s.x.size(); ++i)
       if (s.x[i] > 0 && s.y[i] > 0 && std::isfinite(s.x[i]) && std::isfinite(s.y[i]))
         image.marker(px(s.x[i]), py(s.y[i]), 2, series_color(k));

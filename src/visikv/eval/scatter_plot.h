@@ -1,5 +1,6 @@
-// Log-log scatter plots written as PNG (core/png_image.h): one or more panels side by side,
-// each with decade ticks, axis labels and an optional y = x line, and one legend of series.
+// Log-log (or linear-x, log-y) scatter plots written as PNG (core/png_image.h): one or more panels
+// side by side, each with decade ticks, axis labels and an optional y = x line, and one legend of
+// series.
 #pragma once
 
 #include <filesystem>
@@ -19,6 +20,8 @@ struct ScatterPanel {
   std::string title, x_label, y_label;
   std::vector<ScatterSeries> series;  // the same labels, in the same order, in every panel
   std::string diagonal;               // when not empty: the line y = x, with this legend label
+  bool linear_x = false;  // x on a linear axis from floor(min) to ceil(max), a tick per unit
+  bool lines = false;     // join each series' points in order of x
 };
 
 // A distinct colour for series i (a fixed palette, cycled).

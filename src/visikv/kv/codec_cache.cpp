@@ -4,6 +4,7 @@
 
 #include "visikv/core/error.h"
 #include "visikv/kv/headq.h"
+#include "visikv/kv/qbasis.h"
 #include "visikv/kv/store_factory.h"
 
 namespace visikv {
@@ -17,6 +18,8 @@ CodecCache::CodecCache(const CacheShape& shape, const CodecSpec& key_spec,
   require(block_size > 0, "block size must be positive, got ", block_size);
   require(!value_spec.headq, "value codec '", value_spec.text(),
           "': the HeadQ side code is for keys only");
+  require(!value_spec.is_qbasis(), "value codec '", value_spec.text(),
+          "': query-basis quantization is for keys only");
   require(!key_spec.policy, "key codec '", key_spec.text(),
           "': value bit policies are for values only");
   require(!value_spec.policy || !value_spec.hadamard, "value codec '", value_spec.text(),
@@ -38,6 +41,13 @@ CodecCache::KeySide CodecCache::make_key_side(const CodecSpec& spec, int64_t res
   const int64_t d = shape_.head_dim;
   if (spec.hadamard) side.rotation.emplace(d);
   for (int64_t i = 0; i < shape_.layers * shape_.kv_heads; ++i) {
+    if (spec.is_qbasis()) {
+      const int64_t layer = i / shape_.kv_heads, kv_head = i % shape_.kv_heads;
+      side.stores.push_back(make_qbasis_key_store(
+          spec, qbasis_head(spec, headq_basis, shape_.layers, shape_.kv_heads, d, layer, kv_head),
+          reserve_tokens));
+      continue;
+    }
     std::vector<float> rows;
     if (spec.headq) {
       const int64_t layer = i / shape_.kv_heads, kv_head = i % shape_.kv_heads;

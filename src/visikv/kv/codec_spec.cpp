@@ -70,7 +70,79 @@ HeadqSpec parse_headq(std::string_view spec, std::string_view side) {
   return headq;
 }
 
+// "b2.5" -> 2500: bits per channel, a decimal with at most three fraction digits, 0 < B <= 16.
+int64_t budget_milli(std::string_view spec, std::string_view field) {
+  const std::string_view number = after_prefix(field, "b");
+  const size_t dot = number.find('.');
+  const std::string_view whole = number.substr(0, dot);
+  const std::string_view fraction =
+      dot == std::string_view::npos ? std::string_view() : number.substr(dot + 1);
+  const auto digits = [](std::string_view x) {
+    return std::all_of(x.begin(), x.end(), [](char c) { return c >= '0' && c <= '9'; });
+  };
+  require(!whole.empty() && whole.size() <= 2 && digits(whole) &&
+              (dot == std::string_view::npos ||
+               (!fraction.empty() && fraction.size() <= 3 && digits(fraction))),
+          "cache spec '", spec, "': the budget '", field,
+          "' must be 'b' followed by bits per channel with at most three fraction digits, e.g. b3 "
+          "or b2.5");
+  int64_t milli = std::stoi(std::string(whole)) * 1000, unit = 100;
+  for (char c : fraction) {
+    milli += (c - '0') * unit;
+    unit /= 10;
+  }
+  require(milli > 0 && milli <= 16000, "cache spec '", spec, "': the budget '", field,
+          "' must be above 0 and at most 16 bits per channel");
+  return milli;
+}
+
+// qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]
+CodecSpec parse_qbasis(std::string_view text) {
+  static constexpr std::string_view kGrammar =
+      "expected qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]";
+  const std::vector<std::string_view> fields = split_fields(text);
+  require(fields[0] == "qbasis", "unknown cache spec '", text, "' (", kGrammar, ")");
+  require(fields.size() >= 4, "cache spec '", text,
+          "': a query-basis codec needs a budget, a group and an axis (", kGrammar, ")");
+  CodecSpec spec;
+  spec.kind = CodecSpec::Kind::QBasis;
+  QBasisSpec q;
+  q.budget_milli = budget_milli(text, fields[1]);
+  require(fields[2].starts_with("g"), "cache spec '", text,
+          "': expected the group size g<G>, got '", fields[2], "' (", kGrammar, ")");
+  spec.group = positive_number(text, fields[2], "g", "group size");
+  if (fields[3] == "tok") {
+    spec.axis = CodecSpec::Axis::Tokens;
+  } else if (fields[3] == "chan") {
+    spec.axis = CodecSpec::Axis::Channels;
+  } else {
+    fail("cache spec '", text, "': unknown group axis '", fields[3], "' (expected tok or chan)");
+  }
+  size_t next = 4;
+  if (next < fields.size() && fields[next].starts_with("r") && fields[next] != "random") {
+    spec.window = positive_number(text, fields[next], "r", "full-precision window");
+    ++next;
+  }
+  if (next < fields.size() && (fields[next] == "random" || fields[next] == "keypca")) {
+    q.basis = fields[next] == "random" ? QBasisSpec::Basis::Random : QBasisSpec::Basis::KeyPca;
+    ++next;
+  }
+  require(next == fields.size(), "cache spec '", text, "': unexpected '",
+          fields[std::min(next, fields.size() - 1)], "' (", kGrammar, ")");
+  spec.qbasis = q;
+  return spec;
+}
+
 }  // namespace
+
+std::string QBasisSpec::budget_text() const {
+  std::string out = str_cat("b", budget_milli / 1000);
+  const int64_t fraction = budget_milli % 1000;
+  if (fraction == 0) return out;
+  std::string digits = str_cat(fraction + 1000).substr(1);  // three digits, leading zeros kept
+  while (digits.back() == '0') digits.pop_back();
+  return out + "." + digits;
+}
 
 std::string HeadqSpec::text() const {
   std::string out = str_cat("headq:r", rank, ":s", bits);
@@ -85,6 +157,14 @@ std::string CodecSpec::text() const {
     return str_cat(policy->rule_name(), ":int", bits, "/int", policy->high_bits, ":g", group, ":w",
                    policy->window, ":", policy->average_text());
   std::string out;
+  if (kind == Kind::QBasis) {
+    out = str_cat("qbasis:", qbasis->budget_text(), ":g", group,
+                  axis == Axis::Tokens ? ":tok" : ":chan");
+    if (window > 0) out += str_cat(":r", window);
+    if (qbasis->basis == QBasisSpec::Basis::Random) out += ":random";
+    if (qbasis->basis == QBasisSpec::Basis::KeyPca) out += ":keypca";
+    return out;
+  }
   if (kind == Kind::Dense) {
     out = dense == DenseFormat::F32 ? "f32" : dense == DenseFormat::F16 ? "f16" : "bf16";
   } else {
@@ -98,6 +178,11 @@ std::string CodecSpec::text() const {
 
 CodecSpec parse_codec_spec(std::string_view text) {
   if (is_value_policy_spec(text)) return parse_value_policy_spec(text);
+  if (text.starts_with("qbasis")) {
+    require(text.find('+') == std::string_view::npos, "cache spec '", text,
+            "': a query-basis codec takes no '+' side code");
+    return parse_qbasis(text);
+  }
   // "<base>+headq:...": the base codec, then the HeadQ side code.
   if (const size_t plus = text.find('+'); plus != std::string_view::npos) {
     CodecSpec spec = parse_codec_spec(text.substr(0, plus));
@@ -109,7 +194,8 @@ CodecSpec parse_codec_spec(std::string_view text) {
     return spec;
   }
   static constexpr std::string_view kGrammar =
-      "expected f32, f16, bf16 or int<b>:g<G>:tok|chan[:r<R>], each optionally followed by :had";
+      "expected f32, f16, bf16 or int<b>:g<G>:tok|chan[:r<R>], each optionally followed by :had, "
+      "or qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]";
   const std::vector<std::string_view> fields = split_fields(text);
   CodecSpec spec;
   size_t next = 1;
@@ -163,6 +249,9 @@ ValueCodecSpec value_codec_spec(CodecSpec spec) {
   if (spec.headq)
     fail("value codec '", spec.text(), "': the HeadQ side code '+", spec.headq->text(),
          "' is for keys only");
+  if (spec.is_qbasis())
+    fail("value codec '", spec.text(),
+         "': query-basis quantization is for keys only (it spends bits where queries look)");
   return {std::move(spec)};
 }
 
@@ -180,6 +269,13 @@ void check_codec_fits(const CodecSpec& spec, int64_t head_dim) {
     require((head_dim & (head_dim - 1)) == 0, "cache spec '", spec.text(),
             "': the Hadamard rotation needs a power-of-two head_dim, got ", head_dim);
   if (spec.is_dense()) return;
+  if (spec.is_qbasis()) {
+    const int64_t milli_bits = spec.qbasis->budget_milli * head_dim;
+    require(milli_bits % 1000 == 0, "cache spec '", spec.text(), "': the budget ",
+            spec.qbasis->budget_text(), " x head_dim ", head_dim,
+            " is not a whole number of bits per key");
+    return;
+  }
   if (spec.headq)
     require(spec.headq->rank <= head_dim, "cache spec '", spec.text(), "': HeadQ rank ",
             spec.headq->rank, " exceeds head_dim ", head_dim);
@@ -198,6 +294,11 @@ CodecBits codec_bits(const CodecSpec& spec, int64_t head_dim) {
   CodecBits bits;
   if (spec.is_dense()) {
     bits.bits_per_element = spec.dense == DenseFormat::F32 ? 32 : 16;
+  } else if (spec.is_qbasis()) {
+    // Exactly the budget: the store pads what the allocation leaves unused (kv/qbasis.h).
+    bits.bits_per_element = spec.qbasis->budget();
+    bits.window_min_tokens = spec.window;
+    bits.window_max_tokens = spec.window + spec.token_group() - 1;
   } else if (spec.policy) {
     // The budget: A code bits on average (the H-bit window included), plus the scale and zero.
     bits.bits_per_element = static_cast<double>(spec.policy->average_milli) / 1000.0 +
@@ -232,6 +333,9 @@ int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t token
            (tokens - high) * (head_dim * spec.bits + scale_zero);
   }
   const int64_t quantized = quantized_tokens(spec, tokens);
+  if (spec.is_qbasis())
+    return quantized * spec.qbasis->budget_milli * head_dim / 1000 +
+           (tokens - quantized) * head_dim * 16;
   const int64_t groups = quantized * head_dim / spec.group;  // both axes: G elements per group
   const int64_t side = spec.headq ? quantized * spec.headq->bits_per_vector() : 0;
   return quantized * head_dim * spec.bits + groups * static_cast<int64_t>(kScaleZeroBits) +

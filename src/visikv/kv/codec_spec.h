@@ -13,6 +13,9 @@
 //                                          values) in a calibrated query basis
 //   <rule>:int<L>/int<H>:g<G>[:w<W>]:avg<A>
 //                                          values only: a value bit policy (kv/value_policy_spec.h)
+//   qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]
+//                                          keys only: query-basis quantization (kv/qbasis.h) at
+//                                          B bits per channel, scales and zeros included
 //
 // b is 2, 3, 4 or 8. `:r<R>` keeps the most recent R tokens in fp16 (for `chan`, also the current
 // partial group of fewer than G tokens, which always stays fp16 until the group is complete).
@@ -52,17 +55,36 @@ struct HeadqSpec {
   std::string text() const;  // "headq:r8:s4:wrongsign"
 };
 
+// Query-basis key quantization (kv/qbasis.h, docs/KEY_QUANTIZATION.md): each key is rotated into
+// its KV head's calibrated query eigenbasis and each direction gets its own bit width from
+// reverse water-filling on (query energy) x (key variance), zero bits where the queries barely
+// look. The budget is bits per key channel with every scale and zero counted; the store holds
+// exactly budget·d bits per key (what the allocation leaves unused is padding).
+struct QBasisSpec {
+  enum class Basis {
+    Query,   // eigenvectors of E[q qᵀ] (the method)
+    Random,  // seeded random orthonormal basis, bits by the same rule (control)
+    KeyPca,  // eigenvectors of E[k kᵀ], bits by the same rule (control)
+  };
+  int64_t budget_milli = 0;  // bits per key channel x 1000 ("b2.5" -> 2500)
+  Basis basis = Basis::Query;
+
+  double budget() const { return static_cast<double>(budget_milli) / 1000.0; }
+  std::string budget_text() const;  // "b2.5"
+};
+
 struct CodecSpec {
-  enum class Kind { Dense, Int };
+  enum class Kind { Dense, Int, QBasis };
   // Tokens: a group is G channels of one token. Channels: a group is G tokens of one channel.
   enum class Axis { Tokens, Channels };
 
   Kind kind = Kind::Dense;
   DenseFormat dense = DenseFormat::F32;  // Kind::Dense only
-  Axis axis = Axis::Tokens;              // Kind::Int only
+  Axis axis = Axis::Tokens;              // Kind::Int and Kind::QBasis
   int bits = 0;                          // Kind::Int: 2, 3, 4 or 8
-  int64_t group = 0;                     // Kind::Int: G
-  int64_t window = 0;                    // Kind::Int: R, most recent tokens kept in fp16
+  int64_t group = 0;                     // Kind::Int: G; Kind::QBasis: directions (tok) or tokens
+  int64_t window = 0;                    // R, most recent tokens kept in fp16
+  std::optional<QBasisSpec> qbasis;      // Kind::QBasis (keys only)
   bool hadamard = false;
   std::optional<HeadqSpec> headq;  // Kind::Int keys only
   // Kind::Int values only: per-token groups whose tokens are held at `bits` (L) or
@@ -70,6 +92,7 @@ struct CodecSpec {
   std::optional<ValuePolicySpec> policy;
 
   bool is_dense() const { return kind == Kind::Dense; }
+  bool is_qbasis() const { return kind == Kind::QBasis; }
   // Tokens quantized together: 1 for per-token groups, G for per-channel groups.
   int64_t token_group() const { return axis == Axis::Tokens ? 1 : group; }
   // The canonical spelling, e.g. "int2:g32:chan:r128:had", "int2:g64:tok+headq:r8:s4".
@@ -86,7 +109,8 @@ struct KeyCodecSpec {
   std::string text() const { return codec.text(); }
 };
 
-// A codec for the value side of a cache: any spec but one with a HeadQ side code.
+// A codec for the value side of a cache: any spec but one with a HeadQ side code or a
+// query-basis key codec.
 struct ValueCodecSpec {
   CodecSpec codec;  // f32 by default
   std::string text() const { return codec.text(); }
@@ -102,7 +126,8 @@ ValueCodecSpec value_codec_spec(CodecSpec spec);
 
 // Throws visikv::Error when the spec cannot store vectors of `head_dim` channels (integer codecs
 // need head_dim % 8 == 0, per-token groups need G to divide head_dim, `:had` needs a power of
-// two, a HeadQ rank must not exceed head_dim).
+// two, a HeadQ rank must not exceed head_dim, a query-basis budget B·head_dim must be a whole
+// number of bits per key).
 void check_codec_fits(const CodecSpec& spec, int64_t head_dim);
 
 // Bits one side of one KV head costs. The quantized part is exact: codes plus the fp16 scale and

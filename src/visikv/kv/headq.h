@@ -34,6 +34,11 @@ struct HeadqBasisVectors {
   // the j-th basis vector) of the query basis (the top eigenvectors of E[q qᵀ] over the head's
   // query group, post-RoPE, the coordinates scores use) and of the key-PCA control (E[k kᵀ]).
   std::vector<double> query_vectors, key_vectors;
+  // Per head ({heads, head_dim}): all head_dim eigenvalues in descending order of E[q qᵀ] and of
+  // E[k kᵀ] (the vectors above belong to the `rank` largest), and the key mean E[k]. A
+  // query-basis key codec (kv/qbasis.h) needs all three and a full-rank basis (rank ==
+  // head_dim); key_means is empty in files written before it was recorded.
+  std::vector<double> query_eigenvalues, key_eigenvalues, key_means;
 
   int64_t heads() const { return layers * kv_heads; }
   // Throws visikv::Error unless the shape is valid and the arrays have the sizes it says.

@@ -1,0 +1,516 @@
+#include "visikv/kv/qbasis.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+
+#include "visikv/core/error.h"
+#include "visikv/core/half.h"
+#include "visikv/core/random.h"
+#include "visikv/core/vec.h"
+#include "visikv/kv/headq.h"
+#include "visikv/kv/int_row_codec.h"
+
+namespace visikv {
+
+namespace {
+
+constexpr int64_t kPairBits = 32;  // one fp16 scale and one fp16 zero
+
+// Directions held at each width: counts[b], b = 0..kQBasisMaxBits.
+using WidthCounts = std::array<int64_t, kQBasisMaxBits + 1>;
+
+int64_t cost_of_counts(const WidthCounts& counts, CodecSpec::Axis axis, int64_t group) {
+  int64_t code_bits = 0, stored = 0;
+  for (int b = 1; b <= kQBasisMaxBits; ++b) {
+    code_bits += b * counts[b];
+    stored += counts[b];
+  }
+  if (axis == CodecSpec::Axis::Tokens)
+    return code_bits + kPairBits * ((stored + group - 1) / group);
+  return group * code_bits + kPairBits * stored;
+}
+
+WidthCounts counts_of(std::span<const int> bits) {
+  WidthCounts counts{};
+  for (int b : bits) ++counts[b];
+  return counts;
+}
+
+}  // namespace
+
+double qbasis_relative_distortion(int bits, int64_t group) {
+  if (bits <= 0) return 1.0;
+  const double kappa =
+      std::max(1.0 / 3.0, 2.0 / 3.0 * std::log(static_cast<double>(std::max<int64_t>(group, 1))));
+  const double levels = static_cast<double>((1 << bits) - 1);
+  return kappa / (levels * levels);
+}
+
+int64_t qbasis_group_cost(std::span<const int> bits, CodecSpec::Axis axis, int64_t group) {
+  for (int b : bits)
+    require(b >= 0 && b <= kQBasisMaxBits, "query-basis bits must be 0..", kQBasisMaxBits, ", got ",
+            b);
+  require(group >= 1, "query-basis group must be positive, got ", group);
+  return cost_of_counts(counts_of(bits), axis, group);
+}
+
+namespace {
+
+// min Σ_i weights[order[i]] f(b_i) over b_i in 0..kQBasisMaxBits with Σ_i cost(b_i) <= capacity,
+// cost(b) = b·unit + extra·[b > 0] (in units of the capacity), by dynamic programming over the
+// capacity (a multiple-choice knapsack). Writes the widths into bits[order[i]].
+void knapsack(std::span<const double> weights, std::span<const int64_t> order,
+              const std::array<double, kQBasisMaxBits + 1>& f, int64_t unit, int64_t extra,
+              int64_t capacity, std::vector<int>& bits, double& distortion) {
+  const int64_t k = static_cast<int64_t>(order.size());
+  const int64_t cap = std::min(capacity, k * (kQBasisMaxBits * unit + extra));
+  // best[c]: least distortion of the directions so far within capacity c.
+  std::vector<double> best(static_cast<size_t>(cap + 1), 0.0), next(best.size());
+  std::vector<uint8_t> choice(static_cast<size_t>(k * (cap + 1)), 0);
+  for (int64_t i = 0; i < k; ++i) {
+    const double w = weights[order[i]];
+    for (int64_t c = 0; c <= cap; ++c) {
+      double value = best[c] + w * f[0];
+      int pick = 0;
+      for (int b = 1; b <= kQBasisMaxBits; ++b) {
+        const int64_t cost = b * unit + extra;
+        if (cost > c) break;
+        const double candidate = best[c - cost] + w * f[b];
+        if (candidate < value) {
+          value = candidate;
+          pick = b;
+        }
+      }
+      next[c] = value;
+      choice[i * (cap + 1) + c] = static_cast<uint8_t>(pick);
+    }
+    best.swap(next);
+  }
+  distortion = best[cap];
+  for (int64_t i = k - 1, c = cap; i >= 0; --i) {
+    const int b = choice[i * (cap + 1) + c];
+    bits[order[i]] = b;
+    if (b > 0) c -= b * unit + extra;
+  }
+}
+
+}  // namespace
+
+std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget_bits,
+                                 CodecSpec::Axis axis, int64_t group) {
+  require(group >= 1, "query-basis group must be positive, got ", group);
+  require(budget_bits >= 0, "query-basis budget must not be negative, got ", budget_bits);
+  const int64_t d = static_cast<int64_t>(weights.size());
+  std::vector<int> bits(static_cast<size_t>(d), 0);
+  for (double w : weights)
+    require(std::isfinite(w) && w >= 0, "query-basis weights must be finite and >= 0, got ", w);
+  std::array<double, kQBasisMaxBits + 1> f{};
+  for (int b = 0; b <= kQBasisMaxBits; ++b) f[b] = qbasis_relative_distortion(b, group);
+  // A heavier direction never gets fewer bits in an optimum (swapping two directions' widths
+  // changes D by (w_i - w_j)(f(b_j) - f(b_i))), so the stored directions are a prefix of the
+  // directions by weight. Directions of weight 0 are never stored.
+  std::vector<int64_t> order;
+  for (int64_t i = 0; i < d; ++i)
+    if (weights[i] > 0) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return weights[a] > weights[b]; });
+  if (order.empty()) return bits;
+  if (axis == CodecSpec::Axis::Channels) {
+    // Per G tokens a stored direction costs G·b code bits and one 32-bit pair: separable, in
+    // units of gcd(G, 32) bits.
+    int64_t unit = std::gcd(group, kPairBits);
+    double ignored = 0;
+    knapsack(weights, order, f, group / unit, kPairBits / unit, budget_bits / unit, bits, ignored);
+    return bits;
+  }
+  // Per token: the code bits plus 32 per run of up to G stored directions. For P runs the
+  // stored directions are among the P·G heaviest and the code bits may use budget - 32·P: a
+  // separable knapsack for each P; the best of them is the optimum.
+  double best = INFINITY;
+  std::vector<int> trial(bits.size());
+  const int64_t runs = (static_cast<int64_t>(order.size()) + group - 1) / group;
+  for (int64_t p = 0; p <= runs; ++p) {
+    const int64_t capacity = budget_bits - kPairBits * p;
+    if (capacity < 0) break;
+    const int64_t k = std::min<int64_t>(static_cast<int64_t>(order.size()), p * group);
+    std::fill(trial.begin(), trial.end(), 0);
+    double distortion = 0;
+    knapsack(weights, std::span(order).first(k), f, 1, 0, capacity, trial, distortion);
+    for (int64_t i = k; i < static_cast<int64_t>(order.size()); ++i)
+      distortion += weights[order[i]] * f[0];
+    if (distortion < best) {
+      best = distortion;
+      bits = trial;
+    }
+  }
+  return bits;
+}
+
+uint64_t qbasis_random_seed(int64_t layer, int64_t kv_head) {
+  constexpr uint64_t kSeed = 0x9ba5'150a'd0ULL;
+  uint64_t state = kSeed ^ (static_cast<uint64_t>(layer) << 32) ^ static_cast<uint64_t>(kv_head);
+  return splitmix64(state);
+}
+
+QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, int64_t layers,
+                       int64_t kv_heads, int64_t head_dim, int64_t layer, int64_t kv_head) {
+  require(spec.is_qbasis(), "cache spec '", spec.text(), "' is not a query-basis codec");
+  const int64_t d = head_dim;
+  require(basis != nullptr, "key codec '", spec.text(),
+          "' needs a calibrated basis at full rank (write one with `visikv calibrate --rank ", d,
+          "`, pass it with --basis)");
+  require(basis->layers == layers && basis->kv_heads == kv_heads && basis->head_dim == d,
+          "basis has ", basis->layers, " layers x ", basis->kv_heads, " kv heads x head_dim ",
+          basis->head_dim, "; the cache has ", layers, " x ", kv_heads, " x ", d);
+  require(basis->rank == d, "key codec '", spec.text(),
+          "' needs every eigenvector of each head (rank ", d, ") but the basis holds rank ",
+          basis->rank, " (calibrate with --rank ", d, ")");
+  const size_t values = static_cast<size_t>(basis->heads() * d);
+  require(basis->query_eigenvalues.size() == values && basis->key_eigenvalues.size() == values,
+          "key codec '", spec.text(), "': the basis has no eigenvalues");
+  require(basis->key_means.size() == values, "key codec '", spec.text(),
+          "': the basis has no key means (it was written before they were recorded: calibrate "
+          "again)");
+  const int64_t index = layer * kv_heads + kv_head;
+  const std::span<const double> query_rows = basis->query_rows(layer, kv_head);
+  const std::span<const double> key_rows = basis->key_rows(layer, kv_head);
+  const double* query_values = basis->query_eigenvalues.data() + index * d;
+  const double* key_values = basis->key_eigenvalues.data() + index * d;
+  const double* mean = basis->key_means.data() + index * d;
+
+  QBasisHead head;
+  head.dim = d;
+  switch (spec.qbasis->basis) {
+    case QBasisSpec::Basis::Query:
+      head.rows.assign(query_rows.begin(), query_rows.end());
+      break;
+    case QBasisSpec::Basis::KeyPca:
+      head.rows.assign(key_rows.begin(), key_rows.end());
+      break;
+    case QBasisSpec::Basis::Random:
+      head.rows = random_orthonormal_rows(d, d, qbasis_random_seed(layer, kv_head));
+      break;
+  }
+  head.query_energy.resize(d);
+  head.key_mean.resize(d);
+  head.key_std.resize(d);
+  // uᵀ Σ u = Σ_m λ_m (u·v_m)² for Σ = Σ_m λ_m v_m v_mᵀ (full rank, so exact).
+  const auto quadratic = [d](const double* u, std::span<const double> vectors,
+                             const double* eigenvalues) {
+    double sum = 0;
+    for (int64_t m = 0; m < d; ++m) {
+      double overlap = 0;
+      for (int64_t c = 0; c < d; ++c) overlap += u[c] * vectors[m * d + c];
+      sum += std::max(0.0, eigenvalues[m]) * overlap * overlap;
+    }
+    return sum;
+  };
+  for (int64_t i = 0; i < d; ++i) {
+    const double* u = head.rows.data() + i * d;
+    double m = 0;
+    for (int64_t c = 0; c < d; ++c) m += u[c] * mean[c];
+    head.query_energy[i] = quadratic(u, query_rows, query_values);
+    head.key_mean[i] = m;
+    head.key_std[i] = std::sqrt(std::max(0.0, quadratic(u, key_rows, key_values) - m * m));
+  }
+  return head;
+}
+
+namespace {
+
+// Code `bits` wide at bit `bit` of a stream with at least one byte after it.
+inline uint32_t read_code(const uint8_t* stream, int64_t bit, int bits) {
+  const uint8_t* p = stream + (bit >> 3);
+  const uint32_t word = p[0] | uint32_t{p[1]} << 8;
+  return (word >> (bit & 7)) & ((1u << bits) - 1);
+}
+
+inline void write_code(uint8_t* stream, int64_t bit, int bits, uint32_t code) {
+  uint8_t* p = stream + (bit >> 3);
+  const uint32_t shifted = (code & ((1u << bits) - 1)) << (bit & 7);
+  p[0] = static_cast<uint8_t>(p[0] | (shifted & 0xff));
+  p[1] = static_cast<uint8_t>(p[1] | (shifted >> 8));
+}
+
+// Scratch for const reads, one per thread: grows to the largest call and is then reused, so the
+// score path allocates nothing in steady state.
+std::span<float> thread_scratch(size_t size) {
+  thread_local std::vector<float> scratch;
+  if (scratch.size() < size) scratch.resize(size);
+  return {scratch.data(), size};
+}
+
+class QBasisStoreImpl final : public QBasisKeyStore {
+ public:
+  QBasisStoreImpl(const CodecSpec& spec, QBasisHead head, int64_t reserve)
+      : dim_(head.dim),
+        token_group_(spec.token_group()),
+        window_tokens_(spec.window),
+        axis_(spec.axis),
+        group_(spec.group),
+        head_(std::move(head)) {
+    require(static_cast<int64_t>(head_.rows.size()) == dim_ * dim_ &&
+                static_cast<int64_t>(head_.query_energy.size()) == dim_ &&
+                static_cast<int64_t>(head_.key_mean.size()) == dim_ &&
+                static_cast<int64_t>(head_.key_std.size()) == dim_,
+            "query-basis store: head constants do not match head_dim ", dim_);
+    std::vector<double> weights(dim_);
+    for (int64_t i = 0; i < dim_; ++i)
+      weights[i] = head_.query_energy[i] * head_.key_std[i] * head_.key_std[i];
+    layout_.budget_bits = token_group_ * spec.qbasis->budget_milli * dim_ / 1000;
+    layout_.bits = qbasis_allocate(weights, layout_.budget_bits, axis_, group_);
+    layout_.used_bits = qbasis_group_cost(layout_.bits, axis_, group_);
+    // Stored directions, widest first (ties in basis order): each width is one run of codes.
+    for (int b = kQBasisMaxBits; b >= 1; --b)
+      for (int64_t i = 0; i < dim_; ++i)
+        if (layout_.bits[i] == b) active_.push_back(i);
+    const int64_t a_count = static_cast<int64_t>(active_.size());
+    layout_.stored_directions = a_count;
+    for (int64_t a = 0; a < a_count; ++a) {
+      const int b = layout_.bits[active_[a]];
+      width_.push_back(b);
+      offset_.push_back(code_bits_);
+      code_bits_ += b;
+      // `tok`: a new pair every G stored directions.
+      if (axis_ == CodecSpec::Axis::Tokens) {
+        if (a == 0 || segment_start_.back() + group_ == a) segment_start_.push_back(a);
+        pair_.push_back(static_cast<int64_t>(segment_start_.size()) - 1);
+      } else {
+        pair_.push_back(a);
+      }
+    }
+    pairs_ =
+        axis_ == CodecSpec::Axis::Tokens ? static_cast<int64_t>(segment_start_.size()) : a_count;
+    segment_start_.push_back(a_count);
+    layout_.parameter_pairs = pairs_;
+    region_bits_ = layout_.budget_bits - kPairBits * pairs_;
+    require(region_bits_ >= token_group_ * code_bits_, "query-basis store: allocation over budget");
+    rows_.assign(head_.rows.begin(), head_.rows.end());
+    mean_.assign(head_.key_mean.begin(), head_.key_mean.end());
+    for (int64_t a = 0; a < a_count; ++a)
+      active_std_.push_back(static_cast<float>(head_.key_std[active_[a]]));
+    values_.resize(static_cast<size_t>(token_group_ * std::max<int64_t>(a_count, 1)));
+    codes_tmp_.resize(values_.size());
+    column_.resize(static_cast<size_t>(token_group_));
+    column_codes_.resize(static_cast<size_t>(token_group_));
+    rotated_.resize(static_cast<size_t>(dim_));
+    stream_.reserve(static_cast<size_t>(reserve / token_group_ * region_bits_ / 8 + 2));
+    params_.reserve(static_cast<size_t>(reserve / token_group_ * 2 * pairs_));
+  }
+
+  const QBasisLayout& layout() const override { return layout_; }
+  const QBasisHead& head() const override { return head_; }
+
+  int64_t dim() const override { return dim_; }
+  int64_t size() const override { return quantized_ + window_rows(); }
+  int64_t quantized_size() const override { return quantized_; }
+
+  void append(std::span<const float> vector) override {
+    if (window_tokens_ == 0 && token_group_ == 1) {
+      quantize(vector.data(), 1);
+      return;
+    }
+    for (float x : vector) window_.push_back(float_to_fp16(x));
+    if (window_rows() - token_group_ >= window_tokens_) {
+      // The oldest token group is complete and outside the kept window: quantize its fp16 form.
+      staging_.resize(static_cast<size_t>(token_group_ * dim_));
+      for (int64_t i = 0; i < token_group_ * dim_; ++i) staging_[i] = fp16_to_float(window_[i]);
+      quantize(staging_.data(), token_group_);
+      window_.erase(window_.begin(), window_.begin() + token_group_ * dim_);
+    }
+  }
+
+  void dot(std::span<const float> queries, const PositionSet& positions,
+           std::span<float> scores) const override {
+    const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
+    const int64_t a_count = static_cast<int64_t>(active_.size());
+    // Per query: (u_i·q) σ_i for the stored directions and the constant (U q)·m.
+    const std::span<float> scratch =
+        thread_scratch(static_cast<size_t>(count * a_count + count + a_count + dim_));
+    float* weighted = scratch.data();
+    float* constant = weighted + count * a_count;
+    float* decoded = constant + count;
+    float* rotated = decoded + a_count;
+    for (int64_t q = 0; q < count; ++q) {
+      const float* query = queries.data() + q * dim_;
+      for (int64_t i = 0; i < dim_; ++i)
+        rotated[i] = vec::dot(rows_.data() + i * dim_, query, dim_);
+      constant[q] = vec::dot(rotated, mean_.data(), dim_);
+      for (int64_t a = 0; a < a_count; ++a)
+        weighted[q * a_count + a] = rotated[active_[a]] * active_std_[a];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t position = positions[i];
+      if (position < quantized_) {
+        decode(position, decoded);
+        for (int64_t q = 0; q < count; ++q)
+          scores[q * n + i] = constant[q] + vec::dot(weighted + q * a_count, decoded, a_count);
+      } else {
+        const uint16_t* row = window_row(position);
+        for (int64_t q = 0; q < count; ++q)
+          scores[q * n + i] = vec::dot(row, false, queries.data() + q * dim_, dim_);
+      }
+    }
+  }
+
+  void reconstruct(int64_t position, std::span<float> out) const override {
+    if (position >= quantized_) {
+      const uint16_t* row = window_row(position);
+      for (int64_t c = 0; c < dim_; ++c) out[c] = fp16_to_float(row[c]);
+      return;
+    }
+    const int64_t a_count = static_cast<int64_t>(active_.size());
+    const std::span<float> scratch = thread_scratch(static_cast<size_t>(a_count + dim_));
+    float* decoded = scratch.data();
+    float* coordinates = decoded + a_count;
+    decode(position, decoded);
+    std::copy(mean_.begin(), mean_.end(), coordinates);
+    for (int64_t a = 0; a < a_count; ++a) coordinates[active_[a]] += active_std_[a] * decoded[a];
+    std::fill(out.begin(), out.end(), 0.0f);
+    for (int64_t i = 0; i < dim_; ++i)
+      vec::axpy(coordinates[i], rows_.data() + i * dim_, out.data(), dim_);
+  }
+
+  int64_t stored_bytes() const override {
+    const int64_t code_bytes = (quantized_ / token_group_ * region_bits_ + 7) / 8;
+    return code_bytes + static_cast<int64_t>(2 * params_.size() + 2 * window_.size());
+  }
+
+  void clear() override {
+    stream_.clear();
+    params_.clear();
+    window_.clear();
+    quantized_ = 0;
+  }
+
+  // The rule of the integer stores (kv/vector_store.cpp): without a window a key is quantized at
+  // its append and never changes; with one, a flush may only be a chunk's first append.
+  int64_t decode_equivalent_appends() const override {
+    if (window_tokens_ == 0 && token_group_ == 1) return kUnlimitedChunk;
+    const int64_t next_flush = window_tokens_ + token_group_ - window_rows();
+    return next_flush == 1 ? token_group_ : next_flush - 1;
+  }
+
+ private:
+  int64_t window_rows() const { return static_cast<int64_t>(window_.size()) / dim_; }
+  const uint16_t* window_row(int64_t position) const {
+    return window_.data() + (position - quantized_) * dim_;
+  }
+
+  // `tok`: the grid step of a b-bit direction over a run's range [zero, top] (the same float
+  // expression when coding and decoding).
+  static float step(float zero, float top, int bits) {
+    return (top - zero) / static_cast<float>((1 << bits) - 1);
+  }
+
+  // x̂ of the stored directions of quantized key `position`, into out[0 .. active).
+  void decode(int64_t position, float* out) const {
+    const int64_t group = token_group_ == 1 ? position : position / token_group_;
+    const int64_t base = group * region_bits_ + (position - group * token_group_) * code_bits_;
+    const uint16_t* params = params_.data() + group * 2 * pairs_;
+    const uint8_t* stream = stream_.data();
+    if (axis_ == CodecSpec::Axis::Tokens) {
+      for (int64_t s = 0; s + 1 < static_cast<int64_t>(segment_start_.size()); ++s) {
+        const float zero = fp16_to_float(params[2 * s]), top = fp16_to_float(params[2 * s + 1]);
+        for (int64_t a = segment_start_[s]; a < segment_start_[s + 1]; ++a)
+          out[a] = int_rows::dequantize(read_code(stream, base + offset_[a], width_[a]),
+                                        step(zero, top, width_[a]), zero);
+      }
+    } else {
+      for (int64_t a = 0; a < static_cast<int64_t>(active_.size()); ++a)
+        out[a] =
+            int_rows::dequantize(read_code(stream, base + offset_[a], width_[a]),
+                                 fp16_to_float(params[2 * a]), fp16_to_float(params[2 * a + 1]));
+    }
+  }
+
+  // Appends `tokens` keys ({tokens, dim}, one token group) in quantized form.
+  void quantize(const float* keys, int64_t tokens) {
+    const int64_t a_count = static_cast<int64_t>(active_.size());
+    // x = (U k - m) / σ on the stored directions, token-major.
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* key = keys + t * dim_;
+      for (int64_t a = 0; a < a_count; ++a) {
+        const int64_t i = active_[a];
+        const float c = vec::dot(rows_.data() + i * dim_, key, dim_);
+        values_[t * a_count + a] = (c - mean_[i]) / active_std_[a];
+      }
+    }
+    const size_t first = params_.size();
+    params_.resize(first + 2 * pairs_);
+    const auto set_pair = [&](int64_t pair, int_rows::Affine affine) {
+      params_[first + 2 * pair] = affine.scale;
+      params_[first + 2 * pair + 1] = affine.zero;
+    };
+    if (axis_ == CodecSpec::Axis::Tokens) {
+      // One range per run of directions; each direction codes it on its own 2^b-level grid.
+      for (int64_t s = 0; s < pairs_; ++s) {
+        float lo = INFINITY, hi = -INFINITY;
+        for (int64_t a = segment_start_[s]; a < segment_start_[s + 1]; ++a) {
+          lo = std::min(lo, values_[a]);
+          hi = std::max(hi, values_[a]);
+        }
+        const uint16_t zero_half = int_rows::fp16_round_down(lo);
+        const uint16_t top_half = int_rows::fp16_round_up(hi);
+        params_[first + 2 * s] = zero_half;
+        params_[first + 2 * s + 1] = top_half;
+        const float zero = fp16_to_float(zero_half), top = fp16_to_float(top_half);
+        for (int64_t a = segment_start_[s]; a < segment_start_[s + 1]; ++a)
+          codes_tmp_[a] = int_rows::affine_code(values_[a], step(zero, top, width_[a]), zero,
+                                                (1 << width_[a]) - 1);
+      }
+    } else {
+      for (int64_t a = 0; a < a_count; ++a) {
+        for (int64_t t = 0; t < tokens; ++t) column_[t] = values_[t * a_count + a];
+        set_pair(a, int_rows::quantize_group(column_, width_[a], column_codes_));
+        for (int64_t t = 0; t < tokens; ++t) codes_tmp_[t * a_count + a] = column_codes_[t];
+      }
+    }
+    const int64_t group = quantized_ / token_group_;
+    // One spare byte past the last code: read_code and write_code touch two bytes.
+    stream_.resize(static_cast<size_t>(((group + 1) * region_bits_ + 7) / 8 + 1), 0);
+    for (int64_t t = 0; t < tokens; ++t)
+      for (int64_t a = 0; a < a_count; ++a)
+        write_code(stream_.data(), group * region_bits_ + t * code_bits_ + offset_[a], width_[a],
+                   codes_tmp_[t * a_count + a]);
+    quantized_ += tokens;
+  }
+
+  int64_t dim_, token_group_, window_tokens_;
+  CodecSpec::Axis axis_;
+  int64_t group_;
+  QBasisHead head_;
+  QBasisLayout layout_;
+  std::vector<int64_t> active_;         // stored directions (basis indices), widest first
+  std::vector<int> width_;              // bits of active_[a]
+  std::vector<int64_t> offset_;         // bit offset of active_[a] within a token's codes
+  std::vector<int64_t> pair_;           // the (scale, zero) pair of active_[a] in a token group
+  std::vector<int64_t> segment_start_;  // `tok`: first active index of each pair, then the count
+  int64_t pairs_ = 0, code_bits_ = 0;   // pairs per token group, code bits per token
+  int64_t region_bits_ = 0;             // code bits per token group, padding included
+  std::vector<float> rows_, mean_, active_std_;  // U ({d, d}), m, σ of the stored directions
+  int64_t quantized_ = 0;
+  std::vector<uint8_t> stream_;  // codes: token group g at bit g · region_bits_
+  // Per token group, pairs_ fp16 pairs: `tok` (zero, top) of a run's range, `chan` (scale, zero).
+  std::vector<uint16_t> params_;
+  std::vector<uint16_t> window_;  // {size() - quantized_, dim_} fp16, oldest first
+  // Append-time scratch.
+  std::vector<float> values_, column_, staging_, rotated_;
+  std::vector<uint8_t> codes_tmp_, column_codes_;
+};
+
+}  // namespace
+
+std::unique_ptr<QBasisKeyStore> make_qbasis_key_store(const CodecSpec& spec, QBasisHead head,
+                                                      int64_t reserve_tokens) {
+  require(spec.is_qbasis(), "cache spec '", spec.text(), "' is not a query-basis codec");
+  check_codec_fits(spec, head.dim);
+  require(reserve_tokens >= 0, "cache reserve must not be negative, got ", reserve_tokens);
+  return std::make_unique<QBasisStoreImpl>(spec, std::move(head), reserve_tokens);
+}
+
+}  // namespace visikv

@@ -1,0 +1,100 @@
+// Query-basis key quantization (docs/KEY_QUANTIZATION.md has the derivation; spec
+// `qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]`, kv/codec_spec.h).
+//
+// The score error of a key error e is Δs = q·e. In the eigenbasis U of the head's query second
+// moment E[q qᵀ] = U diag(λ) Uᵀ, the expected squared score error separates exactly:
+// E_q[(q·e)²] = Σ_i λ_i (u_i·e)², with no cross terms whatever the errors' correlations. So each
+// key is rotated, c = U k, and coordinate i is quantized on its own at b_i bits. A uniform
+// quantizer over a range R_i ≈ κ σ_i leaves error variance ≈ R_i² / (12 (2^b - 1)²), so the
+// bits are chosen to minimise Σ_i λ_i σ_i² f(b_i) under the bit budget (reverse water-filling
+// with integer bits, scale and zero bits counted): f(0) = 1 (nothing stored, the coordinate is
+// read as its calibration mean), f(b) = κ / (2^b - 1)². Directions the queries never see get no
+// bits.
+//
+// What is free: softmax ignores a constant added to every score of one query, so replacing
+// coordinate i of every key by one constant m_i costs (u_i·q)(c̄_i - m_i) per query, the same
+// for all keys: only the variance of c_i across keys matters, whatever m_i is, when every key
+// is stored that way. Keys kept exact in an fp16 window break that (they are not shifted), so
+// m_i is the calibration mean E[u_i·k], the best constant then.
+//
+// Stored per key: x_i = (c_i - m_i) / σ_i (calibration mean and standard deviation of the
+// direction, per-head constants that cost no stored bits) for the directions with b_i > 0, as
+// b_i-bit codes with fp16 ranges: per token (`tok`: runs of up to G stored directions share one
+// fp16 range [zero, top], each direction coding it on its own 2^b_i-level grid) or per channel
+// (`chan`: G consecutive tokens of one direction share one pair, KIVI-style, with the newest R
+// tokens in fp16). Scores are q·k̂ = (U q)·m + Σ_i (u_i·q) σ_i x̂_i: one d×d rotation per query per
+// call, then one multiply-add per stored direction per key.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "visikv/kv/codec_spec.h"
+#include "visikv/kv/vector_store.h"
+
+namespace visikv {
+
+struct HeadqBasisVectors;
+
+// Widest code a direction may get.
+inline constexpr int kQBasisMaxBits = 8;
+
+// Squared-error of one direction at `bits` bits relative to its variance: 1 at 0 bits (read as
+// its mean), κ / (2^b - 1)² otherwise, κ = max(1/3, (2/3) ln G): the squared range over a group of
+// G unit-variance numbers (about 2 sqrt(2 ln G) standard deviations) over 12.
+double qbasis_relative_distortion(int bits, int64_t group);
+
+// Bits one token group costs (one token for `tok`, G tokens for `chan`): the codes, plus 32 bits
+// (an fp16 pair) per group of numbers sharing them: per `tok` token, ceil(a / G) for the a
+// directions with bits > 0; per `chan` token group, one per direction with bits > 0.
+int64_t qbasis_group_cost(std::span<const int> bits, CodecSpec::Axis axis, int64_t group);
+
+// Bits per direction (0..kQBasisMaxBits) minimising Σ_i weights[i] · f(b_i) with a token
+// group's cost (qbasis_group_cost) at most `budget_bits`: reverse water-filling with integer
+// widths and the scale bits counted, solved exactly (a multiple-choice knapsack by dynamic
+// programming; for `tok`, one per number of scale pairs). weights[i] = λ_i σ_i²; a direction of
+// weight 0 gets 0 bits.
+std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget_bits,
+                                 CodecSpec::Axis axis, int64_t group);
+
+// The per-head constants of a query-basis store.
+struct QBasisHead {
+  int64_t dim = 0;
+  std::vector<double> rows;          // {d, d}: row i = u_i (orthonormal)
+  std::vector<double> query_energy;  // λ_i = u_iᵀ E[q qᵀ] u_i
+  std::vector<double> key_mean;      // m_i = u_i·E[k]
+  std::vector<double> key_std;       // σ_i = sqrt(u_iᵀ Cov(k) u_i)
+};
+
+// The constants of head (layer, kv_head) for `spec` from a calibrated basis: the query
+// eigenbasis (its eigenvalues are the λ), or the control's basis (seeded random, or the key
+// eigenbasis) with λ and σ of its directions from the same calibration. Throws visikv::Error
+// naming the problem when `basis` is null, does not fit, is not full rank, or has no key means.
+QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, int64_t layers,
+                       int64_t kv_heads, int64_t head_dim, int64_t layer, int64_t kv_head);
+
+// The seed of the random-basis control for one head.
+uint64_t qbasis_random_seed(int64_t layer, int64_t kv_head);
+
+// What a store decided, for reports and tests.
+struct QBasisLayout {
+  std::vector<int> bits;          // per direction, in basis order
+  int64_t budget_bits = 0;        // per token group: T · B · d
+  int64_t used_bits = 0;          // qbasis_group_cost: codes, scales and zeros
+  int64_t parameter_pairs = 0;    // fp16 (scale, zero) pairs per token group
+  int64_t stored_directions = 0;  // directions with bits > 0
+};
+
+class QBasisKeyStore : public KeyStore {
+ public:
+  virtual const QBasisLayout& layout() const = 0;
+  virtual const QBasisHead& head() const = 0;
+};
+
+// Throws visikv::Error unless `spec` is a query-basis codec that fits head.dim.
+std::unique_ptr<QBasisKeyStore> make_qbasis_key_store(const CodecSpec& spec, QBasisHead head,
+                                                      int64_t reserve_tokens = 0);
+
+}  // namespace visikv

@@ -1,0 +1,419 @@
+// Query-basis key quantization (kv/qbasis.h): the spec grammar and its errors, the exact bit
+// accounting, the bit allocation against a brute-force optimum, round-trip error bounds, scores
+// against q·k̂ in float64, and the controls' bases. Answers known in closed form or by
+// enumeration; no model needed.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "visikv/core/error.h"
+#include "visikv/kv/cache_factory.h"
+#include "visikv/kv/codec_cache.h"
+#include "visikv/kv/codec_spec.h"
+#include "visikv/kv/headq.h"
+#include "visikv/kv/qbasis.h"
+
+namespace visikv {
+namespace {
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+TEST(QBasisSpec, ParsesAndPrintsCanonically) {
+  for (const char* text :
+       {"qbasis:b3:g32:tok", "qbasis:b2.5:g32:chan:r128", "qbasis:b3:g32:chan:r128:random",
+        "qbasis:b4:g64:tok:keypca", "qbasis:b2.125:g8:tok:r16"}) {
+    const CodecSpec spec = parse_codec_spec(text);
+    EXPECT_TRUE(spec.is_qbasis()) << text;
+    EXPECT_EQ(spec.text(), text);
+  }
+  const CodecSpec spec = parse_codec_spec("qbasis:b2.50:g32:chan:r128:random");
+  EXPECT_EQ(spec.qbasis->budget_milli, 2500);
+  EXPECT_EQ(spec.group, 32);
+  EXPECT_EQ(spec.window, 128);
+  EXPECT_EQ(spec.axis, CodecSpec::Axis::Channels);
+  EXPECT_EQ(spec.qbasis->basis, QBasisSpec::Basis::Random);
+  EXPECT_EQ(spec.text(), "qbasis:b2.5:g32:chan:r128:random");
+  EXPECT_EQ(parse_key_codec_spec("qbasis:b3:g32:tok").text(), "qbasis:b3:g32:tok");
+}
+
+TEST(QBasisSpec, ErrorsNameTheProblem) {
+  const auto parse_error = [](const std::string& text) {
+    return error_of([&] { parse_codec_spec(text); });
+  };
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32"), "needs a budget, a group and an axis"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b0:g32:tok"), "above 0"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b17:g32:tok"), "at most 16"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b2.1234:g32:tok"), "three fraction digits"));
+  EXPECT_TRUE(contains(parse_error("qbasis:3:g32:tok"), "'b' followed by"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:32:tok"), "group size g<G>"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:row"), "unknown group axis 'row'"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:had"), "unexpected 'had'"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:random:keypca"), "unexpected 'keypca'"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok+headq:r8:s4"), "no '+' side code"));
+  EXPECT_TRUE(contains(parse_error("qbasisx:b3:g32:tok"), "unknown cache spec"));
+  EXPECT_TRUE(contains(error_of([] { parse_value_codec_spec("qbasis:b3:g32:tok"); }), "keys only"));
+  // The budget must be a whole number of bits per key.
+  const CodecSpec odd = parse_codec_spec("qbasis:b2.51:g32:tok");
+  EXPECT_TRUE(contains(error_of([&] { check_codec_fits(odd, 64); }), "whole number of bits"));
+  EXPECT_NO_THROW(check_codec_fits(odd, 100));  // 251 bits
+}
+
+TEST(QBasisSpec, BitsAreTheBudget) {
+  const CodecSpec chan = parse_codec_spec("qbasis:b3:g32:chan:r128");
+  const CodecBits bits = codec_bits(chan, 64);
+  EXPECT_EQ(bits.bits_per_element, 3.0);
+  EXPECT_EQ(bits.bits_per_vector, 192.0);
+  EXPECT_EQ(bits.window_min_tokens, 128);
+  EXPECT_EQ(bits.window_max_tokens, 159);
+  // 1000 tokens: 864 quantized (27 groups of 32 leave at least the newest 128), 136 in fp16.
+  EXPECT_EQ(quantized_tokens(chan, 1000), 864);
+  EXPECT_EQ(codec_stored_bits(chan, 64, 1000), 864 * 192 + 136 * 64 * 16);
+  const CodecSpec tok = parse_codec_spec("qbasis:b2.5:g16:tok");
+  EXPECT_EQ(codec_stored_bits(tok, 64, 10), 10 * 160);
+}
+
+// Σ_i w_i f(b_i) of an allocation.
+double distortion(const std::vector<double>& w, const std::vector<int>& bits, int64_t group) {
+  double sum = 0;
+  for (size_t i = 0; i < w.size(); ++i) sum += w[i] * qbasis_relative_distortion(bits[i], group);
+  return sum;
+}
+
+// The best allocation by enumerating every width of every direction.
+double brute_force_best(const std::vector<double>& w, int64_t budget, CodecSpec::Axis axis,
+                        int64_t group) {
+  const size_t d = w.size();
+  std::vector<int> bits(d, 0);
+  double best = INFINITY;
+  const std::function<void(size_t)> visit = [&](size_t i) {
+    if (i == d) {
+      if (qbasis_group_cost(bits, axis, group) <= budget)
+        best = std::min(best, distortion(w, bits, group));
+      return;
+    }
+    for (int b = 0; b <= kQBasisMaxBits; ++b) {
+      bits[i] = b;
+      visit(i + 1);
+    }
+  };
+  visit(0);
+  return best;
+}
+
+TEST(QBasisAllocation, CostCountsEveryScaleAndZero) {
+  // tok, G = 3: widths {4, 4, 4, 2, 0}: four stored directions, two runs of at most 3.
+  EXPECT_EQ(qbasis_group_cost(std::vector<int>{4, 4, 4, 2, 0}, CodecSpec::Axis::Tokens, 3),
+            4 * 3 + 2 + 32 * 2);
+  // chan, G = 32 tokens: codes of 32 tokens plus one pair per stored direction.
+  EXPECT_EQ(qbasis_group_cost(std::vector<int>{4, 4, 4, 2, 0}, CodecSpec::Axis::Channels, 32),
+            32 * 14 + 32 * 4);
+  EXPECT_NE(error_of([] { qbasis_group_cost(std::vector<int>{9}, CodecSpec::Axis::Tokens, 4); }),
+            "");
+}
+
+TEST(QBasisAllocation, MatchesBruteForceOptimum) {
+  std::mt19937 rng(7);
+  std::lognormal_distribution<double> spread(0.0, 2.5);
+  for (int trial = 0; trial < 24; ++trial) {
+    std::vector<double> w(5);
+    if (trial % 4 == 3) w.back() = 0;  // never stored
+    for (size_t i = 0; i + 1 < w.size(); ++i) w[i] = spread(rng);
+    if (trial % 4 != 3) w.back() = spread(rng);
+    const CodecSpec::Axis axis = trial % 2 ? CodecSpec::Axis::Channels : CodecSpec::Axis::Tokens;
+    const int64_t group = axis == CodecSpec::Axis::Tokens ? 3 : 32;
+    const int64_t tokens = axis == CodecSpec::Axis::Tokens ? 1 : group;
+    for (int64_t per_token : {4, 8, 12, 20}) {
+      const int64_t budget = per_token * tokens + (axis == CodecSpec::Axis::Tokens ? 32 : 64);
+      const std::vector<int> bits = qbasis_allocate(w, budget, axis, group);
+      ASSERT_LE(qbasis_group_cost(bits, axis, group), budget);
+      const double best = brute_force_best(w, budget, axis, group);
+      const double got = distortion(w, bits, group);
+      // The optimum, no better (that would be a costing bug) and no worse.
+      EXPECT_NEAR(got, best, 1e-9 * best) << "trial " << trial << " budget " << budget;
+    }
+  }
+}
+
+TEST(QBasisAllocation, ReverseWaterFilling) {
+  // Weights falling by 4x per direction: in the high-rate regime one more bit is worth a factor
+  // of 4 in weight, so neighbours differ by one bit; weight-0 directions and those below the
+  // water level get nothing.
+  std::vector<double> w;
+  for (int i = 0; i < 12; ++i) w.push_back(std::pow(4.0, -i));
+  w.push_back(0.0);
+  w.push_back(0.0);
+  const int64_t group = 32;
+  const std::vector<int> bits =
+      qbasis_allocate(w, 32 * 30 + 32 * 8, CodecSpec::Axis::Channels, group);
+  for (size_t i = 0; i + 1 < w.size(); ++i) EXPECT_GE(bits[i], bits[i + 1]) << i;
+  EXPECT_EQ(bits[12], 0);
+  EXPECT_EQ(bits[13], 0);
+  EXPECT_EQ(bits[11], 0);  // far below the water level
+  EXPECT_GE(bits[0], 5);
+  for (size_t i = 0; i + 1 < w.size(); ++i)
+    if (bits[i + 1] >= 2) EXPECT_LE(bits[i] - bits[i + 1], 1) << i;
+  // Equal weights, budget for exactly 3 bits each plus scales: all at 3.
+  const std::vector<int> flat = qbasis_allocate(std::vector<double>(8, 1.0), 32 * 8 * 3 + 32 * 8,
+                                                CodecSpec::Axis::Channels, 32);
+  for (int b : flat) EXPECT_EQ(b, 3);
+  // No weight: nothing stored.
+  for (int b : qbasis_allocate(std::vector<double>(5, 0.0), 1000, CodecSpec::Axis::Tokens, 4))
+    EXPECT_EQ(b, 0);
+}
+
+// A synthetic head of dimension d: a random orthonormal query basis with eigenvalues falling
+// fast (queries in a low-dimensional span), keys with their own spread and mean.
+struct SyntheticHead {
+  int64_t d;
+  QBasisHead head;
+  HeadqBasisVectors basis;  // one layer, one KV head, full rank
+};
+
+SyntheticHead synthetic_head(int64_t d) {
+  SyntheticHead s{d, {}, {}};
+  HeadqBasisVectors& b = s.basis;
+  b.layers = 1;
+  b.kv_heads = 1;
+  b.head_dim = d;
+  b.rank = d;
+  b.query_vectors = random_orthonormal_rows(d, d, 11);
+  b.key_vectors = random_orthonormal_rows(d, d, 12);
+  for (int64_t i = 0; i < d; ++i) {
+    b.query_eigenvalues.push_back(100.0 * std::pow(0.5, static_cast<double>(i)));
+    b.key_eigenvalues.push_back(4.0 + 2.0 * std::pow(0.8, static_cast<double>(i)));
+    b.key_means.push_back(i % 3 == 0 ? 1.5 : -0.25);
+  }
+  s.head = qbasis_head(parse_codec_spec("qbasis:b3:g8:tok"), &b, 1, 1, d, 0, 0);
+  return s;
+}
+
+std::vector<float> random_keys(int64_t n, int64_t d, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> keys(static_cast<size_t>(n * d));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; c < d; ++c) keys[t * d + c] = normal(rng) + (c % 3 == 0 ? 1.5f : -0.25f);
+  return keys;
+}
+
+TEST(QBasisHeadConstants, QueryBasisAndControls) {
+  const int64_t d = 16;
+  SyntheticHead s = synthetic_head(d);
+  // The query basis: λ are the eigenvalues themselves.
+  for (int64_t i = 0; i < d; ++i)
+    EXPECT_NEAR(s.head.query_energy[i], s.basis.query_eigenvalues[i], 1e-9 * 100);
+  const QBasisHead random =
+      qbasis_head(parse_codec_spec("qbasis:b3:g8:tok:random"), &s.basis, 1, 1, d, 0, 0);
+  const QBasisHead keypca =
+      qbasis_head(parse_codec_spec("qbasis:b3:g8:tok:keypca"), &s.basis, 1, 1, d, 0, 0);
+  EXPECT_EQ(keypca.rows, s.basis.key_vectors);
+  // The random basis is orthonormal and not the query basis: no row close to a query row.
+  double largest_overlap = 0, trace_query = 0, trace_random = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    for (int64_t j = 0; j < d; ++j) {
+      double self = 0, cross = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        self += random.rows[i * d + c] * random.rows[j * d + c];
+        cross += random.rows[i * d + c] * s.head.rows[j * d + c];
+      }
+      EXPECT_NEAR(self, i == j ? 1.0 : 0.0, 1e-12);
+      largest_overlap = std::max(largest_overlap, std::abs(cross));
+    }
+    trace_query += s.head.query_energy[i];
+    trace_random += random.query_energy[i];
+  }
+  EXPECT_LT(largest_overlap, 0.95);
+  // Query energy is the same total in any orthonormal basis, spread differently.
+  EXPECT_NEAR(trace_random, trace_query, 1e-9 * trace_query);
+  EXPECT_LT(*std::max_element(random.query_energy.begin(), random.query_energy.end()),
+            0.9 * s.head.query_energy[0]);
+  // Key moments: σ² = uᵀ E[k kᵀ] u - (u·m)², checked for one direction the slow way.
+  const double* u = s.head.rows.data() + 3 * d;
+  double second = 0, mean = 0;
+  for (int64_t m = 0; m < d; ++m) {
+    double overlap = 0;
+    for (int64_t c = 0; c < d; ++c) overlap += u[c] * s.basis.key_vectors[m * d + c];
+    second += s.basis.key_eigenvalues[m] * overlap * overlap;
+  }
+  for (int64_t c = 0; c < d; ++c) mean += u[c] * s.basis.key_means[c];
+  EXPECT_NEAR(s.head.key_mean[3], mean, 1e-12);
+  EXPECT_NEAR(s.head.key_std[3], std::sqrt(second - mean * mean), 1e-12);
+
+  // What a basis must hold.
+  const CodecSpec spec = parse_codec_spec("qbasis:b3:g8:tok");
+  EXPECT_TRUE(contains(error_of([&] { qbasis_head(spec, nullptr, 1, 1, d, 0, 0); }),
+                       "needs a calibrated basis"));
+  HeadqBasisVectors low = s.basis;
+  low.rank = 8;
+  low.query_vectors.resize(8 * d);
+  low.key_vectors.resize(8 * d);
+  EXPECT_TRUE(contains(error_of([&] { qbasis_head(spec, &low, 1, 1, d, 0, 0); }),
+                       "calibrate with --rank 16"));
+  HeadqBasisVectors no_means = s.basis;
+  no_means.key_means.clear();
+  EXPECT_TRUE(
+      contains(error_of([&] { qbasis_head(spec, &no_means, 1, 1, d, 0, 0); }), "no key means"));
+}
+
+TEST(QBasisStore, RoundTripWithinHalfAStep) {
+  const int64_t d = 16, n = 100;
+  const SyntheticHead s = synthetic_head(d);
+  const std::vector<float> keys = random_keys(n, d, 3);
+  for (const char* text : {"qbasis:b3:g4:tok", "qbasis:b2.5:g8:chan", "qbasis:b4:g16:chan:r8"}) {
+    const CodecSpec spec = parse_codec_spec(text);
+    const auto store = make_qbasis_key_store(spec, s.head);
+    for (int64_t t = 0; t < n; ++t) store->append(std::span(keys).subspan(t * d, d));
+    const QBasisLayout& layout = store->layout();
+    EXPECT_LE(layout.used_bits, layout.budget_bits) << text;
+    EXPECT_GT(layout.stored_directions, 0) << text;
+    EXPECT_LT(layout.stored_directions, d) << text;  // the least-seen directions get nothing
+    EXPECT_EQ(store->size(), n);
+    std::vector<float> out(d);
+    for (int64_t t = 0; t < store->quantized_size(); ++t) {
+      store->reconstruct(t, out);
+      for (int64_t i = 0; i < d; ++i) {
+        const double* u = s.head.rows.data() + i * d;
+        double c = 0, c_hat = 0;
+        for (int64_t k = 0; k < d; ++k) {
+          c += u[k] * keys[t * d + k];
+          c_hat += u[k] * out[k];
+        }
+        const int b = layout.bits[i];
+        if (b == 0) {
+          EXPECT_NEAR(c_hat, s.head.key_mean[i], 1e-4) << text << " direction " << i;
+        } else {
+          // Within half a step of a grid spanning at most the values' range (plus fp16 rounding
+          // of the window form and of the scale).
+          const double step = 2 * 8.0 * s.head.key_std[i] / ((1 << b) - 1) + 0.05;
+          EXPECT_LE(std::abs(c_hat - c), step / 2 + 0.02) << text << " direction " << i;
+        }
+      }
+    }
+    // Window keys read back as their fp16 form.
+    for (int64_t t = store->quantized_size(); t < n; ++t) {
+      store->reconstruct(t, out);
+      for (int64_t k = 0; k < d; ++k) EXPECT_NEAR(out[k], keys[t * d + k], 2e-3);
+    }
+  }
+}
+
+TEST(QBasisStore, ErrorShrinksWithBudgetAndFollowsQueries) {
+  const int64_t d = 16, n = 256;
+  const SyntheticHead s = synthetic_head(d);
+  const std::vector<float> keys = random_keys(n, d, 5);
+  // Query-weighted error Σ λ_i (u_i·e)² per key, at rising budgets.
+  std::vector<double> errors;
+  // At d = 16, b2 (32 bits per key) pays for one scale pair and no codes: every key reads as
+  // the mean, as it does at b1.
+  for (const char* text :
+       {"qbasis:b1:g8:tok", "qbasis:b2:g8:tok", "qbasis:b3:g8:tok", "qbasis:b5:g8:tok"}) {
+    const auto store = make_qbasis_key_store(parse_codec_spec(text), s.head);
+    for (int64_t t = 0; t < n; ++t) store->append(std::span(keys).subspan(t * d, d));
+    double sum = 0;
+    std::vector<float> out(d);
+    for (int64_t t = 0; t < n; ++t) {
+      store->reconstruct(t, out);
+      for (int64_t i = 0; i < d; ++i) {
+        double e = 0;
+        for (int64_t k = 0; k < d; ++k) e += s.head.rows[i * d + k] * (keys[t * d + k] - out[k]);
+        sum += s.head.query_energy[i] * e * e;
+      }
+    }
+    errors.push_back(sum / n);
+  }
+  EXPECT_NEAR(errors[0], errors[1], 1e-6 * errors[0]);
+  EXPECT_GT(errors[1], 4 * errors[2]);
+  EXPECT_GT(errors[2], 4 * errors[3]);
+}
+
+TEST(QBasisStore, StoredBytesAreTheBudget) {
+  const int64_t d = 16;
+  const SyntheticHead s = synthetic_head(d);
+  const std::vector<float> keys = random_keys(300, d, 9);
+  for (const char* text : {"qbasis:b3:g4:tok", "qbasis:b2.5:g8:chan", "qbasis:b2:g32:chan:r16",
+                           "qbasis:b3:g8:tok:r5"}) {
+    const CodecSpec spec = parse_codec_spec(text);
+    const auto store = make_qbasis_key_store(spec, s.head);
+    for (int64_t t = 0; t < 300; ++t) {
+      store->append(std::span(keys).subspan(t * d, d));
+      const int64_t exact = codec_stored_bits(spec, d, t + 1);
+      EXPECT_EQ(store->quantized_size(), quantized_tokens(spec, t + 1)) << text;
+      // Codes form one bit stream: at most 7 bits of its last byte are beyond the budget.
+      EXPECT_GE(store->stored_bytes() * 8, exact) << text << " at " << t + 1;
+      EXPECT_LT(store->stored_bytes() * 8, exact + 8) << text << " at " << t + 1;
+    }
+  }
+}
+
+TEST(QBasisStore, ScoresAreQueryDotStoredKeyInFloat64) {
+  const int64_t d = 16, n = 70;
+  const SyntheticHead s = synthetic_head(d);
+  const std::vector<float> keys = random_keys(n, d, 13);
+  std::mt19937 rng(17);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> queries(3 * d);
+  for (float& x : queries) x = normal(rng);
+  for (const char* text : {"qbasis:b3:g4:tok", "qbasis:b2.5:g8:chan:r16"}) {
+    const auto store = make_qbasis_key_store(parse_codec_spec(text), s.head);
+    for (int64_t t = 0; t < n; ++t) store->append(std::span(keys).subspan(t * d, d));
+    std::vector<int32_t> picked;
+    for (int32_t t = 0; t < n; t += 3) picked.push_back(t);
+    const PositionSet positions = PositionSet::list(picked);
+    std::vector<float> scores(3 * picked.size());
+    store->dot(queries, positions, scores);
+    std::vector<float> key(d);
+    for (size_t i = 0; i < picked.size(); ++i) {
+      store->reconstruct(picked[i], key);
+      for (int64_t q = 0; q < 3; ++q) {
+        double exact = 0, scale = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          exact += static_cast<double>(queries[q * d + c]) * key[c];
+          scale += std::abs(static_cast<double>(queries[q * d + c]) * key[c]);
+        }
+        EXPECT_NEAR(scores[q * picked.size() + i], exact, 1e-5 * (1 + scale))
+            << text << " position " << picked[i];
+      }
+    }
+  }
+}
+
+TEST(QBasisCache, BuiltFromABasisAndRefusedOtherwise) {
+  const int64_t d = 16;
+  SyntheticHead s = synthetic_head(d);
+  const CacheShape shape{1, 1, d};
+  auto cache = make_cache(shape, "qbasis:b3:g8:chan:r16", "f32", 0, 32, &s.basis);
+  EXPECT_TRUE(contains(cache->describe(), "qbasis:b3:g8:chan:r16 (3 bits/elt; 16-23 newest"))
+      << cache->describe();
+  const std::vector<float> keys = random_keys(64, d, 21);
+  for (int64_t t = 0; t < 64; ++t)
+    cache->append(0, std::span(keys).subspan(t * d, d), std::span(keys).subspan(t * d, d), 1);
+  const auto* codec = dynamic_cast<const CodecCache*>(cache.get());
+  ASSERT_NE(codec, nullptr);
+  // f32 values, and keys at exactly the budget (up to the last byte of the code stream).
+  const int64_t beyond =
+      codec->stored_bytes() * 8 - 64 * d * 32 - codec_stored_bits(codec->key_spec(), d, 64);
+  EXPECT_GE(beyond, 0);
+  EXPECT_LT(beyond, 8);
+  EXPECT_TRUE(contains(error_of([&] { make_cache(shape, "qbasis:b3:g8:tok", "f32"); }),
+                       "needs a calibrated basis"));
+  EXPECT_TRUE(
+      contains(error_of([&] { make_cache(shape, "f32", "qbasis:b3:g8:tok"); }), "keys only"));
+}
+
+}  // namespace
+}  // namespace visikv
