@@ -22,13 +22,14 @@ struct TaskInfo {
 };
 
 // Default answer lengths: a 7-digit number is about 8 tokens with a separator in the default
-// model's tokenizer (digits are single tokens), so four of them take about 36; ten common words
-// written as a numbered list about 50.
+// model's tokenizer (digits are single tokens), so four of them take about 36, and a small model
+// tends to open with a line or two of its own (48 cut answers short in a trial); ten common words
+// written as a numbered list take about 50.
 constexpr TaskInfo kTasks[] = {
     {RulerTask::NiahSingle, "niah_single", 16},
     {RulerTask::NiahMultikey, "niah_multikey", 16},
-    {RulerTask::NiahMultivalue, "niah_multivalue", 48},
-    {RulerTask::NiahMultiquery, "niah_multiquery", 48},
+    {RulerTask::NiahMultivalue, "niah_multivalue", 64},
+    {RulerTask::NiahMultiquery, "niah_multiquery", 64},
     {RulerTask::VariableTracking, "vt", 48},
     {RulerTask::CommonWords, "cwe", 64},
 };
@@ -275,15 +276,15 @@ RulerSample Builder::cwe(int64_t length, int64_t index) const {
   // entries whatever their order: the words can be added greedily against the budget and
   // shuffled afterwards.
   WordDrawer words(rng, pool, what);
+  const auto entry_number = [&](size_t i) { return encode(str_cat(" ", i, ".")); };
   std::vector<std::string> entries;
   std::vector<int64_t> word_tokens;  // per entry, in `entries` order
   int64_t used = 0;
   const auto add = [&](const std::string& w, int64_t times, bool required) {
-    const int64_t wt = static_cast<int64_t>(encode(" " + w).size());
+    const int64_t wt = static_cast<int64_t>(encode(str_cat(" ", w)).size());
     int64_t cost = 0;
     for (int64_t t = 0; t < times; ++t)
-      cost += wt + static_cast<int64_t>(
-                       encode(" " + std::to_string(entries.size() + t + 1) + ".").size());
+      cost += wt + static_cast<int64_t>(entry_number(entries.size() + t + 1).size());
     if (used + cost > budget) {
       require(!required, what, ": length ", length, " is too short for ", options.cwe_words,
               " common words x ", options.cwe_common, " (", prompt_tokens,
@@ -306,8 +307,8 @@ RulerSample Builder::cwe(int64_t length, int64_t index) const {
     std::swap(entries[i - 1], entries[draw_below(rng, i)]);
   std::vector<int32_t> list;
   for (size_t i = 0; i < entries.size(); ++i) {
-    const std::vector<int32_t> number = encode(" " + std::to_string(i + 1) + ".");
-    const std::vector<int32_t> word = encode(" " + entries[i]);
+    const std::vector<int32_t> number = entry_number(i + 1);
+    const std::vector<int32_t> word = encode(str_cat(" ", entries[i]));
     list.insert(list.end(), number.begin(), number.end());
     list.insert(list.end(), word.begin(), word.end());
   }

@@ -79,8 +79,8 @@ struct RulerOptions {
 };
 
 // The answer tokens of a task: options.answer_tokens, or the task's default, enough to write its
-// expected strings in a list with some slack (niah_single and niah_multikey 16, the four-value
-// tasks and vt 48, cwe 64).
+// expected strings in a list with some slack (niah_single and niah_multikey 16, vt 48,
+// niah_multivalue, niah_multiquery and cwe 64).
 int64_t ruler_answer_tokens(const RulerOptions& options, RulerTask task);
 
 // Throws visikv::Error for empty lengths or tasks, samples < 1, answer tokens < 0, task shapes
