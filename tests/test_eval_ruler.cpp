@@ -388,6 +388,25 @@ TEST(EvalRulerCommand, RunsRowsAndResumeSkipsFinishedOnes) {
   EXPECT_EQ(resumed["rows"][0]["samples"][0]["answer"], "kept, not rerun");
   EXPECT_EQ(resumed["rows"][2]["name"], "int4:g16:tok/f16");
 
+  // A missing row before a kept one (the selector row, added to a file of dense and codec rows):
+  // it runs, and the kept row after it is read back into its place.
+  j = resumed;
+  j["rows"][2]["samples"][1]["answer"] = "kept behind a new row";
+  j["rows"].erase(1);
+  j["complete"] = false;
+  {
+    std::ofstream out(json_path);
+    out << j.dump(2);
+  }
+  r = run_visikv(args + " --resume " + json_path.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("sparse:a1:w8:k8:exact: done in"), std::string::npos) << r.output;
+  const nlohmann::json reordered = read_json(json_path);
+  ASSERT_EQ(reordered["rows"].size(), 3u);
+  EXPECT_EQ(reordered["rows"][1]["name"], "sparse:a1:w8:k8:exact");
+  EXPECT_EQ(reordered["rows"][2]["samples"][1]["answer"], "kept behind a new row");
+  EXPECT_EQ(reordered["rows"][0]["samples"][0]["answer"], "kept, not rerun");
+
   // Other parameters are refused, naming them.
   r = run_visikv("-t 1 eval ruler " + fixture("llama") + " --text " + text_path.string() +
                  " --lengths 360 --allow-past-context --tasks niah_single,vt --samples 3 "

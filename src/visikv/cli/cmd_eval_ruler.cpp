@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -185,26 +186,41 @@ RulerRun run_eval_ruler(const RulerFlags& f) {
   const RowJournal journal = open_row_journal(f.output, "eval ruler", ruler_parameters(run));
   journal.check_rows(names);
   RowProgress progress(static_cast<int64_t>(run.configs.size()), f.output.quiet);
-  for (const RulerConfig& c : run.configs) {
-    if (const json* kept = journal.kept_row(c.name)) {
-      RulerRow row = journal.read(*kept, "row '" + c.name + "'", ruler_row_from_json);
-      // A name fixes the configuration, but a hand-edited file could say otherwise.
-      require(row.key_codec == c.key_codec.text() && row.value_codec == c.value_codec.text() &&
-                  row.selector == c.selector.text,
-              "--resume ", journal.path().string(), ": row '", c.name,
-              "' was run with other codecs or selector");
-      run.rows.push_back(std::move(row));
-      progress.kept(c.name);
-    } else {
-      progress.start(c.name);
-      const auto on_prompt = [&](int64_t done, int64_t n) {
-        progress.update(c.name, done, n, "prompts");
-      };
-      run.rows.push_back(ruler_row(decoder, samples, c, on_prompt, o.past_context));
-      progress.finish();
-    }
-    journal.save(ruler_json(run), run.rows.size() == run.configs.size());
+  // Every kept row is read back before any row runs, and each save holds all rows present, in
+  // row order: a resumed run that adds a row before kept ones (a selector row to a file of codec
+  // rows) and is killed during it must not lose the kept rows behind it.
+  std::vector<std::optional<RulerRow>> rows(run.configs.size());
+  for (size_t i = 0; i < run.configs.size(); ++i) {
+    const RulerConfig& c = run.configs[i];
+    const json* kept = journal.kept_row(c.name);
+    if (!kept) continue;
+    rows[i] = journal.read(*kept, "row '" + c.name + "'", ruler_row_from_json);
+    // A name fixes the configuration, but a hand-edited file could say otherwise.
+    require(rows[i]->key_codec == c.key_codec.text() &&
+                rows[i]->value_codec == c.value_codec.text() &&
+                rows[i]->selector == c.selector.text,
+            "--resume ", journal.path().string(), ": row '", c.name,
+            "' was run with other codecs or selector");
+    progress.kept(c.name);
   }
+  const auto save = [&] {
+    run.rows.clear();
+    for (const auto& row : rows)
+      if (row) run.rows.push_back(*row);
+    journal.save(ruler_json(run), run.rows.size() == run.configs.size());
+  };
+  for (size_t i = 0; i < run.configs.size(); ++i) {
+    if (rows[i]) continue;
+    const RulerConfig& c = run.configs[i];
+    progress.start(c.name);
+    const auto on_prompt = [&](int64_t done, int64_t n) {
+      progress.update(c.name, done, n, "prompts");
+    };
+    rows[i] = ruler_row(decoder, samples, c, on_prompt, o.past_context);
+    progress.finish();
+    save();
+  }
+  save();  // also when every row was kept: the file is rewritten as it was
   return run;
 }
 
