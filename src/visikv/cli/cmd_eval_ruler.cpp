@@ -47,7 +47,8 @@ RulerConfig codec_config(const std::string& entry) {
 }
 
 // The default codec rows: keys and values at 2, 3 and 4 bits in per-token groups of 32 channels
-// (fewer where the head dimension needs it), the setting the KV-quantization papers report.
+// (fewer where the head dimension needs it), every vector quantized when written, no
+// full-precision window: the plainest cache at each width, a floor for the better codecs.
 std::vector<std::string> default_kv(int64_t head_dim) {
   const std::string group = std::to_string(token_group(head_dim, 32));
   std::vector<std::string> out;
