@@ -310,6 +310,10 @@ std::vector<std::string> eval_commands() {
               "--answer-tokens 4 --selectors sparse:a1:w8:k8:exact",
           "eval coverage " + kLlama + " --text " + t +
               " --tokens 64 --from 16 --selectors sparse:a1:w8:k8:exact",
+          // RULER's templates alone take ~220 fixture tokens: past the fixture's 128 positions.
+          "eval ruler " + kLlama + " --text " + t +
+              " --lengths 300 --allow-past-context --tasks niah_single,vt --samples 1 "
+              "--answer-tokens 4 --selectors sparse:a1:w8:k8:exact --kv int4:g16:tok",
           "eval numerics " + kLlama + " --file " + t + " --window 32 --tokens 40",
           "analyze " + kLlama + " --text " + t + " --tokens 48 --keys f32,int2:g16:tok"};
 }
@@ -514,6 +518,9 @@ INSTANTIATE_TEST_SUITE_P(
         BadInvocation{"eval needle " + kLlama + " --contexts 200",
                       "needle: context 200 + 10 answer tokens needs 210 positions, which exceeds "
                       "the model's context of 128 positions"},
+        BadInvocation{"eval ruler " + kLlama + " --lengths 4096",
+                      "ruler: length 4096 needs 4096 positions, which exceeds the model's context "
+                      "of 128 positions"},
         BadInvocation{"eval coverage " + kLlama + " --tokens 512",
                       "coverage: a window of 512 tokens needs 512 positions, which exceeds the "
                       "model's context of 128 positions"},

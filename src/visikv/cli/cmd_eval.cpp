@@ -855,7 +855,8 @@ void add_eval_command(CLI::App& app) {
   CLI::App* eval = app.add_subcommand("eval",
                                       "Evaluation protocols: K-only decode perplexity grid (kv), "
                                       "sparse attention survival, needle retrieval, attention "
-                                      "coverage, sparse decode perplexity (sparse-ppl)");
+                                      "coverage, sparse decode perplexity (sparse-ppl), "
+                                      "RULER-style retrieval (ruler)");
   eval->require_subcommand(1);
   add_eval_sparse_command(*eval);
   add_eval_needle_command(*eval);
@@ -865,6 +866,9 @@ void add_eval_command(CLI::App& app) {
   // declared in commands.h).
   add_eval_kv_command(*eval);
   add_eval_numerics_command(*eval);
+  add_eval_ruler_command(*eval);
 }
+
+const std::vector<std::string>& retrieval_selector_grid() { return kNeedleGrid; }
 
 }  // namespace visikv::cli

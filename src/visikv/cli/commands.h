@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "visikv/core/error.h"
 
@@ -23,6 +24,9 @@ void add_calibrate_command(CLI::App& app);       // `calibrate`: HeadQ query bas
 void add_eval_command(CLI::App& app);            // `eval` with its subcommands (sparse, needle)
 void add_eval_kv_command(CLI::App& eval);        // `eval kv`: the K-only decode-perplexity grid
 void add_eval_numerics_command(CLI::App& eval);  // `eval numerics`: fast vs exact products
+void add_eval_ruler_command(CLI::App& eval);     // `eval ruler`: RULER-style retrieval suite
+// The selectors the retrieval evaluations (`eval needle`, `eval ruler`) run by default.
+const std::vector<std::string>& retrieval_selector_grid();
 // `analyze`: key MSE and F against attention KL (eval/analyze.h).
 void add_analyze_command(CLI::App& app);
 // `serve`: the OpenAI-compatible HTTP server (serve/server.h).

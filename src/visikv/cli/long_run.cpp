@@ -87,7 +87,11 @@ void RowProgress::update(const std::string& name, int64_t done, int64_t total,
   const double seconds = std::chrono::duration<double>(now - row_start_).count();
   // No rate from the first instants of a row (a division by almost nothing).
   char rate[64];
-  if (seconds >= 0.05)
+  // Slow units (a long prompt: minutes on a loaded machine) read better as seconds each than
+  // as "0.0 prompts/s".
+  if (seconds >= 0.05 && done > 0 && seconds / done >= 10)
+    std::snprintf(rate, sizeof rate, "%.0f s each", seconds / done);
+  else if (seconds >= 0.05)
     std::snprintf(rate, sizeof rate, "%.1f %s/s", done / seconds, unit.c_str());
   else
     std::snprintf(rate, sizeof rate, "- %s/s", unit.c_str());

@@ -32,14 +32,6 @@ ValueCodecSpec value_policy(const std::string& rule, int64_t group, const std::s
   return parse_value_codec_spec(str_cat(rule, ":int2/int4:g", group, window, ":avg", average));
 }
 
-// Per-token group size: 64 channels (the paper's setting), or the largest multiple of 8 below it
-// that divides d (codes are packed 8 at a time, so d % 8 == 0 is needed anyway).
-int64_t token_group(int64_t head_dim) {
-  for (int64_t g = 64; g >= 8; g -= 8)
-    if (head_dim % g == 0) return g;
-  fail("the grid needs a head dimension divisible by 8, got ", head_dim);
-}
-
 CodecSpec plain_spec(int bits, CodecSpec::Axis axis, int64_t head_dim) {
   CodecSpec s;
   s.kind = CodecSpec::Kind::Int;
@@ -71,6 +63,12 @@ bool is_headq_kind(KvGridRowKind kind) {
 }
 
 }  // namespace
+
+int64_t token_group(int64_t head_dim, int64_t largest) {
+  for (int64_t g = largest - largest % 8; g >= 8; g -= 8)
+    if (head_dim % g == 0) return g;
+  fail("a per-token group needs a head dimension divisible by 8, got ", head_dim);
+}
 
 int64_t kv_grid_control_rank(const KvGridSpec& spec) {
   require(!spec.ranks.empty(), "--ranks: no HeadQ rank given");

@@ -94,6 +94,11 @@ struct KvGridSpec {
   int side_bits = 4;                        // bits per side-code number
 };
 
+// Per-token group size: `largest` channels (64, the paper's setting), or the largest multiple of 8
+// below it that divides d (codes are packed 8 at a time, so d % 8 == 0 is needed anyway). Throws
+// visikv::Error when none does.
+int64_t token_group(int64_t head_dim, int64_t largest = 64);
+
 // The rank of the controls and of the full-KV composition: 8 when listed, else the largest.
 int64_t kv_grid_control_rank(const KvGridSpec& spec);
 

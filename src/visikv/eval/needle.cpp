@@ -7,13 +7,10 @@
 #include <optional>
 #include <random>
 
-#include "visikv/attention/attention.h"
-#include "visikv/attention/support.h"
 #include "visikv/core/error.h"
 #include "visikv/core/saturating.h"
 #include "visikv/eval/context_limit.h"
-#include "visikv/eval/generate.h"
-#include "visikv/kv/cache_factory.h"
+#include "visikv/eval/retrieval.h"
 
 namespace visikv {
 
@@ -24,9 +21,8 @@ constexpr std::array<const char*, 24> kNames = {
     "Ingrid",  "Jamal", "Kofi",  "Lucia",  "Mateo",  "Nadia",  "Oskar", "Priya",
     "Quentin", "Rosa",  "Samir", "Tomas",  "Ulrike", "Viktor", "Wanda", "Yusuf"};
 
-// The case's generator: std::mt19937_64 is specified bit for bit by the standard; we draw with
-// plain modulo (not std::uniform_int_distribution, whose algorithm is implementation-defined) so
-// every platform builds the same prompts.
+// The case's generator (drawn from as eval/retrieval.h says, so every platform builds the same
+// prompts).
 std::mt19937_64 case_generator(uint64_t seed, int64_t context, size_t depth_index,
                                int64_t needles) {
   const uint64_t mixed =
@@ -66,61 +62,27 @@ std::vector<NeedleCase> needle_cases(const Tokenizer& tokenizer, std::span<const
         // k distinct names: a partial Fisher-Yates shuffle.
         std::vector<size_t> order(kNames.size());
         for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-        for (int64_t i = 0; i < k; ++i) {
-          const size_t j = i + rng() % (order.size() - i);
-          std::swap(order[i], order[j]);
-        }
-        struct Needle {
-          std::vector<int32_t> tokens;
-          int64_t offset;
-        };
-        std::vector<Needle> needles;
+        shuffle_front(rng, order, static_cast<size_t>(k));
+        std::vector<Splice> needles;
         std::string asked_digits;
-        int64_t fixed = bos ? 1 : 0;
         for (int64_t j = 0; j < k; ++j) {
-          const std::string digits = std::to_string(100000 + rng() % 900000);
+          const std::string digits = std::to_string(100000 + draw_below(rng, 900000));
           if (j == 0) asked_digits = digits;
+          // The asked needle keeps its depth (1.0 included); the others wrap around.
+          const double depth =
+              j == 0 ? o.depths[di] : std::fmod(o.depths[di] + static_cast<double>(j) / k, 1.0);
           needles.push_back({tokenizer.encode(std::string(" The secret number of ") +
                                                   kNames[order[j]] + " is " + digits + ".",
                                               false),
-                             0});
-          fixed += static_cast<int64_t>(needles.back().tokens.size());
+                             depth});
         }
         const std::string name = kNames[order[0]];
         const std::vector<int32_t> question = tokenizer.encode(
             " What is the secret number of " + name + "? The secret number of " + name + " is",
             false);
-        fixed += static_cast<int64_t>(question.size());
-        const int64_t hay = context - fixed;
-        require(hay >= 1, "needle: context ", context, " is too short for ", k,
-                " needle(s) and the question (", fixed, " tokens)");
-        require(static_cast<int64_t>(haystack.size()) >= hay, "needle: the haystack text has ",
-                haystack.size(), " tokens, context ", context, " needs ", hay);
-        for (int64_t j = 0; j < k; ++j) {
-          // The asked needle keeps its depth (1.0 included); the others wrap around.
-          const double depth =
-              j == 0 ? o.depths[di] : std::fmod(o.depths[di] + static_cast<double>(j) / k, 1.0);
-          needles[j].offset = std::min<int64_t>(hay, std::llround(depth * hay));
-        }
-        // Splice in increasing offset (ties: needle order), so the asked needle keeps its depth.
-        std::vector<size_t> by_offset(needles.size());
-        for (size_t i = 0; i < by_offset.size(); ++i) by_offset[i] = i;
-        std::stable_sort(by_offset.begin(), by_offset.end(),
-                         [&](size_t a, size_t b) { return needles[a].offset < needles[b].offset; });
         NeedleCase c{context, o.depths[di], k, name, asked_digits, {}};
-        if (bos) c.prompt.push_back(*bos);
-        int64_t next = 0;
-        for (size_t i : by_offset) {
-          c.prompt.insert(c.prompt.end(), haystack.begin() + next,
-                          haystack.begin() + needles[i].offset);
-          next = needles[i].offset;
-          c.prompt.insert(c.prompt.end(), needles[i].tokens.begin(), needles[i].tokens.end());
-        }
-        c.prompt.insert(c.prompt.end(), haystack.begin() + next, haystack.begin() + hay);
-        c.prompt.insert(c.prompt.end(), question.begin(), question.end());
-        require(static_cast<int64_t>(c.prompt.size()) == context,
-                "needle: internal error, prompt of ", c.prompt.size(), " tokens for context ",
-                context);
+        c.prompt = splice_prompt(bos, {}, haystack, needles, question, context,
+                                 str_cat("needle: context ", context, " with ", k, " needle(s)"));
         cases.push_back(std::move(c));
       }
     }
@@ -133,32 +95,19 @@ NeedleRow needle_row(Decoder& decoder, std::span<const NeedleCase> cases,
                      const NeedleProgress& progress) {
   const auto started = std::chrono::steady_clock::now();
   require(!cases.empty(), "needle: no cases");
-  const SelectorSpec& spec = named.spec;
-  int64_t longest = 0;
-  for (const NeedleCase& c : cases) longest = std::max<int64_t>(longest, c.prompt.size());
-  auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
-                          longest + o.answer_tokens, spec.cache_block_size());
-  const std::unique_ptr<Support> support = make_support(spec);
-
-  GenerationOptions generation;
-  generation.max_new_tokens = o.answer_tokens;
-  generation.stop_at_eos = true;  // greedy: sampling temperature 0
-  generation.support = support.get();
+  std::vector<AnswerRequest> requests;
+  for (const NeedleCase& c : cases) requests.push_back({c.prompt, o.answer_tokens});
+  const std::vector<std::string> answers =
+      greedy_answers(decoder, requests, o.key_codec, o.value_codec, named.spec, progress);
   NeedleRow row;
   row.selector = named.text;
   int64_t hits = 0;
   for (size_t i = 0; i < cases.size(); ++i) {
     const NeedleCase& c = cases[i];
-    cache->clear();
-    support->reset();
-    const GenerationResult g = generate(decoder, *cache, c.prompt, generation);
-    NeedleResult r{
-        c.context, c.depth, c.needles, c.digits, decoder.model().tokenizer().decode(g.tokens),
-        false};
+    NeedleResult r{c.context, c.depth, c.needles, c.digits, answers[i], false};
     r.hit = r.answer.find(c.digits) != std::string::npos;
     hits += r.hit ? 1 : 0;
     row.results.push_back(std::move(r));
-    if (progress) progress(static_cast<int64_t>(i) + 1, static_cast<int64_t>(cases.size()));
   }
   row.exact_match_rate = static_cast<double>(hits) / static_cast<double>(cases.size());
   row.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
