@@ -473,6 +473,14 @@ TEST(Coverage, SplitAgreesWithSelectorSupports) {
       else
         EXPECT_NEAR(l.total.min, 1.0, 1e-5);
       EXPECT_LE(l.support_mean[0], 13.0 + 1e-9);
+      // The needed support is the smallest holding 1 - eps with anchors and window read; the
+      // certified support at the same eps reads those too and holds at least 1 - eps.
+      EXPECT_GE(l.support_mean[3], l.needed.positions - 1e-9) << name;
+      EXPECT_GT(l.needed.positions, 0.0);
+      EXPECT_LE(l.needed.max, 1.0);
+      EXPECT_LE(l.needed.p50, l.needed.p90);
+      EXPECT_LE(l.needed.p90, l.needed.p99);
+      if (name == "llama") EXPECT_LT(l.needed.mean, 1.0);  // something could be left out
     }
     if (name == "mistral")  // sliding window 8: at most 8 visible positions
       EXPECT_LE(r.context_mean, 8.0);

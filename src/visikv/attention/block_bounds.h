@@ -23,8 +23,12 @@ double block_centroid_score(const BlockSummary& block, std::span<const float> qu
 // The same for `count` blocks from `first` of a head's summary table and every query of
 // `queries` ({group, head_dim}) in one pass over the contiguous summaries:
 // out[b * group + g] for block first + b and query g.
+// `use_frame`: also bound q·k in the table's summary frame (BlockSummaryTable; needs one) by
+// scale * (sum_i max(a_i lo_i, a_i hi_i) + ||q_perp|| R_b + slack) with a = U q and
+// q_perp = q - Uᵀ a, and keep the smaller bound (block_bounds.cpp has the derivation).
 void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t count,
-                        std::span<const float> queries, double scale, std::span<double> out);
+                        std::span<const float> queries, double scale, std::span<double> out,
+                        bool use_frame = false);
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,
                            std::span<const float> queries, double scale, std::span<double> out);
 

@@ -99,11 +99,19 @@ SelectorSpec parse_selector_spec(std::string_view text) {
     } else if (f[0] == 'r') {
       once('r', f);
       spec.refresh = parse_count(text, f, f.substr(1), 1);
+    } else if (f[0] == 'q') {
+      once('q', f);
+      spec.frame_rank = parse_count(text, f, f.substr(1), 1);
     } else {
       fail("selector spec '", text, "': unknown field '", f,
-           "' (expected aN, wN, kN, bN, rN, epsX, exact, centroid, bound, gqa=shared|head)");
+           "' (expected aN, wN, kN, bN, rN, qN, epsX, exact, centroid, bound, gqa=shared|head)");
     }
   }
+  require(spec.frame_rank == 0 || spec.kind == SelectorKind::Certified ||
+              spec.rule == SelectorRule::Bound,
+          "selector spec '", text,
+          "': a query frame qN sharpens the block bound: it belongs to certified and the bound "
+          "rule");
 
   if (spec.kind == SelectorKind::Sparse) {
     require(!has_eps, "selector spec '", text, "': eps belongs to the certified kind");
@@ -143,6 +151,7 @@ std::string describe(const SelectorSpec& spec) {
     case SelectorRule::None:
       break;
   }
+  if (spec.frame_rank > 0) text += str_cat(":q", spec.frame_rank);
   if (spec.kind == SelectorKind::Certified) {
     char digits[32];  // shortest text that reads back as the same double
     const auto result = std::to_chars(digits, digits + sizeof(digits), spec.epsilon);

@@ -22,6 +22,10 @@
 //                             previous choice in between (sparse only; >= 1; default 1)
 //              | "eps" REAL   certified only, required, 0 < eps < 1: add blocks in decreasing u_b
 //                             until the bound on the dropped attention mass is <= eps
+//              | "q" INT      query frame (certified and the bound rule; >= 1): u_b is also
+//                             bounded in the top-Q calibrated query directions of the head
+//                             plus a residual term, and the smaller bound is used; the cache
+//                             must keep summaries in that frame (KVCache::set_summary_frames)
 //
 // Examples: "sparse:a1:w64:k32:exact", "sparse:a1:w64:k32:b16:centroid:gqa=head:r8",
 // "certified:a1:w64:b16:eps0.01".
@@ -50,7 +54,8 @@ struct SelectorSpec {
   int64_t top_k = 0;       // dynamic positions (sparse with a rule)
   int64_t block_size = 0;  // 0: the cache's
   int64_t refresh = 1;
-  double epsilon = 0;  // certified
+  double epsilon = 0;      // certified
+  int64_t frame_rank = 0;  // q: query directions of the summary frame (0: none)
 
   // The block size a cache keeps its summaries at for this selector: its own, else 32.
   int64_t cache_block_size() const { return block_size > 0 ? block_size : 32; }

@@ -1,11 +1,16 @@
 #include "visikv/attention/support.h"
 
+#include <cmath>
+#include <string>
+#include <vector>
+
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support_blocks.h"
 #include "visikv/attention/support_certified.h"
 #include "visikv/attention/support_dense.h"
 #include "visikv/attention/support_topk.h"
 #include "visikv/core/error.h"
+#include "visikv/kv/headq.h"
 
 namespace visikv {
 
@@ -16,6 +21,13 @@ void Support::prepare(const KVCache& cache, const AttentionSpec& attention) {
   require(!spec_.uses_blocks() || spec_.block_size == 0 || spec_.block_size == block, "selector '",
           describe(spec_), "' asks for blocks of ", spec_.block_size, " positions, but the cache (",
           cache.describe(), ") summarises blocks of ", block);
+  if (spec_.frame_rank > 0) {
+    const int64_t kept = cache.summaries(0, 0).frame_rank;
+    require(kept == spec_.frame_rank, "selector '", describe(spec_), "' bounds keys in ",
+            spec_.frame_rank, " query directions, but the cache (", cache.describe(), ") keeps ",
+            kept == 0 ? std::string("no summary frame") : str_cat("a frame of rank ", kept),
+            ": give the command a calibrated basis (--basis)");
+  }
 }
 
 std::unique_ptr<Support> make_support(const SelectorSpec& spec) {
@@ -33,6 +45,50 @@ std::unique_ptr<Support> make_support(const SelectorSpec& spec) {
 
 std::unique_ptr<Support> make_support(std::string_view spec) {
   return make_support(parse_selector_spec(spec));
+}
+
+void set_query_frames(KVCache& cache, const SelectorSpec& spec, const HeadqBasisVectors* basis) {
+  const int64_t rank = spec.frame_rank;
+  if (rank == 0) return;
+  const CacheShape& shape = cache.shape();
+  const int64_t d = shape.head_dim, heads = shape.layers * shape.kv_heads;
+  require(basis != nullptr, "selector '", describe(spec), "' bounds keys in ", rank,
+          " calibrated query directions per head: give a basis file (--basis; made by "
+          "`visikv calibrate MODEL --rank ",
+          rank, " --out FILE`)");
+  require(
+      basis->layers == shape.layers && basis->kv_heads == shape.kv_heads && basis->head_dim == d,
+      "selector '", describe(spec), "': the basis has ", basis->layers, " layers x ",
+      basis->kv_heads, " kv heads x head_dim ", basis->head_dim, ", the model ", shape.layers,
+      " x ", shape.kv_heads, " x ", d);
+  require(basis->rank >= rank, "selector '", describe(spec), "' needs ", rank,
+          " query directions per head; the basis holds ", basis->rank, " (calibrate with --rank ",
+          rank, ")");
+  std::vector<double> rows(static_cast<size_t>(heads * rank * d));
+  for (int64_t i = 0; i < heads; ++i) {
+    const std::span<const double> top =
+        basis->query_rows(i / shape.kv_heads, i % shape.kv_heads).first(rank * d);
+    double* out = rows.data() + i * rank * d;
+    std::copy(top.begin(), top.end(), out);
+    // Gram-Schmidt, twice: rows stored in a file may be orthonormal only to float32 rounding.
+    for (int pass = 0; pass < 2; ++pass)
+      for (int64_t j = 0; j < rank; ++j) {
+        double* u = out + j * d;
+        for (int64_t k = 0; k < j; ++k) {
+          const double* v = out + k * d;
+          double dot = 0;
+          for (int64_t c = 0; c < d; ++c) dot += u[c] * v[c];
+          for (int64_t c = 0; c < d; ++c) u[c] -= dot * v[c];
+        }
+        double norm = 0;
+        for (int64_t c = 0; c < d; ++c) norm += u[c] * u[c];
+        norm = std::sqrt(norm);
+        require(norm > 1e-6, "selector '", describe(spec), "': basis direction ", j, " of head ", i,
+                " is not independent of the ones before it");
+        for (int64_t c = 0; c < d; ++c) u[c] /= norm;
+      }
+  }
+  cache.set_summary_frames(rows, rank);
 }
 
 }  // namespace visikv

@@ -27,7 +27,7 @@ void BlockSupport::choose_items(const SupportQuery& query, const Region& r, Supp
                           scratch.bounds);
   else
     block_upper_bounds(table, blocks.first, blocks.count, query.queries, query.scale,
-                       scratch.bounds);
+                       scratch.bounds, spec().frame_rank > 0);
   scratch.pooled.resize(static_cast<size_t>(blocks.count));
   for (int64_t b = 0; b < blocks.count; ++b) {
     float best = -INFINITY;

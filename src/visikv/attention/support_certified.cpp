@@ -54,7 +54,7 @@ ChosenSupport CertifiedSupport::choose(const SupportQuery& query, SupportScratch
           std::max<double>(scratch.reference[g], scaled(scratch.fixed_scores[g * fixed + i]));
   if (nb > 0)
     block_upper_bounds(query.cache.summaries(query.layer, query.kv_head), blocks.first, nb,
-                       query.queries, scale, scratch.bounds);
+                       query.queries, scale, scratch.bounds, spec().frame_rank > 0);
   for (int64_t b = 0; b < nb; ++b) {
     double best = -INFINITY;
     for (int64_t g = 0; g < group; ++g) {

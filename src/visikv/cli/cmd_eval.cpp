@@ -503,10 +503,22 @@ const std::vector<std::string> kCoverageGrid = {
 
 struct CoverageFlags : CommonFlags {
   int64_t tokens = 2048, from = 256, anchors = 1, window = 64, top_k = 32;
+  double epsilon = 0.01;
+  std::string basis;
 };
 
 json shares_json(const CoverageSummary& s) {
   return {{"mean", s.mean}, {"p10", s.p10}, {"p1", s.p1}, {"min", s.min}};
+}
+
+json support_share_json(const SupportShareSummary& s) {
+  return {{"mean", s.mean}, {"p50", s.p50}, {"p90", s.p90},
+          {"p99", s.p99},   {"max", s.max}, {"positions", s.positions}};
+}
+
+SupportShareSummary support_share_from_json(const json& j) {
+  return {j.at("mean").get<double>(), j.at("p50").get<double>(), j.at("p90").get<double>(),
+          j.at("p99").get<double>(),  j.at("max").get<double>(), j.at("positions").get<double>()};
 }
 
 // What the tables and the JSON report: the inputs as used and the shares.
@@ -528,6 +540,7 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
           "), got ", f.from);
   require(f.anchors >= 0 && f.window >= 0 && f.top_k >= 0,
           "--anchors, --window and --top-k must not be negative");
+  require(f.epsilon >= 0 && f.epsilon < 1, "--epsilon must be in [0, 1), got ", f.epsilon);
 
   const Model model = Model::load(f.model);
   CoverageRun run;
@@ -536,6 +549,7 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   const ParsedSpecs specs = parse_specs(selectors, f, decoder);
   // The context before the text: a window past it needs no tokenizing to be refused.
   check_context(model.config(), f.tokens, str_cat("coverage: a window of ", f.tokens, " tokens"));
+  const BasisSource basis = load_basis_file(model, f.basis);
   const std::filesystem::path text_path = text_or_default_test_text(f.text);
   run.text = text_path.string();
   const bool bos = run.bos = model.tokenizer().adds_bos();
@@ -550,6 +564,8 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
                                                {"anchors", f.anchors},
                                                {"window", f.window},
                                                {"top_k", f.top_k},
+                                               {"epsilon", f.epsilon},
+                                               {"basis", basis.json},
                                                {"key_codec", specs.keys.text()},
                                                {"value_codec", specs.values.text()},
                                                {"selectors", selector_texts}},
@@ -571,6 +587,8 @@ CoverageRun run_eval_coverage(CLI::App* cmd, CoverageFlags& f) {
   options.anchors = f.anchors;
   options.window = f.window;
   options.top_k = f.top_k;
+  options.epsilon = f.epsilon;
+  options.basis = basis.get();
   options.key_codec = specs.keys;
   options.value_codec = specs.values;
   RowProgress progress(1, f.output.quiet);
@@ -607,6 +625,17 @@ void print_coverage_tables(const CoverageRun& run, const CoverageFlags& f) {
   for (size_t i = 0; i < r.layers.size(); ++i) split_row(std::to_string(i), r.layers[i]);
   split_row("all", r.pooled);
   std::printf(
+      "\nneeded: fewest positions holding 1 - %g of the mass with anchors and window read (the "
+      "floor of any certified support at that epsilon), as a share of the visible context\n"
+      "%-6s %9s %8s %8s %8s %8s %8s\n",
+      f.epsilon, "layer", "positions", "mean", "p50", "p90", "p99", "max");
+  const auto needed_row = [](const std::string& name, const CoverageLayer& l) {
+    std::printf("%-6s %9.1f %8.4f %8.4f %8.4f %8.4f %8.4f\n", name.c_str(), l.needed.positions,
+                l.needed.mean, l.needed.p50, l.needed.p90, l.needed.p99, l.needed.max);
+  };
+  for (size_t i = 0; i < r.layers.size(); ++i) needed_row(std::to_string(i), r.layers[i]);
+  needed_row("all", r.pooled);
+  std::printf(
       "\nmass inside each selector's support (mean / p10 / p1), support = positions read\n");
   for (size_t s = 0; s < selectors.size(); ++s) {
     std::printf("\n%s  (mean support %.1f)\n%-6s %8s %8s %8s %8s\n", selectors[s].c_str(),
@@ -640,6 +669,7 @@ CoverageResult coverage_from_json(const json& j) {
                         shares_from_json(l.at("window")),
                         shares_from_json(l.at("top_k")),
                         shares_from_json(l.at("total")),
+                        support_share_from_json(l.at("needed")),
                         {},
                         {}};
     for (const json& s : l.at("selectors")) {
@@ -667,6 +697,7 @@ json coverage_json(const CoverageRun& run, const CoverageFlags& f) {
               {"anchors", f.anchors},
               {"window", f.window},
               {"top_k", f.top_k},
+              {"epsilon", f.epsilon},
               {"key_codec", f.keys},
               {"value_codec", f.values},
               {"queries_per_layer", r.queries_per_layer},
@@ -678,11 +709,9 @@ json coverage_json(const CoverageRun& run, const CoverageFlags& f) {
       sel.push_back({{"selector", selectors[s]},
                      {"coverage", shares_json(l.selectors[s])},
                      {"support_mean", l.support_mean[s]}});
-    return json{{"anchors", shares_json(l.anchors)},
-                {"window", shares_json(l.window)},
-                {"top_k", shares_json(l.top_k)},
-                {"total", shares_json(l.total)},
-                {"selectors", sel}};
+    return json{{"anchors", shares_json(l.anchors)},      {"window", shares_json(l.window)},
+                {"top_k", shares_json(l.top_k)},          {"total", shares_json(l.total)},
+                {"needed", support_share_json(l.needed)}, {"selectors", sel}};
   };
   for (size_t i = 0; i < r.layers.size(); ++i) {
     json l = layer_json(r.layers[i]);
@@ -706,6 +735,10 @@ void add_eval_coverage_command(CLI::App& eval) {
   cmd->add_option("--anchors", flags->anchors, "anchors of the split (default 1)");
   cmd->add_option("--window", flags->window, "window of the split (default 64)");
   cmd->add_option("--top-k", flags->top_k, "dynamic positions of the split (default 32)");
+  cmd->add_option("--epsilon", flags->epsilon,
+                  "mass the 'needed' support may leave out (default 0.01)");
+  cmd->add_option("--basis", flags->basis,
+                  "calibrated basis file (visikv calibrate) for selectors with a query frame qN");
   cmd->callback([cmd, flags] {
     apply_global_options();
     // The JSON file is written when the measurement is done.

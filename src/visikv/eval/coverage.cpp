@@ -71,6 +71,46 @@ CoverageSummary summarize_shares(std::vector<double> shares) {
           sorted_percentile(shares, 0.01), shares.front()};
 }
 
+namespace {
+
+SupportShareSummary summarize_support(std::vector<double> shares, double positions_sum) {
+  if (shares.empty()) return {};
+  std::sort(shares.begin(), shares.end());
+  double sum = 0;
+  for (double x : shares) sum += x;
+  const double n = static_cast<double>(shares.size());
+  return {sum / n,
+          sorted_percentile(shares, 0.50),
+          sorted_percentile(shares, 0.90),
+          sorted_percentile(shares, 0.99),
+          shares.back(),
+          positions_sum / n};
+}
+
+// How many of the largest `weights` must join `held` for the sum to reach `target` (all of them
+// when it never does). Doubling prefix selections (O(n) each) find a prefix that suffices, and
+// only that prefix is sorted: a full sort per query would dominate long windows. Reorders
+// `weights`.
+int64_t needed_dynamic(std::vector<float>& weights, double held, double target) {
+  const int64_t n = static_cast<int64_t>(weights.size());
+  if (held >= target || n == 0) return 0;
+  int64_t prefix = std::min<int64_t>(64, n);
+  for (;;) {
+    std::nth_element(weights.begin(), weights.begin() + (prefix - 1), weights.end(),
+                     std::greater<>());
+    double sum = held;
+    for (int64_t j = 0; j < prefix; ++j) sum += weights[j];
+    if (sum >= target || prefix == n) break;
+    prefix = std::min(2 * prefix, n);
+  }
+  std::sort(weights.begin(), weights.begin() + prefix, std::greater<>());
+  int64_t added = 0;
+  while (added < prefix && held < target) held += weights[added++];
+  return added;
+}
+
+}  // namespace
+
 CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tokens,
                                   const std::vector<NamedSelectorSpec>& selectors,
                                   const CoverageOptions& o, const CoverageProgress& progress) {
@@ -78,6 +118,7 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   require(n >= 2, "coverage needs a window of at least 2 tokens, got ", n);
   require(o.from >= 0 && o.from < n, "coverage: --from ", o.from,
           " must be a position inside the window of ", n, " tokens");
+  require(o.epsilon >= 0 && o.epsilon < 1, "coverage: epsilon must be in [0, 1), got ", o.epsilon);
   require(o.anchors >= 0 && o.window >= 0 && o.top_k >= 0,
           "coverage: anchors, window and top-k must not be negative (got ", o.anchors, ", ",
           o.window, ", ", o.top_k, ")");
@@ -85,17 +126,25 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   check_context(c, n, str_cat("coverage: a window of ", n, " tokens"));
   std::vector<SelectorSpec> specs;
   int64_t block = 0;
+  const SelectorSpec* framed = nullptr;  // a selector with a query frame
   for (const NamedSelectorSpec& selector : selectors) {
     specs.push_back(selector.spec);
     const int64_t b = specs.back().block_size;
     require(b == 0 || block == 0 || b == block, "coverage: the selectors ask for block sizes ",
             block, " and ", b, "; one run uses one cache, so give them one block size");
     if (b > 0) block = b;
+    const int64_t rank = selector.spec.frame_rank;
+    require(rank == 0 || framed == nullptr || framed->frame_rank == rank,
+            "coverage: the selectors ask for query frames of rank ",
+            framed ? framed->frame_rank : 0, " and ", rank,
+            "; one run uses one cache, so give them one rank");
+    if (rank > 0) framed = &selector.spec;
   }
   const int64_t layers = c.layers, heads = c.heads, d = c.head_dim, group = c.heads / c.kv_heads;
 
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, n, block > 0 ? block : 32);
+  if (framed) set_query_frames(*cache, *framed, o.basis);
   QueryRecorder queries(layers, n, heads, d);
   decoder.forward(tokens, *cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
                   {.observer = &queries});
@@ -112,7 +161,8 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   const int64_t figures = 4 + sel_count;
   std::vector<std::vector<double>> all(static_cast<size_t>(figures));
   std::vector<double> support_all(static_cast<size_t>(sel_count), 0.0);
-  double context_sum = 0;
+  std::vector<double> needed_all;
+  double context_sum = 0, needed_positions_all = 0;
   std::vector<float> out(static_cast<size_t>(n * heads * d));
   for (int64_t layer = 0; layer < layers; ++layer) {
     const AttentionSpec spec{heads, d, c.score_scale(), c.layer_window(layer)};
@@ -120,18 +170,22 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
     for (const SelectorSpec& s : specs) {
       const std::unique_ptr<Support> support = make_support(s);
       supports.emplace_back(o.from, n, heads);
-      attend(*cache, layer, queries.layer(layer), n, 0, spec, *support, out, {}, &supports.back());
+      // Only the counted queries: with the keys of the whole window in the cache, a query at
+      // t >= from reads what it would in a full prefill (every query chooses afresh).
+      attend(*cache, layer, queries.layer(layer).subspan(o.from * heads * d), counted, o.from, spec,
+             *support, std::span(out).first(counted * heads * d), {}, &supports.back());
     }
     std::vector<std::vector<double>> shares(
         static_cast<size_t>(figures), std::vector<double>(static_cast<size_t>(counted * heads)));
     std::vector<double> support_sum(static_cast<size_t>(sel_count), 0.0);
-    double layer_context = 0;
+    std::vector<double> needed(static_cast<size_t>(counted * heads));
+    double layer_context = 0, needed_positions = 0;
     std::mutex mutex;
 #pragma omp parallel
     {
       std::vector<float> weights, dynamic;
       std::vector<double> local_support(static_cast<size_t>(sel_count), 0.0);
-      double local_context = 0;
+      double local_context = 0, local_needed = 0;
 #pragma omp for schedule(dynamic, 16)
       for (int64_t i = 0; i < counted * heads; ++i) {
         const int64_t t = o.from + i / heads, h = i % heads;
@@ -156,6 +210,10 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
         std::nth_element(dynamic.begin(), dynamic.begin() + keep, dynamic.end(), std::greater<>());
         double top = 0;
         for (int64_t j = 0; j < keep; ++j) top += dynamic[j];
+        const int64_t added = needed_dynamic(dynamic, anchors + window, 1.0 - o.epsilon);
+        const int64_t needed_size = (anchors_end - lo) + (t + 1 - window_begin) + added;
+        needed[i] = static_cast<double>(needed_size) / static_cast<double>(m);
+        local_needed += static_cast<double>(needed_size);
         shares[0][i] = anchors;
         shares[1][i] = window;
         shares[2][i] = top;
@@ -172,12 +230,16 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
       std::lock_guard lock(mutex);
       for (int64_t s = 0; s < sel_count; ++s) support_sum[s] += local_support[s];
       layer_context += local_context;
+      needed_positions += local_needed;
     }
     CoverageLayer row;
     row.anchors = summarize_shares(shares[0]);
     row.window = summarize_shares(shares[1]);
     row.top_k = summarize_shares(shares[2]);
     row.total = summarize_shares(shares[3]);
+    row.needed = summarize_support(needed, needed_positions);
+    needed_all.insert(needed_all.end(), needed.begin(), needed.end());
+    needed_positions_all += needed_positions;
     for (int64_t s = 0; s < sel_count; ++s) {
       row.selectors.push_back(summarize_shares(shares[4 + s]));
       row.support_mean.push_back(support_sum[s] / static_cast<double>(counted * heads));
@@ -194,6 +256,7 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   pooled.window = summarize_shares(std::move(all[1]));
   pooled.top_k = summarize_shares(std::move(all[2]));
   pooled.total = summarize_shares(std::move(all[3]));
+  pooled.needed = summarize_support(std::move(needed_all), needed_positions_all);
   const double queries_all = static_cast<double>(counted * heads * layers);
   for (int64_t s = 0; s < sel_count; ++s) {
     pooled.selectors.push_back(summarize_shares(std::move(all[4 + s])));

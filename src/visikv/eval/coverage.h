@@ -10,6 +10,11 @@
 //   top-k    sum of the k largest a among the positions between the two: the best any k dynamic
 //            positions of this query head could hold (per query head, no GQA pooling),
 //   a+w+k    the three together (disjoint),
+//   needed   the fewest positions that hold 1 - epsilon of the mass given anchors and window:
+//            anchors + window + the largest weights between them until the sum reaches
+//            1 - epsilon. No support that reads anchors and window (every certified support
+//            does) and leaves at most epsilon of the mass out can be smaller, so this is the
+//            floor a certified mode at that epsilon is measured against.
 //   and for each selector spec, the mass inside the support that selector reads for that query
 //   (attend over the same cache and queries, prefill-style: every query chooses afresh),
 //   with its support size.
@@ -30,19 +35,31 @@
 
 namespace visikv {
 
+struct HeadqBasisVectors;
+
 struct CoverageOptions {
   int64_t from = 256;  // only queries at positions >= from are counted
   int64_t anchors = 1, window = 64, top_k = 32;
+  double epsilon = 0.01;       // the mass the `needed` support may leave out
   KeyCodecSpec key_codec;      // f32 by default
   ValueCodecSpec value_codec;  // f32 by default
+  // Calibrated bases for selectors with a query frame (SelectorSpec::frame_rank); not owned.
+  const HeadqBasisVectors* basis = nullptr;
 };
 
 struct CoverageSummary {
   double mean = 0, p10 = 0, p1 = 0, min = 0;
 };
 
+// Support sizes as shares of the visible context: mean and high percentiles over queries.
+struct SupportShareSummary {
+  double mean = 0, p50 = 0, p90 = 0, p99 = 0, max = 0;
+  double positions = 0;  // mean positions
+};
+
 struct CoverageLayer {
   CoverageSummary anchors, window, top_k, total;
+  SupportShareSummary needed;              // fewest positions holding 1 - epsilon of the mass
   std::vector<CoverageSummary> selectors;  // one per selector spec
   std::vector<double> support_mean;        // positions read per query head, per selector
 };
@@ -63,8 +80,8 @@ CoverageSummary summarize_shares(std::vector<double> shares);
 using CoverageProgress = std::function<void(int64_t done, int64_t total)>;
 
 // `tokens`: the window, BOS included when the model uses one. Selectors must share one block
-// size (the cache's); throws visikv::Error for bad specs, sizes or options (from beyond the
-// window, negative sizes).
+// size and one query frame rank (the cache's); throws visikv::Error for bad specs, sizes or options
+// (from beyond the window, negative sizes).
 CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tokens,
                                   const std::vector<NamedSelectorSpec>& selectors,
                                   const CoverageOptions& options,

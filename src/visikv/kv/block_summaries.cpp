@@ -14,9 +14,36 @@ BlockSummary BlockSummaryTable::block(int64_t b) const {
           norms[static_cast<size_t>(b)], counts[static_cast<size_t>(b)]};
 }
 
+void KVCache::set_summary_frames(std::span<const double> /*rows*/, int64_t /*rank*/) {
+  fail("this cache (", describe(), ") keeps no summary frames");
+}
+
+namespace {
+
+// The float nearest x on the side that keeps a bound valid.
+float round_down(double x) {
+  const float f = static_cast<float>(x);
+  return static_cast<double>(f) > x ? std::nextafter(f, -INFINITY) : f;
+}
+float round_up(double x) {
+  const float f = static_cast<float>(x);
+  return static_cast<double>(f) < x ? std::nextafter(f, INFINITY) : f;
+}
+
+}  // namespace
+
 BlockSummaries::BlockSummaries(int64_t head_dim, int64_t block_size)
     : head_dim_(head_dim), block_size_(block_size) {
   require(block_size > 0, "block size must be positive, got ", block_size);
+}
+
+void BlockSummaries::set_frame(std::span<const double> rows, int64_t rank) {
+  require(positions_ == 0, "summary frame: set it before the first key");
+  require(rank >= 1 && rank <= head_dim_ && static_cast<int64_t>(rows.size()) == rank * head_dim_,
+          "summary frame: ", rows.size(), " numbers for rank ", rank, " x head_dim ", head_dim_);
+  frame_.assign(rows.begin(), rows.end());
+  frame_rank_ = rank;
+  coordinates_.assign(static_cast<size_t>(rank), 0.0);
 }
 
 // Adds one key to block `block`, whose first key starts the min / max.
@@ -35,6 +62,29 @@ void BlockSummaries::fold(int64_t block, std::span<const float> key) {
   const float rounded = static_cast<float>(std::sqrt(norm));
   const float up = rounded < std::sqrt(norm) ? std::nextafter(rounded, INFINITY) : rounded;
   norms_[block] = count == 1 ? up : std::max(norms_[block], up);
+  if (frame_rank_ == 0) return;
+  // Coordinates p_i = u_i·k and the residual r = k - sum_i p_i u_i in float64: their rounding
+  // (~d 2^-53 ||k||) is far below the float32 slack the bounds carry (block_bounds.cpp); the
+  // stored box is then rounded outward and the residual norm up.
+  const int64_t r = frame_rank_, d = head_dim_, fbase = block * r;
+  for (int64_t i = 0; i < r; ++i) {
+    const double* u = frame_.data() + i * d;
+    double p = 0;
+    for (int64_t c = 0; c < d; ++c) p += u[c] * key[c];
+    coordinates_[i] = p;
+    frame_mins_[fbase + i] =
+        count == 1 ? round_down(p) : std::min(frame_mins_[fbase + i], round_down(p));
+    frame_maxs_[fbase + i] =
+        count == 1 ? round_up(p) : std::max(frame_maxs_[fbase + i], round_up(p));
+  }
+  double residual = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    double x = key[c];
+    for (int64_t i = 0; i < r; ++i) x -= coordinates_[i] * frame_[i * d + c];
+    residual += x * x;
+  }
+  const float residual_up = round_up(std::sqrt(residual));
+  residual_norms_[block] = count == 1 ? residual_up : std::max(residual_norms_[block], residual_up);
 }
 
 void BlockSummaries::add(std::span<const float> key) {
@@ -46,6 +96,9 @@ void BlockSummaries::add(std::span<const float> key) {
     centroids_.resize(centroids_.size() + head_dim_, 0.0f);
     mins_.resize(mins_.size() + head_dim_, 0.0f);
     maxs_.resize(maxs_.size() + head_dim_, 0.0f);
+    frame_mins_.resize(frame_mins_.size() + frame_rank_, 0.0f);
+    frame_maxs_.resize(frame_maxs_.size() + frame_rank_, 0.0f);
+    if (frame_rank_ > 0) residual_norms_.push_back(0.0f);
   }
   fold(block, key);
   ++positions_;
@@ -64,7 +117,8 @@ void BlockSummaries::rebuild(int64_t block, std::span<const float> keys) {
 }
 
 BlockSummaryTable BlockSummaries::table() const {
-  return {blocks(), head_dim_, centroids_, mins_, maxs_, norms_, counts_};
+  return {blocks(), head_dim_,   centroids_, mins_,       maxs_,       norms_,
+          counts_,  frame_rank_, frame_,     frame_mins_, frame_maxs_, residual_norms_};
 }
 
 void BlockSummaries::clear() {
@@ -75,6 +129,9 @@ void BlockSummaries::clear() {
   maxs_.clear();
   norms_.clear();
   counts_.clear();
+  frame_mins_.clear();
+  frame_maxs_.clear();
+  residual_norms_.clear();
 }
 
 }  // namespace visikv

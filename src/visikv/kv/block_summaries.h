@@ -15,6 +15,9 @@ namespace visikv {
 class BlockSummaries {
  public:
   BlockSummaries(int64_t head_dim, int64_t block_size);
+  // Also keep the box of the keys' coordinates in `rank` orthonormal rows ({rank, head_dim},
+  // copied) and the largest residual norm outside them (BlockSummaryTable). Only while empty.
+  void set_frame(std::span<const double> rows, int64_t rank);
   void add(std::span<const float> key);  // the key of the next position
   // Recomputes block `block` from `keys` ({count, head_dim}): the stored form of every key the
   // block holds so far (count = the block's current count).
@@ -31,6 +34,9 @@ class BlockSummaries {
   int64_t head_dim_, block_size_, positions_ = 0;
   std::vector<double> sums_;
   std::vector<float> centroids_, mins_, maxs_, norms_;
+  int64_t frame_rank_ = 0;
+  std::vector<double> frame_, coordinates_;  // the rows; one key's coordinates (scratch)
+  std::vector<float> frame_mins_, frame_maxs_, residual_norms_;
   std::vector<int64_t> counts_;
 };
 

@@ -58,10 +58,19 @@ struct BlockSummary {
 
 // Every block summary of one (layer, KV head) as contiguous arrays, so a selector scans all
 // blocks in one pass: centroids, mins and maxs are {blocks, head_dim}; norms and counts {blocks}.
+//
+// With a summary frame (KVCache::set_summary_frames: `frame_rank` orthonormal rows u_i, e.g. the
+// head's top query directions) each block also holds the box of its keys' coordinates in the
+// frame, p_i = u_i·k: frame_mins / frame_maxs ({blocks, frame_rank}, rounded outward), and the
+// largest norm of the part of a key outside the frame, ||k - sum_i p_i u_i|| (residual_norms,
+// {blocks}, rounded up). Bounds on q·k then spend their slack only where queries look.
 struct BlockSummaryTable {
   int64_t blocks = 0, head_dim = 0;
   std::span<const float> centroids, mins, maxs, norms;
   std::span<const int64_t> counts;
+  int64_t frame_rank = 0;         // 0: no frame
+  std::span<const double> frame;  // {frame_rank, head_dim}
+  std::span<const float> frame_mins, frame_maxs, residual_norms;
 
   BlockSummary block(int64_t b) const;  // throws visikv::Error when b is out of range
 };
@@ -98,6 +107,11 @@ class KVCache {
   // positions [b * block_size, ...)); updated as tokens are appended.
   virtual int64_t block_size() const = 0;
   virtual BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const = 0;
+  // Makes the summaries also describe keys in a frame per head (BlockSummaryTable): `rows` is
+  // {layers * kv_heads, rank, head_dim}, head index layer * kv_heads + kv_head, each head's rows
+  // orthonormal. Only while the cache is empty; throws visikv::Error for a cache that keeps no
+  // frames, a non-empty cache or rows of the wrong size.
+  virtual void set_summary_frames(std::span<const double> rows, int64_t rank);
   BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const {
     return summaries(layer, kv_head).block(block);
   }

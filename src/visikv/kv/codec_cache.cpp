@@ -193,6 +193,19 @@ BlockSummaryTable CodecCache::summaries(int64_t layer, int64_t kv_head) const {
   return summaries_[head_index(layer, kv_head)].table();
 }
 
+void CodecCache::set_summary_frames(std::span<const double> rows, int64_t rank) {
+  const int64_t heads = shape_.layers * shape_.kv_heads, d = shape_.head_dim;
+  require(rank >= 1 && rank <= d, "summary frames: rank ", rank, " must be in [1, ", d, "]");
+  require(static_cast<int64_t>(rows.size()) == heads * rank * d, "summary frames: ", rows.size(),
+          " numbers for ", heads, " heads x rank ", rank, " x head_dim ", d);
+  for (int64_t layer = 0; layer < shape_.layers; ++layer)
+    require(lengths_[layer] == 0, "summary frames: set them before the first token (layer ", layer,
+            " holds ", lengths_[layer], ")");
+  for (int64_t i = 0; i < heads; ++i)
+    summaries_[i].set_frame(
+        rows.subspan(static_cast<size_t>(i * rank * d), static_cast<size_t>(rank * d)), rank);
+}
+
 void CodecCache::clear() {
   for (auto& store : keys_.stores) store->clear();
   for (auto& store : values_.stores) store->clear();

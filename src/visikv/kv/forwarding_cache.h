@@ -35,6 +35,9 @@ class ForwardingCache : public KVCache {
   BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override {
     return inner_->summaries(layer, kv_head);
   }
+  void set_summary_frames(std::span<const double> rows, int64_t rank) override {
+    inner_->set_summary_frames(rows, rank);
+  }
   void clear() override { inner_->clear(); }
   bool records_attention() const override { return inner_->records_attention(); }
   void record_attention(int64_t layer, int64_t kv_head, std::span<const float> weights,
