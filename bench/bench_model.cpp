@@ -2,7 +2,9 @@
 //   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or
 //   default; cache codec for keys and values: $VISIKV_BENCH_CACHE, default f16, any spec of
 //   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok; products: $VISIKV_BENCH_NUMERICS,
-//   exact (default) or int8, as `visikv generate --numerics`)
+//   exact (default) or int8, as `visikv generate --numerics`; attention support of the decode
+//   steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md without a query frame,
+//   dense by default (the prefill before them is dense))
 // Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
 // N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
 #include <benchmark/benchmark.h>
@@ -12,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "visikv/attention/support.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/text_input.h"
 #include "visikv/kv/cache_factory.h"
@@ -40,10 +43,18 @@ Loaded& loaded() {
   return instance;
 }
 
+SelectorSpec bench_selector() {
+  const char* name = std::getenv("VISIKV_BENCH_SELECTOR");
+  return parse_selector_spec(name != nullptr ? name : "dense");
+}
+
 std::unique_ptr<KVCache> make_bench_cache(const Decoder& decoder, int64_t tokens) {
   const char* name = std::getenv("VISIKV_BENCH_CACHE");
   const std::string spec = name != nullptr ? name : "f16";
-  return make_cache(decoder.cache_shape(), spec, spec, tokens);
+  const SelectorSpec selector = bench_selector();
+  auto cache = make_cache(decoder.cache_shape(), spec, spec, tokens, selector.cache_block_size());
+  prepare_summaries(*cache, selector, nullptr);
+  return cache;
 }
 
 // A decoder with the products $VISIKV_BENCH_NUMERICS asks for.
@@ -76,14 +87,24 @@ void Decode(benchmark::State& state) {
   Decoder decoder = make_bench_decoder(l.model);
   const int64_t n = state.range(0);
   auto cache = make_bench_cache(decoder, n + kDecodeSteps);
+  const std::unique_ptr<Support> support = make_support(bench_selector());
+  std::vector<SparseQueryStats> stats;
+  double support_sum = 0, support_count = 0;
   for (auto _ : state) {
     state.PauseTiming();
     cache->clear();
+    support->reset();
     decoder.forward({l.text.data(), static_cast<size_t>(n)}, *cache, LogitRows::Last, discard);
     state.ResumeTiming();
     for (int64_t i = 0; i < kDecodeSteps; ++i)
-      decoder.forward({l.text.data() + n + i, 1}, *cache, LogitRows::Last, discard);
+      decoder.forward({l.text.data() + n + i, 1}, *cache, LogitRows::Last, discard,
+                      {.support = support.get(),
+                       .support_stats = [&](int64_t, std::span<const SparseQueryStats> s) {
+                         for (const SparseQueryStats& q : s) support_sum += q.support;
+                         support_count += static_cast<double>(s.size());
+                       }});
   }
+  if (support_count > 0) state.counters["support"] = support_sum / support_count;
   state.counters["tokens_per_s"] = benchmark::Counter(
       static_cast<double>(kDecodeSteps), benchmark::Counter::kIsIterationInvariantRate);
 }

@@ -51,6 +51,7 @@ const Context& context(int64_t n) {
   }
   for (float& x : direction) x = static_cast<float>(x / std::sqrt(norm));
   current.cache = make_dense_cache({1, kKvHeads, kHeadDim}, DenseFormat::F16, n, kBlock);
+  current.cache->set_position_sketches(8);  // for the certified rows with :p8 (others ignore it)
   const int64_t row = kKvHeads * kHeadDim, chunk = 4096;
   std::vector<float> keys(chunk * row), values(chunk * row);
   for (int64_t start = 0; start < n; start += chunk) {
@@ -107,6 +108,7 @@ int main(int argc, char** argv) {
       "sparse:a1:w64:k128:b16:centroid",
       "sparse:a1:w64:k128:b16:bound",
       "certified:a1:w64:b16:eps0.01",
+      "certified:a1:w64:b16:eps0.01:p8",
   };
   for (const int64_t n : {1024, 4096, 16384, 65536}) {
     for (const std::string& spec : specs) {

@@ -145,6 +145,7 @@ class PyGeneration {
     state_->cache =
         make_cache(state_->decoder.cache_shape(), state_->specs.keys, state_->specs.values, reserve,
                    state_->specs.selector.cache_block_size(), state_->specs.basis_vectors());
+    prepare_summaries(*state_->cache, state_->specs.selector, state_->specs.basis_vectors());
     options.support = state_->support.get();
     state_->generation.emplace(state_->decoder, *state_->cache, prompt, options);
   }
@@ -242,6 +243,7 @@ class PyModel {
       auto cache = make_cache(decoder.cache_shape(), specs.keys, specs.values,
                               static_cast<int64_t>(tokens.size()),
                               specs.selector.cache_block_size(), specs.basis_vectors());
+      prepare_summaries(*cache, specs.selector, specs.basis_vectors());
       const std::unique_ptr<Support> support = make_support(specs.selector);
       out = decoder.all_logits(tokens, *cache, {.support = support.get()});
     }

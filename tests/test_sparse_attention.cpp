@@ -107,10 +107,10 @@ TEST(SelectorSpec, ParsesAndDescribes) {
   const SelectorSpec c = parse_selector_spec("certified:w64:eps0.01:a1:b16");
   EXPECT_EQ(c.kind, SelectorKind::Certified);
   EXPECT_DOUBLE_EQ(c.epsilon, 0.01);
-  for (const char* text :
-       {"dense", "sparse:a1:w64:k32:exact", "sparse:a4:w8", "sparse:a0:w64:k32:bound:r3",
-        "certified:a1:w64:b16:eps0.001:gqa=head", "certified:a1:w64:eps1e-05",
-        "certified:a1:w64:b16:q16:eps0.01", "sparse:a1:w64:k32:b16:bound:q8"}) {
+  for (const char* text : {"dense", "sparse:a1:w64:k32:exact", "sparse:a4:w8",
+                           "sparse:a0:w64:k32:bound:r3", "certified:a1:w64:b16:eps0.001:gqa=head",
+                           "certified:a1:w64:eps1e-05", "certified:a1:w64:b16:q16:eps0.01",
+                           "sparse:a1:w64:k32:b16:bound:q8", "certified:a1:w64:eps0.01:p8"}) {
     const std::string canonical = describe(parse_selector_spec(text));
     EXPECT_EQ(describe(parse_selector_spec(canonical)), canonical) << text;
   }
@@ -154,7 +154,11 @@ TEST(SelectorSpec, BadSpecsAreErrors) {
                            "certified:eps0.01:q8:q8",
                            "sparse:a1:w4:k8:exact:q8",
                            "sparse:a1:w4:k8:b8:centroid:q8",
-                           "sparse:a1:w4:q8"}) {
+                           "sparse:a1:w4:q8",
+                           "certified:eps0.1:p1",
+                           "certified:eps0.1:p9",
+                           "certified:eps0.1:p8:q8",
+                           "sparse:a1:w4:k8:b8:bound:p8"}) {
     EXPECT_THROW(parse_selector_spec(text), Error) << text;
   }
   try {
@@ -636,14 +640,17 @@ TEST(SparseAttention, RefreshReusesTheChoice) {
 // Prefill and token-by-token decode read the same supports and give the same outputs (the own
 // block is never ranked by a summary that already holds later keys).
 TEST(SparseAttention, PrefillMatchesDecode) {
-  for (const char* text : {"sparse:a1:w3:k16:centroid", "sparse:a1:w3:k16:bound:gqa=head",
-                           "sparse:a2:w5:k9:exact", "certified:a1:w3:eps0.05"}) {
+  for (const char* text :
+       {"sparse:a1:w3:k16:centroid", "sparse:a1:w3:k16:bound:gqa=head", "sparse:a2:w5:k9:exact",
+        "certified:a1:w3:eps0.05", "certified:a1:w3:eps0.05:p6"}) {
     Problem p(90, 4, 2, 16, 8, 31);
+    prepare_summaries(*p.cache, parse_selector_spec(text), nullptr);
     p.fill();
     const std::unique_ptr<Support> prefill_selector_owner = make_support(text);
     Support& prefill_selector = *prefill_selector_owner;
     const std::vector<float> prefill = p.sparse(prefill_selector);
     Problem decode_problem(90, 4, 2, 16, 8, 31);
+    prepare_summaries(*decode_problem.cache, parse_selector_spec(text), nullptr);
     const std::unique_ptr<Support> decode_selector_owner = make_support(text);
     Support& decode_selector = *decode_selector_owner;
     const int64_t row = p.heads * p.d, kv_row = p.kv_heads * p.d;
@@ -661,7 +668,7 @@ TEST(SparseAttention, PrefillMatchesDecode) {
 // ---- query frames (SelectorSpec::frame_rank, KVCache::set_summary_frames) ----
 
 // A calibrated-basis stand-in: per head, `rank` query directions whose first one is `first`
-// (normalized; the rest random), for set_query_frames (which orthonormalizes them in order).
+// (normalized; the rest random), for prepare_summaries (which orthonormalizes them in order).
 HeadqBasisVectors frame_basis(int64_t kv_heads, int64_t d, int64_t rank,
                               std::span<const float> first, uint64_t seed) {
   HeadqBasisVectors basis;
@@ -688,7 +695,7 @@ TEST(SparseAttention, FrameBoundDominatesScoresAndIsTighter) {
       std::mt19937 rng(static_cast<uint32_t>(7 + rank));
       const HeadqBasisVectors basis = frame_basis(1, d, rank, {}, 1000 + rank);
       auto cache = make_cache({1, 1, d}, codec, "f32", n, block);
-      set_query_frames(*cache, parse_selector_spec(str_cat("certified:eps0.1:q", rank)), &basis);
+      prepare_summaries(*cache, parse_selector_spec(str_cat("certified:eps0.1:q", rank)), &basis);
       std::vector<float> k = random_vector(rng, n * d), v = random_vector(rng, n * d);
       for (int64_t j = 0; j < n; ++j)
         for (int64_t c = 0; c < d; ++c) k[j * d + c] += 0.1f * c - 1.0f;
@@ -730,77 +737,147 @@ TEST(SparseAttention, FrameBoundDominatesScoresAndIsTighter) {
 // per-channel box.
 constexpr float kQueryAlong = 8.0f, kKeyAlong = 8.0f;
 
+// Queries along u with a little noise, keys noise plus a few along u: a moderate margin, which
+// the per-channel box (slack ~ ||q||_1 times the channel ranges) cannot resolve as well as the
+// frame (slack ~ |q·u| times the range along u) or per-position sketches.
+struct PlantedMargin {
+  Problem p{300, 6, 2, 32, 8, 77};
+  std::vector<float> u;
+  PlantedMargin() {
+    std::mt19937 rng(5);
+    u = random_vector(rng, p.d);
+    double norm = 0;
+    for (float x : u) norm += x * x;
+    for (float& x : u) x = static_cast<float>(x / std::sqrt(norm));
+    for (size_t i = 0; i < p.q.size(); ++i) p.q[i] = kQueryAlong * u[i % p.d] + 0.3f * p.q[i];
+    for (size_t i = 0; i < p.k.size(); ++i) p.k[i] *= 0.5f;
+    for (int64_t j : {3, 40, 41, 97, 150, 220, 221, 222, 280})
+      for (int64_t kv = 0; kv < p.kv_heads; ++kv)
+        for (int64_t c = 0; c < p.d; ++c) p.k[(j * p.kv_heads + kv) * p.d + c] += kKeyAlong * u[c];
+  }
+};
+
+// Runs certified `spec` over `codec` keys (summaries prepared from `basis`) and checks the
+// certificate on every query: δ <= ε, the dropped mass from the cache's own scores <= δ, and the
+// output error against dense attention over the same cache <= 2 δ max ||v||. Returns the total
+// support.
+int64_t checked_certified_support(Problem& p, const std::string& codec, const std::string& spec,
+                                  const HeadqBasisVectors* basis) {
+  p.use_codecs(codec, "f32");
+  prepare_summaries(*p.cache, parse_selector_spec(spec), basis);
+  p.fill();
+  const std::unique_ptr<Support> selector = make_support(spec);
+  const double epsilon = selector->spec().epsilon;
+  Recorder recorder;
+  std::vector<SparseQueryStats> stats;
+  const std::vector<float> sparse = p.sparse(*selector, &stats, &recorder);
+  const std::vector<float> dense = p.dense();
+  int64_t support = 0;
+  for (int64_t t = 0; t < p.n; ++t) {
+    const PositionSet visible = visible_positions(t, 0);
+    for (int64_t h = 0; h < p.heads; ++h) {
+      const int64_t kv = h / p.group();
+      const SparseQueryStats& st = stats[t * p.heads + h];
+      support += st.support;
+      EXPECT_LE(st.delta, epsilon) << spec;
+      std::vector<float> scores(visible.size());
+      p.cache->score(0, kv, std::span(p.query(t, h), p.d), visible, scores);
+      double m = -INFINITY;
+      for (float& x : scores) {
+        x = static_cast<float>(x * p.spec.scale);
+        m = std::max<double>(m, x);
+      }
+      const Recorder::Event& e = recorder.at(t, h);
+      const std::set<int32_t> chosen(e.positions.begin(), e.positions.end());
+      double total = 0, dropped = 0, max_value = 0, error = 0;
+      for (int64_t j = visible.begin(); j < visible.end(); ++j) {
+        const double w = std::exp(scores[j] - m);
+        total += w;
+        if (!chosen.count(static_cast<int32_t>(j))) dropped += w;
+        double value_norm = 0;
+        for (int64_t c = 0; c < p.d; ++c) value_norm += std::pow(double(p.value(j, kv)[c]), 2.0);
+        max_value = std::max(max_value, std::sqrt(value_norm));
+      }
+      EXPECT_LE(dropped / total, st.delta * (1 + 1e-9) + 1e-12) << spec << " t=" << t << " h=" << h;
+      for (int64_t c = 0; c < p.d; ++c)
+        error += std::pow(
+            double(sparse[(t * p.heads + h) * p.d + c]) - dense[(t * p.heads + h) * p.d + c], 2.0);
+      EXPECT_LE(std::sqrt(error), 2 * st.delta * max_value + 1e-5) << spec;
+    }
+  }
+  return support;
+}
+
 TEST(SparseAttention, CertifiedWithQueryFrameHoldsAndReadsLess) {
   for (const char* codec : {"f32", "int4:g16:tok"})
     for (const int64_t rank : {int64_t{8}, int64_t{32}}) {
-      // Queries along u with a little noise, keys noise plus a few along u: a moderate margin,
-      // which the per-channel box (slack ~ ||q||_1 times the channel ranges) cannot resolve
-      // as well as the frame (slack ~ |q·u| times the range along u).
-      Problem p(300, 6, 2, 32, 8, 77);
-      std::mt19937 rng(5);
-      std::vector<float> u = random_vector(rng, p.d);
-      double norm = 0;
-      for (float x : u) norm += x * x;
-      for (float& x : u) x = static_cast<float>(x / std::sqrt(norm));
-      for (size_t i = 0; i < p.q.size(); ++i) p.q[i] = kQueryAlong * u[i % p.d] + 0.3f * p.q[i];
-      for (size_t i = 0; i < p.k.size(); ++i) p.k[i] *= 0.5f;
-      for (int64_t j : {3, 40, 41, 97, 150, 220, 221, 222, 280})
-        for (int64_t kv = 0; kv < p.kv_heads; ++kv)
-          for (int64_t c = 0; c < p.d; ++c)
-            p.k[(j * p.kv_heads + kv) * p.d + c] += kKeyAlong * u[c];
-      const HeadqBasisVectors basis = frame_basis(p.kv_heads, p.d, rank, u, 50);
-      const double epsilon = 0.01;
-      int64_t support[2] = {0, 0};
-      for (int framed = 0; framed < 2; ++framed) {
-        p.use_codecs(codec, "f32");
-        const std::string spec =
-            std::string("certified:a1:w8:b8:eps0.01") + (framed ? str_cat(":q", rank) : "");
-        set_query_frames(*p.cache, parse_selector_spec(spec), &basis);
-        p.fill();
-        const std::unique_ptr<Support> selector = make_support(spec);
-        Recorder recorder;
-        std::vector<SparseQueryStats> stats;
-        const std::vector<float> sparse = p.sparse(*selector, &stats, &recorder);
-        const std::vector<float> dense = p.dense();
-        for (int64_t t = 0; t < p.n; ++t) {
-          const PositionSet visible = visible_positions(t, 0);
-          for (int64_t h = 0; h < p.heads; ++h) {
-            const int64_t kv = h / p.group();
-            const SparseQueryStats& st = stats[t * p.heads + h];
-            support[framed] += st.support;
-            ASSERT_LE(st.delta, epsilon);
-            std::vector<float> scores(visible.size());
-            p.cache->score(0, kv, std::span(p.query(t, h), p.d), visible, scores);
-            double m = -INFINITY;
-            for (float& x : scores) {
-              x = static_cast<float>(x * p.spec.scale);
-              m = std::max<double>(m, x);
-            }
-            const Recorder::Event& e = recorder.at(t, h);
-            const std::set<int32_t> chosen(e.positions.begin(), e.positions.end());
-            double total = 0, dropped = 0, max_value = 0, error = 0;
-            for (int64_t j = visible.begin(); j < visible.end(); ++j) {
-              const double w = std::exp(scores[j] - m);
-              total += w;
-              if (!chosen.count(static_cast<int32_t>(j))) dropped += w;
-              double value_norm = 0;
-              for (int64_t c = 0; c < p.d; ++c)
-                value_norm += std::pow(double(p.value(j, kv)[c]), 2.0);
-              max_value = std::max(max_value, std::sqrt(value_norm));
-            }
-            EXPECT_LE(dropped / total, st.delta * (1 + 1e-9) + 1e-12) << "t=" << t << " h=" << h;
-            for (int64_t c = 0; c < p.d; ++c)
-              error += std::pow(
-                  double(sparse[(t * p.heads + h) * p.d + c]) - dense[(t * p.heads + h) * p.d + c],
-                  2.0);
-            EXPECT_LE(std::sqrt(error), 2 * st.delta * max_value + 1e-5);
-          }
-        }
-      }
+      PlantedMargin planted;
+      const HeadqBasisVectors basis =
+          frame_basis(planted.p.kv_heads, planted.p.d, rank, planted.u, 50);
+      const int64_t box =
+          checked_certified_support(planted.p, codec, "certified:a1:w8:b8:eps0.01", &basis);
+      const int64_t framed = checked_certified_support(
+          planted.p, codec, str_cat("certified:a1:w8:b8:eps0.01:q", rank), &basis);
       // Measured: about 188K positions read with the box, 60K with the frame (of 271K visible).
-      EXPECT_LT(2 * support[1], support[0]) << codec << " rank " << rank;
-      RecordProperty(str_cat("support_box_vs_frame_", rank), str_cat(support[0], " ", support[1]));
+      EXPECT_LT(2 * framed, box) << codec << " rank " << rank;
+      RecordProperty(str_cat("support_box_vs_frame_", rank), str_cat(box, " ", framed));
     }
+}
+
+// Position sketches: the per-position bounds enclose every score the cache computes (dense,
+// quantized, rotated, KIVI-style window rebuilt as it quantizes), are narrow at 8 bits, and the
+// certified choice from them holds its certificate and reads less than block bounds.
+TEST(SparseAttention, PositionSketchBoundsEncloseScores) {
+  const int64_t d = 32, block = 8, n = 203;
+  for (const char* codec : {"f32", "f16", "int4:g16:tok", "int2:g8:chan:r16", "int2:g16:tok:had"})
+    for (const int bits : {8, 4, 2}) {
+      std::mt19937 rng(static_cast<uint32_t>(11 + bits));
+      auto cache = make_cache({1, 1, d}, codec, "f32", n, block);
+      cache->set_position_sketches(bits);
+      std::vector<float> k = random_vector(rng, n * d), v = random_vector(rng, n * d);
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t c = 0; c < d; ++c) k[j * d + c] += 0.1f * c - 1.0f;
+      for (int64_t j = 0; j < n; ++j)
+        cache->append(0, std::span(k).subspan(j * d, d), std::span(v).subspan(j * d, d), 1);
+      const BlockSummaryTable table = cache->summaries(0, 0);
+      ASSERT_EQ(table.sketch_levels, (1 << (bits - 1)) - 1);
+      const double scale = 1.0 / std::sqrt(double(d));
+      double width = 0;
+      for (int trial = 0; trial < 10; ++trial) {
+        const int64_t group = 1 + trial % 3;
+        const std::vector<float> q = random_vector(rng, group * d, trial % 2 ? 1.0f : 5.0f);
+        std::vector<float> scores(group * n);
+        cache->score(0, 0, q, PositionSet::range(0, n), scores);
+        std::vector<double> upper(n * group), lower(n * group);
+        position_bounds(table, block, 0, n, q, scale, upper, lower);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t g = 0; g < group; ++g) {
+            const double logit = static_cast<float>(scores[g * n + j] * scale);
+            ASSERT_LE(lower[j * group + g], logit) << codec << " bits " << bits << " j " << j;
+            ASSERT_GE(upper[j * group + g], logit) << codec << " bits " << bits << " j " << j;
+            width += (upper[j * group + g] - lower[j * group + g]) / (group * n * 10);
+          }
+      }
+      // Scores here spread over several nats; 8-bit sketches pin each to a small interval.
+      if (bits == 8) EXPECT_LT(width, 0.4) << codec;
+      RecordProperty(str_cat("mean_width_", bits), str_cat(width));
+    }
+}
+
+TEST(SparseAttention, CertifiedWithPositionSketchesHoldsAndReadsLess) {
+  for (const char* codec : {"f32", "int4:g16:tok", "int2:g8:chan:r16"})
+    for (const char* extra : {":p8", ":p4:gqa=head"}) {
+      PlantedMargin planted;
+      const int64_t box =
+          checked_certified_support(planted.p, codec, "certified:a1:w8:b8:eps0.01", nullptr);
+      const int64_t sketched = checked_certified_support(
+          planted.p, codec, std::string("certified:a1:w8:b8:eps0.01") + extra, nullptr);
+      EXPECT_LT(2 * sketched, box) << codec << extra;
+      RecordProperty(str_cat("support_box_vs_sketch", extra), str_cat(box, " ", sketched));
+    }
+  // Random data (no planted margin): the certificate still holds, whatever it reads.
+  Problem random(200, 6, 2, 32, 8, 79);
+  checked_certified_support(random, "f16", "certified:a1:w8:eps0.05:p8", nullptr);
 }
 
 // A frame selector needs a cache that keeps that frame; frames go in before the first token and
@@ -818,15 +895,15 @@ TEST(SparseAttention, QueryFrameBadUseIsAnError) {
     EXPECT_NE(std::string(e.what()).find("--basis"), std::string::npos) << e.what();
   }
   const HeadqBasisVectors basis = frame_basis(p.kv_heads, p.d, 4, {}, 3);
-  EXPECT_THROW(set_query_frames(*p.cache, framed->spec(), &basis), Error);  // not empty
+  EXPECT_THROW(prepare_summaries(*p.cache, framed->spec(), &basis), Error);  // not empty
   Problem empty(40, 4, 2, 16, 8, 1);
-  EXPECT_THROW(set_query_frames(*empty.cache, framed->spec(), nullptr), Error);
-  EXPECT_THROW(set_query_frames(*empty.cache, parse_selector_spec("certified:eps0.1:q8"), &basis),
+  EXPECT_THROW(prepare_summaries(*empty.cache, framed->spec(), nullptr), Error);
+  EXPECT_THROW(prepare_summaries(*empty.cache, parse_selector_spec("certified:eps0.1:q8"), &basis),
                Error);  // the basis holds 4 directions
   const HeadqBasisVectors wrong_heads = frame_basis(1, p.d, 4, {}, 3);
-  EXPECT_THROW(set_query_frames(*empty.cache, framed->spec(), &wrong_heads), Error);
+  EXPECT_THROW(prepare_summaries(*empty.cache, framed->spec(), &wrong_heads), Error);
   EXPECT_THROW(empty.cache->set_summary_frames(std::vector<double>(7), 4), Error);
-  set_query_frames(*empty.cache, framed->spec(), &basis);
+  prepare_summaries(*empty.cache, framed->spec(), &basis);
   empty.fill();
   EXPECT_NO_THROW(attend(*empty.cache, 0, q, 1, 39, empty.spec, *framed, out));
   // The same cache serves a selector without a frame, which ignores it.

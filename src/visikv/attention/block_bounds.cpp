@@ -7,12 +7,15 @@
 
 #include "visikv/core/error.h"
 #include "visikv/core/vec.h"
+#include "visikv/kv/block_summaries.h"
 
 namespace visikv {
 
 namespace {
 
 constexpr double kUnitRoundoff = 0x1p-24;
+constexpr int64_t kMaxBoundGroup = 64;  // query heads per KV head a bound call takes
+constexpr int64_t kMaxSketchDim = 512;  // head_dim a position-bound call takes
 
 // sum_c max(q_c lo_c, q_c hi_c) and sum_c max(|q_c lo_c|, |q_c hi_c|), in float32 (AVX2).
 struct BoxSums {
@@ -167,6 +170,106 @@ void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t c
       out[b * group + g] = std::min(
           out[b * group + g], frame_bound(frame[g], flo, fhi, residual, key_norm, r, d, scale));
   }
+}
+
+// With y = H k the rotated key (sketch_rotation; H orthonormal, so q·k = (Hq)·y and ||Hq|| =
+// ||q||), ỹ = offset + step * code its sketch and e >= ||y - ỹ|| (sketch_errors), writing q for
+// the rotated query Hq below:
+//   q·y = q·ỹ + q·(y - ỹ),   |q·(y - ỹ)| <= ||q|| e.
+// The query is split exactly (in float64) into a 16-bit level and a remainder,
+//   q = s q16 + r   (q16 = round(q / s), s = max|q_c| / 32767),
+// so q·ỹ = s (offset sum_c q16_c + step sum_c q16_c code_c) + r·ỹ, where the integer sums are
+// exact (int32: |sum| <= 512 * 32767 * 127 < 2^31) and |r·ỹ| <= ||r|| ||ỹ|| <= ||r|| (max ||k|| +
+// e);
+// ||r|| is about 2^-16 ||q||. The cache's float32 score is within the box bound's two score
+// terms of q·k, bounded with the block's largest key norm: ((2d + 4) + 4 d sqrt(d)) u ||q||
+// max ||k||. The float64 arithmetic (the split, the centre) adds below 16 d 2^-53 ||q||
+// (max ||k|| + e), and ||q|| e is multiplied by (1 + 4u) for its own rounding. The rotations are
+// float64 butterflies (log2 d levels of additions), within about log2(d) 2^-53 of exact: inside
+// the same term.
+namespace {
+
+struct SketchQuery {
+  int16_t level[kMaxSketchDim];
+  double step = 0, sum = 0;  // s and sum_c q16_c
+  double norm = 0, remainder = 0;
+};
+
+// The query rotated as the sketches are (sketch_rotation), then split.
+void split_query(const float* q, int64_t d, SketchQuery& out) {
+  double rest[kMaxSketchDim], norm = 0, top = 0;
+  std::copy(q, q + d, rest);
+  sketch_rotation(std::span(rest, static_cast<size_t>(d)));
+  for (int64_t c = 0; c < d; ++c) {
+    norm += rest[c] * rest[c];
+    top = std::max(top, std::abs(rest[c]));
+  }
+  out.norm = std::sqrt(norm);
+  const double step = top / 32767;
+  double sum = 0, remainder = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    const double code =
+        step > 0 ? std::clamp(std::nearbyint(rest[c] / step), -32767.0, 32767.0) : 0.0;
+    out.level[c] = static_cast<int16_t>(code);
+    const double r = rest[c] - step * code;
+    remainder += r * r;
+    sum += code;
+  }
+  out.step = step;
+  out.sum = sum;
+  out.remainder = std::sqrt(remainder);
+}
+
+// sum_c a_c b_c, exact in int32; a plain loop the compiler vectorizes (integer sums may be
+// reordered): sign-extend the codes to 16 bits, multiply-add pairs into 32 bits.
+inline int32_t dot_int16_int8(const int16_t* a, const int8_t* b, int64_t d) {
+  int32_t sum = 0;
+  for (int64_t c = 0; c < d; ++c) sum += static_cast<int32_t>(a[c]) * static_cast<int32_t>(b[c]);
+  return sum;
+}
+
+}  // namespace
+
+void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,
+                     int64_t count, std::span<const float> queries, double scale,
+                     std::span<double> upper, std::span<double> lower, std::span<double> largest) {
+  const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size()) / d;
+  const int64_t positions = static_cast<int64_t>(table.sketch_offsets.size());
+  require(table.sketch_levels > 0, "position bounds: the summaries keep no position sketches");
+  require(largest.empty() || static_cast<int64_t>(largest.size()) >= group,
+          "position bounds: ", largest.size(), " maxima for ", group, " queries");
+  double top[kMaxBoundGroup];
+  std::fill(top, top + kMaxBoundGroup, -INFINITY);
+  require(first >= 0 && count >= 0 && first + count <= positions && block_size > 0 &&
+              static_cast<int64_t>(upper.size()) >= count * group &&
+              static_cast<int64_t>(lower.size()) >= count * group,
+          "position bounds: positions [", first, ", ", first + count, ") of ", positions);
+  require(d <= kMaxSketchDim && group <= kMaxBoundGroup, "position bounds: head_dim ", d, " and ",
+          group, " queries exceed ", kMaxSketchDim, " and ", kMaxBoundGroup);
+  const double dd = static_cast<double>(d);
+  const double score_slack = ((2 * dd + 4) + 4 * dd * std::sqrt(dd)) * kUnitRoundoff;
+  const double tiny = 16 * dd * 0x1p-53;
+  SketchQuery split[kMaxBoundGroup];
+  for (int64_t g = 0; g < group; ++g) split_query(queries.data() + g * d, d, split[g]);
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t j = first + i;
+    const int8_t* code = table.sketch_codes.data() + j * d;
+    const double offset = table.sketch_offsets[j], step = table.sketch_steps[j];
+    const double error = table.sketch_errors[j], key_norm = table.norms[j / block_size];
+    for (int64_t g = 0; g < group; ++g) {
+      const SketchQuery& sq = split[g];
+      const double center = sq.step * (offset * sq.sum + step * dot_int16_int8(sq.level, code, d));
+      const double width = sq.norm * error * (1 + 4 * kUnitRoundoff) +
+                           (sq.remainder + tiny * sq.norm) * (key_norm + error) +
+                           score_slack * sq.norm * key_norm;
+      const double high = scale * (center + width);
+      upper[i * group + g] = high;
+      lower[i * group + g] = scale * (center - width);
+      top[g] = high > top[g] ? high : top[g];
+    }
+  }
+  if (!largest.empty())
+    for (int64_t g = 0; g < group; ++g) largest[g] = std::max(largest[g], top[g]);
 }
 
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,

@@ -29,6 +29,17 @@ double block_centroid_score(const BlockSummary& block, std::span<const float> qu
 void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t count,
                         std::span<const float> queries, double scale, std::span<double> out,
                         bool use_frame = false);
+// Bounds on the scaled score of every position [first, first + count) from the table's position
+// sketches (BlockSummaryTable; needs them), for every query of `queries` ({group, head_dim}):
+// lower[i * group + g] <= scale * q_g·k_j <= upper[i * group + g] for j = first + i, where the
+// score is the one the cache computes (float32, stored key), as the attention scales it.
+// block_size: the table's block size (the block's largest key norm enters the slack).
+// largest (optional, {group}): raised to the largest upper bound of each query.
+void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,
+                     int64_t count, std::span<const float> queries, double scale,
+                     std::span<double> upper, std::span<double> lower,
+                     std::span<double> largest = {});
+
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,
                            std::span<const float> queries, double scale, std::span<double> out);
 

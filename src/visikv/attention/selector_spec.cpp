@@ -99,14 +99,25 @@ SelectorSpec parse_selector_spec(std::string_view text) {
     } else if (f[0] == 'r') {
       once('r', f);
       spec.refresh = parse_count(text, f, f.substr(1), 1);
+    } else if (f[0] == 'p') {
+      once('p', f);
+      spec.sketch_bits = parse_count(text, f, f.substr(1), 2);
+      require(spec.sketch_bits <= 8, "selector spec '", text, "': field '", f,
+              "': position sketches take 2 to 8 bits");
     } else if (f[0] == 'q') {
       once('q', f);
       spec.frame_rank = parse_count(text, f, f.substr(1), 1);
     } else {
-      fail("selector spec '", text, "': unknown field '", f,
-           "' (expected aN, wN, kN, bN, rN, qN, epsX, exact, centroid, bound, gqa=shared|head)");
+      fail(
+          "selector spec '", text, "': unknown field '", f,
+          "' (expected aN, wN, kN, bN, rN, pN, qN, epsX, exact, centroid, bound, gqa=shared|head)");
     }
   }
+  require(spec.sketch_bits == 0 || spec.kind == SelectorKind::Certified, "selector spec '", text,
+          "': position sketches pN belong to the certified kind");
+  require(spec.sketch_bits == 0 || spec.frame_rank == 0, "selector spec '", text,
+          "': position sketches pN bound every position; a query frame qN sharpens block "
+          "bounds: give one of them");
   require(spec.frame_rank == 0 || spec.kind == SelectorKind::Certified ||
               spec.rule == SelectorRule::Bound,
           "selector spec '", text,
@@ -152,6 +163,7 @@ std::string describe(const SelectorSpec& spec) {
       break;
   }
   if (spec.frame_rank > 0) text += str_cat(":q", spec.frame_rank);
+  if (spec.sketch_bits > 0) text += str_cat(":p", spec.sketch_bits);
   if (spec.kind == SelectorKind::Certified) {
     char digits[32];  // shortest text that reads back as the same double
     const auto result = std::to_chars(digits, digits + sizeof(digits), spec.epsilon);

@@ -22,6 +22,9 @@
 //                             previous choice in between (sparse only; >= 1; default 1)
 //              | "eps" REAL   certified only, required, 0 < eps < 1: add blocks in decreasing u_b
 //                             until the bound on the dropped attention mass is <= eps
+//              | "p" INT      position sketches (certified only; 2..8 bits): instead of block
+//                             bounds, bound every candidate's score from a BITS-bit sketch of
+//                             its key and read the positions whose bounds could matter
 //              | "q" INT      query frame (certified and the bound rule; >= 1): u_b is also
 //                             bounded in the top-Q calibrated query directions of the head
 //                             plus a residual term, and the smaller bound is used; the cache
@@ -54,8 +57,9 @@ struct SelectorSpec {
   int64_t top_k = 0;       // dynamic positions (sparse with a rule)
   int64_t block_size = 0;  // 0: the cache's
   int64_t refresh = 1;
-  double epsilon = 0;      // certified
-  int64_t frame_rank = 0;  // q: query directions of the summary frame (0: none)
+  double epsilon = 0;       // certified
+  int64_t frame_rank = 0;   // q: query directions of the summary frame (0: none)
+  int64_t sketch_bits = 0;  // p: bits of the position sketches (0: none)
 
   // The block size a cache keeps its summaries at for this selector: its own, else 32.
   int64_t cache_block_size() const { return block_size > 0 ? block_size : 32; }

@@ -28,6 +28,14 @@ void Support::prepare(const KVCache& cache, const AttentionSpec& attention) {
             kept == 0 ? std::string("no summary frame") : str_cat("a frame of rank ", kept),
             ": give the command a calibrated basis (--basis)");
   }
+  if (spec_.sketch_bits > 0) {
+    const int64_t levels = cache.summaries(0, 0).sketch_levels;
+    require(levels == (int64_t{1} << (spec_.sketch_bits - 1)) - 1, "selector '", describe(spec_),
+            "' bounds positions from ", spec_.sketch_bits, "-bit key sketches, but the cache (",
+            cache.describe(), ") keeps ",
+            levels == 0 ? std::string("none") : str_cat("sketches of ", levels, " levels"),
+            " (prepare_summaries)");
+  }
 }
 
 std::unique_ptr<Support> make_support(const SelectorSpec& spec) {
@@ -47,7 +55,8 @@ std::unique_ptr<Support> make_support(std::string_view spec) {
   return make_support(parse_selector_spec(spec));
 }
 
-void set_query_frames(KVCache& cache, const SelectorSpec& spec, const HeadqBasisVectors* basis) {
+void prepare_summaries(KVCache& cache, const SelectorSpec& spec, const HeadqBasisVectors* basis) {
+  if (spec.sketch_bits > 0) cache.set_position_sketches(static_cast<int>(spec.sketch_bits));
   const int64_t rank = spec.frame_rank;
   if (rank == 0) return;
   const CacheShape& shape = cache.shape();

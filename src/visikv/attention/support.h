@@ -130,11 +130,12 @@ class Support {
 std::unique_ptr<Support> make_support(const SelectorSpec& spec);
 std::unique_ptr<Support> make_support(std::string_view spec);
 
-// Gives an empty `cache` the summary frame `spec` bounds keys in (SelectorSpec::frame_rank R):
-// per head, the top R query directions of the calibrated `basis` (kv/headq.h), orthonormalized
-// again in float64 so the bound's identity holds to float64 rounding. Does nothing for a spec
-// without a frame; throws visikv::Error naming the selector when `basis` is null or holds fewer
+// Gives an empty `cache` the summaries `spec` reads beyond the plain block summaries: position
+// sketches (SelectorSpec::sketch_bits), and the summary frame of SelectorSpec::frame_rank R: per
+// head, the top R query directions of the calibrated `basis` (kv/headq.h), orthonormalized again
+// in float64 so the bound's identity holds to float64 rounding. Does nothing for a spec that
+// needs neither; throws visikv::Error naming the selector when `basis` is null or holds fewer
 // than R directions per head, or does not match the cache's shape.
-void set_query_frames(KVCache& cache, const SelectorSpec& spec, const HeadqBasisVectors* basis);
+void prepare_summaries(KVCache& cache, const SelectorSpec& spec, const HeadqBasisVectors* basis);
 
 }  // namespace visikv

@@ -35,6 +35,7 @@ void CertifiedSupport::prepare(const KVCache& cache, const AttentionSpec& attent
 // sum in increasing order of the terms (no cancellation).
 ChosenSupport CertifiedSupport::choose(const SupportQuery& query, SupportScratch& scratch,
                                        SparseQueryStats& stats) {
+  if (spec().sketch_bits > 0) return choose_positions(query, scratch, stats);
   const int64_t group = query.group, block = block_;
   const Region r = make_region(query.position, query.model_window, spec(), block);
   // Raw scores of the fixed part (anchors and tail), scaled exactly as the attention scales them.
@@ -121,6 +122,177 @@ ChosenSupport CertifiedSupport::choose(const SupportQuery& query, SupportScratch
   std::sort(scratch.items.begin(), scratch.items.end());
   stats.blocks_read = static_cast<int64_t>(scratch.items.size());
   const PositionSet support = build_support(r, true, block, scratch, stats.dynamic);
+  gather_support_scores(r, support, group, scratch);
+  return {support, true};
+}
+
+namespace {
+
+// Position-bound buckets: width 1/8 nat below the largest bound, the last one open below.
+constexpr double kBucketWidth = 0.125;
+constexpr int64_t kBuckets = 320;
+// The share of ε the unread candidates may take (their bound); the rest is left for read keys
+// whose values are then not read (the lightest of them).
+constexpr double kKeyShare = 0.5;
+
+// exp(-k h) (an upper bound on exp(v) in bucket k) and exp(-(k + 1) h) (a lower bound; 0 for the
+// open last bucket), each nudged outward past its own rounding.
+struct BucketExps {
+  double ceiling[kBuckets], floor[kBuckets];
+  BucketExps() {
+    for (int64_t k = 0; k < kBuckets; ++k) {
+      ceiling[k] = std::exp(-static_cast<double>(k) * kBucketWidth) * (1 + 1e-12);
+      floor[k] = k + 1 < kBuckets
+                     ? std::exp(-static_cast<double>(k + 1) * kBucketWidth) * (1 - 1e-12)
+                     : 0.0;
+    }
+  }
+};
+const BucketExps kBucketExps;
+
+inline int64_t bucket_of(double v) {         // v <= 0
+  const double k = -v * (1 / kBucketWidth);  // 8: exact
+  return k >= static_cast<double>(kBuckets - 1) ? kBuckets - 1 : static_cast<int64_t>(k);
+}
+
+}  // namespace
+
+// Position sketches give every candidate j bounds l_jg <= s_jg <= u_jg on each query's scaled
+// score (position_bounds). The claim and proof above hold with singleton "blocks":
+// δ_g = Ẑ_g / (Z_S,g + Ẑ_g) for any Ẑ_g >= sum over unread candidates of exp(s_jg - m_g).
+//
+// With v_j = max_g (u_jg - m_g) and w_j = min_g (l_jg - m_g), candidate j falls in bucket
+// k(v_j) (width h below 0), and the choice reads every candidate of the buckets above a cut:
+//   Ẑ(cut) = sum_{k >= cut} count_k exp(-k h) >= sum_{unread} exp(v_j) >= Ẑ_g, and
+//   Zlow_g(cut) = Z_fixed,g + sum_{j read} exp(-(k(w_j) + 1) h) <= Z_S,g.
+// The cut is the first at which Ẑ <= ε (Zlow_g + Ẑ) for every query g, which proves
+// δ_g <= Ẑ / (Z_S,g + Ẑ) <= ε before any key is read; δ_g is reported with the exact Z_S,g of
+// the support. Histograms replace sorting, and no exponential is taken per candidate.
+ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, SupportScratch& scratch,
+                                                 SparseQueryStats& stats) {
+  const int64_t group = query.group;
+  const Region r = make_region(query.position, query.model_window, spec(), block_);
+  score_fixed_part(query, r, scratch);
+  const int64_t fixed = static_cast<int64_t>(scratch.fixed.size());
+  const double scale = query.scale;
+  const auto scaled = [scale](float raw) {
+    return static_cast<double>(static_cast<float>(raw * scale));
+  };
+  const int64_t n = std::max<int64_t>(0, r.candidates());
+
+  std::vector<double>& upper = scratch.bounds;
+  std::vector<double>& lower = scratch.suffix;
+  upper.resize(static_cast<size_t>(n * group));
+  lower.resize(static_cast<size_t>(n * group));
+  std::vector<double>& m = scratch.reference;  // per query: the largest score or bound
+  m.assign(static_cast<size_t>(group), -INFINITY);
+  if (n > 0)
+    position_bounds(query.cache.summaries(query.layer, query.kv_head), block_, r.anchors_end, n,
+                    query.queries, scale, upper, lower, m);
+  stats.summaries_read = n;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < fixed; ++i)
+      m[g] = std::max(m[g], scaled(scratch.fixed_scores[g * fixed + i]));
+  std::vector<double>& z = scratch.partition;  // Z_fixed, then Z_S per query
+  z.assign(static_cast<size_t>(group), 0.0);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < fixed; ++i)
+      z[g] += std::exp(scaled(scratch.fixed_scores[g * fixed + i]) - m[g]);
+
+  // counts[k]: candidates in bucket k; below[k]: their lower masses, sum exp(-(k(w_j) + 1) h).
+  std::vector<double>& counts = scratch.ranking;
+  counts.assign(2 * kBuckets, 0.0);
+  double* below = counts.data() + kBuckets;
+  scratch.order.resize(static_cast<size_t>(n));  // the bucket of each candidate
+  for (int64_t i = 0; i < n; ++i) {
+    double v = -INFINITY, w = INFINITY;
+    for (int64_t g = 0; g < group; ++g) {
+      v = std::max(v, upper[i * group + g] - m[g]);
+      w = std::min(w, lower[i * group + g] - m[g]);
+    }
+    const int64_t k = bucket_of(v);
+    scratch.order[i] = static_cast<int32_t>(k);
+    counts[k] += 1;
+    below[k] += kBucketExps.floor[bucket_of(w)];
+  }
+  double dropped = 0;
+  for (int64_t k = 0; k < kBuckets; ++k) dropped += counts[k] * kBucketExps.ceiling[k];
+  // Zlow_g differs between queries only by Z_fixed,g: the pooled lower masses are common.
+  const double epsilon = spec().epsilon * (1 - 1e-9);
+  const double least_fixed = *std::min_element(z.begin(), z.end());
+  double read_low = 0;
+  int64_t cut = 0;
+  for (; cut < kBuckets; ++cut) {
+    if (dropped <= kKeyShare * epsilon * (least_fixed + read_low + dropped)) break;
+    dropped = cut + 1 < kBuckets ? dropped - counts[cut] * kBucketExps.ceiling[cut] : 0.0;
+    read_low += below[cut];
+  }
+  if (dropped < 0) dropped = 0;  // float64 cancellation in the running difference
+
+  // Read the chosen candidates' keys (their scores serve the attention).
+  scratch.items.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (scratch.order[i] < cut) scratch.items.push_back(static_cast<int32_t>(r.anchors_end + i));
+  const int64_t chosen = static_cast<int64_t>(scratch.items.size());
+  scratch.selection.resize(static_cast<size_t>(group * n));
+  scratch.block_scores.resize(static_cast<size_t>(group * chosen));
+  if (chosen > 0)
+    query.cache.score(query.layer, query.kv_head, query.queries, PositionSet::list(scratch.items),
+                      scratch.block_scores);
+  // weights[c * group + g] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
+  std::vector<double>& weights = lower;  // the lower bounds are no longer needed
+  weights.resize(static_cast<size_t>(chosen * group));
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t c = 0; c < chosen; ++c) {
+      const float raw = scratch.block_scores[g * chosen + c];
+      scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] = raw;
+      z[g] += weights[c * group + g] = std::exp(scaled(raw) - m[g]);
+    }
+  // Of the read candidates, leave out the lightest while every query keeps δ_g <= ε, with
+  // δ_g = (Z_D,g + Ẑ) / (Z_C,g + Ẑ) for the left-out set D (its scores are known; the proof
+  // above holds with the dropped mass Z_D,g + Z_unread,g <= Z_D,g + Ẑ): their values are not
+  // read. The budget per query is ε (Z_C,g + Ẑ) - Ẑ >= 0 (the cut ensured it).
+  std::vector<double>& budget = scratch.deltas;
+  budget.resize(static_cast<size_t>(group));
+  for (int64_t g = 0; g < group; ++g) budget[g] = epsilon * (z[g] + dropped) - dropped;
+  // Lightest first, by buckets of the pooled share of the budget, share_c = max_g weight / budget
+  // (1/8-nat steps of log share below 1, no sort): whole buckets are left out, from the lightest
+  // up, while every query's left-out mass fits its budget.
+  std::vector<int32_t>& bucket = scratch.order;  // per read candidate; kBuckets: never left out
+  bucket.resize(static_cast<size_t>(chosen));
+  std::vector<double>& mass = counts;  // {kBuckets, group}: weight per bucket and query
+  mass.assign(static_cast<size_t>(kBuckets * group), 0.0);
+  for (int64_t c = 0; c < chosen; ++c) {
+    double share = 0;
+    for (int64_t g = 0; g < group; ++g)
+      share = std::max(share, budget[g] > 0 ? weights[c * group + g] / budget[g] : INFINITY);
+    // share >= 1 never fits; else bucket k holds log share in (-(k+1) h, -k h], the last open.
+    const int64_t k = share >= 1 ? kBuckets : bucket_of(std::log(share));
+    bucket[c] = static_cast<int32_t>(k);
+    if (k < kBuckets)
+      for (int64_t g = 0; g < group; ++g) mass[k * group + g] += weights[c * group + g];
+  }
+  std::vector<double> left_out(static_cast<size_t>(group), 0.0);
+  int64_t lightest_kept = kBuckets;  // buckets >= this are left out
+  for (int64_t k = kBuckets - 1; k >= 0; --k) {
+    bool fits = true;
+    for (int64_t g = 0; g < group && fits; ++g)
+      fits = left_out[g] + mass[k * group + g] <= budget[g];
+    if (!fits) break;
+    for (int64_t g = 0; g < group; ++g) left_out[g] += mass[k * group + g];
+    lightest_kept = k;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    const double out = left_out[g] + dropped;
+    scratch.deltas[g] = out > 0 ? out / (z[g] + dropped) : 0.0;
+  }
+  int64_t kept = 0;
+  for (int64_t c = 0; c < chosen; ++c)
+    if (bucket[c] < lightest_kept || bucket[c] == kBuckets)
+      scratch.items[kept++] = scratch.items[c];
+  stats.selection_scores = chosen - kept;
+  scratch.items.resize(static_cast<size_t>(kept));
+  const PositionSet support = build_support(r, false, block_, scratch, stats.dynamic);
   gather_support_scores(r, support, group, scratch);
   return {support, true};
 }

@@ -16,6 +16,10 @@ class CertifiedSupport final : public Support {
                        SparseQueryStats& stats) override;
 
  private:
+  // The certified choice from position sketches (SelectorSpec::sketch_bits).
+  ChosenSupport choose_positions(const SupportQuery& query, SupportScratch& scratch,
+                                 SparseQueryStats& stats);
+
   int64_t block_ = 1;  // the cache's summary block size
 };
 

@@ -89,6 +89,7 @@ void add_generate_command(CLI::App& app) {
         generation_cache_reserve(static_cast<int64_t>(prompt.size()), options.max_new_tokens);
     auto cache = make_cache(decoder.cache_shape(), flags->keys, flags->values, reserve,
                             selector_spec.cache_block_size());
+    prepare_summaries(*cache, selector_spec, nullptr);
     const std::unique_ptr<Support> support = make_support(selector_spec);
     options.support = support.get();
     options.stop_at_eos = !flags->ignore_eos;

@@ -126,25 +126,28 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   check_context(c, n, str_cat("coverage: a window of ", n, " tokens"));
   std::vector<SelectorSpec> specs;
   int64_t block = 0;
-  const SelectorSpec* framed = nullptr;  // a selector with a query frame
+  SelectorSpec summaries;  // the extra summaries the selectors read (frame, sketches)
   for (const NamedSelectorSpec& selector : selectors) {
     specs.push_back(selector.spec);
     const int64_t b = specs.back().block_size;
     require(b == 0 || block == 0 || b == block, "coverage: the selectors ask for block sizes ",
             block, " and ", b, "; one run uses one cache, so give them one block size");
     if (b > 0) block = b;
-    const int64_t rank = selector.spec.frame_rank;
-    require(rank == 0 || framed == nullptr || framed->frame_rank == rank,
-            "coverage: the selectors ask for query frames of rank ",
-            framed ? framed->frame_rank : 0, " and ", rank,
-            "; one run uses one cache, so give them one rank");
-    if (rank > 0) framed = &selector.spec;
+    const int64_t rank = selector.spec.frame_rank, bits = selector.spec.sketch_bits;
+    require(rank == 0 || summaries.frame_rank == 0 || summaries.frame_rank == rank,
+            "coverage: the selectors ask for query frames of rank ", summaries.frame_rank, " and ",
+            rank, "; one run uses one cache, so give them one rank");
+    require(bits == 0 || summaries.sketch_bits == 0 || summaries.sketch_bits == bits,
+            "coverage: the selectors ask for position sketches of ", summaries.sketch_bits, " and ",
+            bits, " bits; one run uses one cache, so give them one width");
+    if (rank > 0) summaries.frame_rank = rank;
+    if (bits > 0) summaries.sketch_bits = bits;
   }
   const int64_t layers = c.layers, heads = c.heads, d = c.head_dim, group = c.heads / c.kv_heads;
 
   auto cache =
       make_cache(decoder.cache_shape(), o.key_codec, o.value_codec, n, block > 0 ? block : 32);
-  if (framed) set_query_frames(*cache, *framed, o.basis);
+  prepare_summaries(*cache, summaries, o.basis);
   QueryRecorder queries(layers, n, heads, d);
   decoder.forward(tokens, *cache, LogitRows::Last, [](int64_t, int64_t, std::span<const float>) {},
                   {.observer = &queries});

@@ -80,7 +80,7 @@ class WindowRun {
                           selector.cache_block_size(), o.headq_basis)),
         mode_(o.mode) {
     if (selector.kind != SelectorKind::Dense) selector_ = make_support(selector);
-    set_query_frames(*cache_, selector, o.headq_basis);
+    prepare_summaries(*cache_, selector, o.headq_basis);
   }
 
   void start_window() {

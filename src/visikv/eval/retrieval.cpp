@@ -78,6 +78,7 @@ std::vector<std::string> greedy_answers(Decoder& decoder, std::span<const Answer
     longest = std::max<int64_t>(longest, static_cast<int64_t>(r.prompt.size()) + r.answer_tokens);
   auto cache = make_cache(decoder.cache_shape(), key_codec, value_codec, longest,
                           selector.cache_block_size());
+  prepare_summaries(*cache, selector, nullptr);
   const std::unique_ptr<Support> support = make_support(selector);
   GenerationOptions generation;
   generation.stop_at_eos = true;  // greedy: sampling temperature 0

@@ -269,6 +269,7 @@ SurvivalRow survival_row(Decoder& decoder, std::span<const DenseReference> refs,
   const Config& config = decoder.model().config();
   auto cache = make_cache(decoder.cache_shape(), o.key_codec, o.value_codec,
                           o.prefix + o.continuation, spec.cache_block_size());
+  prepare_summaries(*cache, spec, nullptr);
   std::unique_ptr<Support> selector;
   StepObserver observer(config, !dense);
   SupportStatsSink record_stats;

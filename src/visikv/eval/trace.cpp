@@ -105,6 +105,7 @@ Trace trace(Decoder& decoder, std::span<const int32_t> tokens, const TraceOption
   RecordingCache cache(make_cache(decoder.cache_shape(), options.keys, options.values, T,
                                   options.selector.cache_block_size(), options.headq_basis),
                        trace, slot);
+  prepare_summaries(cache, options.selector, options.headq_basis);
   const std::unique_ptr<Support> support = make_support(options.selector);
   RecordingObserver observer(trace, slot);
   trace.logits =

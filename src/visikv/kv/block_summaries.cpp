@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "visikv/core/error.h"
+#include "visikv/core/random.h"
 
 namespace visikv {
 
@@ -16,6 +17,10 @@ BlockSummary BlockSummaryTable::block(int64_t b) const {
 
 void KVCache::set_summary_frames(std::span<const double> /*rows*/, int64_t /*rank*/) {
   fail("this cache (", describe(), ") keeps no summary frames");
+}
+
+void KVCache::set_position_sketches(int /*bits*/) {
+  fail("this cache (", describe(), ") keeps no position sketches");
 }
 
 namespace {
@@ -44,6 +49,59 @@ void BlockSummaries::set_frame(std::span<const double> rows, int64_t rank) {
   frame_.assign(rows.begin(), rows.end());
   frame_rank_ = rank;
   coordinates_.assign(static_cast<size_t>(rank), 0.0);
+}
+
+void BlockSummaries::set_sketch(int bits) {
+  require(positions_ == 0, "position sketches: set them before the first key");
+  require(bits >= 2 && bits <= 8, "position sketches: bits must be in [2, 8], got ", bits);
+  sketch_levels_ = (int64_t{1} << (bits - 1)) - 1;
+  sketch_key_.assign(static_cast<size_t>(head_dim_), 0.0);
+}
+
+bool sketch_rotates(int64_t dim) { return dim >= 2 && (dim & (dim - 1)) == 0; }
+
+void sketch_rotation(std::span<double> x) {
+  const int64_t d = static_cast<int64_t>(x.size());
+  if (!sketch_rotates(d)) return;
+  uint64_t state = 0x5ce7'c400'0b0dULL;
+  for (int64_t c = 0; c < d; ++c)
+    if (splitmix64(state) & 1) x[c] = -x[c];
+  for (int64_t half = 1; half < d; half *= 2)
+    for (int64_t i = 0; i < d; i += 2 * half)
+      for (int64_t j = i; j < i + half; ++j) {
+        const double a = x[j], b = x[j + half];
+        x[j] = a + b;
+        x[j + half] = a - b;
+      }
+  const double norm = 1 / std::sqrt(static_cast<double>(d));
+  for (double& v : x) v *= norm;
+}
+
+// The key is rotated (sketch_rotation), then codes round (y_c - offset) / step to [-L, L] with
+// offset the midpoint of y's range and step = range / 2L; the error norm is of the
+// reconstruction the bounds use, in float64, rounded up. A constant y gets step 0 and error 0.
+void BlockSummaries::sketch(int64_t position, std::span<const float> key) {
+  const int64_t d = head_dim_, levels = sketch_levels_;
+  double* y = sketch_key_.data();
+  std::copy(key.begin(), key.end(), y);
+  sketch_rotation(sketch_key_);
+  const auto [lo, hi] = std::minmax_element(y, y + d);
+  const float offset = static_cast<float>((*lo + *hi) / 2);
+  const float step = static_cast<float>((*hi - *lo) / (2.0 * levels));
+  int8_t* codes = sketch_codes_.data() + position * d;
+  double error = 0;
+  for (int64_t c = 0; c < d; ++c) {
+    const double code =
+        step > 0 ? std::clamp(std::nearbyint((y[c] - static_cast<double>(offset)) / step),
+                              -static_cast<double>(levels), static_cast<double>(levels))
+                 : 0.0;
+    codes[c] = static_cast<int8_t>(code);
+    const double diff = y[c] - (static_cast<double>(offset) + static_cast<double>(step) * code);
+    error += diff * diff;
+  }
+  sketch_offsets_[position] = offset;
+  sketch_steps_[position] = step;
+  sketch_errors_[position] = round_up(std::sqrt(error));
 }
 
 // Adds one key to block `block`, whose first key starts the min / max.
@@ -101,6 +159,13 @@ void BlockSummaries::add(std::span<const float> key) {
     if (frame_rank_ > 0) residual_norms_.push_back(0.0f);
   }
   fold(block, key);
+  if (sketch_levels_ > 0) {
+    sketch_codes_.resize(sketch_codes_.size() + head_dim_);
+    sketch_offsets_.push_back(0.0f);
+    sketch_steps_.push_back(0.0f);
+    sketch_errors_.push_back(0.0f);
+    sketch(positions_, key);
+  }
   ++positions_;
 }
 
@@ -112,13 +177,19 @@ void BlockSummaries::rebuild(int64_t block, std::span<const float> keys) {
   const int64_t count = counts_[block], base = block * head_dim_;
   counts_[block] = 0;
   std::fill(sums_.begin() + base, sums_.begin() + base + head_dim_, 0.0);
-  for (int64_t i = 0; i < count; ++i)
-    fold(block, keys.subspan(static_cast<size_t>(i * head_dim_), static_cast<size_t>(head_dim_)));
+  for (int64_t i = 0; i < count; ++i) {
+    const std::span<const float> key =
+        keys.subspan(static_cast<size_t>(i * head_dim_), static_cast<size_t>(head_dim_));
+    fold(block, key);
+    if (sketch_levels_ > 0) sketch(block * block_size_ + i, key);
+  }
 }
 
 BlockSummaryTable BlockSummaries::table() const {
-  return {blocks(), head_dim_,   centroids_, mins_,       maxs_,       norms_,
-          counts_,  frame_rank_, frame_,     frame_mins_, frame_maxs_, residual_norms_};
+  return {blocks(),      head_dim_,       centroids_,     mins_,         maxs_,
+          norms_,        counts_,         frame_rank_,    frame_,        frame_mins_,
+          frame_maxs_,   residual_norms_, sketch_levels_, sketch_codes_, sketch_offsets_,
+          sketch_steps_, sketch_errors_};
 }
 
 void BlockSummaries::clear() {
@@ -132,6 +203,10 @@ void BlockSummaries::clear() {
   frame_mins_.clear();
   frame_maxs_.clear();
   residual_norms_.clear();
+  sketch_codes_.clear();
+  sketch_offsets_.clear();
+  sketch_steps_.clear();
+  sketch_errors_.clear();
 }
 
 }  // namespace visikv

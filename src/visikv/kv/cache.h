@@ -71,6 +71,15 @@ struct BlockSummaryTable {
   int64_t frame_rank = 0;         // 0: no frame
   std::span<const double> frame;  // {frame_rank, head_dim}
   std::span<const float> frame_mins, frame_maxs, residual_norms;
+  // With position sketches (KVCache::set_position_sketches), every stored key k_j also as a few
+  // bits per number, taken of its rotation y_j = H k_j (sketch_rotation in block_summaries.h):
+  // ỹ_j = offset_j + step_j * code_j (codes in [-L, L], L = 2^(bits-1) - 1, sketch_codes
+  // {positions, head_dim}), and sketch_errors[j] >= ||y_j - ỹ_j||_2 (rounded up), so q·k_j =
+  // (Hq)·y_j lies within ||q|| sketch_errors[j] of (Hq)·ỹ_j: bounds per position at a few bits'
+  // reading cost. Empty without sketches.
+  int64_t sketch_levels = 0;  // L; 0: no sketches
+  std::span<const int8_t> sketch_codes;
+  std::span<const float> sketch_offsets, sketch_steps, sketch_errors;
 
   BlockSummary block(int64_t b) const;  // throws visikv::Error when b is out of range
 };
@@ -112,6 +121,10 @@ class KVCache {
   // orthonormal. Only while the cache is empty; throws visikv::Error for a cache that keeps no
   // frames, a non-empty cache or rows of the wrong size.
   virtual void set_summary_frames(std::span<const double> rows, int64_t rank);
+  // Makes the summaries also keep a `bits`-bit sketch of every stored key (BlockSummaryTable),
+  // 2 <= bits <= 8. Only while the cache is empty; throws visikv::Error otherwise or for a cache
+  // that keeps no sketches.
+  virtual void set_position_sketches(int bits);
   BlockSummary summary(int64_t layer, int64_t kv_head, int64_t block) const {
     return summaries(layer, kv_head).block(block);
   }

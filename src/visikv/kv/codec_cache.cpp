@@ -206,6 +206,13 @@ void CodecCache::set_summary_frames(std::span<const double> rows, int64_t rank) 
         rows.subspan(static_cast<size_t>(i * rank * d), static_cast<size_t>(rank * d)), rank);
 }
 
+void CodecCache::set_position_sketches(int bits) {
+  for (int64_t layer = 0; layer < shape_.layers; ++layer)
+    require(lengths_[layer] == 0, "position sketches: set them before the first token (layer ",
+            layer, " holds ", lengths_[layer], ")");
+  for (BlockSummaries& s : summaries_) s.set_sketch(bits);
+}
+
 void CodecCache::clear() {
   for (auto& store : keys_.stores) store->clear();
   for (auto& store : values_.stores) store->clear();

@@ -41,6 +41,7 @@ class CodecCache final : public KVCache {
   int64_t block_size() const override { return block_size_; }
   BlockSummaryTable summaries(int64_t layer, int64_t kv_head) const override;
   void set_summary_frames(std::span<const double> rows, int64_t rank) override;
+  void set_position_sketches(int bits) override;
   void clear() override;
   // True when the value codec is a value bit policy; the weights go to the head's value store.
   bool records_attention() const override;

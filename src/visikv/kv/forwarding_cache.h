@@ -38,6 +38,7 @@ class ForwardingCache : public KVCache {
   void set_summary_frames(std::span<const double> rows, int64_t rank) override {
     inner_->set_summary_frames(rows, rank);
   }
+  void set_position_sketches(int bits) override { inner_->set_position_sketches(bits); }
   void clear() override { inner_->clear(); }
   bool records_attention() const override { return inner_->records_attention(); }
   void record_attention(int64_t layer, int64_t kv_head, std::span<const float> weights,

@@ -47,6 +47,7 @@ struct Scheduler::Active {
         shape, request.keys, request.values,
         generation_cache_reserve(static_cast<int64_t>(request.prompt.size()), request.max_tokens),
         request.selector.cache_block_size());
+    prepare_summaries(*cache, request.selector, nullptr);
   }
 
   int64_t kv_bytes(const CacheShape& shape) const {
