@@ -30,6 +30,7 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -869,9 +870,10 @@ struct Q6_KCodes {
 #endif
 };
 
+// The int8 kernel body: kTokens tokens (their codes from token `first` of x) times one row.
 template <int kTokens, typename Format>
-void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
-                   float* y, int64_t y_stride) {
+void DotCodesTokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
+                    float* y, int64_t y_stride) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
   const int64_t n = x.elements;
   const int8_t* codes[kTokens];
@@ -985,58 +987,174 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
   }
 }
 
-template <typename Format>
-void DotInt8AnyTokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
-                      int64_t tokens, float* y, int64_t y_stride) {
+// The int16 kernel body. Weight codes (all within int8) are sign-extended to 16 bits and
+// multiplied with the 16-bit activation codes in pairs summed to int32 (|sum| <= 32 * 128 * 32767
+// < 2^31, so exact, and the same sums on every target): AVX-512 puts a unit's 32 products in one
+// vector, lanes 0-7 summing values 0-15 and lanes 8-15 values 16-31, with VNNI's vpdpwssd or
+// AVX-512BW's vpmaddwd (the same sums); AVX2 takes the two halves of 16 with vpmaddwd. Each
+// group's int32 sum is converted once and multiplied by weight scale times activation scale.
+template <int kTokens, typename Format>
+void DotCodesTokens(const uint8_t* row, int64_t units, const Int16Activations& x, int64_t first,
+                    float* y, int64_t y_stride) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
+  const int64_t n = x.elements;
+  const int16_t* codes[kTokens];
+  const float* scales[kTokens];
+  const float* sums16[kTokens];
+  for (int t = 0; t < kTokens; ++t) {
+    codes[t] = x.codes.data() + (first + t) * n;
+    scales[t] = x.scales.data() + (first + t) * units;
+    sums16[t] = x.sums16.data() + (first + t) * 2 * units;
+  }
+  float offsets[kTokens][kGroups] = {};
+#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
+  __m512 acc[kTokens];
+  for (__m512& a : acc) a = _mm512_setzero_ps();
+#elif VISIKV_X86_INT8
+  __m256 acc[kTokens];
+  for (__m256& a : acc) a = _mm256_setzero_ps();
+#else
+  float acc[kTokens] = {};
+#endif
+  for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
+    const uint8_t* block = row + b * Format::kBytes;
+    hwy::Prefetch(block + kPrefetchBytes);
+    const typename Format::Scales s = Format::Prepare(block);
+    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
+      const int64_t u = b * kUnitsPerBlock + unit;
+#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
+      const __m512i w = _mm512_cvtepi8_epi16(Format::template Codes256<unit>(block));
+      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s.scale[2 * unit]),
+                                              _mm256_set1_ps(s.scale[2 * unit + 1]), 1);
+      for (int t = 0; t < kTokens; ++t) {
+        const __m512i xq = _mm512_loadu_si512(codes[t] + u * kUnit);
+#if HWY_TARGET == HWY_AVX3_DL
+        const __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, xq);
+#else
+        const __m512i sums = _mm512_madd_epi16(w, xq);
+#endif
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
+                                 _mm512_mul_ps(scale, _mm512_set1_ps(scales[t][u])), acc[t]);
+      }
+#elif VISIKV_X86_INT8
+      const __m256i w8 = Format::template Codes256<unit>(block);
+      const __m256i w_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
+      const __m256i w_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
+      for (int t = 0; t < kTokens; ++t) {
+        const auto* xq = reinterpret_cast<const __m256i*>(codes[t] + u * kUnit);
+        const __m256i low = _mm256_madd_epi16(w_low, _mm256_loadu_si256(xq));
+        const __m256i high = _mm256_madd_epi16(w_high, _mm256_loadu_si256(xq + 1));
+        const __m256 activation_scale = _mm256_set1_ps(scales[t][u]);
+        acc[t] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(low),
+            _mm256_mul_ps(_mm256_set1_ps(s.scale[2 * unit]), activation_scale), acc[t]);
+        acc[t] = _mm256_fmadd_ps(
+            _mm256_cvtepi32_ps(high),
+            _mm256_mul_ps(_mm256_set1_ps(s.scale[2 * unit + 1]), activation_scale), acc[t]);
+      }
+#else
+      int8_t w[kUnit];
+      Format::template Codes<unit>(block, w);
+      for (int t = 0; t < kTokens; ++t) {
+        const int16_t* xq = codes[t] + u * kUnit;
+        int32_t group[2] = {0, 0};
+        for (int j = 0; j < kUnit; ++j) group[j / 16] += int32_t{w[j]} * xq[j];
+        const float unit_sum = std::fma(s.scale[2 * unit], static_cast<float>(group[0]),
+                                        s.scale[2 * unit + 1] * static_cast<float>(group[1]));
+        acc[t] = std::fma(scales[t][u], unit_sum, acc[t]);
+      }
+#endif
+    });
+    if constexpr (Format::kHasOffset)
+      for (int t = 0; t < kTokens; ++t)
+        // Explicit fused multiply-adds: a plain `+= a * b` is contracted or not at the compiler's
+        // choice, which differed between token counts (AVX2, K types) and broke chunk equality.
+        for (int g = 0; g < kGroups; ++g)
+          offsets[t][g] = std::fma(s.offset[g], sums16[t][b * kGroups + g], offsets[t][g]);
+  }
+  for (int t = 0; t < kTokens; ++t) {
+#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
+    float total = _mm512_reduce_add_ps(acc[t]);
+#elif VISIKV_X86_INT8
+    const __m128 halves =
+        _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
+    __m128 sum4 = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+    sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
+    float total = _mm_cvtss_f32(sum4);
+#else
+    float total = acc[t];
+#endif
+    for (int g = 0; g < kGroups; ++g) total += offsets[t][g];
+    y[t * y_stride] = total;
+  }
+}
+
+// Tokens four at a time, then the rest, each through the kernel body for the activations' codes.
+template <typename Format, typename Activations>
+void DotCodesAnyTokens(const uint8_t* row, int64_t units, const Activations& x, int64_t first,
+                       int64_t tokens, float* y, int64_t y_stride) {
   constexpr int kMaxTokens = 4;
   int64_t t = 0;
   for (; t + kMaxTokens <= tokens; t += kMaxTokens)
-    DotInt8Tokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    DotCodesTokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
   switch (tokens - t) {
     case 3:
-      return DotInt8Tokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+      return DotCodesTokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
     case 2:
-      return DotInt8Tokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+      return DotCodesTokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
     case 1:
-      return DotInt8Tokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+      return DotCodesTokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
     default:
       return;
   }
 }
 
-template <typename Format>
-void DotInt8Rows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
-                 const Int8Activations& x, int64_t first, int64_t tokens, float* y,
-                 int64_t y_stride) {
+template <typename Format, typename Activations>
+void DotCodesRows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
+                  const Activations& x, int64_t first, int64_t tokens, float* y, int64_t y_stride) {
   for (int64_t r = 0; r < rows; ++r)
-    DotInt8AnyTokens<Format>(first_row + r * row_bytes, n / kUnit, x, first, tokens, y + r,
-                             y_stride);
+    DotCodesAnyTokens<Format>(first_row + r * row_bytes, n / kUnit, x, first, tokens, y + r,
+                              y_stride);
+}
+
+// The integer products of every block type, for either width of activation codes.
+template <typename Activations>
+void DotRowsTokensCodes(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                        int64_t n, const Activations& x, int64_t first, int64_t tokens, float* y,
+                        int64_t y_stride) {
+  const auto* row = reinterpret_cast<const uint8_t*>(first_row);
+  switch (type) {
+    case DType::Q8_0:
+      return DotCodesRows<Q8_0Codes>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q4_0:
+      return DotCodesRows<Q4Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q4_1:
+      return DotCodesRows<Q4Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q5_0:
+      return DotCodesRows<Q5Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q5_1:
+      return DotCodesRows<Q5Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q4_K:
+      return DotCodesRows<QK45Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q5_K:
+      return DotCodesRows<QK45Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    case DType::Q6_K:
+      return DotCodesRows<Q6_KCodes>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+    default:
+      return;  // float types: the caller uses DotRowsTokens
+  }
 }
 
 void DotRowsTokensInt8(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
                        int64_t n, const Int8Activations& x, int64_t first, int64_t tokens, float* y,
                        int64_t y_stride) {
-  const auto* row = reinterpret_cast<const uint8_t*>(first_row);
-  switch (type) {
-    case DType::Q8_0:
-      return DotInt8Rows<Q8_0Codes>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q4_0:
-      return DotInt8Rows<Q4Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q4_1:
-      return DotInt8Rows<Q4Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q5_0:
-      return DotInt8Rows<Q5Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q5_1:
-      return DotInt8Rows<Q5Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q4_K:
-      return DotInt8Rows<QK45Codes<false>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q5_K:
-      return DotInt8Rows<QK45Codes<true>>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    case DType::Q6_K:
-      return DotInt8Rows<Q6_KCodes>(row, row_bytes, rows, n, x, first, tokens, y, y_stride);
-    default:
-      return;  // float types: the caller uses DotRowsTokens
-  }
+  DotRowsTokensCodes(type, first_row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+}
+
+void DotRowsTokensInt16(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                        int64_t n, const Int16Activations& x, int64_t first, int64_t tokens,
+                        float* y, int64_t y_stride) {
+  DotRowsTokensCodes(type, first_row, row_bytes, rows, n, x, first, tokens, y, y_stride);
 }
 
 #undef VISIKV_X86_INT8
@@ -1055,6 +1173,7 @@ HWY_AFTER_NAMESPACE();
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <string>
 
 #include "visikv/core/error.h"
@@ -1067,6 +1186,7 @@ constexpr int64_t kBlock = 32;  // activation values per scale
 
 HWY_EXPORT(DotRowsTokens);
 HWY_EXPORT(DotRowsTokensInt8);
+HWY_EXPORT(DotRowsTokensInt16);
 HWY_EXPORT(CompiledTarget);
 
 void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
@@ -1081,8 +1201,16 @@ void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const fl
   dot_rows_tokens(type, row, 0, 1, elements, x, x_stride, tokens, y, y_stride);
 }
 
-void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activations& out) {
-  require(n % kBlock == 0, "8-bit activations need a multiple of ", kBlock, " values, not ", n);
+namespace {
+
+// Per block of 32 values: the scale max|x| / max, the codes round(x / scale) and the sums of
+// every 16 values (exact ones, or of the rounded values: weight_kernels.h).
+template <typename Code>
+void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivations<Code>& out,
+                     bool rounded_sums) {
+  constexpr float kMax = std::numeric_limits<Code>::max();
+  require(n % kBlock == 0, sizeof(Code) * 8, "-bit activations need a multiple of ", kBlock,
+          " values, not ", n);
   out.tokens = tokens;
   out.elements = n;
   out.codes.resize(static_cast<size_t>(tokens * n));
@@ -1090,23 +1218,45 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activat
   out.sums16.resize(static_cast<size_t>(tokens * n / 16));
   for (int64_t b = 0; b < tokens * n / kBlock; ++b) {
     const float* v = x + b * kBlock;
-    float amax = 0, sum_low = 0, sum_high = 0;
-    for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::abs(v[j]));
-    for (int j = 0; j < 16; ++j) sum_low += v[j];
-    for (int j = 16; j < kBlock; ++j) sum_high += v[j];
-    const float scale = amax / 127.0f;
+    Code* codes = out.codes.data() + b * kBlock;
+    float amax = 0;
+    bool finite = true;
+    for (int j = 0; j < kBlock; ++j) {
+      amax = std::max(amax, std::abs(v[j]));
+      finite = finite && std::isfinite(v[j]);
+    }
+    // A non-finite input poisons its block's scale and sums (and so every output, with or
+    // without offsets) instead of being cast to an integer, which C++ leaves undefined.
+    const float scale = finite ? amax / kMax : std::numeric_limits<float>::quiet_NaN();
     const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
     for (int j = 0; j < kBlock; ++j) {
       const float code = std::nearbyint(v[j] * inverse);
-      // A non-finite input poisons its block's scale and sums (and so the output) instead of
-      // being cast to an integer, which C++ leaves undefined.
-      out.codes[b * kBlock + j] =
-          static_cast<int8_t>(std::isfinite(code) ? std::clamp(code, -127.0f, 127.0f) : 0.0f);
+      codes[j] = static_cast<Code>(std::isfinite(code) ? std::clamp(code, -kMax, kMax) : 0.0f);
     }
     out.scales[b] = scale;
-    out.sums16[2 * b] = sum_low;
-    out.sums16[2 * b + 1] = sum_high;
+    for (int half = 0; half < 2; ++half) {
+      float sum = 0;
+      if (rounded_sums) {
+        // At most 16 * 32767 in magnitude: the integer sum is exact, and so is its conversion.
+        int32_t code_sum = 0;
+        for (int j = 16 * half; j < 16 * half + 16; ++j) code_sum += codes[j];
+        sum = static_cast<float>(code_sum) * scale;
+      } else {
+        for (int j = 16 * half; j < 16 * half + 16; ++j) sum += v[j];
+      }
+      out.sums16[2 * b + half] = sum;
+    }
   }
+}
+
+}  // namespace
+
+void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activations& out) {
+  quantize_blocks(x, tokens, n, out, /*rounded_sums=*/false);
+}
+
+void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activations& out) {
+  quantize_blocks(x, tokens, n, out, /*rounded_sums=*/true);
 }
 
 void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
@@ -1120,6 +1270,19 @@ void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
                          const Int8Activations& x, int64_t first_token, int64_t tokens, float* y,
                          int64_t y_stride) {
   dot_rows_tokens_int8(type, row, 0, 1, elements, x, first_token, tokens, y, y_stride);
+}
+
+void dot_rows_tokens_int16(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                           int64_t elements, const Int16Activations& x, int64_t first_token,
+                           int64_t tokens, float* y, int64_t y_stride) {
+  HWY_DYNAMIC_DISPATCH(DotRowsTokensInt16)
+  (type, first_row, row_bytes, rows, elements, x, first_token, tokens, y, y_stride);
+}
+
+void dot_row_tokens_int16(DType type, const std::byte* row, int64_t elements,
+                          const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
+                          int64_t y_stride) {
+  dot_rows_tokens_int16(type, row, 0, 1, elements, x, first_token, tokens, y, y_stride);
 }
 
 std::string weight_kernel_target() {
