@@ -442,8 +442,9 @@ TEST(WeightKernels, Int16ProductsAgreeWithAndWithoutVnni) {
 }
 
 // Long rows of random blocks (2304 values: many blocks per row, several K super-blocks), 9 tokens
-// over 5 rows in one call: each output has the bits of its one-row, one-token call, and is the
-// dequantized row times the rounded activations up to float32 sums.
+// over 5 rows in one call, and the 5 rows for one token at a time (decode: four rows at once, then
+// one): each output has the bits of its one-row, one-token call, and is the dequantized row times
+// the rounded activations up to float32 sums.
 TEST(WeightKernels, Int16RowRangesEqualSingleRowsOnLongRows) {
   constexpr int64_t kRows = 5, kColumns = 2304, kTokens = 9;
   for (const DType type : {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1,
@@ -461,6 +462,10 @@ TEST(WeightKernels, Int16RowRangesEqualSingleRowsOnLongRows) {
       std::vector<float> all(kTokens * kRows, std::numeric_limits<float>::quiet_NaN());
       dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, kColumns, xq, 0, kTokens,
                             all.data(), kRows);
+      std::vector<float> decoded(kTokens * kRows, std::numeric_limits<float>::quiet_NaN());
+      for (int64_t t = 0; t < kTokens; ++t)
+        dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, kColumns, xq, t, 1,
+                              decoded.data() + t * kRows, kRows);
       for (int64_t r = 0; r < kRows; ++r) {
         std::vector<float> w(kColumns);
         dequantize(type,
@@ -472,6 +477,7 @@ TEST(WeightKernels, Int16RowRangesEqualSingleRowsOnLongRows) {
           dot_row_tokens_int16(type, weights.data() + r * row_bytes, kColumns, xq, t, 1, &one, 1);
           ASSERT_TRUE(std::isfinite(one)) << r << " " << t;
           EXPECT_EQ(all[t * kRows + r], one) << r << " " << t;
+          EXPECT_EQ(decoded[t * kRows + r], one) << r << " " << t << " decoded";
           double rounded = 0, magnitude = 0;
           for (int64_t i = 0; i < kColumns; ++i) {
             const double xr = static_cast<double>(xq.codes[t * kColumns + i]) *

@@ -133,9 +133,12 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // Decode (a few tokens): one kernel call per row, measured faster on the default model's decode
   // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
   // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
-  // product (bit for bit the row kernel's sums).
+  // product (bit for bit the row kernel's sums). The int8 products go row by row; the int16 ones
+  // take blocks of rows for one token (the kernel reads several rows at once).
   const int64_t rows_per_item =
-      any_quantized ? 1 : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
+      int8 && any_quantized
+          ? 1
+          : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
   int64_t total_items = 0;
   for (const LinearProduct& p : row_products)
     total_items += (p.layer->out_features() + rows_per_item - 1) / rows_per_item;
@@ -160,7 +163,8 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       if (any_quantized && is_block_type(layer.weight.dtype) && int8)
         dot_row_tokens_int8(layer.weight.dtype, row, in, x8, first, count, y, out);
       else if (any_quantized && is_block_type(layer.weight.dtype))
-        dot_row_tokens_int16(layer.weight.dtype, row, in, x16, first, count, y, out);
+        dot_rows_tokens_int16(layer.weight.dtype, row, row_bytes, rows, in, x16, first, count, y,
+                              out);
       else
         dot_rows_tokens(layer.weight.dtype, row, row_bytes, rows, in, x.data() + first * in, in,
                         count, y, out);

@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if HWY_ARCH_X86
 #include <immintrin.h>
@@ -679,8 +680,9 @@ void DotRowsTokens(DType type, const std::byte* first_row, int64_t row_bytes, in
 
 // --- int8 products: weight codes times 8-bit activation codes --------------------------------
 // One entry per block type: Prepare(block) gives a scale and an offset per 16 values (w_j =
-// scale[j / 16] * code_j + offset[j / 16]); Codes<unit> writes unit `unit`'s 32 integer codes, in
-// [0, 63] (or [-128, 127] for Q8_0, kSigned); on x86 Codes256<unit> returns them as one vector.
+// scale[j / 16] * code_j + offset[j / 16]; kUniformScale: one scale for the whole block);
+// Codes<unit> writes unit `unit`'s 32 integer codes, in [0, 63] (or [-128, 127] for Q8_0, kSigned);
+// on x86 Codes256<unit> returns them as one vector.
 
 template <int kGroups>
 struct GroupScales {
@@ -729,7 +731,7 @@ inline __m256i Load256(const uint8_t* p) {
 
 struct Q8_0Codes {
   static constexpr int kValues = 32, kBytes = 34;
-  static constexpr bool kSigned = true, kHasOffset = false;
+  static constexpr bool kSigned = true, kHasOffset = false, kUniformScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) { return Uniform(LoadHalf(block), 0.0f); }
   template <int>
@@ -748,7 +750,7 @@ struct Q8_0Codes {
 template <bool kHasMin>
 struct Q4Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 20 : 18;
-  static constexpr bool kSigned = false, kHasOffset = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) {
     const float d = LoadHalf(block);
@@ -771,7 +773,7 @@ struct Q4Codes {
 template <bool kHasMin>
 struct Q5Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 24 : 22;
-  static constexpr bool kSigned = false, kHasOffset = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) {
     const float d = LoadHalf(block);
@@ -803,7 +805,7 @@ struct Q5Codes {
 template <bool kFifthBit>
 struct QK45Codes {
   static constexpr int kValues = 256, kBytes = kFifthBit ? 176 : 144;
-  static constexpr bool kSigned = false, kHasOffset = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false;
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     const ScalesK4 k4 = PrepareK4(block);
@@ -837,7 +839,7 @@ struct QK45Codes {
 // ones for uu >= 2) and bits 2 uu of the 32 high-bit bytes; d * sc * (q - 32), sc per 16 values.
 struct Q6_KCodes {
   static constexpr int kValues = 256, kBytes = 210;
-  static constexpr bool kSigned = false, kHasOffset = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false;
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     Scales s;
@@ -987,15 +989,19 @@ void DotCodesTokens(const uint8_t* row, int64_t units, const Int8Activations& x,
   }
 }
 
-// The int16 kernel body. Weight codes (all within int8) are sign-extended to 16 bits and
-// multiplied with the 16-bit activation codes in pairs summed to int32 (|sum| <= 32 * 128 * 32767
-// < 2^31, so exact, and the same sums on every target): AVX-512 puts a unit's 32 products in one
-// vector, lanes 0-7 summing values 0-15 and lanes 8-15 values 16-31, with VNNI's vpdpwssd or
-// AVX-512BW's vpmaddwd (the same sums); AVX2 takes the two halves of 16 with vpmaddwd. Each
-// group's int32 sum is converted once and multiplied by weight scale times activation scale.
-template <int kTokens, typename Format>
-void DotCodesTokens(const uint8_t* row, int64_t units, const Int16Activations& x, int64_t first,
-                    float* y, int64_t y_stride) {
+// The int16 kernel body: kRows rows (row_bytes apart) times kTokens tokens. Weight codes (all
+// within int8) are sign-extended to 16 bits and multiplied with the 16-bit activation codes in
+// pairs summed to int32 (|sum| <= 32 * 128 * 32767 < 2^31, so exact, and the same sums on every
+// target): AVX-512 puts a unit's 32 products in one vector, lanes 0-7 summing values 0-15 and
+// lanes 8-15 values 16-31, with VNNI's vpdpwssd or AVX-512BW's vpmaddwd (the same sums); AVX2
+// takes the two halves of 16 with vpmaddwd. Each group's int32 sum is converted once and
+// multiplied by weight scale times activation scale. acc[r][t] holds row r's sums for token t in
+// the same order whatever kRows and kTokens are, so every output is the one-row, one-token
+// result; several rows share each activation load and give the core independent chains (decode
+// reads each weight once per token, as DotTokens).
+template <int kRows, int kTokens, typename Format>
+void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const Int16Activations& x,
+                    int64_t first, float* y, int64_t y_stride) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
   const int64_t n = x.elements;
   const int16_t* codes[kTokens];
@@ -1006,87 +1012,118 @@ void DotCodesTokens(const uint8_t* row, int64_t units, const Int16Activations& x
     scales[t] = x.scales.data() + (first + t) * units;
     sums16[t] = x.sums16.data() + (first + t) * 2 * units;
   }
-  float offsets[kTokens][kGroups] = {};
+  float offsets[kRows][kTokens][kGroups] = {};
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-  __m512 acc[kTokens];
-  for (__m512& a : acc) a = _mm512_setzero_ps();
+  __m512 acc[kRows][kTokens];
+  for (auto& r : acc)
+    for (__m512& a : r) a = _mm512_setzero_ps();
 #elif VISIKV_X86_INT8
-  __m256 acc[kTokens];
-  for (__m256& a : acc) a = _mm256_setzero_ps();
+  __m256 acc[kRows][kTokens];
+  for (auto& r : acc)
+    for (__m256& a : r) a = _mm256_setzero_ps();
 #else
-  float acc[kTokens] = {};
+  float acc[kRows][kTokens] = {};
 #endif
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
-    const uint8_t* block = row + b * Format::kBytes;
-    hwy::Prefetch(block + kPrefetchBytes);
-    const typename Format::Scales s = Format::Prepare(block);
+    const uint8_t* blocks[kRows];
+    typename Format::Scales s[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      blocks[r] = row + r * row_bytes + b * Format::kBytes;
+      hwy::Prefetch(blocks[r] + kPrefetchBytes);
+      s[r] = Format::Prepare(blocks[r]);
+    }
     ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
       const int64_t u = b * kUnitsPerBlock + unit;
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-      const __m512i w = _mm512_cvtepi8_epi16(Format::template Codes256<unit>(block));
-      const __m512 scale = _mm512_insertf32x8(_mm512_set1_ps(s.scale[2 * unit]),
-                                              _mm256_set1_ps(s.scale[2 * unit + 1]), 1);
+      __m512i w[kRows];
+      for (int r = 0; r < kRows; ++r)
+        w[r] = _mm512_cvtepi8_epi16(Format::template Codes256<unit>(blocks[r]));
       for (int t = 0; t < kTokens; ++t) {
         const __m512i xq = _mm512_loadu_si512(codes[t] + u * kUnit);
+        const float activation_scale = scales[t][u];
+        for (int r = 0; r < kRows; ++r) {
 #if HWY_TARGET == HWY_AVX3_DL
-        const __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w, xq);
+          const __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[r], xq);
 #else
-        const __m512i sums = _mm512_madd_epi16(w, xq);
+          const __m512i sums = _mm512_madd_epi16(w[r], xq);
 #endif
-        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums),
-                                 _mm512_mul_ps(scale, _mm512_set1_ps(scales[t][u])), acc[t]);
+          // Legacy blocks have one scale for both groups: one broadcast of the product.
+          const __m512 scale =
+              Format::kUniformScale
+                  ? _mm512_set1_ps(s[r].scale[0] * activation_scale)
+                  : _mm512_insertf32x8(_mm512_set1_ps(s[r].scale[2 * unit] * activation_scale),
+                                       _mm256_set1_ps(s[r].scale[2 * unit + 1] * activation_scale),
+                                       1);
+          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][t]);
+        }
       }
 #elif VISIKV_X86_INT8
-      const __m256i w8 = Format::template Codes256<unit>(block);
-      const __m256i w_low = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
-      const __m256i w_high = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
+      __m256i w_low[kRows], w_high[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        const __m256i w8 = Format::template Codes256<unit>(blocks[r]);
+        w_low[r] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
+        w_high[r] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
+      }
       for (int t = 0; t < kTokens; ++t) {
         const auto* xq = reinterpret_cast<const __m256i*>(codes[t] + u * kUnit);
-        const __m256i low = _mm256_madd_epi16(w_low, _mm256_loadu_si256(xq));
-        const __m256i high = _mm256_madd_epi16(w_high, _mm256_loadu_si256(xq + 1));
-        const __m256 activation_scale = _mm256_set1_ps(scales[t][u]);
-        acc[t] = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(low),
-            _mm256_mul_ps(_mm256_set1_ps(s.scale[2 * unit]), activation_scale), acc[t]);
-        acc[t] = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(high),
-            _mm256_mul_ps(_mm256_set1_ps(s.scale[2 * unit + 1]), activation_scale), acc[t]);
+        const __m256i x_low = _mm256_loadu_si256(xq), x_high = _mm256_loadu_si256(xq + 1);
+        const float activation_scale = scales[t][u];
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][t] = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(_mm256_madd_epi16(w_low[r], x_low)),
+              _mm256_set1_ps(s[r].scale[2 * unit] * activation_scale), acc[r][t]);
+          acc[r][t] = _mm256_fmadd_ps(
+              _mm256_cvtepi32_ps(_mm256_madd_epi16(w_high[r], x_high)),
+              _mm256_set1_ps(s[r].scale[2 * unit + 1] * activation_scale), acc[r][t]);
+        }
       }
 #else
-      int8_t w[kUnit];
-      Format::template Codes<unit>(block, w);
-      for (int t = 0; t < kTokens; ++t) {
-        const int16_t* xq = codes[t] + u * kUnit;
-        int32_t group[2] = {0, 0};
-        for (int j = 0; j < kUnit; ++j) group[j / 16] += int32_t{w[j]} * xq[j];
-        const float unit_sum = std::fma(s.scale[2 * unit], static_cast<float>(group[0]),
-                                        s.scale[2 * unit + 1] * static_cast<float>(group[1]));
-        acc[t] = std::fma(scales[t][u], unit_sum, acc[t]);
+      for (int r = 0; r < kRows; ++r) {
+        int8_t w[kUnit];
+        Format::template Codes<unit>(blocks[r], w);
+        for (int t = 0; t < kTokens; ++t) {
+          const int16_t* xq = codes[t] + u * kUnit;
+          int32_t group[2] = {0, 0};
+          for (int j = 0; j < kUnit; ++j) group[j / 16] += int32_t{w[j]} * xq[j];
+          const float unit_sum = std::fma(s[r].scale[2 * unit], static_cast<float>(group[0]),
+                                          s[r].scale[2 * unit + 1] * static_cast<float>(group[1]));
+          acc[r][t] = std::fma(scales[t][u], unit_sum, acc[r][t]);
+        }
       }
 #endif
     });
+    // Explicit fused multiply-adds: a plain `+= a * b` is contracted or not at the compiler's
+    // choice, which differed between token counts (AVX2, K types) and broke chunk equality.
     if constexpr (Format::kHasOffset)
-      for (int t = 0; t < kTokens; ++t)
-        // Explicit fused multiply-adds: a plain `+= a * b` is contracted or not at the compiler's
-        // choice, which differed between token counts (AVX2, K types) and broke chunk equality.
-        for (int g = 0; g < kGroups; ++g)
-          offsets[t][g] = std::fma(s.offset[g], sums16[t][b * kGroups + g], offsets[t][g]);
+      for (int r = 0; r < kRows; ++r)
+        for (int t = 0; t < kTokens; ++t)
+          for (int g = 0; g < kGroups; ++g)
+            offsets[r][t][g] =
+                std::fma(s[r].offset[g], sums16[t][b * kGroups + g], offsets[r][t][g]);
   }
-  for (int t = 0; t < kTokens; ++t) {
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t) {
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-    float total = _mm512_reduce_add_ps(acc[t]);
+      float total = _mm512_reduce_add_ps(acc[r][t]);
 #elif VISIKV_X86_INT8
-    const __m128 halves =
-        _mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1));
-    __m128 sum4 = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
-    sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
-    float total = _mm_cvtss_f32(sum4);
+      const __m128 halves =
+          _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
+      __m128 sum4 = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
+      sum4 = _mm_add_ss(sum4, _mm_movehdup_ps(sum4));
+      float total = _mm_cvtss_f32(sum4);
 #else
-    float total = acc[t];
+      float total = acc[r][t];
 #endif
-    for (int g = 0; g < kGroups; ++g) total += offsets[t][g];
-    y[t * y_stride] = total;
-  }
+      for (int g = 0; g < kGroups; ++g) total += offsets[r][t][g];
+      y[t * y_stride + r] = total;
+    }
+}
+
+// One row: the kernel body DotCodesAnyTokens takes for the int16 activations.
+template <int kTokens, typename Format>
+void DotCodesTokens(const uint8_t* row, int64_t units, const Int16Activations& x, int64_t first,
+                    float* y, int64_t y_stride) {
+  DotInt16Tokens<1, kTokens, Format>(row, 0, units, x, first, y, y_stride);
 }
 
 // Tokens four at a time, then the rest, each through the kernel body for the activations' codes.
@@ -1109,10 +1146,19 @@ void DotCodesAnyTokens(const uint8_t* row, int64_t units, const Activations& x, 
   }
 }
 
+// Rows of one token go kInt16DecodeRows at a time with the int16 activations.
+constexpr int kInt16DecodeRows = 4;
+
 template <typename Format, typename Activations>
 void DotCodesRows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
                   const Activations& x, int64_t first, int64_t tokens, float* y, int64_t y_stride) {
-  for (int64_t r = 0; r < rows; ++r)
+  int64_t r = 0;
+  if constexpr (std::is_same_v<Activations, Int16Activations>)
+    if (tokens == 1)
+      for (; r + kInt16DecodeRows <= rows; r += kInt16DecodeRows)
+        DotInt16Tokens<kInt16DecodeRows, 1, Format>(first_row + r * row_bytes, row_bytes, n / kUnit,
+                                                    x, first, y + r, y_stride);
+  for (; r < rows; ++r)
     DotCodesAnyTokens<Format>(first_row + r * row_bytes, n / kUnit, x, first, tokens, y + r,
                               y_stride);
 }
