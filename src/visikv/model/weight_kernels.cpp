@@ -680,7 +680,8 @@ void DotRowsTokens(DType type, const std::byte* first_row, int64_t row_bytes, in
 
 // --- int8 products: weight codes times 8-bit activation codes --------------------------------
 // One entry per block type: Prepare(block) gives a scale and an offset per 16 values (w_j =
-// scale[j / 16] * code_j + offset[j / 16]; kUniformScale: one scale for the whole block);
+// scale[j / 16] * code_j + offset[j / 16]; kUniformScale: one scale for the whole block,
+// kUnitScale: one per unit of 32, as every type but Q6_K has);
 // Codes<unit> writes unit `unit`'s 32 integer codes, in [0, 63] (or [-128, 127] for Q8_0, kSigned);
 // on x86 Codes256<unit> returns them as one vector.
 
@@ -731,7 +732,7 @@ inline __m256i Load256(const uint8_t* p) {
 
 struct Q8_0Codes {
   static constexpr int kValues = 32, kBytes = 34;
-  static constexpr bool kSigned = true, kHasOffset = false, kUniformScale = true;
+  static constexpr bool kSigned = true, kHasOffset = false, kUniformScale = true, kUnitScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) { return Uniform(LoadHalf(block), 0.0f); }
   template <int>
@@ -750,7 +751,8 @@ struct Q8_0Codes {
 template <bool kHasMin>
 struct Q4Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 20 : 18;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true, kUnitScale = true;
+  static constexpr int kNibbleBytes = kHasMin ? 4 : 2;  // where the 16 bytes of nibbles start
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) {
     const float d = LoadHalf(block);
@@ -773,7 +775,7 @@ struct Q4Codes {
 template <bool kHasMin>
 struct Q5Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 24 : 22;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true, kUnitScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) {
     const float d = LoadHalf(block);
@@ -805,7 +807,8 @@ struct Q5Codes {
 template <bool kFifthBit>
 struct QK45Codes {
   static constexpr int kValues = 256, kBytes = kFifthBit ? 176 : 144;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false,
+                        kUnitScale = true;
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     const ScalesK4 k4 = PrepareK4(block);
@@ -839,7 +842,8 @@ struct QK45Codes {
 // ones for uu >= 2) and bits 2 uu of the 32 high-bit bytes; d * sc * (q - 32), sc per 16 values.
 struct Q6_KCodes {
   static constexpr int kValues = 256, kBytes = 210;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false;
+  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false,
+                        kUnitScale = false;
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     Scales s;
@@ -874,8 +878,8 @@ struct Q6_KCodes {
 
 // The int8 kernel body: kTokens tokens (their codes from token `first` of x) times one row.
 template <int kTokens, typename Format>
-void DotCodesTokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
-                    float* y, int64_t y_stride) {
+void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
+                   float* y, int64_t y_stride) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
   const int64_t n = x.elements;
   const int8_t* codes[kTokens];
@@ -989,6 +993,156 @@ void DotCodesTokens(const uint8_t* row, int64_t units, const Int8Activations& x,
   }
 }
 
+#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
+// The int16 products on AVX-512 for the types with one scale per unit of 32 (all but Q6_K): units
+// go in pairs (a, b), so that two 16-bit dot products, one of values 0-15 of both units and one of
+// values 16-31, leave unit a's sum in lanes 0-7 and unit b's in lanes 8-15 (four products per
+// lane), and one conversion and one multiply-add by [scale a x 8, scale b x 8] serve both units:
+// half the float work per value of one unit at a time, which bounded prefill. With VNNI the second
+// dot product accumulates onto the first (vpdpwssd); without, vpmaddwd and an add give the same
+// sums. The pairs are units 2p and 2p + 1 of a super-block, or consecutive blocks of 32 (a row
+// with an odd number of them ends with a half-empty pair).
+template <typename Format>
+constexpr bool kInt16Pairs = Format::kUnitScale;
+
+// Weight codes of units a (of block_a) and b (of block_b) as 16-bit lanes: `low` holds values 0-15
+// of a then of b, `high` values 16-31.
+template <typename Format, int kUnitA, int kUnitB>
+HWY_INLINE void PairCodes(const uint8_t* block_a, const uint8_t* block_b, __m512i& low,
+                          __m512i& high) {
+  if constexpr (requires { Format::kNibbleBytes; }) {
+    // Q4_0/Q4_1: value j < 16 is the low nibble of byte j, 16 + j its high nibble, so the two
+    // blocks' 16 bytes widened to 16 bits give both halves with one mask and one shift.
+    const __m256i bytes = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_a + Format::kNibbleBytes))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(block_b + Format::kNibbleBytes)), 1);
+    const __m512i words = _mm512_cvtepu8_epi16(bytes);
+    low = _mm512_and_si512(words, _mm512_set1_epi16(0x0F));
+    high = _mm512_srli_epi16(words, 4);
+  } else {
+    const __m256i a = Format::template Codes256<kUnitA>(block_a);
+    const __m256i b = Format::template Codes256<kUnitB>(block_b);
+    low = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(a, b, 0x20));
+    high = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(a, b, 0x31));
+  }
+}
+
+// [a x 8, b x 8].
+HWY_INLINE __m512 PairScales(float a, float b) {
+  return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+
+template <int kRows, int kTokens, typename Format>
+void DotInt16Pairs(const uint8_t* row, int64_t row_bytes, int64_t units, const Int16Activations& x,
+                   int64_t first, float* y, int64_t y_stride) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  const int64_t n = x.elements;
+  const int16_t* codes[kTokens];
+  const float* scales[kTokens];
+  const float* sums16[kTokens];
+  for (int t = 0; t < kTokens; ++t) {
+    codes[t] = x.codes.data() + (first + t) * n;
+    scales[t] = x.scales.data() + (first + t) * units;
+    sums16[t] = x.sums16.data() + (first + t) * 2 * units;
+  }
+  __m512 acc[kRows][kTokens];
+  for (auto& r : acc)
+    for (__m512& a : r) a = _mm512_setzero_ps();
+  // Units ua and ua + 1 with their weights, weight scales and offsets (per row: lanes 0-3 the
+  // offsets of the pair's four groups of 16, the other lanes 0); `single`: ua is a row's last
+  // unit, alone. The offsets meet the activations' sums of 16 in lanes 0-3 of the same
+  // accumulators (one multiply-add, where a separate sum per group took more time than the
+  // products of the codes).
+  const auto pair = [&](int64_t ua, const __m512i* low, const __m512i* high, const __m512* w_scale,
+                        const __m512* w_offset, bool single) HWY_ATTR {
+    for (int t = 0; t < kTokens; ++t) {
+      const int16_t* xa = codes[t] + ua * kUnit;
+      const auto half = [](const int16_t* p) HWY_ATTR {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      };
+      __m512i x_low, x_high;
+      __m512 x_scale, x_sums;
+      if (single) {
+        x_low = _mm512_zextsi256_si512(half(xa));
+        x_high = _mm512_zextsi256_si512(half(xa + 16));
+        x_scale = PairScales(scales[t][ua], 0.0f);
+        x_sums = _mm512_zextps128_ps512(
+            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(sums16[t] + 2 * ua))));
+      } else {
+        x_low = _mm512_inserti64x4(_mm512_castsi256_si512(half(xa)), half(xa + kUnit), 1);
+        x_high =
+            _mm512_inserti64x4(_mm512_castsi256_si512(half(xa + 16)), half(xa + kUnit + 16), 1);
+        x_scale = PairScales(scales[t][ua], scales[t][ua + 1]);
+        x_sums = _mm512_zextps128_ps512(_mm_loadu_ps(sums16[t] + 2 * ua));
+      }
+      for (int r = 0; r < kRows; ++r) {
+#if HWY_TARGET == HWY_AVX3_DL
+        const __m512i sums = _mm512_dpwssd_epi32(
+            _mm512_dpwssd_epi32(_mm512_setzero_si512(), low[r], x_low), high[r], x_high);
+#else
+        const __m512i sums =
+            _mm512_add_epi32(_mm512_madd_epi16(low[r], x_low), _mm512_madd_epi16(high[r], x_high));
+#endif
+        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(w_scale[r], x_scale),
+                                    acc[r][t]);
+        if constexpr (Format::kHasOffset)
+          acc[r][t] = _mm512_fmadd_ps(w_offset[r], x_sums, acc[r][t]);
+      }
+    }
+  };
+  // The offsets of groups g..g+3 of a block's prepared scales (or g, g+1 and those of `next`).
+  const auto offsets4 = [](const float* a, const float* b) HWY_ATTR {
+    return _mm512_zextps128_ps512(_mm_setr_ps(a[0], a[1], b[0], b[1]));
+  };
+  const int64_t blocks = units / kUnitsPerBlock;
+  if constexpr (kUnitsPerBlock == 1) {
+    for (int64_t b = 0; b < blocks; b += 2) {
+      const bool single = b + 1 == blocks;
+      __m512i low[kRows], high[kRows];
+      __m512 w_scale[kRows], w_offset[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        const uint8_t* block_a = row + r * row_bytes + b * Format::kBytes;
+        const uint8_t* block_b = single ? block_a : block_a + Format::kBytes;
+        hwy::Prefetch(block_a + kPrefetchBytes);
+        const typename Format::Scales sa = Format::Prepare(block_a), sb = Format::Prepare(block_b);
+        PairCodes<Format, 0, 0>(block_a, block_b, low[r], high[r]);
+        w_scale[r] = PairScales(sa.scale[0], single ? 0.0f : sb.scale[0]);
+        const float none[2] = {0.0f, 0.0f};
+        w_offset[r] = offsets4(sa.offset, single ? none : sb.offset);
+      }
+      pair(b, low, high, w_scale, w_offset, single);
+    }
+  } else {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* blocks_r[kRows];
+      typename Format::Scales s[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        blocks_r[r] = row + r * row_bytes + b * Format::kBytes;
+        hwy::Prefetch(blocks_r[r] + kPrefetchBytes);
+        s[r] = Format::Prepare(blocks_r[r]);
+      }
+      ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock / 2>(), [&](auto p) HWY_ATTR {
+        constexpr int ua = 2 * p;
+        __m512i low[kRows], high[kRows];
+        __m512 w_scale[kRows], w_offset[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          PairCodes<Format, ua, ua + 1>(blocks_r[r], blocks_r[r], low[r], high[r]);
+          w_scale[r] = PairScales(s[r].scale[2 * ua], s[r].scale[2 * ua + 2]);
+          w_offset[r] = offsets4(s[r].offset + 2 * ua, s[r].offset + 2 * ua + 2);
+        }
+        pair(b * kUnitsPerBlock + ua, low, high, w_scale, w_offset, false);
+      });
+    }
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = _mm512_reduce_add_ps(acc[r][t]);
+}
+#else
+template <typename Format>
+constexpr bool kInt16Pairs = false;
+#endif
+
 // The int16 kernel body: kRows rows (row_bytes apart) times kTokens tokens. Weight codes (all
 // within int8) are sign-extended to 16 bits and multiplied with the 16-bit activation codes in
 // pairs summed to int32 (|sum| <= 32 * 128 * 32767 < 2^31, so exact, and the same sums on every
@@ -1002,6 +1156,11 @@ void DotCodesTokens(const uint8_t* row, int64_t units, const Int8Activations& x,
 template <int kRows, int kTokens, typename Format>
 void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const Int16Activations& x,
                     int64_t first, float* y, int64_t y_stride) {
+  if constexpr (kInt16Pairs<Format>) {
+#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
+    return DotInt16Pairs<kRows, kTokens, Format>(row, row_bytes, units, x, first, y, y_stride);
+#endif
+  }
   constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
   const int64_t n = x.elements;
   const int16_t* codes[kTokens];
@@ -1119,48 +1278,76 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
     }
 }
 
-// One row: the kernel body DotCodesAnyTokens takes for the int16 activations.
-template <int kTokens, typename Format>
-void DotCodesTokens(const uint8_t* row, int64_t units, const Int16Activations& x, int64_t first,
-                    float* y, int64_t y_stride) {
-  DotInt16Tokens<1, kTokens, Format>(row, 0, units, x, first, y, y_stride);
-}
-
-// Tokens four at a time, then the rest, each through the kernel body for the activations' codes.
-template <typename Format, typename Activations>
-void DotCodesAnyTokens(const uint8_t* row, int64_t units, const Activations& x, int64_t first,
-                       int64_t tokens, float* y, int64_t y_stride) {
+// kRows rows times any number of tokens, four at a time, then the rest.
+template <int kRows, typename Format>
+void DotInt16AnyTokens(const uint8_t* row, int64_t row_bytes, int64_t units,
+                       const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                       int64_t y_stride) {
   constexpr int kMaxTokens = 4;
   int64_t t = 0;
   for (; t + kMaxTokens <= tokens; t += kMaxTokens)
-    DotCodesTokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    DotInt16Tokens<kRows, kMaxTokens, Format>(row, row_bytes, units, x, first + t, y + t * y_stride,
+                                              y_stride);
+  float* yt = y + t * y_stride;
   switch (tokens - t) {
     case 3:
-      return DotCodesTokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+      return DotInt16Tokens<kRows, 3, Format>(row, row_bytes, units, x, first + t, yt, y_stride);
     case 2:
-      return DotCodesTokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+      return DotInt16Tokens<kRows, 2, Format>(row, row_bytes, units, x, first + t, yt, y_stride);
     case 1:
-      return DotCodesTokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+      return DotInt16Tokens<kRows, 1, Format>(row, row_bytes, units, x, first + t, yt, y_stride);
     default:
       return;
   }
 }
 
-// Rows of one token go kInt16DecodeRows at a time with the int16 activations.
-constexpr int kInt16DecodeRows = 4;
+// Rows go kInt16Rows at a time, in decode and prefill alike: their 4 x 4 tokens' sums fill 16 of
+// AVX-512's 32 registers; AVX2's 16 registers hold two rows' (8 sums, 4 weight halves, 2 inputs).
+constexpr int kInt16Rows = HWY_TARGET <= HWY_AVX3 ? 4 : 2;
+
+template <typename Format>
+void DotInt16Rows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
+                  const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                  int64_t y_stride) {
+  int64_t r = 0;
+  for (; r + kInt16Rows <= rows; r += kInt16Rows)
+    DotInt16AnyTokens<kInt16Rows, Format>(first_row + r * row_bytes, row_bytes, n / kUnit, x, first,
+                                          tokens, y + r, y_stride);
+  for (; r < rows; ++r)
+    DotInt16AnyTokens<1, Format>(first_row + r * row_bytes, row_bytes, n / kUnit, x, first, tokens,
+                                 y + r, y_stride);
+}
+
+// Tokens four at a time, then the rest (int8 activations, one row).
+template <typename Format>
+void DotInt8AnyTokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
+                      int64_t tokens, float* y, int64_t y_stride) {
+  constexpr int kMaxTokens = 4;
+  int64_t t = 0;
+  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
+    DotInt8Tokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+  switch (tokens - t) {
+    case 3:
+      return DotInt8Tokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    case 2:
+      return DotInt8Tokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    case 1:
+      return DotInt8Tokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
+    default:
+      return;
+  }
+}
 
 template <typename Format, typename Activations>
 void DotCodesRows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
                   const Activations& x, int64_t first, int64_t tokens, float* y, int64_t y_stride) {
-  int64_t r = 0;
-  if constexpr (std::is_same_v<Activations, Int16Activations>)
-    if (tokens == 1)
-      for (; r + kInt16DecodeRows <= rows; r += kInt16DecodeRows)
-        DotInt16Tokens<kInt16DecodeRows, 1, Format>(first_row + r * row_bytes, row_bytes, n / kUnit,
-                                                    x, first, y + r, y_stride);
-  for (; r < rows; ++r)
-    DotCodesAnyTokens<Format>(first_row + r * row_bytes, n / kUnit, x, first, tokens, y + r,
-                              y_stride);
+  if constexpr (std::is_same_v<Activations, Int16Activations>) {
+    DotInt16Rows<Format>(first_row, row_bytes, rows, n, x, first, tokens, y, y_stride);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      DotInt8AnyTokens<Format>(first_row + r * row_bytes, n / kUnit, x, first, tokens, y + r,
+                               y_stride);
+  }
 }
 
 // The integer products of every block type, for either width of activation codes.
