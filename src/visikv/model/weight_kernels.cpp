@@ -1105,11 +1105,36 @@ void DotInt16Pairs(const uint8_t* row, int64_t row_bytes, int64_t units, const I
         const uint8_t* block_a = row + r * row_bytes + b * Format::kBytes;
         const uint8_t* block_b = single ? block_a : block_a + Format::kBytes;
         hwy::Prefetch(block_a + kPrefetchBytes);
-        const typename Format::Scales sa = Format::Prepare(block_a), sb = Format::Prepare(block_b);
         PairCodes<Format, 0, 0>(block_a, block_b, low[r], high[r]);
-        w_scale[r] = PairScales(sa.scale[0], single ? 0.0f : sb.scale[0]);
-        const float none[2] = {0.0f, 0.0f};
-        w_offset[r] = offsets4(sa.offset, single ? none : sb.offset);
+        if constexpr (requires { Format::kNibbleBytes; }) {
+          // Q4_0/Q4_1: both blocks' fp16 d (and m) converted at once, [d_a, m_a, d_b, m_b]
+          // (the same floats as Prepare's, every fp16 value being exact in float32), then
+          // spread: scales [d_a x 8, d_b x 8], offsets [m_a, m_a, m_b, m_b] or -8 d for Q4_0.
+          uint32_t head_a, head_b;
+          std::memcpy(&head_a, block_a, sizeof(head_a));
+          std::memcpy(&head_b, block_b, sizeof(head_b));
+          const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(
+              _mm_setr_epi32(static_cast<int>(head_a), static_cast<int>(head_b), 0, 0)));
+          const __mmask16 pair_lanes = single ? 0x00FF : 0xFFFF, offset_lanes = single ? 0x3 : 0xF;
+          w_scale[r] = _mm512_maskz_permutexvar_ps(
+              pair_lanes, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), dm);
+          if constexpr (Format::kNibbleBytes == 4)
+            w_offset[r] = _mm512_maskz_permutexvar_ps(
+                offset_lanes, _mm512_setr_epi32(1, 1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                dm);
+          else
+            w_offset[r] = _mm512_mul_ps(
+                _mm512_set1_ps(-8.0f),
+                _mm512_maskz_permutexvar_ps(
+                    offset_lanes, _mm512_setr_epi32(0, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                    dm));
+        } else {
+          const typename Format::Scales sa = Format::Prepare(block_a),
+                                        sb = Format::Prepare(block_b);
+          w_scale[r] = PairScales(sa.scale[0], single ? 0.0f : sb.scale[0]);
+          const float none[2] = {0.0f, 0.0f};
+          w_offset[r] = offsets4(sa.offset, single ? none : sb.offset);
+        }
       }
       pair(b, low, high, w_scale, w_offset, single);
     }
