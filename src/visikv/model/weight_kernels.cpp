@@ -680,8 +680,8 @@ void DotRowsTokens(DType type, const std::byte* first_row, int64_t row_bytes, in
 
 // --- int8 products: weight codes times 8-bit activation codes --------------------------------
 // One entry per block type: Prepare(block) gives a scale and an offset per 16 values (w_j =
-// scale[j / 16] * code_j + offset[j / 16]; kUniformScale: one scale for the whole block,
-// kUnitScale: one per unit of 32, as every type but Q6_K has);
+// scale[j / 16] * code_j + offset[j / 16]; kUnitScale: one scale per unit of 32, as every type
+// but Q6_K has);
 // Codes<unit> writes unit `unit`'s 32 integer codes, in [0, 63] (or [-128, 127] for Q8_0, kSigned);
 // on x86 Codes256<unit> returns them as one vector.
 
@@ -732,7 +732,7 @@ inline __m256i Load256(const uint8_t* p) {
 
 struct Q8_0Codes {
   static constexpr int kValues = 32, kBytes = 34;
-  static constexpr bool kSigned = true, kHasOffset = false, kUniformScale = true, kUnitScale = true;
+  static constexpr bool kSigned = true, kHasOffset = false, kUnitScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) { return Uniform(LoadHalf(block), 0.0f); }
   template <int>
@@ -751,7 +751,7 @@ struct Q8_0Codes {
 template <bool kHasMin>
 struct Q4Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 20 : 18;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true, kUnitScale = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUnitScale = true;
   static constexpr int kNibbleBytes = kHasMin ? 4 : 2;  // where the 16 bytes of nibbles start
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) {
@@ -775,7 +775,7 @@ struct Q4Codes {
 template <bool kHasMin>
 struct Q5Codes {
   static constexpr int kValues = 32, kBytes = kHasMin ? 24 : 22;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = true, kUnitScale = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUnitScale = true;
   using Scales = LegacyScales;
   static Scales Prepare(const uint8_t* block) {
     const float d = LoadHalf(block);
@@ -807,8 +807,7 @@ struct Q5Codes {
 template <bool kFifthBit>
 struct QK45Codes {
   static constexpr int kValues = 256, kBytes = kFifthBit ? 176 : 144;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false,
-                        kUnitScale = true;
+  static constexpr bool kSigned = false, kHasOffset = true, kUnitScale = true;
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     const ScalesK4 k4 = PrepareK4(block);
@@ -842,8 +841,7 @@ struct QK45Codes {
 // ones for uu >= 2) and bits 2 uu of the 32 high-bit bytes; d * sc * (q - 32), sc per 16 values.
 struct Q6_KCodes {
   static constexpr int kValues = 256, kBytes = 210;
-  static constexpr bool kSigned = false, kHasOffset = true, kUniformScale = false,
-                        kUnitScale = false;
+  static constexpr bool kSigned = false, kHasOffset = true, kUnitScale = false;
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     Scales s;
@@ -1168,16 +1166,16 @@ template <typename Format>
 constexpr bool kInt16Pairs = false;
 #endif
 
-// The int16 kernel body: kRows rows (row_bytes apart) times kTokens tokens. Weight codes (all
-// within int8) are sign-extended to 16 bits and multiplied with the 16-bit activation codes in
-// pairs summed to int32 (|sum| <= 32 * 128 * 32767 < 2^31, so exact, and the same sums on every
-// target): AVX-512 puts a unit's 32 products in one vector, lanes 0-7 summing values 0-15 and
-// lanes 8-15 values 16-31, with VNNI's vpdpwssd or AVX-512BW's vpmaddwd (the same sums); AVX2
-// takes the two halves of 16 with vpmaddwd. Each group's int32 sum is converted once and
-// multiplied by weight scale times activation scale. acc[r][t] holds row r's sums for token t in
-// the same order whatever kRows and kTokens are, so every output is the one-row, one-token
-// result; several rows share each activation load and give the core independent chains (decode
-// reads each weight once per token, as DotTokens).
+// The int16 kernel body: kRows rows (row_bytes apart) times kTokens tokens (on AVX-512, Q6_K only:
+// the other types take DotInt16Pairs). Weight codes (all within int8) are sign-extended to 16 bits
+// and multiplied with the 16-bit activation codes in pairs summed to int32 (|sum| <= 32 * 128 *
+// 32767 < 2^31, so exact, and the same sums on every target): AVX-512 puts a unit's 32 products in
+// one vector, lanes 0-7 summing values 0-15 and lanes 8-15 values 16-31, with VNNI's vpdpwssd or
+// AVX-512BW's vpmaddwd (the same sums); AVX2 takes the two halves of 16 with vpmaddwd. Each group's
+// int32 sum is converted once and multiplied by weight scale times activation scale. acc[r][t]
+// holds row r's sums for token t in the same order whatever kRows and kTokens are, so every output
+// is the one-row, one-token result; several rows share each activation load and give the core
+// independent chains (decode reads each weight once per token, as DotTokens).
 template <int kRows, int kTokens, typename Format>
 void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const Int16Activations& x,
                     int64_t first, float* y, int64_t y_stride) {
@@ -1231,13 +1229,8 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
 #else
           const __m512i sums = _mm512_madd_epi16(w[r], xq);
 #endif
-          // Legacy blocks have one scale for both groups: one broadcast of the product.
-          const __m512 scale =
-              Format::kUniformScale
-                  ? _mm512_set1_ps(s[r].scale[0] * activation_scale)
-                  : _mm512_insertf32x8(_mm512_set1_ps(s[r].scale[2 * unit] * activation_scale),
-                                       _mm256_set1_ps(s[r].scale[2 * unit + 1] * activation_scale),
-                                       1);
+          const __m512 scale = PairScales(s[r].scale[2 * unit] * activation_scale,
+                                          s[r].scale[2 * unit + 1] * activation_scale);
           acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][t]);
         }
       }
