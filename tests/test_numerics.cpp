@@ -60,13 +60,14 @@ TEST(Numerics, Int8ProductsStayWithinTheMeasuredBounds) {
 }
 
 // The int16 products against the gate for a default numerics mode (top-1 agreement >= 99%,
-// mean KL <= 1e-3), measured as docs/RESULTS.md does: 4096 WikiText-103 test positions in
-// windows of 1024. Several candidates against one reference run give what one-candidate runs give.
+// mean KL <= 1e-3), measured as docs/RESULTS.md does (WikiText-103 test in windows of 1024) over
+// two windows, 2046 positions: the 4096 positions of docs/RESULTS.md (`visikv eval numerics`) took
+// over two minutes here, the longest test of the suite by far.
 TEST(Numerics, Int16ProductsMeetTheGateOnTheDefaultModel) {
   const Loaded& l = loaded();
-  constexpr int64_t kGatePositions = 4096, kWindow = 1024;
+  constexpr int64_t kGatePositions = 2046, kWindow = 1024;
   const std::vector<int32_t> text =
-      l.model.tokenizer().encode(read_text_file(default_test_text()).substr(0, 40000), false);
+      l.model.tokenizer().encode(read_text_file(default_test_text()).substr(0, 20000), false);
   ASSERT_GE(static_cast<int64_t>(text.size()), numerics_text_tokens(kGatePositions, kWindow, true));
   const NumericsAgreement r =
       compare_numerics(l.model, text, kWindow, kGatePositions, ProductRounding::Fastest,
@@ -74,7 +75,7 @@ TEST(Numerics, Int16ProductsMeetTheGateOnTheDefaultModel) {
   EXPECT_EQ(r.divergence.positions, kGatePositions);
   EXPECT_GE(r.divergence.top1_agreement, 0.99);
   EXPECT_LE(r.divergence.kl_mean, 1e-3);
-  // Not exact: the rounding is there, and smaller than int8's by orders of magnitude.
+  // Not exact: the rounding is there (SeveralCandidatesEqualOneAtATime compares it with int8).
   EXPECT_GT(r.divergence.kl_max, 0.0);
   std::printf("int16 vs exact over %lld positions: top-1 %.4f, mean KL %.3e, max KL %.3e\n",
               static_cast<long long>(r.divergence.positions), r.divergence.top1_agreement,

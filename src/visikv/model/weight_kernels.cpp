@@ -1246,12 +1246,22 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
         const __m256i x_low = _mm256_loadu_si256(xq), x_high = _mm256_loadu_si256(xq + 1);
         const float activation_scale = scales[t][u];
         for (int r = 0; r < kRows; ++r) {
-          acc[r][t] = _mm256_fmadd_ps(
-              _mm256_cvtepi32_ps(_mm256_madd_epi16(w_low[r], x_low)),
-              _mm256_set1_ps(s[r].scale[2 * unit] * activation_scale), acc[r][t]);
-          acc[r][t] = _mm256_fmadd_ps(
-              _mm256_cvtepi32_ps(_mm256_madd_epi16(w_high[r], x_high)),
-              _mm256_set1_ps(s[r].scale[2 * unit + 1] * activation_scale), acc[r][t]);
+          const __m256i low = _mm256_madd_epi16(w_low[r], x_low);
+          const __m256i high = _mm256_madd_epi16(w_high[r], x_high);
+          if constexpr (Format::kUnitScale) {
+            // One scale for the unit: its two halves summed as integers (exact), then one
+            // conversion and one multiply-add.
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(low, high)),
+                                        _mm256_set1_ps(s[r].scale[2 * unit] * activation_scale),
+                                        acc[r][t]);
+          } else {
+            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low),
+                                        _mm256_set1_ps(s[r].scale[2 * unit] * activation_scale),
+                                        acc[r][t]);
+            acc[r][t] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(high),
+                _mm256_set1_ps(s[r].scale[2 * unit + 1] * activation_scale), acc[r][t]);
+          }
         }
       }
 #else
