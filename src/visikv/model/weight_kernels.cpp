@@ -9,7 +9,8 @@
 // The portable fallback is compiled even though the rest of the program needs AVX2, so that the
 // tests can run it; SSSE3/SSE4 would add nothing between it and AVX2, and the SVE targets have
 // no fixed vector length (the kernels assume one).
-// AVX-512 with VNNI (Ice Lake and later, Zen 4): 8-bit dot products for the int8 path.
+// AVX-512 with VNNI (Ice Lake and later, Zen 4): 8- and 16-bit dot products for the int8 and int16
+// paths.
 #ifndef HWY_WANT_AVX3_DL
 #define HWY_WANT_AVX3_DL
 #endif
@@ -47,7 +48,7 @@
 HWY_BEFORE_NAMESPACE();
 #if HWY_TARGET == HWY_AVX3_DL
 // Highway 1.0's AVX3_DL target (chosen for CPUs with AVX-512 VNNI) names the VEX "avxvnni"
-// feature but not "avx512vnni", whose 512-bit dot products the int8 path uses.
+// feature but not "avx512vnni", whose 512-bit dot products the int8 and int16 paths use.
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512vnni"))), apply_to = function)
 #else

@@ -72,8 +72,10 @@ void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_by
 
 // The int16 product, as the int8 one with 16-bit activation codes (at most 1 / 65534 of a
 // block's largest value off per value): integer products of the weight codes with the codes
-// (int32 sums per 16 values, exact), then one float multiply by weight scale times activation
-// scale per 16 values. Block types only; chunks of tokens give bit for bit the one-token results.
+// (exact int32 sums per unit of 32, per 16 for Q6_K), then one float multiply-add by weight scale
+// times activation scale each. Block types only. Chunks of tokens and ranges of rows (which decode
+// takes several at a time) give bit for bit the one-token, one-row results; the order of the
+// float sums depends on the instruction set (AVX-512 with and without VNNI agree bit for bit).
 void dot_row_tokens_int16(DType type, const std::byte* row, int64_t elements,
                           const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
                           int64_t y_stride);
