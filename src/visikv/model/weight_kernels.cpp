@@ -992,6 +992,14 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
   }
 }
 
+// Lambdas of the int16 kernels that use VNNI's 512-bit dot products name the feature themselves:
+// clang does not extend the target pragma above to them.
+#if HWY_TARGET == HWY_AVX3_DL
+#define VISIKV_INT16_ATTR VISIKV_VNNI_ATTR
+#else
+#define VISIKV_INT16_ATTR HWY_ATTR
+#endif
+
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
 // The int16 products on AVX-512 for the types with one scale per unit of 32 (all but Q6_K): units
 // go in pairs (a, b), so that two 16-bit dot products, one of values 0-15 of both units and one of
@@ -1054,7 +1062,7 @@ void DotInt16Pairs(const uint8_t* row, int64_t row_bytes, int64_t units, const I
   // accumulators (one multiply-add, where a separate sum per group took more time than the
   // products of the codes).
   const auto pair = [&](int64_t ua, const __m512i* low, const __m512i* high, const __m512* w_scale,
-                        const __m512* w_offset, bool single) HWY_ATTR {
+                        const __m512* w_offset, bool single) VISIKV_INT16_ATTR {
     for (int t = 0; t < kTokens; ++t) {
       const int16_t* xa = codes[t] + ua * kUnit;
       const auto half = [](const int16_t* p) HWY_ATTR {
@@ -1215,26 +1223,27 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
       hwy::Prefetch(blocks[r] + kPrefetchBytes);
       s[r] = Format::Prepare(blocks[r]);
     }
-    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
-      const int64_t u = b * kUnitsPerBlock + unit;
+    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(),
+                [&](auto unit) VISIKV_INT16_ATTR {
+                  const int64_t u = b * kUnitsPerBlock + unit;
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-      __m512i w[kRows];
-      for (int r = 0; r < kRows; ++r)
-        w[r] = _mm512_cvtepi8_epi16(Format::template Codes256<unit>(blocks[r]));
-      for (int t = 0; t < kTokens; ++t) {
-        const __m512i xq = _mm512_loadu_si512(codes[t] + u * kUnit);
-        const float activation_scale = scales[t][u];
-        for (int r = 0; r < kRows; ++r) {
+                  __m512i w[kRows];
+                  for (int r = 0; r < kRows; ++r)
+                    w[r] = _mm512_cvtepi8_epi16(Format::template Codes256<unit>(blocks[r]));
+                  for (int t = 0; t < kTokens; ++t) {
+                    const __m512i xq = _mm512_loadu_si512(codes[t] + u * kUnit);
+                    const float activation_scale = scales[t][u];
+                    for (int r = 0; r < kRows; ++r) {
 #if HWY_TARGET == HWY_AVX3_DL
-          const __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[r], xq);
+                      const __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[r], xq);
 #else
           const __m512i sums = _mm512_madd_epi16(w[r], xq);
 #endif
-          const __m512 scale = PairScales(s[r].scale[2 * unit] * activation_scale,
-                                          s[r].scale[2 * unit + 1] * activation_scale);
-          acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][t]);
-        }
-      }
+                      const __m512 scale = PairScales(s[r].scale[2 * unit] * activation_scale,
+                                                      s[r].scale[2 * unit + 1] * activation_scale);
+                      acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][t]);
+                    }
+                  }
 #elif VISIKV_X86_INT8
       __m256i w_low[kRows], w_high[kRows];
       for (int r = 0; r < kRows; ++r) {
@@ -1279,7 +1288,7 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
         }
       }
 #endif
-    });
+                });
     // Explicit fused multiply-adds: a plain `+= a * b` is contracted or not at the compiler's
     // choice, which differed between token counts (AVX2, K types) and broke chunk equality.
     if constexpr (Format::kHasOffset)
@@ -1428,6 +1437,7 @@ void DotRowsTokensInt16(DType type, const std::byte* first_row, int64_t row_byte
 }
 
 #undef VISIKV_X86_INT8
+#undef VISIKV_INT16_ATTR
 
 int64_t CompiledTarget() { return HWY_TARGET; }
 
