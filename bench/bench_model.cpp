@@ -2,9 +2,9 @@
 //   build/bench/bench_model [--benchmark_format=json]        (model: $VISIKV_BENCH_MODEL or
 //   default; cache codec for keys and values: $VISIKV_BENCH_CACHE, default f16, any spec of
 //   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok; products: $VISIKV_BENCH_NUMERICS,
-//   exact (default) or int8, as `visikv generate --numerics`; attention support of the decode
-//   steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md without a query frame,
-//   dense by default (the prefill before them is dense))
+//   exact (default), int8 or int16, as `visikv generate --numerics`; attention support of the
+//   decode steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md without a query
+//   frame, dense by default (the prefill before them is dense))
 // Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
 // N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
 #include <benchmark/benchmark.h>
@@ -19,6 +19,7 @@
 #include "visikv/eval/text_input.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
+#include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
 
 namespace {
@@ -61,8 +62,7 @@ std::unique_ptr<KVCache> make_bench_cache(const Decoder& decoder, int64_t tokens
 Decoder make_bench_decoder(const Model& model) {
   Decoder decoder(model);
   const char* name = std::getenv("VISIKV_BENCH_NUMERICS");
-  if (name != nullptr && std::string(name) == "int8")
-    decoder.set_product_rounding(ProductRounding::QuantizedActivations);
+  if (name != nullptr && *name != '\0') decoder.set_product_rounding(numerics_rounding(name));
   return decoder;
 }
 

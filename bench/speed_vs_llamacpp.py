@@ -2,14 +2,15 @@
 """Prefill and decode tokens/s of visikv and llama.cpp on the same GGUF, same threads, one run.
 
     python3 bench/speed_vs_llamacpp.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf]
-        [--threads 2] [--contexts 128 1024 4096 8160] [--kv f16 q4_0] [--numerics exact int8]
+        [--threads 2] [--contexts 128 1024 4096 8160] [--kv f16 q4_0] [--numerics exact int8 int16]
         [--json results/speed.json]
 
 visikv is measured by build/bench/bench_model (Google Benchmark); llama.cpp through the PyPI
 package llama-cpp-python (scripts/setup.sh --bench). Protocol for both: prefill = one pass over N
 WikiText-103 test tokens; decode = 32 tokens fed one at a time after an N-token prefill (not
 timed); 8160 + 32 fills the default model's 8192 positions. visikv runs once per --numerics
-(exact: transformers-equal products; int8: 8-bit activations, as llama.cpp computes). KV caches (--kv), keys and values
+(exact: transformers-equal products; int8: 8-bit activations, as llama.cpp computes; int16: 16-bit
+activations). KV caches (--kv), keys and values
 alike: f16 (both f16); q8_0 (llama.cpp q8_0: 32 values share an fp16 scale, 8.5 bits; visikv
 int8:g32:tok: scale and zero, 9 bits); q4_0 (llama.cpp q4_0, 4.5 bits; visikv int4:g32:tok, 5
 bits). llama.cpp runs with flash attention off and on and its faster setting counts (a quantized
@@ -101,7 +102,7 @@ def main():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096, 8160])
     parser.add_argument("--kv", nargs="+", default=["f16"], choices=sorted(KV_CACHES))
-    parser.add_argument("--numerics", nargs="+", default=["exact"], choices=["exact", "int8"])
+    parser.add_argument("--numerics", nargs="+", default=["exact"], choices=["exact", "int8", "int16"])
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-103-test.txt"))
     parser.add_argument("--json", default=str(ROOT / "results" / "speed_vs_llamacpp.json"))

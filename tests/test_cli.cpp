@@ -53,14 +53,21 @@ TEST(Cli, SimdEnvironmentVariable) {
       << r.output;
 }
 
-// --numerics: int8 cannot run decode-batched (exact products only), and unknown names are refused.
+// --numerics: int8 and int16 cannot run decode-batched (exact products only), and unknown names
+// are refused.
 TEST(Cli, NumericsFlagRejectsWhatItCannotDo) {
-  ProgramRun r = run("ppl " + kLlama + " --mode decode-batched --numerics int8 --tokens 8");
+  for (const std::string numerics : {"int8", "int16"}) {
+    const ProgramRun r =
+        run("ppl " + kLlama + " --mode decode-batched --numerics " + numerics + " --tokens 8");
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_NE(r.output.find("--numerics " + numerics +
+                            ": decode-batched computes decode order with exact products only"),
+              std::string::npos)
+        << r.output;
+  }
+  ProgramRun r = run("eval numerics " + kLlama + " --window 16 --numerics int16 int16");
   EXPECT_EQ(r.status, 1) << r.output;
-  EXPECT_NE(r.output.find("--numerics int8: decode-batched computes decode order with exact "
-                          "products only"),
-            std::string::npos)
-      << r.output;
+  EXPECT_NE(r.output.find("--numerics: int16 given twice"), std::string::npos) << r.output;
   r = run("ppl " + kLlama + " --numerics fastest --tokens 8");
   EXPECT_NE(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("--numerics"), std::string::npos) << r.output;

@@ -313,3 +313,267 @@ TEST(WeightKernels, RowRangesEqualSingleRows) {
 
 }  // namespace
 }  // namespace visikv
+
+namespace visikv {
+namespace {
+
+const char* const kBlockTypes[] = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"};
+
+// Activations with an outlier channel every 64 values (as the default model's early layers have),
+// so that blocks with and without one round at very different scales.
+std::vector<float> outlier_activations(std::mt19937& rng, int64_t tokens, int64_t n) {
+  std::vector<float> x = test_support::random_vector(rng, static_cast<size_t>(tokens * n));
+  for (int64_t i = 0; i < tokens * n; i += 64) x[i] *= 300.0f;
+  return x;
+}
+
+// The 16-bit rounding: codes within ±32767, each block's largest value at ±32767, every value
+// within half a step of its code, and the sums of 16 rounded values.
+TEST(WeightKernels, Int16ActivationsRoundEachBlockOfThirtyTwo) {
+  constexpr int64_t kTokens = 3, kN = 256;
+  std::mt19937 rng(5);
+  std::vector<float> x = outlier_activations(rng, kTokens, kN);
+  std::fill(x.begin() + 32, x.begin() + 64, 0.0f);  // an all-zero block: scale 0, codes 0
+  Int16Activations q;
+  quantize_activations(x.data(), kTokens, kN, q);
+  ASSERT_EQ(q.codes.size(), static_cast<size_t>(kTokens * kN));
+  ASSERT_EQ(q.scales.size(), static_cast<size_t>(kTokens * kN / 32));
+  ASSERT_EQ(q.sums16.size(), static_cast<size_t>(kTokens * kN / 16));
+  for (int64_t b = 0; b < kTokens * kN / 32; ++b) {
+    const float scale = q.scales[b];
+    int peak = 0;
+    for (int64_t i = 32 * b; i < 32 * (b + 1); ++i) {
+      peak = std::max(peak, std::abs(int{q.codes[i]}));
+      EXPECT_LE(std::abs(static_cast<double>(q.codes[i]) * scale - x[i]), 0.5 * scale * (1 + 1e-6))
+          << i;
+    }
+    EXPECT_EQ(peak, b == 1 ? 0 : 32767) << "block " << b;
+    for (int half = 0; half < 2; ++half) {
+      double sum = 0;
+      for (int64_t i = 32 * b + 16 * half; i < 32 * b + 16 * half + 16; ++i)
+        sum += static_cast<double>(q.codes[i]) * scale;
+      EXPECT_NEAR(q.sums16[2 * b + half], sum, 1e-7 * std::abs(sum)) << b << " " << half;
+    }
+  }
+  EXPECT_EQ(q.scales[1], 0.0f);
+  EXPECT_THROW(quantize_activations(x.data(), 1, 48, q), Error);
+}
+
+// The int16 products against float64: for every block type and target, equal to the dequantized
+// row times the rounded activations up to float32 sums (their only other rounding), and to the
+// exact product within what the rounding can move it (half a step of each block's scale per
+// value, times |w|). Tokens in a chunk get the bits of one token alone; outputs land at their
+// stride in a poisoned buffer and nowhere else.
+TEST(WeightKernels, Int16ProductsMatchFloat64OfTheRoundedActivations) {
+  const GgufFile file(kQuants);
+  for (const char* type : kBlockTypes) {
+    SCOPED_TRACE(type);
+    const TensorRef& tensor = file.tensor(std::string("q.") + type);
+    const int64_t n = tensor.row_size();
+    constexpr int64_t kTokens = 7;
+    std::mt19937 rng(17);
+    const std::vector<float> x = outlier_activations(rng, kTokens, n);
+    Int16Activations xq;
+    quantize_activations(x.data(), kTokens, n, xq);
+    for (const std::string& target : available_targets()) {
+      SCOPED_TRACE(target);
+      const TargetGuard guard(target);
+      for (int64_t r = 0; r < tensor.rows(); ++r) {
+        std::vector<float> w(static_cast<size_t>(n));
+        dequantize(tensor.dtype, tensor.row(r), w);
+        const std::byte* row = tensor.row(r).data();
+        std::vector<float> y(kTokens * 2, std::numeric_limits<float>::quiet_NaN());
+        dot_row_tokens_int16(tensor.dtype, row, n, xq, 0, kTokens, y.data(), 2);
+        for (int64_t t = 0; t < kTokens; ++t) {
+          double rounded = 0, exact = 0, magnitude = 0, rounding_bound = 0;
+          for (int64_t i = 0; i < n; ++i) {
+            const double scale = xq.scales[(t * n + i) / 32];
+            const double xr = static_cast<double>(xq.codes[t * n + i]) * scale;
+            rounded += double{w[i]} * xr;
+            exact += double{w[i]} * x[t * n + i];
+            magnitude += std::abs(double{w[i]} * xr);
+            rounding_bound += std::abs(double{w[i]}) * 0.5 * scale;
+          }
+          const float got = y[t * 2];
+          EXPECT_NEAR(got, rounded, 2e-6 * magnitude) << "row " << r << " token " << t;
+          EXPECT_NEAR(got, exact, rounding_bound + 2e-6 * magnitude)
+              << "row " << r << " token " << t;
+          EXPECT_TRUE(std::isnan(y[t * 2 + 1])) << "wrote outside its stride";
+          for (int64_t chunk = 1; chunk <= kTokens - t; ++chunk) {
+            std::vector<float> part(static_cast<size_t>(chunk),
+                                    std::numeric_limits<float>::quiet_NaN());
+            dot_row_tokens_int16(tensor.dtype, row, n, xq, t, chunk, part.data(), 1);
+            EXPECT_EQ(part[0], got) << "row " << r << " token " << t << " in a chunk of " << chunk;
+          }
+        }
+      }
+    }
+  }
+}
+
+// AVX-512 without VNNI sums the 16-bit products with vpmaddwd, with VNNI with vpdpwssd: the same
+// int32 sums, then the same float arithmetic, so the same bits.
+TEST(WeightKernels, Int16ProductsAgreeWithAndWithoutVnni) {
+  const std::vector<std::string> targets = available_targets();
+  if (std::find(targets.begin(), targets.end(), "avx512vnni") == targets.end())
+    GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
+  const GgufFile file(kQuants);
+  for (const char* type : kBlockTypes) {
+    SCOPED_TRACE(type);
+    const TensorRef& tensor = file.tensor(std::string("q.") + type);
+    const int64_t n = tensor.row_size(), rows = tensor.rows();
+    const int64_t row_bytes = static_cast<int64_t>(tensor.row(0).size());
+    std::mt19937 rng(23);
+    const std::vector<float> x = outlier_activations(rng, 5, n);
+    Int16Activations xq;
+    quantize_activations(x.data(), 5, n, xq);
+    std::vector<float> y[2];
+    for (int i = 0; i < 2; ++i) {
+      const TargetGuard guard(i == 0 ? "avx512" : "avx512vnni");
+      y[i].assign(5 * rows, std::numeric_limits<float>::quiet_NaN());
+      dot_rows_tokens_int16(tensor.dtype, tensor.row(0).data(), row_bytes, rows, n, xq, 0, 5,
+                            y[i].data(), rows);
+    }
+    for (size_t i = 0; i < y[0].size(); ++i) {
+      ASSERT_TRUE(std::isfinite(y[0][i])) << i;
+      EXPECT_EQ(y[0][i], y[1][i]) << i;
+    }
+  }
+}
+
+// Long rows of random blocks (2304 values: many blocks per row, several K super-blocks; and 2336,
+// an odd number of blocks of 32, whose last one the AVX-512 kernel pairs with nothing), 9 tokens
+// over 5 rows in one call, and the 5 rows for one token at a time (decode: four rows at once, then
+// one): each output has the bits of its one-row, one-token call, and is the dequantized row times
+// the rounded activations up to float32 sums.
+TEST(WeightKernels, Int16RowRangesEqualSingleRowsOnLongRows) {
+  constexpr int64_t kRows = 5, kTokens = 9;
+  for (const DType type : {DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1,
+                           DType::Q4_K, DType::Q5_K, DType::Q6_K})
+    for (const int64_t columns : {int64_t{2304}, int64_t{2336}}) {
+      if (columns % dtype_info(type).block_elements != 0) continue;
+      SCOPED_TRACE(std::string(dtype_name(type)) + " x " + std::to_string(columns));
+      std::mt19937 rng(29);
+      const std::vector<std::byte> weights = random_rows(type, kRows, columns, rng);
+      const int64_t row_bytes = storage_bytes(type, columns);
+      const std::vector<float> x = outlier_activations(rng, kTokens, columns);
+      Int16Activations xq;
+      quantize_activations(x.data(), kTokens, columns, xq);
+      for (const std::string& target : available_targets()) {
+        SCOPED_TRACE(target);
+        const TargetGuard guard(target);
+        std::vector<float> all(kTokens * kRows, std::numeric_limits<float>::quiet_NaN());
+        dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, columns, xq, 0, kTokens,
+                              all.data(), kRows);
+        std::vector<float> decoded(kTokens * kRows, std::numeric_limits<float>::quiet_NaN());
+        for (int64_t t = 0; t < kTokens; ++t)
+          dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, columns, xq, t, 1,
+                                decoded.data() + t * kRows, kRows);
+        for (int64_t r = 0; r < kRows; ++r) {
+          std::vector<float> w(columns);
+          dequantize(type,
+                     std::span<const std::byte>(weights.data() + r * row_bytes,
+                                                static_cast<size_t>(row_bytes)),
+                     w);
+          for (int64_t t = 0; t < kTokens; ++t) {
+            float one = std::numeric_limits<float>::quiet_NaN();
+            dot_row_tokens_int16(type, weights.data() + r * row_bytes, columns, xq, t, 1, &one, 1);
+            ASSERT_TRUE(std::isfinite(one)) << r << " " << t;
+            EXPECT_EQ(all[t * kRows + r], one) << r << " " << t;
+            EXPECT_EQ(decoded[t * kRows + r], one) << r << " " << t << " decoded";
+            double rounded = 0, magnitude = 0;
+            for (int64_t i = 0; i < columns; ++i) {
+              const double xr = static_cast<double>(xq.codes[t * columns + i]) *
+                                xq.scales[(t * columns + i) / 32];
+              rounded += double{w[i]} * xr;
+              magnitude += std::abs(double{w[i]} * xr);
+            }
+            EXPECT_NEAR(one, rounded, 2e-6 * magnitude) << r << " " << t;
+          }
+        }
+      }
+    }
+}
+
+// A non-finite activation poisons its token's outputs for every block type (Q8_0, which has no
+// offsets, included) and leaves the other tokens alone; so for the int8 products.
+TEST(WeightKernels, NonFiniteActivationsPoisonTheirTokenOnly) {
+  const GgufFile file(kQuants);
+  for (const char* type : kBlockTypes) {
+    SCOPED_TRACE(type);
+    const TensorRef& tensor = file.tensor(std::string("q.") + type);
+    const int64_t n = tensor.row_size();
+    for (const float bad :
+         {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+      std::mt19937 rng(31);
+      std::vector<float> x = test_support::random_vector(rng, static_cast<size_t>(2 * n));
+      x[n + 40] = bad;  // token 1
+      Int16Activations x16;
+      quantize_activations(x.data(), 2, n, x16);
+      Int8Activations x8;
+      quantize_activations(x.data(), 2, n, x8);
+      for (const std::string& target : available_targets()) {
+        SCOPED_TRACE(target);
+        const TargetGuard guard(target);
+        float y16[2], y8[2];
+        dot_row_tokens_int16(tensor.dtype, tensor.row(0).data(), n, x16, 0, 2, y16, 1);
+        dot_row_tokens_int8(tensor.dtype, tensor.row(0).data(), n, x8, 0, 2, y8, 1);
+        EXPECT_TRUE(std::isfinite(y16[0]));
+        EXPECT_TRUE(std::isfinite(y8[0]));
+        EXPECT_FALSE(std::isfinite(y16[1]));
+        EXPECT_FALSE(std::isfinite(y8[1]));
+      }
+    }
+  }
+}
+
+// linear_forward with the int16 numerics: two products of one input (one block type, one float
+// type) over a chunk of 9 tokens. The block weights give each token the bits of that token alone
+// and of the int16 kernel (bias added); the float weights give what exact numerics give (sgemm for
+// a chunk of this size, so only the same call is compared).
+TEST(WeightKernels, Int16LinearForwardChunksEqualSingleTokens) {
+  constexpr int64_t kIn = 512, kOut = 40, kTokens = 9;
+  std::mt19937 rng(37);
+  const std::vector<std::byte> q4 = random_rows(DType::Q4_1, kOut, kIn, rng);
+  const std::vector<std::byte> f16 = random_rows(DType::F16, kOut, kIn, rng);
+  Linear block, half;
+  block.weight = {"q4_1", DType::Q4_1, {kOut, kIn}, q4};
+  block.bias = test_support::random_vector(rng, kOut);
+  half.weight = {"f16", DType::F16, {kOut, kIn}, f16};
+  const std::vector<float> x = outlier_activations(rng, kTokens, kIn);
+  std::vector<float> y_block(kTokens * kOut), y_half(kTokens * kOut);
+  const LinearProduct both[] = {{&block, y_block}, {&half, y_half}};
+  linear_forward(both, x, kTokens, ProductRounding::QuantizedActivations16);
+  std::vector<float> exact_chunk(kTokens * kOut);
+  linear_forward(half, x, kTokens, exact_chunk, ProductRounding::Fastest);
+  EXPECT_EQ(y_half, exact_chunk);
+  Int16Activations xq;
+  quantize_activations(x.data(), kTokens, kIn, xq);
+  for (int64_t t = 0; t < kTokens; ++t) {
+    std::vector<float> one_block(kOut), one_half(kOut), exact_half(kOut);
+    const std::span<const float> xt(x.data() + t * kIn, kIn);
+    const LinearProduct one[] = {{&block, one_block}, {&half, one_half}};
+    linear_forward(one, xt, 1, ProductRounding::QuantizedActivations16);
+    linear_forward(half, xt, 1, exact_half, ProductRounding::Fastest);
+    for (int64_t o = 0; o < kOut; ++o) {
+      EXPECT_EQ(y_block[t * kOut + o], one_block[o]) << t << " " << o;
+      EXPECT_EQ(one_half[o], exact_half[o]) << t << " " << o;
+      float kernel = std::numeric_limits<float>::quiet_NaN();
+      dot_row_tokens_int16(DType::Q4_1, q4.data() + o * storage_bytes(DType::Q4_1, kIn), kIn, xq, t,
+                           1, &kernel, 1);
+      EXPECT_EQ(one_block[o], kernel + block.bias[o]) << t << " " << o;
+    }
+  }
+}
+
+// The numerics names: int16 is the 16-bit mode, and an unknown name lists the three.
+TEST(WeightKernels, NumericsNames) {
+  EXPECT_EQ(numerics_rounding("exact"), ProductRounding::Fastest);
+  EXPECT_EQ(numerics_rounding("int8"), ProductRounding::QuantizedActivations);
+  EXPECT_EQ(numerics_rounding("int16"), ProductRounding::QuantizedActivations16);
+  EXPECT_EQ(test_support::error_of([] { numerics_rounding("int4"); }),
+            "unknown numerics 'int4' (exact, int8 or int16)");
+}
+
+}  // namespace
+}  // namespace visikv

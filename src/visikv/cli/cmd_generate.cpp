@@ -18,8 +18,10 @@ namespace visikv::cli {
 
 namespace {
 struct GenerateFlags {
+  // int16 by default: within the gate for a default numerics mode on both measured
+  // models (docs/RESULTS.md) and faster in decode than exact.
   std::string model, prompt, file, keys = "f32", values = "f32", selector = "dense",
-                                   numerics = "exact";
+                                   numerics = "int16";
   GenerationOptions options;
   bool ignore_eos = false, stats = false, allow_past_context = false;
 };

@@ -53,8 +53,8 @@ PplRun run_ppl(const PplFlags& f) {
         ReferenceRun{parse_flag("--reference-keys", f.reference_keys, parse_key_codec_spec)};
   const Model model = Model::load(f.model);
   run.model = model.source();
-  require(f.numerics == "exact" || f.mode != "decode-batched",
-          "--numerics int8: decode-batched computes decode order with exact products only");
+  require(f.numerics == "exact" || f.mode != "decode-batched", "--numerics ", f.numerics,
+          ": decode-batched computes decode order with exact products only");
   Decoder decoder(model);
   apply_numerics(f.numerics, decoder);
   options.mode = perplexity_mode_from_name(f.mode);

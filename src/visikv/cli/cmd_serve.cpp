@@ -9,6 +9,7 @@
 
 #include "visikv/cli/commands.h"
 #include "visikv/core/error.h"
+#include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
 #include "visikv/serve/server.h"
 #include "visikv/tokenizer/chat_template.h"
@@ -17,7 +18,9 @@ namespace visikv::cli {
 
 namespace {
 struct ServeFlags {
-  std::string model, host = "127.0.0.1", keys = "f32", values = "f32", selector = "dense", model_id;
+  // numerics: int16 by default, as generate's (cmd_generate.cpp).
+  std::string model, host = "127.0.0.1", keys = "f32", values = "f32", selector = "dense", model_id,
+                     numerics = "int16";
   int port = 8080;
   int64_t max_sequences = 8, max_tokens = 4096, max_body_bytes = 1 << 20;
 };
@@ -36,6 +39,7 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("--values", flags->values, "default value cache codec");
   cmd->add_option("--selector", flags->selector,
                   "default attention support (docs/SELECTOR_SPECS.md)");
+  add_numerics_option(*cmd, flags->numerics);
   cmd->add_option("--model-id", flags->model_id,
                   "the model's name in the API (default: the file or directory name)");
   cmd->add_option("--max-sequences", flags->max_sequences,
@@ -54,6 +58,7 @@ void add_serve_command(CLI::App& app) {
     options.port = flags->port;
     options.max_sequences = flags->max_sequences;
     options.max_body_bytes = flags->max_body_bytes;
+    options.rounding = numerics_rounding(flags->numerics);
     RequestDefaults& d = options.defaults;
     d.keys = parse_flag("--keys", flags->keys, parse_key_codec_spec);
     d.values = parse_flag("--values", flags->values, parse_value_codec_spec);

@@ -37,8 +37,9 @@ struct GlobalOptions {
   int threads = 0;  // 0: all cores
 };
 GlobalOptions& global_options();
-// `--numerics exact|int8` of generate and ppl: exact products (transformers-equal, the default)
-// or 8-bit activations with integer products for GGUF block weights (ProductRounding).
+// `--numerics exact|int8|int16` of generate, serve and ppl: exact products (transformers-equal) or
+// 8- or 16-bit activations with integer products for GGUF block weights (ProductRounding); the
+// default is the flag's initial value (int16 for generate and serve, exact for ppl).
 void add_numerics_option(CLI::App& cmd, std::string& numerics);
 void apply_numerics(const std::string& numerics, Decoder& decoder);
 

@@ -15,9 +15,11 @@ GlobalOptions& global_options() {
 
 void add_numerics_option(CLI::App& cmd, std::string& numerics) {
   cmd.add_option("--numerics", numerics,
-                 "exact (float32 products, transformers-equal) or int8 (8-bit activations and "
-                 "integer products for GGUF block weights, as llama.cpp)")
-      ->check(CLI::IsMember({"exact", "int8"}));
+                 "exact (float32 products, transformers-equal), int8 (8-bit activations and "
+                 "integer products for GGUF block weights, as llama.cpp) or int16 (the same with "
+                 "16-bit activations: within about 1e-5 of exact)")
+      ->check(CLI::IsMember({"exact", "int8", "int16"}))
+      ->capture_default_str();
 }
 
 void apply_numerics(const std::string& numerics, Decoder& decoder) {

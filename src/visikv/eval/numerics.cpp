@@ -26,31 +26,36 @@ int64_t numerics_text_tokens(int64_t positions, int64_t window, bool bos) {
   return saturating_mul(windows, text_per_window);
 }
 
-NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,
-                                   int64_t window, int64_t max_positions, ProductRounding reference,
-                                   ProductRounding candidate, std::optional<int32_t> bos,
-                                   const Progress& progress) {
+std::vector<NumericsAgreement> compare_numerics(const Model& model, std::span<const int32_t> text,
+                                                int64_t window, int64_t max_positions,
+                                                ProductRounding reference,
+                                                std::span<const ProductRounding> candidates,
+                                                std::optional<int32_t> bos,
+                                                const Progress& progress) {
   require(window >= 2, "compare_numerics: window must be at least 2 tokens, not ", window);
+  require(!candidates.empty(), "compare_numerics: no candidate to compare");
   check_context(model.config(), window, str_cat("a window of ", window, " tokens"));
-  Decoder decoders[2] = {Decoder(model), Decoder(model)};
-  decoders[0].set_product_rounding(reference);
-  decoders[1].set_product_rounding(candidate);
+  // Side 0 is the reference, side 1 + c candidate c.
+  const size_t sides = candidates.size() + 1;
+  std::vector<Decoder> decoders;
+  std::vector<std::unique_ptr<KVCache>> caches;
+  std::vector<std::vector<float>> logits;
   const int64_t vocab = model.config().vocab_size;
-  std::unique_ptr<KVCache> caches[2] = {
-      make_cache(decoders[0].cache_shape(), "f32", "f32", window),
-      make_cache(decoders[1].cache_shape(), "f32", "f32", window)};
-  std::vector<float> logits[2] = {std::vector<float>(kChunk * vocab),
-                                  std::vector<float>(kChunk * vocab)};
+  for (size_t side = 0; side < sides; ++side) {
+    decoders.emplace_back(model);
+    decoders.back().set_product_rounding(side == 0 ? reference : candidates[side - 1]);
+    caches.push_back(make_cache(decoders.back().cache_shape(), "f32", "f32", window));
+    logits.emplace_back(kChunk * vocab);
+  }
   // Positions to compare, for progress: whole windows up to max_positions.
   const int64_t text_per_window = bos ? window - 1 : window;
   int64_t total = 0;
   for (int64_t start = 0; start + 1 < static_cast<int64_t>(text.size()); start += text_per_window)
     total += std::min<int64_t>(text_per_window, text.size() - start) - (bos ? 0 : 1);
   if (max_positions > 0) total = std::min(total, max_positions);
-  NumericsAgreement result;
-  DivergenceAccumulator divergence;
+  std::vector<DivergenceAccumulator> divergence(candidates.size());
   int64_t positions = 0;
-  double nll[2] = {0, 0};
+  std::vector<double> nll(sides, 0.0);
   std::vector<int32_t> tokens;
   for (int64_t start = 0; start + 1 < static_cast<int64_t>(text.size()) &&
                           (max_positions == 0 || positions < max_positions);
@@ -62,7 +67,7 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
     for (auto& cache : caches) cache->clear();
     for (int64_t first = 0; first + 1 < static_cast<int64_t>(tokens.size()); first += kChunk) {
       const int64_t count = std::min<int64_t>(kChunk, tokens.size() - first);
-      for (int side = 0; side < 2; ++side)
+      for (size_t side = 0; side < sides; ++side)
         decoders[side].forward({tokens.data() + first, static_cast<size_t>(count)}, *caches[side],
                                LogitRows::All,
                                [&](int64_t row, int64_t rows, std::span<const float> values) {
@@ -73,10 +78,11 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
       int64_t rows = std::min<int64_t>(count, static_cast<int64_t>(tokens.size()) - first - 1);
       if (max_positions > 0) rows = std::min(rows, max_positions - positions);
       if (rows <= 0) break;
-      divergence.add({logits[0].data(), static_cast<size_t>(rows * vocab)},
-                     {logits[1].data(), static_cast<size_t>(rows * vocab)}, rows);
+      for (size_t c = 0; c < candidates.size(); ++c)
+        divergence[c].add({logits[0].data(), static_cast<size_t>(rows * vocab)},
+                          {logits[c + 1].data(), static_cast<size_t>(rows * vocab)}, rows);
       for (int64_t r = 0; r < rows; ++r)
-        for (int side = 0; side < 2; ++side)
+        for (size_t side = 0; side < sides; ++side)
           nll[side] += negative_log_likelihood(
               {logits[side].data() + r * vocab, static_cast<size_t>(vocab)}, tokens[first + r + 1]);
       positions += rows;
@@ -84,10 +90,21 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
     }
   }
   require(positions > 0, "compare_numerics: the text has no position to score");
-  result.divergence = divergence.summary();
-  result.reference_nll = nll[0] / static_cast<double>(positions);
-  result.candidate_nll = nll[1] / static_cast<double>(positions);
-  return result;
+  std::vector<NumericsAgreement> results(candidates.size());
+  for (size_t c = 0; c < candidates.size(); ++c) {
+    results[c].divergence = divergence[c].summary();
+    results[c].reference_nll = nll[0] / static_cast<double>(positions);
+    results[c].candidate_nll = nll[c + 1] / static_cast<double>(positions);
+  }
+  return results;
+}
+
+NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> text,
+                                   int64_t window, int64_t max_positions, ProductRounding reference,
+                                   ProductRounding candidate, std::optional<int32_t> bos,
+                                   const Progress& progress) {
+  return compare_numerics(model, text, window, max_positions, reference, {&candidate, 1}, bos,
+                          progress)[0];
 }
 
 }  // namespace visikv

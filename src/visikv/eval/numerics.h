@@ -1,16 +1,18 @@
 // How far one way of rounding the weight products moves a model's predictions from another
-// (model/matmul.h ProductRounding): the int8 (8-bit-activation) products against the exact ones.
+// (model/matmul.h ProductRounding): the int8 and int16 (8- and 16-bit-activation) products
+// against the exact ones.
 //
 // Protocol: the tokens are cut into windows as perplexity() cuts them (BOS first when the
-// tokenizer adds one); both decoders run each window in chunks of 64 tokens through their own f32
-// caches, and every scored position compares the two next-token distributions: KL(reference ||
-// candidate) and whether the argmax agrees (eval/divergence.h), and each side's NLL of the actual
-// next token.
+// tokenizer adds one); the reference decoder and each candidate's run each window in chunks of
+// 64 tokens through their own f32 caches, and every scored position compares each candidate's
+// next-token distribution with the reference's: KL(reference || candidate) and whether the argmax
+// agrees (eval/divergence.h), and each side's NLL of the actual next token.
 #pragma once
 
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "visikv/eval/divergence.h"
 #include "visikv/eval/perplexity.h"
@@ -33,5 +35,14 @@ NumericsAgreement compare_numerics(const Model& model, std::span<const int32_t> 
                                    int64_t window, int64_t max_positions, ProductRounding reference,
                                    ProductRounding candidate, std::optional<int32_t> bos,
                                    const Progress& progress = {});
+
+// Several candidates against one run of the reference (each result as the one-candidate call
+// gives it, in the order of `candidates`).
+std::vector<NumericsAgreement> compare_numerics(const Model& model, std::span<const int32_t> text,
+                                                int64_t window, int64_t max_positions,
+                                                ProductRounding reference,
+                                                std::span<const ProductRounding> candidates,
+                                                std::optional<int32_t> bos,
+                                                const Progress& progress = {});
 
 }  // namespace visikv

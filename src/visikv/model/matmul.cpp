@@ -16,7 +16,8 @@ namespace visikv {
 ProductRounding numerics_rounding(std::string_view name) {
   if (name == "exact") return ProductRounding::Fastest;
   if (name == "int8") return ProductRounding::QuantizedActivations;
-  fail("unknown numerics '", name, "' (exact or int8)");
+  if (name == "int16") return ProductRounding::QuantizedActivations16;
+  fail("unknown numerics '", name, "' (exact, int8 or int16)");
 }
 
 namespace {
@@ -101,10 +102,12 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   for (const LinearProduct& p : products) check_buffers(*p.layer, x, tokens, p.y);
   // sgemm only where it is both allowed and faster (float weights; see is_block_type).
   std::vector<LinearProduct> row_products;
-  bool any_int8 = false;
+  const bool int8 = rounding == ProductRounding::QuantizedActivations;
+  const bool int16 = rounding == ProductRounding::QuantizedActivations16;
+  bool any_quantized = false;
   for (const LinearProduct& p : products) {
     const bool block_type = is_block_type(p.layer->weight.dtype);
-    any_int8 |= block_type && rounding == ProductRounding::QuantizedActivations;
+    any_quantized |= block_type && (int8 || int16);
     if (rounding != ProductRounding::PerToken && tokens >= kGemmMinTokens && !block_type)
       linear_forward_gemm(*p.layer, x, tokens, p.y);
     else
@@ -114,18 +117,28 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // matrix). Tokens go in tiles small enough to stay in the core's cache while every row of the
   // thread's share passes over them; the static schedule gives a thread the same rows in every
   // tile, so no barrier is needed between tiles.
-  // The products share their input, so it is rounded to 8 bits once (reused buffers: nothing is
-  // allocated once they have grown to the largest input).
+  // The products share their input, so it is rounded to 8 or 16 bits once (reused buffers:
+  // nothing is allocated once they have grown to the largest input).
   thread_local Int8Activations x_int8;
-  if (any_int8)
-    quantize_activations(x.data(), tokens, row_products[0].layer->in_features(), x_int8);
-  const Int8Activations& xq = x_int8;
+  thread_local Int16Activations x_int16;
+  if (any_quantized) {
+    const int64_t in = row_products[0].layer->in_features();
+    if (int8)
+      quantize_activations(x.data(), tokens, in, x_int8);
+    else
+      quantize_activations(x.data(), tokens, in, x_int16);
+  }
+  const Int8Activations& x8 = x_int8;
+  const Int16Activations& x16 = x_int16;
   // Decode (a few tokens): one kernel call per row, measured faster on the default model's decode
   // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
   // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
-  // product (bit for bit the row kernel's sums).
+  // product (bit for bit the row kernel's sums). The int8 products go row by row; the int16 ones
+  // take blocks of rows for one token (the kernel reads several rows at once).
   const int64_t rows_per_item =
-      any_int8 ? 1 : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
+      int8 && any_quantized
+          ? 1
+          : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
   int64_t total_items = 0;
   for (const LinearProduct& p : row_products)
     total_items += (p.layer->out_features() + rows_per_item - 1) / rows_per_item;
@@ -147,8 +160,11 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       const int64_t row_bytes = storage_bytes(layer.weight.dtype, in);
       const std::byte* row = layer.weight.data.data() + o * row_bytes;
       float* y = row_products[which].y.data() + first * out + o;
-      if (any_int8 && is_block_type(layer.weight.dtype))
-        dot_row_tokens_int8(layer.weight.dtype, row, in, xq, first, count, y, out);
+      if (any_quantized && is_block_type(layer.weight.dtype) && int8)
+        dot_row_tokens_int8(layer.weight.dtype, row, in, x8, first, count, y, out);
+      else if (any_quantized && is_block_type(layer.weight.dtype))
+        dot_rows_tokens_int16(layer.weight.dtype, row, row_bytes, rows, in, x16, first, count, y,
+                              out);
       else
         dot_rows_tokens(layer.weight.dtype, row, row_bytes, rows, in, x.data() + first * in, in,
                         count, y, out);

@@ -29,12 +29,15 @@ float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t e
 // for bit what decoding them one at a time gives (weights are still read once per chunk).
 // QuantizedActivations: the "int8" numerics (llama.cpp's for quantized weights): products with
 // GGUF block weights round the input to 8 bits per block of 32 and sum integer products
-// (weight_kernels.h); float weights as Fastest. Not transformers-exact: see docs/RESULTS.md for
-// its agreement with the exact products.
-enum class ProductRounding { Fastest, PerToken, QuantizedActivations };
+// (weight_kernels.h); float weights as Fastest. QuantizedActivations16: the "int16" numerics, the
+// same with 16-bit activations (about 1e-5 of a block's largest value per value). Neither is
+// transformers-exact: see docs/RESULTS.md for their agreement with the exact products. Both
+// round each token's activations on their own, so a chunk of tokens gets one token's results.
+enum class ProductRounding { Fastest, PerToken, QuantizedActivations, QuantizedActivations16 };
 
 // The numerics modes as users name them: "exact" (float32 products, transformers-equal:
-// Fastest) and "int8" (QuantizedActivations). Throws visikv::Error naming both for another name.
+// Fastest), "int8" (QuantizedActivations) and "int16" (QuantizedActivations16). Throws
+// visikv::Error naming them for another name.
 ProductRounding numerics_rounding(std::string_view name);
 
 // y[t, o] = sum_i x[t, i] * W[o, i] + bias[o] for t < tokens.

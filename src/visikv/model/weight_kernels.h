@@ -36,17 +36,27 @@ void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, 
                      int64_t elements, const float* x, int64_t x_stride, int64_t tokens, float* y,
                      int64_t y_stride);
 
-// Activations rounded to 8 bits for the int8 products (llama.cpp's scheme for its quantized
-// weights): per token and block of 32 values, codes q = round(x / s) in [-127, 127] with
-// s = max|x| / 127, and the float sum of every 16 values (for the weight types' offsets, which
-// multiply the exact sums). `elements` must be a multiple of 32.
-struct Int8Activations {
+// Activations rounded to integer codes for the integer products, per token and block of 32
+// values: codes q = round(x / s) in [-max, max] with s = max|x| / max (max = 127 for int8,
+// 32767 for int16), and a float sum of every 16 values (for the weight types' offsets, which
+// multiply these sums instead of going through the integer products). `elements` must be a
+// multiple of 32.
+//   int8 (llama.cpp's scheme for its quantized weights): the sums are of the exact activations.
+//   int16: the sums are of the rounded activations (s times the sum of the codes), so that an
+//   int16 product is the dequantized row times the rounded activations, up to float32 rounding
+//   of its sums; a weight's offset then meets the same rounding errors as its code, and for the
+//   centred weight types (Q4_1 mins near -8 d) that sum errs less than code times error alone.
+template <typename Code>
+struct QuantizedActivations {
   int64_t tokens = 0, elements = 0;
-  std::vector<int8_t> codes;  // {tokens, elements}
+  std::vector<Code> codes;    // {tokens, elements}
   std::vector<float> scales;  // {tokens, elements / 32}
   std::vector<float> sums16;  // {tokens, elements / 16}
 };
+using Int8Activations = QuantizedActivations<int8_t>;
+using Int16Activations = QuantizedActivations<int16_t>;
 void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int8Activations& out);
+void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int16Activations& out);
 
 // The int8 product: for block types, y[t * y_stride] ≈ dot(row, x_t) as integer dot products of
 // the weights' codes with the activation codes, each block scaled in float32 (one rounding of
@@ -60,12 +70,25 @@ void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_by
                           int64_t elements, const Int8Activations& x, int64_t first_token,
                           int64_t tokens, float* y, int64_t y_stride);
 
+// The int16 product, as the int8 one with 16-bit activation codes (at most 1 / 65534 of a
+// block's largest value off per value): integer products of the weight codes with the codes
+// (exact int32 sums per unit of 32, per 16 for Q6_K), then one float multiply-add by weight scale
+// times activation scale each. Block types only. Chunks of tokens and ranges of rows (which decode
+// takes several at a time) give bit for bit the one-token, one-row results; the order of the
+// float sums depends on the instruction set (AVX-512 with and without VNNI agree bit for bit).
+void dot_row_tokens_int16(DType type, const std::byte* row, int64_t elements,
+                          const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
+                          int64_t y_stride);
+void dot_rows_tokens_int16(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                           int64_t elements, const Int16Activations& x, int64_t first_token,
+                           int64_t tokens, float* y, int64_t y_stride);
+
 // The instruction set the kernels run with on this CPU ("AVX3", "AVX2", "EMU128", ...).
 std::string weight_kernel_target();
 
 // Restricts the kernels to at most the named instruction set: "native" (the best this CPU has),
-// "avx512vnni" (AVX-512 with VNNI: 8-bit dot products for the int8 products), "avx512", "avx2" or
-// "generic" (the portable fallback). The environment variable VISIKV_SIMD sets
+// "avx512vnni" (AVX-512 with VNNI: 8- and 16-bit dot products for the int8 and int16 products),
+// "avx512", "avx2" or "generic" (the portable fallback). The environment variable VISIKV_SIMD sets
 // it at start-up. Throws visikv::Error on an unknown name.
 void set_weight_kernel_target(const std::string& name);
 

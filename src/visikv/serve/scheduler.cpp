@@ -67,8 +67,11 @@ struct Scheduler::Active {
   bool finished = false;
 };
 
-Scheduler::Scheduler(const Model& model, int64_t max_active)
-    : model_(model), max_active_(std::max<int64_t>(1, max_active)), stops_(stop_tokens(model)) {
+Scheduler::Scheduler(const Model& model, int64_t max_active, ProductRounding rounding)
+    : model_(model),
+      max_active_(std::max<int64_t>(1, max_active)),
+      rounding_(rounding),
+      stops_(stop_tokens(model)) {
   worker_ = std::thread([this] { loop(); });
 }
 
@@ -103,6 +106,7 @@ void Scheduler::loop() {
   std::vector<std::unique_ptr<Active>> active;
   // One decoder for every round: its scratch buffers grow to the largest round and stay.
   Decoder decoder(model_);
+  decoder.set_product_rounding(rounding_);
   for (;;) {
     {
       std::unique_lock lock(mutex_);

@@ -72,7 +72,10 @@ struct SchedulerStats {
 
 class Scheduler {
  public:
-  Scheduler(const Model& model, int64_t max_active);
+  // `rounding`: how the weight products round (model/matmul.h); each token's activations round
+  // on their own, so a sequence's tokens do not depend on the others in its rounds.
+  Scheduler(const Model& model, int64_t max_active,
+            ProductRounding rounding = ProductRounding::Fastest);
   ~Scheduler();  // stops the worker; queued and active sequences end with an error
 
   // Queues a request (checked by the caller against the model). Never blocks on the model.
@@ -86,6 +89,7 @@ class Scheduler {
 
   const Model& model_;
   const int64_t max_active_;
+  const ProductRounding rounding_;
   const std::vector<int32_t> stops_;  // tokens that end a sequence (eval/generate.h)
   mutable std::mutex mutex_;
   std::condition_variable work_;

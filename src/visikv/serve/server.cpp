@@ -34,7 +34,7 @@ struct Server::Impl {
       : model(m),
         options(std::move(o)),
         render_chat(std::move(chat)),
-        scheduler(m, options.max_sequences) {}
+        scheduler(m, options.max_sequences, options.rounding) {}
 
   void install() {
     const int threads = options.http_threads;

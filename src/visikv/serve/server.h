@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
 #include "visikv/serve/openai_api.h"
 
@@ -20,6 +21,8 @@ struct ServeOptions {
   int64_t max_sequences = 8;         // run at once; the rest queue
   int64_t max_body_bytes = 1 << 20;  // request bodies beyond are refused (413)
   int http_threads = 64;             // connections served at once
+  // How the weight products round (model/matmul.h); `visikv serve` sets its --numerics.
+  ProductRounding rounding = ProductRounding::Fastest;
 };
 
 class Server {
