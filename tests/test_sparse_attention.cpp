@@ -684,6 +684,16 @@ HeadqBasisVectors frame_basis(int64_t kv_heads, int64_t d, int64_t rank,
   return basis;
 }
 
+// n random keys offset per channel (so block boxes are not centred) and random values, appended
+// one token at a time (a codec's window then quantizes as decode would).
+void append_offset_keys(KVCache& cache, std::mt19937& rng, int64_t n, int64_t d) {
+  std::vector<float> k = random_vector(rng, n * d), v = random_vector(rng, n * d);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t c = 0; c < d; ++c) k[j * d + c] += 0.1f * c - 1.0f;
+  for (int64_t j = 0; j < n; ++j)
+    cache.append(0, std::span(k).subspan(j * d, d), std::span(v).subspan(j * d, d), 1);
+}
+
 // With a frame the bound still dominates every score the cache computes (float32, from the
 // stored keys: dense, f16, quantized, rotated, KIVI-style window rebuilt as it quantizes), for
 // low-rank and full-rank frames; and where queries lie in the frame it is tighter than the
@@ -696,11 +706,7 @@ TEST(SparseAttention, FrameBoundDominatesScoresAndIsTighter) {
       const HeadqBasisVectors basis = frame_basis(1, d, rank, {}, 1000 + rank);
       auto cache = make_cache({1, 1, d}, codec, "f32", n, block);
       prepare_summaries(*cache, parse_selector_spec(str_cat("certified:eps0.1:q", rank)), &basis);
-      std::vector<float> k = random_vector(rng, n * d), v = random_vector(rng, n * d);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t c = 0; c < d; ++c) k[j * d + c] += 0.1f * c - 1.0f;
-      for (int64_t j = 0; j < n; ++j)
-        cache->append(0, std::span(k).subspan(j * d, d), std::span(v).subspan(j * d, d), 1);
+      append_offset_keys(*cache, rng, n, d);
       const BlockSummaryTable table = cache->summaries(0, 0);
       ASSERT_EQ(table.frame_rank, rank);
       const double scale = 1.0 / std::sqrt(double(d));
@@ -834,11 +840,7 @@ TEST(SparseAttention, PositionSketchBoundsEncloseScores) {
       std::mt19937 rng(static_cast<uint32_t>(11 + bits));
       auto cache = make_cache({1, 1, d}, codec, "f32", n, block);
       cache->set_position_sketches(bits);
-      std::vector<float> k = random_vector(rng, n * d), v = random_vector(rng, n * d);
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t c = 0; c < d; ++c) k[j * d + c] += 0.1f * c - 1.0f;
-      for (int64_t j = 0; j < n; ++j)
-        cache->append(0, std::span(k).subspan(j * d, d), std::span(v).subspan(j * d, d), 1);
+      append_offset_keys(*cache, rng, n, d);
       const BlockSummaryTable table = cache->summaries(0, 0);
       ASSERT_EQ(table.sketch_levels, (1 << (bits - 1)) - 1);
       const double scale = 1.0 / std::sqrt(double(d));

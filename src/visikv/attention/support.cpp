@@ -77,25 +77,12 @@ void prepare_summaries(KVCache& cache, const SelectorSpec& spec, const HeadqBasi
   for (int64_t i = 0; i < heads; ++i) {
     const std::span<const double> top =
         basis->query_rows(i / shape.kv_heads, i % shape.kv_heads).first(rank * d);
-    double* out = rows.data() + i * rank * d;
-    std::copy(top.begin(), top.end(), out);
-    // Gram-Schmidt, twice: rows stored in a file may be orthonormal only to float32 rounding.
-    for (int pass = 0; pass < 2; ++pass)
-      for (int64_t j = 0; j < rank; ++j) {
-        double* u = out + j * d;
-        for (int64_t k = 0; k < j; ++k) {
-          const double* v = out + k * d;
-          double dot = 0;
-          for (int64_t c = 0; c < d; ++c) dot += u[c] * v[c];
-          for (int64_t c = 0; c < d; ++c) u[c] -= dot * v[c];
-        }
-        double norm = 0;
-        for (int64_t c = 0; c < d; ++c) norm += u[c] * u[c];
-        norm = std::sqrt(norm);
-        require(norm > 1e-6, "selector '", describe(spec), "': basis direction ", j, " of head ", i,
-                " is not independent of the ones before it");
-        for (int64_t c = 0; c < d; ++c) u[c] /= norm;
-      }
+    const std::span<double> head = std::span(rows).subspan(i * rank * d, rank * d);
+    std::copy(top.begin(), top.end(), head.begin());
+    // Again in float64: rows stored in a file may be orthonormal only to float32 rounding.
+    const int64_t dependent = orthonormalize_rows(head, rank, d, 1e-6);
+    require(dependent < 0, "selector '", describe(spec), "': basis direction ", dependent,
+            " of head ", i, " is not independent of the ones before it");
   }
   cache.set_summary_frames(rows, rank);
 }

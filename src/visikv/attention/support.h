@@ -82,6 +82,7 @@ struct SupportScratch {
   std::vector<double> partition;    // Z_S per query, certified
   std::vector<double> reference;    // m per query, certified
   std::vector<double> deltas;       // {group}: certified's delta per query, NaN otherwise
+  std::vector<double> left_out;     // {group}: mass of the read keys left out, position sketches
 };
 
 // What a Support hands the attention body.

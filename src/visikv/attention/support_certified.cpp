@@ -272,7 +272,8 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
     if (k < kBuckets)
       for (int64_t g = 0; g < group; ++g) mass[k * group + g] += weights[c * group + g];
   }
-  std::vector<double> left_out(static_cast<size_t>(group), 0.0);
+  std::vector<double>& left_out = scratch.left_out;
+  left_out.assign(static_cast<size_t>(group), 0.0);
   int64_t lightest_kept = kBuckets;  // buckets >= this are left out
   for (int64_t k = kBuckets - 1; k >= 0; --k) {
     bool fits = true;

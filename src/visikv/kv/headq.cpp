@@ -250,11 +250,19 @@ std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t 
     const double u = uniform_open(state), v = uniform_open(state);
     out[i] = std::sqrt(-2.0 * std::log(u)) * std::cos(2.0 * std::numbers::pi * v);
   }
-  for (int64_t j = 0; j < rows; ++j) {
-    double* row = out.data() + j * dim;
+  require(orthonormalize_rows(out, rows, dim, 1e-12) < 0,
+          "random orthonormal basis: degenerate draw");
+  return out;
+}
+
+int64_t orthonormalize_rows(std::span<double> rows, int64_t count, int64_t dim, double min_norm) {
+  require(count >= 0 && dim > 0 && static_cast<int64_t>(rows.size()) >= count * dim,
+          "orthonormalize: ", rows.size(), " numbers for ", count, " rows of ", dim);
+  for (int64_t j = 0; j < count; ++j) {
+    double* row = rows.data() + j * dim;
     for (int pass = 0; pass < 2; ++pass) {  // twice: orthogonal to rounding
       for (int64_t i = 0; i < j; ++i) {
-        const double* other = out.data() + i * dim;
+        const double* other = rows.data() + i * dim;
         double overlap = 0;
         for (int64_t c = 0; c < dim; ++c) overlap += row[c] * other[c];
         for (int64_t c = 0; c < dim; ++c) row[c] -= overlap * other[c];
@@ -263,10 +271,10 @@ std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t 
     double norm = 0;
     for (int64_t c = 0; c < dim; ++c) norm += row[c] * row[c];
     norm = std::sqrt(norm);
-    require(norm > 1e-12, "random orthonormal basis: degenerate draw");
+    if (!(norm > min_norm)) return j;
     for (int64_t c = 0; c < dim; ++c) row[c] /= norm;
   }
-  return out;
+  return -1;
 }
 
 uint64_t headq_random_seed(int64_t layer, int64_t kv_head) {

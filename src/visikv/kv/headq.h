@@ -52,6 +52,12 @@ struct HeadqBasisVectors {
 // from SplitMix64 seeded with `seed`: the same on every run. rows <= dim.
 std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t seed);
 
+// Orthonormalizes the first `count` rows of `dim` numbers of `rows` in place, in order
+// (Gram-Schmidt: each row projected off the earlier ones twice, then normalized). Returns the
+// index of the first row whose norm before normalizing is not above `min_norm` (it and the rows
+// after it are left unnormalized), or -1 when every row was normalized.
+int64_t orthonormalize_rows(std::span<double> rows, int64_t count, int64_t dim, double min_norm);
+
 // The seed of the random-basis control for one head: a fixed seed mixed with the head index.
 uint64_t headq_random_seed(int64_t layer, int64_t kv_head);
 

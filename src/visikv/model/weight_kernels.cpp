@@ -426,26 +426,31 @@ void DotTokens(const uint8_t* row, int64_t row_bytes, int64_t units, const float
     for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = Reduce(acc[r][t]);
 }
 
-template <typename Format>
-void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride,
-                  int64_t tokens, float* y, int64_t y_stride) {
-  constexpr int kMaxTokens = 4;
+// Calls step(std::integral_constant<int, K>{}, t) for the tokens [t, t + K) of [0, tokens): groups
+// of four, then one of the remaining 1-3, so the kernels are instantiated for 1 to 4 tokens.
+template <typename Step>
+HWY_INLINE void InTokenGroups(int64_t tokens, const Step& step) {
   int64_t t = 0;
-  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
-    DotTokens<1, kMaxTokens, Format>(row, 0, units, x + t * x_stride, x_stride, y + t * y_stride,
-                                     y_stride);
-  const float* xt = x + t * x_stride;
-  float* yt = y + t * y_stride;
+  for (; t + 4 <= tokens; t += 4) step(std::integral_constant<int, 4>{}, t);
   switch (tokens - t) {
     case 3:
-      return DotTokens<1, 3, Format>(row, 0, units, xt, x_stride, yt, y_stride);
+      return step(std::integral_constant<int, 3>{}, t);
     case 2:
-      return DotTokens<1, 2, Format>(row, 0, units, xt, x_stride, yt, y_stride);
+      return step(std::integral_constant<int, 2>{}, t);
     case 1:
-      return DotTokens<1, 1, Format>(row, 0, units, xt, x_stride, yt, y_stride);
+      return step(std::integral_constant<int, 1>{}, t);
     default:
       return;
   }
+}
+
+template <typename Format>
+void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_stride,
+                  int64_t tokens, float* y, int64_t y_stride) {
+  InTokenGroups(tokens, [&](auto count, int64_t t) HWY_ATTR {
+    DotTokens<1, decltype(count)::value, Format>(row, 0, units, x + t * x_stride, x_stride,
+                                                 y + t * y_stride, y_stride);
+  });
 }
 
 // --- the blocked product (many tokens)
@@ -1321,22 +1326,10 @@ template <int kRows, typename Format>
 void DotInt16AnyTokens(const uint8_t* row, int64_t row_bytes, int64_t units,
                        const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                        int64_t y_stride) {
-  constexpr int kMaxTokens = 4;
-  int64_t t = 0;
-  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
-    DotInt16Tokens<kRows, kMaxTokens, Format>(row, row_bytes, units, x, first + t, y + t * y_stride,
-                                              y_stride);
-  float* yt = y + t * y_stride;
-  switch (tokens - t) {
-    case 3:
-      return DotInt16Tokens<kRows, 3, Format>(row, row_bytes, units, x, first + t, yt, y_stride);
-    case 2:
-      return DotInt16Tokens<kRows, 2, Format>(row, row_bytes, units, x, first + t, yt, y_stride);
-    case 1:
-      return DotInt16Tokens<kRows, 1, Format>(row, row_bytes, units, x, first + t, yt, y_stride);
-    default:
-      return;
-  }
+  InTokenGroups(tokens, [&](auto count, int64_t t) HWY_ATTR {
+    DotInt16Tokens<kRows, decltype(count)::value, Format>(row, row_bytes, units, x, first + t,
+                                                          y + t * y_stride, y_stride);
+  });
 }
 
 // Rows go kInt16Rows at a time: their 4 x 4 tokens' sums fill 16 of AVX-512's 32 registers; AVX2's
@@ -1368,20 +1361,10 @@ void DotInt16Rows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int
 template <typename Format>
 void DotInt8AnyTokens(const uint8_t* row, int64_t units, const Int8Activations& x, int64_t first,
                       int64_t tokens, float* y, int64_t y_stride) {
-  constexpr int kMaxTokens = 4;
-  int64_t t = 0;
-  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
-    DotInt8Tokens<kMaxTokens, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-  switch (tokens - t) {
-    case 3:
-      return DotInt8Tokens<3, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-    case 2:
-      return DotInt8Tokens<2, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-    case 1:
-      return DotInt8Tokens<1, Format>(row, units, x, first + t, y + t * y_stride, y_stride);
-    default:
-      return;
-  }
+  InTokenGroups(tokens, [&](auto count, int64_t t) HWY_ATTR {
+    DotInt8Tokens<decltype(count)::value, Format>(row, units, x, first + t, y + t * y_stride,
+                                                  y_stride);
+  });
 }
 
 template <typename Format, typename Activations>
