@@ -15,7 +15,11 @@ alike: f16 (both f16); q8_0 (llama.cpp q8_0: 32 values share an fp16 scale, 8.5 
 int8:g32:tok: scale and zero, 9 bits); q4_0 (llama.cpp q4_0, 4.5 bits; visikv int4:g32:tok, 5
 bits). llama.cpp runs with flash attention off and on and its faster setting counts (a quantized
 V cache needs it on).
-The table prints tokens/s and visikv/llama.cpp ratios.
+Each engine runs every context in a process of its own, and the peak resident memory of that
+process (the kernel's maximum RSS, from wait4) is reported beside its speed: for llama.cpp the
+process is a Python interpreter running llama-cpp-python, whose own peak with llama_cpp imported
+and no model loaded is measured the same way and subtracted (the column says so).
+The table prints tokens/s, peak RSS and visikv/llama.cpp ratios.
 """
 import argparse
 import json
@@ -24,6 +28,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -35,21 +40,35 @@ KV_CACHES = {"f16": ("f16", "GGML_TYPE_F16"), "q8_0": ("int8:g32:tok", "GGML_TYP
              "q4_0": ("int4:g32:tok", "GGML_TYPE_Q4_0")}
 
 
+def run_measured(command, env=None):
+    """Runs `command`; returns its standard output and its peak resident memory in bytes."""
+    with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"{command[0]} failed ({proc.returncode}): {err.read()[-2000:]}")
+        return out.read(), usage.ru_maxrss * 1024  # Linux reports kilobytes
+
+
 def visikv_figures(binary, model, threads, contexts, repetitions, cache_spec, numerics):
+    """{(phase, context): tokens/s} and {context: peak RSS}, one process per context."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                VISIKV_BENCH_MODEL=str(model), VISIKV_BENCH_CACHE=cache_spec,
                VISIKV_BENCH_NUMERICS=numerics)
-    pattern = "|".join(f"(Prefill|Decode)/{n}/" for n in contexts)
-    out = subprocess.run([str(binary), f"--benchmark_filter={pattern}", "--benchmark_format=json",
-                          f"--benchmark_repetitions={repetitions}"],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    runs = {}
-    for b in json.loads(out)["benchmarks"]:
-        if b.get("run_type") != "iteration":
-            continue
-        kind, n = b["run_name"].split("/")[:2]
-        runs.setdefault((kind.lower(), int(n)), []).append(b["tokens_per_s"])
-    return {key: median(values) for key, values in runs.items()}
+    runs, peaks = {}, {}
+    for n in contexts:
+        out, peaks[n] = run_measured(
+            [str(binary), f"--benchmark_filter=(Prefill|Decode)/{n}/", "--benchmark_format=json",
+             f"--benchmark_repetitions={repetitions}"], env)
+        for b in json.loads(out)["benchmarks"]:
+            if b.get("run_type") != "iteration":
+                continue
+            kind, _ = b["run_name"].split("/")[:2]
+            runs.setdefault((kind.lower(), n), []).append(b["tokens_per_s"])
+    return {key: median(values) for key, values in runs.items()}, peaks
 
 
 def median(values):
@@ -58,14 +77,27 @@ def median(values):
 
 
 def llamacpp_figures(model, threads, contexts, tokens, repetitions, cache_type):
-    """The faster of flash attention off and on, per phase and context."""
+    """The faster of flash attention off and on, per phase and context, and the peak RSS of the
+    faster setting's process (decode's) less the interpreter's own, per context."""
     quantized = cache_type != "GGML_TYPE_F16"
-    figures = {}
-    for flash in ([True] if quantized else [False, True]):
-        for key, value in llamacpp_run(model, threads, contexts, tokens, repetitions, cache_type,
-                                       flash).items():
-            figures[key] = max(figures.get(key, 0.0), value)
-    return figures
+    _, baseline = run_measured([sys.executable, __file__, "--llamacpp-baseline"])
+    figures, peaks, best_decode = {}, {}, {}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as token_file:
+        json.dump(tokens, token_file)
+        token_file.flush()
+        for flash in ([True] if quantized else [False, True]):
+            for n in contexts:
+                out, peak = run_measured(
+                    [sys.executable, __file__, "--llamacpp-worker", "--model", str(model),
+                     "--threads", str(threads), "--contexts", str(n), "--repetitions",
+                     str(repetitions), "--cache-type", cache_type, "--flash", str(int(flash)),
+                     "--tokens-file", token_file.name])
+                run = json.loads(out)
+                for kind in ("prefill", "decode"):
+                    figures[(kind, n)] = max(figures.get((kind, n), 0.0), run[kind])
+                if run["decode"] >= best_decode.get(n, 0.0):
+                    best_decode[n], peaks[n] = run["decode"], peak - baseline
+    return figures, peaks
 
 
 def llamacpp_run(model, threads, contexts, tokens, repetitions, cache_type, flash):
@@ -106,7 +138,23 @@ def main():
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--text", default=str(ROOT.parent / "shared" / "data" / "wikitext-103-test.txt"))
     parser.add_argument("--json", default=str(ROOT / "results" / "speed_vs_llamacpp.json"))
+    # Internal: one llama.cpp measurement in a process of its own (see llamacpp_figures).
+    parser.add_argument("--llamacpp-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--llamacpp-baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-type", help=argparse.SUPPRESS)
+    parser.add_argument("--flash", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--tokens-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.llamacpp_baseline:
+        import llama_cpp  # noqa: F401  (the interpreter's own peak, with the library loaded)
+        return
+    if args.llamacpp_worker:
+        tokens = json.loads(pathlib.Path(args.tokens_file).read_text())
+        run = llamacpp_run(args.model, args.threads, args.contexts, tokens, args.repetitions,
+                           args.cache_type, bool(args.flash))
+        n = args.contexts[0]
+        print(json.dumps({"prefill": run[("prefill", n)], "decode": run[("decode", n)]}))
+        return
 
     model = pathlib.Path(args.model)
     if not model.is_file():
@@ -129,26 +177,32 @@ def main():
     rows = []
     for kv in args.kv:
         ours_spec, peer_type = KV_CACHES[kv]
-        ours = {}
+        ours, our_peaks = {}, {}
         for numerics in args.numerics:
             print(f"measuring visikv, cache {ours_spec}, {numerics} products ({args.threads} threads) ...",
                   file=sys.stderr, flush=True)
-            ours[numerics] = visikv_figures(args.binary, model, args.threads, args.contexts,
-                                            args.repetitions, ours_spec, numerics)
+            ours[numerics], our_peaks[numerics] = visikv_figures(
+                args.binary, model, args.threads, args.contexts, args.repetitions, ours_spec, numerics)
         print(f"measuring llama.cpp {llama_cpp.__version__}, cache {kv} ({args.threads} threads) ...",
               file=sys.stderr, flush=True)
-        peer = llamacpp_figures(model, args.threads, args.contexts, tokens, args.repetitions, peer_type)
+        peer, peer_peaks = llamacpp_figures(model, args.threads, args.contexts, tokens,
+                                            args.repetitions, peer_type)
+        mib = 1 << 20
         print(f"\n{'kv':<5} {'numerics':<8} {'phase':<8} {'context':>8} {'visikv tok/s':>13} "
-              f"{'llama.cpp tok/s':>16} {'ratio':>7}")
+              f"{'llama.cpp tok/s':>16} {'ratio':>7} {'visikv MiB':>11} {'llama.cpp MiB*':>15}")
         for numerics in args.numerics:
             for kind in ("prefill", "decode"):
                 for n in args.contexts:
                     a, b = ours[numerics][(kind, n)], peer[(kind, n)]
                     rows.append({"kv": kv, "visikv_cache": ours_spec, "numerics": numerics,
                                  "phase": kind, "context": n, "visikv_tokens_per_s": a,
-                                 "llamacpp_tokens_per_s": b, "ratio": a / b})
-                    print(f"{kv:<5} {numerics:<8} {kind:<8} {n:>8} {a:>13.1f} {b:>16.1f} {a / b:>7.2f}",
+                                 "llamacpp_tokens_per_s": b, "ratio": a / b,
+                                 "visikv_peak_rss_bytes": our_peaks[numerics][n],
+                                 "llamacpp_peak_rss_bytes_less_interpreter": peer_peaks[n]})
+                    print(f"{kv:<5} {numerics:<8} {kind:<8} {n:>8} {a:>13.1f} {b:>16.1f} {a / b:>7.2f} "
+                          f"{our_peaks[numerics][n] / mib:>11.1f} {peer_peaks[n] / mib:>15.1f}",
                           flush=True)
+        print("* llama.cpp's process peak less the Python interpreter's with llama_cpp imported")
     result = {"model": str(model), "threads": args.threads, "kv_caches": args.kv,
               "decode_steps": DECODE_STEPS, "llama_cpp_python": llama_cpp.__version__,
               "machine": platform.processor() or platform.machine(), "date": time.strftime("%Y-%m-%d"),

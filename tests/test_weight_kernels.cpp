@@ -359,6 +359,92 @@ TEST(WeightKernels, Int16ActivationsRoundEachBlockOfThirtyTwo) {
   EXPECT_THROW(quantize_activations(x.data(), 1, 48, q), Error);
 }
 
+// Blocks of 256 (the super-block types' activations): one scale per 256 values, the largest at
+// ±32767, sums per 16; a block other than 32 or 256, or a row that is not a whole number of them,
+// is refused.
+TEST(WeightKernels, Int16ActivationsInBlocksOfTwoHundredFiftySix) {
+  constexpr int64_t kTokens = 2, kN = 512;
+  std::mt19937 rng(7);
+  const std::vector<float> x = outlier_activations(rng, kTokens, kN);
+  Int16Activations q;
+  quantize_activations(x.data(), kTokens, kN, q, 256);
+  EXPECT_EQ(q.block, 256);
+  ASSERT_EQ(q.scales.size(), static_cast<size_t>(kTokens * kN / 256));
+  ASSERT_EQ(q.sums16.size(), static_cast<size_t>(kTokens * kN / 16));
+  for (int64_t b = 0; b < kTokens * kN / 256; ++b) {
+    int peak = 0;
+    for (int64_t i = 256 * b; i < 256 * (b + 1); ++i) {
+      peak = std::max(peak, std::abs(int{q.codes[i]}));
+      EXPECT_LE(std::abs(static_cast<double>(q.codes[i]) * q.scales[b] - x[i]),
+                0.5 * q.scales[b] * (1 + 1e-6))
+          << i;
+    }
+    EXPECT_EQ(peak, 32767) << "block " << b;
+    for (int64_t g = 16 * b; g < 16 * (b + 1); ++g) {
+      double sum = 0;
+      for (int64_t i = 16 * g; i < 16 * g + 16; ++i)
+        sum += static_cast<double>(q.codes[i]) * q.scales[b];
+      EXPECT_NEAR(q.sums16[g], sum, 1e-7 * std::abs(sum)) << g;
+    }
+  }
+  EXPECT_THROW(quantize_activations(x.data(), 1, 288, q, 256), Error);
+  EXPECT_THROW(quantize_activations(x.data(), 1, 512, q, 64), Error);
+  // Activations in the wrong blocks for the weight type: a clear error, not a misread.
+  std::vector<std::byte> row(static_cast<size_t>(storage_bytes(DType::Q4_K, 512)));
+  float y = 0;
+  quantize_activations(x.data(), 1, 512, q, 32);
+  try {
+    dot_row_tokens_int16(DType::Q4_K, row.data(), 512, q, 0, 1, &y, 1);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("blocks of 256"), std::string::npos) << e.what();
+  }
+  quantize_activations(x.data(), 1, 512, q, 256);
+  std::vector<std::byte> q4_0(static_cast<size_t>(storage_bytes(DType::Q4_0, 512)));
+  EXPECT_THROW(dot_row_tokens_int16(DType::Q4_0, q4_0.data(), 512, q, 0, 1, &y, 1), Error);
+}
+
+// The super-block types at the edge of the int32 sums: every weight at its largest magnitude
+// (Q4_K/Q5_K scale 63 times code 15/31; Q6_K scale -128 times code -32 = 4096) and every
+// activation code at 32767, on every target: the largest sums the kernels' lanes can meet must
+// not wrap. The result equals float64 of the dequantized row times the rounded activations.
+TEST(WeightKernels, Int16SuperBlockSumsDoNotOverflow) {
+  constexpr int64_t kN = 1024;
+  for (const DType type : {DType::Q4_K, DType::Q5_K, DType::Q6_K}) {
+    SCOPED_TRACE(std::string(dtype_name(type)));
+    const DTypeInfo& info = dtype_info(type);
+    std::vector<std::byte> row(static_cast<size_t>(storage_bytes(type, kN)));
+    const uint16_t d = float_to_fp16(0.5f), zero = 0;
+    for (int64_t b = 0; b < kN / info.block_elements; ++b) {
+      std::byte* block = row.data() + b * info.block_bytes;
+      if (type == DType::Q6_K) {
+        std::memset(block, 0, 192);          // codes 0: q - 32 = -32
+        std::memset(block + 192, 0x80, 16);  // scales -128
+        std::memcpy(block + 208, &d, 2);
+      } else {
+        std::memcpy(block, &d, 2);
+        std::memcpy(block + 2, &zero, 2);                      // dmin 0: no offsets
+        std::memset(block + 4, 0xFF, 12);                      // scales and mins 63
+        std::memset(block + 16, 0xFF, info.block_bytes - 16);  // codes 15 (31 with fifth bits)
+      }
+    }
+    const std::vector<float> x(kN, 1.0f);
+    Int16Activations xq;
+    quantize_activations(x.data(), 1, kN, xq, 256);
+    std::vector<float> w(kN);
+    dequantize(type, row, w);
+    double expected = 0;
+    for (int64_t i = 0; i < kN; ++i) expected += double{w[i]} * xq.codes[i] * xq.scales[i / 256];
+    for (const std::string& target : available_targets()) {
+      SCOPED_TRACE(target);
+      const TargetGuard guard(target);
+      float y = std::numeric_limits<float>::quiet_NaN();
+      dot_row_tokens_int16(type, row.data(), kN, xq, 0, 1, &y, 1);
+      EXPECT_NEAR(y, expected, 1e-6 * std::abs(expected));
+    }
+  }
+}
+
 // The int16 products against float64: for every block type and target, equal to the dequantized
 // row times the rounded activations up to float32 sums (their only other rounding), and to the
 // exact product within what the rounding can move it (half a step of each block's scale per
@@ -374,7 +460,7 @@ TEST(WeightKernels, Int16ProductsMatchFloat64OfTheRoundedActivations) {
     std::mt19937 rng(17);
     const std::vector<float> x = outlier_activations(rng, kTokens, n);
     Int16Activations xq;
-    quantize_activations(x.data(), kTokens, n, xq);
+    quantize_activations(x.data(), kTokens, n, xq, int16_activation_block(tensor.dtype));
     for (const std::string& target : available_targets()) {
       SCOPED_TRACE(target);
       const TargetGuard guard(target);
@@ -387,7 +473,7 @@ TEST(WeightKernels, Int16ProductsMatchFloat64OfTheRoundedActivations) {
         for (int64_t t = 0; t < kTokens; ++t) {
           double rounded = 0, exact = 0, magnitude = 0, rounding_bound = 0;
           for (int64_t i = 0; i < n; ++i) {
-            const double scale = xq.scales[(t * n + i) / 32];
+            const double scale = xq.scales[(t * n + i) / xq.block];
             const double xr = static_cast<double>(xq.codes[t * n + i]) * scale;
             rounded += double{w[i]} * xr;
             exact += double{w[i]} * x[t * n + i];
@@ -426,7 +512,7 @@ TEST(WeightKernels, Int16ProductsAgreeWithAndWithoutVnni) {
     std::mt19937 rng(23);
     const std::vector<float> x = outlier_activations(rng, 5, n);
     Int16Activations xq;
-    quantize_activations(x.data(), 5, n, xq);
+    quantize_activations(x.data(), 5, n, xq, int16_activation_block(tensor.dtype));
     std::vector<float> y[2];
     for (int i = 0; i < 2; ++i) {
       const TargetGuard guard(i == 0 ? "avx512" : "avx512vnni");
@@ -458,7 +544,7 @@ TEST(WeightKernels, Int16RowRangesEqualSingleRowsOnLongRows) {
       const int64_t row_bytes = storage_bytes(type, columns);
       const std::vector<float> x = outlier_activations(rng, kTokens, columns);
       Int16Activations xq;
-      quantize_activations(x.data(), kTokens, columns, xq);
+      quantize_activations(x.data(), kTokens, columns, xq, int16_activation_block(type));
       for (const std::string& target : available_targets()) {
         SCOPED_TRACE(target);
         const TargetGuard guard(target);
@@ -484,7 +570,7 @@ TEST(WeightKernels, Int16RowRangesEqualSingleRowsOnLongRows) {
             double rounded = 0, magnitude = 0;
             for (int64_t i = 0; i < columns; ++i) {
               const double xr = static_cast<double>(xq.codes[t * columns + i]) *
-                                xq.scales[(t * columns + i) / 32];
+                                xq.scales[(t * columns + i) / xq.block];
               rounded += double{w[i]} * xr;
               magnitude += std::abs(double{w[i]} * xr);
             }
@@ -509,7 +595,7 @@ TEST(WeightKernels, NonFiniteActivationsPoisonTheirTokenOnly) {
       std::vector<float> x = test_support::random_vector(rng, static_cast<size_t>(2 * n));
       x[n + 40] = bad;  // token 1
       Int16Activations x16;
-      quantize_activations(x.data(), 2, n, x16);
+      quantize_activations(x.data(), 2, n, x16, int16_activation_block(tensor.dtype));
       Int8Activations x8;
       quantize_activations(x.data(), 2, n, x8);
       for (const std::string& target : available_targets()) {

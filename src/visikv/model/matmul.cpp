@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "visikv/core/error.h"
@@ -117,19 +118,33 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // matrix). Tokens go in tiles small enough to stay in the core's cache while every row of the
   // thread's share passes over them; the static schedule gives a thread the same rows in every
   // tile, so no barrier is needed between tiles.
-  // The products share their input, so it is rounded to 8 or 16 bits once (reused buffers:
-  // nothing is allocated once they have grown to the largest input).
+  // The products share their input, so it is rounded to 8 or 16 bits once per activation block
+  // the weight types take (reused buffers: nothing is allocated once they have grown to the
+  // largest input).
   thread_local Int8Activations x_int8;
-  thread_local Int16Activations x_int16;
+  thread_local Int16Activations x_int16[2];  // blocks of 32, of 256
+  // The calling thread's buffers, which the parallel region below reads (its other threads have
+  // their own, empty, thread_local ones).
+  Int16Activations* const int16_buffers = x_int16;
+  const auto int16_buffer = [int16_buffers](DType type) -> Int16Activations& {
+    return int16_buffers[int16_activation_block(type) == 32 ? 0 : 1];
+  };
   if (any_quantized) {
     const int64_t in = row_products[0].layer->in_features();
-    if (int8)
+    if (int8) {
       quantize_activations(x.data(), tokens, in, x_int8);
-    else
-      quantize_activations(x.data(), tokens, in, x_int16);
+    } else {
+      bool done[2] = {false, false};
+      for (const LinearProduct& p : row_products) {
+        const DType type = p.layer->weight.dtype;
+        if (!is_block_type(type)) continue;
+        const int64_t block = int16_activation_block(type);
+        if (std::exchange(done[block == 32 ? 0 : 1], true)) continue;
+        quantize_activations(x.data(), tokens, in, int16_buffer(type), block);
+      }
+    }
   }
   const Int8Activations& x8 = x_int8;
-  const Int16Activations& x16 = x_int16;
   // Decode (a few tokens): one kernel call per row, measured faster on the default model's decode
   // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
   // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
@@ -163,8 +178,8 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       if (any_quantized && is_block_type(layer.weight.dtype) && int8)
         dot_row_tokens_int8(layer.weight.dtype, row, in, x8, first, count, y, out);
       else if (any_quantized && is_block_type(layer.weight.dtype))
-        dot_rows_tokens_int16(layer.weight.dtype, row, row_bytes, rows, in, x16, first, count, y,
-                              out);
+        dot_rows_tokens_int16(layer.weight.dtype, row, row_bytes, rows, in,
+                              int16_buffer(layer.weight.dtype), first, count, y, out);
       else
         dot_rows_tokens(layer.weight.dtype, row, row_bytes, rows, in, x.data() + first * in, in,
                         count, y, out);

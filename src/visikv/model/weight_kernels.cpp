@@ -76,6 +76,20 @@ constexpr int kUnit = 32;                 // values widened per unpack
 constexpr int kVectors = kUnit / kLanes;  // vectors per unit
 static_assert(kVectors * kLanes == kUnit, "a unit must be a whole number of vectors");
 
+// 16-bit integer lanes, twice as many as the float lanes (the int16 products of the super-block
+// types: a unit of 32 values is one vector on AVX-512, two on AVX2, four on 128-bit targets). The
+// one-lane HWY_SCALAR target (the portable fallback of GCC builds) has no pairs of 16-bit lanes
+// and takes plain loops instead.
+#define VISIKV_SUPER_VECTORS (HWY_TARGET != HWY_SCALAR)
+#if VISIKV_SUPER_VECTORS
+using DI16 = hn::Repartition<int16_t, DI>;
+using DU8ForI16 = hn::Rebind<uint8_t, DI16>;
+using VI = hn::Vec<DI>;
+using VI16 = hn::Vec<DI16>;
+constexpr int kLanes16 = 2 * kLanes;
+constexpr int kVectors16 = kUnit / kLanes16;
+#endif
+
 float LoadHalf(const uint8_t* p) {
   uint16_t bits;
   std::memcpy(&bits, p, sizeof(bits));
@@ -133,6 +147,12 @@ template <typename F>
 HWY_INLINE void ForEachVector(F f) {
   ForEachVector(std::make_integer_sequence<int, kVectors>(), f);
 }
+#if VISIKV_SUPER_VECTORS
+template <typename F>
+HWY_INLINE void ForEachVector16(F f) {
+  ForEachVector(std::make_integer_sequence<int, kVectors16>(), f);
+}
+#endif
 
 template <int... k, typename F>
 HWY_INLINE void ForEachUnit(std::integer_sequence<int, k...>, F f) {
@@ -465,19 +485,20 @@ void DotAnyTokens(const uint8_t* row, int64_t units, const float* x, int64_t x_s
 // serves two rows. Steps of 256 and 512 values (panels in L1) measured about 5% slower on AVX-512
 // (bench/bench_weight_kernels.cpp).
 
-// A float buffer aligned to cache lines that grows and keeps its memory.
+// A buffer aligned to cache lines that grows and keeps its memory.
+template <typename T>
 class AlignedBuffer {
  public:
-  float* Reserve(int64_t count) {
+  T* Reserve(int64_t count) {
     if (count > capacity_) {
-      data_ = hwy::AllocateAligned<float>(static_cast<size_t>(count));
+      data_ = hwy::AllocateAligned<T>(static_cast<size_t>(count));
       capacity_ = count;
     }
     return data_.get();
   }
 
  private:
-  hwy::AlignedFreeUniquePtr<float[]> data_;
+  hwy::AlignedFreeUniquePtr<T[]> data_;
   int64_t capacity_ = 0;
 };
 
@@ -568,7 +589,7 @@ void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t 
   const int64_t groups = (tokens + kGroupTokens - 1) / kGroupTokens;
   // Grow to the largest call and are then reused: nothing is allocated on the hot path. Aligned
   // to whole cache lines, so that no vector load is split over two of them.
-  thread_local AlignedBuffer state_buffer, panel_buffer, input_buffer;
+  thread_local AlignedBuffer<float> state_buffer, panel_buffer, input_buffer;
   float* state = state_buffer.Reserve(rows * groups * kStateFloats);
   float* panel = panel_buffer.Reserve(rows * kStepValues);
   float* input = input_buffer.Reserve(kGroupTokens * kStepValues);
@@ -808,12 +829,73 @@ struct Q5Codes {
 #endif
 };
 
+// The int16 products of the super-block types (Q4_K, Q5_K, Q6_K) take one activation scale per
+// super-block of 256 values, so that a block's integer scales can be folded into its weight codes
+// (16-bit products of at most 4096 in magnitude) and the whole block summed as integers before one
+// float multiply-add: w_j = d * (scale_g * code_j) + offset_g for value j of group g (16 values).
+// SuperScales is what a block's units share; Codes16<unit> (in each format below) writes unit
+// `unit`'s 32 values of scale_g * code_j as kVectors16 vectors.
+struct SuperScales {
+  float d;
+  HWY_ALIGN float offsets[16];  // Q4_K/Q5_K: -dmin * min of each group of 16 (0 for Q6_K)
+  int16_t group_scale[16];      // scale_g
+};
+
+#if VISIKV_SUPER_VECTORS
+// kLanes16 bytes as 16-bit lanes.
+HWY_INLINE VI16 Bytes16(const uint8_t* p) {
+  return hn::PromoteTo(DI16(), hn::LoadU(DU8ForI16(), p));
+}
+
+// scale_g for vector k of unit `unit`: one group per vector on targets of at most 16 lanes of 16
+// bits, two (lanes 0-15 and 16-31) on AVX-512.
+template <int unit, int k>
+HWY_INLINE VI16 GroupScales16(const SuperScales& s) {
+  constexpr int group = (unit * kUnit + k * kLanes16) / 16;
+  if constexpr (kLanes16 <= 16)
+    return hn::Set(DI16(), s.group_scale[group]);
+  else
+    return hn::IfThenElse(hn::FirstN(DI16(), 16), hn::Set(DI16(), s.group_scale[group]),
+                          hn::Set(DI16(), s.group_scale[group + 1]));
+}
+#endif
+
 // Q4_K and Q5_K: unit u takes the low (u even) or high nibbles of the 32 bytes at 32 * (u / 2),
 // and for Q5_K bit u of the 32 high-bit bytes; sc * d * q - m * dmin.
 template <bool kFifthBit>
 struct QK45Codes {
   static constexpr int kValues = 256, kBytes = kFifthBit ? 176 : 144;
   static constexpr bool kSigned = false, kHasOffset = true, kUnitScale = true;
+  static constexpr int kMaxWeight16 = 63 * (kFifthBit ? 31 : 15);  // |scale_g * code_j|
+  static constexpr int kCodeOffset = 0;        // what Codes() gives is code_j + kCodeOffset
+  static constexpr bool kSuperOffsets = true;  // SuperScales::offsets are used
+  static SuperScales PrepareSuper(const uint8_t* block) {
+    SuperScales s;
+    HWY_ALIGN uint8_t bytes[16];
+    ScaleMinBytesK4(block + 4, bytes);
+    s.d = LoadHalf(block);
+    const float dmin = LoadHalf(block + 2);
+    for (int g = 0; g < 16; ++g) {
+      s.group_scale[g] = bytes[g / 2];
+      s.offsets[g] = -(dmin * static_cast<float>(bytes[8 + g / 2]));  // exact in float32
+    }
+    return s;
+  }
+#if VISIKV_SUPER_VECTORS
+  template <int unit>
+  static void Codes16(const uint8_t* block, const SuperScales& s, VI16* w) {
+    const VI16 scale = hn::Set(DI16(), s.group_scale[2 * unit]);
+    ForEachVector16([&](auto k) HWY_ATTR {
+      const VI16 bytes = Bytes16(block + (kFifthBit ? 48 : 16) + 32 * (unit / 2) + k * kLanes16);
+      VI16 code = (unit & 1) != 0 ? hn::ShiftRight<4>(bytes) : hn::And(bytes, hn::Set(DI16(), 15));
+      if constexpr (kFifthBit)
+        code = hn::Or(
+            code, hn::ShiftLeft<4>(hn::And(hn::ShiftRight<unit>(Bytes16(block + 16 + k * kLanes16)),
+                                           hn::Set(DI16(), 1))));
+      w[k] = hn::Mul(code, scale);
+    });
+  }
+#endif
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     const ScalesK4 k4 = PrepareK4(block);
@@ -848,6 +930,29 @@ struct QK45Codes {
 struct Q6_KCodes {
   static constexpr int kValues = 256, kBytes = 210;
   static constexpr bool kSigned = false, kHasOffset = true, kUnitScale = false;
+  static constexpr int kMaxWeight16 = 128 * 32;  // |sc * (q - 32)|
+  static constexpr int kCodeOffset = 32;
+  static constexpr bool kSuperOffsets = false;  // -32 is folded into the codes
+  static SuperScales PrepareSuper(const uint8_t* block) {
+    SuperScales s;
+    s.d = LoadHalf(block + 208);
+    const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
+    for (int g = 0; g < 16; ++g) s.group_scale[g] = sc[g], s.offsets[g] = 0.0f;
+    return s;
+  }
+#if VISIKV_SUPER_VECTORS
+  template <int unit>
+  static void Codes16(const uint8_t* block, const SuperScales& s, VI16* w) {
+    constexpr int half = unit / 4, uu = unit % 4;
+    ForEachVector16([&](auto k) HWY_ATTR {
+      const VI16 ql = Bytes16(block + 64 * half + 32 * (uu & 1) + k * kLanes16);
+      const VI16 qh = Bytes16(block + 128 + 32 * half + k * kLanes16);
+      const VI16 low = uu >= 2 ? hn::ShiftRight<4>(ql) : hn::And(ql, hn::Set(DI16(), 15));
+      const VI16 high = hn::ShiftLeft<4>(hn::And(hn::ShiftRight<2 * uu>(qh), hn::Set(DI16(), 3)));
+      w[k] = hn::Mul(hn::Sub(hn::Or(low, high), hn::Set(DI16(), 32)), GroupScales16<unit, k>(s));
+    });
+  }
+#endif
   using Scales = GroupScales<16>;
   static Scales Prepare(const uint8_t* block) {
     Scales s;
@@ -1006,20 +1111,17 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
 #endif
 
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-// The int16 products on AVX-512 for the types with one scale per unit of 32 (all but Q6_K): units
-// go in pairs (a, b), so that two 16-bit dot products, one of values 0-15 of both units and one of
-// values 16-31, leave unit a's sum in lanes 0-7 and unit b's in lanes 8-15 (four products per
-// lane), and one conversion and one multiply-add by [scale a x 8, scale b x 8] serve both units:
-// half the float work per value of one unit at a time, which bounded prefill. With VNNI the second
-// dot product accumulates onto the first (vpdpwssd); without, vpmaddwd and an add give the same
-// sums. The pairs are units 2p and 2p + 1 of a super-block, or consecutive blocks of 32 (a row
-// with an odd number of them ends with a half-empty pair).
-template <typename Format>
-constexpr bool kInt16Pairs = Format::kUnitScale;
+// The int16 products on AVX-512 for the blocks of 32 (activations in blocks of 32): blocks go in
+// pairs (a, b), so that two 16-bit dot products, one of values 0-15 of both blocks and one of
+// values 16-31, leave block a's sum in lanes 0-7 and block b's in lanes 8-15 (four products per
+// lane), and one conversion and one multiply-add by [scale a x 8, scale b x 8] serve both: half
+// the float work per value of one block at a time, which bounded prefill. With VNNI the second dot
+// product accumulates onto the first (vpdpwssd); without, vpmaddwd and an add give the same sums.
+// A row with an odd number of blocks ends with a half-empty pair.
 
-// Weight codes of units a (of block_a) and b (of block_b) as 16-bit lanes: `low` holds values 0-15
-// of a then of b, `high` values 16-31.
-template <typename Format, int kUnitA, int kUnitB>
+// Weight codes of blocks a and b as 16-bit lanes: `low` holds values 0-15 of a then of b, `high`
+// values 16-31.
+template <typename Format>
 HWY_INLINE void PairCodes(const uint8_t* block_a, const uint8_t* block_b, __m512i& low,
                           __m512i& high) {
   if constexpr (requires { Format::kNibbleBytes; }) {
@@ -1033,8 +1135,8 @@ HWY_INLINE void PairCodes(const uint8_t* block_a, const uint8_t* block_b, __m512
     low = _mm512_and_si512(words, _mm512_set1_epi16(0x0F));
     high = _mm512_srli_epi16(words, 4);
   } else {
-    const __m256i a = Format::template Codes256<kUnitA>(block_a);
-    const __m256i b = Format::template Codes256<kUnitB>(block_b);
+    const __m256i a = Format::template Codes256<0>(block_a);
+    const __m256i b = Format::template Codes256<0>(block_b);
     low = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(a, b, 0x20));
     high = _mm512_cvtepi8_epi16(_mm256_permute2x128_si256(a, b, 0x31));
   }
@@ -1048,7 +1150,7 @@ HWY_INLINE __m512 PairScales(float a, float b) {
 template <int kRows, int kTokens, typename Format>
 void DotInt16Pairs(const uint8_t* row, int64_t row_bytes, int64_t units, const Int16Activations& x,
                    int64_t first, float* y, int64_t y_stride) {
-  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  static_assert(Format::kValues == kUnit && Format::kUnitScale);
   const int64_t n = x.elements;
   const int16_t* codes[kTokens];
   const float* scales[kTokens];
@@ -1103,74 +1205,48 @@ void DotInt16Pairs(const uint8_t* row, int64_t row_bytes, int64_t units, const I
       }
     }
   };
-  // The offsets of groups g..g+3 of a block's prepared scales (or g, g+1 and those of `next`).
+  // The offsets of the two groups of 16 of blocks a and b.
   const auto offsets4 = [](const float* a, const float* b) HWY_ATTR {
     return _mm512_zextps128_ps512(_mm_setr_ps(a[0], a[1], b[0], b[1]));
   };
-  const int64_t blocks = units / kUnitsPerBlock;
-  if constexpr (kUnitsPerBlock == 1) {
-    for (int64_t b = 0; b < blocks; b += 2) {
-      const bool single = b + 1 == blocks;
-      __m512i low[kRows], high[kRows];
-      __m512 w_scale[kRows], w_offset[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        const uint8_t* block_a = row + r * row_bytes + b * Format::kBytes;
-        const uint8_t* block_b = single ? block_a : block_a + Format::kBytes;
-        hwy::Prefetch(block_a + kPrefetchBytes);
-        PairCodes<Format, 0, 0>(block_a, block_b, low[r], high[r]);
-        if constexpr (requires { Format::kNibbleBytes; }) {
-          // Q4_0/Q4_1: both blocks' fp16 d (and m) converted at once, [d_a, m_a, d_b, m_b]
-          // (the same floats as Prepare's, every fp16 value being exact in float32), then
-          // spread: scales [d_a x 8, d_b x 8], offsets [m_a, m_a, m_b, m_b] or -8 d for Q4_0.
-          uint32_t head_a, head_b;
-          std::memcpy(&head_a, block_a, sizeof(head_a));
-          std::memcpy(&head_b, block_b, sizeof(head_b));
-          const __m512 dm = _mm512_castps128_ps512(_mm_cvtph_ps(
-              _mm_setr_epi32(static_cast<int>(head_a), static_cast<int>(head_b), 0, 0)));
-          const __mmask16 pair_lanes = single ? 0x00FF : 0xFFFF, offset_lanes = single ? 0x3 : 0xF;
-          w_scale[r] = _mm512_maskz_permutexvar_ps(
-              pair_lanes, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), dm);
-          if constexpr (Format::kNibbleBytes == 4)
-            w_offset[r] = _mm512_maskz_permutexvar_ps(
-                offset_lanes, _mm512_setr_epi32(1, 1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-                dm);
-          else
-            w_offset[r] = _mm512_mul_ps(
-                _mm512_set1_ps(-8.0f),
-                _mm512_maskz_permutexvar_ps(
-                    offset_lanes, _mm512_setr_epi32(0, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-                    dm));
-        } else {
-          const typename Format::Scales sa = Format::Prepare(block_a),
-                                        sb = Format::Prepare(block_b);
-          w_scale[r] = PairScales(sa.scale[0], single ? 0.0f : sb.scale[0]);
-          const float none[2] = {0.0f, 0.0f};
-          w_offset[r] = offsets4(sa.offset, single ? none : sb.offset);
-        }
+  for (int64_t b = 0; b < units; b += 2) {
+    const bool single = b + 1 == units;
+    __m512i low[kRows], high[kRows];
+    __m512 w_scale[kRows], w_offset[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t* block_a = row + r * row_bytes + b * Format::kBytes;
+      const uint8_t* block_b = single ? block_a : block_a + Format::kBytes;
+      hwy::Prefetch(block_a + kPrefetchBytes);
+      PairCodes<Format>(block_a, block_b, low[r], high[r]);
+      if constexpr (requires { Format::kNibbleBytes; }) {
+        // Q4_0/Q4_1: both blocks' fp16 d (and m) converted at once, [d_a, m_a, d_b, m_b]
+        // (the same floats as Prepare's, every fp16 value being exact in float32), then
+        // spread: scales [d_a x 8, d_b x 8], offsets [m_a, m_a, m_b, m_b] or -8 d for Q4_0.
+        uint32_t head_a, head_b;
+        std::memcpy(&head_a, block_a, sizeof(head_a));
+        std::memcpy(&head_b, block_b, sizeof(head_b));
+        const __m512 dm = _mm512_castps128_ps512(
+            _mm_cvtph_ps(_mm_setr_epi32(static_cast<int>(head_a), static_cast<int>(head_b), 0, 0)));
+        const __mmask16 pair_lanes = single ? 0x00FF : 0xFFFF, offset_lanes = single ? 0x3 : 0xF;
+        w_scale[r] = _mm512_maskz_permutexvar_ps(
+            pair_lanes, _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2), dm);
+        if constexpr (Format::kNibbleBytes == 4)
+          w_offset[r] = _mm512_maskz_permutexvar_ps(
+              offset_lanes, _mm512_setr_epi32(1, 1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), dm);
+        else
+          w_offset[r] = _mm512_mul_ps(
+              _mm512_set1_ps(-8.0f),
+              _mm512_maskz_permutexvar_ps(
+                  offset_lanes, _mm512_setr_epi32(0, 0, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                  dm));
+      } else {
+        const typename Format::Scales sa = Format::Prepare(block_a), sb = Format::Prepare(block_b);
+        w_scale[r] = PairScales(sa.scale[0], single ? 0.0f : sb.scale[0]);
+        const float none[2] = {0.0f, 0.0f};
+        w_offset[r] = offsets4(sa.offset, single ? none : sb.offset);
       }
-      pair(b, low, high, w_scale, w_offset, single);
     }
-  } else {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const uint8_t* blocks_r[kRows];
-      typename Format::Scales s[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        blocks_r[r] = row + r * row_bytes + b * Format::kBytes;
-        hwy::Prefetch(blocks_r[r] + kPrefetchBytes);
-        s[r] = Format::Prepare(blocks_r[r]);
-      }
-      ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock / 2>(), [&](auto p) HWY_ATTR {
-        constexpr int ua = 2 * p;
-        __m512i low[kRows], high[kRows];
-        __m512 w_scale[kRows], w_offset[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          PairCodes<Format, ua, ua + 1>(blocks_r[r], blocks_r[r], low[r], high[r]);
-          w_scale[r] = PairScales(s[r].scale[2 * ua], s[r].scale[2 * ua + 2]);
-          w_offset[r] = offsets4(s[r].offset + 2 * ua, s[r].offset + 2 * ua + 2);
-        }
-        pair(b * kUnitsPerBlock + ua, low, high, w_scale, w_offset, false);
-      });
-    }
+    pair(b, low, high, w_scale, w_offset, single);
   }
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = _mm512_reduce_add_ps(acc[r][t]);
@@ -1180,24 +1256,22 @@ template <typename Format>
 constexpr bool kInt16Pairs = false;
 #endif
 
-// The int16 kernel body: kRows rows (row_bytes apart) times kTokens tokens (on AVX-512, Q6_K only:
-// the other types take DotInt16Pairs). Weight codes (all within int8) are sign-extended to 16 bits
-// and multiplied with the 16-bit activation codes in pairs summed to int32 (|sum| <= 32 * 128 *
-// 32767 < 2^31, so exact, and the same sums on every target): AVX-512 puts a unit's 32 products in
-// one vector, lanes 0-7 summing values 0-15 and lanes 8-15 values 16-31, with VNNI's vpdpwssd or
-// AVX-512BW's vpmaddwd (the same sums); AVX2 takes the two halves of 16 with vpmaddwd. Each group's
-// int32 sum is converted once and multiplied by weight scale times activation scale. acc[r][t]
+// The int16 kernel body for blocks of 32: kRows rows (row_bytes apart) times kTokens tokens (on
+// AVX-512 DotInt16Pairs). Weight codes (all within int8) are sign-extended to 16 bits and
+// multiplied with the 16-bit activation codes in pairs summed to int32 (|sum| <= 32 * 128 * 32767 <
+// 2^31, so exact, and the same sums on every target): AVX2 takes the two halves of 16 with
+// vpmaddwd. The block's int32 sum is converted once and multiplied by weight scale times
+// activation scale. acc[r][t]
 // holds row r's sums for token t in the same order whatever kRows and kTokens are, so every output
 // is the one-row, one-token result; several rows share each activation load and give the core
 // independent chains (decode reads each weight once per token, as DotTokens).
 template <int kRows, int kTokens, typename Format>
 void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const Int16Activations& x,
                     int64_t first, float* y, int64_t y_stride) {
-  if constexpr (kInt16Pairs<Format>) {
 #if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-    return DotInt16Pairs<kRows, kTokens, Format>(row, row_bytes, units, x, first, y, y_stride);
-#endif
-  }
+  return DotInt16Pairs<kRows, kTokens, Format>(row, row_bytes, units, x, first, y, y_stride);
+#else
+  static_assert(Format::kValues == kUnit && Format::kUnitScale);
   constexpr int kUnitsPerBlock = Format::kValues / kUnit, kGroups = Format::kValues / 16;
   const int64_t n = x.elements;
   const int16_t* codes[kTokens];
@@ -1209,11 +1283,7 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
     sums16[t] = x.sums16.data() + (first + t) * 2 * units;
   }
   float offsets[kRows][kTokens][kGroups] = {};
-#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-  __m512 acc[kRows][kTokens];
-  for (auto& r : acc)
-    for (__m512& a : r) a = _mm512_setzero_ps();
-#elif VISIKV_X86_INT8
+#if VISIKV_X86_INT8
   __m256 acc[kRows][kTokens];
   for (auto& r : acc)
     for (__m256& a : r) a = _mm256_setzero_ps();
@@ -1228,57 +1298,30 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
       hwy::Prefetch(blocks[r] + kPrefetchBytes);
       s[r] = Format::Prepare(blocks[r]);
     }
-    ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(),
-                [&](auto unit) VISIKV_INT16_ATTR {
-                  const int64_t u = b * kUnitsPerBlock + unit;
-#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-                  __m512i w[kRows];
-                  for (int r = 0; r < kRows; ++r)
-                    w[r] = _mm512_cvtepi8_epi16(Format::template Codes256<unit>(blocks[r]));
-                  for (int t = 0; t < kTokens; ++t) {
-                    const __m512i xq = _mm512_loadu_si512(codes[t] + u * kUnit);
-                    const float activation_scale = scales[t][u];
-                    for (int r = 0; r < kRows; ++r) {
-#if HWY_TARGET == HWY_AVX3_DL
-                      const __m512i sums = _mm512_dpwssd_epi32(_mm512_setzero_si512(), w[r], xq);
-#else
-          const __m512i sums = _mm512_madd_epi16(w[r], xq);
-#endif
-                      const __m512 scale = PairScales(s[r].scale[2 * unit] * activation_scale,
-                                                      s[r].scale[2 * unit + 1] * activation_scale);
-                      acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[r][t]);
-                    }
-                  }
-#elif VISIKV_X86_INT8
-      __m256i w_low[kRows], w_high[kRows];
-      for (int r = 0; r < kRows; ++r) {
-        const __m256i w8 = Format::template Codes256<unit>(blocks[r]);
-        w_low[r] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
-        w_high[r] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
-      }
-      for (int t = 0; t < kTokens; ++t) {
-        const auto* xq = reinterpret_cast<const __m256i*>(codes[t] + u * kUnit);
-        const __m256i x_low = _mm256_loadu_si256(xq), x_high = _mm256_loadu_si256(xq + 1);
-        const float activation_scale = scales[t][u];
-        for (int r = 0; r < kRows; ++r) {
-          const __m256i low = _mm256_madd_epi16(w_low[r], x_low);
-          const __m256i high = _mm256_madd_epi16(w_high[r], x_high);
-          if constexpr (Format::kUnitScale) {
-            // One scale for the unit: its two halves summed as integers (exact), then one
-            // conversion and one multiply-add.
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(low, high)),
-                                        _mm256_set1_ps(s[r].scale[2 * unit] * activation_scale),
-                                        acc[r][t]);
-          } else {
-            acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low),
-                                        _mm256_set1_ps(s[r].scale[2 * unit] * activation_scale),
-                                        acc[r][t]);
-            acc[r][t] = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(high),
-                _mm256_set1_ps(s[r].scale[2 * unit + 1] * activation_scale), acc[r][t]);
+    ForEachUnit(
+        std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) VISIKV_INT16_ATTR {
+          const int64_t u = b * kUnitsPerBlock + unit;
+#if VISIKV_X86_INT8
+          __m256i w_low[kRows], w_high[kRows];
+          for (int r = 0; r < kRows; ++r) {
+            const __m256i w8 = Format::template Codes256<unit>(blocks[r]);
+            w_low[r] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w8));
+            w_high[r] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w8, 1));
           }
-        }
-      }
+          for (int t = 0; t < kTokens; ++t) {
+            const auto* xq = reinterpret_cast<const __m256i*>(codes[t] + u * kUnit);
+            const __m256i x_low = _mm256_loadu_si256(xq), x_high = _mm256_loadu_si256(xq + 1);
+            const float activation_scale = scales[t][u];
+            for (int r = 0; r < kRows; ++r) {
+              const __m256i low = _mm256_madd_epi16(w_low[r], x_low);
+              const __m256i high = _mm256_madd_epi16(w_high[r], x_high);
+              // One scale for the block: its two halves summed as integers (exact), then one
+              // conversion and one multiply-add.
+              acc[r][t] =
+                  _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(low, high)),
+                                  _mm256_set1_ps(s[r].scale[0] * activation_scale), acc[r][t]);
+            }
+          }
 #else
       for (int r = 0; r < kRows; ++r) {
         int8_t w[kUnit];
@@ -1293,7 +1336,7 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
         }
       }
 #endif
-                });
+        });
     // Explicit fused multiply-adds: a plain `+= a * b` is contracted or not at the compiler's
     // choice, which differed between token counts (AVX2, K types) and broke chunk equality.
     if constexpr (Format::kHasOffset)
@@ -1305,9 +1348,7 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
   }
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < kTokens; ++t) {
-#if VISIKV_X86_INT8 && HWY_TARGET <= HWY_AVX3
-      float total = _mm512_reduce_add_ps(acc[r][t]);
-#elif VISIKV_X86_INT8
+#if VISIKV_X86_INT8
       const __m128 halves =
           _mm_add_ps(_mm256_castps256_ps128(acc[r][t]), _mm256_extractf128_ps(acc[r][t], 1));
       __m128 sum4 = _mm_add_ps(halves, _mm_movehl_ps(halves, halves));
@@ -1319,6 +1360,253 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
       for (int g = 0; g < kGroups; ++g) total += offsets[r][t][g];
       y[t * y_stride + r] = total;
     }
+#endif
+}
+
+// --- int16 products of the super-block types ---------------------------------------------------
+// Activations in blocks of 256 (one scale each, x.block == 256). Per row and token, every
+// super-block's weight codes times scales (Codes16) meet the activation codes in 16-bit products
+// summed in pairs into int32 lanes; every kFlushUnits units the lanes are converted and added to
+// float32 lanes with one multiply-add by d times the activation scale, and each group's offset
+// meets the group's float sum of rounded activations. The int32 lanes are exact: a lane takes
+// 32 / kLanes products per unit, each at most kMaxWeight16 * 32767 in magnitude, and kFlushUnits is
+// the most units whose sum stays below 2^31 (a whole super-block on AVX-512; Q6_K flushes every
+// four units on AVX2 and every two on 128-bit targets).
+
+#if VISIKV_SUPER_VECTORS
+// a * b summed in pairs of 16-bit lanes onto the 32-bit lanes of `sum`: VNNI's vpdpwssd where
+// there is one, vpmaddwd and an add otherwise (the same exact sums); targets without a pairwise
+// product keep the odd products apart in `odd` (added back by PairSums).
+HWY_INLINE VISIKV_INT16_ATTR VI MulPairs(VI16 a, VI16 b, VI sum, VI& odd) {
+#if HWY_TARGET == HWY_AVX3_DL
+  (void)odd;
+  return VI{_mm512_dpwssd_epi32(sum.raw, a.raw, b.raw)};
+#else
+  return hn::ReorderWidenMulAccumulate(DI(), a, b, sum, odd);
+#endif
+}
+HWY_INLINE VI PairSums(VI sum, VI odd) { return hn::RearrangeToOddPlusEven(sum, odd); }
+
+template <typename Format>
+constexpr int kFlushUnits = [] {
+  int units = Format::kValues / kUnit;
+  while (int64_t{units} * (kUnit / kLanes) * Format::kMaxWeight16 * 32767 > INT32_MAX) units /= 2;
+  return units;
+}();
+
+// One output's float lanes, added in a fixed order.
+HWY_INLINE float SumLanes(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
+
+// A row's super-block `b` (its scales prepared in `s`, its units' weights given by `weights(unit,
+// w)`) times kTokens tokens from `first`, continuing acc[t] (DotInt16Super and the blocked product
+// share it, so that both give the same bits).
+template <int kRows, int kTokens, typename Format, typename Weights>
+HWY_INLINE void SuperBlockStep(const SuperScales* s, const Weights& weights,
+                               const Int16Activations& x, int64_t first, int64_t b,
+                               VF (&acc)[kRows][kTokens]) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  const int64_t n = x.elements, blocks = n / Format::kValues;
+  VI sums[kRows][kTokens], odd[kRows][kTokens];
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t) sums[r][t] = odd[r][t] = hn::Zero(DI());
+  ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) VISIKV_INT16_ATTR {
+    VI16 w[kRows][kVectors16];
+    weights(unit, w);
+    for (int t = 0; t < kTokens; ++t) {
+      const int16_t* xq = x.codes.data() + (first + t) * n + b * Format::kValues + unit * kUnit;
+      for (int k = 0; k < kVectors16; ++k) {
+        const VI16 xv = hn::LoadU(DI16(), xq + k * kLanes16);
+        for (int r = 0; r < kRows; ++r) sums[r][t] = MulPairs(w[r][k], xv, sums[r][t], odd[r][t]);
+      }
+    }
+    if constexpr ((unit + 1) % kFlushUnits<Format> == 0)
+      for (int t = 0; t < kTokens; ++t) {
+        const float activation_scale = x.scales[(first + t) * blocks + b];
+        for (int r = 0; r < kRows; ++r) {
+          acc[r][t] = hn::MulAdd(hn::ConvertTo(DF(), PairSums(sums[r][t], odd[r][t])),
+                                 hn::Set(DF(), s[r].d * activation_scale), acc[r][t]);
+          sums[r][t] = odd[r][t] = hn::Zero(DI());
+        }
+      }
+  });
+  if constexpr (Format::kSuperOffsets)
+    for (int t = 0; t < kTokens; ++t) {
+      const float* group_sums = x.sums16.data() + (first + t) * (n / 16) + b * 16;
+      for (int r = 0; r < kRows; ++r)
+        for (int g = 0; g < 16; g += kLanes)
+          acc[r][t] = hn::MulAdd(hn::Load(DF(), s[r].offsets + g), hn::LoadU(DF(), group_sums + g),
+                                 acc[r][t]);
+    }
+}
+
+// kRows rows (row_bytes apart) times kTokens tokens, unpacking each unit in registers (decode and
+// short chunks).
+template <int kRows, int kTokens, typename Format>
+void DotInt16Super(const uint8_t* row, int64_t row_bytes, const Int16Activations& x, int64_t first,
+                   float* y, int64_t y_stride) {
+  VF acc[kRows][kTokens];
+  for (auto& r : acc)
+    for (VF& a : r) a = hn::Zero(DF());
+  for (int64_t b = 0; b < x.elements / Format::kValues; ++b) {
+    const uint8_t* blocks[kRows];
+    SuperScales s[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      blocks[r] = row + r * row_bytes + b * Format::kBytes;
+      hwy::Prefetch(blocks[r] + kPrefetchBytes);
+      s[r] = Format::PrepareSuper(blocks[r]);
+    }
+    SuperBlockStep<kRows, kTokens, Format>(
+        s,
+        [&](auto unit, VI16(&w)[kRows][kVectors16]) VISIKV_INT16_ATTR {
+          for (int r = 0; r < kRows; ++r) Format::template Codes16<unit>(blocks[r], s[r], w[r]);
+        },
+        x, first, b, acc);
+  }
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = SumLanes(acc[r][t]);
+}
+#else
+// One lane: the same products and sums, the integer sums in 64 bits (a lane takes all 32 products
+// of a unit), converted once per super-block.
+template <int kRows, int kTokens, typename Format>
+void DotInt16Super(const uint8_t* row, int64_t row_bytes, const Int16Activations& x, int64_t first,
+                   float* y, int64_t y_stride) {
+  const int64_t n = x.elements, blocks = n / Format::kValues;
+  float acc[kRows][kTokens] = {};
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int r = 0; r < kRows; ++r) {
+      const uint8_t* block = row + r * row_bytes + b * Format::kBytes;
+      const SuperScales s = Format::PrepareSuper(block);
+      int64_t sums[kTokens] = {};
+      ForEachUnit(std::make_integer_sequence<int, Format::kValues / kUnit>(), [&](auto unit) {
+        int8_t codes[kUnit];
+        Format::template Codes<unit>(block, codes);
+        for (int j = 0; j < kUnit; ++j) {
+          const int32_t w =
+              s.group_scale[(unit * kUnit + j) / 16] * (codes[j] - Format::kCodeOffset);
+          for (int t = 0; t < kTokens; ++t)
+            sums[t] +=
+                int64_t{w} * x.codes[(first + t) * n + b * Format::kValues + unit * kUnit + j];
+        }
+      });
+      for (int t = 0; t < kTokens; ++t) {
+        acc[r][t] = std::fma(static_cast<float>(sums[t]), s.d * x.scales[(first + t) * blocks + b],
+                             acc[r][t]);
+        if constexpr (Format::kSuperOffsets)
+          for (int g = 0; g < 16; ++g)
+            acc[r][t] =
+                std::fma(s.offsets[g], x.sums16[(first + t) * (n / 16) + b * 16 + g], acc[r][t]);
+      }
+    }
+  for (int r = 0; r < kRows; ++r)
+    for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = acc[r][t];
+}
+#endif
+
+// Rows of the super-block types: kSuperRows at a time (2 x 4 tokens' int32 and float lanes are 16
+// of AVX-512's 32 registers; AVX2 holds one row's), tokens four at a time.
+constexpr int kSuperRows = kLanes == 16 ? 2 : 1;
+
+#if VISIKV_SUPER_VECTORS
+// Many tokens: a cache-blocked product, as BlockedRows for the float products. A step of
+// kStepValues values of every row is unpacked once (weight codes times group scales, 16 bits) into
+// a panel with the rows' SuperScales; each group of four tokens then meets the panel kSuperRows
+// rows at a time through SuperBlockStep, the float sums waiting in memory between steps, so every
+// output has the bits of DotInt16Super's.
+// Tokens per pass over a row pair: eight on AVX-512, so that each 16-bit weight vector loaded from
+// the panel (in L2) serves eight products and the panel's L2 traffic is half of four tokens' (four
+// tokens measured about 1.06x the float product, L2-bound).
+constexpr int kSuperGroupTokens = kLanes == 16 ? 8 : kGroupTokens;
+
+template <typename Format>
+void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
+                       const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                       int64_t y_stride) {
+  constexpr int64_t kStepBlocks = kStepValues / Format::kValues;
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  const int64_t blocks = x.elements / Format::kValues;
+  thread_local AlignedBuffer<float> state_buffer;
+  thread_local AlignedBuffer<int16_t> panel_buffer;
+  thread_local AlignedBuffer<SuperScales> scales_buffer;
+  // The float sums of token t and row r at state + (t * rows + r) * kLanes.
+  float* state = state_buffer.Reserve(tokens * rows * kLanes);
+  int16_t* panel = panel_buffer.Reserve(rows * kStepValues);
+  SuperScales* panel_scales = scales_buffer.Reserve(kStepBlocks * rows);
+  for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), state + i * kLanes);
+  for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
+    const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* block = first_row + r * row_bytes + b * Format::kBytes;
+        const SuperScales s = Format::PrepareSuper(block);
+        panel_scales[(b - b0) * rows + r] = s;
+        int16_t* out = panel + r * kStepValues + (b - b0) * Format::kValues;
+        ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
+          VI16 w[kVectors16];
+          Format::template Codes16<unit>(block, s, w);
+          for (int k = 0; k < kVectors16; ++k)
+            hn::Store(w[k], DI16(), out + unit * kUnit + k * kLanes16);
+        });
+      }
+    // kRows rows from r times kTokens tokens from t0 over the step.
+    const auto tile = [&](auto row_count, auto token_count, int64_t r, int64_t t0) HWY_ATTR {
+      constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
+      VF acc[kRows][kTokens];
+      for (int i = 0; i < kRows; ++i)
+        for (int t = 0; t < kTokens; ++t)
+          acc[i][t] = hn::Load(DF(), state + ((t0 + t) * rows + r + i) * kLanes);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int16_t* weights = panel + r * kStepValues + (b - b0) * Format::kValues;
+        SuperBlockStep<kRows, kTokens, Format>(
+            panel_scales + (b - b0) * rows + r,
+            [&](auto unit, VI16(&w)[kRows][kVectors16]) VISIKV_INT16_ATTR {
+              for (int i = 0; i < kRows; ++i)
+                for (int k = 0; k < kVectors16; ++k)
+                  w[i][k] =
+                      hn::Load(DI16(), weights + i * kStepValues + unit * kUnit + k * kLanes16);
+            },
+            x, first + t0, b, acc);
+      }
+      for (int i = 0; i < kRows; ++i)
+        for (int t = 0; t < kTokens; ++t)
+          hn::Store(acc[i][t], DF(), state + ((t0 + t) * rows + r + i) * kLanes);
+    };
+    const auto rows_of = [&](auto token_count, int64_t t0) HWY_ATTR {
+      int64_t r = 0;
+      for (; r + kSuperRows <= rows; r += kSuperRows)
+        tile(std::integral_constant<int, kSuperRows>{}, token_count, r, t0);
+      for (; r < rows; ++r) tile(std::integral_constant<int, 1>{}, token_count, r, t0);
+    };
+    int64_t t0 = 0;
+    for (; t0 + kSuperGroupTokens <= tokens; t0 += kSuperGroupTokens)
+      rows_of(std::integral_constant<int, kSuperGroupTokens>{}, t0);
+    InTokenGroups(tokens - t0,
+                  [&](auto token_count, int64_t t) HWY_ATTR { rows_of(token_count, t0 + t); });
+  }
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t r = 0; r < rows; ++r)
+      y[t * y_stride + r] = SumLanes(hn::Load(DF(), state + (t * rows + r) * kLanes));
+}
+#endif
+
+template <typename Format>
+void DotInt16SuperRows(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
+                       const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                       int64_t y_stride) {
+#if VISIKV_SUPER_VECTORS
+  if (tokens > kGroupTokens && rows > 1)
+    return BlockedInt16Super<Format>(first_row, row_bytes, rows, x, first, tokens, y, y_stride);
+#endif
+  const auto range = [&](auto row_count, int64_t r) HWY_ATTR {
+    InTokenGroups(tokens, [&](auto count, int64_t t) HWY_ATTR {
+      DotInt16Super<decltype(row_count)::value, decltype(count)::value, Format>(
+          first_row + r * row_bytes, row_bytes, x, first + t, y + t * y_stride + r, y_stride);
+    });
+  };
+  int64_t r = 0;
+  for (; r + kSuperRows <= rows; r += kSuperRows)
+    range(std::integral_constant<int, kSuperRows>{}, r);
+  for (; r < rows; ++r) range(std::integral_constant<int, 1>{}, r);
 }
 
 // kRows rows times any number of tokens, four at a time, then the rest.
@@ -1332,29 +1620,25 @@ void DotInt16AnyTokens(const uint8_t* row, int64_t row_bytes, int64_t units,
   });
 }
 
-// Rows go kInt16Rows at a time: their 4 x 4 tokens' sums fill 16 of AVX-512's 32 registers; AVX2's
-// 16 registers hold two rows' (8 sums, 4 weight halves, 2 inputs). In decode, super-block rows go
-// one at a time, as the exact kernel takes them (one-thread decode of the 1.5B Q4_K_M model
-// measured 0.94x the exact products' speed with four rows, 1.07x with one; prefill needs four).
+// Blocks of 32: rows go kInt16Rows at a time: their 4 x 4 tokens' sums fill 16 of AVX-512's 32
+// registers; AVX2's 16 registers hold two rows' (8 sums, 4 weight halves, 2 inputs).
 constexpr int kInt16Rows = HWY_TARGET <= HWY_AVX3 ? 4 : 2;
-template <typename Format>
-constexpr int kInt16DecodeRows = Format::kValues > kUnit ? 1 : kInt16Rows;
 
 template <typename Format>
 void DotInt16Rows(const uint8_t* first_row, int64_t row_bytes, int64_t rows, int64_t n,
                   const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                   int64_t y_stride) {
-  int64_t r = 0;
-  if (tokens == 1)
-    for (; r + kInt16DecodeRows<Format> <= rows; r += kInt16DecodeRows<Format>)
-      DotInt16Tokens<kInt16DecodeRows<Format>, 1, Format>(first_row + r * row_bytes, row_bytes,
-                                                          n / kUnit, x, first, y + r, y_stride);
-  for (; r + kInt16Rows <= rows; r += kInt16Rows)
-    DotInt16AnyTokens<kInt16Rows, Format>(first_row + r * row_bytes, row_bytes, n / kUnit, x, first,
-                                          tokens, y + r, y_stride);
-  for (; r < rows; ++r)
-    DotInt16AnyTokens<1, Format>(first_row + r * row_bytes, row_bytes, n / kUnit, x, first, tokens,
-                                 y + r, y_stride);
+  if constexpr (Format::kValues > kUnit) {
+    DotInt16SuperRows<Format>(first_row, row_bytes, rows, x, first, tokens, y, y_stride);
+  } else {
+    int64_t r = 0;
+    for (; r + kInt16Rows <= rows; r += kInt16Rows)
+      DotInt16AnyTokens<kInt16Rows, Format>(first_row + r * row_bytes, row_bytes, n / kUnit, x,
+                                            first, tokens, y + r, y_stride);
+    for (; r < rows; ++r)
+      DotInt16AnyTokens<1, Format>(first_row + r * row_bytes, row_bytes, n / kUnit, x, first,
+                                   tokens, y + r, y_stride);
+  }
 }
 
 // Tokens four at a time, then the rest (int8 activations, one row).
@@ -1420,6 +1704,7 @@ void DotRowsTokensInt16(DType type, const std::byte* first_row, int64_t row_byte
 }
 
 #undef VISIKV_X86_INT8
+#undef VISIKV_SUPER_VECTORS
 #undef VISIKV_INT16_ATTR
 
 int64_t CompiledTarget() { return HWY_TARGET; }
@@ -1444,7 +1729,8 @@ HWY_AFTER_NAMESPACE();
 namespace visikv {
 
 namespace {
-constexpr int64_t kBlock = 32;  // activation values per scale
+constexpr int64_t kBlock = 32;        // activation values per scale
+constexpr int64_t kSuperBlock = 256;  // for the int16 products of the super-block types
 }  // namespace
 
 HWY_EXPORT(DotRowsTokens);
@@ -1470,21 +1756,24 @@ namespace {
 // every 16 values (exact ones, or of the rounded values: weight_kernels.h).
 template <typename Code>
 void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivations<Code>& out,
-                     bool rounded_sums) {
+                     bool rounded_sums, int64_t block) {
   constexpr float kMax = std::numeric_limits<Code>::max();
-  require(n % kBlock == 0, sizeof(Code) * 8, "-bit activations need a multiple of ", kBlock,
-          " values, not ", n);
+  require(block == kBlock || block == kSuperBlock, "activation blocks of ", block,
+          " values (expected ", kBlock, " or ", kSuperBlock, ")");
+  require(n % block == 0, sizeof(Code) * 8, "-bit activations in blocks of ", block,
+          " need a multiple of ", block, " values, not ", n);
   out.tokens = tokens;
   out.elements = n;
+  out.block = block;
   out.codes.resize(static_cast<size_t>(tokens * n));
-  out.scales.resize(static_cast<size_t>(tokens * n / kBlock));
+  out.scales.resize(static_cast<size_t>(tokens * n / block));
   out.sums16.resize(static_cast<size_t>(tokens * n / 16));
-  for (int64_t b = 0; b < tokens * n / kBlock; ++b) {
-    const float* v = x + b * kBlock;
-    Code* codes = out.codes.data() + b * kBlock;
+  for (int64_t b = 0; b < tokens * n / block; ++b) {
+    const float* v = x + b * block;
+    Code* codes = out.codes.data() + b * block;
     float amax = 0;
     bool finite = true;
-    for (int j = 0; j < kBlock; ++j) {
+    for (int j = 0; j < block; ++j) {
       amax = std::max(amax, std::abs(v[j]));
       finite = finite && std::isfinite(v[j]);
     }
@@ -1492,22 +1781,22 @@ void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivat
     // without offsets) instead of being cast to an integer, which C++ leaves undefined.
     const float scale = finite ? amax / kMax : std::numeric_limits<float>::quiet_NaN();
     const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
-    for (int j = 0; j < kBlock; ++j) {
+    for (int j = 0; j < block; ++j) {
       const float code = std::nearbyint(v[j] * inverse);
       codes[j] = static_cast<Code>(std::isfinite(code) ? std::clamp(code, -kMax, kMax) : 0.0f);
     }
     out.scales[b] = scale;
-    for (int half = 0; half < 2; ++half) {
+    for (int64_t group = 0; group < block / 16; ++group) {
       float sum = 0;
       if (rounded_sums) {
         // At most 16 * 32767 in magnitude: the integer sum is exact, and so is its conversion.
         int32_t code_sum = 0;
-        for (int j = 16 * half; j < 16 * half + 16; ++j) code_sum += codes[j];
+        for (int64_t j = 16 * group; j < 16 * group + 16; ++j) code_sum += codes[j];
         sum = static_cast<float>(code_sum) * scale;
       } else {
-        for (int j = 16 * half; j < 16 * half + 16; ++j) sum += v[j];
+        for (int64_t j = 16 * group; j < 16 * group + 16; ++j) sum += v[j];
       }
-      out.sums16[2 * b + half] = sum;
+      out.sums16[b * block / 16 + group] = sum;
     }
   }
 }
@@ -1515,11 +1804,16 @@ void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivat
 }  // namespace
 
 void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activations& out) {
-  quantize_blocks(x, tokens, n, out, /*rounded_sums=*/false);
+  quantize_blocks(x, tokens, n, out, /*rounded_sums=*/false, kBlock);
 }
 
-void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activations& out) {
-  quantize_blocks(x, tokens, n, out, /*rounded_sums=*/true);
+void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activations& out,
+                          int64_t block) {
+  quantize_blocks(x, tokens, n, out, /*rounded_sums=*/true, block);
+}
+
+int64_t int16_activation_block(DType type) {
+  return type == DType::Q4_K || type == DType::Q5_K || type == DType::Q6_K ? kSuperBlock : kBlock;
 }
 
 void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
@@ -1538,6 +1832,9 @@ void dot_row_tokens_int8(DType type, const std::byte* row, int64_t elements,
 void dot_rows_tokens_int16(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
                            int64_t elements, const Int16Activations& x, int64_t first_token,
                            int64_t tokens, float* y, int64_t y_stride) {
+  require(x.block == int16_activation_block(type), "int16 products of ", dtype_name(type),
+          " weights take activations in blocks of ", int16_activation_block(type), ", not ",
+          x.block);
   HWY_DYNAMIC_DISPATCH(DotRowsTokensInt16)
   (type, first_row, row_bytes, rows, elements, x, first_token, tokens, y, y_stride);
 }

@@ -36,11 +36,11 @@ void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, 
                      int64_t elements, const float* x, int64_t x_stride, int64_t tokens, float* y,
                      int64_t y_stride);
 
-// Activations rounded to integer codes for the integer products, per token and block of 32
-// values: codes q = round(x / s) in [-max, max] with s = max|x| / max (max = 127 for int8,
-// 32767 for int16), and a float sum of every 16 values (for the weight types' offsets, which
-// multiply these sums instead of going through the integer products). `elements` must be a
-// multiple of 32.
+// Activations rounded to integer codes for the integer products, per token and block of `block`
+// values (32, or for the int16 products of the super-block types 256): codes q = round(x / s) in
+// [-max, max] with s = max|x| / max (max = 127 for int8, 32767 for int16), and a float sum of every
+// 16 values (for the weight types' offsets, which multiply these sums instead of going through the
+// integer products). `elements` must be a multiple of the block.
 //   int8 (llama.cpp's scheme for its quantized weights): the sums are of the exact activations.
 //   int16: the sums are of the rounded activations (s times the sum of the codes), so that an
 //   int16 product is the dequantized row times the rounded activations, up to float32 rounding
@@ -48,15 +48,21 @@ void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, 
 //   centred weight types (Q4_1 mins near -8 d) that sum errs less than code times error alone.
 template <typename Code>
 struct QuantizedActivations {
-  int64_t tokens = 0, elements = 0;
+  int64_t tokens = 0, elements = 0, block = 32;
   std::vector<Code> codes;    // {tokens, elements}
-  std::vector<float> scales;  // {tokens, elements / 32}
+  std::vector<float> scales;  // {tokens, elements / block}
   std::vector<float> sums16;  // {tokens, elements / 16}
 };
 using Int8Activations = QuantizedActivations<int8_t>;
 using Int16Activations = QuantizedActivations<int16_t>;
 void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int8Activations& out);
-void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int16Activations& out);
+void quantize_activations(const float* x, int64_t tokens, int64_t elements, Int16Activations& out,
+                          int64_t block = 32);
+
+// The activation block the int16 product of `type` takes: 256 for the super-block types (Q4_K,
+// Q5_K, Q6_K: one activation scale per super-block lets the block's integer scales fold into the
+// weight codes and the whole block be summed as integers), 32 for the others.
+int64_t int16_activation_block(DType type);
 
 // The int8 product: for block types, y[t * y_stride] ≈ dot(row, x_t) as integer dot products of
 // the weights' codes with the activation codes, each block scaled in float32 (one rounding of
@@ -71,11 +77,15 @@ void dot_rows_tokens_int8(DType type, const std::byte* first_row, int64_t row_by
                           int64_t tokens, float* y, int64_t y_stride);
 
 // The int16 product, as the int8 one with 16-bit activation codes (at most 1 / 65534 of a
-// block's largest value off per value): integer products of the weight codes with the codes
-// (exact int32 sums per unit of 32, per 16 for Q6_K), then one float multiply-add by weight scale
-// times activation scale each. Block types only. Chunks of tokens and ranges of rows (which decode
-// takes several at a time) give bit for bit the one-token, one-row results; the order of the
-// float sums depends on the instruction set (AVX-512 with and without VNNI agree bit for bit).
+// block's largest value off per value), activations in blocks of int16_activation_block(type)
+// (checked: a clear error otherwise). Blocks of 32: integer products of the weight codes with the
+// codes (exact int32 sums per unit of 32), then one float multiply-add by weight scale times
+// activation scale each. Super-block types: the weight codes times their integer group scales
+// with the codes, exact int32 sums over the super-block (or the most units that cannot overflow),
+// then one float multiply-add by d times the activation scale. Block types only. Chunks of tokens
+// and ranges of rows (which decode takes several at a time) give bit for bit the one-token,
+// one-row results; the order of the float sums depends on the instruction set (AVX-512 with and
+// without VNNI agree bit for bit).
 void dot_row_tokens_int16(DType type, const std::byte* row, int64_t elements,
                           const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
                           int64_t y_stride);
