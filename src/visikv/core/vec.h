@@ -80,4 +80,73 @@ inline void axpy(float a, const uint16_t* x, bool bf16, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * (bf16 ? bf16_to_float(x[i]) : fp16_to_float(x[i]));
 }
 
+// scores[q * stride + i] = dot(row(i), x + q * n) for i < rows and q < queries, n a multiple of 8.
+// Rows go eight at a time: each row's sum is one chain of fused multiply-adds over its chunks of
+// eight values, reduced by transposed_sums, whose order per lane depends only on that lane's
+// vector, so a row's score is the same whatever block or position it is in (a block short of
+// eight rows repeats its first). One reduction serves eight rows instead of a horizontal sum each.
+template <typename RowAt, typename Load8>
+inline void dot_rows(const float* x, int64_t queries, int64_t rows, const RowAt& row,
+                     const Load8& load8, float* scores, int64_t stride, int64_t n) {
+  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
+    const int64_t count = rows - i0 < 8 ? rows - i0 : 8;
+    decltype(row(0)) r[8];
+    for (int64_t j = 0; j < 8; ++j) r[j] = row(i0 + (j < count ? j : 0));
+    for (int64_t q = 0; q < queries; ++q) {
+      __m256 acc[8];
+      for (__m256& a : acc) a = _mm256_setzero_ps();
+      for (int64_t c = 0; c < n; c += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + q * n + c);
+        for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(load8(r[j] + c), xv, acc[j]);
+      }
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, transposed_sums(acc));
+      for (int64_t j = 0; j < count; ++j) scores[q * stride + i0 + j] = sums[j];
+    }
+  }
+}
+
+// out[q * n + c] += sum over i < rows of a[q * stride + i] * row(i)[c], for q < queries and c < n,
+// each output summed over i in order with one fused multiply-add per row: exactly the bits of
+// `rows` calls of axpy per query. The sums of 16 channels of up to four queries stay in registers
+// over all rows, so a row is read once per block of channels and the output is not loaded and
+// stored per row (which bounded attention's accumulation). `row(i)` returns row i's elements;
+// `load8(p)` widens eight of them and `load1(p)` one.
+template <typename RowAt, typename Load8, typename Load1>
+inline void accumulate_rows(const float* a, int64_t stride, int64_t rows, int64_t queries,
+                            const RowAt& row, const Load8& load8, const Load1& load1, float* out,
+                            int64_t n) {
+  for (int64_t q0 = 0; q0 < queries; q0 += 4) {
+    const int64_t qs = queries - q0 < 4 ? queries - q0 : 4;
+    int64_t c = 0;
+    for (; c + 16 <= n; c += 16) {
+      __m256 acc[4][2];
+      for (int64_t q = 0; q < qs; ++q)
+        for (int k = 0; k < 2; ++k) acc[q][k] = _mm256_loadu_ps(out + (q0 + q) * n + c + 8 * k);
+      for (int64_t i = 0; i < rows; ++i) {
+        const auto* r = row(i) + c;
+        const __m256 v0 = load8(r), v1 = load8(r + 8);
+        for (int64_t q = 0; q < qs; ++q) {
+          const __m256 w = _mm256_set1_ps(a[(q0 + q) * stride + i]);
+          acc[q][0] = _mm256_fmadd_ps(w, v0, acc[q][0]);
+          acc[q][1] = _mm256_fmadd_ps(w, v1, acc[q][1]);
+        }
+      }
+      for (int64_t q = 0; q < qs; ++q)
+        for (int k = 0; k < 2; ++k) _mm256_storeu_ps(out + (q0 + q) * n + c + 8 * k, acc[q][k]);
+    }
+    for (; c + 8 <= n; c += 8)
+      for (int64_t q = 0; q < qs; ++q) {
+        __m256 acc = _mm256_loadu_ps(out + (q0 + q) * n + c);
+        for (int64_t i = 0; i < rows; ++i)
+          acc = _mm256_fmadd_ps(_mm256_set1_ps(a[(q0 + q) * stride + i]), load8(row(i) + c), acc);
+        _mm256_storeu_ps(out + (q0 + q) * n + c, acc);
+      }
+    for (int64_t i = 0; i < rows && c < n; ++i)
+      for (int64_t q = 0; q < qs; ++q)
+        for (int64_t t = c; t < n; ++t)
+          out[(q0 + q) * n + t] += a[(q0 + q) * stride + i] * load1(row(i) + t);
+  }
+}
+
 }  // namespace visikv::vec

@@ -32,6 +32,10 @@ class DenseStore final : public RowStore {
   void dot(std::span<const float> queries, const PositionSet& positions,
            std::span<float> scores) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
+    if (dim_ % 8 == 0)
+      return DenseElement<kFormat>::dot_rows(
+          queries.data(), count, n, [&](int64_t i) { return rows_.data() + positions[i] * dim_; },
+          scores.data(), n, dim_);
     for (int64_t i = 0; i < n; ++i) {
       const Element* row = rows_.data() + positions[i] * dim_;
       for (int64_t q = 0; q < count; ++q) {
@@ -44,13 +48,9 @@ class DenseStore final : public RowStore {
   void accumulate(std::span<const float> weights, const PositionSet& positions,
                   std::span<float> out) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
-    for (int64_t i = 0; i < n; ++i) {
-      const Element* row = rows_.data() + positions[i] * dim_;
-      for (int64_t q = 0; q < count; ++q) {
-        float* y = out.data() + q * dim_;
-        DenseElement<kFormat>::axpy(weights[q * n + i], row, y, dim_);
-      }
-    }
+    DenseElement<kFormat>::accumulate(
+        weights.data(), n, n, count, [&](int64_t i) { return rows_.data() + positions[i] * dim_; },
+        out.data(), dim_);
   }
 
   void reconstruct(int64_t position, std::span<float> out) const override {
