@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -271,6 +272,95 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
       o.mode = PerplexityMode::Prefill;
       EXPECT_EQ(perplexity(decoder, text, o).nll, decode);
     }
+  }
+}
+
+// Inputs longer than Decoder::kForwardChunk run in passes of that many tokens where that gives
+// one pass's bits (block weights, or per-token rounding; dense attention; a cache whose appends
+// are decode-equivalent): the logits of every row equal those of one forward_batch pass, bit for
+// bit, the sink sees every row once and in order, LogitRows::Last gives the last row only and
+// LogitRows::None none. Where the passes would not be exact (float weights with sgemm), the input
+// runs in one pass: the same bits again.
+void expect_passes_equal_one_pass(Decoder& decoder, const std::vector<int32_t>& tokens,
+                                  const char* keys) {
+  const int64_t n = static_cast<int64_t>(tokens.size()),
+                vocab = decoder.model().config().vocab_size;
+  ASSERT_GT(n, Decoder::kForwardChunk);
+  // One pass (forward_batch never splits); LogitRows::Last computes the last row's product
+  // alone, which for float weights may round otherwise than the All pass's.
+  const auto one_pass = [&](LogitRows rows) {
+    auto cache = make_cache(decoder.cache_shape(), keys, "f32");
+    std::vector<float> logits(static_cast<size_t>(n * vocab));
+    const DecoderSegment segment{
+        .tokens = tokens,
+        .cache = cache.get(),
+        .rows = rows,
+        .sink = [&](int64_t first, int64_t, std::span<const float> values) {
+          std::copy(values.begin(), values.end(),
+                    logits.begin() + (rows == LogitRows::All ? first : 0) * vocab);
+        }};
+    decoder.forward_batch({&segment, 1});
+    return logits;
+  };
+  const std::vector<float> all_rows = one_pass(LogitRows::All),
+                           last_row = one_pass(LogitRows::Last);
+  auto cache = make_cache(decoder.cache_shape(), keys, "f32");
+  std::vector<float> chunked(static_cast<size_t>(n * vocab),
+                             std::numeric_limits<float>::quiet_NaN());
+  int64_t next_row = 0;
+  decoder.forward(tokens, *cache, LogitRows::All,
+                  [&](int64_t first, int64_t rows, std::span<const float> values) {
+                    EXPECT_EQ(first, next_row);
+                    next_row = first + rows;
+                    std::copy(values.begin(), values.end(), chunked.begin() + first * vocab);
+                  });
+  EXPECT_EQ(next_row, n);
+  EXPECT_EQ(cache->length(0), n);
+  for (int64_t i = 0; i < n * vocab; ++i) ASSERT_EQ(chunked[i], all_rows[i]) << "row " << i / vocab;
+  std::vector<int64_t> last_rows;
+  auto last_cache = make_cache(decoder.cache_shape(), keys, "f32");
+  decoder.forward(tokens, *last_cache, LogitRows::Last,
+                  [&](int64_t first, int64_t rows, std::span<const float> values) {
+                    last_rows.push_back(first);
+                    EXPECT_EQ(rows, 1);
+                    EXPECT_TRUE(std::equal(values.begin(), values.end(), last_row.begin()));
+                  });
+  EXPECT_EQ(last_rows, std::vector<int64_t>{n - 1});
+  auto none_cache = make_cache(decoder.cache_shape(), keys, "f32");
+  decoder.forward(tokens, *none_cache, LogitRows::None,
+                  [&](int64_t, int64_t, std::span<const float>) { ADD_FAILURE() << "logits"; });
+  EXPECT_EQ(none_cache->length(0), n);
+}
+
+TEST(ForwardPasses, LongInputsEqualOnePassOnTheDefaultModel) {
+  const auto path = Model::default_model_path();
+  ASSERT_TRUE(std::filesystem::exists(path))
+      << "the default model is missing at " << path << ": run scripts/setup.sh";
+  const Model model = Model::load("default");
+  Decoder decoder(model);
+  const std::vector<int32_t> text =
+      leading_tokens(model.tokenizer(), read_text_file(default_test_text()), 1100);
+  for (const ProductRounding rounding :
+       {ProductRounding::Fastest, ProductRounding::QuantizedActivations16}) {
+    decoder.set_product_rounding(rounding);
+    for (const char* keys : {"f32", "int4:g64:tok"}) {
+      SCOPED_TRACE(keys);
+      expect_passes_equal_one_pass(decoder, text, keys);
+    }
+  }
+}
+
+TEST(ForwardPasses, LongInputsEqualOnePassOnTheFloatFixture) {
+  const Model llama = Model::load(std::string(VISIKV_FIXTURES) + "/models/llama");
+  Decoder decoder(llama);
+  std::vector<int32_t> text;
+  while (static_cast<int64_t>(text.size()) <= Decoder::kForwardChunk + 100) {
+    const std::vector<int32_t> more = llama.tokenizer().encode(kText, false);
+    text.insert(text.end(), more.begin(), more.end());
+  }
+  for (const ProductRounding rounding : {ProductRounding::Fastest, ProductRounding::PerToken}) {
+    decoder.set_product_rounding(rounding);
+    expect_passes_equal_one_pass(decoder, text, "f32");
   }
 }
 

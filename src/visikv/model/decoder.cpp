@@ -101,8 +101,41 @@ void Decoder::mlp(const LayerWeights& layer, int64_t tokens) {
                config_.hidden, projected_);
 }
 
+bool Decoder::passes_equal_one_pass(const KVCache& cache, const AttentionOptions& attention,
+                                    int64_t tokens) const {
+  if (attention.support != nullptr || attention.observer != nullptr || cache.records_attention())
+    return false;
+  if (decode_order_chunk(cache) < tokens) return false;
+  // Float weights go through sgemm over many tokens (matmul.cpp) unless the rounding is per
+  // token, and sgemm's sums depend on the token count; block weights' do not.
+  if (rounding_ == ProductRounding::PerToken) return true;
+  const auto block = [](const Linear& l) { return dtype_info(l.weight.dtype).block_elements > 1; };
+  const Weights& w = model_.weights();
+  if (!block(w.lm_head)) return false;
+  for (const LayerWeights& layer : w.layers)
+    for (const Linear* l : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.up, &layer.down})
+      if (!block(*l)) return false;
+  for (const LayerWeights& layer : w.layers)
+    if (layer.gate && !block(*layer.gate)) return false;
+  return true;
+}
+
 void Decoder::forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
                       const LogitsSink& sink, const AttentionOptions& attention) {
+  const auto n = static_cast<int64_t>(tokens.size());
+  if (n > kForwardChunk && passes_equal_one_pass(cache, attention, n)) {
+    for (int64_t t = 0; t < n; t += kForwardChunk) {
+      const int64_t count = std::min(kForwardChunk, n - t);
+      const LogitRows pass_rows = rows == LogitRows::Last && t + count < n ? LogitRows::None : rows;
+      forward(
+          tokens.subspan(static_cast<size_t>(t), static_cast<size_t>(count)), cache, pass_rows,
+          [&](int64_t first_row, int64_t row_count, std::span<const float> logits) {
+            sink(t + first_row, row_count, logits);
+          },
+          attention);
+    }
+    return;
+  }
   const DecoderSegment segment{
       .tokens = tokens, .cache = &cache, .rows = rows, .sink = sink, .attention = attention};
   forward_batch({&segment, 1});
@@ -225,6 +258,7 @@ void Decoder::forward_batch(std::span<const DecoderSegment> segments) {
   std::vector<LogitRow> wanted;
   for (size_t s = 0; s < segments.size(); ++s) {
     const int64_t count = first_row[s + 1] - first_row[s];
+    if (segments[s].rows == LogitRows::None) continue;
     for (int64_t r = segments[s].rows == LogitRows::All ? 0 : count - 1; r < count; ++r)
       if (r >= 0) wanted.push_back({s, r});
   }

@@ -21,7 +21,7 @@ namespace visikv {
 using LogitsSink =
     std::function<void(int64_t first_row, int64_t rows, std::span<const float> logits)>;
 
-enum class LogitRows { All, Last };
+enum class LogitRows { All, Last, None };
 
 // Receives, per layer, the statistics of each (token, query head) of a sparse support:
 // stats[t * heads + h].
@@ -59,7 +59,12 @@ class Decoder {
 
   // Runs `tokens` at positions cache.length(0) onwards, appends their keys and values to the
   // cache, and passes the requested logits to `sink`. Several tokens at once is prefill; one at
-  // a time is decode; both compute the same function.
+  // a time is decode; both compute the same function. An input longer than kForwardChunk tokens
+  // runs in passes of that many where the passes compute the bits of one pass (dense attention
+  // without an observer, a cache whose appends of the whole input are decode-equivalent, and weight
+  // products whose sums do not depend on the token count): the activations held at once are then
+  // those of one pass, not of the whole input.
+  static constexpr int64_t kForwardChunk = 512;
   void forward(std::span<const int32_t> tokens, KVCache& cache, LogitRows rows,
                const LogitsSink& sink, const AttentionOptions& attention = {});
 
@@ -89,6 +94,9 @@ class Decoder {
   // Writes the embeddings of `tokens` (positions first_position ..) into rows row_offset .. of x_.
   void embed(std::span<const int32_t> tokens, int64_t first_position, int64_t row_offset);
   void mlp(const LayerWeights& layer, int64_t tokens);
+  // Whether forward() may run `tokens` tokens in passes of kForwardChunk (see forward).
+  bool passes_equal_one_pass(const KVCache& cache, const AttentionOptions& attention,
+                             int64_t tokens) const;
 
   const Model& model_;
   const Config& config_;
