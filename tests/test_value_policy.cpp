@@ -287,6 +287,12 @@ TEST(ValuePolicy, PoliciesAtTheSameAverageBits) {
   EXPECT_EQ(parse_codec_spec("a2e:int2/int3/int4:g64:w64:avg2.50").text(),
             "a2e:int2/int3/int4:g64:w64:avg2.5");
   EXPECT_EQ(parse_codec_spec("uniform:int2/int3/int4:g64:avg3").text(), "int3:g64:tok");
+  // The fromfloat control: the same bits reported (the float values are not counted).
+  const CodecSpec control = parse_codec_spec("a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
+  EXPECT_EQ(control.text(), "a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
+  EXPECT_EQ(parse_codec_spec(control.text()).text(), control.text());
+  EXPECT_EQ(codec_bits(control, d).bits_per_vector, 64 * 3.5);
+  EXPECT_NE(describe_codec(control, 64).find("control"), std::string::npos);
   EXPECT_NE(describe_codec(parse_codec_spec("a2:int2/int3/int4:g64:w64:avg3"), 64)
                 .find("at int3 or int4"),
             std::string::npos);
@@ -316,6 +322,8 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
       {"recency:int2/int3/int4:g64:w64:avg3", "recency takes two widths only"},
       {"a2e:int2/int3/int4:g64:avg3", "needs a window"},
       {"a2e:int2/int3/int4:g64:w64:avg4.5", "outside [2, 4]"},
+      {"uniform:int2/int4:g64:avg3:fromfloat", "no fromfloat"},
+      {"a2:int2/int4:g64:w64:fromfloat:avg3", "6 fields"},
       {"a2", "fields"},
       // Fields shorter than their prefix (found by fuzz_specs: these once threw out_of_range).
       {"a2:int2/int2::", "group size"},
@@ -358,10 +366,22 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
 // int2. Closed form after n appends: the window at int4; the tokens that left while cap was 0
 // (positions < W) at int2; heavy tokens outside the window at int4; of the light ones the newest
 // m = cap - 2·(heavy outside) at int3, the older at int2.
+// The fromfloat control chooses the same levels (the modelled gains do not depend on the readings)
+// and reads every token as the plain codec of its level reads its float value.
+void three_widths_follow_the_modelled_gains(bool from_float);
 TEST(ValuePolicy, ThreeWidthsFollowTheModelledGains) {
+  for (const bool from_float : {false, true}) {
+    SCOPED_TRACE(from_float);
+    three_widths_follow_the_modelled_gains(from_float);
+  }
+}
+
+void three_widths_follow_the_modelled_gains(bool from_float) {
   const int64_t d = 16, window = 4, tokens = 80;
-  const CodecSpec spec = parse_codec_spec("a2:int2/int3/int4:g16:w4:avg3");
+  const CodecSpec spec = parse_codec_spec(std::string("a2:int2/int3/int4:g16:w4:avg3") +
+                                          (from_float ? ":fromfloat" : ""));
   ASSERT_EQ(spec.policy->steps(), 2);
+  ASSERT_EQ(spec.policy->from_float, from_float);
   ValuePolicyStore store(spec, d, 0);
   std::mt19937 rng(5);
   const auto heavy = [](int64_t t) { return t >= 8 && t % 4 == 3; };
@@ -403,10 +423,15 @@ TEST(ValuePolicy, ThreeWidthsFollowTheModelledGains) {
     const double want = store.level(j) == 2 ? w : store.level(j) == 1 ? ratio * w : 0.0;
     EXPECT_NEAR(store.gain(j), want, 1e-12 * want) << j;
   }
-  // Read-back: each token as the plain codecs read it down its chain of demotions.
-  for (int64_t j = 0; j < tokens; ++j)
-    EXPECT_EQ(stored(store, j), readings({"int2", "int3", "int4"}, 16, values[j])[store.level(j)])
-        << j;
+  // Read-back: each token as the plain codecs read it down its chain of demotions (fromfloat:
+  // as the plain codec of its level reads the float value).
+  const std::vector<std::string> names = {"int2", "int3", "int4"};
+  for (int64_t j = 0; j < tokens; ++j) {
+    const std::vector<float> want =
+        from_float ? plain_quantized(str_cat(names[store.level(j)], ":g16:tok"), values[j])
+                   : readings(names, 16, values[j])[store.level(j)];
+    EXPECT_EQ(stored(store, j), want) << j;
+  }
   EXPECT_EQ(store.level_count(0) + store.level_count(1) + store.level_count(2), tokens);
   EXPECT_EQ(store.demotions(), 2 * tokens - tokens);  // every append's two steps, less the budget
 }
@@ -428,9 +453,14 @@ TEST(ValuePolicy, ReadoutErrorPolicyWeighsEachTokensOwnError) {
     values.push_back(random_vector(rng, d, t % 2 == 0 ? 1.0f : 0.001f));
   for (const std::string rule : {"a2", "a2e"}) {
     SCOPED_TRACE(rule);
-    for (const std::string widths : {"int2/int4", "int2/int3/int4"}) {
-      SCOPED_TRACE(widths);
-      const CodecSpec spec = parse_codec_spec(rule + ":" + widths + ":g16:w2:avg3");
+    for (const auto& [widths, from_float] :
+         std::vector<std::pair<std::string, bool>>{{"int2/int4", false},
+                                                   {"int2/int3/int4", false},
+                                                   {"int2/int4", true},
+                                                   {"int2/int3/int4", true}}) {
+      SCOPED_TRACE(widths + (from_float ? " fromfloat" : ""));
+      const CodecSpec spec =
+          parse_codec_spec(rule + ":" + widths + ":g16:w2:avg3" + (from_float ? ":fromfloat" : ""));
       ValuePolicyStore store(spec, d, 0);
       for (int64_t t = 0; t < tokens; ++t) {
         store.append(values[t]);
@@ -464,7 +494,10 @@ TEST(ValuePolicy, ReadoutErrorPolicyWeighsEachTokensOwnError) {
       for (int64_t j = 0; j < tokens; ++j) {
         const int level = store.level(j);
         if (level == 0) continue;
-        const auto r = readings(names, 16, values[j]);
+        std::vector<std::vector<float>> r = readings(names, 16, values[j]);
+        if (from_float)  // each level read from the float value
+          for (size_t k = 0; k < names.size(); ++k)
+            r[k] = plain_quantized(str_cat(names[k], ":g16:tok"), values[j]);
         const double drop =
             squared_distance(values[j], r[level - 1]) - squared_distance(values[j], r[level]);
         const double want = store.account().squared_mass(j) * drop;

@@ -189,6 +189,19 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
                               p.widths, ", newest ", kValueWindow, " at int4")});
   };
   finer_rows("3");
+  // The fromfloat controls: the same policies with demotions re-quantizing the float values
+  // (held uncounted), which separates the choice of widths from the cost of repeated rounding.
+  const auto control_row = [&](const std::string& name, const std::string& rule,
+                               const std::string& widths) {
+    ValueCodecSpec values = value_policy(rule, value_group, "3", widths);
+    values.codec.policy->from_float = true;
+    rows.push_back({str_cat("v3-", name, "-fromfloat"), KvGridRowKind::ValuePolicy, f32_keys,
+                    values, "",
+                    str_cat("control, values only, 3 bits on average: ", rule, " policy, ", widths,
+                            ", demotions from the float values (held, not counted)")});
+  };
+  control_row("a2", "a2", "int2/int4");
+  for (const FinerValuePolicy& p : kFinerValuePolicies) control_row(p.name, p.rule, p.widths);
   // The same at 2.5 code bits, beside the plain codec of the same bits per value and the
   // two-width A² policy.
   const ValueCodecSpec a2_values = value_policy("a2", value_group, "2.5");

@@ -35,6 +35,10 @@
 //   v3-a2e                      policies: A² weight times a modelled error drop over
 //   v3-a2e-3lvl                 int2/int3/int4, A² weight times each token's measured error drop
 //                               over int2/int4 and over int2/int3/int4 (newest 64 at int4)
+//   v3-<policy>-fromfloat       controls for v3-a2 and the three rows above: the same policy with
+//                               demotions re-quantizing the float values, held beside the codes
+//                               and not counted (<spec>:fromfloat), which measures what the
+//                               repeated rounding of demoted tokens costs
 //   v2.5-plain                  values only at 2.5 code bits on average (d·(2.5 + 32/Gt) bits,
 //   v2.5-a2                     192 at d = 64): the plain per-token codec of the most bits not
 //   v2.5-a2-3lvl                above it (int2:g32:tok at d = 64), the two-width A² policy, and

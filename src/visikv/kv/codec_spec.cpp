@@ -157,7 +157,7 @@ std::string CodecSpec::text() const {
     return str_cat(policy->rule_name(), ":int", bits,
                    policy->middle_bits ? str_cat("/int", policy->middle_bits) : "", "/int",
                    policy->high_bits, ":g", group, ":w", policy->window, ":",
-                   policy->average_text());
+                   policy->average_text(), policy->from_float ? ":fromfloat" : "");
   std::string out;
   if (kind == Kind::QBasis) {
     out = str_cat("qbasis:", qbasis->budget_text(), ":g", group,
@@ -353,7 +353,11 @@ std::string describe_codec(const CodecSpec& spec, int64_t head_dim) {
                    " for the newest ", spec.policy->window, " tokens and a share of the rest",
                    spec.policy->middle_bits ? str_cat(" at int", spec.policy->middle_bits,
                                                       " or int", spec.policy->high_bits)
-                                            : "");
+                                            : "",
+                   spec.policy->from_float
+                       ? "; control: demotions re-quantize the float values, held beside the "
+                         "codes and not counted"
+                       : "");
   if (spec.headq)
     out += str_cat(", ", format_number(bits.bits_per_vector), " bits/key incl. ",
                    format_number(bits.side_bits_per_vector), " side");

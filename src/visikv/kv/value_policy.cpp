@@ -123,8 +123,9 @@ double ValuePolicyStore::gain(int64_t position) const {
 }
 
 // a2e: the squared error of each reading the new token can have, from H down through the
-// demotions that would produce it (the same re-quantization demote() performs), against the
-// float value it arrived as. The H reading is the new token's own row, just stored.
+// demotions that would produce it (the same re-quantization demote() performs: of the level above,
+// or of the float value under fromfloat), against the float value it arrived as. The H reading
+// is the new token's own row, just stored.
 void ValuePolicyStore::record_drops(std::span<const float> value) {
   const int steps = policy_.steps();
   const auto squared_error = [&](const std::vector<float>& reading) {
@@ -141,7 +142,7 @@ void ValuePolicyStore::record_drops(std::span<const float> value) {
   for (int k = steps - 1; k >= 0; --k) {
     // Round trip at level k through a scratch slot of that width (kept free afterwards).
     Pool& pool = pools_[k];
-    const int32_t slot = store_row(pool, row_.data());
+    const int32_t slot = store_row(pool, policy_.from_float ? value.data() : row_.data());
     decode(pool, slot, probe_.data());
     pool.free_slots.push_back(slot);
     errors[k] = squared_error(probe_);
@@ -161,6 +162,8 @@ void ValuePolicyStore::demote(int64_t position) {
     to.codes.insert(to.codes.end(), codes, codes + from.code_bytes);
     const auto params = from.params.begin() + w.slot * 2 * groups_;
     to.params.insert(to.params.end(), params, params + 2 * groups_);
+  } else if (policy_.from_float) {
+    slot = store_row(to, originals_.data() + position * dim_);
   } else {
     decode(from, w.slot, row_.data());
     slot = store_row(to, row_.data());
@@ -177,6 +180,7 @@ void ValuePolicyStore::append(std::span<const float> vector) {
   const int64_t n = size();
   where_.push_back({static_cast<int8_t>(steps), store_row(pools_[steps], vector.data())});
   account_.add_token();
+  if (policy_.from_float) originals_.insert(originals_.end(), vector.begin(), vector.end());
   if (policy_.rule == ValuePolicySpec::Rule::A2E) record_drops(vector);
   // Token n - W leaves the window and joins S; S holds at most `cap` steps.
   const int64_t leaving = n - policy_.window;
@@ -251,6 +255,7 @@ void ValuePolicyStore::clear() {
   kept_.clear();
   kept_steps_ = 0;
   drops_.clear();
+  originals_.clear();
   account_.clear();
   demotions_ = 0;
 }

@@ -45,9 +45,12 @@
 // demoted from H to L is within (step_H + step_L) / 2 of its value per element instead of
 // step_L / 2 (through M, + step_M / 2 more). a2e's measured drops include that cost. With L == H
 // demotion keeps the code as it is, so the store reads exactly like the plain int<L>:g<G>:tok
-// codec. Rows of each width live in slots that demoted tokens free and new rows reuse:
-// stored_bytes() is exactly codec_stored_bits(spec, d, size()). The ranking state (the account,
-// a2e's K drops per token) is not counted in the bits, as no attention statistic is.
+// codec. The fromfloat control (kv/value_policy_spec.h) keeps the float values beside the codes,
+// uncounted, and re-quantizes those instead, so a demoted token reads as the plain codec of its
+// level would read it (a2e's drops likewise). Rows of each width live in slots that demoted tokens
+// free and new rows reuse: stored_bytes() is exactly codec_stored_bits(spec, d, size()). The
+// ranking state (the account, a2e's K drops per token) is not counted in the bits, as no attention
+// statistic is.
 #pragma once
 
 #include <cstdint>
@@ -144,9 +147,10 @@ class ValuePolicyStore final : public ValueStore {
   std::vector<Pool> pools_;          // one per level, L first
   std::vector<double> model_drops_;  // the modelled drop of step k at [k - 1] (not a2e)
   std::vector<Where> where_;
-  std::vector<int32_t> kept_;  // S: tokens outside the window above level 0, oldest first
-  int64_t kept_steps_ = 0;     // the steps S holds
-  std::vector<double> drops_;  // a2e: token j's measured drop of step k at [j K + k - 1]
+  std::vector<int32_t> kept_;     // S: tokens outside the window above level 0, oldest first
+  int64_t kept_steps_ = 0;        // the steps S holds
+  std::vector<double> drops_;     // a2e: token j's measured drop of step k at [j K + k - 1]
+  std::vector<float> originals_;  // fromfloat: token j's float value at [j d, (j + 1) d)
   AttentionAccount account_;
   int64_t demotions_ = 0;
   std::vector<float> row_, probe_;  // append-time scratch (append is not const)

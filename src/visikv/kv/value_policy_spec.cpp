@@ -12,8 +12,8 @@ namespace visikv {
 namespace {
 
 constexpr std::string_view kGrammar =
-    "expected <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A> with rule a2, a2e, a1, recency or "
-    "uniform, e.g. a2:int2/int4:g64:w64:avg3 or a2e:int2/int3/int4:g64:w64:avg3";
+    "expected <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>[:fromfloat] with rule a2, a2e, a1, "
+    "recency or uniform, e.g. a2:int2/int4:g64:w64:avg3 or a2e:int2/int3/int4:g64:w64:avg3";
 constexpr int64_t kMaxNumber = int64_t{1} << 30;
 
 bool all_digits(std::string_view s) {
@@ -102,9 +102,11 @@ bool is_value_policy_spec(std::string_view text) {
 }
 
 CodecSpec parse_value_policy_spec(std::string_view text) {
-  const std::vector<std::string_view> fields = split_fields(text);
+  std::vector<std::string_view> fields = split_fields(text);
   require(is_value_policy_spec(text), "value policy '", text, "': unknown rule '", fields[0], "' (",
           kGrammar, ")");
+  const bool from_float = fields.back() == "fromfloat";
+  if (from_float) fields.pop_back();
   require(fields.size() == 4 || fields.size() == 5, "value policy '", text, "': ", fields.size(),
           " fields (", kGrammar, ")");
   const std::string_view rule = fields[0];
@@ -148,6 +150,9 @@ CodecSpec parse_value_policy_spec(std::string_view text) {
   if (rule == "uniform") {
     require(!has_window, "value policy '", text,
             "': uniform is the plain codec at the average bits and takes no window");
+    require(!from_float, "value policy '", text,
+            "': uniform is the plain codec at the average bits and demotes nothing (no "
+            "fromfloat)");
     require(average % 1000 == 0 &&
                 (average == 2000 || average == 3000 || average == 4000 || average == 8000),
             "value policy '", text,
@@ -174,6 +179,7 @@ CodecSpec parse_value_policy_spec(std::string_view text) {
   policy.high_bits = high;
   policy.window = window;
   policy.average_milli = average;
+  policy.from_float = from_float;
   spec.bits = low;
   spec.policy = policy;
   return spec;

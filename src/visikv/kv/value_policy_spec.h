@@ -2,7 +2,7 @@
 // that holds each token at one of two or three integer widths, chosen online from the attention
 // the token has received. The spec grammar:
 //
-//   <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>
+//   <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>[:fromfloat]
 //
 //   rule      a2       weight w_j = Σ_t Σ_heads a_{t,j}² (A²) times a modelled error drop
 //             a2e      w_j times token j's own measured error drop (the readout error it causes)
@@ -16,6 +16,9 @@
 //   W         new tokens stay at H bits while they are among the newest W (all but recency need
 //             W >= 1)
 //   A         the average code bits, a decimal with at most three fraction digits, L <= A <= H
+//   fromfloat a control, not a codec: the store also holds every token's float value (32 d bits
+//             per token, not in the reported bits) and demotions re-quantize it instead of the
+//             token's current code, which measures what the repeated rounding costs
 //
 // Budget. The widths are levels 0 (L) .. K (H), K = 1 or 2, one step s = (H - L) / K bits apart.
 // A token at level k holds k steps above L; the budget fixes the steps held by all tokens, the
@@ -27,7 +30,7 @@
 // why three widths need equal steps: every demotion then frees exactly one step.
 //
 // The canonical spelling of a policy spec is the one above with every field present (":w0" for
-// recency without a window).
+// recency without a window; ":fromfloat" only for the control).
 #pragma once
 
 #include <cstdint>
@@ -45,6 +48,7 @@ struct ValuePolicySpec {
   int high_bits = 0;          // H
   int64_t window = 0;         // W
   int64_t average_milli = 0;  // A in thousandths of a bit
+  bool from_float = false;    // the fromfloat control (see above)
 
   // K: the steps from L to H (1, or 2 with a middle width).
   int steps() const { return middle_bits == 0 ? 1 : 2; }
