@@ -208,7 +208,8 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
   const double a2_bits = codec_bits(a2_values.codec, head_dim).bits_per_vector;
   const std::optional<CodecSpec> same_bits_values =
       same_budget_codec(int2_values.codec, a2_bits, head_dim);
-  if (same_bits_values)
+  // (At small head dimensions that may be int2:g<Gt>:tok itself, v-int2's codec: no second row.)
+  if (same_bits_values && same_bits_values->text() != int2_values.text())
     rows.push_back(
         {"v2.5-plain", KvGridRowKind::ValuePolicy, f32_keys, value_codec_spec(*same_bits_values),
          "",

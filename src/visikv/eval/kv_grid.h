@@ -41,7 +41,8 @@
 //                               repeated rounding of demoted tokens costs
 //   v2.5-plain                  values only at 2.5 code bits on average (d·(2.5 + 32/Gt) bits,
 //   v2.5-a2                     192 at d = 64): the plain per-token codec of the most bits not
-//   v2.5-a2-3lvl                above it (int2:g32:tok at d = 64), the two-width A² policy, and
+//   v2.5-a2-3lvl                above it (int2:g32:tok at d = 64; absent when that is v-int2's
+//                               codec), the two-width A² policy, and
 //   v2.5-a2e                    the three readout-error policies above at that budget
 //   v2.5-a2e-3lvl
 //   kv2-<axis>                  full KV at 2 bits: the 2-bit key row with int2:g<Gt>:tok values
