@@ -223,11 +223,12 @@ TEST(ValuePolicy, AverageBitsMeetTheBudgetExactly) {
   // the total is the budget's, whichever tokens hold the steps. int2:g16 = 64 bits, a step 16.
   for (const std::string text :
        {"a2:int2/int3/int4:g16:w4:avg2.5", "a2e:int2/int3/int4:g16:w4:avg3",
-        "a2e:int2/int4:g16:w4:avg2.5", "a1:int2/int3/int4:g8:w3:avg3.25"}) {
+        "a2e:int2/int4:g16:w4:avg2.5", "a1:int2/int3/int4:g8:w3:avg3.25",
+        "a2:int2/int3/int4:g16:w8:avg3:ramp", "a2e:int2/int4:g16:w8:avg2.5:ramp"}) {
     SCOPED_TRACE(text);
     const CodecSpec three = parse_codec_spec(text);
     const int64_t a_milli = three.policy->average_milli, k = three.policy->steps();
-    const int64_t step = three.policy->step_bits(2), w = three.policy->window;
+    const int64_t step = three.policy->step_bits(2);
     const int64_t base = d * 2 + d / three.group * 32;  // every token at int2 with its scales
     const double budget = d * (a_milli / 1000.0) + d / three.group * 32.0;
     EXPECT_EQ(codec_bits(three, d).bits_per_vector, budget);
@@ -237,7 +238,13 @@ TEST(ValuePolicy, AverageBitsMeetTheBudgetExactly) {
       std::vector<float> weights(static_cast<size_t>(n));
       for (float& x : weights) x = static_cast<float>(rng() % 1000) / 1000.0f;
       policy_store.record_attention(weights, PositionSet::range(0, n));
-      const int64_t steps = n <= w ? k * n : std::max(k * w, n * (a_milli - 2000) / (1000 * step));
+      // S_n, and the window: W, or under ramp min(W, max(1, S_n / 2K)).
+      const int64_t share = n * (a_milli - 2000) / (1000 * step);
+      const int64_t window = three.policy->window;
+      const int64_t w =
+          three.policy->ramp ? std::min(window, std::max<int64_t>(1, share / (2 * k))) : window;
+      EXPECT_EQ(three.policy->window_at(n, 2), w) << n;
+      const int64_t steps = n <= w ? k * n : std::max(k * w, share);
       EXPECT_EQ(policy_store.raised_steps(), steps) << n;
       EXPECT_EQ(codec_stored_bits(three, d, n), n * base + steps * d * step) << n;
       EXPECT_EQ(policy_store.stored_bytes() * 8, codec_stored_bits(three, d, n)) << n;
@@ -287,6 +294,10 @@ TEST(ValuePolicy, PoliciesAtTheSameAverageBits) {
   EXPECT_EQ(parse_codec_spec("a2e:int2/int3/int4:g64:w64:avg2.50").text(),
             "a2e:int2/int3/int4:g64:w64:avg2.5");
   EXPECT_EQ(parse_codec_spec("uniform:int2/int3/int4:g64:avg3").text(), "int3:g64:tok");
+  EXPECT_EQ(parse_codec_spec("a2:int2/int4:g64:w64:avg3:ramp:fromfloat").text(),
+            "a2:int2/int4:g64:w64:avg3:ramp:fromfloat");
+  EXPECT_EQ(codec_bits(parse_codec_spec("a2:int2/int4:g64:w64:avg3:ramp"), 64).bits_per_vector,
+            64 * 3.5);
   // The fromfloat control: the same bits reported (the float values are not counted).
   const CodecSpec control = parse_codec_spec("a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
   EXPECT_EQ(control.text(), "a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
@@ -323,6 +334,8 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
       {"a2e:int2/int3/int4:g64:avg3", "needs a window"},
       {"a2e:int2/int3/int4:g64:w64:avg4.5", "outside [2, 4]"},
       {"uniform:int2/int4:g64:avg3:fromfloat", "no fromfloat"},
+      {"uniform:int2/int4:g64:avg3:ramp", "no ramp"},
+      {"a2:int2/int4:g64:w64:avg3:fromfloat:ramp", "6 fields"},
       {"a2:int2/int4:g64:w64:fromfloat:avg3", "6 fields"},
       {"a2", "fields"},
       // Fields shorter than their prefix (found by fuzz_specs: these once threw out_of_range).
@@ -434,6 +447,36 @@ void three_widths_follow_the_modelled_gains(bool from_float) {
   }
   EXPECT_EQ(store.level_count(0) + store.level_count(1) + store.level_count(2), tokens);
   EXPECT_EQ(store.demotions(), 2 * tokens - tokens);  // every append's two steps, less the budget
+}
+
+// The window that grows with the budget (:ramp). Query t puts weight 1 on token 4 (from t = 4 on)
+// and 0.1 (1 + t/1000) on its own token. With the fixed window (W = 8, int2/int4 at 3 bits) token
+// 4 leaves it at n = 13, when the window alone holds the budget (cap = max(8, 6) - 8 = 0), and is
+// demoted with every token before it. Under ramp the window is min(8, max(1, floor(n/2) / 2))
+// tokens: token 4 leaves it at n = 6 with cap = 3 - 1 = 2 steps for the tokens outside, and its
+// weight, the largest, keeps it at int4 to the end; the budget holds exactly from n = 2 on.
+TEST(ValuePolicy, RampedWindowRanksTheFirstTokens) {
+  const int64_t d = 16, tokens = 64;
+  std::mt19937 rng(13);
+  for (const bool ramp : {false, true}) {
+    SCOPED_TRACE(ramp);
+    const CodecSpec spec =
+        parse_codec_spec(std::string("a2:int2/int4:g16:w8:avg3") + (ramp ? ":ramp" : ""));
+    ValuePolicyStore store(spec, d, 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      store.append(random_vector(rng, d));
+      std::vector<float> weights(static_cast<size_t>(t + 1), 0.0f);
+      weights[t] = 0.1f * (1.0f + static_cast<float>(t) / 1000.0f);
+      if (t >= 4) weights[4] = 1.0f;
+      store.record_attention(weights, PositionSet::range(0, t + 1));
+      const int64_t n = t + 1;
+      EXPECT_EQ(store.raised_steps(), spec.policy->raised_steps(n, 2)) << n;
+      EXPECT_EQ(store.stored_bytes() * 8, codec_stored_bits(spec, d, n)) << n;
+      if (ramp && n >= 2) EXPECT_EQ(spec.policy->raised_steps(n, 2), n / 2) << n;
+    }
+    EXPECT_EQ(store.is_high(4), ramp);
+    EXPECT_EQ(store.high_count(), tokens / 2);
+  }
 }
 
 // The measured drops (a2e): "rough" tokens (even positions, values of scale 1) lose much more to
@@ -592,9 +635,9 @@ TEST(ValuePolicy, DecodePerplexityOnAFixtureModel) {
   EXPECT_EQ(ppl("recency:int3/int3:g8:avg3"), ppl("int3:g8:tok"));
   EXPECT_EQ(ppl("a2e:int3/int3:g16:w4:avg3"), ppl("int3:g16:tok"));
   // Decode order in chunks (the whole window in one forward) is token-by-token decode exactly.
-  const std::vector<std::string> chunked = {"a2:int2/int4:g16:w4:avg3",
-                                            "a2:int2/int3/int4:g16:w4:avg2.5",
-                                            "a2e:int2/int3/int4:g16:w4:avg3"};
+  const std::vector<std::string> chunked = {
+      "a2:int2/int4:g16:w4:avg3", "a2:int2/int3/int4:g16:w4:avg2.5",
+      "a2e:int2/int3/int4:g16:w4:avg3", "a2:int2/int3/int4:g16:w4:avg3:ramp"};
   std::vector<double> decode;
   for (const std::string& policy : chunked) decode.push_back(ppl(policy));
   o.mode = PerplexityMode::DecodeBatched;

@@ -189,19 +189,28 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
                               p.widths, ", newest ", kValueWindow, " at int4")});
   };
   finer_rows("3");
-  // The fromfloat controls: the same policies with demotions re-quantizing the float values
-  // (held uncounted), which separates the choice of widths from the cost of repeated rounding.
-  const auto control_row = [&](const std::string& name, const std::string& rule,
-                               const std::string& widths) {
-    ValueCodecSpec values = value_policy(rule, value_group, "3", widths);
-    values.codec.policy->from_float = true;
-    rows.push_back({str_cat("v3-", name, "-fromfloat"), KvGridRowKind::ValuePolicy, f32_keys,
-                    values, "",
-                    str_cat("control, values only, 3 bits on average: ", rule, " policy, ", widths,
-                            ", demotions from the float values (held, not counted)")});
+  // Variants of the A² policies: the window that grows with the budget (:ramp), and the
+  // fromfloat controls, demotions re-quantizing the float values (held uncounted), which
+  // separate the choice of widths from the cost of repeated rounding.
+  const auto variant_rows = [&](const std::string& average, const std::string& variant) {
+    const auto add = [&](const std::string& name, const std::string& rule,
+                         const std::string& widths) {
+      ValueCodecSpec values = value_policy(rule, value_group, average, widths);
+      const bool ramp = variant == "ramp";
+      (ramp ? values.codec.policy->ramp : values.codec.policy->from_float) = true;
+      rows.push_back(
+          {str_cat("v", average, "-", name, "-", variant), KvGridRowKind::ValuePolicy, f32_keys,
+           values, "",
+           str_cat(ramp ? "" : "control, ", "values only, ", average, " bits on average: ", rule,
+                   " policy, ", widths,
+                   ramp ? str_cat(", the newest min(", kValueWindow, ", half the budget) at int4")
+                        : ", demotions from the float values (held, not counted)")});
+    };
+    add("a2", "a2", "int2/int4");
+    for (const FinerValuePolicy& p : kFinerValuePolicies) add(p.name, p.rule, p.widths);
   };
-  control_row("a2", "a2", "int2/int4");
-  for (const FinerValuePolicy& p : kFinerValuePolicies) control_row(p.name, p.rule, p.widths);
+  variant_rows("3", "fromfloat");
+  variant_rows("3", "ramp");
   // The same at 2.5 code bits, beside the plain codec of the same bits per value and the
   // two-width A² policy.
   const ValueCodecSpec a2_values = value_policy("a2", value_group, "2.5");
@@ -220,6 +229,7 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
                   str_cat("values only, 2.5 bits on average: a2 policy, int2/int4, newest ",
                           kValueWindow, " at int4")});
   finer_rows("2.5");
+  variant_rows("2.5", "ramp");
   // Full KV at 2 bits: plain int2 values, then HeadQ keys with plain int2 values, with the A²
   // policy at 2.5 code bits on average, and with the plain codec of the same bits per value.
   for (CodecSpec::Axis axis : axes) {

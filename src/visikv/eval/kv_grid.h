@@ -39,6 +39,9 @@
 //                               demotions re-quantizing the float values, held beside the codes
 //                               and not counted (<spec>:fromfloat), which measures what the
 //                               repeated rounding of demoted tokens costs
+//   v<A>-<policy>-ramp          for A = 3 and 2.5: v<A>-a2 and the three rows above with the
+//                               window growing with the budget (<spec>:ramp): the newest
+//                               min(64, half the budget's steps / K) tokens at int4
 //   v2.5-plain                  values only at 2.5 code bits on average (d·(2.5 + 32/Gt) bits,
 //   v2.5-a2                     192 at d = 64): the plain per-token codec of the most bits not
 //   v2.5-a2-3lvl                above it (int2:g32:tok at d = 64; absent when that is v-int2's

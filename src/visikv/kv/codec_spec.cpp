@@ -157,7 +157,8 @@ std::string CodecSpec::text() const {
     return str_cat(policy->rule_name(), ":int", bits,
                    policy->middle_bits ? str_cat("/int", policy->middle_bits) : "", "/int",
                    policy->high_bits, ":g", group, ":w", policy->window, ":",
-                   policy->average_text(), policy->from_float ? ":fromfloat" : "");
+                   policy->average_text(), policy->ramp ? ":ramp" : "",
+                   policy->from_float ? ":fromfloat" : "");
   std::string out;
   if (kind == Kind::QBasis) {
     out = str_cat("qbasis:", qbasis->budget_text(), ":g", group,

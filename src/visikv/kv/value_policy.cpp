@@ -182,14 +182,15 @@ void ValuePolicyStore::append(std::span<const float> vector) {
   account_.add_token();
   if (policy_.from_float) originals_.insert(originals_.end(), vector.begin(), vector.end());
   if (policy_.rule == ValuePolicySpec::Rule::A2E) record_drops(vector);
-  // Token n - W leaves the window and joins S; S holds at most `cap` steps.
-  const int64_t leaving = n - policy_.window;
-  if (leaving < 0) return;
-  kept_.push_back(static_cast<int32_t>(leaving));
-  kept_steps_ += where_[leaving].level;
+  // The tokens older than the newest W_n leave the window and join S (one per append at most:
+  // W_n grows by at most one per append); S holds at most `cap` steps.
   const int64_t stored = n + 1;
-  const int64_t cap =
-      policy_.raised_steps(stored, spec_.bits) - steps * std::min<int64_t>(stored, policy_.window);
+  const int64_t window = std::min(stored, policy_.window_at(stored, spec_.bits));
+  for (; left_ < stored - window; ++left_) {
+    kept_.push_back(static_cast<int32_t>(left_));
+    kept_steps_ += where_[left_].level;
+  }
+  const int64_t cap = policy_.raised_steps(stored, spec_.bits) - steps * window;
   // At most `steps` over (cap grows by at most `steps` per append): the smallest gain goes, one
   // step at a time; among equal gains the newest, so a token already kept is not displaced by a
   // tie.
@@ -254,6 +255,7 @@ void ValuePolicyStore::clear() {
   where_.clear();
   kept_.clear();
   kept_steps_ = 0;
+  left_ = 0;
   drops_.clear();
   originals_.clear();
   account_.clear();

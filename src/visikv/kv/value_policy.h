@@ -29,12 +29,13 @@
 // (as the two-level policy always did), and with three widths a token goes to int4 only where its
 // weight is about 5.7 times that of a token left at int2.
 //
-// Online: appending token n (so n + 1 are stored) first lets token n - W leave the window: it
-// joins the set S of tokens outside the window above level 0. S may hold at most
-// cap = raised_steps(n + 1) - K·min(n + 1, W) steps; while it holds more, the member whose top
-// step has the smallest gain drops one level for good (ties: the newest of them). Then token n is
-// stored at H bits. So after every append exactly raised_steps(n + 1) steps are held, and at most
-// K steps are given back per append. Scores keep growing while tokens are read, so S is always
+// Online: appending token n (so n + 1 are stored) first lets the tokens older than the newest
+// W_{n+1} (W, or less under :ramp; kv/value_policy_spec.h) leave the window, at most one: they
+// join the set S of tokens outside the window above level 0. S may hold at most
+// cap = raised_steps(n + 1) - K·min(n + 1, W_{n+1}) steps; while it holds more, the member whose
+// top step has the smallest gain drops one level for good (ties: the newest of them). Then token n
+// is stored at H bits. So after every append exactly raised_steps(n + 1) steps are held, and at
+// most K steps are given back per append. Scores keep growing while tokens are read, so S is always
 // the top of the tokens not yet demoted, not of all tokens: a step given back never comes back.
 //
 // Storage. A token is stored once, as its H-bit code, when it arrives; a demoted token is
@@ -147,8 +148,10 @@ class ValuePolicyStore final : public ValueStore {
   std::vector<Pool> pools_;          // one per level, L first
   std::vector<double> model_drops_;  // the modelled drop of step k at [k - 1] (not a2e)
   std::vector<Where> where_;
-  std::vector<int32_t> kept_;     // S: tokens outside the window above level 0, oldest first
-  int64_t kept_steps_ = 0;        // the steps S holds
+  std::vector<int32_t> kept_;  // S: tokens outside the window above level 0, oldest first
+  int64_t kept_steps_ = 0;
+  int64_t left_ =
+      0;  // tokens that have left the window: positions [0, left_)        // the steps S holds
   std::vector<double> drops_;     // a2e: token j's measured drop of step k at [j K + k - 1]
   std::vector<float> originals_;  // fromfloat: token j's float value at [j d, (j + 1) d)
   AttentionAccount account_;

@@ -12,7 +12,8 @@ namespace visikv {
 namespace {
 
 constexpr std::string_view kGrammar =
-    "expected <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>[:fromfloat] with rule a2, a2e, a1, "
+    "expected <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>[:ramp][:fromfloat] with rule a2, "
+    "a2e, a1, "
     "recency or uniform, e.g. a2:int2/int4:g64:w64:avg3 or a2e:int2/int3/int4:g64:w64:avg3";
 constexpr int64_t kMaxNumber = int64_t{1} << 30;
 
@@ -65,12 +66,27 @@ int64_t average_milli(std::string_view spec, std::string_view field) {
 
 }  // namespace
 
+namespace {
+
+// S_n = floor((A - L) n / s), exactly (L < H).
+int64_t budget_steps(const ValuePolicySpec& p, int64_t tokens, int low_bits) {
+  return tokens * (p.average_milli - 1000 * int64_t{low_bits}) /
+         (1000 * int64_t{p.step_bits(low_bits)});
+}
+
+}  // namespace
+
+int64_t ValuePolicySpec::window_at(int64_t tokens, int low_bits) const {
+  if (!ramp || high_bits == low_bits) return window;
+  // At most half the budget's steps, at least one token (a token is ranked after it was read).
+  return std::min(window,
+                  std::max<int64_t>(1, budget_steps(*this, tokens, low_bits) / (2 * steps())));
+}
+
 int64_t ValuePolicySpec::raised_steps(int64_t tokens, int low_bits) const {
-  if (tokens <= window || high_bits == low_bits) return steps() * tokens;
-  // floor((A - L) n / s), exactly.
-  const int64_t share =
-      tokens * (average_milli - 1000 * int64_t{low_bits}) / (1000 * int64_t{step_bits(low_bits)});
-  return std::max(steps() * window, share);
+  const int64_t w = window_at(tokens, low_bits);
+  if (tokens <= w || high_bits == low_bits) return steps() * tokens;
+  return std::max(steps() * w, budget_steps(*this, tokens, low_bits));
 }
 
 std::string ValuePolicySpec::rule_name() const {
@@ -107,6 +123,8 @@ CodecSpec parse_value_policy_spec(std::string_view text) {
           kGrammar, ")");
   const bool from_float = fields.back() == "fromfloat";
   if (from_float) fields.pop_back();
+  const bool ramp = fields.back() == "ramp";
+  if (ramp) fields.pop_back();
   require(fields.size() == 4 || fields.size() == 5, "value policy '", text, "': ", fields.size(),
           " fields (", kGrammar, ")");
   const std::string_view rule = fields[0];
@@ -150,9 +168,9 @@ CodecSpec parse_value_policy_spec(std::string_view text) {
   if (rule == "uniform") {
     require(!has_window, "value policy '", text,
             "': uniform is the plain codec at the average bits and takes no window");
-    require(!from_float, "value policy '", text,
-            "': uniform is the plain codec at the average bits and demotes nothing (no "
-            "fromfloat)");
+    require(!from_float && !ramp, "value policy '", text,
+            "': uniform is the plain codec at the average bits and has no window to ramp and "
+            "demotes nothing (no ramp, no fromfloat)");
     require(average % 1000 == 0 &&
                 (average == 2000 || average == 3000 || average == 4000 || average == 8000),
             "value policy '", text,
@@ -179,6 +197,7 @@ CodecSpec parse_value_policy_spec(std::string_view text) {
   policy.high_bits = high;
   policy.window = window;
   policy.average_milli = average;
+  policy.ramp = ramp;
   policy.from_float = from_float;
   spec.bits = low;
   spec.policy = policy;

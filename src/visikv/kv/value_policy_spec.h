@@ -2,7 +2,7 @@
 // that holds each token at one of two or three integer widths, chosen online from the attention
 // the token has received. The spec grammar:
 //
-//   <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>[:fromfloat]
+//   <rule>:int<L>[/int<M>]/int<H>:g<G>[:w<W>]:avg<A>[:ramp][:fromfloat]
 //
 //   rule      a2       weight w_j = Σ_t Σ_heads a_{t,j}² (A²) times a modelled error drop
 //             a2e      w_j times token j's own measured error drop (the readout error it causes)
@@ -16,21 +16,26 @@
 //   W         new tokens stay at H bits while they are among the newest W (all but recency need
 //             W >= 1)
 //   A         the average code bits, a decimal with at most three fraction digits, L <= A <= H
+//   ramp      the window grows with the budget: the newest W_n = min(W, max(1, floor(S_n / 2K)))
+//             tokens (S_n below) are held at H instead of the newest W, so that the window never
+//             takes more than half the budget and the first tokens are ranked like later ones
+//             instead of all being demoted while the window alone holds the budget
 //   fromfloat a control, not a codec: the store also holds every token's float value (32 d bits
 //             per token, not in the reported bits) and demotions re-quantize it instead of the
 //             token's current code, which measures what the repeated rounding costs
 //
 // Budget. The widths are levels 0 (L) .. K (H), K = 1 or 2, one step s = (H - L) / K bits apart.
 // A token at level k holds k steps above L; the budget fixes the steps held by all tokens, the
-// window included: after n appends exactly raised_steps(n) = (n <= W ? K n : max(K W,
-// floor((A - L) n / s))). So the bits per value, scales and zeros included, are d (A + 32/G)
-// whenever (A - L) n / s is an integer >= K W and at most that otherwise (n >= K W s / (A - L)).
+// window included: after n appends exactly raised_steps(n) = (n <= W_n ? K n : max(K W_n, S_n))
+// with S_n = floor((A - L) n / s) and W_n the window (W, or as under `ramp`). So the bits per
+// value, scales and zeros included, are d (A + 32/G) whenever (A - L) n / s is an integer
+// >= K W_n and at most that otherwise (n >= K W s / (A - L); under ramp from n >= 2).
 // With two widths the raised steps are the H-bit tokens, ρ n with ρ = (A - L) / (H - L). Which
 // tokens hold the steps is the policy's choice (kv/value_policy.h); the total is not, which is
 // why three widths need equal steps: every demotion then frees exactly one step.
 //
 // The canonical spelling of a policy spec is the one above with every field present (":w0" for
-// recency without a window; ":fromfloat" only for the control).
+// recency without a window; ":ramp" and ":fromfloat" only where set).
 #pragma once
 
 #include <cstdint>
@@ -48,6 +53,7 @@ struct ValuePolicySpec {
   int high_bits = 0;          // H
   int64_t window = 0;         // W
   int64_t average_milli = 0;  // A in thousandths of a bit
+  bool ramp = false;          // the window grows with the budget (see above)
   bool from_float = false;    // the fromfloat control (see above)
 
   // K: the steps from L to H (1, or 2 with a middle width).
@@ -58,6 +64,8 @@ struct ValuePolicySpec {
   }
   // s: the bits one step adds (0 when L == H).
   int step_bits(int low_bits) const { return (high_bits - low_bits) / steps(); }
+  // The window W_n after `tokens` appends (see above): the newest W_n tokens are held at H.
+  int64_t window_at(int64_t tokens, int low_bits) const;
   // Steps above L held by all tokens after `tokens` appends (see above), computed in integers;
   // with two widths, the tokens held at H bits.
   int64_t raised_steps(int64_t tokens, int low_bits) const;
