@@ -45,8 +45,9 @@ const KvGridRow* find_row(const std::vector<KvGridRow>& rows, const std::string&
 
 TEST(KvGrid, RowsAndBudgetsForHeadDim64) {
   const std::vector<KvGridRow> rows = kv_grid_rows(64, KvGridSpec{});
-  // dense, 6 plain, 2 x (3 HeadQ + 3 controls), 2 x 3 same-budget, 6 values only, 2 x 4 full KV.
-  EXPECT_EQ(rows.size(), 1u + 6 + 12 + 6 + 6 + 8);
+  // dense, 6 plain, 2 x (3 HeadQ + 3 controls), 2 x 3 same-budget, 6 + 3 + 4 + 4 + 5 + 4 values
+  // only, 2 x 4 full KV.
+  EXPECT_EQ(rows.size(), 1u + 6 + 12 + 6 + 26 + 8);
   std::vector<std::string> names;
   for (const KvGridRow& r : rows) names.push_back(r.name);
   std::sort(names.begin(), names.end());
@@ -82,8 +83,23 @@ TEST(KvGrid, RowsAndBudgetsForHeadDim64) {
   EXPECT_EQ(find_row(rows, "v3-uniform")->value_codec.text(), "int3:g64:tok");
   EXPECT_EQ(find_row(rows, "v3-a2")->value_codec.text(), "a2:int2/int4:g64:w64:avg3");
   EXPECT_EQ(find_row(rows, "v3-recency")->key_codec.text(), "f32");
-  for (const char* name : {"v3-uniform", "v3-recency", "v3-a1", "v3-a2"})
+  for (const char* name :
+       {"v3-uniform", "v3-recency", "v3-a1", "v3-a2", "v3-a2-3lvl", "v3-a2e", "v3-a2e-3lvl",
+        "v3-a2-fromfloat", "v3-a2-3lvl-fromfloat", "v3-a2e-fromfloat", "v3-a2e-3lvl-fromfloat"})
     EXPECT_EQ(codec_bits(find_row(rows, name)->value_codec.codec, 64).bits_per_vector, 64 * 3.5)
+        << name;
+  EXPECT_EQ(find_row(rows, "v3-a2-3lvl")->value_codec.text(), "a2:int2/int3/int4:g64:w64:avg3");
+  EXPECT_EQ(find_row(rows, "v3-a2e")->value_codec.text(), "a2e:int2/int4:g64:w64:avg3");
+  EXPECT_EQ(find_row(rows, "v3-a2e-3lvl-fromfloat")->value_codec.text(),
+            "a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
+  EXPECT_EQ(find_row(rows, "v2.5-a2-3lvl-ramp")->value_codec.text(),
+            "a2:int2/int3/int4:g64:w64:avg2.5:ramp");
+  // At 2.5 code bits: 192 bits per value, the plain int2:g32 codec's.
+  EXPECT_EQ(find_row(rows, "v2.5-plain")->value_codec.text(), "int2:g32:tok");
+  EXPECT_EQ(find_row(rows, "v2.5-a2e-3lvl")->value_codec.text(),
+            "a2e:int2/int3/int4:g64:w64:avg2.5");
+  for (const char* name : {"v2.5-plain", "v2.5-a2", "v2.5-a2-3lvl", "v2.5-a2e", "v2.5-a2e-3lvl"})
+    EXPECT_EQ(codec_bits(find_row(rows, name)->value_codec.codec, 64).bits_per_vector, 192.0)
         << name;
   // The composition: HeadQ keys with A2 values at 2.5 code bits (192 bits per value), and the
   // plain codec of the same bits.
@@ -290,7 +306,7 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("k2-tok+hq-r8-keypca"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("v3-a2"), std::string::npos) << r.output;
-  EXPECT_NE(r.output.find("[1/37] dense: 20/20 tokens"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("[1/56] dense: 20/20 tokens"), std::string::npos) << r.output;
   std::ifstream in(json_path);
   const nlohmann::json j = nlohmann::json::parse(in);
   fs::remove(json_path);
@@ -300,7 +316,7 @@ TEST(EvalKvCommand, WritesTheTableAndJson) {
   EXPECT_EQ(j["basis"]["source"], "calibrated");
   EXPECT_EQ(j["basis"]["rank"], 16);
   EXPECT_EQ(j["basis"]["tokens"], 64);
-  ASSERT_EQ(j["rows"].size(), 37u);
+  ASSERT_EQ(j["rows"].size(), 56u);
   for (const auto& row : j["rows"]) {
     for (const char* key : {"name", "key_codec", "value_codec", "bits_per_key", "bits_per_value",
                             "ppl", "excess_removed"})

@@ -1,7 +1,8 @@
 // Value bit policies (kv/value_policy.h, METHODS.md "Values"): the online A¹/A² accounting against
-// brute-force sums, the policy's choice of high tokens in closed form, exact bit accounting,
-// read-back of demoted tokens against the plain codecs, spec errors, and decode perplexity
-// through a policy cache on a fixture model.
+// brute-force sums, the policy's choice of high tokens in closed form (two and three widths, the
+// modelled and the measured error drops), exact bit accounting, read-back of demoted tokens
+// against the plain codecs, spec errors, and decode perplexity through a policy cache on a
+// fixture model.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -110,6 +111,29 @@ TEST(ValuePolicy, AccountingEqualsBruteForceSums) {
   EXPECT_FALSE(plain->records_attention());
 }
 
+// The reading of `x` at each level of an int2/int3/int4 (or int2/int4) policy: H as the plain codec
+// reads it, each lower level the plain codec applied to the level above (demotions re-quantize the
+// stored code, kv/value_policy.h).
+std::vector<std::vector<float>> readings(const std::vector<std::string>& widths, int64_t group,
+                                         const std::vector<float>& x) {
+  std::vector<std::vector<float>> out(widths.size());
+  std::vector<float> above = x;
+  for (size_t k = widths.size(); k-- > 0;) {
+    out[k] = plain_quantized(str_cat(widths[k], ":g", group, ":tok"), above);
+    above = out[k];
+  }
+  return out;
+}
+
+double squared_distance(const std::vector<float>& a, const std::vector<float>& b) {
+  double sum = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double e = static_cast<double>(a[i]) - b[i];
+    sum += e * e;
+  }
+  return sum;
+}
+
 // Scripted attention: query t puts weight only on its own token, c_t for the "heavy" tokens
 // (t % 4 == 1, c_t = 0.5 + t/1000, increasing) and 0 for the rest. int2/int4 at 2.5 bits:
 // ρ = 1/4, W = 4. After n appends high_tokens(n) = max(4, floor(n/4)) tokens are int4: the window
@@ -136,7 +160,7 @@ TEST(ValuePolicy, KeepsTheTopTokensHighInClosedForm) {
 
       const int64_t n = t + 1;
       const int64_t high = n <= 4 ? n : std::max<int64_t>(4, n / 4);
-      EXPECT_EQ(spec.policy->high_tokens(n, 2), high);
+      EXPECT_EQ(spec.policy->raised_steps(n, 2), high);
       EXPECT_EQ(store.high_count(), high) << n;
       std::set<int64_t> expected;
       for (int64_t j = std::max<int64_t>(0, n - 4); j < n; ++j) expected.insert(j);  // window
@@ -190,7 +214,52 @@ TEST(ValuePolicy, AverageBitsMeetTheBudgetExactly) {
     // whenever ρ n is an integer, and never above it.
     if (n >= 16) {
       EXPECT_LE(codec_stored_bits(spec, d, n), 72 * n) << n;
-      if (n % 4 == 0) EXPECT_EQ(codec_stored_bits(spec, d, n), 72 * n) << n;
+      if (n % 4 == 0) {
+        EXPECT_EQ(codec_stored_bits(spec, d, n), 72 * n) << n;
+      }
+    }
+  }
+  // Three widths and the measured drops: every demotion frees one step of 1 bit per element, so
+  // the total is the budget's, whichever tokens hold the steps. int2:g16 = 64 bits, a step 16.
+  for (const std::string text :
+       {"a2:int2/int3/int4:g16:w4:avg2.5", "a2e:int2/int3/int4:g16:w4:avg3",
+        "a2e:int2/int4:g16:w4:avg2.5", "a1:int2/int3/int4:g8:w3:avg3.25",
+        "a2:int2/int3/int4:g16:w8:avg3:ramp", "a2e:int2/int4:g16:w8:avg2.5:ramp"}) {
+    SCOPED_TRACE(text);
+    const CodecSpec three = parse_codec_spec(text);
+    const int64_t a_milli = three.policy->average_milli, k = three.policy->steps();
+    const int64_t step = three.policy->step_bits(2);
+    const int64_t base = d * 2 + d / three.group * 32;  // every token at int2 with its scales
+    const double budget = d * (a_milli / 1000.0) + d / three.group * 32.0;
+    EXPECT_EQ(codec_bits(three, d).bits_per_vector, budget);
+    ValuePolicyStore policy_store(three, d, 0);
+    for (int64_t n = 1; n <= 120; ++n) {
+      policy_store.append(random_vector(rng, d));
+      std::vector<float> weights(static_cast<size_t>(n));
+      for (float& x : weights) x = static_cast<float>(rng() % 1000) / 1000.0f;
+      policy_store.record_attention(weights, PositionSet::range(0, n));
+      // S_n, and the window: W, or under ramp min(W, max(1, S_n / 2K)).
+      const int64_t share = n * (a_milli - 2000) / (1000 * step);
+      const int64_t window = three.policy->window;
+      const int64_t w =
+          three.policy->ramp ? std::min(window, std::max<int64_t>(1, share / (2 * k))) : window;
+      EXPECT_EQ(three.policy->window_at(n, 2), w) << n;
+      const int64_t steps = n <= w ? k * n : std::max(k * w, share);
+      EXPECT_EQ(policy_store.raised_steps(), steps) << n;
+      EXPECT_EQ(codec_stored_bits(three, d, n), n * base + steps * d * step) << n;
+      EXPECT_EQ(policy_store.stored_bytes() * 8, codec_stored_bits(three, d, n)) << n;
+      // Once the budget covers the window, at most the budget, exactly when (A - L) n / s is an
+      // integer.
+      if (steps > k * w) {
+        EXPECT_LE(codec_stored_bits(three, d, n), budget * n) << n;
+        if (n * (a_milli - 2000) % (1000 * step) == 0) {
+          EXPECT_EQ(codec_stored_bits(three, d, n), budget * n) << n;
+        }
+      }
+    }
+    EXPECT_GT(policy_store.level_count(0), 0);
+    if (k == 2) {
+      EXPECT_GT(policy_store.level_count(1), 0);
     }
   }
   // The cache reports the same bits as the store holds.
@@ -206,9 +275,11 @@ TEST(ValuePolicy, AverageBitsMeetTheBudgetExactly) {
 
 TEST(ValuePolicy, PoliciesAtTheSameAverageBits) {
   const int64_t d = 64, n = 1024;
-  const std::vector<std::string> specs = {"uniform:int2/int4:g64:avg3",
-                                          "recency:int2/int4:g64:w64:avg3",
-                                          "a1:int2/int4:g64:w64:avg3", "a2:int2/int4:g64:w64:avg3"};
+  const std::vector<std::string> specs = {
+      "uniform:int2/int4:g64:avg3",      "recency:int2/int4:g64:w64:avg3",
+      "a1:int2/int4:g64:w64:avg3",       "a2:int2/int4:g64:w64:avg3",
+      "a2:int2/int3/int4:g64:w64:avg3",  "a2e:int2/int4:g64:w64:avg3",
+      "a2e:int2/int3/int4:g64:w64:avg3", "a1:int2/int3/int4:g64:w64:avg3"};
   EXPECT_EQ(parse_codec_spec(specs[0]).text(), "int3:g64:tok");  // uniform: the plain codec
   for (const std::string& text : specs) {
     const CodecSpec spec = parse_codec_spec(text);
@@ -220,6 +291,22 @@ TEST(ValuePolicy, PoliciesAtTheSameAverageBits) {
   EXPECT_EQ(parse_codec_spec("recency:int2/int4:g64:avg3").text(), "recency:int2/int4:g64:w0:avg3");
   EXPECT_EQ(parse_codec_spec("a1:int3/int8:g32:w16:avg3.125").text(),
             "a1:int3/int8:g32:w16:avg3.125");
+  EXPECT_EQ(parse_codec_spec("a2e:int2/int3/int4:g64:w64:avg2.50").text(),
+            "a2e:int2/int3/int4:g64:w64:avg2.5");
+  EXPECT_EQ(parse_codec_spec("uniform:int2/int3/int4:g64:avg3").text(), "int3:g64:tok");
+  EXPECT_EQ(parse_codec_spec("a2:int2/int4:g64:w64:avg3:ramp:fromfloat").text(),
+            "a2:int2/int4:g64:w64:avg3:ramp:fromfloat");
+  EXPECT_EQ(codec_bits(parse_codec_spec("a2:int2/int4:g64:w64:avg3:ramp"), 64).bits_per_vector,
+            64 * 3.5);
+  // The fromfloat control: the same bits reported (the float values are not counted).
+  const CodecSpec control = parse_codec_spec("a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
+  EXPECT_EQ(control.text(), "a2e:int2/int3/int4:g64:w64:avg3:fromfloat");
+  EXPECT_EQ(parse_codec_spec(control.text()).text(), control.text());
+  EXPECT_EQ(codec_bits(control, d).bits_per_vector, 64 * 3.5);
+  EXPECT_NE(describe_codec(control, 64).find("control"), std::string::npos);
+  EXPECT_NE(describe_codec(parse_codec_spec("a2:int2/int3/int4:g64:w64:avg3"), 64)
+                .find("at int3 or int4"),
+            std::string::npos);
 }
 
 TEST(ValuePolicy, BadSpecsAreClearErrors) {
@@ -236,6 +323,20 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
       {"uniform:int2/int4:g64:w8:avg3", "takes no window"},
       {"a2:int2/int4:x64:w64:avg3", "group size"},
       {"a2:int2/int4:g64:w64:avg3:had", "fields"},
+      // Three widths.
+      {"a2:int2/int3/int8:g64:w64:avg3", "equally spaced"},
+      {"a2:int2/int2/int4:g64:w64:avg3", "strictly between"},
+      {"a2:int2/int4/int3:g64:w64:avg3", "strictly between"},
+      {"a2:int2/int5/int4:g64:w64:avg3", "unsupported middle width"},
+      {"a2:int2/int3/int4/int8:g64:w64:avg3", "must be int<L>/int<H> or int<L>/int<M>/int<H>"},
+      {"a2:int2//int4:g64:w64:avg3", "middle width ''"},
+      {"recency:int2/int3/int4:g64:w64:avg3", "recency takes two widths only"},
+      {"a2e:int2/int3/int4:g64:avg3", "needs a window"},
+      {"a2e:int2/int3/int4:g64:w64:avg4.5", "outside [2, 4]"},
+      {"uniform:int2/int4:g64:avg3:fromfloat", "no fromfloat"},
+      {"uniform:int2/int4:g64:avg3:ramp", "no ramp"},
+      {"a2:int2/int4:g64:w64:avg3:fromfloat:ramp", "6 fields"},
+      {"a2:int2/int4:g64:w64:fromfloat:avg3", "6 fields"},
       {"a2", "fields"},
       // Fields shorter than their prefix (found by fuzz_specs: these once threw out_of_range).
       {"a2:int2/int2::", "group size"},
@@ -266,6 +367,188 @@ TEST(ValuePolicy, BadSpecsAreClearErrors) {
   std::vector<float> two(32, 0.5f);
   EXPECT_NE(error_of([&] { cache->append(0, two, two, 2); }).find("one token per append"),
             std::string::npos);
+}
+
+// Three widths, modelled drops. Query t puts weight c_t only on its own token, so w_j = c_j² is
+// final once j is read: heavy tokens (t >= 8, t % 4 == 3) c = 1, light ones c = 0.1 (1 + t/1000),
+// slowly rising. int2/int3/int4 at 3 bits, W = 4: the budget holds n steps above int2, the window
+// 2 W of them, so cap = max(0, n - 2 W) for the tokens outside it and one step goes back per
+// append from n = 2 W on. The model's step gains are w (int3 -> int4) and 5.68 w (int2 -> int3):
+// a light token leaving the window gives its int4 step back at once (0.01 < 5.68 · 0.01), and a
+// heavy one, worth 1 a step, makes the oldest light token at int3 (the smallest 5.68 w) drop to
+// int2. Closed form after n appends: the window at int4; the tokens that left while cap was 0
+// (positions < W) at int2; heavy tokens outside the window at int4; of the light ones the newest
+// m = cap - 2·(heavy outside) at int3, the older at int2.
+// The fromfloat control chooses the same levels (the modelled gains do not depend on the readings)
+// and reads every token as the plain codec of its level reads its float value.
+void three_widths_follow_the_modelled_gains(bool from_float);
+TEST(ValuePolicy, ThreeWidthsFollowTheModelledGains) {
+  for (const bool from_float : {false, true}) {
+    SCOPED_TRACE(from_float);
+    three_widths_follow_the_modelled_gains(from_float);
+  }
+}
+
+void three_widths_follow_the_modelled_gains(bool from_float) {
+  const int64_t d = 16, window = 4, tokens = 80;
+  const CodecSpec spec = parse_codec_spec(std::string("a2:int2/int3/int4:g16:w4:avg3") +
+                                          (from_float ? ":fromfloat" : ""));
+  ASSERT_EQ(spec.policy->steps(), 2);
+  ASSERT_EQ(spec.policy->from_float, from_float);
+  ValuePolicyStore store(spec, d, 0);
+  std::mt19937 rng(5);
+  const auto heavy = [](int64_t t) { return t >= 8 && t % 4 == 3; };
+  std::vector<std::vector<float>> values;
+  for (int64_t t = 0; t < tokens; ++t) {
+    values.push_back(random_vector(rng, d));
+    store.append(values.back());
+    std::vector<float> weights(static_cast<size_t>(t + 1), 0.0f);
+    weights[t] = heavy(t) ? 1.0f : 0.1f * (1.0f + static_cast<float>(t) / 1000.0f);
+    store.record_attention(weights, PositionSet::range(0, t + 1));
+
+    const int64_t n = t + 1;
+    ASSERT_EQ(store.raised_steps(), spec.policy->raised_steps(n, 2)) << n;
+    ASSERT_EQ(spec.policy->raised_steps(n, 2), n <= window ? 2 * n : std::max(2 * window, n));
+    if (n <= 2 * window) continue;
+    const int64_t outside = n - window;
+    int64_t heavy_outside = 0;
+    for (int64_t j = 0; j < outside; ++j) heavy_outside += heavy(j);
+    int64_t middle = n - 2 * window - 2 * heavy_outside;
+    ASSERT_GE(middle, 0);
+    std::vector<int> want(static_cast<size_t>(n), 0);
+    for (int64_t j = outside; j < n; ++j) want[j] = 2;
+    for (int64_t j = outside - 1; j >= window; --j) {
+      if (heavy(j)) {
+        want[j] = 2;
+      } else if (middle > 0) {
+        want[j] = 1;
+        --middle;
+      }
+    }
+    std::vector<int> got;
+    for (int64_t j = 0; j < n; ++j) got.push_back(store.level(j));
+    ASSERT_EQ(got, want) << "after " << n << " tokens";
+  }
+  // The modelled gains: a light token at int3 is worth (1/9 - 1/49) / (1/49 - 1/225) = 5.68 w.
+  const double ratio = (1.0 / 9 - 1.0 / 49) / (1.0 / 49 - 1.0 / 225);
+  for (int64_t j = 0; j < tokens; ++j) {
+    const double w = store.account().squared_mass(j);
+    const double want = store.level(j) == 2 ? w : store.level(j) == 1 ? ratio * w : 0.0;
+    EXPECT_NEAR(store.gain(j), want, 1e-12 * want) << j;
+  }
+  // Read-back: each token as the plain codecs read it down its chain of demotions (fromfloat:
+  // as the plain codec of its level reads the float value).
+  const std::vector<std::string> names = {"int2", "int3", "int4"};
+  for (int64_t j = 0; j < tokens; ++j) {
+    const std::vector<float> want =
+        from_float ? plain_quantized(str_cat(names[store.level(j)], ":g16:tok"), values[j])
+                   : readings(names, 16, values[j])[store.level(j)];
+    EXPECT_EQ(stored(store, j), want) << j;
+  }
+  EXPECT_EQ(store.level_count(0) + store.level_count(1) + store.level_count(2), tokens);
+  EXPECT_EQ(store.demotions(), 2 * tokens - tokens);  // every append's two steps, less the budget
+}
+
+// The window that grows with the budget (:ramp). Query t puts weight 1 on token 4 (from t = 4 on)
+// and 0.1 (1 + t/1000) on its own token. With the fixed window (W = 8, int2/int4 at 3 bits) token
+// 4 leaves it at n = 13, when the window alone holds the budget (cap = max(8, 6) - 8 = 0), and is
+// demoted with every token before it. Under ramp the window is min(8, max(1, floor(n/2) / 2))
+// tokens: token 4 leaves it at n = 6 with cap = 3 - 1 = 2 steps for the tokens outside, and its
+// weight, the largest, keeps it at int4 to the end; the budget holds exactly from n = 2 on.
+TEST(ValuePolicy, RampedWindowRanksTheFirstTokens) {
+  const int64_t d = 16, tokens = 64;
+  std::mt19937 rng(13);
+  for (const bool ramp : {false, true}) {
+    SCOPED_TRACE(ramp);
+    const CodecSpec spec =
+        parse_codec_spec(std::string("a2:int2/int4:g16:w8:avg3") + (ramp ? ":ramp" : ""));
+    ValuePolicyStore store(spec, d, 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      store.append(random_vector(rng, d));
+      std::vector<float> weights(static_cast<size_t>(t + 1), 0.0f);
+      weights[t] = 0.1f * (1.0f + static_cast<float>(t) / 1000.0f);
+      if (t >= 4) weights[4] = 1.0f;
+      store.record_attention(weights, PositionSet::range(0, t + 1));
+      const int64_t n = t + 1;
+      EXPECT_EQ(store.raised_steps(), spec.policy->raised_steps(n, 2)) << n;
+      EXPECT_EQ(store.stored_bytes() * 8, codec_stored_bits(spec, d, n)) << n;
+      if (ramp && n >= 2) EXPECT_EQ(spec.policy->raised_steps(n, 2), n / 2) << n;
+    }
+    EXPECT_EQ(store.is_high(4), ramp);
+    EXPECT_EQ(store.high_count(), tokens / 2);
+  }
+}
+
+// The measured drops (a2e): "rough" tokens (even positions, values of scale 1) lose much more to
+// int2 than "smooth" ones (odd, scale 0.001), while the smooth ones get slightly more attention
+// (c = 0.5 against 0.45). A² alone keeps smooth tokens at int4 (two widths; with three, the
+// weights differ by less than the 5.7 its model asks before one token goes to int4 and another
+// to int2, so every token leaving the window settles at int3); a2e, weighing each token's own
+// error drop, keeps rough ones at int4 and gives the smooth ones' steps back. Two widths at 3
+// bits (ρ = 1/2, W = 2): after n appends floor(n/2) - 2 tokens outside the window are int4, never
+// more than the rough ones there. (61 tokens: the last append gives a step back, so no token that
+// just left the window is still waiting for the next one.)
+TEST(ValuePolicy, ReadoutErrorPolicyWeighsEachTokensOwnError) {
+  const int64_t d = 16, tokens = 61;
+  std::mt19937 rng(9);
+  std::vector<std::vector<float>> values;
+  for (int64_t t = 0; t < tokens; ++t)
+    values.push_back(random_vector(rng, d, t % 2 == 0 ? 1.0f : 0.001f));
+  for (const std::string rule : {"a2", "a2e"}) {
+    SCOPED_TRACE(rule);
+    for (const auto& [widths, from_float] :
+         std::vector<std::pair<std::string, bool>>{{"int2/int4", false},
+                                                   {"int2/int3/int4", false},
+                                                   {"int2/int4", true},
+                                                   {"int2/int3/int4", true}}) {
+      SCOPED_TRACE(widths + (from_float ? " fromfloat" : ""));
+      const CodecSpec spec =
+          parse_codec_spec(rule + ":" + widths + ":g16:w2:avg3" + (from_float ? ":fromfloat" : ""));
+      ValuePolicyStore store(spec, d, 0);
+      for (int64_t t = 0; t < tokens; ++t) {
+        store.append(values[t]);
+        std::vector<float> weights(static_cast<size_t>(t + 1), 0.0f);
+        weights[t] = t % 2 == 0 ? 0.45f : 0.5f;
+        store.record_attention(weights, PositionSet::range(0, t + 1));
+        EXPECT_EQ(store.raised_steps(), spec.policy->raised_steps(t + 1, 2));
+        EXPECT_EQ(store.stored_bytes() * 8, codec_stored_bits(spec, d, t + 1));
+      }
+      const int top = spec.policy->steps();
+      int64_t rough_high = 0, smooth_high = 0;
+      for (int64_t j = 0; j < tokens - 2; ++j)
+        if (store.level(j) == top) ++(j % 2 == 0 ? rough_high : smooth_high);
+      if (top == 1) EXPECT_EQ(rough_high + smooth_high, tokens / 2 - 2);
+      if (rule == "a2e") {
+        EXPECT_EQ(smooth_high, 0);
+        EXPECT_GT(rough_high, 0);
+      } else {
+        EXPECT_EQ(rough_high, 0);
+        if (top == 1) EXPECT_GT(smooth_high, 0);
+        if (top == 2) {
+          EXPECT_EQ(smooth_high, 0);
+          for (int64_t j = 2; j < tokens - 2; ++j) EXPECT_EQ(store.level(j), 1) << j;
+        }
+      }
+      // a2e's gain is the token's own drop at its top step, measured down its chain of readings.
+      if (rule != "a2e") continue;
+      const std::vector<std::string> names = top == 1
+                                                 ? std::vector<std::string>{"int2", "int4"}
+                                                 : std::vector<std::string>{"int2", "int3", "int4"};
+      for (int64_t j = 0; j < tokens; ++j) {
+        const int level = store.level(j);
+        if (level == 0) continue;
+        std::vector<std::vector<float>> r = readings(names, 16, values[j]);
+        if (from_float)  // each level read from the float value
+          for (size_t k = 0; k < names.size(); ++k)
+            r[k] = plain_quantized(str_cat(names[k], ":g16:tok"), values[j]);
+        const double drop =
+            squared_distance(values[j], r[level - 1]) - squared_distance(values[j], r[level]);
+        const double want = store.account().squared_mass(j) * drop;
+        EXPECT_NEAR(store.gain(j), want, 1e-9 * std::abs(want) + 1e-18) << j;
+        EXPECT_EQ(stored(store, j), r[level]) << j;
+      }
+    }
+  }
 }
 
 // Sums a² per (layer, KV head, position) from the events attention reports.
@@ -337,8 +620,9 @@ TEST(ValuePolicy, DecodePerplexityOnAFixtureModel) {
   };
   const double dense = ppl("f32");
   const double low = ppl("int2:g16:tok");
-  for (const std::string policy :
-       {"a2:int2/int4:g16:w4:avg3", "a1:int2/int4:g16:w4:avg3", "recency:int2/int4:g16:w4:avg3"}) {
+  for (const std::string policy : {"a2:int2/int4:g16:w4:avg3", "a1:int2/int4:g16:w4:avg3",
+                                   "recency:int2/int4:g16:w4:avg3", "a2:int2/int3/int4:g16:w4:avg3",
+                                   "a2e:int2/int4:g16:w4:avg3", "a2e:int2/int3/int4:g16:w4:avg3"}) {
     const double p = ppl(policy);
     EXPECT_TRUE(std::isfinite(p)) << policy;
     // Sanity: half the tokens at int4 sits between dense values and all-int2 values.
@@ -349,10 +633,15 @@ TEST(ValuePolicy, DecodePerplexityOnAFixtureModel) {
   // Equal widths: the policy is the plain codec, to the bit.
   EXPECT_EQ(ppl("a2:int4/int4:g16:w4:avg4"), ppl("int4:g16:tok"));
   EXPECT_EQ(ppl("recency:int3/int3:g8:avg3"), ppl("int3:g8:tok"));
+  EXPECT_EQ(ppl("a2e:int3/int3:g16:w4:avg3"), ppl("int3:g16:tok"));
   // Decode order in chunks (the whole window in one forward) is token-by-token decode exactly.
-  const double decode = ppl("a2:int2/int4:g16:w4:avg3");
+  const std::vector<std::string> chunked = {
+      "a2:int2/int4:g16:w4:avg3", "a2:int2/int3/int4:g16:w4:avg2.5",
+      "a2e:int2/int3/int4:g16:w4:avg3", "a2:int2/int3/int4:g16:w4:avg3:ramp"};
+  std::vector<double> decode;
+  for (const std::string& policy : chunked) decode.push_back(ppl(policy));
   o.mode = PerplexityMode::DecodeBatched;
-  EXPECT_EQ(ppl("a2:int2/int4:g16:w4:avg3"), decode);
+  for (size_t i = 0; i < chunked.size(); ++i) EXPECT_EQ(ppl(chunked[i]), decode[i]) << chunked[i];
 }
 
 }  // namespace

@@ -251,7 +251,7 @@ void add_eval_kv_command(CLI::App& eval) {
       "kv",
       "The K-only decode-perplexity grid of the HeadQ paper: dense, int2/3/4 per-token and "
       "per-channel keys, HeadQ ranks, controls, same-budget plain quantizers, value bit policies "
-      "(uniform, recency, A1, A2), full-KV 2-bit");
+      "(uniform, recency, A1, A2, three widths, readout-error A2E), full-KV 2-bit");
   cmd->add_option("model", flags->model, "Hugging Face directory, .gguf file, or 'default'")
       ->required();
   cmd->add_option("--tokens,-n", flags->tokens,

@@ -20,16 +20,26 @@ namespace {
 constexpr int64_t kChanGroup = 32;    // KIVI's key group along tokens
 constexpr int64_t kChanWindow = 128;  // KIVI's full-precision residual
 constexpr int kKeyBits[] = {2, 3, 4};
-// Value policies: int2/int4 per-token codes, the newest 64 tokens at int4, on average 3 code bits
-// (the same bits as int3) for the value rows and 2.5 for the full-KV composition.
+// Value policies: int2/int4 (or int2/int3/int4) per-token codes, the newest 64 tokens at int4, on
+// average 3 code bits (the same bits as int3) or 2.5 (the same bits as int2:g32 at d = 64).
 constexpr int64_t kValueWindow = 64;
 constexpr const char* kValueRules[] = {"recency", "a1", "a2"};
+// The readout-error policies: {row name suffix, rule, widths}.
+struct FinerValuePolicy {
+  const char* name;
+  const char* rule;
+  const char* widths;
+};
+constexpr FinerValuePolicy kFinerValuePolicies[] = {{"a2-3lvl", "a2", "int2/int3/int4"},
+                                                    {"a2e", "a2e", "int2/int4"},
+                                                    {"a2e-3lvl", "a2e", "int2/int3/int4"}};
 
 // "a2:int2/int4:g64:w64:avg3" (kv/value_policy_spec.h); uniform gives the plain codec
 // ("int3:g64:tok").
-ValueCodecSpec value_policy(const std::string& rule, int64_t group, const std::string& average) {
+ValueCodecSpec value_policy(const std::string& rule, int64_t group, const std::string& average,
+                            const std::string& widths = "int2/int4") {
   const std::string window = rule == "uniform" ? "" : str_cat(":w", kValueWindow);
-  return parse_value_codec_spec(str_cat(rule, ":int2/int4:g", group, window, ":avg", average));
+  return parse_value_codec_spec(str_cat(rule, ":", widths, ":g", group, window, ":avg", average));
 }
 
 CodecSpec plain_spec(int bits, CodecSpec::Axis axis, int64_t head_dim) {
@@ -171,12 +181,57 @@ std::vector<KvGridRow> kv_grid_rows(int64_t head_dim, const KvGridSpec& spec) {
                     value_policy(rule, value_group, "3"), "",
                     str_cat("values only, 3 bits on average: ", rule, " policy, int2/int4, newest ",
                             kValueWindow, " at int4")});
-  // Full KV at 2 bits: plain int2 values, then HeadQ keys with plain int2 values, with the A²
-  // policy at 2.5 code bits on average, and with the plain codec of the same bits per value.
+  const auto finer_rows = [&](const std::string& average) {
+    for (const FinerValuePolicy& p : kFinerValuePolicies)
+      rows.push_back({str_cat("v", average, "-", p.name), KvGridRowKind::ValuePolicy, f32_keys,
+                      value_policy(p.rule, value_group, average, p.widths), "",
+                      str_cat("values only, ", average, " bits on average: ", p.rule, " policy, ",
+                              p.widths, ", newest ", kValueWindow, " at int4")});
+  };
+  finer_rows("3");
+  // Variants of the A² policies: the window that grows with the budget (:ramp), and the
+  // fromfloat controls, demotions re-quantizing the float values (held uncounted), which
+  // separate the choice of widths from the cost of repeated rounding.
+  const auto variant_rows = [&](const std::string& average, const std::string& variant) {
+    const auto add = [&](const std::string& name, const std::string& rule,
+                         const std::string& widths) {
+      ValueCodecSpec values = value_policy(rule, value_group, average, widths);
+      const bool ramp = variant == "ramp";
+      (ramp ? values.codec.policy->ramp : values.codec.policy->from_float) = true;
+      rows.push_back(
+          {str_cat("v", average, "-", name, "-", variant), KvGridRowKind::ValuePolicy, f32_keys,
+           values, "",
+           str_cat(ramp ? "" : "control, ", "values only, ", average, " bits on average: ", rule,
+                   " policy, ", widths,
+                   ramp ? str_cat(", the newest min(", kValueWindow, ", half the budget) at int4")
+                        : ", demotions from the float values (held, not counted)")});
+    };
+    add("a2", "a2", "int2/int4");
+    for (const FinerValuePolicy& p : kFinerValuePolicies) add(p.name, p.rule, p.widths);
+  };
+  variant_rows("3", "fromfloat");
+  variant_rows("3", "ramp");
+  // The same at 2.5 code bits, beside the plain codec of the same bits per value and the
+  // two-width A² policy.
   const ValueCodecSpec a2_values = value_policy("a2", value_group, "2.5");
   const double a2_bits = codec_bits(a2_values.codec, head_dim).bits_per_vector;
   const std::optional<CodecSpec> same_bits_values =
       same_budget_codec(int2_values.codec, a2_bits, head_dim);
+  // (At small head dimensions that may be int2:g<Gt>:tok itself, v-int2's codec: no second row.)
+  if (same_bits_values && same_bits_values->text() != int2_values.text())
+    rows.push_back(
+        {"v2.5-plain", KvGridRowKind::ValuePolicy, f32_keys, value_codec_spec(*same_bits_values),
+         "",
+         str_cat("values only: the plain per-token codec of the most bits per value "
+                 "not above the 2.5-bit policies' (",
+                 codec_bits(*same_bits_values, head_dim).bits_per_vector, " of ", a2_bits, ")")});
+  rows.push_back({"v2.5-a2", KvGridRowKind::ValuePolicy, f32_keys, a2_values, "",
+                  str_cat("values only, 2.5 bits on average: a2 policy, int2/int4, newest ",
+                          kValueWindow, " at int4")});
+  finer_rows("2.5");
+  variant_rows("2.5", "ramp");
+  // Full KV at 2 bits: plain int2 values, then HeadQ keys with plain int2 values, with the A²
+  // policy at 2.5 code bits on average, and with the plain codec of the same bits per value.
   for (CodecSpec::Axis axis : axes) {
     const CodecSpec base = plain_spec(2, axis, head_dim);
     const std::string name = str_cat("kv2-", axis_name(axis));

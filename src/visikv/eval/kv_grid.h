@@ -31,6 +31,23 @@
 //   v3-a2                       int2/int4 with the newest 64 tokens at int4, keeping the newest
 //                               tokens, the largest attention mass A¹, or the largest A² w_j
 //                               high: <rule>:int2/int4:g<Gt>:w64:avg3
+//   v3-a2-3lvl                  values only at 3 code bits on average, the readout-error
+//   v3-a2e                      policies: A² weight times a modelled error drop over
+//   v3-a2e-3lvl                 int2/int3/int4, A² weight times each token's measured error drop
+//                               over int2/int4 and over int2/int3/int4 (newest 64 at int4)
+//   v3-<policy>-fromfloat       controls for v3-a2 and the three rows above: the same policy with
+//                               demotions re-quantizing the float values, held beside the codes
+//                               and not counted (<spec>:fromfloat), which measures what the
+//                               repeated rounding of demoted tokens costs
+//   v<A>-<policy>-ramp          for A = 3 and 2.5: v<A>-a2 and the three rows above with the
+//                               window growing with the budget (<spec>:ramp): the newest
+//                               min(64, half the budget's steps / K) tokens at int4
+//   v2.5-plain                  values only at 2.5 code bits on average (d·(2.5 + 32/Gt) bits,
+//   v2.5-a2                     192 at d = 64): the plain per-token codec of the most bits not
+//   v2.5-a2-3lvl                above it (int2:g32:tok at d = 64; absent when that is v-int2's
+//                               codec), the two-width A² policy, and
+//   v2.5-a2e                    the three readout-error policies above at that budget
+//   v2.5-a2e-3lvl
 //   kv2-<axis>                  full KV at 2 bits: the 2-bit key row with int2:g<Gt>:tok values
 //   kv2-<axis>+hq-r<c>          the same with HeadQ keys at the control rank
 //   kv2-<axis>+hq-r<c>+a2       HeadQ keys with A² values a2:int2/int4:g<Gt>:w64:avg2.5 (d·(2.5 +

@@ -154,8 +154,11 @@ std::string HeadqSpec::text() const {
 
 std::string CodecSpec::text() const {
   if (policy)
-    return str_cat(policy->rule_name(), ":int", bits, "/int", policy->high_bits, ":g", group, ":w",
-                   policy->window, ":", policy->average_text());
+    return str_cat(policy->rule_name(), ":int", bits,
+                   policy->middle_bits ? str_cat("/int", policy->middle_bits) : "", "/int",
+                   policy->high_bits, ":g", group, ":w", policy->window, ":",
+                   policy->average_text(), policy->ramp ? ":ramp" : "",
+                   policy->from_float ? ":fromfloat" : "");
   std::string out;
   if (kind == Kind::QBasis) {
     out = str_cat("qbasis:", qbasis->budget_text(), ":g", group,
@@ -327,10 +330,11 @@ int64_t codec_stored_bits(const CodecSpec& spec, int64_t head_dim, int64_t token
   check_codec_fits(spec, head_dim);
   if (spec.is_dense()) return tokens * head_dim * (spec.dense == DenseFormat::F32 ? 32 : 16);
   if (spec.policy) {
-    const int64_t high = spec.policy->high_tokens(tokens, spec.bits);
+    // Every token at L bits with its scales and zeros, plus the steps the budget holds above L.
     const int64_t scale_zero = head_dim / spec.group * static_cast<int64_t>(kScaleZeroBits);
-    return high * (head_dim * spec.policy->high_bits + scale_zero) +
-           (tokens - high) * (head_dim * spec.bits + scale_zero);
+    return tokens * (head_dim * spec.bits + scale_zero) +
+           spec.policy->raised_steps(tokens, spec.bits) * head_dim *
+               spec.policy->step_bits(spec.bits);
   }
   const int64_t quantized = quantized_tokens(spec, tokens);
   if (spec.is_qbasis())
@@ -347,7 +351,14 @@ std::string describe_codec(const CodecSpec& spec, int64_t head_dim) {
   std::string out = str_cat(spec.text(), " (", format_number(bits.bits_per_element), " bits/elt");
   if (spec.policy)
     out += str_cat(" on average; ", spec.policy->rule_name(), " keeps int", spec.policy->high_bits,
-                   " for the newest ", spec.policy->window, " tokens and a share of the rest");
+                   " for the newest ", spec.policy->window, " tokens and a share of the rest",
+                   spec.policy->middle_bits ? str_cat(" at int", spec.policy->middle_bits,
+                                                      " or int", spec.policy->high_bits)
+                                            : "",
+                   spec.policy->from_float
+                       ? "; control: demotions re-quantize the float values, held beside the "
+                         "codes and not counted"
+                       : "");
   if (spec.headq)
     out += str_cat(", ", format_number(bits.bits_per_vector), " bits/key incl. ",
                    format_number(bits.side_bits_per_vector), " side");

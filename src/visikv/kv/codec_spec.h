@@ -87,8 +87,9 @@ struct CodecSpec {
   std::optional<QBasisSpec> qbasis;      // Kind::QBasis (keys only)
   bool hadamard = false;
   std::optional<HeadqSpec> headq;  // Kind::Int keys only
-  // Kind::Int values only: per-token groups whose tokens are held at `bits` (L) or
-  // policy->high_bits (H) bits (kv/value_policy.h). No window (`window` is 0) and no rotation.
+  // Kind::Int values only: per-token groups whose tokens are held at `bits` (L),
+  // policy->middle_bits (M, when set) or policy->high_bits (H) bits (kv/value_policy.h). No window
+  // (`window` is 0) and no rotation.
   std::optional<ValuePolicySpec> policy;
 
   bool is_dense() const { return kind == Kind::Dense; }
