@@ -205,6 +205,13 @@ void expect_identical(const Agreement& a, int64_t max_calls) {
 
 const std::string& kText = test_support::kEnglishText;
 
+// The default model's file, or a failure saying where it should be.
+void expect_default_model() {
+  const auto path = Model::default_model_path();
+  ASSERT_TRUE(std::filesystem::exists(path))
+      << "the default model is missing at " << path << ": run scripts/setup.sh";
+}
+
 TEST(DecodeBatched, AgreesWithTokenByTokenOnTheFixture) {
   const Model llama = Model::load(std::string(VISIKV_FIXTURES) + "/models/llama");
   Decoder decoder(llama);
@@ -234,9 +241,7 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheFixture) {
 }
 
 TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
-  const auto path = Model::default_model_path();
-  ASSERT_TRUE(std::filesystem::exists(path))
-      << "the default model is missing at " << path << ": run scripts/setup.sh";
+  ASSERT_NO_FATAL_FAILURE(expect_default_model());
   const Model model = Model::load("default");
   Decoder decoder(model);
   ASSERT_EQ(decoder.cache_shape().head_dim, 64);
@@ -336,9 +341,7 @@ void expect_passes_equal_one_pass(Decoder& decoder, const std::vector<int32_t>& 
 // The default model (block weights): exact products and f32 keys, every row (the other row kinds,
 // roundings and caches on the fixture and in the weight-kernel tests, which are cheaper).
 TEST(ForwardPasses, LongInputsEqualOnePassOnTheDefaultModel) {
-  const auto path = Model::default_model_path();
-  ASSERT_TRUE(std::filesystem::exists(path))
-      << "the default model is missing at " << path << ": run scripts/setup.sh";
+  ASSERT_NO_FATAL_FAILURE(expect_default_model());
   const Model model = Model::load("default");
   Decoder decoder(model);
   const std::vector<int32_t> text = leading_tokens(

@@ -106,17 +106,16 @@ bool Decoder::passes_equal_one_pass(const KVCache& cache, const AttentionOptions
   if (attention.support != nullptr || attention.observer != nullptr || cache.records_attention())
     return false;
   if (decode_order_chunk(cache) < tokens) return false;
-  // Float weights go through sgemm over many tokens (matmul.cpp) unless the rounding is per
-  // token, and sgemm's sums depend on the token count; block weights' do not.
-  if (rounding_ == ProductRounding::PerToken) return true;
-  const auto block = [](const Linear& l) { return dtype_info(l.weight.dtype).block_elements > 1; };
+  const auto invariant = [&](const Linear& l) {
+    return sums_independent_of_token_count(l, rounding_);
+  };
   const Weights& w = model_.weights();
-  if (!block(w.lm_head)) return false;
-  for (const LayerWeights& layer : w.layers)
+  if (!invariant(w.lm_head)) return false;
+  for (const LayerWeights& layer : w.layers) {
     for (const Linear* l : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.up, &layer.down})
-      if (!block(*l)) return false;
-  for (const LayerWeights& layer : w.layers)
-    if (layer.gate && !block(*layer.gate)) return false;
+      if (!invariant(*l)) return false;
+    if (layer.gate && !invariant(*layer.gate)) return false;
+  }
   return true;
 }
 

@@ -50,6 +50,10 @@ bool is_block_type(DType type) { return dtype_info(type).block_elements > 1; }
 
 }  // namespace
 
+bool sums_independent_of_token_count(const Linear& layer, ProductRounding rounding) {
+  return rounding == ProductRounding::PerToken || is_block_type(layer.weight.dtype);
+}
+
 float dot_stored_row(DType type, const std::byte* row, const float* x, int64_t n) {
   float y = 0;
   dot_row_tokens(type, row, n, x, n, 1, &y, 1);
@@ -101,7 +105,8 @@ void linear_forward_gemm(const Linear& layer, std::span<const float> x, int64_t 
 void linear_forward(std::span<const LinearProduct> products, std::span<const float> x,
                     int64_t tokens, ProductRounding rounding) {
   for (const LinearProduct& p : products) check_buffers(*p.layer, x, tokens, p.y);
-  // sgemm only where it is both allowed and faster (float weights; see is_block_type).
+  // sgemm only where it is both allowed and faster (float weights; see is_block_type), the one
+  // case sums_independent_of_token_count excludes.
   std::vector<LinearProduct> row_products;
   const bool int8 = rounding == ProductRounding::QuantizedActivations;
   const bool int16 = rounding == ProductRounding::QuantizedActivations16;
@@ -109,7 +114,7 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   for (const LinearProduct& p : products) {
     const bool block_type = is_block_type(p.layer->weight.dtype);
     any_quantized |= block_type && (int8 || int16);
-    if (rounding != ProductRounding::PerToken && tokens >= kGemmMinTokens && !block_type)
+    if (!sums_independent_of_token_count(*p.layer, rounding) && tokens >= kGemmMinTokens)
       linear_forward_gemm(*p.layer, x, tokens, p.y);
     else
       row_products.push_back(p);
@@ -126,8 +131,9 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // The calling thread's buffers, which the parallel region below reads (its other threads have
   // their own, empty, thread_local ones).
   Int16Activations* const int16_buffers = x_int16;
-  const auto int16_buffer = [int16_buffers](DType type) -> Int16Activations& {
-    return int16_buffers[int16_activation_block(type) == 32 ? 0 : 1];
+  const auto int16_index = [](DType type) { return int16_activation_block(type) == 32 ? 0 : 1; };
+  const auto int16_buffer = [&](DType type) -> Int16Activations& {
+    return int16_buffers[int16_index(type)];
   };
   if (any_quantized) {
     const int64_t in = row_products[0].layer->in_features();
@@ -137,10 +143,9 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       bool done[2] = {false, false};
       for (const LinearProduct& p : row_products) {
         const DType type = p.layer->weight.dtype;
-        if (!is_block_type(type)) continue;
-        const int64_t block = int16_activation_block(type);
-        if (std::exchange(done[block == 32 ? 0 : 1], true)) continue;
-        quantize_activations(x.data(), tokens, in, int16_buffer(type), block);
+        if (!is_block_type(type) || std::exchange(done[int16_index(type)], true)) continue;
+        quantize_activations(x.data(), tokens, in, int16_buffer(type),
+                             int16_activation_block(type));
       }
     }
   }

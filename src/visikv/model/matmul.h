@@ -45,6 +45,11 @@ ProductRounding numerics_rounding(std::string_view name);
 void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,
                     std::span<float> y, ProductRounding rounding = ProductRounding::Fastest);
 
+// Whether linear_forward gives each token of a call the bits it gives that token in a call over
+// any other tokens: block weights always, float weights only with ProductRounding::PerToken (the
+// other roundings take many tokens through sgemm, whose sums depend on the token count).
+bool sums_independent_of_token_count(const Linear& layer, ProductRounding rounding);
+
 // Several products of the same input (q/k/v, gate/up): one fork/join of the worker threads.
 struct LinearProduct {
   const Linear* layer;
