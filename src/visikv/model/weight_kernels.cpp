@@ -413,6 +413,12 @@ HWY_INLINE float Reduce(const VF* acc) {
 // the block being read (rows are contiguous, so this runs into the next row) doubled decode speed
 // of the default model on one core; 1-8 KB ahead measured alike.
 constexpr int64_t kPrefetchBytes = 4096;
+// Every cache line of the `bytes` bytes at `p`, kPrefetchBytes ahead. Blocks larger than a line
+// (the super-block types: 144-210 bytes) need one prefetch per line: with one per block, half
+// their lines arrived only on demand, and one-thread decode of a Q4_K model waited on them.
+HWY_INLINE void PrefetchAhead(const uint8_t* p, int bytes) {
+  for (int offset = 0; offset < bytes; offset += 64) hwy::Prefetch(p + kPrefetchBytes + offset);
+}
 
 // kRows rows (row_bytes apart) times kTokens tokens: acc[r][t] holds row r's sums for token t, in
 // the same order for every r, so each output is the one-row kernel's. Several rows at once give
@@ -429,7 +435,7 @@ void DotTokens(const uint8_t* row, int64_t row_bytes, int64_t units, const float
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
     for (int r = 0; r < kRows; ++r) {
       const uint8_t* block = row + r * row_bytes + b * Format::kBytes;
-      hwy::Prefetch(block + kPrefetchBytes);
+      PrefetchAhead(block, Format::kBytes);
       const typename Format::Scales scales = Format::Prepare(block);
       ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
         VF w[kVectors];
@@ -753,6 +759,20 @@ inline __m256i ShiftMask256(__m256i bytes, int mask) {
 inline __m256i Load256(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
+#if HWY_TARGET == HWY_AVX3_DL
+// acc + the 256-bit VNNI dot product of unsigned with signed bytes, in its EVEX (AVX-512 VNNI)
+// encoding. Highway 1.0's AVX3_DL target also enables the VEX "avxvnni" feature, and compilers
+// then emit the shorter VEX form of _mm256_dpbusd_epi32, an illegal instruction on CPUs with
+// AVX-512 VNNI but without AVX-VNNI (AMD Zen 4).
+inline __m256i DotBytes256(__m256i acc, __m256i u8, __m256i s8) {
+#if defined(__GNUC__) || defined(__clang__)
+  asm("%{evex%} vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+#else
+  return _mm256_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+#endif
 #else
 #define VISIKV_X86_INT8 0
 #endif
@@ -1024,7 +1044,7 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
 #endif
   for (int64_t b = 0; b < units / kUnitsPerBlock; ++b) {
     const uint8_t* block = row + b * Format::kBytes;
-    hwy::Prefetch(block + kPrefetchBytes);
+    PrefetchAhead(block, Format::kBytes);
     const typename Format::Scales s = Format::Prepare(block);
 #if VISIKV_X86_INT8 && HWY_TARGET == HWY_AVX3_DL
     if constexpr (kPairs) {
@@ -1061,7 +1081,7 @@ void DotInt8Tokens(const uint8_t* row, int64_t units, const Int8Activations& x, 
           __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes[t] + u * kUnit));
           if constexpr (Format::kSigned) xq = _mm256_sign_epi8(xq, w);
 #if HWY_TARGET == HWY_AVX3_DL
-          const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), w_unsigned, xq);
+          const __m256i sums = DotBytes256(_mm256_setzero_si256(), w_unsigned, xq);
 #else
         const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_unsigned, xq), ones);
 #endif
@@ -1216,7 +1236,7 @@ void DotInt16Pairs(const uint8_t* row, int64_t row_bytes, int64_t units, const I
     for (int r = 0; r < kRows; ++r) {
       const uint8_t* block_a = row + r * row_bytes + b * Format::kBytes;
       const uint8_t* block_b = single ? block_a : block_a + Format::kBytes;
-      hwy::Prefetch(block_a + kPrefetchBytes);
+      PrefetchAhead(block_a, (single ? 1 : 2) * Format::kBytes);
       PairCodes<Format>(block_a, block_b, low[r], high[r]);
       if constexpr (requires { Format::kNibbleBytes; }) {
         // Q4_0/Q4_1: both blocks' fp16 d (and m) converted at once, [d_a, m_a, d_b, m_b]
@@ -1295,7 +1315,7 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
     typename Format::Scales s[kRows];
     for (int r = 0; r < kRows; ++r) {
       blocks[r] = row + r * row_bytes + b * Format::kBytes;
-      hwy::Prefetch(blocks[r] + kPrefetchBytes);
+      PrefetchAhead(blocks[r], Format::kBytes);
       s[r] = Format::Prepare(blocks[r]);
     }
     ForEachUnit(
@@ -1452,7 +1472,7 @@ void DotInt16Super(const uint8_t* row, int64_t row_bytes, const Int16Activations
     SuperScales s[kRows];
     for (int r = 0; r < kRows; ++r) {
       blocks[r] = row + r * row_bytes + b * Format::kBytes;
-      hwy::Prefetch(blocks[r] + kPrefetchBytes);
+      PrefetchAhead(blocks[r], Format::kBytes);
       s[r] = Format::PrepareSuper(blocks[r]);
     }
     SuperBlockStep<kRows, kTokens, Format>(
