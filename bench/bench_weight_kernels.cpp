@@ -6,7 +6,8 @@
 //   Product/<type>/<tokens>       a 1536 x 1536 matrix of random blocks (the 1.5B benchmark
 //                                 model's attention width) times `tokens` tokens, as linear_forward
 //                                 computes it on one thread: 1 token is decode (the row kernel),
-//                                 64 tokens prefill (the cache-blocked product)
+//                                 64 tokens prefill (the cache-blocked product); exact products,
+//                                 and with the _int16 suffix the int16 numerics
 // Counters: gmac_per_s (multiply-adds per second), and for FmaPeak the lanes per instruction.
 // The exact products multiply every weight into float32 accumulators, so gmac_per_s / (peak
 // instructions per second x lanes) is the fraction of the float floor a product reaches.
@@ -95,7 +96,7 @@ std::vector<std::byte> random_blocks(DType type, int64_t rows, int64_t columns) 
   return data;
 }
 
-void Product(benchmark::State& state, DType type) {
+void Product(benchmark::State& state, DType type, ProductRounding rounding) {
   constexpr int64_t kWidth = 1536;
   const int64_t tokens = state.range(0);
   const std::vector<std::byte> weights = random_blocks(type, kWidth, kWidth);
@@ -109,7 +110,7 @@ void Product(benchmark::State& state, DType type) {
   std::normal_distribution<float> normal;
   for (float& v : x) v = normal(rng);
   for (auto _ : state) {
-    linear_forward(layer, x, tokens, y, ProductRounding::PerToken);
+    linear_forward(layer, x, tokens, y, rounding);
     benchmark::DoNotOptimize(y.data());
   }
   state.counters["gmac_per_s"] =
@@ -120,11 +121,17 @@ void Product(benchmark::State& state, DType type) {
 void ProductArguments(benchmark::internal::Benchmark* b) {
   b->Arg(1)->Arg(64)->Unit(benchmark::kMillisecond);
 }
-BENCHMARK_CAPTURE(Product, Q4_0, DType::Q4_0)->Apply(ProductArguments);
-BENCHMARK_CAPTURE(Product, Q4_1, DType::Q4_1)->Apply(ProductArguments);
-BENCHMARK_CAPTURE(Product, Q8_0, DType::Q8_0)->Apply(ProductArguments);
-BENCHMARK_CAPTURE(Product, Q4_K, DType::Q4_K)->Apply(ProductArguments);
-BENCHMARK_CAPTURE(Product, Q6_K, DType::Q6_K)->Apply(ProductArguments);
+constexpr ProductRounding kExact = ProductRounding::PerToken;
+constexpr ProductRounding kInt16 = ProductRounding::QuantizedActivations16;
+BENCHMARK_CAPTURE(Product, Q4_0, DType::Q4_0, kExact)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q4_1, DType::Q4_1, kExact)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q8_0, DType::Q8_0, kExact)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q4_K, DType::Q4_K, kExact)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q6_K, DType::Q6_K, kExact)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q4_1_int16, DType::Q4_1, kInt16)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q8_0_int16, DType::Q8_0, kInt16)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q4_K_int16, DType::Q4_K, kInt16)->Apply(ProductArguments);
+BENCHMARK_CAPTURE(Product, Q6_K_int16, DType::Q6_K, kInt16)->Apply(ProductArguments);
 
 }  // namespace
 

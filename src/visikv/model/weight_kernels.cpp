@@ -295,17 +295,20 @@ struct ScalesK4 {
 // (scales 0-7, then mins 0-7); profiles showed the byte-by-byte unpacking taking as long as the
 // products themselves on Q4_K models. The products d * scale and dmin * min are exact in float32
 // (an 11-bit significand times a 6-bit integer), so the order of the unpacking cannot change them.
-HWY_INLINE void ScaleMinBytesK4(const uint8_t* packed, uint8_t* bytes) {
+struct ScaleMinWords {
+  uint32_t scales[2], mins[2];  // bytes 0-3 and 4-7 of each
+};
+HWY_INLINE ScaleMinWords ScaleMinWordsK4(const uint8_t* packed) {
   uint32_t word[3];
   std::memcpy(word, packed, sizeof(word));
   constexpr uint32_t kLow6 = 0x3F3F3F3F, kLow4 = 0x0F0F0F0F, kLow2 = 0x03030303;
-  const uint32_t out[4] = {
-      word[0] & kLow6,                                             // scales 0-3
-      (word[2] & kLow4) | (((word[0] >> 6) & kLow2) << 4),         // scales 4-7
-      word[1] & kLow6,                                             // mins 0-3
-      ((word[2] >> 4) & kLow4) | (((word[1] >> 6) & kLow2) << 4),  // mins 4-7
-  };
-  std::memcpy(bytes, out, sizeof(out));
+  return {{word[0] & kLow6, (word[2] & kLow4) | (((word[0] >> 6) & kLow2) << 4)},
+          {word[1] & kLow6, ((word[2] >> 4) & kLow4) | (((word[1] >> 6) & kLow2) << 4)}};
+}
+HWY_INLINE void ScaleMinBytesK4(const uint8_t* packed, uint8_t* bytes) {
+  const ScaleMinWords words = ScaleMinWordsK4(packed);
+  std::memcpy(bytes, words.scales, sizeof(words.scales));
+  std::memcpy(bytes + 8, words.mins, sizeof(words.mins));
 }
 
 HWY_INLINE ScalesK4 PrepareK4(const uint8_t* block) {
@@ -857,9 +860,15 @@ struct Q5Codes {
 // `unit`'s 32 values of scale_g * code_j as kVectors16 vectors.
 struct SuperScales {
   float d;
-  HWY_ALIGN float offsets[16];  // Q4_K/Q5_K: -dmin * min of each group of 16 (0 for Q6_K)
-  int16_t group_scale[16];      // scale_g
+  HWY_ALIGN float offsets[16];  // Q4_K/Q5_K: -dmin * min of each group of 16 (unused for Q6_K)
+  int8_t group_scale[16];       // scale_g
 };
+
+// The bytes b0 b1 of a 16-bit value as b0 b0 b1 b1: the K4 scales and mins (one per 32 values) as
+// one per group of 16.
+constexpr uint32_t SpreadPairs(uint32_t low16) {
+  return ((low16 | (low16 << 8)) & 0x00FF00FF) * 0x0101;
+}
 
 #if VISIKV_SUPER_VECTORS
 // kLanes16 bytes as 16-bit lanes.
@@ -890,15 +899,25 @@ struct QK45Codes {
   static constexpr int kCodeOffset = 0;        // what Codes() gives is code_j + kCodeOffset
   static constexpr bool kSuperOffsets = true;  // SuperScales::offsets are used
   static SuperScales PrepareSuper(const uint8_t* block) {
+    // Decode unpacks every block once per token, so this runs as often as the products: in
+    // vectors and whole words rather than 16 scalar conversions (which took most of decode's
+    // instructions).
     SuperScales s;
-    HWY_ALIGN uint8_t bytes[16];
-    ScaleMinBytesK4(block + 4, bytes);
+    const ScaleMinWords words = ScaleMinWordsK4(block + 4);
     s.d = LoadHalf(block);
-    const float dmin = LoadHalf(block + 2);
-    for (int g = 0; g < 16; ++g) {
-      s.group_scale[g] = bytes[g / 2];
-      s.offsets[g] = -(dmin * static_cast<float>(bytes[8 + g / 2]));  // exact in float32
-    }
+    const uint32_t scales[4] = {
+        SpreadPairs(words.scales[0] & 0xFFFF), SpreadPairs(words.scales[0] >> 16),
+        SpreadPairs(words.scales[1] & 0xFFFF), SpreadPairs(words.scales[1] >> 16)};
+    std::memcpy(s.group_scale, scales, sizeof(scales));
+    // offsets[g] = -dmin * min_{g / 2}, exact in float32. The spread mins are written as one
+    // 16-byte store and read back by loads within it (a load spanning two stores stalls).
+    HWY_ALIGN const uint32_t mins[4] = {
+        SpreadPairs(words.mins[0] & 0xFFFF), SpreadPairs(words.mins[0] >> 16),
+        SpreadPairs(words.mins[1] & 0xFFFF), SpreadPairs(words.mins[1] >> 16)};
+    const VF neg_dmin = hn::Set(DF(), -LoadHalf(block + 2));
+    for (int g = 0; g < 16; g += kLanes)
+      hn::Store(hn::Mul(neg_dmin, ToFloat(Bytes(reinterpret_cast<const uint8_t*>(mins) + g))), DF(),
+                s.offsets + g);
     return s;
   }
 #if VISIKV_SUPER_VECTORS
@@ -957,7 +976,7 @@ struct Q6_KCodes {
     SuperScales s;
     s.d = LoadHalf(block + 208);
     const auto* sc = reinterpret_cast<const int8_t*>(block + 192);
-    for (int g = 0; g < 16; ++g) s.group_scale[g] = sc[g], s.offsets[g] = 0.0f;
+    std::memcpy(s.group_scale, sc, sizeof(s.group_scale));
     return s;
   }
 #if VISIKV_SUPER_VECTORS
