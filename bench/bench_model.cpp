@@ -6,11 +6,13 @@
 //   decode steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md without a query
 //   frame, dense by default (the prefill before them is dense))
 // Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
-// N-token prefill (the prefill is not timed); tokens_per_s counts the 32.
+// N-token prefill (the prefill is not timed); tokens_per_s counts the 32. peak_rss_mib: the
+// process's peak resident memory when the benchmark ended.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
@@ -76,6 +78,16 @@ Decoder make_bench_decoder(const Model& model) {
 
 void discard(int64_t, int64_t, std::span<const float>) {}
 
+// This process's peak resident memory so far (VmHWM of /proc/self/status), in MiB; 0 where the
+// system has no such file. Read here rather than from wait4 by the caller: a child's ru_maxrss
+// starts from its parent's peak (kept across exec), so a large parent hides a smaller child.
+double peak_rss_mib() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);)
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  return 0;
+}
+
 // Whether `positions` positions fit the model's context (16384 is for the 1.5B model; the default
 // model holds 8192); reports a skipped benchmark otherwise.
 bool fits_context(benchmark::State& state, const Model& model, int64_t positions) {
@@ -98,6 +110,7 @@ void Prefill(benchmark::State& state) {
   }
   state.counters["tokens_per_s"] =
       benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_rss_mib"] = peak_rss_mib();
 }
 
 void Decode(benchmark::State& state) {
@@ -126,6 +139,7 @@ void Decode(benchmark::State& state) {
   if (support_count > 0) state.counters["support"] = support_sum / support_count;
   state.counters["tokens_per_s"] = benchmark::Counter(
       static_cast<double>(kDecodeSteps), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_rss_mib"] = peak_rss_mib();
 }
 
 // One iteration per repetition: each decode iteration needs its own (untimed) prefill.

@@ -16,9 +16,11 @@ int8:g32:tok: scale and zero, 9 bits); q4_0 (llama.cpp q4_0, 4.5 bits; visikv in
 bits). llama.cpp runs with flash attention off and on and its faster setting counts (a quantized
 V cache needs it on).
 Each engine runs every context in a process of its own, and the peak resident memory of that
-process (the kernel's maximum RSS, from wait4) is reported beside its speed: for llama.cpp the
-process is a Python interpreter running llama-cpp-python, whose own peak with llama_cpp imported
-and no model loaded is measured the same way and subtracted (the column says so).
+process (VmHWM, which the process reads from /proc/self/status as it ends: wait4's ru_maxrss
+would start from this script's own peak, which a child keeps across exec) is reported beside its
+speed: for llama.cpp the process is a Python interpreter running llama-cpp-python, whose own peak
+with llama_cpp imported and no model loaded is measured the same way and subtracted (the column
+says so).
 The table prints tokens/s, peak RSS and visikv/llama.cpp ratios.
 """
 import argparse
@@ -41,16 +43,19 @@ KV_CACHES = {"f16": ("f16", "GGML_TYPE_F16"), "q8_0": ("int8:g32:tok", "GGML_TYP
 
 
 def run_measured(command, env=None):
-    """Runs `command`; returns its standard output and its peak resident memory in bytes."""
-    with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            sys.exit(f"{command[0]} failed ({proc.returncode}): {err.read()[-2000:]}")
-        return out.read(), usage.ru_maxrss * 1024  # Linux reports kilobytes
+    """Runs `command`; returns its standard output."""
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{command[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def own_peak_rss():
+    """This process's peak resident memory in bytes (VmHWM; its own, not its parent's)."""
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def visikv_figures(binary, model, threads, contexts, repetitions, cache_spec, numerics):
@@ -60,12 +65,13 @@ def visikv_figures(binary, model, threads, contexts, repetitions, cache_spec, nu
                VISIKV_BENCH_NUMERICS=numerics)
     runs, peaks = {}, {}
     for n in contexts:
-        out, peaks[n] = run_measured(
+        out = run_measured(
             [str(binary), f"--benchmark_filter=(Prefill|Decode)/{n}/", "--benchmark_format=json",
              f"--benchmark_repetitions={repetitions}"], env)
         for b in json.loads(out)["benchmarks"]:
             if b.get("run_type") != "iteration":
                 continue
+            peaks[n] = max(peaks.get(n, 0), int(b["peak_rss_mib"] * (1 << 20)))
             kind, _ = b["run_name"].split("/")[:2]
             runs.setdefault((kind.lower(), n), []).append(b["tokens_per_s"])
     return {key: median(values) for key, values in runs.items()}, peaks
@@ -80,14 +86,14 @@ def llamacpp_figures(model, threads, contexts, tokens, repetitions, cache_type):
     """The faster of flash attention off and on, per phase and context, and the peak RSS of the
     faster setting's process (decode's) less the interpreter's own, per context."""
     quantized = cache_type != "GGML_TYPE_F16"
-    _, baseline = run_measured([sys.executable, __file__, "--llamacpp-baseline"])
+    baseline = int(run_measured([sys.executable, __file__, "--llamacpp-baseline"]))
     figures, peaks, best_decode = {}, {}, {}
     with tempfile.NamedTemporaryFile("w", suffix=".json") as token_file:
         json.dump(tokens, token_file)
         token_file.flush()
         for flash in ([True] if quantized else [False, True]):
             for n in contexts:
-                out, peak = run_measured(
+                out = run_measured(
                     [sys.executable, __file__, "--llamacpp-worker", "--model", str(model),
                      "--threads", str(threads), "--contexts", str(n), "--repetitions",
                      str(repetitions), "--cache-type", cache_type, "--flash", str(int(flash)),
@@ -96,7 +102,7 @@ def llamacpp_figures(model, threads, contexts, tokens, repetitions, cache_type):
                 for kind in ("prefill", "decode"):
                     figures[(kind, n)] = max(figures.get((kind, n), 0.0), run[kind])
                 if run["decode"] >= best_decode.get(n, 0.0):
-                    best_decode[n], peaks[n] = run["decode"], peak - baseline
+                    best_decode[n], peaks[n] = run["decode"], run["peak_rss"] - baseline
     return figures, peaks
 
 
@@ -147,13 +153,15 @@ def main():
     args = parser.parse_args()
     if args.llamacpp_baseline:
         import llama_cpp  # noqa: F401  (the interpreter's own peak, with the library loaded)
+        print(own_peak_rss())
         return
     if args.llamacpp_worker:
         tokens = json.loads(pathlib.Path(args.tokens_file).read_text())
         run = llamacpp_run(args.model, args.threads, args.contexts, tokens, args.repetitions,
                            args.cache_type, bool(args.flash))
         n = args.contexts[0]
-        print(json.dumps({"prefill": run[("prefill", n)], "decode": run[("decode", n)]}))
+        print(json.dumps({"prefill": run[("prefill", n)], "decode": run[("decode", n)],
+                          "peak_rss": own_peak_rss()}))
         return
 
     model = pathlib.Path(args.model)
