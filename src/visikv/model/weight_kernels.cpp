@@ -296,7 +296,7 @@ struct ScalesK4 {
 // products themselves on Q4_K models. The products d * scale and dmin * min are exact in float32
 // (an 11-bit significand times a 6-bit integer), so the order of the unpacking cannot change them.
 struct ScaleMinWords {
-  uint32_t scales[2], mins[2];  // bytes 0-3 and 4-7 of each
+  uint32_t scales[2], mins[2];  // bytes 0-3 and 4-7 of each: the sixteen bytes in order
 };
 HWY_INLINE ScaleMinWords ScaleMinWordsK4(const uint8_t* packed) {
   uint32_t word[3];
@@ -305,16 +305,10 @@ HWY_INLINE ScaleMinWords ScaleMinWordsK4(const uint8_t* packed) {
   return {{word[0] & kLow6, (word[2] & kLow4) | (((word[0] >> 6) & kLow2) << 4)},
           {word[1] & kLow6, ((word[2] >> 4) & kLow4) | (((word[1] >> 6) & kLow2) << 4)}};
 }
-HWY_INLINE void ScaleMinBytesK4(const uint8_t* packed, uint8_t* bytes) {
-  const ScaleMinWords words = ScaleMinWordsK4(packed);
-  std::memcpy(bytes, words.scales, sizeof(words.scales));
-  std::memcpy(bytes + 8, words.mins, sizeof(words.mins));
-}
-
 HWY_INLINE ScalesK4 PrepareK4(const uint8_t* block) {
   ScalesK4 s;
-  HWY_ALIGN uint8_t bytes[16];
-  ScaleMinBytesK4(block + 4, bytes);
+  HWY_ALIGN const ScaleMinWords words = ScaleMinWordsK4(block + 4);
+  const auto* bytes = reinterpret_cast<const uint8_t*>(&words);
   const VF d = hn::Set(DF(), LoadHalf(block)), neg_dmin = hn::Set(DF(), -LoadHalf(block + 2));
   for (int i = 0; i < 16; i += kLanes) {
     const auto is_scale = hn::Lt(hn::Iota(DI(), i), hn::Set(DI(), 8));
@@ -864,10 +858,17 @@ struct SuperScales {
   int8_t group_scale[16];       // scale_g
 };
 
-// The bytes b0 b1 of a 16-bit value as b0 b0 b1 b1: the K4 scales and mins (one per 32 values) as
-// one per group of 16.
-constexpr uint32_t SpreadPairs(uint32_t low16) {
-  return ((low16 | (low16 << 8)) & 0x00FF00FF) * 0x0101;
+// The eight bytes b0 .. b7 of two words as b0 b0 b1 b1 .. b7 b7 in four: the K4 scales or mins
+// (one per 32 values) as one per group of 16.
+struct SpreadWords {
+  uint32_t words[4];
+};
+constexpr SpreadWords SpreadPairs(const uint32_t (&bytes)[2]) {
+  const auto spread = [](uint32_t low16) {
+    return ((low16 | (low16 << 8)) & 0x00FF00FF) * 0x0101;  // b0 b1 -> b0 b0 b1 b1
+  };
+  return {{spread(bytes[0] & 0xFFFF), spread(bytes[0] >> 16), spread(bytes[1] & 0xFFFF),
+           spread(bytes[1] >> 16)}};
 }
 
 #if VISIKV_SUPER_VECTORS
@@ -905,19 +906,15 @@ struct QK45Codes {
     SuperScales s;
     const ScaleMinWords words = ScaleMinWordsK4(block + 4);
     s.d = LoadHalf(block);
-    const uint32_t scales[4] = {
-        SpreadPairs(words.scales[0] & 0xFFFF), SpreadPairs(words.scales[0] >> 16),
-        SpreadPairs(words.scales[1] & 0xFFFF), SpreadPairs(words.scales[1] >> 16)};
-    std::memcpy(s.group_scale, scales, sizeof(scales));
+    const SpreadWords scales = SpreadPairs(words.scales);
+    std::memcpy(s.group_scale, scales.words, sizeof(scales.words));
     // offsets[g] = -dmin * min_{g / 2}, exact in float32. The spread mins are written as one
     // 16-byte store and read back by loads within it (a load spanning two stores stalls).
-    HWY_ALIGN const uint32_t mins[4] = {
-        SpreadPairs(words.mins[0] & 0xFFFF), SpreadPairs(words.mins[0] >> 16),
-        SpreadPairs(words.mins[1] & 0xFFFF), SpreadPairs(words.mins[1] >> 16)};
+    HWY_ALIGN const SpreadWords mins = SpreadPairs(words.mins);
     const VF neg_dmin = hn::Set(DF(), -LoadHalf(block + 2));
     for (int g = 0; g < 16; g += kLanes)
-      hn::Store(hn::Mul(neg_dmin, ToFloat(Bytes(reinterpret_cast<const uint8_t*>(mins) + g))), DF(),
-                s.offsets + g);
+      hn::Store(hn::Mul(neg_dmin, ToFloat(Bytes(reinterpret_cast<const uint8_t*>(mins.words) + g))),
+                DF(), s.offsets + g);
     return s;
   }
 #if VISIKV_SUPER_VECTORS
