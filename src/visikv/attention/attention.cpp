@@ -9,6 +9,7 @@
 
 #include "visikv/attention/support_dense.h"
 #include "visikv/core/error.h"
+#include "visikv/core/vec_math.h"
 
 namespace visikv {
 
@@ -20,12 +21,8 @@ PositionSet visible_positions(int64_t position, int64_t sliding_window) {
 
 double softmax_in_place(std::span<float> values) {
   if (values.empty()) return -INFINITY;
-  const float max = *std::max_element(values.begin(), values.end());
-  float sum = 0.0f;
-  for (float& v : values) {
-    v = std::exp(v - max);
-    sum += v;
-  }
+  const float max = vec::max_value(values);
+  const float sum = vec::exp_shifted(values, max);
   const float inverse = 1.0f / sum;
   for (float& v : values) v *= inverse;
   return static_cast<double>(max) + std::log(static_cast<double>(sum));
@@ -77,11 +74,10 @@ void attend_part(const KVCache& cache, int64_t layer, int64_t kv, std::span<cons
   for (int64_t g = 0; g < group; ++g) {
     float* s = scores.data() + g * count;
     for (int64_t i = 0; i < count; ++i) s[i] = static_cast<float>(s[i] * scale);
-    const float max = *std::max_element(s, s + count);
-    float sum = 0.0f;
-    for (int64_t i = 0; i < count; ++i) sum += (s[i] = std::exp(s[i] - max));
+    const std::span<float> part_scores(s, static_cast<size_t>(count));
+    const float max = vec::max_value(part_scores);
     sums.max[g] = max;
-    sums.sum[g] = sum;
+    sums.sum[g] = vec::exp_shifted(part_scores, max);
   }
   std::fill(sums.out, sums.out + group * d, 0.0f);
   cache.accumulate(layer, kv, scores, part, {sums.out, static_cast<size_t>(group * d)});

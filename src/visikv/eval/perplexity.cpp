@@ -13,6 +13,7 @@
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
 #include "visikv/core/saturating.h"
+#include "visikv/core/vec_math.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 
@@ -46,10 +47,7 @@ int64_t text_tokens_to_score(int64_t scored, int64_t window) {
 double negative_log_likelihood(std::span<const float> logits, int32_t target) {
   require(target >= 0 && target < static_cast<int64_t>(logits.size()), "target token ", target,
           " outside the logits");
-  const float max = *std::max_element(logits.begin(), logits.end());
-  double sum = 0.0;
-  for (float v : logits) sum += std::exp(static_cast<double>(v) - max);
-  return std::log(sum) + max - logits[target];
+  return vec::log_sum_exp(logits) - logits[target];
 }
 
 void check_perplexity_options(const Config& config, const PerplexityOptions& o) {

@@ -16,7 +16,7 @@ namespace {
 // Logits are produced this many rows at a time, so a long prefill never holds {tokens, vocab}.
 constexpr int64_t kLogitRowsPerSlice = 64;
 
-void resize(std::vector<float>& buffer, int64_t size) {
+void resize(AlignedFloats& buffer, int64_t size) {
   if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
 }
 

@@ -11,6 +11,7 @@
 
 #include "visikv/attention/attention.h"
 #include "visikv/attention/support.h"
+#include "visikv/core/aligned.h"
 #include "visikv/kv/cache.h"
 #include "visikv/model/matmul.h"
 #include "visikv/model/model.h"
@@ -104,9 +105,9 @@ class Decoder {
   std::vector<float> inverse_frequencies_[2];
   ProductRounding rounding_ = ProductRounding::Fastest;
   std::vector<SparseQueryStats> stats_;
-  // Scratch, {tokens, width}; reused between calls.
-  std::vector<float> x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_,
-      gathered_;
+  // Scratch, {tokens, width}; reused between calls. Aligned to cache lines, so that the weight
+  // products read the rows of their input in place (weight_kernels.cpp BlockedRows).
+  AlignedFloats x_, normed_, q_, k_, v_, attention_, projected_, gate_, up_, logits_, gathered_;
 };
 
 }  // namespace visikv

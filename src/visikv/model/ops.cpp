@@ -4,6 +4,7 @@
 #include <numbers>
 
 #include "visikv/core/error.h"
+#include "visikv/core/vec_math.h"
 
 namespace visikv {
 
@@ -34,7 +35,7 @@ void apply_norm(NormKind kind, const Norm& norm, double eps, std::span<const flo
 void apply_activation(Activation activation, std::span<float> x) {
   switch (activation) {
     case Activation::SiLU:
-      for (float& v : x) v = v / (1.0f + std::exp(-v));
+      vec::silu(x);
       break;
     case Activation::GeluErf:
       for (float& v : x)

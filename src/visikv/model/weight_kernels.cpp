@@ -596,6 +596,11 @@ void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t 
   float* state = state_buffer.Reserve(rows * groups * kStateFloats);
   float* panel = panel_buffer.Reserve(rows * kStepValues);
   float* input = input_buffer.Reserve(kGroupTokens * kStepValues);
+  // An input whose rows start on cache lines (the decoder's buffers) is read in place; any other
+  // is copied, a group's step at a time, into an aligned block the rows share. Either way the
+  // products see the same values.
+  const bool in_place =
+      reinterpret_cast<uintptr_t>(x) % 64 == 0 && (x_stride * sizeof(float)) % 64 == 0;
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
     for (int64_t r = 0; r < rows; ++r)
@@ -603,18 +608,22 @@ void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t 
     const int64_t values = (b1 - b0) * Format::kValues, units = values / kUnit;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t count = std::min<int64_t>(kGroupTokens, tokens - g * kGroupTokens);
-      // The group's step of the input, copied once into an aligned block the rows share.
-      for (int64_t t = 0; t < count; ++t)
-        std::memcpy(input + t * kStepValues,
-                    x + (g * kGroupTokens + t) * x_stride + b0 * Format::kValues,
-                    static_cast<size_t>(values) * sizeof(float));
+      const float* group_input = x + g * kGroupTokens * x_stride + b0 * Format::kValues;
+      int64_t group_stride = x_stride;
+      if (!in_place) {
+        for (int64_t t = 0; t < count; ++t)
+          std::memcpy(input + t * kStepValues, group_input + t * x_stride,
+                      static_cast<size_t>(values) * sizeof(float));
+        group_input = input;
+        group_stride = kStepValues;
+      }
       int64_t r = 0;
       for (; r + kPanelRows <= rows; r += kPanelRows)
-        PanelStepTokens<kPanelRows>(count, panel + r * kStepValues, units, input, kStepValues,
-                                    b0 == 0, state + (g * rows + r) * kStateFloats);
+        PanelStepTokens<kPanelRows>(count, panel + r * kStepValues, units, group_input,
+                                    group_stride, b0 == 0, state + (g * rows + r) * kStateFloats);
       for (; r < rows; ++r)
-        PanelStepTokens<1>(count, panel + r * kStepValues, units, input, kStepValues, b0 == 0,
-                           state + (g * rows + r) * kStateFloats);
+        PanelStepTokens<1>(count, panel + r * kStepValues, units, group_input, group_stride,
+                           b0 == 0, state + (g * rows + r) * kStateFloats);
     }
   }
   for (int64_t g = 0; g < groups; ++g)
