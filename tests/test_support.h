@@ -22,8 +22,30 @@
 #include "visikv/core/error.h"
 #include "visikv/core/mapped_file.h"
 #include "visikv/kv/cache.h"
+#include "visikv/model/weight_kernels.h"
 
 namespace visikv::test_support {
+
+// The instruction sets to test: each one this CPU supports, from the portable path up. The
+// weight kernels' switch selects Highway's target for every dispatched function (the weight
+// kernels and core/vec_math alike).
+inline std::vector<std::string> available_targets() {
+  std::vector<std::string> names;
+  for (const char* name : {"generic", "avx2", "avx512", "avx512vnni"}) {
+    try {
+      set_weight_kernel_target(name);
+      names.push_back(name);
+    } catch (const Error&) {
+    }
+  }
+  set_weight_kernel_target("native");
+  return names;
+}
+
+struct TargetGuard {
+  explicit TargetGuard(const std::string& name) { set_weight_kernel_target(name); }
+  ~TargetGuard() { set_weight_kernel_target("native"); }
+};
 
 // n samples of N(0, scale²).
 inline std::vector<float> random_vector(std::mt19937& rng, size_t n, float scale = 1.0f) {

@@ -11,32 +11,14 @@
 #include <string>
 #include <vector>
 
-#include "visikv/core/error.h"
+#include "test_support.h"
 #include "visikv/core/vec_math.h"
-#include "visikv/model/weight_kernels.h"
 
 namespace visikv {
 namespace {
 
-// The instruction sets to test: each one this CPU supports, from the portable path up (the
-// weight kernels' switch selects Highway's target for every dispatched function).
-std::vector<std::string> available_targets() {
-  std::vector<std::string> names;
-  for (const char* name : {"generic", "avx2", "avx512", "avx512vnni"}) {
-    try {
-      set_weight_kernel_target(name);
-      names.push_back(name);
-    } catch (const Error&) {
-    }
-  }
-  set_weight_kernel_target("native");
-  return names;
-}
-
-struct TargetGuard {
-  explicit TargetGuard(const std::string& name) { set_weight_kernel_target(name); }
-  ~TargetGuard() { set_weight_kernel_target("native"); }
-};
+using test_support::available_targets;
+using test_support::TargetGuard;
 
 std::vector<float> random_row(std::mt19937& rng, size_t n, float low, float high) {
   std::uniform_real_distribution<float> value(low, high);

@@ -24,24 +24,8 @@ namespace {
 const std::filesystem::path kQuants =
     std::filesystem::path(VISIKV_FIXTURES) / "formats" / "quants.gguf";
 
-// The instruction sets to test: each one this CPU supports, from the portable path up.
-std::vector<std::string> available_targets() {
-  std::vector<std::string> names;
-  for (const char* name : {"generic", "avx2", "avx512", "avx512vnni"}) {
-    try {
-      set_weight_kernel_target(name);
-      names.push_back(name);
-    } catch (const Error&) {
-    }
-  }
-  set_weight_kernel_target("native");
-  return names;
-}
-
-struct TargetGuard {
-  explicit TargetGuard(const std::string& name) { set_weight_kernel_target(name); }
-  ~TargetGuard() { set_weight_kernel_target("native"); }
-};
+using test_support::available_targets;
+using test_support::TargetGuard;
 
 // Checks dot_row_tokens on every row of `tensor` for 1 to 7 tokens against float64 sums of the
 // dequantized row.
