@@ -969,8 +969,8 @@ struct QK45Codes {
   static constexpr bool kSuperOffsets = true;  // SuperScales::offsets are used
   static SuperScales PrepareSuper(const uint8_t* block) {
     // Decode unpacks every block once per token, so this runs as often as the products: in
-    // vectors and whole words rather than 16 scalar conversions (which took most of decode's
-    // instructions).
+    // vectors (16 scalar conversions, and later the same work in whole words, each took about as
+    // many instructions as the block's products).
     SuperScales s;
     s.d = LoadHalf(block);
     const VF neg_dmin = hn::Set(DF(), -LoadHalf(block + 2));
