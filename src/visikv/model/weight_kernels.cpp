@@ -306,6 +306,29 @@ HWY_INLINE ScaleMinWords ScaleMinWordsK4(const uint8_t* packed) {
   return {{word[0] & kLow6, (word[2] & kLow4) | (((word[0] >> 6) & kLow2) << 4)},
           {word[1] & kLow6, ((word[2] >> 4) & kLow4) | (((word[1] >> 6) & kLow2) << 4)}};
 }
+#if VISIKV_SUPER_VECTORS
+using D8x16 = hn::Full128<uint8_t>;
+
+// ScaleMinWordsK4 in one 128-bit vector (the same sixteen bytes): lanes of 32 bits hold the words
+// w0 w1 w2 of the packed scales; lanes 0 and 2 of the result are w0 and w1's low six bits, lanes 1
+// and 3 the low (scales) or high (mins) nibbles of w2 with the top two bits of w0 or w1 above
+// them. Reads the 16 bytes at `packed` (the last 4 belong to the block's codes).
+HWY_INLINE hn::Vec<D8x16> ScaleMinBytesK4(const uint8_t* packed) {
+  const hn::Full128<uint32_t> d32;
+  const auto words = hn::LoadU(d32, reinterpret_cast<const uint32_t*>(packed));
+  const auto low_words = hn::InterleaveLower(d32, words, words);  // w0 w0 w1 w1
+  // w2 w2 w2 w2 >> (0 0 0 4): the nibbles of lanes 1 and 3 at the bottom of each byte.
+  alignas(16) static constexpr uint32_t kNibbleShift[4] = {0, 0, 0, 4};
+  const auto high_words = hn::Shr(hn::Broadcast<2>(words), hn::Load(d32, kNibbleShift));
+  const auto six_bits = hn::And(low_words, hn::Set(d32, 0x3F3F3F3Fu));
+  const auto split = hn::Or(hn::And(high_words, hn::Set(d32, 0x0F0F0F0Fu)),
+                            hn::And(hn::ShiftRight<2>(low_words), hn::Set(d32, 0x30303030u)));
+  alignas(16) static constexpr uint32_t kOdd[4] = {0, ~0u, 0, ~0u};
+  return hn::BitCast(D8x16(),
+                     hn::IfThenElse(hn::MaskFromVec(hn::Load(d32, kOdd)), split, six_bits));
+}
+#endif
+
 HWY_INLINE ScalesK4 PrepareK4(const uint8_t* block) {
   ScalesK4 s;
   HWY_ALIGN const ScaleMinWords words = ScaleMinWordsK4(block + 4);
@@ -875,40 +898,21 @@ struct SuperScales {
 };
 
 #if VISIKV_SUPER_VECTORS
-using D8x16 = hn::Full128<uint8_t>;
-
-// ScaleMinWordsK4 in one 128-bit vector (the same sixteen bytes): lanes of 32 bits hold the words
-// w0 w1 w2 of the packed scales; lanes 0 and 2 of the result are w0 and w1's low six bits, lanes 1
-// and 3 the low (scales) or high (mins) nibbles of w2 with the top two bits of w0 or w1 above
-// them. Reads the 16 bytes at `packed` (the last 4 belong to the block's codes).
-HWY_INLINE hn::Vec<D8x16> ScaleMinBytesK4(const uint8_t* packed) {
-  const hn::Full128<uint32_t> d32;
-  const auto words = hn::LoadU(d32, reinterpret_cast<const uint32_t*>(packed));
-  const auto low_words = hn::InterleaveLower(d32, words, words);  // w0 w0 w1 w1
-  // w2 w2 w2 w2 >> (0 0 0 4): the nibbles of lanes 1 and 3 at the bottom of each byte.
-  alignas(16) static constexpr uint32_t kNibbleShift[4] = {0, 0, 0, 4};
-  const auto high_words = hn::Shr(hn::Broadcast<2>(words), hn::Load(d32, kNibbleShift));
-  const auto six_bits = hn::And(low_words, hn::Set(d32, 0x3F3F3F3Fu));
-  const auto split = hn::Or(hn::And(high_words, hn::Set(d32, 0x0F0F0F0Fu)),
-                            hn::And(hn::ShiftRight<2>(low_words), hn::Set(d32, 0x30303030u)));
-  alignas(16) static constexpr uint32_t kOdd[4] = {0, ~0u, 0, ~0u};
-  return hn::BitCast(D8x16(),
-                     hn::IfThenElse(hn::MaskFromVec(hn::Load(d32, kOdd)), split, six_bits));
-}
 using DI16x16 = hn::Rebind<int16_t, D8x16>;  // 16 lanes: 256 bits on AVX2 and AVX-512
 
-// 16 bytes (as unsigned or signed) widened to the 16 group scales in one vector, on targets whose
-// vectors hold 16 lanes of 16 bits; eight-lane targets widen each half.
+// 16 bytes (as unsigned or signed) widened to the 16 group scales in one vector on AVX2 and
+// AVX-512 (256 bits); 128-bit targets widen each half. (The test is on the target, not on the
+// tag's MaxLanes: Highway's EMU128 reports 16 lanes for a 16-lane tag it stores in 8.)
 template <typename Byte>
 HWY_INLINE void StoreGroupScales(hn::Vec<hn::Full128<Byte>> bytes, int16_t* out) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  hn::Store(hn::PromoteTo(DI16x16(), bytes), DI16x16(), out);
+#else
   const hn::Full128<Byte> d8;
-  if constexpr (hn::MaxLanes(DI16x16()) == 16) {
-    hn::Store(hn::PromoteTo(DI16x16(), bytes), DI16x16(), out);
-  } else {
-    const hn::Full128<int16_t> d16;
-    hn::Store(hn::PromoteTo(d16, hn::LowerHalf(bytes)), d16, out);
-    hn::Store(hn::PromoteTo(d16, hn::UpperHalf(hn::Half<decltype(d8)>(), bytes)), d16, out + 8);
-  }
+  const hn::Full128<int16_t> d16;
+  hn::Store(hn::PromoteTo(d16, hn::LowerHalf(bytes)), d16, out);
+  hn::Store(hn::PromoteTo(d16, hn::UpperHalf(hn::Half<decltype(d8)>(), bytes)), d16, out + 8);
+#endif
 }
 #endif
 
