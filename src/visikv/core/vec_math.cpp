@@ -5,10 +5,7 @@
 // over the range used here), which is elementwise the same computation on every target with fused
 // multiply-adds; sums over a row are taken in vector lanes and then across them, so their bits
 // depend on the target's vector width (as the weight products' do), not on the caller.
-#ifndef HWY_DISABLED_TARGETS
-#define HWY_DISABLED_TARGETS \
-  (HWY_SSSE3 | HWY_SSE4 | HWY_SVE | HWY_SVE2 | HWY_SVE_256 | HWY_SVE2_128)
-#endif
+#include "visikv/core/simd_targets.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "visikv/core/vec_math.cpp"

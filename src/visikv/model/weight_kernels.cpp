@@ -7,8 +7,7 @@
 // many bytes it takes, and how to widen 32 of its values ("a unit") into float vectors.
 
 // The portable fallback is compiled even though the rest of the program needs AVX2, so that the
-// tests can run it; SSSE3/SSE4 would add nothing between it and AVX2, and the SVE targets have
-// no fixed vector length (the kernels assume one).
+// tests can run it (core/simd_targets.h: the targets left out).
 // AVX-512 with VNNI (Ice Lake and later, Zen 4): 8- and 16-bit dot products for the int8 and int16
 // paths.
 #ifndef HWY_WANT_AVX3_DL
@@ -17,10 +16,7 @@
 #ifndef HWY_COMPILE_ALL_ATTAINABLE
 #define HWY_COMPILE_ALL_ATTAINABLE
 #endif
-#ifndef HWY_DISABLED_TARGETS
-#define HWY_DISABLED_TARGETS \
-  (HWY_SSSE3 | HWY_SSE4 | HWY_SVE | HWY_SVE2 | HWY_SVE_256 | HWY_SVE2_128)
-#endif
+#include "visikv/core/simd_targets.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "visikv/model/weight_kernels.cpp"
@@ -42,6 +38,7 @@
 #include <immintrin.h>
 #endif
 
+#include "visikv/core/aligned.h"
 #include "visikv/core/half.h"
 #include "visikv/formats/tensor.h"
 #include "visikv/model/weight_kernels.h"
@@ -628,8 +625,8 @@ void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t 
   // An input whose rows start on cache lines (the decoder's buffers) is read in place; any other
   // is copied, a group's step at a time, into an aligned block the rows share. Either way the
   // products see the same values.
-  const bool in_place =
-      reinterpret_cast<uintptr_t>(x) % 64 == 0 && (x_stride * sizeof(float)) % 64 == 0;
+  const bool in_place = reinterpret_cast<uintptr_t>(x) % kCacheLine == 0 &&
+                        (x_stride * sizeof(float)) % kCacheLine == 0;
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
     for (int64_t r = 0; r < rows; ++r)
@@ -1851,7 +1848,6 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
