@@ -1,12 +1,14 @@
 // The integer row codec (kv/int_row_codec.h) against a scalar float64 reference written from
 // the format's definition: every bit width, group sizes from one channel to the whole row,
-// odd lengths and tails, streams that start inside a byte, and the vector kernels (decode, dot,
-// axpy, register-held accumulation) checked to the bit against one-code-at-a-time reads.
+// odd lengths and tails, streams that start inside a byte, and the vector decode on every SIMD
+// target checked to the bit against one-code-at-a-time reads (the scores and weighted sums of
+// packed rows: test_row_kernels.cpp).
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdint>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "test_support.h"
@@ -137,10 +139,13 @@ TEST(IntRowCodec, DecodeMatchesTheFloat64ReferenceBitForBit) {
         std::vector<float> got(static_cast<size_t>(dim));
         int_rows::decode_row_scalar(encoded.row(shape.groups()), bits, shape, got.data());
         EXPECT_EQ(got, expected) << bits << " bits, dim " << dim << ", group " << group;
-        if (dim % 8 != 0) continue;
-        std::fill(got.begin(), got.end(), NAN);
-        int_rows::decode_row(encoded.row(shape.groups()), bits, shape, got.data());
-        EXPECT_EQ(got, expected) << bits << " bits, dim " << dim << ", group " << group;
+        for (const std::string& target : test_support::available_targets()) {
+          const test_support::TargetGuard guard(target);
+          std::fill(got.begin(), got.end(), NAN);
+          int_rows::decode_row(encoded.row(shape.groups()), bits, shape, got.data());
+          EXPECT_EQ(got, expected)
+              << target << ": " << bits << " bits, dim " << dim << ", group " << group;
+        }
       }
     }
   }
@@ -160,96 +165,6 @@ TEST(IntRowCodec, InterleavedParametersReadTheSameNumbers) {
   int_rows::decode_row({codes.data(), pairs.data(), pairs.data() + 1, 2}, 4, shape, a.data());
   int_rows::decode_row(runs.row(shape.groups()), 4, shape, b.data());
   EXPECT_EQ(a, b);
-}
-
-template <int kBits>
-void check_dot_and_axpy(std::mt19937& rng, int64_t dim, int64_t group) {
-  using Kernels = int_rows::RowKernels<kBits>;
-  const int_rows::RowShape shape{dim, group};
-  constexpr int kQueries = 3;
-  const int64_t rows = 11;  // one full block of 8 and a tail of 3
-  std::vector<EncodedRow> encoded;
-  std::vector<std::vector<float>> decoded;
-  for (int64_t i = 0; i < rows; ++i) {
-    encoded.push_back(encode(random_vector(rng, static_cast<size_t>(dim), 1.5f), kBits, shape));
-    decoded.push_back(reference_row(encoded.back(), kBits, shape));
-  }
-  const std::vector<float> queries = random_vector(rng, static_cast<size_t>(kQueries * dim));
-  std::vector<float> scratch(static_cast<size_t>(dim));
-  const auto row_at = [&](int64_t i) { return encoded[i].row(shape.groups()); };
-
-  // dot8: close to the float64 dot of the decoded rows; a row's score does not depend on its
-  // lane; missing lanes are 0.
-  for (int64_t i0 = 0; i0 < rows; i0 += 8) {
-    const int64_t here = std::min<int64_t>(8, rows - i0);
-    int_rows::Lanes sums[kQueries];
-    Kernels::template dot8<kQueries>([&](int64_t k) { return row_at(i0 + k); }, here, shape,
-                                     queries.data(), scratch.data(), sums);
-    for (int j = 0; j < kQueries; ++j) {
-      float lanes[8];
-      int_rows::store8(lanes, sums[j]);
-      for (int64_t k = 0; k < 8; ++k) {
-        if (k >= here) {
-          EXPECT_EQ(lanes[k], 0.0f);
-          continue;
-        }
-        double exact = 0, magnitude = 0;
-        for (int64_t c = 0; c < dim; ++c) {
-          exact += double{queries[j * dim + c]} * decoded[i0 + k][c];
-          magnitude += std::abs(double{queries[j * dim + c]} * decoded[i0 + k][c]);
-        }
-        EXPECT_NEAR(lanes[k], exact, 1e-6 * magnitude + 1e-30) << "row " << i0 + k;
-        // The same row alone in lane 0.
-        int_rows::Lanes alone[kQueries];
-        Kernels::template dot8<kQueries>([&](int64_t) { return row_at(i0 + k); }, 1, shape,
-                                         queries.data(), scratch.data(), alone);
-        float alone_lanes[8];
-        int_rows::store8(alone_lanes, alone[j]);
-        EXPECT_EQ(alone_lanes[0], lanes[k]) << "row " << i0 + k;
-      }
-    }
-  }
-
-  // axpy per row, accumulate16 over all rows: the same fused multiply-adds in the same order,
-  // so the same bits; both close to the float64 weighted sum.
-  std::vector<float> weights(static_cast<size_t>(kQueries * rows));
-  for (float& w : weights) w = std::uniform_real_distribution<float>(0, 1)(rng);
-  const std::vector<float> start = random_vector(rng, static_cast<size_t>(kQueries * dim));
-  std::vector<float> by_axpy = start;
-  for (int64_t i = 0; i < rows; ++i)
-    for (int j = 0; j < kQueries; ++j)
-      Kernels::axpy(row_at(i), shape, weights[j * rows + i], by_axpy.data() + j * dim,
-                    scratch.data());
-  for (int j = 0; j < kQueries; ++j) {
-    for (int64_t c = 0; c < dim; ++c) {
-      double exact = start[j * dim + c], magnitude = std::abs(exact);
-      for (int64_t i = 0; i < rows; ++i) {
-        exact += double{weights[j * rows + i]} * decoded[i][c];
-        magnitude += std::abs(double{weights[j * rows + i]} * decoded[i][c]);
-      }
-      EXPECT_NEAR(by_axpy[j * dim + c], exact, 1e-6 * magnitude) << "channel " << c;
-    }
-  }
-  if (group == 1 || group % 8 == 0) {
-    std::vector<float> held = start;
-    for (int64_t c = 0; c < dim; c += 16)
-      Kernels::template accumulate16<kQueries>(row_at, rows, shape, weights.data(), rows, c,
-                                               held.data());
-    EXPECT_EQ(held, by_axpy) << kBits << " bits, dim " << dim << ", group " << group;
-  }
-}
-
-TEST(IntRowCodec, DotAndAxpyKernelsMatchTheReference) {
-  std::mt19937 rng(5);
-  for (int64_t dim : {8, 24, 40, 64}) {
-    for (int64_t group : {1, 4, 8, 24, 64}) {
-      if (group > dim || dim % group != 0) continue;
-      check_dot_and_axpy<2>(rng, dim, group);
-      check_dot_and_axpy<3>(rng, dim, group);
-      check_dot_and_axpy<4>(rng, dim, group);
-      check_dot_and_axpy<8>(rng, dim, group);
-    }
-  }
 }
 
 }  // namespace

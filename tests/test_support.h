@@ -28,7 +28,7 @@ namespace visikv::test_support {
 
 // The instruction sets to test: each one this CPU supports, from the portable path up. The
 // weight kernels' switch selects Highway's target for every dispatched function (the weight
-// kernels and core/vec_math alike).
+// kernels, core/vec and kv/row_kernels alike).
 inline std::vector<std::string> available_targets() {
   std::vector<std::string> names;
   for (const char* name : {"generic", "avx2", "avx512", "avx512vnni"}) {

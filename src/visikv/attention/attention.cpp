@@ -9,7 +9,7 @@
 
 #include "visikv/attention/support_dense.h"
 #include "visikv/core/error.h"
-#include "visikv/core/vec_math.h"
+#include "visikv/core/vec.h"
 
 namespace visikv {
 

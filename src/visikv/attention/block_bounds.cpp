@@ -1,7 +1,5 @@
 #include "visikv/attention/block_bounds.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 
@@ -17,31 +15,7 @@ constexpr double kUnitRoundoff = 0x1p-24;
 constexpr int64_t kMaxBoundGroup = 64;  // query heads per KV head a bound call takes
 constexpr int64_t kMaxSketchDim = 512;  // head_dim a position-bound call takes
 
-// sum_c max(q_c lo_c, q_c hi_c) and sum_c max(|q_c lo_c|, |q_c hi_c|), in float32 (AVX2).
-struct BoxSums {
-  float total, magnitude;
-};
-
-inline BoxSums box_sums(const float* q, const float* lo, const float* hi, int64_t d) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  __m256 sum = _mm256_setzero_ps(), magnitude = _mm256_setzero_ps();
-  int64_t c = 0;
-  for (; c + 8 <= d; c += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + c);
-    const __m256 a = _mm256_mul_ps(qv, _mm256_loadu_ps(lo + c));
-    const __m256 b = _mm256_mul_ps(qv, _mm256_loadu_ps(hi + c));
-    sum = _mm256_add_ps(sum, _mm256_max_ps(a, b));
-    magnitude = _mm256_add_ps(magnitude,
-                              _mm256_max_ps(_mm256_andnot_ps(sign, a), _mm256_andnot_ps(sign, b)));
-  }
-  float total = vec::horizontal_sum(sum), size = vec::horizontal_sum(magnitude);
-  for (; c < d; ++c) {
-    const float a = q[c] * lo[c], b = q[c] * hi[c];
-    total += std::max(a, b);
-    size += std::max(std::abs(a), std::abs(b));
-  }
-  return {total, size};
-}
+using vec::BoxSums;  // vec::box_sums: Σ_c max(q_c lo_c, q_c hi_c) and its magnitude, float32
 
 // For each channel, q_c k_c over k_c in [m_c, M_c] is linear in k_c, so its maximum sits at an
 // end: max(q_c m_c, q_c M_c). Summing the per-channel maxima bounds q·k for every key in the
@@ -109,7 +83,7 @@ void frame_query(const BlockSummaryTable& table, const float* q, FrameQuery& out
 inline double frame_bound(const FrameQuery& fq, const float* lo, const float* hi,
                           double residual_norm, double key_norm, int64_t r, int64_t d,
                           double scale) {
-  const BoxSums sums = box_sums(fq.coordinates.data(), lo, hi, r);
+  const BoxSums sums = vec::box_sums(fq.coordinates.data(), lo, hi, r);
   const double dd = static_cast<double>(d), rr = static_cast<double>(r);
   const double product = fq.norm * key_norm;
   const double slack = (2 * rr + 4) * kUnitRoundoff * sums.magnitude +
@@ -129,7 +103,7 @@ double euclidean_norm(std::span<const float> x) {
 
 double block_upper_bound(const BlockSummary& block, std::span<const float> query, double scale) {
   const int64_t d = static_cast<int64_t>(query.size());
-  return bound_from_sums(box_sums(query.data(), block.min.data(), block.max.data(), d),
+  return bound_from_sums(vec::box_sums(query.data(), block.min.data(), block.max.data(), d),
                          euclidean_norm(query), block.norm, d, scale);
 }
 
@@ -153,8 +127,8 @@ void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t c
   for (int64_t b = 0; b < count; ++b, lo += d, hi += d) {
     const double key_norm = table.norms[first + b];
     for (int64_t g = 0; g < group; ++g)
-      out[b * group + g] = bound_from_sums(box_sums(queries.data() + g * d, lo, hi, d), norms[g],
-                                           key_norm, d, scale);
+      out[b * group + g] = bound_from_sums(vec::box_sums(queries.data() + g * d, lo, hi, d),
+                                           norms[g], key_norm, d, scale);
   }
   if (!use_frame) return;
   // Both bounds hold; keep the smaller (the frame's wins where queries concentrate, the

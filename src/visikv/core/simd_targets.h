@@ -1,6 +1,6 @@
 // The instruction sets that the files compiled per target by Highway's foreach_target
-// (model/weight_kernels.cpp, core/vec_math.cpp) leave out, included by each before
-// <hwy/foreach_target.h> so that both dispatch over the same list: SSSE3/SSE4 would add nothing
+// (model/weight_kernels.cpp, core/vec.cpp, kv/row_kernels.cpp) leave out, included by each
+// before <hwy/foreach_target.h> so that all dispatch over the same list: SSSE3/SSE4 would add nothing
 // between the portable fallback and AVX2, and the SVE targets have no fixed vector length (the
 // kernels assume one).
 #pragma once

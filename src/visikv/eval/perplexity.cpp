@@ -13,7 +13,7 @@
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
 #include "visikv/core/saturating.h"
-#include "visikv/core/vec_math.h"
+#include "visikv/core/vec.h"
 #include "visikv/eval/context_limit.h"
 #include "visikv/kv/cache_factory.h"
 

@@ -10,6 +10,7 @@
 #include "visikv/core/random.h"
 #include "visikv/core/vec.h"
 #include "visikv/kv/int_row_codec.h"
+#include "visikv/kv/row_kernels.h"
 
 namespace visikv {
 
@@ -65,20 +66,8 @@ class HeadqKeyStore final : public KeyStore {
       for (int64_t j = 0; j < rank_; ++j)
         projected[q * rank_ + j] =
             sign_ * vec::dot(rows_.data() + j * dim_, queries.data() + q * dim_, dim_);
-    if (rank_ % 8 == 0) {
-      switch (side_.bits) {
-        case 2:
-          return add_corrections<2>(projected, positions, count, scores);
-        case 3:
-          return add_corrections<3>(projected, positions, count, scores);
-        case 4:
-          return add_corrections<4>(projected, positions, count, scores);
-        case 8:
-          return add_corrections<8>(projected, positions, count, scores);
-        default:
-          break;
-      }
-    }
+    if (rank_ % 8 == 0 && side_.bits <= 8)
+      return add_corrections(projected, positions, count, scores);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t position = positions[i];
       if (position >= coded_) continue;
@@ -116,33 +105,28 @@ class HeadqKeyStore final : public KeyStore {
   }
 
  private:
-  // scores[q * n + i] += projected[q] · ĉ[positions[i]] for the side-coded positions, when
-  // the rank is a multiple of 8 and codes are kBits wide: a key's codes are then whole runs of
-  // the row codec (code j at bit (p·r + j)·b), decoded eight at a time as decode() reads them,
-  // and eight positions share one transposed reduction per query.
-  template <int kBits>
+  // scores[q * n + i] += projected[q] · ĉ[positions[i]] for the side-coded positions, when codes
+  // are integers (not float32 or fp16 numbers) and the rank is a multiple of 8: a key's codes are
+  // then whole bytes (code j of position p at bit (p·r + j)·b), rows of the row codec with one
+  // scale and zero each, read by the row kernels.
   void add_corrections(std::span<const float> projected, const PositionSet& positions,
                        int64_t count, std::span<float> scores) const {
     const int64_t n = positions.size();
     int64_t coded_here = 0;  // positions are ascending
     while (coded_here < n && positions[coded_here] < coded_) ++coded_here;
-    const int_rows::RowShape shape{rank_, rank_};  // one scale and zero per key
-    const auto row_at = [&](int64_t position) {
-      return int_rows::Row{codes_.data() + position * rank_ / 8 * kBits, &params_[2 * position],
-                           &params_[2 * position + 1]};
-    };
-    for (int64_t i0 = 0; i0 < coded_here; i0 += 8) {
-      const int64_t here = std::min<int64_t>(8, coded_here - i0);
-      const auto key_at = [&](int64_t k) { return row_at(positions[i0 + k]); };
-      for (int64_t q = 0; q < count; ++q) {
-        int_rows::Lanes sums[1];
-        int_rows::RowKernels<kBits>::template dot8<1>(key_at, here, shape,
-                                                      projected.data() + q * rank_, nullptr, sums);
-        float lanes[8];
-        int_rows::store8(lanes, sums[0]);
-        for (int64_t k = 0; k < here; ++k) scores[q * n + i0 + k] += lanes[k];
-      }
-    }
+    row_kernels::IntRows rows;
+    rows.bits = side_.bits;
+    rows.shape = {rank_, rank_};
+    rows.codes = codes_.data();
+    rows.row_bytes = rank_ / 8 * side_.bits;
+    rows.params = params_.data();  // (scale, zero) per position
+    rows.params_per_token_group = 2;
+    rows.zero_offset = 1;
+    std::vector<float> corrections(static_cast<size_t>(count * coded_here));
+    row_kernels::dot(rows, positions, coded_here, projected.data(), count, corrections.data(),
+                     coded_here);
+    for (int64_t q = 0; q < count; ++q)
+      for (int64_t i = 0; i < coded_here; ++i) scores[q * n + i] += corrections[q * coded_here + i];
   }
 
   // Side code of the key at position coded_, whose pre-quantization value is `key`.

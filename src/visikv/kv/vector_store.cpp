@@ -8,6 +8,7 @@
 #include "visikv/core/vec.h"
 #include "visikv/kv/dense_element.h"
 #include "visikv/kv/int_row_codec.h"
+#include "visikv/kv/row_kernels.h"
 
 namespace visikv {
 
@@ -31,26 +32,16 @@ class DenseStore final : public RowStore {
 
   void dot(std::span<const float> queries, const PositionSet& positions,
            std::span<float> scores) const override {
-    const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
-    if (dim_ % 8 == 0)
-      return DenseElement<kFormat>::dot_rows(
-          queries.data(), count, n, [&](int64_t i) { return rows_.data() + positions[i] * dim_; },
-          scores.data(), n, dim_);
-    for (int64_t i = 0; i < n; ++i) {
-      const Element* row = rows_.data() + positions[i] * dim_;
-      for (int64_t q = 0; q < count; ++q) {
-        const float* query = queries.data() + q * dim_;
-        scores[q * n + i] = DenseElement<kFormat>::dot(row, query, dim_);
-      }
-    }
+    const int64_t n = positions.size();
+    row_kernels::dot(rows(), positions, n, queries.data(),
+                     static_cast<int64_t>(queries.size()) / dim_, scores.data(), n);
   }
 
   void accumulate(std::span<const float> weights, const PositionSet& positions,
                   std::span<float> out) const override {
-    const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
-    DenseElement<kFormat>::accumulate(
-        weights.data(), n, n, count, [&](int64_t i) { return rows_.data() + positions[i] * dim_; },
-        out.data(), dim_);
+    const int64_t n = positions.size();
+    row_kernels::accumulate(rows(), positions, n, weights.data(), n,
+                            static_cast<int64_t>(out.size()) / dim_, out.data());
   }
 
   void reconstruct(int64_t position, std::span<float> out) const override {
@@ -66,6 +57,8 @@ class DenseStore final : public RowStore {
   int64_t decode_equivalent_appends() const override { return kUnlimitedChunk; }
 
  private:
+  row_kernels::DenseRows rows() const { return {kFormat, rows_.data(), dim_}; }
+
   int64_t dim_;
   std::vector<Element> rows_;  // {size, dim}
 };
@@ -79,7 +72,6 @@ class DenseStore final : public RowStore {
 // from float32.
 template <int kBits>
 class IntStore final : public RowStore {
-  using Kernels = int_rows::RowKernels<kBits>;
   static constexpr int kLevels = (1 << kBits) - 1;
 
  public:
@@ -120,16 +112,7 @@ class IntStore final : public RowStore {
            std::span<float> scores) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
     const int64_t quantized_here = quantized_count(positions);
-    std::vector<float> scratch(static_cast<size_t>(dim_));
-    // Each key is decoded once per block of up to four queries, in registers.
-    for (int64_t q0 = 0; q0 < count; q0 += kQueryBlock) {
-      const float* first = queries.data() + q0 * dim_;
-      float* out = scores.data() + q0 * n;
-      with_query_block(count - q0, [&](auto queries_here) {
-        this->template dot_positions<decltype(queries_here)::value>(
-            first, positions, quantized_here, n, scratch.data(), out);
-      });
-    }
+    row_kernels::dot(rows(), positions, quantized_here, queries.data(), count, scores.data(), n);
     for (int64_t i = quantized_here; i < n; ++i) {
       const uint16_t* row = window_row(positions[i]);
       for (int64_t q = 0; q < count; ++q)
@@ -141,25 +124,8 @@ class IntStore final : public RowStore {
                   std::span<float> out) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
     const int64_t quantized_here = quantized_count(positions);
-    const auto row_at = [&](int64_t i) { return row(positions[i]); };
-    if (shape_.group == 1 || shape_.group % 8 == 0) {
-      // Sums stay in registers over all positions, 16 channels by up to four queries at a time.
-      for (int64_t q0 = 0; q0 < count; q0 += kQueryBlock) {
-        with_query_block(count - q0, [&](auto queries_here) {
-          for (int64_t c = 0; c < dim_; c += 16)
-            Kernels::template accumulate16<decltype(queries_here)::value>(
-                row_at, quantized_here, shape_, weights.data() + q0 * n, n, c,
-                out.data() + q0 * dim_);
-        });
-      }
-    } else {
-      std::vector<float> scratch(static_cast<size_t>(dim_));
-      for (int64_t i = 0; i < quantized_here; ++i) {
-        const int_rows::Row x = row_at(i);
-        for (int64_t q = 0; q < count; ++q)
-          Kernels::axpy(x, shape_, weights[q * n + i], out.data() + q * dim_, scratch.data());
-      }
-    }
+    row_kernels::accumulate(rows(), positions, quantized_here, weights.data(), n, count,
+                            out.data());
     for (int64_t i = quantized_here; i < n; ++i) {
       const uint16_t* row = window_row(positions[i]);
       for (int64_t q = 0; q < count; ++q)
@@ -169,7 +135,7 @@ class IntStore final : public RowStore {
 
   void reconstruct(int64_t position, std::span<float> out) const override {
     if (position < quantized_) {
-      Kernels::decode(row(position), shape_, out.data());
+      int_rows::decode_row(rows().row(position), kBits, shape_, out.data());
     } else {
       const uint16_t* row = window_row(position);
       for (int64_t c = 0; c < dim_; ++c) out[c] = fp16_to_float(row[c]);
@@ -199,21 +165,17 @@ class IntStore final : public RowStore {
   }
 
  private:
-  static constexpr int64_t kQueryBlock = 4;
-
-  // Calls f(std::integral_constant<int, min(remaining, kQueryBlock)>{}).
-  template <typename F>
-  static void with_query_block(int64_t remaining, F&& f) {
-    switch (std::min<int64_t>(kQueryBlock, remaining)) {
-      case 1:
-        return f(std::integral_constant<int, 1>{});
-      case 2:
-        return f(std::integral_constant<int, 2>{});
-      case 3:
-        return f(std::integral_constant<int, 3>{});
-      default:
-        return f(std::integral_constant<int, 4>{});
-    }
+  // Where the quantized rows live: per token group, all scales then all zeros.
+  row_kernels::IntRows rows() const {
+    return {kBits,
+            shape_,
+            codes_.data(),
+            row_bytes_,
+            params_.data(),
+            token_group_,
+            2 * groups_per_row_,
+            groups_per_row_,
+            1};
   }
 
   int64_t window_rows() const { return static_cast<int64_t>(window_.size()) / dim_; }
@@ -225,14 +187,6 @@ class IntStore final : public RowStore {
     int64_t here = 0;
     while (here < positions.size() && positions[here] < quantized_) ++here;
     return here;
-  }
-
-  // The packed row of quantized `position` and its token group's scales and zeros. Per-token
-  // groups skip the division, which would otherwise cost more than decoding the row.
-  int_rows::Row row(int64_t position) const {
-    const int64_t group = token_group_ == 1 ? position : position / token_group_;
-    const uint16_t* scales = params_.data() + group * 2 * groups_per_row_;
-    return {codes_.data() + position * row_bytes_, scales, scales + groups_per_row_};
   }
 
   // Appends `tokens` rows ({tokens, dim}, one token group) in quantized form.
@@ -266,29 +220,6 @@ class IntStore final : public RowStore {
       int_rows::pack(codes_scratch_, kBits, std::span(codes_).subspan(at, row_bytes_));
     }
     quantized_ += tokens;
-  }
-
-  // scores[j * n + i] = queries[j] · x̂[positions[i]] for kQueries consecutive queries and the
-  // quantized positions i < quantized_here, eight positions per transposed reduction (a
-  // position's score is the same whichever block and lane it falls in).
-  template <int kQueries>
-  void dot_positions(const float* queries, const PositionSet& positions, int64_t quantized_here,
-                     int64_t n, float* scratch, float* scores) const {
-    int_rows::Lanes sums[kQueries];
-    for (int64_t i0 = 0; i0 < quantized_here; i0 += 8) {
-      const int64_t here = std::min<int64_t>(8, quantized_here - i0);
-      Kernels::template dot8<kQueries>([&](int64_t k) { return row(positions[i0 + k]); }, here,
-                                       shape_, queries, scratch, sums);
-      for (int j = 0; j < kQueries; ++j) {
-        if (here == 8) {
-          int_rows::store8(scores + j * n + i0, sums[j]);
-        } else {
-          float lanes[8];
-          int_rows::store8(lanes, sums[j]);
-          std::copy(lanes, lanes + here, scores + j * n + i0);
-        }
-      }
-    }
   }
 
   int64_t dim_, token_group_;

@@ -4,7 +4,7 @@
 #include <numbers>
 
 #include "visikv/core/error.h"
-#include "visikv/core/vec_math.h"
+#include "visikv/core/vec.h"
 
 namespace visikv {
 

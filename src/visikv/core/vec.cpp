@@ -1,5 +1,5 @@
-// The row functions of vec_math.h, compiled once per instruction set by Highway's foreach_target
-// (as the weight kernels are) and chosen at run time by HWY_DYNAMIC_DISPATCH.
+// The row functions of vec.h, compiled once per instruction set by Highway's foreach_target (as
+// the weight kernels are) and chosen at run time by HWY_DYNAMIC_DISPATCH.
 //
 // exp is Highway's polynomial (contrib/math: at most a few ulp from the correctly rounded value
 // over the range used here), which is elementwise the same computation on every target with fused
@@ -8,7 +8,7 @@
 #include "visikv/core/simd_targets.h"
 
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "visikv/core/vec_math.cpp"
+#define HWY_TARGET_INCLUDE "visikv/core/vec.cpp"
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 // Highway's own headers must follow foreach_target.h.
 #include <hwy/contrib/math/math-inl.h>
@@ -19,7 +19,9 @@
 #include <cstddef>
 #include <limits>
 
-#include "visikv/core/vec_math.h"
+#include "visikv/core/half.h"
+#include "visikv/core/vec-inl.h"
+#include "visikv/core/vec.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace visikv::vec {
@@ -49,6 +51,87 @@ HWY_INLINE VF LoadTail(DF d, const float* p, size_t n, Tail& tail) {
 HWY_INLINE void StoreTail(DF d, VF v, float* p, size_t n, Tail& tail) {
   hn::Store(v, d, tail.lanes);
   std::copy_n(tail.lanes, n, p);
+}
+
+// Σ w[i] x[i] with two vector accumulators over whole vectors, the rest one at a time; `load`
+// reads Lanes(d) elements of w as floats, `at` one.
+template <typename W, typename Load, typename At>
+HWY_INLINE float DotWith(const W* w, const float* x, int64_t n, const Load& load, const At& at) {
+  const DF d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  VF acc0 = hn::Zero(d), acc1 = hn::Zero(d);
+  int64_t i = 0;
+  for (; i + 2 * lanes <= n; i += 2 * lanes) {
+    acc0 = Fma(d, load(d, w + i), hn::LoadU(d, x + i), acc0);
+    acc1 = Fma(d, load(d, w + i + lanes), hn::LoadU(d, x + i + lanes), acc1);
+  }
+  for (; i + lanes <= n; i += lanes) acc0 = Fma(d, load(d, w + i), hn::LoadU(d, x + i), acc0);
+  float sum = hn::GetLane(hn::SumOfLanes(d, hn::Add(acc0, acc1)));
+  for (; i < n; ++i) sum += at(w[i]) * x[i];
+  return sum;
+}
+
+float Dot(const float* w, const float* x, int64_t n) {
+  return DotWith(
+      w, x, n, [](DF d, const float* p) HWY_ATTR { return hn::LoadU(d, p); },
+      [](float v) { return v; });
+}
+
+float DotHalf(const uint16_t* w, bool bf16, const float* x, int64_t n) {
+  if (bf16)
+    return DotWith(
+        w, x, n, [](DF d, const uint16_t* p) HWY_ATTR { return LoadBf16s(d, p); },
+        [](uint16_t v) { return bf16_to_float(v); });
+  return DotWith(
+      w, x, n, [](DF d, const uint16_t* p) HWY_ATTR { return LoadHalfs(d, p); },
+      [](uint16_t v) { return fp16_to_float(v); });
+}
+
+template <typename X, typename Load, typename At>
+HWY_INLINE void AxpyWith(float a, const X* x, float* y, int64_t n, const Load& load, const At& at) {
+  const DF d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  const VF av = hn::Set(d, a);
+  int64_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    hn::StoreU(Fma(d, av, load(d, x + i), hn::LoadU(d, y + i)), d, y + i);
+  for (; i < n; ++i) y[i] = std::fma(a, at(x[i]), y[i]);
+}
+
+void Axpy(float a, const float* x, float* y, int64_t n) {
+  AxpyWith(
+      a, x, y, n, [](DF d, const float* p) HWY_ATTR { return hn::LoadU(d, p); },
+      [](float v) { return v; });
+}
+
+void AxpyHalf(float a, const uint16_t* x, bool bf16, float* y, int64_t n) {
+  if (bf16)
+    return AxpyWith(
+        a, x, y, n, [](DF d, const uint16_t* p) HWY_ATTR { return LoadBf16s(d, p); },
+        [](uint16_t v) { return bf16_to_float(v); });
+  AxpyWith(
+      a, x, y, n, [](DF d, const uint16_t* p) HWY_ATTR { return LoadHalfs(d, p); },
+      [](uint16_t v) { return fp16_to_float(v); });
+}
+
+BoxSums BoxSumsOf(const float* q, const float* lo, const float* hi, int64_t n) {
+  const DF d;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  VF total = hn::Zero(d), magnitude = hn::Zero(d);
+  int64_t c = 0;
+  for (; c + lanes <= n; c += lanes) {
+    const VF qv = hn::LoadU(d, q + c);
+    const VF a = hn::Mul(qv, hn::LoadU(d, lo + c)), b = hn::Mul(qv, hn::LoadU(d, hi + c));
+    total = hn::Add(total, hn::Max(a, b));
+    magnitude = hn::Add(magnitude, hn::Max(hn::Abs(a), hn::Abs(b)));
+  }
+  BoxSums sums{hn::GetLane(hn::SumOfLanes(d, total)), hn::GetLane(hn::SumOfLanes(d, magnitude))};
+  for (; c < n; ++c) {
+    const float a = q[c] * lo[c], b = q[c] * hi[c];
+    sums.total += std::max(a, b);
+    sums.magnitude += std::max(std::abs(a), std::abs(b));
+  }
+  return sums;
 }
 
 float MaxValue(const float* values, size_t n) {
@@ -144,10 +227,31 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace visikv::vec {
 
+HWY_EXPORT(Dot);
+HWY_EXPORT(DotHalf);
+HWY_EXPORT(Axpy);
+HWY_EXPORT(AxpyHalf);
+HWY_EXPORT(BoxSumsOf);
 HWY_EXPORT(MaxValue);
 HWY_EXPORT(ExpShifted);
 HWY_EXPORT(SumExpShifted);
 HWY_EXPORT(Silu);
+
+float dot(const float* w, const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(Dot)(w, x, n); }
+
+float dot(const uint16_t* w, bool bf16, const float* x, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(DotHalf)(w, bf16, x, n);
+}
+
+void axpy(float a, const float* x, float* y, int64_t n) { HWY_DYNAMIC_DISPATCH(Axpy)(a, x, y, n); }
+
+void axpy(float a, const uint16_t* x, bool bf16, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AxpyHalf)(a, x, bf16, y, n);
+}
+
+BoxSums box_sums(const float* q, const float* lo, const float* hi, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(BoxSumsOf)(q, lo, hi, n);
+}
 
 float max_value(std::span<const float> values) {
   return HWY_DYNAMIC_DISPATCH(MaxValue)(values.data(), values.size());

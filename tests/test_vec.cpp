@@ -1,4 +1,4 @@
-// The vectorized row functions (core/vec_math.h) on every instruction set this CPU can run:
+// The vectorized row functions (core/vec.h) on every instruction set this CPU can run:
 // against float64 references on fresh random rows of every tail length, the special values
 // (NaN, infinities, the subnormal range), and each element independent of the row it is in.
 #include <gtest/gtest.h>
@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "test_support.h"
-#include "visikv/core/vec_math.h"
+#include "visikv/core/vec.h"
 
 namespace visikv {
 namespace {
