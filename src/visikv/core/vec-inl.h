@@ -21,14 +21,16 @@ namespace visikv::vec {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+// Floats in the target's widest vector: the size of per-lane scratch blocks.
+constexpr size_t kMaxFloatLanes = HWY_MAX_BYTES / sizeof(float);
+
 // a · b + c in every lane, rounded once. Highway's MulAdd is a fused instruction on the SIMD
 // targets, but on the portable ones (SCALAR, EMU128) a multiply and an add that the compiler
 // may or may not contract, depending on the code around it; std::fma pins the bits there.
 template <class D>
 HWY_INLINE hn::Vec<D> Fma(D d, hn::Vec<D> a, hn::Vec<D> b, hn::Vec<D> c) {
 #if HWY_TARGET == HWY_SCALAR || HWY_TARGET == HWY_EMU128
-  constexpr size_t kMax = HWY_MAX_BYTES / sizeof(float);
-  HWY_ALIGN float x[kMax], y[kMax], z[kMax];
+  HWY_ALIGN float x[kMaxFloatLanes], y[kMaxFloatLanes], z[kMaxFloatLanes];
   hn::Store(a, d, x);
   hn::Store(b, d, y);
   hn::Store(c, d, z);

@@ -42,7 +42,7 @@ HWY_INLINE VF ExpChecked(DF d, VF x) {
 
 // The last n < Lanes(d) values of a row as one vector (the other lanes zero), and back.
 struct Tail {
-  HWY_ALIGN float lanes[HWY_MAX_BYTES / sizeof(float)] = {};
+  HWY_ALIGN float lanes[kMaxFloatLanes] = {};
 };
 HWY_INLINE VF LoadTail(DF d, const float* p, size_t n, Tail& tail) {
   std::copy_n(p, n, tail.lanes);

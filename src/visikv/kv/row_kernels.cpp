@@ -14,7 +14,6 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
-#include <array>
 #include <bit>
 #include <cstddef>
 #include <cstdint>
@@ -33,11 +32,11 @@ namespace visikv::row_kernels {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using vec::HWY_NAMESPACE::Fma;
+using vec::HWY_NAMESPACE::kMaxFloatLanes;
 
 using DF = hn::ScalableTag<float>;
 using DF8 = hn::CappedTag<float, 8>;  // rows whose length is a multiple of 8 but not of Lanes(DF)
 
-constexpr size_t kMaxLanes = HWY_MAX_BYTES / sizeof(float);
 constexpr int kQueryBlock = 4;  // queries whose sums a row's pass keeps in registers
 
 // ---- Unpacking codes ---------------------------------------------------------------------------
@@ -97,7 +96,7 @@ HWY_INLINE hn::Vec<D> UnpackCodes(D d, const uint8_t* codes, int64_t c) {
   const int64_t n = static_cast<int64_t>(hn::Lanes(d));
   const std::span<const uint8_t> stream(codes,
                                         static_cast<size_t>(int_rows::packed_bytes(c + n, kBits)));
-  HWY_ALIGN float lanes[kMaxLanes];
+  HWY_ALIGN float lanes[kMaxFloatLanes];
   for (int64_t k = 0; k < n; ++k)
     lanes[k] = static_cast<float>(int_rows::code_at(stream, kBits, c + k));
   return hn::Load(d, lanes);
@@ -175,9 +174,7 @@ struct IntReader {
     return kPerChannel || rows.shape.group % static_cast<int64_t>(lanes) == 0;
   }
   HWY_INLINE RowRef row(int64_t position) const {
-    const uint16_t* scales =
-        rows.params + Divide(position, rows.token_group, token_shift) * rows.params_per_token_group;
-    return ref({rows.codes + position * rows.row_bytes, scales, scales + rows.zero_offset});
+    return ref(rows.row_in_group(position, Divide(position, rows.token_group, token_shift)));
   }
   HWY_INLINE RowRef ref(const int_rows::Row& row) const {
     RowRef r;
@@ -263,7 +260,7 @@ HWY_INLINE void DotBlock(D d, const Reader& reader, int64_t dim, const PositionS
                          int64_t first, int64_t here, const float* queries, float* scores,
                          int64_t score_stride) {
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
-  hn::Vec<D> partial[kQueries][kMaxLanes];
+  hn::Vec<D> partial[kQueries][kMaxFloatLanes];
   for (int64_t k = 0; k < lanes; ++k) {
     hn::Vec<D> acc[kQueries];
     for (int j = 0; j < kQueries; ++j) acc[j] = hn::Zero(d);
@@ -294,7 +291,7 @@ HWY_INLINE void DotBlock(D d, const Reader& reader, int64_t dim, const PositionS
     if (here == lanes) {
       hn::StoreU(sums, d, out);
     } else {
-      HWY_ALIGN float block[kMaxLanes];
+      HWY_ALIGN float block[kMaxFloatLanes];
       hn::Store(sums, d, block);
       std::copy_n(block, here, out);
     }

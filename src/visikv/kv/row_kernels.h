@@ -46,7 +46,10 @@ struct IntRows {
   int64_t param_stride = 1;
 
   int_rows::Row row(int64_t position) const {
-    const int64_t group = token_group == 1 ? position : position / token_group;
+    return row_in_group(position, token_group == 1 ? position : position / token_group);
+  }
+  // Row `position`, whose token group (position / token_group) the caller has computed.
+  int_rows::Row row_in_group(int64_t position, int64_t group) const {
     const uint16_t* scales = params + group * params_per_token_group;
     return {codes + position * row_bytes, scales, scales + zero_offset, param_stride};
   }

@@ -414,7 +414,7 @@ struct Q6_KFormat {
 // --- the one kernel body ------------------------------------------------------------------------
 
 // Adds a token's accumulators in a fixed tree: pairs of vectors, then halves of the lanes. On
-// AVX2 this is the order of the earlier hand-written kernel (and of vec::horizontal_sum).
+// AVX2 this is the order of the earlier hand-written kernel.
 HWY_INLINE float Reduce(const VF* acc) {
   VF sums[kVectors];
   for (int k = 0; k < kVectors; ++k) sums[k] = acc[k];
