@@ -171,6 +171,59 @@ INSTANTIATE_TEST_SUITE_P(Caches, LongAttentionTest,
                                            LongCase{"int2:g16:chan:r128", "f16",
                                                     "sparse:a1:w2500:k64:centroid", 0}));
 
+// Dense prefill reads the cache in tiles of tokens (attention.cpp, attend_tile): every token's
+// output must still be the bits of decoding that token alone, for every codec family (float
+// rows, half rows read into floats, paired and plain 4-bit codes, per-channel codes, HeadQ side
+// codes), across the 2048-position part boundary inside a tile, with and without a sliding
+// window, on one thread and two.
+struct TileCase {
+  const char* keys;
+  const char* values;
+  int64_t window;
+};
+class PrefillTileTest : public ::testing::TestWithParam<TileCase> {};
+
+TEST_P(PrefillTileTest, EveryTokenEqualsItsDecode) {
+  const TileCase p = GetParam();
+  const int64_t n = 2100, tokens = 70, heads = 6, kv_heads = 2, d = 64;
+  std::mt19937 rng(std::random_device{}());
+  auto k = random_vector(rng, n * kv_heads * d);
+  for (float& x : k) x *= 2.0f;
+  const auto v = random_vector(rng, n * kv_heads * d);
+  const auto q = random_vector(rng, tokens * heads * d);
+  const AttentionSpec spec{heads, d, 1.0 / std::sqrt(double(d)), p.window};
+  auto cache = make_cache({1, kv_heads, d}, p.keys, p.values);
+  cache->append(0, k, v, n);
+  const int64_t first = n - tokens;  // positions 2030 .. 2099: supports of 2031 .. 2100
+  const auto attend_with = [&](int threads, int64_t count, int64_t from) {
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    std::vector<float> out(count * heads * d, NAN);  // poisoned
+    attend_causal(*cache, 0, std::span(q).subspan(from * heads * d, count * heads * d), count,
+                  first + from, spec, out);
+    omp_set_num_threads(saved);
+    return out;
+  };
+  for (int threads : {1, 2}) {
+    SCOPED_TRACE(std::to_string(threads) + " threads");
+    const std::vector<float> prefill = attend_with(threads, tokens, 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const std::vector<float> decode = attend_with(1, 1, t);
+      for (int64_t i = 0; i < heads * d; ++i) {
+        ASSERT_TRUE(std::isfinite(decode[i]));
+        ASSERT_EQ(prefill[t * heads * d + i], decode[i]) << "token " << t << ", value " << i;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Codecs, PrefillTileTest,
+                         ::testing::Values(TileCase{"f32", "f32", 0}, TileCase{"f16", "bf16", 0},
+                                           TileCase{"int4:g32:tok", "int4:g32:tok", 0},
+                                           TileCase{"int4:g16:tok", "int8:g64:tok", 0},
+                                           TileCase{"int2:g16:chan:r128", "int3:g64:tok", 0},
+                                           TileCase{"f16", "int4:g32:tok", 1000}));
+
 TEST(DenseCache, ScoreAndAccumulateOverIndexListsMatchRanges) {
   const int64_t d = 16, n = 40;
   std::mt19937 rng(7);

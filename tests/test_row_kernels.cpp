@@ -124,8 +124,8 @@ void accumulate(const StoredRows& s, const PositionSet& positions, int64_t rows,
     row_kernels::accumulate(s.dense, positions, rows, weights, stride, count, out);
 }
 
-// Every property of the file comment, for queries of 1 to 6 heads over `rows` scattered
-// positions of `s`.
+// Every property of the file comment, for queries of 1 to 17 heads (more than four take the tiles
+// of prefill) over `rows` scattered positions of `s`.
 void check_kernels(std::mt19937& rng, const StoredRows& s, const std::string& what) {
   const int64_t dim = s.dim, stored = static_cast<int64_t>(s.numbers.size());
   std::vector<int32_t> list;
@@ -133,7 +133,7 @@ void check_kernels(std::mt19937& rng, const StoredRows& s, const std::string& wh
     list.push_back(static_cast<int32_t>(p));
   const PositionSet positions = PositionSet::list(list);
   const int64_t n = positions.size();
-  for (int64_t count : {1, 3, 6}) {
+  for (int64_t count : {1, 3, 6, 9, 17}) {
     SCOPED_TRACE(what + ", " + std::to_string(count) + " queries");
     const std::vector<float> queries = random_vector(rng, static_cast<size_t>(count * dim));
     const int64_t stride = n + 5;
@@ -162,6 +162,13 @@ void check_kernels(std::mt19937& rng, const StoredRows& s, const std::string& wh
       for (int64_t q = 0; q < count; ++q)
         ASSERT_EQ(prefix[q * (i + 1) + i], scores[q * stride + i]);
     }
+    // Each query alone (the in-place path of decode) scores the same bits as in a block or a
+    // tile of many (prefill).
+    for (int64_t q = 0; q < count; ++q) {
+      std::vector<float> alone(static_cast<size_t>(n));
+      dot(s, positions, n, queries.data() + q * dim, 1, alone.data(), n);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(alone[i], scores[q * stride + i]) << q << " " << i;
+    }
 
     // Weighted sums: the bits of one axpy per row and query, close to float64.
     std::vector<float> weights(static_cast<size_t>(count * n));
@@ -175,6 +182,11 @@ void check_kernels(std::mt19937& rng, const StoredRows& s, const std::string& wh
         vec::axpy(weights[q * n + i], s.numbers[positions[i]].data(), by_axpy.data() + q * dim,
                   dim);
     ASSERT_EQ(held, by_axpy);
+    for (int64_t q = 0; q < count; ++q) {
+      std::vector<float> alone(start.begin() + q * dim, start.begin() + (q + 1) * dim);
+      accumulate(s, positions, n, weights.data() + q * n, n, 1, alone.data());
+      ASSERT_TRUE(std::equal(alone.begin(), alone.end(), held.begin() + q * dim)) << q;
+    }
     for (int64_t q = 0; q < count; ++q)
       for (int64_t c = 0; c < dim; ++c) {
         double exact = start[q * dim + c], magnitude = std::abs(exact);

@@ -56,6 +56,18 @@ struct PartSums {
   float* out;
 };
 
+// The scores of one query times the attention scale (a double, rounded back to float once).
+void scale_scores(std::span<float> scores, double scale) {
+  for (float& v : scores) v = static_cast<float>(v * scale);
+}
+
+// A part's softmax pieces of one query's scaled scores: their largest value, and each score
+// replaced by exp(score - max), whose sum is returned.
+float part_exponentials(std::span<float> scores, float& max) {
+  max = vec::max_value(scores);
+  return vec::exp_shifted(scores, max);
+}
+
 // Part `p` of a support of `n` positions. `given`: the raw scores of the whole support ({group, n},
 // from the choice) or null to score the part here.
 void attend_part(const KVCache& cache, int64_t layer, int64_t kv, std::span<const float> queries,
@@ -72,12 +84,9 @@ void attend_part(const KVCache& cache, int64_t layer, int64_t kv, std::span<cons
     cache.score(layer, kv, queries, part, scores);
   }
   for (int64_t g = 0; g < group; ++g) {
-    float* s = scores.data() + g * count;
-    for (int64_t i = 0; i < count; ++i) s[i] = static_cast<float>(s[i] * scale);
-    const std::span<float> part_scores(s, static_cast<size_t>(count));
-    const float max = vec::max_value(part_scores);
-    sums.max[g] = max;
-    sums.sum[g] = vec::exp_shifted(part_scores, max);
+    const std::span<float> part_scores(scores.data() + g * count, static_cast<size_t>(count));
+    scale_scores(part_scores, scale);
+    sums.sum[g] = part_exponentials(part_scores, sums.max[g]);
   }
   std::fill(sums.out, sums.out + group * d, 0.0f);
   cache.accumulate(layer, kv, scores, part, {sums.out, static_cast<size_t>(group * d)});
@@ -99,6 +108,133 @@ void merge_parts(int64_t parts, int64_t group, int64_t d, const float* maxes, co
       const float* part_out = outs + p * group * d + g * d;
       for (int64_t c = 0; c < d; ++c) out[g * d + c] += weight * part_out[c];
     }
+  }
+}
+
+// The pieces of `parts` parts of `group` queries, laid out {parts, group} maxima, {parts, group}
+// sums, {parts, group, d} value sums: those of part p.
+PartSums part_sums(float* pieces, int64_t parts, int64_t group, int64_t d, int64_t p) {
+  return PartSums{pieces + p * group, pieces + (parts + p) * group,
+                  pieces + 2 * parts * group + p * group * d};
+}
+int64_t piece_floats(int64_t parts, int64_t group, int64_t d) { return parts * group * (d + 2); }
+
+// Query rows (tokens times the query heads of a KV head) per prefill tile: enough that a row read
+// from the cache serves many queries, few enough that a part's scores ({queries, 2048}) stay in
+// L2.
+constexpr int64_t kTileQueries = 64;
+
+// What a thread keeps for prefill tiles (grown, never shrunk).
+struct TileScratch {
+  std::vector<float> queries, shared, rest, row, pieces, outs, weights;
+};
+
+// Prefill of `count` consecutive tokens of one KV head whose supports are ranges from one start
+// (dense attention): sizes[t] positions from `begin` for token t, non-decreasing. Every part
+// (positions [p · 2048, ..) of the range, as attend_part cuts them) is scored and accumulated
+// for all the tokens that reach it in one call over the positions they share, and per token for
+// the few beyond, so each cached row is read once per tile rather than once per token. Each
+// score is the cache's score of that row, each softmax runs over the query's whole part in one
+// span, and each output takes the rows in order, so the bits are those of attend_whole /
+// attend_part and decode. queries and out: the whole call's ({tokens, heads, d}, `row` apart),
+// from this tile's first token on.
+void attend_tile(const KVCache& cache, int64_t layer, int64_t kv, const float* queries, int64_t row,
+                 int64_t group, int64_t d, int64_t begin, std::span<const int64_t> sizes,
+                 double scale, float* out, TileScratch& s) {
+  const int64_t count = static_cast<int64_t>(sizes.size()), q_floats = group * d;
+  const auto parts_of = [](int64_t n) { return part_count(n); };
+  const int64_t max_parts = parts_of(sizes[count - 1]);
+  s.queries.resize(static_cast<size_t>(count * q_floats));
+  for (int64_t t = 0; t < count; ++t)
+    std::copy_n(queries + t * row + kv * q_floats, q_floats, s.queries.begin() + t * q_floats);
+  const int64_t token_pieces = piece_floats(max_parts, group, d);
+  if (max_parts > 1) s.pieces.resize(static_cast<size_t>(count * token_pieces));
+  const auto slot_out = [&](int64_t t) { return out + t * row + kv * q_floats; };
+
+  for (int64_t p = 0; p < max_parts; ++p) {
+    int64_t first = 0;  // the first token that reaches part p (sizes are non-decreasing)
+    while (parts_of(sizes[first]) <= p) ++first;
+    const int64_t reaching = count - first, queries_here = reaching * group;
+    const int64_t part_begin = begin + p * kPartPositions;
+    const auto part_size = [&](int64_t t) {
+      return std::min(kPartPositions, sizes[t] - p * kPartPositions);
+    };
+    const int64_t shared = part_size(first), rest_stride = part_size(count - 1) - shared;
+    const PositionSet shared_positions = PositionSet::range(part_begin, part_begin + shared);
+    // Scores: the shared positions for every query, then each token's own last few.
+    s.shared.resize(static_cast<size_t>(queries_here * shared));
+    cache.score(layer, kv,
+                {s.queries.data() + first * q_floats, static_cast<size_t>(queries_here * d)},
+                shared_positions, s.shared);
+    s.rest.resize(static_cast<size_t>(queries_here * rest_stride));
+    const auto rest_positions = [&](int64_t t) {
+      return PositionSet::range(part_begin + shared, part_begin + part_size(t));
+    };
+    for (int64_t t = first; t < count; ++t) {
+      const int64_t rest = part_size(t) - shared;
+      if (rest == 0) continue;
+      s.weights.resize(static_cast<size_t>(group * rest));
+      cache.score(layer, kv, {s.queries.data() + t * q_floats, static_cast<size_t>(q_floats)},
+                  rest_positions(t), s.weights);
+      for (int64_t g = 0; g < group; ++g)
+        std::copy_n(s.weights.begin() + g * rest, rest,
+                    s.rest.begin() + ((t - first) * group + g) * rest_stride);
+    }
+    // Softmax (one part: normalized weights; several: exponentials and pieces), each query's
+    // scores gathered into one span.
+    for (int64_t t = first; t < count; ++t) {
+      const int64_t size = part_size(t), rest = size - shared, parts = parts_of(sizes[t]);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t q = (t - first) * group + g;
+        float* shared_row = s.shared.data() + q * shared;
+        float* rest_row = s.rest.data() + q * rest_stride;
+        s.row.resize(static_cast<size_t>(size));
+        std::copy_n(shared_row, shared, s.row.begin());
+        std::copy_n(rest_row, rest, s.row.begin() + shared);
+        const std::span<float> scores(s.row.data(), static_cast<size_t>(size));
+        scale_scores(scores, scale);
+        if (parts == 1) {
+          softmax_in_place(scores);
+        } else {
+          const PartSums sums = part_sums(s.pieces.data() + t * token_pieces, parts, group, d, p);
+          sums.sum[g] = part_exponentials(scores, sums.max[g]);
+        }
+        std::copy_n(s.row.begin(), shared, shared_row);
+        std::copy_n(s.row.begin() + shared, rest, rest_row);
+      }
+    }
+    // Value sums into each token's output (one part) or its part's piece (several).
+    const auto target = [&](int64_t t) {
+      const int64_t parts = parts_of(sizes[t]);
+      return parts == 1 ? slot_out(t)
+                        : part_sums(s.pieces.data() + t * token_pieces, parts, group, d, p).out;
+    };
+    s.outs.resize(static_cast<size_t>(queries_here * d));
+    for (int64_t t = first; t < count; ++t) {
+      float* to = target(t);
+      if (parts_of(sizes[t]) > 1) std::fill(to, to + q_floats, 0.0f);
+      std::copy_n(to, q_floats, s.outs.begin() + (t - first) * q_floats);
+    }
+    cache.accumulate(layer, kv, s.shared, shared_positions, s.outs);
+    for (int64_t t = first; t < count; ++t) {
+      float* to = target(t);
+      std::copy_n(s.outs.begin() + (t - first) * q_floats, q_floats, to);
+      const int64_t rest = part_size(t) - shared;
+      if (rest == 0) continue;
+      s.weights.resize(static_cast<size_t>(group * rest));
+      for (int64_t g = 0; g < group; ++g)
+        std::copy_n(s.rest.begin() + ((t - first) * group + g) * rest_stride, rest,
+                    s.weights.begin() + g * rest);
+      cache.accumulate(layer, kv, s.weights, rest_positions(t),
+                       {to, static_cast<size_t>(q_floats)});
+    }
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t parts = parts_of(sizes[t]);
+    if (parts == 1) continue;
+    const float* pieces = s.pieces.data() + t * token_pieces;
+    merge_parts(parts, group, d, pieces, pieces + parts * group, pieces + 2 * parts * group,
+                slot_out(t));
   }
 }
 
@@ -178,7 +314,7 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
     }
     for (int64_t g = 0; g < slot_group; ++g) {
       std::span<float> s(scratch.scores.data() + g * n, static_cast<size_t>(n));
-      for (float& v : s) v = static_cast<float>(v * spec.scale);
+      scale_scores(s, spec.scale);
       if (observer == nullptr) {
         softmax_in_place(s);
       } else {
@@ -191,11 +327,6 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
     cache.accumulate(layer, item.kv, scratch.scores, positions, slot_out(item));
   };
   auto split = [&](int64_t n) { return observer == nullptr && part_count(n) > 1; };
-  const int64_t piece_floats = slot_group * (d + 2);  // max, sum and value sums of one part
-  auto part_sums = [&](float* pieces, int64_t parts, int64_t p) {
-    return PartSums{pieces + p * slot_group, pieces + (parts + p) * slot_group,
-                    pieces + 2 * parts * slot_group + p * slot_group * d};
-  };
   auto merge = [&](const Item& item, const float* pieces, int64_t parts) {
     merge_parts(parts, slot_group, d, pieces, pieces + parts * slot_group,
                 pieces + 2 * parts * slot_group, slot_out(item).data());
@@ -215,7 +346,8 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
     std::vector<SupportScratch>& item_scratch = kept.item_scratch;
     std::vector<std::optional<ChosenSupport>>& chosen = kept.chosen;
     std::vector<float>& pieces = kept.pieces;
-    const int64_t max_parts = part_count(visible), slot_floats = max_parts * piece_floats;
+    const int64_t max_parts = part_count(visible),
+                  slot_floats = piece_floats(max_parts, slot_group, d);
     if (static_cast<int64_t>(item_scratch.size()) < items) item_scratch.resize(items);
     chosen.assign(static_cast<size_t>(items), std::nullopt);
     if (static_cast<int64_t>(pieces.size()) < items * slot_floats)
@@ -239,15 +371,56 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
         if (parts == 1)
           attend_whole(item, *chosen[i], item_scratch[i], logits);
         else
-          attend_part(cache, layer, item.kv, slot_queries(item), slot_group, d,
-                      chosen[i]->positions, p,
-                      chosen[i]->scored ? item_scratch[i].scores.data() : nullptr, spec.scale,
-                      part_scores, part_sums(pieces.data() + i * slot_floats, parts, p));
+          attend_part(
+              cache, layer, item.kv, slot_queries(item), slot_group, d, chosen[i]->positions, p,
+              chosen[i]->scored ? item_scratch[i].scores.data() : nullptr, spec.scale, part_scores,
+              part_sums(pieces.data() + i * slot_floats, parts, slot_group, d, p));
       }
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < items; ++i) {
         const int64_t parts = parts_of(i);
         if (parts > 1) merge(item_of(i), pieces.data() + i * slot_floats, parts);
+      }
+    }
+    return;
+  }
+
+  if (tokens > 1 && observer == nullptr && !per_head && support.chooses_visible_ranges()) {
+    // Prefill of dense attention in tiles of consecutive tokens per KV head (attend_tile), the
+    // latest tokens (the longest supports) first so that the threads finish together.
+    const int64_t tile_tokens = std::max<int64_t>(1, kTileQueries / group);
+    const int64_t tiles = (tokens + tile_tokens - 1) / tile_tokens;
+#pragma omp parallel
+    {
+      SupportScratch scratch;
+      TileScratch tile;
+      std::vector<int64_t> sizes;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < tiles * kv_heads; ++i) {
+        const int64_t kv = i % kv_heads, first = (tiles - 1 - i / kv_heads) * tile_tokens;
+        const int64_t last = std::min(tokens, first + tile_tokens);
+        // Runs of tokens whose ranges start together (all of the tile without a sliding window).
+        int64_t run_first = first, run_begin = 0;
+        sizes.clear();
+        for (int64_t t = first; t <= last; ++t) {
+          PositionSet positions = PositionSet::range(0, 0);
+          if (t < last) {
+            const ChosenSupport chosen = choose({t, kv, kv * group}, scratch);
+            require(chosen.positions.is_range() && !chosen.scored,
+                    "attention: a support that chooses visible ranges chose otherwise");
+            positions = chosen.positions;
+          }
+          if (t == last || (!sizes.empty() && positions.begin() != run_begin)) {
+            attend_tile(cache, layer, kv, queries.data() + run_first * row, row, group, d,
+                        run_begin, sizes, spec.scale, out.data() + run_first * row, tile);
+            sizes.clear();
+            run_first = t;
+          }
+          if (t < last) {
+            run_begin = positions.begin();
+            sizes.push_back(positions.size());
+          }
+        }
       }
     }
     return;
@@ -267,11 +440,11 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
         continue;
       }
       const int64_t parts = part_count(n);
-      item_pieces.resize(static_cast<size_t>(parts * piece_floats));
+      item_pieces.resize(static_cast<size_t>(piece_floats(parts, slot_group, d)));
       for (int64_t p = 0; p < parts; ++p)
         attend_part(cache, layer, item.kv, slot_queries(item), slot_group, d, chosen.positions, p,
                     chosen.scored ? scratch.scores.data() : nullptr, spec.scale, part_scores,
-                    part_sums(item_pieces.data(), parts, p));
+                    part_sums(item_pieces.data(), parts, slot_group, d, p));
       merge(item, item_pieces.data(), parts);
     }
   }

@@ -123,6 +123,10 @@ class Support {
   virtual ChosenSupport choose(const SupportQuery& query, SupportScratch& scratch,
                                SparseQueryStats& stats) = 0;
 
+  // True when every choice is the query's whole visible range, unscored (dense attention): the
+  // queries of a prefill may then share the reads of the positions they all see.
+  virtual bool chooses_visible_ranges() const { return false; }
+
  private:
   SelectorSpec spec_;
 };

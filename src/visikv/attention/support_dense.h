@@ -12,6 +12,7 @@ class DenseSupport final : public Support {
   void prepare(const KVCache&, const AttentionSpec&) override {}
   ChosenSupport choose(const SupportQuery& query, SupportScratch& scratch,
                        SparseQueryStats& stats) override;
+  bool chooses_visible_ranges() const override { return true; }
 };
 
 }  // namespace visikv

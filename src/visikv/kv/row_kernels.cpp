@@ -3,8 +3,9 @@
 //
 // One body per operation, written against a *reader* (a small struct: where row p is, and how
 // Lanes(d) consecutive elements of it read as floats): dense float32 / half / bfloat16 rows, and
-// integer codes with per-channel or per-group parameters. A row is read in place, once per block
-// of up to four queries.
+// integer codes with per-channel or per-group parameters. With few queries (decode) a row is read
+// in place, once per block of up to four queries; with many (a prefill tile of tokens) each block
+// of rows is read once into floats and every query meets those.
 #include "visikv/core/simd_targets.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "visikv/core/half.h"
@@ -252,20 +254,19 @@ HWY_INLINE void WithQueryCount(int64_t count, const F& f) {
   }
 }
 
-// Scores of kQueries queries against rows [first, first + here) of `positions` (here <=
-// Lanes(d)): each row one chain of fused multiply-adds per lane, then one transposed reduction
-// for the block (vec-inl.h), so a row's score does not depend on its lane.
-template <int kQueries, class D, class Reader>
-HWY_INLINE void DotBlock(D d, const Reader& reader, int64_t dim, const PositionSet& positions,
-                         int64_t first, int64_t here, const float* queries, float* scores,
-                         int64_t score_stride) {
+// Scores of kQueries queries against the `here` rows row_at(0), .. (here <= Lanes(d)) into
+// scores[j · score_stride + k]: each row one chain of fused multiply-adds per lane, then one
+// transposed reduction for the block (vec-inl.h), so a row's score does not depend on its lane.
+template <int kQueries, class D, class Reader, class RowAt>
+HWY_INLINE void DotBlock(D d, const Reader& reader, const RowAt& row_at, int64_t dim, int64_t here,
+                         const float* queries, float* scores, int64_t score_stride) {
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
   hn::Vec<D> partial[kQueries][kMaxFloatLanes];
   for (int64_t k = 0; k < lanes; ++k) {
     hn::Vec<D> acc[kQueries];
     for (int j = 0; j < kQueries; ++j) acc[j] = hn::Zero(d);
     if (k < here) {
-      const auto row = reader.row(positions[first + k]);
+      const auto row = row_at(k);
       if constexpr (Reader::kPairs) {
         for (int64_t c = 0; c < dim; c += 2 * lanes) {
           hn::Vec<D> even, odd;
@@ -287,7 +288,7 @@ HWY_INLINE void DotBlock(D d, const Reader& reader, int64_t dim, const PositionS
   }
   for (int j = 0; j < kQueries; ++j) {
     const hn::Vec<D> sums = vec::HWY_NAMESPACE::TransposedSums(d, partial[j]);
-    float* out = scores + j * score_stride + first;
+    float* out = scores + j * score_stride;
     if (here == lanes) {
       hn::StoreU(sums, d, out);
     } else {
@@ -298,32 +299,219 @@ HWY_INLINE void DotBlock(D d, const Reader& reader, int64_t dim, const PositionS
   }
 }
 
+// Rows row_at(0) .. row_at(count - 1) as the floats `reader` gives, in its order (the paired
+// reader's even then odd channels of each run), `dim` apart from `tile` on.
+template <class D, class Reader, class RowAt>
+HWY_INLINE void ReadRows(D d, const Reader& reader, const RowAt& row_at, int64_t dim, int64_t count,
+                         float* tile) {
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  for (int64_t k = 0; k < count; ++k) {
+    const auto row = row_at(k);
+    float* out = tile + k * dim;
+    if constexpr (Reader::kPairs) {
+      for (int64_t c = 0; c < dim; c += 2 * lanes) {
+        hn::Vec<D> even, odd;
+        reader.pair(d, row, c, even, odd);
+        hn::StoreU(even, d, out + c);
+        hn::StoreU(odd, d, out + c + lanes);
+      }
+    } else {
+      for (int64_t c = 0; c < dim; c += lanes) hn::StoreU(reader.chunk(d, row, c), d, out + c);
+    }
+  }
+}
+
+// Float32 rows are read in place even in tiles; every other reader's rows are read into floats
+// once per tile.
+template <class Reader>
+constexpr bool kReadsInPlace = std::is_same_v<Reader, DenseReader<float, false>>;
+
+// What a thread keeps between calls for tiles: the rows read into floats, and queries or outputs
+// in the paired reader's order (grown, never shrunk: nothing allocated once a prefill is under
+// way).
+struct TileScratch {
+  std::vector<float> rows, transposed, ordered, zeros;
+  float* Rows(int64_t floats) { return Grown(rows, floats); }
+  float* Transposed(int64_t floats) { return Grown(transposed, floats); }
+  const float* Zeros(int64_t floats) { return Grown(zeros, floats); }  // only ever zeros
+  float* Ordered(int64_t floats) { return Grown(ordered, floats); }
+  static float* Grown(std::vector<float>& v, int64_t floats) {
+    if (static_cast<int64_t>(v.size()) < floats) v.resize(static_cast<size_t>(floats));
+    return v.data();
+  }
+};
+inline TileScratch& ThreadTileScratch() {
+  thread_local TileScratch scratch;
+  return scratch;
+}
+
+// Rows per tile of weighted sums: about 16 KB of floats, so that a tile stays in L1 while every
+// query block passes over it.
+constexpr int64_t kTileFloats = 4096;
+
+// ---- Scores of many queries: transposed blocks ------------------------------------------------
+// DotBlock keeps, per query and row, one vector of partial sums (lane l: the chain of fused
+// multiply-adds over channels l, l + Lanes, ..) and then adds each row's lanes in a fixed tree
+// (TransposedSums), which costs about as much as the products. With a block of rows transposed
+// (channel c of row k at c · Lanes + k), lane l's partials of every row of the block build up in
+// one vector (lane k: row k), by the same chain; the tree then adds whole vectors, the same
+// additions in the same order. Transposing costs about a row's products per block, so this pays
+// from kTransposeQueries queries on (the tiles of prefill).
+constexpr int64_t kTransposeQueries = 16;
+
+// Rows row_of[0 .. Lanes(d)) of `dim` floats transposed: channel c of row k at c · Lanes(d) + k.
+// Four rows by four channels at a time with 128-bit interleaves where vectors have four lanes or
+// more (dim is then a multiple of 4).
+template <class D>
+HWY_INLINE void Transpose(D d, const float* const* row_of, int64_t dim, float* transposed) {
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+#if HWY_TARGET != HWY_SCALAR
+  if constexpr (hn::MaxLanes(D()) >= 4) {
+    const hn::Full128<float> d4;
+    const hn::Full128<uint64_t> d64;
+    for (int64_t k = 0; k < lanes; k += 4)
+      for (int64_t c = 0; c < dim; c += 4) {
+        const auto r0 = hn::LoadU(d4, row_of[k] + c), r1 = hn::LoadU(d4, row_of[k + 1] + c);
+        const auto r2 = hn::LoadU(d4, row_of[k + 2] + c), r3 = hn::LoadU(d4, row_of[k + 3] + c);
+        // [r0.0 r1.0 r0.1 r1.1], [r2.0 r3.0 r2.1 r3.1], then the upper halves' likewise.
+        const auto low01 = hn::BitCast(d64, hn::InterleaveLower(d4, r0, r1));
+        const auto low23 = hn::BitCast(d64, hn::InterleaveLower(d4, r2, r3));
+        const auto high01 = hn::BitCast(d64, hn::InterleaveUpper(d4, r0, r1));
+        const auto high23 = hn::BitCast(d64, hn::InterleaveUpper(d4, r2, r3));
+        float* out = transposed + c * lanes + k;
+        hn::StoreU(hn::BitCast(d4, hn::InterleaveLower(d64, low01, low23)), d4, out);
+        hn::StoreU(hn::BitCast(d4, hn::InterleaveUpper(d64, low01, low23)), d4, out + lanes);
+        hn::StoreU(hn::BitCast(d4, hn::InterleaveLower(d64, high01, high23)), d4, out + 2 * lanes);
+        hn::StoreU(hn::BitCast(d4, hn::InterleaveUpper(d64, high01, high23)), d4, out + 3 * lanes);
+      }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < dim; ++c)
+    for (int64_t k = 0; k < lanes; ++k) transposed[c * lanes + k] = row_of[k][c];
+}
+
+// Lane l's partial sums for kQ queries over every row of a transposed block.
+template <int kQ, class D>
+HWY_INLINE void LanePartials(D d, const float* transposed, int64_t chunks, int64_t l,
+                             const float* const* queries, hn::Vec<D> (&acc)[kQ]) {
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  for (int j = 0; j < kQ; ++j) acc[j] = hn::Zero(d);
+  for (int64_t m = 0; m < chunks; ++m) {
+    const int64_t c = m * lanes + l;
+    const hn::Vec<D> x = hn::LoadU(d, transposed + c * lanes);
+    for (int j = 0; j < kQ; ++j) acc[j] = Fma(d, x, hn::Set(d, queries[j][c]), acc[j]);
+  }
+}
+
+// The sums of lanes [l0, l0 + kCount) of every row, added in TransposedSums' tree (pairs of
+// neighbouring lanes, then pairs of pairs, ..): a row's score in lane k at kCount == Lanes.
+template <int kCount, int kQ, class D>
+HWY_INLINE void LaneTree(D d, const float* transposed, int64_t chunks, int64_t l0,
+                         const float* const* queries, hn::Vec<D> (&sum)[kQ]) {
+  if constexpr (kCount == 1) {
+    LanePartials<kQ>(d, transposed, chunks, l0, queries, sum);
+  } else {
+    hn::Vec<D> right[kQ];
+    LaneTree<kCount / 2, kQ>(d, transposed, chunks, l0, queries, sum);
+    LaneTree<kCount / 2, kQ>(d, transposed, chunks, l0 + kCount / 2, queries, right);
+    for (int j = 0; j < kQ; ++j) sum[j] = hn::Add(sum[j], right[j]);
+  }
+}
+
+// Queries per pass over a transposed block: the tree's pending sums and the chains of four fit
+// AVX-512's 32 registers, of two the 16 of narrower targets.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+constexpr int kTransposedQueries = 4;
+#else
+constexpr int kTransposedQueries = 2;
+#endif
+
+template <class D, class Reader>
+void DotTransposed(D d, const Reader& reader, int64_t dim, const PositionSet& positions,
+                   int64_t row_count, const float* queries, int64_t query_count, float* scores,
+                   int64_t score_stride) {
+  constexpr size_t kLanes = hn::MaxLanes(D());
+  const int64_t lanes = static_cast<int64_t>(kLanes), chunks = dim / lanes;
+  TileScratch& scratch = ThreadTileScratch();
+  float* rows = scratch.Rows(lanes * dim);
+  float* transposed = scratch.Transposed(lanes * dim);
+  const float* zeros = scratch.Zeros(dim);  // the rows past the last of a short block
+  for (int64_t first = 0; first < row_count; first += lanes) {
+    const int64_t here = std::min(lanes, row_count - first);
+    const float* row_of[kMaxFloatLanes];
+    if constexpr (kReadsInPlace<Reader>) {
+      for (int64_t k = 0; k < here; ++k) row_of[k] = reader.row(positions[first + k]);
+    } else {
+      ReadRows(
+          d, reader, [&](int64_t k) HWY_ATTR { return reader.row(positions[first + k]); }, dim,
+          here, rows);
+      for (int64_t k = 0; k < here; ++k) row_of[k] = rows + k * dim;
+    }
+    for (int64_t k = here; k < lanes; ++k) row_of[k] = zeros;
+    Transpose(d, row_of, dim, transposed);
+    for (int64_t q0 = 0; q0 < query_count; q0 += kTransposedQueries) {
+      const auto pass = [&](auto queries_here) HWY_ATTR {
+        constexpr int kQ = decltype(queries_here)::value;
+        const float* query[kQ];
+        for (int j = 0; j < kQ; ++j) query[j] = queries + (q0 + j) * dim;
+        hn::Vec<D> sums[kQ];
+        LaneTree<static_cast<int>(kLanes), kQ>(d, transposed, chunks, 0, query, sums);
+        for (int j = 0; j < kQ; ++j) {
+          float* out = scores + (q0 + j) * score_stride + first;
+          if (here == lanes) {
+            hn::StoreU(sums[j], d, out);
+          } else {
+            HWY_ALIGN float block[kMaxFloatLanes];
+            hn::Store(sums[j], d, block);
+            std::copy_n(block, here, out);
+          }
+        }
+      };
+      if (query_count - q0 >= kTransposedQueries)
+        pass(std::integral_constant<int, kTransposedQueries>{});
+      else
+        WithQueryCount(query_count - q0, pass);
+    }
+  }
+}
+
 template <class D, class Reader>
 void DotAll(D d, const Reader& reader, int64_t dim, const PositionSet& positions, int64_t row_count,
             const float* queries, int64_t query_count, float* scores, int64_t score_stride) {
+  if (query_count <= 0) return;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  if (query_count >= kTransposeQueries) {
+    const float* ordered = queries;
+    if constexpr (Reader::kPairs) {
+      float* buffer = ThreadTileScratch().Ordered(query_count * dim);
+      ToPairOrder(queries, buffer, query_count, dim, lanes);
+      ordered = buffer;
+    }
+    return DotTransposed(d, reader, dim, positions, row_count, ordered, query_count, scores,
+                         score_stride);
+  }
   HWY_ALIGN float paired[Reader::kPairs ? kQueryBlock * kMaxPairedDim : 1];
   for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock) {
+    const int64_t queries_here = std::min<int64_t>(kQueryBlock, query_count - q0);
     const float* block_queries = queries + q0 * dim;
     if constexpr (Reader::kPairs) {
-      ToPairOrder(block_queries, paired, std::min<int64_t>(kQueryBlock, query_count - q0), dim,
-                  lanes);
+      ToPairOrder(block_queries, paired, queries_here, dim, lanes);
       block_queries = paired;
     }
-    float* block_scores = scores + q0 * score_stride;
-    const auto run = [&](auto queries_here) HWY_ATTR {
+    WithQueryCount(queries_here, [&](auto kq) HWY_ATTR {
       for (int64_t first = 0; first < row_count; first += lanes)
-        DotBlock<decltype(queries_here)::value>(d, reader, dim, positions, first,
-                                                std::min(lanes, row_count - first), block_queries,
-                                                block_scores, score_stride);
-    };
-    WithQueryCount(std::min<int64_t>(kQueryBlock, query_count - q0), run);
+        DotBlock<decltype(kq)::value>(
+            d, reader, [&](int64_t k) HWY_ATTR { return reader.row(positions[first + k]); }, dim,
+            std::min(lanes, row_count - first), block_queries, scores + q0 * score_stride + first,
+            score_stride);
+    });
   }
 }
 
 // Channels [c, c + kChunks · Lanes(d)) of kQueries outputs, held in registers over all rows.
-template <int kQueries, int kChunks, class D, class Reader>
-HWY_INLINE void AccumulatePass(D d, const Reader& reader, int64_t dim, const PositionSet& positions,
+template <int kQueries, int kChunks, class D, class Reader, class RowAt>
+HWY_INLINE void AccumulatePass(D d, const Reader& reader, const RowAt& row_at, int64_t dim,
                                int64_t row_count, const float* weights, int64_t weight_stride,
                                int64_t c, float* out) {
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
@@ -331,7 +519,7 @@ HWY_INLINE void AccumulatePass(D d, const Reader& reader, int64_t dim, const Pos
   for (int j = 0; j < kQueries; ++j)
     for (int k = 0; k < kChunks; ++k) acc[j][k] = hn::LoadU(d, out + j * dim + c + k * lanes);
   for (int64_t i = 0; i < row_count; ++i) {
-    const auto row = reader.row(positions[i]);
+    const auto row = row_at(i);
     hn::Vec<D> x[kChunks];
     if constexpr (Reader::kPairs) {
       static_assert(kChunks % 2 == 0);
@@ -355,38 +543,81 @@ constexpr int kChunksPerPass = 4;
 constexpr int kChunksPerPass = 2;
 #endif
 
+// Every pass over the channels of kQueries outputs (`out`, `dim` apart, in the reader's order)
+// for rows row_at(0) .. row_at(row_count - 1).
+template <int kQueries, class D, class Reader, class RowAt>
+HWY_INLINE void AccumulatePasses(D d, const Reader& reader, const RowAt& row_at, int64_t dim,
+                                 int64_t row_count, const float* weights, int64_t weight_stride,
+                                 float* out) {
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  int64_t c = 0;
+  for (; c + kChunksPerPass * lanes <= dim; c += kChunksPerPass * lanes)
+    AccumulatePass<kQueries, kChunksPerPass>(d, reader, row_at, dim, row_count, weights,
+                                             weight_stride, c, out);
+  if constexpr (kChunksPerPass > 2)
+    for (; c + 2 * lanes <= dim; c += 2 * lanes)
+      AccumulatePass<kQueries, 2>(d, reader, row_at, dim, row_count, weights, weight_stride, c,
+                                  out);
+  if constexpr (!Reader::kPairs)  // paired rows are a whole number of pairs of vectors
+    for (; c < dim; c += lanes)
+      AccumulatePass<kQueries, 1>(d, reader, row_at, dim, row_count, weights, weight_stride, c,
+                                  out);
+}
+
 template <class D, class Reader>
 void AccumulateAll(D d, const Reader& reader, int64_t dim, const PositionSet& positions,
                    int64_t row_count, const float* weights, int64_t weight_stride,
                    int64_t query_count, float* out) {
+  if (query_count <= 0) return;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
-  HWY_ALIGN float paired[Reader::kPairs ? kQueryBlock * kMaxPairedDim : 1];
-  for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock) {
-    const int64_t queries_here = std::min<int64_t>(kQueryBlock, query_count - q0);
-    const float* block_weights = weights + q0 * weight_stride;
-    float* block_out = out + q0 * dim;
+  const auto in_place = [&](int64_t first) HWY_ATTR {
+    return [&reader, &positions, first](int64_t k)
+               HWY_ATTR { return reader.row(positions[first + k]); };
+  };
+  if (query_count <= kQueryBlock) {
+    HWY_ALIGN float paired[Reader::kPairs ? kQueryBlock * kMaxPairedDim : 1];
+    float* ordered = out;
     if constexpr (Reader::kPairs) {
-      ToPairOrder(block_out, paired, queries_here, dim, lanes);
-      block_out = paired;
+      ToPairOrder(out, paired, query_count, dim, lanes);
+      ordered = paired;
     }
-    const auto run = [&](auto queries_in_block) HWY_ATTR {
-      constexpr int kQ = decltype(queries_in_block)::value;
-      int64_t c = 0;
-      for (; c + kChunksPerPass * lanes <= dim; c += kChunksPerPass * lanes)
-        AccumulatePass<kQ, kChunksPerPass>(d, reader, dim, positions, row_count, block_weights,
-                                           weight_stride, c, block_out);
-      if constexpr (kChunksPerPass > 2)
-        for (; c + 2 * lanes <= dim; c += 2 * lanes)
-          AccumulatePass<kQ, 2>(d, reader, dim, positions, row_count, block_weights, weight_stride,
-                                c, block_out);
-      if constexpr (!Reader::kPairs)  // paired rows are a whole number of pairs of vectors
-        for (; c < dim; c += lanes)
-          AccumulatePass<kQ, 1>(d, reader, dim, positions, row_count, block_weights, weight_stride,
-                                c, block_out);
-    };
-    WithQueryCount(queries_here, run);
-    if constexpr (Reader::kPairs) FromPairOrder(paired, out + q0 * dim, queries_here, dim, lanes);
+    WithQueryCount(query_count, [&](auto queries_here) HWY_ATTR {
+      AccumulatePasses<decltype(queries_here)::value>(d, reader, in_place(0), dim, row_count,
+                                                      weights, weight_stride, ordered);
+    });
+    if constexpr (Reader::kPairs) FromPairOrder(paired, out, query_count, dim, lanes);
+    return;
   }
+  // Many queries: tiles of rows read once (into floats, but for float32 rows), every block of
+  // queries passing over each tile; each output still takes one fused multiply-add per row, in
+  // row order, of the reader's numbers.
+  TileScratch& scratch = ThreadTileScratch();
+  float* ordered = out;
+  if constexpr (Reader::kPairs) {
+    ordered = scratch.Ordered(query_count * dim);
+    ToPairOrder(out, ordered, query_count, dim, lanes);
+  }
+  const int64_t tile_rows = std::max<int64_t>(lanes, kTileFloats / dim);
+  float* tile = kReadsInPlace<Reader> ? nullptr : scratch.Rows(tile_rows * dim);
+  const DenseReader<float, false> tile_reader{tile, dim};
+  for (int64_t first = 0; first < row_count; first += tile_rows) {
+    const int64_t here = std::min(tile_rows, row_count - first);
+    if constexpr (!kReadsInPlace<Reader>) ReadRows(d, reader, in_place(first), dim, here, tile);
+    for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock)
+      WithQueryCount(
+          std::min<int64_t>(kQueryBlock, query_count - q0), [&](auto queries_here) HWY_ATTR {
+            constexpr int kQ = decltype(queries_here)::value;
+            const float* w = weights + q0 * weight_stride + first;
+            if constexpr (kReadsInPlace<Reader>)
+              AccumulatePasses<kQ>(d, reader, in_place(first), dim, here, w, weight_stride,
+                                   ordered + q0 * dim);
+            else
+              AccumulatePasses<kQ>(
+                  d, tile_reader, [tile, dim](int64_t k) HWY_ATTR { return tile + k * dim; }, dim,
+                  here, w, weight_stride, ordered + q0 * dim);
+          });
+  }
+  if constexpr (Reader::kPairs) FromPairOrder(ordered, out, query_count, dim, lanes);
 }
 
 // Calls f(d) with the widest tag whose lanes divide `dim` and that `reader` can read (rows are a
