@@ -2,16 +2,20 @@
 // a group of queries against n cached positions, then accumulate the values with weights over
 // the same positions, both from the stored form.
 //   build/bench/bench_kv_codecs [--benchmark_filter=int4] [--benchmark_min_time=0.1]
-// Two families, keys and values in the same spec (a HeadQ side code, random basis, on the keys
+// Three families, keys and values in the same spec (a HeadQ side code, random basis, on the keys
 // only), head_dim 64, 3 queries per KV head (the SmolLM2-135M grouping):
 //   KVCodec/<spec>/<n>      one KV head: its cache stays in the core's caches, so this measures
 //                           the arithmetic of reading the stored form;
+//   KVCodecTile/<spec>/<n>  the same head read by 63 queries at once (21 tokens x 3 heads, a tile
+//                           of dense prefill), which read each block of rows once and score it
+//                           transposed;
 //   KVCodecStep/<spec>/<n>  every KV head of the default model's cache (30 layers x 3 heads), as
 //                           one decode step on one thread reads it: at 4K positions the dense
 //                           f32 cache is 189 MB, so this measures the memory traffic as well.
 // bytes_per_second counts the stored key and value bytes one call reads (bytes_per_call, side
 // codes included); ns_per_position is the time per cached position (per head and position for
-// KVCodec, per position of the whole model for KVCodecStep).
+// KVCodec, per position of the whole model for KVCodecStep); ns_per_query_position divides it by
+// the queries.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -80,15 +84,15 @@ const KVCache& filled_cache(const CacheShape& shape, const std::string& spec, in
 }
 
 void codec_step(benchmark::State& state, const CacheShape& shape, const std::string& spec,
-                int64_t n) {
+                int64_t n, int64_t group) {
   const KVCache& cache = filled_cache(shape, spec, n);
   std::mt19937 rng(7);
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> queries(kGroup * kHeadDim);
+  std::vector<float> queries(group * kHeadDim);
   for (float& x : queries) x = normal(rng);
   const PositionSet positions = PositionSet::range(0, n);
-  std::vector<float> scores(kGroup * n), out(kGroup * kHeadDim);
-  const std::vector<float> weights(kGroup * n, 1.0f / static_cast<float>(n));
+  std::vector<float> scores(group * n), out(group * kHeadDim);
+  const std::vector<float> weights(group * n, 1.0f / static_cast<float>(n));
   for (auto _ : state) {
     for (int64_t layer = 0; layer < shape.layers; ++layer)
       for (int64_t head = 0; head < shape.kv_heads; ++head) {
@@ -111,6 +115,9 @@ void codec_step(benchmark::State& state, const CacheShape& shape, const std::str
   state.counters["ns_per_position"] = benchmark::Counter(
       static_cast<double>(n) * 1e-9,
       benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+  state.counters["ns_per_query_position"] = benchmark::Counter(
+      static_cast<double>(n * group) * 1e-9,
+      benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
 }  // namespace
@@ -119,13 +126,16 @@ int main(int argc, char** argv) {
   const struct {
     const char* name;
     CacheShape shape;
-  } families[] = {{"KVCodec", {1, 1, kHeadDim}}, {"KVCodecStep", kDefaultModelCache}};
+    int64_t queries;
+  } families[] = {{"KVCodec", {1, 1, kHeadDim}, kGroup},
+                  {"KVCodecTile", {1, 1, kHeadDim}, 21 * kGroup},
+                  {"KVCodecStep", kDefaultModelCache, kGroup}};
   for (const auto& family : families)
     for (const char* spec : kSpecs)
       for (int64_t n : {1024, 4096, 16384})
         benchmark::RegisterBenchmark(
             (std::string(family.name) + "/" + spec + "/" + std::to_string(n)).c_str(), codec_step,
-            family.shape, std::string(spec), n);
+            family.shape, std::string(spec), n, family.queries);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();
