@@ -173,9 +173,10 @@ INSTANTIATE_TEST_SUITE_P(Caches, LongAttentionTest,
 
 // Dense prefill reads the cache in tiles of tokens (attention.cpp, attend_tile): every token's
 // output must still be the bits of decoding that token alone, for every codec family (float
-// rows, half rows read into floats, paired and plain 4-bit codes, per-channel codes, HeadQ side
-// codes), across the 2048-position part boundary inside a tile, with and without a sliding
-// window, on one thread and two.
+// rows, half rows read into floats, paired and plain 4-bit codes, per-channel codes), across the
+// 2048-position part boundary inside a tile, with and without a sliding window (one that the
+// tile's tokens share most of, one too short to share anything, one longer than a part), on one
+// thread and two.
 struct TileCase {
   const char* keys;
   const char* values;
@@ -222,7 +223,9 @@ INSTANTIATE_TEST_SUITE_P(Codecs, PrefillTileTest,
                                            TileCase{"int4:g32:tok", "int4:g32:tok", 0},
                                            TileCase{"int4:g16:tok", "int8:g64:tok", 0},
                                            TileCase{"int2:g16:chan:r128", "int3:g64:tok", 0},
-                                           TileCase{"f16", "int4:g32:tok", 1000}));
+                                           TileCase{"f16", "int4:g32:tok", 1000},
+                                           TileCase{"int4:g32:tok", "f16", 8},
+                                           TileCase{"f16", "f16", 2060}));
 
 TEST(DenseCache, ScoreAndAccumulateOverIndexListsMatchRanges) {
   const int64_t d = 16, n = 40;

@@ -126,24 +126,25 @@ constexpr int64_t kTileQueries = 64;
 
 // What a thread keeps for prefill tiles (grown, never shrunk).
 struct TileScratch {
-  std::vector<float> queries, shared, rest, row, pieces, outs, weights;
+  std::vector<float> queries, shared, head, rest, row, pieces, outs, weights;
 };
 
-// Prefill of `count` consecutive tokens of one KV head whose supports are ranges from one start
-// (dense attention): sizes[t] positions from `begin` for token t, non-decreasing. Every part
-// (positions [p · 2048, ..) of the range, as attend_part cuts them) is scored and accumulated
-// for all the tokens that reach it in one call over the positions they share, and per token for
-// the few beyond, so each cached row is read once per tile rather than once per token. Each
-// score is the cache's score of that row, each softmax runs over the query's whole part in one
-// span, and each output takes the rows in order, so the bits are those of attend_whole /
-// attend_part and decode. queries and out: the whole call's ({tokens, heads, d}, `row` apart),
-// from this tile's first token on.
+// Prefill of `count` consecutive tokens of one KV head whose supports are ranges (dense
+// attention): token t reads sizes[t] positions from begins[t], and either every range starts at
+// one position (sizes then non-decreasing) or every range is one part long (at most 2048
+// positions, as under a sliding window). Every part (positions [p · 2048, ..) of a range, as
+// attend_part cuts them) is scored and accumulated for all the tokens that reach it in one call
+// over the positions they all read, and per token for the few before and after those, so each
+// cached row is read once per tile rather than once per token. Each score is the cache's score of
+// that row, each softmax runs over the query's whole part in one span, and each output takes the
+// rows in order, so the bits are those of attend_whole / attend_part and decode. queries and out:
+// the whole call's ({tokens, heads, d}, `row` apart), from this tile's first token on.
 void attend_tile(const KVCache& cache, int64_t layer, int64_t kv, const float* queries, int64_t row,
-                 int64_t group, int64_t d, int64_t begin, std::span<const int64_t> sizes,
-                 double scale, float* out, TileScratch& s) {
+                 int64_t group, int64_t d, std::span<const int64_t> begins,
+                 std::span<const int64_t> sizes, double scale, float* out, TileScratch& s) {
   const int64_t count = static_cast<int64_t>(sizes.size()), q_floats = group * d;
-  const auto parts_of = [](int64_t n) { return part_count(n); };
-  const int64_t max_parts = parts_of(sizes[count - 1]);
+  int64_t max_parts = 1;
+  for (const int64_t n : sizes) max_parts = std::max(max_parts, part_count(n));
   s.queries.resize(static_cast<size_t>(count * q_floats));
   for (int64_t t = 0; t < count; ++t)
     std::copy_n(queries + t * row + kv * q_floats, q_floats, s.queries.begin() + t * q_floats);
@@ -152,46 +153,74 @@ void attend_tile(const KVCache& cache, int64_t layer, int64_t kv, const float* q
   const auto slot_out = [&](int64_t t) { return out + t * row + kv * q_floats; };
 
   for (int64_t p = 0; p < max_parts; ++p) {
-    int64_t first = 0;  // the first token that reaches part p (sizes are non-decreasing)
-    while (parts_of(sizes[first]) <= p) ++first;
+    int64_t first = 0;  // the first token that reaches part p (sizes are non-decreasing here)
+    while (part_count(sizes[first]) <= p) ++first;
     const int64_t reaching = count - first, queries_here = reaching * group;
-    const int64_t part_begin = begin + p * kPartPositions;
-    const auto part_size = [&](int64_t t) {
-      return std::min(kPartPositions, sizes[t] - p * kPartPositions);
+    // Token t's part is [lo(t), hi(t)); the tokens share [shared_lo, shared_hi) and read the
+    // head [lo(t), shared_lo) and the tail [shared_hi, hi(t)) alone.
+    const auto lo = [&](int64_t t) { return begins[t] + p * kPartPositions; };
+    const auto hi = [&](int64_t t) {
+      return lo(t) + std::min(kPartPositions, sizes[t] - p * kPartPositions);
     };
-    const int64_t shared = part_size(first), rest_stride = part_size(count - 1) - shared;
-    const PositionSet shared_positions = PositionSet::range(part_begin, part_begin + shared);
-    // Scores: the shared positions for every query, then each token's own last few.
+    int64_t shared_lo = lo(first), shared_hi = hi(first);
+    for (int64_t t = first; t < count; ++t)
+      shared_lo = std::max(shared_lo, lo(t)), shared_hi = std::min(shared_hi, hi(t));
+    if (shared_hi < shared_lo) shared_hi = shared_lo = hi(count - 1);  // nothing shared
+    const int64_t shared = shared_hi - shared_lo;
+    const auto head = [&](int64_t t) { return std::min(shared_lo, hi(t)) - lo(t); };
+    const auto tail = [&](int64_t t) { return std::max<int64_t>(0, hi(t) - shared_hi); };
+    int64_t head_stride = 0, tail_stride = 0;
+    for (int64_t t = first; t < count; ++t)
+      head_stride = std::max(head_stride, head(t)), tail_stride = std::max(tail_stride, tail(t));
+    const auto head_positions = [&](int64_t t) {
+      return PositionSet::range(lo(t), lo(t) + head(t));
+    };
+    const auto tail_positions = [&](int64_t t) {
+      return PositionSet::range(hi(t) - tail(t), hi(t));
+    };
+    const PositionSet shared_positions = PositionSet::range(shared_lo, shared_hi);
+    const float* token_queries = s.queries.data() + first * q_floats;
+
+    // Scores: the shared positions for every query at once, each token's head and tail alone
+    // ({group, length} each, kept in rows `stride` apart).
     s.shared.resize(static_cast<size_t>(queries_here * shared));
-    cache.score(layer, kv,
-                {s.queries.data() + first * q_floats, static_cast<size_t>(queries_here * d)},
-                shared_positions, s.shared);
-    s.rest.resize(static_cast<size_t>(queries_here * rest_stride));
-    const auto rest_positions = [&](int64_t t) {
-      return PositionSet::range(part_begin + shared, part_begin + part_size(t));
+    if (shared > 0)
+      cache.score(layer, kv, {token_queries, static_cast<size_t>(queries_here * d)},
+                  shared_positions, s.shared);
+    s.head.resize(static_cast<size_t>(queries_here * head_stride));
+    s.rest.resize(static_cast<size_t>(queries_here * tail_stride));
+    const auto score_alone = [&](int64_t t, const PositionSet& positions, std::vector<float>& to,
+                                 int64_t stride) {
+      const int64_t length = positions.size();
+      if (length == 0) return;
+      s.weights.resize(static_cast<size_t>(group * length));
+      cache.score(layer, kv, {s.queries.data() + t * q_floats, static_cast<size_t>(q_floats)},
+                  positions, s.weights);
+      for (int64_t g = 0; g < group; ++g)
+        std::copy_n(s.weights.begin() + g * length, length,
+                    to.begin() + ((t - first) * group + g) * stride);
     };
     for (int64_t t = first; t < count; ++t) {
-      const int64_t rest = part_size(t) - shared;
-      if (rest == 0) continue;
-      s.weights.resize(static_cast<size_t>(group * rest));
-      cache.score(layer, kv, {s.queries.data() + t * q_floats, static_cast<size_t>(q_floats)},
-                  rest_positions(t), s.weights);
-      for (int64_t g = 0; g < group; ++g)
-        std::copy_n(s.weights.begin() + g * rest, rest,
-                    s.rest.begin() + ((t - first) * group + g) * rest_stride);
+      score_alone(t, head_positions(t), s.head, head_stride);
+      score_alone(t, tail_positions(t), s.rest, tail_stride);
     }
     // Softmax (one part: normalized weights; several: exponentials and pieces), each query's
-    // scores gathered into one span.
+    // scores gathered into one span in position order.
     for (int64_t t = first; t < count; ++t) {
-      const int64_t size = part_size(t), rest = size - shared, parts = parts_of(sizes[t]);
+      const int64_t size = hi(t) - lo(t), parts = part_count(sizes[t]);
+      const int64_t heads_here = head(t), tails_here = tail(t);
+      const int64_t shared_here = size - heads_here - tails_here;  // shared, or 0
       for (int64_t g = 0; g < group; ++g) {
         const int64_t q = (t - first) * group + g;
+        float* head_row = s.head.data() + q * head_stride;
         float* shared_row = s.shared.data() + q * shared;
-        float* rest_row = s.rest.data() + q * rest_stride;
+        float* tail_row = s.rest.data() + q * tail_stride;
         s.row.resize(static_cast<size_t>(size));
-        std::copy_n(shared_row, shared, s.row.begin());
-        std::copy_n(rest_row, rest, s.row.begin() + shared);
-        const std::span<float> scores(s.row.data(), static_cast<size_t>(size));
+        float* whole = s.row.data();
+        std::copy_n(head_row, heads_here, whole);
+        std::copy_n(shared_row, shared_here, whole + heads_here);
+        std::copy_n(tail_row, tails_here, whole + heads_here + shared_here);
+        const std::span<float> scores(whole, static_cast<size_t>(size));
         scale_scores(scores, scale);
         if (parts == 1) {
           softmax_in_place(scores);
@@ -199,38 +228,43 @@ void attend_tile(const KVCache& cache, int64_t layer, int64_t kv, const float* q
           const PartSums sums = part_sums(s.pieces.data() + t * token_pieces, parts, group, d, p);
           sums.sum[g] = part_exponentials(scores, sums.max[g]);
         }
-        std::copy_n(s.row.begin(), shared, shared_row);
-        std::copy_n(s.row.begin() + shared, rest, rest_row);
+        std::copy_n(whole, heads_here, head_row);
+        std::copy_n(whole + heads_here, shared_here, shared_row);
+        std::copy_n(whole + heads_here + shared_here, tails_here, tail_row);
       }
     }
-    // Value sums into each token's output (one part) or its part's piece (several).
+    // Value sums in position order (head, shared, tail) into each token's output (one part) or
+    // its part's piece (several).
     const auto target = [&](int64_t t) {
-      const int64_t parts = parts_of(sizes[t]);
+      const int64_t parts = part_count(sizes[t]);
       return parts == 1 ? slot_out(t)
                         : part_sums(s.pieces.data() + t * token_pieces, parts, group, d, p).out;
+    };
+    const auto accumulate_alone = [&](int64_t t, const PositionSet& positions,
+                                      const std::vector<float>& from, int64_t stride) {
+      const int64_t length = positions.size();
+      if (length == 0) return;
+      s.weights.resize(static_cast<size_t>(group * length));
+      for (int64_t g = 0; g < group; ++g)
+        std::copy_n(from.begin() + ((t - first) * group + g) * stride, length,
+                    s.weights.begin() + g * length);
+      cache.accumulate(layer, kv, s.weights, positions, {target(t), static_cast<size_t>(q_floats)});
     };
     s.outs.resize(static_cast<size_t>(queries_here * d));
     for (int64_t t = first; t < count; ++t) {
       float* to = target(t);
-      if (parts_of(sizes[t]) > 1) std::fill(to, to + q_floats, 0.0f);
+      if (part_count(sizes[t]) > 1) std::fill(to, to + q_floats, 0.0f);
+      accumulate_alone(t, head_positions(t), s.head, head_stride);
       std::copy_n(to, q_floats, s.outs.begin() + (t - first) * q_floats);
     }
-    cache.accumulate(layer, kv, s.shared, shared_positions, s.outs);
+    if (shared > 0) cache.accumulate(layer, kv, s.shared, shared_positions, s.outs);
     for (int64_t t = first; t < count; ++t) {
-      float* to = target(t);
-      std::copy_n(s.outs.begin() + (t - first) * q_floats, q_floats, to);
-      const int64_t rest = part_size(t) - shared;
-      if (rest == 0) continue;
-      s.weights.resize(static_cast<size_t>(group * rest));
-      for (int64_t g = 0; g < group; ++g)
-        std::copy_n(s.rest.begin() + ((t - first) * group + g) * rest_stride, rest,
-                    s.weights.begin() + g * rest);
-      cache.accumulate(layer, kv, s.weights, rest_positions(t),
-                       {to, static_cast<size_t>(q_floats)});
+      std::copy_n(s.outs.begin() + (t - first) * q_floats, q_floats, target(t));
+      accumulate_alone(t, tail_positions(t), s.rest, tail_stride);
     }
   }
   for (int64_t t = 0; t < count; ++t) {
-    const int64_t parts = parts_of(sizes[t]);
+    const int64_t parts = part_count(sizes[t]);
     if (parts == 1) continue;
     const float* pieces = s.pieces.data() + t * token_pieces;
     merge_parts(parts, group, d, pieces, pieces + parts * group, pieces + 2 * parts * group,
@@ -394,13 +428,16 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
     {
       SupportScratch scratch;
       TileScratch tile;
-      std::vector<int64_t> sizes;
+      std::vector<int64_t> begins, sizes;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < tiles * kv_heads; ++i) {
         const int64_t kv = i % kv_heads, first = (tiles - 1 - i / kv_heads) * tile_tokens;
         const int64_t last = std::min(tokens, first + tile_tokens);
-        // Runs of tokens whose ranges start together (all of the tile without a sliding window).
-        int64_t run_first = first, run_begin = 0;
+        // Runs of tokens attend_tile takes together: ranges from one start (the whole tile
+        // without a sliding window), or ranges of one part each (a sliding window within 2048).
+        int64_t run_first = first;
+        bool one_begin = true, one_part = true;
+        begins.clear();
         sizes.clear();
         for (int64_t t = first; t <= last; ++t) {
           PositionSet positions = PositionSet::range(0, 0);
@@ -409,15 +446,20 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
             require(chosen.positions.is_range() && !chosen.scored,
                     "attention: a support that chooses visible ranges chose otherwise");
             positions = chosen.positions;
+            one_begin = one_begin && (begins.empty() || positions.begin() == begins.front());
+            one_part = one_part && positions.size() <= kPartPositions;
           }
-          if (t == last || (!sizes.empty() && positions.begin() != run_begin)) {
-            attend_tile(cache, layer, kv, queries.data() + run_first * row, row, group, d,
-                        run_begin, sizes, spec.scale, out.data() + run_first * row, tile);
+          if (t == last || !(one_begin || one_part)) {
+            attend_tile(cache, layer, kv, queries.data() + run_first * row, row, group, d, begins,
+                        sizes, spec.scale, out.data() + run_first * row, tile);
+            begins.clear();
             sizes.clear();
             run_first = t;
+            one_begin = true;
+            one_part = positions.size() <= kPartPositions;
           }
           if (t < last) {
-            run_begin = positions.begin();
+            begins.push_back(positions.begin());
             sizes.push_back(positions.size());
           }
         }
