@@ -124,7 +124,8 @@ int64_t piece_floats(int64_t parts, int64_t group, int64_t d) { return parts * g
 // L2.
 constexpr int64_t kTileQueries = 64;
 
-// What a thread keeps for prefill tiles (grown, never shrunk).
+// What a thread keeps for prefill tiles (grown, never shrunk, so nothing is allocated once a
+// prefill is under way).
 struct TileScratch {
   std::vector<float> queries, shared, head, rest, row, pieces, outs, weights;
 };
@@ -427,7 +428,7 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
 #pragma omp parallel
     {
       SupportScratch scratch;
-      TileScratch tile;
+      thread_local TileScratch tile;  // kept by each worker across calls: grown, never shrunk
       std::vector<int64_t> begins, sizes;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < tiles * kv_heads; ++i) {
