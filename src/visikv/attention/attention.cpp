@@ -92,11 +92,21 @@ void attend_part(const KVCache& cache, int64_t layer, int64_t kv, std::span<cons
   cache.accumulate(layer, kv, scores, part, {sums.out, static_cast<size_t>(group * d)});
 }
 
-// out[g * d ..] += the parts' value sums, each weighted exp(max_p - M) / Z with M the largest
-// max and Z = Σ_p sum_p exp(max_p - M), taken in part order. Pieces are {parts, group} and
-// {parts, group * d}.
-void merge_parts(int64_t parts, int64_t group, int64_t d, const float* maxes, const float* sums,
-                 const float* outs, float* out) {
+// The pieces of `parts` parts of `group` queries, laid out {parts, group} maxima, {parts, group}
+// sums, {parts, group, d} value sums: those of part p.
+PartSums part_sums(float* pieces, int64_t parts, int64_t group, int64_t d, int64_t p) {
+  return PartSums{pieces + p * group, pieces + (parts + p) * group,
+                  pieces + 2 * parts * group + p * group * d};
+}
+int64_t piece_floats(int64_t parts, int64_t group, int64_t d) { return parts * group * (d + 2); }
+
+// out[g * d ..] += the parts' value sums (`pieces`, laid out as part_sums says), each weighted
+// exp(max_p - M) / Z with M the largest max and Z = Σ_p sum_p exp(max_p - M), taken in part
+// order.
+void merge_parts(const float* pieces, int64_t parts, int64_t group, int64_t d, float* out) {
+  const float* maxes = pieces;
+  const float* sums = pieces + parts * group;
+  const float* outs = pieces + 2 * parts * group;
   for (int64_t g = 0; g < group; ++g) {
     float max = -INFINITY;
     for (int64_t p = 0; p < parts; ++p) max = std::max(max, maxes[p * group + g]);
@@ -110,14 +120,6 @@ void merge_parts(int64_t parts, int64_t group, int64_t d, const float* maxes, co
     }
   }
 }
-
-// The pieces of `parts` parts of `group` queries, laid out {parts, group} maxima, {parts, group}
-// sums, {parts, group, d} value sums: those of part p.
-PartSums part_sums(float* pieces, int64_t parts, int64_t group, int64_t d, int64_t p) {
-  return PartSums{pieces + p * group, pieces + (parts + p) * group,
-                  pieces + 2 * parts * group + p * group * d};
-}
-int64_t piece_floats(int64_t parts, int64_t group, int64_t d) { return parts * group * (d + 2); }
 
 // Query rows (tokens times the query heads of a KV head) per prefill tile: enough that a row read
 // from the cache serves many queries, few enough that a part's scores ({queries, 2048}) stay in
@@ -267,9 +269,7 @@ void attend_tile(const KVCache& cache, int64_t layer, int64_t kv, const float* q
   for (int64_t t = 0; t < count; ++t) {
     const int64_t parts = part_count(sizes[t]);
     if (parts == 1) continue;
-    const float* pieces = s.pieces.data() + t * token_pieces;
-    merge_parts(parts, group, d, pieces, pieces + parts * group, pieces + 2 * parts * group,
-                slot_out(t));
+    merge_parts(s.pieces.data() + t * token_pieces, parts, group, d, slot_out(t));
   }
 }
 
@@ -363,8 +363,7 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
   };
   auto split = [&](int64_t n) { return observer == nullptr && part_count(n) > 1; };
   auto merge = [&](const Item& item, const float* pieces, int64_t parts) {
-    merge_parts(parts, slot_group, d, pieces, pieces + parts * slot_group,
-                pieces + 2 * parts * slot_group, slot_out(item).data());
+    merge_parts(pieces, parts, slot_group, d, slot_out(item).data());
   };
 
   // A support is a subset of the visible positions, so below kPartPositions of them no query

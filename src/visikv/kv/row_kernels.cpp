@@ -146,7 +146,7 @@ inline int64_t Divide(int64_t a, int64_t b, int shift) { return shift >= 0 ? a >
 // read queries and outputs in that order (ToPairOrder), so the numbers are the same
 // fma(code, scale, zero) and each output's sum still runs over the rows in order.
 constexpr int64_t kMaxGroups = 32;      // groups per row the grouped reader takes
-constexpr int64_t kMaxPairedDim = 512;  // row length the paired reader takes (a stack block)
+constexpr int64_t kMaxPairedDim = 512;  // row length the paired reader takes
 
 template <int kBits, bool kPerChannel, bool kPairedCodes = false>
 struct IntReader {
@@ -252,6 +252,13 @@ HWY_INLINE void WithQueryCount(int64_t count, const F& f) {
     default:
       return f(std::integral_constant<int, 4>{});
   }
+}
+
+// Row `first + k` of `positions` as row_at(k): where the bodies read rows in place.
+template <class Reader>
+HWY_INLINE auto RowsAt(const Reader& reader, const PositionSet& positions, int64_t first) {
+  return [&reader, &positions, first](int64_t k)
+             HWY_ATTR { return reader.row(positions[first + k]); };
 }
 
 // Scores of kQueries queries against the `here` rows row_at(0), .. (here <= Lanes(d)) into
@@ -443,9 +450,7 @@ void DotTransposed(D d, const Reader& reader, int64_t dim, const PositionSet& po
     if constexpr (kReadsInPlace<Reader>) {
       for (int64_t k = 0; k < here; ++k) row_of[k] = reader.row(positions[first + k]);
     } else {
-      ReadRows(
-          d, reader, [&](int64_t k) HWY_ATTR { return reader.row(positions[first + k]); }, dim,
-          here, rows);
+      ReadRows(d, reader, RowsAt(reader, positions, first), dim, here, rows);
       for (int64_t k = 0; k < here; ++k) row_of[k] = rows + k * dim;
     }
     for (int64_t k = here; k < lanes; ++k) row_of[k] = zeros;
@@ -481,32 +486,22 @@ void DotAll(D d, const Reader& reader, int64_t dim, const PositionSet& positions
             const float* queries, int64_t query_count, float* scores, int64_t score_stride) {
   if (query_count <= 0) return;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
-  if (query_count >= kTransposeQueries) {
-    const float* ordered = queries;
-    if constexpr (Reader::kPairs) {
-      float* buffer = ThreadTileScratch().Ordered(query_count * dim);
-      ToPairOrder(queries, buffer, query_count, dim, lanes);
-      ordered = buffer;
-    }
+  const float* ordered = queries;
+  if constexpr (Reader::kPairs) {
+    float* buffer = ThreadTileScratch().Ordered(query_count * dim);
+    ToPairOrder(queries, buffer, query_count, dim, lanes);
+    ordered = buffer;
+  }
+  if (query_count >= kTransposeQueries)
     return DotTransposed(d, reader, dim, positions, row_count, ordered, query_count, scores,
                          score_stride);
-  }
-  HWY_ALIGN float paired[Reader::kPairs ? kQueryBlock * kMaxPairedDim : 1];
-  for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock) {
-    const int64_t queries_here = std::min<int64_t>(kQueryBlock, query_count - q0);
-    const float* block_queries = queries + q0 * dim;
-    if constexpr (Reader::kPairs) {
-      ToPairOrder(block_queries, paired, queries_here, dim, lanes);
-      block_queries = paired;
-    }
-    WithQueryCount(queries_here, [&](auto kq) HWY_ATTR {
+  for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock)
+    WithQueryCount(std::min<int64_t>(kQueryBlock, query_count - q0), [&](auto kq) HWY_ATTR {
       for (int64_t first = 0; first < row_count; first += lanes)
-        DotBlock<decltype(kq)::value>(
-            d, reader, [&](int64_t k) HWY_ATTR { return reader.row(positions[first + k]); }, dim,
-            std::min(lanes, row_count - first), block_queries, scores + q0 * score_stride + first,
-            score_stride);
+        DotBlock<decltype(kq)::value>(d, reader, RowsAt(reader, positions, first), dim,
+                                      std::min(lanes, row_count - first), ordered + q0 * dim,
+                                      scores + q0 * score_stride + first, score_stride);
     });
-  }
 }
 
 // Channels [c, c + kChunks · Lanes(d)) of kQueries outputs, held in registers over all rows.
@@ -570,51 +565,36 @@ void AccumulateAll(D d, const Reader& reader, int64_t dim, const PositionSet& po
                    int64_t query_count, float* out) {
   if (query_count <= 0) return;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
-  const auto in_place = [&](int64_t first) HWY_ATTR {
-    return [&reader, &positions, first](int64_t k)
-               HWY_ATTR { return reader.row(positions[first + k]); };
-  };
-  if (query_count <= kQueryBlock) {
-    HWY_ALIGN float paired[Reader::kPairs ? kQueryBlock * kMaxPairedDim : 1];
-    float* ordered = out;
-    if constexpr (Reader::kPairs) {
-      ToPairOrder(out, paired, query_count, dim, lanes);
-      ordered = paired;
-    }
-    WithQueryCount(query_count, [&](auto queries_here) HWY_ATTR {
-      AccumulatePasses<decltype(queries_here)::value>(d, reader, in_place(0), dim, row_count,
-                                                      weights, weight_stride, ordered);
-    });
-    if constexpr (Reader::kPairs) FromPairOrder(paired, out, query_count, dim, lanes);
-    return;
-  }
-  // Many queries: tiles of rows read once (into floats, but for float32 rows), every block of
-  // queries passing over each tile; each output still takes one fused multiply-add per row, in
-  // row order, of the reader's numbers.
   TileScratch& scratch = ThreadTileScratch();
   float* ordered = out;
   if constexpr (Reader::kPairs) {
     ordered = scratch.Ordered(query_count * dim);
     ToPairOrder(out, ordered, query_count, dim, lanes);
   }
-  const int64_t tile_rows = std::max<int64_t>(lanes, kTileFloats / dim);
-  float* tile = kReadsInPlace<Reader> ? nullptr : scratch.Rows(tile_rows * dim);
+  // With more queries than one block, tiles of rows are read once (into floats, but for float32
+  // rows) and every block of queries passes over each tile; with one block (decode) the rows are
+  // read in place in one pass. Either way each output takes one fused multiply-add per row, in
+  // row order, of the reader's numbers.
+  const bool read_once = !kReadsInPlace<Reader> && query_count > kQueryBlock;
+  const int64_t tile_rows =
+      query_count > kQueryBlock ? std::max<int64_t>(lanes, kTileFloats / dim) : row_count;
+  float* tile = read_once ? scratch.Rows(tile_rows * dim) : nullptr;
   const DenseReader<float, false> tile_reader{tile, dim};
   for (int64_t first = 0; first < row_count; first += tile_rows) {
     const int64_t here = std::min(tile_rows, row_count - first);
-    if constexpr (!kReadsInPlace<Reader>) ReadRows(d, reader, in_place(first), dim, here, tile);
+    if (read_once) ReadRows(d, reader, RowsAt(reader, positions, first), dim, here, tile);
     for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock)
       WithQueryCount(
           std::min<int64_t>(kQueryBlock, query_count - q0), [&](auto queries_here) HWY_ATTR {
             constexpr int kQ = decltype(queries_here)::value;
             const float* w = weights + q0 * weight_stride + first;
-            if constexpr (kReadsInPlace<Reader>)
-              AccumulatePasses<kQ>(d, reader, in_place(first), dim, here, w, weight_stride,
-                                   ordered + q0 * dim);
-            else
+            if (read_once)
               AccumulatePasses<kQ>(
                   d, tile_reader, [tile, dim](int64_t k) HWY_ATTR { return tile + k * dim; }, dim,
                   here, w, weight_stride, ordered + q0 * dim);
+            else
+              AccumulatePasses<kQ>(d, reader, RowsAt(reader, positions, first), dim, here, w,
+                                   weight_stride, ordered + q0 * dim);
           });
   }
   if constexpr (Reader::kPairs) FromPairOrder(ordered, out, query_count, dim, lanes);
