@@ -20,6 +20,7 @@
 #include "visikv/calibration/calibrate.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/kv_grid.h"
+#include "visikv/eval/logit_store.h"
 #include "visikv/eval/perplexity.h"
 #include "visikv/kv/codec_spec.h"
 #include "visikv/model/decoder.h"
@@ -238,6 +239,24 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
     return *it;
   };
   EXPECT_EQ(by_name("k2-tok").ppl.ppl, int2);
+  // The grid compares every row with the logits the dense run recorded; the dense run beside the
+  // row (PerplexityOptions::reference) gives the same figures, bit for bit.
+  PerplexityOptions beside = ppl;
+  beside.reference = ReferenceRun{};
+  const PerplexityResult side_by_side = perplexity(decoder, tokens, beside);
+  const PerplexityResult& recorded = by_name("k2-tok").ppl;
+  ASSERT_TRUE(side_by_side.divergence.has_value());
+  ASSERT_TRUE(recorded.divergence.has_value());
+  EXPECT_GT(recorded.divergence->kl_mean, 0);
+  EXPECT_EQ(recorded.divergence->kl_mean, side_by_side.divergence->kl_mean);
+  EXPECT_EQ(recorded.divergence->kl_p99, side_by_side.divergence->kl_p99);
+  EXPECT_EQ(recorded.divergence->kl_max, side_by_side.divergence->kl_max);
+  EXPECT_EQ(recorded.divergence->top1_agreement, side_by_side.divergence->top1_agreement);
+  EXPECT_EQ(recorded.divergence->positions, 45);
+  ASSERT_TRUE(recorded.reference_nll.has_value());
+  EXPECT_EQ(*recorded.reference_nll, dense.nll);
+  EXPECT_EQ(*side_by_side.reference_nll, dense.nll);
+  EXPECT_FALSE(results[0].ppl.divergence.has_value());  // dense is the reference
   // Rows with the same codecs run once and share the result.
   const std::vector<KvGridRow> twins = {
       rows[0],
@@ -295,6 +314,29 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
 // --- the command ------------------------------------------------------------------------------
 
 ProgramRun run_cli(const std::string& args) { return run_visikv("-t 1 " + args); }
+
+// Rows go out and come back in order; bad requests are errors that name the problem.
+TEST(LogitStore, RoundTripsRowsAndRejectsBadRequests) {
+  LogitStore store(5);
+  EXPECT_EQ(store.vocab(), 5);
+  std::vector<float> rows(15);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = 0.25f * static_cast<float>(i) - 1.0f;
+  store.append(std::span<const float>(rows).subspan(0, 10));
+  store.append(std::span<const float>(rows).subspan(10, 5));
+  EXPECT_EQ(store.rows(), 3);
+  std::vector<float> back(10, -99.0f);
+  store.read(1, 2, back);
+  EXPECT_TRUE(std::equal(back.begin(), back.end(), rows.begin() + 5));
+  store.read(0, 1, back);
+  EXPECT_TRUE(std::equal(back.begin(), back.begin() + 5, rows.begin()));
+  EXPECT_NE(error_of([&] { store.read(2, 2, back); }).find("rows [2, 4) asked for, 3 stored"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { store.read(0, 3, back); }).find("10 floats for 3 rows"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { store.append(std::vector<float>(7)); }).find("not whole rows of 5"),
+            std::string::npos);
+  EXPECT_NE(error_of([] { LogitStore bad(0); }).find("must be positive"), std::string::npos);
+}
 
 TEST(EvalKvCommand, WritesTheTableAndJson) {
   const fs::path text = temp_path("eval_kv_text.txt"), json_path = temp_path("eval_kv.json");

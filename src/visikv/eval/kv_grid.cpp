@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <optional>
 #include <set>
 #include <tuple>
 
@@ -10,6 +11,7 @@
 #include "visikv/calibration/headq_basis.h"
 #include "visikv/core/error.h"
 #include "visikv/eval/context_limit.h"
+#include "visikv/eval/logit_store.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/model/decoder.h"
 
@@ -393,6 +395,22 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
   };
   // The dense run first: every other run is compared with it, and every row's dPPL needs it.
   std::stable_partition(runs.begin(), runs.end(), [&](const Run& r) { return r == reference; });
+  // The dense run records its logits (eval/logit_store.h), and every other run reads them back
+  // rather than running dense beside itself: one forward pass per row instead of two. When the
+  // dense run was kept from an earlier invocation, the first run that needs the logits records
+  // them in a dense pass of its own.
+  std::optional<LogitStore> dense_logits;
+  const auto record_dense = [&](const Progress& each) {
+    dense_logits.emplace(decoder.model().config().vocab_size);
+    PerplexityOptions record = ppl;
+    record.key_codec = dense.key_codec;
+    record.value_codec = dense.value_codec;
+    record.selector = dense.selector.spec;
+    record.reference.reset();
+    record.reference_logits = nullptr;
+    record.record_logits = &*dense_logits;
+    return perplexity(decoder, text_tokens, record, each);
+  };
   for (size_t i = 0; i < runs.size(); ++i) {
     const KvGridRow* row = nullptr;
     for (const KvGridRow& r : rows)
@@ -405,18 +423,21 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
     if (kept) {
       done[runs[i]] = *kept;
     } else {
-      ppl.key_codec = row->key_codec;
-      ppl.value_codec = row->value_codec;
-      ppl.selector = row->selector.spec;
-      ppl.reference.reset();
-      if (runs[i] != reference)
-        ppl.reference = ReferenceRun{dense.key_codec, dense.value_codec, dense.selector.spec};
       Progress each;
       if (progress)
         each = [&, i, row](int64_t scored, int64_t total) {
           progress(static_cast<int64_t>(i), static_cast<int64_t>(runs.size()), *row, scored, total);
         };
-      done[runs[i]] = perplexity(decoder, text_tokens, ppl, each);
+      if (runs[i] == reference) {
+        done[runs[i]] = record_dense(each);
+      } else {
+        if (!dense_logits) record_dense(each);
+        ppl.key_codec = row->key_codec;
+        ppl.value_codec = row->value_codec;
+        ppl.selector = row->selector.spec;
+        ppl.reference_logits = &*dense_logits;
+        done[runs[i]] = perplexity(decoder, text_tokens, ppl, each);
+      }
     }
     if (journal.finished) journal.finished(results_so_far());
   }

@@ -15,6 +15,7 @@
 #include "visikv/core/saturating.h"
 #include "visikv/core/vec.h"
 #include "visikv/eval/context_limit.h"
+#include "visikv/eval/logit_store.h"
 #include "visikv/kv/cache_factory.h"
 
 namespace visikv {
@@ -192,12 +193,28 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   // different code for a key than token-by-token decode stores.
   if (o.mode == PerplexityMode::DecodeBatched)
     decoder.set_product_rounding(ProductRounding::PerToken);
+  require(!(o.reference && o.reference_logits),
+          "perplexity: a reference run and recorded reference logits given together");
   std::optional<ReferenceRows> reference;
   if (o.reference) reference.emplace(decoder.model(), decoder.product_rounding(), *o.reference, o);
+  const int64_t vocab_size = decoder.model().config().vocab_size;
+  for (const LogitStore* store :
+       {static_cast<const LogitStore*>(o.record_logits), o.reference_logits})
+    require(store == nullptr || store->vocab() == vocab_size, "perplexity: a logit store of ",
+            store ? store->vocab() : 0, " logits per row for a model of ", vocab_size);
+  if (o.reference_logits)
+    require(o.reference_logits->rows() >= total, "perplexity: the recorded reference holds ",
+            o.reference_logits->rows(), " rows, ", total, " are scored");
+  if (o.record_logits)
+    require(o.record_logits->rows() == 0, "perplexity: the logit store to record into holds ",
+            o.record_logits->rows(), " rows already");
+  std::vector<float> recorded;  // rows read back from o.reference_logits
+  double recorded_nll_sum = 0;
   DivergenceAccumulator divergence;
-  // Prefill pieces as long as the reference's, so that equal codecs compute equal bits.
-  const int64_t limit =
-      reference && o.mode == PerplexityMode::Prefill ? kReferenceChunk : INT64_MAX;
+  // Prefill pieces as long as a side-by-side reference's, so that equal codecs compute equal bits
+  // whether the reference runs beside this run or was recorded by one.
+  const bool compared = reference || o.reference_logits || o.record_logits;
+  const int64_t limit = compared && o.mode == PerplexityMode::Prefill ? kReferenceChunk : INT64_MAX;
   double support_sum = 0, context_sum = 0;
   int64_t support_count = 0;
   const SupportStatsSink support_stats = [&](int64_t, std::span<const SparseQueryStats> stats) {
@@ -246,6 +263,17 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
               divergence.add(ref, logits.subspan(r * vocab, n * vocab), n);
               r += n;
             }
+            if (o.record_logits && valid > 0)
+              o.record_logits->append(logits.subspan(0, valid * vocab));
+            if (o.reference_logits && valid > 0) {
+              recorded.resize(static_cast<size_t>(valid * vocab));
+              o.reference_logits->read(result.tokens, valid, recorded);
+              for (int64_t r = 0; r < valid; ++r)
+                recorded_nll_sum += negative_log_likelihood(
+                    std::span<const float>(recorded).subspan(r * vocab, vocab),
+                    window[first + r + 1]);
+              divergence.add(recorded, logits.subspan(0, valid * vocab), valid);
+            }
             result.tokens += std::max<int64_t>(valid, 0);
             if (progress) progress(result.tokens, total);
           },
@@ -262,9 +290,10 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   result.nll = nll_sum / static_cast<double>(result.tokens);
   result.ppl = std::exp(result.nll);
   result.tokens_per_s = result.tokens / std::max(result.seconds, 1e-9);
-  if (reference) {
+  if (reference || o.reference_logits) {
     result.divergence = divergence.summary();
-    result.reference_nll = reference->nll_sum() / static_cast<double>(result.tokens);
+    result.reference_nll =
+        (reference ? reference->nll_sum() : recorded_nll_sum) / static_cast<double>(result.tokens);
     result.reference_ppl = std::exp(*result.reference_nll);
   }
   return result;

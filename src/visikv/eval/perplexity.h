@@ -21,6 +21,11 @@
 // a reference runs both sides in pieces of 256 tokens through their caches (the same function;
 // with float weights the wide products may round differently from a whole-window prefill), so
 // that a run compared with a reference of its own codecs has KL exactly 0.
+//
+// Runs compared with one reference (a grid of codecs) can skip the second pass: the reference
+// run records its logits once (PerplexityOptions::record_logits, eval/logit_store.h: a temporary
+// file) and every later run reads them back (reference_logits). The recorded run goes through the
+// same chunks a side-by-side reference would, so the figures are the same bits either way.
 #pragma once
 
 #include <cstdint>
@@ -37,6 +42,7 @@
 namespace visikv {
 
 struct HeadqBasis;
+class LogitStore;
 
 enum class PerplexityMode { Prefill, Decode, DecodeBatched };
 PerplexityMode perplexity_mode_from_name(const std::string& name);
@@ -66,6 +72,12 @@ struct PerplexityOptions {
   std::optional<int32_t> bos;  // prepended to each window when set
   // When set, every scored position is also compared with this run's next-token distribution.
   std::optional<ReferenceRun> reference;
+  // Instead of `reference`, the logits a run with the same text and options recorded
+  // (`record_logits`): the comparison without the second forward pass. Not owned.
+  const LogitStore* reference_logits = nullptr;
+  // When set, every scored position's logits are appended to this store, in scoring order (a
+  // later run's reference_logits). Not owned.
+  LogitStore* record_logits = nullptr;
 };
 
 struct PerplexityResult {
