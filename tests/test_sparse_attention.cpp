@@ -833,50 +833,77 @@ TEST(SparseAttention, CertifiedWithQueryFrameHoldsAndReadsLess) {
 // Position sketches: the per-position bounds enclose every score the cache computes (dense,
 // quantized, rotated, KIVI-style window rebuilt as it quantizes), are narrow at 8 bits, and the
 // certified choice from them holds its certificate and reads less than block bounds.
+// On every instruction set the bound kernels run (tiles of 16 positions; 203 positions end in a
+// partial tile, and ranges starting inside a tile are checked too).
 TEST(SparseAttention, PositionSketchBoundsEncloseScores) {
   const int64_t d = 32, block = 8, n = 203;
-  for (const char* codec : {"f32", "f16", "int4:g16:tok", "int2:g8:chan:r16", "int2:g16:tok:had"})
-    for (const int bits : {8, 4, 2}) {
-      std::mt19937 rng(static_cast<uint32_t>(11 + bits));
-      auto cache = make_cache({1, 1, d}, codec, "f32", n, block);
-      cache->set_position_sketches(bits);
-      append_offset_keys(*cache, rng, n, d);
-      const BlockSummaryTable table = cache->summaries(0, 0);
-      ASSERT_EQ(table.sketch_levels, (1 << (bits - 1)) - 1);
-      const double scale = 1.0 / std::sqrt(double(d));
-      double width = 0;
-      for (int trial = 0; trial < 10; ++trial) {
-        const int64_t group = 1 + trial % 3;
-        const std::vector<float> q = random_vector(rng, group * d, trial % 2 ? 1.0f : 5.0f);
-        std::vector<float> scores(group * n);
-        cache->score(0, 0, q, PositionSet::range(0, n), scores);
-        std::vector<double> upper(n * group), lower(n * group);
-        position_bounds(table, block, 0, n, q, scale, upper, lower);
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t g = 0; g < group; ++g) {
-            const double logit = static_cast<float>(scores[g * n + j] * scale);
-            ASSERT_LE(lower[j * group + g], logit) << codec << " bits " << bits << " j " << j;
-            ASSERT_GE(upper[j * group + g], logit) << codec << " bits " << bits << " j " << j;
-            width += (upper[j * group + g] - lower[j * group + g]) / (group * n * 10);
-          }
+  for (const std::string& target : available_targets())
+    for (const char* codec : {"f32", "f16", "int4:g16:tok", "int2:g8:chan:r16", "int2:g16:tok:had"})
+      for (const int bits : {8, 4, 2}) {
+        const TargetGuard guard(target);
+        std::mt19937 rng(static_cast<uint32_t>(11 + bits));
+        auto cache = make_cache({1, 1, d}, codec, "f32", n, block);
+        cache->set_position_sketches(bits);
+        append_offset_keys(*cache, rng, n, d);
+        const BlockSummaryTable table = cache->summaries(0, 0);
+        ASSERT_EQ(table.sketch_levels, (1 << (bits - 1)) - 1);
+        const double scale = 1.0 / std::sqrt(double(d));
+        double width = 0;
+        for (int trial = 0; trial < 10; ++trial) {
+          const int64_t group = 1 + trial % 3;
+          const std::vector<float> q = random_vector(rng, group * d, trial % 2 ? 1.0f : 5.0f);
+          std::vector<float> scores(group * n);
+          cache->score(0, 0, q, PositionSet::range(0, n), scores);
+          std::vector<double> upper(n * group), lower(n * group);
+          std::vector<double> largest(group, -INFINITY);
+          position_bounds(table, block, 0, n, q, scale, upper, lower, largest);
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t g = 0; g < group; ++g) {
+              const double logit = static_cast<float>(scores[g * n + j] * scale);
+              ASSERT_LE(lower[g * n + j], logit)
+                  << target << " " << codec << " bits " << bits << " j " << j;
+              ASSERT_GE(upper[g * n + j], logit)
+                  << target << " " << codec << " bits " << bits << " j " << j;
+              ASSERT_LE(upper[g * n + j], largest[g]);
+              width += (upper[g * n + j] - lower[g * n + j]) / (group * n * 10);
+            }
+          // A range that starts and ends inside tiles gives the same bounds as the whole one.
+          const int64_t first = 21, count = 150;
+          std::vector<double> part_upper(count * group), part_lower(count * group);
+          position_bounds(table, block, first, count, q, scale, part_upper, part_lower);
+          for (int64_t g = 0; g < group; ++g)
+            for (int64_t i = 0; i < count; ++i) {
+              ASSERT_EQ(part_upper[g * count + i], upper[g * n + first + i]) << target;
+              ASSERT_EQ(part_lower[g * count + i], lower[g * n + first + i]) << target;
+            }
+        }
+        try {
+          make_cache({1, 1, 15}, "f32", "f32", 8, 8)->set_position_sketches(8);
+          ADD_FAILURE() << "an odd head dimension took position sketches";
+        } catch (const Error& e) {
+          EXPECT_NE(std::string(e.what()).find("even head dimension"), std::string::npos)
+              << e.what();
+        }
+        // Scores here spread over several nats; 8-bit sketches pin each to a small interval.
+        if (bits == 8) EXPECT_LT(width, 0.4) << codec;
+        RecordProperty(str_cat("mean_width_", bits), str_cat(width));
       }
-      // Scores here spread over several nats; 8-bit sketches pin each to a small interval.
-      if (bits == 8) EXPECT_LT(width, 0.4) << codec;
-      RecordProperty(str_cat("mean_width_", bits), str_cat(width));
-    }
 }
 
+// On every instruction set the certified choice's kernels run.
 TEST(SparseAttention, CertifiedWithPositionSketchesHoldsAndReadsLess) {
-  for (const char* codec : {"f32", "int4:g16:tok", "int2:g8:chan:r16"})
-    for (const char* extra : {":p8", ":p4:gqa=head"}) {
-      PlantedMargin planted;
-      const int64_t box =
-          checked_certified_support(planted.p, codec, "certified:a1:w8:b8:eps0.01", nullptr);
-      const int64_t sketched = checked_certified_support(
-          planted.p, codec, std::string("certified:a1:w8:b8:eps0.01") + extra, nullptr);
-      EXPECT_LT(2 * sketched, box) << codec << extra;
-      RecordProperty(str_cat("support_box_vs_sketch", extra), str_cat(box, " ", sketched));
-    }
+  for (const std::string& target : available_targets())
+    for (const char* codec : {"f32", "int4:g16:tok", "int2:g8:chan:r16"})
+      for (const char* extra : {":p8", ":p4:gqa=head"}) {
+        const TargetGuard guard(target);
+        PlantedMargin planted;
+        const int64_t box =
+            checked_certified_support(planted.p, codec, "certified:a1:w8:b8:eps0.01", nullptr);
+        const int64_t sketched = checked_certified_support(
+            planted.p, codec, std::string("certified:a1:w8:b8:eps0.01") + extra, nullptr);
+        EXPECT_LT(2 * sketched, box) << target << " " << codec << extra;
+        RecordProperty(str_cat("support_box_vs_sketch", extra), str_cat(box, " ", sketched));
+      }
   // Random data (no planted margin): the certificate still holds, whatever it reads.
   Problem random(200, 6, 2, 32, 8, 79);
   checked_certified_support(random, "f16", "certified:a1:w8:eps0.05:p8", nullptr);

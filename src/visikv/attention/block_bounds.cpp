@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
+#include "visikv/attention/sketch_kernels.h"
 #include "visikv/core/error.h"
 #include "visikv/core/vec.h"
 #include "visikv/kv/block_summaries.h"
@@ -163,14 +165,12 @@ void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t c
 // the same term.
 namespace {
 
-struct SketchQuery {
-  int16_t level[kMaxSketchDim];
-  double step = 0, sum = 0;  // s and sum_c q16_c
-  double norm = 0, remainder = 0;
-};
-
-// The query rotated as the sketches are (sketch_rotation), then split.
-void split_query(const float* q, int64_t d, SketchQuery& out) {
+// The query rotated as the sketches are (sketch_rotation), then split; the weights of the width
+// (sketch_kernels.h) from its norm and the remainder's: error_weight ||q|| (1 + 4u) for the
+// sketch error, shared_weight ||r|| + tiny ||q|| for (key norm + sketch error), norm_weight
+// slack ||q|| for the key norm.
+void split_query(const float* q, int64_t d, double slack, double tiny, int16_t* level,
+                 sketch_kernels::SplitQuery& out) {
   double rest[kMaxSketchDim], norm = 0, top = 0;
   std::copy(q, q + d, rest);
   sketch_rotation(std::span(rest, static_cast<size_t>(d)));
@@ -178,28 +178,23 @@ void split_query(const float* q, int64_t d, SketchQuery& out) {
     norm += rest[c] * rest[c];
     top = std::max(top, std::abs(rest[c]));
   }
-  out.norm = std::sqrt(norm);
+  norm = std::sqrt(norm);
   const double step = top / 32767;
   double sum = 0, remainder = 0;
   for (int64_t c = 0; c < d; ++c) {
     const double code =
         step > 0 ? std::clamp(std::nearbyint(rest[c] / step), -32767.0, 32767.0) : 0.0;
-    out.level[c] = static_cast<int16_t>(code);
+    level[c] = static_cast<int16_t>(code);
     const double r = rest[c] - step * code;
     remainder += r * r;
     sum += code;
   }
+  out.level = level;
   out.step = step;
   out.sum = sum;
-  out.remainder = std::sqrt(remainder);
-}
-
-// sum_c a_c b_c, exact in int32; a plain loop the compiler vectorizes (integer sums may be
-// reordered): sign-extend the codes to 16 bits, multiply-add pairs into 32 bits.
-inline int32_t dot_int16_int8(const int16_t* a, const int8_t* b, int64_t d) {
-  int32_t sum = 0;
-  for (int64_t c = 0; c < d; ++c) sum += static_cast<int32_t>(a[c]) * static_cast<int32_t>(b[c]);
-  return sum;
+  out.error_weight = norm * (1 + 4 * kUnitRoundoff);
+  out.shared_weight = std::sqrt(remainder) + tiny * norm;
+  out.norm_weight = slack * norm;
 }
 
 }  // namespace
@@ -212,38 +207,30 @@ void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t
   require(table.sketch_levels > 0, "position bounds: the summaries keep no position sketches");
   require(largest.empty() || static_cast<int64_t>(largest.size()) >= group,
           "position bounds: ", largest.size(), " maxima for ", group, " queries");
-  double top[kMaxBoundGroup];
-  std::fill(top, top + kMaxBoundGroup, -INFINITY);
   require(first >= 0 && count >= 0 && first + count <= positions && block_size > 0 &&
               static_cast<int64_t>(upper.size()) >= count * group &&
               static_cast<int64_t>(lower.size()) >= count * group,
           "position bounds: positions [", first, ", ", first + count, ") of ", positions);
-  require(d <= kMaxSketchDim && group <= kMaxBoundGroup, "position bounds: head_dim ", d, " and ",
-          group, " queries exceed ", kMaxSketchDim, " and ", kMaxBoundGroup);
+  require(d <= kMaxSketchDim && group <= sketch_kernels::kMaxQueries, "position bounds: head_dim ",
+          d, " and ", group, " queries exceed ", kMaxSketchDim, " and ",
+          sketch_kernels::kMaxQueries);
   const double dd = static_cast<double>(d);
   const double score_slack = ((2 * dd + 4) + 4 * dd * std::sqrt(dd)) * kUnitRoundoff;
   const double tiny = 16 * dd * 0x1p-53;
-  SketchQuery split[kMaxBoundGroup];
-  for (int64_t g = 0; g < group; ++g) split_query(queries.data() + g * d, d, split[g]);
-  for (int64_t i = 0; i < count; ++i) {
-    const int64_t j = first + i;
-    const int8_t* code = table.sketch_codes.data() + j * d;
-    const double offset = table.sketch_offsets[j], step = table.sketch_steps[j];
-    const double error = table.sketch_errors[j], key_norm = table.norms[j / block_size];
-    for (int64_t g = 0; g < group; ++g) {
-      const SketchQuery& sq = split[g];
-      const double center = sq.step * (offset * sq.sum + step * dot_int16_int8(sq.level, code, d));
-      const double width = sq.norm * error * (1 + 4 * kUnitRoundoff) +
-                           (sq.remainder + tiny * sq.norm) * (key_norm + error) +
-                           score_slack * sq.norm * key_norm;
-      const double high = scale * (center + width);
-      upper[i * group + g] = high;
-      lower[i * group + g] = scale * (center - width);
-      top[g] = high > top[g] ? high : top[g];
-    }
-  }
-  if (!largest.empty())
-    for (int64_t g = 0; g < group; ++g) largest[g] = std::max(largest[g], top[g]);
+  thread_local std::vector<int16_t> levels;  // grown, never shrunk: no allocation per call
+  if (static_cast<int64_t>(levels.size()) < group * d)
+    levels.resize(static_cast<size_t>(group * d));
+  sketch_kernels::SplitQuery split[sketch_kernels::kMaxQueries];
+  for (int64_t g = 0; g < group; ++g)
+    split_query(queries.data() + g * d, d, score_slack, tiny, levels.data() + g * d, split[g]);
+  if (count > 0)
+    sketch_kernels::bounds(table, block_size, first, count,
+                           std::span(split, static_cast<size_t>(group)), scale, upper.data(),
+                           lower.data());
+  if (!largest.empty() && count > 0)
+    for (int64_t g = 0; g < group; ++g)
+      largest[g] = std::max(largest[g], *std::max_element(upper.begin() + g * count,
+                                                          upper.begin() + (g + 1) * count));
 }
 
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,

@@ -31,8 +31,9 @@ void block_upper_bounds(const BlockSummaryTable& table, int64_t first, int64_t c
                         bool use_frame = false);
 // Bounds on the scaled score of every position [first, first + count) from the table's position
 // sketches (BlockSummaryTable; needs them), for every query of `queries` ({group, head_dim}):
-// lower[i * group + g] <= scale * q_g·k_j <= upper[i * group + g] for j = first + i, where the
-// score is the one the cache computes (float32, stored key), as the attention scales it.
+// lower[g * count + i] <= scale * q_g·k_j <= upper[g * count + i] for j = first + i, where the
+// score is the one the cache computes (float32, stored key), as the attention scales it (the
+// integer products on tiles of positions, attention/sketch_kernels.h).
 // block_size: the table's block size (the block's largest key norm enters the slack).
 // largest (optional, {group}): raised to the largest upper bound of each query.
 void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,

@@ -67,22 +67,23 @@ struct SupportQuery {
 // Scratch reused across the queries one thread handles, so choosing and attending allocate
 // nothing per query once warm.
 struct SupportScratch {
-  std::vector<float> scores;        // {group, support}: raw (unscaled) scores of the support
-  std::vector<float> selection;     // {group, candidates}: raw scores read to choose
-  std::vector<float> block_scores;  // {group, block part}: one block's raw scores, certified
-  std::vector<float> fixed_scores;  // {group, anchors + tail}: raw scores of the fixed part
-  std::vector<int32_t> fixed;       // the fixed part (anchors, tail) as positions
-  std::vector<float> pooled;        // one ranking value per candidate position or block
-  std::vector<int32_t> order;       // candidate indices being ranked
-  std::vector<int32_t> items;       // the dynamic choice: positions or block indices
-  std::vector<int32_t> support;     // the support as a sorted position list
-  std::vector<double> bounds;       // {blocks, group}: scores or bounds of the candidate blocks
-  std::vector<double> suffix;       // {blocks + 1, group}, certified
-  std::vector<double> ranking;      // pooled bound per block, certified
-  std::vector<double> partition;    // Z_S per query, certified
-  std::vector<double> reference;    // m per query, certified
-  std::vector<double> deltas;       // {group}: certified's delta per query, NaN otherwise
-  std::vector<double> left_out;     // {group}: mass of the read keys left out, position sketches
+  std::vector<float> scores;         // {group, support}: raw (unscaled) scores of the support
+  std::vector<float> selection;      // {group, candidates}: raw scores read to choose
+  std::vector<float> block_scores;   // {group, block part}: one block's raw scores, certified
+  std::vector<float> fixed_scores;   // {group, anchors + tail}: raw scores of the fixed part
+  std::vector<int32_t> fixed;        // the fixed part (anchors, tail) as positions
+  std::vector<float> pooled;         // one ranking value per candidate position or block
+  std::vector<int32_t> order;        // candidate indices being ranked
+  std::vector<int32_t> items;        // the dynamic choice: positions or block indices
+  std::vector<int32_t> support;      // the support as a sorted position list
+  std::vector<double> bounds;        // {blocks, group}: scores or bounds of the candidate blocks
+  std::vector<double> suffix;        // {blocks + 1, group}, certified
+  std::vector<double> ranking;       // pooled bound per block, certified
+  std::vector<double> partition;     // Z_S per query, certified
+  std::vector<double> reference;     // m per query, certified
+  std::vector<double> deltas;        // {group}: certified's delta per query, NaN otherwise
+  std::vector<double> left_out;      // {group}: mass of the read keys left out, position sketches
+  std::vector<int32_t> low_buckets;  // {candidates}: buckets of the lower bounds, position sketches
 };
 
 // What a Support hands the attention body.

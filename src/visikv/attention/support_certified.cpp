@@ -6,6 +6,7 @@
 
 #include "visikv/attention/attention.h"
 #include "visikv/attention/block_bounds.h"
+#include "visikv/attention/sketch_kernels.h"
 #include "visikv/attention/support_parts.h"
 
 namespace visikv {
@@ -150,11 +151,6 @@ struct BucketExps {
 };
 const BucketExps kBucketExps;
 
-inline int64_t bucket_of(double v) {         // v <= 0
-  const double k = -v * (1 / kBucketWidth);  // 8: exact
-  return k >= static_cast<double>(kBuckets - 1) ? kBuckets - 1 : static_cast<int64_t>(k);
-}
-
 }  // namespace
 
 // Position sketches give every candidate j bounds l_jg <= s_jg <= u_jg on each query's scaled
@@ -204,16 +200,15 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   counts.assign(2 * kBuckets, 0.0);
   double* below = counts.data() + kBuckets;
   scratch.order.resize(static_cast<size_t>(n));  // the bucket of each candidate
+  std::vector<int32_t>& low_bucket = scratch.low_buckets;
+  low_bucket.resize(static_cast<size_t>(n));
+  if (n > 0)
+    sketch_kernels::buckets(upper.data(), lower.data(), n, m, 1 / kBucketWidth, kBuckets - 1,
+                            scratch.order.data(), low_bucket.data());
   for (int64_t i = 0; i < n; ++i) {
-    double v = -INFINITY, w = INFINITY;
-    for (int64_t g = 0; g < group; ++g) {
-      v = std::max(v, upper[i * group + g] - m[g]);
-      w = std::min(w, lower[i * group + g] - m[g]);
-    }
-    const int64_t k = bucket_of(v);
-    scratch.order[i] = static_cast<int32_t>(k);
+    const int32_t k = scratch.order[i];
     counts[k] += 1;
-    below[k] += kBucketExps.floor[bucket_of(w)];
+    below[k] += kBucketExps.floor[low_bucket[i]];
   }
   double dropped = 0;
   for (int64_t k = 0; k < kBuckets; ++k) dropped += counts[k] * kBucketExps.ceiling[k];
@@ -239,15 +234,16 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   if (chosen > 0)
     query.cache.score(query.layer, query.kv_head, query.queries, PositionSet::list(scratch.items),
                       scratch.block_scores);
-  // weights[c * group + g] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
+  // weights[g * chosen + c] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
   std::vector<double>& weights = lower;  // the lower bounds are no longer needed
   weights.resize(static_cast<size_t>(chosen * group));
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < chosen; ++c) {
-      const float raw = scratch.block_scores[g * chosen + c];
-      scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] = raw;
-      z[g] += weights[c * group + g] = std::exp(scaled(raw) - m[g]);
-    }
+    for (int64_t c = 0; c < chosen; ++c)
+      scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] =
+          scratch.block_scores[g * chosen + c];
+  if (chosen > 0)
+    sketch_kernels::exponentials(scratch.block_scores.data(), chosen, scale, m, weights.data(),
+                                 z.data());
   // Of the read candidates, leave out the lightest while every query keeps δ_g <= ε, with
   // δ_g = (Z_D,g + Ẑ) / (Z_C,g + Ẑ) for the left-out set D (its scores are known; the proof
   // above holds with the dropped mass Z_D,g + Z_unread,g <= Z_D,g + Ẑ): their values are not
@@ -262,15 +258,14 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   bucket.resize(static_cast<size_t>(chosen));
   std::vector<double>& mass = counts;  // {kBuckets, group}: weight per bucket and query
   mass.assign(static_cast<size_t>(kBuckets * group), 0.0);
+  // share >= 1 never fits; else bucket k holds log share in (-(k+1) h, -k h], the last open.
+  if (chosen > 0)
+    sketch_kernels::share_buckets(weights.data(), chosen, budget, 1 / kBucketWidth, kBuckets - 1,
+                                  bucket.data());
   for (int64_t c = 0; c < chosen; ++c) {
-    double share = 0;
-    for (int64_t g = 0; g < group; ++g)
-      share = std::max(share, budget[g] > 0 ? weights[c * group + g] / budget[g] : INFINITY);
-    // share >= 1 never fits; else bucket k holds log share in (-(k+1) h, -k h], the last open.
-    const int64_t k = share >= 1 ? kBuckets : bucket_of(std::log(share));
-    bucket[c] = static_cast<int32_t>(k);
+    const int64_t k = bucket[c];
     if (k < kBuckets)
-      for (int64_t g = 0; g < group; ++g) mass[k * group + g] += weights[c * group + g];
+      for (int64_t g = 0; g < group; ++g) mass[k * group + g] += weights[g * chosen + c];
   }
   std::vector<double>& left_out = scratch.left_out;
   left_out.assign(static_cast<size_t>(group), 0.0);

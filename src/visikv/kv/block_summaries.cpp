@@ -54,6 +54,7 @@ void BlockSummaries::set_frame(std::span<const double> rows, int64_t rank) {
 void BlockSummaries::set_sketch(int bits) {
   require(positions_ == 0, "position sketches: set them before the first key");
   require(bits >= 2 && bits <= 8, "position sketches: bits must be in [2, 8], got ", bits);
+  require(head_dim_ % 2 == 0, "position sketches need an even head dimension, got ", head_dim_);
   sketch_levels_ = (int64_t{1} << (bits - 1)) - 1;
   sketch_key_.assign(static_cast<size_t>(head_dim_), 0.0);
 }
@@ -88,14 +89,14 @@ void BlockSummaries::sketch(int64_t position, std::span<const float> key) {
   const auto [lo, hi] = std::minmax_element(y, y + d);
   const float offset = static_cast<float>((*lo + *hi) / 2);
   const float step = static_cast<float>((*hi - *lo) / (2.0 * levels));
-  int8_t* codes = sketch_codes_.data() + position * d;
   double error = 0;
   for (int64_t c = 0; c < d; ++c) {
     const double code =
         step > 0 ? std::clamp(std::nearbyint((y[c] - static_cast<double>(offset)) / step),
                               -static_cast<double>(levels), static_cast<double>(levels))
                  : 0.0;
-    codes[c] = static_cast<int8_t>(code);
+    sketch_codes_[static_cast<size_t>(sketch_code_index(position, c, d))] =
+        static_cast<int8_t>(code);
     const double diff = y[c] - (static_cast<double>(offset) + static_cast<double>(step) * code);
     error += diff * diff;
   }
@@ -160,7 +161,8 @@ void BlockSummaries::add(std::span<const float> key) {
   }
   fold(block, key);
   if (sketch_levels_ > 0) {
-    sketch_codes_.resize(sketch_codes_.size() + head_dim_);
+    if (positions_ % kSketchTile == 0)  // a new tile
+      sketch_codes_.resize(sketch_codes_.size() + kSketchTile * head_dim_);
     sketch_offsets_.push_back(0.0f);
     sketch_steps_.push_back(0.0f);
     sketch_errors_.push_back(0.0f);

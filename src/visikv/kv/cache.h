@@ -64,6 +64,19 @@ struct BlockSummary {
 // frame, p_i = u_i·k: frame_mins / frame_maxs ({blocks, frame_rank}, rounded outward), and the
 // largest norm of the part of a key outside the frame, ||k - sum_i p_i u_i|| (residual_norms,
 // {blocks}, rounded up). Bounds on q·k then spend their slack only where queries look.
+// Position sketch codes are kept in tiles of kSketchTile positions, each channel pair's codes of
+// the tile's positions side by side: code c of position j at
+//   (j / kSketchTile) · kSketchTile · head_dim + (c / 2) · 2 · kSketchTile + (j % kSketchTile) · 2
+//   + c % 2
+// (head_dim even). One load then holds a channel pair of 16 positions, and a 16-bit pair product
+// (vpmaddwd) adds both channels into each position's own 32-bit lane: scores of 16 positions at
+// once with no sums across lanes.
+constexpr int64_t kSketchTile = 16;
+inline int64_t sketch_code_index(int64_t position, int64_t channel, int64_t head_dim) {
+  return position / kSketchTile * kSketchTile * head_dim + channel / 2 * 2 * kSketchTile +
+         position % kSketchTile * 2 + channel % 2;
+}
+
 struct BlockSummaryTable {
   int64_t blocks = 0, head_dim = 0;
   std::span<const float> centroids, mins, maxs, norms;
@@ -73,12 +86,12 @@ struct BlockSummaryTable {
   std::span<const float> frame_mins, frame_maxs, residual_norms;
   // With position sketches (KVCache::set_position_sketches), every stored key k_j also as a few
   // bits per number, taken of its rotation y_j = H k_j (sketch_rotation in block_summaries.h):
-  // ỹ_j = offset_j + step_j * code_j (codes in [-L, L], L = 2^(bits-1) - 1, sketch_codes
-  // {positions, head_dim}), and sketch_errors[j] >= ||y_j - ỹ_j||_2 (rounded up), so q·k_j =
-  // (Hq)·y_j lies within ||q|| sketch_errors[j] of (Hq)·ỹ_j: bounds per position at a few bits'
-  // reading cost. Empty without sketches.
-  int64_t sketch_levels = 0;  // L; 0: no sketches
-  std::span<const int8_t> sketch_codes;
+  // ỹ_j = offset_j + step_j * code_j (codes in [-L, L], L = 2^(bits-1) - 1, in sketch_codes
+  // at sketch_code_index(j, c, head_dim)), and sketch_errors[j] >= ||y_j - ỹ_j||_2 (rounded up),
+  // so q·k_j = (Hq)·y_j lies within ||q|| sketch_errors[j] of (Hq)·ỹ_j: bounds per position at a
+  // few bits' reading cost. Empty without sketches.
+  int64_t sketch_levels = 0;             // L; 0: no sketches
+  std::span<const int8_t> sketch_codes;  // whole tiles of kSketchTile positions
   std::span<const float> sketch_offsets, sketch_steps, sketch_errors;
 
   BlockSummary block(int64_t b) const;  // throws visikv::Error when b is out of range

@@ -1,0 +1,302 @@
+// The kernels of sketch_kernels.h, compiled once per instruction set by Highway's foreach_target
+// and chosen at run time by HWY_DYNAMIC_DISPATCH.
+#include "visikv/core/simd_targets.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "visikv/attention/sketch_kernels.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+// Highway's own headers must follow foreach_target.h.
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <vector>
+
+#include "visikv/attention/sketch_kernels.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace visikv::sketch_kernels {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+constexpr int64_t kQueryBlock = 4;  // queries whose sums stay in registers during a tile's pass
+
+// dots[g * kSketchTile + l] = level_g · code of the tile's position l, exact in 32 bits
+// (|sum| <= 512 · 32767 · 127 < 2^31), for kQ queries.
+template <int kQ>
+HWY_INLINE void TileDots(const int8_t* tile, int64_t d, const SplitQuery* queries, int32_t* dots) {
+#if HWY_TARGET == HWY_SCALAR
+  for (int g = 0; g < kQ; ++g)
+    for (int64_t l = 0; l < kSketchTile; ++l) {
+      int32_t sum = 0;
+      for (int64_t c = 0; c < d; ++c)
+        sum +=
+            int32_t{queries[g].level[c]} * int32_t{tile[c / 2 * 2 * kSketchTile + l * 2 + c % 2]};
+      dots[g * kSketchTile + l] = sum;
+    }
+#else
+  const hn::CappedTag<int32_t, kSketchTile> di32;
+  const hn::Repartition<int16_t, decltype(di32)> di16;
+  const hn::Rebind<int8_t, decltype(di16)> di8;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(di32));
+  for (int64_t s = 0; s < kSketchTile; s += lanes) {
+    hn::Vec<decltype(di32)> even[kQ], odd[kQ];
+    for (int g = 0; g < kQ; ++g) even[g] = odd[g] = hn::Zero(di32);
+    for (int64_t p = 0; p < d / 2; ++p) {
+      // Channels 2p and 2p + 1 of positions s .. s + lanes, side by side in 16-bit lanes.
+      const auto codes = hn::PromoteTo(di16, hn::LoadU(di8, tile + p * 2 * kSketchTile + 2 * s));
+      for (int g = 0; g < kQ; ++g) {
+        int32_t pair;  // levels 2p and 2p + 1 in one 32-bit lane
+        std::memcpy(&pair, queries[g].level + 2 * p, sizeof(pair));
+        even[g] = hn::ReorderWidenMulAccumulate(di32, codes, hn::BitCast(di16, hn::Set(di32, pair)),
+                                                even[g], odd[g]);
+      }
+    }
+    for (int g = 0; g < kQ; ++g)
+      hn::StoreU(hn::RearrangeToOddPlusEven(even[g], odd[g]), di32, dots + g * kSketchTile + s);
+  }
+#endif
+}
+
+// Positions [lo, hi) of the tile that starts at position `tile_first`: their intervals for every
+// query into upper / lower (row g at g · stride, position tile_first + l at column l - column0).
+HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, int64_t tile_first,
+                           int64_t lo, int64_t hi, std::span<const SplitQuery> queries,
+                           double scale, const int32_t* dots, double* upper, double* lower,
+                           int64_t stride, int64_t column0) {
+  const hn::ScalableTag<double> df;
+  const hn::Rebind<float, decltype(df)> df32;
+  const hn::Rebind<int32_t, decltype(df)> di32;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t group = static_cast<int64_t>(queries.size());
+  // Per position: offset, step, error and the block's key norm, as float64 (a partial run of
+  // lanes reads from copies, never past the table).
+  HWY_ALIGN float offsets[kSketchTile], steps[kSketchTile], errors[kSketchTile], norms[kSketchTile];
+  if (lo == 0 && hi == kSketchTile) {
+    std::copy_n(table.sketch_offsets.data() + tile_first, kSketchTile, offsets);
+    std::copy_n(table.sketch_steps.data() + tile_first, kSketchTile, steps);
+    std::copy_n(table.sketch_errors.data() + tile_first, kSketchTile, errors);
+  } else {
+    for (int64_t l = 0; l < kSketchTile; ++l) {
+      const int64_t j = tile_first + std::clamp(l, lo, hi - 1);
+      offsets[l] = table.sketch_offsets[j];
+      steps[l] = table.sketch_steps[j];
+      errors[l] = table.sketch_errors[j];
+    }
+  }
+  // The blocks' largest key norms: one division per tile, not per position.
+  int64_t block = (tile_first + lo) / block_size, block_end = (block + 1) * block_size;
+  for (int64_t l = 0; l < kSketchTile; ++l) {
+    const int64_t j = tile_first + std::clamp(l, lo, hi - 1);
+    if (j >= block_end) {
+      ++block;
+      block_end += block_size;
+    }
+    norms[l] = table.norms[block];
+  }
+  HWY_ALIGN double high[kSketchTile], low[kSketchTile];
+  for (int64_t g = 0; g < group; ++g) {
+    const SplitQuery& q = queries[g];
+    const auto sum = hn::Set(df, q.sum), qstep = hn::Set(df, q.step), s = hn::Set(df, scale);
+    const auto error_weight = hn::Set(df, q.error_weight),
+               shared_weight = hn::Set(df, q.shared_weight),
+               norm_weight = hn::Set(df, q.norm_weight);
+    for (int64_t l = 0; l < kSketchTile; l += lanes) {
+      const auto offset = hn::PromoteTo(df, hn::Load(df32, offsets + l));
+      const auto step = hn::PromoteTo(df, hn::Load(df32, steps + l));
+      const auto error = hn::PromoteTo(df, hn::Load(df32, errors + l));
+      const auto norm = hn::PromoteTo(df, hn::Load(df32, norms + l));
+      const auto dot = hn::PromoteTo(df, hn::LoadU(di32, dots + g * kSketchTile + l));
+      const auto centre = hn::Mul(qstep, hn::MulAdd(offset, sum, hn::Mul(step, dot)));
+      const auto width =
+          hn::MulAdd(error_weight, error,
+                     hn::MulAdd(shared_weight, hn::Add(norm, error), hn::Mul(norm_weight, norm)));
+      hn::Store(hn::Mul(s, hn::Add(centre, width)), df, high + l);
+      hn::Store(hn::Mul(s, hn::Sub(centre, width)), df, low + l);
+    }
+    std::copy(high + lo, high + hi, upper + g * stride + (tile_first + lo - column0));
+    std::copy(low + lo, low + hi, lower + g * stride + (tile_first + lo - column0));
+  }
+}
+
+void Bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
+            std::span<const SplitQuery> queries, double scale, double* upper, double* lower) {
+  const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size());
+  HWY_ALIGN int32_t dots[kMaxQueries * kSketchTile];
+  for (int64_t tile = first / kSketchTile; tile * kSketchTile < first + count; ++tile) {
+    const int64_t tile_first = tile * kSketchTile;
+    const int8_t* codes = table.sketch_codes.data() + tile_first * d;
+    for (int64_t g0 = 0; g0 < group; g0 += kQueryBlock) {
+      const int64_t here = std::min(kQueryBlock, group - g0);
+      const SplitQuery* block = queries.data() + g0;
+      int32_t* out = dots + g0 * kSketchTile;
+      switch (here) {
+        case 1:
+          TileDots<1>(codes, d, block, out);
+          break;
+        case 2:
+          TileDots<2>(codes, d, block, out);
+          break;
+        case 3:
+          TileDots<3>(codes, d, block, out);
+          break;
+        default:
+          TileDots<4>(codes, d, block, out);
+      }
+    }
+    const int64_t lo = std::max<int64_t>(first - tile_first, 0);
+    const int64_t hi = std::min<int64_t>(first + count - tile_first, kSketchTile);
+    TileBounds(table, block_size, tile_first, lo, hi, queries, scale, dots, upper, lower, count,
+               first);
+  }
+}
+
+void Buckets(const double* upper, const double* lower, int64_t count,
+             std::span<const double> reference, double buckets_per_nat, int32_t last, int32_t* high,
+             int32_t* low) {
+  const hn::ScalableTag<double> df;
+  const hn::Rebind<int32_t, decltype(df)> di32;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t group = static_cast<int64_t>(reference.size());
+  const auto per_nat = hn::Set(df, -buckets_per_nat), top = hn::Set(df, static_cast<double>(last));
+  // bucket(v) = min(-v · per_nat, last), truncated: as the scalar `k >= last ? last : int(k)`.
+  const auto bucket = [&](auto v) HWY_ATTR {
+    return hn::DemoteTo(di32, hn::Min(hn::Mul(v, per_nat), top));
+  };
+  int64_t i = 0;
+  for (; i + lanes <= count; i += lanes) {
+    auto v = hn::Sub(hn::LoadU(df, upper + i), hn::Set(df, reference[0]));
+    auto w = hn::Sub(hn::LoadU(df, lower + i), hn::Set(df, reference[0]));
+    for (int64_t g = 1; g < group; ++g) {
+      v = hn::Max(v, hn::Sub(hn::LoadU(df, upper + g * count + i), hn::Set(df, reference[g])));
+      w = hn::Min(w, hn::Sub(hn::LoadU(df, lower + g * count + i), hn::Set(df, reference[g])));
+    }
+    hn::StoreU(bucket(v), di32, high + i);
+    hn::StoreU(bucket(w), di32, low + i);
+  }
+  for (; i < count; ++i) {
+    double v = upper[i] - reference[0], w = lower[i] - reference[0];
+    for (int64_t g = 1; g < group; ++g) {
+      v = std::max(v, upper[g * count + i] - reference[g]);
+      w = std::min(w, lower[g * count + i] - reference[g]);
+    }
+    const double kv = -v * buckets_per_nat, kw = -w * buckets_per_nat;
+    high[i] = kv >= last ? last : static_cast<int32_t>(kv);
+    low[i] = kw >= last ? last : static_cast<int32_t>(kw);
+  }
+}
+
+// exp(x) for x <= 0; below -745 (where exp is 0 in float64) Highway's polynomial is not defined,
+// so arguments are clamped there.
+template <class D>
+HWY_INLINE hn::Vec<D> ExpOfNonPositive(D d, hn::Vec<D> x) {
+  return hn::Exp(d, hn::Max(x, hn::Set(d, -745.5)));
+}
+
+void Exponentials(const float* raw, int64_t count, double scale, std::span<const double> reference,
+                  double* weights, double* sums) {
+  const hn::ScalableTag<double> df;
+  const hn::Rebind<float, decltype(df)> df32;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const auto s = hn::Set(df, scale);
+  for (size_t g = 0; g < reference.size(); ++g) {
+    const float* row = raw + g * count;
+    double* out = weights + g * count;
+    const auto m = hn::Set(df, reference[g]);
+    // The scaled score as the attention rounds it: float(raw · scale), then minus m.
+    const auto weight = [&](auto x) HWY_ATTR {
+      return ExpOfNonPositive(df, hn::Sub(hn::PromoteTo(df, hn::DemoteTo(df32, hn::Mul(x, s))), m));
+    };
+    auto total = hn::Zero(df);
+    int64_t c = 0;
+    for (; c + lanes <= count; c += lanes) {
+      const auto w = weight(hn::PromoteTo(df, hn::LoadU(df32, row + c)));
+      hn::StoreU(w, df, out + c);
+      total = hn::Add(total, w);
+    }
+    double sum = hn::GetLane(hn::SumOfLanes(df, total));
+    if (c < count) {  // the last few, through a padded vector
+      HWY_ALIGN float tail_in[hn::MaxLanes(df)] = {};
+      HWY_ALIGN double tail_out[hn::MaxLanes(df)];
+      std::copy(row + c, row + count, tail_in);
+      hn::Store(weight(hn::PromoteTo(df, hn::Load(df32, tail_in))), df, tail_out);
+      for (int64_t i = 0; c + i < count; ++i) sum += out[c + i] = tail_out[i];
+    }
+    sums[g] += sum;
+  }
+}
+
+void ShareBuckets(const double* weights, int64_t count, std::span<const double> budget,
+                  double buckets_per_nat, int32_t last, int32_t* bucket) {
+  const hn::ScalableTag<double> df;
+  const hn::Rebind<int32_t, decltype(df)> di32;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t group = static_cast<int64_t>(budget.size());
+  HWY_ALIGN double inverse[kMaxQueries];  // 1 / budget; an exhausted budget: every share infinite
+  for (int64_t g = 0; g < group; ++g) inverse[g] = budget[g] > 0 ? 1 / budget[g] : INFINITY;
+  const auto one = hn::Set(df, 1.0), tiny = hn::Set(df, 1e-300);
+  const auto per_nat = hn::Set(df, -buckets_per_nat), top = hn::Set(df, static_cast<double>(last));
+  const auto never = hn::Set(df, static_cast<double>(last + 1));
+  const auto share_of = [&](const double* w, int64_t stride) HWY_ATTR {
+    auto share = hn::Mul(hn::LoadU(df, w), hn::Set(df, inverse[0]));
+    for (int64_t g = 1; g < group; ++g)
+      share = hn::Max(share, hn::Mul(hn::LoadU(df, w + g * stride), hn::Set(df, inverse[g])));
+    return share;
+  };
+  const auto bucket_of_share = [&](hn::Vec<decltype(df)> share) HWY_ATTR {
+    const auto k = hn::Min(hn::Mul(hn::Log(df, hn::Max(share, tiny)), per_nat), top);
+    return hn::DemoteTo(di32, hn::IfThenElse(hn::Ge(share, one), never, k));
+  };
+  int64_t c = 0;
+  for (; c + lanes <= count; c += lanes)
+    hn::StoreU(bucket_of_share(share_of(weights + c, count)), di32, bucket + c);
+  if (c < count) {  // the last few, through padded columns
+    HWY_ALIGN double padded[kMaxQueries * hn::MaxLanes(df)] = {};
+    const int64_t left = count - c;
+    for (int64_t g = 0; g < group; ++g)
+      std::copy(weights + g * count + c, weights + g * count + count, padded + g * lanes);
+    HWY_ALIGN int32_t out[hn::MaxLanes(df)];
+    hn::Store(bucket_of_share(share_of(padded, lanes)), di32, out);
+    std::copy(out, out + left, bucket + c);
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace visikv::sketch_kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace visikv::sketch_kernels {
+
+HWY_EXPORT(Bounds);
+HWY_EXPORT(Buckets);
+HWY_EXPORT(Exponentials);
+HWY_EXPORT(ShareBuckets);
+
+void exponentials(const float* raw, int64_t count, double scale, std::span<const double> reference,
+                  double* weights, double* sums) {
+  HWY_DYNAMIC_DISPATCH(Exponentials)(raw, count, scale, reference, weights, sums);
+}
+
+void share_buckets(const double* weights, int64_t count, std::span<const double> budget,
+                   double buckets_per_nat, int32_t last, int32_t* bucket) {
+  HWY_DYNAMIC_DISPATCH(ShareBuckets)(weights, count, budget, buckets_per_nat, last, bucket);
+}
+
+void bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
+            std::span<const SplitQuery> queries, double scale, double* upper, double* lower) {
+  HWY_DYNAMIC_DISPATCH(Bounds)(table, block_size, first, count, queries, scale, upper, lower);
+}
+
+void buckets(const double* upper, const double* lower, int64_t count,
+             std::span<const double> reference, double buckets_per_nat, int32_t last, int32_t* high,
+             int32_t* low) {
+  HWY_DYNAMIC_DISPATCH(Buckets)(upper, lower, count, reference, buckets_per_nat, last, high, low);
+}
+
+}  // namespace visikv::sketch_kernels
+#endif  // HWY_ONCE
