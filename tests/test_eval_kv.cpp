@@ -257,6 +257,26 @@ TEST(KvGrid, RunsOnTheFixtureAndTheDenseRowIsDecodePerplexity) {
   EXPECT_EQ(*recorded.reference_nll, dense.nll);
   EXPECT_EQ(*side_by_side.reference_nll, dense.nll);
   EXPECT_FALSE(results[0].ppl.divergence.has_value());  // dense is the reference
+  // Misused stores are errors that say what is wrong.
+  {
+    PerplexityOptions bad = ppl;
+    LogitStore wrong_vocab(7), empty(llama.config().vocab_size);
+    bad.reference_logits = &wrong_vocab;
+    EXPECT_NE(error_of([&] { perplexity(decoder, tokens, bad); }).find("a logit store of 7 logits"),
+              std::string::npos);
+    bad.reference_logits = &empty;
+    EXPECT_NE(
+        error_of([&] { perplexity(decoder, tokens, bad); }).find("holds 0 rows, 45 are scored"),
+        std::string::npos);
+    bad.reference = ReferenceRun{};
+    EXPECT_NE(error_of([&] { perplexity(decoder, tokens, bad); }).find("given together"),
+              std::string::npos);
+    bad = ppl;
+    empty.append(std::vector<float>(static_cast<size_t>(llama.config().vocab_size)));
+    bad.record_logits = &empty;
+    EXPECT_NE(error_of([&] { perplexity(decoder, tokens, bad); }).find("holds 1 rows already"),
+              std::string::npos);
+  }
   // Rows with the same codecs run once and share the result.
   const std::vector<KvGridRow> twins = {
       rows[0],

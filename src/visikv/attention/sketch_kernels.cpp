@@ -155,39 +155,54 @@ void Bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, i
   }
 }
 
+// bucket(x) = min(trunc(-x · buckets_per_nat), last) for x <= 0, with per_nat = -buckets_per_nat
+// and top = last, before the truncation to int32 (DemoteTo truncates): the scalar
+// `k >= last ? last : int(k)` with k = -x · buckets_per_nat.
+template <class V>
+HWY_INLINE V Bucket(V x, V per_nat, V top) {
+  return hn::Min(hn::Mul(x, per_nat), top);
+}
+
+// out[c] = column(rows + c, count) for the columns of {group, count} `rows`, Lanes(df) at a time:
+// column(p, stride) reads row g's columns at p + g · stride and returns their int32 results. The
+// last few columns go through a zero-padded copy, and only theirs are stored.
+template <class Column>
+HWY_INLINE void ColumnsInto(const double* rows, int64_t count, int64_t group, const Column& column,
+                            int32_t* out) {
+  const hn::ScalableTag<double> df;
+  const hn::Rebind<int32_t, decltype(df)> di32;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  int64_t c = 0;
+  for (; c + lanes <= count; c += lanes) hn::StoreU(column(rows + c, count), di32, out + c);
+  if (c == count) return;
+  HWY_ALIGN double padded[kMaxQueries * hn::MaxLanes(df)] = {};
+  for (int64_t g = 0; g < group; ++g)
+    std::copy(rows + g * count + c, rows + g * count + count, padded + g * lanes);
+  HWY_ALIGN int32_t tail[hn::MaxLanes(df)];
+  hn::Store(column(padded, lanes), di32, tail);
+  std::copy(tail, tail + (count - c), out + c);
+}
+
 void Buckets(const double* upper, const double* lower, int64_t count,
              std::span<const double> reference, double buckets_per_nat, int32_t last, int32_t* high,
              int32_t* low) {
   const hn::ScalableTag<double> df;
   const hn::Rebind<int32_t, decltype(df)> di32;
-  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t group = static_cast<int64_t>(reference.size());
   const auto per_nat = hn::Set(df, -buckets_per_nat), top = hn::Set(df, static_cast<double>(last));
-  // bucket(v) = min(-v · per_nat, last), truncated: as the scalar `k >= last ? last : int(k)`.
-  const auto bucket = [&](auto v) HWY_ATTR {
-    return hn::DemoteTo(di32, hn::Min(hn::Mul(v, per_nat), top));
+  // max_g (upper_g - m_g) and min_g (lower_g - m_g) of a block of columns, bucketed.
+  const auto extreme = [&](auto pick) HWY_ATTR {
+    return [&, pick](const double* p, int64_t stride) HWY_ATTR {
+      auto v = hn::Sub(hn::LoadU(df, p), hn::Set(df, reference[0]));
+      for (int64_t g = 1; g < group; ++g)
+        v = pick(v, hn::Sub(hn::LoadU(df, p + g * stride), hn::Set(df, reference[g])));
+      return hn::DemoteTo(di32, Bucket(v, per_nat, top));
+    };
   };
-  int64_t i = 0;
-  for (; i + lanes <= count; i += lanes) {
-    auto v = hn::Sub(hn::LoadU(df, upper + i), hn::Set(df, reference[0]));
-    auto w = hn::Sub(hn::LoadU(df, lower + i), hn::Set(df, reference[0]));
-    for (int64_t g = 1; g < group; ++g) {
-      v = hn::Max(v, hn::Sub(hn::LoadU(df, upper + g * count + i), hn::Set(df, reference[g])));
-      w = hn::Min(w, hn::Sub(hn::LoadU(df, lower + g * count + i), hn::Set(df, reference[g])));
-    }
-    hn::StoreU(bucket(v), di32, high + i);
-    hn::StoreU(bucket(w), di32, low + i);
-  }
-  for (; i < count; ++i) {
-    double v = upper[i] - reference[0], w = lower[i] - reference[0];
-    for (int64_t g = 1; g < group; ++g) {
-      v = std::max(v, upper[g * count + i] - reference[g]);
-      w = std::min(w, lower[g * count + i] - reference[g]);
-    }
-    const double kv = -v * buckets_per_nat, kw = -w * buckets_per_nat;
-    high[i] = kv >= last ? last : static_cast<int32_t>(kv);
-    low[i] = kw >= last ? last : static_cast<int32_t>(kw);
-  }
+  ColumnsInto(upper, count, group, extreme([](auto a, auto b) HWY_ATTR { return hn::Max(a, b); }),
+              high);
+  ColumnsInto(lower, count, group, extreme([](auto a, auto b) HWY_ATTR { return hn::Min(a, b); }),
+              low);
 }
 
 // exp(x) for x <= 0; below -745 (where exp is 0 in float64) Highway's polynomial is not defined,
@@ -234,35 +249,23 @@ void ShareBuckets(const double* weights, int64_t count, std::span<const double> 
                   double buckets_per_nat, int32_t last, int32_t* bucket) {
   const hn::ScalableTag<double> df;
   const hn::Rebind<int32_t, decltype(df)> di32;
-  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t group = static_cast<int64_t>(budget.size());
   HWY_ALIGN double inverse[kMaxQueries];  // 1 / budget; an exhausted budget: every share infinite
   for (int64_t g = 0; g < group; ++g) inverse[g] = budget[g] > 0 ? 1 / budget[g] : INFINITY;
   const auto one = hn::Set(df, 1.0), tiny = hn::Set(df, 1e-300);
   const auto per_nat = hn::Set(df, -buckets_per_nat), top = hn::Set(df, static_cast<double>(last));
   const auto never = hn::Set(df, static_cast<double>(last + 1));
-  const auto share_of = [&](const double* w, int64_t stride) HWY_ATTR {
-    auto share = hn::Mul(hn::LoadU(df, w), hn::Set(df, inverse[0]));
-    for (int64_t g = 1; g < group; ++g)
-      share = hn::Max(share, hn::Mul(hn::LoadU(df, w + g * stride), hn::Set(df, inverse[g])));
-    return share;
-  };
-  const auto bucket_of_share = [&](hn::Vec<decltype(df)> share) HWY_ATTR {
-    const auto k = hn::Min(hn::Mul(hn::Log(df, hn::Max(share, tiny)), per_nat), top);
-    return hn::DemoteTo(di32, hn::IfThenElse(hn::Ge(share, one), never, k));
-  };
-  int64_t c = 0;
-  for (; c + lanes <= count; c += lanes)
-    hn::StoreU(bucket_of_share(share_of(weights + c, count)), di32, bucket + c);
-  if (c < count) {  // the last few, through padded columns
-    HWY_ALIGN double padded[kMaxQueries * hn::MaxLanes(df)] = {};
-    const int64_t left = count - c;
-    for (int64_t g = 0; g < group; ++g)
-      std::copy(weights + g * count + c, weights + g * count + count, padded + g * lanes);
-    HWY_ALIGN int32_t out[hn::MaxLanes(df)];
-    hn::Store(bucket_of_share(share_of(padded, lanes)), di32, out);
-    std::copy(out, out + left, bucket + c);
-  }
+  ColumnsInto(
+      weights, count, group,
+      [&](const double* w, int64_t stride) HWY_ATTR {
+        auto share = hn::Mul(hn::LoadU(df, w), hn::Set(df, inverse[0]));
+        for (int64_t g = 1; g < group; ++g)
+          share = hn::Max(share, hn::Mul(hn::LoadU(df, w + g * stride), hn::Set(df, inverse[g])));
+        // share >= 1 never fits: bucket last + 1.
+        const auto k = Bucket(hn::Log(df, hn::Max(share, tiny)), per_nat, top);
+        return hn::DemoteTo(di32, hn::IfThenElse(hn::Ge(share, one), never, k));
+      },
+      bucket);
 }
 
 }  // namespace HWY_NAMESPACE

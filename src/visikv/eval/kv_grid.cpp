@@ -406,7 +406,6 @@ std::vector<KvGridResult> run_kv_grid(Decoder& decoder, std::span<const int32_t>
     record.key_codec = dense.key_codec;
     record.value_codec = dense.value_codec;
     record.selector = dense.selector.spec;
-    record.reference.reset();
     record.reference_logits = nullptr;
     record.record_logits = &*dense_logits;
     return perplexity(decoder, text_tokens, record, each);
