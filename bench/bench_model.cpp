@@ -4,9 +4,11 @@
 //   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok; products: $VISIKV_BENCH_NUMERICS,
 //   exact (default), int8 or int16, as `visikv generate --numerics`; attention support of the
 //   decode steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md without a query
-//   frame, dense by default (the prefill before them is dense))
-// Prefill/N: one forward pass over N tokens. Decode/N: 32 tokens decoded one at a time after an
-// N-token prefill (the prefill is not timed); tokens_per_s counts the 32. peak_rss_mib: the
+//   frame, dense by default (the prefill before them is dense); decode steps:
+//   $VISIKV_BENCH_DECODE_STEPS, default 32 (more make a profile of the decode steps stand out
+//   from the untimed prefill's))
+// Prefill/N: one forward pass over N tokens. Decode/N: the decode steps, one token at a time, after
+// an N-token prefill (the prefill is not timed); tokens_per_s counts them. peak_rss_mib: the
 // process's peak resident memory when the benchmark ended.
 #include <benchmark/benchmark.h>
 
@@ -29,7 +31,10 @@ namespace {
 
 using namespace visikv;
 
-constexpr int64_t kDecodeSteps = 32;
+int64_t decode_steps() {
+  const char* steps = std::getenv("VISIKV_BENCH_DECODE_STEPS");
+  return steps != nullptr ? std::max<int64_t>(1, std::atoll(steps)) : 32;
+}
 // The text the benchmarks read: the first 256 KB of WikiText-103 test (about 60,000 tokens, more
 // than the longest context plus its decode steps), cut at a line end. Tokenizing the whole file
 // would add its own memory to the peak RSS the comparison with llama.cpp reports (whose
@@ -116,9 +121,9 @@ void Prefill(benchmark::State& state) {
 void Decode(benchmark::State& state) {
   Loaded& l = loaded();
   Decoder decoder = make_bench_decoder(l.model);
-  const int64_t n = state.range(0);
-  if (!fits_context(state, l.model, n + kDecodeSteps)) return;
-  auto cache = make_bench_cache(decoder, n + kDecodeSteps);
+  const int64_t n = state.range(0), steps = decode_steps();
+  if (!fits_context(state, l.model, n + steps)) return;
+  auto cache = make_bench_cache(decoder, n + steps);
   const std::unique_ptr<Support> support = make_support(bench_selector());
   std::vector<SparseQueryStats> stats;
   double support_sum = 0, support_count = 0;
@@ -128,7 +133,7 @@ void Decode(benchmark::State& state) {
     support->reset();
     decoder.forward({l.text.data(), static_cast<size_t>(n)}, *cache, LogitRows::Last, discard);
     state.ResumeTiming();
-    for (int64_t i = 0; i < kDecodeSteps; ++i)
+    for (int64_t i = 0; i < steps; ++i)
       decoder.forward({l.text.data() + n + i, 1}, *cache, LogitRows::Last, discard,
                       {.support = support.get(),
                        .support_stats = [&](int64_t, std::span<const SparseQueryStats> s) {
@@ -138,7 +143,7 @@ void Decode(benchmark::State& state) {
   }
   if (support_count > 0) state.counters["support"] = support_sum / support_count;
   state.counters["tokens_per_s"] = benchmark::Counter(
-      static_cast<double>(kDecodeSteps), benchmark::Counter::kIsIterationInvariantRate);
+      static_cast<double>(steps), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_rss_mib"] = peak_rss_mib();
 }
 
