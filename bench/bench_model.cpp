@@ -142,8 +142,8 @@ void Decode(benchmark::State& state) {
                        }});
   }
   if (support_count > 0) state.counters["support"] = support_sum / support_count;
-  state.counters["tokens_per_s"] = benchmark::Counter(
-      static_cast<double>(steps), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens_per_s"] =
+      benchmark::Counter(static_cast<double>(steps), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_rss_mib"] = peak_rss_mib();
 }
 
