@@ -125,10 +125,21 @@ TEST(WeightKernels, TargetSelection) {
       EXPECT_EQ(chosen, "AVX3");
     } else if (target == "avx512vnni") {
       EXPECT_EQ(chosen, "AVX3_DL");
+    } else if (target == "neon") {
+      EXPECT_EQ(chosen, "NEON");
     }
   }
-  EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("sse9"); }),
-            "unknown SIMD target 'sse9' (expected native, avx512vnni, avx512, avx2 or generic)");
+  // The other architecture's instruction sets are refused by name, never replaced by this one's.
+#if defined(__x86_64__) || defined(__i386__)
+  const char* foreign = "neon";
+#else
+  const char* foreign = "avx2";
+#endif
+  EXPECT_EQ(test_support::error_of([&] { set_weight_kernel_target(foreign); }),
+            str_cat("SIMD target '", foreign, "' is not available on this CPU"));
+  EXPECT_EQ(
+      test_support::error_of([] { set_weight_kernel_target("sse9"); }),
+      "unknown SIMD target 'sse9' (expected native, avx512vnni, avx512, avx2, neon or generic)");
 }
 
 }  // namespace

@@ -1981,23 +1981,30 @@ std::string weight_kernel_target() {
 
 void set_weight_kernel_target(const std::string& name) {
   // Highway's target bits: a lower bit is a better target, so "at most X" keeps X's bit and every
-  // higher one.
-  int64_t allowed;
+  // higher one. A named instruction set must itself be on the CPU (an ARM machine has no "avx2",
+  // whose mask alone would let NEON through).
+  int64_t target;
   if (name == "native")
-    allowed = ~int64_t{0};
+    target = 0;
   else if (name == "avx512vnni")
-    allowed = ~(HWY_AVX3_DL - 1);
+    target = HWY_AVX3_DL;
   else if (name == "avx512")
-    allowed = ~(HWY_AVX3 - 1);
+    target = HWY_AVX3;
   else if (name == "avx2")
-    allowed = ~(HWY_AVX2 - 1);
+    target = HWY_AVX2;
+  else if (name == "neon")
+    target = HWY_NEON;
   else if (name == "generic")
-    allowed = ~(HWY_EMU128 - 1);
+    target = HWY_EMU128;
   else
-    fail("unknown SIMD target '", name, "' (expected native, avx512vnni, avx512, avx2 or generic)");
+    fail("unknown SIMD target '", name,
+         "' (expected native, avx512vnni, avx512, avx2, neon or generic)");
   hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
   const int64_t supported = hwy::SupportedTargets();
-  const int64_t chosen = supported & allowed;
+  const bool named_isa = target != 0 && target != HWY_EMU128;
+  require(!named_isa || (supported & target) != 0, "SIMD target '", name,
+          "' is not available on this CPU");
+  const int64_t chosen = supported & (target == 0 ? ~int64_t{0} : ~(target - 1));
   require(chosen != 0, "SIMD target '", name, "' is not available on this CPU");
   hwy::SetSupportedTargetsForTest(chosen == supported ? 0 : chosen);
 }

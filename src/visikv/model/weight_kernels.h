@@ -98,8 +98,9 @@ std::string weight_kernel_target();
 
 // Restricts the kernels to at most the named instruction set: "native" (the best this CPU has),
 // "avx512vnni" (AVX-512 with VNNI: 8- and 16-bit dot products for the int8 and int16 products),
-// "avx512", "avx2" or "generic" (the portable fallback). The environment variable VISIKV_SIMD sets
-// it at start-up. Throws visikv::Error on an unknown name.
+// "avx512", "avx2", "neon" (ARM) or "generic" (the portable fallback). The environment variable
+// VISIKV_SIMD sets it at start-up. Throws visikv::Error on an unknown name and on an instruction
+// set this CPU does not have.
 void set_weight_kernel_target(const std::string& name);
 
 }  // namespace visikv
