@@ -6,6 +6,8 @@
 #   cmake -S . -B build-arm64 -G Ninja -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake \
 #     -DVISIKV_BUILD_BENCH=OFF -DVISIKV_CUDA=OFF
 #   ninja -C build-arm64 && (cd build-arm64 && ctest)   # the tests run under qemu-aarch64
+# Tests that start the `visikv` program as a child process also need qemu registered with the
+# kernel's binfmt_misc (Debian's qemu-user-binfmt); the real-model tests take minutes each there.
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
