@@ -2001,11 +2001,9 @@ void set_weight_kernel_target(const std::string& name) {
          "' (expected native, avx512vnni, avx512, avx2, neon or generic)");
   hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
   const int64_t supported = hwy::SupportedTargets();
-  const bool named_isa = target != 0 && target != HWY_EMU128;
-  require(!named_isa || (supported & target) != 0, "SIMD target '", name,
-          "' is not available on this CPU");
   const int64_t chosen = supported & (target == 0 ? ~int64_t{0} : ~(target - 1));
-  require(chosen != 0, "SIMD target '", name, "' is not available on this CPU");
+  const bool present = target == 0 || target == HWY_EMU128 || (supported & target) != 0;
+  require(present && chosen != 0, "SIMD target '", name, "' is not available on this CPU");
   hwy::SetSupportedTargetsForTest(chosen == supported ? 0 : chosen);
 }
 
