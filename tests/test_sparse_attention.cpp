@@ -107,10 +107,11 @@ TEST(SelectorSpec, ParsesAndDescribes) {
   const SelectorSpec c = parse_selector_spec("certified:w64:eps0.01:a1:b16");
   EXPECT_EQ(c.kind, SelectorKind::Certified);
   EXPECT_DOUBLE_EQ(c.epsilon, 0.01);
-  for (const char* text : {"dense", "sparse:a1:w64:k32:exact", "sparse:a4:w8",
-                           "sparse:a0:w64:k32:bound:r3", "certified:a1:w64:b16:eps0.001:gqa=head",
-                           "certified:a1:w64:eps1e-05", "certified:a1:w64:b16:q16:eps0.01",
-                           "sparse:a1:w64:k32:b16:bound:q8", "certified:a1:w64:eps0.01:p8"}) {
+  for (const char* text :
+       {"dense", "sparse:a1:w64:k32:exact", "sparse:a4:w8", "sparse:a0:w64:k32:bound:r3",
+        "certified:a1:w64:b16:eps0.001:gqa=head", "certified:a1:w64:eps1e-05",
+        "certified:a1:w64:b16:q16:eps0.01", "sparse:a1:w64:k32:b16:bound:q8",
+        "certified:a1:w64:eps0.01:p8", "certified:a1:w64:exact:eps0.01:gqa=head"}) {
     const std::string canonical = describe(parse_selector_spec(text));
     EXPECT_EQ(describe(parse_selector_spec(canonical)), canonical) << text;
   }
@@ -158,6 +159,10 @@ TEST(SelectorSpec, BadSpecsAreErrors) {
                            "certified:eps0.1:p1",
                            "certified:eps0.1:p9",
                            "certified:eps0.1:p8:q8",
+                           "certified:eps0.01:centroid",
+                           "certified:eps0.01:exact:b8",
+                           "certified:eps0.01:exact:p8",
+                           "certified:eps0.01:exact:q8",
                            "sparse:a1:w4:k8:b8:bound:p8"}) {
     EXPECT_THROW(parse_selector_spec(text), Error) << text;
   }
@@ -395,21 +400,36 @@ TEST(SparseAttention, BlockRulesFindThePlantedBlock) {
 
 // Brute-force δ for one query: Z_S over the support's logits, Ẑ over every visible position
 // outside the support, each counted with its block's bound; δ = Ẑ / (Z_S + Ẑ).
-double brute_force_delta(const Problem& p, const Recorder::Event& e, int64_t t, int64_t kv) {
+// With `exact_scores` (certified:exact) the unselected positions count with their own scores
+// (the mass actually dropped), otherwise with their blocks' upper bounds.
+double brute_force_delta(const Problem& p, const Recorder::Event& e, int64_t t, int64_t kv,
+                         bool exact_scores) {
   const std::set<int32_t> support(e.positions.begin(), e.positions.end());
   double m = -INFINITY;
   for (float s : e.logits) m = std::max<double>(m, s);
   std::map<int64_t, int64_t> unselected;  // block -> count
-  for (int64_t j = visible_positions(t, p.spec.sliding_window).begin(); j <= t; ++j)
-    if (!support.count(static_cast<int32_t>(j))) ++unselected[j / p.block];
-  std::map<int64_t, double> bound;
-  for (const auto& [b, count] : unselected) {
-    bound[b] = block_upper_bound(p.cache->summary(0, kv, b), e.query, p.spec.scale);
-    m = std::max(m, bound[b]);
+  std::vector<double> dropped_scores;
+  for (int64_t j = visible_positions(t, p.spec.sliding_window).begin(); j <= t; ++j) {
+    if (support.count(static_cast<int32_t>(j))) continue;
+    ++unselected[j / p.block];
+    if (exact_scores) {
+      float raw = 0;
+      p.cache->score(0, kv, e.query, PositionSet::range(j, j + 1), std::span(&raw, 1));
+      dropped_scores.push_back(static_cast<float>(raw * p.spec.scale));  // as the attention scales
+      m = std::max(m, dropped_scores.back());
+    }
   }
+  std::map<int64_t, double> bound;
+  if (!exact_scores)
+    for (const auto& [b, count] : unselected) {
+      bound[b] = block_upper_bound(p.cache->summary(0, kv, b), e.query, p.spec.scale);
+      m = std::max(m, bound[b]);
+    }
   double z_support = 0, z_rest = 0;
   for (float s : e.logits) z_support += std::exp(s - m);
-  for (const auto& [b, count] : unselected) z_rest += count * std::exp(bound[b] - m);
+  for (double s : dropped_scores) z_rest += std::exp(s - m);
+  for (const auto& [b, count] : unselected)
+    if (!exact_scores) z_rest += count * std::exp(bound[b] - m);
   return z_rest > 0 ? z_rest / (z_support + z_rest) : 0.0;
 }
 
@@ -460,7 +480,8 @@ TEST_P(CertifiedTest, BoundHoldsAndDeltaIsExact) {
       total_support += st.support;
       ASSERT_TRUE(std::isfinite(st.delta));
       EXPECT_LE(st.delta, epsilon);
-      const double expected = brute_force_delta(p, recorder.at(t, h), t, kv);
+      const double expected = brute_force_delta(p, recorder.at(t, h), t, kv,
+                                                selector.spec().rule == SelectorRule::Exact);
       EXPECT_NEAR(st.delta, expected, 1e-12 + 1e-9 * expected) << "t=" << t << " h=" << h;
       double max_value = 0, error = 0;
       for (int64_t j = visible.begin(); j < visible.end(); ++j) {
@@ -490,11 +511,16 @@ INSTANTIATE_TEST_SUITE_P(
                       CertifiedCase{false, "certified:a1:w8:eps0.05", 50},
                       CertifiedCase{true, "certified:a1:w8:b8:eps0.01", 0},
                       CertifiedCase{true, "certified:a1:w8:eps0.05:gqa=head", 0},
-                      CertifiedCase{true, "certified:a2:w4:eps0.1", 64}));
+                      CertifiedCase{true, "certified:a2:w4:eps0.1", 64},
+                      CertifiedCase{false, "certified:a1:w8:exact:eps0.01", 0},
+                      CertifiedCase{true, "certified:a1:w8:exact:eps0.01", 0},
+                      CertifiedCase{true, "certified:a1:w8:exact:eps0.05:gqa=head", 0},
+                      CertifiedCase{true, "certified:a2:w4:exact:eps0.1", 64}));
 
 struct LossyCase {
   const char* key_codec;
   bool planted;
+  const char* selector = "certified:a1:w8:b8:eps0.02";
 };
 
 class CertifiedLossyTest : public ::testing::TestWithParam<LossyCase> {};
@@ -510,7 +536,7 @@ TEST_P(CertifiedLossyTest, BoundHoldsForTheStoredKeys) {
   if (c.planted) plant_heavy_keys(p);
   p.use_codecs(c.key_codec, "f32");
   p.fill();
-  const std::unique_ptr<Support> selector_owner = make_support("certified:a1:w8:b8:eps0.02");
+  const std::unique_ptr<Support> selector_owner = make_support(c.selector);
   Support& selector = *selector_owner;
   Recorder recorder;
   std::vector<SparseQueryStats> stats;
@@ -560,14 +586,16 @@ TEST_P(CertifiedLossyTest, BoundHoldsForTheStoredKeys) {
   RecordProperty("worst_dropped_over_delta", std::to_string(worst_ratio));
 }
 
-INSTANTIATE_TEST_SUITE_P(Codecs, CertifiedLossyTest,
-                         ::testing::Values(LossyCase{"int2:g16:tok", false},
-                                           LossyCase{"int2:g16:tok", true},
-                                           LossyCase{"int4:g16:tok", true},
-                                           LossyCase{"int2:g8:chan:r16", true},
-                                           LossyCase{"int2:g16:tok:had", true},
-                                           LossyCase{"int2:g16:tok+headq:r8:s4:random", true},
-                                           LossyCase{"int2:g16:tok+headq:r8:s4:random", false}));
+INSTANTIATE_TEST_SUITE_P(
+    Codecs, CertifiedLossyTest,
+    ::testing::Values(LossyCase{"int2:g16:tok", false}, LossyCase{"int2:g16:tok", true},
+                      LossyCase{"int4:g16:tok", true}, LossyCase{"int2:g8:chan:r16", true},
+                      LossyCase{"int2:g16:tok:had", true},
+                      LossyCase{"int2:g16:tok+headq:r8:s4:random", true},
+                      LossyCase{"int2:g16:tok+headq:r8:s4:random", false},
+                      LossyCase{"int2:g16:tok", true, "certified:a1:w8:exact:eps0.02"},
+                      LossyCase{"int2:g16:tok+headq:r8:s4:random", true,
+                                "certified:a1:w8:exact:eps0.02"}));
 
 // Refresh: a decode step re-chooses every R positions and otherwise reuses the last choice (minus
 // what has entered the window); a prefill's last query seeds the choice.
@@ -642,7 +670,7 @@ TEST(SparseAttention, RefreshReusesTheChoice) {
 TEST(SparseAttention, PrefillMatchesDecode) {
   for (const char* text :
        {"sparse:a1:w3:k16:centroid", "sparse:a1:w3:k16:bound:gqa=head", "sparse:a2:w5:k9:exact",
-        "certified:a1:w3:eps0.05", "certified:a1:w3:eps0.05:p6"}) {
+        "certified:a1:w3:eps0.05", "certified:a1:w3:eps0.05:p6", "certified:a1:w3:exact:eps0.05"}) {
     Problem p(90, 4, 2, 16, 8, 31);
     prepare_summaries(*p.cache, parse_selector_spec(text), nullptr);
     p.fill();

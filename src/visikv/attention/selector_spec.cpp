@@ -134,8 +134,17 @@ SelectorSpec parse_selector_spec(std::string_view text) {
             "': a block size needs a block rule (centroid or bound)");
   } else {
     require(has_eps, "selector spec '", text, "': certified needs epsN (0 < eps < 1)");
-    require(!has_k && spec.rule == SelectorRule::None, "selector spec '", text,
-            "': certified chooses its own blocks by the bound; it takes no kN or rule");
+    require(!has_k, "selector spec '", text,
+            "': certified chooses its own support by the bound; it takes no kN");
+    require(spec.rule == SelectorRule::None || spec.rule == SelectorRule::Exact, "selector spec '",
+            text,
+            "': certified bounds scores from block summaries, position sketches (pN) or every "
+            "score (exact); centroid and bound are rules of the sparse kind");
+    require(spec.rule != SelectorRule::Exact ||
+                (!seen.count('b') && spec.sketch_bits == 0 && spec.frame_rank == 0),
+            "selector spec '", text,
+            "': certified:exact reads every score and needs no blocks (bN), sketches (pN) or "
+            "query frame (qN)");
     require(!seen.count('r'), "selector spec '", text,
             "': certified re-checks its bound at every query; it takes no refresh rN");
   }

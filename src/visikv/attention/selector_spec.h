@@ -7,11 +7,14 @@
 //              | "sparse"    { ":" field }
 //              | "certified" { ":" field }
 //   field     := "a" INT      anchors: positions 0..A-1 (default 0)
-//              | "w" INT      window: the last W positions up to and including the query (default
-//              0) | "k" INT      dynamic positions (sparse only; >= 1; needs a rule) | "b" INT
-//              summary block size (>= 1); must equal the cache's block size,
+//              | "w" INT      window: the last W positions up to and including the query
+//                             (default 0)
+//              | "k" INT      dynamic positions (sparse only; >= 1; needs a rule)
+//              | "b" INT      summary block size (>= 1); must equal the cache's block size,
 //                             defaults to it (block rules and certified only)
-//              | "exact"      rule: the k highest scores among all candidates (reads every score)
+//              | "exact"      rule: the k highest scores among all candidates (reads every score);
+//                             with certified: every candidate scored, the bound is exact and only
+//                             the values of the certified support are read
 //              | "centroid"   rule: ceil(k/B) blocks ranked by the centroid score q·c_b
 //              | "bound"      rule: ceil(k/B) blocks ranked by the Quest-style upper bound
 //                             u_b = scale * sum_c max(q_c m_{b,c}, q_c M_{b,c})
@@ -65,8 +68,8 @@ struct SelectorSpec {
   int64_t cache_block_size() const { return block_size > 0 ? block_size : 32; }
 
   bool uses_blocks() const {
-    return kind == SelectorKind::Certified || rule == SelectorRule::Centroid ||
-           rule == SelectorRule::Bound;
+    return (kind == SelectorKind::Certified && rule != SelectorRule::Exact) ||
+           rule == SelectorRule::Centroid || rule == SelectorRule::Bound;
   }
 };
 

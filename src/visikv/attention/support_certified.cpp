@@ -36,6 +36,7 @@ void CertifiedSupport::prepare(const KVCache& cache, const AttentionSpec& attent
 // sum in increasing order of the terms (no cancellation).
 ChosenSupport CertifiedSupport::choose(const SupportQuery& query, SupportScratch& scratch,
                                        SparseQueryStats& stats) {
+  if (spec().rule == SelectorRule::Exact) return choose_scored(query, scratch, stats);
   if (spec().sketch_bits > 0) return choose_positions(query, scratch, stats);
   const int64_t group = query.group, block = block_;
   const Region r = make_region(query.position, query.model_window, spec(), block);
@@ -229,18 +230,75 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   for (int64_t i = 0; i < n; ++i)
     if (scratch.order[i] < cut) scratch.items.push_back(static_cast<int32_t>(r.anchors_end + i));
   const int64_t chosen = static_cast<int64_t>(scratch.items.size());
-  scratch.selection.resize(static_cast<size_t>(group * n));
   scratch.block_scores.resize(static_cast<size_t>(group * chosen));
   if (chosen > 0)
     query.cache.score(query.layer, query.kv_head, query.queries, PositionSet::list(scratch.items),
                       scratch.block_scores);
-  // weights[g * chosen + c] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
-  std::vector<double>& weights = lower;  // the lower bounds are no longer needed
-  weights.resize(static_cast<size_t>(chosen * group));
+  return keep_heaviest(query, r, dropped, scratch, stats);
+}
+
+// Every candidate scored with the cache's own scores in one pass (as dense attention scores
+// them): the bounds are the scores, nothing is left unread (Ẑ = 0), and only the values the
+// certificate needs are read.
+ChosenSupport CertifiedSupport::choose_scored(const SupportQuery& query, SupportScratch& scratch,
+                                              SparseQueryStats& stats) {
+  const int64_t group = query.group;
+  const Region r = make_region(query.position, query.model_window, spec(), 1);
+  score_fixed_part(query, r, scratch);
+  const int64_t fixed = static_cast<int64_t>(scratch.fixed.size());
+  const double scale = query.scale;
+  const int64_t n = std::max<int64_t>(0, r.candidates());
+  scratch.items.resize(static_cast<size_t>(n));
+  std::iota(scratch.items.begin(), scratch.items.end(), static_cast<int32_t>(r.anchors_end));
+  scratch.block_scores.resize(static_cast<size_t>(group * n));
+  if (n > 0)
+    query.cache.score(query.layer, query.kv_head, query.queries,
+                      PositionSet::range(r.anchors_end, r.tail_begin), scratch.block_scores);
+  stats.summaries_read = 0;
+  // m_g: the largest scaled score, so that every exp() below is <= 1.
+  std::vector<double>& m = scratch.reference;
+  m.assign(static_cast<size_t>(group), -INFINITY);
+  const auto scaled = [scale](float raw) {
+    return static_cast<double>(static_cast<float>(raw * scale));
+  };
+  for (int64_t g = 0; g < group; ++g) {
+    const float* raw = scratch.block_scores.data() + g * n;
+    if (n > 0) m[g] = scaled(*std::max_element(raw, raw + n));
+    for (int64_t i = 0; i < fixed; ++i)
+      m[g] = std::max(m[g], scaled(scratch.fixed_scores[g * fixed + i]));
+  }
+  std::vector<double>& z = scratch.partition;
+  z.assign(static_cast<size_t>(group), 0.0);
   for (int64_t g = 0; g < group; ++g)
-    for (int64_t c = 0; c < chosen; ++c)
-      scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] =
-          scratch.block_scores[g * chosen + c];
+    for (int64_t i = 0; i < fixed; ++i)
+      z[g] += std::exp(scaled(scratch.fixed_scores[g * fixed + i]) - m[g]);
+  return keep_heaviest(query, r, 0.0, scratch, stats);
+}
+
+// The read candidates are scratch.items, their raw scores scratch.block_scores ({group, chosen});
+// scratch.reference holds m_g (no scaled score of a read key above it), scratch.partition
+// Z_fixed,g, and `dropped` is Ẑ, the bound on the unread candidates' mass.
+ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const Region& r,
+                                              double dropped, SupportScratch& scratch,
+                                              SparseQueryStats& stats) {
+  const int64_t group = query.group;
+  const double scale = query.scale;
+  const double epsilon = spec().epsilon * (1 - 1e-9);
+  const int64_t n = std::max<int64_t>(0, r.candidates());
+  const int64_t chosen = static_cast<int64_t>(scratch.items.size());
+  std::vector<double>& m = scratch.reference;
+  std::vector<double>& z = scratch.partition;
+  scratch.selection.resize(static_cast<size_t>(group * n));
+  // weights[g * chosen + c] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
+  std::vector<double>& weights = scratch.suffix;
+  weights.resize(static_cast<size_t>(chosen * group));
+  if (chosen == n)  // every candidate, in order: the layouts agree
+    std::copy(scratch.block_scores.begin(), scratch.block_scores.end(), scratch.selection.begin());
+  else
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t c = 0; c < chosen; ++c)
+        scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] =
+            scratch.block_scores[g * chosen + c];
   if (chosen > 0)
     sketch_kernels::exponentials(scratch.block_scores.data(), chosen, scale, m, weights.data(),
                                  z.data());
@@ -256,7 +314,7 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   // up, while every query's left-out mass fits its budget.
   std::vector<int32_t>& bucket = scratch.order;  // per read candidate; kBuckets: never left out
   bucket.resize(static_cast<size_t>(chosen));
-  std::vector<double>& mass = counts;  // {kBuckets, group}: weight per bucket and query
+  std::vector<double>& mass = scratch.ranking;  // {kBuckets, group}: weight per bucket and query
   mass.assign(static_cast<size_t>(kBuckets * group), 0.0);
   // share >= 1 never fits; else bucket k holds log share in (-(k+1) h, -k h], the last open.
   if (chosen > 0)
