@@ -411,25 +411,24 @@ double brute_force_delta(const Problem& p, const Recorder::Event& e, int64_t t, 
   std::vector<double> dropped_scores;
   for (int64_t j = visible_positions(t, p.spec.sliding_window).begin(); j <= t; ++j) {
     if (support.count(static_cast<int32_t>(j))) continue;
-    ++unselected[j / p.block];
-    if (exact_scores) {
-      float raw = 0;
-      p.cache->score(0, kv, e.query, PositionSet::range(j, j + 1), std::span(&raw, 1));
-      dropped_scores.push_back(static_cast<float>(raw * p.spec.scale));  // as the attention scales
-      m = std::max(m, dropped_scores.back());
+    if (!exact_scores) {
+      ++unselected[j / p.block];
+      continue;
     }
+    float raw = 0;
+    p.cache->score(0, kv, e.query, PositionSet::range(j, j + 1), std::span(&raw, 1));
+    dropped_scores.push_back(static_cast<float>(raw * p.spec.scale));  // as the attention scales
+    m = std::max(m, dropped_scores.back());
   }
   std::map<int64_t, double> bound;
-  if (!exact_scores)
-    for (const auto& [b, count] : unselected) {
-      bound[b] = block_upper_bound(p.cache->summary(0, kv, b), e.query, p.spec.scale);
-      m = std::max(m, bound[b]);
-    }
+  for (const auto& [b, count] : unselected) {
+    bound[b] = block_upper_bound(p.cache->summary(0, kv, b), e.query, p.spec.scale);
+    m = std::max(m, bound[b]);
+  }
   double z_support = 0, z_rest = 0;
   for (float s : e.logits) z_support += std::exp(s - m);
   for (double s : dropped_scores) z_rest += std::exp(s - m);
-  for (const auto& [b, count] : unselected)
-    if (!exact_scores) z_rest += count * std::exp(bound[b] - m);
+  for (const auto& [b, count] : unselected) z_rest += count * std::exp(bound[b] - m);
   return z_rest > 0 ? z_rest / (z_support + z_rest) : 0.0;
 }
 

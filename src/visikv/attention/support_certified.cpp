@@ -152,6 +152,26 @@ struct BucketExps {
 };
 const BucketExps kBucketExps;
 
+// A raw score scaled exactly as the attention scales it (in float), widened.
+double scaled_score(float raw, double scale) {
+  return static_cast<double>(static_cast<float>(raw * scale));
+}
+
+// Folds the fixed part's scaled scores into m_g (scratch.reference, which holds the candidates'
+// largest score or bound) and sets scratch.partition to Z_fixed,g = sum exp(s - m_g).
+void fold_fixed_part(int64_t group, double scale, SupportScratch& scratch) {
+  const int64_t fixed = static_cast<int64_t>(scratch.fixed.size());
+  std::vector<double>& m = scratch.reference;
+  std::vector<double>& z = scratch.partition;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < fixed; ++i)
+      m[g] = std::max(m[g], scaled_score(scratch.fixed_scores[g * fixed + i], scale));
+  z.assign(static_cast<size_t>(group), 0.0);
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < fixed; ++i)
+      z[g] += std::exp(scaled_score(scratch.fixed_scores[g * fixed + i], scale) - m[g]);
+}
+
 }  // namespace
 
 // Position sketches give every candidate j bounds l_jg <= s_jg <= u_jg on each query's scaled
@@ -170,11 +190,7 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   const int64_t group = query.group;
   const Region r = make_region(query.position, query.model_window, spec(), block_);
   score_fixed_part(query, r, scratch);
-  const int64_t fixed = static_cast<int64_t>(scratch.fixed.size());
   const double scale = query.scale;
-  const auto scaled = [scale](float raw) {
-    return static_cast<double>(static_cast<float>(raw * scale));
-  };
   const int64_t n = std::max<int64_t>(0, r.candidates());
 
   std::vector<double>& upper = scratch.bounds;
@@ -187,14 +203,8 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
     position_bounds(query.cache.summaries(query.layer, query.kv_head), block_, r.anchors_end, n,
                     query.queries, scale, upper, lower, m);
   stats.summaries_read = n;
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < fixed; ++i)
-      m[g] = std::max(m[g], scaled(scratch.fixed_scores[g * fixed + i]));
+  fold_fixed_part(group, scale, scratch);
   std::vector<double>& z = scratch.partition;  // Z_fixed, then Z_S per query
-  z.assign(static_cast<size_t>(group), 0.0);
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < fixed; ++i)
-      z[g] += std::exp(scaled(scratch.fixed_scores[g * fixed + i]) - m[g]);
 
   // counts[k]: candidates in bucket k; below[k]: their lower masses, sum exp(-(k(w_j) + 1) h).
   std::vector<double>& counts = scratch.ranking;
@@ -245,8 +255,6 @@ ChosenSupport CertifiedSupport::choose_scored(const SupportQuery& query, Support
   const int64_t group = query.group;
   const Region r = make_region(query.position, query.model_window, spec(), 1);
   score_fixed_part(query, r, scratch);
-  const int64_t fixed = static_cast<int64_t>(scratch.fixed.size());
-  const double scale = query.scale;
   const int64_t n = std::max<int64_t>(0, r.candidates());
   scratch.items.resize(static_cast<size_t>(n));
   std::iota(scratch.items.begin(), scratch.items.end(), static_cast<int32_t>(r.anchors_end));
@@ -255,23 +263,14 @@ ChosenSupport CertifiedSupport::choose_scored(const SupportQuery& query, Support
     query.cache.score(query.layer, query.kv_head, query.queries,
                       PositionSet::range(r.anchors_end, r.tail_begin), scratch.block_scores);
   stats.summaries_read = 0;
-  // m_g: the largest scaled score, so that every exp() below is <= 1.
+  // m_g: the largest scaled score, so that every exp() below is <= 1 (the scale is positive).
   std::vector<double>& m = scratch.reference;
   m.assign(static_cast<size_t>(group), -INFINITY);
-  const auto scaled = [scale](float raw) {
-    return static_cast<double>(static_cast<float>(raw * scale));
-  };
-  for (int64_t g = 0; g < group; ++g) {
+  for (int64_t g = 0; g < group && n > 0; ++g) {
     const float* raw = scratch.block_scores.data() + g * n;
-    if (n > 0) m[g] = scaled(*std::max_element(raw, raw + n));
-    for (int64_t i = 0; i < fixed; ++i)
-      m[g] = std::max(m[g], scaled(scratch.fixed_scores[g * fixed + i]));
+    m[g] = scaled_score(*std::max_element(raw, raw + n), query.scale);
   }
-  std::vector<double>& z = scratch.partition;
-  z.assign(static_cast<size_t>(group), 0.0);
-  for (int64_t g = 0; g < group; ++g)
-    for (int64_t i = 0; i < fixed; ++i)
-      z[g] += std::exp(scaled(scratch.fixed_scores[g * fixed + i]) - m[g]);
+  fold_fixed_part(group, query.scale, scratch);
   return keep_heaviest(query, r, 0.0, scratch, stats);
 }
 
@@ -292,16 +291,16 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
   // weights[g * chosen + c] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
   std::vector<double>& weights = scratch.suffix;
   weights.resize(static_cast<size_t>(chosen * group));
-  if (chosen == n)  // every candidate, in order: the layouts agree
-    std::copy(scratch.block_scores.begin(), scratch.block_scores.end(), scratch.selection.begin());
+  if (chosen > 0)
+    sketch_kernels::exponentials(scratch.block_scores.data(), chosen, scale, m, weights.data(),
+                                 z.data());
+  if (chosen == n)  // every candidate, in order: the layouts agree, so no copy
+    scratch.selection.swap(scratch.block_scores);
   else
     for (int64_t g = 0; g < group; ++g)
       for (int64_t c = 0; c < chosen; ++c)
         scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] =
             scratch.block_scores[g * chosen + c];
-  if (chosen > 0)
-    sketch_kernels::exponentials(scratch.block_scores.data(), chosen, scale, m, weights.data(),
-                                 z.data());
   // Of the read candidates, leave out the lightest while every query keeps δ_g <= ε, with
   // δ_g = (Z_D,g + Ẑ) / (Z_C,g + Ẑ) for the left-out set D (its scores are known; the proof
   // above holds with the dropped mass Z_D,g + Z_unread,g <= Z_D,g + Ẑ): their values are not
