@@ -13,6 +13,7 @@
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/codec_cache.h"
 #include "visikv/kv/dense_cache.h"
+#include "visikv/kv/fp16_window.h"
 #include "visikv/kv/headq.h"
 #include "visikv/kv/store_factory.h"
 #include "visikv/kv/value_policy.h"
@@ -144,6 +145,72 @@ TEST(DenseStore, TheDenseCacheIsTheCodecCacheOfDenseRows) {
     EXPECT_TRUE(std::equal(x.centroids.begin(), x.centroids.end(), y.centroids.begin()));
     EXPECT_TRUE(std::equal(x.maxs.begin(), x.maxs.end(), y.maxs.begin()));
     EXPECT_EQ(x.counts[2], 5);
+  }
+}
+
+// The fp16 window of the integer and query-basis stores: what leaves it, when, in which form, and
+// the chunk rule, against a brute-force replay of the appends.
+TEST(Fp16Window, HandsOverWholeTokenGroupsOldestFirstInTheirFp16Form) {
+  const int64_t dim = 6, appends = 40;
+  std::mt19937 rng(11);
+  const std::vector<float> vectors = random_vector(rng, appends * dim);
+  struct Case {
+    int64_t token_group, window;
+  };
+  for (const Case c : {Case{1, 0}, Case{1, 5}, Case{4, 0}, Case{4, 3}, Case{8, 16}}) {
+    SCOPED_TRACE(testing::Message() << "G=" << c.token_group << " R=" << c.window);
+    Fp16Window window(dim, c.token_group, c.window);
+    std::vector<float> handed;  // every row handed over, in order
+    std::vector<int64_t> flushes;
+    for (int64_t t = 0; t < appends; ++t) {
+      const int64_t before = window.quantized();
+      window.append({vectors.data() + t * dim, static_cast<size_t>(dim)},
+                    [&](const float* rows, int64_t tokens) {
+                      EXPECT_EQ(window.quantized(), before);  // counted once it returns
+                      EXPECT_EQ(tokens, c.token_group);
+                      handed.insert(handed.end(), rows, rows + tokens * dim);
+                    });
+      if (window.quantized() != before) flushes.push_back(t);
+      ASSERT_EQ(window.size(), t + 1);
+      // The newest `window` tokens are always held, and never more than window + G - 1.
+      const int64_t held = window.size() - window.quantized();
+      ASSERT_GE(held, std::min(t + 1, c.window));
+      ASSERT_LT(held, c.window + c.token_group);
+      EXPECT_EQ(window.stored_bytes(), 2 * held * dim);
+    }
+    // Rows leave oldest first: from float32 with neither window nor group, else in fp16.
+    const bool passes_through = c.token_group == 1 && c.window == 0;
+    ASSERT_EQ(static_cast<int64_t>(handed.size()), window.quantized() * dim);
+    for (size_t i = 0; i < handed.size(); ++i)
+      ASSERT_EQ(handed[i], passes_through ? vectors[i] : fp16_to_float(float_to_fp16(vectors[i])));
+    // The held rows are the newest ones, rounded to fp16.
+    std::vector<float> out(dim);
+    for (int64_t p = window.quantized(); p < appends; ++p) {
+      window.widen(p, out);
+      for (int64_t i = 0; i < dim; ++i)
+        ASSERT_EQ(out[i], fp16_to_float(float_to_fp16(vectors[p * dim + i])));
+    }
+    // The chunk rule: from every state, the next decode_equivalent_appends() appends flush at
+    // most at their first (replayed on a fresh window up to that state).
+    for (int64_t state = 0; state < appends - 20; ++state) {
+      Fp16Window replay(dim, c.token_group, c.window);
+      const auto drop = [](const float*, int64_t) {};
+      for (int64_t t = 0; t < state; ++t) replay.append({vectors.data(), size_t(dim)}, drop);
+      const int64_t chunk = replay.decode_equivalent_appends();
+      ASSERT_GE(chunk, 1);
+      if (passes_through) {
+        EXPECT_EQ(chunk, VectorStore::kUnlimitedChunk);
+        continue;
+      }
+      for (int64_t k = 0; k < std::min<int64_t>(chunk, 20); ++k) {
+        const int64_t before = replay.quantized();
+        replay.append({vectors.data(), size_t(dim)}, drop);
+        if (k > 0) ASSERT_EQ(replay.quantized(), before) << "flush inside a chunk at " << state;
+      }
+    }
+    window.clear();
+    EXPECT_EQ(window.size(), 0);
+    EXPECT_EQ(window.stored_bytes(), 0);
   }
 }
 

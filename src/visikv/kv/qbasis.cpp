@@ -11,6 +11,7 @@
 #include "visikv/core/half.h"
 #include "visikv/core/random.h"
 #include "visikv/core/vec.h"
+#include "visikv/kv/fp16_window.h"
 #include "visikv/kv/headq.h"
 #include "visikv/kv/int_row_codec.h"
 
@@ -249,10 +250,10 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   QBasisStoreImpl(const CodecSpec& spec, QBasisHead head, int64_t reserve)
       : dim_(head.dim),
         token_group_(spec.token_group()),
-        window_tokens_(spec.window),
         axis_(spec.axis),
         group_(spec.group),
-        head_(std::move(head)) {
+        head_(std::move(head)),
+        window_(dim_, token_group_, spec.window) {
     require(static_cast<int64_t>(head_.rows.size()) == dim_ * dim_ &&
                 static_cast<int64_t>(head_.query_energy.size()) == dim_ &&
                 static_cast<int64_t>(head_.key_mean.size()) == dim_ &&
@@ -306,22 +307,11 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   const QBasisHead& head() const override { return head_; }
 
   int64_t dim() const override { return dim_; }
-  int64_t size() const override { return quantized_ + window_rows(); }
-  int64_t quantized_size() const override { return quantized_; }
+  int64_t size() const override { return window_.size(); }
+  int64_t quantized_size() const override { return window_.quantized(); }
 
   void append(std::span<const float> vector) override {
-    if (window_tokens_ == 0 && token_group_ == 1) {
-      quantize(vector.data(), 1);
-      return;
-    }
-    for (float x : vector) window_.push_back(float_to_fp16(x));
-    if (window_rows() - token_group_ >= window_tokens_) {
-      // The oldest token group is complete and outside the kept window: quantize its fp16 form.
-      staging_.resize(static_cast<size_t>(token_group_ * dim_));
-      for (int64_t i = 0; i < token_group_ * dim_; ++i) staging_[i] = fp16_to_float(window_[i]);
-      quantize(staging_.data(), token_group_);
-      window_.erase(window_.begin(), window_.begin() + token_group_ * dim_);
-    }
+    window_.append(vector, [this](const float* rows, int64_t tokens) { quantize(rows, tokens); });
   }
 
   void dot(std::span<const float> queries, const PositionSet& positions,
@@ -345,12 +335,12 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     }
     for (int64_t i = 0; i < n; ++i) {
       const int64_t position = positions[i];
-      if (position < quantized_) {
+      if (position < window_.quantized()) {
         decode(position, decoded);
         for (int64_t q = 0; q < count; ++q)
           scores[q * n + i] = constant[q] + vec::dot(weighted + q * a_count, decoded, a_count);
       } else {
-        const uint16_t* row = window_row(position);
+        const uint16_t* row = window_.row(position);
         for (int64_t q = 0; q < count; ++q)
           scores[q * n + i] = vec::dot(row, false, queries.data() + q * dim_, dim_);
       }
@@ -358,9 +348,8 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   }
 
   void reconstruct(int64_t position, std::span<float> out) const override {
-    if (position >= quantized_) {
-      const uint16_t* row = window_row(position);
-      for (int64_t c = 0; c < dim_; ++c) out[c] = fp16_to_float(row[c]);
+    if (position >= window_.quantized()) {
+      window_.widen(position, out);
       return;
     }
     const int64_t a_count = static_cast<int64_t>(active_.size());
@@ -376,31 +365,19 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   }
 
   int64_t stored_bytes() const override {
-    const int64_t code_bytes = (quantized_ / token_group_ * region_bits_ + 7) / 8;
-    return code_bytes + static_cast<int64_t>(2 * params_.size() + 2 * window_.size());
+    const int64_t code_bytes = (window_.quantized() / token_group_ * region_bits_ + 7) / 8;
+    return code_bytes + static_cast<int64_t>(2 * params_.size()) + window_.stored_bytes();
   }
 
   void clear() override {
     stream_.clear();
     params_.clear();
     window_.clear();
-    quantized_ = 0;
   }
 
-  // The rule of the integer stores (kv/vector_store.cpp): without a window a key is quantized at
-  // its append and never changes; with one, a flush may only be a chunk's first append.
-  int64_t decode_equivalent_appends() const override {
-    if (window_tokens_ == 0 && token_group_ == 1) return kUnlimitedChunk;
-    const int64_t next_flush = window_tokens_ + token_group_ - window_rows();
-    return next_flush == 1 ? token_group_ : next_flush - 1;
-  }
+  int64_t decode_equivalent_appends() const override { return window_.decode_equivalent_appends(); }
 
  private:
-  int64_t window_rows() const { return static_cast<int64_t>(window_.size()) / dim_; }
-  const uint16_t* window_row(int64_t position) const {
-    return window_.data() + (position - quantized_) * dim_;
-  }
-
   // `tok`: the grid step of a b-bit direction over a run's range [zero, top] (the same float
   // expression when coding and decoding).
   static float step(float zero, float top, int bits) {
@@ -470,17 +447,16 @@ class QBasisStoreImpl final : public QBasisKeyStore {
         for (int64_t t = 0; t < tokens; ++t) codes_tmp_[t * a_count + a] = column_codes_[t];
       }
     }
-    const int64_t group = quantized_ / token_group_;
+    const int64_t group = window_.quantized() / token_group_;
     // One spare byte past the last code: read_code and write_code touch two bytes.
     stream_.resize(static_cast<size_t>(((group + 1) * region_bits_ + 7) / 8 + 1), 0);
     for (int64_t t = 0; t < tokens; ++t)
       for (int64_t a = 0; a < a_count; ++a)
         write_code(stream_.data(), group * region_bits_ + t * code_bits_ + offset_[a], width_[a],
                    codes_tmp_[t * a_count + a]);
-    quantized_ += tokens;
   }
 
-  int64_t dim_, token_group_, window_tokens_;
+  int64_t dim_, token_group_;
   CodecSpec::Axis axis_;
   int64_t group_;
   QBasisHead head_;
@@ -493,13 +469,12 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   int64_t pairs_ = 0, code_bits_ = 0;   // pairs per token group, code bits per token
   int64_t region_bits_ = 0;             // code bits per token group, padding included
   std::vector<float> rows_, mean_, active_std_;  // U ({d, d}), m, σ of the stored directions
-  int64_t quantized_ = 0;
-  std::vector<uint8_t> stream_;  // codes: token group g at bit g · region_bits_
+  Fp16Window window_;                            // tokens [quantized_size(), size())
+  std::vector<uint8_t> stream_;                  // codes: token group g at bit g · region_bits_
   // Per token group, pairs_ fp16 pairs: `tok` (zero, top) of a run's range, `chan` (scale, zero).
   std::vector<uint16_t> params_;
-  std::vector<uint16_t> window_;  // {size() - quantized_, dim_} fp16, oldest first
   // Append-time scratch.
-  std::vector<float> values_, column_, staging_, rotated_;
+  std::vector<float> values_, column_, rotated_;
   std::vector<uint8_t> codes_tmp_, column_codes_;
 };
 

@@ -7,6 +7,7 @@
 #include "visikv/core/half.h"
 #include "visikv/core/vec.h"
 #include "visikv/kv/dense_element.h"
+#include "visikv/kv/fp16_window.h"
 #include "visikv/kv/int_row_codec.h"
 #include "visikv/kv/row_kernels.h"
 
@@ -81,7 +82,7 @@ class IntStore final : public RowStore {
         shape_{dim, spec.axis == CodecSpec::Axis::Tokens ? spec.group : 1},
         groups_per_row_(shape_.groups()),
         row_bytes_(int_rows::packed_bytes(dim, kBits)),
-        window_tokens_(spec.window),
+        window_(dim, token_group_, spec.window),
         lo_(groups_per_row_),
         hi_(groups_per_row_),
         codes_scratch_(dim) {
@@ -90,31 +91,20 @@ class IntStore final : public RowStore {
   }
 
   int64_t dim() const override { return dim_; }
-  int64_t size() const override { return quantized_ + window_rows(); }
-  int64_t quantized_size() const override { return quantized_; }
+  int64_t size() const override { return window_.size(); }
+  int64_t quantized_size() const override { return window_.quantized(); }
 
   void append(std::span<const float> vector) override {
-    if (window_tokens_ == 0 && token_group_ == 1) {
-      quantize(vector.data(), 1);
-      return;
-    }
-    for (float x : vector) window_.push_back(float_to_fp16(x));
-    if (window_rows() - token_group_ >= window_tokens_) {
-      // The oldest token group is complete and outside the kept window: quantize it.
-      staging_.resize(static_cast<size_t>(token_group_ * dim_));
-      for (int64_t i = 0; i < token_group_ * dim_; ++i) staging_[i] = fp16_to_float(window_[i]);
-      quantize(staging_.data(), token_group_);
-      window_.erase(window_.begin(), window_.begin() + token_group_ * dim_);
-    }
+    window_.append(vector, [this](const float* rows, int64_t tokens) { quantize(rows, tokens); });
   }
 
   void dot(std::span<const float> queries, const PositionSet& positions,
            std::span<float> scores) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(queries.size()) / dim_;
-    const int64_t quantized_here = quantized_count(positions);
+    const int64_t quantized_here = window_.quantized_count(positions);
     row_kernels::dot(rows(), positions, quantized_here, queries.data(), count, scores.data(), n);
     for (int64_t i = quantized_here; i < n; ++i) {
-      const uint16_t* row = window_row(positions[i]);
+      const uint16_t* row = window_.row(positions[i]);
       for (int64_t q = 0; q < count; ++q)
         scores[q * n + i] = vec::dot(row, false, queries.data() + q * dim_, dim_);
     }
@@ -123,46 +113,34 @@ class IntStore final : public RowStore {
   void accumulate(std::span<const float> weights, const PositionSet& positions,
                   std::span<float> out) const override {
     const int64_t n = positions.size(), count = static_cast<int64_t>(out.size()) / dim_;
-    const int64_t quantized_here = quantized_count(positions);
+    const int64_t quantized_here = window_.quantized_count(positions);
     row_kernels::accumulate(rows(), positions, quantized_here, weights.data(), n, count,
                             out.data());
     for (int64_t i = quantized_here; i < n; ++i) {
-      const uint16_t* row = window_row(positions[i]);
+      const uint16_t* row = window_.row(positions[i]);
       for (int64_t q = 0; q < count; ++q)
         vec::axpy(weights[q * n + i], row, false, out.data() + q * dim_, dim_);
     }
   }
 
   void reconstruct(int64_t position, std::span<float> out) const override {
-    if (position < quantized_) {
+    if (position < window_.quantized())
       int_rows::decode_row(rows().row(position), kBits, shape_, out.data());
-    } else {
-      const uint16_t* row = window_row(position);
-      for (int64_t c = 0; c < dim_; ++c) out[c] = fp16_to_float(row[c]);
-    }
+    else
+      window_.widen(position, out);
   }
 
   int64_t stored_bytes() const override {
-    return static_cast<int64_t>(codes_.size() + 2 * params_.size() + 2 * window_.size());
+    return static_cast<int64_t>(codes_.size() + 2 * params_.size()) + window_.stored_bytes();
   }
 
   void clear() override {
     codes_.clear();
     params_.clear();
     window_.clear();
-    quantized_ = 0;
   }
 
-  // Without a window a vector is quantized at its append and never changes. With one, the
-  // append that brings the window to R + G rows quantizes its oldest G rows, which queries of
-  // the positions since then read (R + G >= 2): such a flush may only be a chunk's first
-  // append. The next flush is the (R + G - w)-th append from now (w rows in the window); after
-  // a flush the following one is G appends later.
-  int64_t decode_equivalent_appends() const override {
-    if (window_tokens_ == 0 && token_group_ == 1) return kUnlimitedChunk;
-    const int64_t next_flush = window_tokens_ + token_group_ - window_rows();
-    return next_flush == 1 ? token_group_ : next_flush - 1;
-  }
+  int64_t decode_equivalent_appends() const override { return window_.decode_equivalent_appends(); }
 
  private:
   // Where the quantized rows live: per token group, all scales then all zeros.
@@ -176,17 +154,6 @@ class IntStore final : public RowStore {
             2 * groups_per_row_,
             groups_per_row_,
             1};
-  }
-
-  int64_t window_rows() const { return static_cast<int64_t>(window_.size()) / dim_; }
-  const uint16_t* window_row(int64_t position) const {
-    return window_.data() + (position - quantized_) * dim_;
-  }
-  // Positions are ascending: the quantized ones come first, then those in the fp16 window.
-  int64_t quantized_count(const PositionSet& positions) const {
-    int64_t here = 0;
-    while (here < positions.size() && positions[here] < quantized_) ++here;
-    return here;
   }
 
   // Appends `tokens` rows ({tokens, dim}, one token group) in quantized form.
@@ -219,18 +186,16 @@ class IntStore final : public RowStore {
       codes_.resize(at + row_bytes_);
       int_rows::pack(codes_scratch_, kBits, std::span(codes_).subspan(at, row_bytes_));
     }
-    quantized_ += tokens;
   }
 
   int64_t dim_, token_group_;
   int_rows::RowShape shape_;  // channel groups: G (per-token groups) or 1 (per-channel groups)
-  int64_t groups_per_row_, row_bytes_, window_tokens_;
-  int64_t quantized_ = 0;         // tokens [0, quantized_) are in codes_
-  std::vector<uint8_t> codes_;    // {quantized_, row_bytes_} packed codes
+  int64_t groups_per_row_, row_bytes_;
+  Fp16Window window_;             // tokens [quantized_size(), size())
+  std::vector<uint8_t> codes_;    // {quantized_size(), row_bytes_} packed codes
   std::vector<uint16_t> params_;  // per token group: groups_per_row_ scales, then as many zeros
-  std::vector<uint16_t> window_;  // {size() - quantized_, dim_} fp16, oldest first
   // Append-time scratch (append is not const, so members are safe here).
-  std::vector<float> lo_, hi_, staging_;
+  std::vector<float> lo_, hi_;
   std::vector<uint8_t> codes_scratch_;
 };
 
