@@ -10,6 +10,7 @@
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -459,6 +460,10 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   SecondMoment moment(1, 1, d);
   const bool bos = llama.tokenizer().adds_bos();
   int64_t done = 0;
+  // The within-group key spread of head (1, 1), from the keys each window's cache holds: whole
+  // groups of kCalibratedKeyGroup (= the 32-position window here: two of the three windows).
+  std::vector<double> within(static_cast<size_t>(d * d), 0.0);
+  int64_t group_tokens = 0;
   for (size_t start = 0; done < options.tokens; start += bos ? 31 : 32) {
     std::vector<int32_t> window;
     if (bos) window.push_back(*llama.tokenizer().bos_id());
@@ -467,6 +472,34 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
     auto cache = make_cache(decoder.cache_shape(), "f32", "f32");
     decoder.next_logits(window, *cache, {.observer = &moment});
     done += static_cast<int64_t>(window.size());
+    const auto& stored = dynamic_cast<const CodecCache&>(*cache);
+    const int64_t n = static_cast<int64_t>(window.size());
+    for (int64_t g0 = 0; g0 + kCalibratedKeyGroup <= n; g0 += kCalibratedKeyGroup) {
+      std::vector<double> keys(static_cast<size_t>(kCalibratedKeyGroup * d)), mean(d, 0.0);
+      std::vector<float> key(d);
+      for (int64_t t = 0; t < kCalibratedKeyGroup; ++t) {
+        stored.stored_key(1, 1, g0 + t, key);
+        for (int64_t c = 0; c < d; ++c) keys[t * d + c] = key[c], mean[c] += key[c];
+      }
+      for (int64_t c = 0; c < d; ++c) mean[c] /= kCalibratedKeyGroup;
+      for (int64_t t = 0; t < kCalibratedKeyGroup; ++t)
+        for (int64_t i = 0; i < d; ++i)
+          for (int64_t j = 0; j < d; ++j)
+            within[i * d + j] += (keys[t * d + i] - mean[i]) * (keys[t * d + j] - mean[j]);
+      group_tokens += kCalibratedKeyGroup;
+    }
+  }
+  ASSERT_EQ(group_tokens, 64);
+  ASSERT_EQ(basis.key_group, kCalibratedKeyGroup);
+  const std::span<const double> group_rows = basis.key_group_rows(1, 1);
+  for (int64_t j = 0; j < basis.rank; ++j) {
+    const double value = basis.key_group_eigenvalues[(1 * 2 + 1) * d + j];
+    double form = 0;
+    for (int64_t i = 0; i < d; ++i)
+      for (int64_t k = 0; k < d; ++k)
+        form += group_rows[j * d + i] * within[i * d + k] * group_rows[j * d + k];
+    EXPECT_NEAR(form / static_cast<double>(group_tokens), value, 1e-5 * (1 + value)) << j;
+    EXPECT_GE(value, 0.0);
   }
   EXPECT_EQ(moment.count(), 70 * 2);  // two query heads per KV head
   const std::span<const double> rows = basis.query_rows(1, 1);
@@ -498,6 +531,32 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   // Key means (format version 2): one per channel of every head, kept to the bit.
   EXPECT_EQ(basis.key_means.size(), static_cast<size_t>(basis.heads() * d));
   EXPECT_EQ(loaded.key_means, basis.key_means);
+  // The within-group spread (version 3), likewise.
+  EXPECT_EQ(loaded.key_group, kCalibratedKeyGroup);
+  EXPECT_EQ(loaded.key_group_eigenvalues, basis.key_group_eigenvalues);
+  EXPECT_EQ(loaded.key_group_vectors, basis.key_group_vectors);
+  {
+    // A basis without it is written as version 2, which loads without it.
+    HeadqBasis older = basis;
+    older.key_group = 0;
+    older.key_group_eigenvalues.clear();
+    older.key_group_vectors.clear();
+    const fs::path older_path = temp_file("headq_basis_v2");
+    save_headq_basis(older, older_path);
+    {
+      std::ifstream in(older_path, std::ios::binary);
+      char preamble[12];
+      in.read(preamble, sizeof preamble);
+      uint32_t version = 0;
+      std::memcpy(&version, preamble + 8, sizeof version);
+      EXPECT_EQ(version, 2u);
+    }
+    const HeadqBasis reread = load_headq_basis(older_path, llama);
+    EXPECT_EQ(reread.key_group, 0);
+    EXPECT_TRUE(reread.key_group_vectors.empty());
+    EXPECT_EQ(reread.key_means, basis.key_means);
+    fs::remove(older_path);
+  }
 
   // Another model: named by its fingerprint.
   const Model mistral = Model::load(kModels + "/mistral");

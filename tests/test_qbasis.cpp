@@ -30,7 +30,8 @@ bool contains(const std::string& text, const std::string& part) {
 TEST(QBasisSpec, ParsesAndPrintsCanonically) {
   for (const char* text :
        {"qbasis:b3:g32:tok", "qbasis:b2.5:g32:chan:r128", "qbasis:b3:g32:chan:r128:random",
-        "qbasis:b4:g64:tok:keypca", "qbasis:b2.125:g8:tok:r16"}) {
+        "qbasis:b4:g64:tok:keypca", "qbasis:b2.125:g8:tok:r16", "qbasis:b3:g32:chan:r128:iid",
+        "qbasis:b3:g32:chan:keypca:iid"}) {
     const CodecSpec spec = parse_codec_spec(text);
     EXPECT_TRUE(spec.is_qbasis()) << text;
     EXPECT_EQ(spec.text(), text);
@@ -43,6 +44,8 @@ TEST(QBasisSpec, ParsesAndPrintsCanonically) {
   EXPECT_EQ(spec.qbasis->basis, QBasisSpec::Basis::Random);
   EXPECT_EQ(spec.text(), "qbasis:b2.5:g32:chan:r128:random");
   EXPECT_EQ(parse_key_codec_spec("qbasis:b3:g32:tok").text(), "qbasis:b3:g32:tok");
+  EXPECT_TRUE(parse_codec_spec("qbasis:b3:g32:chan:iid").qbasis->iid_groups);
+  EXPECT_FALSE(parse_codec_spec("qbasis:b3:g32:chan").qbasis->iid_groups);
 }
 
 TEST(QBasisSpec, ErrorsNameTheProblem) {
@@ -58,6 +61,8 @@ TEST(QBasisSpec, ErrorsNameTheProblem) {
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:row"), "unknown group axis 'row'"));
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:had"), "unexpected 'had'"));
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:random:keypca"), "unexpected 'keypca'"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:iid"), "per-channel groups (chan)"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:chan:iid:random"), "unexpected 'random'"));
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok+headq:r8:s4"), "no '+' side code"));
   EXPECT_TRUE(contains(parse_error("qbasisx:b3:g32:tok"), "unknown cache spec"));
   EXPECT_TRUE(contains(error_of([] { parse_value_codec_spec("qbasis:b3:g32:tok"); }), "keys only"));
@@ -81,23 +86,26 @@ TEST(QBasisSpec, BitsAreTheBudget) {
   EXPECT_EQ(codec_stored_bits(tok, 64, 10), 10 * 160);
 }
 
-// Σ_i w_i f(b_i) of an allocation.
-double distortion(const std::vector<double>& w, const std::vector<int>& bits, int64_t group) {
+// Σ_i w_i f_i(b_i) of an allocation: f_i(0) = 1, f_i(b) = spread_i f(b) (spread empty: 1).
+double distortion(const std::vector<double>& w, const std::vector<int>& bits, int64_t group,
+                  const std::vector<double>& spread = {}) {
   double sum = 0;
-  for (size_t i = 0; i < w.size(); ++i) sum += w[i] * qbasis_relative_distortion(bits[i], group);
+  for (size_t i = 0; i < w.size(); ++i)
+    sum += w[i] * qbasis_relative_distortion(bits[i], group) *
+           (bits[i] > 0 && !spread.empty() ? spread[i] : 1.0);
   return sum;
 }
 
 // The best allocation by enumerating every width of every direction.
 double brute_force_best(const std::vector<double>& w, int64_t budget, CodecSpec::Axis axis,
-                        int64_t group) {
+                        int64_t group, const std::vector<double>& spread = {}) {
   const size_t d = w.size();
   std::vector<int> bits(d, 0);
   double best = INFINITY;
   const std::function<void(size_t)> visit = [&](size_t i) {
     if (i == d) {
       if (qbasis_group_cost(bits, axis, group) <= budget)
-        best = std::min(best, distortion(w, bits, group));
+        best = std::min(best, distortion(w, bits, group, spread));
       return;
     }
     for (int b = 0; b <= kQBasisMaxBits; ++b) {
@@ -141,6 +149,60 @@ TEST(QBasisAllocation, MatchesBruteForceOptimum) {
       EXPECT_NEAR(got, best, 1e-9 * best) << "trial " << trial << " budget " << budget;
     }
   }
+}
+
+// Per-channel groups with calibrated within-group spreads: still the exact optimum, and a smooth
+// direction (small spread) is worth bits that the i.i.d. model would not give it.
+TEST(QBasisAllocation, WithinGroupSpreadIsTheOptimumAndFavoursSmoothDirections) {
+  std::mt19937 rng(17);
+  std::lognormal_distribution<double> weight(0.0, 2.0);
+  std::uniform_real_distribution<double> share(0.02, 1.0);
+  const int64_t group = 32;
+  for (int trial = 0; trial < 12; ++trial) {
+    std::vector<double> w(5), spread(5);
+    for (size_t i = 0; i < w.size(); ++i) w[i] = weight(rng), spread[i] = share(rng);
+    for (int64_t per_token : {4, 8, 12}) {
+      const int64_t budget = per_token * group + 64;
+      const std::vector<int> bits =
+          qbasis_allocate(w, budget, CodecSpec::Axis::Channels, group, spread);
+      ASSERT_LE(qbasis_group_cost(bits, CodecSpec::Axis::Channels, group), budget);
+      const double best = brute_force_best(w, budget, CodecSpec::Axis::Channels, group, spread);
+      EXPECT_NEAR(distortion(w, bits, group, spread), best, 1e-9 * best) << "trial " << trial;
+    }
+  }
+  // Spreads of 1 are the i.i.d. model itself.
+  const std::vector<double> w = {8.0, 4.0, 2.0, 1.0, 0.5, 0.25};
+  EXPECT_EQ(qbasis_allocate(w, 32 * 8 + 96, CodecSpec::Axis::Channels, group,
+                            std::vector<double>(w.size(), 1.0)),
+            qbasis_allocate(w, 32 * 8 + 96, CodecSpec::Axis::Channels, group));
+  // Two equal weights, room for one stored direction at 2 bits: with κ = 2.31 at G = 32, 2 bits
+  // (f = 0.257) beat 0 bits, and the smoother direction (spread 0.1) is the one stored.
+  const std::vector<int> smooth =
+      qbasis_allocate(std::vector<double>{1.0, 1.0}, 32 * 2 + 32, CodecSpec::Axis::Channels, group,
+                      std::vector<double>{1.0, 0.1});
+  EXPECT_EQ(smooth, (std::vector<int>{0, 2}));
+  // 1 bit is never worth it under the i.i.d. model (κ > 1) but is for a smooth direction.
+  EXPECT_EQ(qbasis_allocate(std::vector<double>{1.0}, 32 + 32, CodecSpec::Axis::Channels, group),
+            std::vector<int>{0});
+  EXPECT_EQ(qbasis_allocate(std::vector<double>{1.0}, 32 + 32, CodecSpec::Axis::Channels, group,
+                            std::vector<double>{0.2}),
+            std::vector<int>{1});
+  // Spreads are for per-channel groups only, one per direction, in [0, 1].
+  EXPECT_TRUE(contains(error_of([] {
+                         qbasis_allocate(std::vector<double>{1.0}, 64, CodecSpec::Axis::Tokens, 4,
+                                         std::vector<double>{0.5});
+                       }),
+                       "per-channel groups only"));
+  EXPECT_TRUE(contains(error_of([] {
+                         qbasis_allocate(std::vector<double>{1.0, 1.0}, 64,
+                                         CodecSpec::Axis::Channels, 32, std::vector<double>{0.5});
+                       }),
+                       "one number per direction"));
+  EXPECT_TRUE(contains(error_of([] {
+                         qbasis_allocate(std::vector<double>{1.0}, 64, CodecSpec::Axis::Channels,
+                                         32, std::vector<double>{1.5});
+                       }),
+                       "must be in [0, 1]"));
 }
 
 TEST(QBasisAllocation, ReverseWaterFilling) {
@@ -247,6 +309,33 @@ TEST(QBasisHeadConstants, QueryBasisAndControls) {
   for (int64_t c = 0; c < d; ++c) mean += u[c] * s.basis.key_means[c];
   EXPECT_NEAR(s.head.key_mean[3], mean, 1e-12);
   EXPECT_NEAR(s.head.key_std[3], std::sqrt(second - mean * mean), 1e-12);
+
+  // The within-group spread: w² = uᵀ W u over σ², for per-channel groups of the calibrated size
+  // only, and not under :iid.
+  EXPECT_TRUE(s.head.group_spread.empty());  // a basis without it
+  HeadqBasisVectors grouped = s.basis;
+  grouped.key_group = 8;
+  grouped.key_group_vectors = random_orthonormal_rows(d, d, 13);
+  for (int64_t i = 0; i < d; ++i)
+    grouped.key_group_eigenvalues.push_back(0.5 + 0.25 * static_cast<double>(i % 4));
+  const QBasisHead chan =
+      qbasis_head(parse_codec_spec("qbasis:b3:g8:chan"), &grouped, 1, 1, d, 0, 0);
+  ASSERT_EQ(static_cast<int64_t>(chan.group_spread.size()), d);
+  for (int64_t i = 0; i < d; ++i) {
+    const double* row = chan.rows.data() + i * d;
+    double within = 0;
+    for (int64_t m = 0; m < d; ++m) {
+      double overlap = 0;
+      for (int64_t c = 0; c < d; ++c) overlap += row[c] * grouped.key_group_vectors[m * d + c];
+      within += grouped.key_group_eigenvalues[m] * overlap * overlap;
+    }
+    EXPECT_NEAR(chan.group_spread[i], within / (chan.key_std[i] * chan.key_std[i]), 1e-12) << i;
+    EXPECT_GT(chan.group_spread[i], 0.0);
+    EXPECT_LT(chan.group_spread[i], 1.0);
+  }
+  for (const char* other : {"qbasis:b3:g8:chan:iid", "qbasis:b3:g16:chan", "qbasis:b3:g8:tok"})
+    EXPECT_TRUE(qbasis_head(parse_codec_spec(other), &grouped, 1, 1, d, 0, 0).group_spread.empty())
+        << other;
 
   // What a basis must hold.
   const CodecSpec spec = parse_codec_spec("qbasis:b3:g8:tok");

@@ -48,7 +48,8 @@ struct ArrayRef {
   bool vectors;  // {heads, rank, head_dim}, else {heads, head_dim}
 };
 
-// Version 2 adds the key means after the version-1 arrays.
+// Version 2 adds the key means after the version-1 arrays; version 3 the within-group key spread
+// (header field "key_group").
 template <typename Basis>
 std::vector<ArrayRef<Basis>> arrays_of(Basis& b, uint32_t version) {
   const int64_t values = b.heads() * b.head_dim, vectors = b.heads() * b.rank * b.head_dim;
@@ -57,6 +58,10 @@ std::vector<ArrayRef<Basis>> arrays_of(Basis& b, uint32_t version) {
                                       {"key_eigenvalues", &b.key_eigenvalues, values, false},
                                       {"key_vectors", &b.key_vectors, vectors, true}};
   if (version >= 2) out.push_back({"key_means", &b.key_means, values, false});
+  if (version >= 3) {
+    out.push_back({"key_group_eigenvalues", &b.key_group_eigenvalues, values, false});
+    out.push_back({"key_group_vectors", &b.key_group_vectors, vectors, true});
+  }
   return out;
 }
 
@@ -89,27 +94,29 @@ std::string model_fingerprint(const Model& model) {
 
 void save_headq_basis(const HeadqBasis& b, const std::filesystem::path& path) {
   b.check_sizes();
-  // A basis without key means is written as version 1, which older builds read.
-  const uint32_t version = b.key_means.empty() ? 1 : kBasisFormatVersion;
+  // A basis without key means is written as version 1 and one without the within-group spread as
+  // version 2, which older builds read.
+  const uint32_t version = b.key_means.empty() ? 1 : b.key_group == 0 ? 2 : kBasisFormatVersion;
   nlohmann::json arrays = nlohmann::json::array();
   for (const auto& a : arrays_of(b, version)) {
     arrays.push_back({{"name", a.name},
                       {"shape", a.vectors ? std::vector<int64_t>{b.heads(), b.rank, b.head_dim}
                                           : std::vector<int64_t>{b.heads(), b.head_dim}}});
   }
-  const nlohmann::json header = {{"format", "visikv-headq-basis"},
-                                 {"version", version},
-                                 {"fingerprint", b.fingerprint},
-                                 {"model", b.model},
-                                 {"text", b.text},
-                                 {"tokens", b.tokens},
-                                 {"window", b.window},
-                                 {"layers", b.layers},
-                                 {"kv_heads", b.kv_heads},
-                                 {"head_dim", b.head_dim},
-                                 {"rank", b.rank},
-                                 {"dtype", "f64"},
-                                 {"arrays", arrays}};
+  nlohmann::json header = {{"format", "visikv-headq-basis"},
+                           {"version", version},
+                           {"fingerprint", b.fingerprint},
+                           {"model", b.model},
+                           {"text", b.text},
+                           {"tokens", b.tokens},
+                           {"window", b.window},
+                           {"layers", b.layers},
+                           {"kv_heads", b.kv_heads},
+                           {"head_dim", b.head_dim},
+                           {"rank", b.rank},
+                           {"dtype", "f64"},
+                           {"arrays", arrays}};
+  if (version >= 3) header["key_group"] = b.key_group;
   const std::string text = header.dump();
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   require(out.good(), "cannot write HeadQ basis file ", path.string());
@@ -158,6 +165,7 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
     b.kv_heads = header.at("kv_heads").get<int64_t>();
     b.head_dim = header.at("head_dim").get<int64_t>();
     b.rank = header.at("rank").get<int64_t>();
+    if (version >= 3) b.key_group = header.at("key_group").get<int64_t>();
   } catch (const nlohmann::json::exception& e) {
     fail(where, ": bad header field: ", e.what());
   }
@@ -166,6 +174,8 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
               b.head_dim > 0 && b.head_dim < 1 << 16 && b.rank > 0 && b.rank <= b.head_dim,
           where, ": bad shape (", b.layers, " layers, ", b.kv_heads, " kv heads, head_dim ",
           b.head_dim, ", rank ", b.rank, ")");
+  require(version < 3 || (b.key_group > 0 && b.key_group < kLimit), where, ": bad key group size ",
+          b.key_group);
   size_t offset = kPreamble + static_cast<size_t>(length);
   for (const auto& a : arrays_of(b, version)) {
     const size_t size = static_cast<size_t>(a.count) * sizeof(double);

@@ -8,14 +8,18 @@
 //   offset 12  uint64    H, length of the JSON header
 //   offset 20  H bytes   JSON header: {"format": "visikv-headq-basis", "version", "fingerprint",
 //                        "model", "text", "tokens", "window", "layers", "kv_heads", "head_dim",
-//                        "rank", "dtype": "f64", "arrays": [{"name", "shape"}...]}
+//                        "rank", "dtype": "f64", "arrays": [{"name", "shape"}...],
+//                        "key_group" (version 3)}
 //   then       float64   the arrays, in the header's order, each row-major:
 //                        query_eigenvalues {layers·kv_heads, head_dim}   (descending)
 //                        query_vectors     {layers·kv_heads, rank, head_dim} (row j: the
 //                                          eigenvector of eigenvalue j)
 //                        key_eigenvalues   {layers·kv_heads, head_dim}
 //                        key_vectors       {layers·kv_heads, rank, head_dim}
-//                        key_means         {layers·kv_heads, head_dim}  (version 2 only)
+//                        key_means         {layers·kv_heads, head_dim}  (version 2 and up)
+//                        key_group_eigenvalues {layers·kv_heads, head_dim}  (version 3)
+//                        key_group_vectors {layers·kv_heads, rank, head_dim} (version 3): the
+//                                          within-group key spread (kv/headq.h)
 //
 // The file ends exactly after the arrays. Head index = layer·kv_heads + kv_head.
 #pragma once
@@ -30,8 +34,9 @@ namespace visikv {
 
 class Model;
 
-// Version 2 adds the key means (a basis without them is still written as version 1).
-inline constexpr uint32_t kBasisFormatVersion = 2;
+// Version 2 adds the key means (a basis without them is still written as version 1), version 3
+// the within-group key spread (a basis without it is written as version 2).
+inline constexpr uint32_t kBasisFormatVersion = 3;
 
 // Identifies a model's weights: "<hash of the config>-<hash of some weight bytes>", two 64-bit
 // FNV-1a hashes in hex. The config part covers the shape, positions, norms and attention

@@ -64,28 +64,55 @@ class QueryCollector final : public AttentionObserver {
 };
 
 // A dense f32 cache that also accumulates E[k kᵀ] of every appended key (keys are appended
-// post-RoPE, in the coordinates scores use). Append runs on the calling thread, layer by layer.
+// post-RoPE, in the coordinates scores use), and the scatter of the keys about the mean of their
+// group of kCalibratedKeyGroup consecutive positions (whole groups of each window, aligned to its
+// first position as a cache's per-channel groups are). Append runs on the calling thread, layer by
+// layer.
 class KeyMomentCache final : public ForwardingCache {
  public:
   KeyMomentCache(const CacheShape& shape, int64_t reserve)
       : ForwardingCache(make_dense_cache(shape, DenseFormat::F32, reserve)),
         sigma_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim * shape.head_dim),
                0.0),
-        key_sums_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim), 0.0) {}
+        group_sigma_(sigma_.size(), 0.0),
+        key_sums_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim), 0.0),
+        pending_(static_cast<size_t>(shape.layers * shape.kv_heads * kCalibratedKeyGroup *
+                                     shape.head_dim)) {}
 
   void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
               int64_t tokens) override {
+    const int64_t first = length(layer);
     ForwardingCache::append(layer, keys, values, tokens);
     const CacheShape& s = shape();
-    const int64_t d = s.head_dim;
+    const int64_t d = s.head_dim, g = kCalibratedKeyGroup;
     std::vector<float> rows(static_cast<size_t>(tokens * d));
     for (int64_t h = 0; h < s.kv_heads; ++h) {
+      const int64_t head = layer * s.kv_heads + h;
       for (int64_t t = 0; t < tokens; ++t)
         std::copy_n(keys.begin() + (t * s.kv_heads + h) * d, d, rows.begin() + t * d);
       add_outer_products(rows, d, head_sigma(layer, h), scratch_);
-      double* sum = key_sums_.data() + (layer * s.kv_heads + h) * d;
+      double* sum = key_sums_.data() + head * d;
       for (int64_t t = 0; t < tokens; ++t)
         for (int64_t c = 0; c < d; ++c) sum[c] += rows[t * d + c];
+      // Positions wait in `pending_` until their group is whole, then enter W centred on the
+      // group's mean.
+      float* pending = pending_.data() + head * g * d;
+      for (int64_t t = 0; t < tokens; ++t) {
+        const int64_t slot = (first + t) % g;
+        std::copy_n(rows.begin() + t * d, d, pending + slot * d);
+        if (slot + 1 < g) continue;
+        std::vector<double> mean(static_cast<size_t>(d), 0.0);
+        for (int64_t i = 0; i < g; ++i)
+          for (int64_t c = 0; c < d; ++c) mean[c] += pending[i * d + c];
+        for (int64_t c = 0; c < d; ++c) mean[c] /= static_cast<double>(g);
+        centred_.resize(static_cast<size_t>(g * d));
+        for (int64_t i = 0; i < g; ++i)
+          for (int64_t c = 0; c < d; ++c)
+            centred_[i * d + c] = static_cast<float>(pending[i * d + c] - mean[c]);
+        add_outer_products(centred_, d, std::span(group_sigma_).subspan(head * d * d, d * d),
+                           scratch_);
+        if (head == 0) group_tokens_ += g;
+      }
     }
   }
 
@@ -99,11 +126,21 @@ class KeyMomentCache final : public ForwardingCache {
     const int64_t d = shape().head_dim;
     return std::span(sigma_).subspan((layer * shape().kv_heads + kv_head) * d * d, d * d);
   }
+  // Σ over whole groups of (k - k̄_g)(k - k̄_g)ᵀ, and the positions it holds (per head).
+  std::span<double> head_group_sigma(int64_t layer, int64_t kv_head) {
+    const int64_t d = shape().head_dim;
+    return std::span(group_sigma_).subspan((layer * shape().kv_heads + kv_head) * d * d, d * d);
+  }
+  int64_t group_tokens() const { return group_tokens_; }
 
  private:
-  std::vector<double> sigma_;     // {layers, kv_heads, d, d}, upper triangles
-  std::vector<double> key_sums_;  // {layers, kv_heads, d}: for the key means
+  std::vector<double> sigma_;        // {layers, kv_heads, d, d}, upper triangles
+  std::vector<double> group_sigma_;  // the same about the group means
+  std::vector<double> key_sums_;     // {layers, kv_heads, d}: for the key means
+  std::vector<float> pending_;       // {layers, kv_heads, G, d}: the current group's keys
+  std::vector<float> centred_;
   std::vector<double> scratch_;
+  int64_t group_tokens_ = 0;  // positions in whole groups (of head 0; every head has as many)
 };
 
 // Mirrors the upper triangle, divides by `count`, and returns the eigenvalues and the top
@@ -198,6 +235,12 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
   basis.query_vectors.resize(static_cast<size_t>(heads * options.rank * d));
   basis.key_vectors.resize(static_cast<size_t>(heads * options.rank * d));
   basis.key_means.resize(static_cast<size_t>(heads * d));
+  const bool group_spread = cache.group_tokens() > 0;
+  if (group_spread) {
+    basis.key_group = kCalibratedKeyGroup;
+    basis.key_group_eigenvalues.resize(static_cast<size_t>(heads * d));
+    basis.key_group_vectors.resize(static_cast<size_t>(heads * options.rank * d));
+  }
   for (int64_t i = 0; i < heads; ++i) {
     const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
     decompose(std::span(query_sigma).subspan(i * d * d, d * d), d,
@@ -207,6 +250,10 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
     decompose(cache.head_sigma(l, h), d, static_cast<double>(done), options.rank,
               std::span(basis.key_eigenvalues).subspan(i * d, d),
               std::span(basis.key_vectors).subspan(i * options.rank * d, options.rank * d));
+    if (group_spread)
+      decompose(cache.head_group_sigma(l, h), d, static_cast<double>(cache.group_tokens()),
+                options.rank, std::span(basis.key_group_eigenvalues).subspan(i * d, d),
+                std::span(basis.key_group_vectors).subspan(i * options.rank * d, options.rank * d));
     const std::span<const double> sum = cache.head_key_sum(l, h);
     for (int64_t c = 0; c < d; ++c) basis.key_means[i * d + c] = sum[c] / static_cast<double>(done);
   }

@@ -3,7 +3,9 @@
 // queries of its query-head group in the coordinates scores use (post-RoPE), and the keys it
 // caches, and eigendecompose the uncentred second moments Σ_q = E[q qᵀ] and Σ_k = E[k kᵀ]
 // (accumulated in double). The result keeps every eigenvalue and the top-`rank` eigenvectors of
-// both, with the model's fingerprint (calibration/basis_file.h).
+// both, with the model's fingerprint (calibration/basis_file.h). It also keeps the same of the
+// keys' within-group spread W = E[(k - k̄_g)(k - k̄_g)ᵀ] over groups of kCalibratedKeyGroup
+// consecutive positions, which a query-basis codec's per-channel groups of that size allocate by.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +19,10 @@
 namespace visikv {
 
 class Model;
+
+// Positions per group of the calibrated within-group key spread (HeadqBasisVectors::key_group):
+// the per-channel group size of the query-basis specs the documents use (qbasis:...:g32:chan).
+inline constexpr int64_t kCalibratedKeyGroup = 32;
 
 struct CalibrationOptions {
   int64_t tokens = 8192;  // positions to run, BOS included (fewer when the text is shorter)

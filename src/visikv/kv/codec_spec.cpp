@@ -96,10 +96,10 @@ int64_t budget_milli(std::string_view spec, std::string_view field) {
   return milli;
 }
 
-// qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]
+// qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]
 CodecSpec parse_qbasis(std::string_view text) {
   static constexpr std::string_view kGrammar =
-      "expected qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]";
+      "expected qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]";
   const std::vector<std::string_view> fields = split_fields(text);
   require(fields[0] == "qbasis", "unknown cache spec '", text, "' (", kGrammar, ")");
   require(fields.size() >= 4, "cache spec '", text,
@@ -125,6 +125,13 @@ CodecSpec parse_qbasis(std::string_view text) {
   }
   if (next < fields.size() && (fields[next] == "random" || fields[next] == "keypca")) {
     q.basis = fields[next] == "random" ? QBasisSpec::Basis::Random : QBasisSpec::Basis::KeyPca;
+    ++next;
+  }
+  if (next < fields.size() && fields[next] == "iid") {
+    require(
+        spec.axis == CodecSpec::Axis::Channels, "cache spec '", text,
+        "': ':iid' is for per-channel groups (chan): per-token groups always allocate that way");
+    q.iid_groups = true;
     ++next;
   }
   require(next == fields.size(), "cache spec '", text, "': unexpected '",
@@ -166,6 +173,7 @@ std::string CodecSpec::text() const {
     if (window > 0) out += str_cat(":r", window);
     if (qbasis->basis == QBasisSpec::Basis::Random) out += ":random";
     if (qbasis->basis == QBasisSpec::Basis::KeyPca) out += ":keypca";
+    if (qbasis->iid_groups) out += ":iid";
     return out;
   }
   if (kind == Kind::Dense) {
@@ -198,7 +206,7 @@ CodecSpec parse_codec_spec(std::string_view text) {
   }
   static constexpr std::string_view kGrammar =
       "expected f32, f16, bf16 or int<b>:g<G>:tok|chan[:r<R>], each optionally followed by :had, "
-      "or qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]";
+      "or qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]";
   const std::vector<std::string_view> fields = split_fields(text);
   CodecSpec spec;
   size_t next = 1;

@@ -13,7 +13,7 @@
 //                                          values) in a calibrated query basis
 //   <rule>:int<L>/int<H>:g<G>[:w<W>]:avg<A>
 //                                          values only: a value bit policy (kv/value_policy_spec.h)
-//   qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]
+//   qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]
 //                                          keys only: query-basis quantization (kv/qbasis.h) at
 //                                          B bits per channel, scales and zeros included
 //
@@ -68,6 +68,10 @@ struct QBasisSpec {
   };
   int64_t budget_milli = 0;  // bits per key channel x 1000 ("b2.5" -> 2500)
   Basis basis = Basis::Query;
+  // `:iid` (control): per-channel groups allocate as if a direction's values in a group of G tokens
+  // were independent draws of its whole spread (range² / 12 = κ(G) σ²), ignoring the calibrated
+  // within-group spread (docs/KEY_QUANTIZATION.md, "Within-group spread").
+  bool iid_groups = false;
 
   double budget() const { return static_cast<double>(budget_milli) / 1000.0; }
   std::string budget_text() const;  // "b2.5"

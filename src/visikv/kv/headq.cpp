@@ -209,6 +209,12 @@ void HeadqBasisVectors::check_vector_sizes() const {
   require(query_vectors.size() == vectors && key_vectors.size() == vectors,
           "HeadQ basis: arrays do not match ", layers, " layers x ", kv_heads,
           " kv heads, head_dim ", head_dim, ", rank ", rank);
+  const bool group_spread = key_group > 0;
+  require(key_group >= 0 && key_group_vectors.size() == (group_spread ? vectors : 0) &&
+              key_group_eigenvalues.size() ==
+                  (group_spread ? static_cast<size_t>(heads() * head_dim) : 0),
+          "HeadQ basis: the within-group key spread does not match ", layers, " layers x ",
+          kv_heads, " kv heads, head_dim ", head_dim, ", rank ", rank, " (group ", key_group, ")");
 }
 
 std::span<const double> HeadqBasisVectors::query_rows(int64_t layer, int64_t kv_head) const {
@@ -222,6 +228,14 @@ std::span<const double> HeadqBasisVectors::key_rows(int64_t layer, int64_t kv_he
   require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
           layer, ", ", kv_head, ") out of range");
   return std::span(key_vectors)
+      .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+}
+
+std::span<const double> HeadqBasisVectors::key_group_rows(int64_t layer, int64_t kv_head) const {
+  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
+          layer, ", ", kv_head, ") out of range");
+  if (key_group_vectors.empty()) return {};
+  return std::span(key_group_vectors)
       .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
 }
 

@@ -39,6 +39,13 @@ struct HeadqBasisVectors {
   // query-basis key codec (kv/qbasis.h) needs all three and a full-rank basis (rank ==
   // head_dim); key_means is empty in files written before it was recorded.
   std::vector<double> query_eigenvalues, key_eigenvalues, key_means;
+  // The within-group spread of the keys (format version 3; empty before): per head the
+  // eigenvalues ({heads, head_dim}) and top-`rank` eigenvectors ({heads, rank, head_dim}) of
+  // W = E[(k - k̄_g)(k - k̄_g)ᵀ], k̄_g the mean of the key's group of `key_group` consecutive
+  // positions (whole groups of each calibration window). A query-basis codec with per-channel
+  // groups of that many tokens allocates its bits by it (kv/qbasis.h).
+  int64_t key_group = 0;
+  std::vector<double> key_group_eigenvalues, key_group_vectors;
 
   int64_t heads() const { return layers * kv_heads; }
   // Throws visikv::Error unless the shape is valid and the arrays have the sizes it says.
@@ -46,6 +53,8 @@ struct HeadqBasisVectors {
   // Row j: the j-th basis vector of head (layer, kv_head), j < rank.
   std::span<const double> query_rows(int64_t layer, int64_t kv_head) const;
   std::span<const double> key_rows(int64_t layer, int64_t kv_head) const;
+  // Row j: the j-th eigenvector of the head's within-group spread W (empty spans without it).
+  std::span<const double> key_group_rows(int64_t layer, int64_t kv_head) const;
 };
 
 // `rows` orthonormal vectors of `dim` numbers ({rows, dim}), Gaussian then Gram-Schmidt (twice),

@@ -61,12 +61,14 @@ int64_t qbasis_group_cost(std::span<const int> bits, CodecSpec::Axis axis, int64
 
 namespace {
 
-// min Σ_i weights[order[i]] f(b_i) over b_i in 0..kQBasisMaxBits with Σ_i cost(b_i) <= capacity,
-// cost(b) = b·unit + extra·[b > 0] (in units of the capacity), by dynamic programming over the
-// capacity (a multiple-choice knapsack). Writes the widths into bits[order[i]].
-void knapsack(std::span<const double> weights, std::span<const int64_t> order,
-              const std::array<double, kQBasisMaxBits + 1>& f, int64_t unit, int64_t extra,
-              int64_t capacity, std::vector<int>& bits, double& distortion) {
+// min Σ_i weights[order[i]] f_i(b_i) over b_i in 0..kQBasisMaxBits with Σ_i cost(b_i) <=
+// capacity, cost(b) = b·unit + extra·[b > 0] (in units of the capacity), by dynamic programming
+// over the capacity (a multiple-choice knapsack); f_i(0) = f[0], f_i(b) = spread[order[i]]·f[b]
+// (spread empty: 1). Writes the widths into bits[order[i]].
+void knapsack(std::span<const double> weights, std::span<const double> spread,
+              std::span<const int64_t> order, const std::array<double, kQBasisMaxBits + 1>& f,
+              int64_t unit, int64_t extra, int64_t capacity, std::vector<int>& bits,
+              double& distortion) {
   const int64_t k = static_cast<int64_t>(order.size());
   const int64_t cap = std::min(capacity, k * (kQBasisMaxBits * unit + extra));
   // best[c]: least distortion of the directions so far within capacity c.
@@ -74,13 +76,14 @@ void knapsack(std::span<const double> weights, std::span<const int64_t> order,
   std::vector<uint8_t> choice(static_cast<size_t>(k * (cap + 1)), 0);
   for (int64_t i = 0; i < k; ++i) {
     const double w = weights[order[i]];
+    const double coded = w * (spread.empty() ? 1.0 : spread[order[i]]);
     for (int64_t c = 0; c <= cap; ++c) {
       double value = best[c] + w * f[0];
       int pick = 0;
       for (int b = 1; b <= kQBasisMaxBits; ++b) {
         const int64_t cost = b * unit + extra;
         if (cost > c) break;
-        const double candidate = best[c - cost] + w * f[b];
+        const double candidate = best[c - cost] + coded * f[b];
         if (candidate < value) {
           value = candidate;
           pick = b;
@@ -102,18 +105,27 @@ void knapsack(std::span<const double> weights, std::span<const int64_t> order,
 }  // namespace
 
 std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget_bits,
-                                 CodecSpec::Axis axis, int64_t group) {
+                                 CodecSpec::Axis axis, int64_t group,
+                                 std::span<const double> group_spread) {
   require(group >= 1, "query-basis group must be positive, got ", group);
   require(budget_bits >= 0, "query-basis budget must not be negative, got ", budget_bits);
   const int64_t d = static_cast<int64_t>(weights.size());
   std::vector<int> bits(static_cast<size_t>(d), 0);
   for (double w : weights)
     require(std::isfinite(w) && w >= 0, "query-basis weights must be finite and >= 0, got ", w);
+  require(group_spread.empty() ||
+              (static_cast<int64_t>(group_spread.size()) == d && axis == CodecSpec::Axis::Channels),
+          "query-basis within-group spread: one number per direction, per-channel groups only");
+  for (double r : group_spread)
+    require(std::isfinite(r) && r >= 0 && r <= 1,
+            "query-basis within-group spread must be in [0, 1], got ", r);
   std::array<double, kQBasisMaxBits + 1> f{};
   for (int b = 0; b <= kQBasisMaxBits; ++b) f[b] = qbasis_relative_distortion(b, group);
-  // A heavier direction never gets fewer bits in an optimum (swapping two directions' widths
-  // changes D by (w_i - w_j)(f(b_j) - f(b_i))), so the stored directions are a prefix of the
-  // directions by weight. Directions of weight 0 are never stored.
+  // With one f for all directions a heavier direction never gets fewer bits in an optimum
+  // (swapping two directions' widths changes D by (w_i - w_j)(f(b_j) - f(b_i))), so the stored
+  // directions are a prefix of the directions by weight (the `tok` search below relies on it;
+  // the `chan` knapsack, which also takes per-direction spreads, does not need it). Directions of
+  // weight 0 are never stored.
   std::vector<int64_t> order;
   for (int64_t i = 0; i < d; ++i)
     if (weights[i] > 0) order.push_back(i);
@@ -125,7 +137,8 @@ std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget
     // units of gcd(G, 32) bits.
     int64_t unit = std::gcd(group, kPairBits);
     double ignored = 0;
-    knapsack(weights, order, f, group / unit, kPairBits / unit, budget_bits / unit, bits, ignored);
+    knapsack(weights, group_spread, order, f, group / unit, kPairBits / unit, budget_bits / unit,
+             bits, ignored);
     return bits;
   }
   // Per token: the code bits plus 32 per run of up to G stored directions. For P runs the
@@ -140,7 +153,7 @@ std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget
     const int64_t k = std::min<int64_t>(static_cast<int64_t>(order.size()), p * group);
     std::fill(trial.begin(), trial.end(), 0);
     double distortion = 0;
-    knapsack(weights, std::span(order).first(k), f, 1, 0, capacity, trial, distortion);
+    knapsack(weights, {}, std::span(order).first(k), f, 1, 0, capacity, trial, distortion);
     for (int64_t i = k; i < static_cast<int64_t>(order.size()); ++i)
       distortion += weights[order[i]] * f[0];
     if (distortion < best) {
@@ -218,6 +231,19 @@ QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, in
     head.key_mean[i] = m;
     head.key_std[i] = std::sqrt(std::max(0.0, quadratic(u, key_rows, key_values) - m * m));
   }
+  // Per-channel groups of the calibrated size allocate by the within-group spread, unless the
+  // spec asks for the i.i.d. model (:iid).
+  if (spec.axis == CodecSpec::Axis::Channels && !spec.qbasis->iid_groups && basis->key_group > 0 &&
+      spec.group == basis->key_group) {
+    const std::span<const double> group_rows = basis->key_group_rows(layer, kv_head);
+    const double* group_values = basis->key_group_eigenvalues.data() + index * d;
+    head.group_spread.resize(d);
+    for (int64_t i = 0; i < d; ++i) {
+      const double variance = head.key_std[i] * head.key_std[i];
+      const double within = quadratic(head.rows.data() + i * d, group_rows, group_values);
+      head.group_spread[i] = variance > 0 ? std::clamp(within / variance, 0.0, 1.0) : 1.0;
+    }
+  }
   return head;
 }
 
@@ -263,7 +289,7 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     for (int64_t i = 0; i < dim_; ++i)
       weights[i] = head_.query_energy[i] * head_.key_std[i] * head_.key_std[i];
     layout_.budget_bits = token_group_ * spec.qbasis->budget_milli * dim_ / 1000;
-    layout_.bits = qbasis_allocate(weights, layout_.budget_bits, axis_, group_);
+    layout_.bits = qbasis_allocate(weights, layout_.budget_bits, axis_, group_, head_.group_spread);
     layout_.used_bits = qbasis_group_cost(layout_.bits, axis_, group_);
     // Stored directions, widest first (ties in basis order): each width is one run of codes.
     for (int b = kQBasisMaxBits; b >= 1; --b)

@@ -1,5 +1,5 @@
 // Query-basis key quantization (docs/KEY_QUANTIZATION.md has the derivation; spec
-// `qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca]`, kv/codec_spec.h).
+// `qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]`, kv/codec_spec.h).
 //
 // The score error of a key error e is Δs = q·e. In the eigenbasis U of the head's query second
 // moment E[q qᵀ] = U diag(λ) Uᵀ, the expected squared score error separates exactly:
@@ -55,9 +55,12 @@ int64_t qbasis_group_cost(std::span<const int> bits, CodecSpec::Axis axis, int64
 // group's cost (qbasis_group_cost) at most `budget_bits`: reverse water-filling with integer
 // widths and the scale bits counted, solved exactly (a multiple-choice knapsack by dynamic
 // programming; for `tok`, one per number of scale pairs). weights[i] = λ_i σ_i²; a direction of
-// weight 0 gets 0 bits.
+// weight 0 gets 0 bits. `group_spread` (`chan` only; empty: all 1): per direction, the variance
+// inside a group of G tokens over the whole variance, w_i² / σ_i² in [0, 1], which scales f(b) for
+// b > 0 (a group's range follows the spread inside it; at 0 bits the error is still σ_i²).
 std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget_bits,
-                                 CodecSpec::Axis axis, int64_t group);
+                                 CodecSpec::Axis axis, int64_t group,
+                                 std::span<const double> group_spread = {});
 
 // The per-head constants of a query-basis store.
 struct QBasisHead {
@@ -66,6 +69,9 @@ struct QBasisHead {
   std::vector<double> query_energy;  // λ_i = u_iᵀ E[q qᵀ] u_i
   std::vector<double> key_mean;      // m_i = u_i·E[k]
   std::vector<double> key_std;       // σ_i = sqrt(u_iᵀ Cov(k) u_i)
+  // `chan` groups of the calibrated size: w_i² / σ_i², w_i² = u_iᵀ W u_i the variance about the
+  // group means (HeadqBasisVectors::key_group_*); empty: the i.i.d. model (qbasis_allocate).
+  std::vector<double> group_spread;
 };
 
 // The constants of head (layer, kv_head) for `spec` from a calibrated basis: the query
