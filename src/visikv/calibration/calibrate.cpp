@@ -101,7 +101,8 @@ class KeyMomentCache final : public ForwardingCache {
         const int64_t slot = (first + t) % g;
         std::copy_n(rows.begin() + t * d, d, pending + slot * d);
         if (slot + 1 < g) continue;
-        std::vector<double> mean(static_cast<size_t>(d), 0.0);
+        std::vector<double>& mean = group_mean_;
+        mean.assign(static_cast<size_t>(d), 0.0);
         for (int64_t i = 0; i < g; ++i)
           for (int64_t c = 0; c < d; ++c) mean[c] += pending[i * d + c];
         for (int64_t c = 0; c < d; ++c) mean[c] /= static_cast<double>(g);
@@ -138,7 +139,8 @@ class KeyMomentCache final : public ForwardingCache {
   std::vector<double> group_sigma_;  // the same about the group means
   std::vector<double> key_sums_;     // {layers, kv_heads, d}: for the key means
   std::vector<float> pending_;       // {layers, kv_heads, G, d}: the current group's keys
-  std::vector<float> centred_;
+  std::vector<float> centred_;       // the group's keys less its mean
+  std::vector<double> group_mean_;
   std::vector<double> scratch_;
   int64_t group_tokens_ = 0;  // positions in whole groups (of head 0; every head has as many)
 };

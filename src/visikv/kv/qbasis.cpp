@@ -233,7 +233,8 @@ QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, in
   }
   // Per-channel groups of the calibrated size allocate by the within-group spread, unless the
   // spec asks for the i.i.d. model (:iid).
-  if (spec.axis == CodecSpec::Axis::Channels && !spec.qbasis->iid_groups && basis->key_group > 0 &&
+  // (key_group is 0 in a basis without it, and spec groups are at least 1.)
+  if (spec.axis == CodecSpec::Axis::Channels && !spec.qbasis->iid_groups &&
       spec.group == basis->key_group) {
     const std::span<const double> group_rows = basis->key_group_rows(layer, kv_head);
     const double* group_values = basis->key_group_eigenvalues.data() + index * d;
