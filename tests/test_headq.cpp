@@ -33,6 +33,7 @@
 #include "visikv/kv/codec_cache.h"
 #include "visikv/kv/codec_spec.h"
 #include "visikv/kv/headq.h"
+#include "visikv/kv/qbasis.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -464,6 +465,7 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   // groups of kCalibratedKeyGroup (= the 32-position window here: two of the three windows).
   std::vector<double> within(static_cast<size_t>(d * d), 0.0);
   int64_t group_tokens = 0;
+  std::vector<float> group_keys;  // those groups' keys as a cache codes them (fp16)
   for (size_t start = 0; done < options.tokens; start += bos ? 31 : 32) {
     std::vector<int32_t> window;
     if (bos) window.push_back(*llama.tokenizer().bos_id());
@@ -480,6 +482,7 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
       for (int64_t t = 0; t < kCalibratedKeyGroup; ++t) {
         stored.stored_key(1, 1, g0 + t, key);
         for (int64_t c = 0; c < d; ++c) keys[t * d + c] = key[c], mean[c] += key[c];
+        for (float x : key) group_keys.push_back(fp16_to_float(float_to_fp16(x)));
       }
       for (int64_t c = 0; c < d; ++c) mean[c] /= kCalibratedKeyGroup;
       for (int64_t t = 0; t < kCalibratedKeyGroup; ++t)
@@ -500,6 +503,56 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
         form += group_rows[j * d + i] * within[i * d + k] * group_rows[j * d + k];
     EXPECT_NEAR(form / static_cast<double>(group_tokens), value, 1e-5 * (1 + value)) << j;
     EXPECT_GE(value, 0.0);
+  }
+  // Below full rank nothing is measured; at full rank (what query-basis codecs need) the cost of
+  // coding each direction of each basis kind in those groups is (format version 4), the same as
+  // measuring it on the keys collected here.
+  EXPECT_TRUE(basis.key_group_distortion.empty());
+  CalibrationOptions full_options = options;
+  full_options.rank = d;
+  const HeadqBasis full = calibrate_headq(llama, kCalibrationText, "inline", full_options);
+  for (const QBasisSpec::Basis kind :
+       {QBasisSpec::Basis::Query, QBasisSpec::Basis::Random, QBasisSpec::Basis::KeyPca}) {
+    const std::vector<double> measured = qbasis_measure_group_distortion(
+        qbasis_head(kind, full, 1, 1), group_keys, kCalibratedKeyGroup);
+    const std::span<const double> rows = full.key_group_distortion_rows(kind, 1, 1);
+    ASSERT_EQ(rows.size(), measured.size());
+    for (size_t i = 0; i < rows.size(); ++i)
+      EXPECT_NEAR(rows[i], measured[i], 1e-9 * (1 + measured[i]))
+          << static_cast<int>(kind) << " " << i;
+  }
+  // The query-weighted key PCA: dual rows (s_i·t_j = δ_ij), unit weights s_iᵀ Σ_q s_i, and
+  // uncorrelated coordinates t_i·k of descending variance.
+  {
+    const std::span<const double> t = full.weighted_key_rows(1, 1);
+    const std::span<const double> dual = full.weighted_key_dual_rows(1, 1);
+    ASSERT_EQ(static_cast<int64_t>(t.size()), d * d);
+    const std::span<const double> key_rows = full.key_rows(1, 1);
+    const double* key_values = full.key_eigenvalues.data() + (1 * 2 + 1) * d;
+    const double* mean = full.key_means.data() + (1 * 2 + 1) * d;
+    const auto covariance = [&](int64_t i, int64_t j) {
+      double sum = 0, mi = 0, mj = 0;
+      for (int64_t m = 0; m < d; ++m) {
+        double a = 0, b = 0;
+        for (int64_t c = 0; c < d; ++c)
+          a += t[i * d + c] * key_rows[m * d + c], b += t[j * d + c] * key_rows[m * d + c];
+        sum += key_values[m] * a * b;
+      }
+      for (int64_t c = 0; c < d; ++c) mi += t[i * d + c] * mean[c], mj += t[j * d + c] * mean[c];
+      return sum - mi * mj;
+    };
+    for (int64_t i = 0; i < d; ++i) {
+      EXPECT_NEAR(moment.quadratic_form(dual.subspan(i * d, d)), 1.0, 1e-6) << i;
+      for (int64_t j = 0; j < d; ++j) {
+        double product = 0;
+        for (int64_t c = 0; c < d; ++c) product += t[i * d + c] * dual[j * d + c];
+        EXPECT_NEAR(product, i == j ? 1.0 : 0.0, 1e-9) << i << " " << j;
+      }
+      for (int64_t j = i + 1; j < std::min<int64_t>(d, i + 3); ++j)
+        EXPECT_NEAR(covariance(i, j), 0.0,
+                    1e-6 * std::sqrt(std::abs(covariance(i, i) * covariance(j, j))) + 1e-12);
+      if (i + 1 < d) EXPECT_GE(covariance(i, i) + 1e-9, covariance(i + 1, i + 1)) << i;
+    }
   }
   EXPECT_EQ(moment.count(), 70 * 2);  // two query heads per KV head
   const std::span<const double> rows = basis.query_rows(1, 1);
@@ -535,6 +588,31 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   EXPECT_EQ(loaded.key_group, kCalibratedKeyGroup);
   EXPECT_EQ(loaded.key_group_eigenvalues, basis.key_group_eigenvalues);
   EXPECT_EQ(loaded.key_group_vectors, basis.key_group_vectors);
+  // The rank-4 basis has no measured distortions: version 3. The full-rank one is version 4 and
+  // keeps them to the bit.
+  const auto version_of = [](const fs::path& file) {
+    std::ifstream in(file, std::ios::binary);
+    char preamble[12];
+    in.read(preamble, sizeof preamble);
+    uint32_t version = 0;
+    std::memcpy(&version, preamble + 8, sizeof version);
+    return version;
+  };
+  EXPECT_EQ(version_of(path), 3u);
+  {
+    const fs::path full_path = temp_file("headq_basis_v4");
+    save_headq_basis(full, full_path);
+    EXPECT_EQ(version_of(full_path), 4u);
+    const HeadqBasis reread = load_headq_basis(full_path, llama, d);
+    EXPECT_EQ(reread.key_group_distortion, full.key_group_distortion);
+    EXPECT_EQ(reread.key_window, kCalibratedKeyWindow);
+    ASSERT_FALSE(full.key_fisher.empty());
+    EXPECT_EQ(reread.key_fisher, full.key_fisher);
+    EXPECT_EQ(reread.weighted_rows, full.weighted_rows);
+    EXPECT_EQ(reread.weighted_dual_rows, full.weighted_dual_rows);
+    EXPECT_EQ(reread.key_group_vectors, full.key_group_vectors);
+    fs::remove(full_path);
+  }
   {
     // A basis without it is written as version 2, which loads without it.
     HeadqBasis older = basis;
@@ -543,14 +621,7 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
     older.key_group_vectors.clear();
     const fs::path older_path = temp_file("headq_basis_v2");
     save_headq_basis(older, older_path);
-    {
-      std::ifstream in(older_path, std::ios::binary);
-      char preamble[12];
-      in.read(preamble, sizeof preamble);
-      uint32_t version = 0;
-      std::memcpy(&version, preamble + 8, sizeof version);
-      EXPECT_EQ(version, 2u);
-    }
+    EXPECT_EQ(version_of(older_path), 2u);
     const HeadqBasis reread = load_headq_basis(older_path, llama);
     EXPECT_EQ(reread.key_group, 0);
     EXPECT_TRUE(reread.key_group_vectors.empty());

@@ -12,6 +12,7 @@
 
 #include "test_support.h"
 #include "visikv/core/error.h"
+#include "visikv/core/half.h"
 #include "visikv/kv/cache_factory.h"
 #include "visikv/kv/codec_cache.h"
 #include "visikv/kv/codec_spec.h"
@@ -31,7 +32,8 @@ TEST(QBasisSpec, ParsesAndPrintsCanonically) {
   for (const char* text :
        {"qbasis:b3:g32:tok", "qbasis:b2.5:g32:chan:r128", "qbasis:b3:g32:chan:r128:random",
         "qbasis:b4:g64:tok:keypca", "qbasis:b2.125:g8:tok:r16", "qbasis:b3:g32:chan:r128:iid",
-        "qbasis:b3:g32:chan:keypca:iid"}) {
+        "qbasis:b3:g32:chan:keypca:iid", "qbasis:b3:g32:chan:r128:weighted",
+        "qbasis:b2.5:g32:chan:r128:fisher", "qbasis:b3:g32:chan:r128:weighted:fisher"}) {
     const CodecSpec spec = parse_codec_spec(text);
     EXPECT_TRUE(spec.is_qbasis()) << text;
     EXPECT_EQ(spec.text(), text);
@@ -63,6 +65,9 @@ TEST(QBasisSpec, ErrorsNameTheProblem) {
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:random:keypca"), "unexpected 'keypca'"));
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:iid"), "per-channel groups (chan)"));
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:chan:iid:random"), "unexpected 'random'"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok:fisher"), "per-channel groups (chan)"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:chan:iid:fisher"), "unexpected 'fisher'"));
+  EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:chan:weighted:keypca"), "unexpected 'keypca'"));
   EXPECT_TRUE(contains(parse_error("qbasis:b3:g32:tok+headq:r8:s4"), "no '+' side code"));
   EXPECT_TRUE(contains(parse_error("qbasisx:b3:g32:tok"), "unknown cache spec"));
   EXPECT_TRUE(contains(error_of([] { parse_value_codec_spec("qbasis:b3:g32:tok"); }), "keys only"));
@@ -86,26 +91,27 @@ TEST(QBasisSpec, BitsAreTheBudget) {
   EXPECT_EQ(codec_stored_bits(tok, 64, 10), 10 * 160);
 }
 
-// Σ_i w_i f_i(b_i) of an allocation: f_i(0) = 1, f_i(b) = spread_i f(b) (spread empty: 1).
+// Σ_i w_i f_i(b_i) of an allocation: f_i from a {d, kQBasisWidths} table, or (empty) the i.i.d.
+// model.
 double distortion(const std::vector<double>& w, const std::vector<int>& bits, int64_t group,
-                  const std::vector<double>& spread = {}) {
+                  const std::vector<double>& table = {}) {
   double sum = 0;
   for (size_t i = 0; i < w.size(); ++i)
-    sum += w[i] * qbasis_relative_distortion(bits[i], group) *
-           (bits[i] > 0 && !spread.empty() ? spread[i] : 1.0);
+    sum += w[i] * (table.empty() ? qbasis_relative_distortion(bits[i], group)
+                                 : table[i * kQBasisWidths + bits[i]]);
   return sum;
 }
 
 // The best allocation by enumerating every width of every direction.
 double brute_force_best(const std::vector<double>& w, int64_t budget, CodecSpec::Axis axis,
-                        int64_t group, const std::vector<double>& spread = {}) {
+                        int64_t group, const std::vector<double>& table = {}) {
   const size_t d = w.size();
   std::vector<int> bits(d, 0);
   double best = INFINITY;
   const std::function<void(size_t)> visit = [&](size_t i) {
     if (i == d) {
       if (qbasis_group_cost(bits, axis, group) <= budget)
-        best = std::min(best, distortion(w, bits, group, spread));
+        best = std::min(best, distortion(w, bits, group, table));
       return;
     }
     for (int b = 0; b <= kQBasisMaxBits; ++b) {
@@ -151,9 +157,10 @@ TEST(QBasisAllocation, MatchesBruteForceOptimum) {
   }
 }
 
-// Per-channel groups with calibrated within-group spreads: still the exact optimum, and a smooth
-// direction (small spread) is worth bits that the i.i.d. model would not give it.
-TEST(QBasisAllocation, WithinGroupSpreadIsTheOptimumAndFavoursSmoothDirections) {
+// Per-channel groups with a distortion table per direction (measured, or the spread model): still
+// the exact optimum, and a smooth direction (small spread) is worth bits that the i.i.d. model
+// would not give it.
+TEST(QBasisAllocation, PerDirectionDistortionsAreTheOptimumAndFavourSmoothDirections) {
   std::mt19937 rng(17);
   std::lognormal_distribution<double> weight(0.0, 2.0);
   std::uniform_real_distribution<double> share(0.02, 1.0);
@@ -161,47 +168,57 @@ TEST(QBasisAllocation, WithinGroupSpreadIsTheOptimumAndFavoursSmoothDirections) 
   for (int trial = 0; trial < 12; ++trial) {
     std::vector<double> w(5), spread(5);
     for (size_t i = 0; i < w.size(); ++i) w[i] = weight(rng), spread[i] = share(rng);
+    std::vector<double> table = qbasis_spread_distortion(spread, group);
+    // Odd trials: arbitrary measured-like tables, not monotone in the bits, f(0) not 1.
+    if (trial % 2)
+      for (double& f : table) f = share(rng);
     for (int64_t per_token : {4, 8, 12}) {
       const int64_t budget = per_token * group + 64;
       const std::vector<int> bits =
-          qbasis_allocate(w, budget, CodecSpec::Axis::Channels, group, spread);
+          qbasis_allocate(w, budget, CodecSpec::Axis::Channels, group, table);
       ASSERT_LE(qbasis_group_cost(bits, CodecSpec::Axis::Channels, group), budget);
-      const double best = brute_force_best(w, budget, CodecSpec::Axis::Channels, group, spread);
-      EXPECT_NEAR(distortion(w, bits, group, spread), best, 1e-9 * best) << "trial " << trial;
+      const double best = brute_force_best(w, budget, CodecSpec::Axis::Channels, group, table);
+      EXPECT_NEAR(distortion(w, bits, group, table), best, 1e-9 * best) << "trial " << trial;
     }
   }
   // Spreads of 1 are the i.i.d. model itself.
   const std::vector<double> w = {8.0, 4.0, 2.0, 1.0, 0.5, 0.25};
   EXPECT_EQ(qbasis_allocate(w, 32 * 8 + 96, CodecSpec::Axis::Channels, group,
-                            std::vector<double>(w.size(), 1.0)),
+                            qbasis_spread_distortion(std::vector<double>(w.size(), 1.0), group)),
             qbasis_allocate(w, 32 * 8 + 96, CodecSpec::Axis::Channels, group));
   // Two equal weights, room for one stored direction at 2 bits: with κ = 2.31 at G = 32, 2 bits
   // (f = 0.257) beat 0 bits, and the smoother direction (spread 0.1) is the one stored.
   const std::vector<int> smooth =
       qbasis_allocate(std::vector<double>{1.0, 1.0}, 32 * 2 + 32, CodecSpec::Axis::Channels, group,
-                      std::vector<double>{1.0, 0.1});
+                      qbasis_spread_distortion(std::vector<double>{1.0, 0.1}, group));
   EXPECT_EQ(smooth, (std::vector<int>{0, 2}));
   // 1 bit is never worth it under the i.i.d. model (κ > 1) but is for a smooth direction.
   EXPECT_EQ(qbasis_allocate(std::vector<double>{1.0}, 32 + 32, CodecSpec::Axis::Channels, group),
             std::vector<int>{0});
   EXPECT_EQ(qbasis_allocate(std::vector<double>{1.0}, 32 + 32, CodecSpec::Axis::Channels, group,
-                            std::vector<double>{0.2}),
+                            qbasis_spread_distortion(std::vector<double>{0.2}, group)),
             std::vector<int>{1});
-  // Spreads are for per-channel groups only, one per direction, in [0, 1].
-  EXPECT_TRUE(contains(error_of([] {
+  // Tables are for per-channel groups only, kQBasisWidths numbers per direction, not negative;
+  // spreads are in [0, 1].
+  const std::vector<double> one_row(kQBasisWidths, 0.5);
+  EXPECT_TRUE(contains(error_of([&] {
                          qbasis_allocate(std::vector<double>{1.0}, 64, CodecSpec::Axis::Tokens, 4,
-                                         std::vector<double>{0.5});
+                                         one_row);
                        }),
                        "per-channel groups only"));
-  EXPECT_TRUE(contains(error_of([] {
-                         qbasis_allocate(std::vector<double>{1.0, 1.0}, 64,
-                                         CodecSpec::Axis::Channels, 32, std::vector<double>{0.5});
-                       }),
-                       "one number per direction"));
-  EXPECT_TRUE(contains(error_of([] {
+  EXPECT_TRUE(contains(
+      error_of([&] {
+        qbasis_allocate(std::vector<double>{1.0, 1.0}, 64, CodecSpec::Axis::Channels, 32, one_row);
+      }),
+      "numbers per direction"));
+  std::vector<double> negative = one_row;
+  negative[3] = -1;
+  EXPECT_TRUE(contains(error_of([&] {
                          qbasis_allocate(std::vector<double>{1.0}, 64, CodecSpec::Axis::Channels,
-                                         32, std::vector<double>{1.5});
+                                         32, negative);
                        }),
+                       "finite and >= 0"));
+  EXPECT_TRUE(contains(error_of([] { qbasis_spread_distortion(std::vector<double>{1.5}, 32); }),
                        "must be in [0, 1]"));
 }
 
@@ -265,6 +282,15 @@ std::vector<float> random_keys(int64_t n, int64_t d, uint32_t seed) {
   for (int64_t t = 0; t < n; ++t)
     for (int64_t c = 0; c < d; ++c) keys[t * d + c] = normal(rng) + (c % 3 == 0 ? 1.5f : -0.25f);
   return keys;
+}
+
+// `count` queries of d standard normal numbers.
+std::vector<float> random_queries(int64_t count, int64_t d, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> queries(static_cast<size_t>(count * d));
+  for (float& x : queries) x = normal(rng);
+  return queries;
 }
 
 TEST(QBasisHeadConstants, QueryBasisAndControls) {
@@ -336,6 +362,55 @@ TEST(QBasisHeadConstants, QueryBasisAndControls) {
   for (const char* other : {"qbasis:b3:g8:chan:iid", "qbasis:b3:g16:chan", "qbasis:b3:g8:tok"})
     EXPECT_TRUE(qbasis_head(parse_codec_spec(other), &grouped, 1, 1, d, 0, 0).group_spread.empty())
         << other;
+  // Without measured distortions the allocation uses the spread model.
+  EXPECT_TRUE(chan.group_distortion.empty());
+  EXPECT_EQ(qbasis_distortion_table(chan, 8), qbasis_spread_distortion(chan.group_spread, 8));
+  EXPECT_TRUE(qbasis_distortion_table(s.head, 8).empty());
+  // Measured distortions: each basis kind reads its own rows, and the allocation uses them (f(0)
+  // = 1 prepended) in place of the spread model.
+  grouped.key_group_distortion.resize(static_cast<size_t>(QBasisSpec::kBases * d * kQBasisMaxBits));
+  for (size_t i = 0; i < grouped.key_group_distortion.size(); ++i)
+    grouped.key_group_distortion[i] = 1.0 / static_cast<double>(i + 2);
+  for (const auto& [text, kind] :
+       {std::pair{"qbasis:b3:g8:chan", QBasisSpec::Basis::Query},
+        std::pair{"qbasis:b3:g8:chan:random", QBasisSpec::Basis::Random},
+        std::pair{"qbasis:b3:g8:chan:keypca", QBasisSpec::Basis::KeyPca}}) {
+    const QBasisHead measured = qbasis_head(parse_codec_spec(text), &grouped, 1, 1, d, 0, 0);
+    const std::span<const double> rows = grouped.key_group_distortion_rows(kind, 0, 0);
+    ASSERT_EQ(rows.data(), grouped.key_group_distortion.data() +
+                               static_cast<int64_t>(kind) * d * kQBasisMaxBits);
+    EXPECT_EQ(measured.group_distortion, std::vector<double>(rows.begin(), rows.end())) << text;
+    const std::vector<double> table = qbasis_distortion_table(measured, 8);
+    ASSERT_EQ(static_cast<int64_t>(table.size()), d * kQBasisWidths);
+    for (int64_t i = 0; i < d; ++i) {
+      EXPECT_EQ(table[i * kQBasisWidths], 1.0);
+      for (int b = 1; b <= kQBasisMaxBits; ++b)
+        EXPECT_EQ(table[i * kQBasisWidths + b], rows[i * kQBasisMaxBits + b - 1]);
+    }
+  }
+  EXPECT_TRUE(qbasis_head(parse_codec_spec("qbasis:b3:g8:chan:iid"), &grouped, 1, 1, d, 0, 0)
+                  .group_distortion.empty());
+  // :fisher needs the tables, measured for this group and window.
+  EXPECT_TRUE(contains(error_of([&] {
+                         qbasis_head(parse_codec_spec("qbasis:b3:g8:chan:r16:fisher"), &grouped, 1,
+                                     1, d, 0, 0);
+                       }),
+                       "needs the attention-weighted errors"));
+  EXPECT_TRUE(contains(error_of([&] {
+                         qbasis_head(parse_codec_spec("qbasis:b3:g16:chan:r16:fisher"), &grouped, 1,
+                                     1, d, 0, 0);
+                       }),
+                       "groups of the calibrated size (8 tokens)"));
+  grouped.key_window = 16;
+  grouped.key_fisher.assign(static_cast<size_t>(QBasisSpec::kBases * d * kQBasisWidths), 0.5);
+  EXPECT_EQ(qbasis_head(parse_codec_spec("qbasis:b3:g8:chan:r16:fisher"), &grouped, 1, 1, d, 0, 0)
+                .fisher.size(),
+            static_cast<size_t>(d * kQBasisWidths));
+  EXPECT_TRUE(contains(error_of([&] {
+                         qbasis_head(parse_codec_spec("qbasis:b3:g8:chan:r32:fisher"), &grouped, 1,
+                                     1, d, 0, 0);
+                       }),
+                       "16-token fp16 window"));
 
   // What a basis must hold.
   const CodecSpec spec = parse_codec_spec("qbasis:b3:g8:tok");
@@ -447,10 +522,7 @@ TEST(QBasisStore, ScoresAreQueryDotStoredKeyInFloat64) {
   const int64_t d = 16, n = 70;
   const SyntheticHead s = synthetic_head(d);
   const std::vector<float> keys = random_keys(n, d, 13);
-  std::mt19937 rng(17);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> queries(3 * d);
-  for (float& x : queries) x = normal(rng);
+  const std::vector<float> queries = random_queries(3, d, 17);
   for (const char* text : {"qbasis:b3:g4:tok", "qbasis:b2.5:g8:chan:r16"}) {
     const auto store = make_qbasis_key_store(parse_codec_spec(text), s.head);
     for (int64_t t = 0; t < n; ++t) store->append(std::span(keys).subspan(t * d, d));
@@ -496,6 +568,246 @@ TEST(QBasisCache, BuiltFromABasisAndRefusedOtherwise) {
                        "needs a calibrated basis"));
   EXPECT_TRUE(
       contains(error_of([&] { make_cache(shape, "f32", "qbasis:b3:g8:tok"); }), "keys only"));
+}
+
+// The measured distortion is what a store of that head really does to each direction: keys coded
+// by a per-channel store at its allocated widths and reconstructed have, direction by direction,
+// the measured mean squared error at those widths. Constant directions cost nothing, and
+// independent Gaussian coordinates cost about the i.i.d. model's κ / (2^b - 1)².
+TEST(QBasisDistortion, MeasuredIsWhatTheStoreDoes) {
+  const int64_t d = 16, group = 8, tokens = 512 * group;
+  const SyntheticHead s = synthetic_head(d);
+  std::vector<float> keys = random_keys(tokens, d, 21);
+  for (float& x : keys) x = fp16_to_float(float_to_fp16(x));  // what the store quantizes
+  const std::vector<double> measured = qbasis_measure_group_distortion(s.head, keys, group);
+  ASSERT_EQ(static_cast<int64_t>(measured.size()), d * kQBasisMaxBits);
+
+  QBasisHead head = s.head;
+  head.group_distortion = measured;
+  const CodecSpec spec = parse_codec_spec("qbasis:b3:g8:chan");
+  const auto store = make_qbasis_key_store(spec, head);
+  for (int64_t t = 0; t < tokens; ++t)
+    store->append(std::span<const float>(keys).subspan(t * d, d));
+  ASSERT_EQ(store->quantized_size(), tokens);
+  const std::vector<int>& bits = store->layout().bits;
+  EXPECT_EQ(bits, qbasis_allocate(
+                      [&] {
+                        std::vector<double> w(d);
+                        for (int64_t i = 0; i < d; ++i)
+                          w[i] = head.query_energy[i] * head.key_std[i] * head.key_std[i];
+                        return w;
+                      }(),
+                      store->layout().budget_bits, CodecSpec::Axis::Channels, group,
+                      qbasis_distortion_table(head, group)));
+  std::vector<double> squared(d, 0.0);
+  std::vector<float> reconstructed(d);
+  for (int64_t t = 0; t < tokens; ++t) {
+    store->reconstruct(t, reconstructed);
+    for (int64_t i = 0; i < d; ++i) {
+      const double* u = head.rows.data() + i * d;
+      double exact = 0, coded = 0;
+      for (int64_t c = 0; c < d; ++c)
+        exact += u[c] * keys[t * d + c], coded += u[c] * reconstructed[c];
+      const double error = (coded - exact) / head.key_std[i];
+      squared[i] += error * error;
+    }
+  }
+  int stored = 0;
+  for (int64_t i = 0; i < d; ++i) {
+    if (bits[i] == 0) continue;
+    ++stored;
+    const double f = measured[i * kQBasisMaxBits + bits[i] - 1];
+    EXPECT_NEAR(squared[i] / tokens, f, 1e-3 * f + 1e-9)
+        << "direction " << i << ", " << bits[i] << " bits";
+  }
+  EXPECT_GT(stored, 2);
+
+  // More bits, less error; at 6 bits the high-rate formula holds: the group's least and greatest
+  // values sit on the grid, the other G - 2 carry a uniform rounding error over the group's range,
+  // so f = (G - 2) / G · E[R²] / (12 (2^6 - 1)²), R measured here in float64.
+  for (int64_t i = 0; i < d; ++i) {
+    for (int b = 2; b <= kQBasisMaxBits; ++b)
+      EXPECT_LT(measured[i * kQBasisMaxBits + b - 1], measured[i * kQBasisMaxBits + b - 2]) << i;
+    double range_squared = 0;
+    for (int64_t g = 0; g < tokens / group; ++g) {
+      double lo = INFINITY, hi = -INFINITY;
+      for (int64_t t = g * group; t < (g + 1) * group; ++t) {
+        double c = 0;
+        for (int64_t k = 0; k < d; ++k) c += head.rows[i * d + k] * keys[t * d + k];
+        const double x = (c - head.key_mean[i]) / head.key_std[i];
+        lo = std::min(lo, x);
+        hi = std::max(hi, x);
+      }
+      range_squared += (hi - lo) * (hi - lo) / static_cast<double>(tokens / group);
+    }
+    const double high_rate =
+        static_cast<double>(group - 2) / group * range_squared / (12.0 * 63.0 * 63.0);
+    EXPECT_NEAR(measured[i * kQBasisMaxBits + 6 - 1], high_rate, 0.1 * high_rate) << i;
+  }
+
+  // Keys constant within each group: coding them loses only the fp16 rounding of the range.
+  std::vector<float> steps(keys.size());
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t c = 0; c < d; ++c) steps[t * d + c] = keys[(t / group) * group * d + c];
+  for (double f : qbasis_measure_group_distortion(s.head, steps, group)) EXPECT_LT(f, 1e-5);
+
+  EXPECT_TRUE(contains(error_of([&] {
+                         qbasis_measure_group_distortion(
+                             s.head, std::span<const float>(keys).first(5 * d), group);
+                       }),
+                       "not whole groups of 8"));
+}
+
+// The query-weighted key PCA is not orthonormal: keys are coded on rows t_i and queries read the
+// dual rows s_i (s_i·t_j = δ_ij). Its weights are s_iᵀ Σ_q s_i, its spreads those of t_i·k, the
+// store's scores are q·k̂ of its reconstruction, and at 8 bits the reconstruction is the key.
+TEST(QBasisWeighted, DualRowsCarryTheQueriesAndInvertTheRows) {
+  const int64_t d = 16, n = 64;
+  const SyntheticHead s = synthetic_head(d);
+  HeadqBasisVectors b = s.basis;
+  for (double& m : b.key_means) m *= 0.3;  // every direction of positive variance
+  const std::vector<double> u = random_orthonormal_rows(d, d, 31);
+  b.weighted_rows.resize(static_cast<size_t>(d * d));
+  b.weighted_dual_rows.resize(b.weighted_rows.size());
+  for (int64_t i = 0; i < d; ++i) {
+    const double scale = 0.25 + 0.5 * static_cast<double>(i);
+    for (int64_t c = 0; c < d; ++c) {
+      b.weighted_rows[i * d + c] = scale * u[i * d + c];
+      b.weighted_dual_rows[i * d + c] = u[i * d + c] / scale;
+    }
+  }
+  EXPECT_TRUE(contains(error_of([&] {
+                         qbasis_head(parse_codec_spec("qbasis:b3:g8:chan:weighted"), &s.basis, 1, 1,
+                                     d, 0, 0);
+                       }),
+                       "needs the query-weighted key basis"));
+  const QBasisHead head =
+      qbasis_head(parse_codec_spec("qbasis:b16:g8:chan:weighted"), &b, 1, 1, d, 0, 0);
+  EXPECT_EQ(head.rows, b.weighted_rows);
+  EXPECT_EQ(head.dual_rows, b.weighted_dual_rows);
+  // Direction 5 the slow way: λ from s_5 and Σ_q, m and σ from t_5 and the key moments.
+  const double* t5 = b.weighted_rows.data() + 5 * d;
+  const double* s5 = b.weighted_dual_rows.data() + 5 * d;
+  double lambda = 0, second = 0, mean = 0;
+  for (int64_t m = 0; m < d; ++m) {
+    double over_q = 0, over_k = 0;
+    for (int64_t c = 0; c < d; ++c)
+      over_q += s5[c] * b.query_vectors[m * d + c], over_k += t5[c] * b.key_vectors[m * d + c];
+    lambda += b.query_eigenvalues[m] * over_q * over_q;
+    second += b.key_eigenvalues[m] * over_k * over_k;
+  }
+  for (int64_t c = 0; c < d; ++c) mean += t5[c] * b.key_means[c];
+  EXPECT_NEAR(head.query_energy[5], lambda, 1e-9 * lambda);
+  EXPECT_NEAR(head.key_mean[5], mean, 1e-12);
+  EXPECT_NEAR(head.key_std[5], std::sqrt(second - mean * mean), 1e-9);
+
+  const std::vector<float> keys = random_keys(n, d, 41);
+  const std::vector<float> queries = random_queries(2, d, 43);
+  for (const char* text : {"qbasis:b16:g8:chan:weighted", "qbasis:b3:g4:tok:weighted"}) {
+    const auto store = make_qbasis_key_store(parse_codec_spec(text), head);
+    for (int64_t t = 0; t < n; ++t) store->append(std::span(keys).subspan(t * d, d));
+    if (std::string(text).find("b16") != std::string::npos)
+      for (int b : store->layout().bits) EXPECT_EQ(b, 8);
+    std::vector<int32_t> all(n);
+    for (int32_t t = 0; t < n; ++t) all[t] = t;
+    std::vector<float> scores(2 * n), key(d);
+    store->dot(queries, PositionSet::list(all), scores);
+    const bool fine = std::string(text).find("b16") != std::string::npos;
+    for (int64_t t = 0; t < n; ++t) {
+      store->reconstruct(t, key);
+      double norm = 0, error = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        norm += keys[t * d + c] * keys[t * d + c];
+        error += (key[c] - keys[t * d + c]) * (key[c] - keys[t * d + c]);
+      }
+      if (fine) EXPECT_LT(std::sqrt(error), 0.02 * std::sqrt(norm)) << text << " key " << t;
+      for (int64_t q = 0; q < 2; ++q) {
+        double exact = 0, scale = 0;
+        for (int64_t c = 0; c < d; ++c) {
+          exact += static_cast<double>(queries[q * d + c]) * key[c];
+          scale += std::abs(static_cast<double>(queries[q * d + c]) * key[c]);
+        }
+        EXPECT_NEAR(scores[q * n + t], exact, 1e-5 * (1 + scale)) << text << " key " << t;
+      }
+    }
+  }
+}
+
+// The Fisher table: per direction, (s_i·q)² times the variance under the query's attention of the
+// coding error of the keys a store would hold quantized at that query (the rest are exact), summed
+// over the watched queries. Checked at 0 bits (read as the mean) against float64 and a real
+// store's quantized count, and at 8 bits against nearly nothing.
+TEST(QBasisFisher, IsTheAttentionWeightedScoreErrorOfTheCodedKeys) {
+  const int64_t d = 8, group = 4, window = 8, n = 64;
+  const SyntheticHead s = synthetic_head(d);
+  std::vector<float> keys = random_keys(n, d, 51);
+  for (float& x : keys) x = fp16_to_float(float_to_fp16(x));
+  std::mt19937 rng(53);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  struct Query {
+    int64_t position;
+    std::vector<float> query, weights;
+    std::vector<int32_t> positions;
+  };
+  std::vector<Query> queries;
+  for (int64_t position : {5, 20, 41, 63}) {
+    Query q{position, std::vector<float>(d), {}, {}};
+    for (float& x : q.query) x = normal(rng);
+    double total = 0;
+    for (int64_t j = 0; j <= position; ++j) {
+      q.positions.push_back(static_cast<int32_t>(j));
+      q.weights.push_back(std::exp(normal(rng)));
+      total += q.weights.back();
+    }
+    for (float& w : q.weights) w = static_cast<float>(w / total);
+    queries.push_back(std::move(q));
+  }
+  std::vector<ObservedQuery> observed;
+  for (const Query& q : queries) observed.push_back({q.position, q.query, q.positions, q.weights});
+  std::vector<double> fisher(static_cast<size_t>(d * kQBasisWidths), 0.0);
+  qbasis_accumulate_fisher(s.head, keys, group, window, observed, fisher);
+
+  std::vector<double> expected(d, 0.0);
+  for (const Query& q : queries) {
+    // How many of the query's keys a store with this window and group holds quantized.
+    const auto store = make_qbasis_key_store(
+        parse_codec_spec(str_cat("qbasis:b16:g", group, ":chan:r", window)), s.head);
+    for (int64_t t = 0; t <= q.position; ++t) store->append(std::span(keys).subspan(t * d, d));
+    const int64_t coded = store->quantized_size();
+    if (q.position == 5) EXPECT_EQ(coded, 0);
+    for (int64_t i = 0; i < d; ++i) {
+      const double* u = s.head.rows.data() + i * d;
+      double projection = 0, first = 0, second = 0;
+      for (int64_t c = 0; c < d; ++c) projection += u[c] * q.query[c];
+      for (int64_t j = 0; j < coded; ++j) {
+        double coordinate = 0;
+        for (int64_t c = 0; c < d; ++c) coordinate += u[c] * keys[j * d + c];
+        const double error = s.head.key_mean[i] - coordinate;
+        first += q.weights[j] * error;
+        second += q.weights[j] * error * error;
+      }
+      expected[i] += projection * projection * (second - first * first);
+    }
+  }
+  for (int64_t i = 0; i < d; ++i) {
+    EXPECT_NEAR(fisher[i * kQBasisWidths], expected[i], 1e-4 * expected[i]) << i;
+    EXPECT_GT(expected[i], 0.0);
+    EXPECT_LT(fisher[i * kQBasisWidths + 8], 1e-3 * fisher[i * kQBasisWidths]) << i;
+    EXPECT_LT(fisher[i * kQBasisWidths + 3], fisher[i * kQBasisWidths + 1]) << i;
+  }
+  // The allocation reads it over the weights λ_i σ_i².
+  QBasisHead with = s.head;
+  with.fisher = fisher;
+  const std::vector<double> table = qbasis_distortion_table(with, group);
+  for (int64_t i = 0; i < d; ++i)
+    EXPECT_NEAR(table[i * kQBasisWidths + 2] * s.head.query_energy[i] * s.head.key_std[i] *
+                    s.head.key_std[i],
+                fisher[i * kQBasisWidths + 2], 1e-12 * (1 + fisher[i * kQBasisWidths + 2]));
+  EXPECT_TRUE(contains(error_of([&] {
+                         qbasis_accumulate_fisher(s.head, std::span<const float>(keys).first(3 * d),
+                                                  group, window, observed, fisher);
+                       }),
+                       "not whole groups of 4"));
 }
 
 }  // namespace

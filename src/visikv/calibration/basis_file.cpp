@@ -1,5 +1,6 @@
 #include "visikv/calibration/basis_file.h"
 
+#include <algorithm>
 #include <bit>
 #include <cinttypes>
 #include <cstdio>
@@ -44,25 +45,51 @@ template <typename Basis,
 struct ArrayRef {
   const char* name;
   Vector* data;
-  int64_t count;
-  bool vectors;  // {heads, rank, head_dim}, else {heads, head_dim}
+  std::vector<int64_t> shape;
+  // Saturates far above any file size rather than overflow (shapes come from a file's header).
+  int64_t count() const {
+    int64_t n = 1;
+    for (int64_t x : shape)
+      if (__builtin_mul_overflow(n, x, &n)) return INT64_MAX / 16;
+    return std::min(n, INT64_MAX / 16);
+  }
 };
 
 // Version 2 adds the key means after the version-1 arrays; version 3 the within-group key spread
-// (header field "key_group").
+// (header field "key_group"); version 4 (full rank only) the query-weighted key PCA, the measured
+// group distortions and the Fisher tables (header field "key_window").
 template <typename Basis>
 std::vector<ArrayRef<Basis>> arrays_of(Basis& b, uint32_t version) {
-  const int64_t values = b.heads() * b.head_dim, vectors = b.heads() * b.rank * b.head_dim;
-  std::vector<ArrayRef<Basis>> out = {{"query_eigenvalues", &b.query_eigenvalues, values, false},
-                                      {"query_vectors", &b.query_vectors, vectors, true},
-                                      {"key_eigenvalues", &b.key_eigenvalues, values, false},
-                                      {"key_vectors", &b.key_vectors, vectors, true}};
-  if (version >= 2) out.push_back({"key_means", &b.key_means, values, false});
+  const std::vector<int64_t> values = {b.heads(), b.head_dim},
+                             vectors = {b.heads(), b.rank, b.head_dim};
+  std::vector<ArrayRef<Basis>> out = {{"query_eigenvalues", &b.query_eigenvalues, values},
+                                      {"query_vectors", &b.query_vectors, vectors},
+                                      {"key_eigenvalues", &b.key_eigenvalues, values},
+                                      {"key_vectors", &b.key_vectors, vectors}};
+  if (version >= 2) out.push_back({"key_means", &b.key_means, values});
   if (version >= 3) {
-    out.push_back({"key_group_eigenvalues", &b.key_group_eigenvalues, values, false});
-    out.push_back({"key_group_vectors", &b.key_group_vectors, vectors, true});
+    out.push_back({"key_group_eigenvalues", &b.key_group_eigenvalues, values});
+    out.push_back({"key_group_vectors", &b.key_group_vectors, vectors});
+  }
+  if (version >= 4) {
+    const std::vector<int64_t> square = {b.heads(), b.head_dim, b.head_dim};
+    out.push_back({"weighted_rows", &b.weighted_rows, square});
+    out.push_back({"weighted_dual_rows", &b.weighted_dual_rows, square});
+    out.push_back({"key_group_distortion",
+                   &b.key_group_distortion,
+                   {b.heads(), QBasisSpec::kBases, b.head_dim, kQBasisMaxBits}});
+    out.push_back(
+        {"key_fisher", &b.key_fisher, {b.heads(), QBasisSpec::kBases, b.head_dim, kQBasisWidths}});
   }
   return out;
+}
+
+// The oldest version that holds everything `b` has.
+uint32_t version_for(const HeadqBasis& b) {
+  if (b.key_means.empty()) return 1;
+  if (b.key_group == 0) return 2;
+  if (b.key_group_distortion.empty() && b.weighted_rows.empty()) return 3;
+  return kBasisFormatVersion;
 }
 
 }  // namespace
@@ -94,15 +121,11 @@ std::string model_fingerprint(const Model& model) {
 
 void save_headq_basis(const HeadqBasis& b, const std::filesystem::path& path) {
   b.check_sizes();
-  // A basis without key means is written as version 1 and one without the within-group spread as
-  // version 2, which older builds read.
-  const uint32_t version = b.key_means.empty() ? 1 : b.key_group == 0 ? 2 : kBasisFormatVersion;
+  // A basis is written as the oldest version that holds it, which older builds read.
+  const uint32_t version = version_for(b);
   nlohmann::json arrays = nlohmann::json::array();
-  for (const auto& a : arrays_of(b, version)) {
-    arrays.push_back({{"name", a.name},
-                      {"shape", a.vectors ? std::vector<int64_t>{b.heads(), b.rank, b.head_dim}
-                                          : std::vector<int64_t>{b.heads(), b.head_dim}}});
-  }
+  for (const auto& a : arrays_of(b, version))
+    arrays.push_back({{"name", a.name}, {"shape", a.shape}});
   nlohmann::json header = {{"format", "visikv-headq-basis"},
                            {"version", version},
                            {"fingerprint", b.fingerprint},
@@ -117,6 +140,7 @@ void save_headq_basis(const HeadqBasis& b, const std::filesystem::path& path) {
                            {"dtype", "f64"},
                            {"arrays", arrays}};
   if (version >= 3) header["key_group"] = b.key_group;
+  if (version >= 4) header["key_window"] = b.key_window;
   const std::string text = header.dump();
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   require(out.good(), "cannot write HeadQ basis file ", path.string());
@@ -166,6 +190,7 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
     b.head_dim = header.at("head_dim").get<int64_t>();
     b.rank = header.at("rank").get<int64_t>();
     if (version >= 3) b.key_group = header.at("key_group").get<int64_t>();
+    if (version >= 4) b.key_window = header.at("key_window").get<int64_t>();
   } catch (const nlohmann::json::exception& e) {
     fail(where, ": bad header field: ", e.what());
   }
@@ -176,12 +201,13 @@ HeadqBasis load_headq_basis(const std::filesystem::path& path) {
           b.head_dim, ", rank ", b.rank, ")");
   require(version < 3 || (b.key_group > 0 && b.key_group < kLimit), where, ": bad key group size ",
           b.key_group);
+  require(b.key_window >= 0 && b.key_window < kLimit, where, ": bad key window ", b.key_window);
   size_t offset = kPreamble + static_cast<size_t>(length);
   for (const auto& a : arrays_of(b, version)) {
-    const size_t size = static_cast<size_t>(a.count) * sizeof(double);
-    require(size <= bytes.size() - offset, where, ": array ", a.name, " (", a.count,
+    const size_t size = static_cast<size_t>(a.count()) * sizeof(double);
+    require(size <= bytes.size() - offset, where, ": array ", a.name, " (", a.count(),
             " numbers) runs past the end of the file");
-    a.data->resize(static_cast<size_t>(a.count));
+    a.data->resize(static_cast<size_t>(a.count()));
     std::memcpy(a.data->data(), bytes.data() + offset, size);
     offset += size;
   }

@@ -9,7 +9,7 @@
 //   offset 20  H bytes   JSON header: {"format": "visikv-headq-basis", "version", "fingerprint",
 //                        "model", "text", "tokens", "window", "layers", "kv_heads", "head_dim",
 //                        "rank", "dtype": "f64", "arrays": [{"name", "shape"}...],
-//                        "key_group" (version 3)}
+//                        "key_group" (version 3), "key_window" (version 4)}
 //   then       float64   the arrays, in the header's order, each row-major:
 //                        query_eigenvalues {layers·kv_heads, head_dim}   (descending)
 //                        query_vectors     {layers·kv_heads, rank, head_dim} (row j: the
@@ -20,6 +20,15 @@
 //                        key_group_eigenvalues {layers·kv_heads, head_dim}  (version 3)
 //                        key_group_vectors {layers·kv_heads, rank, head_dim} (version 3): the
 //                                          within-group key spread (kv/headq.h)
+//                        weighted_rows     {layers·kv_heads, head_dim, head_dim} (version 4)
+//                        weighted_dual_rows {layers·kv_heads, head_dim, head_dim} (version 4):
+//                                          the query-weighted key PCA (kv/headq.h)
+//                        key_group_distortion {layers·kv_heads, 4, head_dim, 8} (version 4):
+//                                          the measured cost of coding each direction of the
+//                                          four query-basis kinds (kv/headq.h)
+//                        key_fisher        {layers·kv_heads, 4, head_dim, 9} (version 4): the
+//                                          attention-weighted score error of the same, with
+//                                          the newest "key_window" positions exact
 //
 // The file ends exactly after the arrays. Head index = layer·kv_heads + kv_head.
 #pragma once
@@ -35,8 +44,10 @@ namespace visikv {
 class Model;
 
 // Version 2 adds the key means (a basis without them is still written as version 1), version 3
-// the within-group key spread (a basis without it is written as version 2).
-inline constexpr uint32_t kBasisFormatVersion = 3;
+// the within-group key spread (a basis without it is written as version 2), version 4 the
+// query-weighted key PCA and the measured group distortions, at full rank (a basis without them is
+// written as version 3).
+inline constexpr uint32_t kBasisFormatVersion = 4;
 
 // Identifies a model's weights: "<hash of the config>-<hash of some weight bytes>", two 64-bit
 // FNV-1a hashes in hex. The config part covers the shape, positions, norms and attention

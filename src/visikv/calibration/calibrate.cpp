@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -10,8 +11,10 @@
 #include "visikv/calibration/basis_file.h"
 #include "visikv/calibration/symmetric_eigen.h"
 #include "visikv/core/error.h"
+#include "visikv/core/half.h"
 #include "visikv/kv/dense_cache.h"
 #include "visikv/kv/forwarding_cache.h"
+#include "visikv/kv/qbasis.h"
 #include "visikv/model/decoder.h"
 #include "visikv/model/model.h"
 
@@ -63,6 +66,33 @@ class QueryCollector final : public AttentionObserver {
   std::vector<float> queries_;
 };
 
+// Copies the queries of every kFisherQueryStride-th position, with the positions they read and
+// their attention weights. Worker threads observe: samples are added under a lock.
+class AttentionSampler final : public AttentionObserver {
+ public:
+  struct Sample {
+    int64_t layer, head, position;
+    std::vector<float> query;
+    std::vector<int32_t> positions;
+    std::vector<float> weights;
+  };
+  void observe(const AttentionEvent& e) override {
+    if (e.position % kFisherQueryStride != kFisherQueryStride - 1) return;
+    Sample sample{e.layer, e.head, e.position, {e.query.begin(), e.query.end()}, {}, {}};
+    sample.positions.resize(static_cast<size_t>(e.positions.size()));
+    for (int64_t i = 0; i < e.positions.size(); ++i)
+      sample.positions[i] = static_cast<int32_t>(e.positions[i]);
+    sample.weights.assign(e.weights.begin(), e.weights.end());
+    const std::lock_guard lock(mutex_);
+    samples_.push_back(std::move(sample));
+  }
+  std::vector<Sample>& samples() { return samples_; }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Sample> samples_;
+};
+
 // A dense f32 cache that also accumulates E[k kᵀ] of every appended key (keys are appended
 // post-RoPE, in the coordinates scores use), and the scatter of the keys about the mean of their
 // group of kCalibratedKeyGroup consecutive positions (whole groups of each window, aligned to its
@@ -77,7 +107,8 @@ class KeyMomentCache final : public ForwardingCache {
         group_sigma_(sigma_.size(), 0.0),
         key_sums_(static_cast<size_t>(shape.layers * shape.kv_heads * shape.head_dim), 0.0),
         pending_(static_cast<size_t>(shape.layers * shape.kv_heads * kCalibratedKeyGroup *
-                                     shape.head_dim)) {}
+                                     shape.head_dim)),
+        group_keys_(static_cast<size_t>(shape.layers * shape.kv_heads)) {}
 
   void append(int64_t layer, std::span<const float> keys, std::span<const float> values,
               int64_t tokens) override {
@@ -112,6 +143,10 @@ class KeyMomentCache final : public ForwardingCache {
             centred_[i * d + c] = static_cast<float>(pending[i * d + c] - mean[c]);
         add_outer_products(centred_, d, std::span(group_sigma_).subspan(head * d * d, d * d),
                            scratch_);
+        // The group as a cache codes it: its keys leave the fp16 window rounded to fp16.
+        std::vector<float>& kept = group_keys_[head];
+        for (int64_t i = 0; i < g * d; ++i)
+          kept.push_back(fp16_to_float(float_to_fp16(pending[i])));
         if (head == 0) group_tokens_ += g;
       }
     }
@@ -133,6 +168,10 @@ class KeyMomentCache final : public ForwardingCache {
     return std::span(group_sigma_).subspan((layer * shape().kv_heads + kv_head) * d * d, d * d);
   }
   int64_t group_tokens() const { return group_tokens_; }
+  // The keys of those whole groups ({group_tokens(), d}), rounded to fp16.
+  std::span<const float> head_group_keys(int64_t layer, int64_t kv_head) const {
+    return group_keys_[layer * shape().kv_heads + kv_head];
+  }
 
  private:
   std::vector<double> sigma_;        // {layers, kv_heads, d, d}, upper triangles
@@ -140,6 +179,7 @@ class KeyMomentCache final : public ForwardingCache {
   std::vector<double> key_sums_;     // {layers, kv_heads, d}: for the key means
   std::vector<float> pending_;       // {layers, kv_heads, G, d}: the current group's keys
   std::vector<float> centred_;       // the group's keys less its mean
+  std::vector<std::vector<float>> group_keys_;  // per head, the keys of its whole groups
   std::vector<double> group_mean_;
   std::vector<double> scratch_;
   int64_t group_tokens_ = 0;  // positions in whole groups (of head 0; every head has as many)
@@ -157,6 +197,99 @@ void decompose(std::span<double> sigma, int64_t d, double count, int64_t rank,
   const SymmetricEigen eigen = symmetric_eigen(sigma, d);
   std::copy(eigen.values.begin(), eigen.values.end(), values.begin());
   std::copy_n(eigen.vectors.begin(), rank * d, vectors.begin());
+}
+
+// The query-weighted key PCA of one head (HeadqBasisVectors::weighted_rows): with Σ_q = Q Λ Qᵀ
+// (`query_values`, `query_rows`: every eigenpair) and B = Q Λ^{1/2} (Λ floored at
+// kWeightedBasisFloor of its largest), the eigenvectors v_j of Bᵀ Cov(k) B give rows t_j = B v_j
+// and dual rows s_j = Q Λ^{-1/2} v_j, in descending order of the eigenvalue (the variance of
+// t_j·k, which is also its weight: s_jᵀ Σ_q s_j = 1).
+void weighted_key_basis(std::span<const double> query_values, std::span<const double> query_rows,
+                        std::span<const double> key_second_moment, std::span<const double> key_mean,
+                        int64_t d, std::span<double> rows, std::span<double> dual_rows) {
+  const double largest = std::max(0.0, query_values[0]);
+  std::vector<double> root(d), inverse_root(d);
+  for (int64_t i = 0; i < d; ++i) {
+    const double lambda = std::max(query_values[i], kWeightedBasisFloor * largest);
+    root[i] = lambda > 0 ? std::sqrt(lambda) : 1.0;
+    inverse_root[i] = 1.0 / root[i];
+  }
+  // B = Q Λ^{1/2} as columns: column i = root_i · (row i of query_rows).
+  std::vector<double> cov(static_cast<size_t>(d * d));
+  for (int64_t a = 0; a < d; ++a)
+    for (int64_t b = 0; b < d; ++b)
+      cov[a * d + b] = key_second_moment[a * d + b] - key_mean[a] * key_mean[b];
+  // C Q (d x d), then A = Λ^{1/2} Qᵀ C Q Λ^{1/2}.
+  std::vector<double> cq(static_cast<size_t>(d * d), 0.0), a_matrix(static_cast<size_t>(d * d));
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(d), static_cast<int>(d),
+              static_cast<int>(d), 1.0, cov.data(), static_cast<int>(d), query_rows.data(),
+              static_cast<int>(d), 0.0, cq.data(), static_cast<int>(d));
+  cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(d), static_cast<int>(d),
+              static_cast<int>(d), 1.0, query_rows.data(), static_cast<int>(d), cq.data(),
+              static_cast<int>(d), 0.0, a_matrix.data(), static_cast<int>(d));
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j) a_matrix[i * d + j] *= root[i] * root[j];
+  const SymmetricEigen eigen = symmetric_eigen(a_matrix, d);
+  // t_j = Σ_i root_i v_j[i] q_i, s_j = Σ_i v_j[i] q_i / root_i.
+  std::fill(rows.begin(), rows.end(), 0.0);
+  std::fill(dual_rows.begin(), dual_rows.end(), 0.0);
+  for (int64_t j = 0; j < d; ++j)
+    for (int64_t i = 0; i < d; ++i) {
+      const double v = eigen.vectors[j * d + i];
+      for (int64_t c = 0; c < d; ++c) {
+        rows[j * d + c] += root[i] * v * query_rows[i * d + c];
+        dual_rows[j * d + c] += inverse_root[i] * v * query_rows[i * d + c];
+      }
+    }
+}
+
+// The Fisher tables (HeadqBasisVectors::key_fisher): the windows run again with an attention
+// sampler; each head's sampled queries read the keys of their window's whole groups (`cache`
+// holds them from the first pass, window after window).
+void measure_fisher(Decoder& decoder, const std::vector<std::vector<int32_t>>& windows,
+                    const KeyMomentCache& cache, HeadqBasis& basis) {
+  const int64_t d = basis.head_dim, heads = basis.heads(), kinds = QBasisSpec::kBases;
+  const int64_t query_group = decoder.model().config().group_size();
+  const int64_t per_kind = d * kQBasisWidths;
+  basis.key_window = kCalibratedKeyWindow;
+  basis.key_fisher.assign(static_cast<size_t>(heads * kinds * per_kind), 0.0);
+  std::vector<QBasisHead> constants;
+  for (int64_t job = 0; job < heads * kinds; ++job)
+    constants.push_back(qbasis_head(static_cast<QBasisSpec::Basis>(job % kinds), basis,
+                                    job / kinds / basis.kv_heads, job / kinds % basis.kv_heads));
+  std::vector<int64_t> samples_per_head(static_cast<size_t>(heads), 0);
+  int64_t key_offset = 0;  // tokens of whole groups before this window
+  for (const std::vector<int32_t>& window : windows) {
+    const int64_t n = static_cast<int64_t>(window.size());
+    const int64_t whole = n / kCalibratedKeyGroup * kCalibratedKeyGroup;
+    auto dense = make_dense_cache(decoder.cache_shape(), DenseFormat::F32, n);
+    AttentionSampler sampler;
+    decoder.forward(window, *dense, LogitRows::Last,
+                    [](int64_t, int64_t, std::span<const float>) {}, {.observer = &sampler});
+    // Each head's samples, as spans.
+    std::vector<std::vector<ObservedQuery>> observed(static_cast<size_t>(heads));
+    for (const AttentionSampler::Sample& s : sampler.samples()) {
+      const int64_t head = s.layer * basis.kv_heads + s.head / query_group;
+      observed[head].push_back({s.position, s.query, s.positions, s.weights});
+    }
+    for (int64_t i = 0; i < heads; ++i)
+      samples_per_head[i] += static_cast<int64_t>(observed[i].size());
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t job = 0; job < heads * kinds; ++job) {
+      const int64_t i = job / kinds;
+      const std::span<const float> keys =
+          cache.head_group_keys(i / basis.kv_heads, i % basis.kv_heads)
+              .subspan(key_offset * d, whole * d);
+      qbasis_accumulate_fisher(constants[job], keys, kCalibratedKeyGroup, kCalibratedKeyWindow,
+                               observed[i],
+                               std::span(basis.key_fisher).subspan(job * per_kind, per_kind));
+    }
+    key_offset += whole;
+  }
+  for (int64_t job = 0; job < heads * kinds; ++job) {
+    const double count = static_cast<double>(std::max<int64_t>(samples_per_head[job / kinds], 1));
+    for (int64_t x = 0; x < per_kind; ++x) basis.key_fisher[job * per_kind + x] /= count;
+  }
 }
 
 }  // namespace
@@ -200,9 +333,9 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
                       options.tokens - total);
 
   int64_t done = 0;
-  std::vector<int32_t> window;
+  std::vector<std::vector<int32_t>> windows;  // as run, for the second pass
   for (int64_t start = 0; start < available && done < total; start += text_per_window) {
-    window.clear();
+    std::vector<int32_t>& window = windows.emplace_back();
     if (bos) window.push_back(*bos);
     const int64_t len = std::min(text_per_window, available - start);
     window.insert(window.end(), tokens.begin() + start, tokens.begin() + start + len);
@@ -258,6 +391,36 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
                 std::span(basis.key_group_vectors).subspan(i * options.rank * d, options.rank * d));
     const std::span<const double> sum = cache.head_key_sum(l, h);
     for (int64_t c = 0; c < d; ++c) basis.key_means[i * d + c] = sum[c] / static_cast<double>(done);
+  }
+  // With every eigenvector (what query-basis codecs need): the query-weighted key PCA, and what
+  // coding each direction of each basis kind in groups actually costs on these keys.
+  if (group_spread && options.rank == d) {
+    basis.weighted_rows.resize(static_cast<size_t>(heads * d * d));
+    basis.weighted_dual_rows.resize(basis.weighted_rows.size());
+    for (int64_t i = 0; i < heads; ++i) {
+      const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
+      std::vector<double> mean(basis.key_means.begin() + i * d,
+                               basis.key_means.begin() + (i + 1) * d);
+      // decompose() left each moment symmetric and divided by its count.
+      weighted_key_basis(std::span(basis.query_eigenvalues).subspan(i * d, d),
+                         basis.query_rows(l, h), cache.head_sigma(l, h), mean, d,
+                         std::span(basis.weighted_rows).subspan(i * d * d, d * d),
+                         std::span(basis.weighted_dual_rows).subspan(i * d * d, d * d));
+    }
+    const int64_t per_kind = d * kQBasisMaxBits;
+    basis.key_group_distortion.resize(static_cast<size_t>(heads * QBasisSpec::kBases * per_kind));
+    const int64_t jobs = heads * QBasisSpec::kBases;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t job = 0; job < jobs; ++job) {
+      const int64_t i = job / QBasisSpec::kBases;
+      const auto kind = static_cast<QBasisSpec::Basis>(job % QBasisSpec::kBases);
+      const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
+      const std::vector<double> measured = qbasis_measure_group_distortion(
+          qbasis_head(kind, basis, l, h), cache.head_group_keys(l, h), kCalibratedKeyGroup);
+      std::copy(measured.begin(), measured.end(),
+                basis.key_group_distortion.begin() + job * per_kind);
+    }
+    measure_fisher(decoder, windows, cache, basis);
   }
   return basis;
 }

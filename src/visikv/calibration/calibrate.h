@@ -5,7 +5,13 @@
 // (accumulated in double). The result keeps every eigenvalue and the top-`rank` eigenvectors of
 // both, with the model's fingerprint (calibration/basis_file.h). It also keeps the same of the
 // keys' within-group spread W = E[(k - k̄_g)(k - k̄_g)ᵀ] over groups of kCalibratedKeyGroup
-// consecutive positions, which a query-basis codec's per-channel groups of that size allocate by.
+// consecutive positions and, at full rank, what coding those groups costs in each direction of
+// each query-basis kind (the measured distortions), which a query-basis codec's per-channel groups
+// of that size allocate by. The keys of the whole groups are held in memory until then (tokens x
+// layers x kv heads x head_dim floats). At full rank a second pass over the same windows watches
+// the attention of every kFisherQueryStride-th position's queries and records, per direction and
+// width, the attention-weighted score error of coding the keys they read (the Fisher tables,
+// kv/qbasis.h: qbasis_accumulate_fisher).
 #pragma once
 
 #include <cstdint>
@@ -23,6 +29,11 @@ class Model;
 // Positions per group of the calibrated within-group key spread (HeadqBasisVectors::key_group):
 // the per-channel group size of the query-basis specs the documents use (qbasis:...:g32:chan).
 inline constexpr int64_t kCalibratedKeyGroup = 32;
+// Newest positions a cache keeps in fp16, as the Fisher tables assume them
+// (HeadqBasisVectors::key_window): the window of the same specs (qbasis:...:g32:chan:r128).
+inline constexpr int64_t kCalibratedKeyWindow = 128;
+// Positions apart of the queries whose attention the Fisher tables average.
+inline constexpr int64_t kFisherQueryStride = 32;
 
 struct CalibrationOptions {
   int64_t tokens = 8192;  // positions to run, BOS included (fewer when the text is shorter)

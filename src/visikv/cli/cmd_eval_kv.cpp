@@ -183,6 +183,8 @@ std::string key_codec_family(const CodecSpec& spec) {
     if (spec.window > 0) out += " +window";
     if (spec.qbasis->basis == QBasisSpec::Basis::Random) out += " (random basis)";
     if (spec.qbasis->basis == QBasisSpec::Basis::KeyPca) out += " (key-PCA basis)";
+    if (spec.qbasis->basis == QBasisSpec::Basis::Weighted) out += " (query-weighted key PCA)";
+    if (spec.qbasis->fisher) out += ", Fisher bits";
     return out;
   }
   std::string out = spec.axis == CodecSpec::Axis::Tokens ? "int tok" : "int chan";

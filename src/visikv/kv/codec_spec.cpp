@@ -96,10 +96,10 @@ int64_t budget_milli(std::string_view spec, std::string_view field) {
   return milli;
 }
 
-// qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]
+// qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca|:weighted][:iid|:fisher]
 CodecSpec parse_qbasis(std::string_view text) {
   static constexpr std::string_view kGrammar =
-      "expected qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]";
+      "expected qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca|:weighted][:iid|:fisher]";
   const std::vector<std::string_view> fields = split_fields(text);
   require(fields[0] == "qbasis", "unknown cache spec '", text, "' (", kGrammar, ")");
   require(fields.size() >= 4, "cache spec '", text,
@@ -123,15 +123,22 @@ CodecSpec parse_qbasis(std::string_view text) {
     spec.window = positive_number(text, fields[next], "r", "full-precision window");
     ++next;
   }
-  if (next < fields.size() && (fields[next] == "random" || fields[next] == "keypca")) {
-    q.basis = fields[next] == "random" ? QBasisSpec::Basis::Random : QBasisSpec::Basis::KeyPca;
-    ++next;
+  if (next < fields.size()) {
+    if (fields[next] == "random") q.basis = QBasisSpec::Basis::Random;
+    if (fields[next] == "keypca") q.basis = QBasisSpec::Basis::KeyPca;
+    if (fields[next] == "weighted") q.basis = QBasisSpec::Basis::Weighted;
+    if (q.basis != QBasisSpec::Basis::Query) ++next;
   }
   if (next < fields.size() && fields[next] == "iid") {
     require(
         spec.axis == CodecSpec::Axis::Channels, "cache spec '", text,
         "': ':iid' is for per-channel groups (chan): per-token groups always allocate that way");
     q.iid_groups = true;
+    ++next;
+  } else if (next < fields.size() && fields[next] == "fisher") {
+    require(spec.axis == CodecSpec::Axis::Channels, "cache spec '", text,
+            "': ':fisher' is for per-channel groups (chan)");
+    q.fisher = true;
     ++next;
   }
   require(next == fields.size(), "cache spec '", text, "': unexpected '",
@@ -173,7 +180,9 @@ std::string CodecSpec::text() const {
     if (window > 0) out += str_cat(":r", window);
     if (qbasis->basis == QBasisSpec::Basis::Random) out += ":random";
     if (qbasis->basis == QBasisSpec::Basis::KeyPca) out += ":keypca";
+    if (qbasis->basis == QBasisSpec::Basis::Weighted) out += ":weighted";
     if (qbasis->iid_groups) out += ":iid";
+    if (qbasis->fisher) out += ":fisher";
     return out;
   }
   if (kind == Kind::Dense) {
@@ -206,7 +215,7 @@ CodecSpec parse_codec_spec(std::string_view text) {
   }
   static constexpr std::string_view kGrammar =
       "expected f32, f16, bf16 or int<b>:g<G>:tok|chan[:r<R>], each optionally followed by :had, "
-      "or qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]";
+      "or qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca|:weighted][:iid|:fisher]";
   const std::vector<std::string_view> fields = split_fields(text);
   CodecSpec spec;
   size_t next = 1;

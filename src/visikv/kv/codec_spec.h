@@ -13,7 +13,7 @@
 //                                          values) in a calibrated query basis
 //   <rule>:int<L>/int<H>:g<G>[:w<W>]:avg<A>
 //                                          values only: a value bit policy (kv/value_policy_spec.h)
-//   qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca][:iid]
+//   qbasis:b<B>:g<G>:tok|chan[:r<R>][:random|:keypca|:weighted][:iid|:fisher]
 //                                          keys only: query-basis quantization (kv/qbasis.h) at
 //                                          B bits per channel, scales and zeros included
 //
@@ -65,13 +65,22 @@ struct QBasisSpec {
     Query,   // eigenvectors of E[q qᵀ] (the method)
     Random,  // seeded random orthonormal basis, bits by the same rule (control)
     KeyPca,  // eigenvectors of E[k kᵀ], bits by the same rule (control)
+    // The key PCA of Σ_q^{1/2} k (`:weighted`): the transform that diagonalizes the expected
+    // squared score error and the key covariance together, not orthonormal
+    // (docs/KEY_QUANTIZATION.md, "Which basis").
+    Weighted,
   };
+  static constexpr int64_t kBases = 4;
   int64_t budget_milli = 0;  // bits per key channel x 1000 ("b2.5" -> 2500)
   Basis basis = Basis::Query;
   // `:iid` (control): per-channel groups allocate as if a direction's values in a group of G tokens
   // were independent draws of its whole spread (range² / 12 = κ(G) σ²), ignoring the calibrated
   // within-group spread (docs/KEY_QUANTIZATION.md, "Within-group spread").
   bool iid_groups = false;
+  // `:fisher`: per-channel groups allocate by the attention-weighted score error of coding each
+  // direction, measured at calibration with the model's own queries and attention
+  // (docs/KEY_QUANTIZATION.md, "Fisher-measured allocation").
+  bool fisher = false;
 
   double budget() const { return static_cast<double>(budget_milli) / 1000.0; }
   std::string budget_text() const;  // "b2.5"

@@ -215,6 +215,24 @@ void HeadqBasisVectors::check_vector_sizes() const {
                   (group_spread ? static_cast<size_t>(heads() * head_dim) : 0),
           "HeadQ basis: the within-group key spread does not match ", layers, " layers x ",
           kv_heads, " kv heads, head_dim ", head_dim, ", rank ", rank, " (group ", key_group, ")");
+  const size_t square = static_cast<size_t>(heads() * head_dim * head_dim);
+  require((weighted_rows.empty() && weighted_dual_rows.empty()) ||
+              (rank == head_dim && weighted_rows.size() == square &&
+               weighted_dual_rows.size() == square),
+          "HeadQ basis: the query-weighted key basis does not match ", layers, " layers x ",
+          kv_heads, " kv heads, head_dim ", head_dim, ", rank ", rank);
+  require(key_fisher.empty() ||
+              (group_spread && rank == head_dim && key_window >= 0 &&
+               key_fisher.size() ==
+                   static_cast<size_t>(heads() * QBasisSpec::kBases * head_dim * kQBasisWidths)),
+          "HeadQ basis: the Fisher tables do not match ", layers, " layers x ", kv_heads,
+          " kv heads, head_dim ", head_dim, ", rank ", rank, " (group ", key_group, ")");
+  require(key_group_distortion.empty() ||
+              (group_spread && rank == head_dim &&
+               key_group_distortion.size() ==
+                   static_cast<size_t>(heads() * QBasisSpec::kBases * head_dim * kQBasisMaxBits)),
+          "HeadQ basis: the measured group distortions do not match ", layers, " layers x ",
+          kv_heads, " kv heads, head_dim ", head_dim, ", rank ", rank, " (group ", key_group, ")");
 }
 
 std::span<const double> HeadqBasisVectors::query_rows(int64_t layer, int64_t kv_head) const {
@@ -237,6 +255,52 @@ std::span<const double> HeadqBasisVectors::key_group_rows(int64_t layer, int64_t
   if (key_group_vectors.empty()) return {};
   return std::span(key_group_vectors)
       .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+}
+
+namespace {
+
+std::span<const double> square_block(const std::vector<double>& all, int64_t index, int64_t d) {
+  if (all.empty()) return {};
+  return std::span(all).subspan(index * d * d, d * d);
+}
+
+}  // namespace
+
+std::span<const double> HeadqBasisVectors::weighted_key_rows(int64_t layer, int64_t kv_head) const {
+  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
+          layer, ", ", kv_head, ") out of range");
+  return square_block(weighted_rows, layer * kv_heads + kv_head, head_dim);
+}
+
+std::span<const double> HeadqBasisVectors::weighted_key_dual_rows(int64_t layer,
+                                                                  int64_t kv_head) const {
+  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
+          layer, ", ", kv_head, ") out of range");
+  return square_block(weighted_dual_rows, layer * kv_heads + kv_head, head_dim);
+}
+
+std::span<const double> HeadqBasisVectors::key_group_distortion_rows(QBasisSpec::Basis kind,
+                                                                     int64_t layer,
+                                                                     int64_t kv_head) const {
+  return per_kind_rows(key_group_distortion, kQBasisMaxBits, kind, layer, kv_head);
+}
+
+std::span<const double> HeadqBasisVectors::key_fisher_rows(QBasisSpec::Basis kind, int64_t layer,
+                                                           int64_t kv_head) const {
+  return per_kind_rows(key_fisher, kQBasisWidths, kind, layer, kv_head);
+}
+
+std::span<const double> HeadqBasisVectors::per_kind_rows(const std::vector<double>& all,
+                                                         int64_t per_direction,
+                                                         QBasisSpec::Basis kind, int64_t layer,
+                                                         int64_t kv_head) const {
+  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
+          layer, ", ", kv_head, ") out of range");
+  if (all.empty()) return {};
+  const int64_t per_kind = head_dim * per_direction;
+  const int64_t index =
+      (layer * kv_heads + kv_head) * QBasisSpec::kBases + static_cast<int64_t>(kind);
+  return std::span(all).subspan(index * per_kind, per_kind);
 }
 
 std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t seed) {

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "visikv/kv/codec_spec.h"
+#include "visikv/kv/qbasis.h"
 #include "visikv/kv/vector_store.h"
 
 namespace visikv {
@@ -46,6 +47,26 @@ struct HeadqBasisVectors {
   // groups of that many tokens allocates its bits by it (kv/qbasis.h).
   int64_t key_group = 0;
   std::vector<double> key_group_eigenvalues, key_group_vectors;
+  // The query-weighted key PCA (format version 4; empty before, and in bases below full rank): per
+  // head, rows t_i ({heads, head_dim, head_dim}) with t_i = Σ_q^{1/2} v_i, v_i the eigenvectors of
+  // Σ_q^{1/2} Cov(k) Σ_q^{1/2} (the coordinates y_i = t_i·k are uncorrelated and each costs the
+  // score error on its own), and their dual rows s_i = Σ_q^{-1/2} v_i (s_i·t_j = δ_ij: a key is
+  // k = Σ_i y_i s_i, a score q·k = Σ_i (s_i·q) y_i). Σ_q^{±1/2} with its eigenvalues floored at
+  // kWeightedBasisFloor of the largest.
+  std::vector<double> weighted_rows, weighted_dual_rows;
+  // What coding costs (format version 4; empty before, and in bases below full rank): per head and
+  // query-basis kind (QBasisSpec::Basis order: query, random, key PCA, weighted), f_i(b) for b =
+  // 1..kQBasisMaxBits of each direction i ({heads, 4, head_dim, kQBasisMaxBits}): the mean squared
+  // error of the direction's coordinate, over its variance, with the calibration keys coded in
+  // per-channel groups of `key_group` consecutive positions as a query-basis store codes them
+  // (qbasis_measure_group_distortion). Such codecs allocate by it.
+  std::vector<double> key_group_distortion;
+  // The attention-weighted score error (format version 4, full rank): per head and query-basis
+  // kind, D_i(b) for b = 0..kQBasisMaxBits ({heads, 4, head_dim, kQBasisWidths}), the mean over
+  // watched queries of (s_i·q)² Var_a(e_i) with the calibration's keys coded in per-channel groups
+  // of `key_group` and the newest `key_window` positions exact (qbasis_accumulate_fisher).
+  int64_t key_window = 0;
+  std::vector<double> key_fisher;
 
   int64_t heads() const { return layers * kv_heads; }
   // Throws visikv::Error unless the shape is valid and the arrays have the sizes it says.
@@ -55,7 +76,30 @@ struct HeadqBasisVectors {
   std::span<const double> key_rows(int64_t layer, int64_t kv_head) const;
   // Row j: the j-th eigenvector of the head's within-group spread W (empty spans without it).
   std::span<const double> key_group_rows(int64_t layer, int64_t kv_head) const;
+  // The {head_dim, head_dim} rows t_i and dual rows s_i of head (layer, kv_head)'s query-weighted
+  // key PCA (empty spans without it).
+  std::span<const double> weighted_key_rows(int64_t layer, int64_t kv_head) const;
+  std::span<const double> weighted_key_dual_rows(int64_t layer, int64_t kv_head) const;
+  // The {head_dim, kQBasisMaxBits} measured distortions of head (layer, kv_head) in basis `kind`
+  // (an empty span without them).
+  std::span<const double> key_group_distortion_rows(QBasisSpec::Basis kind, int64_t layer,
+                                                    int64_t kv_head) const;
+  // The {head_dim, kQBasisWidths} Fisher table of head (layer, kv_head) in basis `kind` (an empty
+  // span without it).
+  std::span<const double> key_fisher_rows(QBasisSpec::Basis kind, int64_t layer,
+                                          int64_t kv_head) const;
+
+ private:
+  // Head (layer, kv_head)'s block of kind `kind` in a {heads, kinds, head_dim, per_direction}
+  // array (empty: an empty span).
+  std::span<const double> per_kind_rows(const std::vector<double>& all, int64_t per_direction,
+                                        QBasisSpec::Basis kind, int64_t layer,
+                                        int64_t kv_head) const;
 };
+
+// Query eigenvalues below this share of the head's largest count as this share in Σ_q^{±1/2} of the
+// query-weighted key PCA (directions the queries never see, which get no bits anyway).
+inline constexpr double kWeightedBasisFloor = 1e-9;
 
 // `rows` orthonormal vectors of `dim` numbers ({rows, dim}), Gaussian then Gram-Schmidt (twice),
 // from SplitMix64 seeded with `seed`: the same on every run. rows <= dim.

@@ -22,7 +22,7 @@ namespace {
 constexpr int64_t kPairBits = 32;  // one fp16 scale and one fp16 zero
 
 // Directions held at each width: counts[b], b = 0..kQBasisMaxBits.
-using WidthCounts = std::array<int64_t, kQBasisMaxBits + 1>;
+using WidthCounts = std::array<int64_t, kQBasisWidths>;
 
 int64_t cost_of_counts(const WidthCounts& counts, CodecSpec::Axis axis, int64_t group) {
   int64_t code_bits = 0, stored = 0;
@@ -33,6 +33,19 @@ int64_t cost_of_counts(const WidthCounts& counts, CodecSpec::Axis axis, int64_t 
   if (axis == CodecSpec::Axis::Tokens)
     return code_bits + kPairBits * ((stored + group - 1) / group);
   return group * code_bits + kPairBits * stored;
+}
+
+// uᵀ Σ u = Σ_m λ_m (u·v_m)² for Σ = Σ_m λ_m v_m v_mᵀ ({d} eigenvalues, {d, d} rows: full rank,
+// so exact).
+double quadratic_form(const double* u, std::span<const double> vectors, const double* eigenvalues,
+                      int64_t d) {
+  double sum = 0;
+  for (int64_t m = 0; m < d; ++m) {
+    double overlap = 0;
+    for (int64_t c = 0; c < d; ++c) overlap += u[c] * vectors[m * d + c];
+    sum += std::max(0.0, eigenvalues[m]) * overlap * overlap;
+  }
+  return sum;
 }
 
 WidthCounts counts_of(std::span<const int> bits) {
@@ -63,10 +76,10 @@ namespace {
 
 // min Σ_i weights[order[i]] f_i(b_i) over b_i in 0..kQBasisMaxBits with Σ_i cost(b_i) <=
 // capacity, cost(b) = b·unit + extra·[b > 0] (in units of the capacity), by dynamic programming
-// over the capacity (a multiple-choice knapsack); f_i(0) = f[0], f_i(b) = spread[order[i]]·f[b]
-// (spread empty: 1). Writes the widths into bits[order[i]].
-void knapsack(std::span<const double> weights, std::span<const double> spread,
-              std::span<const int64_t> order, const std::array<double, kQBasisMaxBits + 1>& f,
+// over the capacity (a multiple-choice knapsack); f_i = table row order[i] ({d, kQBasisWidths})
+// or, with an empty table, `shared`. Writes the widths into bits[order[i]].
+void knapsack(std::span<const double> weights, std::span<const double> table,
+              std::span<const int64_t> order, const std::array<double, kQBasisWidths>& shared,
               int64_t unit, int64_t extra, int64_t capacity, std::vector<int>& bits,
               double& distortion) {
   const int64_t k = static_cast<int64_t>(order.size());
@@ -76,14 +89,14 @@ void knapsack(std::span<const double> weights, std::span<const double> spread,
   std::vector<uint8_t> choice(static_cast<size_t>(k * (cap + 1)), 0);
   for (int64_t i = 0; i < k; ++i) {
     const double w = weights[order[i]];
-    const double coded = w * (spread.empty() ? 1.0 : spread[order[i]]);
+    const double* f = table.empty() ? shared.data() : table.data() + order[i] * kQBasisWidths;
     for (int64_t c = 0; c <= cap; ++c) {
       double value = best[c] + w * f[0];
       int pick = 0;
       for (int b = 1; b <= kQBasisMaxBits; ++b) {
         const int64_t cost = b * unit + extra;
         if (cost > c) break;
-        const double candidate = best[c - cost] + coded * f[b];
+        const double candidate = best[c - cost] + w * f[b];
         if (candidate < value) {
           value = candidate;
           pick = b;
@@ -106,25 +119,25 @@ void knapsack(std::span<const double> weights, std::span<const double> spread,
 
 std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget_bits,
                                  CodecSpec::Axis axis, int64_t group,
-                                 std::span<const double> group_spread) {
+                                 std::span<const double> distortion) {
   require(group >= 1, "query-basis group must be positive, got ", group);
   require(budget_bits >= 0, "query-basis budget must not be negative, got ", budget_bits);
   const int64_t d = static_cast<int64_t>(weights.size());
   std::vector<int> bits(static_cast<size_t>(d), 0);
   for (double w : weights)
     require(std::isfinite(w) && w >= 0, "query-basis weights must be finite and >= 0, got ", w);
-  require(group_spread.empty() ||
-              (static_cast<int64_t>(group_spread.size()) == d && axis == CodecSpec::Axis::Channels),
-          "query-basis within-group spread: one number per direction, per-channel groups only");
-  for (double r : group_spread)
-    require(std::isfinite(r) && r >= 0 && r <= 1,
-            "query-basis within-group spread must be in [0, 1], got ", r);
-  std::array<double, kQBasisMaxBits + 1> f{};
+  require(distortion.empty() || (static_cast<int64_t>(distortion.size()) == d * kQBasisWidths &&
+                                 axis == CodecSpec::Axis::Channels),
+          "query-basis distortion table: ", kQBasisWidths,
+          " numbers per direction, per-channel groups only");
+  for (double x : distortion)
+    require(std::isfinite(x) && x >= 0, "query-basis distortions must be finite and >= 0, got ", x);
+  std::array<double, kQBasisWidths> f{};
   for (int b = 0; b <= kQBasisMaxBits; ++b) f[b] = qbasis_relative_distortion(b, group);
   // With one f for all directions a heavier direction never gets fewer bits in an optimum
   // (swapping two directions' widths changes D by (w_i - w_j)(f(b_j) - f(b_i))), so the stored
   // directions are a prefix of the directions by weight (the `tok` search below relies on it;
-  // the `chan` knapsack, which also takes per-direction spreads, does not need it). Directions of
+  // the `chan` knapsack, which also takes per-direction tables, does not need it). Directions of
   // weight 0 are never stored.
   std::vector<int64_t> order;
   for (int64_t i = 0; i < d; ++i)
@@ -137,7 +150,7 @@ std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget
     // units of gcd(G, 32) bits.
     int64_t unit = std::gcd(group, kPairBits);
     double ignored = 0;
-    knapsack(weights, group_spread, order, f, group / unit, kPairBits / unit, budget_bits / unit,
+    knapsack(weights, distortion, order, f, group / unit, kPairBits / unit, budget_bits / unit,
              bits, ignored);
     return bits;
   }
@@ -164,10 +177,223 @@ std::vector<int> qbasis_allocate(std::span<const double> weights, int64_t budget
   return bits;
 }
 
+std::vector<double> qbasis_spread_distortion(std::span<const double> spread, int64_t group) {
+  std::vector<double> table(spread.size() * kQBasisWidths);
+  for (size_t i = 0; i < spread.size(); ++i) {
+    require(std::isfinite(spread[i]) && spread[i] >= 0 && spread[i] <= 1,
+            "query-basis within-group spread must be in [0, 1], got ", spread[i]);
+    table[i * kQBasisWidths] = 1.0;
+    for (int b = 1; b <= kQBasisMaxBits; ++b)
+      table[i * kQBasisWidths + b] = spread[i] * qbasis_relative_distortion(b, group);
+  }
+  return table;
+}
+
+std::vector<double> qbasis_distortion_table(const QBasisHead& head, int64_t group) {
+  if (!head.fisher.empty()) {
+    require(static_cast<int64_t>(head.fisher.size()) == head.dim * kQBasisWidths,
+            "query-basis Fisher table: ", kQBasisWidths, " numbers per direction");
+    std::vector<double> table(head.fisher.size(), 0.0);
+    for (int64_t i = 0; i < head.dim; ++i) {
+      const double weight = head.query_energy[i] * head.key_std[i] * head.key_std[i];
+      if (weight > 0)
+        for (int b = 0; b <= kQBasisMaxBits; ++b)
+          table[i * kQBasisWidths + b] = head.fisher[i * kQBasisWidths + b] / weight;
+    }
+    return table;
+  }
+  if (!head.group_distortion.empty()) {
+    require(static_cast<int64_t>(head.group_distortion.size()) == head.dim * kQBasisMaxBits,
+            "query-basis measured distortion: ", kQBasisMaxBits, " numbers per direction");
+    std::vector<double> table(static_cast<size_t>(head.dim * kQBasisWidths));
+    for (int64_t i = 0; i < head.dim; ++i) {
+      table[i * kQBasisWidths] = 1.0;
+      std::copy_n(head.group_distortion.begin() + i * kQBasisMaxBits, kQBasisMaxBits,
+                  table.begin() + i * kQBasisWidths + 1);
+    }
+    return table;
+  }
+  if (!head.group_spread.empty()) return qbasis_spread_distortion(head.group_spread, group);
+  return {};
+}
+
+namespace {
+
+// x̂_i - x_i of every key of `keys` ({n, d}, whole groups of `group`) and direction i at every
+// width b = 0..kQBasisMaxBits ({n, d, kQBasisWidths}, in units of σ_i), coded as a `chan` store
+// codes a token group: the same float arithmetic, c_i = u_i·k, x_i = (c_i - m_i) / σ_i, one fp16
+// scale and zero per group at b bits; at 0 bits x̂_i = 0 (read as the mean). Directions with
+// σ_i = 0 are left at 0. `what` names the caller in errors.
+std::vector<float> coding_errors(const QBasisHead& head, std::span<const float> keys, int64_t group,
+                                 const char* what) {
+  const int64_t d = head.dim, width = kQBasisWidths;
+  require(d > 0 && static_cast<int64_t>(head.rows.size()) == d * d &&
+              static_cast<int64_t>(head.key_mean.size()) == d &&
+              static_cast<int64_t>(head.key_std.size()) == d,
+          what, ": head constants do not match head_dim ", d);
+  require(group >= 1, what, ": the group must be positive, got ", group);
+  const int64_t n = static_cast<int64_t>(keys.size()) / d;
+  require(n * d == static_cast<int64_t>(keys.size()) && n % group == 0, what, ": ", keys.size(),
+          " numbers are not whole groups of ", group, " keys of dimension ", d);
+  const std::vector<float> rows(head.rows.begin(), head.rows.end());
+  std::vector<float> errors(static_cast<size_t>(n * d * width), 0.0f);
+  std::vector<float> column(static_cast<size_t>(group));
+  std::vector<uint8_t> codes(static_cast<size_t>(group));
+  for (int64_t i = 0; i < d; ++i) {
+    if (!(head.key_std[i] > 0)) continue;
+    const float mean = static_cast<float>(head.key_mean[i]);
+    const float std = static_cast<float>(head.key_std[i]);
+    for (int64_t g = 0; g < n / group; ++g) {
+      float* out = errors.data() + (g * group * d + i) * width;
+      for (int64_t t = 0; t < group; ++t) {
+        column[t] =
+            (vec::dot(rows.data() + i * d, keys.data() + (g * group + t) * d, d) - mean) / std;
+        out[t * d * width] = -column[t];
+      }
+      for (int b = 1; b <= kQBasisMaxBits; ++b) {
+        const int_rows::Affine affine = int_rows::quantize_group(column, b, codes);
+        const float scale = fp16_to_float(affine.scale), zero = fp16_to_float(affine.zero);
+        for (int64_t t = 0; t < group; ++t)
+          out[t * d * width + b] = int_rows::dequantize(codes[t], scale, zero) - column[t];
+      }
+    }
+  }
+  return errors;
+}
+
+}  // namespace
+
+std::vector<double> qbasis_measure_group_distortion(const QBasisHead& head,
+                                                    std::span<const float> keys, int64_t group) {
+  const std::vector<float> errors = coding_errors(head, keys, group, "query-basis distortion");
+  const int64_t d = head.dim, n = static_cast<int64_t>(keys.size()) / d;
+  require(n > 0, "query-basis distortion: no keys");
+  std::vector<double> sums(static_cast<size_t>(d * kQBasisMaxBits), 0.0);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t i = 0; i < d; ++i)
+      for (int b = 1; b <= kQBasisMaxBits; ++b) {
+        const double error = errors[(t * d + i) * kQBasisWidths + b];
+        sums[i * kQBasisMaxBits + b - 1] += error * error;
+      }
+  for (double& x : sums) x /= static_cast<double>(n);
+  return sums;
+}
+
+void qbasis_accumulate_fisher(const QBasisHead& head, std::span<const float> keys, int64_t group,
+                              int64_t window, std::span<const ObservedQuery> queries,
+                              std::span<double> fisher) {
+  const int64_t d = head.dim, width = kQBasisWidths;
+  require(static_cast<int64_t>(fisher.size()) == d * width, "query-basis Fisher table: ", width,
+          " numbers per direction");
+  require(window >= 0, "query-basis Fisher measure: bad window ", window);
+  const std::vector<float> errors = coding_errors(head, keys, group, "query-basis Fisher measure");
+  const int64_t n = static_cast<int64_t>(keys.size()) / d;
+  if (n == 0) return;
+  std::vector<double> first(static_cast<size_t>(d * width)), second(first.size());
+  for (const ObservedQuery& q : queries) {
+    // What a store holds quantized once the query's key is in: Fp16Window flushes its oldest group
+    // when it reaches window + group rows.
+    const int64_t stored = q.position + 1;
+    const int64_t coded =
+        std::min(n, stored >= window + group ? (stored - window) / group * group : int64_t{0});
+    if (coded == 0) continue;
+    std::fill(first.begin(), first.end(), 0.0);
+    std::fill(second.begin(), second.end(), 0.0);
+    for (size_t k = 0; k < q.positions.size() && q.positions[k] < coded; ++k) {
+      const double a = q.weights[k];
+      const float* row = errors.data() + static_cast<int64_t>(q.positions[k]) * d * width;
+      for (int64_t x = 0; x < d * width; ++x) {
+        const double e = row[x];
+        first[x] += a * e;
+        second[x] += a * e * e;
+      }
+    }
+    // Var_a(e) with e = 0 on the exact keys: the weights sum to 1 over every position read.
+    for (int64_t i = 0; i < d; ++i) {
+      double projection = 0;
+      const double* s = head.dual(i);
+      for (int64_t c = 0; c < d; ++c) projection += s[c] * q.query[c];
+      // errors are in units of σ_i.
+      const double energy = projection * projection * head.key_std[i] * head.key_std[i];
+      for (int64_t b = 0; b < width; ++b) {
+        const int64_t x = i * width + b;
+        fisher[x] += energy * std::max(0.0, second[x] - first[x] * first[x]);
+      }
+    }
+  }
+}
+
 uint64_t qbasis_random_seed(int64_t layer, int64_t kv_head) {
   constexpr uint64_t kSeed = 0x9ba5'150a'd0ULL;
   uint64_t state = kSeed ^ (static_cast<uint64_t>(layer) << 32) ^ static_cast<uint64_t>(kv_head);
   return splitmix64(state);
+}
+
+namespace {
+
+// The constants of one head in basis `kind`; `what` names the codec in errors.
+QBasisHead head_constants(QBasisSpec::Basis kind, const HeadqBasisVectors& basis, int64_t layer,
+                          int64_t kv_head, const std::string& what) {
+  const int64_t d = basis.head_dim;
+  require(basis.rank == d, what, " needs every eigenvector of each head (rank ", d,
+          ") but the basis holds rank ", basis.rank, " (calibrate with --rank ", d, ")");
+  const size_t values = static_cast<size_t>(basis.heads() * d);
+  require(basis.query_eigenvalues.size() == values && basis.key_eigenvalues.size() == values, what,
+          ": the basis has no eigenvalues");
+  require(basis.key_means.size() == values, what,
+          ": the basis has no key means (it was written before they were recorded: calibrate "
+          "again)");
+  const int64_t index = layer * basis.kv_heads + kv_head;
+  const std::span<const double> query_rows = basis.query_rows(layer, kv_head);
+  const std::span<const double> key_rows = basis.key_rows(layer, kv_head);
+  const double* query_values = basis.query_eigenvalues.data() + index * d;
+  const double* key_values = basis.key_eigenvalues.data() + index * d;
+  const double* mean = basis.key_means.data() + index * d;
+
+  QBasisHead head;
+  head.dim = d;
+  switch (kind) {
+    case QBasisSpec::Basis::Query:
+      head.rows.assign(query_rows.begin(), query_rows.end());
+      break;
+    case QBasisSpec::Basis::KeyPca:
+      head.rows.assign(key_rows.begin(), key_rows.end());
+      break;
+    case QBasisSpec::Basis::Random:
+      head.rows = random_orthonormal_rows(d, d, qbasis_random_seed(layer, kv_head));
+      break;
+    case QBasisSpec::Basis::Weighted: {
+      const std::span<const double> rows = basis.weighted_key_rows(layer, kv_head);
+      const std::span<const double> dual = basis.weighted_key_dual_rows(layer, kv_head);
+      require(!rows.empty(), what,
+              " needs the query-weighted key basis, which this basis file does not hold "
+              "(calibrate again at full rank)");
+      head.rows.assign(rows.begin(), rows.end());
+      head.dual_rows.assign(dual.begin(), dual.end());
+      break;
+    }
+  }
+  head.query_energy.resize(d);
+  head.key_mean.resize(d);
+  head.key_std.resize(d);
+  for (int64_t i = 0; i < d; ++i) {
+    const double* u = head.rows.data() + i * d;
+    double m = 0;
+    for (int64_t c = 0; c < d; ++c) m += u[c] * mean[c];
+    // The score error of direction i is (s_i·q) times its coordinate's error: its weight is
+    // s_iᵀ Σ_q s_i (s_i = u_i in an orthonormal basis).
+    head.query_energy[i] = quadratic_form(head.dual(i), query_rows, query_values, d);
+    head.key_mean[i] = m;
+    head.key_std[i] = std::sqrt(std::max(0.0, quadratic_form(u, key_rows, key_values, d) - m * m));
+  }
+  return head;
+}
+
+}  // namespace
+
+QBasisHead qbasis_head(QBasisSpec::Basis kind, const HeadqBasisVectors& basis, int64_t layer,
+                       int64_t kv_head) {
+  return head_constants(kind, basis, layer, kv_head, "query-basis codec");
 }
 
 QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, int64_t layers,
@@ -180,70 +406,42 @@ QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, in
   require(basis->layers == layers && basis->kv_heads == kv_heads && basis->head_dim == d,
           "basis has ", basis->layers, " layers x ", basis->kv_heads, " kv heads x head_dim ",
           basis->head_dim, "; the cache has ", layers, " x ", kv_heads, " x ", d);
-  require(basis->rank == d, "key codec '", spec.text(),
-          "' needs every eigenvector of each head (rank ", d, ") but the basis holds rank ",
-          basis->rank, " (calibrate with --rank ", d, ")");
-  const size_t values = static_cast<size_t>(basis->heads() * d);
-  require(basis->query_eigenvalues.size() == values && basis->key_eigenvalues.size() == values,
-          "key codec '", spec.text(), "': the basis has no eigenvalues");
-  require(basis->key_means.size() == values, "key codec '", spec.text(),
-          "': the basis has no key means (it was written before they were recorded: calibrate "
-          "again)");
-  const int64_t index = layer * kv_heads + kv_head;
-  const std::span<const double> query_rows = basis->query_rows(layer, kv_head);
-  const std::span<const double> key_rows = basis->key_rows(layer, kv_head);
-  const double* query_values = basis->query_eigenvalues.data() + index * d;
-  const double* key_values = basis->key_eigenvalues.data() + index * d;
-  const double* mean = basis->key_means.data() + index * d;
-
-  QBasisHead head;
-  head.dim = d;
-  switch (spec.qbasis->basis) {
-    case QBasisSpec::Basis::Query:
-      head.rows.assign(query_rows.begin(), query_rows.end());
-      break;
-    case QBasisSpec::Basis::KeyPca:
-      head.rows.assign(key_rows.begin(), key_rows.end());
-      break;
-    case QBasisSpec::Basis::Random:
-      head.rows = random_orthonormal_rows(d, d, qbasis_random_seed(layer, kv_head));
-      break;
-  }
-  head.query_energy.resize(d);
-  head.key_mean.resize(d);
-  head.key_std.resize(d);
-  // uᵀ Σ u = Σ_m λ_m (u·v_m)² for Σ = Σ_m λ_m v_m v_mᵀ (full rank, so exact).
-  const auto quadratic = [d](const double* u, std::span<const double> vectors,
-                             const double* eigenvalues) {
-    double sum = 0;
-    for (int64_t m = 0; m < d; ++m) {
-      double overlap = 0;
-      for (int64_t c = 0; c < d; ++c) overlap += u[c] * vectors[m * d + c];
-      sum += std::max(0.0, eigenvalues[m]) * overlap * overlap;
-    }
-    return sum;
-  };
-  for (int64_t i = 0; i < d; ++i) {
-    const double* u = head.rows.data() + i * d;
-    double m = 0;
-    for (int64_t c = 0; c < d; ++c) m += u[c] * mean[c];
-    head.query_energy[i] = quadratic(u, query_rows, query_values);
-    head.key_mean[i] = m;
-    head.key_std[i] = std::sqrt(std::max(0.0, quadratic(u, key_rows, key_values) - m * m));
-  }
-  // Per-channel groups of the calibrated size allocate by the within-group spread, unless the
-  // spec asks for the i.i.d. model (:iid).
+  QBasisHead head = head_constants(spec.qbasis->basis, *basis, layer, kv_head,
+                                   str_cat("key codec '", spec.text(), "'"));
+  // Per-channel groups of the calibrated size allocate by what the calibration measured, unless
+  // the spec asks for the i.i.d. model (:iid).
   // (key_group is 0 in a basis without it, and spec groups are at least 1.)
-  if (spec.axis == CodecSpec::Axis::Channels && !spec.qbasis->iid_groups &&
-      spec.group == basis->key_group) {
-    const std::span<const double> group_rows = basis->key_group_rows(layer, kv_head);
-    const double* group_values = basis->key_group_eigenvalues.data() + index * d;
-    head.group_spread.resize(d);
-    for (int64_t i = 0; i < d; ++i) {
-      const double variance = head.key_std[i] * head.key_std[i];
-      const double within = quadratic(head.rows.data() + i * d, group_rows, group_values);
-      head.group_spread[i] = variance > 0 ? std::clamp(within / variance, 0.0, 1.0) : 1.0;
-    }
+  if (spec.axis != CodecSpec::Axis::Channels || spec.qbasis->iid_groups ||
+      spec.group != basis->key_group) {
+    require(!spec.qbasis->fisher, "key codec '", spec.text(),
+            "': ':fisher' needs per-channel groups of the calibrated size (",
+            basis->key_group > 0 ? str_cat(basis->key_group, " tokens") : "none in this basis",
+            ")");
+    return head;
+  }
+  const int64_t index = layer * kv_heads + kv_head;
+  const std::span<const double> group_rows = basis->key_group_rows(layer, kv_head);
+  const double* group_values = basis->key_group_eigenvalues.data() + index * d;
+  head.group_spread.resize(d);
+  for (int64_t i = 0; i < d; ++i) {
+    const double variance = head.key_std[i] * head.key_std[i];
+    const double within = quadratic_form(head.rows.data() + i * d, group_rows, group_values, d);
+    head.group_spread[i] = variance > 0 ? std::clamp(within / variance, 0.0, 1.0) : 1.0;
+  }
+  const std::span<const double> measured =
+      basis->key_group_distortion_rows(spec.qbasis->basis, layer, kv_head);
+  head.group_distortion.assign(measured.begin(), measured.end());
+  if (spec.qbasis->fisher) {
+    const std::span<const double> fisher =
+        basis->key_fisher_rows(spec.qbasis->basis, layer, kv_head);
+    require(
+        !fisher.empty() && spec.window == basis->key_window, "key codec '", spec.text(),
+        "': ':fisher' needs the attention-weighted errors the calibration measures at full rank "
+        "for groups of ",
+        basis->key_group, " tokens with a ", basis->key_window,
+        "-token fp16 window (calibrate again at full rank; use :g", basis->key_group, ":chan:r",
+        basis->key_window, ")");
+    head.fisher.assign(fisher.begin(), fisher.end());
   }
   return head;
 }
@@ -290,7 +488,8 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     for (int64_t i = 0; i < dim_; ++i)
       weights[i] = head_.query_energy[i] * head_.key_std[i] * head_.key_std[i];
     layout_.budget_bits = token_group_ * spec.qbasis->budget_milli * dim_ / 1000;
-    layout_.bits = qbasis_allocate(weights, layout_.budget_bits, axis_, group_, head_.group_spread);
+    layout_.bits = qbasis_allocate(weights, layout_.budget_bits, axis_, group_,
+                                   qbasis_distortion_table(head_, group_));
     layout_.used_bits = qbasis_group_cost(layout_.bits, axis_, group_);
     // Stored directions, widest first (ties in basis order): each width is one run of codes.
     for (int b = kQBasisMaxBits; b >= 1; --b)
@@ -318,6 +517,8 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     region_bits_ = layout_.budget_bits - kPairBits * pairs_;
     require(region_bits_ >= token_group_ * code_bits_, "query-basis store: allocation over budget");
     rows_.assign(head_.rows.begin(), head_.rows.end());
+    const std::vector<double>& dual = head_.dual_rows.empty() ? head_.rows : head_.dual_rows;
+    dual_.assign(dual.begin(), dual.end());
     mean_.assign(head_.key_mean.begin(), head_.key_mean.end());
     for (int64_t a = 0; a < a_count; ++a)
       active_std_.push_back(static_cast<float>(head_.key_std[active_[a]]));
@@ -355,7 +556,7 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     for (int64_t q = 0; q < count; ++q) {
       const float* query = queries.data() + q * dim_;
       for (int64_t i = 0; i < dim_; ++i)
-        rotated[i] = vec::dot(rows_.data() + i * dim_, query, dim_);
+        rotated[i] = vec::dot(dual_.data() + i * dim_, query, dim_);
       constant[q] = vec::dot(rotated, mean_.data(), dim_);
       for (int64_t a = 0; a < a_count; ++a)
         weighted[q * a_count + a] = rotated[active_[a]] * active_std_[a];
@@ -388,7 +589,7 @@ class QBasisStoreImpl final : public QBasisKeyStore {
     for (int64_t a = 0; a < a_count; ++a) coordinates[active_[a]] += active_std_[a] * decoded[a];
     std::fill(out.begin(), out.end(), 0.0f);
     for (int64_t i = 0; i < dim_; ++i)
-      vec::axpy(coordinates[i], rows_.data() + i * dim_, out.data(), dim_);
+      vec::axpy(coordinates[i], dual_.data() + i * dim_, out.data(), dim_);
   }
 
   int64_t stored_bytes() const override {
@@ -495,9 +696,11 @@ class QBasisStoreImpl final : public QBasisKeyStore {
   std::vector<int64_t> segment_start_;  // `tok`: first active index of each pair, then the count
   int64_t pairs_ = 0, code_bits_ = 0;   // pairs per token group, code bits per token
   int64_t region_bits_ = 0;             // code bits per token group, padding included
-  std::vector<float> rows_, mean_, active_std_;  // U ({d, d}), m, σ of the stored directions
-  Fp16Window window_;                            // tokens [quantized_size(), size())
-  std::vector<uint8_t> stream_;                  // codes: token group g at bit g · region_bits_
+  // U ({d, d}: c = U k), its dual rows (k = Σ_i c_i s_i; U itself when orthonormal), m, σ of the
+  // stored directions.
+  std::vector<float> rows_, dual_, mean_, active_std_;
+  Fp16Window window_;            // tokens [quantized_size(), size())
+  std::vector<uint8_t> stream_;  // codes: token group g at bit g · region_bits_
   // Per token group, pairs_ fp16 pairs: `tok` (zero, top) of a run's range, `chan` (scale, zero).
   std::vector<uint16_t> params_;
   // Append-time scratch.
