@@ -186,7 +186,8 @@ def main():
              "sparse:a1:w64:k32:exact", "sparse:a1:w64:k32:b16:centroid:gqa=head:r8",
              "certified:a1:w64:b16:eps0.001:gqa=head", "certified:a1:w8:eps0.05",
              "a2:int2/int2::",  # fields shorter than their prefix, a past crash
-             "a2e:int2/int3/int4:g64:w64:avg3:fromfloat", "a2:int2//int4:g64:w1:avg2.5"]
+             "a2e:int2/int3/int4:g64:w64:avg3:fromfloat", "a2:int2//int4:g64:w1:avg2.5",
+             "qbasis:b3:g32:chan:r128:weighted:fisher", "qbasis:b2.5:g32:chan:keypca:iid"]
     for i, spec in enumerate(specs):
         (folder / f"s{i}.txt").write_text(spec)
 
