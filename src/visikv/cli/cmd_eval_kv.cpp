@@ -181,10 +181,11 @@ std::string key_codec_family(const CodecSpec& spec) {
   if (spec.is_qbasis()) {
     std::string out = spec.axis == CodecSpec::Axis::Tokens ? "qbasis tok" : "qbasis chan";
     if (spec.window > 0) out += " +window";
+    // Short enough for the plot's legend.
     if (spec.qbasis->basis == QBasisSpec::Basis::Random) out += " (random basis)";
-    if (spec.qbasis->basis == QBasisSpec::Basis::KeyPca) out += " (key-PCA basis)";
-    if (spec.qbasis->basis == QBasisSpec::Basis::Weighted) out += " (query-weighted key PCA)";
-    if (spec.qbasis->fisher) out += ", Fisher bits";
+    if (spec.qbasis->basis == QBasisSpec::Basis::KeyPca) out += " (key PCA)";
+    if (spec.qbasis->basis == QBasisSpec::Basis::Weighted) out += " (weighted)";
+    if (spec.qbasis->fisher) out += " +Fisher";
     return out;
   }
   std::string out = spec.axis == CodecSpec::Axis::Tokens ? "int tok" : "int chan";
