@@ -510,7 +510,14 @@ TEST(HeadqCalibration, WritesAFileThatLoadsBackIdentically) {
   EXPECT_TRUE(basis.key_group_distortion.empty());
   CalibrationOptions full_options = options;
   full_options.rank = d;
-  const HeadqBasis full = calibrate_headq(llama, kCalibrationText, "inline", full_options);
+  // Progress counts the second pass: every position runs twice at full rank.
+  std::vector<std::pair<int64_t, int64_t>> reports;
+  const HeadqBasis full =
+      calibrate_headq(llama, kCalibrationText, "inline", full_options,
+                      [&](int64_t done, int64_t total) { reports.emplace_back(done, total); });
+  ASSERT_EQ(reports.size(), 6u);  // three windows, twice
+  EXPECT_EQ(reports.back(), std::make_pair(int64_t{140}, int64_t{140}));
+  for (size_t i = 1; i < reports.size(); ++i) EXPECT_GT(reports[i].first, reports[i - 1].first);
   for (const QBasisSpec::Basis kind :
        {QBasisSpec::Basis::Query, QBasisSpec::Basis::Random, QBasisSpec::Basis::KeyPca}) {
     const std::vector<double> measured = qbasis_measure_group_distortion(

@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -247,7 +248,8 @@ void weighted_key_basis(std::span<const double> query_values, std::span<const do
 // sampler; each head's sampled queries read the keys of their window's whole groups (`cache`
 // holds them from the first pass, window after window).
 void measure_fisher(Decoder& decoder, const std::vector<std::vector<int32_t>>& windows,
-                    const KeyMomentCache& cache, HeadqBasis& basis) {
+                    const KeyMomentCache& cache, HeadqBasis& basis,
+                    const std::function<void(int64_t)>& window_done) {
   const int64_t d = basis.head_dim, heads = basis.heads(), kinds = QBasisSpec::kBases;
   const int64_t query_group = decoder.model().config().group_size();
   const int64_t per_kind = d * kQBasisWidths;
@@ -285,6 +287,7 @@ void measure_fisher(Decoder& decoder, const std::vector<std::vector<int32_t>>& w
                                std::span(basis.key_fisher).subspan(job * per_kind, per_kind));
     }
     key_offset += whole;
+    window_done(n);
   }
   for (int64_t job = 0; job < heads * kinds; ++job) {
     const double count = static_cast<double>(std::max<int64_t>(samples_per_head[job / kinds], 1));
@@ -332,6 +335,10 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
     total += std::min(std::min(text_per_window, available - start) + (bos ? 1 : 0),
                       options.tokens - total);
 
+  // At full rank the windows run twice (the Fisher tables' pass): progress counts both.
+  const bool second_pass =
+      options.rank == d && std::min(total, window_length) >= kCalibratedKeyGroup;
+  const int64_t work = second_pass ? 2 * total : total;
   int64_t done = 0;
   std::vector<std::vector<int32_t>> windows;  // as run, for the second pass
   for (int64_t start = 0; start < available && done < total; start += text_per_window) {
@@ -351,7 +358,7 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
                            std::span(query_sigma).subspan((l * c.kv_heads + h) * d * d, d * d),
                            scratch);
     done += n;
-    if (progress) progress(done, total);
+    if (progress) progress(done, work);
   }
 
   HeadqBasis basis;
@@ -420,7 +427,11 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
       std::copy(measured.begin(), measured.end(),
                 basis.key_group_distortion.begin() + job * per_kind);
     }
-    measure_fisher(decoder, windows, cache, basis);
+    int64_t rerun = done;
+    measure_fisher(decoder, windows, cache, basis, [&](int64_t n) {
+      rerun += n;
+      if (progress) progress(rerun, work);
+    });
   }
   return basis;
 }

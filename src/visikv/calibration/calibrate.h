@@ -43,7 +43,8 @@ struct CalibrationOptions {
   int64_t window = 1024;
 };
 
-// progress(positions done, positions to do)
+// progress(positions run, positions to run): at full rank every position runs twice (the second
+// pass watches the attention for the Fisher tables).
 using CalibrationProgress = std::function<void(int64_t done, int64_t total)>;
 
 // `text`: the calibration text; `text_label` names it in errors and in the basis (its path).
