@@ -247,18 +247,15 @@ void weighted_key_basis(std::span<const double> query_values, std::span<const do
 // The Fisher tables (HeadqBasisVectors::key_fisher): the windows run again with an attention
 // sampler; each head's sampled queries read the keys of their window's whole groups (`cache`
 // holds them from the first pass, window after window).
+// `constants`: per head and basis kind ({heads, kinds}), the head's query-basis constants.
 void measure_fisher(Decoder& decoder, const std::vector<std::vector<int32_t>>& windows,
-                    const KeyMomentCache& cache, HeadqBasis& basis,
-                    const std::function<void(int64_t)>& window_done) {
+                    const KeyMomentCache& cache, std::span<const QBasisHead> constants,
+                    HeadqBasis& basis, const std::function<void(int64_t)>& window_done) {
   const int64_t d = basis.head_dim, heads = basis.heads(), kinds = QBasisSpec::kBases;
   const int64_t query_group = decoder.model().config().group_size();
   const int64_t per_kind = d * kQBasisWidths;
   basis.key_window = kCalibratedKeyWindow;
   basis.key_fisher.assign(static_cast<size_t>(heads * kinds * per_kind), 0.0);
-  std::vector<QBasisHead> constants;
-  for (int64_t job = 0; job < heads * kinds; ++job)
-    constants.push_back(qbasis_head(static_cast<QBasisSpec::Basis>(job % kinds), basis,
-                                    job / kinds / basis.kv_heads, job / kinds % basis.kv_heads));
   std::vector<int64_t> samples_per_head(static_cast<size_t>(heads), 0);
   int64_t key_offset = 0;  // tokens of whole groups before this window
   for (const std::vector<int32_t>& window : windows) {
@@ -401,34 +398,38 @@ HeadqBasis calibrate_headq(const Model& model, std::span<const int32_t> tokens,
   }
   // With every eigenvector (what query-basis codecs need): the query-weighted key PCA, and what
   // coding each direction of each basis kind in groups actually costs on these keys.
-  if (group_spread && options.rank == d) {
+  if (second_pass) {
+    require(group_spread, "calibration: no whole group of ", kCalibratedKeyGroup, " positions");
     basis.weighted_rows.resize(static_cast<size_t>(heads * d * d));
     basis.weighted_dual_rows.resize(basis.weighted_rows.size());
     for (int64_t i = 0; i < heads; ++i) {
       const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
-      std::vector<double> mean(basis.key_means.begin() + i * d,
-                               basis.key_means.begin() + (i + 1) * d);
       // decompose() left each moment symmetric and divided by its count.
       weighted_key_basis(std::span(basis.query_eigenvalues).subspan(i * d, d),
-                         basis.query_rows(l, h), cache.head_sigma(l, h), mean, d,
+                         basis.query_rows(l, h), cache.head_sigma(l, h),
+                         std::span(basis.key_means).subspan(i * d, d), d,
                          std::span(basis.weighted_rows).subspan(i * d * d, d * d),
                          std::span(basis.weighted_dual_rows).subspan(i * d * d, d * d));
     }
+    // Per head and basis kind: its constants, then what coding its keys in groups costs.
+    const int64_t kinds = QBasisSpec::kBases, jobs = heads * kinds;
+    // (Built outside the parallel loop: an error must not escape a worker.)
+    std::vector<QBasisHead> constants;
+    for (int64_t job = 0; job < jobs; ++job)
+      constants.push_back(qbasis_head(static_cast<QBasisSpec::Basis>(job % kinds), basis,
+                                      job / kinds / c.kv_heads, job / kinds % c.kv_heads));
     const int64_t per_kind = d * kQBasisMaxBits;
-    basis.key_group_distortion.resize(static_cast<size_t>(heads * QBasisSpec::kBases * per_kind));
-    const int64_t jobs = heads * QBasisSpec::kBases;
+    basis.key_group_distortion.resize(static_cast<size_t>(jobs * per_kind));
 #pragma omp parallel for schedule(dynamic)
     for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t i = job / QBasisSpec::kBases;
-      const auto kind = static_cast<QBasisSpec::Basis>(job % QBasisSpec::kBases);
-      const int64_t l = i / c.kv_heads, h = i % c.kv_heads;
+      const int64_t i = job / kinds, l = i / c.kv_heads, h = i % c.kv_heads;
       const std::vector<double> measured = qbasis_measure_group_distortion(
-          qbasis_head(kind, basis, l, h), cache.head_group_keys(l, h), kCalibratedKeyGroup);
+          constants[job], cache.head_group_keys(l, h), kCalibratedKeyGroup);
       std::copy(measured.begin(), measured.end(),
                 basis.key_group_distortion.begin() + job * per_kind);
     }
     int64_t rerun = done;
-    measure_fisher(decoder, windows, cache, basis, [&](int64_t n) {
+    measure_fisher(decoder, windows, cache, constants, basis, [&](int64_t n) {
       rerun += n;
       if (progress) progress(rerun, work);
     });

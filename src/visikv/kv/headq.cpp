@@ -235,72 +235,53 @@ void HeadqBasisVectors::check_vector_sizes() const {
           kv_heads, " kv heads, head_dim ", head_dim, ", rank ", rank, " (group ", key_group, ")");
 }
 
-std::span<const double> HeadqBasisVectors::query_rows(int64_t layer, int64_t kv_head) const {
+std::span<const double> HeadqBasisVectors::head_block(const std::vector<double>& all, int64_t layer,
+                                                      int64_t kv_head, int64_t per_head) const {
   require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
           layer, ", ", kv_head, ") out of range");
-  return std::span(query_vectors)
-      .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+  if (all.empty()) return {};
+  return std::span(all).subspan((layer * kv_heads + kv_head) * per_head, per_head);
+}
+
+std::span<const double> HeadqBasisVectors::query_rows(int64_t layer, int64_t kv_head) const {
+  return head_block(query_vectors, layer, kv_head, rank * head_dim);
 }
 
 std::span<const double> HeadqBasisVectors::key_rows(int64_t layer, int64_t kv_head) const {
-  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
-          layer, ", ", kv_head, ") out of range");
-  return std::span(key_vectors)
-      .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+  return head_block(key_vectors, layer, kv_head, rank * head_dim);
 }
 
 std::span<const double> HeadqBasisVectors::key_group_rows(int64_t layer, int64_t kv_head) const {
-  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
-          layer, ", ", kv_head, ") out of range");
-  if (key_group_vectors.empty()) return {};
-  return std::span(key_group_vectors)
-      .subspan((layer * kv_heads + kv_head) * rank * head_dim, rank * head_dim);
+  return head_block(key_group_vectors, layer, kv_head, rank * head_dim);
 }
-
-namespace {
-
-std::span<const double> square_block(const std::vector<double>& all, int64_t index, int64_t d) {
-  if (all.empty()) return {};
-  return std::span(all).subspan(index * d * d, d * d);
-}
-
-}  // namespace
 
 std::span<const double> HeadqBasisVectors::weighted_key_rows(int64_t layer, int64_t kv_head) const {
-  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
-          layer, ", ", kv_head, ") out of range");
-  return square_block(weighted_rows, layer * kv_heads + kv_head, head_dim);
+  return head_block(weighted_rows, layer, kv_head, head_dim * head_dim);
 }
 
 std::span<const double> HeadqBasisVectors::weighted_key_dual_rows(int64_t layer,
                                                                   int64_t kv_head) const {
-  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
-          layer, ", ", kv_head, ") out of range");
-  return square_block(weighted_dual_rows, layer * kv_heads + kv_head, head_dim);
+  return head_block(weighted_dual_rows, layer, kv_head, head_dim * head_dim);
+}
+
+std::span<const double> HeadqBasisVectors::kind_block(const std::vector<double>& all,
+                                                      int64_t per_direction, QBasisSpec::Basis kind,
+                                                      int64_t layer, int64_t kv_head) const {
+  const int64_t per_kind = head_dim * per_direction;
+  const std::span<const double> head =
+      head_block(all, layer, kv_head, QBasisSpec::kBases * per_kind);
+  return head.empty() ? head : head.subspan(static_cast<int64_t>(kind) * per_kind, per_kind);
 }
 
 std::span<const double> HeadqBasisVectors::key_group_distortion_rows(QBasisSpec::Basis kind,
                                                                      int64_t layer,
                                                                      int64_t kv_head) const {
-  return per_kind_rows(key_group_distortion, kQBasisMaxBits, kind, layer, kv_head);
+  return kind_block(key_group_distortion, kQBasisMaxBits, kind, layer, kv_head);
 }
 
 std::span<const double> HeadqBasisVectors::key_fisher_rows(QBasisSpec::Basis kind, int64_t layer,
                                                            int64_t kv_head) const {
-  return per_kind_rows(key_fisher, kQBasisWidths, kind, layer, kv_head);
-}
-
-std::span<const double> HeadqBasisVectors::per_kind_rows(const std::vector<double>& all,
-                                                         int64_t per_direction,
-                                                         QBasisSpec::Basis kind, int64_t layer,
-                                                         int64_t kv_head) const {
-  require(layer >= 0 && layer < layers && kv_head >= 0 && kv_head < kv_heads, "HeadQ basis: head (",
-          layer, ", ", kv_head, ") out of range");
-  if (all.empty()) return {};
-  const int64_t per_kind = head_dim * per_direction;
-  const int64_t index =
-      (layer * kv_heads + kv_head) * QBasisSpec::kBases + static_cast<int64_t>(kind);
-  return std::span(all).subspan(index * per_kind, per_kind);
+  return kind_block(key_fisher, kQBasisWidths, kind, layer, kv_head);
 }
 
 std::vector<double> random_orthonormal_rows(int64_t rows, int64_t dim, uint64_t seed) {

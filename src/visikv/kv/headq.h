@@ -90,11 +90,14 @@ struct HeadqBasisVectors {
                                           int64_t kv_head) const;
 
  private:
+  // Head (layer, kv_head)'s `per_head` numbers of a {heads, per_head} array (an empty span when
+  // the array is empty); throws visikv::Error for a head out of range.
+  std::span<const double> head_block(const std::vector<double>& all, int64_t layer, int64_t kv_head,
+                                     int64_t per_head) const;
   // Head (layer, kv_head)'s block of kind `kind` in a {heads, kinds, head_dim, per_direction}
-  // array (empty: an empty span).
-  std::span<const double> per_kind_rows(const std::vector<double>& all, int64_t per_direction,
-                                        QBasisSpec::Basis kind, int64_t layer,
-                                        int64_t kv_head) const;
+  // array (an empty span when the array is empty).
+  std::span<const double> kind_block(const std::vector<double>& all, int64_t per_direction,
+                                     QBasisSpec::Basis kind, int64_t layer, int64_t kv_head) const;
 };
 
 // Query eigenvalues below this share of the head's largest count as this share in Σ_q^{±1/2} of the

@@ -195,7 +195,7 @@ std::vector<double> qbasis_distortion_table(const QBasisHead& head, int64_t grou
             "query-basis Fisher table: ", kQBasisWidths, " numbers per direction");
     std::vector<double> table(head.fisher.size(), 0.0);
     for (int64_t i = 0; i < head.dim; ++i) {
-      const double weight = head.query_energy[i] * head.key_std[i] * head.key_std[i];
+      const double weight = head.weight(i);
       if (weight > 0)
         for (int b = 0; b <= kQBasisMaxBits; ++b)
           table[i * kQBasisWidths + b] = head.fisher[i * kQBasisWidths + b] / weight;
@@ -419,18 +419,22 @@ QBasisHead qbasis_head(const CodecSpec& spec, const HeadqBasisVectors* basis, in
             ")");
     return head;
   }
-  const int64_t index = layer * kv_heads + kv_head;
-  const std::span<const double> group_rows = basis->key_group_rows(layer, kv_head);
-  const double* group_values = basis->key_group_eigenvalues.data() + index * d;
-  head.group_spread.resize(d);
-  for (int64_t i = 0; i < d; ++i) {
-    const double variance = head.key_std[i] * head.key_std[i];
-    const double within = quadratic_form(head.rows.data() + i * d, group_rows, group_values, d);
-    head.group_spread[i] = variance > 0 ? std::clamp(within / variance, 0.0, 1.0) : 1.0;
-  }
+  // The measured distortions where the basis has them, else the spread model from W (what
+  // qbasis_distortion_table reads, in that order).
   const std::span<const double> measured =
       basis->key_group_distortion_rows(spec.qbasis->basis, layer, kv_head);
   head.group_distortion.assign(measured.begin(), measured.end());
+  if (measured.empty()) {
+    const int64_t index = layer * kv_heads + kv_head;
+    const std::span<const double> group_rows = basis->key_group_rows(layer, kv_head);
+    const double* group_values = basis->key_group_eigenvalues.data() + index * d;
+    head.group_spread.resize(d);
+    for (int64_t i = 0; i < d; ++i) {
+      const double variance = head.key_std[i] * head.key_std[i];
+      const double within = quadratic_form(head.rows.data() + i * d, group_rows, group_values, d);
+      head.group_spread[i] = variance > 0 ? std::clamp(within / variance, 0.0, 1.0) : 1.0;
+    }
+  }
   if (spec.qbasis->fisher) {
     const std::span<const double> fisher =
         basis->key_fisher_rows(spec.qbasis->basis, layer, kv_head);
@@ -485,8 +489,7 @@ class QBasisStoreImpl final : public QBasisKeyStore {
                 static_cast<int64_t>(head_.key_std.size()) == dim_,
             "query-basis store: head constants do not match head_dim ", dim_);
     std::vector<double> weights(dim_);
-    for (int64_t i = 0; i < dim_; ++i)
-      weights[i] = head_.query_energy[i] * head_.key_std[i] * head_.key_std[i];
+    for (int64_t i = 0; i < dim_; ++i) weights[i] = head_.weight(i);
     layout_.budget_bits = token_group_ * spec.qbasis->budget_milli * dim_ / 1000;
     layout_.bits = qbasis_allocate(weights, layout_.budget_bits, axis_, group_,
                                    qbasis_distortion_table(head_, group_));

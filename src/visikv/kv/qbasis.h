@@ -77,13 +77,16 @@ struct QBasisHead {
   // when the rows are orthonormal (s_i = u_i; every kind but the query-weighted key PCA).
   std::vector<double> dual_rows;
   std::vector<double> query_energy;  // λ_i = s_iᵀ E[q qᵀ] s_i
+  // λ_i σ_i²: what the allocation weighs direction i by.
+  double weight(int64_t i) const { return query_energy[i] * key_std[i] * key_std[i]; }
   const double* dual(int64_t i) const {
     return (dual_rows.empty() ? rows : dual_rows).data() + i * dim;
   }
   std::vector<double> key_mean;  // m_i = u_i·E[k]
   std::vector<double> key_std;   // σ_i = sqrt(u_iᵀ Cov(k) u_i)
   // `chan` groups of the calibrated size: w_i² / σ_i², w_i² = u_iᵀ W u_i the variance about the
-  // group means (HeadqBasisVectors::key_group_*); empty: not calibrated, or not asked for.
+  // group means (HeadqBasisVectors::key_group_*); empty: not calibrated, not asked for, or
+  // superseded by group_distortion.
   std::vector<double> group_spread;
   // `chan` groups of the calibrated size: f_i(b), b = 1..kQBasisMaxBits ({d, kQBasisMaxBits}), the
   // squared error of direction i coded in groups of the calibration keys, over σ_i²
