@@ -6,8 +6,9 @@
 //   Product/<type>/<tokens>       a 1536 x 1536 matrix of random blocks (the 1.5B benchmark
 //                                 model's attention width) times `tokens` tokens, as linear_forward
 //                                 computes it on one thread: 1 token is decode (the row kernel),
-//                                 64 tokens prefill (the cache-blocked product); exact products,
-//                                 and with the _int16 suffix the int16 numerics
+//                                 64 and 256 tokens prefill (the cache-blocked product; with
+//                                 AMX, 256 tokens are one pass of the tile products); exact
+//                                 products, and with the _int16 suffix the int16 numerics
 // Counters: gmac_per_s (multiply-adds per second), and for FmaPeak the lanes per instruction.
 // The exact products multiply every weight into float32 accumulators, so gmac_per_s / (peak
 // instructions per second x lanes) is the fraction of the float floor a product reaches.
@@ -119,7 +120,7 @@ void Product(benchmark::State& state, DType type, ProductRounding rounding) {
 }
 
 void ProductArguments(benchmark::internal::Benchmark* b) {
-  b->Arg(1)->Arg(64)->Unit(benchmark::kMillisecond);
+  b->Arg(1)->Arg(64)->Arg(256)->Unit(benchmark::kMillisecond);
 }
 constexpr ProductRounding kExact = ProductRounding::PerToken;
 constexpr ProductRounding kInt16 = ProductRounding::QuantizedActivations16;

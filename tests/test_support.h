@@ -31,7 +31,7 @@ namespace visikv::test_support {
 // kernels, core/vec and kv/row_kernels alike).
 inline std::vector<std::string> available_targets() {
   std::vector<std::string> names;
-  for (const char* name : {"generic", "avx2", "avx512", "avx512vnni", "neon"}) {
+  for (const char* name : {"generic", "avx2", "avx512", "avx512vnni", "amx", "neon"}) {
     try {
       set_weight_kernel_target(name);
       names.push_back(name);

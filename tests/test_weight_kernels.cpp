@@ -15,6 +15,7 @@
 #include "visikv/core/half.h"
 #include "visikv/formats/dequantize.h"
 #include "visikv/formats/gguf.h"
+#include "visikv/model/amx_products.h"
 #include "visikv/model/matmul.h"
 #include "visikv/model/weight_kernels.h"
 
@@ -125,6 +126,8 @@ TEST(WeightKernels, TargetSelection) {
       EXPECT_EQ(chosen, "AVX3");
     } else if (target == "avx512vnni") {
       EXPECT_EQ(chosen, "AVX3_DL");
+    } else if (target == "amx") {
+      EXPECT_EQ(chosen, "AVX3_DL+AMX");
     } else if (target == "neon") {
       EXPECT_EQ(chosen, "NEON");
     }
@@ -139,7 +142,18 @@ TEST(WeightKernels, TargetSelection) {
             str_cat("SIMD target '", foreign, "' is not available on this CPU"));
   EXPECT_EQ(
       test_support::error_of([] { set_weight_kernel_target("sse9"); }),
-      "unknown SIMD target 'sse9' (expected native, avx512vnni, avx512, avx2, neon or generic)");
+      "unknown SIMD target 'sse9' (expected native, amx, avx512vnni, avx512, avx2, neon or "
+      "generic)");
+  // AMX is refused where the CPU lacks it, and narrower targets turn it off.
+  if (!amx::available()) {
+    EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("amx"); }),
+              "SIMD target 'amx' is not available on this CPU");
+  } else {
+    set_weight_kernel_target("avx512vnni");
+    EXPECT_FALSE(amx::enabled());
+    set_weight_kernel_target("native");
+    EXPECT_TRUE(amx::enabled());
+  }
 }
 
 }  // namespace
@@ -438,6 +452,72 @@ TEST(WeightKernels, Int16SuperBlockSumsDoNotOverflow) {
       EXPECT_NEAR(y, expected, 1e-6 * std::abs(expected));
     }
   }
+}
+
+// The tile products (AMX) against the vector kernels that decode on the same CPU (one token at a
+// time, the exact-totals definition): the same bits for every super-block type, over rows and tokens that are not whole tiles (37 rows, 1 to
+// 70 tokens from several first tokens), steps that are not whole (9 super-blocks: two steps of
+// four and one of one), weights and activations at random and at the largest magnitudes (every
+// weight at its largest, activation codes of +-32767 with mixed signs: the sums' high bytes
+// carry), poisoned outputs around. (Every test that runs all targets runs "amx" too, against
+// float64.)
+TEST(WeightKernels, Int16TileProductsEqualTheVectorKernels) {
+  if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
+  constexpr int64_t kRows = 37, kColumns = 2304, kTokens = 70;
+  for (const DType type : {DType::Q4_K, DType::Q5_K, DType::Q6_K})
+    for (const bool extreme : {false, true}) {
+      SCOPED_TRACE(std::string(dtype_name(type)) + (extreme ? " extreme" : " random"));
+      std::mt19937 rng(31);
+      std::vector<std::byte> weights = random_rows(type, kRows, kColumns, rng);
+      const int64_t row_bytes = storage_bytes(type, kColumns);
+      std::vector<float> x = outlier_activations(rng, kTokens, kColumns);
+      if (extreme) {
+        const DTypeInfo& info = dtype_info(type);
+        for (int64_t b = 0; b < kRows * kColumns / info.block_elements; ++b) {
+          std::byte* block = weights.data() + b * info.block_bytes;
+          if (type == DType::Q6_K) {
+            std::memset(block, 0, 192);          // codes 0: q - 32 = -32
+            std::memset(block + 192, 0x80, 16);  // scales -128
+          } else {
+            std::memset(block + 4, 0xFF, 12);                      // scales and mins 63
+            std::memset(block + 16, 0xFF, info.block_bytes - 16);  // codes 15 (31)
+          }
+        }
+        // Every value at its block's largest magnitude (code +-32767), signs mixed.
+        for (size_t i = 0; i < x.size(); ++i) x[i] = (i * 7919) % 3 == 0 ? -1.0f : 1.0f;
+      }
+      const auto product = [&](const char* target, int64_t first, int64_t tokens) {
+        const TargetGuard guard(target);
+        Int16Activations xq;
+        quantize_activations(x.data(), kTokens, kColumns, xq, 256);
+        EXPECT_EQ(xq.has_tile_bytes(), std::string(target) == "amx");
+        std::vector<float> y((tokens + 2) * (kRows + 3), std::numeric_limits<float>::quiet_NaN());
+        dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, kColumns, xq, first, tokens,
+                              y.data() + kRows + 3, kRows + 3);
+        return y;
+      };
+      for (const auto [first, tokens] : {std::pair<int64_t, int64_t>{0, 70}, {3, 64}, {5, 17},
+                                         {60, 10}, {0, 5}, {69, 1}}) {
+        SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first));
+        const std::vector<float> tiles = product("amx", first, tokens);
+        std::vector<float> vectors(tiles.size(), std::numeric_limits<float>::quiet_NaN());
+        for (int64_t t = 0; t < tokens; ++t) {
+          const std::vector<float> one = product("amx", first + t, 1);
+          std::copy(one.begin() + kRows + 3, one.begin() + 2 * (kRows + 3),
+                    vectors.begin() + (t + 1) * (kRows + 3));
+        }
+        for (size_t i = 0; i < tiles.size(); ++i) {
+          const int64_t row = static_cast<int64_t>(i) / (kRows + 3) - 1,
+                        column = static_cast<int64_t>(i) % (kRows + 3);
+          if (row < 0 || row >= tokens || column >= kRows) {
+            ASSERT_TRUE(std::isnan(tiles[i])) << "wrote outside the outputs at " << i;
+            continue;
+          }
+          ASSERT_TRUE(std::isfinite(tiles[i])) << "token " << row << " row " << column;
+          ASSERT_EQ(tiles[i], vectors[i]) << "token " << row << " row " << column;
+        }
+      }
+    }
 }
 
 // The int16 products against float64: for every block type and target, equal to the dequantized

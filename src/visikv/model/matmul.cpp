@@ -10,6 +10,7 @@
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
 #include "visikv/formats/dequantize.h"
+#include "visikv/model/amx_products.h"
 #include "visikv/model/weight_kernels.h"
 
 namespace visikv {
@@ -29,6 +30,10 @@ constexpr int64_t kGemmSlabRows = 256;
 // Tokens per pass over the rows: 64 tokens of a 1536-wide input are 393 KB, which stay in the
 // core's L2 while its rows pass over them.
 constexpr int64_t kTokenTile = 64;
+// With the tile products (amx_products.h) the super-block types' int16 products read the input as
+// bytes, a step of 1024 values at a time (512 KB for 256 tokens), and unpacking a block of rows
+// into tiles costs about as much as its products with 64 tokens: 256 tokens a pass.
+constexpr int64_t kTileProductTokens = 256;
 // Up to this many tokens the products go row by row (decode); above it, by blocks of rows.
 constexpr int64_t kRowTokens = 4;
 // Rows per call in decode: the kernel reads several rows at once (weight_kernels.cpp DotTokens).
@@ -162,9 +167,14 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   int64_t total_items = 0;
   for (const LinearProduct& p : row_products)
     total_items += (p.layer->out_features() + rows_per_item - 1) / rows_per_item;
+  bool super_blocks = false;
+  for (const LinearProduct& p : row_products)
+    super_blocks |= int16_activation_block(p.layer->weight.dtype) == 256;
+  const int64_t token_tile =
+      int16 && any_quantized && super_blocks && amx::enabled() ? kTileProductTokens : kTokenTile;
 #pragma omp parallel
-  for (int64_t first = 0; first < tokens; first += kTokenTile) {
-    const int64_t count = std::min(kTokenTile, tokens - first);
+  for (int64_t first = 0; first < tokens; first += token_tile) {
+    const int64_t count = std::min(token_tile, tokens - first);
 #pragma omp for schedule(static) nowait
     for (int64_t item = 0; item < total_items; ++item) {
       size_t which = 0;

@@ -41,6 +41,7 @@
 #include "visikv/core/aligned.h"
 #include "visikv/core/half.h"
 #include "visikv/formats/tensor.h"
+#include "visikv/model/amx_products.h"
 #include "visikv/model/weight_kernels.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -79,6 +80,8 @@ static_assert(kVectors * kLanes == kUnit, "a unit must be a whole number of vect
 // one-lane HWY_SCALAR target (the portable fallback of GCC builds) has no pairs of 16-bit lanes
 // and takes plain loops instead.
 #define VISIKV_SUPER_VECTORS (HWY_TARGET != HWY_SCALAR)
+// The tile products (AMX) run from the AVX-512 VNNI target, the only one chosen on CPUs with AMX.
+#define VISIKV_TILE_PRODUCTS (HWY_TARGET == HWY_AVX3_DL && VISIKV_AMX_COMPILED)
 #if VISIKV_SUPER_VECTORS
 using DI16 = hn::Repartition<int16_t, DI>;
 using DU8ForI16 = hn::Rebind<uint8_t, DI16>;
@@ -1496,12 +1499,22 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
 // --- int16 products of the super-block types ---------------------------------------------------
 // Activations in blocks of 256 (one scale each, x.block == 256). Per row and token, every
 // super-block's weight codes times scales (Codes16) meet the activation codes in 16-bit products
-// summed in pairs into int32 lanes; every kFlushUnits units the lanes are converted and added to
-// float32 lanes with one multiply-add by d times the activation scale, and each group's offset
-// meets the group's float sum of rounded activations. The int32 lanes are exact: a lane takes
-// 32 / kLanes products per unit, each at most kMaxWeight16 * 32767 in magnitude, and kFlushUnits is
-// the most units whose sum stays below 2^31 (a whole super-block on AVX-512; Q6_K flushes every
-// four units on AVX2 and every two on 128-bit targets).
+// summed in pairs into int32 lanes. The int32 lanes are exact: a lane takes 32 / kLanes products
+// per unit, each at most kMaxWeight16 * 32767 in magnitude, and kFlushUnits is the most units
+// whose sum stays below 2^31 (a whole super-block on AVX-512; Q6_K flushes every four units on
+// AVX2 and every two on 128-bit targets). What happens to them at a flush is one of two
+// definitions, each kept by every path that runs it, so that decode and prefill agree bit for bit:
+// - lanes (kExactTotals false; every CPU without the tile products): the lanes are converted and
+//   added to float32 lanes with one multiply-add by d times the activation scale, each group's
+//   offset meets the group's float sum of rounded activations in the same lanes, and the output
+//   is their sum in a fixed order. Cheapest for vectors, but the result depends on which lane
+//   summed which products, which tiles cannot reproduce.
+// - exact totals (kExactTotals true; where the tile products run, amx_products.h, decode and the
+//   vector blocked product included): the lanes are added in 64 bits into the super-block's exact
+//   integer T_b; the products term P = sum_b T_b * (d_b * s_b) in double, one fused multiply-add
+//   per super-block in block order (d_b * s_b, fp16 times float, is exact in double); the offsets
+//   term in float lanes as above (lane by lane in block order); the output float(P + their sum).
+//   Any engine may sum T_b in any order, so the tiles give the vectors' bits.
 
 #if VISIKV_SUPER_VECTORS
 // a * b summed in pairs of 16-bit lanes onto the 32-bit lanes of `sum`: VNNI's vpdpwssd where
@@ -1517,6 +1530,15 @@ HWY_INLINE VISIKV_INT16_ATTR VI MulPairs(VI16 a, VI16 b, VI sum, VI& odd) {
 }
 HWY_INLINE VI PairSums(VI sum, VI odd) { return hn::RearrangeToOddPlusEven(sum, odd); }
 
+// The sum of int32 lanes in 64 bits (exact; the lanes' sum may not fit 32 bits).
+HWY_INLINE int64_t ExactLaneSum(VI v) {
+  const hn::Half<DI> dh;
+  const hn::Rebind<int64_t, decltype(dh)> d64;
+  const auto both = hn::Add(hn::PromoteTo(d64, hn::LowerHalf(dh, v)),
+                            hn::PromoteTo(d64, hn::UpperHalf(dh, v)));
+  return hn::GetLane(hn::SumOfLanes(d64, both));
+}
+
 template <typename Format>
 constexpr int kFlushUnits = [] {
   int units = Format::kValues / kUnit;
@@ -1527,16 +1549,27 @@ constexpr int kFlushUnits = [] {
 // One output's float lanes, added in a fixed order.
 HWY_INLINE float SumLanes(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
 
+// The offsets term of super-block `b` for one row (scales `s`) and one token: each group's offset
+// times the group's float sum of rounded activations, onto `offsets`' lanes.
+template <typename Format>
+HWY_INLINE void AddOffsets(const SuperScales& s, const Int16Activations& x, int64_t token,
+                           int64_t b, VF& offsets) {
+  const float* group_sums = x.sums16.data() + token * (x.elements / 16) + b * 16;
+  for (int g = 0; g < 16; g += kLanes)
+    offsets = hn::MulAdd(hn::Load(DF(), s.offsets + g), hn::LoadU(DF(), group_sums + g), offsets);
+}
+
 // A row's super-block `b` (its scales prepared in `s`, its units' weights given by `weights(unit,
-// w)`) times kTokens tokens from `first`, continuing acc[t] (DotInt16Super and the blocked product
-// share it, so that both give the same bits).
-template <int kRows, int kTokens, typename Format, typename Weights>
+// w)`) times kTokens tokens from `first`, continuing the products and offsets terms (DotInt16Super
+// and the blocked product share it, so that both give the same bits).
+template <bool kExactTotals, int kRows, int kTokens, typename Format, typename Weights>
 HWY_INLINE void SuperBlockStep(const SuperScales* s, const Weights& weights,
                                const Int16Activations& x, int64_t first, int64_t b,
-                               VF (&acc)[kRows][kTokens]) {
+                               double (&products)[kRows][kTokens], VF (&lanes)[kRows][kTokens]) {
   constexpr int kUnitsPerBlock = Format::kValues / kUnit;
   const int64_t n = x.elements, blocks = n / Format::kValues;
   VI sums[kRows][kTokens], odd[kRows][kTokens];
+  int64_t totals[kRows][kTokens] = {};
   for (int r = 0; r < kRows; ++r)
     for (int t = 0; t < kTokens; ++t) sums[r][t] = odd[r][t] = hn::Zero(DI());
   ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) VISIKV_INT16_ATTR {
@@ -1553,30 +1586,44 @@ HWY_INLINE void SuperBlockStep(const SuperScales* s, const Weights& weights,
       for (int t = 0; t < kTokens; ++t) {
         const float activation_scale = x.scales[(first + t) * blocks + b];
         for (int r = 0; r < kRows; ++r) {
-          acc[r][t] = hn::MulAdd(hn::ConvertTo(DF(), PairSums(sums[r][t], odd[r][t])),
-                                 hn::Set(DF(), s[r].d * activation_scale), acc[r][t]);
+          if constexpr (kExactTotals)
+            totals[r][t] += ExactLaneSum(PairSums(sums[r][t], odd[r][t]));
+          else
+            lanes[r][t] = hn::MulAdd(hn::ConvertTo(DF(), PairSums(sums[r][t], odd[r][t])),
+                                     hn::Set(DF(), s[r].d * activation_scale), lanes[r][t]);
           sums[r][t] = odd[r][t] = hn::Zero(DI());
         }
       }
   });
-  if constexpr (Format::kSuperOffsets)
-    for (int t = 0; t < kTokens; ++t) {
-      const float* group_sums = x.sums16.data() + (first + t) * (n / 16) + b * 16;
-      for (int r = 0; r < kRows; ++r)
-        for (int g = 0; g < 16; g += kLanes)
-          acc[r][t] = hn::MulAdd(hn::Load(DF(), s[r].offsets + g), hn::LoadU(DF(), group_sums + g),
-                                 acc[r][t]);
+  for (int t = 0; t < kTokens; ++t) {
+    const double activation_scale = x.scales[(first + t) * blocks + b];
+    for (int r = 0; r < kRows; ++r) {
+      if constexpr (kExactTotals)
+        products[r][t] = std::fma(static_cast<double>(totals[r][t]),
+                                  static_cast<double>(s[r].d) * activation_scale, products[r][t]);
+      if constexpr (Format::kSuperOffsets) AddOffsets<Format>(s[r], x, first + t, b, lanes[r][t]);
     }
+  }
+}
+
+// The output of a products term and float lanes.
+template <bool kExactTotals, typename Format>
+HWY_INLINE float SuperOutput(double products, VF lanes) {
+  if constexpr (!kExactTotals) return SumLanes(lanes);
+  if constexpr (Format::kSuperOffsets)
+    return static_cast<float>(products + static_cast<double>(SumLanes(lanes)));
+  return static_cast<float>(products);
 }
 
 // kRows rows (row_bytes apart) times kTokens tokens, unpacking each unit in registers (decode and
 // short chunks).
-template <int kRows, int kTokens, typename Format>
+template <int kRows, int kTokens, typename Format, bool kExactTotals>
 void DotInt16Super(const uint8_t* row, int64_t row_bytes, const Int16Activations& x, int64_t first,
                    float* y, int64_t y_stride) {
-  VF acc[kRows][kTokens];
-  for (auto& r : acc)
-    for (VF& a : r) a = hn::Zero(DF());
+  double products[kRows][kTokens] = {};
+  VF lanes[kRows][kTokens];
+  for (auto& r : lanes)
+    for (VF& o : r) o = hn::Zero(DF());
   for (int64_t b = 0; b < x.elements / Format::kValues; ++b) {
     const uint8_t* blocks[kRows];
     SuperScales s[kRows];
@@ -1585,20 +1632,21 @@ void DotInt16Super(const uint8_t* row, int64_t row_bytes, const Int16Activations
       PrefetchAhead(blocks[r], Format::kBytes);
       s[r] = Format::PrepareSuper(blocks[r]);
     }
-    SuperBlockStep<kRows, kTokens, Format>(
+    SuperBlockStep<kExactTotals, kRows, kTokens, Format>(
         s,
         [&](auto unit, VI16(&w)[kRows][kVectors16]) VISIKV_INT16_ATTR {
           for (int r = 0; r < kRows; ++r) Format::template Codes16<unit>(blocks[r], s[r], w[r]);
         },
-        x, first, b, acc);
+        x, first, b, products, lanes);
   }
   for (int r = 0; r < kRows; ++r)
-    for (int t = 0; t < kTokens; ++t) y[t * y_stride + r] = SumLanes(acc[r][t]);
+    for (int t = 0; t < kTokens; ++t)
+      y[t * y_stride + r] = SuperOutput<kExactTotals, Format>(products[r][t], lanes[r][t]);
 }
 #else
 // One lane: the same products and sums, the integer sums in 64 bits (a lane takes all 32 products
 // of a unit), converted once per super-block.
-template <int kRows, int kTokens, typename Format>
+template <int kRows, int kTokens, typename Format, bool kExactTotals>
 void DotInt16Super(const uint8_t* row, int64_t row_bytes, const Int16Activations& x, int64_t first,
                    float* y, int64_t y_stride) {
   const int64_t n = x.elements, blocks = n / Format::kValues;
@@ -1641,28 +1689,41 @@ constexpr int kSuperRows = kLanes == 16 ? 2 : 1;
 // Many tokens: a cache-blocked product, as BlockedRows for the float products. A step of
 // kStepValues values of every row is unpacked once (weight codes times group scales, 16 bits) into
 // a panel with the rows' SuperScales; each group of four tokens then meets the panel kSuperRows
-// rows at a time through SuperBlockStep, the float sums waiting in memory between steps, so every
-// output has the bits of DotInt16Super's.
+// rows at a time through SuperBlockStep, the products and offsets terms waiting in memory between
+// steps, so every output has the bits of DotInt16Super's. Where the CPU has tile products
+// (amx_products.h), they compute the products term of the whole step instead, from the same
+// panel: the same exact integers, the same double arithmetic, so the same bits.
 // Tokens per pass over a row pair: eight on AVX-512, so that each 16-bit weight vector loaded from
 // the panel (in L2) serves eight products and the panel's L2 traffic is half of four tokens' (four
 // tokens measured about 1.06x the float product, L2-bound).
 constexpr int kSuperGroupTokens = kLanes == 16 ? 8 : kGroupTokens;
 
-template <typename Format>
+template <typename Format, bool kExactTotals>
 void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
                        const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                        int64_t y_stride) {
   constexpr int64_t kStepBlocks = kStepValues / Format::kValues;
   constexpr int kUnitsPerBlock = Format::kValues / kUnit;
   const int64_t blocks = x.elements / Format::kValues;
-  thread_local AlignedBuffer<float> state_buffer;
+#if VISIKV_TILE_PRODUCTS
+  // The products term from the tile products where the CPU has them (same bits: see above).
+  const bool tiles = kExactTotals && x.has_tile_bytes();
+  thread_local AlignedBuffer<float> tile_d_buffer;
+  const int64_t tile_rows = amx::padded_rows(rows);
+  float* tile_d = tiles ? tile_d_buffer.Reserve(kStepBlocks * tile_rows) : nullptr;
+#endif
+  thread_local AlignedBuffer<double> products_buffer;
+  thread_local AlignedBuffer<float> offsets_buffer;
   thread_local AlignedBuffer<int16_t> panel_buffer;
   thread_local AlignedBuffer<SuperScales> scales_buffer;
-  // The float sums of token t and row r at state + (t * rows + r) * kLanes.
-  float* state = state_buffer.Reserve(tokens * rows * kLanes);
+  // Token t and row r's products term at products[t * rows + r], offsets term's lanes at
+  // offsets + (t * rows + r) * kLanes.
+  double* products = products_buffer.Reserve(tokens * rows);
+  float* offsets = offsets_buffer.Reserve(tokens * rows * kLanes);
   int16_t* panel = panel_buffer.Reserve(rows * kStepValues);
   SuperScales* panel_scales = scales_buffer.Reserve(kStepBlocks * rows);
-  for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), state + i * kLanes);
+  std::fill(products, products + tokens * rows, 0.0);
+  for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), offsets + i * kLanes);
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
     for (int64_t r = 0; r < rows; ++r)
@@ -1678,16 +1739,65 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
             hn::Store(w[k], DI16(), out + unit * kUnit + k * kLanes16);
         });
       }
+#if VISIKV_TILE_PRODUCTS
+    if (tiles) {
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t r = 0; r < tile_rows; ++r)
+          tile_d[(b - b0) * tile_rows + r] = r < rows ? panel_scales[(b - b0) * rows + r].d : 0.0f;
+      const int64_t offset = first * x.elements + b0 * Format::kValues;
+      amx::super_block_products({panel, kStepValues, tile_d, rows, b1 - b0,
+                                 x.tile_high.data() + offset, x.tile_low.data() + offset,
+                                 x.elements, x.scales.data() + first * blocks + b0, blocks,
+                                 tokens, products});
+      if constexpr (Format::kSuperOffsets) {
+        // The offsets terms of 4 x 4 tokens and rows at a time, in registers over the step (each
+        // lane still in block order): at one load per multiply-add they took as long as the tile
+        // products.
+        const auto offsets_tile = [&](auto row_count, auto token_count, int64_t r,
+                                      int64_t t) HWY_ATTR {
+          constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
+          VF o[kRows][kTokens];
+          for (int i = 0; i < kRows; ++i)
+            for (int j = 0; j < kTokens; ++j)
+              o[i][j] = hn::Load(DF(), offsets + ((t + j) * rows + r + i) * kLanes);
+          for (int64_t b = b0; b < b1; ++b)
+            for (int i = 0; i < kRows; ++i)
+              for (int j = 0; j < kTokens; ++j)
+                AddOffsets<Format>(panel_scales[(b - b0) * rows + r + i], x, first + t + j, b,
+                                   o[i][j]);
+          for (int i = 0; i < kRows; ++i)
+            for (int j = 0; j < kTokens; ++j)
+              hn::Store(o[i][j], DF(), offsets + ((t + j) * rows + r + i) * kLanes);
+        };
+        for (int64_t t = 0; t < tokens; t += 4)
+          for (int64_t r = 0; r < rows; r += 4) {
+            if (t + 4 <= tokens && r + 4 <= rows) {
+              offsets_tile(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{}, r,
+                           t);
+              continue;
+            }
+            for (int64_t j = t; j < std::min(tokens, t + 4); ++j)
+              for (int64_t i = r; i < std::min(rows, r + 4); ++i)
+                offsets_tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, i,
+                             j);
+          }
+      }
+      continue;
+    }
+#endif
     // kRows rows from r times kTokens tokens from t0 over the step.
     const auto tile = [&](auto row_count, auto token_count, int64_t r, int64_t t0) HWY_ATTR {
       constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
-      VF acc[kRows][kTokens];
+      double p[kRows][kTokens];
+      VF o[kRows][kTokens];
       for (int i = 0; i < kRows; ++i)
-        for (int t = 0; t < kTokens; ++t)
-          acc[i][t] = hn::Load(DF(), state + ((t0 + t) * rows + r + i) * kLanes);
+        for (int t = 0; t < kTokens; ++t) {
+          p[i][t] = products[(t0 + t) * rows + r + i];
+          o[i][t] = hn::Load(DF(), offsets + ((t0 + t) * rows + r + i) * kLanes);
+        }
       for (int64_t b = b0; b < b1; ++b) {
         const int16_t* weights = panel + r * kStepValues + (b - b0) * Format::kValues;
-        SuperBlockStep<kRows, kTokens, Format>(
+        SuperBlockStep<kExactTotals, kRows, kTokens, Format>(
             panel_scales + (b - b0) * rows + r,
             [&](auto unit, VI16(&w)[kRows][kVectors16]) VISIKV_INT16_ATTR {
               for (int i = 0; i < kRows; ++i)
@@ -1695,11 +1805,13 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
                   w[i][k] =
                       hn::Load(DI16(), weights + i * kStepValues + unit * kUnit + k * kLanes16);
             },
-            x, first + t0, b, acc);
+            x, first + t0, b, p, o);
       }
       for (int i = 0; i < kRows; ++i)
-        for (int t = 0; t < kTokens; ++t)
-          hn::Store(acc[i][t], DF(), state + ((t0 + t) * rows + r + i) * kLanes);
+        for (int t = 0; t < kTokens; ++t) {
+          products[(t0 + t) * rows + r + i] = p[i][t];
+          hn::Store(o[i][t], DF(), offsets + ((t0 + t) * rows + r + i) * kLanes);
+        }
     };
     const auto rows_of = [&](auto token_count, int64_t t0) HWY_ATTR {
       int64_t r = 0;
@@ -1715,7 +1827,8 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
   }
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t r = 0; r < rows; ++r)
-      y[t * y_stride + r] = SumLanes(hn::Load(DF(), state + (t * rows + r) * kLanes));
+      y[t * y_stride + r] = SuperOutput<kExactTotals, Format>(products[t * rows + r],
+                                                hn::Load(DF(), offsets + (t * rows + r) * kLanes));
 }
 #endif
 
@@ -1723,20 +1836,29 @@ template <typename Format>
 void DotInt16SuperRows(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
                        const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                        int64_t y_stride) {
+  // Exact totals where the tile products run (see above), lanes everywhere else.
+  const auto rows_with = [&](auto exact_totals) HWY_ATTR {
+    constexpr bool kExactTotals = decltype(exact_totals)::value;
 #if VISIKV_SUPER_VECTORS
-  if (tokens > kGroupTokens && rows > 1)
-    return BlockedInt16Super<Format>(first_row, row_bytes, rows, x, first, tokens, y, y_stride);
+    if (tokens > kGroupTokens && rows > 1)
+      return BlockedInt16Super<Format, kExactTotals>(first_row, row_bytes, rows, x, first, tokens,
+                                                     y, y_stride);
 #endif
-  const auto range = [&](auto row_count, int64_t r) HWY_ATTR {
-    InTokenGroups(tokens, [&](auto count, int64_t t) HWY_ATTR {
-      DotInt16Super<decltype(row_count)::value, decltype(count)::value, Format>(
-          first_row + r * row_bytes, row_bytes, x, first + t, y + t * y_stride + r, y_stride);
-    });
+    const auto range = [&](auto row_count, int64_t r) HWY_ATTR {
+      InTokenGroups(tokens, [&](auto count, int64_t t) HWY_ATTR {
+        DotInt16Super<decltype(row_count)::value, decltype(count)::value, Format, kExactTotals>(
+            first_row + r * row_bytes, row_bytes, x, first + t, y + t * y_stride + r, y_stride);
+      });
+    };
+    int64_t r = 0;
+    for (; r + kSuperRows <= rows; r += kSuperRows)
+      range(std::integral_constant<int, kSuperRows>{}, r);
+    for (; r < rows; ++r) range(std::integral_constant<int, 1>{}, r);
   };
-  int64_t r = 0;
-  for (; r + kSuperRows <= rows; r += kSuperRows)
-    range(std::integral_constant<int, kSuperRows>{}, r);
-  for (; r < rows; ++r) range(std::integral_constant<int, 1>{}, r);
+#if VISIKV_TILE_PRODUCTS
+  if (amx::enabled()) return rows_with(std::true_type{});
+#endif
+  rows_with(std::false_type{});
 }
 
 // kRows rows times any number of tokens, four at a time, then the rest.
@@ -1940,6 +2062,24 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activat
 void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activations& out,
                           int64_t block) {
   quantize_blocks(x, tokens, n, out, /*rounded_sums=*/true, block);
+  if (block != kSuperBlock || !amx::enabled()) {
+    out.tile_high.clear();
+    out.tile_low.clear();
+    return;
+  }
+  // Zero tokens after the last, so that a tile of 16 tokens may start at any token.
+  const size_t count = static_cast<size_t>(tokens * n), padded = count + 16 * n;
+  out.tile_high.resize(padded);
+  out.tile_low.resize(padded);
+  std::fill(out.tile_high.begin() + count, out.tile_high.end(), 0);
+  std::fill(out.tile_low.begin() + count, out.tile_low.end(), 0);
+  const int16_t* codes = out.codes.data();
+  int8_t* high = out.tile_high.data();
+  uint8_t* low = out.tile_low.data();
+  for (size_t i = 0; i < count; ++i) {
+    high[i] = static_cast<int8_t>(codes[i] >> 8);
+    low[i] = static_cast<uint8_t>(codes[i] & 0xFF);
+  }
 }
 
 int64_t int16_activation_block(DType type) {
@@ -1976,7 +2116,9 @@ void dot_row_tokens_int16(DType type, const std::byte* row, int64_t elements,
 }
 
 std::string weight_kernel_target() {
-  return hwy::TargetName(HWY_DYNAMIC_DISPATCH(CompiledTarget)());
+  const int64_t target = HWY_DYNAMIC_DISPATCH(CompiledTarget)();
+  return std::string(hwy::TargetName(target)) +
+         (target == HWY_AVX3_DL && amx::enabled() ? "+AMX" : "");
 }
 
 void set_weight_kernel_target(const std::string& name) {
@@ -1984,7 +2126,7 @@ void set_weight_kernel_target(const std::string& name) {
   // higher one. A named instruction set must itself be on the CPU (an ARM machine has no "avx2",
   // whose mask alone would let NEON through).
   int64_t target;
-  if (name == "native")
+  if (name == "native" || name == "amx")
     target = 0;
   else if (name == "avx512vnni")
     target = HWY_AVX3_DL;
@@ -1998,12 +2140,16 @@ void set_weight_kernel_target(const std::string& name) {
     target = HWY_EMU128;
   else
     fail("unknown SIMD target '", name,
-         "' (expected native, avx512vnni, avx512, avx2, neon or generic)");
+         "' (expected native, amx, avx512vnni, avx512, avx2, neon or generic)");
   hwy::SetSupportedTargetsForTest(0);  // back to what the CPU supports
   const int64_t supported = hwy::SupportedTargets();
   const int64_t chosen = supported & (target == 0 ? ~int64_t{0} : ~(target - 1));
   const bool present = target == 0 || target == HWY_EMU128 || (supported & target) != 0;
   require(present && chosen != 0, "SIMD target '", name, "' is not available on this CPU");
+  // The tile products run from the AVX-512 VNNI kernels: "amx" asks for them, "native" takes them
+  // where the CPU has them, and every narrower name leaves them out.
+  require(name != "amx" || amx::available(), "SIMD target 'amx' is not available on this CPU");
+  amx::set_enabled(target == 0 && amx::available() && (supported & HWY_AVX3_DL) != 0);
   hwy::SetSupportedTargetsForTest(chosen == supported ? 0 : chosen);
 }
 

@@ -46,12 +46,18 @@ void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, 
 //   int16 product is the dequantized row times the rounded activations, up to float32 rounding
 //   of its sums; a weight's offset then meets the same rounding errors as its code, and for the
 //   centred weight types (Q4_1 mins near -8 d) that sum errs less than code times error alone.
+//   int16 in blocks of 256, where the CPU's tile products run (amx_products.h): each code also
+//   split into its high byte (signed) and low byte (code = 256 * high + low), with 16 zero tokens
+//   after the last, so that a tile of 16 tokens may start at any token.
 template <typename Code>
 struct QuantizedActivations {
   int64_t tokens = 0, elements = 0, block = 32;
   std::vector<Code> codes;    // {tokens, elements}
   std::vector<float> scales;  // {tokens, elements / block}
   std::vector<float> sums16;  // {tokens, elements / 16}
+  std::vector<int8_t> tile_high;  // {tokens + 16, elements}, or empty
+  std::vector<uint8_t> tile_low;  // {tokens + 16, elements}, or empty
+  bool has_tile_bytes() const { return !tile_high.empty(); }
 };
 using Int8Activations = QuantizedActivations<int8_t>;
 using Int16Activations = QuantizedActivations<int16_t>;
@@ -97,6 +103,8 @@ void dot_rows_tokens_int16(DType type, const std::byte* first_row, int64_t row_b
 std::string weight_kernel_target();
 
 // Restricts the kernels to at most the named instruction set: "native" (the best this CPU has),
+// "amx" (as native, and required to include Intel AMX: the int16 products of the super-block types
+// in prefill run on its tiles, amx_products.h, bit for bit the AVX-512 VNNI results),
 // "avx512vnni" (AVX-512 with VNNI: 8- and 16-bit dot products for the int8 and int16 products),
 // "avx512", "avx2", "neon" (ARM) or "generic" (the portable fallback). The environment variable
 // VISIKV_SIMD sets it at start-up. Throws visikv::Error on an unknown name and on an instruction
