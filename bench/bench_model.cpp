@@ -150,6 +150,7 @@ void Decode(benchmark::State& state) {
 // One iteration per repetition: each decode iteration needs its own (untimed) prefill.
 BENCHMARK(Prefill)
     ->Arg(128)
+    ->Arg(512)
     ->Arg(1024)
     ->Arg(4096)
     ->Arg(8160)
@@ -159,6 +160,7 @@ BENCHMARK(Prefill)
     ->Iterations(1);
 BENCHMARK(Decode)
     ->Arg(128)
+    ->Arg(512)
     ->Arg(1024)
     ->Arg(4096)
     ->Arg(8160)

@@ -140,10 +140,9 @@ TEST(WeightKernels, TargetSelection) {
 #endif
   EXPECT_EQ(test_support::error_of([&] { set_weight_kernel_target(foreign); }),
             str_cat("SIMD target '", foreign, "' is not available on this CPU"));
-  EXPECT_EQ(
-      test_support::error_of([] { set_weight_kernel_target("sse9"); }),
-      "unknown SIMD target 'sse9' (expected native, amx, avx512vnni, avx512, avx2, neon or "
-      "generic)");
+  EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("sse9"); }),
+            "unknown SIMD target 'sse9' (expected native, amx, avx512vnni, avx512, avx2, neon or "
+            "generic)");
   // AMX is refused where the CPU lacks it, and narrower targets turn it off.
   if (!amx::available()) {
     EXPECT_EQ(test_support::error_of([] { set_weight_kernel_target("amx"); }),
@@ -455,12 +454,12 @@ TEST(WeightKernels, Int16SuperBlockSumsDoNotOverflow) {
 }
 
 // The tile products (AMX) against the vector kernels that decode on the same CPU (one token at a
-// time, the exact-totals definition): the same bits for every super-block type, over rows and tokens that are not whole tiles (37 rows, 1 to
-// 70 tokens from several first tokens), steps that are not whole (9 super-blocks: two steps of
-// four and one of one), weights and activations at random and at the largest magnitudes (every
-// weight at its largest, activation codes of +-32767 with mixed signs: the sums' high bytes
-// carry), poisoned outputs around. (Every test that runs all targets runs "amx" too, against
-// float64.)
+// time, the exact-totals definition): the same bits for every super-block type, over rows and
+// tokens that are not whole tiles (37 rows, 1 to 70 tokens from several first tokens), steps that
+// are not whole (9 super-blocks: two steps of four and one of one), weights and activations at
+// random and at the largest magnitudes (every weight at its largest, activation codes of +-32767
+// with mixed signs: the sums' high bytes carry), poisoned outputs around. (Every test that runs all
+// targets runs "amx" too, against float64.)
 TEST(WeightKernels, Int16TileProductsEqualTheVectorKernels) {
   if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
   constexpr int64_t kRows = 37, kColumns = 2304, kTokens = 70;
@@ -496,8 +495,8 @@ TEST(WeightKernels, Int16TileProductsEqualTheVectorKernels) {
                               y.data() + kRows + 3, kRows + 3);
         return y;
       };
-      for (const auto [first, tokens] : {std::pair<int64_t, int64_t>{0, 70}, {3, 64}, {5, 17},
-                                         {60, 10}, {0, 5}, {69, 1}}) {
+      for (const auto [first, tokens] :
+           {std::pair<int64_t, int64_t>{0, 70}, {3, 64}, {5, 17}, {60, 10}, {0, 5}, {69, 1}}) {
         SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first));
         const std::vector<float> tiles = product("amx", first, tokens);
         std::vector<float> vectors(tiles.size(), std::numeric_limits<float>::quiet_NaN());

@@ -70,8 +70,10 @@ constexpr int kTileSize = kTile * kTileBytes;
 constexpr int kBlockValues = 256;  // a super-block
 constexpr int kStepsPerBlock = kBlockValues / kTileBytes;
 
-// Palette 1: tiles 0-2 the three sums (high · high, the cross terms, low · low), 3-4 the
-// activations' high and low bytes, 5-6 the weights' high and low bytes, all 16 x 64 bytes.
+// Palette 1: tiles 0-3 the four sums (high · high, high · low, low · high, low · low: the two
+// cross terms in tiles of their own, so that no tile waits on more than one product per 64
+// values), 4-5 the activations' high and low bytes, 6-7 the weights' high and low bytes, all
+// 16 x 64 bytes.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -82,7 +84,7 @@ struct alignas(64) TileConfig {
 
 VISIKV_AMX_ATTR void configure_tiles() {
   TileConfig config;
-  for (int i = 0; i < 7; ++i) {
+  for (int i = 0; i < 8; ++i) {
     config.bytes_per_row[i] = kTileBytes;
     config.rows[i] = kTile;
   }
@@ -179,32 +181,42 @@ VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
       pack_weight_tiles(s.weights + rt * kTile * s.weight_stride + q * kTileBytes, s.weight_stride,
                         s.rows - rt * kTile, tile, tile + kTileSize);
     }
-  alignas(64) int32_t sums[3][kTile][kTile];  // token, row
-  for (int64_t t0 = 0; t0 < s.tokens; t0 += kTile) {
-    const int64_t tile_tokens = std::min<int64_t>(kTile, s.tokens - t0);
-    for (int64_t rt = 0; rt < row_tiles; ++rt) {
-      const int64_t r0 = rt * kTile;
-      for (int64_t b = 0; b < s.blocks; ++b) {
+  alignas(64) int32_t sums[4][kTile][kTile];  // token, row
+  // A block's weight tiles (8 KB) stay in L1 while every tile of tokens passes over them; each
+  // (token, row) pair still meets the blocks in order.
+  for (int64_t rt = 0; rt < row_tiles; ++rt) {
+    const int64_t r0 = rt * kTile;
+    for (int64_t b = 0; b < s.blocks; ++b) {
+      for (int64_t t0 = 0; t0 < s.tokens; t0 += kTile) {
+        const int64_t tile_tokens = std::min<int64_t>(kTile, s.tokens - t0);
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(2);
+        _tile_zero(3);
         for (int q = 0; q < kStepsPerBlock; ++q) {
           const int64_t value = b * kBlockValues + q * kTileBytes;
           const uint8_t* tile =
               weight_tiles + 2 * (rt * value_steps + b * kStepsPerBlock + q) * kTileSize;
-          _tile_loadd(3, s.high + t0 * s.activation_stride + value, s.activation_stride);
-          _tile_loadd(4, s.low + t0 * s.activation_stride + value, s.activation_stride);
-          _tile_loadd(5, tile, kTileBytes);
-          _tile_loadd(6, tile + kTileSize, kTileBytes);
-          _tile_dpbssd(0, 3, 5);  // xh · wh
-          _tile_dpbsud(1, 3, 6);  // xh · wl
-          _tile_dpbusd(1, 4, 5);  // xl · wh
-          _tile_dpbuud(2, 4, 6);  // xl · wl
+          _tile_loadd(4, s.high + t0 * s.activation_stride + value, s.activation_stride);
+          _tile_loadd(5, s.low + t0 * s.activation_stride + value, s.activation_stride);
+          _tile_loadd(6, tile, kTileBytes);
+          _tile_loadd(7, tile + kTileSize, kTileBytes);
+          if (t0 + kTile < s.tokens)
+            for (int i = 0; i < kTile; ++i) {
+              const int64_t next = (t0 + kTile + i) * s.activation_stride + value;
+              _mm_prefetch(reinterpret_cast<const char*>(s.high + next), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(s.low + next), _MM_HINT_T0);
+            }
+          _tile_dpbssd(0, 4, 6);  // xh · wh
+          _tile_dpbsud(1, 4, 7);  // xh · wl
+          _tile_dpbusd(2, 5, 6);  // xl · wh
+          _tile_dpbuud(3, 5, 7);  // xl · wl
         }
         _tile_stored(0, sums[0], kTileBytes);
         _tile_stored(1, sums[1], kTileBytes);
         _tile_stored(2, sums[2], kTileBytes);
-        // T = 65536 hh + 256 cross + ll, exact in double; products += T * (d * s).
+        _tile_stored(3, sums[3], kTileBytes);
+        // T = 65536 hh + 256 (hl + lh) + ll, exact in double; products += T * (d * s).
         for (int64_t t = 0; t < tile_tokens; ++t) {
           const __m512d activation_scale = _mm512_set1_pd(s.scales[(t0 + t) * s.scale_stride + b]);
           double* out = s.products + (t0 + t) * s.rows + r0;
@@ -212,10 +224,11 @@ VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
             const int64_t count = std::clamp<int64_t>(s.rows - r0 - 8 * h, 0, 8);
             if (count == 0) break;
             const __mmask8 mask = static_cast<__mmask8>((1u << count) - 1);
+            const __m512d cross =
+                _mm512_add_pd(to_double(&sums[1][t][8 * h]), to_double(&sums[2][t][8 * h]));
             const __m512d total = _mm512_fmadd_pd(
                 to_double(&sums[0][t][8 * h]), _mm512_set1_pd(65536.0),
-                _mm512_fmadd_pd(to_double(&sums[1][t][8 * h]), _mm512_set1_pd(256.0),
-                                to_double(&sums[2][t][8 * h])));
+                _mm512_fmadd_pd(cross, _mm512_set1_pd(256.0), to_double(&sums[3][t][8 * h])));
             const __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(s.d + b * padded + r0 + 8 * h));
             const __m512d p = _mm512_maskz_loadu_pd(mask, out + 8 * h);
             _mm512_mask_storeu_pd(out + 8 * h, mask,

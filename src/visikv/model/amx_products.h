@@ -1,18 +1,18 @@
 // Tile products (Intel AMX-INT8: Sapphire Rapids and later Xeons) for the int16 numerics of the
-// super-block weight types (Q4_K, Q5_K, Q6_K) in prefill: the products term of
-// weight_kernels.cpp's definition, bit for bit, at up to 1024 byte products per cycle and core.
+// super-block weight types (Q4_K, Q5_K, Q6_K) in prefill: the products term of the exact-totals
+// definition (weight_kernels.cpp), bit for bit, at up to 1024 byte products per cycle and core.
 //
 // AMX multiplies bytes; the int16 numerics multiply 16-bit weights (group scale times code, at
 // most 4096 in magnitude) by 16-bit activation codes. Each side is split into a signed high and an
 // unsigned low byte (w = 256 wh + wl, x = 256 xh + xl), and four tile products give
 //   w · x = 65536 (wh · xh) + 256 (wh · xl + wl · xh) + wl · xl,
-// each sum over a super-block of 256 values exact in int32 (at most 16 * 128 * 256, 36720 * 256
-// and 255 * 255 * 256 in magnitude). The three sums meet in double, where the super-block's exact
-// integer T and the fused multiply-add by d times the activation scale are the ones the vector
-// kernels compute, so decode and prefill still agree bit for bit. The tiles read the activations
-// as 16 tokens by 64 bytes (Int16Activations::tile_high / tile_low, split once per input) and the
-// weights as 16 groups of 4 bytes for 16 rows (the VNNI layout), into which each step's 16-bit
-// panel is transposed once per call.
+// each sum over a super-block of 256 values exact in int32 (at most 16 * 128, 16 * 255, 255 * 128
+// and 255 * 255, times 256, in magnitude). The four sums meet in double, where the super-block's
+// exact integer T and the fused multiply-add by d times the activation scale are the ones the
+// vector kernels compute, so decode and prefill still agree bit for bit. The tiles read the
+// activations as 16 tokens by 64 bytes (Int16Activations::tile_high / tile_low, split once per
+// input) and the weights as 16 groups of 4 bytes for 16 rows (the VNNI layout), into which each
+// step's 16-bit panel is transposed once per call.
 #pragma once
 
 #include <cstdint>

@@ -1534,8 +1534,8 @@ HWY_INLINE VI PairSums(VI sum, VI odd) { return hn::RearrangeToOddPlusEven(sum, 
 HWY_INLINE int64_t ExactLaneSum(VI v) {
   const hn::Half<DI> dh;
   const hn::Rebind<int64_t, decltype(dh)> d64;
-  const auto both = hn::Add(hn::PromoteTo(d64, hn::LowerHalf(dh, v)),
-                            hn::PromoteTo(d64, hn::UpperHalf(dh, v)));
+  const auto both =
+      hn::Add(hn::PromoteTo(d64, hn::LowerHalf(dh, v)), hn::PromoteTo(d64, hn::UpperHalf(dh, v)));
   return hn::GetLane(hn::SumOfLanes(d64, both));
 }
 
@@ -1690,101 +1690,56 @@ constexpr int kSuperRows = kLanes == 16 ? 2 : 1;
 // kStepValues values of every row is unpacked once (weight codes times group scales, 16 bits) into
 // a panel with the rows' SuperScales; each group of four tokens then meets the panel kSuperRows
 // rows at a time through SuperBlockStep, the products and offsets terms waiting in memory between
-// steps, so every output has the bits of DotInt16Super's. Where the CPU has tile products
-// (amx_products.h), they compute the products term of the whole step instead, from the same
-// panel: the same exact integers, the same double arithmetic, so the same bits.
+// steps, so every output has the bits of DotInt16Super's. Where the CPU has tile products,
+// TileInt16Super (below) takes their place.
 // Tokens per pass over a row pair: eight on AVX-512, so that each 16-bit weight vector loaded from
 // the panel (in L2) serves eight products and the panel's L2 traffic is half of four tokens' (four
 // tokens measured about 1.06x the float product, L2-bound).
 constexpr int kSuperGroupTokens = kLanes == 16 ? 8 : kGroupTokens;
+
+// Unpacks blocks [b0, b1) of `rows` rows into a panel of 16-bit weights (row r's value k of the
+// step at panel[r * kStepValues + k]) and their scales (block b, row r at scales[(b - b0) * rows
+// + r]).
+template <typename Format>
+HWY_INLINE void UnpackSuperPanel(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
+                                 int64_t b0, int64_t b1, int16_t* panel, SuperScales* scales) {
+  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* block = first_row + r * row_bytes + b * Format::kBytes;
+      const SuperScales s = Format::PrepareSuper(block);
+      scales[(b - b0) * rows + r] = s;
+      int16_t* out = panel + r * kStepValues + (b - b0) * Format::kValues;
+      ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
+        VI16 w[kVectors16];
+        Format::template Codes16<unit>(block, s, w);
+        for (int k = 0; k < kVectors16; ++k)
+          hn::Store(w[k], DI16(), out + unit * kUnit + k * kLanes16);
+      });
+    }
+}
 
 template <typename Format, bool kExactTotals>
 void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
                        const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                        int64_t y_stride) {
   constexpr int64_t kStepBlocks = kStepValues / Format::kValues;
-  constexpr int kUnitsPerBlock = Format::kValues / kUnit;
   const int64_t blocks = x.elements / Format::kValues;
-#if VISIKV_TILE_PRODUCTS
-  // The products term from the tile products where the CPU has them (same bits: see above).
-  const bool tiles = kExactTotals && x.has_tile_bytes();
-  thread_local AlignedBuffer<float> tile_d_buffer;
-  const int64_t tile_rows = amx::padded_rows(rows);
-  float* tile_d = tiles ? tile_d_buffer.Reserve(kStepBlocks * tile_rows) : nullptr;
-#endif
   thread_local AlignedBuffer<double> products_buffer;
-  thread_local AlignedBuffer<float> offsets_buffer;
+  thread_local AlignedBuffer<float> lanes_buffer;
   thread_local AlignedBuffer<int16_t> panel_buffer;
   thread_local AlignedBuffer<SuperScales> scales_buffer;
-  // Token t and row r's products term at products[t * rows + r], offsets term's lanes at
-  // offsets + (t * rows + r) * kLanes.
+  // Token t and row r's products term (exact totals) at products[t * rows + r], float lanes at
+  // lanes + (t * rows + r) * kLanes.
   double* products = products_buffer.Reserve(tokens * rows);
-  float* offsets = offsets_buffer.Reserve(tokens * rows * kLanes);
+  float* lanes = lanes_buffer.Reserve(tokens * rows * kLanes);
   int16_t* panel = panel_buffer.Reserve(rows * kStepValues);
   SuperScales* panel_scales = scales_buffer.Reserve(kStepBlocks * rows);
   std::fill(products, products + tokens * rows, 0.0);
-  for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), offsets + i * kLanes);
+  for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), lanes + i * kLanes);
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t b = b0; b < b1; ++b) {
-        const uint8_t* block = first_row + r * row_bytes + b * Format::kBytes;
-        const SuperScales s = Format::PrepareSuper(block);
-        panel_scales[(b - b0) * rows + r] = s;
-        int16_t* out = panel + r * kStepValues + (b - b0) * Format::kValues;
-        ForEachUnit(std::make_integer_sequence<int, kUnitsPerBlock>(), [&](auto unit) HWY_ATTR {
-          VI16 w[kVectors16];
-          Format::template Codes16<unit>(block, s, w);
-          for (int k = 0; k < kVectors16; ++k)
-            hn::Store(w[k], DI16(), out + unit * kUnit + k * kLanes16);
-        });
-      }
-#if VISIKV_TILE_PRODUCTS
-    if (tiles) {
-      for (int64_t b = b0; b < b1; ++b)
-        for (int64_t r = 0; r < tile_rows; ++r)
-          tile_d[(b - b0) * tile_rows + r] = r < rows ? panel_scales[(b - b0) * rows + r].d : 0.0f;
-      const int64_t offset = first * x.elements + b0 * Format::kValues;
-      amx::super_block_products({panel, kStepValues, tile_d, rows, b1 - b0,
-                                 x.tile_high.data() + offset, x.tile_low.data() + offset,
-                                 x.elements, x.scales.data() + first * blocks + b0, blocks,
-                                 tokens, products});
-      if constexpr (Format::kSuperOffsets) {
-        // The offsets terms of 4 x 4 tokens and rows at a time, in registers over the step (each
-        // lane still in block order): at one load per multiply-add they took as long as the tile
-        // products.
-        const auto offsets_tile = [&](auto row_count, auto token_count, int64_t r,
-                                      int64_t t) HWY_ATTR {
-          constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
-          VF o[kRows][kTokens];
-          for (int i = 0; i < kRows; ++i)
-            for (int j = 0; j < kTokens; ++j)
-              o[i][j] = hn::Load(DF(), offsets + ((t + j) * rows + r + i) * kLanes);
-          for (int64_t b = b0; b < b1; ++b)
-            for (int i = 0; i < kRows; ++i)
-              for (int j = 0; j < kTokens; ++j)
-                AddOffsets<Format>(panel_scales[(b - b0) * rows + r + i], x, first + t + j, b,
-                                   o[i][j]);
-          for (int i = 0; i < kRows; ++i)
-            for (int j = 0; j < kTokens; ++j)
-              hn::Store(o[i][j], DF(), offsets + ((t + j) * rows + r + i) * kLanes);
-        };
-        for (int64_t t = 0; t < tokens; t += 4)
-          for (int64_t r = 0; r < rows; r += 4) {
-            if (t + 4 <= tokens && r + 4 <= rows) {
-              offsets_tile(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{}, r,
-                           t);
-              continue;
-            }
-            for (int64_t j = t; j < std::min(tokens, t + 4); ++j)
-              for (int64_t i = r; i < std::min(rows, r + 4); ++i)
-                offsets_tile(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, i,
-                             j);
-          }
-      }
-      continue;
-    }
-#endif
+    UnpackSuperPanel<Format>(first_row, row_bytes, rows, b0, b1, panel, panel_scales);
     // kRows rows from r times kTokens tokens from t0 over the step.
     const auto tile = [&](auto row_count, auto token_count, int64_t r, int64_t t0) HWY_ATTR {
       constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
@@ -1793,7 +1748,7 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
       for (int i = 0; i < kRows; ++i)
         for (int t = 0; t < kTokens; ++t) {
           p[i][t] = products[(t0 + t) * rows + r + i];
-          o[i][t] = hn::Load(DF(), offsets + ((t0 + t) * rows + r + i) * kLanes);
+          o[i][t] = hn::Load(DF(), lanes + ((t0 + t) * rows + r + i) * kLanes);
         }
       for (int64_t b = b0; b < b1; ++b) {
         const int16_t* weights = panel + r * kStepValues + (b - b0) * Format::kValues;
@@ -1810,7 +1765,7 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
       for (int i = 0; i < kRows; ++i)
         for (int t = 0; t < kTokens; ++t) {
           products[(t0 + t) * rows + r + i] = p[i][t];
-          hn::Store(o[i][t], DF(), offsets + ((t0 + t) * rows + r + i) * kLanes);
+          hn::Store(o[i][t], DF(), lanes + ((t0 + t) * rows + r + i) * kLanes);
         }
     };
     const auto rows_of = [&](auto token_count, int64_t t0) HWY_ATTR {
@@ -1827,8 +1782,68 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
   }
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t r = 0; r < rows; ++r)
-      y[t * y_stride + r] = SuperOutput<kExactTotals, Format>(products[t * rows + r],
-                                                hn::Load(DF(), offsets + (t * rows + r) * kLanes));
+      y[t * y_stride + r] = SuperOutput<kExactTotals, Format>(
+          products[t * rows + r], hn::Load(DF(), lanes + (t * rows + r) * kLanes));
+}
+#endif
+
+#if VISIKV_TILE_PRODUCTS
+// BlockedInt16Super with the tile products (exact totals): each step's panel gives its products
+// terms on the tiles (amx_products.h), then one pass over every block adds the offsets terms, 4
+// tokens x 4 rows at a time in registers (lane by lane in block order, as AddOffsets does in
+// decode), and writes the outputs.
+template <typename Format>
+void TileInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
+                    const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                    int64_t y_stride) {
+  constexpr int64_t kStepBlocks = kStepValues / Format::kValues;
+  const int64_t blocks = x.elements / Format::kValues;
+  const int64_t tile_rows = amx::padded_rows(rows);
+  thread_local AlignedBuffer<float> tile_d_buffer;
+  thread_local AlignedBuffer<double> products_buffer;
+  thread_local AlignedBuffer<int16_t> panel_buffer;
+  thread_local AlignedBuffer<SuperScales> scales_buffer;
+  float* tile_d = tile_d_buffer.Reserve(kStepBlocks * tile_rows);
+  double* products = products_buffer.Reserve(tokens * rows);  // token t, row r at t * rows + r
+  int16_t* panel = panel_buffer.Reserve(rows * kStepValues);
+  SuperScales* scales = scales_buffer.Reserve(blocks * rows);  // block b, row r at b * rows + r
+  std::fill(products, products + tokens * rows, 0.0);
+  for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
+    const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
+    UnpackSuperPanel<Format>(first_row, row_bytes, rows, b0, b1, panel, scales + b0 * rows);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t r = 0; r < tile_rows; ++r)
+        tile_d[(b - b0) * tile_rows + r] = r < rows ? scales[b * rows + r].d : 0.0f;
+    const int64_t offset = first * x.elements + b0 * Format::kValues;
+    amx::super_block_products({panel, kStepValues, tile_d, rows, b1 - b0,
+                               x.tile_high.data() + offset, x.tile_low.data() + offset, x.elements,
+                               x.scales.data() + first * blocks + b0, blocks, tokens, products});
+  }
+  const auto finish = [&](auto row_count, auto token_count, int64_t r, int64_t t) HWY_ATTR {
+    constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
+    VF o[kRows][kTokens];
+    for (auto& row_lanes : o)
+      for (VF& v : row_lanes) v = hn::Zero(DF());
+    if constexpr (Format::kSuperOffsets)
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int i = 0; i < kRows; ++i)
+          for (int j = 0; j < kTokens; ++j)
+            AddOffsets<Format>(scales[b * rows + r + i], x, first + t + j, b, o[i][j]);
+    for (int i = 0; i < kRows; ++i)
+      for (int j = 0; j < kTokens; ++j)
+        y[(t + j) * y_stride + r + i] =
+            SuperOutput<true, Format>(products[(t + j) * rows + r + i], o[i][j]);
+  };
+  for (int64_t t = 0; t < tokens; t += 4)
+    for (int64_t r = 0; r < rows; r += 4) {
+      if (t + 4 <= tokens && r + 4 <= rows) {
+        finish(std::integral_constant<int, 4>{}, std::integral_constant<int, 4>{}, r, t);
+        continue;
+      }
+      for (int64_t j = t; j < std::min(tokens, t + 4); ++j)
+        for (int64_t i = r; i < std::min(rows, r + 4); ++i)
+          finish(std::integral_constant<int, 1>{}, std::integral_constant<int, 1>{}, i, j);
+    }
 }
 #endif
 
@@ -1839,6 +1854,10 @@ void DotInt16SuperRows(const uint8_t* first_row, int64_t row_bytes, int64_t rows
   // Exact totals where the tile products run (see above), lanes everywhere else.
   const auto rows_with = [&](auto exact_totals) HWY_ATTR {
     constexpr bool kExactTotals = decltype(exact_totals)::value;
+#if VISIKV_TILE_PRODUCTS
+    if (kExactTotals && tokens > kGroupTokens && rows > 1 && x.has_tile_bytes())
+      return TileInt16Super<Format>(first_row, row_bytes, rows, x, first, tokens, y, y_stride);
+#endif
 #if VISIKV_SUPER_VECTORS
     if (tokens > kGroupTokens && rows > 1)
       return BlockedInt16Super<Format, kExactTotals>(first_row, row_bytes, rows, x, first, tokens,

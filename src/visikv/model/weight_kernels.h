@@ -52,9 +52,9 @@ void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, 
 template <typename Code>
 struct QuantizedActivations {
   int64_t tokens = 0, elements = 0, block = 32;
-  std::vector<Code> codes;    // {tokens, elements}
-  std::vector<float> scales;  // {tokens, elements / block}
-  std::vector<float> sums16;  // {tokens, elements / 16}
+  std::vector<Code> codes;        // {tokens, elements}
+  std::vector<float> scales;      // {tokens, elements / block}
+  std::vector<float> sums16;      // {tokens, elements / 16}
   std::vector<int8_t> tile_high;  // {tokens + 16, elements}, or empty
   std::vector<uint8_t> tile_low;  // {tokens + 16, elements}, or empty
   bool has_tile_bytes() const { return !tile_high.empty(); }
