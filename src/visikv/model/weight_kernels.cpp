@@ -612,9 +612,22 @@ HWY_INLINE void PanelStepTokens(int64_t count, const float* widened, int64_t uni
   PanelStep<kRows, kTokens>(widened, units, x, x_stride, start, state);
 }
 
+// Asks for ownership of the lines that a blocked product's outputs (y[t * y_stride + r], r < rows,
+// t < tokens) will be stored to, before the products that take longest: a prefill's outputs (up to
+// 18 MB for one matrix of the 1.5B model) are in no cache, and the stores at the end waited on
+// every line (one-thread prefill of 512 tokens of the 1.5B model with the tile products, four
+// interleaved pairs: 58.0 -> 61.1 tokens/s on average).
+HWY_INLINE void PrefetchOutputs(float* y, int64_t y_stride, int64_t rows, int64_t tokens) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t r = 0; r < rows; r += 16) __builtin_prefetch(y + t * y_stride + r, 1, 2);
+    __builtin_prefetch(y + t * y_stride + rows - 1, 1, 2);
+  }
+}
+
 template <typename Format>
 void BlockedRows(const uint8_t* first, int64_t row_bytes, int64_t rows, int64_t n, const float* x,
                  int64_t x_stride, int64_t tokens, float* y, int64_t y_stride) {
+  PrefetchOutputs(y, y_stride, rows, tokens);
   constexpr int64_t kStepBlocks = kStepValues / Format::kValues;
   static_assert(kStepBlocks * Format::kValues == kStepValues);
   const int64_t blocks = n / Format::kValues;
@@ -1737,6 +1750,7 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
   SuperScales* panel_scales = scales_buffer.Reserve(kStepBlocks * rows);
   std::fill(products, products + tokens * rows, 0.0);
   for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), lanes + i * kLanes);
+  PrefetchOutputs(y, y_stride, rows, tokens);
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
     UnpackSuperPanel<Format>(first_row, row_bytes, rows, b0, b1, panel, panel_scales);
@@ -1808,6 +1822,7 @@ void TileInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows,
   int16_t* panel = panel_buffer.Reserve(rows * kStepValues);
   SuperScales* scales = scales_buffer.Reserve(blocks * rows);  // block b, row r at b * rows + r
   std::fill(products, products + tokens * rows, 0.0);
+  PrefetchOutputs(y, y_stride, rows, tokens);
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
     const int64_t b1 = std::min(blocks, b0 + kStepBlocks);
     UnpackSuperPanel<Format>(first_row, row_bytes, rows, b0, b1, panel, scales + b0 * rows);
