@@ -240,9 +240,16 @@ VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
   }
 }
 
+VISIKV_AMX_ATTR void release_tiles() { _tile_release(); }
+
 }  // namespace
 
-void super_block_products(const SuperBlockStep& step) { run(step); }
+void super_block_products(const SuperBlockStep& step) {
+  run(step);
+  // Tile data in use is saved and restored (8 KB) at every context switch of the thread until it
+  // is released: each call leaves the tiles clean.
+  release_tiles();
+}
 #else
 void super_block_products(const SuperBlockStep&) {
   fail("AMX tile products are not compiled for this platform");
