@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
+#include <numbers>
 
 #include "visikv/core/half.h"
 #include "visikv/core/vec-inl.h"
@@ -220,6 +221,27 @@ void Silu(float* values, size_t n) {
   }
 }
 
+// GELU with the tanh approximation: 0.5 v (1 + tanh(u)) with u = sqrt(2 / pi) (v + 0.044715 v^3),
+// written as v / (1 + exp(-2 u)) (the same function: 0.5 (1 + tanh(u)) is the logistic of 2 u), so
+// that it is one vector exponential and one division, as SiLU. (Scalar tanh took 8.5% of
+// Gemma-3-270M's one-thread prefill.)
+void GeluTanh(float* values, size_t n) {
+  const DF d;
+  const size_t lanes = hn::Lanes(d);
+  const VF one = hn::Set(d, 1.0f), cubic = hn::Set(d, 0.044715f);
+  const VF minus_two_k = hn::Set(d, static_cast<float>(-2.0 * std::sqrt(2.0 / std::numbers::pi)));
+  const auto gelu = [&](VF v) HWY_ATTR {
+    const VF u = hn::Mul(minus_two_k, hn::MulAdd(hn::Mul(cubic, v), hn::Mul(v, v), v));
+    return hn::Div(v, hn::Add(one, ExpChecked(d, u)));
+  };
+  size_t i = 0;
+  for (; i + lanes <= n; i += lanes) hn::StoreU(gelu(hn::LoadU(d, values + i)), d, values + i);
+  if (i < n) {
+    Tail tail;
+    StoreTail(d, gelu(LoadTail(d, values + i, n - i, tail)), values + i, n - i, tail);
+  }
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace visikv::vec
 HWY_AFTER_NAMESPACE();
@@ -236,6 +258,7 @@ HWY_EXPORT(MaxValue);
 HWY_EXPORT(ExpShifted);
 HWY_EXPORT(SumExpShifted);
 HWY_EXPORT(Silu);
+HWY_EXPORT(GeluTanh);
 
 float dot(const float* w, const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(Dot)(w, x, n); }
 
@@ -269,6 +292,9 @@ double log_sum_exp(std::span<const float> values) {
 }
 
 void silu(std::span<float> values) { HWY_DYNAMIC_DISPATCH(Silu)(values.data(), values.size()); }
+void gelu_tanh(std::span<float> values) {
+  HWY_DYNAMIC_DISPATCH(GeluTanh)(values.data(), values.size());
+}
 
 }  // namespace visikv::vec
 #endif  // HWY_ONCE

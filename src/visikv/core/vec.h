@@ -1,7 +1,7 @@
 // Row functions over float vectors, vectorized once with Google Highway and chosen at run time
 // for the CPU (core/vec.cpp): dot products and scaled accumulation against float32, half and
 // bfloat16 rows, the interval bound of a box, and the elementwise exponentials of attention's
-// softmax, the SiLU activation and the next-token log-sum-exp.
+// softmax, the SiLU and tanh-GELU activations and the next-token log-sum-exp.
 //
 // Every call computes each element and each row's sum the same way whatever span holds it, so
 // decode and prefill, which call them on different spans, give equal bits. Sums are taken in
@@ -43,5 +43,9 @@ double log_sum_exp(std::span<const float> values);
 
 // values[i] = values[i] / (1 + exp(-values[i])) (SiLU).
 void silu(std::span<float> values);
+
+// GELU with the tanh approximation (transformers' gelu_pytorch_tanh): 0.5 v (1 + tanh(u)), u =
+// sqrt(2 / pi) (v + 0.044715 v^3), computed as v / (1 + exp(-2 u)).
+void gelu_tanh(std::span<float> values);
 
 }  // namespace visikv::vec

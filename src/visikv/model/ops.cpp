@@ -41,11 +41,9 @@ void apply_activation(Activation activation, std::span<float> x) {
       for (float& v : x)
         v = 0.5f * v * (1.0f + std::erf(v * static_cast<float>(std::numbers::sqrt2 / 2)));
       break;
-    case Activation::GeluTanh: {
-      const float k = static_cast<float>(std::sqrt(2.0 / std::numbers::pi));
-      for (float& v : x) v = 0.5f * v * (1.0f + std::tanh(k * (v + 0.044715f * v * v * v)));
+    case Activation::GeluTanh:
+      vec::gelu_tanh(x);
       break;
-    }
   }
 }
 
