@@ -129,58 +129,49 @@ TEST(VecMath, LogSumExpOfAVocabulary) {
   }
 }
 
-TEST(VecMath, SiluMatchesFloat64) {
+// An elementwise activation on every instruction set the CPU runs: rows of every length 0-40 drawn
+// from [lo, hi], each value checked by check(x, got); then values far out, which must give exactly
+// far_want.
+template <typename Apply, typename Check>
+void expect_activation(float lo, float hi, Apply apply, Check check, std::vector<float> far,
+                       const std::vector<float>& far_want) {
   std::mt19937 rng(std::random_device{}());
   for (const std::string& target : available_targets()) {
     SCOPED_TRACE(target);
     const TargetGuard guard(target);
     for (size_t n = 0; n <= 40; ++n) {
-      std::vector<float> row = random_row(rng, n, -30.0f, 30.0f);
+      std::vector<float> row = random_row(rng, n, lo, hi);
       const std::vector<float> original = row;
-      vec::silu(row);
-      for (size_t i = 0; i < n; ++i) {
-        const double x = original[i];
-        expect_close(row[i], x / (1 + std::exp(-x)), 6);
-      }
+      apply(row);
+      for (size_t i = 0; i < n; ++i) check(double{original[i]}, row[i]);
     }
-    std::vector<float> far = {-1000.0f, -200.0f, 200.0f, 0.0f};
-    vec::silu(far);
-    EXPECT_EQ(far[0], 0.0f);
-    EXPECT_EQ(far[1], 0.0f);
-    EXPECT_EQ(far[2], 200.0f);
-    EXPECT_EQ(far[3], 0.0f);
+    std::vector<float> got = far;
+    apply(got);
+    for (size_t i = 0; i < far.size(); ++i) EXPECT_EQ(got[i], far_want[i]) << "x " << far[i];
   }
+}
+
+TEST(VecMath, SiluMatchesFloat64) {
+  expect_activation(
+      -30.0f, 30.0f, [](std::vector<float>& row) { vec::silu(row); },
+      [](double x, float got) { expect_close(got, x / (1 + std::exp(-x)), 6); },
+      {-1000.0f, -200.0f, 200.0f, 0.0f}, {0.0f, 0.0f, 200.0f, 0.0f});
 }
 
 // Within a few float32 ulps of float64, plus what rounding u = sqrt(2/pi) (v + 0.044715 v^3) to
 // float32 moves (the float32 formula of transformers moves as much: far left of zero both are
 // within 1e-6 |v| of 0).
 TEST(VecMath, GeluTanhMatchesFloat64) {
-  std::mt19937 rng(std::random_device{}());
-  for (const std::string& target : available_targets()) {
-    SCOPED_TRACE(target);
-    const TargetGuard guard(target);
-    for (size_t n = 0; n <= 40; ++n) {
-      std::vector<float> row = random_row(rng, n, -12.0f, 12.0f);
-      const std::vector<float> original = row;
-      vec::gelu_tanh(row);
-      for (size_t i = 0; i < n; ++i) {
-        const double x = original[i];
+  expect_activation(
+      -12.0f, 12.0f, [](std::vector<float>& row) { vec::gelu_tanh(row); },
+      [](double x, float got) {
         const double u = std::sqrt(2.0 / std::numbers::pi) * (x + 0.044715 * x * x * x);
         const double want = 0.5 * x * (1.0 + std::tanh(u));
         const double eps = std::numeric_limits<float>::epsilon();
-        EXPECT_LE(std::abs(row[i] - want), 8 * eps * std::abs(want) + 4 * eps * std::abs(x))
-            << "x " << x << " got " << row[i] << " want " << want;
-      }
-    }
-    std::vector<float> far = {-1000.0f, -200.0f, 200.0f, 0.0f, 1000.0f};
-    vec::gelu_tanh(far);
-    EXPECT_EQ(far[0], 0.0f);
-    EXPECT_EQ(far[1], 0.0f);
-    EXPECT_EQ(far[2], 200.0f);
-    EXPECT_EQ(far[3], 0.0f);
-    EXPECT_EQ(far[4], 1000.0f);
-  }
+        EXPECT_LE(std::abs(got - want), 8 * eps * std::abs(want) + 4 * eps * std::abs(x))
+            << "x " << x << " got " << got << " want " << want;
+      },
+      {-1000.0f, -200.0f, 200.0f, 0.0f, 1000.0f}, {0.0f, 0.0f, 200.0f, 0.0f, 1000.0f});
 }
 
 }  // namespace

@@ -1,9 +1,9 @@
 #include "visikv/model/amx_products.h"
 
 #include <atomic>
-#include <cstring>
-#include <mutex>
+#include <vector>
 
+#include "visikv/core/aligned.h"
 #include "visikv/core/error.h"
 
 #if VISIKV_AMX_COMPILED
@@ -13,8 +13,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <memory>
-#include <new>
 #endif
 
 namespace visikv::amx {
@@ -147,20 +145,6 @@ VISIKV_AMX_ATTR void pack_weight_tiles(const int16_t* w, int64_t stride, int64_t
   }
 }
 
-// A 64-byte aligned buffer that grows and keeps its memory.
-struct TileBuffer {
-  std::unique_ptr<uint8_t[], void (*)(uint8_t*)> data{
-      nullptr, [](uint8_t* p) { ::operator delete[](p, std::align_val_t{64}); }};
-  int64_t capacity = 0;
-  uint8_t* reserve(int64_t bytes) {
-    if (bytes > capacity) {
-      data.reset(static_cast<uint8_t*>(::operator new[](bytes, std::align_val_t{64})));
-      capacity = bytes;
-    }
-    return data.get();
-  }
-};
-
 // Eight int32 sums as doubles (exact).
 VISIKV_AMX_ATTR inline __m512d to_double(const int32_t* sums) {
   return _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums)));
@@ -171,10 +155,13 @@ VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
   const int64_t row_tiles = padded_rows(s.rows) / kTile;
   const int64_t padded = row_tiles * kTile;
   const int64_t value_steps = s.blocks * kStepsPerBlock;  // 64 values each
-  thread_local TileBuffer weight_buffer;
+  // Grows to the largest call and is then reused.
+  thread_local std::vector<uint8_t, CacheAlignedAllocator<uint8_t>> weight_buffer;
+  const size_t weight_bytes = static_cast<size_t>(2 * row_tiles * value_steps * kTileSize);
+  if (weight_buffer.size() < weight_bytes) weight_buffer.resize(weight_bytes);
   // Weight tiles of row tile rt and value step q: high at weight_tiles + (2 (rt * value_steps + q))
   // tiles, low one tile after.
-  uint8_t* weight_tiles = weight_buffer.reserve(2 * row_tiles * value_steps * kTileSize);
+  uint8_t* weight_tiles = weight_buffer.data();
   for (int64_t rt = 0; rt < row_tiles; ++rt)
     for (int64_t q = 0; q < value_steps; ++q) {
       uint8_t* tile = weight_tiles + 2 * (rt * value_steps + q) * kTileSize;

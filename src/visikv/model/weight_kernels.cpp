@@ -1742,13 +1742,13 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
   thread_local AlignedBuffer<float> lanes_buffer;
   thread_local AlignedBuffer<int16_t> panel_buffer;
   thread_local AlignedBuffer<SuperScales> scales_buffer;
-  // Token t and row r's products term (exact totals) at products[t * rows + r], float lanes at
-  // lanes + (t * rows + r) * kLanes.
-  double* products = products_buffer.Reserve(tokens * rows);
+  // Token t and row r's float lanes at lanes + (t * rows + r) * kLanes, and with exact totals its
+  // products term at products[t * rows + r].
+  double* products = kExactTotals ? products_buffer.Reserve(tokens * rows) : nullptr;
   float* lanes = lanes_buffer.Reserve(tokens * rows * kLanes);
   int16_t* panel = panel_buffer.Reserve(rows * kStepValues);
   SuperScales* panel_scales = scales_buffer.Reserve(kStepBlocks * rows);
-  std::fill(products, products + tokens * rows, 0.0);
+  if constexpr (kExactTotals) std::fill(products, products + tokens * rows, 0.0);
   for (int64_t i = 0; i < tokens * rows; ++i) hn::Store(hn::Zero(DF()), DF(), lanes + i * kLanes);
   PrefetchOutputs(y, y_stride, rows, tokens);
   for (int64_t b0 = 0; b0 < blocks; b0 += kStepBlocks) {
@@ -1757,11 +1757,11 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
     // kRows rows from r times kTokens tokens from t0 over the step.
     const auto tile = [&](auto row_count, auto token_count, int64_t r, int64_t t0) HWY_ATTR {
       constexpr int kRows = decltype(row_count)::value, kTokens = decltype(token_count)::value;
-      double p[kRows][kTokens];
+      double p[kRows][kTokens] = {};
       VF o[kRows][kTokens];
       for (int i = 0; i < kRows; ++i)
         for (int t = 0; t < kTokens; ++t) {
-          p[i][t] = products[(t0 + t) * rows + r + i];
+          if constexpr (kExactTotals) p[i][t] = products[(t0 + t) * rows + r + i];
           o[i][t] = hn::Load(DF(), lanes + ((t0 + t) * rows + r + i) * kLanes);
         }
       for (int64_t b = b0; b < b1; ++b) {
@@ -1778,7 +1778,7 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
       }
       for (int i = 0; i < kRows; ++i)
         for (int t = 0; t < kTokens; ++t) {
-          products[(t0 + t) * rows + r + i] = p[i][t];
+          if constexpr (kExactTotals) products[(t0 + t) * rows + r + i] = p[i][t];
           hn::Store(o[i][t], DF(), lanes + ((t0 + t) * rows + r + i) * kLanes);
         }
     };
@@ -1796,8 +1796,9 @@ void BlockedInt16Super(const uint8_t* first_row, int64_t row_bytes, int64_t rows
   }
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t r = 0; r < rows; ++r)
-      y[t * y_stride + r] = SuperOutput<kExactTotals, Format>(
-          products[t * rows + r], hn::Load(DF(), lanes + (t * rows + r) * kLanes));
+      y[t * y_stride + r] =
+          SuperOutput<kExactTotals, Format>(kExactTotals ? products[t * rows + r] : 0.0,
+                                            hn::Load(DF(), lanes + (t * rows + r) * kLanes));
 }
 #endif
 
