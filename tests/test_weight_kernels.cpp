@@ -495,7 +495,7 @@ TEST(WeightKernels, Int16TileProductsEqualTheVectorKernels) {
                               y.data() + kRows + 3, kRows + 3);
         return y;
       };
-      for (const auto [first, tokens] :
+      for (const auto& [first, tokens] :
            {std::pair<int64_t, int64_t>{0, 70}, {3, 64}, {5, 17}, {60, 10}, {0, 5}, {69, 1}}) {
         SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first));
         const std::vector<float> tiles = product("amx", first, tokens);
@@ -516,6 +516,118 @@ TEST(WeightKernels, Int16TileProductsEqualTheVectorKernels) {
           ASSERT_EQ(tiles[i], vectors[i]) << "token " << row << " row " << column;
         }
       }
+    }
+}
+
+// The packed rows of the blocks-of-32 types (amx_products.h) against their definition, computed
+// here from the GGUF block layout (each code checked against dequantize()): exact integer block
+// sums, then per block fma(float(I), d * s, acc) and the min term, in float32 and block order.
+// Decode (vectors, up to 4 tokens) and prefill (tiles) must both give these bits, for a partial
+// last tile, tile ranges that start past the first, partial token tiles and the largest magnitudes,
+// and write nothing outside their outputs.
+TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
+  if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
+  constexpr int64_t kRows = 37, kColumns = 288, kTokens = 40, kStride = kRows + 3;
+  for (const DType type : {DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0})
+    for (const bool extreme : {false, true}) {
+      SCOPED_TRACE(std::string(dtype_name(type)) + (extreme ? " extreme" : " random"));
+      std::mt19937 rng(41);
+      std::vector<std::byte> weights = random_rows(type, kRows, kColumns, rng);
+      const DTypeInfo& info = dtype_info(type);
+      const int64_t row_bytes = storage_bytes(type, kColumns), blocks = kColumns / 32;
+      std::vector<float> x = outlier_activations(rng, kTokens, kColumns);
+      if (extreme) {
+        // Every code at its largest magnitude (Q8_0 -128, the others their top code, fifth bits
+        // set), every activation code +-32767.
+        for (int64_t b = 0; b < kRows * blocks; ++b) {
+          std::byte* block = weights.data() + b * info.block_bytes;
+          const int64_t head = type == DType::Q4_1 || type == DType::Q5_1 ? 4 : 2;
+          std::memset(block + head, type == DType::Q8_0 ? 0x80 : 0xFF, info.block_bytes - head);
+        }
+        for (size_t i = 0; i < x.size(); ++i) x[i] = (i * 7919) % 3 == 0 ? -1.0f : 1.0f;
+      }
+      const TargetGuard guard("amx");
+      Int16Activations xq;
+      quantize_activations(x.data(), kTokens, kColumns, xq, 32);
+      ASSERT_TRUE(xq.has_tile_bytes());
+      const amx::PackedRows packed =
+          amx::pack_rows(type, weights.data(), row_bytes, kRows, kColumns);
+      // The codes c (w = d c + m) of row r's block b, from the GGUF layout.
+      const auto codes = [&](int64_t r, int64_t b, float& d, float& m) {
+        const auto* p =
+            reinterpret_cast<const uint8_t*>(weights.data() + r * row_bytes + b * info.block_bytes);
+        uint16_t bits[2];
+        std::memcpy(bits, p, 4);
+        d = fp16_to_float(bits[0]);
+        m = 0;
+        std::vector<int> c(32);
+        if (type == DType::Q8_0) {
+          for (int j = 0; j < 32; ++j) c[j] = static_cast<int8_t>(p[2 + j]);
+        } else {
+          const bool has_min = type == DType::Q4_1 || type == DType::Q5_1;
+          const bool fifth = type == DType::Q5_0 || type == DType::Q5_1;
+          if (has_min) m = fp16_to_float(bits[1]);
+          const uint8_t* qs = p + (has_min ? 4 : 2) + (fifth ? 4 : 0);
+          uint32_t qh = 0;
+          if (fifth) std::memcpy(&qh, p + (has_min ? 4 : 2), 4);
+          const int offset = type == DType::Q4_0 ? 8 : (type == DType::Q5_0 ? 16 : 0);
+          for (int j = 0; j < 16; ++j) {
+            c[j] = (qs[j] & 15) + (fifth ? 16 * static_cast<int>((qh >> j) & 1) : 0) - offset;
+            c[16 + j] =
+                (qs[j] >> 4) + (fifth ? 16 * static_cast<int>((qh >> (16 + j)) & 1) : 0) - offset;
+          }
+        }
+        return c;
+      };
+      std::vector<float> reference(kTokens * kRows);
+      for (int64_t r = 0; r < kRows; ++r) {
+        std::vector<float> w(kColumns);
+        dequantize(type, {weights.data() + r * row_bytes, static_cast<size_t>(row_bytes)}, w);
+        for (int64_t b = 0; b < blocks; ++b) {
+          float d, m;
+          const std::vector<int> c = codes(r, b, d, m);
+          for (int j = 0; j < 32; ++j) ASSERT_EQ(w[b * 32 + j], d * c[j] + m) << "code " << j;
+        }
+        for (int64_t t = 0; t < kTokens; ++t) {
+          float acc = 0;
+          for (int64_t b = 0; b < blocks; ++b) {
+            float d, m;
+            const std::vector<int> c = codes(r, b, d, m);
+            int64_t sum = 0, code_sum = 0;
+            for (int j = 0; j < 32; ++j) {
+              const int64_t code = xq.codes[t * kColumns + b * 32 + j];
+              sum += c[j] * code;
+              code_sum += code;
+            }
+            const float s = xq.scales[t * blocks + b];
+            acc = std::fma(static_cast<float>(sum), d * s, acc);
+            if (type == DType::Q4_1 || type == DType::Q5_1)
+              acc = std::fma(static_cast<float>(code_sum), m * s, acc);
+          }
+          reference[t * kRows + r] = acc;
+        }
+      }
+      for (const auto& [first_tile, tiles] : {std::pair<int64_t, int64_t>{0, 3}, {1, 2}, {2, 1}})
+        for (const auto& [first, tokens] :
+             {std::pair<int64_t, int64_t>{0, 40}, {3, 17}, {5, 4}, {2, 3}, {7, 2}, {39, 1}}) {
+          SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first) +
+                       ", tiles from " + std::to_string(first_tile));
+          std::vector<float> y((tokens + 2) * kStride, std::numeric_limits<float>::quiet_NaN());
+          amx::packed_products(packed, first_tile, tiles, xq, first, tokens, y.data() + kStride,
+                               kStride);
+          const int64_t r0 = 16 * first_tile,
+                        rows = std::min(kRows, 16 * (first_tile + tiles)) - r0;
+          for (size_t i = 0; i < y.size(); ++i) {
+            const int64_t t = static_cast<int64_t>(i) / kStride - 1,
+                          r = static_cast<int64_t>(i) % kStride;
+            if (t < 0 || t >= tokens || r >= rows) {
+              ASSERT_TRUE(std::isnan(y[i])) << "wrote outside the outputs at " << i;
+              continue;
+            }
+            ASSERT_EQ(y[i], reference[(first + t) * kRows + r0 + r])
+                << "token " << t << " row " << r;
+          }
+        }
     }
 }
 
@@ -689,7 +801,8 @@ TEST(WeightKernels, NonFiniteActivationsPoisonTheirTokenOnly) {
 
 // linear_forward with the int16 numerics: two products of one input (one block type, one float
 // type) over a chunk of 9 tokens. The block weights give each token the bits of that token alone
-// and of the int16 kernel (bias added); the float weights give what exact numerics give (sgemm for
+// and of the int16 kernel (bias added): the stored-layout row kernel, or where the tile products
+// run the packed rows' (amx_products.h); the float weights give what exact numerics give (sgemm for
 // a chunk of this size, so only the same call is compared).
 TEST(WeightKernels, Int16LinearForwardChunksEqualSingleTokens) {
   constexpr int64_t kIn = 512, kOut = 40, kTokens = 9;
@@ -709,19 +822,26 @@ TEST(WeightKernels, Int16LinearForwardChunksEqualSingleTokens) {
   EXPECT_EQ(y_half, exact_chunk);
   Int16Activations xq;
   quantize_activations(x.data(), kTokens, kIn, xq);
+  const bool packed = amx::enabled();
+  const amx::PackedRows packed_rows =
+      packed ? amx::pack_rows(DType::Q4_1, q4.data(), storage_bytes(DType::Q4_1, kIn), kOut, kIn)
+             : amx::PackedRows{};
   for (int64_t t = 0; t < kTokens; ++t) {
     std::vector<float> one_block(kOut), one_half(kOut), exact_half(kOut);
     const std::span<const float> xt(x.data() + t * kIn, kIn);
     const LinearProduct one[] = {{&block, one_block}, {&half, one_half}};
     linear_forward(one, xt, 1, ProductRounding::QuantizedActivations16);
     linear_forward(half, xt, 1, exact_half, ProductRounding::Fastest);
+    std::vector<float> kernel(kOut, std::numeric_limits<float>::quiet_NaN());
+    if (packed)
+      amx::packed_products(packed_rows, 0, packed_rows.tiles(), xq, t, 1, kernel.data(), kOut);
+    else
+      dot_rows_tokens_int16(DType::Q4_1, q4.data(), storage_bytes(DType::Q4_1, kIn), kOut, kIn, xq,
+                            t, 1, kernel.data(), kOut);
     for (int64_t o = 0; o < kOut; ++o) {
       EXPECT_EQ(y_block[t * kOut + o], one_block[o]) << t << " " << o;
       EXPECT_EQ(one_half[o], exact_half[o]) << t << " " << o;
-      float kernel = std::numeric_limits<float>::quiet_NaN();
-      dot_row_tokens_int16(DType::Q4_1, q4.data() + o * storage_bytes(DType::Q4_1, kIn), kIn, xq, t,
-                           1, &kernel, 1);
-      EXPECT_EQ(one_block[o], kernel + block.bias[o]) << t << " " << o;
+      EXPECT_EQ(one_block[o], kernel[o] + block.bias[o]) << t << " " << o;
     }
   }
 }

@@ -1,6 +1,7 @@
 #include "visikv/model/amx_products.h"
 
 #include <atomic>
+#include <cstring>
 #include <vector>
 
 #include "visikv/core/aligned.h"
@@ -24,8 +25,8 @@ bool detect() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
   const bool avx512 = (b & (1u << 16)) != 0 && (b & (1u << 17)) != 0 && (b & (1u << 30)) != 0 &&
-                      (b & (1u << 31)) != 0;                          // F, DQ, BW, VL
-  const bool tiles = (d & (1u << 24)) != 0 && (d & (1u << 25)) != 0;  // AMX-TILE, AMX-INT8
+                      (b & (1u << 31)) != 0 && (c & (1u << 11)) != 0;  // F, DQ, BW, VL, VNNI
+  const bool tiles = (d & (1u << 24)) != 0 && (d & (1u << 25)) != 0;   // AMX-TILE, AMX-INT8
   if (!avx512 || !tiles) return false;
   // Linux hands out the 8 KB of tile state only to a process that asks for it
   // (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); its threads then have it too.
@@ -56,11 +57,124 @@ void set_enabled(bool on) {
   enabled_flag().store(on, std::memory_order_relaxed);
 }
 
+// --- blocks of 32, packed sixteen rows at a time -------------------------------------------------
+
+namespace {
+
+struct PackedLayout {
+  int code_bytes;   // 256 (4- and 5-bit codes) or 512 (Q8_0)
+  int fifth_bytes;  // 64 for the 5-bit codes
+  bool has_min;     // Q4_1, Q5_1
+  int code_offset;  // c = q - code_offset
+  int scales_at() const { return code_bytes + fifth_bytes; }
+  int block_bytes() const { return scales_at() + (has_min ? 64 : 32); }
+};
+
+constexpr PackedLayout packed_layout(DType type) {
+  switch (type) {
+    case DType::Q4_0:
+      return {256, 0, false, 8};
+    case DType::Q4_1:
+      return {256, 0, true, 0};
+    case DType::Q5_0:
+      return {256, 64, false, 16};
+    case DType::Q5_1:
+      return {256, 64, true, 0};
+    default:
+      return {512, 0, false, 0};  // Q8_0
+  }
+}
+
+// A stored block's 32 codes q (before the offset) and the bits of its fp16 d and m.
+struct StoredBlock {
+  int q[32];
+  uint16_t d = 0, m = 0;
+};
+
+StoredBlock read_stored_block(DType type, const uint8_t* p) {
+  StoredBlock s;
+  std::memcpy(&s.d, p, 2);
+  if (type == DType::Q8_0) {
+    for (int j = 0; j < 32; ++j) s.q[j] = static_cast<int8_t>(p[2 + j]);
+    return s;
+  }
+  const bool has_min = type == DType::Q4_1 || type == DType::Q5_1;
+  const bool fifth = type == DType::Q5_0 || type == DType::Q5_1;
+  if (has_min) std::memcpy(&s.m, p + 2, 2);
+  const uint8_t* rest = p + (has_min ? 4 : 2);
+  uint32_t high = 0;
+  if (fifth) {
+    std::memcpy(&high, rest, 4);
+    rest += 4;
+  }
+  for (int j = 0; j < 16; ++j) {
+    s.q[j] = (rest[j] & 0x0F) | static_cast<int>((high >> j) & 1u) << 4;
+    s.q[16 + j] = (rest[j] >> 4) | static_cast<int>((high >> (16 + j)) & 1u) << 4;
+  }
+  return s;
+}
+
+}  // namespace
+
+bool packs_rows(DType type) {
+  return type == DType::Q4_0 || type == DType::Q4_1 || type == DType::Q5_0 || type == DType::Q5_1 ||
+         type == DType::Q8_0;
+}
+
+PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                     int64_t elements) {
+  require(packs_rows(type), "no packed rows for ", dtype_name(type), " weights");
+  require(elements % 32 == 0 && elements > 0 && rows > 0, "packed rows of ", rows, " x ", elements,
+          " values (whole blocks of 32 needed)");
+  const PackedLayout layout = packed_layout(type);
+  PackedRows packed;
+  packed.type = type;
+  packed.rows = rows;
+  packed.elements = elements;
+  packed.block_bytes = layout.block_bytes();
+  const int64_t blocks = elements / 32, stored_bytes = dtype_info(type).block_bytes;
+  packed.data.assign(static_cast<size_t>(packed.tiles() * packed.tile_bytes()), 0);
+  for (int64_t tile = 0; tile < packed.tiles(); ++tile)
+    for (int64_t b = 0; b < blocks; ++b) {
+      uint8_t* out = packed.data.data() + (tile * blocks + b) * packed.block_bytes;
+      for (int r = 0; r < 16 && tile * 16 + r < rows; ++r) {
+        const StoredBlock s =
+            read_stored_block(type, reinterpret_cast<const uint8_t*>(first_row) +
+                                        (tile * 16 + r) * row_bytes + b * stored_bytes);
+        for (int k = 0; k < 2; ++k) {
+          if (layout.code_bytes == 512) {
+            for (int c = 0; c < 16; ++c)
+              out[c * 32 + 2 * r + k] = static_cast<uint8_t>(s.q[2 * c + k]);
+            continue;
+          }
+          for (int c = 0; c < 8; ++c) {
+            const int low = s.q[4 * c + k], high = s.q[4 * c + 2 + k];
+            out[c * 32 + 2 * r + k] = static_cast<uint8_t>((low & 0x0F) | (high & 0x0F) << 4);
+            if (layout.fifth_bytes == 0) continue;
+            uint32_t masks[2];
+            std::memcpy(masks, out + 256 + 8 * c, 8);
+            masks[0] |= static_cast<uint32_t>(low >> 4) << (2 * r + k);
+            masks[1] |= static_cast<uint32_t>(high >> 4) << (2 * r + k);
+            std::memcpy(out + 256 + 8 * c, masks, 8);
+          }
+        }
+        std::memcpy(out + layout.scales_at() + 2 * r, &s.d, 2);
+        if (layout.has_min) std::memcpy(out + layout.scales_at() + 32 + 2 * r, &s.m, 2);
+      }
+    }
+  return packed;
+}
+
 #if VISIKV_AMX_COMPILED
+// GCC 12's AVX-512 conversion intrinsics start from an "undefined" vector, which its flow analysis
+// reports as maybe uninitialized wherever they are inlined.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 namespace {
 
 #define VISIKV_AMX_ATTR \
-  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-int8")))
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,amx-tile,amx-int8")))
 
 constexpr int kTile = 16;       // rows of a tile (tokens, or groups of 4 values)
 constexpr int kTileBytes = 64;  // bytes of a tile row
@@ -80,14 +194,22 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-VISIKV_AMX_ATTR void configure_tiles() {
-  TileConfig config;
-  for (int i = 0; i < 8; ++i) {
-    config.bytes_per_row[i] = kTileBytes;
-    config.rows[i] = kTile;
+// A configuration with tiles [first, end) of `rows` rows of `bytes` bytes added.
+constexpr TileConfig with_tiles(TileConfig config, int first, int end, int rows, int bytes) {
+  for (int i = first; i < end; ++i) {
+    config.rows[i] = static_cast<uint8_t>(rows);
+    config.bytes_per_row[i] = static_cast<uint16_t>(bytes);
   }
-  _tile_loadconfig(&config);
+  return config;
 }
+
+// Loaded from static memory: GCC 12 dropped the stores into a local configuration as dead (it
+// does not see _tile_loadconfig read them), which left every tile unconfigured.
+VISIKV_AMX_ATTR void load_tile_config(const TileConfig& config) { _tile_loadconfig(&config); }
+
+constexpr TileConfig kSuperBlockTiles = with_tiles(TileConfig{}, 0, 8, kTile, kTileBytes);
+
+VISIKV_AMX_ATTR void configure_tiles() { load_tile_config(kSuperBlockTiles); }
 
 // r[i] holds 16 dwords; afterwards r[j] holds dword j of every r[i], in order of i.
 VISIKV_AMX_ATTR inline void transpose_dwords(__m512i (&r)[16]) {
@@ -229,6 +351,262 @@ VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
 
 VISIKV_AMX_ATTR void release_tiles() { _tile_release(); }
 
+// --- blocks of 32
+// ---------------------------------------------------------------------------------
+
+template <DType kType>
+constexpr PackedLayout kLayout = packed_layout(kType);
+
+VISIKV_AMX_ATTR inline __m256i load_256(const uint8_t* p) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+}
+
+// Chunk c of a packed block of 4- or 5-bit codes as 16-bit lanes 2r + k: `low` values 4c + k,
+// `high` values 4c + 2 + k of row r.
+template <DType kType>
+VISIKV_AMX_ATTR inline void code_pairs(const uint8_t* block, int c, __m512i& low, __m512i& high) {
+  const __m512i bytes = _mm512_cvtepu8_epi16(load_256(block + 32 * c));
+  low = _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
+  high = _mm512_srli_epi16(bytes, 4);
+  if constexpr (kLayout<kType>.fifth_bytes != 0) {
+    uint32_t masks[2];
+    std::memcpy(masks, block + 256 + 8 * c, 8);
+    const __m512i sixteen = _mm512_set1_epi16(16);
+    low = _mm512_mask_add_epi16(low, masks[0], low, sixteen);
+    high = _mm512_mask_add_epi16(high, masks[1], high, sixteen);
+  }
+}
+
+// Chunk c of Q8_0's packed codes as 16-bit lanes 2r + k (values 2c + k of row r).
+VISIKV_AMX_ATTR inline __m512i byte_pairs(const uint8_t* block, int c) {
+  return _mm512_cvtepi8_epi16(load_256(block + 32 * c));
+}
+
+// Two 16-bit activation codes in every 32-bit lane.
+VISIKV_AMX_ATTR inline __m512i code_pair(const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, 4);
+  return _mm512_set1_epi32(pair);
+}
+
+// The 16 rows' d and m of a packed block.
+template <DType kType>
+VISIKV_AMX_ATTR inline void block_scales(const uint8_t* block, __m512& d, __m512& m) {
+  constexpr PackedLayout layout = kLayout<kType>;
+  d = _mm512_cvtph_ps(load_256(block + layout.scales_at()));
+  m = layout.has_min ? _mm512_cvtph_ps(load_256(block + layout.scales_at() + 32))
+                     : _mm512_setzero_ps();
+}
+
+// The definition's step for one block (amx_products.h), sixteen rows of one token at a time: both
+// engines take it, so that they give the same bits. `sums` are the block's integer sums of the
+// codes q, `code_sum` the block's sum of activation codes X_b.
+template <DType kType>
+VISIKV_AMX_ATTR inline __m512 add_block(__m512i sums, __m512 d, __m512 m, float scale,
+                                        int32_t code_sum, __m512 acc) {
+  constexpr PackedLayout layout = kLayout<kType>;
+  if constexpr (layout.code_offset != 0)  // sum (q - o) x = sum q x - o X, exactly
+    sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(layout.code_offset * code_sum));
+  const __m512 s = _mm512_set1_ps(scale);
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, s), acc);
+  if constexpr (layout.has_min)
+    acc = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(code_sum)), _mm512_mul_ps(m, s), acc);
+  return acc;
+}
+
+// Sixteen rows' outputs, fewer at the matrix's end.
+VISIKV_AMX_ATTR inline void store_rows(float* y, __m512 v, int64_t rows) {
+  _mm512_mask_storeu_ps(y, rows >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << rows) - 1), v);
+}
+
+// Decode: kTiles tiles of 16 rows from `tile0` times kTokens tokens. Lane r of a sum accumulates
+// row r's products of the block, two value pairs at a time (VNNI's vpdpwssd), in two chains (even
+// and odd chunks) per row tile and token.
+template <DType kType, int kTiles, int kTokens>
+VISIKV_AMX_ATTR void vector_products(const PackedRows& w, int64_t tile0, const Int16Activations& x,
+                                     int64_t first, float* y, int64_t y_stride) {
+  constexpr PackedLayout layout = kLayout<kType>;
+  // Into L2, 16 KB ahead, as the stored-layout kernels (weight_kernels.cpp PrefetchAhead).
+  constexpr int64_t kPrefetchBytes = 16384;
+  const int64_t n = x.elements, blocks = n / 32;
+  const uint8_t* tiles[kTiles];
+  for (int i = 0; i < kTiles; ++i) tiles[i] = w.data.data() + (tile0 + i) * w.tile_bytes();
+  const int16_t* codes[kTokens];
+  const float* scales[kTokens];
+  const int32_t* code_sums[kTokens];
+  for (int t = 0; t < kTokens; ++t) {
+    codes[t] = x.codes.data() + (first + t) * n;
+    scales[t] = x.scales.data() + (first + t) * blocks;
+    code_sums[t] = x.block_sums.data() + (first + t) * blocks;
+  }
+  __m512 acc[kTiles][kTokens];
+  for (auto& row : acc)
+    for (__m512& a : row) a = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    __m512i even[kTiles][kTokens], odd[kTiles][kTokens];
+    const uint8_t* block[kTiles];
+    for (int i = 0; i < kTiles; ++i) {
+      block[i] = tiles[i] + b * layout.block_bytes();
+      for (int line = 0; line < layout.block_bytes(); line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(block[i] + kPrefetchBytes + line), _MM_HINT_T1);
+      for (int t = 0; t < kTokens; ++t) even[i][t] = odd[i][t] = _mm512_setzero_si512();
+    }
+    const int16_t* xb[kTokens];
+    for (int t = 0; t < kTokens; ++t) xb[t] = codes[t] + 32 * b;
+    if constexpr (layout.code_bytes == 256) {
+      for (int c = 0; c < 8; ++c) {
+        __m512i low[kTiles], high[kTiles];
+        for (int i = 0; i < kTiles; ++i) code_pairs<kType>(block[i], c, low[i], high[i]);
+        for (int t = 0; t < kTokens; ++t) {
+          const __m512i x_low = code_pair(xb[t] + 4 * c), x_high = code_pair(xb[t] + 4 * c + 2);
+          for (int i = 0; i < kTiles; ++i) {
+            even[i][t] = _mm512_dpwssd_epi32(even[i][t], low[i], x_low);
+            odd[i][t] = _mm512_dpwssd_epi32(odd[i][t], high[i], x_high);
+          }
+        }
+      }
+    } else {
+      for (int c = 0; c < 16; c += 2) {
+        __m512i w_even[kTiles], w_odd[kTiles];
+        for (int i = 0; i < kTiles; ++i) {
+          w_even[i] = byte_pairs(block[i], c);
+          w_odd[i] = byte_pairs(block[i], c + 1);
+        }
+        for (int t = 0; t < kTokens; ++t) {
+          const __m512i x_even = code_pair(xb[t] + 2 * c), x_odd = code_pair(xb[t] + 2 * c + 2);
+          for (int i = 0; i < kTiles; ++i) {
+            even[i][t] = _mm512_dpwssd_epi32(even[i][t], w_even[i], x_even);
+            odd[i][t] = _mm512_dpwssd_epi32(odd[i][t], w_odd[i], x_odd);
+          }
+        }
+      }
+    }
+    for (int i = 0; i < kTiles; ++i) {
+      __m512 d, m;
+      block_scales<kType>(block[i], d, m);
+      for (int t = 0; t < kTokens; ++t)
+        acc[i][t] = add_block<kType>(_mm512_add_epi32(even[i][t], odd[i][t]), d, m, scales[t][b],
+                                     code_sums[t][b], acc[i][t]);
+    }
+  }
+  for (int i = 0; i < kTiles; ++i)
+    for (int t = 0; t < kTokens; ++t)
+      store_rows(y + t * y_stride + 16 * i, acc[i][t], w.rows - (tile0 + i) * 16);
+}
+
+template <DType kType, int kTiles>
+VISIKV_AMX_ATTR void vector_tokens(const PackedRows& w, int64_t tile0, const Int16Activations& x,
+                                   int64_t first, int64_t tokens, float* y, int64_t y_stride) {
+  switch (tokens) {
+    case 1:
+      return vector_products<kType, kTiles, 1>(w, tile0, x, first, y, y_stride);
+    case 2:
+      return vector_products<kType, kTiles, 2>(w, tile0, x, first, y, y_stride);
+    case 3:
+      return vector_products<kType, kTiles, 3>(w, tile0, x, first, y, y_stride);
+    default:
+      return vector_products<kType, kTiles, 4>(w, tile0, x, first, y, y_stride);
+  }
+}
+
+// Palette 1 for blocks of 32: tiles 0-1 a block's sums with the activations' high and low bytes
+// (16 tokens x 16 rows of int32), 2-3 those bytes (16 tokens x 32), 4 the weights (8 groups of 4
+// values x 16 rows).
+constexpr TileConfig kBlockTiles =
+    with_tiles(with_tiles(with_tiles(TileConfig{}, 0, 2, kTile, kTileBytes), 2, 4, kTile, 32), 4, 5,
+               8, kTileBytes);
+
+VISIKV_AMX_ATTR void configure_block_tiles() { load_tile_config(kBlockTiles); }
+
+// A packed block in the tile layout (VNNI): row j of the 512 bytes holds values 4j .. 4j + 3 of
+// each of the 16 rows (bytes 4r .. 4r + 3).
+// Units r of 16 bits (bytes 2r and 2r + 1) of `low` and `high` as bytes 4r .. 4r + 3.
+VISIKV_AMX_ATTR inline __m512i interleave_pairs(__m256i low, __m256i high) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(low),
+                         _mm512_slli_epi32(_mm512_cvtepu16_epi32(high), 16));
+}
+
+template <DType kType>
+VISIKV_AMX_ATTR void weight_tile(const uint8_t* block, uint8_t* out) {
+  if constexpr (kLayout<kType>.code_bytes == 256) {
+    for (int c = 0; c < 8; ++c) {
+      __m512i low, high;
+      code_pairs<kType>(block, c, low, high);
+      _mm512_store_si512(out + 64 * c,
+                         interleave_pairs(_mm512_cvtepi16_epi8(low), _mm512_cvtepi16_epi8(high)));
+    }
+  } else {
+    for (int j = 0; j < 8; ++j)
+      _mm512_store_si512(out + 64 * j,
+                         interleave_pairs(load_256(block + 64 * j), load_256(block + 64 * j + 32)));
+  }
+}
+
+// Prefill: one tile of 16 rows times every token, 16 tokens at a time; the block's weight tile is
+// unpacked once per call, and each (token, row) meets the blocks in order.
+template <DType kType>
+VISIKV_AMX_ATTR void tile_products(const PackedRows& w, int64_t tile, const Int16Activations& x,
+                                   int64_t first, int64_t tokens, float* y, int64_t y_stride) {
+  constexpr PackedLayout layout = kLayout<kType>;
+  constexpr int kWeightTileBytes = 512;
+  const int64_t n = x.elements, blocks = n / 32;
+  thread_local std::vector<uint8_t, CacheAlignedAllocator<uint8_t>> weight_buffer;
+  if (weight_buffer.size() < static_cast<size_t>(blocks * kWeightTileBytes))
+    weight_buffer.resize(static_cast<size_t>(blocks * kWeightTileBytes));
+  uint8_t* weights = weight_buffer.data();
+  const uint8_t* packed = w.data.data() + tile * w.tile_bytes();
+  for (int64_t b = 0; b < blocks; ++b)
+    weight_tile<kType>(packed + b * layout.block_bytes(), weights + b * kWeightTileBytes);
+  const int64_t rows = w.rows - tile * 16;
+  alignas(64) int32_t sums[2][kTile][kTile];  // high, low bytes; token, row
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+    const int64_t count = std::min<int64_t>(kTile, tokens - t0);
+    const int8_t* high = x.tile_high.data() + (first + t0) * n;
+    const uint8_t* low = x.tile_low.data() + (first + t0) * n;
+    const float* scales = x.scales.data() + (first + t0) * blocks;
+    const int32_t* code_sums = x.block_sums.data() + (first + t0) * blocks;
+    __m512 acc[kTile];
+    for (__m512& a : acc) a = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_loadd(2, high + 32 * b, n);
+      _tile_loadd(3, low + 32 * b, n);
+      _tile_loadd(4, weights + b * kWeightTileBytes, kTileBytes);
+      _tile_dpbssd(0, 2, 4);  // xh · q (q below 128: signed as well)
+      _tile_dpbusd(1, 3, 4);  // xl · q
+      _tile_stored(0, sums[0], kTileBytes);
+      _tile_stored(1, sums[1], kTileBytes);
+      __m512 d, m;
+      block_scales<kType>(packed + b * layout.block_bytes(), d, m);
+      for (int64_t t = 0; t < count; ++t) {
+        const __m512i total = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][t]), 8),
+                                               _mm512_load_si512(sums[1][t]));
+        acc[t] = add_block<kType>(total, d, m, scales[t * blocks + b], code_sums[t * blocks + b],
+                                  acc[t]);
+      }
+    }
+    for (int64_t t = 0; t < count; ++t) store_rows(y + (t0 + t) * y_stride, acc[t], rows);
+  }
+}
+
+template <DType kType>
+void packed_products_of(const PackedRows& w, int64_t first_tile, int64_t tiles,
+                        const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                        int64_t y_stride) {
+  if (tokens > 4) {
+    configure_block_tiles();
+    for (int64_t i = 0; i < tiles; ++i)
+      tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+    release_tiles();
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 2 <= tiles; i += 2)
+    vector_tokens<kType, 2>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+  if (i < tiles) vector_tokens<kType, 1>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+}
+
 }  // namespace
 
 void super_block_products(const SuperBlockStep& step) {
@@ -237,8 +615,44 @@ void super_block_products(const SuperBlockStep& step) {
   // is released: each call leaves the tiles clean.
   release_tiles();
 }
+
+void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
+                     const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
+                     int64_t y_stride) {
+  require(available(), "AMX tile products are not available on this CPU");
+  require(x.block == 32 && x.elements == w.elements && x.has_tile_bytes() &&
+              static_cast<int64_t>(x.block_sums.size()) == x.tokens * x.elements / 32,
+          "packed products need 16-bit activations of ", w.elements,
+          " values in blocks of 32 with their tile bytes and block sums");
+  require(first_tile >= 0 && tiles >= 0 && first_tile + tiles <= w.tiles() && first_token >= 0 &&
+              tokens >= 0 && first_token + tokens <= x.tokens,
+          "packed products: tiles or tokens out of range");
+  switch (w.type) {
+    case DType::Q4_0:
+      return packed_products_of<DType::Q4_0>(w, first_tile, tiles, x, first_token, tokens, y,
+                                             y_stride);
+    case DType::Q4_1:
+      return packed_products_of<DType::Q4_1>(w, first_tile, tiles, x, first_token, tokens, y,
+                                             y_stride);
+    case DType::Q5_0:
+      return packed_products_of<DType::Q5_0>(w, first_tile, tiles, x, first_token, tokens, y,
+                                             y_stride);
+    case DType::Q5_1:
+      return packed_products_of<DType::Q5_1>(w, first_tile, tiles, x, first_token, tokens, y,
+                                             y_stride);
+    case DType::Q8_0:
+      return packed_products_of<DType::Q8_0>(w, first_tile, tiles, x, first_token, tokens, y,
+                                             y_stride);
+    default:
+      fail("no packed products for ", dtype_name(w.type), " weights");
+  }
+}
 #else
 void super_block_products(const SuperBlockStep&) {
+  fail("AMX tile products are not compiled for this platform");
+}
+void packed_products(const PackedRows&, int64_t, int64_t, const Int16Activations&, int64_t, int64_t,
+                     float*, int64_t) {
   fail("AMX tile products are not compiled for this platform");
 }
 #endif

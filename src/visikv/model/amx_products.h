@@ -13,9 +13,43 @@
 // activations as 16 tokens by 64 bytes (Int16Activations::tile_high / tile_low, split once per
 // input) and the weights as 16 groups of 4 bytes for 16 rows (the VNNI layout), into which each
 // step's 16-bit panel is transposed once per call.
+//
+// Blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), decode and prefill: the rows are packed sixteen at a
+// time, so that a vector holds one value pair of sixteen rows (decode) and a tile the weights of
+// sixteen rows (prefill). The weights are single bytes, so two tile products (the activations'
+// high and low bytes) give a block's sum.
+//
+// Why a layout of their own: in the stored layout a row's 32 values fill a vector, and a block's
+// integer sum ends up spread over lanes that must be added, converted and scaled one block at a
+// time. With sixteen rows side by side, lane r of a vector accumulates row r's block sum by itself,
+// so the conversion, the scale and the multiply-add serve sixteen rows at once, and the same
+// layout, unpacked once per call, is what a tile product reads.
+//
+// Definition (both engines, bit for bit): for row w and token x with 16-bit codes x_j and scale s
+// per block b of 32 values, the exact integer I_b = sum_j c_j x_j of the weight codes c_j (q - 8
+// for Q4_0, q - 16 for Q5_0, q otherwise), then in block order, in float32,
+//   acc = fma(float(I_b), d_b * s_b, acc), and for Q4_1 and Q5_1 acc = fma(float(X_b), m_b * s_b,
+//   acc),
+// with X_b the exact sum of the block's activation codes (w_j = d c_j + m). The output is acc. The
+// order of the integer sums does not matter, so the vectors and the tiles agree.
+//
+// Layout of a tile of 16 rows (rows past the matrix are zero), block after block, each block as
+// many bytes as its 16 rows take in the stored format:
+//   4- and 5-bit codes: 8 chunks of 32 bytes, chunk c for values 4c .. 4c + 3: byte 2r + k holds
+//     value 4c + k of row r in its low nibble and value 4c + 2 + k in its high nibble (k < 2);
+//   5-bit codes: then 8 pairs of 32-bit masks, chunk c's: bit 2r + k of the first is the fifth bit
+//     of value 4c + k of row r, of the second that of value 4c + 2 + k;
+//   Q8_0: 16 chunks of 32 bytes, chunk c for values 2c and 2c + 1: byte 2r + k holds value 2c + k;
+//   then the 16 rows' fp16 d, and for Q4_1 and Q5_1 their fp16 m.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
+
+#include "visikv/core/aligned.h"
+#include "visikv/formats/tensor.h"
+#include "visikv/model/weight_kernels.h"
 
 #if defined(__x86_64__) && defined(__linux__)
 #define VISIKV_AMX_COMPILED 1
@@ -56,5 +90,29 @@ struct SuperBlockStep {
   double* products;
 };
 void super_block_products(const SuperBlockStep& step);
+
+// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
+bool packs_rows(DType type);
+
+struct PackedRows {
+  DType type = DType::F32;
+  int64_t rows = 0, elements = 0;
+  int64_t block_bytes = 0;  // one block of a tile of 16 rows
+  std::vector<uint8_t, CacheAlignedAllocator<uint8_t>> data;
+  int64_t tiles() const { return (rows + 15) / 16; }
+  int64_t tile_bytes() const { return block_bytes * (elements / 32); }
+};
+
+// Packs `rows` stored rows of `type` (`row_bytes` apart, `elements` values each).
+PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
+                     int64_t elements);
+
+// y[t * y_stride + r] for the rows of tiles [first_tile, first_tile + tiles) (r counted from the
+// first of them, rows past w.rows left alone) and tokens [first_token, first_token + tokens) of x
+// (16-bit codes in blocks of 32, with tile bytes and block sums: quantize_activations with the tile
+// products on). Up to four tokens run on vectors, more on the tiles. Needs available().
+void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
+                     const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
+                     int64_t y_stride);
 
 }  // namespace visikv::amx

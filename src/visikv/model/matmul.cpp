@@ -41,6 +41,8 @@ constexpr int64_t kDecodeRowBlock = 16;
 // Rows per call of the blocked product (weight_kernels.cpp BlockedRows): their widened step, 32
 // rows of 1024 values, is a 128 KB panel that stays in L2 while the token groups pass over it.
 constexpr int64_t kRowBlock = 32;
+// Rows per call of the packed products (amx_products.h): two tiles of 16.
+constexpr int64_t kPackedRowBlock = 32;
 
 void widen_rows(const TensorRef& w, int64_t first_row, int64_t rows, float* out) {
   const int64_t in = w.row_size();
@@ -155,23 +157,47 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
     }
   }
   const Int8Activations& x8 = x_int8;
+  // Where the tile products run, the int16 products of the blocks-of-32 types read their rows
+  // packed sixteen at a time (amx_products.h), made once per matrix.
+  std::vector<const amx::PackedRows*> packed(row_products.size(), nullptr);
+  if (int16 && any_quantized && amx::enabled())
+    for (size_t i = 0; i < row_products.size(); ++i) {
+      const Linear& layer = *row_products[i].layer;
+      if (!amx::packs_rows(layer.weight.dtype)) continue;
+      DerivedWeights& derived = *layer.derived;
+      std::call_once(derived.packed_once, [&] {
+        derived.packed = std::make_shared<const amx::PackedRows>(
+            amx::pack_rows(layer.weight.dtype, layer.weight.data.data(),
+                           storage_bytes(layer.weight.dtype, layer.in_features()),
+                           layer.out_features(), layer.in_features()));
+      });
+      packed[i] = derived.packed.get();
+    }
   // Decode (a few tokens): one kernel call per row, measured faster on the default model's decode
   // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
   // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
   // product (bit for bit the row kernel's sums). The int8 products go row by row; the int16 ones
   // take blocks of rows for one token (the kernel reads several rows at once).
+  // Packed rows go two tiles of 16 at a time (the decode kernel's two row tiles).
   const int64_t rows_per_item =
       int8 && any_quantized
           ? 1
           : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
+  const auto item_rows = [&](size_t which) {
+    return packed[which] != nullptr ? kPackedRowBlock : rows_per_item;
+  };
+  const auto items_of = [&](size_t which) {
+    const int64_t rows = item_rows(which);
+    return (row_products[which].layer->out_features() + rows - 1) / rows;
+  };
   int64_t total_items = 0;
-  for (const LinearProduct& p : row_products)
-    total_items += (p.layer->out_features() + rows_per_item - 1) / rows_per_item;
-  bool super_blocks = false;
-  for (const LinearProduct& p : row_products)
-    super_blocks |= int16_activation_block(p.layer->weight.dtype) == 256;
+  for (size_t which = 0; which < row_products.size(); ++which) total_items += items_of(which);
+  bool tile_products = false;
+  for (size_t which = 0; which < row_products.size(); ++which)
+    tile_products |= packed[which] != nullptr ||
+                     int16_activation_block(row_products[which].layer->weight.dtype) == 256;
   const int64_t token_tile =
-      int16 && any_quantized && super_blocks && amx::enabled() ? kTileProductTokens : kTokenTile;
+      int16 && any_quantized && tile_products && amx::enabled() ? kTileProductTokens : kTokenTile;
 #pragma omp parallel
   for (int64_t first = 0; first < tokens; first += token_tile) {
     const int64_t count = std::min(token_tile, tokens - first);
@@ -179,18 +205,17 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
     for (int64_t item = 0; item < total_items; ++item) {
       size_t which = 0;
       int64_t local = item;
-      for (int64_t items;
-           local >= (items = (row_products[which].layer->out_features() + rows_per_item - 1) /
-                             rows_per_item);
-           ++which)
-        local -= items;
+      for (int64_t items; local >= (items = items_of(which)); ++which) local -= items;
       const Linear& layer = *row_products[which].layer;
       const int64_t in = layer.in_features(), out = layer.out_features();
-      const int64_t o = local * rows_per_item, rows = std::min(rows_per_item, out - o);
+      const int64_t o = local * item_rows(which), rows = std::min(item_rows(which), out - o);
       const int64_t row_bytes = storage_bytes(layer.weight.dtype, in);
       const std::byte* row = layer.weight.data.data() + o * row_bytes;
       float* y = row_products[which].y.data() + first * out + o;
-      if (any_quantized && is_block_type(layer.weight.dtype) && int8)
+      if (packed[which] != nullptr)
+        amx::packed_products(*packed[which], o / 16, (rows + 15) / 16,
+                             int16_buffer(layer.weight.dtype), first, count, y, out);
+      else if (any_quantized && is_block_type(layer.weight.dtype) && int8)
         dot_row_tokens_int8(layer.weight.dtype, row, in, x8, first, count, y, out);
       else if (any_quantized && is_block_type(layer.weight.dtype))
         dot_rows_tokens_int16(layer.weight.dtype, row, row_bytes, rows, in,

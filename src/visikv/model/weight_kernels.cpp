@@ -2097,10 +2097,20 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int8Activat
 void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activations& out,
                           int64_t block) {
   quantize_blocks(x, tokens, n, out, /*rounded_sums=*/true, block);
-  if (block != kSuperBlock || !amx::enabled()) {
+  out.block_sums.clear();
+  if (!amx::enabled()) {
     out.tile_high.clear();
     out.tile_low.clear();
     return;
+  }
+  if (block == kBlock) {
+    // At most 32 * 32767 in magnitude.
+    out.block_sums.resize(static_cast<size_t>(tokens * n / kBlock));
+    for (size_t b = 0; b < out.block_sums.size(); ++b) {
+      int32_t sum = 0;
+      for (int64_t j = 0; j < kBlock; ++j) sum += out.codes[b * kBlock + j];
+      out.block_sums[b] = sum;
+    }
   }
   // Zero tokens after the last, so that a tile of 16 tokens may start at any token.
   const size_t count = static_cast<size_t>(tokens * n), padded = count + 16 * n;

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -11,9 +13,21 @@
 
 namespace visikv {
 
+namespace amx {
+struct PackedRows;
+}
+
+// Forms of a matrix that some products read instead of the stored one, made on first use.
+struct DerivedWeights {
+  std::once_flag packed_once;
+  std::shared_ptr<const amx::PackedRows> packed;  // amx_products.h, for the int16 tile products
+};
+
 struct Linear {
   TensorRef weight;         // {out_features, in_features}
   std::vector<float> bias;  // empty when the layer has none
+  // Shared by copies of the Linear (they hold the same weights).
+  std::shared_ptr<DerivedWeights> derived = std::make_shared<DerivedWeights>();
   int64_t out_features() const { return weight.shape.at(0); }
   int64_t in_features() const { return weight.shape.at(1); }
 };
