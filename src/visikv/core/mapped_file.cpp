@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <utility>
 
@@ -31,6 +32,17 @@ MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
   } else {
     ::close(fd);
   }
+}
+
+void release_resident_pages(std::span<const std::byte> bytes) {
+#if defined(MADV_PAGEOUT)
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) / page * page;
+  const auto end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) / page * page;
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
+#else
+  (void)bytes;
+#endif
 }
 
 MappedFile::~MappedFile() {

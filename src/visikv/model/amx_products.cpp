@@ -1,5 +1,6 @@
 #include "visikv/model/amx_products.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -122,7 +123,8 @@ bool packs_rows(DType type) {
 }
 
 PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
-                     int64_t elements) {
+                     int64_t elements, const std::function<void(int64_t, int64_t)>& packed_slice) {
+  constexpr int64_t kSliceTiles = 64;  // 1024 rows
   require(packs_rows(type), "no packed rows for ", dtype_name(type), " weights");
   require(elements % 32 == 0 && elements > 0 && rows > 0, "packed rows of ", rows, " x ", elements,
           " values (whole blocks of 32 needed)");
@@ -134,7 +136,7 @@ PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, 
   packed.block_bytes = layout.block_bytes();
   const int64_t blocks = elements / 32, stored_bytes = dtype_info(type).block_bytes;
   packed.data.assign(static_cast<size_t>(packed.tiles() * packed.tile_bytes()), 0);
-  for (int64_t tile = 0; tile < packed.tiles(); ++tile)
+  for (int64_t tile = 0; tile < packed.tiles(); ++tile) {
     for (int64_t b = 0; b < blocks; ++b) {
       uint8_t* out = packed.data.data() + (tile * blocks + b) * packed.block_bytes;
       for (int r = 0; r < 16 && tile * 16 + r < rows; ++r) {
@@ -162,6 +164,11 @@ PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, 
         if (layout.has_min) std::memcpy(out + layout.scales_at() + 32 + 2 * r, &s.m, 2);
       }
     }
+    if (packed_slice && ((tile + 1) % kSliceTiles == 0 || tile + 1 == packed.tiles())) {
+      const int64_t first = tile / kSliceTiles * kSliceTiles * 16;
+      packed_slice(first, std::min(rows, (tile + 1) * 16) - first);
+    }
+  }
   return packed;
 }
 

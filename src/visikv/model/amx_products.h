@@ -45,6 +45,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "visikv/core/aligned.h"
@@ -103,9 +104,12 @@ struct PackedRows {
   int64_t tile_bytes() const { return block_bytes * (elements / 32); }
 };
 
-// Packs `rows` stored rows of `type` (`row_bytes` apart, `elements` values each).
+// Packs `rows` stored rows of `type` (`row_bytes` apart, `elements` values each), calling
+// `packed(first, count)` after each slice of rows [first, first + count) it has read (so that a
+// caller may let their pages go while the rest is packed).
 PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
-                     int64_t elements);
+                     int64_t elements,
+                     const std::function<void(int64_t, int64_t)>& packed = nullptr);
 
 // y[t * y_stride + r] for the rows of tiles [first_tile, first_tile + tiles) (r counted from the
 // first of them, rows past w.rows left alone) and tokens [first_token, first_token + tokens) of x

@@ -9,6 +9,7 @@
 
 #include "visikv/core/error.h"
 #include "visikv/core/half.h"
+#include "visikv/core/mapped_file.h"
 #include "visikv/formats/dequantize.h"
 #include "visikv/model/amx_products.h"
 #include "visikv/model/weight_kernels.h"
@@ -166,10 +167,16 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       if (!amx::packs_rows(layer.weight.dtype)) continue;
       DerivedWeights& derived = *layer.derived;
       std::call_once(derived.packed_once, [&] {
-        derived.packed = std::make_shared<const amx::PackedRows>(
-            amx::pack_rows(layer.weight.dtype, layer.weight.data.data(),
-                           storage_bytes(layer.weight.dtype, layer.in_features()),
-                           layer.out_features(), layer.in_features()));
+        // The products read only the packed copy from now on: the stored rows' pages (mapped from
+        // the checkpoint) need not stay resident beside it, nor wait for the whole matrix (the
+        // 30 MB tied head of the default model would otherwise sit in memory twice).
+        const int64_t row_bytes = storage_bytes(layer.weight.dtype, layer.in_features());
+        derived.packed = std::make_shared<const amx::PackedRows>(amx::pack_rows(
+            layer.weight.dtype, layer.weight.data.data(), row_bytes, layer.out_features(),
+            layer.in_features(), [&](int64_t first, int64_t count) {
+              release_resident_pages(layer.weight.data.subspan(
+                  static_cast<size_t>(first * row_bytes), static_cast<size_t>(count * row_bytes)));
+            }));
       });
       packed[i] = derived.packed.get();
     }
