@@ -46,6 +46,11 @@ int64_t decode_order_chunk(const KVCache& cache) {
   return std::max<int64_t>(chunk, 1);
 }
 
+void Decoder::set_product_rounding(ProductRounding rounding) {
+  prepare_weights(model_.weights(), rounding);
+  rounding_ = rounding;
+}
+
 Decoder::Decoder(const Model& model) : model_(model), config_(model.config()) {
   if (config_.positions == PositionKind::Rotary) {
     for (const LayerKind kind : {LayerKind::Global, LayerKind::Local})

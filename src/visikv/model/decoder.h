@@ -87,8 +87,9 @@ class Decoder {
   // How weight products over several tokens round (model/matmul.h). PerToken makes a forward
   // over a chunk compute bit for bit what forwards of its tokens one at a time compute, which a
   // batched decode-order evaluation needs when the cache quantizes keys (a rounding difference
-  // can move a key across a code boundary).
-  void set_product_rounding(ProductRounding rounding) { rounding_ = rounding; }
+  // can move a key across a code boundary). Makes the weight forms those products read
+  // (prepare_weights) the first time a rounding asks for them.
+  void set_product_rounding(ProductRounding rounding);
   ProductRounding product_rounding() const { return rounding_; }
 
  private:

@@ -56,6 +56,26 @@ void widen_rows(const TensorRef& w, int64_t first_row, int64_t rows, float* out)
 // bit equal to decode.
 bool is_block_type(DType type) { return dtype_info(type).block_elements > 1; }
 
+// The packed rows the int16 products of `layer` read where the tile products run (made on first
+// use), or nullptr where they read the stored rows.
+const amx::PackedRows* packed_rows(const Linear& layer) {
+  if (!amx::enabled() || !amx::packs_rows(layer.weight.dtype)) return nullptr;
+  DerivedWeights& derived = *layer.derived;
+  std::call_once(derived.packed_once, [&] {
+    // The products read only the packed copy from now on: the stored rows' pages (mapped from
+    // the checkpoint) need not stay resident beside it, nor wait for the whole matrix (the
+    // 30 MB tied head of the default model would otherwise sit in memory twice).
+    const int64_t row_bytes = storage_bytes(layer.weight.dtype, layer.in_features());
+    derived.packed = std::make_shared<const amx::PackedRows>(amx::pack_rows(
+        layer.weight.dtype, layer.weight.data.data(), row_bytes, layer.out_features(),
+        layer.in_features(), [&](int64_t first, int64_t count) {
+          release_resident_pages(layer.weight.data.subspan(static_cast<size_t>(first * row_bytes),
+                                                           static_cast<size_t>(count * row_bytes)));
+        }));
+  });
+  return derived.packed.get();
+}
+
 }  // namespace
 
 bool sums_independent_of_token_count(const Linear& layer, ProductRounding rounding) {
@@ -161,25 +181,9 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
   // Where the tile products run, the int16 products of the blocks-of-32 types read their rows
   // packed sixteen at a time (amx_products.h), made once per matrix.
   std::vector<const amx::PackedRows*> packed(row_products.size(), nullptr);
-  if (int16 && any_quantized && amx::enabled())
-    for (size_t i = 0; i < row_products.size(); ++i) {
-      const Linear& layer = *row_products[i].layer;
-      if (!amx::packs_rows(layer.weight.dtype)) continue;
-      DerivedWeights& derived = *layer.derived;
-      std::call_once(derived.packed_once, [&] {
-        // The products read only the packed copy from now on: the stored rows' pages (mapped from
-        // the checkpoint) need not stay resident beside it, nor wait for the whole matrix (the
-        // 30 MB tied head of the default model would otherwise sit in memory twice).
-        const int64_t row_bytes = storage_bytes(layer.weight.dtype, layer.in_features());
-        derived.packed = std::make_shared<const amx::PackedRows>(amx::pack_rows(
-            layer.weight.dtype, layer.weight.data.data(), row_bytes, layer.out_features(),
-            layer.in_features(), [&](int64_t first, int64_t count) {
-              release_resident_pages(layer.weight.data.subspan(
-                  static_cast<size_t>(first * row_bytes), static_cast<size_t>(count * row_bytes)));
-            }));
-      });
-      packed[i] = derived.packed.get();
-    }
+  if (int16 && any_quantized)
+    for (size_t i = 0; i < row_products.size(); ++i)
+      packed[i] = packed_rows(*row_products[i].layer);
   // Decode (a few tokens): one kernel call per row, measured faster on the default model's decode
   // than one call per thread's range of rows (weight_kernels.h dot_rows_tokens), 83 against 60-82
   // tokens/s. Many tokens: one call per block of rows, which the kernel runs as a cache-blocked
@@ -233,6 +237,18 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
     }
   }
   for (const LinearProduct& p : products) add_bias(*p.layer, tokens, p.y);
+}
+
+void prepare_weights(const Weights& weights, ProductRounding rounding) {
+  if (rounding != ProductRounding::QuantizedActivations16) return;
+  std::vector<const Linear*> layers{&weights.lm_head};
+  for (const LayerWeights& layer : weights.layers)
+    for (const Linear* linear : {&layer.q, &layer.k, &layer.v, &layer.o, &layer.up, &layer.down})
+      layers.push_back(linear);
+  for (const LayerWeights& layer : weights.layers)
+    if (layer.gate) layers.push_back(&*layer.gate);
+#pragma omp parallel for schedule(dynamic)
+  for (size_t i = 0; i < layers.size(); ++i) packed_rows(*layers[i]);
 }
 
 void linear_forward(const Linear& layer, std::span<const float> x, int64_t tokens,

@@ -50,6 +50,12 @@ void linear_forward(const Linear& layer, std::span<const float> x, int64_t token
 // other roundings take many tokens through sgemm, whose sums depend on the token count).
 bool sums_independent_of_token_count(const Linear& layer, ProductRounding rounding);
 
+// Makes ahead of the first product the forms of the weights that products with `rounding` read
+// instead of the stored ones (where the tile products run, the int16 products of the blocks-of-32
+// types read their rows packed: amx_products.h), one thread per matrix. Products make them on first
+// use otherwise; this moves that cost to loading, out of the first forward's time.
+void prepare_weights(const Weights& weights, ProductRounding rounding);
+
 // Several products of the same input (q/k/v, gate/up): one fork/join of the worker threads.
 struct LinearProduct {
   const Linear* layer;
