@@ -521,10 +521,10 @@ TEST(WeightKernels, Int16TileProductsEqualTheVectorKernels) {
 
 // The packed rows of the blocks-of-32 types (amx_products.h) against their definition, computed
 // here from the GGUF block layout (each code checked against dequantize()): exact integer block
-// sums, then per block fma(float(I), d * s, acc) and the min term, in float32 and block order.
-// Decode (vectors, up to 4 tokens) and prefill (tiles) must both give these bits, for a partial
-// last tile, tile ranges that start past the first, partial token tiles and the largest magnitudes,
-// and write nothing outside their outputs.
+// sums, then per block fma(float(I), d * s, acc) and fma(m, X * s, acc), in float32 and block
+// order. Decode (vectors, up to 4 tokens) and prefill (tiles) must both give these bits, for a
+// partial last tile, tile ranges that start past the first, partial token tiles and the largest
+// magnitudes, and write nothing outside their outputs.
 TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
   if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
   constexpr int64_t kRows = 37, kColumns = 288, kTokens = 40, kStride = kRows + 3;
@@ -602,7 +602,7 @@ TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
             const float s = xq.scales[t * blocks + b];
             acc = std::fma(static_cast<float>(sum), d * s, acc);
             if (type == DType::Q4_1 || type == DType::Q5_1)
-              acc = std::fma(static_cast<float>(code_sum), m * s, acc);
+              acc = std::fma(m, static_cast<float>(code_sum) * s, acc);
           }
           reference[t * kRows + r] = acc;
         }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "visikv/core/aligned.h"
@@ -407,17 +408,15 @@ VISIKV_AMX_ATTR inline void block_scales(const uint8_t* block, __m512& d, __m512
 
 // The definition's step for one block (amx_products.h), sixteen rows of one token at a time: both
 // engines take it, so that they give the same bits. `sums` are the block's integer sums of the
-// codes q, `code_sum` the block's sum of activation codes X_b.
+// codes q; `code_sum` is the block's sum of activation codes X_b and `scaled_sum` X_b s_b.
 template <DType kType>
 VISIKV_AMX_ATTR inline __m512 add_block(__m512i sums, __m512 d, __m512 m, float scale,
-                                        int32_t code_sum, __m512 acc) {
+                                        int32_t code_sum, float scaled_sum, __m512 acc) {
   constexpr PackedLayout layout = kLayout<kType>;
   if constexpr (layout.code_offset != 0)  // sum (q - o) x = sum q x - o X, exactly
     sums = _mm512_sub_epi32(sums, _mm512_set1_epi32(layout.code_offset * code_sum));
-  const __m512 s = _mm512_set1_ps(scale);
-  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, s), acc);
-  if constexpr (layout.has_min)
-    acc = _mm512_fmadd_ps(_mm512_set1_ps(static_cast<float>(code_sum)), _mm512_mul_ps(m, s), acc);
+  acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, _mm512_set1_ps(scale)), acc);
+  if constexpr (layout.has_min) acc = _mm512_fmadd_ps(m, _mm512_set1_ps(scaled_sum), acc);
   return acc;
 }
 
@@ -441,10 +440,12 @@ VISIKV_AMX_ATTR void vector_products(const PackedRows& w, int64_t tile0, const I
   const int16_t* codes[kTokens];
   const float* scales[kTokens];
   const int32_t* code_sums[kTokens];
+  const float* scaled_sums[kTokens];
   for (int t = 0; t < kTokens; ++t) {
     codes[t] = x.codes.data() + (first + t) * n;
     scales[t] = x.scales.data() + (first + t) * blocks;
     code_sums[t] = x.block_sums.data() + (first + t) * blocks;
+    scaled_sums[t] = x.scaled_block_sums.data() + (first + t) * blocks;
   }
   __m512 acc[kTiles][kTokens];
   for (auto& row : acc)
@@ -493,7 +494,7 @@ VISIKV_AMX_ATTR void vector_products(const PackedRows& w, int64_t tile0, const I
       block_scales<kType>(block[i], d, m);
       for (int t = 0; t < kTokens; ++t)
         acc[i][t] = add_block<kType>(_mm512_add_epi32(even[i][t], odd[i][t]), d, m, scales[t][b],
-                                     code_sums[t][b], acc[i][t]);
+                                     code_sums[t][b], scaled_sums[t][b], acc[i][t]);
     }
   }
   for (int i = 0; i < kTiles; ++i)
@@ -516,11 +517,11 @@ VISIKV_AMX_ATTR void vector_tokens(const PackedRows& w, int64_t tile0, const Int
   }
 }
 
-// Palette 1 for blocks of 32: tiles 0-1 a block's sums with the activations' high and low bytes
-// (16 tokens x 16 rows of int32), 2-3 those bytes (16 tokens x 32), 4 the weights (8 groups of 4
-// values x 16 rows).
+// Palette 1 for blocks of 32: tiles 0-3 two blocks' sums with the activations' high and low
+// bytes (16 tokens x 16 rows of int32), 4-5 those bytes (16 tokens x 32), 6-7 the two blocks'
+// weights (8 groups of 4 values x 16 rows).
 constexpr TileConfig kBlockTiles =
-    with_tiles(with_tiles(with_tiles(TileConfig{}, 0, 2, kTile, kTileBytes), 2, 4, kTile, 32), 4, 5,
+    with_tiles(with_tiles(with_tiles(TileConfig{}, 0, 4, kTile, kTileBytes), 4, 6, kTile, 32), 6, 8,
                8, kTileBytes);
 
 VISIKV_AMX_ATTR void configure_block_tiles() { load_tile_config(kBlockTiles); }
@@ -565,35 +566,75 @@ VISIKV_AMX_ATTR void tile_products(const PackedRows& w, int64_t tile, const Int1
   for (int64_t b = 0; b < blocks; ++b)
     weight_tile<kType>(packed + b * layout.block_bytes(), weights + b * kWeightTileBytes);
   const int64_t rows = w.rows - tile * 16;
-  alignas(64) int32_t sums[2][kTile][kTile];  // high, low bytes; token, row
-  for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
-    const int64_t count = std::min<int64_t>(kTile, tokens - t0);
+  alignas(64) int32_t sums[4][kTile][kTile];  // (high, low bytes) x 2 blocks; token, row
+  // A tile of tokens from t0: whole ones with a constant count, so that the 16 outputs stay in
+  // registers.
+  const auto token_tile = [&](auto whole, int64_t t0) VISIKV_AMX_ATTR {
+    const int64_t count = decltype(whole)::value ? kTile : std::min<int64_t>(kTile, tokens - t0);
     const int8_t* high = x.tile_high.data() + (first + t0) * n;
     const uint8_t* low = x.tile_low.data() + (first + t0) * n;
     const float* scales = x.scales.data() + (first + t0) * blocks;
     const int32_t* code_sums = x.block_sums.data() + (first + t0) * blocks;
+    const float* scaled_sums = x.scaled_block_sums.data() + (first + t0) * blocks;
     __m512 acc[kTile];
     for (__m512& a : acc) a = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_loadd(2, high + 32 * b, n);
-      _tile_loadd(3, low + 32 * b, n);
-      _tile_loadd(4, weights + b * kWeightTileBytes, kTileBytes);
-      _tile_dpbssd(0, 2, 4);  // xh · q (q below 128: signed as well)
-      _tile_dpbusd(1, 3, 4);  // xl · q
-      _tile_stored(0, sums[0], kTileBytes);
-      _tile_stored(1, sums[1], kTileBytes);
+    // Block b's sums onto the outputs.
+    const auto add = [&](int64_t b, const int32_t(*high_sums)[kTile],
+                         const int32_t(*low_sums)[kTile]) VISIKV_AMX_ATTR {
       __m512 d, m;
       block_scales<kType>(packed + b * layout.block_bytes(), d, m);
+#pragma GCC unroll 16
       for (int64_t t = 0; t < count; ++t) {
-        const __m512i total = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(sums[0][t]), 8),
-                                               _mm512_load_si512(sums[1][t]));
+        const __m512i total = _mm512_add_epi32(
+            _mm512_slli_epi32(_mm512_load_si512(high_sums[t]), 8), _mm512_load_si512(low_sums[t]));
         acc[t] = add_block<kType>(total, d, m, scales[t * blocks + b], code_sums[t * blocks + b],
-                                  acc[t]);
+                                  scaled_sums[t * blocks + b], acc[t]);
       }
+    };
+    // Blocks in pairs, each with sums tiles of its own (0-1, 2-3), so that the second block's
+    // products run while the first's sums are scaled.
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(4, high + 32 * b, n);
+      _tile_loadd(5, low + 32 * b, n);
+      _tile_loadd(6, weights + b * kWeightTileBytes, kTileBytes);
+      _tile_loadd(7, weights + (b + 1) * kWeightTileBytes, kTileBytes);
+      _tile_dpbssd(0, 4, 6);  // xh · q (q below 128: signed as well)
+      _tile_dpbusd(1, 5, 6);  // xl · q
+      _tile_loadd(4, high + 32 * (b + 1), n);
+      _tile_loadd(5, low + 32 * (b + 1), n);
+      _tile_dpbssd(2, 4, 7);
+      _tile_dpbusd(3, 5, 7);
+      _tile_stored(0, sums[0], kTileBytes);
+      _tile_stored(1, sums[1], kTileBytes);
+      _tile_stored(2, sums[2], kTileBytes);
+      _tile_stored(3, sums[3], kTileBytes);
+      add(b, sums[0], sums[1]);
+      add(b + 1, sums[2], sums[3]);
+    }
+    if (b < blocks) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_loadd(4, high + 32 * b, n);
+      _tile_loadd(5, low + 32 * b, n);
+      _tile_loadd(6, weights + b * kWeightTileBytes, kTileBytes);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbusd(1, 5, 6);
+      _tile_stored(0, sums[0], kTileBytes);
+      _tile_stored(1, sums[1], kTileBytes);
+      add(b, sums[0], sums[1]);
     }
     for (int64_t t = 0; t < count; ++t) store_rows(y + (t0 + t) * y_stride, acc[t], rows);
+  };
+  for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+    if (t0 + kTile <= tokens)
+      token_tile(std::true_type{}, t0);
+    else
+      token_tile(std::false_type{}, t0);
   }
 }
 
@@ -628,7 +669,8 @@ void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
                      int64_t y_stride) {
   require(available(), "AMX tile products are not available on this CPU");
   require(x.block == 32 && x.elements == w.elements && x.has_tile_bytes() &&
-              static_cast<int64_t>(x.block_sums.size()) == x.tokens * x.elements / 32,
+              static_cast<int64_t>(x.block_sums.size()) == x.tokens * x.elements / 32 &&
+              x.scaled_block_sums.size() == x.block_sums.size(),
           "packed products need 16-bit activations of ", w.elements,
           " values in blocks of 32 with their tile bytes and block sums");
   require(first_tile >= 0 && tiles >= 0 && first_tile + tiles <= w.tiles() && first_token >= 0 &&

@@ -28,9 +28,9 @@
 // Definition (both engines, bit for bit): for row w and token x with 16-bit codes x_j and scale s
 // per block b of 32 values, the exact integer I_b = sum_j c_j x_j of the weight codes c_j (q - 8
 // for Q4_0, q - 16 for Q5_0, q otherwise), then in block order, in float32,
-//   acc = fma(float(I_b), d_b * s_b, acc), and for Q4_1 and Q5_1 acc = fma(float(X_b), m_b * s_b,
-//   acc),
-// with X_b the exact sum of the block's activation codes (w_j = d c_j + m). The output is acc. The
+//   acc = fma(float(I_b), d_b * s_b, acc), and for Q4_1 and Q5_1 acc = fma(m_b, X_b * s_b, acc),
+// with X_b the exact sum of the block's activation codes (w_j = d c_j + m) and X_b * s_b its float
+// product with the scale, made once per token and block. The output is acc. The
 // order of the integer sums does not matter, so the vectors and the tiles agree.
 //
 // Layout of a tile of 16 rows (rows past the matrix are zero), block after block, each block as

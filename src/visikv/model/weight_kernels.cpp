@@ -2098,6 +2098,7 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activa
                           int64_t block) {
   quantize_blocks(x, tokens, n, out, /*rounded_sums=*/true, block);
   out.block_sums.clear();
+  out.scaled_block_sums.clear();
   if (!amx::enabled()) {
     out.tile_high.clear();
     out.tile_low.clear();
@@ -2106,10 +2107,12 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activa
   if (block == kBlock) {
     // At most 32 * 32767 in magnitude.
     out.block_sums.resize(static_cast<size_t>(tokens * n / kBlock));
+    out.scaled_block_sums.resize(out.block_sums.size());
     for (size_t b = 0; b < out.block_sums.size(); ++b) {
       int32_t sum = 0;
       for (int64_t j = 0; j < kBlock; ++j) sum += out.codes[b * kBlock + j];
       out.block_sums[b] = sum;
+      out.scaled_block_sums[b] = static_cast<float>(sum) * out.scales[b];
     }
   }
   // Zero tokens after the last, so that a tile of 16 tokens may start at any token.

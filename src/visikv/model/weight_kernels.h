@@ -49,16 +49,17 @@ void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, 
 //   int16 where the CPU's tile products run (amx_products.h): each code also split into its high
 //   byte (signed) and low byte (code = 256 * high + low), with 16 zero tokens after the last, so
 //   that a tile of 16 tokens may start at any token; in blocks of 32 also each block's exact sum
-//   of codes (the packed rows' offsets).
+//   of codes X and X times the scale s (the packed rows' offsets and mins).
 template <typename Code>
 struct QuantizedActivations {
   int64_t tokens = 0, elements = 0, block = 32;
-  std::vector<Code> codes;          // {tokens, elements}
-  std::vector<float> scales;        // {tokens, elements / block}
-  std::vector<float> sums16;        // {tokens, elements / 16}
-  std::vector<int8_t> tile_high;    // {tokens + 16, elements}, or empty
-  std::vector<uint8_t> tile_low;    // {tokens + 16, elements}, or empty
-  std::vector<int32_t> block_sums;  // {tokens, elements / 32}, or empty
+  std::vector<Code> codes;               // {tokens, elements}
+  std::vector<float> scales;             // {tokens, elements / block}
+  std::vector<float> sums16;             // {tokens, elements / 16}
+  std::vector<int8_t> tile_high;         // {tokens + 16, elements}, or empty
+  std::vector<uint8_t> tile_low;         // {tokens + 16, elements}, or empty
+  std::vector<int32_t> block_sums;       // {tokens, elements / 32}, or empty
+  std::vector<float> scaled_block_sums;  // the same times the block's scale, in float32
   bool has_tile_bytes() const { return !tile_high.empty(); }
 };
 using Int8Activations = QuantizedActivations<int8_t>;
