@@ -2039,6 +2039,9 @@ void dot_row_tokens(DType type, const std::byte* row, int64_t elements, const fl
 
 namespace {
 
+// Inputs of at least this many tokens are rounded by every thread.
+constexpr int64_t kParallelTokens = 16;
+
 // Per block of 32 values: the scale max|x| / max, the codes round(x / scale) and the sums of
 // every 16 values (exact ones, or of the rounded values: weight_kernels.h).
 template <typename Code>
@@ -2055,6 +2058,8 @@ void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivat
   out.codes.resize(static_cast<size_t>(tokens * n));
   out.scales.resize(static_cast<size_t>(tokens * n / block));
   out.sums16.resize(static_cast<size_t>(tokens * n / 16));
+  // Prefill inputs are rounded by all threads (the products wait for them); decode's alone.
+#pragma omp parallel for schedule(static) if (tokens >= kParallelTokens)
   for (int64_t b = 0; b < tokens * n / block; ++b) {
     const float* v = x + b * block;
     Code* codes = out.codes.data() + b * block;
@@ -2104,16 +2109,10 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activa
     out.tile_low.clear();
     return;
   }
-  if (block == kBlock) {
-    // At most 32 * 32767 in magnitude.
+  const bool block_sums = block == kBlock;
+  if (block_sums) {
     out.block_sums.resize(static_cast<size_t>(tokens * n / kBlock));
     out.scaled_block_sums.resize(out.block_sums.size());
-    for (size_t b = 0; b < out.block_sums.size(); ++b) {
-      int32_t sum = 0;
-      for (int64_t j = 0; j < kBlock; ++j) sum += out.codes[b * kBlock + j];
-      out.block_sums[b] = sum;
-      out.scaled_block_sums[b] = static_cast<float>(sum) * out.scales[b];
-    }
   }
   // Zero tokens after the last, so that a tile of 16 tokens may start at any token.
   const size_t count = static_cast<size_t>(tokens * n), padded = count + 16 * n;
@@ -2124,9 +2123,18 @@ void quantize_activations(const float* x, int64_t tokens, int64_t n, Int16Activa
   const int16_t* codes = out.codes.data();
   int8_t* high = out.tile_high.data();
   uint8_t* low = out.tile_low.data();
-  for (size_t i = 0; i < count; ++i) {
-    high[i] = static_cast<int8_t>(codes[i] >> 8);
-    low[i] = static_cast<uint8_t>(codes[i] & 0xFF);
+#pragma omp parallel for schedule(static) if (tokens >= kParallelTokens)
+  for (int64_t b = 0; b < tokens * n / kBlock; ++b) {
+    int32_t sum = 0;  // at most 32 * 32767 in magnitude
+    for (int64_t i = b * kBlock; i < (b + 1) * kBlock; ++i) {
+      high[i] = static_cast<int8_t>(codes[i] >> 8);
+      low[i] = static_cast<uint8_t>(codes[i] & 0xFF);
+      sum += codes[i];
+    }
+    if (block_sums) {
+      out.block_sums[b] = sum;
+      out.scaled_block_sums[b] = static_cast<float>(sum) * out.scales[b];
+    }
   }
 }
 
