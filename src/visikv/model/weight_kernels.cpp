@@ -1994,6 +1994,47 @@ void DotRowsTokensInt16(DType type, const std::byte* first_row, int64_t row_byte
 #undef VISIKV_SUPER_VECTORS
 #undef VISIKV_INT16_ATTR
 
+// --- activations rounded to integer codes --------------------------------------------------------
+// `blocks` blocks of `block` values from x: each block's scale max|x| / kMax (NaN for a block with
+// a value that is not finite), and its codes round(x * (1 / scale)) to nearest even, clamped to
+// [-kMax, kMax], 0 where not finite (weight_kernels.h). The arithmetic of the scalar definition,
+// value by value, so every target gives the same codes.
+template <typename Code>
+HWY_INLINE void QuantizeCodes(const float* x, int64_t blocks, int64_t block, Code* codes,
+                              float* scales) {
+  constexpr float kMax = std::numeric_limits<Code>::max();
+  const DF df;
+  const hn::Rebind<Code, DF> dc;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float* v = x + b * block;
+    VF amax = hn::Zero(df), not_finite = hn::Zero(df);
+    for (int64_t j = 0; j < block; j += lanes) {
+      const VF value = hn::LoadU(df, v + j);
+      amax = hn::Max(amax, hn::Abs(value));
+      not_finite = hn::Or(not_finite, hn::VecFromMask(df, hn::Not(hn::IsFinite(value))));
+    }
+    const bool finite = hn::AllFalse(df, hn::MaskFromVec(not_finite));
+    const float scale = finite ? hn::GetLane(hn::MaxOfLanes(df, amax)) / kMax
+                               : std::numeric_limits<float>::quiet_NaN();
+    const VF inverse = hn::Set(df, scale > 0 ? 1.0f / scale : 0.0f);
+    for (int64_t j = 0; j < block; j += lanes) {
+      const VF code = hn::Round(hn::Mul(hn::LoadU(df, v + j), inverse));
+      const VF clamped = hn::IfThenElseZero(
+          hn::IsFinite(code), hn::Min(hn::Max(code, hn::Set(df, -kMax)), hn::Set(df, kMax)));
+      hn::StoreU(hn::DemoteTo(dc, hn::ConvertTo(DI(), clamped)), dc, codes + b * block + j);
+    }
+    scales[b] = scale;
+  }
+}
+
+void QuantizeCodes8(const float* x, int64_t blocks, int64_t block, int8_t* codes, float* scales) {
+  QuantizeCodes(x, blocks, block, codes, scales);
+}
+void QuantizeCodes16(const float* x, int64_t blocks, int64_t block, int16_t* codes, float* scales) {
+  QuantizeCodes(x, blocks, block, codes, scales);
+}
+
 int64_t CompiledTarget() { return HWY_TARGET; }
 
 }  // namespace HWY_NAMESPACE
@@ -2024,6 +2065,8 @@ HWY_EXPORT(DotRowsTokens);
 HWY_EXPORT(DotRowsTokensInt8);
 HWY_EXPORT(DotRowsTokensInt16);
 HWY_EXPORT(CompiledTarget);
+HWY_EXPORT(QuantizeCodes8);
+HWY_EXPORT(QuantizeCodes16);
 
 void dot_rows_tokens(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
                      int64_t elements, const float* x, int64_t x_stride, int64_t tokens, float* y,
@@ -2042,12 +2085,11 @@ namespace {
 // Inputs of at least this many tokens are rounded by every thread.
 constexpr int64_t kParallelTokens = 16;
 
-// Per block of 32 values: the scale max|x| / max, the codes round(x / scale) and the sums of
+// Per block of `block` values: the scale and the codes (QuantizeCodes, on vectors) and the sums of
 // every 16 values (exact ones, or of the rounded values: weight_kernels.h).
 template <typename Code>
 void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivations<Code>& out,
                      bool rounded_sums, int64_t block) {
-  constexpr float kMax = std::numeric_limits<Code>::max();
   require(block == kBlock || block == kSuperBlock, "activation blocks of ", block,
           " values (expected ", kBlock, " or ", kSuperBlock, ")");
   require(n % block == 0, sizeof(Code) * 8, "-bit activations in blocks of ", block,
@@ -2060,35 +2102,26 @@ void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivat
   out.sums16.resize(static_cast<size_t>(tokens * n / 16));
   // Prefill inputs are rounded by all threads (the products wait for them); decode's alone.
 #pragma omp parallel for schedule(static) if (tokens >= kParallelTokens)
-  for (int64_t b = 0; b < tokens * n / block; ++b) {
-    const float* v = x + b * block;
-    Code* codes = out.codes.data() + b * block;
-    float amax = 0;
-    bool finite = true;
-    for (int j = 0; j < block; ++j) {
-      amax = std::max(amax, std::abs(v[j]));
-      finite = finite && std::isfinite(v[j]);
-    }
-    // A non-finite input poisons its block's scale and sums (and so every output, with or
-    // without offsets) instead of being cast to an integer, which C++ leaves undefined.
-    const float scale = finite ? amax / kMax : std::numeric_limits<float>::quiet_NaN();
-    const float inverse = scale > 0 ? 1.0f / scale : 0.0f;
-    for (int j = 0; j < block; ++j) {
-      const float code = std::nearbyint(v[j] * inverse);
-      codes[j] = static_cast<Code>(std::isfinite(code) ? std::clamp(code, -kMax, kMax) : 0.0f);
-    }
-    out.scales[b] = scale;
-    for (int64_t group = 0; group < block / 16; ++group) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* v = x + t * n;
+    Code* codes = out.codes.data() + t * n;
+    if constexpr (sizeof(Code) == 1)
+      HWY_DYNAMIC_DISPATCH(QuantizeCodes8)
+      (v, n / block, block, codes, out.scales.data() + t * n / block);
+    else
+      HWY_DYNAMIC_DISPATCH(QuantizeCodes16)
+      (v, n / block, block, codes, out.scales.data() + t * n / block);
+    for (int64_t group = 0; group < n / 16; ++group) {
       float sum = 0;
       if (rounded_sums) {
         // At most 16 * 32767 in magnitude: the integer sum is exact, and so is its conversion.
         int32_t code_sum = 0;
         for (int64_t j = 16 * group; j < 16 * group + 16; ++j) code_sum += codes[j];
-        sum = static_cast<float>(code_sum) * scale;
+        sum = static_cast<float>(code_sum) * out.scales[(t * n + 16 * group) / block];
       } else {
         for (int64_t j = 16 * group; j < 16 * group + 16; ++j) sum += v[j];
       }
-      out.sums16[b * block / 16 + group] = sum;
+      out.sums16[(t * n) / 16 + group] = sum;
     }
   }
 }
