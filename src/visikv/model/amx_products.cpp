@@ -676,22 +676,21 @@ void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
   require(first_tile >= 0 && tiles >= 0 && first_tile + tiles <= w.tiles() && first_token >= 0 &&
               tokens >= 0 && first_token + tokens <= x.tokens,
           "packed products: tiles or tokens out of range");
+  const auto run_type = [&](auto type) {
+    packed_products_of<decltype(type)::value>(w, first_tile, tiles, x, first_token, tokens, y,
+                                              y_stride);
+  };
   switch (w.type) {
     case DType::Q4_0:
-      return packed_products_of<DType::Q4_0>(w, first_tile, tiles, x, first_token, tokens, y,
-                                             y_stride);
+      return run_type(std::integral_constant<DType, DType::Q4_0>{});
     case DType::Q4_1:
-      return packed_products_of<DType::Q4_1>(w, first_tile, tiles, x, first_token, tokens, y,
-                                             y_stride);
+      return run_type(std::integral_constant<DType, DType::Q4_1>{});
     case DType::Q5_0:
-      return packed_products_of<DType::Q5_0>(w, first_tile, tiles, x, first_token, tokens, y,
-                                             y_stride);
+      return run_type(std::integral_constant<DType, DType::Q5_0>{});
     case DType::Q5_1:
-      return packed_products_of<DType::Q5_1>(w, first_tile, tiles, x, first_token, tokens, y,
-                                             y_stride);
+      return run_type(std::integral_constant<DType, DType::Q5_1>{});
     case DType::Q8_0:
-      return packed_products_of<DType::Q8_0>(w, first_tile, tiles, x, first_token, tokens, y,
-                                             y_stride);
+      return run_type(std::integral_constant<DType, DType::Q8_0>{});
     default:
       fail("no packed products for ", dtype_name(w.type), " weights");
   }

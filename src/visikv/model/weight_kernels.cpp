@@ -1997,8 +1997,10 @@ void DotRowsTokensInt16(DType type, const std::byte* first_row, int64_t row_byte
 // --- activations rounded to integer codes --------------------------------------------------------
 // `blocks` blocks of `block` values from x: each block's scale max|x| / kMax (NaN for a block with
 // a value that is not finite), and its codes round(x * (1 / scale)) to nearest even, clamped to
-// [-kMax, kMax], 0 where not finite (weight_kernels.h). The arithmetic of the scalar definition,
-// value by value, so every target gives the same codes.
+// [-kMax, kMax], 0 where not finite (weight_kernels.h). A non-finite input poisons its block's
+// scale and sums (and so every output) instead of being converted to an integer, which C++ leaves
+// undefined. The arithmetic of the scalar definition, value by value, so every target gives the
+// same codes.
 template <typename Code>
 HWY_INLINE void QuantizeCodes(const float* x, int64_t blocks, int64_t block, Code* codes,
                               float* scales) {
