@@ -680,6 +680,45 @@ TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
     }
 }
 
+// Packed rows refused with a clear error: a type they do not take, rows that are not whole blocks,
+// activations without their tile bytes, and tiles or tokens out of range.
+TEST(WeightKernels, PackedRowsRefuseBadInput) {
+  std::mt19937 rng(47);
+  const std::vector<std::byte> q4k = random_rows(DType::Q4_K, 2, 256, rng);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::pack_rows(DType::Q4_K, q4k.data(), storage_bytes(DType::Q4_K, 256), 2, 256);
+            }).find("no packed rows for Q4_K"),
+            std::string::npos);
+  const std::vector<std::byte> q8 = random_rows(DType::Q8_0, 3, 64, rng);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::pack_rows(DType::Q8_0, q8.data(), storage_bytes(DType::Q8_0, 64), 3, 48);
+            }).find("whole blocks of 32"),
+            std::string::npos);
+  if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU for the products' checks";
+  const amx::PackedRows packed =
+      amx::pack_rows(DType::Q8_0, q8.data(), storage_bytes(DType::Q8_0, 64), 3, 64);
+  const std::vector<float> x = test_support::random_vector(rng, 2 * 64);
+  std::vector<float> y(2 * 16);
+  const TargetGuard guard("avx512vnni");  // no tile bytes
+  Int16Activations plain;
+  quantize_activations(x.data(), 2, 64, plain, 32);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::packed_products(packed, 0, 1, plain, 0, 2, y.data(), 16);
+            }).find("tile bytes"),
+            std::string::npos);
+  set_weight_kernel_target("amx");
+  Int16Activations tiled;
+  quantize_activations(x.data(), 2, 64, tiled, 32);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::packed_products(packed, 0, 2, tiled, 0, 2, y.data(), 16);
+            }).find("out of range"),
+            std::string::npos);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::packed_products(packed, 0, 1, tiled, 1, 2, y.data(), 16);
+            }).find("out of range"),
+            std::string::npos);
+}
+
 // The int16 products against float64: for every block type and target, equal to the dequantized
 // row times the rounded activations up to float32 sums (their only other rounding), and to the
 // exact product within what the rounding can move it (half a step of each block's scale per
