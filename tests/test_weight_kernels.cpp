@@ -684,10 +684,15 @@ TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
 // activations without their tile bytes, and tiles or tokens out of range.
 TEST(WeightKernels, PackedRowsRefuseBadInput) {
   std::mt19937 rng(47);
-  const std::vector<std::byte> q4k = random_rows(DType::Q4_K, 2, 256, rng);
+  const std::vector<std::byte> q5k = random_rows(DType::Q5_K, 2, 256, rng);
   EXPECT_NE(test_support::error_of([&] {
-              amx::pack_rows(DType::Q4_K, q4k.data(), storage_bytes(DType::Q4_K, 256), 2, 256);
-            }).find("no packed rows for Q4_K"),
+              amx::pack_rows(DType::Q5_K, q5k.data(), storage_bytes(DType::Q5_K, 256), 2, 256);
+            }).find("no packed rows for Q5_K"),
+            std::string::npos);
+  const std::vector<std::byte> q4k = random_rows(DType::Q4_K, 2, 512, rng);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::pack_rows(DType::Q4_K, q4k.data(), storage_bytes(DType::Q4_K, 512), 2, 288);
+            }).find("whole blocks of 256"),
             std::string::npos);
   const std::vector<std::byte> q8 = random_rows(DType::Q8_0, 3, 64, rng);
   EXPECT_NE(test_support::error_of([&] {
@@ -717,6 +722,79 @@ TEST(WeightKernels, PackedRowsRefuseBadInput) {
               amx::packed_products(packed, 0, 1, tiled, 1, 2, y.data(), 16);
             }).find("out of range"),
             std::string::npos);
+  // Q4_K rows take activations in blocks of 256.
+  const amx::PackedRows super =
+      amx::pack_rows(DType::Q4_K, q4k.data(), storage_bytes(DType::Q4_K, 512), 2, 512);
+  const std::vector<float> x512 = test_support::random_vector(rng, 512);
+  Int16Activations blocks_of_32;
+  quantize_activations(x512.data(), 1, 512, blocks_of_32, 32);
+  EXPECT_NE(test_support::error_of([&] {
+              amx::packed_products(super, 0, 1, blocks_of_32, 0, 1, y.data(), 16);
+            }).find("blocks of 256"),
+            std::string::npos);
+}
+
+// Packed Q4_K and Q6_K rows (amx_products.h) against the stored rows on the same CPU, which both
+// follow the exact-totals definition: the same bits in decode (vectors, up to 4 tokens) and prefill
+// (tiles), for a partial last tile, tile ranges that start past the first, partial token tiles,
+// random weights and the largest magnitudes (Q4_K: scales, mins and codes at their top; Q6_K:
+// codes 0, that is -32, and scales -128; activation codes +-32767), with poisoned outputs around.
+TEST(WeightKernels, PackedSuperBlockRowsEqualTheStoredRows) {
+  if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
+  constexpr int64_t kRows = 37, kColumns = 2304, kTokens = 40, kStride = kRows + 3;
+  for (const DType type : {DType::Q4_K, DType::Q6_K})
+    for (const bool extreme : {false, true}) {
+      SCOPED_TRACE(std::string(dtype_name(type)) + (extreme ? " extreme" : " random"));
+      std::mt19937 rng(53);
+      std::vector<std::byte> weights = random_rows(type, kRows, kColumns, rng);
+      const int64_t row_bytes = storage_bytes(type, kColumns);
+      std::vector<float> x = outlier_activations(rng, kTokens, kColumns);
+      if (extreme) {
+        const DTypeInfo& info = dtype_info(type);
+        for (int64_t b = 0; b < kRows * kColumns / info.block_elements; ++b) {
+          std::byte* block = weights.data() + b * info.block_bytes;
+          if (type == DType::Q6_K) {
+            std::memset(block, 0, 192);          // codes 0: q - 32 = -32
+            std::memset(block + 192, 0x80, 16);  // scales -128
+          } else {
+            std::memset(block + 4, 0xFF, info.block_bytes - 4);  // scales, mins 63; codes 15
+          }
+        }
+        for (size_t i = 0; i < x.size(); ++i) x[i] = (i * 7919) % 3 == 0 ? -1.0f : 1.0f;
+      }
+      const TargetGuard guard("amx");
+      Int16Activations xq;
+      quantize_activations(x.data(), kTokens, kColumns, xq, 256);
+      ASSERT_TRUE(xq.has_tile_bytes());
+      const amx::PackedRows packed =
+          amx::pack_rows(type, weights.data(), row_bytes, kRows, kColumns);
+      // The stored rows, one token at a time (their decode kernel).
+      std::vector<float> reference(kTokens * kRows);
+      for (int64_t t = 0; t < kTokens; ++t)
+        dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, kColumns, xq, t, 1,
+                              reference.data() + t * kRows, kRows);
+      for (const auto& [first_tile, tiles] : {std::pair<int64_t, int64_t>{0, 3}, {1, 2}, {2, 1}})
+        for (const auto& [first, tokens] :
+             {std::pair<int64_t, int64_t>{0, 40}, {3, 17}, {5, 4}, {2, 3}, {7, 2}, {39, 1}}) {
+          SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first) +
+                       ", tiles from " + std::to_string(first_tile));
+          std::vector<float> y((tokens + 2) * kStride, std::numeric_limits<float>::quiet_NaN());
+          amx::packed_products(packed, first_tile, tiles, xq, first, tokens, y.data() + kStride,
+                               kStride);
+          const int64_t r0 = 16 * first_tile,
+                        rows = std::min(kRows, 16 * (first_tile + tiles)) - r0;
+          for (size_t i = 0; i < y.size(); ++i) {
+            const int64_t t = static_cast<int64_t>(i) / kStride - 1,
+                          r = static_cast<int64_t>(i) % kStride;
+            if (t < 0 || t >= tokens || r >= rows) {
+              ASSERT_TRUE(std::isnan(y[i])) << "wrote outside the outputs at " << i;
+              continue;
+            }
+            ASSERT_EQ(y[i], reference[(first + t) * kRows + r0 + r])
+                << "token " << t << " row " << r;
+          }
+        }
+    }
 }
 
 // The int16 products against float64: for every block type and target, equal to the dequantized

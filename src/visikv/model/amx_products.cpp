@@ -1,6 +1,7 @@
 #include "visikv/model/amx_products.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <type_traits>
@@ -116,53 +117,159 @@ StoredBlock read_stored_block(DType type, const uint8_t* p) {
   return s;
 }
 
+// The packed super-blocks of 16 rows (amx_products.h): where their parts begin (0: none).
+struct SuperLayout {
+  int masks_at;       // Q6_K: the codes' high bits as lane masks
+  int scales_at;      // a byte per group and row (signed for Q6_K), lane order
+  int mins_at;        // Q4_K: a byte per group and row, lane order
+  int d_at, dmin_at;  // fp16 per row, lane order
+  int bytes;
+  int group_values;  // values per scale: 32 (Q4_K) or 16 (Q6_K)
+};
+constexpr SuperLayout kQ4KLayout{0, 2048, 2176, 2304, 2336, 2368, 32};
+constexpr SuperLayout kQ6KLayout{2048, 3072, 0, 3328, 0, 3360, 16};
+constexpr SuperLayout super_layout(DType type) {
+  return type == DType::Q6_K ? kQ6KLayout : kQ4KLayout;
+}
+bool is_super_type(DType type) { return type == DType::Q4_K || type == DType::Q6_K; }
+
+// Row r's lane in the lane order of a packed super-block's scales: even rows, then odd ones.
+constexpr int lane_of_row(int r) { return r % 2 == 0 ? r / 2 : 8 + r / 2; }
+
+// A stored Q4_K or Q6_K block's 256 codes (Q6_K's unsigned, before - 32), its groups' scales
+// (and Q4_K's mins), and the bits of its fp16 d (and Q4_K's dmin).
+struct StoredSuperBlock {
+  int q[256];
+  int scale[16], min[16];
+  uint16_t d = 0, dmin = 0;
+};
+
+StoredSuperBlock read_stored_q4_k(const uint8_t* p) {
+  StoredSuperBlock s;
+  std::memcpy(&s.d, p, 2);
+  std::memcpy(&s.dmin, p + 2, 2);
+  const uint8_t* packed = p + 4;  // 12 bytes: 6-bit scales and mins of the 8 sub-blocks
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      s.scale[j] = packed[j] & 63;
+      s.min[j] = packed[j + 4] & 63;
+    } else {
+      s.scale[j] = (packed[j + 4] & 0x0F) | (packed[j - 4] >> 6) << 4;
+      s.min[j] = (packed[j + 4] >> 4) | (packed[j] >> 6) << 4;
+    }
+  }
+  // Sub-blocks 2i and 2i + 1 take the low and high nibbles of the 32 bytes at 16 + 32 i.
+  for (int j = 0; j < 256; ++j)
+    s.q[j] = (p[16 + 32 * (j / 64) + j % 32] >> (4 * ((j / 32) % 2))) & 0x0F;
+  return s;
+}
+
+StoredSuperBlock read_stored_q6_k(const uint8_t* p) {
+  StoredSuperBlock s;
+  const uint8_t* low = p;         // 128 bytes of low nibbles
+  const uint8_t* high = p + 128;  // 64 bytes of 2-bit highs
+  for (int half = 0; half < 2; ++half)
+    for (int l = 0; l < 32; ++l) {
+      const uint8_t* ql = low + 64 * half + l;
+      const int qh = high[32 * half + l];
+      int* q = s.q + 128 * half + l;
+      q[0] = (ql[0] & 0x0F) | (qh & 3) << 4;
+      q[32] = (ql[32] & 0x0F) | (qh >> 2 & 3) << 4;
+      q[64] = (ql[0] >> 4) | (qh >> 4 & 3) << 4;
+      q[96] = (ql[32] >> 4) | (qh >> 6 & 3) << 4;
+    }
+  for (int g = 0; g < 16; ++g) s.scale[g] = static_cast<int8_t>(p[192 + g]);
+  std::memcpy(&s.d, p + 208, 2);
+  return s;
+}
+
+// Row r of a stored block (`stored`) into its packed block (`out`) of the blocks of 32.
+void pack_block_row(DType type, const uint8_t* stored, int r, uint8_t* out) {
+  const PackedLayout layout = packed_layout(type);
+  const StoredBlock s = read_stored_block(type, stored);
+  for (int k = 0; k < 2; ++k) {
+    if (layout.code_bytes == 512) {
+      for (int c = 0; c < 16; ++c) out[c * 32 + 2 * r + k] = static_cast<uint8_t>(s.q[2 * c + k]);
+      continue;
+    }
+    for (int c = 0; c < 8; ++c) {
+      const int low = s.q[4 * c + k], high = s.q[4 * c + 2 + k];
+      out[c * 32 + 2 * r + k] = static_cast<uint8_t>((low & 0x0F) | (high & 0x0F) << 4);
+      if (layout.fifth_bytes == 0) continue;
+      uint32_t masks[2];
+      std::memcpy(masks, out + 256 + 8 * c, 8);
+      masks[0] |= static_cast<uint32_t>(low >> 4) << (2 * r + k);
+      masks[1] |= static_cast<uint32_t>(high >> 4) << (2 * r + k);
+      std::memcpy(out + 256 + 8 * c, masks, 8);
+    }
+  }
+  std::memcpy(out + layout.scales_at() + 2 * r, &s.d, 2);
+  if (layout.has_min) std::memcpy(out + layout.scales_at() + 32 + 2 * r, &s.m, 2);
+}
+
+// Row r of a stored Q4_K or Q6_K block into its packed super-block.
+void pack_super_row(DType type, const uint8_t* stored, int r, uint8_t* out) {
+  const SuperLayout layout = super_layout(type);
+  const StoredSuperBlock s =
+      type == DType::Q6_K ? read_stored_q6_k(stored) : read_stored_q4_k(stored);
+  for (int c = 0; c < 64; ++c)
+    for (int k = 0; k < 2; ++k) {
+      const int low = s.q[4 * c + k], high = s.q[4 * c + 2 + k];
+      const int bit = 2 * r + k;
+      out[c * 32 + bit] = static_cast<uint8_t>((low & 0x0F) | (high & 0x0F) << 4);
+      if (layout.masks_at == 0) continue;
+      // Q6_K's fifth bit adds 16; its sixth bit clear subtracts 32 (q - 32 = low + 16 b4 - 32 (1 -
+      // b5)).
+      uint32_t masks[4];
+      std::memcpy(masks, out + layout.masks_at + 16 * c, 16);
+      masks[0] |= static_cast<uint32_t>(low >> 4 & 1) << bit;
+      masks[1] |= static_cast<uint32_t>(high >> 4 & 1) << bit;
+      masks[2] |= static_cast<uint32_t>((low >> 5 & 1) ^ 1) << bit;
+      masks[3] |= static_cast<uint32_t>((high >> 5 & 1) ^ 1) << bit;
+      std::memcpy(out + layout.masks_at + 16 * c, masks, 16);
+    }
+  const int lane = lane_of_row(r);
+  for (int g = 0; g < 256 / layout.group_values; ++g) {
+    out[layout.scales_at + 16 * g + lane] = static_cast<uint8_t>(s.scale[g]);
+    if (layout.mins_at != 0) out[layout.mins_at + 16 * g + lane] = static_cast<uint8_t>(s.min[g]);
+  }
+  std::memcpy(out + layout.d_at + 2 * lane, &s.d, 2);
+  if (layout.dmin_at != 0) std::memcpy(out + layout.dmin_at + 2 * lane, &s.dmin, 2);
+}
+
 }  // namespace
 
 bool packs_rows(DType type) {
   return type == DType::Q4_0 || type == DType::Q4_1 || type == DType::Q5_0 || type == DType::Q5_1 ||
-         type == DType::Q8_0;
+         type == DType::Q8_0 || is_super_type(type);
 }
 
 PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, int64_t rows,
                      int64_t elements, const std::function<void(int64_t, int64_t)>& packed_slice) {
   constexpr int64_t kSliceTiles = 64;  // 1024 rows
   require(packs_rows(type), "no packed rows for ", dtype_name(type), " weights");
-  require(elements % 32 == 0 && elements > 0 && rows > 0, "packed rows of ", rows, " x ", elements,
-          " values (whole blocks of 32 needed)");
-  const PackedLayout layout = packed_layout(type);
+  const bool super = is_super_type(type);
+  const int64_t block_values = super ? 256 : 32;
+  require(elements % block_values == 0 && elements > 0 && rows > 0, "packed rows of ", rows, " x ",
+          elements, " values (whole blocks of ", block_values, " needed)");
   PackedRows packed;
   packed.type = type;
   packed.rows = rows;
   packed.elements = elements;
-  packed.block_bytes = layout.block_bytes();
-  const int64_t blocks = elements / 32, stored_bytes = dtype_info(type).block_bytes;
+  packed.block_values = block_values;
+  packed.block_bytes = super ? super_layout(type).bytes : packed_layout(type).block_bytes();
+  const int64_t blocks = elements / block_values, stored_bytes = dtype_info(type).block_bytes;
   packed.data.assign(static_cast<size_t>(packed.tiles() * packed.tile_bytes()), 0);
   for (int64_t tile = 0; tile < packed.tiles(); ++tile) {
     for (int64_t b = 0; b < blocks; ++b) {
       uint8_t* out = packed.data.data() + (tile * blocks + b) * packed.block_bytes;
       for (int r = 0; r < 16 && tile * 16 + r < rows; ++r) {
-        const StoredBlock s =
-            read_stored_block(type, reinterpret_cast<const uint8_t*>(first_row) +
-                                        (tile * 16 + r) * row_bytes + b * stored_bytes);
-        for (int k = 0; k < 2; ++k) {
-          if (layout.code_bytes == 512) {
-            for (int c = 0; c < 16; ++c)
-              out[c * 32 + 2 * r + k] = static_cast<uint8_t>(s.q[2 * c + k]);
-            continue;
-          }
-          for (int c = 0; c < 8; ++c) {
-            const int low = s.q[4 * c + k], high = s.q[4 * c + 2 + k];
-            out[c * 32 + 2 * r + k] = static_cast<uint8_t>((low & 0x0F) | (high & 0x0F) << 4);
-            if (layout.fifth_bytes == 0) continue;
-            uint32_t masks[2];
-            std::memcpy(masks, out + 256 + 8 * c, 8);
-            masks[0] |= static_cast<uint32_t>(low >> 4) << (2 * r + k);
-            masks[1] |= static_cast<uint32_t>(high >> 4) << (2 * r + k);
-            std::memcpy(out + 256 + 8 * c, masks, 8);
-          }
-        }
-        std::memcpy(out + layout.scales_at() + 2 * r, &s.d, 2);
-        if (layout.has_min) std::memcpy(out + layout.scales_at() + 32 + 2 * r, &s.m, 2);
+        const auto* stored = reinterpret_cast<const uint8_t*>(first_row) +
+                             (tile * 16 + r) * row_bytes + b * stored_bytes;
+        if (super)
+          pack_super_row(type, stored, r, out);
+        else
+          pack_block_row(type, stored, r, out);
       }
     }
     if (packed_slice && ((tile + 1) % kSliceTiles == 0 || tile + 1 == packed.tiles())) {
@@ -178,6 +285,7 @@ PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, 
 // reports as maybe uninitialized wherever they are inlined.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 namespace {
 
@@ -280,6 +388,41 @@ VISIKV_AMX_ATTR inline __m512d to_double(const int32_t* sums) {
   return _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(sums)));
 }
 
+// The four sums tiles (high · high, high · low, low · high, low · low) into memory.
+VISIKV_AMX_ATTR inline void store_sums(int32_t (&sums)[4][kTile][kTile]) {
+  _tile_stored(0, sums[0], kTileBytes);
+  _tile_stored(1, sums[1], kTileBytes);
+  _tile_stored(2, sums[2], kTileBytes);
+  _tile_stored(3, sums[3], kTileBytes);
+}
+
+// One super-block's tile sums for `tokens` tokens (at most 16) and `rows` rows (at most 16, more
+// left alone): T = 65536 hh + 256 (hl + lh) + ll, exact in double, and products[t *
+// product_stride + r] += T * (d[r] * s_t), with s_t = scales[t * scale_stride].
+VISIKV_AMX_ATTR inline void add_tile_totals(const int32_t (&sums)[4][kTile][kTile], int64_t tokens,
+                                            const float* scales, int64_t scale_stride,
+                                            const float* d, int64_t rows, double* products,
+                                            int64_t product_stride) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    const __m512d activation_scale = _mm512_set1_pd(scales[t * scale_stride]);
+    double* out = products + t * product_stride;
+    for (int h = 0; h < 2; ++h) {
+      const int64_t count = std::clamp<int64_t>(rows - 8 * h, 0, 8);
+      if (count == 0) break;
+      const __mmask8 mask = static_cast<__mmask8>((1u << count) - 1);
+      const __m512d cross =
+          _mm512_add_pd(to_double(&sums[1][t][8 * h]), to_double(&sums[2][t][8 * h]));
+      const __m512d total = _mm512_fmadd_pd(
+          to_double(&sums[0][t][8 * h]), _mm512_set1_pd(65536.0),
+          _mm512_fmadd_pd(cross, _mm512_set1_pd(256.0), to_double(&sums[3][t][8 * h])));
+      const __m512d row_d = _mm512_cvtps_pd(_mm256_loadu_ps(d + 8 * h));
+      const __m512d p = _mm512_maskz_loadu_pd(mask, out + 8 * h);
+      _mm512_mask_storeu_pd(out + 8 * h, mask,
+                            _mm512_fmadd_pd(total, _mm512_mul_pd(row_d, activation_scale), p));
+    }
+  }
+}
+
 VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
   configure_tiles();
   const int64_t row_tiles = padded_rows(s.rows) / kTile;
@@ -329,29 +472,9 @@ VISIKV_AMX_ATTR void run(const SuperBlockStep& s) {
           _tile_dpbusd(2, 5, 6);  // xl · wh
           _tile_dpbuud(3, 5, 7);  // xl · wl
         }
-        _tile_stored(0, sums[0], kTileBytes);
-        _tile_stored(1, sums[1], kTileBytes);
-        _tile_stored(2, sums[2], kTileBytes);
-        _tile_stored(3, sums[3], kTileBytes);
-        // T = 65536 hh + 256 (hl + lh) + ll, exact in double; products += T * (d * s).
-        for (int64_t t = 0; t < tile_tokens; ++t) {
-          const __m512d activation_scale = _mm512_set1_pd(s.scales[(t0 + t) * s.scale_stride + b]);
-          double* out = s.products + (t0 + t) * s.rows + r0;
-          for (int h = 0; h < 2; ++h) {
-            const int64_t count = std::clamp<int64_t>(s.rows - r0 - 8 * h, 0, 8);
-            if (count == 0) break;
-            const __mmask8 mask = static_cast<__mmask8>((1u << count) - 1);
-            const __m512d cross =
-                _mm512_add_pd(to_double(&sums[1][t][8 * h]), to_double(&sums[2][t][8 * h]));
-            const __m512d total = _mm512_fmadd_pd(
-                to_double(&sums[0][t][8 * h]), _mm512_set1_pd(65536.0),
-                _mm512_fmadd_pd(cross, _mm512_set1_pd(256.0), to_double(&sums[3][t][8 * h])));
-            const __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(s.d + b * padded + r0 + 8 * h));
-            const __m512d p = _mm512_maskz_loadu_pd(mask, out + 8 * h);
-            _mm512_mask_storeu_pd(out + 8 * h, mask,
-                                  _mm512_fmadd_pd(total, _mm512_mul_pd(d, activation_scale), p));
-          }
-        }
+        store_sums(sums);
+        add_tile_totals(sums, tile_tokens, s.scales + t0 * s.scale_stride + b, s.scale_stride,
+                        s.d + b * padded + r0, s.rows - r0, s.products + t0 * s.rows + r0, s.rows);
       }
     }
   }
@@ -371,11 +494,15 @@ VISIKV_AMX_ATTR inline __m256i load_256(const uint8_t* p) {
 
 // Chunk c of a packed block of 4- or 5-bit codes as 16-bit lanes 2r + k: `low` values 4c + k,
 // `high` values 4c + 2 + k of row r.
-template <DType kType>
-VISIKV_AMX_ATTR inline void code_pairs(const uint8_t* block, int c, __m512i& low, __m512i& high) {
+VISIKV_AMX_ATTR inline void nibble_pairs(const uint8_t* block, int c, __m512i& low, __m512i& high) {
   const __m512i bytes = _mm512_cvtepu8_epi16(load_256(block + 32 * c));
   low = _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
   high = _mm512_srli_epi16(bytes, 4);
+}
+
+template <DType kType>
+VISIKV_AMX_ATTR inline void code_pairs(const uint8_t* block, int c, __m512i& low, __m512i& high) {
+  nibble_pairs(block, c, low, high);
   if constexpr (kLayout<kType>.fifth_bytes != 0) {
     uint32_t masks[2];
     std::memcpy(masks, block + 256 + 8 * c, 8);
@@ -638,6 +765,327 @@ VISIKV_AMX_ATTR void tile_products(const PackedRows& w, int64_t tile, const Int1
   }
 }
 
+// --- Q4_K and Q6_K -------------------------------------------------------------------------------
+
+template <DType kType>
+constexpr SuperLayout kSuper = super_layout(kType);
+
+// Lane r: the lane of row r in the lane order (a permutation's indices from lanes to rows).
+alignas(64) constexpr auto kLaneOfRow = [] {
+  std::array<int32_t, 16> lanes{};
+  for (int r = 0; r < 16; ++r) lanes[r] = lane_of_row(r);
+  return lanes;
+}();
+
+// Chunk c of a packed super-block's codes as 16-bit lanes 2r + k (`low`: values 4c + k, `high`:
+// values 4c + 2 + k of row r): Q4_K's q, Q6_K's q - 32.
+template <DType kType>
+VISIKV_AMX_ATTR inline void super_code_pairs(const uint8_t* block, int c, __m512i& low,
+                                             __m512i& high) {
+  nibble_pairs(block, c, low, high);
+  if constexpr (kType == DType::Q6_K) {
+    uint32_t masks[4];
+    std::memcpy(masks, block + kSuper<kType>.masks_at + 16 * c, 16);
+    const __m512i sixteen = _mm512_set1_epi16(16), thirty_two = _mm512_set1_epi16(32);
+    low = _mm512_mask_add_epi16(low, masks[0], low, sixteen);
+    high = _mm512_mask_add_epi16(high, masks[1], high, sixteen);
+    low = _mm512_mask_sub_epi16(low, masks[2], low, thirty_two);
+    high = _mm512_mask_sub_epi16(high, masks[3], high, thirty_two);
+  }
+}
+
+// The 16 rows' sums of a group (lane r: row r) times its scales (8 bytes for the even rows, then
+// 8 for the odd ones, at `scales`), exact in 64 bits, onto the even and odd rows' totals.
+template <DType kType>
+VISIKV_AMX_ATTR inline void add_scaled_sums(__m512i sums, const uint8_t* scales, __m512i& even,
+                                            __m512i& odd) {
+  const __m128i even_bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales));
+  const __m128i odd_bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(scales + 8));
+  const bool is_signed = kType == DType::Q6_K;
+  const __m512i even_scales =
+      is_signed ? _mm512_cvtepi8_epi64(even_bytes) : _mm512_cvtepu8_epi64(even_bytes);
+  const __m512i odd_scales =
+      is_signed ? _mm512_cvtepi8_epi64(odd_bytes) : _mm512_cvtepu8_epi64(odd_bytes);
+  even = _mm512_add_epi64(even, _mm512_mul_epi32(sums, even_scales));
+  odd = _mm512_add_epi64(odd,
+                         _mm512_mul_epi32(_mm512_shuffle_epi32(sums, _MM_PERM_CDAB), odd_scales));
+}
+
+// A group's scales (lane order, at `scales`) as row r's scale in 16-bit lanes 2r and 2r + 1.
+template <DType kType>
+VISIKV_AMX_ATTR inline __m512i row_scale_pairs(const uint8_t* scales) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(scales));
+  const __m512i lanes =
+      kType == DType::Q6_K ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes);
+  const __m512i rows = _mm512_permutexvar_epi32(_mm512_load_si512(kLaneOfRow.data()), lanes);
+  return _mm512_or_si512(_mm512_and_si512(rows, _mm512_set1_epi32(0xFFFF)),
+                         _mm512_slli_epi32(rows, 16));
+}
+
+// Q4_K's sub-block j offsets -dmin m_j of the 16 rows, exact in float (lane order).
+VISIKV_AMX_ATTR inline __m512 sub_block_offsets(const uint8_t* block, int j) {
+  const __m512 neg_dmin =
+      _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(load_256(block + kQ4KLayout.dmin_at)));
+  const __m512i mins = _mm512_cvtepu8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + kQ4KLayout.mins_at + 16 * j)));
+  return _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(mins));
+}
+
+// The 16 groups' offsets sums (lane order) added by halves, as the stored rows' kernels add their
+// lanes (weight_kernels.cpp HalvingSum): group g with g + 8, then + 4, + 2, + 1.
+VISIKV_AMX_ATTR inline __m512 halving_sum(const __m512 (&groups)[16]) {
+  __m512 half[8];
+  for (int g = 0; g < 8; ++g) half[g] = _mm512_add_ps(groups[g], groups[g + 8]);
+  for (int g = 0; g < 4; ++g) half[g] = _mm512_add_ps(half[g], half[g + 4]);
+  for (int g = 0; g < 2; ++g) half[g] = _mm512_add_ps(half[g], half[g + 2]);
+  return _mm512_add_ps(half[0], half[1]);
+}
+
+// The outputs of 16 rows from their products terms P (rows 0-7 and 8-15, in double): float(P),
+// or with Q4_K's offsets (lane order) float(P + offsets).
+VISIKV_AMX_ATTR inline __m512 super_outputs(__m512d rows_low, __m512d rows_high) {
+  return _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(rows_low)),
+                            _mm512_cvtpd_ps(rows_high), 1);
+}
+VISIKV_AMX_ATTR inline __m512 super_outputs(__m512d rows_low, __m512d rows_high, __m512 offsets) {
+  const __m512 o = _mm512_permutexvar_ps(_mm512_load_si512(kLaneOfRow.data()), offsets);
+  return super_outputs(_mm512_add_pd(rows_low, _mm512_cvtps_pd(_mm512_castps512_ps256(o))),
+                       _mm512_add_pd(rows_high, _mm512_cvtps_pd(_mm512_extractf32x8_ps(o, 1))));
+}
+
+// Decode: kTiles tiles of 16 rows times kTokens tokens. Each group's sums of codes times
+// activation codes (in two chains, as for the blocks of 32) are scaled into the rows' 64-bit totals
+// T; each super-block adds T (d s) to the rows' products terms in double, and Q4_K's offsets to
+// its 16 groups' sums.
+template <DType kType, int kTiles, int kTokens>
+VISIKV_AMX_ATTR void super_vector_products(const PackedRows& w, int64_t tile0,
+                                           const Int16Activations& x, int64_t first, float* y,
+                                           int64_t y_stride) {
+  constexpr SuperLayout layout = kSuper<kType>;
+  constexpr bool kOffsets = layout.mins_at != 0;
+  constexpr int kGroups = 256 / layout.group_values, kGroupChunks = layout.group_values / 4;
+  constexpr int64_t kPrefetchBytes = 32768;
+  const int64_t n = x.elements, blocks = n / 256;
+  const uint8_t* tiles[kTiles];
+  for (int i = 0; i < kTiles; ++i) tiles[i] = w.data.data() + (tile0 + i) * w.tile_bytes();
+  const int16_t* codes[kTokens];
+  const float* group_sums[kTokens];
+  for (int t = 0; t < kTokens; ++t) {
+    codes[t] = x.codes.data() + (first + t) * n;
+    group_sums[t] = x.sums16.data() + (first + t) * (n / 16);
+  }
+  __m512d even_products[kTiles][kTokens], odd_products[kTiles][kTokens];
+  __m512 offsets[kTiles][kTokens][kOffsets ? 16 : 1];
+  for (int i = 0; i < kTiles; ++i)
+    for (int t = 0; t < kTokens; ++t) {
+      even_products[i][t] = odd_products[i][t] = _mm512_setzero_pd();
+      for (__m512& o : offsets[i][t]) o = _mm512_setzero_ps();
+    }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block[kTiles];
+    __m512i even_totals[kTiles][kTokens], odd_totals[kTiles][kTokens];
+    for (int i = 0; i < kTiles; ++i) {
+      block[i] = tiles[i] + b * layout.bytes;
+      for (int t = 0; t < kTokens; ++t)
+        even_totals[i][t] = odd_totals[i][t] = _mm512_setzero_si512();
+    }
+    for (int j = 0; j < kGroups; ++j) {
+      __m512i even[kTiles][kTokens], odd[kTiles][kTokens];
+      for (int i = 0; i < kTiles; ++i)
+        for (int t = 0; t < kTokens; ++t) even[i][t] = odd[i][t] = _mm512_setzero_si512();
+      for (int c = kGroupChunks * j; c < kGroupChunks * (j + 1); ++c) {
+        __m512i low[kTiles], high[kTiles];
+        for (int i = 0; i < kTiles; ++i) {
+          // One line ahead per chunk: a burst of the whole block's prefetches at its start fills
+          // the core's line fill buffers and stalls (measured on the 1.5B model's decode).
+          if (64 * c < layout.bytes)
+            _mm_prefetch(reinterpret_cast<const char*>(block[i] + kPrefetchBytes + 64 * c),
+                         _MM_HINT_T1);
+          super_code_pairs<kType>(block[i], c, low[i], high[i]);
+        }
+        for (int t = 0; t < kTokens; ++t) {
+          const int16_t* xc = codes[t] + 256 * b + 4 * c;
+          const __m512i x_low = code_pair(xc), x_high = code_pair(xc + 2);
+          for (int i = 0; i < kTiles; ++i) {
+            even[i][t] = _mm512_dpwssd_epi32(even[i][t], low[i], x_low);
+            odd[i][t] = _mm512_dpwssd_epi32(odd[i][t], high[i], x_high);
+          }
+        }
+      }
+      for (int i = 0; i < kTiles; ++i)
+        for (int t = 0; t < kTokens; ++t)
+          add_scaled_sums<kType>(_mm512_add_epi32(even[i][t], odd[i][t]),
+                                 block[i] + layout.scales_at + 16 * j, even_totals[i][t],
+                                 odd_totals[i][t]);
+    }
+    for (int i = 0; i < kTiles; ++i) {
+      const __m512 d = _mm512_cvtph_ps(load_256(block[i] + layout.d_at));
+      const __m512d even_d = _mm512_cvtps_pd(_mm512_castps512_ps256(d));
+      const __m512d odd_d = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
+      for (int t = 0; t < kTokens; ++t) {
+        const __m512d scale = _mm512_set1_pd(x.scales[(first + t) * blocks + b]);
+        even_products[i][t] = _mm512_fmadd_pd(_mm512_cvtepi64_pd(even_totals[i][t]),
+                                              _mm512_mul_pd(even_d, scale), even_products[i][t]);
+        odd_products[i][t] = _mm512_fmadd_pd(_mm512_cvtepi64_pd(odd_totals[i][t]),
+                                             _mm512_mul_pd(odd_d, scale), odd_products[i][t]);
+      }
+      if constexpr (kOffsets)
+        for (int j = 0; j < 8; ++j) {
+          const __m512 offset = sub_block_offsets(block[i], j);
+          for (int t = 0; t < kTokens; ++t) {
+            const float* sums = group_sums[t] + 16 * b + 2 * j;
+            offsets[i][t][2 * j] =
+                _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[0]), offsets[i][t][2 * j]);
+            offsets[i][t][2 * j + 1] =
+                _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[1]), offsets[i][t][2 * j + 1]);
+          }
+        }
+    }
+  }
+  // Rows 0-7 and 8-15 from the even and odd rows' lanes.
+  alignas(64) static constexpr int64_t kLowRows[8] = {0, 8, 1, 9, 2, 10, 3, 11};
+  alignas(64) static constexpr int64_t kHighRows[8] = {4, 12, 5, 13, 6, 14, 7, 15};
+  for (int i = 0; i < kTiles; ++i)
+    for (int t = 0; t < kTokens; ++t) {
+      const __m512d low = _mm512_permutex2var_pd(even_products[i][t], _mm512_load_si512(kLowRows),
+                                                 odd_products[i][t]);
+      const __m512d high = _mm512_permutex2var_pd(even_products[i][t], _mm512_load_si512(kHighRows),
+                                                  odd_products[i][t]);
+      __m512 out;
+      if constexpr (kOffsets)
+        out = super_outputs(low, high, halving_sum(offsets[i][t]));
+      else
+        out = super_outputs(low, high);
+      store_rows(y + t * y_stride + 16 * i, out, w.rows - (tile0 + i) * 16);
+    }
+}
+
+template <DType kType, int kTiles>
+VISIKV_AMX_ATTR void super_vector_tokens(const PackedRows& w, int64_t tile0,
+                                         const Int16Activations& x, int64_t first, int64_t tokens,
+                                         float* y, int64_t y_stride) {
+  switch (tokens) {
+    case 1:
+      return super_vector_products<kType, kTiles, 1>(w, tile0, x, first, y, y_stride);
+    case 2:
+      return super_vector_products<kType, kTiles, 2>(w, tile0, x, first, y, y_stride);
+    case 3:
+      return super_vector_products<kType, kTiles, 3>(w, tile0, x, first, y, y_stride);
+    default:
+      return super_vector_products<kType, kTiles, 4>(w, tile0, x, first, y, y_stride);
+  }
+}
+
+// Prefill: one tile of 16 rows times every token. Block by block, the block's weight tiles (scale
+// times code, split into high and low bytes, in the VNNI layout) are made once and every tile of
+// 16 tokens passes over them, its totals added to the products terms in memory; then each token's
+// Q4_K offsets meet the blocks in order, in registers.
+template <DType kType>
+VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
+                                         const Int16Activations& x, int64_t first, int64_t tokens,
+                                         float* y, int64_t y_stride) {
+  constexpr SuperLayout layout = kSuper<kType>;
+  constexpr bool kOffsets = layout.mins_at != 0;
+  constexpr int kGroups = 256 / layout.group_values, kGroupChunks = layout.group_values / 4;
+  const int64_t n = x.elements, blocks = n / 256;
+  const int64_t rows = std::min<int64_t>(16, w.rows - tile * 16);
+  thread_local std::vector<double, CacheAlignedAllocator<double>> products_buffer;
+  thread_local std::vector<float, CacheAlignedAllocator<float>> offsets_buffer;
+  if (products_buffer.size() < static_cast<size_t>(tokens * 16))
+    products_buffer.resize(static_cast<size_t>(tokens * 16));
+  if (kOffsets && offsets_buffer.size() < static_cast<size_t>(blocks * 8 * 16))
+    offsets_buffer.resize(static_cast<size_t>(blocks * 8 * 16));
+  double* products = products_buffer.data();     // token t, row r at 16 t + r
+  float* block_offsets = offsets_buffer.data();  // block b, sub-block j: 16 lanes at 16 (8 b + j)
+  std::fill(products, products + tokens * 16, 0.0);
+  alignas(64) uint8_t weight_tiles[kStepsPerBlock][2][kTileSize];  // step; high, low bytes
+  alignas(64) int32_t sums[4][kTile][kTile];
+  alignas(64) float row_d[16];
+  const uint8_t* packed = w.data.data() + tile * w.tile_bytes();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* block = packed + b * layout.bytes;
+    for (int j = 0; j < kGroups; ++j) {
+      const __m512i scale = row_scale_pairs<kType>(block + layout.scales_at + 16 * j);
+      for (int c = kGroupChunks * j; c < kGroupChunks * (j + 1); ++c) {
+        __m512i low, high;
+        super_code_pairs<kType>(block, c, low, high);
+        low = _mm512_mullo_epi16(low, scale);
+        high = _mm512_mullo_epi16(high, scale);
+        uint8_t* tile_row = weight_tiles[c / 16][0] + (c % 16) * kTileBytes;
+        _mm512_store_si512(tile_row,
+                           interleave_pairs(_mm512_cvtepi16_epi8(_mm512_srai_epi16(low, 8)),
+                                            _mm512_cvtepi16_epi8(_mm512_srai_epi16(high, 8))));
+        _mm512_store_si512(tile_row + kTileSize,
+                           interleave_pairs(_mm512_cvtepi16_epi8(low), _mm512_cvtepi16_epi8(high)));
+      }
+    }
+    if constexpr (kOffsets)
+      for (int j = 0; j < 8; ++j)
+        _mm512_store_ps(block_offsets + (8 * b + j) * 16, sub_block_offsets(block, j));
+    _mm512_store_ps(row_d, _mm512_permutexvar_ps(_mm512_load_si512(kLaneOfRow.data()),
+                                                 _mm512_cvtph_ps(load_256(block + layout.d_at))));
+    for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+      const int64_t tile_tokens = std::min<int64_t>(kTile, tokens - t0);
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int q = 0; q < kStepsPerBlock; ++q) {
+        const int64_t at = (first + t0) * n + 256 * b + 64 * q;
+        _tile_loadd(4, x.tile_high.data() + at, n);
+        _tile_loadd(5, x.tile_low.data() + at, n);
+        _tile_loadd(6, weight_tiles[q][0], kTileBytes);
+        _tile_loadd(7, weight_tiles[q][1], kTileBytes);
+        _tile_dpbssd(0, 4, 6);  // xh · wh
+        _tile_dpbsud(1, 4, 7);  // xh · wl
+        _tile_dpbusd(2, 5, 6);  // xl · wh
+        _tile_dpbuud(3, 5, 7);  // xl · wl
+      }
+      store_sums(sums);
+      add_tile_totals(sums, tile_tokens, x.scales.data() + (first + t0) * blocks + b, blocks, row_d,
+                      rows, products + 16 * t0, 16);
+    }
+  }
+  for (int64_t t = 0; t < tokens; ++t) {
+    const __m512d low = _mm512_load_pd(products + 16 * t),
+                  high = _mm512_load_pd(products + 16 * t + 8);
+    if constexpr (!kOffsets) {
+      store_rows(y + t * y_stride, super_outputs(low, high), rows);
+      continue;
+    }
+    const float* sums = x.sums16.data() + (first + t) * (n / 16);
+    __m512 offsets[16];
+    for (__m512& o : offsets) o = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int j = 0; j < 8; ++j) {
+        const __m512 offset = _mm512_load_ps(block_offsets + (8 * b + j) * 16);
+        offsets[2 * j] =
+            _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[16 * b + 2 * j]), offsets[2 * j]);
+        offsets[2 * j + 1] =
+            _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[16 * b + 2 * j + 1]), offsets[2 * j + 1]);
+      }
+    store_rows(y + t * y_stride, super_outputs(low, high, halving_sum(offsets)), rows);
+  }
+}
+
+template <DType kType>
+void super_packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
+                           const Int16Activations& x, int64_t first, int64_t tokens, float* y,
+                           int64_t y_stride) {
+  if (tokens > 4) {
+    configure_tiles();
+    for (int64_t i = 0; i < tiles; ++i)
+      super_tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+    release_tiles();
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 2 <= tiles; i += 2)
+    super_vector_tokens<kType, 2>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+  if (i < tiles)
+    super_vector_tokens<kType, 1>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+}
+
 template <DType kType>
 void packed_products_of(const PackedRows& w, int64_t first_tile, int64_t tiles,
                         const Int16Activations& x, int64_t first, int64_t tokens, float* y,
@@ -668,11 +1116,17 @@ void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
                      const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
                      int64_t y_stride) {
   require(available(), "AMX tile products are not available on this CPU");
-  require(x.block == 32 && x.elements == w.elements && x.has_tile_bytes() &&
-              static_cast<int64_t>(x.block_sums.size()) == x.tokens * x.elements / 32 &&
-              x.scaled_block_sums.size() == x.block_sums.size(),
-          "packed products need 16-bit activations of ", w.elements,
-          " values in blocks of 32 with their tile bytes and block sums");
+  if (is_super_type(w.type))
+    require(x.block == 256 && x.elements == w.elements && x.has_tile_bytes() &&
+                static_cast<int64_t>(x.sums16.size()) == x.tokens * x.elements / 16,
+            "packed products need 16-bit activations of ", w.elements,
+            " values in blocks of 256 with their tile bytes and group sums");
+  else
+    require(x.block == 32 && x.elements == w.elements && x.has_tile_bytes() &&
+                static_cast<int64_t>(x.block_sums.size()) == x.tokens * x.elements / 32 &&
+                x.scaled_block_sums.size() == x.block_sums.size(),
+            "packed products need 16-bit activations of ", w.elements,
+            " values in blocks of 32 with their tile bytes and block sums");
   require(first_tile >= 0 && tiles >= 0 && first_tile + tiles <= w.tiles() && first_token >= 0 &&
               tokens >= 0 && first_token + tokens <= x.tokens,
           "packed products: tiles or tokens out of range");
@@ -691,6 +1145,12 @@ void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
       return run_type(std::integral_constant<DType, DType::Q5_1>{});
     case DType::Q8_0:
       return run_type(std::integral_constant<DType, DType::Q8_0>{});
+    case DType::Q4_K:
+      return super_packed_products<DType::Q4_K>(w, first_tile, tiles, x, first_token, tokens, y,
+                                                y_stride);
+    case DType::Q6_K:
+      return super_packed_products<DType::Q6_K>(w, first_tile, tiles, x, first_token, tokens, y,
+                                                y_stride);
     default:
       fail("no packed products for ", dtype_name(w.type), " weights");
   }

@@ -41,6 +41,28 @@
 //     of value 4c + k of row r, of the second that of value 4c + 2 + k;
 //   Q8_0: 16 chunks of 32 bytes, chunk c for values 2c and 2c + 1: byte 2r + k holds value 2c + k;
 //   then the 16 rows' fp16 d, and for Q4_1 and Q5_1 their fp16 m.
+//
+// Q4_K and Q6_K, decode and prefill: packed the same way, sixteen rows a super-block of 256 values
+// at a time, and computed by the exact-totals definition of the super-block types
+// (weight_kernels.cpp: the exact integer T_b = sum_j sc_g(j) c_j x_j with c = q for Q4_K and
+// q - 32 for Q6_K, P = fma(double(T_b), d_b s_b, P) in block order; for Q4_K the offsets
+// -dmin m_g times the activations' float sums of 16, in one float per group of 16 in block order,
+// the 16 added by halves; the output float(P + offsets), or float(P)), so that packed and stored
+// rows give the same bits. A super-block of 16 rows takes as many bytes as 16 stored ones, and
+// Q4_K's 64 more for its scales and mins a byte each:
+//   64 chunks of 32 bytes of low nibbles, as for the blocks of 32 (chunk c: values 4c .. 4c + 3);
+//   Q6_K: then per chunk four 32-bit lane masks: the fifth bit of the low-nibble values, of the
+//     high-nibble ones, and the sixth bit clear of each (q - 32 = low + 16 b4 - 32 (1 - b5));
+//   the scales, a byte per group and row (Q4_K: 8 groups of 32 values, 6-bit; Q6_K: 16 of 16,
+//   signed), and Q4_K's 6-bit mins;
+//   16 fp16 d, and Q4_K's 16 fp16 dmin.
+// The scales, mins, d and dmin of the 16 rows go in lane order: rows 0, 2, .., 14, then 1, 3, ..,
+// 15. A group's products end in lane r for row r; their 64-bit products with the scales (vpmuldq)
+// take the even lanes, then the odd ones, so lane order puts the even rows' scales first.
+//
+// Why: Q4_K_M files (the commonest GGUF type) hold Q4_K and Q6_K matrices, and the stored layout
+// spends three or more instructions per 32 products (unpack, scale, multiply-add, and the
+// sums' conversion) where sixteen rows side by side spend little more than the multiply-add.
 #pragma once
 
 #include <cstddef>
@@ -92,16 +114,17 @@ struct SuperBlockStep {
 };
 void super_block_products(const SuperBlockStep& step);
 
-// Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
+// Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K.
 bool packs_rows(DType type);
 
 struct PackedRows {
   DType type = DType::F32;
   int64_t rows = 0, elements = 0;
-  int64_t block_bytes = 0;  // one block of a tile of 16 rows
+  int64_t block_values = 32;  // 256 for Q4_K and Q6_K
+  int64_t block_bytes = 0;    // one block of a tile of 16 rows
   std::vector<uint8_t, CacheAlignedAllocator<uint8_t>> data;
   int64_t tiles() const { return (rows + 15) / 16; }
-  int64_t tile_bytes() const { return block_bytes * (elements / 32); }
+  int64_t tile_bytes() const { return block_bytes * (elements / block_values); }
 };
 
 // Packs `rows` stored rows of `type` (`row_bytes` apart, `elements` values each), calling
@@ -113,8 +136,9 @@ PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, 
 
 // y[t * y_stride + r] for the rows of tiles [first_tile, first_tile + tiles) (r counted from the
 // first of them, rows past w.rows left alone) and tokens [first_token, first_token + tokens) of x
-// (16-bit codes in blocks of 32, with tile bytes and block sums: quantize_activations with the tile
-// products on). Up to four tokens run on vectors, more on the tiles. Needs available().
+// (16-bit codes in blocks of int16_activation_block(w.type), with tile bytes, and block sums for
+// blocks of 32: quantize_activations with the tile products on). Up to four tokens run on vectors,
+// more on the tiles. Needs available().
 void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
                      const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
                      int64_t y_stride);

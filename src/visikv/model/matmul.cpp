@@ -178,8 +178,8 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
     }
   }
   const Int8Activations& x8 = x_int8;
-  // Where the tile products run, the int16 products of the blocks-of-32 types read their rows
-  // packed sixteen at a time (amx_products.h), made once per matrix.
+  // Where the tile products run, the int16 products of the types amx::packs_rows names read their
+  // rows packed sixteen at a time (amx_products.h), made once per matrix.
   std::vector<const amx::PackedRows*> packed(row_products.size(), nullptr);
   if (int16 && any_quantized)
     for (size_t i = 0; i < row_products.size(); ++i)

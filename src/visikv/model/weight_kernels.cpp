@@ -1526,7 +1526,8 @@ void DotInt16Tokens(const uint8_t* row, int64_t row_bytes, int64_t units, const 
 //   vector blocked product included): the lanes are added in 64 bits into the super-block's exact
 //   integer T_b; the products term P = sum_b T_b * (d_b * s_b) in double, one fused multiply-add
 //   per super-block in block order (d_b * s_b, fp16 times float, is exact in double); the offsets
-//   term in float lanes as above (lane by lane in block order); the output float(P + their sum).
+//   term in float lanes as above (lane g: group g of every super-block, in block order); the
+//   output float(P + their sum), the lanes added by halves (HalvingSum).
 //   Any engine may sum T_b in any order, so the tiles give the vectors' bits.
 
 #if VISIKV_SUPER_VECTORS
@@ -1561,6 +1562,20 @@ constexpr int kFlushUnits = [] {
 
 // One output's float lanes, added in a fixed order.
 HWY_INLINE float SumLanes(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
+
+// The lanes added by halves: lane i of the lower half plus lane i of the upper, down to one lane.
+// The exact-totals definition names this order (SumOfLanes leaves it to the compiler), and the
+// packed rows' kernels (amx_products.h) repeat it across sixteen rows at once.
+template <class D>
+HWY_INLINE float HalvingSum(D d, hn::VFromD<D> v) {
+  if constexpr (hn::MaxLanes(D()) == 1) {
+    (void)d;
+    return hn::GetLane(v);
+  } else {
+    const hn::Half<D> dh;
+    return HalvingSum(dh, hn::Add(hn::LowerHalf(dh, v), hn::UpperHalf(dh, v)));
+  }
+}
 
 // The offsets term of super-block `b` for one row (scales `s`) and one token: each group's offset
 // times the group's float sum of rounded activations, onto `offsets`' lanes.
@@ -1624,7 +1639,7 @@ template <bool kExactTotals, typename Format>
 HWY_INLINE float SuperOutput(double products, VF lanes) {
   if constexpr (!kExactTotals) return SumLanes(lanes);
   if constexpr (Format::kSuperOffsets)
-    return static_cast<float>(products + static_cast<double>(SumLanes(lanes)));
+    return static_cast<float>(products + static_cast<double>(HalvingSum(DF(), lanes)));
   return static_cast<float>(products);
 }
 
@@ -2107,12 +2122,15 @@ void quantize_blocks(const float* x, int64_t tokens, int64_t n, QuantizedActivat
   for (int64_t t = 0; t < tokens; ++t) {
     const float* v = x + t * n;
     Code* codes = out.codes.data() + t * n;
+    // clang-format reads the dispatch macro's call as a statement of its own.
+    // clang-format off
     if constexpr (sizeof(Code) == 1)
       HWY_DYNAMIC_DISPATCH(QuantizeCodes8)
       (v, n / block, block, codes, out.scales.data() + t * n / block);
     else
       HWY_DYNAMIC_DISPATCH(QuantizeCodes16)
       (v, n / block, block, codes, out.scales.data() + t * n / block);
+    // clang-format on
     for (int64_t group = 0; group < n / 16; ++group) {
       float sum = 0;
       if (rounded_sums) {
