@@ -400,6 +400,28 @@ TEST(Cli, ResumedGridRunsOnlyTheMissingRows) {
   fs::remove(partial);
 }
 
+// eval kv's products: exact by default, named in the JSON; a file written with other products is
+// not resumed.
+TEST(Cli, EvalKvNamesItsProductsAndResumesOnlyTheSame) {
+  const std::string command = eval_commands()[1];
+  ASSERT_TRUE(command.starts_with("eval kv"));
+  const fs::path json = temp_file("visikv_eval_kv_numerics.json");
+  fs::remove(json);
+  const ProgramRun exact = run("-t 1 " + command + " --json " + json.string());
+  ASSERT_EQ(exact.status, 0) << exact.output;
+  EXPECT_NE(exact.output.find("products:     exact"), std::string::npos) << exact.output;
+  EXPECT_EQ(nlohmann::json::parse(read_file(json))["numerics"], "exact");
+  const ProgramRun other = run("-t 1 " + command + " --numerics int16 --resume " + json.string());
+  EXPECT_EQ(other.status, 1) << other.output;
+  EXPECT_NE(other.output.find("numerics: nothing in the file, \"int16\" in this run"),
+            std::string::npos)
+      << other.output;
+  const ProgramRun bad = run("-t 1 " + command + " --numerics int4");
+  EXPECT_NE(bad.status, 0) << bad.output;
+  EXPECT_NE(bad.output.find("--numerics"), std::string::npos) << bad.output;
+  fs::remove(json);
+}
+
 TEST(Cli, ResumeRefusesOtherParametersAndFilesItCannotRead) {
   const std::string command = eval_commands()[2];
   const fs::path json = temp_file("visikv_resume_checks.json");

@@ -31,7 +31,7 @@ namespace {
 using nlohmann::json;
 
 struct EvalKvFlags {
-  std::string model, text, mode = "decode-batched", plot;
+  std::string model, text, mode = "decode-batched", plot, numerics = "exact";
   RunOutputFlags output;
   int64_t tokens = 0, window = 1024;
   std::vector<int64_t> ranks = {4, 8, 16};
@@ -42,7 +42,7 @@ struct EvalKvFlags {
 
 // What the table and the JSON report besides the rows.
 struct EvalKvRun {
-  std::string model, text;
+  std::string model, text, numerics;
   KvGridOptions options;
   int64_t head_dim = 0;
   BasisSource basis;
@@ -66,8 +66,11 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
 
   const Model model = Model::load(f.model);
   Decoder decoder(model);
+  // Every row's forward (not the calibration) with the chosen products.
+  apply_numerics(f.numerics, decoder);
   EvalKvRun run;
   run.model = model.source();
+  run.numerics = f.numerics;
   run.head_dim = decoder.cache_shape().head_dim;
   KvGridSpec spec;
   spec.ranks = f.ranks;
@@ -104,14 +107,12 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   const std::vector<int32_t> tokens = text_file_tokens(
       model.tokenizer(), text_path,
       f.tokens > 0 ? std::optional(text_tokens_to_score(f.tokens, f.window)) : std::nullopt);
-  // Every row's figures depend on these (a row's codecs are checked as it is kept).
-  const RowJournal journal = open_row_journal(f.output, "eval kv",
-                                              {{"model", run.model},
-                                               {"text", run.text},
-                                               {"mode", f.mode},
-                                               {"window", f.window},
-                                               {"tokens", f.tokens},
-                                               {"basis", run.basis.json}});
+  // Every row's figures depend on these (a row's codecs are checked as it is kept). The products
+  // are named only where they are not the default, so that runs from before the option resume.
+  json parameters = {{"model", run.model}, {"text", run.text},   {"mode", f.mode},
+                     {"window", f.window}, {"tokens", f.tokens}, {"basis", run.basis.json}};
+  if (f.numerics != "exact") parameters["numerics"] = f.numerics;
+  const RowJournal journal = open_row_journal(f.output, "eval kv", parameters);
   RowProgress progress(kv_grid_run_count(rows), f.output.quiet);
   const auto grid_started = std::chrono::steady_clock::now();
   const auto seconds_since = [](std::chrono::steady_clock::time_point t) {
@@ -141,6 +142,7 @@ void print_eval_kv_table(const EvalKvRun& run) {
               static_cast<long long>(run.options.window), run.options.bos ? " (BOS first)" : "");
   std::printf("tokens:       %lld scored in %lld windows\n",
               static_cast<long long>(dense.ppl.tokens), static_cast<long long>(dense.ppl.windows));
+  std::printf("products:     %s\n", run.numerics.c_str());
   std::printf("grid time:    %.1f s (rows %zu); %.1f s with loading and calibration\n",
               run.grid_seconds, run.results.size(), run.total_seconds);
   if (const HeadqBasis* basis = run.basis.get())
@@ -233,6 +235,7 @@ json eval_kv_json(const EvalKvRun& run) {
   json out = {{"model", run.model},
               {"text", run.text},
               {"mode", perplexity_mode_name(run.options.mode)},
+              {"numerics", run.numerics},
               {"tokens", dense.ppl.tokens},
               {"windows", dense.ppl.windows},
               {"window", run.options.window},
@@ -277,6 +280,7 @@ void add_eval_kv_command(CLI::App& eval) {
                   "write a PNG of excess PPL and KL against bits per key channel for the K-only "
                   "rows, one series per codec family");
   cmd->add_option("--text", flags->text, "evaluation text (default: WikiText-103 test)");
+  add_numerics_option(*cmd, flags->numerics);
   cmd->add_option("--mode", flags->mode,
                   "decode-batched (default: decode order in the largest chunks the cache keeps "
                   "identical to token by token) or decode (token by token, the reference)");
