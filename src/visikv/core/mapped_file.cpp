@@ -5,14 +5,49 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <utility>
+#include <vector>
 
 #include "visikv/core/error.h"
 
 namespace visikv {
+
+namespace {
+
+// The address ranges of the live file mappings, so that release_resident_pages acts on them alone.
+struct LiveMappings {
+  std::mutex mutex;
+  std::vector<std::pair<uintptr_t, uintptr_t>> ranges;  // [begin, end)
+};
+LiveMappings& live_mappings() {
+  static LiveMappings mappings;
+  return mappings;
+}
+
+void add_mapping(const std::byte* data, std::size_t size) {
+  LiveMappings& live = live_mappings();
+  const std::lock_guard lock(live.mutex);
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  live.ranges.emplace_back(begin, begin + size);
+}
+
+void unmap(const std::byte* data, std::size_t size) {
+  {
+    LiveMappings& live = live_mappings();
+    const std::lock_guard lock(live.mutex);
+    std::erase_if(live.ranges, [&](const auto& range) {
+      return range.first == reinterpret_cast<uintptr_t>(data);
+    });
+  }
+  ::munmap(const_cast<std::byte*>(data), size);
+}
+
+}  // namespace
 
 MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -29,24 +64,30 @@ MappedFile::MappedFile(const std::filesystem::path& path) : path_(path) {
     ::close(fd);
     require(mapped != MAP_FAILED, "cannot map ", path, ": ", std::strerror(mmap_errno));
     data_ = static_cast<const std::byte*>(mapped);
+    add_mapping(data_, size_);
   } else {
     ::close(fd);
   }
 }
 
 void release_resident_pages(std::span<const std::byte> bytes) {
-#if defined(MADV_PAGEOUT)
   const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
   const auto begin = (reinterpret_cast<uintptr_t>(bytes.data()) + page - 1) / page * page;
   const auto end = (reinterpret_cast<uintptr_t>(bytes.data()) + bytes.size()) / page * page;
-  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_PAGEOUT);
-#else
-  (void)bytes;
-#endif
+  if (end <= begin) return;
+  LiveMappings& live = live_mappings();
+  const std::lock_guard lock(live.mutex);
+  const bool mapped_file = std::any_of(live.ranges.begin(), live.ranges.end(), [&](const auto& r) {
+    return r.first <= begin && end <= r.second;
+  });
+  // MADV_DONTNEED on a read-only private file mapping drops this process's pages only: the file's
+  // pages stay in the page cache (MADV_PAGEOUT would evict them, and every later start would read
+  // the model from disk again), and the next read maps them back unchanged.
+  if (mapped_file) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
+  if (data_ != nullptr) unmap(data_, size_);
 }
 
 MappedFile::MappedFile(MappedFile&& other) noexcept
@@ -56,7 +97,7 @@ MappedFile::MappedFile(MappedFile&& other) noexcept
 
 MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
   if (this != &other) {
-    if (data_ != nullptr) ::munmap(const_cast<std::byte*>(data_), size_);
+    if (data_ != nullptr) unmap(data_, size_);
     path_ = std::move(other.path_);
     data_ = std::exchange(other.data_, nullptr);
     size_ = std::exchange(other.size_, 0);

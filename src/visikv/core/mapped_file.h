@@ -26,10 +26,10 @@ class MappedFile {
   std::size_t size_ = 0;
 };
 
-// Asks the kernel to reclaim the resident pages wholly inside `bytes` (madvise MADV_PAGEOUT), for
-// data read once into another form: a read-only file mapping's pages come back from the file on
-// the next read, and no memory ever changes its contents. A hint: where the kernel does not take it
-// (before Linux 5.4, other systems, anonymous memory without swap) nothing happens.
+// Lets go of this process's resident pages wholly inside `bytes` where they belong to a live
+// MappedFile (madvise MADV_DONTNEED), for data read once into another form: they come back from
+// the file, unchanged, on the next read, and the file stays in the page cache. Other memory is left
+// alone (dropping an anonymous page would zero it).
 void release_resident_pages(std::span<const std::byte> bytes);
 
 }  // namespace visikv

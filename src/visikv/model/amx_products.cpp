@@ -136,51 +136,24 @@ bool is_super_type(DType type) { return type == DType::Q4_K || type == DType::Q6
 // Row r's lane in the lane order of a packed super-block's scales: even rows, then odd ones.
 constexpr int lane_of_row(int r) { return r % 2 == 0 ? r / 2 : 8 + r / 2; }
 
-// A stored Q4_K or Q6_K block's 256 codes (Q6_K's unsigned, before - 32), its groups' scales
-// (and Q4_K's mins), and the bits of its fp16 d (and Q4_K's dmin).
-struct StoredSuperBlock {
-  int q[256];
-  int scale[16], min[16];
-  uint16_t d = 0, dmin = 0;
-};
-
-StoredSuperBlock read_stored_q4_k(const uint8_t* p) {
-  StoredSuperBlock s;
-  std::memcpy(&s.d, p, 2);
-  std::memcpy(&s.dmin, p + 2, 2);
-  const uint8_t* packed = p + 4;  // 12 bytes: 6-bit scales and mins of the 8 sub-blocks
+// The 6-bit scales and mins of a stored Q4_K block's 8 sub-blocks (12 bytes after d and dmin).
+void read_q4_k_scales(const uint8_t* p, int (&scale)[8], int (&min)[8]) {
+  const uint8_t* packed = p + 4;
   for (int j = 0; j < 8; ++j) {
     if (j < 4) {
-      s.scale[j] = packed[j] & 63;
-      s.min[j] = packed[j + 4] & 63;
+      scale[j] = packed[j] & 63;
+      min[j] = packed[j + 4] & 63;
     } else {
-      s.scale[j] = (packed[j + 4] & 0x0F) | (packed[j - 4] >> 6) << 4;
-      s.min[j] = (packed[j + 4] >> 4) | (packed[j] >> 6) << 4;
+      scale[j] = (packed[j + 4] & 0x0F) | (packed[j - 4] >> 6) << 4;
+      min[j] = (packed[j + 4] >> 4) | (packed[j] >> 6) << 4;
     }
   }
-  // Sub-blocks 2i and 2i + 1 take the low and high nibbles of the 32 bytes at 16 + 32 i.
-  for (int j = 0; j < 256; ++j)
-    s.q[j] = (p[16 + 32 * (j / 64) + j % 32] >> (4 * ((j / 32) % 2))) & 0x0F;
-  return s;
 }
 
-StoredSuperBlock read_stored_q6_k(const uint8_t* p) {
-  StoredSuperBlock s;
-  const uint8_t* low = p;         // 128 bytes of low nibbles
-  const uint8_t* high = p + 128;  // 64 bytes of 2-bit highs
-  for (int half = 0; half < 2; ++half)
-    for (int l = 0; l < 32; ++l) {
-      const uint8_t* ql = low + 64 * half + l;
-      const int qh = high[32 * half + l];
-      int* q = s.q + 128 * half + l;
-      q[0] = (ql[0] & 0x0F) | (qh & 3) << 4;
-      q[32] = (ql[32] & 0x0F) | (qh >> 2 & 3) << 4;
-      q[64] = (ql[0] >> 4) | (qh >> 4 & 3) << 4;
-      q[96] = (ql[32] >> 4) | (qh >> 6 & 3) << 4;
-    }
-  for (int g = 0; g < 16; ++g) s.scale[g] = static_cast<int8_t>(p[192 + g]);
-  std::memcpy(&s.d, p + 208, 2);
-  return s;
+uint32_t load_word(const uint8_t* p) {
+  uint32_t word;
+  std::memcpy(&word, p, 4);
+  return word;
 }
 
 // Row r of a stored block (`stored`) into its packed block (`out`) of the blocks of 32.
@@ -207,34 +180,67 @@ void pack_block_row(DType type, const uint8_t* stored, int r, uint8_t* out) {
   if (layout.has_min) std::memcpy(out + layout.scales_at() + 32 + 2 * r, &s.m, 2);
 }
 
-// Row r of a stored Q4_K or Q6_K block into its packed super-block.
-void pack_super_row(DType type, const uint8_t* stored, int r, uint8_t* out) {
+// The blocks of up to 16 stored Q4_K or Q6_K rows (`stored[r]` for r < rows) into their packed
+// super-block (zero-filled: rows past `rows` stay zero). Chunk c holds values 4c .. 4c + 3, which
+// both stored layouts keep as four consecutive nibbles of one half of their code bytes (Q4_K: sub-
+// block u = c / 8 in the low or high nibbles of the 32 bytes at 16 + 32 (u / 2); Q6_K: value
+// 128 h + 32 uu + l in the low or high nibbles of byte 64 h + 32 (uu & 1) + l, its bits 4-5 in
+// bits 2 uu of byte 128 + 32 h + l), so a row's chunk is one 32-bit word of each.
+void pack_super_tile(DType type, const uint8_t* const (&stored)[16], int rows, uint8_t* out) {
+  const bool q6_k = type == DType::Q6_K;
   const SuperLayout layout = super_layout(type);
-  const StoredSuperBlock s =
-      type == DType::Q6_K ? read_stored_q6_k(stored) : read_stored_q4_k(stored);
-  for (int c = 0; c < 64; ++c)
-    for (int k = 0; k < 2; ++k) {
-      const int low = s.q[4 * c + k], high = s.q[4 * c + 2 + k];
-      const int bit = 2 * r + k;
-      out[c * 32 + bit] = static_cast<uint8_t>((low & 0x0F) | (high & 0x0F) << 4);
-      if (layout.masks_at == 0) continue;
-      // Q6_K's fifth bit adds 16; its sixth bit clear subtracts 32 (q - 32 = low + 16 b4 - 32 (1 -
-      // b5)).
-      uint32_t masks[4];
-      std::memcpy(masks, out + layout.masks_at + 16 * c, 16);
-      masks[0] |= static_cast<uint32_t>(low >> 4 & 1) << bit;
-      masks[1] |= static_cast<uint32_t>(high >> 4 & 1) << bit;
-      masks[2] |= static_cast<uint32_t>((low >> 5 & 1) ^ 1) << bit;
-      masks[3] |= static_cast<uint32_t>((high >> 5 & 1) ^ 1) << bit;
-      std::memcpy(out + layout.masks_at + 16 * c, masks, 16);
+  for (int c = 0; c < 64; ++c) {
+    const int l = 4 * (c % 8);
+    int nibbles_at = 0, nibble_shift = 0, highs_at = 0, high_shift = 0;
+    if (q6_k) {
+      const int h = c / 32, uu = c % 32 / 8;
+      nibbles_at = 64 * h + 32 * (uu & 1) + l;
+      nibble_shift = 4 * (uu >> 1);
+      highs_at = 128 + 32 * h + l;
+      high_shift = 2 * uu;
+    } else {
+      const int u = c / 8;
+      nibbles_at = 16 + 32 * (u / 2) + l;
+      nibble_shift = 4 * (u & 1);
     }
-  const int lane = lane_of_row(r);
-  for (int g = 0; g < 256 / layout.group_values; ++g) {
-    out[layout.scales_at + 16 * g + lane] = static_cast<uint8_t>(s.scale[g]);
-    if (layout.mins_at != 0) out[layout.mins_at + 16 * g + lane] = static_cast<uint8_t>(s.min[g]);
+    // Q6_K's fifth bit adds 16; its sixth bit clear subtracts 32 (q - 32 = low + 16 b4 - 32 (1 -
+    // b5)): masks of the low-nibble values' b4, the high-nibble ones' b4, then of b5 clear.
+    uint32_t masks[4] = {};
+    for (int r = 0; r < rows; ++r) {
+      // Byte k: value 4c + k's low four bits; byte 2r + k of the chunk takes values 4c + k and
+      // 4c + 2 + k.
+      const uint32_t low = load_word(stored[r] + nibbles_at) >> nibble_shift & 0x0F0F0F0Fu;
+      const uint32_t pairs = (low & 0xFFFFu) | (low >> 16) << 4;
+      out[32 * c + 2 * r] = static_cast<uint8_t>(pairs);
+      out[32 * c + 2 * r + 1] = static_cast<uint8_t>(pairs >> 8);
+      if (!q6_k) continue;
+      const uint32_t high = load_word(stored[r] + highs_at) >> high_shift & 0x03030303u;
+      for (int k = 0; k < 2; ++k) {
+        const int bit = 2 * r + k;
+        masks[0] |= (high >> (8 * k) & 1u) << bit;
+        masks[1] |= (high >> (8 * (k + 2)) & 1u) << bit;
+        masks[2] |= (~high >> (8 * k + 1) & 1u) << bit;
+        masks[3] |= (~high >> (8 * (k + 2) + 1) & 1u) << bit;
+      }
+    }
+    if (q6_k) std::memcpy(out + layout.masks_at + 16 * c, masks, 16);
   }
-  std::memcpy(out + layout.d_at + 2 * lane, &s.d, 2);
-  if (layout.dmin_at != 0) std::memcpy(out + layout.dmin_at + 2 * lane, &s.dmin, 2);
+  for (int r = 0; r < rows; ++r) {
+    const int lane = lane_of_row(r);
+    if (q6_k) {
+      for (int g = 0; g < 16; ++g) out[layout.scales_at + 16 * g + lane] = stored[r][192 + g];
+      std::memcpy(out + layout.d_at + 2 * lane, stored[r] + 208, 2);
+      continue;
+    }
+    int scale[8], min[8];
+    read_q4_k_scales(stored[r], scale, min);
+    for (int g = 0; g < 8; ++g) {
+      out[layout.scales_at + 16 * g + lane] = static_cast<uint8_t>(scale[g]);
+      out[layout.mins_at + 16 * g + lane] = static_cast<uint8_t>(min[g]);
+    }
+    std::memcpy(out + layout.d_at + 2 * lane, stored[r], 2);
+    std::memcpy(out + layout.dmin_at + 2 * lane, stored[r] + 2, 2);
+  }
 }
 
 }  // namespace
@@ -263,14 +269,16 @@ PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, 
   for (int64_t tile = 0; tile < packed.tiles(); ++tile) {
     for (int64_t b = 0; b < blocks; ++b) {
       uint8_t* out = packed.data.data() + (tile * blocks + b) * packed.block_bytes;
-      for (int r = 0; r < 16 && tile * 16 + r < rows; ++r) {
-        const auto* stored = reinterpret_cast<const uint8_t*>(first_row) +
-                             (tile * 16 + r) * row_bytes + b * stored_bytes;
-        if (super)
-          pack_super_row(type, stored, r, out);
-        else
-          pack_block_row(type, stored, r, out);
+      const int tile_rows = static_cast<int>(std::min<int64_t>(16, rows - tile * 16));
+      const uint8_t* stored[16] = {};
+      for (int r = 0; r < tile_rows; ++r)
+        stored[r] = reinterpret_cast<const uint8_t*>(first_row) + (tile * 16 + r) * row_bytes +
+                    b * stored_bytes;
+      if (super) {
+        pack_super_tile(type, stored, tile_rows, out);
+        continue;
       }
+      for (int r = 0; r < tile_rows; ++r) pack_block_row(type, stored[r], r, out);
     }
     if (packed_slice && ((tile + 1) % kSliceTiles == 0 || tile + 1 == packed.tiles())) {
       const int64_t first = tile / kSliceTiles * kSliceTiles * 16;
@@ -410,8 +418,10 @@ VISIKV_AMX_ATTR inline void add_tile_totals(const int32_t (&sums)[4][kTile][kTil
       const int64_t count = std::clamp<int64_t>(rows - 8 * h, 0, 8);
       if (count == 0) break;
       const __mmask8 mask = static_cast<__mmask8>((1u << count) - 1);
-      const __m512d cross =
-          _mm512_add_pd(to_double(&sums[1][t][8 * h]), to_double(&sums[2][t][8 * h]));
+      // hl + lh is exact in int32 (each at most 256 * 128 * 255 in magnitude).
+      const __m512d cross = _mm512_cvtepi32_pd(_mm256_add_epi32(
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(&sums[1][t][8 * h])),
+          _mm256_load_si256(reinterpret_cast<const __m256i*>(&sums[2][t][8 * h]))));
       const __m512d total = _mm512_fmadd_pd(
           to_double(&sums[0][t][8 * h]), _mm512_set1_pd(65536.0),
           _mm512_fmadd_pd(cross, _mm512_set1_pd(256.0), to_double(&sums[3][t][8 * h])));
@@ -1036,6 +1046,14 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
         _tile_loadd(5, x.tile_low.data() + at, n);
         _tile_loadd(6, weight_tiles[q][0], kTileBytes);
         _tile_loadd(7, weight_tiles[q][1], kTileBytes);
+        // The next tile of tokens' bytes of this step into L1 while these products run: a tile
+        // load of 16 lines from L2 otherwise waits on them (as in run()).
+        if (t0 + kTile < tokens)
+          for (int i = 0; i < kTile; ++i) {
+            const int64_t next = at + (kTile + i) * n;
+            _mm_prefetch(reinterpret_cast<const char*>(x.tile_high.data() + next), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(x.tile_low.data() + next), _MM_HINT_T0);
+          }
         _tile_dpbssd(0, 4, 6);  // xh · wh
         _tile_dpbsud(1, 4, 7);  // xh · wl
         _tile_dpbusd(2, 5, 6);  // xl · wh
