@@ -1034,8 +1034,16 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
         _mm512_store_ps(block_offsets + (8 * b + j) * 16, sub_block_offsets(block, j));
     _mm512_store_ps(row_d, _mm512_permutexvar_ps(_mm512_load_si512(kLaneOfRow.data()),
                                                  _mm512_cvtph_ps(load_256(block + layout.d_at))));
+    const int64_t token_tiles = (tokens + kTile - 1) / kTile;
+    constexpr int kBlockLines = (layout.bytes + 63) / 64;
     for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
       const int64_t tile_tokens = std::min<int64_t>(kTile, tokens - t0);
+      // The next block's packed bytes into L2, a share per tile of tokens.
+      if (b + 1 < blocks)
+        for (int64_t line = t0 / kTile * kBlockLines / token_tiles;
+             line < (t0 / kTile + 1) * kBlockLines / token_tiles; ++line)
+          _mm_prefetch(reinterpret_cast<const char*>(block + layout.bytes + 64 * line),
+                       _MM_HINT_T1);
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
@@ -1046,13 +1054,18 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
         _tile_loadd(5, x.tile_low.data() + at, n);
         _tile_loadd(6, weight_tiles[q][0], kTileBytes);
         _tile_loadd(7, weight_tiles[q][1], kTileBytes);
-        // The next tile of tokens' bytes of this step into L1 while these products run: a tile
-        // load of 16 lines from L2 otherwise waits on them (as in run()).
-        if (t0 + kTile < tokens)
+        // The next tile of tokens' bytes of this step (after the last, the first tile's of the
+        // next block) into L1 while these products run: a tile load of 16 lines from L2 otherwise
+        // waits on them (as in run()).
+        const int64_t next = t0 + kTile < tokens ? at + kTile * n
+                             : b + 1 < blocks    ? first * n + 256 * (b + 1) + 64 * q
+                                                 : -1;
+        if (next >= 0)
           for (int i = 0; i < kTile; ++i) {
-            const int64_t next = at + (kTile + i) * n;
-            _mm_prefetch(reinterpret_cast<const char*>(x.tile_high.data() + next), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(x.tile_low.data() + next), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(x.tile_high.data() + next + i * n),
+                         _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(x.tile_low.data() + next + i * n),
+                         _MM_HINT_T0);
           }
         _tile_dpbssd(0, 4, 6);  // xh · wh
         _tile_dpbsud(1, 4, 7);  // xh · wl
