@@ -411,7 +411,9 @@ TEST(Cli, EvalKvNamesItsProductsAndResumesOnlyTheSame) {
   ASSERT_EQ(exact.status, 0) << exact.output;
   EXPECT_NE(exact.output.find("products:     exact"), std::string::npos) << exact.output;
   EXPECT_EQ(nlohmann::json::parse(read_file(json))["numerics"], "exact");
-  const ProgramRun other = run("-t 1 " + command + " --numerics int16 --resume " + json.string());
+  // (In decode order: decode-batched refuses int16 products of the fixture's float weights.)
+  const ProgramRun other =
+      run("-t 1 " + command + " --numerics int16 --mode decode --resume " + json.string());
   EXPECT_EQ(other.status, 1) << other.output;
   EXPECT_NE(other.output.find("numerics: nothing in the file, \"int16\" in this run"),
             std::string::npos)
@@ -419,6 +421,13 @@ TEST(Cli, EvalKvNamesItsProductsAndResumesOnlyTheSame) {
   const ProgramRun bad = run("-t 1 " + command + " --numerics int4");
   EXPECT_NE(bad.status, 0) << bad.output;
   EXPECT_NE(bad.output.find("--numerics"), std::string::npos) << bad.output;
+  // The fixture's float weights round by the chunk with int16 products: refused in decode-batched
+  // order before any row runs.
+  const ProgramRun float_weights = run("-t 1 " + command + " --numerics int16");
+  EXPECT_EQ(float_weights.status, 1) << float_weights.output;
+  EXPECT_NE(float_weights.output.find("needs GGUF block weights in every matrix"),
+            std::string::npos)
+      << float_weights.output;
   fs::remove(json);
 }
 

@@ -280,6 +280,45 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
   }
 }
 
+// int16 products in decode order: kept where every matrix is a GGUF block type (their products
+// round per token at any chunk length), so decode-batched gives token-by-token's bits with them
+// too, and differs from exact; refused with a clear error on float weights.
+TEST(DecodeBatched, KeepsInt16ProductsOfBlockWeightsAndRefusesFloatOnes) {
+  ASSERT_NO_FATAL_FAILURE(expect_default_model());
+  const Model model = Model::load("default");
+  Decoder decoder(model);
+  constexpr int64_t kWindow = 64;
+  const std::vector<int32_t> text =
+      leading_tokens(model.tokenizer(), read_text_file(default_test_text()), kWindow);
+  PerplexityOptions o;
+  o.window = kWindow;
+  o.max_tokens = kWindow - 1;
+  if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
+  o.key_codec = parse_key_codec_spec("int2:g64:tok");
+  o.mode = PerplexityMode::Decode;
+  const double exact = perplexity(decoder, text, o).nll;
+  decoder.set_product_rounding(ProductRounding::QuantizedActivations16);
+  const double decode = perplexity(decoder, text, o).nll;
+  o.mode = PerplexityMode::DecodeBatched;
+  const double batched = perplexity(decoder, text, o).nll;
+  EXPECT_EQ(decoder.product_rounding(), ProductRounding::QuantizedActivations16);
+  EXPECT_EQ(batched, decode);
+  EXPECT_NE(batched, exact) << "the int16 products did not run";
+
+  const Model llama = Model::load(std::string(VISIKV_FIXTURES) + "/models/llama");
+  Decoder float_decoder(llama);
+  float_decoder.set_product_rounding(ProductRounding::QuantizedActivations16);
+  const std::vector<int32_t> fixture_text = llama.tokenizer().encode(kText, false);
+  PerplexityOptions f;
+  f.window = 32;
+  f.max_tokens = 31;
+  f.mode = PerplexityMode::DecodeBatched;
+  EXPECT_NE(test_support::error_of([&] {
+              perplexity(float_decoder, fixture_text, f);
+            }).find("needs GGUF block weights in every matrix"),
+            std::string::npos);
+}
+
 // Inputs longer than Decoder::kForwardChunk run in passes of that many tokens where that gives
 // one pass's bits (block weights, or per-token rounding; dense attention; a cache whose appends
 // are decode-equivalent): the logits of every row equal those of one forward_batch pass, bit for

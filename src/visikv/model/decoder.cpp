@@ -111,6 +111,10 @@ bool Decoder::passes_equal_one_pass(const KVCache& cache, const AttentionOptions
   if (attention.support != nullptr || attention.observer != nullptr || cache.records_attention())
     return false;
   if (decode_order_chunk(cache) < tokens) return false;
+  return products_independent_of_token_count();
+}
+
+bool Decoder::products_independent_of_token_count() const {
   const auto invariant = [&](const Linear& l) {
     return sums_independent_of_token_count(l, rounding_);
   };

@@ -91,6 +91,10 @@ class Decoder {
   // (prepare_weights) the first time a rounding asks for them.
   void set_product_rounding(ProductRounding rounding);
   ProductRounding product_rounding() const { return rounding_; }
+  // Whether every weight product with the current rounding gives each token the bits it gives that
+  // token alone (matmul.h sums_independent_of_token_count): always with PerToken, and with any
+  // rounding where every matrix is of a block type (GGUF quantized weights).
+  bool products_independent_of_token_count() const;
 
  private:
   // Writes the embeddings of `tokens` (positions first_position ..) into rows row_offset .. of x_.
