@@ -502,14 +502,16 @@ VISIKV_AMX_ATTR inline __m256i load_256(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-// Chunk c of a packed block of 4- or 5-bit codes as 16-bit lanes 2r + k: `low` values 4c + k,
-// `high` values 4c + 2 + k of row r.
+// Chunk c's nibbles as 16-bit lanes 2r + k: `low` values 4c + k, `high` values 4c + 2 + k of
+// row r (their low four bits).
 VISIKV_AMX_ATTR inline void nibble_pairs(const uint8_t* block, int c, __m512i& low, __m512i& high) {
   const __m512i bytes = _mm512_cvtepu8_epi16(load_256(block + 32 * c));
   low = _mm512_and_si512(bytes, _mm512_set1_epi16(0x0F));
   high = _mm512_srli_epi16(bytes, 4);
 }
 
+// Chunk c of a packed block of 4- or 5-bit codes as 16-bit lanes 2r + k: `low` values 4c + k,
+// `high` values 4c + 2 + k of row r.
 template <DType kType>
 VISIKV_AMX_ATTR inline void code_pairs(const uint8_t* block, int c, __m512i& low, __m512i& high) {
   nibble_pairs(block, c, low, high);
