@@ -212,6 +212,16 @@ void expect_default_model() {
       << "the default model is missing at " << path << ": run scripts/setup.sh";
 }
 
+// Options for one window of `window` tokens of `model` (BOS first where its tokenizer adds one),
+// every text token in it scored.
+PerplexityOptions one_window(const Model& model, int64_t window) {
+  PerplexityOptions o;
+  o.window = window;
+  o.max_tokens = window - 1;
+  if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
+  return o;
+}
+
 TEST(DecodeBatched, AgreesWithTokenByTokenOnTheFixture) {
   const Model llama = Model::load(std::string(VISIKV_FIXTURES) + "/models/llama");
   Decoder decoder(llama);
@@ -249,10 +259,7 @@ TEST(DecodeBatched, AgreesWithTokenByTokenOnTheDefaultModel) {
   constexpr int64_t kWindow = 200;
   const std::vector<int32_t> text =
       leading_tokens(model.tokenizer(), read_text_file(default_test_text()), kWindow);
-  PerplexityOptions o;
-  o.window = kWindow;
-  o.max_tokens = kWindow - 1;
-  if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
+  PerplexityOptions o = one_window(model, kWindow);
   // Bit for bit, for dense keys and for 2-bit keys (where any rounding difference could move a
   // key across a code boundary).
   const struct {
@@ -290,10 +297,7 @@ TEST(DecodeBatched, KeepsInt16ProductsOfBlockWeightsAndRefusesFloatOnes) {
   constexpr int64_t kWindow = 64;
   const std::vector<int32_t> text =
       leading_tokens(model.tokenizer(), read_text_file(default_test_text()), kWindow);
-  PerplexityOptions o;
-  o.window = kWindow;
-  o.max_tokens = kWindow - 1;
-  if (model.tokenizer().adds_bos()) o.bos = model.tokenizer().bos_id();
+  PerplexityOptions o = one_window(model, kWindow);
   o.key_codec = parse_key_codec_spec("int2:g64:tok");
   o.mode = PerplexityMode::Decode;
   const double exact = perplexity(decoder, text, o).nll;

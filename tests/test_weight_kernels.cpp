@@ -568,6 +568,35 @@ TEST(WeightKernels, ActivationCodesEqualTheScalarDefinitionOnEveryTarget) {
   }
 }
 
+// Packed products of 3 tiles (37 rows) for 40 tokens against `reference` (token t, row r at
+// t * rows + r), bit for bit: tile ranges from the first, second and third tile, decode (up to 4
+// tokens) and prefill token ranges from several first tokens, into a poisoned buffer of which
+// nothing outside the outputs may change.
+void expect_packed_products(const amx::PackedRows& packed, const Int16Activations& xq,
+                            const std::vector<float>& reference) {
+  const int64_t rows = packed.rows, stride = rows + 3;
+  ASSERT_EQ(rows, 37);
+  ASSERT_EQ(xq.tokens, 40);
+  for (const auto& [first_tile, tiles] : {std::pair<int64_t, int64_t>{0, 3}, {1, 2}, {2, 1}})
+    for (const auto& [first, tokens] :
+         {std::pair<int64_t, int64_t>{0, 40}, {3, 17}, {5, 4}, {2, 3}, {7, 2}, {39, 1}}) {
+      SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first) +
+                   ", tiles from " + std::to_string(first_tile));
+      std::vector<float> y((tokens + 2) * stride, std::numeric_limits<float>::quiet_NaN());
+      amx::packed_products(packed, first_tile, tiles, xq, first, tokens, y.data() + stride, stride);
+      const int64_t r0 = 16 * first_tile, count = std::min(rows, 16 * (first_tile + tiles)) - r0;
+      for (size_t i = 0; i < y.size(); ++i) {
+        const int64_t t = static_cast<int64_t>(i) / stride - 1,
+                      r = static_cast<int64_t>(i) % stride;
+        if (t < 0 || t >= tokens || r >= count) {
+          ASSERT_TRUE(std::isnan(y[i])) << "wrote outside the outputs at " << i;
+          continue;
+        }
+        ASSERT_EQ(y[i], reference[(first + t) * rows + r0 + r]) << "token " << t << " row " << r;
+      }
+    }
+}
+
 // The packed rows of the blocks-of-32 types (amx_products.h) against their definition, computed
 // here from the GGUF block layout (each code checked against dequantize()): exact integer block
 // sums, then per block fma(float(I), d * s, acc) and fma(m, X * s, acc), in float32 and block
@@ -576,7 +605,7 @@ TEST(WeightKernels, ActivationCodesEqualTheScalarDefinitionOnEveryTarget) {
 // magnitudes, and write nothing outside their outputs.
 TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
   if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
-  constexpr int64_t kRows = 37, kColumns = 288, kTokens = 40, kStride = kRows + 3;
+  constexpr int64_t kRows = 37, kColumns = 288, kTokens = 40;
   for (const DType type : {DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0})
     for (const bool extreme : {false, true}) {
       SCOPED_TRACE(std::string(dtype_name(type)) + (extreme ? " extreme" : " random"));
@@ -656,27 +685,7 @@ TEST(WeightKernels, PackedRowsMatchTheirDefinition) {
           reference[t * kRows + r] = acc;
         }
       }
-      for (const auto& [first_tile, tiles] : {std::pair<int64_t, int64_t>{0, 3}, {1, 2}, {2, 1}})
-        for (const auto& [first, tokens] :
-             {std::pair<int64_t, int64_t>{0, 40}, {3, 17}, {5, 4}, {2, 3}, {7, 2}, {39, 1}}) {
-          SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first) +
-                       ", tiles from " + std::to_string(first_tile));
-          std::vector<float> y((tokens + 2) * kStride, std::numeric_limits<float>::quiet_NaN());
-          amx::packed_products(packed, first_tile, tiles, xq, first, tokens, y.data() + kStride,
-                               kStride);
-          const int64_t r0 = 16 * first_tile,
-                        rows = std::min(kRows, 16 * (first_tile + tiles)) - r0;
-          for (size_t i = 0; i < y.size(); ++i) {
-            const int64_t t = static_cast<int64_t>(i) / kStride - 1,
-                          r = static_cast<int64_t>(i) % kStride;
-            if (t < 0 || t >= tokens || r >= rows) {
-              ASSERT_TRUE(std::isnan(y[i])) << "wrote outside the outputs at " << i;
-              continue;
-            }
-            ASSERT_EQ(y[i], reference[(first + t) * kRows + r0 + r])
-                << "token " << t << " row " << r;
-          }
-        }
+      expect_packed_products(packed, xq, reference);
     }
 }
 
@@ -741,7 +750,7 @@ TEST(WeightKernels, PackedRowsRefuseBadInput) {
 // codes 0, that is -32, and scales -128; activation codes +-32767), with poisoned outputs around.
 TEST(WeightKernels, PackedSuperBlockRowsEqualTheStoredRows) {
   if (!amx::available()) GTEST_SKIP() << "no AMX-INT8 on this CPU";
-  constexpr int64_t kRows = 37, kColumns = 2304, kTokens = 40, kStride = kRows + 3;
+  constexpr int64_t kRows = 37, kColumns = 2304, kTokens = 40;
   for (const DType type : {DType::Q4_K, DType::Q6_K})
     for (const bool extreme : {false, true}) {
       SCOPED_TRACE(std::string(dtype_name(type)) + (extreme ? " extreme" : " random"));
@@ -773,27 +782,7 @@ TEST(WeightKernels, PackedSuperBlockRowsEqualTheStoredRows) {
       for (int64_t t = 0; t < kTokens; ++t)
         dot_rows_tokens_int16(type, weights.data(), row_bytes, kRows, kColumns, xq, t, 1,
                               reference.data() + t * kRows, kRows);
-      for (const auto& [first_tile, tiles] : {std::pair<int64_t, int64_t>{0, 3}, {1, 2}, {2, 1}})
-        for (const auto& [first, tokens] :
-             {std::pair<int64_t, int64_t>{0, 40}, {3, 17}, {5, 4}, {2, 3}, {7, 2}, {39, 1}}) {
-          SCOPED_TRACE(std::to_string(tokens) + " tokens from " + std::to_string(first) +
-                       ", tiles from " + std::to_string(first_tile));
-          std::vector<float> y((tokens + 2) * kStride, std::numeric_limits<float>::quiet_NaN());
-          amx::packed_products(packed, first_tile, tiles, xq, first, tokens, y.data() + kStride,
-                               kStride);
-          const int64_t r0 = 16 * first_tile,
-                        rows = std::min(kRows, 16 * (first_tile + tiles)) - r0;
-          for (size_t i = 0; i < y.size(); ++i) {
-            const int64_t t = static_cast<int64_t>(i) / kStride - 1,
-                          r = static_cast<int64_t>(i) % kStride;
-            if (t < 0 || t >= tokens || r >= rows) {
-              ASSERT_TRUE(std::isnan(y[i])) << "wrote outside the outputs at " << i;
-              continue;
-            }
-            ASSERT_EQ(y[i], reference[(first + t) * kRows + r0 + r])
-                << "token " << t << " row " << r;
-          }
-        }
+      expect_packed_products(packed, xq, reference);
     }
 }
 

@@ -68,11 +68,7 @@ EvalKvRun run_eval_kv(const EvalKvFlags& f) {
   Decoder decoder(model);
   // Every row's forward (not the calibration) with the chosen products.
   apply_numerics(f.numerics, decoder);
-  require(f.numerics == "exact" ||
-              perplexity_mode_from_name(f.mode) != PerplexityMode::DecodeBatched ||
-              decoder.products_independent_of_token_count(),
-          "--numerics ", f.numerics, " in decode-batched order needs GGUF block weights in every ",
-          "matrix (", f.model, " has float ones): use --numerics exact or --mode decode");
+  check_decode_order_products(decoder, perplexity_mode_from_name(f.mode));
   EvalKvRun run;
   run.model = model.source();
   run.numerics = f.numerics;

@@ -166,6 +166,16 @@ class ReferenceRows {
 
 }  // namespace
 
+void check_decode_order_products(const Decoder& decoder, PerplexityMode mode) {
+  const ProductRounding rounding = decoder.product_rounding();
+  const bool exact = rounding == ProductRounding::Fastest || rounding == ProductRounding::PerToken;
+  require(mode != PerplexityMode::DecodeBatched || exact ||
+              decoder.products_independent_of_token_count(),
+          "decode-batched order with int8 or int16 products needs GGUF block weights in every "
+          "matrix (float ones go through sgemm, which rounds by the chunk): use exact products or "
+          "decode order");
+}
+
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
                             const PerplexityOptions& o, const Progress& progress) {
   check_perplexity_options(decoder.model().config(), o);
@@ -192,16 +202,10 @@ PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text,
   // Chunks of decode order must round as single tokens do, or a quantizing cache may store a
   // different code for a key than token-by-token decode stores: exact products go per token, and
   // int8/int16 products are kept where they do (block weights) and refused where they do not.
-  if (o.mode == PerplexityMode::DecodeBatched) {
-    const ProductRounding rounding = decoder.product_rounding();
-    if (rounding == ProductRounding::Fastest || rounding == ProductRounding::PerToken)
-      decoder.set_product_rounding(ProductRounding::PerToken);
-    else
-      require(decoder.products_independent_of_token_count(),
-              "decode-batched order with int8 or int16 products needs GGUF block weights in every "
-              "matrix (float ones go through sgemm, which rounds by the chunk): use exact products "
-              "or decode order");
-  }
+  check_decode_order_products(decoder, o.mode);
+  if (o.mode == PerplexityMode::DecodeBatched &&
+      decoder.product_rounding() == ProductRounding::Fastest)
+    decoder.set_product_rounding(ProductRounding::PerToken);
   require(!(o.reference && o.reference_logits),
           "perplexity: a reference run and recorded reference logits given together");
   std::optional<ReferenceRows> reference;

@@ -105,6 +105,12 @@ using Progress = std::function<void(int64_t done, int64_t total)>;
 // read their text.
 void check_perplexity_options(const Config& config, const PerplexityOptions& options);
 
+// Throws visikv::Error where `mode` cannot keep the decoder's products: decode-batched order with
+// int8 or int16 products of float weights (they go through sgemm, which rounds by the chunk).
+// Exact products are always kept (decode-batched rounds them per token). Commands call it before
+// any model time; perplexity() checks it too.
+void check_decode_order_products(const Decoder& decoder, PerplexityMode mode);
+
 PerplexityResult perplexity(Decoder& decoder, std::span<const int32_t> text_tokens,
                             const PerplexityOptions& options, const Progress& progress = {});
 

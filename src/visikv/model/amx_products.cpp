@@ -131,7 +131,7 @@ constexpr SuperLayout kQ6KLayout{2048, 3072, 0, 3328, 0, 3360, 16};
 constexpr SuperLayout super_layout(DType type) {
   return type == DType::Q6_K ? kQ6KLayout : kQ4KLayout;
 }
-bool is_super_type(DType type) { return type == DType::Q4_K || type == DType::Q6_K; }
+constexpr bool is_super_type(DType type) { return type == DType::Q4_K || type == DType::Q6_K; }
 
 // Row r's lane in the lane order of a packed super-block's scales: even rows, then odd ones.
 constexpr int lane_of_row(int r) { return r % 2 == 0 ? r / 2 : 8 + r / 2; }
@@ -641,21 +641,6 @@ VISIKV_AMX_ATTR void vector_products(const PackedRows& w, int64_t tile0, const I
       store_rows(y + t * y_stride + 16 * i, acc[i][t], w.rows - (tile0 + i) * 16);
 }
 
-template <DType kType, int kTiles>
-VISIKV_AMX_ATTR void vector_tokens(const PackedRows& w, int64_t tile0, const Int16Activations& x,
-                                   int64_t first, int64_t tokens, float* y, int64_t y_stride) {
-  switch (tokens) {
-    case 1:
-      return vector_products<kType, kTiles, 1>(w, tile0, x, first, y, y_stride);
-    case 2:
-      return vector_products<kType, kTiles, 2>(w, tile0, x, first, y, y_stride);
-    case 3:
-      return vector_products<kType, kTiles, 3>(w, tile0, x, first, y, y_stride);
-    default:
-      return vector_products<kType, kTiles, 4>(w, tile0, x, first, y, y_stride);
-  }
-}
-
 // Palette 1 for blocks of 32: tiles 0-3 two blocks' sums with the activations' high and low
 // bytes (16 tokens x 16 rows of int32), 4-5 those bytes (16 tokens x 32), 6-7 the two blocks'
 // weights (8 groups of 4 values x 16 rows).
@@ -834,10 +819,13 @@ VISIKV_AMX_ATTR inline __m512i row_scale_pairs(const uint8_t* scales) {
                          _mm512_slli_epi32(rows, 16));
 }
 
+// A Q4_K block's -dmin of the 16 rows (lane order).
+VISIKV_AMX_ATTR inline __m512 negated_dmin(const uint8_t* block) {
+  return _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(load_256(block + kQ4KLayout.dmin_at)));
+}
+
 // Q4_K's sub-block j offsets -dmin m_j of the 16 rows, exact in float (lane order).
-VISIKV_AMX_ATTR inline __m512 sub_block_offsets(const uint8_t* block, int j) {
-  const __m512 neg_dmin =
-      _mm512_sub_ps(_mm512_setzero_ps(), _mm512_cvtph_ps(load_256(block + kQ4KLayout.dmin_at)));
+VISIKV_AMX_ATTR inline __m512 sub_block_offsets(const uint8_t* block, __m512 neg_dmin, int j) {
   const __m512i mins = _mm512_cvtepu8_epi32(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + kQ4KLayout.mins_at + 16 * j)));
   return _mm512_mul_ps(neg_dmin, _mm512_cvtepi32_ps(mins));
@@ -941,9 +929,10 @@ VISIKV_AMX_ATTR void super_vector_products(const PackedRows& w, int64_t tile0,
         odd_products[i][t] = _mm512_fmadd_pd(_mm512_cvtepi64_pd(odd_totals[i][t]),
                                              _mm512_mul_pd(odd_d, scale), odd_products[i][t]);
       }
-      if constexpr (kOffsets)
+      if constexpr (kOffsets) {
+        const __m512 neg_dmin = negated_dmin(block[i]);
         for (int j = 0; j < 8; ++j) {
-          const __m512 offset = sub_block_offsets(block[i], j);
+          const __m512 offset = sub_block_offsets(block[i], neg_dmin, j);
           for (int t = 0; t < kTokens; ++t) {
             const float* sums = group_sums[t] + 16 * b + 2 * j;
             offsets[i][t][2 * j] =
@@ -952,6 +941,7 @@ VISIKV_AMX_ATTR void super_vector_products(const PackedRows& w, int64_t tile0,
                 _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[1]), offsets[i][t][2 * j + 1]);
           }
         }
+      }
     }
   }
   // Rows 0-7 and 8-15 from the even and odd rows' lanes.
@@ -970,22 +960,6 @@ VISIKV_AMX_ATTR void super_vector_products(const PackedRows& w, int64_t tile0,
         out = super_outputs(low, high);
       store_rows(y + t * y_stride + 16 * i, out, w.rows - (tile0 + i) * 16);
     }
-}
-
-template <DType kType, int kTiles>
-VISIKV_AMX_ATTR void super_vector_tokens(const PackedRows& w, int64_t tile0,
-                                         const Int16Activations& x, int64_t first, int64_t tokens,
-                                         float* y, int64_t y_stride) {
-  switch (tokens) {
-    case 1:
-      return super_vector_products<kType, kTiles, 1>(w, tile0, x, first, y, y_stride);
-    case 2:
-      return super_vector_products<kType, kTiles, 2>(w, tile0, x, first, y, y_stride);
-    case 3:
-      return super_vector_products<kType, kTiles, 3>(w, tile0, x, first, y, y_stride);
-    default:
-      return super_vector_products<kType, kTiles, 4>(w, tile0, x, first, y, y_stride);
-  }
 }
 
 // Prefill: one tile of 16 rows times every token. Block by block, the block's weight tiles (scale
@@ -1031,9 +1005,11 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
                            interleave_pairs(_mm512_cvtepi16_epi8(low), _mm512_cvtepi16_epi8(high)));
       }
     }
-    if constexpr (kOffsets)
+    if constexpr (kOffsets) {
+      const __m512 neg_dmin = negated_dmin(block);
       for (int j = 0; j < 8; ++j)
-        _mm512_store_ps(block_offsets + (8 * b + j) * 16, sub_block_offsets(block, j));
+        _mm512_store_ps(block_offsets + (8 * b + j) * 16, sub_block_offsets(block, neg_dmin, j));
+    }
     _mm512_store_ps(row_d, _mm512_permutexvar_ps(_mm512_load_si512(kLaneOfRow.data()),
                                                  _mm512_cvtph_ps(load_256(block + layout.d_at))));
     const int64_t token_tiles = (tokens + kTile - 1) / kTile;
@@ -1101,22 +1077,27 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
   }
 }
 
-template <DType kType>
-void super_packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
-                           const Int16Activations& x, int64_t first, int64_t tokens, float* y,
-                           int64_t y_stride) {
-  if (tokens > 4) {
-    configure_tiles();
-    for (int64_t i = 0; i < tiles; ++i)
-      super_tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
-    release_tiles();
-    return;
+// kTiles tiles of 16 rows times `tokens` tokens (at most 4) on vectors.
+template <DType kType, int kTiles>
+VISIKV_AMX_ATTR void vector_tokens(const PackedRows& w, int64_t tile0, const Int16Activations& x,
+                                   int64_t first, int64_t tokens, float* y, int64_t y_stride) {
+  const auto run = [&](auto token_count) VISIKV_AMX_ATTR {
+    constexpr int kTokens = decltype(token_count)::value;
+    if constexpr (is_super_type(kType))
+      super_vector_products<kType, kTiles, kTokens>(w, tile0, x, first, y, y_stride);
+    else
+      vector_products<kType, kTiles, kTokens>(w, tile0, x, first, y, y_stride);
+  };
+  switch (tokens) {
+    case 1:
+      return run(std::integral_constant<int, 1>{});
+    case 2:
+      return run(std::integral_constant<int, 2>{});
+    case 3:
+      return run(std::integral_constant<int, 3>{});
+    default:
+      return run(std::integral_constant<int, 4>{});
   }
-  int64_t i = 0;
-  for (; i + 2 <= tiles; i += 2)
-    super_vector_tokens<kType, 2>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
-  if (i < tiles)
-    super_vector_tokens<kType, 1>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
 }
 
 template <DType kType>
@@ -1124,9 +1105,16 @@ void packed_products_of(const PackedRows& w, int64_t first_tile, int64_t tiles,
                         const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                         int64_t y_stride) {
   if (tokens > 4) {
-    configure_block_tiles();
-    for (int64_t i = 0; i < tiles; ++i)
-      tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+    if constexpr (is_super_type(kType))
+      configure_tiles();
+    else
+      configure_block_tiles();
+    for (int64_t i = 0; i < tiles; ++i) {
+      if constexpr (is_super_type(kType))
+        super_tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+      else
+        tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
+    }
     release_tiles();
     return;
   }
@@ -1179,11 +1167,9 @@ void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
     case DType::Q8_0:
       return run_type(std::integral_constant<DType, DType::Q8_0>{});
     case DType::Q4_K:
-      return super_packed_products<DType::Q4_K>(w, first_tile, tiles, x, first_token, tokens, y,
-                                                y_stride);
+      return run_type(std::integral_constant<DType, DType::Q4_K>{});
     case DType::Q6_K:
-      return super_packed_products<DType::Q6_K>(w, first_tile, tiles, x, first_token, tokens, y,
-                                                y_stride);
+      return run_type(std::integral_constant<DType, DType::Q6_K>{});
     default:
       fail("no packed products for ", dtype_name(w.type), " weights");
   }
