@@ -962,118 +962,148 @@ VISIKV_AMX_ATTR void super_vector_products(const PackedRows& w, int64_t tile0,
     }
 }
 
-// Prefill: one tile of 16 rows times every token. Block by block, the block's weight tiles (scale
-// times code, split into high and low bytes, in the VNNI layout) are made once and every tile of
-// 16 tokens passes over them, its totals added to the products terms in memory; then each token's
-// Q4_K offsets meet the blocks in order, in registers.
+// Prefill: `tiles` tiles of 16 rows times every token. The blocks go in slices whose activation
+// bytes of every token stay in L2 while each row tile passes over them (a 1536 x 8960 matrix's
+// 256 tokens take 4.6 MB, which the row tiles would otherwise each read again from L3). Block by
+// block, a row tile's weight tiles (scale times code, split into high and low bytes, in the VNNI
+// layout) are made once and every tile of 16 tokens passes over them, its totals added to the
+// products terms in memory; then each token's Q4_K offsets meet the blocks in order, in registers.
+// Each (token, row) pair meets the blocks in order.
 template <DType kType>
-VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile,
+VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile0, int64_t tiles,
                                          const Int16Activations& x, int64_t first, int64_t tokens,
                                          float* y, int64_t y_stride) {
   constexpr SuperLayout layout = kSuper<kType>;
   constexpr bool kOffsets = layout.mins_at != 0;
   constexpr int kGroups = 256 / layout.group_values, kGroupChunks = layout.group_values / 4;
+  constexpr int64_t kSliceActivationBytes = 512 << 10;
   const int64_t n = x.elements, blocks = n / 256;
-  const int64_t rows = std::min<int64_t>(16, w.rows - tile * 16);
+  // Two bytes (high and low) a value.
+  const int64_t slice_blocks =
+      std::clamp<int64_t>(kSliceActivationBytes / (tokens * 2 * 256), 1, blocks);
   thread_local std::vector<double, CacheAlignedAllocator<double>> products_buffer;
   thread_local std::vector<float, CacheAlignedAllocator<float>> offsets_buffer;
-  if (products_buffer.size() < static_cast<size_t>(tokens * 16))
-    products_buffer.resize(static_cast<size_t>(tokens * 16));
-  if (kOffsets && offsets_buffer.size() < static_cast<size_t>(blocks * 8 * 16))
-    offsets_buffer.resize(static_cast<size_t>(blocks * 8 * 16));
-  double* products = products_buffer.data();     // token t, row r at 16 t + r
-  float* block_offsets = offsets_buffer.data();  // block b, sub-block j: 16 lanes at 16 (8 b + j)
-  std::fill(products, products + tokens * 16, 0.0);
+  const auto product_values = static_cast<size_t>(tiles * tokens * 16);
+  const auto offset_values = static_cast<size_t>(tiles * blocks * 8 * 16);
+  if (products_buffer.size() < product_values) products_buffer.resize(product_values);
+  if (kOffsets && offsets_buffer.size() < offset_values) offsets_buffer.resize(offset_values);
+  // Row tile i: token t, row r at products[(i tokens + t) 16 + r]; block b, sub-block j: 16 lanes
+  // at block_offsets[((i blocks + b) 8 + j) 16].
+  double* products = products_buffer.data();
+  float* block_offsets = offsets_buffer.data();
+  std::fill(products, products + product_values, 0.0);
   alignas(64) uint8_t weight_tiles[kStepsPerBlock][2][kTileSize];  // step; high, low bytes
   alignas(64) int32_t sums[4][kTile][kTile];
   alignas(64) float row_d[16];
-  const uint8_t* packed = w.data.data() + tile * w.tile_bytes();
-  for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* block = packed + b * layout.bytes;
-    for (int j = 0; j < kGroups; ++j) {
-      const __m512i scale = row_scale_pairs<kType>(block + layout.scales_at + 16 * j);
-      for (int c = kGroupChunks * j; c < kGroupChunks * (j + 1); ++c) {
-        __m512i low, high;
-        super_code_pairs<kType>(block, c, low, high);
-        low = _mm512_mullo_epi16(low, scale);
-        high = _mm512_mullo_epi16(high, scale);
-        uint8_t* tile_row = weight_tiles[c / 16][0] + (c % 16) * kTileBytes;
-        _mm512_store_si512(tile_row,
-                           interleave_pairs(_mm512_cvtepi16_epi8(_mm512_srai_epi16(low, 8)),
-                                            _mm512_cvtepi16_epi8(_mm512_srai_epi16(high, 8))));
-        _mm512_store_si512(tile_row + kTileSize,
-                           interleave_pairs(_mm512_cvtepi16_epi8(low), _mm512_cvtepi16_epi8(high)));
-      }
-    }
-    if constexpr (kOffsets) {
-      const __m512 neg_dmin = negated_dmin(block);
-      for (int j = 0; j < 8; ++j)
-        _mm512_store_ps(block_offsets + (8 * b + j) * 16, sub_block_offsets(block, neg_dmin, j));
-    }
-    _mm512_store_ps(row_d, _mm512_permutexvar_ps(_mm512_load_si512(kLaneOfRow.data()),
-                                                 _mm512_cvtph_ps(load_256(block + layout.d_at))));
-    const int64_t token_tiles = (tokens + kTile - 1) / kTile;
-    constexpr int kBlockLines = (layout.bytes + 63) / 64;
-    for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
-      const int64_t tile_tokens = std::min<int64_t>(kTile, tokens - t0);
-      // The next block's packed bytes into L2, a share per tile of tokens.
-      if (b + 1 < blocks)
-        for (int64_t line = t0 / kTile * kBlockLines / token_tiles;
-             line < (t0 / kTile + 1) * kBlockLines / token_tiles; ++line)
-          _mm_prefetch(reinterpret_cast<const char*>(block + layout.bytes + 64 * line),
-                       _MM_HINT_T1);
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      for (int q = 0; q < kStepsPerBlock; ++q) {
-        const int64_t at = (first + t0) * n + 256 * b + 64 * q;
-        _tile_loadd(4, x.tile_high.data() + at, n);
-        _tile_loadd(5, x.tile_low.data() + at, n);
-        _tile_loadd(6, weight_tiles[q][0], kTileBytes);
-        _tile_loadd(7, weight_tiles[q][1], kTileBytes);
-        // The next tile of tokens' bytes of this step (after the last, the first tile's of the
-        // next block) into L1 while these products run: a tile load of 16 lines from L2 otherwise
-        // waits on them (as in run()).
-        const int64_t next = t0 + kTile < tokens ? at + kTile * n
-                             : b + 1 < blocks    ? first * n + 256 * (b + 1) + 64 * q
-                                                 : -1;
-        if (next >= 0)
-          for (int i = 0; i < kTile; ++i) {
-            _mm_prefetch(reinterpret_cast<const char*>(x.tile_high.data() + next + i * n),
-                         _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(x.tile_low.data() + next + i * n),
-                         _MM_HINT_T0);
+  const uint8_t* packed = w.data.data() + tile0 * w.tile_bytes();
+  const int64_t token_tiles = (tokens + kTile - 1) / kTile;
+  constexpr int kBlockLines = (layout.bytes + 63) / 64;
+  for (int64_t slice = 0; slice < blocks; slice += slice_blocks) {
+    const int64_t slice_end = std::min(blocks, slice + slice_blocks);
+    for (int64_t i = 0; i < tiles; ++i) {
+      const int64_t rows = std::min<int64_t>(16, w.rows - (tile0 + i) * 16);
+      double* tile_products = products + i * tokens * 16;
+      for (int64_t b = slice; b < slice_end; ++b) {
+        const uint8_t* block = packed + i * w.tile_bytes() + b * layout.bytes;
+        // The block after this one, in the order they are run (none after the last).
+        const bool last_in_slice = b + 1 == slice_end;
+        const uint8_t* next_block = !last_in_slice ? block + layout.bytes
+                                    : i + 1 < tiles
+                                        ? packed + (i + 1) * w.tile_bytes() + slice * layout.bytes
+                                    : slice_end < blocks ? packed + slice_end * layout.bytes
+                                                         : nullptr;
+        const int64_t next_b = !last_in_slice ? b + 1 : i + 1 < tiles ? slice : slice_end;
+        for (int j = 0; j < kGroups; ++j) {
+          const __m512i scale = row_scale_pairs<kType>(block + layout.scales_at + 16 * j);
+          for (int c = kGroupChunks * j; c < kGroupChunks * (j + 1); ++c) {
+            __m512i low, high;
+            super_code_pairs<kType>(block, c, low, high);
+            low = _mm512_mullo_epi16(low, scale);
+            high = _mm512_mullo_epi16(high, scale);
+            uint8_t* tile_row = weight_tiles[c / 16][0] + (c % 16) * kTileBytes;
+            _mm512_store_si512(tile_row,
+                               interleave_pairs(_mm512_cvtepi16_epi8(_mm512_srai_epi16(low, 8)),
+                                                _mm512_cvtepi16_epi8(_mm512_srai_epi16(high, 8))));
+            _mm512_store_si512(tile_row + kTileSize, interleave_pairs(_mm512_cvtepi16_epi8(low),
+                                                                      _mm512_cvtepi16_epi8(high)));
           }
-        _tile_dpbssd(0, 4, 6);  // xh · wh
-        _tile_dpbsud(1, 4, 7);  // xh · wl
-        _tile_dpbusd(2, 5, 6);  // xl · wh
-        _tile_dpbuud(3, 5, 7);  // xl · wl
+        }
+        if constexpr (kOffsets) {
+          const __m512 neg_dmin = negated_dmin(block);
+          for (int j = 0; j < 8; ++j)
+            _mm512_store_ps(block_offsets + ((i * blocks + b) * 8 + j) * 16,
+                            sub_block_offsets(block, neg_dmin, j));
+        }
+        _mm512_store_ps(row_d,
+                        _mm512_permutexvar_ps(_mm512_load_si512(kLaneOfRow.data()),
+                                              _mm512_cvtph_ps(load_256(block + layout.d_at))));
+        for (int64_t t0 = 0; t0 < tokens; t0 += kTile) {
+          // The next block's packed bytes into L2, a share per tile of tokens.
+          if (next_block != nullptr)
+            for (int64_t line = t0 / kTile * kBlockLines / token_tiles;
+                 line < (t0 / kTile + 1) * kBlockLines / token_tiles; ++line)
+              _mm_prefetch(reinterpret_cast<const char*>(next_block + 64 * line), _MM_HINT_T1);
+          _tile_zero(0);
+          _tile_zero(1);
+          _tile_zero(2);
+          _tile_zero(3);
+          for (int q = 0; q < kStepsPerBlock; ++q) {
+            const int64_t at = (first + t0) * n + 256 * b + 64 * q;
+            _tile_loadd(4, x.tile_high.data() + at, n);
+            _tile_loadd(5, x.tile_low.data() + at, n);
+            _tile_loadd(6, weight_tiles[q][0], kTileBytes);
+            _tile_loadd(7, weight_tiles[q][1], kTileBytes);
+            // The next tile of tokens' bytes of this step (after the last, the first tile's of
+            // the next block) into L1 while these products run: a tile load of 16 lines from L2
+            // otherwise waits on them (as in run()).
+            const int64_t next = t0 + kTile < tokens     ? at + kTile * n
+                                 : next_block != nullptr ? first * n + 256 * next_b + 64 * q
+                                                         : -1;
+            if (next >= 0)
+              for (int k = 0; k < kTile; ++k) {
+                _mm_prefetch(reinterpret_cast<const char*>(x.tile_high.data() + next + k * n),
+                             _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(x.tile_low.data() + next + k * n),
+                             _MM_HINT_T0);
+              }
+            _tile_dpbssd(0, 4, 6);  // xh · wh
+            _tile_dpbsud(1, 4, 7);  // xh · wl
+            _tile_dpbusd(2, 5, 6);  // xl · wh
+            _tile_dpbuud(3, 5, 7);  // xl · wl
+          }
+          store_sums(sums);
+          add_tile_totals(sums, std::min<int64_t>(kTile, tokens - t0),
+                          x.scales.data() + (first + t0) * blocks + b, blocks, row_d, rows,
+                          tile_products + 16 * t0, 16);
+        }
       }
-      store_sums(sums);
-      add_tile_totals(sums, tile_tokens, x.scales.data() + (first + t0) * blocks + b, blocks, row_d,
-                      rows, products + 16 * t0, 16);
     }
   }
-  for (int64_t t = 0; t < tokens; ++t) {
-    const __m512d low = _mm512_load_pd(products + 16 * t),
-                  high = _mm512_load_pd(products + 16 * t + 8);
-    if constexpr (!kOffsets) {
-      store_rows(y + t * y_stride, super_outputs(low, high), rows);
-      continue;
-    }
-    const float* sums = x.sums16.data() + (first + t) * (n / 16);
-    __m512 offsets[16];
-    for (__m512& o : offsets) o = _mm512_setzero_ps();
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int j = 0; j < 8; ++j) {
-        const __m512 offset = _mm512_load_ps(block_offsets + (8 * b + j) * 16);
-        offsets[2 * j] =
-            _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[16 * b + 2 * j]), offsets[2 * j]);
-        offsets[2 * j + 1] =
-            _mm512_fmadd_ps(offset, _mm512_set1_ps(sums[16 * b + 2 * j + 1]), offsets[2 * j + 1]);
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t rows = std::min<int64_t>(16, w.rows - (tile0 + i) * 16);
+    const double* tile_products = products + i * tokens * 16;
+    const float* tile_offsets = block_offsets + i * blocks * 8 * 16;
+    for (int64_t t = 0; t < tokens; ++t) {
+      const __m512d low = _mm512_load_pd(tile_products + 16 * t),
+                    high = _mm512_load_pd(tile_products + 16 * t + 8);
+      float* out = y + t * y_stride + 16 * i;
+      if constexpr (!kOffsets) {
+        store_rows(out, super_outputs(low, high), rows);
+        continue;
       }
-    store_rows(y + t * y_stride, super_outputs(low, high, halving_sum(offsets)), rows);
+      const float* sums16 = x.sums16.data() + (first + t) * (n / 16);
+      __m512 offsets[16];
+      for (__m512& o : offsets) o = _mm512_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int j = 0; j < 8; ++j) {
+          const __m512 offset = _mm512_load_ps(tile_offsets + (8 * b + j) * 16);
+          offsets[2 * j] =
+              _mm512_fmadd_ps(offset, _mm512_set1_ps(sums16[16 * b + 2 * j]), offsets[2 * j]);
+          offsets[2 * j + 1] = _mm512_fmadd_ps(offset, _mm512_set1_ps(sums16[16 * b + 2 * j + 1]),
+                                               offsets[2 * j + 1]);
+        }
+      store_rows(out, super_outputs(low, high, halving_sum(offsets)), rows);
+    }
   }
 }
 
@@ -1104,17 +1134,16 @@ template <DType kType>
 void packed_products_of(const PackedRows& w, int64_t first_tile, int64_t tiles,
                         const Int16Activations& x, int64_t first, int64_t tokens, float* y,
                         int64_t y_stride) {
-  if (tokens > 4) {
+  if (tokens > kVectorTokens) {
     if constexpr (is_super_type(kType))
       configure_tiles();
     else
       configure_block_tiles();
-    for (int64_t i = 0; i < tiles; ++i) {
-      if constexpr (is_super_type(kType))
-        super_tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
-      else
+    if constexpr (is_super_type(kType))
+      super_tile_products<kType>(w, first_tile, tiles, x, first, tokens, y, y_stride);
+    else
+      for (int64_t i = 0; i < tiles; ++i)
         tile_products<kType>(w, first_tile + i, x, first, tokens, y + 16 * i, y_stride);
-    }
     release_tiles();
     return;
   }

@@ -134,11 +134,14 @@ PackedRows pack_rows(DType type, const std::byte* first_row, int64_t row_bytes, 
                      int64_t elements,
                      const std::function<void(int64_t, int64_t)>& packed = nullptr);
 
+// Up to this many tokens, packed_products runs on vectors; more on the tiles.
+inline constexpr int64_t kVectorTokens = 4;
+
 // y[t * y_stride + r] for the rows of tiles [first_tile, first_tile + tiles) (r counted from the
 // first of them, rows past w.rows left alone) and tokens [first_token, first_token + tokens) of x
 // (16-bit codes in blocks of int16_activation_block(w.type), with tile bytes, and block sums for
-// blocks of 32: quantize_activations with the tile products on). Up to four tokens run on vectors,
-// more on the tiles. Needs available().
+// blocks of 32: quantize_activations with the tile products on). Up to kVectorTokens tokens run on
+// vectors, more on the tiles. Needs available().
 void packed_products(const PackedRows& w, int64_t first_tile, int64_t tiles,
                      const Int16Activations& x, int64_t first_token, int64_t tokens, float* y,
                      int64_t y_stride);
