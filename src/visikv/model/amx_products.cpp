@@ -1082,7 +1082,8 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile0, int
   for (int64_t i = 0; i < tiles; ++i) {
     const int64_t rows = std::min<int64_t>(16, w.rows - (tile0 + i) * 16);
     const double* tile_products = products + i * tokens * 16;
-    const float* tile_offsets = block_offsets + i * blocks * 8 * 16;
+    // (Q6_K has no offsets buffer.)
+    const float* tile_offsets = kOffsets ? block_offsets + i * blocks * 8 * 16 : nullptr;
     for (int64_t t = 0; t < tokens; ++t) {
       const __m512d low = _mm512_load_pd(tile_products + 16 * t),
                     high = _mm512_load_pd(tile_products + 16 * t + 8);
