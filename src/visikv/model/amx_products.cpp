@@ -1005,14 +1005,16 @@ VISIKV_AMX_ATTR void super_tile_products(const PackedRows& w, int64_t tile0, int
       double* tile_products = products + i * tokens * 16;
       for (int64_t b = slice; b < slice_end; ++b) {
         const uint8_t* block = packed + i * w.tile_bytes() + b * layout.bytes;
-        // The block after this one, in the order they are run (none after the last).
-        const bool last_in_slice = b + 1 == slice_end;
-        const uint8_t* next_block = !last_in_slice ? block + layout.bytes
-                                    : i + 1 < tiles
-                                        ? packed + (i + 1) * w.tile_bytes() + slice * layout.bytes
-                                    : slice_end < blocks ? packed + slice_end * layout.bytes
-                                                         : nullptr;
-        const int64_t next_b = !last_in_slice ? b + 1 : i + 1 < tiles ? slice : slice_end;
+        // The (row tile, block) run after this one: the slice's next block, else the next row
+        // tile's first of the slice, else the first row tile's first of the next slice (none
+        // after the last).
+        int64_t next_i = i, next_b = b + 1;
+        if (next_b == slice_end) {
+          next_i = i + 1 < tiles ? i + 1 : 0;
+          next_b = i + 1 < tiles ? slice : slice_end;
+        }
+        const uint8_t* next_block =
+            next_b < blocks ? packed + next_i * w.tile_bytes() + next_b * layout.bytes : nullptr;
         for (int j = 0; j < kGroups; ++j) {
           const __m512i scale = row_scale_pairs<kType>(block + layout.scales_at + 16 * j);
           for (int c = kGroupChunks * j; c < kGroupChunks * (j + 1); ++c) {

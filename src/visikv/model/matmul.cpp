@@ -207,19 +207,20 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
       int8 && any_quantized
           ? 1
           : (tokens > kRowTokens ? kRowBlock : (tokens == 1 ? kDecodeRowBlock : 1));
-  const auto item_rows = [&](size_t which) {
-    if (packed[which] == nullptr) return rows_per_item;
-    const Linear& layer = *row_products[which].layer;
-    return tokens > amx::kVectorTokens && int16_activation_block(layer.weight.dtype) == 256
-               ? packed_tile_rows(layer.out_features())
-               : kPackedRowBlock;
-  };
-  const auto items_of = [&](size_t which) {
-    const int64_t rows = item_rows(which);
-    return (row_products[which].layer->out_features() + rows - 1) / rows;
-  };
+  // Rows per item and items of each product, fixed before the parallel region (its threads only
+  // look them up).
+  std::vector<int64_t> item_rows(row_products.size()), items_of(row_products.size());
   int64_t total_items = 0;
-  for (size_t which = 0; which < row_products.size(); ++which) total_items += items_of(which);
+  for (size_t which = 0; which < row_products.size(); ++which) {
+    const Linear& layer = *row_products[which].layer;
+    item_rows[which] =
+        packed[which] == nullptr ? rows_per_item
+        : tokens > amx::kVectorTokens && int16_activation_block(layer.weight.dtype) == 256
+            ? packed_tile_rows(layer.out_features())
+            : kPackedRowBlock;
+    items_of[which] = (layer.out_features() + item_rows[which] - 1) / item_rows[which];
+    total_items += items_of[which];
+  }
   bool tile_products = false;
   for (size_t which = 0; which < row_products.size(); ++which)
     tile_products |= packed[which] != nullptr ||
@@ -233,10 +234,10 @@ void linear_forward(std::span<const LinearProduct> products, std::span<const flo
     for (int64_t item = 0; item < total_items; ++item) {
       size_t which = 0;
       int64_t local = item;
-      for (int64_t items; local >= (items = items_of(which)); ++which) local -= items;
+      for (; local >= items_of[which]; ++which) local -= items_of[which];
       const Linear& layer = *row_products[which].layer;
       const int64_t in = layer.in_features(), out = layer.out_features();
-      const int64_t o = local * item_rows(which), rows = std::min(item_rows(which), out - o);
+      const int64_t o = local * item_rows[which], rows = std::min(item_rows[which], out - o);
       const int64_t row_bytes = storage_bytes(layer.weight.dtype, in);
       const std::byte* row = layer.weight.data.data() + o * row_bytes;
       float* y = row_products[which].y.data() + first * out + o;
