@@ -3,12 +3,14 @@
 //   default; cache codec for keys and values: $VISIKV_BENCH_CACHE, default f16, any spec of
 //   docs/CACHE_SPECS.md without side codes, e.g. int4:g32:tok; products: $VISIKV_BENCH_NUMERICS,
 //   exact (default), int8 or int16, as `visikv generate --numerics`; attention support of the
-//   decode steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md without a query
-//   frame, dense by default (the prefill before them is dense); decode steps:
-//   $VISIKV_BENCH_DECODE_STEPS, default 32 (more make a profile of the decode steps stand out
-//   from the untimed prefill's))
+//   decode steps: $VISIKV_BENCH_SELECTOR, any spec of docs/SELECTOR_SPECS.md, dense by default
+//   (the prefill before them is dense; a query frame qN reads the basis file
+//   $VISIKV_BENCH_BASIS, made by `visikv calibrate`); decode steps: $VISIKV_BENCH_DECODE_STEPS,
+//   default 32 (more make a profile of the decode steps stand out from the untimed prefill's))
 // Prefill/N: one forward pass over N tokens. Decode/N: the decode steps, one token at a time, after
-// an N-token prefill (the prefill is not timed); tokens_per_s counts them. peak_rss_mib: the
+// an N-token prefill (the prefill is not timed); tokens_per_s counts them; support and keys_read:
+// the positions whose values, and whose keys, a query head read per step (a certified choice from
+// position sketches also reads keys whose values it then leaves out). peak_rss_mib: the
 // process's peak resident memory when the benchmark ended.
 #include <benchmark/benchmark.h>
 
@@ -16,10 +18,12 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "visikv/attention/support.h"
+#include "visikv/calibration/basis_file.h"
 #include "visikv/eval/data_paths.h"
 #include "visikv/eval/text_input.h"
 #include "visikv/kv/cache_factory.h"
@@ -64,12 +68,23 @@ SelectorSpec bench_selector() {
   return parse_selector_spec(name != nullptr ? name : "dense");
 }
 
+// The calibrated basis $VISIKV_BENCH_BASIS names (for selectors that read one: query frames,
+// position sketches in the query frame); null without it.
+const HeadqBasis* bench_basis() {
+  static const std::optional<HeadqBasis> basis = []() -> std::optional<HeadqBasis> {
+    const char* path = std::getenv("VISIKV_BENCH_BASIS");
+    if (path == nullptr || *path == '\0') return std::nullopt;
+    return load_headq_basis(path, loaded().model);
+  }();
+  return basis ? &*basis : nullptr;
+}
+
 std::unique_ptr<KVCache> make_bench_cache(const Decoder& decoder, int64_t tokens) {
   const char* name = std::getenv("VISIKV_BENCH_CACHE");
   const std::string spec = name != nullptr ? name : "f16";
   const SelectorSpec selector = bench_selector();
   auto cache = make_cache(decoder.cache_shape(), spec, spec, tokens, selector.cache_block_size());
-  prepare_summaries(*cache, selector, nullptr);
+  prepare_summaries(*cache, selector, bench_basis());
   return cache;
 }
 
@@ -124,9 +139,10 @@ void Decode(benchmark::State& state) {
   const int64_t n = state.range(0), steps = decode_steps();
   if (!fits_context(state, l.model, n + steps)) return;
   auto cache = make_bench_cache(decoder, n + steps);
-  const std::unique_ptr<Support> support = make_support(bench_selector());
+  const SelectorSpec selector = bench_selector();
+  const std::unique_ptr<Support> support = make_support(selector);
   std::vector<SparseQueryStats> stats;
-  double support_sum = 0, support_count = 0;
+  double support_sum = 0, keys_sum = 0, support_count = 0;
   for (auto _ : state) {
     state.PauseTiming();
     cache->clear();
@@ -137,11 +153,17 @@ void Decode(benchmark::State& state) {
       decoder.forward({l.text.data() + n + i, 1}, *cache, LogitRows::Last, discard,
                       {.support = support.get(),
                        .support_stats = [&](int64_t, std::span<const SparseQueryStats> s) {
-                         for (const SparseQueryStats& q : s) support_sum += q.support;
+                         for (const SparseQueryStats& q : s) {
+                           support_sum += q.support;
+                           keys_sum += keys_read(selector, q);
+                         }
                          support_count += static_cast<double>(s.size());
                        }});
   }
-  if (support_count > 0) state.counters["support"] = support_sum / support_count;
+  if (support_count > 0) {
+    state.counters["support"] = support_sum / support_count;
+    state.counters["keys_read"] = keys_sum / support_count;
+  }
   state.counters["tokens_per_s"] =
       benchmark::Counter(static_cast<double>(steps), benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_rss_mib"] = peak_rss_mib();

@@ -473,6 +473,11 @@ TEST(Coverage, SplitAgreesWithSelectorSupports) {
       else
         EXPECT_NEAR(l.total.min, 1.0, 1e-5);
       EXPECT_LE(l.support_mean[0], 13.0 + 1e-9);
+      // Exact top-k scores every visible position; the certified block choice reads the keys of
+      // its support only.
+      EXPECT_NEAR(l.keys_mean[0], l.keys_mean[2], 1e-9) << name;
+      EXPECT_NEAR(l.keys_mean[2], l.support_mean[2], 1e-9) << name;
+      EXPECT_NEAR(l.keys_mean[3], l.support_mean[3], 1e-9) << name;
       // The needed support is the smallest holding 1 - eps with anchors and window read; the
       // certified support at the same eps reads those too and holds at least 1 - eps.
       EXPECT_GE(l.support_mean[3], l.needed.positions - 1e-9) << name;
@@ -514,6 +519,10 @@ TEST(EvalCommand, CoverageWritesTheTableAndJson) {
   ASSERT_EQ(j["layers"].size(), 2u);
   EXPECT_EQ(j["all_layers"]["selectors"].size(), 2u);
   EXPECT_GE(j["all_layers"]["selectors"][1]["coverage"]["min"].get<double>(), 0.9 - 1e-5);
+  EXPECT_NE(r.output.find("keys read"), std::string::npos) << r.output;
+  // Exact top-k scores every key it sees: more keys than the values it reads.
+  EXPECT_GT(j["all_layers"]["selectors"][0]["keys_read_mean"].get<double>(),
+            j["all_layers"]["selectors"][0]["support_mean"].get<double>());
   const ProgramRun bad = run("eval coverage " + fixture("llama") + " --text " +
                              std::string(VISIKV_SOURCE_DIR) + "/README.md --tokens 64 --from 64");
   EXPECT_NE(bad.status, 0);

@@ -894,10 +894,22 @@ TEST(SparseAttention, PositionSketchBoundsEncloseScores) {
               ASSERT_LE(upper[g * n + j], largest[g]);
               width += (upper[g * n + j] - lower[g * n + j]) / (group * n * 10);
             }
+          // The reference the choice buckets against is the largest bound itself, not above it
+          // (a larger one would read more keys).
+          for (int64_t g = 0; g < group; ++g)
+            ASSERT_EQ(largest[g],
+                      *std::max_element(upper.begin() + g * n, upper.begin() + (g + 1) * n))
+                << target << " " << codec << " bits " << bits;
           // A range that starts and ends inside tiles gives the same bounds as the whole one.
           const int64_t first = 21, count = 150;
           std::vector<double> part_upper(count * group), part_lower(count * group);
-          position_bounds(table, block, first, count, q, scale, part_upper, part_lower);
+          std::vector<double> part_largest(group, -INFINITY);
+          position_bounds(table, block, first, count, q, scale, part_upper, part_lower,
+                          part_largest);
+          for (int64_t g = 0; g < group; ++g)
+            ASSERT_EQ(part_largest[g], *std::max_element(part_upper.begin() + g * count,
+                                                         part_upper.begin() + (g + 1) * count))
+                << target << " " << codec << " bits " << bits;
           for (int64_t g = 0; g < group; ++g)
             for (int64_t i = 0; i < count; ++i) {
               ASSERT_EQ(part_upper[g * count + i], upper[g * n + first + i]) << target;
@@ -934,6 +946,38 @@ TEST(SparseAttention, CertifiedWithPositionSketchesHoldsAndReadsLess) {
   // Random data (no planted margin): the certificate still holds, whatever it reads.
   Problem random(200, 6, 2, 32, 8, 79);
   checked_certified_support(random, "f16", "certified:a1:w8:eps0.05:p8", nullptr);
+}
+
+// keys_read counts every key a query head scored once: exact top-k scores every visible position
+// (the chosen among them), certified with position sketches the support and the keys it read
+// only to choose, dense and block rules their support.
+TEST(SparseAttention, KeysReadCountsEveryScoredKeyOnce) {
+  for (const char* spec : {"sparse:a1:w8:k16:exact", "certified:a1:w8:b8:eps0.01:p8",
+                           "sparse:a1:w8:k16:b8:bound", "dense"}) {
+    Problem p(120, 6, 2, 32, 8, 81);
+    const SelectorSpec parsed = parse_selector_spec(spec);
+    prepare_summaries(*p.cache, parsed, nullptr);
+    p.fill();
+    const std::unique_ptr<Support> selector = make_support(parsed);
+    std::vector<SparseQueryStats> stats;
+    p.sparse(*selector, &stats);
+    int64_t above_support = 0;
+    for (int64_t t = 0; t < p.n; ++t)
+      for (int64_t h = 0; h < p.heads; ++h) {
+        const SparseQueryStats& st = stats[t * p.heads + h];
+        const int64_t keys = keys_read(parsed, st), visible = t + 1;
+        if (parsed.rule == SelectorRule::Exact)
+          ASSERT_EQ(keys, visible) << spec << " t=" << t;
+        else
+          ASSERT_TRUE(keys >= st.support && keys <= visible) << spec << " t=" << t;
+        if (parsed.sketch_bits == 0 && parsed.rule != SelectorRule::Exact)
+          ASSERT_EQ(keys, st.support) << spec << " t=" << t;
+        above_support += keys - st.support;
+      }
+    // Random keys: the sketches cannot rule out many candidates, and some read keys' values are
+    // left out.
+    if (parsed.sketch_bits > 0) EXPECT_GT(above_support, 0) << spec;
+  }
 }
 
 // A frame selector needs a cache that keeps that frame; frames go in before the first token and

@@ -223,14 +223,13 @@ void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t
   sketch_kernels::SplitQuery split[sketch_kernels::kMaxQueries];
   for (int64_t g = 0; g < group; ++g)
     split_query(queries.data() + g * d, d, score_slack, tiny, levels.data() + g * d, split[g]);
+  double maxima[sketch_kernels::kMaxQueries];
+  for (int64_t g = 0; g < group; ++g) maxima[g] = largest.empty() ? -INFINITY : largest[g];
   if (count > 0)
     sketch_kernels::bounds(table, block_size, first, count,
                            std::span(split, static_cast<size_t>(group)), scale, upper.data(),
-                           lower.data());
-  if (!largest.empty() && count > 0)
-    for (int64_t g = 0; g < group; ++g)
-      largest[g] = std::max(largest[g], *std::max_element(upper.begin() + g * count,
-                                                          upper.begin() + (g + 1) * count));
+                           lower.data(), maxima);
+  if (!largest.empty()) std::copy(maxima, maxima + group, largest.begin());
 }
 
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,

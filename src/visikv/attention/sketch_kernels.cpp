@@ -67,7 +67,7 @@ HWY_INLINE void TileDots(const int8_t* tile, int64_t d, const SplitQuery* querie
 HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, int64_t tile_first,
                            int64_t lo, int64_t hi, std::span<const SplitQuery> queries,
                            double scale, const int32_t* dots, double* upper, double* lower,
-                           int64_t stride, int64_t column0) {
+                           int64_t stride, int64_t column0, double* largest) {
   const hn::ScalableTag<double> df;
   const hn::Rebind<float, decltype(df)> df32;
   const hn::Rebind<int32_t, decltype(df)> di32;
@@ -99,7 +99,12 @@ HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, i
     norms[l] = table.norms[block];
   }
   HWY_ALIGN double high[kSketchTile], low[kSketchTile];
+  // The largest upper bound: over whole vectors in a whole tile; a partial tile's lanes outside
+  // [lo, hi) pair another position's products with clamped sketch numbers, so there its maximum
+  // is taken over [lo, hi) alone (the vector one is computed all the same, and discarded).
+  const bool whole = lo == 0 && hi == kSketchTile;
   for (int64_t g = 0; g < group; ++g) {
+    auto top = hn::Set(df, largest[g]);
     const SplitQuery& q = queries[g];
     const auto sum = hn::Set(df, q.sum), qstep = hn::Set(df, q.step), s = hn::Set(df, scale);
     const auto error_weight = hn::Set(df, q.error_weight),
@@ -115,16 +120,21 @@ HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, i
       const auto width =
           hn::MulAdd(error_weight, error,
                      hn::MulAdd(shared_weight, hn::Add(norm, error), hn::Mul(norm_weight, norm)));
-      hn::Store(hn::Mul(s, hn::Add(centre, width)), df, high + l);
+      const auto up = hn::Mul(s, hn::Add(centre, width));
+      top = hn::Max(top, up);  // the same code for every tile: the bounds' bits must not differ
+      hn::Store(up, df, high + l);
       hn::Store(hn::Mul(s, hn::Sub(centre, width)), df, low + l);
     }
+    largest[g] = whole ? hn::GetLane(hn::MaxOfLanes(df, top))
+                       : std::max(largest[g], *std::max_element(high + lo, high + hi));
     std::copy(high + lo, high + hi, upper + g * stride + (tile_first + lo - column0));
     std::copy(low + lo, low + hi, lower + g * stride + (tile_first + lo - column0));
   }
 }
 
 void Bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
-            std::span<const SplitQuery> queries, double scale, double* upper, double* lower) {
+            std::span<const SplitQuery> queries, double scale, double* upper, double* lower,
+            double* largest) {
   const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size());
   HWY_ALIGN int32_t dots[kMaxQueries * kSketchTile];
   for (int64_t tile = first / kSketchTile; tile * kSketchTile < first + count; ++tile) {
@@ -151,7 +161,7 @@ void Bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, i
     const int64_t lo = std::max<int64_t>(first - tile_first, 0);
     const int64_t hi = std::min<int64_t>(first + count - tile_first, kSketchTile);
     TileBounds(table, block_size, tile_first, lo, hi, queries, scale, dots, upper, lower, count,
-               first);
+               first, largest);
   }
 }
 
@@ -291,8 +301,10 @@ void share_buckets(const double* weights, int64_t count, std::span<const double>
 }
 
 void bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
-            std::span<const SplitQuery> queries, double scale, double* upper, double* lower) {
-  HWY_DYNAMIC_DISPATCH(Bounds)(table, block_size, first, count, queries, scale, upper, lower);
+            std::span<const SplitQuery> queries, double scale, double* upper, double* lower,
+            double* largest) {
+  HWY_DYNAMIC_DISPATCH(Bounds)
+  (table, block_size, first, count, queries, scale, upper, lower, largest);
 }
 
 void buckets(const double* upper, const double* lower, int64_t count,

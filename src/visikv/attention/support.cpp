@@ -38,6 +38,12 @@ void Support::prepare(const KVCache& cache, const AttentionSpec& attention) {
   }
 }
 
+int64_t keys_read(const SelectorSpec& spec, const SparseQueryStats& stats) {
+  const bool chosen_among_scored = spec.kind == SelectorKind::Sparse &&
+                                   spec.rule == SelectorRule::Exact && stats.selection_scores > 0;
+  return stats.support + stats.selection_scores - (chosen_among_scored ? stats.dynamic : 0);
+}
+
 std::unique_ptr<Support> make_support(const SelectorSpec& spec) {
   switch (spec.kind) {
     case SelectorKind::Dense:

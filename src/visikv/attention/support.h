@@ -49,6 +49,12 @@ struct SparseQueryStats {
   double delta = NAN;            // certified: bound on the attention mass outside the support
 };
 
+// Positions whose keys one query head's choice and attention scored under `spec`: the support's,
+// and those scored only to choose. Exact top-k scores every candidate, the chosen ones among them
+// (counted once); certified with position sketches or `exact` also scores keys whose values it
+// then leaves out.
+int64_t keys_read(const SelectorSpec& spec, const SparseQueryStats& stats);
+
 // One choice of support: the queries that share it (a KV head's group of query heads, or one
 // query head with gqa=head) at one position.
 struct SupportQuery {

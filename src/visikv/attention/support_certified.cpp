@@ -207,8 +207,11 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   std::vector<double>& z = scratch.partition;  // Z_fixed, then Z_S per query
 
   // counts[k]: candidates in bucket k; below[k]: their lower masses, sum exp(-(k(w_j) + 1) h).
+  // (Behind them, four interleaved histograms of each, summed into them after the pass: runs of
+  // candidates in one bucket, most fall in the last, open one, would otherwise chain every update
+  // on the one before through memory.)
   std::vector<double>& counts = scratch.ranking;
-  counts.assign(2 * kBuckets, 0.0);
+  counts.assign(10 * kBuckets, 0.0);
   double* below = counts.data() + kBuckets;
   scratch.order.resize(static_cast<size_t>(n));  // the bucket of each candidate
   std::vector<int32_t>& low_bucket = scratch.low_buckets;
@@ -216,10 +219,25 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   if (n > 0)
     sketch_kernels::buckets(upper.data(), lower.data(), n, m, 1 / kBucketWidth, kBuckets - 1,
                             scratch.order.data(), low_bucket.data());
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t k = scratch.order[i];
-    counts[k] += 1;
-    below[k] += kBucketExps.floor[low_bucket[i]];
+  {
+    double* c4 = counts.data() + 2 * kBuckets;
+    double* b4 = c4 + 4 * kBuckets;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+      for (int64_t l = 0; l < 4; ++l) {
+        const int32_t k = scratch.order[i + l];
+        c4[l * kBuckets + k] += 1;
+        b4[l * kBuckets + k] += kBucketExps.floor[low_bucket[i + l]];
+      }
+    for (; i < n; ++i) {
+      const int32_t k = scratch.order[i];
+      c4[k] += 1;
+      b4[k] += kBucketExps.floor[low_bucket[i]];
+    }
+    for (int64_t k = 0; k < kBuckets; ++k) {
+      counts[k] = (c4[k] + c4[kBuckets + k]) + (c4[2 * kBuckets + k] + c4[3 * kBuckets + k]);
+      below[k] = (b4[k] + b4[kBuckets + k]) + (b4[2 * kBuckets + k] + b4[3 * kBuckets + k]);
+    }
   }
   double dropped = 0;
   for (int64_t k = 0; k < kBuckets; ++k) dropped += counts[k] * kBucketExps.ceiling[k];
@@ -236,10 +254,13 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   if (dropped < 0) dropped = 0;  // float64 cancellation in the running difference
 
   // Read the chosen candidates' keys (their scores serve the attention).
-  scratch.items.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (scratch.order[i] < cut) scratch.items.push_back(static_cast<int32_t>(r.anchors_end + i));
-  const int64_t chosen = static_cast<int64_t>(scratch.items.size());
+  scratch.items.resize(static_cast<size_t>(n));
+  int64_t chosen = 0;
+  for (int64_t i = 0; i < n; ++i) {  // without a branch: most candidates are not read
+    scratch.items[chosen] = static_cast<int32_t>(r.anchors_end + i);
+    chosen += scratch.order[i] < cut;
+  }
+  scratch.items.resize(static_cast<size_t>(chosen));
   scratch.block_scores.resize(static_cast<size_t>(group * chosen));
   if (chosen > 0)
     query.cache.score(query.layer, query.kv_head, query.queries, PositionSet::list(scratch.items),

@@ -645,11 +645,12 @@ void print_coverage_tables(const CoverageRun& run, const CoverageFlags& f) {
   std::printf(
       "\nmass inside each selector's support (mean / p10 / p1), support = positions read\n");
   for (size_t s = 0; s < selectors.size(); ++s) {
-    std::printf("\n%s  (mean support %.1f)\n%-6s %8s %8s %8s %8s\n", selectors[s].c_str(),
-                r.pooled.support_mean[s], "layer", "mean", "p10", "p1", "support");
+    std::printf("\n%s  (mean support %.1f, keys read %.1f)\n%-6s %8s %8s %8s %8s %9s\n",
+                selectors[s].c_str(), r.pooled.support_mean[s], r.pooled.keys_mean[s], "layer",
+                "mean", "p10", "p1", "support", "keys read");
     const auto row = [&](const std::string& name, const CoverageLayer& l) {
-      std::printf("%-6s %8.4f %8.4f %8.4f %8.1f\n", name.c_str(), l.selectors[s].mean,
-                  l.selectors[s].p10, l.selectors[s].p1, l.support_mean[s]);
+      std::printf("%-6s %8.4f %8.4f %8.4f %8.1f %9.1f\n", name.c_str(), l.selectors[s].mean,
+                  l.selectors[s].p10, l.selectors[s].p1, l.support_mean[s], l.keys_mean[s]);
     };
     for (size_t i = 0; i < r.layers.size(); ++i) row(std::to_string(i), r.layers[i]);
     row("all", r.pooled);
@@ -678,10 +679,12 @@ CoverageResult coverage_from_json(const json& j) {
                         shares_from_json(l.at("total")),
                         support_share_from_json(l.at("needed")),
                         {},
+                        {},
                         {}};
     for (const json& s : l.at("selectors")) {
       layer.selectors.push_back(shares_from_json(s.at("coverage")));
       layer.support_mean.push_back(s.at("support_mean").get<double>());
+      layer.keys_mean.push_back(s.value("keys_read_mean", s.at("support_mean").get<double>()));
     }
     return layer;
   };
@@ -715,7 +718,8 @@ json coverage_json(const CoverageRun& run, const CoverageFlags& f) {
     for (size_t s = 0; s < selectors.size(); ++s)
       sel.push_back({{"selector", selectors[s]},
                      {"coverage", shares_json(l.selectors[s])},
-                     {"support_mean", l.support_mean[s]}});
+                     {"support_mean", l.support_mean[s]},
+                     {"keys_read_mean", l.keys_mean[s]}});
     return json{{"anchors", shares_json(l.anchors)},      {"window", shares_json(l.window)},
                 {"top_k", shares_json(l.top_k)},          {"total", shares_json(l.total)},
                 {"needed", support_share_json(l.needed)}, {"selectors", sel}};

@@ -164,19 +164,24 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   const int64_t figures = 4 + sel_count;
   std::vector<std::vector<double>> all(static_cast<size_t>(figures));
   std::vector<double> support_all(static_cast<size_t>(sel_count), 0.0);
+  std::vector<double> keys_all(static_cast<size_t>(sel_count), 0.0);
   std::vector<double> needed_all;
   double context_sum = 0, needed_positions_all = 0;
   std::vector<float> out(static_cast<size_t>(n * heads * d));
   for (int64_t layer = 0; layer < layers; ++layer) {
     const AttentionSpec spec{heads, d, c.score_scale(), c.layer_window(layer)};
     std::vector<SupportRecorder> supports;
+    std::vector<double> keys_sum(static_cast<size_t>(sel_count), 0.0);
+    std::vector<SparseQueryStats> stats(static_cast<size_t>(counted * heads));
     for (const SelectorSpec& s : specs) {
       const std::unique_ptr<Support> support = make_support(s);
       supports.emplace_back(o.from, n, heads);
       // Only the counted queries: with the keys of the whole window in the cache, a query at
       // t >= from reads what it would in a full prefill (every query chooses afresh).
       attend(*cache, layer, queries.layer(layer).subspan(o.from * heads * d), counted, o.from, spec,
-             *support, std::span(out).first(counted * heads * d), {}, &supports.back());
+             *support, std::span(out).first(counted * heads * d), stats, &supports.back());
+      for (const SparseQueryStats& q : stats)
+        keys_sum[supports.size() - 1] += static_cast<double>(keys_read(s, q));
     }
     std::vector<std::vector<double>> shares(
         static_cast<size_t>(figures), std::vector<double>(static_cast<size_t>(counted * heads)));
@@ -246,7 +251,9 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
     for (int64_t s = 0; s < sel_count; ++s) {
       row.selectors.push_back(summarize_shares(shares[4 + s]));
       row.support_mean.push_back(support_sum[s] / static_cast<double>(counted * heads));
+      row.keys_mean.push_back(keys_sum[s] / static_cast<double>(counted * heads));
       support_all[s] += support_sum[s];
+      keys_all[s] += keys_sum[s];
     }
     result.layers.push_back(std::move(row));
     for (int64_t f = 0; f < figures; ++f)
@@ -264,6 +271,7 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
   for (int64_t s = 0; s < sel_count; ++s) {
     pooled.selectors.push_back(summarize_shares(std::move(all[4 + s])));
     pooled.support_mean.push_back(support_all[s] / queries_all);
+    pooled.keys_mean.push_back(keys_all[s] / queries_all);
   }
   result.context_mean = context_sum / queries_all;
   return result;

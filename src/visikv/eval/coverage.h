@@ -62,6 +62,9 @@ struct CoverageLayer {
   SupportShareSummary needed;              // fewest positions holding 1 - epsilon of the mass
   std::vector<CoverageSummary> selectors;  // one per selector spec
   std::vector<double> support_mean;        // positions read per query head, per selector
+  // keys read per query head, per selector: the support's plus those scored only to choose
+  // (certified with position sketches reads keys whose values it then leaves out)
+  std::vector<double> keys_mean;
 };
 
 struct CoverageResult {
