@@ -68,8 +68,8 @@ SelectorSpec bench_selector() {
   return parse_selector_spec(name != nullptr ? name : "dense");
 }
 
-// The calibrated basis $VISIKV_BENCH_BASIS names (for selectors that read one: query frames,
-// position sketches in the query frame); null without it.
+// The calibrated basis $VISIKV_BENCH_BASIS names (for selectors with a query frame qN); null
+// without it.
 const HeadqBasis* bench_basis() {
   static const std::optional<HeadqBasis> basis = []() -> std::optional<HeadqBasis> {
     const char* path = std::getenv("VISIKV_BENCH_BASIS");

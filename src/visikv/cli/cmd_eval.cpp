@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -684,7 +685,11 @@ CoverageResult coverage_from_json(const json& j) {
     for (const json& s : l.at("selectors")) {
       layer.selectors.push_back(shares_from_json(s.at("coverage")));
       layer.support_mean.push_back(s.at("support_mean").get<double>());
-      layer.keys_mean.push_back(s.value("keys_read_mean", s.at("support_mean").get<double>()));
+      // Files written before keys were counted: not recorded (NaN), not guessed from the support.
+      const auto keys = s.find("keys_read_mean");
+      layer.keys_mean.push_back(keys != s.end() && keys->is_number()
+                                    ? keys->get<double>()
+                                    : std::numeric_limits<double>::quiet_NaN());
     }
     return layer;
   };

@@ -173,15 +173,15 @@ CoverageResult attention_coverage(Decoder& decoder, std::span<const int32_t> tok
     std::vector<SupportRecorder> supports;
     std::vector<double> keys_sum(static_cast<size_t>(sel_count), 0.0);
     std::vector<SparseQueryStats> stats(static_cast<size_t>(counted * heads));
-    for (const SelectorSpec& s : specs) {
+    for (int64_t i = 0; i < sel_count; ++i) {
+      const SelectorSpec& s = specs[i];
       const std::unique_ptr<Support> support = make_support(s);
       supports.emplace_back(o.from, n, heads);
       // Only the counted queries: with the keys of the whole window in the cache, a query at
       // t >= from reads what it would in a full prefill (every query chooses afresh).
       attend(*cache, layer, queries.layer(layer).subspan(o.from * heads * d), counted, o.from, spec,
              *support, std::span(out).first(counted * heads * d), stats, &supports.back());
-      for (const SparseQueryStats& q : stats)
-        keys_sum[supports.size() - 1] += static_cast<double>(keys_read(s, q));
+      for (const SparseQueryStats& q : stats) keys_sum[i] += static_cast<double>(keys_read(s, q));
     }
     std::vector<std::vector<double>> shares(
         static_cast<size_t>(figures), std::vector<double>(static_cast<size_t>(counted * heads)));
