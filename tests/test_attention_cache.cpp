@@ -95,8 +95,9 @@ INSTANTIATE_TEST_SUITE_P(Formats, AttentionTest,
 
 // Queries over more than 2048 positions read them in parts merged by log-sum-exp, shared among
 // the threads in decode: the result must match float64, and decode must equal prefill and one
-// thread two, bit for bit, for dense and quantized caches and for a selector that hands over its
-// scores (exact top-k) and one that does not.
+// thread two, bit for bit, for dense and quantized caches, for a selector that hands over its
+// scores (exact top-k) and one that does not, and for the certified choice that decode makes in
+// steps shared among the threads (Support::choice_steps).
 struct LongCase {
   const char* keys;
   const char* values;
@@ -118,16 +119,21 @@ TEST_P(LongAttentionTest, PartsMergeExactlyAndDecodeEqualsPrefill) {
   const double scale = 1.0 / std::sqrt(double(d));
   const AttentionSpec spec{heads, d, scale, 0};
   auto cache = make_cache({1, kv_heads, d}, p.keys, p.values);
+  prepare_summaries(*cache, parse_selector_spec(p.selector), nullptr);  // sketches, if read
   cache->append(0, k, v, n);
 
+  int64_t most_keys = 0;  // the most keys one query head of the last query read
   auto run = [&](int64_t tokens, int threads) {
     const int saved = omp_get_max_threads();
     omp_set_num_threads(threads);
     auto support = make_support(p.selector);
     std::vector<float> out(tokens * heads * d, NAN);  // poisoned
+    std::vector<SparseQueryStats> stats(tokens * heads);
     attend(*cache, 0, std::span(q).subspan((queries - tokens) * heads * d, tokens * heads * d),
-           tokens, n - tokens, spec, *support, out);
+           tokens, n - tokens, spec, *support, out, stats);
     omp_set_num_threads(saved);
+    for (int64_t h = 0; h < heads; ++h)
+      most_keys = std::max(most_keys, keys_read(support->spec(), stats[(tokens - 1) * heads + h]));
     return std::vector<float>(out.end() - heads * d, out.end());  // the last query's row
   };
   const auto prefill = run(queries, 2), decode_two = run(1, 2), decode_one = run(1, 1);
@@ -136,6 +142,9 @@ TEST_P(LongAttentionTest, PartsMergeExactlyAndDecodeEqualsPrefill) {
     EXPECT_EQ(decode_two[i], prefill[i]) << i;
     EXPECT_EQ(decode_one[i], prefill[i]) << i;
   }
+  // The certified choice read its keys in several parts (of 1024), its bounds in three (of 2048).
+  if (parse_selector_spec(p.selector).sketch_bits > 0) EXPECT_GT(most_keys, 2048) << p.selector;
+  RecordProperty("most_keys_read", str_cat(most_keys));
   if (p.tolerance > 0) {
     // The last query over every position (the support of dense and of top-k with k >= n).
     std::vector<float> q_last(q.end() - heads * d, q.end());
@@ -163,13 +172,17 @@ TEST_P(LongAttentionTest, PartsMergeExactlyAndDecodeEqualsPrefill) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Caches, LongAttentionTest,
-                         ::testing::Values(LongCase{"f32", "f32", "dense", 1e-5},
-                                           LongCase{"f32", "f32", "sparse:k4500:exact", 0},
-                                           LongCase{"f32", "f32", "sparse:a4:w1000:k2000:exact", 0},
-                                           LongCase{"int4:g16:tok", "int4:g16:tok", "dense", 0},
-                                           LongCase{"int2:g16:chan:r128", "f16",
-                                                    "sparse:a1:w2500:k64:centroid", 0}));
+INSTANTIATE_TEST_SUITE_P(
+    Caches, LongAttentionTest,
+    ::testing::Values(LongCase{"f32", "f32", "dense", 1e-5},
+                      LongCase{"f32", "f32", "sparse:k4500:exact", 0},
+                      LongCase{"f32", "f32", "sparse:a4:w1000:k2000:exact", 0},
+                      LongCase{"int4:g16:tok", "int4:g16:tok", "dense", 0},
+                      LongCase{"int2:g16:chan:r128", "f16", "sparse:a1:w2500:k64:centroid", 0},
+                      // The choice made in steps, the bound pass and the
+                      // read keys' scores in parts shared by the threads.
+                      LongCase{"f16", "f16", "certified:a1:w64:eps0.01:p8", 0},
+                      LongCase{"f32", "f32", "certified:a1:w64:eps0.05:p6:gqa=head", 0}));
 
 // Dense prefill reads the cache in tiles of tokens (attention.cpp, attend_tile): every token's
 // output must still be the bits of decoding that token alone, for every codec family (float

@@ -276,6 +276,7 @@ void attend_tile(const KVCache& cache, int64_t layer, int64_t kv, const float* q
 // What a decode call keeps between its phases: every slot's scratch, chosen support and pieces.
 struct DecodeScratch {
   std::vector<SupportScratch> item_scratch;
+  std::vector<SparseQueryStats> item_stats;
   std::vector<std::optional<ChosenSupport>> chosen;
   std::vector<float> pieces;
 };
@@ -318,23 +319,36 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
   auto slot_out = [&](const Item& item) {
     return out.subspan(item.token * row + item.first_head * d, slot_group * d);
   };
+  auto query_of = [&](const Item& item) {
+    return SupportQuery{cache,
+                        layer,
+                        item.kv,
+                        per_head ? item.first_head : item.kv,
+                        first_position + item.token,
+                        slot_queries(item),
+                        slot_group,
+                        spec.sliding_window,
+                        spec.scale,
+                        tokens == 1,
+                        item.token == tokens - 1};
+  };
+  // Records an item's statistics once its support is chosen.
+  auto record = [&](const Item& item, const ChosenSupport& chosen, SparseQueryStats st,
+                    const SupportScratch& scratch) {
+    st.support = chosen.positions.size();
+    if (stats.empty()) return;
+    for (int64_t g = 0; g < slot_group; ++g) {
+      SparseQueryStats& s = stats[item.token * spec.heads + item.first_head + g];
+      s = st;
+      s.delta = scratch.deltas[g];
+    }
+  };
   // Chooses an item's support into `scratch`, records its statistics.
   auto choose = [&](const Item& item, SupportScratch& scratch) {
     SparseQueryStats st;
     scratch.deltas.assign(static_cast<size_t>(slot_group), NAN);
-    const int64_t position = first_position + item.token;
-    const ChosenSupport chosen = support.choose(
-        {cache, layer, item.kv, per_head ? item.first_head : item.kv, position, slot_queries(item),
-         slot_group, spec.sliding_window, spec.scale, tokens == 1, item.token == tokens - 1},
-        scratch, st);
-    st.support = chosen.positions.size();
-    if (!stats.empty()) {
-      for (int64_t g = 0; g < slot_group; ++g) {
-        SparseQueryStats& s = stats[item.token * spec.heads + item.first_head + g];
-        s = st;
-        s.delta = scratch.deltas[g];
-      }
-    }
+    const ChosenSupport chosen = support.choose(query_of(item), scratch, st);
+    record(item, chosen, st, scratch);
     return chosen;
   };
   // One pass over a support of at most kPartPositions positions (or any, with an observer, which
@@ -371,8 +385,9 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
   const int64_t visible = visible_positions(first_position, spec.sliding_window).size();
   if (tokens == 1 && observer == nullptr && visible > kPartPositions) {
     // Decode: choose every slot's support, then share all parts of all slots among the threads,
-    // then merge (three loops, so three barriers: every slot gets room for the most parts any
-    // visible set can need, so no serial step sizes the pieces between them). Scratch and
+    // then merge (three loops, so three barriers, plus one per step of a choice made in steps:
+    // every slot gets room for the most parts any visible set can need, so no serial step sizes
+    // the pieces between them). Scratch and
     // pieces are kept between calls (nothing allocated once grown), by the calling thread; the
     // workers reach them through these references, since a thread_local named inside the
     // parallel region would be each worker's own.
@@ -390,13 +405,44 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
       const int64_t n = chosen[i]->positions.size();
       return split(n) ? part_count(n) : 1;
     };
+    // A rule that chooses in steps (Support::choice_steps) has each step's units of every slot
+    // shared among the threads, so that one slot's long passes do not hold up the others.
+    const int steps = support.choice_steps();
+    std::vector<SparseQueryStats>& item_stats = kept.item_stats;
+    item_stats.assign(static_cast<size_t>(items), SparseQueryStats{});
 #pragma omp parallel
     {
       std::vector<float> logits;
       thread_local std::vector<float> part_scores;
+      if (steps == 0) {
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < items; ++i) chosen[i] = choose(item_of(i), item_scratch[i]);
-        // Unit u is part u % max_parts of slot u / max_parts; slots with fewer parts skip the rest.
+        for (int64_t i = 0; i < items; ++i) chosen[i] = choose(item_of(i), item_scratch[i]);
+      } else {
+        thread_local std::vector<int64_t> units_before;  // {items + 1}: units of earlier slots
+        units_before.resize(static_cast<size_t>(items + 1));
+        for (int step = 0; step < steps; ++step) {
+          // Each thread counts the units itself (from what earlier steps wrote): no serial part.
+          units_before[0] = 0;
+          for (int64_t i = 0; i < items; ++i)
+            units_before[i + 1] =
+                units_before[i] + support.choice_units(step, query_of(item_of(i)), item_scratch[i]);
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t u = 0; u < units_before[items]; ++u) {
+            const int64_t i = std::upper_bound(units_before.begin(), units_before.end(), u) -
+                              units_before.begin() - 1;
+            support.run_choice_unit(step, u - units_before[i], query_of(item_of(i)),
+                                    item_scratch[i], item_stats[i]);
+          }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < items; ++i) {
+          const Item item = item_of(i);
+          item_scratch[i].deltas.assign(static_cast<size_t>(slot_group), NAN);
+          chosen[i] = support.finish_choice(query_of(item), item_scratch[i], item_stats[i]);
+          record(item, *chosen[i], item_stats[i], item_scratch[i]);
+        }
+      }
+      // Unit u is part u % max_parts of slot u / max_parts; slots with fewer parts skip the rest.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t u = 0; u < items * max_parts; ++u) {
         const int64_t i = u / max_parts, p = u % max_parts, parts = parts_of(i);

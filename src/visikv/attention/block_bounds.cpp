@@ -199,37 +199,51 @@ void split_query(const float* q, int64_t d, double slack, double tiny, int16_t* 
 
 }  // namespace
 
-void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,
-                     int64_t count, std::span<const float> queries, double scale,
-                     std::span<double> upper, std::span<double> lower, std::span<double> largest) {
+void split_sketch_queries(const BlockSummaryTable& table, std::span<const float> queries,
+                          SketchQueries& out) {
   const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size()) / d;
-  const int64_t positions = static_cast<int64_t>(table.sketch_offsets.size());
   require(table.sketch_levels > 0, "position bounds: the summaries keep no position sketches");
-  require(largest.empty() || static_cast<int64_t>(largest.size()) >= group,
-          "position bounds: ", largest.size(), " maxima for ", group, " queries");
-  require(first >= 0 && count >= 0 && first + count <= positions && block_size > 0 &&
-              static_cast<int64_t>(upper.size()) >= count * group &&
-              static_cast<int64_t>(lower.size()) >= count * group,
-          "position bounds: positions [", first, ", ", first + count, ") of ", positions);
   require(d <= kMaxSketchDim && group <= sketch_kernels::kMaxQueries, "position bounds: head_dim ",
           d, " and ", group, " queries exceed ", kMaxSketchDim, " and ",
           sketch_kernels::kMaxQueries);
   const double dd = static_cast<double>(d);
   const double score_slack = ((2 * dd + 4) + 4 * dd * std::sqrt(dd)) * kUnitRoundoff;
   const double tiny = 16 * dd * 0x1p-53;
-  thread_local std::vector<int16_t> levels;  // grown, never shrunk: no allocation per call
-  if (static_cast<int64_t>(levels.size()) < group * d)
-    levels.resize(static_cast<size_t>(group * d));
-  sketch_kernels::SplitQuery split[sketch_kernels::kMaxQueries];
+  out.levels.resize(static_cast<size_t>(group * d));  // grown once per scratch, then reused
+  out.split.resize(static_cast<size_t>(group));
   for (int64_t g = 0; g < group; ++g)
-    split_query(queries.data() + g * d, d, score_slack, tiny, levels.data() + g * d, split[g]);
+    split_query(queries.data() + g * d, d, score_slack, tiny, out.levels.data() + g * d,
+                out.split[g]);
+}
+
+void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,
+                     int64_t count, const SketchQueries& queries, double scale,
+                     std::span<double> upper, std::span<double> lower, int64_t stride,
+                     std::span<double> largest) {
+  const int64_t group = static_cast<int64_t>(queries.split.size());
+  const int64_t positions = static_cast<int64_t>(table.sketch_offsets.size());
+  require(table.sketch_levels > 0, "position bounds: the summaries keep no position sketches");
+  require(largest.empty() || static_cast<int64_t>(largest.size()) >= group,
+          "position bounds: ", largest.size(), " maxima for ", group, " queries");
+  const int64_t rows = group > 0 ? (group - 1) * stride + count : 0;
+  require(first >= 0 && count >= 0 && first + count <= positions && block_size > 0 &&
+              stride >= count && static_cast<int64_t>(upper.size()) >= rows &&
+              static_cast<int64_t>(lower.size()) >= rows,
+          "position bounds: positions [", first, ", ", first + count, ") of ", positions);
   double maxima[sketch_kernels::kMaxQueries];
   for (int64_t g = 0; g < group; ++g) maxima[g] = largest.empty() ? -INFINITY : largest[g];
   if (count > 0)
-    sketch_kernels::bounds(table, block_size, first, count,
-                           std::span(split, static_cast<size_t>(group)), scale, upper.data(),
-                           lower.data(), maxima);
+    sketch_kernels::bounds(table, block_size, first, count, queries.split, scale, upper.data(),
+                           lower.data(), stride, maxima);
   if (!largest.empty()) std::copy(maxima, maxima + group, largest.begin());
+}
+
+void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,
+                     int64_t count, std::span<const float> queries, double scale,
+                     std::span<double> upper, std::span<double> lower, std::span<double> largest) {
+  thread_local SketchQueries split;  // grown, never shrunk: no allocation per call
+  split_sketch_queries(table, queries, split);
+  position_bounds(table, block_size, first, count, split, scale, upper, lower, count, largest);
 }
 
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,

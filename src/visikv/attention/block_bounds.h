@@ -4,7 +4,9 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
+#include "visikv/attention/sketch_kernels.h"
 #include "visikv/kv/cache.h"
 
 namespace visikv {
@@ -40,6 +42,23 @@ void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t
                      int64_t count, std::span<const float> queries, double scale,
                      std::span<double> upper, std::span<double> lower,
                      std::span<double> largest = {});
+
+// The queries as the position bounds read them (rotated and split), made once for calls over
+// several parts of one range.
+struct SketchQueries {
+  std::vector<int16_t> levels;                    // {group, head_dim}
+  std::vector<sketch_kernels::SplitQuery> split;  // {group}, pointing into `levels`
+};
+void split_sketch_queries(const BlockSummaryTable& table, std::span<const float> queries,
+                          SketchQueries& out);
+
+// position_bounds with split queries, into rows `stride` apart: lower[g * stride + i] <=
+// scale * q_g·k_j <= upper[g * stride + i] for j = first + i. The bounds of a position do not
+// depend on the range they are computed in.
+void position_bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first,
+                     int64_t count, const SketchQueries& queries, double scale,
+                     std::span<double> upper, std::span<double> lower, int64_t stride,
+                     std::span<double> largest);
 
 void block_centroid_scores(const BlockSummaryTable& table, int64_t first, int64_t count,
                            std::span<const float> queries, double scale, std::span<double> out);

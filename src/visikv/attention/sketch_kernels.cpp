@@ -134,7 +134,7 @@ HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, i
 
 void Bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
             std::span<const SplitQuery> queries, double scale, double* upper, double* lower,
-            double* largest) {
+            int64_t stride, double* largest) {
   const int64_t d = table.head_dim, group = static_cast<int64_t>(queries.size());
   HWY_ALIGN int32_t dots[kMaxQueries * kSketchTile];
   for (int64_t tile = first / kSketchTile; tile * kSketchTile < first + count; ++tile) {
@@ -160,7 +160,7 @@ void Bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, i
     }
     const int64_t lo = std::max<int64_t>(first - tile_first, 0);
     const int64_t hi = std::min<int64_t>(first + count - tile_first, kSketchTile);
-    TileBounds(table, block_size, tile_first, lo, hi, queries, scale, dots, upper, lower, count,
+    TileBounds(table, block_size, tile_first, lo, hi, queries, scale, dots, upper, lower, stride,
                first, largest);
   }
 }
@@ -302,9 +302,9 @@ void share_buckets(const double* weights, int64_t count, std::span<const double>
 
 void bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
             std::span<const SplitQuery> queries, double scale, double* upper, double* lower,
-            double* largest) {
+            int64_t stride, double* largest) {
   HWY_DYNAMIC_DISPATCH(Bounds)
-  (table, block_size, first, count, queries, scale, upper, lower, largest);
+  (table, block_size, first, count, queries, scale, upper, lower, stride, largest);
 }
 
 void buckets(const double* upper, const double* lower, int64_t count,

@@ -27,14 +27,14 @@ struct SplitQuery {
 
 constexpr int64_t kMaxQueries = 64;  // queries per bounds call
 
-// upper[g * count + i] and lower[g * count + i]: scale · (centre ± width) of position first + i
+// upper[g * stride + i] and lower[g * stride + i]: scale · (centre ± width) of position first + i
 // for query g, with centre = step_g (offset_j sum_g + step_j level_g·code_j) (the integer product
-// exact in 32 bits); largest[g] = max(largest[g], max_i upper[g * count + i]). table: sketches
+// exact in 32 bits); largest[g] = max(largest[g], max_i upper[g * stride + i]). table: sketches
 // kept; block_size: its block size (the key norms'); at most kMaxQueries queries (the caller
-// checks).
+// checks). A position's bounds do not depend on the range it is computed in.
 void bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, int64_t count,
             std::span<const SplitQuery> queries, double scale, double* upper, double* lower,
-            double* largest);
+            int64_t stride, double* largest);
 
 // For each position i < count: high[i] = bucket of max_g (upper[g * count + i] - reference[g]),
 // low[i] = bucket of min_g (lower[g * count + i] - reference[g]), where bucket(v) =

@@ -14,6 +14,15 @@
 
 namespace visikv {
 
+ChosenSupport Support::choose_in_steps(const SupportQuery& query, SupportScratch& scratch,
+                                       SparseQueryStats& stats) {
+  for (int step = 0; step < choice_steps(); ++step) {
+    const int64_t units = choice_units(step, query, scratch);
+    for (int64_t unit = 0; unit < units; ++unit) run_choice_unit(step, unit, query, scratch, stats);
+  }
+  return finish_choice(query, scratch, stats);
+}
+
 void Support::prepare(const KVCache& cache, const AttentionSpec& attention) {
   require(attention.scale > 0, "sparse attention '", describe(spec_),
           "' needs a positive score scale (the rules rank scaled scores and bounds)");

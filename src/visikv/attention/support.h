@@ -29,6 +29,7 @@
 #include <string_view>
 #include <vector>
 
+#include "visikv/attention/block_bounds.h"
 #include "visikv/attention/selector_spec.h"
 #include "visikv/kv/cache.h"
 
@@ -90,6 +91,9 @@ struct SupportScratch {
   std::vector<double> deltas;        // {group}: certified's delta per query, NaN otherwise
   std::vector<double> left_out;      // {group}: mass of the read keys left out, position sketches
   std::vector<int32_t> low_buckets;  // {candidates}: buckets of the lower bounds, position sketches
+  SketchQueries sketch_queries;      // the queries split for the position bounds
+  std::vector<double> part_maxima;   // {parts, group}: largest upper bound per part of a pass
+  double dropped = 0;                // position sketches: the bound on the unread candidates' mass
 };
 
 // What a Support hands the attention body.
@@ -130,9 +134,32 @@ class Support {
   virtual ChosenSupport choose(const SupportQuery& query, SupportScratch& scratch,
                                SparseQueryStats& stats) = 0;
 
+  // A rule may make its choice in steps, so that a decode step can share one slot's long passes
+  // (over every candidate, or every key it reads) among the threads: the steps run one after the
+  // other; step s is choice_units(s, ...) units, each writing its own part of the slot's scratch,
+  // which may run in any order on any thread (a step of one unit may also fill `stats`); then
+  // finish_choice() ends the choice. Such a rule's choose() runs the same steps on one thread in
+  // order, so both give the same bits. choice_steps() == 0: choose() only.
+  virtual int choice_steps() const { return 0; }
+  virtual int64_t choice_units(int /*step*/, const SupportQuery& /*query*/,
+                               const SupportScratch& /*scratch*/) const {
+    return 1;
+  }
+  virtual void run_choice_unit(int /*step*/, int64_t /*unit*/, const SupportQuery& /*query*/,
+                               SupportScratch& /*scratch*/, SparseQueryStats& /*stats*/) {}
+  virtual ChosenSupport finish_choice(const SupportQuery& query, SupportScratch& scratch,
+                                      SparseQueryStats& stats) {
+    return choose(query, scratch, stats);
+  }
+
   // True when every choice is the query's whole visible range, unscored (dense attention): the
   // queries of a prefill may then share the reads of the positions they all see.
   virtual bool chooses_visible_ranges() const { return false; }
+
+ protected:
+  // choose() of a rule that chooses in steps: every step's units in order, then finish_choice().
+  ChosenSupport choose_in_steps(const SupportQuery& query, SupportScratch& scratch,
+                                SparseQueryStats& stats);
 
  private:
   SelectorSpec spec_;

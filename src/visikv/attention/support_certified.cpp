@@ -37,7 +37,7 @@ void CertifiedSupport::prepare(const KVCache& cache, const AttentionSpec& attent
 ChosenSupport CertifiedSupport::choose(const SupportQuery& query, SupportScratch& scratch,
                                        SparseQueryStats& stats) {
   if (spec().rule == SelectorRule::Exact) return choose_scored(query, scratch, stats);
-  if (spec().sketch_bits > 0) return choose_positions(query, scratch, stats);
+  if (chooses_from_sketches()) return choose_in_steps(query, scratch, stats);
   const int64_t group = query.group, block = block_;
   const Region r = make_region(query.position, query.model_window, spec(), block);
   // Raw scores of the fixed part (anchors and tail), scaled exactly as the attention scales them.
@@ -185,27 +185,109 @@ void fold_fixed_part(int64_t group, double scale, SupportScratch& scratch) {
 // The cut is the first at which Ẑ <= ε (Zlow_g + Ẑ) for every query g, which proves
 // δ_g <= Ẑ / (Z_S,g + Ẑ) <= ε before any key is read; δ_g is reported with the exact Z_S,g of
 // the support. Histograms replace sorting, and no exponential is taken per candidate.
-ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, SupportScratch& scratch,
-                                                 SparseQueryStats& stats) {
+//
+// The steps (support.h): the bound pass and the scoring of the chosen keys run in parts (of
+// positions at fixed multiples of kBoundPart, and of kKeyPart keys), whose bits do not depend on
+// how the range is cut; the cut, which sums histograms, runs whole.
+namespace {
+
+enum SketchStep : int { kSetUp, kBounds, kCut, kScoreKeys, kSketchSteps };
+constexpr int64_t kBoundPart = 2048;  // positions per part of the bound pass
+constexpr int64_t kKeyPart = 1024;    // keys per part of the chosen keys' scoring
+
+// The parts of the bound pass over the candidates of r: [max(begin, p K), min(end, (p + 1) K)).
+int64_t first_bound_part(const Region& r) { return r.anchors_end / kBoundPart; }
+int64_t bound_parts(const Region& r) {
+  return r.candidates() <= 0 ? 0 : (r.tail_begin - 1) / kBoundPart - first_bound_part(r) + 1;
+}
+
+}  // namespace
+
+int CertifiedSupport::choice_steps() const { return chooses_from_sketches() ? kSketchSteps : 0; }
+
+int64_t CertifiedSupport::choice_units(int step, const SupportQuery& query,
+                                       const SupportScratch& scratch) const {
+  if (step == kBounds) return bound_parts(region(query));
+  if (step == kScoreKeys)
+    return (static_cast<int64_t>(scratch.items.size()) + kKeyPart - 1) / kKeyPart;
+  return 1;
+}
+
+void CertifiedSupport::run_choice_unit(int step, int64_t unit, const SupportQuery& query,
+                                       SupportScratch& scratch, SparseQueryStats& stats) {
   const int64_t group = query.group;
-  const Region r = make_region(query.position, query.model_window, spec(), block_);
-  score_fixed_part(query, r, scratch);
+  const Region r = region(query);
+  const int64_t n = std::max<int64_t>(0, r.candidates());
+  switch (step) {
+    case kSetUp:
+      score_fixed_part(query, r, scratch);
+      scratch.bounds.resize(static_cast<size_t>(n * group));  // upper bounds
+      scratch.suffix.resize(static_cast<size_t>(n * group));  // lower bounds
+      scratch.part_maxima.assign(static_cast<size_t>(bound_parts(r) * group), -INFINITY);
+      if (n > 0)
+        split_sketch_queries(query.cache.summaries(query.layer, query.kv_head), query.queries,
+                             scratch.sketch_queries);
+      return;
+    case kBounds: {
+      const int64_t part = first_bound_part(r) + unit;
+      const int64_t lo = std::max(r.anchors_end, part * kBoundPart);
+      const int64_t hi = std::min(r.tail_begin, (part + 1) * kBoundPart);
+      const size_t column = static_cast<size_t>(lo - r.anchors_end);
+      position_bounds(query.cache.summaries(query.layer, query.kv_head), block_, lo, hi - lo,
+                      scratch.sketch_queries, query.scale,
+                      std::span(scratch.bounds).subspan(column),
+                      std::span(scratch.suffix).subspan(column), n,
+                      std::span(scratch.part_maxima).subspan(static_cast<size_t>(unit * group)));
+      return;
+    }
+    case kCut:
+      choose_keys(query, scratch, stats);
+      return;
+    case kScoreKeys: {
+      const int64_t chosen = static_cast<int64_t>(scratch.items.size());
+      const int64_t first = unit * kKeyPart, count = std::min(kKeyPart, chosen - first);
+      const PositionSet keys = PositionSet::list(std::span(scratch.items).subspan(first, count));
+      if (count == chosen) {
+        query.cache.score(query.layer, query.kv_head, query.queries, keys, scratch.block_scores);
+        return;
+      }
+      thread_local std::vector<float> part;  // grown, never shrunk
+      part.resize(static_cast<size_t>(group * count));
+      query.cache.score(query.layer, query.kv_head, query.queries, keys, part);
+      for (int64_t g = 0; g < group; ++g)
+        std::copy_n(part.begin() + g * count, count,
+                    scratch.block_scores.begin() + g * chosen + first);
+      return;
+    }
+    default:
+      return;
+  }
+}
+
+ChosenSupport CertifiedSupport::finish_choice(const SupportQuery& query, SupportScratch& scratch,
+                                              SparseQueryStats& stats) {
+  if (!chooses_from_sketches()) return choose(query, scratch, stats);
+  return keep_heaviest(query, region(query), scratch.dropped, scratch, stats);
+}
+
+// After the bound pass: m_g, the buckets and the cut, the list of keys to read (scratch.items)
+// and room for their scores; scratch.dropped = Ẑ.
+void CertifiedSupport::choose_keys(const SupportQuery& query, SupportScratch& scratch,
+                                   SparseQueryStats& stats) {
+  const int64_t group = query.group;
+  const Region r = region(query);
   const double scale = query.scale;
   const int64_t n = std::max<int64_t>(0, r.candidates());
 
   std::vector<double>& upper = scratch.bounds;
   std::vector<double>& lower = scratch.suffix;
-  upper.resize(static_cast<size_t>(n * group));
-  lower.resize(static_cast<size_t>(n * group));
   std::vector<double>& m = scratch.reference;  // per query: the largest score or bound
   m.assign(static_cast<size_t>(group), -INFINITY);
-  if (n > 0)
-    position_bounds(query.cache.summaries(query.layer, query.kv_head), block_, r.anchors_end, n,
-                    query.queries, scale, upper, lower, m);
+  for (size_t p = 0; p < scratch.part_maxima.size(); p += static_cast<size_t>(group))
+    for (int64_t g = 0; g < group; ++g) m[g] = std::max(m[g], scratch.part_maxima[p + g]);
   stats.summaries_read = n;
   fold_fixed_part(group, scale, scratch);
   std::vector<double>& z = scratch.partition;  // Z_fixed, then Z_S per query
-
   // counts[k]: candidates in bucket k; below[k]: their lower masses, sum exp(-(k(w_j) + 1) h).
   // (Behind them, four interleaved histograms of each, summed into them after the pass: runs of
   // candidates in one bucket, most fall in the last, open one, would otherwise chain every update
@@ -262,10 +344,7 @@ ChosenSupport CertifiedSupport::choose_positions(const SupportQuery& query, Supp
   }
   scratch.items.resize(static_cast<size_t>(chosen));
   scratch.block_scores.resize(static_cast<size_t>(group * chosen));
-  if (chosen > 0)
-    query.cache.score(query.layer, query.kv_head, query.queries, PositionSet::list(scratch.items),
-                      scratch.block_scores);
-  return keep_heaviest(query, r, dropped, scratch, stats);
+  scratch.dropped = dropped;
 }
 
 // Every candidate scored with the cache's own scores in one pass (as dense attention scores
@@ -304,24 +383,15 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
   const int64_t group = query.group;
   const double scale = query.scale;
   const double epsilon = spec().epsilon * (1 - 1e-9);
-  const int64_t n = std::max<int64_t>(0, r.candidates());
   const int64_t chosen = static_cast<int64_t>(scratch.items.size());
   std::vector<double>& m = scratch.reference;
   std::vector<double>& z = scratch.partition;
-  scratch.selection.resize(static_cast<size_t>(group * n));
   // weights[g * chosen + c] = exp(s_cg - m_g) of the read candidates; z becomes Z_C.
   std::vector<double>& weights = scratch.suffix;
   weights.resize(static_cast<size_t>(chosen * group));
   if (chosen > 0)
     sketch_kernels::exponentials(scratch.block_scores.data(), chosen, scale, m, weights.data(),
                                  z.data());
-  if (chosen == n)  // every candidate, in order: the layouts agree, so no copy
-    scratch.selection.swap(scratch.block_scores);
-  else
-    for (int64_t g = 0; g < group; ++g)
-      for (int64_t c = 0; c < chosen; ++c)
-        scratch.selection[g * n + (scratch.items[c] - r.anchors_end)] =
-            scratch.block_scores[g * chosen + c];
   // Of the read candidates, leave out the lightest while every query keeps δ_g <= ε, with
   // δ_g = (Z_D,g + Ẑ) / (Z_C,g + Ẑ) for the left-out set D (its scores are known; the proof
   // above holds with the dropped mass Z_D,g + Z_unread,g <= Z_D,g + Ẑ): their values are not
@@ -360,14 +430,32 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
     const double out = left_out[g] + dropped;
     scratch.deltas[g] = out > 0 ? out / (z[g] + dropped) : 0.0;
   }
+  // The kept candidates, in position order (bucket[i] becomes the read index of the i-th kept,
+  // never ahead of the one read next), and their raw scores moved to the front of each row.
   int64_t kept = 0;
-  for (int64_t c = 0; c < chosen; ++c)
-    if (bucket[c] < lightest_kept || bucket[c] == kBuckets)
-      scratch.items[kept++] = scratch.items[c];
+  for (int64_t c = 0; c < chosen; ++c) {
+    const bool keep = bucket[c] < lightest_kept || bucket[c] == kBuckets;
+    scratch.items[kept] = scratch.items[c];
+    bucket[kept] = static_cast<int32_t>(c);
+    kept += keep;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scratch.block_scores.data() + g * chosen;
+    for (int64_t i = 0; i < kept; ++i) row[i] = row[bucket[i]];
+  }
   stats.selection_scores = chosen - kept;
   scratch.items.resize(static_cast<size_t>(kept));
   const PositionSet support = build_support(r, false, block_, scratch, stats.dynamic);
-  gather_support_scores(r, support, group, scratch);
+  // The support's raw scores, {group, anchors + kept + tail} in position order.
+  const int64_t anchors = r.anchors(), tail = r.tail(), size = anchors + kept + tail;
+  scratch.scores.resize(static_cast<size_t>(group * size));
+  for (int64_t g = 0; g < group; ++g) {
+    const float* fixed = scratch.fixed_scores.data() + g * (anchors + tail);
+    float* out = scratch.scores.data() + g * size;
+    out = std::copy_n(fixed, anchors, out);
+    out = std::copy_n(scratch.block_scores.data() + g * chosen, kept, out);
+    std::copy_n(fixed + anchors, tail, out);
+  }
   return {support, true};
 }
 

@@ -17,10 +17,27 @@ class CertifiedSupport final : public Support {
   ChosenSupport choose(const SupportQuery& query, SupportScratch& scratch,
                        SparseQueryStats& stats) override;
 
+  // The choice from position sketches (SelectorSpec::sketch_bits) is made in steps: set-up (the
+  // fixed part's scores, the split queries), the bound pass in parts of 2048 positions, the cut
+  // and the list of keys to read, the scores of those keys in parts of 1024; finish_choice()
+  // keeps the values the certificate needs.
+  int choice_steps() const override;
+  int64_t choice_units(int step, const SupportQuery& query,
+                       const SupportScratch& scratch) const override;
+  void run_choice_unit(int step, int64_t unit, const SupportQuery& query, SupportScratch& scratch,
+                       SparseQueryStats& stats) override;
+  ChosenSupport finish_choice(const SupportQuery& query, SupportScratch& scratch,
+                              SparseQueryStats& stats) override;
+
  private:
-  // The certified choice from position sketches (SelectorSpec::sketch_bits).
-  ChosenSupport choose_positions(const SupportQuery& query, SupportScratch& scratch,
-                                 SparseQueryStats& stats);
+  bool chooses_from_sketches() const {
+    return spec().sketch_bits > 0 && spec().rule != SelectorRule::Exact;
+  }
+  Region region(const SupportQuery& query) const {
+    return make_region(query.position, query.model_window, spec(), block_);
+  }
+  // The cut of the choice from position sketches: from the bounds, which candidates' keys to read.
+  void choose_keys(const SupportQuery& query, SupportScratch& scratch, SparseQueryStats& stats);
   // The certified choice from every candidate's score (SelectorRule::Exact).
   ChosenSupport choose_scored(const SupportQuery& query, SupportScratch& scratch,
                               SparseQueryStats& stats);
