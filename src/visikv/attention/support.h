@@ -138,8 +138,10 @@ class Support {
   // (over every candidate, or every key it reads) among the threads: the steps run one after the
   // other; step s is choice_units(s, ...) units, each writing its own part of the slot's scratch,
   // which may run in any order on any thread (a step of one unit may also fill `stats`); then
-  // finish_choice() ends the choice. Such a rule's choose() runs the same steps on one thread in
-  // order, so both give the same bits. choice_steps() == 0: choose() only.
+  // finish_choice() ends the choice. choice_units(s, ...) reads only what earlier steps wrote,
+  // and no unit of step s changes it (threads count a step's units while others run them). Such
+  // a rule's choose() runs the same steps on one thread in order, so both give the same bits.
+  // choice_steps() == 0: choose() only.
   virtual int choice_steps() const { return 0; }
   virtual int64_t choice_units(int /*step*/, const SupportQuery& /*query*/,
                                const SupportScratch& /*scratch*/) const {
