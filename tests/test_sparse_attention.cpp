@@ -915,6 +915,28 @@ TEST(SparseAttention, PositionSketchBoundsEncloseScores) {
               ASSERT_EQ(part_upper[g * count + i], upper[g * n + first + i]) << target;
               ASSERT_EQ(part_lower[g * count + i], lower[g * n + first + i]) << target;
             }
+          // Queries split once, the part written into rows of the whole range (as the certified
+          // choice's parts write them): the same bits, and nothing outside the part touched.
+          SketchQueries split;
+          split_sketch_queries(table, q, split);
+          std::vector<double> row_upper(n * group, NAN), row_lower(n * group, NAN);
+          std::vector<double> row_largest(group, -INFINITY);
+          position_bounds(table, block, first, count, split, scale,
+                          std::span(row_upper).subspan(first), std::span(row_lower).subspan(first),
+                          n, row_largest);
+          for (int64_t g = 0; g < group; ++g) {
+            ASSERT_EQ(row_largest[g], part_largest[g]) << target;
+            for (int64_t j = 0; j < n; ++j) {
+              const bool inside = j >= first && j < first + count;
+              if (inside) {
+                ASSERT_EQ(row_upper[g * n + j], upper[g * n + j]) << target;
+                ASSERT_EQ(row_lower[g * n + j], lower[g * n + j]) << target;
+              } else {
+                ASSERT_TRUE(std::isnan(row_upper[g * n + j]) && std::isnan(row_lower[g * n + j]))
+                    << target << " wrote outside its part at " << j;
+              }
+            }
+          }
         }
         try {
           make_cache({1, 1, 15}, "f32", "f32", 8, 8)->set_position_sketches(8);
