@@ -406,7 +406,8 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
       return split(n) ? part_count(n) : 1;
     };
     // A rule that chooses in steps (Support::choice_steps) has each step's units of every slot
-    // shared among the threads, so that one slot's long passes do not hold up the others.
+    // shared among the threads, so that one slot's long passes do not hold up the others; any
+    // other rule has no steps, and finish_choice() is its whole choice.
     const int steps = support.choice_steps();
     std::vector<SparseQueryStats>& item_stats = kept.item_stats;
     item_stats.assign(static_cast<size_t>(items), SparseQueryStats{});
@@ -414,33 +415,28 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
     {
       std::vector<float> logits;
       thread_local std::vector<float> part_scores;
-      if (steps == 0) {
+      thread_local std::vector<int64_t> units_before;  // {items + 1}: units of earlier slots
+      units_before.resize(static_cast<size_t>(items + 1));
+      for (int step = 0; step < steps; ++step) {
+        // Each thread counts the units itself (from what earlier steps wrote): no serial part.
+        units_before[0] = 0;
+        for (int64_t i = 0; i < items; ++i)
+          units_before[i + 1] =
+              units_before[i] + support.choice_units(step, query_of(item_of(i)), item_scratch[i]);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < items; ++i) chosen[i] = choose(item_of(i), item_scratch[i]);
-      } else {
-        thread_local std::vector<int64_t> units_before;  // {items + 1}: units of earlier slots
-        units_before.resize(static_cast<size_t>(items + 1));
-        for (int step = 0; step < steps; ++step) {
-          // Each thread counts the units itself (from what earlier steps wrote): no serial part.
-          units_before[0] = 0;
-          for (int64_t i = 0; i < items; ++i)
-            units_before[i + 1] =
-                units_before[i] + support.choice_units(step, query_of(item_of(i)), item_scratch[i]);
-#pragma omp for schedule(dynamic, 1)
-          for (int64_t u = 0; u < units_before[items]; ++u) {
-            const int64_t i = std::upper_bound(units_before.begin(), units_before.end(), u) -
-                              units_before.begin() - 1;
-            support.run_choice_unit(step, u - units_before[i], query_of(item_of(i)),
-                                    item_scratch[i], item_stats[i]);
-          }
+        for (int64_t u = 0; u < units_before[items]; ++u) {
+          const int64_t i = std::upper_bound(units_before.begin(), units_before.end(), u) -
+                            units_before.begin() - 1;
+          support.run_choice_unit(step, u - units_before[i], query_of(item_of(i)), item_scratch[i],
+                                  item_stats[i]);
         }
+      }
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t i = 0; i < items; ++i) {
-          const Item item = item_of(i);
-          item_scratch[i].deltas.assign(static_cast<size_t>(slot_group), NAN);
-          chosen[i] = support.finish_choice(query_of(item), item_scratch[i], item_stats[i]);
-          record(item, *chosen[i], item_stats[i], item_scratch[i]);
-        }
+      for (int64_t i = 0; i < items; ++i) {
+        const Item item = item_of(i);
+        item_scratch[i].deltas.assign(static_cast<size_t>(slot_group), NAN);
+        chosen[i] = support.finish_choice(query_of(item), item_scratch[i], item_stats[i]);
+        record(item, *chosen[i], item_stats[i], item_scratch[i]);
       }
       // Unit u is part u % max_parts of slot u / max_parts; slots with fewer parts skip the rest.
 #pragma omp for schedule(dynamic, 1)

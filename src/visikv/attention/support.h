@@ -141,7 +141,7 @@ class Support {
   // finish_choice() ends the choice. choice_units(s, ...) reads only what earlier steps wrote,
   // and no unit of step s changes it (threads count a step's units while others run them). Such
   // a rule's choose() runs the same steps on one thread in order, so both give the same bits.
-  // choice_steps() == 0: choose() only.
+  // With no steps (choice_steps() == 0), finish_choice() is the whole choice: choose().
   virtual int choice_steps() const { return 0; }
   virtual int64_t choice_units(int /*step*/, const SupportQuery& /*query*/,
                                const SupportScratch& /*scratch*/) const {

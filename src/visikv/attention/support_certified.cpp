@@ -431,17 +431,13 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
     scratch.deltas[g] = out > 0 ? out / (z[g] + dropped) : 0.0;
   }
   // The kept candidates, in position order (bucket[i] becomes the read index of the i-th kept,
-  // never ahead of the one read next), and their raw scores moved to the front of each row.
+  // never ahead of the one read next).
   int64_t kept = 0;
   for (int64_t c = 0; c < chosen; ++c) {
     const bool keep = bucket[c] < lightest_kept || bucket[c] == kBuckets;
     scratch.items[kept] = scratch.items[c];
     bucket[kept] = static_cast<int32_t>(c);
     kept += keep;
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    float* row = scratch.block_scores.data() + g * chosen;
-    for (int64_t i = 0; i < kept; ++i) row[i] = row[bucket[i]];
   }
   stats.selection_scores = chosen - kept;
   scratch.items.resize(static_cast<size_t>(kept));
@@ -451,10 +447,10 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
   scratch.scores.resize(static_cast<size_t>(group * size));
   for (int64_t g = 0; g < group; ++g) {
     const float* fixed = scratch.fixed_scores.data() + g * (anchors + tail);
-    float* out = scratch.scores.data() + g * size;
-    out = std::copy_n(fixed, anchors, out);
-    out = std::copy_n(scratch.block_scores.data() + g * chosen, kept, out);
-    std::copy_n(fixed + anchors, tail, out);
+    const float* read = scratch.block_scores.data() + g * chosen;
+    float* out = std::copy_n(fixed, anchors, scratch.scores.data() + g * size);
+    for (int64_t i = 0; i < kept; ++i) out[i] = read[bucket[i]];
+    std::copy_n(fixed + anchors, tail, out + kept);
   }
   return {support, true};
 }
