@@ -182,7 +182,7 @@ INSTANTIATE_TEST_SUITE_P(
                       // The choice made in steps, the bound pass and the
                       // read keys' scores in parts shared by the threads.
                       LongCase{"f16", "f16", "certified:a1:w64:eps0.01:p8", 0},
-                      LongCase{"f32", "f32", "certified:a1:w64:eps0.05:p6:gqa=head", 0}));
+                      LongCase{"f32", "f32", "certified:a1:w64:eps0.01:p6:gqa=head", 0}));
 
 // Dense prefill reads the cache in tiles of tokens (attention.cpp, attend_tile): every token's
 // output must still be the bits of decoding that token alone, for every codec family (float

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "visikv/attention/sketch_kernels.h"
@@ -73,36 +74,54 @@ HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, i
   const hn::Rebind<int32_t, decltype(df)> di32;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
   const int64_t group = static_cast<int64_t>(queries.size());
-  // Per position: offset, step, error and the block's key norm, as float64 (a partial run of
-  // lanes reads from copies, never past the table).
+  // Per position: offset, step, error and the block's key norm, as float64 (a partial tile reads
+  // them through copies, never past the table).
+  const bool whole = lo == 0 && hi == kSketchTile;
   HWY_ALIGN float offsets[kSketchTile], steps[kSketchTile], errors[kSketchTile], norms[kSketchTile];
-  if (lo == 0 && hi == kSketchTile) {
-    std::copy_n(table.sketch_offsets.data() + tile_first, kSketchTile, offsets);
-    std::copy_n(table.sketch_steps.data() + tile_first, kSketchTile, steps);
-    std::copy_n(table.sketch_errors.data() + tile_first, kSketchTile, errors);
-  } else {
+  const float* offsets_in = table.sketch_offsets.data() + tile_first;
+  const float* steps_in = table.sketch_steps.data() + tile_first;
+  const float* errors_in = table.sketch_errors.data() + tile_first;
+  if (!whole) {
     for (int64_t l = 0; l < kSketchTile; ++l) {
       const int64_t j = tile_first + std::clamp(l, lo, hi - 1);
       offsets[l] = table.sketch_offsets[j];
       steps[l] = table.sketch_steps[j];
       errors[l] = table.sketch_errors[j];
     }
+    offsets_in = offsets;
+    steps_in = steps;
+    errors_in = errors;
   }
-  // The blocks' largest key norms: one division per tile, not per position.
-  int64_t block = (tile_first + lo) / block_size, block_end = (block + 1) * block_size;
-  for (int64_t l = 0; l < kSketchTile; ++l) {
-    const int64_t j = tile_first + std::clamp(l, lo, hi - 1);
-    if (j >= block_end) {
-      ++block;
-      block_end += block_size;
+  // The blocks' largest key norms: one per tile when the tile lies in one block (the usual case,
+  // blocks of a multiple of kSketchTile positions), else one division per tile, not per position.
+  const int64_t block_of_lo = (tile_first + lo) / block_size;
+  if (block_of_lo == (tile_first + hi - 1) / block_size) {
+    std::fill_n(norms, kSketchTile, table.norms[block_of_lo]);
+  } else {
+    int64_t block = block_of_lo, block_end = (block + 1) * block_size;
+    for (int64_t l = 0; l < kSketchTile; ++l) {
+      const int64_t j = tile_first + std::clamp(l, lo, hi - 1);
+      if (j >= block_end) {
+        ++block;
+        block_end += block_size;
+      }
+      norms[l] = table.norms[block];
     }
-    norms[l] = table.norms[block];
+  }
+  // The same numbers as float64 (exact), converted once for every query.
+  HWY_ALIGN double offsets64[kSketchTile], steps64[kSketchTile], errors64[kSketchTile],
+      norms64[kSketchTile];
+  for (int64_t l = 0; l < kSketchTile; l += lanes) {
+    hn::Store(hn::PromoteTo(df, hn::LoadU(df32, offsets_in + l)), df, offsets64 + l);
+    hn::Store(hn::PromoteTo(df, hn::LoadU(df32, steps_in + l)), df, steps64 + l);
+    hn::Store(hn::PromoteTo(df, hn::LoadU(df32, errors_in + l)), df, errors64 + l);
+    hn::Store(hn::PromoteTo(df, hn::Load(df32, norms + l)), df, norms64 + l);
   }
   HWY_ALIGN double high[kSketchTile], low[kSketchTile];
   // The largest upper bound: over whole vectors in a whole tile; a partial tile's lanes outside
   // [lo, hi) pair another position's products with clamped sketch numbers, so there its maximum
-  // is taken over [lo, hi) alone (the vector one is computed all the same, and discarded).
-  const bool whole = lo == 0 && hi == kSketchTile;
+  // is taken over [lo, hi) alone (the vector one is computed all the same, and discarded). A
+  // whole tile's bounds go straight into their rows; a partial tile's through high and low.
   for (int64_t g = 0; g < group; ++g) {
     auto top = hn::Set(df, largest[g]);
     const SplitQuery& q = queries[g];
@@ -110,11 +129,11 @@ HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, i
     const auto error_weight = hn::Set(df, q.error_weight),
                shared_weight = hn::Set(df, q.shared_weight),
                norm_weight = hn::Set(df, q.norm_weight);
+    double* up_row = whole ? upper + g * stride + (tile_first - column0) : high;
+    double* low_row = whole ? lower + g * stride + (tile_first - column0) : low;
     for (int64_t l = 0; l < kSketchTile; l += lanes) {
-      const auto offset = hn::PromoteTo(df, hn::Load(df32, offsets + l));
-      const auto step = hn::PromoteTo(df, hn::Load(df32, steps + l));
-      const auto error = hn::PromoteTo(df, hn::Load(df32, errors + l));
-      const auto norm = hn::PromoteTo(df, hn::Load(df32, norms + l));
+      const auto offset = hn::Load(df, offsets64 + l), step = hn::Load(df, steps64 + l);
+      const auto error = hn::Load(df, errors64 + l), norm = hn::Load(df, norms64 + l);
       const auto dot = hn::PromoteTo(df, hn::LoadU(di32, dots + g * kSketchTile + l));
       const auto centre = hn::Mul(qstep, hn::MulAdd(offset, sum, hn::Mul(step, dot)));
       const auto width =
@@ -122,13 +141,16 @@ HWY_INLINE void TileBounds(const BlockSummaryTable& table, int64_t block_size, i
                      hn::MulAdd(shared_weight, hn::Add(norm, error), hn::Mul(norm_weight, norm)));
       const auto up = hn::Mul(s, hn::Add(centre, width));
       top = hn::Max(top, up);  // the same code for every tile: the bounds' bits must not differ
-      hn::Store(up, df, high + l);
-      hn::Store(hn::Mul(s, hn::Sub(centre, width)), df, low + l);
+      hn::StoreU(up, df, up_row + l);
+      hn::StoreU(hn::Mul(s, hn::Sub(centre, width)), df, low_row + l);
     }
-    largest[g] = whole ? hn::GetLane(hn::MaxOfLanes(df, top))
-                       : std::max(largest[g], *std::max_element(high + lo, high + hi));
-    std::copy(high + lo, high + hi, upper + g * stride + (tile_first + lo - column0));
-    std::copy(low + lo, low + hi, lower + g * stride + (tile_first + lo - column0));
+    if (whole) {
+      largest[g] = hn::GetLane(hn::MaxOfLanes(df, top));
+    } else {
+      largest[g] = std::max(largest[g], *std::max_element(high + lo, high + hi));
+      std::copy(high + lo, high + hi, upper + g * stride + (tile_first + lo - column0));
+      std::copy(low + lo, low + hi, lower + g * stride + (tile_first + lo - column0));
+    }
   }
 }
 
@@ -195,7 +217,7 @@ HWY_INLINE void ColumnsInto(const double* rows, int64_t count, int64_t group, co
 
 void Buckets(const double* upper, const double* lower, int64_t count,
              std::span<const double> reference, double buckets_per_nat, int32_t last, int32_t* high,
-             int32_t* low) {
+             int32_t* low, int16_t* query_high, int16_t* query_low) {
   const hn::ScalableTag<double> df;
   const hn::Rebind<int32_t, decltype(df)> di32;
   const int64_t group = static_cast<int64_t>(reference.size());
@@ -213,6 +235,24 @@ void Buckets(const double* upper, const double* lower, int64_t count,
               high);
   ColumnsInto(lower, count, group, extreme([](auto a, auto b) HWY_ATTR { return hn::Min(a, b); }),
               low);
+  // Each query's own buckets, the same arithmetic lane by lane (the last few in scalar code).
+  const hn::Rebind<int16_t, decltype(df)> di16;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
+  for (int64_t g = 0; g < group; ++g) {
+    const auto m = hn::Set(df, reference[g]);
+    for (auto [rows, out] : {std::pair{upper, query_high}, std::pair{lower, query_low}}) {
+      const double* row = rows + g * count;
+      int16_t* into = out + g * count;
+      int64_t c = 0;
+      for (; c + lanes <= count; c += lanes)
+        hn::StoreU(hn::DemoteTo(di16, hn::DemoteTo(di32, Bucket(hn::Sub(hn::LoadU(df, row + c), m),
+                                                                per_nat, top))),
+                   di16, into + c);
+      for (; c < count; ++c)
+        into[c] = static_cast<int16_t>(
+            std::min((row[c] - reference[g]) * -buckets_per_nat, static_cast<double>(last)));
+    }
+  }
 }
 
 // exp(x) for x <= 0; below -745 (where exp is 0 in float64) Highway's polynomial is not defined,
@@ -309,8 +349,9 @@ void bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, i
 
 void buckets(const double* upper, const double* lower, int64_t count,
              std::span<const double> reference, double buckets_per_nat, int32_t last, int32_t* high,
-             int32_t* low) {
-  HWY_DYNAMIC_DISPATCH(Buckets)(upper, lower, count, reference, buckets_per_nat, last, high, low);
+             int32_t* low, int16_t* query_high, int16_t* query_low) {
+  HWY_DYNAMIC_DISPATCH(Buckets)
+  (upper, lower, count, reference, buckets_per_nat, last, high, low, query_high, query_low);
 }
 
 }  // namespace visikv::sketch_kernels

@@ -5,7 +5,7 @@
 //     scaled score lies in, from its sketch (exact 16 x 8-bit integer products on tiles of
 //     kSketchTile positions, kv/cache.h, then the float64 centre and width of block_bounds.cpp);
 //   - buckets: each position's bucket of its largest upper bound and of its smallest lower bound
-//     over the queries, relative to each query's reference score.
+//     over the queries, and of each query's own bounds, relative to each query's reference score.
 #pragma once
 
 #include <cstdint>
@@ -37,11 +37,13 @@ void bounds(const BlockSummaryTable& table, int64_t block_size, int64_t first, i
             int64_t stride, double* largest);
 
 // For each position i < count: high[i] = bucket of max_g (upper[g * count + i] - reference[g]),
-// low[i] = bucket of min_g (lower[g * count + i] - reference[g]), where bucket(v) =
-// min(trunc(-v · buckets_per_nat), last) for v <= 0 (every reference is at least its bounds).
+// low[i] = bucket of min_g (lower[g * count + i] - reference[g]), and each query's own,
+// query_high[g * count + i] = bucket of upper[g * count + i] - reference[g] and query_low the same
+// of lower, where bucket(v) = min(trunc(-v · buckets_per_nat), last) for v <= 0 (every reference
+// is at least its bounds); last < 2^15.
 void buckets(const double* upper, const double* lower, int64_t count,
              std::span<const double> reference, double buckets_per_nat, int32_t last, int32_t* high,
-             int32_t* low);
+             int32_t* low, int16_t* query_high, int16_t* query_low);
 
 // For each query g of reference ({group}): weights[g * count + c] = exp(float(raw[g * count + c]
 // · scale) - reference[g]) (the read candidates' scores, scaled as the attention scales them,

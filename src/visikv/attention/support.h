@@ -91,9 +91,10 @@ struct SupportScratch {
   std::vector<double> deltas;        // {group}: certified's delta per query, NaN otherwise
   std::vector<double> left_out;      // {group}: mass of the read keys left out, position sketches
   std::vector<int32_t> low_buckets;  // {candidates}: buckets of the lower bounds, position sketches
-  SketchQueries sketch_queries;      // the queries split for the position bounds
-  std::vector<double> part_maxima;   // {parts, group}: largest upper bound per part of a pass
-  double dropped = 0;                // position sketches: the bound on the unread candidates' mass
+  std::vector<int16_t> query_buckets;  // {2, group, candidates}: each query's buckets, sketches
+  SketchQueries sketch_queries;        // the queries split for the position bounds
+  std::vector<double> part_maxima;     // {parts, group}: largest upper bound per part of a pass
+  std::vector<double> dropped;  // {group}: the bound on the unread candidates' mass, certified
 };
 
 // What a Support hands the attention body.

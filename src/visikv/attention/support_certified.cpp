@@ -133,9 +133,9 @@ namespace {
 // Position-bound buckets: width 1/8 nat below the largest bound, the last one open below.
 constexpr double kBucketWidth = 0.125;
 constexpr int64_t kBuckets = 320;
-// The share of ε the unread candidates may take (their bound); the rest is left for read keys
-// whose values are then not read (the lightest of them).
-constexpr double kKeyShare = 0.5;
+// The share of ε the unread candidates may take in the pooled cut (support_certified.cpp, the
+// choice from position sketches), which bounds where the per-query cut is searched.
+constexpr double kPooledShare = 0.5;
 
 // exp(-k h) (an upper bound on exp(v) in bucket k) and exp(-(k + 1) h) (a lower bound; 0 for the
 // open last bucket), each nudged outward past its own rounding.
@@ -178,13 +178,22 @@ void fold_fixed_part(int64_t group, double scale, SupportScratch& scratch) {
 // score (position_bounds). The claim and proof above hold with singleton "blocks":
 // δ_g = Ẑ_g / (Z_S,g + Ẑ_g) for any Ẑ_g >= sum over unread candidates of exp(s_jg - m_g).
 //
-// With v_j = max_g (u_jg - m_g) and w_j = min_g (l_jg - m_g), candidate j falls in bucket
-// k(v_j) (width h below 0), and the choice reads every candidate of the buckets above a cut:
-//   Ẑ(cut) = sum_{k >= cut} count_k exp(-k h) >= sum_{unread} exp(v_j) >= Ẑ_g, and
-//   Zlow_g(cut) = Z_fixed,g + sum_{j read} exp(-(k(w_j) + 1) h) <= Z_S,g.
-// The cut is the first at which Ẑ <= ε (Zlow_g + Ẑ) for every query g, which proves
-// δ_g <= Ẑ / (Z_S,g + Ẑ) <= ε before any key is read; δ_g is reported with the exact Z_S,g of
-// the support. Histograms replace sorting, and no exponential is taken per candidate.
+// With v_j = max_g (u_jg - m_g) and w_j = min_g (l_jg - m_g), candidate j falls in the pooled
+// bucket k(v_j) (width h below 0), and the choice reads every candidate of the buckets above a
+// cut (one list for all queries of the slot). First the pooled cut c0, with half of ε:
+//   Ẑ(c) = sum_{k >= c} count_k exp(-k h) >= sum_{unread} exp(v_j) >= Ẑ_g, and
+//   Zlow(c) = Z_fixed,g + sum_{j read} exp(-(k(w_j) + 1) h) <= Z_S,g,
+// the first c with Ẑ <= ε/2 (Zlow + Ẑ) for every g. Then each query's own masses, for the
+// candidates above c0 only (the rest stay in Ẑ(c0)): for c <= c0,
+//   Ẑ_g(c) = Ẑ(c0) + sum_{j: c <= k(v_j) < c0} exp(-k(u_jg - m_g) h) >= sum_{unread} exp(s_jg -
+//   m_g), Zlow_g(c) = Z_fixed,g + sum_{j: k(v_j) < c} exp(-(k(l_jg - m_g) + 1) h) <= Z_S,g,
+// and the cut is the first c at which Ẑ_g(c) <= ε (Zlow_g(c) + Ẑ_g(c)) for every g (c0 always
+// qualifies: Ẑ_g(c0) <= Ẑ(c0) and Zlow_g(c0) >= Zlow(c0)). That proves δ_g <= ε before any key is
+// read; δ_g is reported with the exact Z_S,g of the support. Each query's own bounds matter
+// because the queries of a KV head look at different keys: a key one query needs is far below
+// the others' maxima, so the pooled v_j and w_j overstate the unread mass and understate the read
+// mass (at 8K on the default model the per-query cut reads 40% fewer keys for the same values).
+// Histograms replace sorting, and no exponential is taken per candidate.
 //
 // The steps (support.h): the bound pass and the scoring of the chosen keys run in parts (of
 // positions at fixed multiples of kBoundPart, and of kKeyPart keys), whose bits do not depend on
@@ -287,32 +296,37 @@ void CertifiedSupport::choose_keys(const SupportQuery& query, SupportScratch& sc
     for (int64_t g = 0; g < group; ++g) m[g] = std::max(m[g], scratch.part_maxima[p + g]);
   stats.summaries_read = n;
   fold_fixed_part(group, scale, scratch);
-  std::vector<double>& z = scratch.partition;  // Z_fixed, then Z_S per query
-  // counts[k]: candidates in bucket k; below[k]: their lower masses, sum exp(-(k(w_j) + 1) h).
-  // (Behind them, four interleaved histograms of each, summed into them after the pass: runs of
-  // candidates in one bucket, most fall in the last, open one, would otherwise chain every update
-  // on the one before through memory.)
+  const std::vector<double>& z = scratch.partition;  // Z_fixed per query
+  // counts[k]: candidates in pooled bucket k(v_j); below[k]: their pooled lower masses,
+  // sum exp(-(k(w_j) + 1) h). (Behind them, four interleaved histograms of each, summed into them
+  // after the pass: runs of candidates in one bucket, most fall in the last, open one, would
+  // otherwise chain every update on the one before through memory.)
   std::vector<double>& counts = scratch.ranking;
   counts.assign(10 * kBuckets, 0.0);
   double* below = counts.data() + kBuckets;
-  scratch.order.resize(static_cast<size_t>(n));  // the bucket of each candidate
-  std::vector<int32_t>& low_bucket = scratch.low_buckets;
+  std::vector<int32_t>& pooled = scratch.order;  // k(v_j) of each candidate
+  pooled.resize(static_cast<size_t>(n));
+  std::vector<int32_t>& low_bucket = scratch.low_buckets;  // k(w_j)
   low_bucket.resize(static_cast<size_t>(n));
+  std::vector<int16_t>& own = scratch.query_buckets;  // {2, group, n}: k(u_jg - m_g), k(l_jg - m_g)
+  own.resize(static_cast<size_t>(2 * group * n));
+  const int16_t* own_upper = own.data();
+  const int16_t* own_lower = own.data() + group * n;
   if (n > 0)
     sketch_kernels::buckets(upper.data(), lower.data(), n, m, 1 / kBucketWidth, kBuckets - 1,
-                            scratch.order.data(), low_bucket.data());
+                            pooled.data(), low_bucket.data(), own.data(), own.data() + group * n);
   {
     double* c4 = counts.data() + 2 * kBuckets;
     double* b4 = c4 + 4 * kBuckets;
     int64_t i = 0;
     for (; i + 4 <= n; i += 4)
       for (int64_t l = 0; l < 4; ++l) {
-        const int32_t k = scratch.order[i + l];
+        const int32_t k = pooled[i + l];
         c4[l * kBuckets + k] += 1;
         b4[l * kBuckets + k] += kBucketExps.floor[low_bucket[i + l]];
       }
     for (; i < n; ++i) {
-      const int32_t k = scratch.order[i];
+      const int32_t k = pooled[i];
       c4[k] += 1;
       b4[k] += kBucketExps.floor[low_bucket[i]];
     }
@@ -321,30 +335,79 @@ void CertifiedSupport::choose_keys(const SupportQuery& query, SupportScratch& sc
       below[k] = (b4[k] + b4[kBuckets + k]) + (b4[2 * kBuckets + k] + b4[3 * kBuckets + k]);
     }
   }
+  const double epsilon = spec().epsilon * (1 - 1e-9);
+
+  // The pooled cut, with half of ε: Zlow_g differs between queries only by Z_fixed,g there.
   double dropped = 0;
   for (int64_t k = 0; k < kBuckets; ++k) dropped += counts[k] * kBucketExps.ceiling[k];
-  // Zlow_g differs between queries only by Z_fixed,g: the pooled lower masses are common.
-  const double epsilon = spec().epsilon * (1 - 1e-9);
   const double least_fixed = *std::min_element(z.begin(), z.end());
   double read_low = 0;
-  int64_t cut = 0;
-  for (; cut < kBuckets; ++cut) {
-    if (dropped <= kKeyShare * epsilon * (least_fixed + read_low + dropped)) break;
-    dropped = cut + 1 < kBuckets ? dropped - counts[cut] * kBucketExps.ceiling[cut] : 0.0;
-    read_low += below[cut];
+  int64_t pooled_cut = 0;
+  for (; pooled_cut < kBuckets; ++pooled_cut) {
+    if (dropped <= kPooledShare * epsilon * (least_fixed + read_low + dropped)) break;
+    dropped = pooled_cut + 1 < kBuckets
+                  ? dropped - counts[pooled_cut] * kBucketExps.ceiling[pooled_cut]
+                  : 0.0;
+    read_low += below[pooled_cut];
   }
   if (dropped < 0) dropped = 0;  // float64 cancellation in the running difference
 
-  // Read the chosen candidates' keys (their scores serve the attention).
-  scratch.items.resize(static_cast<size_t>(n));
-  int64_t chosen = 0;
-  for (int64_t i = 0; i < n; ++i) {  // without a branch: most candidates are not read
-    scratch.items[chosen] = static_cast<int32_t>(r.anchors_end + i);
-    chosen += scratch.order[i] < cut;
+  // Its candidates (without a branch: most candidates are not read).
+  std::vector<int32_t>& listed = scratch.items;  // candidate indices, then positions
+  listed.resize(static_cast<size_t>(n));
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    listed[count] = static_cast<int32_t>(i);
+    count += pooled[i] < pooled_cut;
   }
-  scratch.items.resize(static_cast<size_t>(chosen));
+
+  // Per query, over the pooled cut's candidates (the rest stay in the pooled Ẑ): above[g][k] and
+  // beneath[g][k], their upper and lower masses for query g in pooled bucket k.
+  const int64_t cuts = pooled_cut;
+  std::vector<double>& masses = scratch.left_out;  // {2, group, cuts}
+  masses.assign(static_cast<size_t>(2 * group * cuts), 0.0);
+  double* above = masses.data();
+  double* beneath = masses.data() + group * cuts;
+  for (int64_t c = 0; c < count; ++c) {
+    const int32_t i = listed[c], k = pooled[i];
+    for (int64_t g = 0; g < group; ++g) {
+      above[g * cuts + k] += kBucketExps.ceiling[own_upper[g * n + i]];
+      beneath[g * cuts + k] += kBucketExps.floor[own_lower[g * n + i]];
+    }
+  }
+  // Ẑ_g(cut) = Ẑ + sum_{cut <= k < pooled cut} above[g][k], as suffix sums in place (from the
+  // smallest terms, no cancellation). The cut is the first at which every query's certificate
+  // holds with the whole of ε; the pooled cut itself qualifies (there Ẑ_g <= Ẑ, Zlow_g >= Zlow,
+  // and half of ε sufficed).
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t k = cuts - 1; k >= 0; --k)
+      above[g * cuts + k] += k + 1 < cuts ? above[g * cuts + k + 1] : dropped;
+  const auto unread = [&](int64_t g, int64_t at) {
+    return at < cuts ? above[g * cuts + at] : dropped;
+  };
+  std::vector<double>& low = scratch.deltas;  // {group}: Zlow_g at the cut (until keep_heaviest)
+  low.assign(z.begin(), z.end());
+  const auto holds = [&](int64_t at) {
+    for (int64_t g = 0; g < group; ++g)
+      if (unread(g, at) > epsilon * (low[g] + unread(g, at))) return false;
+    return true;
+  };
+  int64_t cut = 0;
+  for (; cut < cuts && !holds(cut); ++cut)
+    for (int64_t g = 0; g < group; ++g) low[g] += beneath[g * cuts + cut];
+  std::vector<double>& unread_mass = scratch.dropped;  // {group}: Ẑ_g at the cut
+  unread_mass.resize(static_cast<size_t>(group));
+  for (int64_t g = 0; g < group; ++g) unread_mass[g] = unread(g, cut);
+
+  // Read the chosen candidates' keys (their scores serve the attention).
+  int64_t chosen = 0;
+  for (int64_t c = 0; c < count; ++c) {
+    const int32_t i = listed[c];
+    listed[chosen] = static_cast<int32_t>(r.anchors_end + i);
+    chosen += pooled[i] < cut;
+  }
+  listed.resize(static_cast<size_t>(chosen));
   scratch.block_scores.resize(static_cast<size_t>(group * chosen));
-  scratch.dropped = dropped;
 }
 
 // Every candidate scored with the cache's own scores in one pass (as dense attention scores
@@ -371,15 +434,16 @@ ChosenSupport CertifiedSupport::choose_scored(const SupportQuery& query, Support
     m[g] = scaled_score(*std::max_element(raw, raw + n), query.scale);
   }
   fold_fixed_part(group, query.scale, scratch);
-  return keep_heaviest(query, r, 0.0, scratch, stats);
+  scratch.dropped.assign(static_cast<size_t>(group), 0.0);
+  return keep_heaviest(query, r, scratch.dropped, scratch, stats);
 }
 
 // The read candidates are scratch.items, their raw scores scratch.block_scores ({group, chosen});
 // scratch.reference holds m_g (no scaled score of a read key above it), scratch.partition
-// Z_fixed,g, and `dropped` is Ẑ, the bound on the unread candidates' mass.
+// Z_fixed,g, and dropped[g] is Ẑ_g, the bound on the unread candidates' mass for query g.
 ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const Region& r,
-                                              double dropped, SupportScratch& scratch,
-                                              SparseQueryStats& stats) {
+                                              std::span<const double> dropped,
+                                              SupportScratch& scratch, SparseQueryStats& stats) {
   const int64_t group = query.group;
   const double scale = query.scale;
   const double epsilon = spec().epsilon * (1 - 1e-9);
@@ -393,12 +457,12 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
     sketch_kernels::exponentials(scratch.block_scores.data(), chosen, scale, m, weights.data(),
                                  z.data());
   // Of the read candidates, leave out the lightest while every query keeps δ_g <= ε, with
-  // δ_g = (Z_D,g + Ẑ) / (Z_C,g + Ẑ) for the left-out set D (its scores are known; the proof
-  // above holds with the dropped mass Z_D,g + Z_unread,g <= Z_D,g + Ẑ): their values are not
-  // read. The budget per query is ε (Z_C,g + Ẑ) - Ẑ >= 0 (the cut ensured it).
+  // δ_g = (Z_D,g + Ẑ_g) / (Z_C,g + Ẑ_g) for the left-out set D (its scores are known; the proof
+  // above holds with the dropped mass Z_D,g + Z_unread,g <= Z_D,g + Ẑ_g): their values are not
+  // read. The budget per query is ε (Z_C,g + Ẑ_g) - Ẑ_g >= 0 (the cut ensured it).
   std::vector<double>& budget = scratch.deltas;
   budget.resize(static_cast<size_t>(group));
-  for (int64_t g = 0; g < group; ++g) budget[g] = epsilon * (z[g] + dropped) - dropped;
+  for (int64_t g = 0; g < group; ++g) budget[g] = epsilon * (z[g] + dropped[g]) - dropped[g];
   // Lightest first, by buckets of the pooled share of the budget, share_c = max_g weight / budget
   // (1/8-nat steps of log share below 1, no sort): whole buckets are left out, from the lightest
   // up, while every query's left-out mass fits its budget.
@@ -427,8 +491,8 @@ ChosenSupport CertifiedSupport::keep_heaviest(const SupportQuery& query, const R
     lightest_kept = k;
   }
   for (int64_t g = 0; g < group; ++g) {
-    const double out = left_out[g] + dropped;
-    scratch.deltas[g] = out > 0 ? out / (z[g] + dropped) : 0.0;
+    const double out = left_out[g] + dropped[g];
+    scratch.deltas[g] = out > 0 ? out / (z[g] + dropped[g]) : 0.0;
   }
   // The kept candidates, in position order (bucket[i] becomes the read index of the i-th kept,
   // never ahead of the one read next).

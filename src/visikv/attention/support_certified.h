@@ -42,8 +42,9 @@ class CertifiedSupport final : public Support {
   ChosenSupport choose_scored(const SupportQuery& query, SupportScratch& scratch,
                               SparseQueryStats& stats);
   // The common end of both: of the candidates read, the values the certificate needs.
-  ChosenSupport keep_heaviest(const SupportQuery& query, const Region& r, double dropped,
-                              SupportScratch& scratch, SparseQueryStats& stats);
+  ChosenSupport keep_heaviest(const SupportQuery& query, const Region& r,
+                              std::span<const double> dropped, SupportScratch& scratch,
+                              SparseQueryStats& stats);
 
   int64_t block_ = 1;  // the cache's summary block size
 };
