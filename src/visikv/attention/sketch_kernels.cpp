@@ -14,7 +14,6 @@
 #include <cstdint>
 #include <cstring>
 #include <span>
-#include <utility>
 #include <vector>
 
 #include "visikv/attention/sketch_kernels.h"
@@ -220,37 +219,44 @@ void Buckets(const double* upper, const double* lower, int64_t count,
              int32_t* low, int16_t* query_high, int16_t* query_low) {
   const hn::ScalableTag<double> df;
   const hn::Rebind<int32_t, decltype(df)> di32;
-  const int64_t group = static_cast<int64_t>(reference.size());
-  const auto per_nat = hn::Set(df, -buckets_per_nat), top = hn::Set(df, static_cast<double>(last));
-  // max_g (upper_g - m_g) and min_g (lower_g - m_g) of a block of columns, bucketed.
-  const auto extreme = [&](auto pick) HWY_ATTR {
-    return [&, pick](const double* p, int64_t stride) HWY_ATTR {
-      auto v = hn::Sub(hn::LoadU(df, p), hn::Set(df, reference[0]));
-      for (int64_t g = 1; g < group; ++g)
-        v = pick(v, hn::Sub(hn::LoadU(df, p + g * stride), hn::Set(df, reference[g])));
-      return hn::DemoteTo(di32, Bucket(v, per_nat, top));
-    };
-  };
-  ColumnsInto(upper, count, group, extreme([](auto a, auto b) HWY_ATTR { return hn::Max(a, b); }),
-              high);
-  ColumnsInto(lower, count, group, extreme([](auto a, auto b) HWY_ATTR { return hn::Min(a, b); }),
-              low);
-  // Each query's own buckets, the same arithmetic lane by lane (the last few in scalar code).
   const hn::Rebind<int16_t, decltype(df)> di16;
+  const int64_t group = static_cast<int64_t>(reference.size());
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(df));
-  for (int64_t g = 0; g < group; ++g) {
-    const auto m = hn::Set(df, reference[g]);
-    for (auto [rows, out] : {std::pair{upper, query_high}, std::pair{lower, query_low}}) {
-      const double* row = rows + g * count;
-      int16_t* into = out + g * count;
-      int64_t c = 0;
-      for (; c + lanes <= count; c += lanes)
-        hn::StoreU(hn::DemoteTo(di16, hn::DemoteTo(di32, Bucket(hn::Sub(hn::LoadU(df, row + c), m),
-                                                                per_nat, top))),
-                   di16, into + c);
-      for (; c < count; ++c)
-        into[c] = static_cast<int16_t>(
-            std::min((row[c] - reference[g]) * -buckets_per_nat, static_cast<double>(last)));
+  const auto per_nat = hn::Set(df, -buckets_per_nat), top = hn::Set(df, static_cast<double>(last));
+  // Each query's own buckets, in one pass; the pooled ones follow from them, since a bucket falls
+  // as its value rises (every step rounds monotonically): the bucket of max_g (upper_g - m_g) is
+  // the least of the queries' buckets, that of min_g (lower_g - m_g) the greatest.
+  int64_t c = 0;
+  for (; c + lanes <= count; c += lanes) {
+    auto pooled_high = hn::Set(di32, last), pooled_low = hn::Zero(di32);
+    for (int64_t g = 0; g < group; ++g) {
+      const auto m = hn::Set(df, reference[g]);
+      const auto up = hn::DemoteTo(
+          di32, Bucket(hn::Sub(hn::LoadU(df, upper + g * count + c), m), per_nat, top));
+      const auto down = hn::DemoteTo(
+          di32, Bucket(hn::Sub(hn::LoadU(df, lower + g * count + c), m), per_nat, top));
+      hn::StoreU(hn::DemoteTo(di16, up), di16, query_high + g * count + c);
+      hn::StoreU(hn::DemoteTo(di16, down), di16, query_low + g * count + c);
+      pooled_high = hn::Min(pooled_high, up);
+      pooled_low = hn::Max(pooled_low, down);
+    }
+    hn::StoreU(pooled_high, di32, high + c);
+    hn::StoreU(pooled_low, di32, low + c);
+  }
+  // The last few in scalar code, the same arithmetic.
+  const auto bucket = [&](double x, int64_t g) {
+    return static_cast<int32_t>(
+        std::min((x - reference[g]) * -buckets_per_nat, static_cast<double>(last)));
+  };
+  for (; c < count; ++c) {
+    high[c] = last;
+    low[c] = 0;
+    for (int64_t g = 0; g < group; ++g) {
+      const int32_t up = bucket(upper[g * count + c], g), down = bucket(lower[g * count + c], g);
+      query_high[g * count + c] = static_cast<int16_t>(up);
+      query_low[g * count + c] = static_cast<int16_t>(down);
+      high[c] = std::min(high[c], up);
+      low[c] = std::max(low[c], down);
     }
   }
 }
