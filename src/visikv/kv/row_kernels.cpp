@@ -107,6 +107,13 @@ HWY_INLINE hn::Vec<D> UnpackCodes(D d, const uint8_t* codes, int64_t c) {
 
 // ---- Readers ---------------------------------------------------------------------------------
 
+// Every cache line of the `bytes` bytes at `p`, loaded ahead of their use.
+HWY_INLINE void PrefetchBytes(const void* p, int64_t bytes) {
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p), end = begin + bytes;
+  for (uintptr_t line = begin & ~uintptr_t{63}; line < end; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line), /*read*/ 0, /*all levels*/ 3);
+}
+
 // Dense rows of float32 (T = float) or of half / bfloat16 bits (T = uint16_t).
 template <typename T, bool kBf16>
 struct DenseReader {
@@ -117,6 +124,9 @@ struct DenseReader {
 
   bool reads(size_t) const { return true; }
   RowRef row(int64_t position) const { return data + position * dim; }
+  HWY_INLINE void prefetch(int64_t position) const {
+    PrefetchBytes(data + position * dim, dim * static_cast<int64_t>(sizeof(T)));
+  }
   template <class D>
   HWY_INLINE hn::Vec<D> chunk(D d, RowRef row, int64_t c) const {
     if constexpr (std::is_same_v<T, float>)
@@ -177,6 +187,11 @@ struct IntReader {
   }
   HWY_INLINE RowRef row(int64_t position) const {
     return ref(rows.row_in_group(position, Divide(position, rows.token_group, token_shift)));
+  }
+  // The codes only: the parameters of a listed row are shared with its token group's (per-channel
+  // ones by every row), mostly already in cache.
+  HWY_INLINE void prefetch(int64_t position) const {
+    PrefetchBytes(rows.codes + position * rows.row_bytes, rows.row_bytes);
   }
   HWY_INLINE RowRef ref(const int_rows::Row& row) const {
     RowRef r;
@@ -254,11 +269,28 @@ HWY_INLINE void WithQueryCount(int64_t count, const F& f) {
   }
 }
 
-// Row `first + k` of `positions` as row_at(k): where the bodies read rows in place.
+// Rows picked by a list of positions follow no stride the hardware prefetcher could learn, and a
+// row's few products leave too few rows' loads in flight to hide memory latency: listed rows are
+// prefetched this many rows ahead of their use (a 24% list of f16 keys of 64 channels, cold,
+// scored 50 -> 21 ns per row).
+constexpr int64_t kPrefetchRows = 32;
+
+// Row `first + k` of `positions` as row_at(k), where the bodies read rows in place;
+// row_at.prefetch(k) starts loading row k when the positions are a list.
 template <class Reader>
-HWY_INLINE auto RowsAt(const Reader& reader, const PositionSet& positions, int64_t first) {
-  return [&reader, &positions, first](int64_t k)
-             HWY_ATTR { return reader.row(positions[first + k]); };
+struct RowsAt {
+  const Reader& reader;
+  const PositionSet& positions;
+  int64_t first;
+  HWY_INLINE auto operator()(int64_t k) const { return reader.row(positions[first + k]); }
+  HWY_INLINE void prefetch(int64_t k) const {
+    if (first + k < positions.size()) reader.prefetch(positions[first + k]);
+  }
+};
+// Row accessors without a prefetch (rows already read into a tile).
+template <class RowAt>
+HWY_INLINE void PrefetchRow(const RowAt& row_at, int64_t k) {
+  if constexpr (requires { row_at.prefetch(k); }) row_at.prefetch(k);
 }
 
 // Scores of kQueries queries against the `here` rows row_at(0), .. (here <= Lanes(d)) into
@@ -269,6 +301,7 @@ HWY_INLINE void DotBlock(D d, const Reader& reader, const RowAt& row_at, int64_t
                          const float* queries, float* scores, int64_t score_stride) {
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
   hn::Vec<D> partial[kQueries][kMaxFloatLanes];
+  for (int64_t k = 0; k < here; ++k) PrefetchRow(row_at, k + kPrefetchRows);
   for (int64_t k = 0; k < lanes; ++k) {
     hn::Vec<D> acc[kQueries];
     for (int j = 0; j < kQueries; ++j) acc[j] = hn::Zero(d);
@@ -450,7 +483,7 @@ void DotTransposed(D d, const Reader& reader, int64_t dim, const PositionSet& po
     if constexpr (kReadsInPlace<Reader>) {
       for (int64_t k = 0; k < here; ++k) row_of[k] = reader.row(positions[first + k]);
     } else {
-      ReadRows(d, reader, RowsAt(reader, positions, first), dim, here, rows);
+      ReadRows(d, reader, RowsAt<Reader>{reader, positions, first}, dim, here, rows);
       for (int64_t k = 0; k < here; ++k) row_of[k] = rows + k * dim;
     }
     for (int64_t k = here; k < lanes; ++k) row_of[k] = zeros;
@@ -498,7 +531,7 @@ void DotAll(D d, const Reader& reader, int64_t dim, const PositionSet& positions
   for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock)
     WithQueryCount(std::min<int64_t>(kQueryBlock, query_count - q0), [&](auto kq) HWY_ATTR {
       for (int64_t first = 0; first < row_count; first += lanes)
-        DotBlock<decltype(kq)::value>(d, reader, RowsAt(reader, positions, first), dim,
+        DotBlock<decltype(kq)::value>(d, reader, RowsAt<Reader>{reader, positions, first}, dim,
                                       std::min(lanes, row_count - first), ordered + q0 * dim,
                                       scores + q0 * score_stride + first, score_stride);
     });
@@ -514,6 +547,7 @@ HWY_INLINE void AccumulatePass(D d, const Reader& reader, const RowAt& row_at, i
   for (int j = 0; j < kQueries; ++j)
     for (int k = 0; k < kChunks; ++k) acc[j][k] = hn::LoadU(d, out + j * dim + c + k * lanes);
   for (int64_t i = 0; i < row_count; ++i) {
+    if (i + kPrefetchRows < row_count) PrefetchRow(row_at, i + kPrefetchRows);
     const auto row = row_at(i);
     hn::Vec<D> x[kChunks];
     if constexpr (Reader::kPairs) {
@@ -582,7 +616,7 @@ void AccumulateAll(D d, const Reader& reader, int64_t dim, const PositionSet& po
   const DenseReader<float, false> tile_reader{tile, dim};
   for (int64_t first = 0; first < row_count; first += tile_rows) {
     const int64_t here = std::min(tile_rows, row_count - first);
-    if (read_once) ReadRows(d, reader, RowsAt(reader, positions, first), dim, here, tile);
+    if (read_once) ReadRows(d, reader, RowsAt<Reader>{reader, positions, first}, dim, here, tile);
     for (int64_t q0 = 0; q0 < query_count; q0 += kQueryBlock)
       WithQueryCount(
           std::min<int64_t>(kQueryBlock, query_count - q0), [&](auto queries_here) HWY_ATTR {
@@ -593,8 +627,8 @@ void AccumulateAll(D d, const Reader& reader, int64_t dim, const PositionSet& po
                   d, tile_reader, [tile, dim](int64_t k) HWY_ATTR { return tile + k * dim; }, dim,
                   here, w, weight_stride, ordered + q0 * dim);
             else
-              AccumulatePasses<kQ>(d, reader, RowsAt(reader, positions, first), dim, here, w,
-                                   weight_stride, ordered + q0 * dim);
+              AccumulatePasses<kQ>(d, reader, RowsAt<Reader>{reader, positions, first}, dim, here,
+                                   w, weight_stride, ordered + q0 * dim);
           });
   }
   if constexpr (Reader::kPairs) FromPairOrder(ordered, out, query_count, dim, lanes);
