@@ -188,10 +188,14 @@ struct IntReader {
   HWY_INLINE RowRef row(int64_t position) const {
     return ref(rows.row_in_group(position, Divide(position, rows.token_group, token_shift)));
   }
-  // The codes only: the parameters of a listed row are shared with its token group's (per-channel
-  // ones by every row), mostly already in cache.
+  // The codes and the first line of the row's scales and zeros (per-token parameters are a
+  // row's own; per-channel ones are shared by every row and stay in cache).
   HWY_INLINE void prefetch(int64_t position) const {
-    PrefetchBytes(rows.codes + position * rows.row_bytes, rows.row_bytes);
+    const int_rows::Row row =
+        rows.row_in_group(position, Divide(position, rows.token_group, token_shift));
+    PrefetchBytes(row.codes, rows.row_bytes);
+    __builtin_prefetch(row.scales, 0, 3);
+    __builtin_prefetch(row.zeros, 0, 3);
   }
   HWY_INLINE RowRef ref(const int_rows::Row& row) const {
     RowRef r;
