@@ -3,8 +3,11 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <memory>
 #include <optional>
+#include <thread>
 #include <vector>
 
 #include "visikv/attention/support_dense.h"
@@ -279,7 +282,30 @@ struct DecodeScratch {
   std::vector<SparseQueryStats> item_stats;
   std::vector<std::optional<ChosenSupport>> chosen;
   std::vector<float> pieces;
+  std::vector<int64_t> firsts;                   // first ticket per phase and slot
+  std::unique_ptr<std::atomic<int64_t>[]> done;  // units finished per phase and slot
+  int64_t done_size = 0;
 };
+
+// A hint to the core that this thread is spinning (fewer wasted cycles and memory-order flushes).
+inline void spin_pause() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until `counter` reaches `target` (another thread's units finishing); after a while yields
+// the core, in case the thread it waits for shares it.
+void wait_for(const std::atomic<int64_t>& counter, int64_t target) {
+  for (int64_t spins = 0; counter.load(std::memory_order_acquire) < target; ++spins) {
+    if (spins < 4096)
+      spin_pause();
+    else
+      std::this_thread::yield();
+  }
+}
 
 }  // namespace
 
@@ -384,13 +410,18 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
   // splits, and decode keeps its single parallel loop (one barrier instead of four).
   const int64_t visible = visible_positions(first_position, spec.sliding_window).size();
   if (tokens == 1 && observer == nullptr && visible > kPartPositions) {
-    // Decode: choose every slot's support, then share all parts of all slots among the threads,
-    // then merge (three loops, so three barriers, plus one per step of a choice made in steps:
-    // every slot gets room for the most parts any visible set can need, so no serial step sizes
-    // the pieces between them). Scratch and
-    // pieces are kept between calls (nothing allocated once grown), by the calling thread; the
-    // workers reach them through these references, since a thread_local named inside the
-    // parallel region would be each worker's own.
+    // Decode: every slot's choice (in its steps, when the rule has them), then its support's
+    // parts, then their merge, as units handed out in that order to whichever thread is free
+    // (a ticket counter); a unit waits only for the units of its own slot's previous phase, so
+    // one slot's serial phases (a cut, a merge) overlap other slots' parts instead of every
+    // thread meeting at a barrier after each phase (with three KV heads on two threads, one of
+    // them waited for a third of every serial phase). No deadlock: a unit waits only on units
+    // handed out before it. Each unit computes what it would in order on one thread, so the bits
+    // do not depend on the thread count. Every slot gets as many units per phase as it can need
+    // (Support::most_choice_units, and the most parts any visible set can need); those past the
+    // slot's own count do nothing. Scratch and pieces are kept between calls (nothing allocated
+    // once grown), by the calling thread; the workers reach them through these references, since
+    // a thread_local named inside the parallel region would be each worker's own.
     thread_local DecodeScratch kept;
     std::vector<SupportScratch>& item_scratch = kept.item_scratch;
     std::vector<std::optional<ChosenSupport>>& chosen = kept.chosen;
@@ -405,57 +436,64 @@ void attend(const KVCache& cache, int64_t layer, std::span<const float> queries,
       const int64_t n = chosen[i]->positions.size();
       return split(n) ? part_count(n) : 1;
     };
-    // A rule that chooses in steps (Support::choice_steps) has each step's units of every slot
-    // shared among the threads, so that one slot's long passes do not hold up the others; any
-    // other rule has no steps, and finish_choice() is its whole choice.
-    const int steps = support.choice_steps();
     std::vector<SparseQueryStats>& item_stats = kept.item_stats;
     item_stats.assign(static_cast<size_t>(items), SparseQueryStats{});
+    // Phases: the choice's steps, finish_choice(), the parts, the merge. firsts[ph * items + i]:
+    // the first ticket of slot i's units in phase ph (phase by phase, slot by slot).
+    const int steps = support.choice_steps();
+    const int64_t finish_phase = steps, attend_phase = steps + 1, merge_phase = steps + 2,
+                  phases = steps + 3;
+    std::vector<int64_t>& firsts = kept.firsts;
+    firsts.assign(static_cast<size_t>(phases * items + 1), 0);
+    for (int64_t ph = 0; ph < phases; ++ph)
+      for (int64_t i = 0; i < items; ++i) {
+        const int64_t units =
+            ph < steps ? support.most_choice_units(static_cast<int>(ph), query_of(item_of(i)))
+            : ph == attend_phase ? max_parts
+                                 : 1;
+        firsts[ph * items + i + 1] = firsts[ph * items + i] + units;
+      }
+    const int64_t tickets = firsts.back();
+    if (kept.done_size < phases * items) {
+      kept.done = std::make_unique<std::atomic<int64_t>[]>(static_cast<size_t>(phases * items));
+      kept.done_size = phases * items;
+    }
+    std::atomic<int64_t>* done = kept.done.get();  // units finished per phase and slot
+    for (int64_t k = 0; k < phases * items; ++k) done[k].store(0, std::memory_order_relaxed);
+    std::atomic<int64_t> next_ticket{0};
 #pragma omp parallel
     {
       std::vector<float> logits;
       thread_local std::vector<float> part_scores;
-      thread_local std::vector<int64_t> units_before;  // {items + 1}: units of earlier slots
-      units_before.resize(static_cast<size_t>(items + 1));
-      for (int step = 0; step < steps; ++step) {
-        // Each thread counts the units itself (from what earlier steps wrote): no serial part.
-        units_before[0] = 0;
-        for (int64_t i = 0; i < items; ++i)
-          units_before[i + 1] =
-              units_before[i] + support.choice_units(step, query_of(item_of(i)), item_scratch[i]);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < units_before[items]; ++u) {
-          const int64_t i = std::upper_bound(units_before.begin(), units_before.end(), u) -
-                            units_before.begin() - 1;
-          support.run_choice_unit(step, u - units_before[i], query_of(item_of(i)), item_scratch[i],
-                                  item_stats[i]);
+      for (int64_t t = next_ticket.fetch_add(1, std::memory_order_relaxed); t < tickets;
+           t = next_ticket.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t k = std::upper_bound(firsts.begin(), firsts.end(), t) - firsts.begin() - 1;
+        const int64_t ph = k / items, i = k % items, unit = t - firsts[k];
+        if (ph > 0) wait_for(done[k - items], firsts[k - items + 1] - firsts[k - items]);
+        const Item item = item_of(i);
+        if (ph < steps) {
+          if (unit < support.choice_units(static_cast<int>(ph), query_of(item), item_scratch[i]))
+            support.run_choice_unit(static_cast<int>(ph), unit, query_of(item), item_scratch[i],
+                                    item_stats[i]);
+        } else if (ph == finish_phase) {
+          item_scratch[i].deltas.assign(static_cast<size_t>(slot_group), NAN);
+          chosen[i] = support.finish_choice(query_of(item), item_scratch[i], item_stats[i]);
+          record(item, *chosen[i], item_stats[i], item_scratch[i]);
+        } else if (ph == attend_phase) {
+          const int64_t parts = parts_of(i);
+          if (parts == 1 && unit == 0)
+            attend_whole(item, *chosen[i], item_scratch[i], logits);
+          else if (unit < parts && parts > 1)
+            attend_part(cache, layer, item.kv, slot_queries(item), slot_group, d,
+                        chosen[i]->positions, unit,
+                        chosen[i]->scored ? item_scratch[i].scores.data() : nullptr, spec.scale,
+                        part_scores,
+                        part_sums(pieces.data() + i * slot_floats, parts, slot_group, d, unit));
+        } else if (ph == merge_phase) {
+          const int64_t parts = parts_of(i);
+          if (parts > 1) merge(item, pieces.data() + i * slot_floats, parts);
         }
-      }
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < items; ++i) {
-        const Item item = item_of(i);
-        item_scratch[i].deltas.assign(static_cast<size_t>(slot_group), NAN);
-        chosen[i] = support.finish_choice(query_of(item), item_scratch[i], item_stats[i]);
-        record(item, *chosen[i], item_stats[i], item_scratch[i]);
-      }
-      // Unit u is part u % max_parts of slot u / max_parts; slots with fewer parts skip the rest.
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t u = 0; u < items * max_parts; ++u) {
-        const int64_t i = u / max_parts, p = u % max_parts, parts = parts_of(i);
-        if (p >= parts) continue;
-        const Item item = item_of(i);
-        if (parts == 1)
-          attend_whole(item, *chosen[i], item_scratch[i], logits);
-        else
-          attend_part(
-              cache, layer, item.kv, slot_queries(item), slot_group, d, chosen[i]->positions, p,
-              chosen[i]->scored ? item_scratch[i].scores.data() : nullptr, spec.scale, part_scores,
-              part_sums(pieces.data() + i * slot_floats, parts, slot_group, d, p));
-      }
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < items; ++i) {
-        const int64_t parts = parts_of(i);
-        if (parts > 1) merge(item_of(i), pieces.data() + i * slot_floats, parts);
+        done[k].fetch_add(1, std::memory_order_release);
       }
     }
     return;

@@ -222,6 +222,13 @@ int64_t CertifiedSupport::choice_units(int step, const SupportQuery& query,
   return 1;
 }
 
+int64_t CertifiedSupport::most_choice_units(int step, const SupportQuery& query) const {
+  const Region r = region(query);
+  if (step == kBounds) return bound_parts(r);
+  if (step == kScoreKeys) return (std::max<int64_t>(0, r.candidates()) + kKeyPart - 1) / kKeyPart;
+  return 1;
+}
+
 void CertifiedSupport::run_choice_unit(int step, int64_t unit, const SupportQuery& query,
                                        SupportScratch& scratch, SparseQueryStats& stats) {
   const int64_t group = query.group;

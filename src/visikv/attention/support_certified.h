@@ -24,6 +24,7 @@ class CertifiedSupport final : public Support {
   int choice_steps() const override;
   int64_t choice_units(int step, const SupportQuery& query,
                        const SupportScratch& scratch) const override;
+  int64_t most_choice_units(int step, const SupportQuery& query) const override;
   void run_choice_unit(int step, int64_t unit, const SupportQuery& query, SupportScratch& scratch,
                        SparseQueryStats& stats) override;
   ChosenSupport finish_choice(const SupportQuery& query, SupportScratch& scratch,
