@@ -18,6 +18,10 @@ ChosenSupport Support::choose_in_steps(const SupportQuery& query, SupportScratch
                                        SparseQueryStats& stats) {
   for (int step = 0; step < choice_steps(); ++step) {
     const int64_t units = choice_units(step, query, scratch);
+    // Decode hands out most_choice_units() units per step; one more would never run there.
+    require(units <= most_choice_units(step, query), "selector '", describe(spec_), "': step ",
+            step, " has ", units, " units, more than the most it declares (",
+            most_choice_units(step, query), ")");
     for (int64_t unit = 0; unit < units; ++unit) run_choice_unit(step, unit, query, scratch, stats);
   }
   return finish_choice(query, scratch, stats);

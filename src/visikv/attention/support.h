@@ -149,7 +149,8 @@ class Support {
     return 1;
   }
   // The most units step s can have for `query`, known before any step runs (decode hands out
-  // that many per slot and step; those past choice_units() do nothing).
+  // that many per slot and step; those past choice_units() do nothing). A rule with steps of
+  // more than one unit overrides it; choose_in_steps() checks it.
   virtual int64_t most_choice_units(int /*step*/, const SupportQuery& /*query*/) const { return 1; }
   virtual void run_choice_unit(int /*step*/, int64_t /*unit*/, const SupportQuery& /*query*/,
                                SupportScratch& /*scratch*/, SparseQueryStats& /*stats*/) {}
