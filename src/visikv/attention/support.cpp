@@ -17,11 +17,10 @@ namespace visikv {
 ChosenSupport Support::choose_in_steps(const SupportQuery& query, SupportScratch& scratch,
                                        SparseQueryStats& stats) {
   for (int step = 0; step < choice_steps(); ++step) {
-    const int64_t units = choice_units(step, query, scratch);
+    const int64_t units = choice_units(step, query, scratch), most = most_choice_units(step, query);
     // Decode hands out most_choice_units() units per step; one more would never run there.
-    require(units <= most_choice_units(step, query), "selector '", describe(spec_), "': step ",
-            step, " has ", units, " units, more than the most it declares (",
-            most_choice_units(step, query), ")");
+    require(units <= most, "selector '", describe(spec_), "': step ", step, " has ", units,
+            " units, more than the most it declares (", most, ")");
     for (int64_t unit = 0; unit < units; ++unit) run_choice_unit(step, unit, query, scratch, stats);
   }
   return finish_choice(query, scratch, stats);

@@ -206,6 +206,8 @@ constexpr int64_t kKeyPart = 1024;    // keys per part of the chosen keys' scori
 
 // The parts of the bound pass over the candidates of r: [max(begin, p K), min(end, (p + 1) K)).
 int64_t first_bound_part(const Region& r) { return r.anchors_end / kBoundPart; }
+// The parts of the scoring of `keys` chosen keys.
+int64_t key_parts(int64_t keys) { return (keys + kKeyPart - 1) / kKeyPart; }
 int64_t bound_parts(const Region& r) {
   return r.candidates() <= 0 ? 0 : (r.tail_begin - 1) / kBoundPart - first_bound_part(r) + 1;
 }
@@ -217,15 +219,14 @@ int CertifiedSupport::choice_steps() const { return chooses_from_sketches() ? kS
 int64_t CertifiedSupport::choice_units(int step, const SupportQuery& query,
                                        const SupportScratch& scratch) const {
   if (step == kBounds) return bound_parts(region(query));
-  if (step == kScoreKeys)
-    return (static_cast<int64_t>(scratch.items.size()) + kKeyPart - 1) / kKeyPart;
+  if (step == kScoreKeys) return key_parts(static_cast<int64_t>(scratch.items.size()));
   return 1;
 }
 
 int64_t CertifiedSupport::most_choice_units(int step, const SupportQuery& query) const {
   const Region r = region(query);
   if (step == kBounds) return bound_parts(r);
-  if (step == kScoreKeys) return (std::max<int64_t>(0, r.candidates()) + kKeyPart - 1) / kKeyPart;
+  if (step == kScoreKeys) return key_parts(std::max<int64_t>(0, r.candidates()));
   return 1;
 }
 
